@@ -1,0 +1,276 @@
+//! Map keys and values shared by the kernel programs (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree byte for byte, and the
+//! padding is always written as zero: hash maps compare keys as raw bytes. Addresses are stored in
+//! 16 bytes with a family tag, so IPv6 can be added without changing the IPv4 layout; an IPv4
+//! address lives in `addr[0]` (network byte order) with the other words zero.
+#![no_std]
+
+/// Address family tags, stored in keys and values next to the 16-byte address.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers we translate.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// How a service entry is reached. Only ClusterIP exists today; NodePort, LoadBalancer and
+/// external IPs get their own scope so one (address, port) can mean different things.
+pub const SCOPE_CLUSTER_IP: u8 = 0;
+
+/// Largest backend set a single service port may have; bounds the slot index in the datapath.
+pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
+
+/// Default map capacities (entries). The agent may override them at load time.
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+pub const BACKEND_SLOTS_MAX_ENTRIES: u32 = 1_048_576;
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 262_144;
+
+/// Names of the maps, as declared in `lb-ebpf` and pinned under the agent's pin directory.
+pub const MAP_SERVICES: &str = "LB_SERVICES";
+pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
+pub const MAP_STATS: &str = "LB_STATS";
+pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+
+/// Name of the tc program in the object file.
+pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
+
+/// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
+/// tell that the pinned maps were made by an incompatible build.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// A service frontend: the address, port and protocol clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub scope: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the datapath needs to pick a backend for a new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable identifier of this frontend; keys the backend slots and the names map.
+    pub id: u32,
+    /// Number of ready backends; zero means "reject new connections".
+    pub backend_count: u16,
+    /// Which generation of slots is live. The agent writes a new generation beside the old one
+    /// and then flips this field in one map update, so a packet never sees a half-written set.
+    pub generation: u16,
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// One slot of a service's backend set: `slot` in `0..backend_count` of `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub generation: u16,
+    pub slot: u16,
+}
+
+/// A backend endpoint. Stored inline in the slot so selection costs one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// Connection tracking direction, part of [`CtKey`].
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// A flow as seen on the wire. Forward entries are keyed on the client's packet (destination =
+/// the service frontend), reply entries on the backend's reply (source = the backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+/// CT state flags.
+/// The flow saw a FIN or RST: it is closing and lives only for the close timeout.
+pub const CT_FLAG_CLOSING: u8 = 1 << 0;
+/// The flow saw a packet from the backend.
+pub const CT_FLAG_REPLIED: u8 = 1 << 1;
+
+/// The translation of a tracked flow. In a forward entry `nat_addr:nat_port` is the backend; in
+/// a reply entry it is the service frontend that replies must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub nat_addr: [u32; 4],
+    /// Network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub family: u8,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns` time after which the entry is dead.
+    pub expires_ns: u64,
+    /// `bpf_ktime_get_ns` time of creation, for inspection.
+    pub created_ns: u64,
+}
+
+/// A human-readable name for a service id, written by the agent for `lb list`; the datapath
+/// never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// `namespace/name:port-name`, NUL-padded UTF-8.
+    pub name: [u8; 120],
+    pub layout_version: u32,
+    pub _pad: u32,
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { name: [0; 120], layout_version: MAP_LAYOUT_VERSION, _pad: 0 }
+    }
+}
+
+/// Per-CPU counters, one per verdict or drop reason. Indexes into the stats array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PassNotIp = 0,
+    /// IPv4 but not to a service and not a reply of a tracked flow.
+    PassNotService = 1,
+    /// Headers shorter than they claim, or bad IHL: passed for the kernel to drop.
+    PassMalformed = 2,
+    /// A later IP fragment (no L4 header): passed untranslated.
+    PassFragment = 3,
+    /// A new flow to a service was translated to a backend.
+    FwdNewFlow = 4,
+    /// A packet of a tracked flow was translated.
+    FwdTracked = 5,
+    /// A reply from a backend was translated back to the frontend.
+    ReplyTranslated = 6,
+    /// A service with no ready backend was refused with ICMP port unreachable.
+    RejectNoBackend = 7,
+    /// The backend slot the service pointed at was missing (agent update race); dropped.
+    DropSlotMissing = 8,
+    /// A conntrack entry could not be created; dropped rather than forwarded untracked.
+    DropCtInsert = 9,
+    /// A rewrite helper failed; dropped.
+    DropRewrite = 10,
+    /// Traffic to a service address on a protocol we do not translate (ICMP, SCTP, ...).
+    PassOtherProto = 11,
+}
+
+/// Number of counters; size of the stats array.
+pub const COUNTER_MAX: u32 = 12;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_MAX as usize] = [
+        Counter::PassNotIp,
+        Counter::PassNotService,
+        Counter::PassMalformed,
+        Counter::PassFragment,
+        Counter::FwdNewFlow,
+        Counter::FwdTracked,
+        Counter::ReplyTranslated,
+        Counter::RejectNoBackend,
+        Counter::DropSlotMissing,
+        Counter::DropCtInsert,
+        Counter::DropRewrite,
+        Counter::PassOtherProto,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PassNotIp => "pass_not_ip",
+            Counter::PassNotService => "pass_not_service",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassFragment => "pass_fragment",
+            Counter::FwdNewFlow => "fwd_new_flow",
+            Counter::FwdTracked => "fwd_tracked",
+            Counter::ReplyTranslated => "reply_translated",
+            Counter::RejectNoBackend => "reject_no_backend",
+            Counter::DropSlotMissing => "drop_slot_missing",
+            Counter::DropCtInsert => "drop_ct_insert",
+            Counter::DropRewrite => "drop_rewrite",
+            Counter::PassOtherProto => "pass_other_proto",
+        }
+    }
+}
+
+/// Flow hash used to pick a backend for a new flow. Shared with userspace so unit tests and
+/// `lb` can predict the choice. Inputs are taken as they sit in the packet (network order);
+/// the mix is murmur3's finaliser, which spreads sequential source ports evenly.
+#[inline(always)]
+pub fn flow_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    h = mix(h ^ src);
+    h = mix(h ^ dst);
+    h = mix(h ^ (((sport as u32) << 16) | dport as u32));
+    h = mix(h ^ proto as u32);
+    fmix32(h)
+}
+
+#[inline(always)]
+fn mix(h: u32) -> u32 {
+    h.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593)
+}
+
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// Slot a flow hash selects among `count` backends (`count` > 0).
+#[inline(always)]
+pub fn select_slot(hash: u32, count: u16) -> u16 {
+    // Multiply-shift instead of `%`: no division on the fast path, same uniformity.
+    (((hash as u64) * (count as u64)) >> 32) as u16
+}
+
+// The datapath and the agent must agree on these sizes; a change here is a layout change.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ServiceName {}
+}

@@ -1,0 +1,78 @@
+//! Stage 5: rewrite addresses and ports, with incremental checksum updates.
+//!
+//! The IPv4 header checksum is always complete, so it is patched by hand (RFC 1624). The L4
+//! checksum goes through `bpf_l4_csum_replace`, because at tc a locally generated packet is
+//! often CHECKSUM_PARTIAL: its checksum field holds only the pseudo-header sum and the device
+//! (or veth peer) finishes it. The helper's BPF_F_PSEUDO_HDR flag updates such a field
+//! correctly for the address change, and the port change is left out of it, as
+//! `inet_proto_csum_replace2` does for partial checksums; a hand-written update would corrupt
+//! every offloaded packet.
+use aya_ebpf::{bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR}, programs::TcContext};
+use lb_common::PROTO_TCP;
+
+use crate::parse::{ptr_at, Headers, ETH_LEN};
+
+const IP_SRC_OFF: usize = ETH_LEN + 12;
+const IP_DST_OFF: usize = ETH_LEN + 16;
+const IP_CSUM_OFF: usize = ETH_LEN + 10;
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Destination: client -> frontend becomes client -> backend.
+    Dst,
+    /// Source: backend -> client becomes frontend -> client.
+    Src,
+}
+
+/// Ones' complement update of a 16-bit checksum for a 32-bit field change (RFC 1624 eqn. 3).
+/// Works on values in memory order: ones' complement sums are byte-order independent.
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Rewrites one end of the packet to `addr:port` (network order). Errors carry the helper's
+/// return code.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, h: &Headers, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (ip_off, port_off, old_addr, old_port) = match side {
+        Side::Dst => (IP_DST_OFF, h.l4_off + 2, h.flow.dst, h.flow.dport),
+        Side::Src => (IP_SRC_OFF, h.l4_off, h.flow.src, h.flow.sport),
+    };
+    let (Some(ip_addr), Some(ip_csum), Some(l4_port)) = (
+        ptr_at::<u32>(data, data_end, ip_off),
+        ptr_at::<u16>(data, data_end, IP_CSUM_OFF),
+        ptr_at::<u16>(data, data_end, port_off),
+    ) else {
+        return Err(-1);
+    };
+    // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
+    // could move packet data.
+    unsafe {
+        ip_addr.write_unaligned(addr);
+        ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
+        l4_port.write_unaligned(port);
+    }
+    let (csum_off, mangled0) = if h.flow.proto == PROTO_TCP {
+        (h.l4_off + TCP_CSUM_OFF, 0)
+    } else {
+        if h.udp_csum_zero {
+            // RFC 768: zero means "no checksum"; it must stay zero.
+            return Ok(());
+        }
+        (h.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    ctx.l4_csum_replace(csum_off, old_addr as u64, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)?;
+    if old_port != port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled0 | 2)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Per-CPU verdict counters: no atomics and no shared cache lines on the fast path.
+use lb_common::Counter;
+
+use crate::maps::LB_STATS;
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = LB_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}

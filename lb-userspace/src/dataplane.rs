@@ -1,0 +1,530 @@
+//! The BPF side of the agent: loads the programs with maps pinned under the pin directory,
+//! adopts whatever a previous agent left there, applies desired state as a difference, and
+//! attaches the tc program to interfaces with pinned links so traffic keeps flowing while no
+//! agent runs.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    ffi::CStr,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        SchedClassifier,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    Backend, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, FAMILY_IPV4, MAP_BACKEND_SLOTS,
+    MAP_CONNTRACK, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_STATS, PROG_TC_INGRESS, SCOPE_CLUSTER_IP,
+};
+
+use crate::model::{DesiredState, Endpoint, Frontend, Protocol};
+
+/// statfs magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const LINKS_DIR: &str = "links";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path} is not on a bpf filesystem; mount one there (mount -t bpf bpf {path}) or pick another --pin-dir")]
+    NotBpffs { path: PathBuf },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {PROG_TC_INGRESS}: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {name} is missing from the object or the pin directory")]
+    MissingMap { name: &'static str },
+    #[error("map {name} is full ({capacity} entries); {what} was not programmed")]
+    MapFull { name: &'static str, capacity: u32, what: String },
+    #[error("interface {iface}: {what}: {source}")]
+    Link { iface: String, what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Makes sure `pin_dir` exists on bpffs, mounting bpffs at /sys/fs/bpf if that is where it
+/// should live and nobody mounted it yet (the case on a fresh machine).
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    let bpf_root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpf_root) && !is_bpffs(bpf_root) {
+        mount_bpffs(bpf_root)?;
+    }
+    fs::create_dir_all(pin_dir.join(LINKS_DIR))
+        .map_err(|source| DataplaneError::Io { what: "creating pin directory", path: pin_dir.to_owned(), source })?;
+    if !is_bpffs(pin_dir) {
+        return Err(DataplaneError::NotBpffs { path: pin_dir.to_owned() });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs with a valid C string and a zeroed out-struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(path: &Path) -> Result<()> {
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(DataplaneError::Io { what: "mounting bpffs at", path: path.to_owned(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Conntrack lifetimes, patched into the programs at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_syn_s: u64,
+    pub tcp_established_s: u64,
+    pub tcp_close_s: u64,
+    pub udp_s: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { tcp_syn_s: 60, tcp_established_s: 6 * 3600, tcp_close_s: 10, udp_s: 60 }
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: [u32::from_ne_bytes(f.ip.octets()), 0, 0, 0],
+        port: f.port.to_be(),
+        proto: f.protocol.number(),
+        family: FAMILY_IPV4,
+        scope: SCOPE_CLUSTER_IP,
+        _pad: [0; 3],
+    }
+}
+
+pub fn frontend_of(k: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend { ip: ipv4(k.addr), port: u16::from_be(k.port), protocol: Protocol::from_number(k.proto)? })
+}
+
+pub fn backend_value(e: &Endpoint) -> Backend {
+    Backend { addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0], port: e.port.to_be(), family: FAMILY_IPV4, flags: 0, _pad: 0 }
+}
+
+pub fn endpoint_of(b: &Backend) -> Endpoint {
+    Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port) }
+}
+
+pub fn ipv4(addr: [u32; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(addr[0].to_ne_bytes())
+}
+
+fn encode_name(name: &str) -> ServiceName {
+    let mut out = ServiceName::default();
+    let bytes = name.as_bytes();
+    // Keep a NUL at the end and never cut a UTF-8 character in half.
+    let mut n = bytes.len().min(out.name.len() - 1);
+    while !name.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.name[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+pub fn decode_name(n: &ServiceName) -> String {
+    let end = n.name.iter().position(|&b| b == 0).unwrap_or(n.name.len());
+    String::from_utf8_lossy(&n.name[..end]).into_owned()
+}
+
+/// What is in the maps for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    id: u32,
+    generation: u16,
+    name: String,
+    backends: Vec<Endpoint>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    pub errors: Vec<DataplaneError>,
+}
+
+/// The pinned maps, typed.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub names: HashMap<MapData, u32, ServiceName>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })
+        }
+        Ok(Self {
+            services: HashMap::try_from(take(ebpf, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
+            slots: HashMap::try_from(take(ebpf, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
+            conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
+            stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+        })
+    }
+
+    /// Opens the maps a running (or departed) agent pinned, for inspection.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        fn open(pin_dir: &Path, name: &'static str) -> Result<Map> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        }
+        Ok(Self {
+            services: HashMap::try_from(open(pin_dir, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
+            slots: HashMap::try_from(open(pin_dir, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
+            conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
+            stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+        })
+    }
+}
+
+fn map_capacity(name: &'static str) -> u32 {
+    match name {
+        MAP_SERVICES => lb_common::SERVICES_MAX_ENTRIES,
+        MAP_BACKEND_SLOTS => lb_common::BACKEND_SLOTS_MAX_ENTRIES,
+        MAP_SERVICE_NAMES => lb_common::SERVICE_NAMES_MAX_ENTRIES,
+        _ => 0,
+    }
+}
+
+/// Turns an insert failure into a "map full" report when that is what the kernel said.
+fn insert_err(name: &'static str, what: String) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| {
+        let full = matches!(&source, MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)));
+        if full {
+            DataplaneError::MapFull { name, capacity: map_capacity(name), what }
+        } else {
+            DataplaneError::Map { name, source }
+        }
+    }
+}
+
+/// Owner of the loaded programs and maps. Only one task holds it: every map write goes
+/// through `apply`.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    pin_dir: PathBuf,
+    programmed: BTreeMap<Frontend, Programmed>,
+    /// Interface name -> (ifindex, pinned link).
+    attached: StdHashMap<String, (u32, PinnedLink)>,
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
+    pub fn load(pin_dir: &Path, timeouts: Timeouts) -> Result<Self> {
+        ensure_pin_dir(pin_dir)?;
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        let (syn, est, close, udp) =
+            (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .override_global("CT_TCP_SYN_TIMEOUT_NS", &syn, true)
+            .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
+            .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
+            .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .load(crate::EBPF_OBJECT)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?
+            .try_into()?;
+        prog.load()?;
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let mut dp = Self { ebpf, maps, pin_dir: pin_dir.to_owned(), programmed: BTreeMap::new(), attached: StdHashMap::new() };
+        dp.adopt()?;
+        Ok(dp)
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
+    /// behind (slots of dead generations, names of gone services).
+    fn adopt(&mut self) -> Result<()> {
+        let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+        let mut entries = Vec::new();
+        for item in self.maps.services.iter() {
+            let (k, v) = item.map_err(map_err(MAP_SERVICES))?;
+            entries.push((k, v));
+            live.insert(v.id, (v.generation, v.backend_count));
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u16, Endpoint>> = BTreeMap::new();
+        let mut stale_slots = Vec::new();
+        for item in self.maps.slots.iter() {
+            let (k, b) = item.map_err(map_err(MAP_BACKEND_SLOTS))?;
+            match live.get(&k.service_id) {
+                Some(&(gen, count)) if gen == k.generation && k.slot < count => {
+                    slots.entry(k.service_id).or_default().insert(k.slot, endpoint_of(&b));
+                }
+                _ => stale_slots.push(k),
+            }
+        }
+        let mut names = BTreeMap::new();
+        let mut stale_names = Vec::new();
+        for item in self.maps.names.iter() {
+            let (id, n) = item.map_err(map_err(MAP_SERVICE_NAMES))?;
+            if live.contains_key(&id) {
+                names.insert(id, decode_name(&n));
+            } else {
+                stale_names.push(id);
+            }
+        }
+        for k in stale_slots {
+            let _ = self.maps.slots.remove(&k);
+        }
+        for id in stale_names {
+            let _ = self.maps.names.remove(&id);
+        }
+        for (k, v) in entries {
+            let Some(frontend) = frontend_of(&k) else { continue };
+            let backends = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
+            let name = names.remove(&v.id).unwrap_or_default();
+            self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, name, backends });
+        }
+        if !self.programmed.is_empty() {
+            tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
+        }
+        Ok(())
+    }
+
+    fn next_free_id(&self) -> u32 {
+        let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
+        (1..).find(|id| !used.contains(id)).expect("u32 ids exhausted")
+    }
+
+    /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
+    /// failures are reported and do not stop the others.
+    pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let gone: Vec<Frontend> = self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        for f in gone {
+            let p = self.programmed.remove(&f).expect("listed above");
+            // Service entry first, so no new flow can pick a slot we are about to delete.
+            let _ = self.maps.services.remove(&service_key(&f));
+            self.remove_slots(p.id, p.generation, p.backends.len());
+            let _ = self.maps.names.remove(&p.id);
+            tracing::info!(frontend = %f, service = %p.name, "service removed");
+            report.removed += 1;
+        }
+        for (f, want) in &desired.services {
+            match self.programmed.get(f) {
+                Some(p) if p.backends == want.backends && p.name == want.name => report.unchanged += 1,
+                Some(p) => {
+                    let (id, old_gen, old_len) = (p.id, p.generation, p.backends.len());
+                    let gen = old_gen.wrapping_add(1);
+                    match self.write_service(f, id, gen, &want.name, &want.backends) {
+                        Ok(()) => {
+                            self.remove_slots(id, old_gen, old_len);
+                            tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service updated");
+                            self.programmed.insert(*f, Programmed { id, generation: gen, name: want.name.clone(), backends: want.backends.clone() });
+                            report.updated += 1;
+                        }
+                        Err(e) => {
+                            self.remove_slots(id, gen, want.backends.len());
+                            report.errors.push(e);
+                        }
+                    }
+                }
+                None => {
+                    let id = self.next_free_id();
+                    match self.write_service(f, id, 0, &want.name, &want.backends) {
+                        Ok(()) => {
+                            tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service added");
+                            self.programmed.insert(*f, Programmed { id, generation: 0, name: want.name.clone(), backends: want.backends.clone() });
+                            report.added += 1;
+                        }
+                        Err(e) => {
+                            self.remove_slots(id, 0, want.backends.len());
+                            let _ = self.maps.names.remove(&id);
+                            report.errors.push(e);
+                        }
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Writes the slots of `generation`, then flips the service entry to it in one update, so
+    /// the datapath sees either the old set or the new one, never a mix.
+    fn write_service(&mut self, f: &Frontend, id: u32, generation: u16, name: &str, backends: &[Endpoint]) -> Result<()> {
+        for (slot, b) in backends.iter().enumerate() {
+            let key = BackendSlotKey { service_id: id, generation, slot: slot as u16 };
+            self.maps
+                .slots
+                .insert(key, backend_value(b), 0)
+                .map_err(insert_err(MAP_BACKEND_SLOTS, format!("backend {b} of {name} ({f})")))?;
+        }
+        self.maps.names.insert(id, encode_name(name), 0).map_err(insert_err(MAP_SERVICE_NAMES, format!("{name} ({f})")))?;
+        let value = ServiceValue { id, backend_count: backends.len() as u16, generation, flags: 0, _reserved: 0 };
+        self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(MAP_SERVICES, format!("{name} ({f})")))
+    }
+
+    fn remove_slots(&mut self, id: u32, generation: u16, count: usize) {
+        for slot in 0..count {
+            let _ = self.maps.slots.remove(&BackendSlotKey { service_id: id, generation, slot: slot as u16 });
+        }
+    }
+
+    fn link_pin(&self, iface: &str) -> PathBuf {
+        self.pin_dir.join(LINKS_DIR).join(format!("tc_ingress.{iface}"))
+    }
+
+    /// Attaches to every interface `wanted` accepts, takes over links pinned by a previous
+    /// agent (replacing their program atomically), and forgets interfaces that went away.
+    /// Returns the per-interface failures; the others stay attached.
+    pub fn sync_interfaces(&mut self, wanted: &dyn Fn(&str) -> bool) -> Vec<DataplaneError> {
+        let mut errors = Vec::new();
+        let present: StdHashMap<String, u32> = match interfaces() {
+            Ok(list) => list.into_iter().filter(|(n, _)| wanted(n)).collect(),
+            Err(e) => return vec![e],
+        };
+        // Links of interfaces that disappeared or were recreated under the same name.
+        let stale: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, (idx, _))| present.get(*name) != Some(idx))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, pinned)) = self.attached.remove(&name) {
+                let _ = pinned.unpin();
+                tracing::info!(iface = %name, "interface gone; link removed");
+            }
+        }
+        for (name, ifindex) in &present {
+            if self.attached.contains_key(name) {
+                continue;
+            }
+            match self.attach(name) {
+                Ok(pinned) => {
+                    self.attached.insert(name.clone(), (*ifindex, pinned));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        // Pins of links whose interface is no longer here (a previous agent's, or ours).
+        if let Ok(dir) = fs::read_dir(self.pin_dir.join(LINKS_DIR)) {
+            for entry in dir.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let Some(iface) = file.strip_prefix("tc_ingress.") else { continue };
+                if !present.contains_key(iface) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        errors
+    }
+
+    fn attach(&mut self, iface: &str) -> Result<PinnedLink> {
+        let pin = self.link_pin(iface);
+        let link_err = |what: &'static str| {
+            let iface = iface.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link { iface, what, source: e }
+        };
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
+        // A link pinned by an earlier agent: swap our program into it. bpf_link_update is
+        // atomic, so no packet on the interface goes unprocessed during an upgrade.
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(|e| link_err("opening pinned link")(Box::new(e)))
+                .and_then(|p| {
+                    SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| link_err("pinned link is not TCX")(Box::new(e)))
+                })
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| link_err("replacing program in pinned link")(Box::new(e))));
+            match adopted {
+                Ok(id) => {
+                    let link = prog.take_link(id)?;
+                    let fd = FdLink::try_from(link).map_err(|e| link_err("link")(Box::new(e)))?;
+                    // The pin already names this link; re-pinning would fail with EEXIST, so
+                    // keep a handle by opening the pin again.
+                    drop(fd);
+                    let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(Box::new(e)))?;
+                    tracing::info!(iface, "took over pinned link");
+                    return Ok(pinned);
+                }
+                Err(e) => {
+                    // Typically the interface was recreated and the old link is defunct.
+                    tracing::warn!(iface, error = %e, "could not take over pinned link; attaching anew");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        let id = prog.attach(iface, TcAttachType::Ingress)?;
+        let link = prog.take_link(id)?;
+        let fd = FdLink::try_from(link).map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(Box::new(e)))?;
+        let pinned = fd.pin(&pin).map_err(|e| link_err("pinning link")(Box::new(e)))?;
+        tracing::info!(iface, "attached tc ingress");
+        Ok(pinned)
+    }
+
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which
+/// asks netlink, so it is right inside `ip netns exec` or `nsenter --net`).
+pub fn interfaces() -> Result<Vec<(String, u32)>> {
+    // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
+    unsafe {
+        let head = libc::if_nameindex();
+        if head.is_null() {
+            return Err(DataplaneError::Io {
+                what: "listing interfaces of",
+                path: PathBuf::from("this network namespace"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let mut out = Vec::new();
+        let mut p = head;
+        while (*p).if_index != 0 {
+            out.push((CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(), (*p).if_index));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+        Ok(out)
+    }
+}
+
+/// Removes everything an agent pinned: links (detaching the programs) and maps.
+pub fn cleanup(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io { what: "removing", path: pin_dir.to_owned(), source })
+}

@@ -1,0 +1,7 @@
+//! The `lb` agent: Kubernetes objects in, BPF map state out.
+pub mod dataplane;
+pub mod manifests;
+pub mod model;
+
+/// The kernel programs, built by `build.rs` and embedded in the binary.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

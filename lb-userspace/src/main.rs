@@ -1,0 +1,275 @@
+//! `lb`: eBPF Kubernetes Service load balancer. `lb run` is the agent; `lb list` inspects the
+//! pinned maps of a running one.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
+use lb_userspace::{
+    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Dataplane, Maps, Timeouts},
+    manifests,
+    model::{self, DesiredState, Protocol},
+};
+use tracing::{debug, error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "eBPF Kubernetes Service load balancer (kube-proxy replacement)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: program the datapath from Kubernetes objects and keep it in sync.
+    Run(RunArgs),
+    /// Show the state of a running agent, read from its pinned maps.
+    List {
+        what: ListWhat,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach the programs and remove every pinned map and link under the pin directory.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Kubernetes YAML: a file (multi-document allowed) or a directory of .yaml/.yml/.json files.
+    /// Watched; changes are applied within about a second.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Name of this node, as in EndpointSlice `nodeName`.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Where maps and links are pinned. One directory per agent.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Attach only to interfaces matching these globs (`*`, `?`). Default: all but `lo`.
+    #[arg(long = "iface")]
+    ifaces: Vec<String>,
+    /// Conntrack lifetime of an established TCP flow, seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_established_s)]
+    ct_tcp_established_timeout: u64,
+    /// Conntrack lifetime of a TCP flow after FIN or RST, seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_close_s)]
+    ct_tcp_close_timeout: u64,
+    /// Conntrack lifetime of a TCP flow that has only sent a SYN, seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_syn_s)]
+    ct_tcp_syn_timeout: u64,
+    /// Conntrack lifetime of an idle UDP flow, seconds.
+    #[arg(long, default_value_t = Timeouts::default().udp_s)]
+    ct_udp_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ListWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
+            rt.block_on(run(args))
+        }
+        Command::List { what, pin_dir } => list(what, &pin_dir),
+        Command::Cleanup { pin_dir } => {
+            dataplane::cleanup(&pin_dir).with_context(|| format!("cleaning {}", pin_dir.display()))
+        }
+    }
+}
+
+/// Minimal glob: `*` any run, `?` one character.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Reads and translates the manifests; logs every rejected object.
+fn load_desired(files: &[(PathBuf, String)]) -> DesiredState {
+    let (objects, errors) = manifests::parse(files);
+    for e in &errors {
+        error!(error = %e, "manifest object rejected");
+    }
+    let t = model::translate(&objects.services, &objects.slices);
+    for e in &t.errors {
+        error!(error = %e, "object rejected");
+    }
+    t.state
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let timeouts = Timeouts {
+        tcp_syn_s: args.ct_tcp_syn_timeout,
+        tcp_established_s: args.ct_tcp_established_timeout,
+        tcp_close_s: args.ct_tcp_close_timeout,
+        udp_s: args.ct_udp_timeout,
+    };
+    let mut dp = Dataplane::load(&args.pin_dir, timeouts)
+        .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
+    info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
+
+    let globs = args.ifaces.clone();
+    let wanted = move |name: &str| {
+        if globs.is_empty() {
+            name != "lo"
+        } else {
+            globs.iter().any(|g| glob_match(g, name))
+        }
+    };
+
+    // Program services before attaching, so the first packet an interface sees is served.
+    let mut last_files: Option<Vec<(PathBuf, String)>> = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut tick: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        match manifests::read_all(&args.manifests) {
+            Ok(files) if last_files.as_ref() != Some(&files) => {
+                let desired = load_desired(&files);
+                let report = dp.apply(&desired);
+                for e in &report.errors {
+                    error!(error = %e, "programming failed");
+                }
+                info!(
+                    added = report.added,
+                    updated = report.updated,
+                    removed = report.removed,
+                    unchanged = report.unchanged,
+                    failed = report.errors.len(),
+                    "manifests applied"
+                );
+                last_files = Some(files);
+            }
+            Ok(_) => {}
+            // Keep serving the last good state: a manifest being rewritten is not an outage.
+            Err(e) => warn!(error = %e, "cannot read manifests; keeping the current state"),
+        }
+        // Interfaces: at once, then every second.
+        if tick % 2 == 0 {
+            for e in dp.sync_interfaces(&wanted) {
+                warn!(error = %e, "attach failed");
+            }
+            if tick == 0 {
+                info!(interfaces = ?dp.attached_interfaces(), "attached");
+            }
+        }
+        tick += 1;
+        debug!("poll");
+    }
+    info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime with a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(pin_dir)
+        .with_context(|| format!("opening the maps pinned under {} (is an agent running there?)", pin_dir.display()))?;
+    let names: std::collections::BTreeMap<u32, String> =
+        maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
+    let name_of = |id: u32| names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+    match what {
+        ListWhat::Services => {
+            let mut rows: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
+            rows.sort_by_key(|(k, _)| frontend_of(k));
+            println!("{:<6} {:<24} {:<8} {:<5} {}", "ID", "FRONTEND", "BACKENDS", "GEN", "SERVICE");
+            for (k, v) in rows {
+                let f = frontend_of(&k).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
+                println!("{:<6} {:<24} {:<8} {:<5} {}", v.id, f, v.backend_count, v.generation, name_of(v.id));
+            }
+        }
+        ListWhat::Backends => {
+            let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
+            println!("{:<24} {:<5} {:<22} {}", "FRONTEND", "SLOT", "BACKEND", "SERVICE");
+            let mut rows = Vec::new();
+            for (k, v) in &services {
+                for slot in 0..v.backend_count {
+                    let key = lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot };
+                    let backend = maps.slots.get(&key, 0).map(|b| endpoint_of(&b).to_string()).unwrap_or_else(|_| "<missing>".into());
+                    rows.push((frontend_of(k), slot, backend, name_of(v.id)));
+                }
+            }
+            rows.sort();
+            for (f, slot, b, n) in rows {
+                let f = f.map(|f| f.to_string()).unwrap_or_else(|| "?".into());
+                println!("{f:<24} {slot:<5} {b:<22} {n}");
+            }
+        }
+        ListWhat::Conntrack => {
+            let now = monotonic_ns();
+            println!("{:<7} {:<5} {:<22} {:<22} {:<22} {:>7} {:>9} {:<16} {}", "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "EXPIRES", "STATE", "SERVICE");
+            for (k, v) in maps.conntrack.iter().filter_map(Result::ok) {
+                if v.expires_ns < now {
+                    continue;
+                }
+                let proto = Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
+                let src = format!("{}:{}", ipv4(k.src), u16::from_be(k.sport));
+                let dst = format!("{}:{}", ipv4(k.dst), u16::from_be(k.dport));
+                let nat = format!("{}:{}", ipv4(v.nat_addr), u16::from_be(v.nat_port));
+                let (dir, nat) = if k.dir == CT_DIR_FORWARD { ("forward", format!("dst {nat}")) } else { ("reply", format!("src {nat}")) };
+                let mut state = Vec::new();
+                if v.flags & CT_FLAG_REPLIED != 0 {
+                    state.push("replied");
+                }
+                if v.flags & CT_FLAG_CLOSING != 0 {
+                    state.push("closing");
+                }
+                println!(
+                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<22} {:>7} {:>8}s {:<16} {}",
+                    now.saturating_sub(v.created_ns) / 1_000_000_000,
+                    (v.expires_ns - now) / 1_000_000_000,
+                    state.join(","),
+                    name_of(v.service_id)
+                );
+            }
+        }
+        ListWhat::Stats => {
+            println!("{:<20} {:>12}", "COUNTER", "PACKETS");
+            for c in Counter::ALL {
+                let v: u64 = maps.stats.get(&(c as u32), 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+                println!("{:<20} {:>12}", c.name(), v);
+            }
+        }
+    }
+    Ok(())
+}
