@@ -269,6 +269,14 @@ impl Dataplane {
         &self.maps
     }
 
+    /// The loaded tc program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn tc_program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(PROG_TC_INGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load")
+    }
+
     /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
     /// behind (slots of dead generations, names of gone services).
     fn adopt(&mut self) -> Result<()> {
