@@ -15,11 +15,15 @@ use crate::parse::{ptr_at, Headers, ETH_LEN};
 
 const IPV4_LEN: usize = 20;
 const ICMP_LEN: usize = 8;
-/// RFC 792: the original IP header plus the first 8 bytes of its payload (the ports).
-const QUOTE_LEN: usize = IPV4_LEN + 8;
 const GROW: usize = IPV4_LEN + ICMP_LEN;
-const REPLY_LEN: usize = ETH_LEN + GROW + QUOTE_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
+/// How much of the L4 header to quote. RFC 792 asks for 8 bytes (the ports), RFC 1812 allows
+/// more. For TCP we quote the whole 20-byte header: a locally sent TCP packet is usually
+/// CHECKSUM_PARTIAL, and `bpf_skb_change_tail` refuses to cut such an skb before its checksum
+/// field (`__bpf_skb_min_len` in net/core/filter.c), which sits at byte 16 of the TCP header.
+/// UDP's checksum field is inside the first 8 bytes.
+pub const QUOTE_L4_TCP: usize = 20;
+pub const QUOTE_L4_UDP: usize = 8;
 const ICMP_PORT_UNREACH: u8 = 3;
 
 #[inline(always)]
@@ -34,6 +38,18 @@ fn fold(mut sum: u32) -> u16 {
 /// variable-length copy; a client still fails fast on its retransmission timer).
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
+    if h.flow.proto == lb_common::PROTO_TCP {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, h)
+    } else {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx, h)
+    }
+}
+
+/// Builds the reply in a frame of exactly `REPLY_LEN` bytes.
+#[inline(always)]
+fn build<const REPLY_LEN: usize>(ctx: &TcContext, h: &Headers) -> i32 {
+    const { assert!(REPLY_LEN >= ETH_LEN + GROW + IPV4_LEN + 8) };
+    let quote_len = REPLY_LEN - ETH_LEN - GROW;
     if h.l4_off != ETH_LEN + IPV4_LEN {
         return TC_ACT_SHOT as i32;
     }
@@ -64,7 +80,7 @@ pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
     let ip = ETH_LEN;
     f[ip] = 0x45;
     f[ip + 1] = 0xc0; // precedence "internetwork control", as the kernel's icmp_send uses
-    f[ip + 2..ip + 4].copy_from_slice(&((IPV4_LEN + ICMP_LEN + QUOTE_LEN) as u16).to_be_bytes());
+    f[ip + 2..ip + 4].copy_from_slice(&((IPV4_LEN + ICMP_LEN + quote_len) as u16).to_be_bytes());
     f[ip + 4..ip + 8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, DF
     f[ip + 8] = 64;
     f[ip + 9] = 1; // ICMP
@@ -85,7 +101,7 @@ pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
     f[icmp..icmp + ICMP_LEN].copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
     let mut sum = 0u32;
     let mut i = 0;
-    while i < ICMP_LEN + QUOTE_LEN {
+    while i < ICMP_LEN + quote_len {
         sum += u16::from_ne_bytes([f[icmp + i], f[icmp + i + 1]]) as u32;
         i += 2;
     }

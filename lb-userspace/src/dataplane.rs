@@ -46,8 +46,8 @@ pub enum DataplaneError {
     MissingMap { name: &'static str },
     #[error("map {name} is full ({capacity} entries); {what} was not programmed")]
     MapFull { name: &'static str, capacity: u32, what: String },
-    #[error("interface {iface}: {what}: {source}")]
-    Link { iface: String, what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("interface {iface}: {what}: {detail}")]
+    Link { iface: String, what: &'static str, detail: String },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -238,6 +238,8 @@ pub struct Dataplane {
     programmed: BTreeMap<Frontend, Programmed>,
     /// Interface name -> (ifindex, pinned link).
     attached: StdHashMap<String, (u32, PinnedLink)>,
+    /// Last attach error per interface, so a persistent failure is reported once, not per poll.
+    attach_failures: StdHashMap<String, String>,
 }
 
 impl Dataplane {
@@ -260,7 +262,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
-        let mut dp = Self { ebpf, maps, pin_dir: pin_dir.to_owned(), programmed: BTreeMap::new(), attached: StdHashMap::new() };
+        let mut dp = Self { ebpf, maps, pin_dir: pin_dir.to_owned(), programmed: BTreeMap::new(), attached: StdHashMap::new(), attach_failures: StdHashMap::new() };
         dp.adopt()?;
         Ok(dp)
     }
@@ -406,7 +408,7 @@ impl Dataplane {
     }
 
     fn link_pin(&self, iface: &str) -> PathBuf {
-        self.pin_dir.join(LINKS_DIR).join(format!("tc_ingress.{iface}"))
+        self.pin_dir.join(LINKS_DIR).join(link_pin_name(iface))
     }
 
     /// Attaches to every interface `wanted` accepts, takes over links pinned by a previous
@@ -437,17 +439,24 @@ impl Dataplane {
             }
             match self.attach(name) {
                 Ok(pinned) => {
+                    self.attach_failures.remove(name);
                     self.attached.insert(name.clone(), (*ifindex, pinned));
                 }
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    let text = e.to_string();
+                    if self.attach_failures.get(name) != Some(&text) {
+                        self.attach_failures.insert(name.clone(), text);
+                        errors.push(e);
+                    }
+                }
             }
         }
         // Pins of links whose interface is no longer here (a previous agent's, or ours).
         if let Ok(dir) = fs::read_dir(self.pin_dir.join(LINKS_DIR)) {
             for entry in dir.flatten() {
                 let file = entry.file_name().to_string_lossy().into_owned();
-                let Some(iface) = file.strip_prefix("tc_ingress.") else { continue };
-                if !present.contains_key(iface) {
+                let Some(iface) = iface_of_link_pin(&file) else { continue };
+                if !present.contains_key(&iface) {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -459,7 +468,7 @@ impl Dataplane {
         let pin = self.link_pin(iface);
         let link_err = |what: &'static str| {
             let iface = iface.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link { iface, what, source: e }
+            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link { iface, what, detail: error_chain(&*e) }
         };
         let prog: &mut SchedClassifier =
             self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
@@ -503,6 +512,28 @@ impl Dataplane {
         v.sort();
         v
     }
+}
+
+/// bpffs refuses names with a dot (`bpf_lookup` reserves them for its own files), and
+/// interface names may have one (VLANs: `eth0.100`); `%` can never be in an interface name.
+pub fn link_pin_name(iface: &str) -> String {
+    format!("tc_ingress_{}", iface.replace('.', "%"))
+}
+
+fn iface_of_link_pin(file: &str) -> Option<String> {
+    file.strip_prefix("tc_ingress_").map(|i| i.replace('%', "."))
+}
+
+/// An error and all its causes on one line: aya's errors keep the OS error in `source()`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which

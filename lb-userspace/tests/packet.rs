@@ -400,7 +400,8 @@ fn truncated_and_non_ip_frames_pass_unharmed() {
 }
 
 /// Checks an ICMP port unreachable built from `orig`.
-fn assert_port_unreachable(out: &[u8], orig: &[u8]) {
+/// `l4_quote`: bytes of the L4 header quoted (the whole TCP header, UDP's 8).
+fn assert_port_unreachable(out: &[u8], orig: &[u8], l4_quote: usize) {
     assert_eq!(&out[0..6], &orig[6..12], "sent back to the client's MAC");
     assert_eq!(&out[6..12], &orig[0..6]);
     let ip = &out[14..34];
@@ -413,7 +414,8 @@ fn assert_port_unreachable(out: &[u8], orig: &[u8]) {
     let icmp = &out[34..];
     assert_eq!((icmp[0], icmp[1]), (3, 3), "destination unreachable / port unreachable");
     assert_eq!(fold(sum16(icmp)), 0, "ICMP checksum");
-    assert_eq!(&icmp[8..36], &orig[14..42], "quotes the original IP header and 8 bytes");
+    assert_eq!(icmp.len(), 8 + 20 + l4_quote);
+    assert_eq!(&icmp[8..], &orig[14..14 + 20 + l4_quote], "quotes the original IP header and L4 header");
 }
 
 #[test]
@@ -426,12 +428,12 @@ fn service_without_endpoints_is_refused_with_icmp_port_unreachable() {
     let syn = frame((CLIENT, 40000), (empty, 80), L4::Tcp { flags: SYN }, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     let (verdict, out) = h.run(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_port_unreachable(&out, &syn);
+    assert_port_unreachable(&out, &syn, 20);
 
     let udp = frame((CLIENT, 5000), (empty, 53), L4::Udp { zero_csum: false }, b"");
     let (verdict, out) = h.run(&udp);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_port_unreachable(&out, &udp);
+    assert_port_unreachable(&out, &udp, 8);
     assert_eq!(h.counter(Counter::RejectNoBackend), 2);
 }
 

@@ -1,1 +1,417 @@
+//! A Kubernetes-like lab in network namespaces: nodes (a namespace with a `cbr0` bridge for its
+//! pod CIDR, like kubenet), pods (a namespace each, joined to their node by a veth), underlay
+//! links between nodes, `lb` agents in node namespaces, and `podserver` backends.
+//!
+//! Everything a `Lab` creates is removed when it is dropped, also when a test panics:
+//! processes are killed, pin directories (and so the attached programs) removed, namespaces
+//! deleted. Only addresses inside these namespaces are used.
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use anyhow::{anyhow, bail, Context, Result};
+
+/// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "end-to-end tests need root; under CI=true they may not skip");
+    eprintln!("skipping: end-to-end tests need root");
+    false
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+/// The `lb` binary: `$LB_BIN`, else the newest of target/{debug,release}/lb.
+pub fn lb_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("LB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    ["debug", "release"]
+        .iter()
+        .map(|p| target.join(p).join("lb"))
+        .filter(|p| p.exists())
+        .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .ok_or_else(|| anyhow!("the lb binary is not built: run `cargo build -p lb-userspace` (cargo xtask test does)"))
+}
+
+/// The `podserver` binary, built next to the test binaries.
+pub fn podserver_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PODSERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join("podserver");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("podserver is not built: run `cargo build -p lb-tests` (cargo xtask test does)")
+}
+
+pub fn sh(cmd: &[&str]) -> Result<String> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A node namespace: its name, pod gateway and the pod CIDR prefix `10.244.N`.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub ns: String,
+    pub name: String,
+    pub gateway: Ipv4Addr,
+    pub pod_net: u8,
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub ns: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub node: String,
+}
+
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+    pin_dirs: Vec<PathBuf>,
+    pub dir: PathBuf,
+    veth_seq: u32,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        let prefix = format!("lbt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { prefix, namespaces: Vec::new(), children: Vec::new(), pin_dirs: Vec::new(), dir, veth_seq: 0 })
+    }
+
+    fn add_ns(&mut self, short: &str) -> Result<String> {
+        let ns = format!("{}-{short}", self.prefix);
+        sh(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs a command in a namespace and returns its stdout.
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(cmd);
+        sh(&full)
+    }
+
+    fn sysctl(&self, ns: &str, kv: &str) -> Result<()> {
+        self.exec(ns, &["sysctl", "-qw", kv]).map(|_| ())
+    }
+
+    /// A node with pod network 10.244.`pod_net`.0/24 on bridge cbr0 (gateway .1).
+    pub fn add_node(&mut self, name: &str, pod_net: u8) -> Result<Node> {
+        let ns = self.add_ns(name)?;
+        let gw = Ipv4Addr::new(10, 244, pod_net, 1);
+        self.exec(&ns, &["ip", "link", "add", "cbr0", "type", "bridge"])?;
+        self.exec(&ns, &["ip", "addr", "add", &format!("{gw}/24"), "dev", "cbr0"])?;
+        self.exec(&ns, &["ip", "link", "set", "cbr0", "up"])?;
+        self.sysctl(&ns, "net.ipv4.ip_forward=1")?;
+        // Translated pod-to-pod traffic leaves cbr0 the way it came in; an ICMP redirect for
+        // it would teach the client a route that bypasses nothing and only confuses.
+        self.sysctl(&ns, "net.ipv4.conf.all.send_redirects=0")?;
+        self.sysctl(&ns, "net.ipv4.conf.cbr0.send_redirects=0")?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{name}", self.prefix));
+        self.pin_dirs.push(pin_dir.clone());
+        let manifests = self.dir.join(format!("{name}-manifests"));
+        fs::create_dir_all(&manifests)?;
+        Ok(Node { ns, name: name.to_string(), gateway: gw, pod_net, pin_dir, manifests })
+    }
+
+    /// A pod namespace on `node` with address 10.244.N.`host`, default route via the node.
+    pub fn add_pod(&mut self, node: &Node, name: &str, host: u8) -> Result<Pod> {
+        self.veth_seq += 1;
+        let short = format!("p{}", self.veth_seq);
+        let ns = self.add_ns(&short)?;
+        let host_if = format!("veth{}", self.veth_seq);
+        let ip = Ipv4Addr::new(10, 244, node.pod_net, host);
+        sh(&["ip", "link", "add", &host_if, "netns", &node.ns, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        self.exec(&node.ns, &["ip", "link", "set", &host_if, "master", "cbr0", "up"])?;
+        self.exec(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        self.exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        self.exec(&ns, &["ip", "route", "add", "default", "via", &node.gateway.to_string()])?;
+        Ok(Pod { ns, name: name.to_string(), ip, node: node.name.clone() })
+    }
+
+    /// Joins two nodes by an underlay veth (`ul0` on each, 10.100.0.0/24) and routes each
+    /// node's pod CIDR over it.
+    pub fn link_nodes(&mut self, a: &Node, b: &Node) -> Result<()> {
+        sh(&["ip", "link", "add", "ul0", "netns", &a.ns, "type", "veth", "peer", "name", "ul0", "netns", &b.ns])?;
+        for (n, other, ip, peer) in [(a, b, "10.100.0.1", "10.100.0.2"), (b, a, "10.100.0.2", "10.100.0.1")] {
+            self.exec(&n.ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "ul0"])?;
+            self.exec(&n.ns, &["ip", "link", "set", "ul0", "up"])?;
+            self.exec(&n.ns, &["ip", "route", "add", &format!("10.244.{}.0/24", other.pod_net), "via", peer])?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, what: &str, cmd: &mut Command) -> Result<&mut Child> {
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        self.children.push((what.to_string(), child));
+        Ok(&mut self.children.last_mut().expect("just pushed").1)
+    }
+
+    /// Starts a `podserver` in the pod and waits until its sockets are bound.
+    pub fn serve(&mut self, pod: &Pod, http: &[u16], echo: &[u16], udp: &[u16]) -> Result<()> {
+        let bin = podserver_bin()?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.ns]).arg(bin).args(["--name", &pod.name]);
+        for p in http {
+            cmd.args(["--http", &p.to_string()]);
+        }
+        for p in echo {
+            cmd.args(["--echo", &p.to_string()]);
+        }
+        for p in udp {
+            cmd.args(["--udp", &p.to_string()]);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let child = self.spawn(&format!("podserver {}", pod.name), &mut cmd)?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("podserver {} did not start: {line:?}", pod.name);
+        }
+        Ok(())
+    }
+
+    /// Starts `lb run` in the node's network namespace (host mount namespace, so it pins on
+    /// the real bpffs) and waits until it has attached to `ifaces` and programmed
+    /// `services` frontends.
+    pub fn start_agent(&mut self, node: &Node, ifaces: &[&str], services: usize, extra: &[&str]) -> Result<()> {
+        let lb = lb_bin()?;
+        let log = fs::File::create(self.dir.join(format!("agent-{}.log", node.name)))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node.ns))
+            .arg(&lb)
+            .args(["run", "--manifests"])
+            .arg(&node.manifests)
+            .args(["--node-name", &node.name, "--pin-dir"])
+            .arg(&node.pin_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.spawn(&format!("lb agent on {}", node.name), &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attached = ifaces.iter().all(|i| node.pin_dir.join("links").join(format!("tc_ingress_{}", i.replace('.', "%"))).exists());
+            let programmed = self.list(node, "services").map(|s| s.lines().count().saturating_sub(1)).unwrap_or(0);
+            if attached && programmed >= services {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {} not ready (attached: {attached}, services: {programmed}); log:\n{}",
+                    node.name,
+                    self.agent_log(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn agent_log(&self, node: &Node) -> String {
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", node.name))).unwrap_or_default()
+    }
+
+    /// Kills the agent of `node` (its pins stay, as after a crash).
+    pub fn kill_agent(&mut self, node: &Node) {
+        let what = format!("lb agent on {}", node.name);
+        for (w, c) in &mut self.children {
+            if *w == what {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.children.retain(|(w, _)| *w != what);
+    }
+
+    /// `lb list WHAT` against the node's agent.
+    pub fn list(&self, node: &Node, what: &str) -> Result<String> {
+        let lb = lb_bin()?;
+        sh(&[lb.to_str().expect("utf-8 path"), "list", what, "--pin-dir", node.pin_dir.to_str().expect("utf-8 path")])
+    }
+
+    /// Writes the node's manifest file (the agent watches the directory).
+    pub fn write_manifests(&self, node: &Node, yaml: &str) -> Result<()> {
+        // Write then rename, so the agent never reads a half-written file.
+        let tmp = node.manifests.join(".lab.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, node.manifests.join("lab.yaml"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Removing the pins detaches the programs and frees the maps.
+        for p in &self.pin_dirs {
+            let _ = fs::remove_dir_all(p);
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`; sockets made there stay in
+/// that namespace after `f` returns.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("thread in {ns} panicked"))?
+    })
+}
+
+/// One HTTP/1.0 GET from inside `ns`; returns the body.
+pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<String> {
+    in_ns(ns, || -> Result<String> {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut resp = String::new();
+        c.read_to_string(&mut resp)?;
+        let body = resp.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("no HTTP body in {resp:?}"))?;
+        Ok(body.trim().to_string())
+    })?
+}
+
+/// Connects from inside `ns`; the error kind tells refused from unreachable.
+pub fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<std::io::Result<TcpStream>> {
+    in_ns(ns, || TcpStream::connect_timeout(&addr, timeout))
+}
+
+/// A UDP socket bound in `ns` and connected to `addr`, so it only accepts replies whose source
+/// is exactly `addr`: a reply that was not reverse-translated is never seen.
+pub fn udp_socket(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
+    in_ns(ns, || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })?
+}
+
+pub fn udp_request(sock: &UdpSocket, msg: &str) -> Result<String> {
+    sock.send(msg.as_bytes())?;
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The seed lab's Service (`svc.yml`) with an explicit ClusterIP, its Deployment (`deploy.yml`,
+/// which lb ignores), and the EndpointSlice the endpoints controller would write for `pods`.
+/// `extra_ports` adds named ports (`name`, port, protocol, target) used by the tests.
+pub fn lab_manifests(cluster_ip: Ipv4Addr, pods: &[(&Pod, bool)], extra_ports: &[(&str, u16, &str, u16)]) -> String {
+    let mut svc_ports = String::new();
+    let mut slice_ports = String::new();
+    if extra_ports.is_empty() {
+        svc_ports.push_str("  - protocol: TCP\n    port: 80\n");
+        slice_ports.push_str("- port: 80\n  protocol: TCP\n");
+    } else {
+        svc_ports.push_str("  - name: http\n    protocol: TCP\n    port: 80\n");
+        slice_ports.push_str("- name: http\n  port: 80\n  protocol: TCP\n");
+        for (name, port, proto, target) in extra_ports {
+            svc_ports.push_str(&format!("  - name: {name}\n    protocol: {proto}\n    port: {port}\n    targetPort: {target}\n"));
+            slice_ports.push_str(&format!("- name: {name}\n  port: {target}\n  protocol: {proto}\n"));
+        }
+    }
+    let endpoints: String = pods
+        .iter()
+        .map(|(p, ready)| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}}}\n  nodeName: {}\n  targetRef: {{kind: Pod, name: {}, namespace: default}}\n",
+                p.ip, p.node, p.name
+            )
+        })
+        .collect();
+    format!(
+        r#"# svc.yml from the lab, with the ClusterIP the API server would have allocated
+apiVersion: v1
+kind: Service
+metadata:
+  name: web-service
+  namespace: default
+spec:
+  clusterIP: {cluster_ip}
+  selector:
+    app: web
+  ports:
+{svc_ports}---
+# deploy.yml from the lab (lb does not run pods; the lab's namespaces play them)
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web-deploy
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:latest
+---
+# what the EndpointSlice controller would write for web-service
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-service-lab
+  namespace: default
+  labels:
+    kubernetes.io/service-name: web-service
+addressType: IPv4
+ports:
+{slice_ports}endpoints:
+{endpoints}"#
+    )
+}

@@ -1,0 +1,89 @@
+//! A backend pod: answers with its own name, like the lab's nginx pods after
+//! `hostname > index.html`.
+//!
+//! `podserver --name NAME [--http PORT]... [--echo PORT]... [--udp PORT]...`
+//! - http: `GET /` answers the name, `GET /peer` the client address the pod saw;
+//! - echo: every line `L` is answered with `NAME L` (long-lived connections);
+//! - udp: every datagram is answered with `NAME PEER`.
+//!
+//! Prints `ready` on stdout once every socket is bound.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+fn main() {
+    let mut name = String::from("pod");
+    let (mut http, mut echo, mut udp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--name" => name = v,
+            "--http" => http.push(v.parse::<u16>().expect("--http PORT")),
+            "--echo" => echo.push(v.parse::<u16>().expect("--echo PORT")),
+            "--udp" => udp.push(v.parse::<u16>().expect("--udp PORT")),
+            _ => panic!("unknown argument {a}"),
+        }
+    }
+    let mut handles = Vec::new();
+    for port in http {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind http");
+        let name = name.clone();
+        handles.push(thread::spawn(move || serve_tcp(l, name, http_conn)));
+    }
+    for port in echo {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind echo");
+        let name = name.clone();
+        handles.push(thread::spawn(move || serve_tcp(l, name, echo_conn)));
+    }
+    for port in udp {
+        let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+        let name = name.clone();
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, peer)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(format!("{name} {peer}").as_bytes(), peer);
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush().ok();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+fn serve_tcp(l: TcpListener, name: String, f: fn(TcpStream, &str)) {
+    for conn in l.incoming().flatten() {
+        let name = name.clone();
+        thread::spawn(move || f(conn, &name));
+    }
+}
+
+fn http_conn(mut c: TcpStream, name: &str) {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = if req.starts_with(b"GET /peer") { format!("{peer}\n") } else { format!("{name}\n") };
+    let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn echo_conn(c: TcpStream, name: &str) {
+    let Ok(mut w) = c.try_clone() else { return };
+    for line in BufReader::new(c).lines() {
+        let Ok(line) = line else { break };
+        if writeln!(w, "{name} {line}").is_err() {
+            break;
+        }
+    }
+}
