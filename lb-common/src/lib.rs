@@ -4,7 +4,7 @@
 //! padding is always written as zero: hash maps compare keys as raw bytes. Addresses are stored in
 //! 16 bytes with a family tag, so IPv6 can be added without changing the IPv4 layout; an IPv4
 //! address lives in `addr[0]` (network byte order) with the other words zero.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Address family tags, stored in keys and values next to the 16-byte address.
 pub const FAMILY_IPV4: u8 = 4;
@@ -273,4 +273,43 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_stays_in_range_for_every_count() {
+        for count in 1..=64u16 {
+            for port in 0..2000u16 {
+                let h = flow_hash(0x0501_f40a, 0x0a00_600a, port.to_be(), 80u16.to_be(), PROTO_TCP);
+                assert!(select_slot(h, count) < count);
+            }
+        }
+        assert_eq!(select_slot(u32::MAX, MAX_BACKENDS_PER_SERVICE), MAX_BACKENDS_PER_SERVICE - 1);
+    }
+
+    /// Linux hands out ephemeral ports close together; they must still spread evenly.
+    #[test]
+    fn sequential_source_ports_spread_evenly() {
+        let mut hits = [0u32; 3];
+        for port in 32768..(32768 + 3000u16) {
+            let h = flow_hash(0x6401_f40a, 0x3b7b_680a, port.to_be(), 80u16.to_be(), PROTO_TCP);
+            hits[select_slot(h, 3) as usize] += 1;
+        }
+        for h in hits {
+            assert!((900..1100).contains(&h), "{hits:?}");
+        }
+    }
+
+    #[test]
+    fn hash_depends_on_every_field() {
+        let base = flow_hash(1, 2, 3, 4, PROTO_TCP);
+        assert_ne!(base, flow_hash(9, 2, 3, 4, PROTO_TCP));
+        assert_ne!(base, flow_hash(1, 9, 3, 4, PROTO_TCP));
+        assert_ne!(base, flow_hash(1, 2, 9, 4, PROTO_TCP));
+        assert_ne!(base, flow_hash(1, 2, 3, 9, PROTO_TCP));
+        assert_ne!(base, flow_hash(1, 2, 3, 4, PROTO_UDP));
+    }
 }

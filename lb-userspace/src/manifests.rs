@@ -130,3 +130,38 @@ fn typed<T: DeserializeOwned>(path: &Path, doc: usize, kind: &str, value: Value)
         reason: e.inner().to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_one(text: &str) -> (Objects, Vec<ManifestError>) {
+        parse(&[(PathBuf::from("m.yaml"), text.to_string())])
+    }
+
+    #[test]
+    fn multi_document_files_lists_and_other_kinds() {
+        let (o, e) = parse_one(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web-deploy}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata: {name: a-1}\n  addressType: IPv4\n  endpoints: []\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!((o.services.len(), o.slices.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_mistyped_field_names_the_object_and_the_field() {
+        let (o, e) = parse_one(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports:\n  - port: eighty\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ok}\n",
+        );
+        assert_eq!(o.services.len(), 1, "the good document still parses");
+        let msg = e[0].to_string();
+        assert!(msg.contains("document 1: Service shop/web: field spec.ports[0].port:"), "{msg}");
+    }
+
+    #[test]
+    fn broken_yaml_is_an_error_and_earlier_documents_survive() {
+        let (o, e) = parse_one("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\nkind: [unclosed\n");
+        assert_eq!(o.services.len(), 1);
+        assert!(matches!(e[..], [ManifestError::Yaml { doc: 2, .. }]), "{e:?}");
+    }
+}

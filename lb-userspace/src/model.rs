@@ -326,3 +326,257 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::manifests;
+
+    fn run(yaml: &str) -> Translation {
+        let (objects, errors) = manifests::parse(&[(PathBuf::from("t.yaml"), yaml.to_string())]);
+        assert!(errors.is_empty(), "{errors:?}");
+        translate(&objects.services, &objects.slices)
+    }
+
+    fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
+        Frontend { ip: ip.parse().unwrap(), port, protocol }
+    }
+
+    fn ep(ip: &str, port: u16) -> Endpoint {
+        Endpoint { ip: ip.parse().unwrap(), port }
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web-http}
+  - {name: metrics, port: 9090, targetPort: 9100}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: metrics, port: 9100, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: ["10.244.1.11"]
+  conditions: {ready: true}
+  nodeName: node-1
+- addresses: ["10.244.1.12"]
+  conditions: {ready: false}
+- addresses: ["10.244.1.13"]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- addresses: ["10.244.2.21"]
+  conditions: {ready: true}
+- addresses: ["10.244.1.11"]
+"#;
+
+    #[test]
+    fn multi_port_service_with_named_target_port_and_udp() {
+        let t = run(WEB);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let s = &t.state.services;
+        assert_eq!(s.len(), 3);
+        // The named targetPort "web-http" resolves through the slice's port named "http".
+        let http = &s[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(http.name, "shop/web:http");
+        // Slices merged, duplicates removed, the not-ready endpoint left out, nil ready = ready.
+        assert_eq!(http.backends, vec![ep("10.244.1.11", 8080), ep("10.244.1.13", 8080), ep("10.244.2.21", 8080)]);
+        let metrics = &s[&fe("10.96.0.10", 9090, Protocol::Tcp)];
+        assert_eq!(metrics.backends, vec![ep("10.244.1.11", 9100), ep("10.244.1.13", 9100)]);
+        let dns = &s[&fe("10.96.0.10", 53, Protocol::Udp)];
+        assert_eq!(dns.backends, vec![ep("10.244.1.11", 5353), ep("10.244.1.13", 5353)]);
+    }
+
+    #[test]
+    fn unnamed_single_port_matches_unnamed_slice_port() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web-service}
+spec:
+  clusterIP: 10.104.123.59
+  ports: [{protocol: TCP, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-service-x, labels: {kubernetes.io/service-name: web-service}}
+addressType: IPv4
+ports: [{port: 80, protocol: TCP}]
+endpoints: [{addresses: ["10.244.1.11"]}]
+"#);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let s = &t.state.services[&fe("10.104.123.59", 80, Protocol::Tcp)];
+        assert_eq!(s.name, "default/web-service");
+        assert_eq!(s.backends, vec![ep("10.244.1.11", 80)]);
+    }
+
+    #[test]
+    fn slices_of_other_services_namespaces_and_protocols_do_not_leak() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.9.9"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-udp, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80, protocol: UDP}]
+endpoints: [{addresses: ["10.244.9.8"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00::1"]}]
+"#);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![]);
+    }
+
+    #[test]
+    fn headless_external_name_and_foreign_proxy_services_program_nothing() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: google-svc}
+spec: {type: ExternalName, externalName: google.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: someone-else}}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+"#);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert!(t.state.services.is_empty());
+    }
+
+    #[test]
+    fn service_without_slices_has_no_backends() {
+        let t = run("apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n");
+        assert_eq!(t.state.services[&fe("10.96.0.9", 80, Protocol::Tcp)].backends, vec![]);
+    }
+
+    /// Each malformed Service is rejected alone, with the object and field named; the good one
+    /// is still programmed.
+    #[test]
+    fn malformed_services_are_rejected_alone() {
+        let cases = [
+            ("no-ip", "{ports: [{port: 80}]}", "spec.clusterIP"),
+            ("bad-ip", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
+            ("v6", "{clusterIP: 'fd00::1', ports: [{port: 80}]}", "spec.clusterIP"),
+            ("no-ports", "{clusterIP: 10.96.0.31}", "spec.ports"),
+            ("port-zero", "{clusterIP: 10.96.0.32, ports: [{port: 0}]}", "spec.ports[0].port"),
+            ("port-big", "{clusterIP: 10.96.0.33, ports: [{port: 70000}]}", "spec.ports[0].port"),
+            ("sctp", "{clusterIP: 10.96.0.34, ports: [{port: 80, protocol: SCTP}]}", "spec.ports[0].protocol"),
+            ("proto", "{clusterIP: 10.96.0.35, ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol"),
+            ("unnamed", "{clusterIP: 10.96.0.36, ports: [{name: a, port: 80}, {port: 81}]}", "spec.ports[1].name"),
+            ("dup", "{clusterIP: 10.96.0.37, ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1]"),
+            ("type", "{type: Weird, clusterIP: 10.96.0.38, ports: [{port: 80}]}", "spec.type"),
+            ("no-spec", "null", "spec"),
+        ];
+        let mut yaml = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n");
+        for (name, spec, _) in cases {
+            yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"));
+        }
+        let t = run(&yaml);
+        assert_eq!(t.state.services.keys().copied().collect::<Vec<_>>(), vec![fe("10.96.0.2", 80, Protocol::Tcp)]);
+        assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
+        for (name, _, field) in cases {
+            let e = t.errors.iter().find(|e| e.to_string().contains(&format!("default/{name}:"))).unwrap_or_else(|| panic!("no error for {name}: {:#?}", t.errors));
+            assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_slice_is_rejected_alone() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: good, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: ["10.244.1.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bad, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: ["10.244.1.2"]}, {addresses: ["not-an-ip"]}]
+"#);
+        assert_eq!(t.errors.len(), 1);
+        assert_eq!(t.errors[0].to_string(), "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address");
+        assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![ep("10.244.1.1", 8080)]);
+    }
+
+    #[test]
+    fn two_services_claiming_one_frontend_conflict_and_the_first_wins() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+"#);
+        assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].name, "default/a");
+        assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
+    }
+
+    #[test]
+    fn nodeport_and_loadbalancer_services_serve_their_cluster_ip() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: node-port}
+spec: {type: NodePort, clusterIP: 10.97.190.203, ports: [{port: 8080, targetPort: 80, nodePort: 30080}]}
+"#);
+        assert!(t.state.services.contains_key(&fe("10.97.190.203", 8080, Protocol::Tcp)));
+    }
+}
