@@ -97,6 +97,7 @@ pub struct Lab {
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
     pin_dirs: Vec<PathBuf>,
+    etc_dirs: Vec<PathBuf>,
     pub dir: PathBuf,
     veth_seq: u32,
 }
@@ -106,7 +107,7 @@ impl Lab {
         let prefix = format!("lbt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { prefix, namespaces: Vec::new(), children: Vec::new(), pin_dirs: Vec::new(), dir, veth_seq: 0 })
+        Ok(Self { prefix, namespaces: Vec::new(), children: Vec::new(), pin_dirs: Vec::new(), etc_dirs: Vec::new(), dir, veth_seq: 0 })
     }
 
     fn add_ns(&mut self, short: &str) -> Result<String> {
@@ -262,6 +263,19 @@ impl Lab {
         sh(&[lb.to_str().expect("utf-8 path"), "list", what, "--pin-dir", node.pin_dir.to_str().expect("utf-8 path")])
     }
 
+    /// Gives the pod's `ip netns exec` commands an /etc/hosts (iproute2 bind-mounts
+    /// /etc/netns/NS/hosts), standing in for cluster DNS: `curl http://web-service` works.
+    pub fn add_hosts(&mut self, pod: &Pod, entries: &[(Ipv4Addr, &str)]) -> Result<()> {
+        let dir = PathBuf::from("/etc/netns").join(&pod.ns);
+        fs::create_dir_all(&dir)?;
+        self.etc_dirs.push(dir.clone());
+        let text: String = std::iter::once("127.0.0.1 localhost\n".to_string())
+            .chain(entries.iter().map(|(ip, names)| format!("{ip} {names}\n")))
+            .collect();
+        fs::write(dir.join("hosts"), text)?;
+        Ok(())
+    }
+
     /// Writes the node's manifest file (the agent watches the directory).
     pub fn write_manifests(&self, node: &Node, yaml: &str) -> Result<()> {
         // Write then rename, so the agent never reads a half-written file.
@@ -284,6 +298,9 @@ impl Drop for Lab {
         }
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for d in &self.etc_dirs {
+            let _ = fs::remove_dir_all(d);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -1,1 +1,75 @@
-fn main() {}
+//! `cargo xtask setup|test|demo`: everything a fresh machine needs, from the README's two
+//! commands. All of it needs root (BPF, network namespaces, apt).
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent): apt packages, nightly rust-src,
+    /// bpf-linker on LLVM 22; mount bpffs.
+    Setup,
+    /// Set up, build, and run every test: unit, packet (BPF_PROG_TEST_RUN) and end to end.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and replay the seed lab on this machine with the real eBPF datapath.
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Builds the agent and the pod server, and tells the test lab where they are.
+fn build() -> Result<()> {
+    run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    std::env::set_var("LB_BIN", target.join("debug/lb"));
+    std::env::set_var("PODSERVER_BIN", target.join("debug/podserver"));
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { args } => {
+            setup::setup()?;
+            build()?;
+            // lb-ebpf only builds for the bpf target (through lb-userspace's build.rs).
+            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf"]).args(&args))
+        }
+        Cmd::Demo => {
+            setup::setup()?;
+            build()?;
+            demo::demo()
+        }
+    }
+}

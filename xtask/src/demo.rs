@@ -1,0 +1,68 @@
+//! The seed lab (section 13-1), replayed on this machine: a node namespace, the three
+//! `web-deploy` pods answering with their hostname, a busybox client, and `lb` translating
+//! `web-service`'s ClusterIP in the kernel.
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command, time::Duration};
+
+use anyhow::{Context, Result};
+use lb_tests::{lab_manifests, Lab, Pod};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
+const PODS: [&str; 3] = ["web-deploy-66fbbff65d-5lgpk", "web-deploy-66fbbff65d-d6xt6", "web-deploy-66fbbff65d-dwvk4"];
+
+fn step(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+pub fn demo() -> Result<()> {
+    let mut lab = Lab::new()?;
+    step("node `minikube` with pod network 10.244.1.0/24; kubectl apply -f deploy.yml");
+    let node = lab.add_node("minikube", 1)?;
+    let mut web: Vec<Pod> = Vec::new();
+    for (i, name) in PODS.iter().enumerate() {
+        let pod = lab.add_pod(&node, name, 11 + i as u8)?;
+        // `hostname > /usr/share/nginx/html/index.html`: each pod answers with its name.
+        lab.serve(&pod, &[80], &[], &[])?;
+        println!("pod/{name:<32} 1/1  Running  {}", pod.ip);
+        web.push(pod);
+    }
+    let busybox = lab.add_pod(&node, "busybox", 100)?;
+    lab.add_hosts(&busybox, &[(CLUSTER_IP, "web-service web-service.default web-service.default.svc.cluster.local")])?;
+    println!("pod/{:<32} 1/1  Running  {}", "busybox", busybox.ip);
+
+    step("kubectl apply -f svc.yml");
+    let ready: Vec<(&Pod, bool)> = web.iter().map(|p| (p, true)).collect();
+    lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &ready, &[]))?;
+    println!("service/web-service   ClusterIP   {CLUSTER_IP}   <none>   80/TCP");
+    println!("(manifests: {})", node.manifests.join("lab.yaml").display());
+
+    step("lb run --manifests ... --node-name minikube (the eBPF datapath replaces kube-proxy)");
+    let ifaces = ["cbr0", "veth1", "veth2", "veth3", "veth4"];
+    lab.start_agent(&node, &ifaces, 1, &[])?;
+    println!("attached to {ifaces:?}");
+    print!("{}", lab.list(&node, "services")?);
+    print!("{}", lab.list(&node, "backends")?);
+
+    step("kubectl run -it busybox ... sh;  / # while true; do wget -q -O - http://web-service; sleep 1; done");
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..10 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &busybox.ns, "curl", "-sS", "--max-time", "3", "http://web-service"])
+            .output()
+            .context("running curl in the busybox pod")?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let shown = if out.status.success() { body.clone() } else { String::from_utf8_lossy(&out.stderr).trim().to_string() };
+        println!("{shown}");
+        *seen.entry(body).or_default() += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    step("lb list conntrack (live flows, both directions)");
+    let ct = lab.list(&node, "conntrack")?;
+    for line in ct.lines().take(7) {
+        println!("{line}");
+    }
+    step("summary");
+    println!("10 requests to http://web-service ({CLUSTER_IP}:80) were answered by {} pods: {seen:?}", seen.len());
+    println!("(all namespaces, programs and pins of the demo are removed on exit)");
+    Ok(())
+}
