@@ -6,12 +6,7 @@ use aya_build::{Package, Toolchain};
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
     let root_dir = std::path::Path::new(&manifest_dir).join("../lb-ebpf");
-    let root_dir = root_dir
-        .canonicalize()
-        .with_context(|| format!("locating {}", root_dir.display()))?;
+    let root_dir = root_dir.canonicalize().with_context(|| format!("locating {}", root_dir.display()))?;
     let root_dir = root_dir.to_str().context("lb-ebpf path is not UTF-8")?;
-    aya_build::build_ebpf(
-        [Package { name: "lb-ebpf", root_dir, ..Default::default() }],
-        Toolchain::default(),
-    )
+    aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir, ..Default::default() }], Toolchain::default())
 }

@@ -6,8 +6,7 @@
 //! again after FIN or RST so a reused 5-tuple gets a fresh backend choice.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    Backend, CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED,
-    FAMILY_IPV4, PROTO_TCP,
+    Backend, CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, FAMILY_IPV4, PROTO_TCP,
 };
 
 use crate::{
@@ -156,11 +155,7 @@ pub fn create(flow: &Flow, tcp_flags: u8, backend: &Backend, service_id: u32, no
         created_ns: now,
     };
     LB_CONNTRACK.insert(&forward_key(flow), &fwd, 0)?;
-    let rev = CtValue {
-        nat_addr: [flow.dst, 0, 0, 0],
-        nat_port: flow.dport,
-        ..fwd
-    };
+    let rev = CtValue { nat_addr: [flow.dst, 0, 0, 0], nat_port: flow.dport, ..fwd };
     LB_CONNTRACK.insert(&reply_key(flow, backend.addr[0], backend.port), &rev, 0)
 }
 

@@ -6,16 +6,14 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue,
-    BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, SERVICES_MAX_ENTRIES,
-    SERVICE_NAMES_MAX_ENTRIES,
+    Backend, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, BACKEND_SLOTS_MAX_ENTRIES,
+    CONNTRACK_MAX_ENTRIES, COUNTER_MAX, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
 /// Written only by the agent, so no preallocation: memory follows the number of services.
 #[map(name = "LB_SERVICES")]
-pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// (service id, generation, slot) -> backend. Selection is one lookup into this map.
 #[map(name = "LB_BACKEND_SLOTS")]
@@ -25,8 +23,7 @@ pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> =
 /// Connection tracking, both directions of every translated flow. LRU so a flood of new flows
 /// evicts idle ones instead of failing inserts.
 #[map(name = "LB_CONNTRACK")]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
 /// Verdict and drop-reason counters, indexed by `lb_common::Counter`.
 #[map(name = "LB_STATS")]
@@ -35,5 +32,4 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
 /// Service id -> readable name, for `lb list`. The datapath never reads it; it lives here so it
 /// is pinned beside the maps it describes and survives agent restarts with them.
 #[map(name = "LB_SERVICE_NAMES")]
-pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> =
-    HashMap::pinned(SERVICE_NAMES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(SERVICE_NAMES_MAX_ENTRIES, BPF_F_NO_PREALLOC);

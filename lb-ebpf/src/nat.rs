@@ -7,7 +7,10 @@
 //! correctly for the address change, and the port change is left out of it, as
 //! `inet_proto_csum_replace2` does for partial checksums; a hand-written update would corrupt
 //! every offloaded packet.
-use aya_ebpf::{bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR}, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use lb_common::PROTO_TCP;
 
 use crate::parse::{ptr_at, Headers, ETH_LEN};

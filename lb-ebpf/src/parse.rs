@@ -107,13 +107,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
             Parsed::L4(Headers {
-                flow: Flow {
-                    src,
-                    dst,
-                    sport: u16::from_ne_bytes(udp.src),
-                    dport: u16::from_ne_bytes(udp.dst),
-                    proto,
-                },
+                flow: Flow { src, dst, sport: u16::from_ne_bytes(udp.src), dport: u16::from_ne_bytes(udp.dst), proto },
                 l4_off,
                 tcp_flags: 0,
                 udp_csum_zero: udp.check == [0, 0],

@@ -8,11 +8,8 @@ use crate::{maps::LB_BACKEND_SLOTS, parse::Flow};
 #[inline(always)]
 pub fn select(svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
     let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    let key = BackendSlotKey {
-        service_id: svc.id,
-        generation: svc.generation,
-        slot: select_slot(hash, svc.backend_count),
-    };
+    let key =
+        BackendSlotKey { service_id: svc.id, generation: svc.generation, slot: select_slot(hash, svc.backend_count) };
     // SAFETY: the value is copied out at once.
     unsafe { LB_BACKEND_SLOTS.get(&key).copied() }
 }

@@ -63,8 +63,11 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     if pin_dir.starts_with(bpf_root) && !is_bpffs(bpf_root) {
         mount_bpffs(bpf_root)?;
     }
-    fs::create_dir_all(pin_dir.join(LINKS_DIR))
-        .map_err(|source| DataplaneError::Io { what: "creating pin directory", path: pin_dir.to_owned(), source })?;
+    fs::create_dir_all(pin_dir.join(LINKS_DIR)).map_err(|source| DataplaneError::Io {
+        what: "creating pin directory",
+        path: pin_dir.to_owned(),
+        source,
+    })?;
     if !is_bpffs(pin_dir) {
         return Err(DataplaneError::NotBpffs { path: pin_dir.to_owned() });
     }
@@ -85,7 +88,11 @@ fn mount_bpffs(path: &Path) -> Result<()> {
     // SAFETY: mount(2) with valid C strings.
     let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(DataplaneError::Io { what: "mounting bpffs at", path: path.to_owned(), source: std::io::Error::last_os_error() });
+        return Err(DataplaneError::Io {
+            what: "mounting bpffs at",
+            path: path.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -121,7 +128,13 @@ pub fn frontend_of(k: &ServiceKey) -> Option<Frontend> {
 }
 
 pub fn backend_value(e: &Endpoint) -> Backend {
-    Backend { addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0], port: e.port.to_be(), family: FAMILY_IPV4, flags: 0, _pad: 0 }
+    Backend {
+        addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0],
+        port: e.port.to_be(),
+        family: FAMILY_IPV4,
+        flags: 0,
+        _pad: 0,
+    }
 }
 
 pub fn endpoint_of(b: &Backend) -> Endpoint {
@@ -262,7 +275,14 @@ impl Dataplane {
             .try_into()?;
         prog.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
-        let mut dp = Self { ebpf, maps, pin_dir: pin_dir.to_owned(), programmed: BTreeMap::new(), attached: StdHashMap::new(), attach_failures: StdHashMap::new() };
+        let mut dp = Self {
+            ebpf,
+            maps,
+            pin_dir: pin_dir.to_owned(),
+            programmed: BTreeMap::new(),
+            attached: StdHashMap::new(),
+            attach_failures: StdHashMap::new(),
+        };
         dp.adopt()?;
         Ok(dp)
     }
@@ -273,10 +293,7 @@ impl Dataplane {
 
     /// The loaded tc program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn tc_program(&self) -> &SchedClassifier {
-        self.ebpf
-            .program(PROG_TC_INGRESS)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded in Dataplane::load")
+        self.ebpf.program(PROG_TC_INGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
     }
 
     /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
@@ -337,7 +354,8 @@ impl Dataplane {
     /// failures are reported and do not stop the others.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let gone: Vec<Frontend> = self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        let gone: Vec<Frontend> =
+            self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         for f in gone {
             let p = self.programmed.remove(&f).expect("listed above");
             // Service entry first, so no new flow can pick a slot we are about to delete.
@@ -357,7 +375,15 @@ impl Dataplane {
                         Ok(()) => {
                             self.remove_slots(id, old_gen, old_len);
                             tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service updated");
-                            self.programmed.insert(*f, Programmed { id, generation: gen, name: want.name.clone(), backends: want.backends.clone() });
+                            self.programmed.insert(
+                                *f,
+                                Programmed {
+                                    id,
+                                    generation: gen,
+                                    name: want.name.clone(),
+                                    backends: want.backends.clone(),
+                                },
+                            );
                             report.updated += 1;
                         }
                         Err(e) => {
@@ -371,7 +397,15 @@ impl Dataplane {
                     match self.write_service(f, id, 0, &want.name, &want.backends) {
                         Ok(()) => {
                             tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service added");
-                            self.programmed.insert(*f, Programmed { id, generation: 0, name: want.name.clone(), backends: want.backends.clone() });
+                            self.programmed.insert(
+                                *f,
+                                Programmed {
+                                    id,
+                                    generation: 0,
+                                    name: want.name.clone(),
+                                    backends: want.backends.clone(),
+                                },
+                            );
                             report.added += 1;
                         }
                         Err(e) => {
@@ -388,7 +422,14 @@ impl Dataplane {
 
     /// Writes the slots of `generation`, then flips the service entry to it in one update, so
     /// the datapath sees either the old set or the new one, never a mix.
-    fn write_service(&mut self, f: &Frontend, id: u32, generation: u16, name: &str, backends: &[Endpoint]) -> Result<()> {
+    fn write_service(
+        &mut self,
+        f: &Frontend,
+        id: u32,
+        generation: u16,
+        name: &str,
+        backends: &[Endpoint],
+    ) -> Result<()> {
         for (slot, b) in backends.iter().enumerate() {
             let key = BackendSlotKey { service_id: id, generation, slot: slot as u16 };
             self.maps
@@ -396,7 +437,10 @@ impl Dataplane {
                 .insert(key, backend_value(b), 0)
                 .map_err(insert_err(MAP_BACKEND_SLOTS, format!("backend {b} of {name} ({f})")))?;
         }
-        self.maps.names.insert(id, encode_name(name), 0).map_err(insert_err(MAP_SERVICE_NAMES, format!("{name} ({f})")))?;
+        self.maps
+            .names
+            .insert(id, encode_name(name), 0)
+            .map_err(insert_err(MAP_SERVICE_NAMES, format!("{name} ({f})")))?;
         let value = ServiceValue { id, backend_count: backends.len() as u16, generation, flags: 0, _reserved: 0 };
         self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(MAP_SERVICES, format!("{name} ({f})")))
     }
@@ -468,7 +512,11 @@ impl Dataplane {
         let pin = self.link_pin(iface);
         let link_err = |what: &'static str| {
             let iface = iface.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link { iface, what, detail: error_chain(&*e) }
+            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
+                iface,
+                what,
+                detail: error_chain(&*e),
+            }
         };
         let prog: &mut SchedClassifier =
             self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
@@ -478,9 +526,12 @@ impl Dataplane {
             let adopted = PinnedLink::from_pin(&pin)
                 .map_err(|e| link_err("opening pinned link")(Box::new(e)))
                 .and_then(|p| {
-                    SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| link_err("pinned link is not TCX")(Box::new(e)))
+                    SchedClassifierLink::try_from(FdLink::from(p))
+                        .map_err(|e| link_err("pinned link is not TCX")(Box::new(e)))
                 })
-                .and_then(|link| prog.attach_to_link(link).map_err(|e| link_err("replacing program in pinned link")(Box::new(e))));
+                .and_then(|link| {
+                    prog.attach_to_link(link).map_err(|e| link_err("replacing program in pinned link")(Box::new(e)))
+                });
             match adopted {
                 Ok(id) => {
                     let link = prog.take_link(id)?;
@@ -488,7 +539,8 @@ impl Dataplane {
                     // The pin already names this link; re-pinning would fail with EEXIST, so
                     // keep a handle by opening the pin again.
                     drop(fd);
-                    let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(Box::new(e)))?;
+                    let pinned =
+                        PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(Box::new(e)))?;
                     tracing::info!(iface, "took over pinned link");
                     return Ok(pinned);
                 }
@@ -501,7 +553,8 @@ impl Dataplane {
         }
         let id = prog.attach(iface, TcAttachType::Ingress)?;
         let link = prog.take_link(id)?;
-        let fd = FdLink::try_from(link).map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(Box::new(e)))?;
+        let fd =
+            FdLink::try_from(link).map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(Box::new(e)))?;
         let pinned = fd.pin(&pin).map_err(|e| link_err("pinning link")(Box::new(e)))?;
         tracing::info!(iface, "attached tc ingress");
         Ok(pinned)
@@ -511,6 +564,25 @@ impl Dataplane {
         let mut v: Vec<String> = self.attached.keys().cloned().collect();
         v.sort();
         v
+    }
+}
+
+/// Whether the agent attaches to `name`: every interface but `lo` by default, else those
+/// matching one of `globs` (`*` any run, `?` one character).
+pub fn interface_wanted(globs: &[String], name: &str) -> bool {
+    fn matches(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => matches(&p[1..], n) || (!n.is_empty() && matches(p, &n[1..])),
+            (Some(b'?'), Some(_)) => matches(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => matches(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    if globs.is_empty() {
+        name != "lo"
+    } else {
+        globs.iter().any(|g| matches(g.as_bytes(), name.as_bytes()))
     }
 }
 
@@ -565,5 +637,42 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
-    fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io { what: "removing", path: pin_dir.to_owned(), source })
+    fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
+        what: "removing",
+        path: pin_dir.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_selection() {
+        let none: Vec<String> = vec![];
+        assert!(interface_wanted(&none, "eth0"));
+        assert!(!interface_wanted(&none, "lo"));
+        let globs = vec!["veth*".to_string(), "eth?".to_string()];
+        assert!(interface_wanted(&globs, "veth1a2b"));
+        assert!(interface_wanted(&globs, "eth1"));
+        assert!(!interface_wanted(&globs, "eth10"));
+        assert!(!interface_wanted(&globs, "cbr0"));
+        assert!(!interface_wanted(&globs, "lo"));
+    }
+
+    #[test]
+    fn link_pin_names_survive_dotted_interface_names() {
+        assert_eq!(link_pin_name("eth0.100"), "tc_ingress_eth0%100");
+        assert_eq!(iface_of_link_pin(&link_pin_name("eth0.100")).as_deref(), Some("eth0.100"));
+        assert_eq!(iface_of_link_pin("maps.debug"), None);
+    }
+
+    #[test]
+    fn names_are_truncated_on_a_character_boundary() {
+        let long = "ü".repeat(100);
+        let decoded = decode_name(&encode_name(&long));
+        assert!(long.starts_with(&decoded) && decoded.len() <= 119);
+        assert_eq!(decode_name(&encode_name("default/web-service:http")), "default/web-service:http");
+    }
 }

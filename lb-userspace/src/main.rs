@@ -80,9 +80,7 @@ enum ListWhat {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -96,20 +94,6 @@ fn main() -> anyhow::Result<()> {
             dataplane::cleanup(&pin_dir).with_context(|| format!("cleaning {}", pin_dir.display()))
         }
     }
-}
-
-/// Minimal glob: `*` any run, `?` one character.
-fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Reads and translates the manifests; logs every rejected object.
@@ -137,19 +121,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
 
     let globs = args.ifaces.clone();
-    let wanted = move |name: &str| {
-        if globs.is_empty() {
-            name != "lo"
-        } else {
-            globs.iter().any(|g| glob_match(g, name))
-        }
-    };
+    let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
 
     // Program services before attaching, so the first packet an interface sees is served.
     let mut last_files: Option<Vec<(PathBuf, String)>> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut tick: u64 = 0;
     loop {
         tokio::select! {
@@ -179,7 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => warn!(error = %e, "cannot read manifests; keeping the current state"),
         }
         // Interfaces: at once, then every second.
-        if tick % 2 == 0 {
+        if tick.is_multiple_of(2) {
             for e in dp.sync_interfaces(&wanted) {
                 warn!(error = %e, "attach failed");
             }
@@ -212,7 +191,7 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         ListWhat::Services => {
             let mut rows: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
             rows.sort_by_key(|(k, _)| frontend_of(k));
-            println!("{:<6} {:<24} {:<8} {:<5} {}", "ID", "FRONTEND", "BACKENDS", "GEN", "SERVICE");
+            println!("{:<6} {:<24} {:<8} {:<5} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN");
             for (k, v) in rows {
                 let f = frontend_of(&k).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
                 println!("{:<6} {:<24} {:<8} {:<5} {}", v.id, f, v.backend_count, v.generation, name_of(v.id));
@@ -220,12 +199,16 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Backends => {
             let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            println!("{:<24} {:<5} {:<22} {}", "FRONTEND", "SLOT", "BACKEND", "SERVICE");
+            println!("{:<24} {:<5} {:<22} SERVICE", "FRONTEND", "SLOT", "BACKEND");
             let mut rows = Vec::new();
             for (k, v) in &services {
                 for slot in 0..v.backend_count {
                     let key = lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot };
-                    let backend = maps.slots.get(&key, 0).map(|b| endpoint_of(&b).to_string()).unwrap_or_else(|_| "<missing>".into());
+                    let backend = maps
+                        .slots
+                        .get(&key, 0)
+                        .map(|b| endpoint_of(&b).to_string())
+                        .unwrap_or_else(|_| "<missing>".into());
                     rows.push((frontend_of(k), slot, backend, name_of(v.id)));
                 }
             }
@@ -237,16 +220,24 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Conntrack => {
             let now = monotonic_ns();
-            println!("{:<7} {:<5} {:<22} {:<22} {:<22} {:>7} {:>9} {:<16} {}", "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "EXPIRES", "STATE", "SERVICE");
+            println!(
+                "{:<7} {:<5} {:<22} {:<22} {:<22} {:>7} {:>9} {:<16} SERVICE",
+                "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "EXPIRES", "STATE"
+            );
             for (k, v) in maps.conntrack.iter().filter_map(Result::ok) {
                 if v.expires_ns < now {
                     continue;
                 }
-                let proto = Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
+                let proto =
+                    Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
                 let src = format!("{}:{}", ipv4(k.src), u16::from_be(k.sport));
                 let dst = format!("{}:{}", ipv4(k.dst), u16::from_be(k.dport));
                 let nat = format!("{}:{}", ipv4(v.nat_addr), u16::from_be(v.nat_port));
-                let (dir, nat) = if k.dir == CT_DIR_FORWARD { ("forward", format!("dst {nat}")) } else { ("reply", format!("src {nat}")) };
+                let (dir, nat) = if k.dir == CT_DIR_FORWARD {
+                    ("forward", format!("dst {nat}"))
+                } else {
+                    ("reply", format!("src {nat}"))
+                };
                 let mut state = Vec::new();
                 if v.flags & CT_FLAG_REPLIED != 0 {
                     state.push("replied");

@@ -22,8 +22,20 @@ pub enum ManifestError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: document {doc}: not valid YAML: {source}")]
     Yaml { path: PathBuf, doc: usize, source: serde_yaml::Error },
-    #[error("{path}: document {doc}: {kind} {object}: field {field}: {reason}")]
-    Object { path: PathBuf, doc: usize, kind: String, object: String, field: String, reason: String },
+    #[error("{0}")]
+    Object(Box<ObjectError>),
+}
+
+/// A document that is YAML but not a valid object of its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: document {doc}: {kind} {object}: field {field}: {reason}")]
+pub struct ObjectError {
+    pub path: PathBuf,
+    pub doc: usize,
+    pub kind: String,
+    pub object: String,
+    pub field: String,
+    pub reason: String,
 }
 
 /// Files to read for `path`: the file itself, or the YAML/JSON files of a directory (not
@@ -109,7 +121,9 @@ fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, error
             Ok(s) => objects.slices.push(s),
             Err(e) => errors.push(e),
         },
-        _ => tracing::debug!(path = %path.display(), doc, %api_version, %kind, "ignoring object of a kind lb does not use"),
+        _ => {
+            tracing::debug!(path = %path.display(), doc, %api_version, %kind, "ignoring object of a kind lb does not use")
+        }
     }
 }
 
@@ -121,13 +135,15 @@ fn typed<T: DeserializeOwned>(path: &Path, doc: usize, kind: &str, value: Value)
         meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default"),
         meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>")
     );
-    serde_path_to_error::deserialize(value).map_err(|e| ManifestError::Object {
-        path: path.to_owned(),
-        doc,
-        kind: kind.to_string(),
-        object,
-        field: e.path().to_string(),
-        reason: e.inner().to_string(),
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        ManifestError::Object(Box::new(ObjectError {
+            path: path.to_owned(),
+            doc,
+            kind: kind.to_string(),
+            object,
+            field: e.path().to_string(),
+            reason: e.inner().to_string(),
+        }))
     })
 }
 

@@ -284,14 +284,15 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
 
     let mut owners: BTreeMap<Frontend, String> = BTreeMap::new();
     'services: for spec in specs {
-        let frontends: Vec<Frontend> = spec
-            .ports
-            .iter()
-            .map(|p| Frontend { ip: spec.cluster_ip, port: p.port, protocol: p.protocol })
-            .collect();
+        let frontends: Vec<Frontend> =
+            spec.ports.iter().map(|p| Frontend { ip: spec.cluster_ip, port: p.port, protocol: p.protocol }).collect();
         for f in &frontends {
             if let Some(owner) = owners.get(f) {
-                out.errors.push(TranslateError::Conflict { object: spec.object.clone(), frontend: *f, owner: owner.clone() });
+                out.errors.push(TranslateError::Conflict {
+                    object: spec.object.clone(),
+                    frontend: *f,
+                    owner: owner.clone(),
+                });
                 continue 'services;
             }
         }
@@ -319,7 +320,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                 });
                 backends.truncate(MAX_BACKENDS_PER_SERVICE as usize);
             }
-            let name = if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
+            let name =
+                if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
             owners.insert(frontend, spec.object.clone());
             out.state.services.insert(frontend, ServicePort { name, backends });
         }
@@ -520,7 +522,11 @@ spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
         assert_eq!(t.state.services.keys().copied().collect::<Vec<_>>(), vec![fe("10.96.0.2", 80, Protocol::Tcp)]);
         assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
         for (name, _, field) in cases {
-            let e = t.errors.iter().find(|e| e.to_string().contains(&format!("default/{name}:"))).unwrap_or_else(|| panic!("no error for {name}: {:#?}", t.errors));
+            let e = t
+                .errors
+                .iter()
+                .find(|e| e.to_string().contains(&format!("default/{name}:")))
+                .unwrap_or_else(|| panic!("no error for {name}: {:#?}", t.errors));
             assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
         }
     }
@@ -548,7 +554,10 @@ ports: [{port: 8080}]
 endpoints: [{addresses: ["10.244.1.2"]}, {addresses: ["not-an-ip"]}]
 "#);
         assert_eq!(t.errors.len(), 1);
-        assert_eq!(t.errors[0].to_string(), "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address");
+        assert_eq!(
+            t.errors[0].to_string(),
+            "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address"
+        );
         assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![ep("10.244.1.1", 8080)]);
     }
 

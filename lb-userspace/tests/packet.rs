@@ -148,7 +148,9 @@ fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), l4: L4, payload: &[u8]) -> 
     let csum = l4_checksum(src.0, dst.0, proto, &l4b);
     match l4 {
         L4::Tcp { .. } => l4b[16..18].copy_from_slice(&csum.to_be_bytes()),
-        L4::Udp { zero_csum: false } => l4b[6..8].copy_from_slice(&(if csum == 0 { 0xffff } else { csum }).to_be_bytes()),
+        L4::Udp { zero_csum: false } => {
+            l4b[6..8].copy_from_slice(&(if csum == 0 { 0xffff } else { csum }).to_be_bytes())
+        }
         L4::Udp { zero_csum: true } => {}
     }
     let mut ip = vec![0u8; 20];
@@ -217,7 +219,8 @@ const ACK: u8 = 0x10;
 const SYN_ACK: u8 = 0x12;
 
 fn lab_yaml(backends: &[&str]) -> String {
-    let eps: String = backends.iter().map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n")).collect();
+    let eps: String =
+        backends.iter().map(|ip| format!("  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n")).collect();
     format!(
         r#"
 apiVersion: v1
@@ -273,7 +276,11 @@ fn syn_to_cluster_ip_is_translated_and_reply_is_reversed() {
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse_checked(&out);
     assert_eq!(p.src, (CLIENT, 40000), "source must be untouched");
-    assert!(backend_set(&BACKENDS, 8080).contains(&p.dst), "DNAT to a backend and the slice's target port, got {:?}", p.dst);
+    assert!(
+        backend_set(&BACKENDS, 8080).contains(&p.dst),
+        "DNAT to a backend and the slice's target port, got {:?}",
+        p.dst
+    );
     assert_eq!(out.len(), syn.len());
     assert_eq!(&out[..12], &syn[..12], "MACs untouched");
 
@@ -484,4 +491,3 @@ fn deleted_service_stops_translating() {
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
     assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
 }
-

@@ -24,7 +24,10 @@ pub fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "end-to-end tests need root; under CI=true they may not skip");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "end-to-end tests need root; under CI=true they may not skip"
+    );
     eprintln!("skipping: end-to-end tests need root");
     false
 }
@@ -38,7 +41,8 @@ pub fn lb_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("LB_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
     ["debug", "release"]
         .iter()
         .map(|p| target.join(p).join("lb"))
@@ -107,7 +111,15 @@ impl Lab {
         let prefix = format!("lbt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&prefix);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { prefix, namespaces: Vec::new(), children: Vec::new(), pin_dirs: Vec::new(), etc_dirs: Vec::new(), dir, veth_seq: 0 })
+        Ok(Self {
+            prefix,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            pin_dirs: Vec::new(),
+            etc_dirs: Vec::new(),
+            dir,
+            veth_seq: 0,
+        })
     }
 
     fn add_ns(&mut self, short: &str) -> Result<String> {
@@ -225,7 +237,9 @@ impl Lab {
         self.spawn(&format!("lb agent on {}", node.name), &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let attached = ifaces.iter().all(|i| node.pin_dir.join("links").join(format!("tc_ingress_{}", i.replace('.', "%"))).exists());
+            let attached = ifaces
+                .iter()
+                .all(|i| node.pin_dir.join("links").join(format!("tc_ingress_{}", i.replace('.', "%"))).exists());
             let programmed = self.list(node, "services").map(|s| s.lines().count().saturating_sub(1)).unwrap_or(0);
             if attached && programmed >= services {
                 return Ok(());
@@ -373,7 +387,9 @@ pub fn lab_manifests(cluster_ip: Ipv4Addr, pods: &[(&Pod, bool)], extra_ports: &
         svc_ports.push_str("  - name: http\n    protocol: TCP\n    port: 80\n");
         slice_ports.push_str("- name: http\n  port: 80\n  protocol: TCP\n");
         for (name, port, proto, target) in extra_ports {
-            svc_ports.push_str(&format!("  - name: {name}\n    protocol: {proto}\n    port: {port}\n    targetPort: {target}\n"));
+            svc_ports.push_str(&format!(
+                "  - name: {name}\n    protocol: {proto}\n    port: {port}\n    targetPort: {target}\n"
+            ));
             slice_ports.push_str(&format!("- name: {name}\n  port: {target}\n  protocol: {proto}\n"));
         }
     }

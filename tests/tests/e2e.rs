@@ -11,7 +11,8 @@ use anyhow::Result;
 use lb_tests::{http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, Lab, Node, Pod};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
-const POD_NAMES: [&str; 3] = ["web-deploy-66fbbff65d-5lgpk", "web-deploy-66fbbff65d-d6xt6", "web-deploy-66fbbff65d-dwvk4"];
+const POD_NAMES: [&str; 3] =
+    ["web-deploy-66fbbff65d-5lgpk", "web-deploy-66fbbff65d-d6xt6", "web-deploy-66fbbff65d-dwvk4"];
 
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::from((CLUSTER_IP, port))
@@ -126,7 +127,9 @@ fn removed_endpoint_gets_no_new_flows_while_a_long_lived_connection_keeps_workin
     // The endpoints controller drops the pod from the slice.
     let rest: Vec<(&Pod, bool)> = s.web.iter().filter(|p| p.name != pinned).map(|p| (p, true)).collect();
     s.lab.write_manifests(&s.node, &lab_manifests(CLUSTER_IP, &rest, &EXTRA_PORTS))?;
-    let gone = eventually(Duration::from_secs(2), || !s.lab.list(&s.node, "backends").unwrap_or_default().contains(&format!("{}:80", removed.ip)));
+    let gone = eventually(Duration::from_secs(2), || {
+        !s.lab.list(&s.node, "backends").unwrap_or_default().contains(&format!("{}:80", removed.ip))
+    });
     assert!(gone, "backend removed from the maps within 2 s");
 
     for _ in 0..30 {
@@ -171,7 +174,9 @@ fn deleting_the_service_makes_the_cluster_ip_dead() -> Result<()> {
     let s = single_node()?;
     assert!(POD_NAMES.contains(&http_get(&s.client.ns, vip(80), "/")?.as_str()));
     s.lab.write_manifests(&s.node, "")?;
-    assert!(eventually(Duration::from_secs(2), || s.lab.list(&s.node, "services").unwrap_or_default().lines().count() == 1));
+    assert!(
+        eventually(Duration::from_secs(2), || s.lab.list(&s.node, "services").unwrap_or_default().lines().count() == 1)
+    );
     let r = tcp_connect(&s.client.ns, vip(80), Duration::from_secs(1))?;
     assert!(r.is_err(), "nothing answers on a deleted Service's ClusterIP");
     Ok(())
@@ -214,8 +219,96 @@ fn client_on_one_node_reaches_a_backend_on_another_through_the_underlay() -> Res
     for _ in 0..5 {
         assert_eq!(http_get(&client.ns, vip(80), "/")?, "web-deploy-remote");
     }
-    assert_eq!(http_get(&client.ns, vip(80), "/peer")?.split(':').next(), Some("10.244.1.100"), "pod-to-pod keeps the client address");
+    assert_eq!(
+        http_get(&client.ns, vip(80), "/peer")?.split(':').next(),
+        Some("10.244.1.100"),
+        "pod-to-pod keeps the client address"
+    );
     let sock = udp_socket(&client.ns, vip(53))?;
     assert!(udp_request(&sock, "q")?.starts_with("web-deploy-remote "));
+    Ok(())
+}
+
+#[test]
+fn pod_created_after_the_agent_started_is_attached_and_served() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut s = single_node()?;
+    let late = s.lab.add_pod(&s.node, "late-client", 101)?;
+    let pin = s.node.pin_dir.join("links").join("tc_ingress_veth5");
+    assert!(eventually(Duration::from_secs(3), || pin.exists()), "veth5 attached within the 1 s interface poll");
+    assert!(POD_NAMES.contains(&http_get(&late.ns, vip(80), "/")?.as_str()));
+    Ok(())
+}
+
+#[test]
+fn iface_flag_narrows_attachment() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let node = lab.add_node("node1", 1)?;
+    let pod = lab.add_pod(&node, "web", 11)?;
+    let client = lab.add_pod(&node, "busybox", 100)?;
+    lab.serve(&pod, &[80], &[], &[])?;
+    lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &[(&pod, true)], &[]))?;
+    // Only the backend's veth: replies are translated there, but the client's veth carries no
+    // program, so its packets to the ClusterIP are never translated.
+    lab.start_agent(&node, &["veth1"], 1, &["--iface", "veth1"])?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let links: Vec<String> = std::fs::read_dir(node.pin_dir.join("links"))?
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(links, vec!["tc_ingress_veth1".to_string()]);
+    assert!(http_get(&client.ns, vip(80), "/").is_err(), "client veth is not attached");
+    Ok(())
+}
+
+#[test]
+fn agent_restart_keeps_flows_and_adopts_pinned_state() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut s = single_node()?;
+    let conn = tcp_connect(&s.client.ns, vip(9000), Duration::from_secs(2))??;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut w = conn;
+    let mut ask = |msg: &str| -> Result<String> {
+        writeln!(w, "{msg}")?;
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    };
+    let pinned = ask("one")?.split(' ').next().unwrap().to_string();
+    let services_before = s.lab.list(&s.node, "services")?;
+
+    // Agent gone (as after a crash): programs and maps stay pinned, traffic keeps flowing.
+    s.lab.kill_agent(&s.node);
+    assert_eq!(ask("two")?, format!("{pinned} two"));
+    assert!(POD_NAMES.contains(&http_get(&s.client.ns, vip(80), "/")?.as_str()));
+
+    // A change made while no agent runs: one pod leaves.
+    let leaving = s.web.iter().find(|p| p.name != pinned).unwrap().clone();
+    let rest: Vec<(&Pod, bool)> = s.web.iter().filter(|p| p.name != leaving.name).map(|p| (p, true)).collect();
+    s.lab.write_manifests(&s.node, &lab_manifests(CLUSTER_IP, &rest, &EXTRA_PORTS))?;
+
+    // A new agent adopts the pins, keeps the service ids, and applies the change.
+    s.lab.start_agent(&s.node, &["cbr0", "veth1", "veth2", "veth3", "veth4"], 3, &[])?;
+    assert!(eventually(Duration::from_secs(3), || !s
+        .lab
+        .list(&s.node, "backends")
+        .unwrap_or_default()
+        .contains(&format!("{}:80", leaving.ip))));
+    let ids =
+        |t: &str| t.lines().map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
+    assert_eq!(ids(&s.lab.list(&s.node, "services")?), ids(&services_before), "same ids for the same frontends");
+    assert!(s.lab.agent_log(&s.node).contains("adopted service state"), "{}", s.lab.agent_log(&s.node));
+    assert!(s.lab.agent_log(&s.node).contains("took over pinned link"));
+    assert_eq!(ask("three")?, format!("{pinned} three"), "the long-lived connection survived the restart");
+    for _ in 0..20 {
+        assert_ne!(http_get(&s.client.ns, vip(80), "/")?, leaving.name);
+    }
     Ok(())
 }

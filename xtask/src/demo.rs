@@ -50,7 +50,8 @@ pub fn demo() -> Result<()> {
             .output()
             .context("running curl in the busybox pod")?;
         let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let shown = if out.status.success() { body.clone() } else { String::from_utf8_lossy(&out.stderr).trim().to_string() };
+        let shown =
+            if out.status.success() { body.clone() } else { String::from_utf8_lossy(&out.stderr).trim().to_string() };
         println!("{shown}");
         *seen.entry(body).or_default() += 1;
         std::thread::sleep(Duration::from_millis(300));

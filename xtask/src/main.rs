@@ -51,7 +51,8 @@ fn cargo() -> Command {
 /// Builds the agent and the pod server, and tells the test lab where they are.
 fn build() -> Result<()> {
     run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
     std::env::set_var("LB_BIN", target.join("debug/lb"));
     std::env::set_var("PODSERVER_BIN", target.join("debug/podserver"));
     Ok(())

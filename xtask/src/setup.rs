@@ -48,10 +48,20 @@ fn nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("setup: installing the nightly toolchain with rust-src");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))
-            .context("installing nightly (was the Rust distribution server refused?)")?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+        .context("installing nightly (was the Rust distribution server refused?)")?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).unwrap_or_default();
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
@@ -68,7 +78,15 @@ fn bpf_linker() -> Result<()> {
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
     run(Command::new("cargo")
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--no-default-features", "--features", "llvm-22", "--locked", "--force"])
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--locked",
+            "--force",
+        ])
         .env("PATH", path))
     .context("cargo install bpf-linker (is crates.io reachable? are llvm-22-dev and libpolly-22-dev installed?)")
 }

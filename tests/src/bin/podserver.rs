@@ -75,7 +75,11 @@ fn http_conn(mut c: TcpStream, name: &str) {
         }
     }
     let body = if req.starts_with(b"GET /peer") { format!("{peer}\n") } else { format!("{name}\n") };
-    let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        c,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn echo_conn(c: TcpStream, name: &str) {
