@@ -163,7 +163,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 warn!(error = %e, "attach failed");
             }
             if tick == 0 {
-                info!(interfaces = ?dp.attached_interfaces(), "attached");
+                info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
             }
         }
         tick += 1;

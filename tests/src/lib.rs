@@ -237,9 +237,12 @@ impl Lab {
         self.spawn(&format!("lb agent on {}", node.name), &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let attached = ifaces
-                .iter()
-                .all(|i| node.pin_dir.join("links").join(format!("tc_ingress_{}", i.replace('.', "%"))).exists());
+            // Pins and map entries may be a previous agent's: wait for this one to say it is ready.
+            let ready = self.agent_log(node).contains("agent ready");
+            let attached = ready
+                && ifaces
+                    .iter()
+                    .all(|i| node.pin_dir.join("links").join(format!("tc_ingress_{}", i.replace('.', "%"))).exists());
             let programmed = self.list(node, "services").map(|s| s.lines().count().saturating_sub(1)).unwrap_or(0);
             if attached && programmed >= services {
                 return Ok(());
