@@ -26,6 +26,7 @@ pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 pub const BACKEND_SLOTS_MAX_ENTRIES: u32 = 1_048_576;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 262_144;
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 /// Names of the maps, as declared in `lb-ebpf` and pinned under the agent's pin directory.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
@@ -33,6 +34,8 @@ pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 
 /// Name of the tc program in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
@@ -54,6 +57,9 @@ pub struct ServiceKey {
     pub _pad: [u8; 3],
 }
 
+/// `ServiceValue::flags`: `sessionAffinity: ClientIP`.
+pub const SVC_FLAG_AFFINITY: u32 = 1 << 0;
+
 /// What the datapath needs to pick a backend for a new flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -65,8 +71,10 @@ pub struct ServiceValue {
     /// Which generation of slots is live. The agent writes a new generation beside the old one
     /// and then flips this field in one map update, so a packet never sees a half-written set.
     pub generation: u16,
+    /// `SVC_FLAG_*`.
     pub flags: u32,
-    pub _reserved: u32,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, when `SVC_FLAG_AFFINITY` is set.
+    pub affinity_timeout_s: u32,
 }
 
 /// One slot of a service's backend set: `slot` in `0..backend_count` of `generation`.
@@ -88,6 +96,43 @@ pub struct Backend {
     pub family: u8,
     pub flags: u8,
     pub _pad: u32,
+}
+
+/// Membership of a backend in a service's current set, checked when an affinity entry was
+/// made under an older slot generation. The value is the slot, for inspection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendMemberKey {
+    pub service_id: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub addr: [u32; 4],
+}
+
+/// Session affinity is per client address and per service frontend, as kube-proxy's `recent`
+/// lists are per service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub client: [u32; 4],
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The backend a client is pinned to and when a new connection last used the pin.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    /// Slot generation the backend was last known to be part of; when the service's generation
+    /// moves on, membership is checked once in `LB_BACKEND_MEMBERS`.
+    pub generation: u16,
+    pub _pad: [u8; 6],
+    /// `bpf_ktime_get_ns` time of the last new connection that used this entry.
+    pub last_used_ns: u64,
 }
 
 /// Connection tracking direction, part of [`CtKey`].
@@ -179,10 +224,12 @@ pub enum Counter {
     DropRewrite = 10,
     /// Traffic to a service address on a protocol we do not translate (ICMP, SCTP, ...).
     PassOtherProto = 11,
+    /// A new flow went to the backend its client is pinned to (session affinity).
+    AffinityHit = 12,
 }
 
 /// Number of counters; size of the stats array.
-pub const COUNTER_MAX: u32 = 12;
+pub const COUNTER_MAX: u32 = 13;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_MAX as usize] = [
@@ -198,6 +245,7 @@ impl Counter {
         Counter::DropCtInsert,
         Counter::DropRewrite,
         Counter::PassOtherProto,
+        Counter::AffinityHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -214,6 +262,7 @@ impl Counter {
             Counter::DropCtInsert => "drop_ct_insert",
             Counter::DropRewrite => "drop_rewrite",
             Counter::PassOtherProto => "pass_other_proto",
+            Counter::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -261,6 +310,9 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
+const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -273,6 +325,9 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for BackendMemberKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]

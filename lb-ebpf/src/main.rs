@@ -65,7 +65,7 @@ fn to_service(ctx: &TcContext, h: &Headers, svc: &lb_common::ServiceValue) -> i3
                 count(Counter::RejectNoBackend);
                 return reject::port_unreachable(ctx, h);
             }
-            let Some(backend) = select::select(svc, &h.flow) else {
+            let Some(backend) = select::select(svc, &h.flow, now) else {
                 count(Counter::DropSlotMissing);
                 return TC_ACT_SHOT as i32;
             };

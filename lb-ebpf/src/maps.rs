@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, BACKEND_SLOTS_MAX_ENTRIES,
-    CONNTRACK_MAX_ENTRIES, COUNTER_MAX, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName,
+    ServiceValue, AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX,
+    SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -19,6 +20,17 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERV
 #[map(name = "LB_BACKEND_SLOTS")]
 pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> =
     HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// (service id, backend) -> slot: is this backend still in the service's current set? Read
+/// only when an affinity pin predates the service's slot generation.
+#[map(name = "LB_BACKEND_MEMBERS")]
+pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
+    HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// (client address, service id) -> pinned backend, for `sessionAffinity: ClientIP`. LRU: a
+/// flood of distinct clients evicts the oldest pins and never fails a new connection.
+#[map(name = "LB_AFFINITY")]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
 
 /// Connection tracking, both directions of every translated flow. LRU so a flood of new flows
 /// evicts idle ones instead of failing inserts.

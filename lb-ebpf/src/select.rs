@@ -1,15 +1,73 @@
-//! Stage 3: pick a backend for a new flow by hashing its 5-tuple over the live slot generation.
-use lb_common::{flow_hash, select_slot, Backend, BackendSlotKey, ServiceValue};
+//! Stage 3: pick a backend for a new flow.
+//!
+//! Without affinity: hash the 5-tuple over the live slot generation (one lookup). With
+//! `sessionAffinity: ClientIP`: reuse the backend pinned to (client address, service) while the
+//! pin is fresher than the service's timeout and the backend still belongs to the service;
+//! otherwise choose by hash and pin the choice. As in kube-proxy (`-m recent --rcheck
+//! --seconds T` then `--set`), only new connections read and refresh the pin.
+use lb_common::{
+    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, Counter,
+    ServiceValue, FAMILY_IPV4, SVC_FLAG_AFFINITY,
+};
 
-use crate::{maps::LB_BACKEND_SLOTS, parse::Flow};
+use crate::{
+    maps::{LB_AFFINITY, LB_BACKEND_MEMBERS, LB_BACKEND_SLOTS},
+    parse::Flow,
+    stats::count,
+};
 
 /// `svc.backend_count` must be non-zero. `None` means the slot the service points at is gone,
 /// which only happens if the agent broke its own write ordering.
 #[inline(always)]
-pub fn select(svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
+pub fn select(svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
+    if svc.flags & SVC_FLAG_AFFINITY == 0 {
+        return by_hash(svc, flow);
+    }
+    let key = AffinityKey { client: [flow.src, 0, 0, 0], service_id: svc.id, family: FAMILY_IPV4, _pad: [0; 3] };
+    if let Some(pin) = LB_AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: LRU values stay valid while the program runs; a concurrent update from
+        // another CPU can only make us use a pin a few nanoseconds old.
+        let pin = unsafe { &mut *pin };
+        let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
+        if now.saturating_sub(pin.last_used_ns) <= timeout_ns && still_member(svc, pin) {
+            pin.last_used_ns = now;
+            count(Counter::AffinityHit);
+            return Some(pin.backend);
+        }
+    }
+    let backend = by_hash(svc, flow)?;
+    let pin = AffinityValue { backend, generation: svc.generation, _pad: [0; 6], last_used_ns: now };
+    // A failed insert only loses the pin: the connection itself still has its backend.
+    let _ = LB_AFFINITY.insert(&key, &pin, 0);
+    Some(backend)
+}
+
+#[inline(always)]
+fn by_hash(svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
     let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
     let key =
         BackendSlotKey { service_id: svc.id, generation: svc.generation, slot: select_slot(hash, svc.backend_count) };
     // SAFETY: the value is copied out at once.
     unsafe { LB_BACKEND_SLOTS.get(&key).copied() }
+}
+
+/// Whether the pinned backend is still one of the service's ready backends. Free while the
+/// service's backend set is unchanged; one lookup after it changed, then free again.
+#[inline(always)]
+fn still_member(svc: &ServiceValue, pin: &mut AffinityValue) -> bool {
+    if pin.generation == svc.generation {
+        return true;
+    }
+    let key = BackendMemberKey {
+        service_id: svc.id,
+        port: pin.backend.port,
+        family: pin.backend.family,
+        _pad: 0,
+        addr: pin.backend.addr,
+    };
+    if LB_BACKEND_MEMBERS.get_ptr(&key).is_none() {
+        return false;
+    }
+    pin.generation = svc.generation;
+    true
 }

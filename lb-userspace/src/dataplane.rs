@@ -20,8 +20,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Backend, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, FAMILY_IPV4, MAP_BACKEND_SLOTS,
-    MAP_CONNTRACK, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_STATS, PROG_TC_INGRESS, SCOPE_CLUSTER_IP,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName,
+    ServiceValue, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICES,
+    MAP_SERVICE_NAMES, MAP_STATS, PROG_TC_INGRESS, SCOPE_CLUSTER_IP, SVC_FLAG_AFFINITY,
 };
 
 use crate::model::{DesiredState, Endpoint, Frontend, Protocol};
@@ -97,6 +98,38 @@ fn mount_bpffs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Map capacities (entries), set when the maps are created. Pinned maps keep the size they were
+/// created with.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Service frontends (also sizes the names map).
+    pub services: u32,
+    /// Backend slots over all services (also sizes the membership map).
+    pub backend_slots: u32,
+    /// Conntrack entries; every flow takes two.
+    pub conntrack: u32,
+    /// Session affinity pins.
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: lb_common::SERVICES_MAX_ENTRIES,
+            backend_slots: lb_common::BACKEND_SLOTS_MAX_ENTRIES,
+            conntrack: lb_common::CONNTRACK_MAX_ENTRIES,
+            affinity: lb_common::AFFINITY_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Everything that shapes the loaded datapath.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub timeouts: Timeouts,
+    pub sizes: MapSizes,
+}
+
 /// Conntrack lifetimes, patched into the programs at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -137,6 +170,11 @@ pub fn backend_value(e: &Endpoint) -> Backend {
     }
 }
 
+fn member_key(service_id: u32, e: &Endpoint) -> BackendMemberKey {
+    let b = backend_value(e);
+    BackendMemberKey { service_id, port: b.port, family: b.family, _pad: 0, addr: b.addr }
+}
+
 pub fn endpoint_of(b: &Backend) -> Endpoint {
     Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port) }
 }
@@ -169,6 +207,15 @@ struct Programmed {
     generation: u16,
     name: String,
     backends: Vec<Endpoint>,
+    affinity_timeout_s: Option<u32>,
+}
+
+impl Programmed {
+    /// The "previous state" of a frontend that did not exist: same id and generation, nothing
+    /// in it, so writing over it writes the generation and removes nothing.
+    fn empty_like(&self) -> Programmed {
+        Programmed { backends: Vec::new(), ..self.clone() }
+    }
 }
 
 /// What one `apply` changed.
@@ -188,6 +235,8 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub members: HashMap<MapData, BackendMemberKey, u32>,
 }
 
 impl Maps {
@@ -201,6 +250,8 @@ impl Maps {
             conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            affinity: HashMap::try_from(take(ebpf, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
+            members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
         })
     }
 
@@ -216,26 +267,32 @@ impl Maps {
             conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            affinity: HashMap::try_from(open(pin_dir, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
+            members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
         })
     }
 }
 
-fn map_capacity(name: &'static str) -> u32 {
-    match name {
-        MAP_SERVICES => lb_common::SERVICES_MAX_ENTRIES,
-        MAP_BACKEND_SLOTS => lb_common::BACKEND_SLOTS_MAX_ENTRIES,
-        MAP_SERVICE_NAMES => lb_common::SERVICE_NAMES_MAX_ENTRIES,
-        _ => 0,
+impl MapSizes {
+    fn of(&self, name: &'static str) -> u32 {
+        match name {
+            MAP_SERVICES | MAP_SERVICE_NAMES => self.services,
+            MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
+            MAP_CONNTRACK => self.conntrack,
+            MAP_AFFINITY => self.affinity,
+            _ => 0,
+        }
     }
 }
 
 /// Turns an insert failure into a "map full" report when that is what the kernel said.
-fn insert_err(name: &'static str, what: String) -> impl FnOnce(MapError) -> DataplaneError {
+fn insert_err(sizes: MapSizes, name: &'static str, what: String) -> impl FnOnce(MapError) -> DataplaneError {
+    let capacity = sizes.of(name);
     move |source| {
         let full = matches!(&source, MapError::SyscallError(e)
             if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)));
         if full {
-            DataplaneError::MapFull { name, capacity: map_capacity(name), what }
+            DataplaneError::MapFull { name, capacity, what }
         } else {
             DataplaneError::Map { name, source }
         }
@@ -247,6 +304,7 @@ fn insert_err(name: &'static str, what: String) -> impl FnOnce(MapError) -> Data
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
+    sizes: MapSizes,
     pin_dir: PathBuf,
     programmed: BTreeMap<Frontend, Programmed>,
     /// Interface name -> (ifindex, pinned link).
@@ -257,8 +315,9 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
-    pub fn load(pin_dir: &Path, timeouts: Timeouts) -> Result<Self> {
+    pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
+        let (timeouts, sizes) = (config.timeouts, config.sizes);
         let ns = |s: u64| s.saturating_mul(1_000_000_000);
         let (syn, est, close, udp) =
             (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
@@ -268,6 +327,12 @@ impl Dataplane {
             .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
             .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
             .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .map_max_entries(MAP_SERVICES, sizes.services)
+            .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
+            .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
+            .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
+            .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
+            .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_TC_INGRESS)
@@ -278,6 +343,7 @@ impl Dataplane {
         let mut dp = Self {
             ebpf,
             maps,
+            sizes,
             pin_dir: pin_dir.to_owned(),
             programmed: BTreeMap::new(),
             attached: StdHashMap::new(),
@@ -300,6 +366,8 @@ impl Dataplane {
     /// behind (slots of dead generations, names of gone services).
     fn adopt(&mut self) -> Result<()> {
         let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+        // Membership is rebuilt below from the live slots: whatever was there is dropped and
+        // rewritten, which also clears entries a crashed update left behind.
         let mut entries = Vec::new();
         for item in self.maps.services.iter() {
             let (k, v) = item.map_err(map_err(MAP_SERVICES))?;
@@ -333,11 +401,26 @@ impl Dataplane {
         for id in stale_names {
             let _ = self.maps.names.remove(&id);
         }
+        let members: Vec<BackendMemberKey> = self.maps.members.keys().filter_map(|k| k.ok()).collect();
+        for k in members {
+            let _ = self.maps.members.remove(&k);
+        }
         for (k, v) in entries {
             let Some(frontend) = frontend_of(&k) else { continue };
-            let backends = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
+            let backends: Vec<Endpoint> = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
             let name = names.remove(&v.id).unwrap_or_default();
-            self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, name, backends });
+            for (slot, b) in backends.iter().enumerate() {
+                self.maps.members.insert(member_key(v.id, b), slot as u32, 0).map_err(insert_err(
+                    self.sizes,
+                    MAP_BACKEND_MEMBERS,
+                    format!("backend {b} of {name}"),
+                ))?;
+            }
+            let affinity_timeout_s = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.affinity_timeout_s);
+            self.programmed.insert(
+                frontend,
+                Programmed { id: v.id, generation: v.generation, name, backends, affinity_timeout_s },
+            );
         }
         if !self.programmed.is_empty() {
             tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
@@ -361,93 +444,139 @@ impl Dataplane {
             // Service entry first, so no new flow can pick a slot we are about to delete.
             let _ = self.maps.services.remove(&service_key(&f));
             self.remove_slots(p.id, p.generation, p.backends.len());
+            self.remove_members(p.id, &p.backends, &[]);
             let _ = self.maps.names.remove(&p.id);
             tracing::info!(frontend = %f, service = %p.name, "service removed");
             report.removed += 1;
         }
         for (f, want) in &desired.services {
-            match self.programmed.get(f) {
-                Some(p) if p.backends == want.backends && p.name == want.name => report.unchanged += 1,
+            let want = Programmed {
+                id: 0,
+                generation: 0,
+                name: want.name.clone(),
+                backends: want.backends.clone(),
+                affinity_timeout_s: want.affinity_timeout_s,
+            };
+            let old = self.programmed.get(f).cloned();
+            let result = match &old {
+                Some(p)
+                    if p.backends == want.backends
+                        && p.name == want.name
+                        && p.affinity_timeout_s == want.affinity_timeout_s =>
+                {
+                    report.unchanged += 1;
+                    continue;
+                }
+                // Same backends: rewrite the service entry in place, keeping the generation, so
+                // affinity pins stay valid without a membership lookup.
+                Some(p) if p.backends == want.backends => {
+                    let next = Programmed { id: p.id, generation: p.generation, ..want };
+                    self.write_service(f, &next, None).map(|()| next)
+                }
                 Some(p) => {
-                    let (id, old_gen, old_len) = (p.id, p.generation, p.backends.len());
-                    let gen = old_gen.wrapping_add(1);
-                    match self.write_service(f, id, gen, &want.name, &want.backends) {
-                        Ok(()) => {
-                            self.remove_slots(id, old_gen, old_len);
-                            tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service updated");
-                            self.programmed.insert(
-                                *f,
-                                Programmed {
-                                    id,
-                                    generation: gen,
-                                    name: want.name.clone(),
-                                    backends: want.backends.clone(),
-                                },
-                            );
-                            report.updated += 1;
-                        }
-                        Err(e) => {
-                            self.remove_slots(id, gen, want.backends.len());
-                            report.errors.push(e);
-                        }
-                    }
+                    let next = Programmed { id: p.id, generation: p.generation.wrapping_add(1), ..want };
+                    self.write_service(f, &next, Some(p)).map(|()| next)
                 }
                 None => {
-                    let id = self.next_free_id();
-                    match self.write_service(f, id, 0, &want.name, &want.backends) {
-                        Ok(()) => {
-                            tracing::info!(frontend = %f, service = %want.name, backends = want.backends.len(), "service added");
-                            self.programmed.insert(
-                                *f,
-                                Programmed {
-                                    id,
-                                    generation: 0,
-                                    name: want.name.clone(),
-                                    backends: want.backends.clone(),
-                                },
-                            );
-                            report.added += 1;
-                        }
-                        Err(e) => {
-                            self.remove_slots(id, 0, want.backends.len());
-                            let _ = self.maps.names.remove(&id);
-                            report.errors.push(e);
-                        }
-                    }
+                    let next = Programmed { id: self.next_free_id(), ..want };
+                    self.write_service(f, &next, Some(&next.empty_like())).map(|()| next)
                 }
+            };
+            match result {
+                Ok(next) => {
+                    tracing::info!(
+                        frontend = %f,
+                        service = %next.name,
+                        backends = next.backends.len(),
+                        affinity_timeout_s = ?next.affinity_timeout_s,
+                        "service {}", if old.is_some() { "updated" } else { "added" }
+                    );
+                    if old.is_some() {
+                        report.updated += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                    self.programmed.insert(*f, next);
+                }
+                Err(e) => report.errors.push(e),
             }
         }
         report
     }
 
-    /// Writes the slots of `generation`, then flips the service entry to it in one update, so
-    /// the datapath sees either the old set or the new one, never a mix.
-    fn write_service(
-        &mut self,
-        f: &Frontend,
-        id: u32,
-        generation: u16,
-        name: &str,
-        backends: &[Endpoint],
-    ) -> Result<()> {
-        for (slot, b) in backends.iter().enumerate() {
-            let key = BackendSlotKey { service_id: id, generation, slot: slot as u16 };
-            self.maps
-                .slots
-                .insert(key, backend_value(b), 0)
-                .map_err(insert_err(MAP_BACKEND_SLOTS, format!("backend {b} of {name} ({f})")))?;
+    /// Writes `next` for frontend `f`. With `prev` (the state being replaced, empty for a new
+    /// frontend) a new slot generation is written first and the service entry flipped to it
+    /// in one update, so the datapath sees the old set or the new one, never a mix; the old
+    /// generation is removed afterwards. Without `prev` only the service entry and name change.
+    /// On failure, whatever was written for the new generation is removed again.
+    fn write_service(&mut self, f: &Frontend, next: &Programmed, prev: Option<&Programmed>) -> Result<()> {
+        let sizes = self.sizes;
+        let what = |x: &dyn std::fmt::Display| format!("{x} of {} ({f})", next.name);
+        if prev.is_some() {
+            for (slot, b) in next.backends.iter().enumerate() {
+                let key = BackendSlotKey { service_id: next.id, generation: next.generation, slot: slot as u16 };
+                let written = self
+                    .maps
+                    .slots
+                    .insert(key, backend_value(b), 0)
+                    .map_err(insert_err(sizes, MAP_BACKEND_SLOTS, what(&format!("backend {b}"))))
+                    .and_then(|()| {
+                        self.maps.members.insert(member_key(next.id, b), slot as u32, 0).map_err(insert_err(
+                            sizes,
+                            MAP_BACKEND_MEMBERS,
+                            what(&format!("backend {b}")),
+                        ))
+                    });
+                if let Err(e) = written {
+                    self.remove_slots(next.id, next.generation, slot + 1);
+                    let keep = prev.map(|p| p.backends.as_slice()).unwrap_or_default();
+                    self.remove_members(next.id, &next.backends[..=slot], keep);
+                    return Err(e);
+                }
+            }
         }
-        self.maps
-            .names
-            .insert(id, encode_name(name), 0)
-            .map_err(insert_err(MAP_SERVICE_NAMES, format!("{name} ({f})")))?;
-        let value = ServiceValue { id, backend_count: backends.len() as u16, generation, flags: 0, _reserved: 0 };
-        self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(MAP_SERVICES, format!("{name} ({f})")))
+        let value = ServiceValue {
+            id: next.id,
+            backend_count: next.backends.len() as u16,
+            generation: next.generation,
+            flags: if next.affinity_timeout_s.is_some() { SVC_FLAG_AFFINITY } else { 0 },
+            affinity_timeout_s: next.affinity_timeout_s.unwrap_or(0),
+        };
+        let flipped = self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(
+            sizes,
+            MAP_SERVICES,
+            what(&"frontend"),
+        ));
+        if let Err(e) = flipped {
+            if let Some(p) = prev {
+                self.remove_slots(next.id, next.generation, next.backends.len());
+                self.remove_members(next.id, &next.backends, &p.backends);
+            }
+            return Err(e);
+        }
+        // The name only serves `lb list`: failing to store it must not fail the service.
+        if let Err(e) = self.maps.names.insert(next.id, encode_name(&next.name), 0) {
+            tracing::warn!(service = %next.name, error = %error_chain(&e), "could not store the service name for lb list");
+        }
+        if let Some(p) = prev {
+            if p.generation != next.generation || !p.backends.is_empty() {
+                self.remove_slots(p.id, p.generation, p.backends.len());
+                self.remove_members(p.id, &p.backends, &next.backends);
+            }
+        }
+        Ok(())
     }
 
     fn remove_slots(&mut self, id: u32, generation: u16, count: usize) {
         for slot in 0..count {
             let _ = self.maps.slots.remove(&BackendSlotKey { service_id: id, generation, slot: slot as u16 });
+        }
+    }
+
+    /// Removes the membership of `backends` in service `id`, except those also in `keep`.
+    fn remove_members(&mut self, id: u32, backends: &[Endpoint], keep: &[Endpoint]) {
+        for b in backends.iter().filter(|b| !keep.contains(b)) {
+            let _ = self.maps.members.remove(&member_key(id, b));
         }
     }
 

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
 use lb_userspace::{
-    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Dataplane, Maps, Timeouts},
+    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, Dataplane, MapSizes, Maps, Timeouts},
     manifests,
     model::{self, DesiredState, Protocol},
 };
@@ -68,6 +68,18 @@ struct RunArgs {
     /// Conntrack lifetime of an idle UDP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().udp_s)]
     ct_udp_timeout: u64,
+    /// Capacity of the services map (frontends).
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    map_services: u32,
+    /// Capacity of the backend slots map (backends summed over all frontends).
+    #[arg(long, default_value_t = MapSizes::default().backend_slots)]
+    map_backends: u32,
+    /// Capacity of the conntrack map (each flow takes two entries; LRU).
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    map_conntrack: u32,
+    /// Capacity of the session affinity map (client, service) pins (LRU).
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    map_affinity: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +87,7 @@ enum ListWhat {
     Services,
     Backends,
     Conntrack,
+    Affinity,
     Stats,
 }
 
@@ -110,13 +123,21 @@ fn load_desired(files: &[(PathBuf, String)]) -> DesiredState {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let timeouts = Timeouts {
-        tcp_syn_s: args.ct_tcp_syn_timeout,
-        tcp_established_s: args.ct_tcp_established_timeout,
-        tcp_close_s: args.ct_tcp_close_timeout,
-        udp_s: args.ct_udp_timeout,
+    let config = Config {
+        timeouts: Timeouts {
+            tcp_syn_s: args.ct_tcp_syn_timeout,
+            tcp_established_s: args.ct_tcp_established_timeout,
+            tcp_close_s: args.ct_tcp_close_timeout,
+            udp_s: args.ct_udp_timeout,
+        },
+        sizes: MapSizes {
+            services: args.map_services,
+            backend_slots: args.map_backends,
+            conntrack: args.map_conntrack,
+            affinity: args.map_affinity,
+        },
     };
-    let mut dp = Dataplane::load(&args.pin_dir, timeouts)
+    let mut dp = Dataplane::load(&args.pin_dir, &config)
         .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
     info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
 
@@ -251,6 +272,37 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
                     (v.expires_ns - now) / 1_000_000_000,
                     state.join(","),
                     name_of(v.service_id)
+                );
+            }
+        }
+        ListWhat::Affinity => {
+            let now = monotonic_ns();
+            let services: std::collections::BTreeMap<u32, (String, u32)> = maps
+                .services
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| {
+                    (v.id, (frontend_of(&k).map(|f| f.to_string()).unwrap_or_default(), v.affinity_timeout_s))
+                })
+                .collect();
+            println!(
+                "{:<16} {:<24} {:<22} {:>9} {:>11} SERVICE",
+                "CLIENT", "FRONTEND", "BACKEND", "IDLE(s)", "EXPIRES(s)"
+            );
+            let mut rows: Vec<_> = maps.affinity.iter().filter_map(Result::ok).collect();
+            rows.sort_by_key(|(k, _)| (k.service_id, ipv4(k.client)));
+            for (k, v) in rows {
+                let (frontend, timeout) = services.get(&k.service_id).cloned().unwrap_or_default();
+                let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;
+                let left = (timeout as u64).checked_sub(idle).map_or_else(|| "expired".to_string(), |l| l.to_string());
+                println!(
+                    "{:<16} {:<24} {:<22} {:>9} {:>11} {}",
+                    ipv4(k.client),
+                    frontend,
+                    endpoint_of(&v.backend).to_string(),
+                    idle,
+                    left,
+                    name_of(k.service_id)
                 );
             }
         }

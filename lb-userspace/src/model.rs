@@ -96,7 +96,14 @@ pub struct ServicePort {
     /// `namespace/name:port-name` (the port part omitted for unnamed ports).
     pub name: String,
     pub backends: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP` with this timeout in seconds; `None` for `None`.
+    pub affinity_timeout_s: Option<u32>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for that field (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// The complete desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,6 +147,7 @@ struct ServiceSpec {
     name: String,
     cluster_ip: Ipv4Addr,
     ports: Vec<PortSpec>,
+    affinity_timeout_s: Option<u32>,
 }
 
 /// Validates one Service. `Ok(None)` means the Service is valid but programs nothing
@@ -180,6 +188,29 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
             Err(_) => return Err(err("spec.clusterIP", format!("{ip:?} is not an IP address"))),
         },
     };
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S as i32);
+            match u32::try_from(t) {
+                Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+                _ => {
+                    return Err(err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is not in 1..{MAX_AFFINITY_TIMEOUT_S}"),
+                    ))
+                }
+            }
+        }
+        Some(other) => {
+            return Err(err("spec.sessionAffinity", format!("{other:?} is not one of \"None\", \"ClientIP\"")))
+        }
+    };
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         return Err(err("spec.ports", "at least one port is required".into()));
@@ -208,6 +239,7 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
         name,
         cluster_ip,
         ports: out,
+        affinity_timeout_s,
     }))
 }
 
@@ -323,7 +355,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             let name =
                 if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
             owners.insert(frontend, spec.object.clone());
-            out.state.services.insert(frontend, ServicePort { name, backends });
+            out.state
+                .services
+                .insert(frontend, ServicePort { name, backends, affinity_timeout_s: spec.affinity_timeout_s });
         }
     }
     out
@@ -576,6 +610,66 @@ spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
 "#);
         assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].name, "default/a");
         assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
+    }
+
+    #[test]
+    fn session_affinity_and_its_timeout() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lab}
+spec:
+  clusterIP: 10.96.0.1
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{name: a, port: 80}, {name: b, port: 81}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: default-timeout}
+spec: {clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: none}
+spec: {clusterIP: 10.96.0.3, sessionAffinity: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: too-long}
+spec:
+  clusterIP: 10.96.0.4
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zero}
+spec:
+  clusterIP: 10.96.0.5
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cookie}
+spec: {clusterIP: 10.96.0.6, sessionAffinity: Cookie, ports: [{port: 80}]}
+"#);
+        let s = &t.state.services;
+        // Every port of the Service gets the Service's affinity.
+        assert_eq!(s[&fe("10.96.0.1", 80, Protocol::Tcp)].affinity_timeout_s, Some(60));
+        assert_eq!(s[&fe("10.96.0.1", 81, Protocol::Tcp)].affinity_timeout_s, Some(60));
+        assert_eq!(s[&fe("10.96.0.2", 80, Protocol::Tcp)].affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+        assert_eq!(s[&fe("10.96.0.3", 80, Protocol::Tcp)].affinity_timeout_s, None);
+        assert_eq!(s.len(), 4);
+        let mut errors: Vec<String> = t.errors.iter().map(|e| e.to_string()).collect();
+        errors.sort();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains("default/cookie: field spec.sessionAffinity:"), "{errors:#?}");
+        assert!(errors[1].contains("default/too-long: field spec.sessionAffinityConfig.clientIP.timeoutSeconds:"));
+        assert!(errors[2].contains("default/zero: field spec.sessionAffinityConfig.clientIP.timeoutSeconds:"));
     }
 
     #[test]

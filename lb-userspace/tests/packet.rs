@@ -14,7 +14,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
 use lb_userspace::{
-    dataplane::{Dataplane, Timeouts},
+    dataplane::{Config, Dataplane, DataplaneError, MapSizes, Maps},
     manifests,
     model::{translate, DesiredState},
 };
@@ -58,13 +58,17 @@ fn desired(yaml: &str) -> DesiredState {
 
 impl Harness {
     fn new(yaml: &str) -> Self {
+        Self::with_config(yaml, Config::default())
+    }
+
+    fn with_config(yaml: &str, config: Config) -> Self {
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/lb-packet-test-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&pin_dir);
-        let dp = Dataplane::load(&pin_dir, Timeouts::default()).expect("loading datapath");
+        let dp = Dataplane::load(&pin_dir, &config).expect("loading datapath");
         let mut h = Harness { dp, pin_dir };
         h.apply(yaml);
         h
@@ -73,6 +77,18 @@ impl Harness {
     fn apply(&mut self, yaml: &str) {
         let report = self.dp.apply(&desired(yaml));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
+    /// A second handle on the pinned maps, writable, as another process would open them.
+    fn pinned_maps(&self) -> Maps {
+        Maps::open_pinned(&self.pin_dir).expect("opening pinned maps")
+    }
+
+    /// DNAT destination of a SYN from `client:port` to the lab ClusterIP.
+    fn syn_dst(&self, client: Ipv4Addr, port: u16) -> (Ipv4Addr, u16) {
+        let (verdict, out) = self.run(&frame((client, port), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK);
+        parse_checked(&out).dst
     }
 
     /// Runs the program once on `frame`; returns the verdict and the output frame.
@@ -490,4 +506,197 @@ fn deleted_service_stops_translating() {
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
     assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
+}
+
+fn affinity_yaml(backends: &[&str], timeout: u32) -> String {
+    lab_yaml(backends).replacen(
+        "  selector: {app: web}\n",
+        &format!("  selector: {{app: web}}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n"),
+        1,
+    )
+}
+
+/// CLOCK_MONOTONIC, which `bpf_ktime_get_ns` reads.
+fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The backend plain hash selection gives `client:port` over `backends` (sorted, as the agent
+/// writes slots), computed independently of the datapath with the shared hash.
+fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
+    let mut sorted: Vec<Ipv4Addr> = backends.iter().map(|b| b.parse().unwrap()).collect();
+    sorted.sort();
+    let h = lb_common::flow_hash(
+        u32::from_ne_bytes(client.octets()),
+        u32::from_ne_bytes(VIP.octets()),
+        port.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+}
+
+/// A source port not yet used whose hash choice differs from `not`.
+fn port_choosing_other_than(client: Ipv4Addr, not: Ipv4Addr, from: u16, backends: &[&str]) -> u16 {
+    (from..).find(|&p| hash_choice(client, p, backends) != not).unwrap()
+}
+
+fn affinity_key(h: &Harness, client: Ipv4Addr) -> lb_common::AffinityKey {
+    let id =
+        h.dp.maps()
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(k, _)| k.port == 80u16.to_be() && k.proto == 6)
+            .unwrap()
+            .1
+            .id;
+    lb_common::AffinityKey {
+        client: [u32::from_ne_bytes(client.octets()), 0, 0, 0],
+        service_id: id,
+        family: 4,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn affinity_pins_each_client_and_clients_choose_independently() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&affinity_yaml(&BACKENDS, 60));
+    let first = h.syn_dst(CLIENT, 40000);
+    // The hash alone would spread these ports over all three backends.
+    let hashed: BTreeSet<Ipv4Addr> = (40001..40030).map(|p| hash_choice(CLIENT, p, &BACKENDS)).collect();
+    assert_eq!(hashed.len(), 3);
+    for port in 40001..40030 {
+        assert_eq!(h.syn_dst(CLIENT, port), first, "same client, new connection, same backend");
+    }
+    assert_eq!(h.counter(Counter::AffinityHit), 29);
+    // Other clients are pinned on their own: across 30 clients more than one backend shows.
+    let others: BTreeSet<_> = (1..=30u8).map(|i| h.syn_dst(Ipv4Addr::new(10, 244, 2, i), 50000)).collect();
+    assert!(others.len() > 1, "{others:?}");
+    // Affinity is per frontend: the UDP port of the same Service has its own pin.
+    let (_, out) = h.run(&frame((CLIENT, 40000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
+    assert_eq!(parse_checked(&out).dst.1, 5353);
+}
+
+#[test]
+fn affinity_expires_after_idle_timeout_and_each_new_connection_restarts_the_timer() {
+    if !privileged() {
+        return;
+    }
+    let timeout = 30u64;
+    let h = Harness::new(&affinity_yaml(&BACKENDS, timeout as u32));
+    let pinned = h.syn_dst(CLIENT, 40000).0;
+    let key = affinity_key(&h, CLIENT);
+    let mut maps = h.pinned_maps();
+
+    // Used 5 s before the timeout ran out: still pinned, and the use restarts the timer.
+    let mut v = maps.affinity.get(&key, 0).unwrap();
+    v.last_used_ns = ktime_ns() - (timeout - 5) * 1_000_000_000;
+    maps.affinity.insert(key, v, 0).unwrap();
+    let p1 = port_choosing_other_than(CLIENT, pinned, 41000, &BACKENDS);
+    assert_eq!(h.syn_dst(CLIENT, p1).0, pinned);
+    let refreshed = maps.affinity.get(&key, 0).unwrap().last_used_ns;
+    assert!(ktime_ns() - refreshed < 2_000_000_000, "timer restarted by the new connection");
+
+    // Idle past the timeout: a fresh choice (the hash's) is made and pinned.
+    let mut v = maps.affinity.get(&key, 0).unwrap();
+    v.last_used_ns = ktime_ns() - (timeout + 1) * 1_000_000_000;
+    maps.affinity.insert(key, v, 0).unwrap();
+    let p2 = port_choosing_other_than(CLIENT, pinned, p1 + 1, &BACKENDS);
+    let fresh = h.syn_dst(CLIENT, p2).0;
+    assert_eq!(fresh, hash_choice(CLIENT, p2, &BACKENDS));
+    assert_ne!(fresh, pinned);
+    assert_eq!(dataplane_ip(maps.affinity.get(&key, 0).unwrap().backend.addr), fresh, "re-pinned");
+    let p3 = port_choosing_other_than(CLIENT, fresh, p2 + 1, &BACKENDS);
+    assert_eq!(h.syn_dst(CLIENT, p3).0, fresh);
+}
+
+fn dataplane_ip(addr: [u32; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(addr[0].to_ne_bytes())
+}
+
+#[test]
+fn affinity_moves_to_a_live_backend_when_the_pinned_one_leaves() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&affinity_yaml(&BACKENDS, 60));
+    let pinned = h.syn_dst(CLIENT, 40000).0;
+    // A backend set change that keeps the pinned backend keeps the pin.
+    let mut more: Vec<&str> = BACKENDS.to_vec();
+    more.push("10.244.1.14");
+    h.apply(&affinity_yaml(&more, 60));
+    assert_eq!(h.syn_dst(CLIENT, 40001).0, pinned);
+
+    let rest: Vec<&str> = more.iter().copied().filter(|b| b.parse::<Ipv4Addr>().unwrap() != pinned).collect();
+    h.apply(&affinity_yaml(&rest, 60));
+    let moved = h.syn_dst(CLIENT, 40002).0;
+    assert_ne!(moved, pinned, "never the removed backend");
+    for port in 40003..40020 {
+        assert_eq!(h.syn_dst(CLIENT, port).0, moved, "re-pinned to the new choice");
+    }
+}
+
+#[test]
+fn switching_affinity_on_and_off_takes_effect_for_new_connections() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&lab_yaml(&BACKENDS));
+    let spread: BTreeSet<_> = (40000..40030).map(|p| h.syn_dst(CLIENT, p).0).collect();
+    assert!(spread.len() > 1);
+    h.apply(&affinity_yaml(&BACKENDS, 60));
+    let pinned: BTreeSet<_> = (41000..41030).map(|p| h.syn_dst(CLIENT, p).0).collect();
+    assert_eq!(pinned.len(), 1);
+    // The switch rewrote the service entry but not the slots.
+    assert!(h.pinned_maps().slots.keys().filter_map(Result::ok).all(|k| k.generation == 0));
+    h.apply(&lab_yaml(&BACKENDS));
+    let spread: BTreeSet<_> = (42000..42030).map(|p| h.syn_dst(CLIENT, p).0).collect();
+    assert!(spread.len() > 1);
+}
+
+#[test]
+fn affinity_map_stays_bounded_under_a_flood_of_clients() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { affinity: 1024, conntrack: 4096, ..MapSizes::default() };
+    let h = Harness::with_config(&affinity_yaml(&BACKENDS, 60), Config { sizes, ..Config::default() });
+    for i in 0..100_000u32 {
+        let client = Ipv4Addr::from(0x0a80_0000 + i); // 10.128.0.0/15
+        let (verdict, _) = h.run(&frame((client, 40000), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK, "client {client}");
+    }
+    let entries = h.pinned_maps().affinity.keys().count();
+    assert!(entries <= 1024, "{entries} entries in a map of 1024");
+    assert!(entries > 0);
+    let newcomer = Ipv4Addr::new(10, 200, 0, 1);
+    assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(newcomer, 40000)));
+}
+
+#[test]
+fn a_full_services_map_is_reported_and_the_rest_keeps_working() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { services: 2, ..MapSizes::default() };
+    let mut h = Harness::with_config("", Config { sizes, ..Config::default() });
+    // Four frontends: web-service's two ports and empty's two.
+    let report = h.dp.apply(&desired(&lab_yaml(&BACKENDS)));
+    assert_eq!(report.added, 2);
+    assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+    for e in &report.errors {
+        assert!(matches!(e, DataplaneError::MapFull { name: "LB_SERVICES", capacity: 2, .. }), "{e}");
+        assert!(e.to_string().starts_with("map LB_SERVICES is full (2 entries)"), "{e}");
+    }
+    // The frontends that fit work (web-service:80 sorts first).
+    assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, 40000)));
+    // Nothing of the failed frontends is left behind in the other maps.
+    assert_eq!(h.pinned_maps().names.keys().count(), 2);
 }
