@@ -95,6 +95,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -212,10 +214,23 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         ListWhat::Services => {
             let mut rows: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
             rows.sort_by_key(|(k, _)| frontend_of(k));
-            println!("{:<6} {:<24} {:<8} {:<5} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN");
+            println!("{:<6} {:<24} {:<8} {:<5} {:<16} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN", "AFFINITY");
             for (k, v) in rows {
                 let f = frontend_of(&k).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
-                println!("{:<6} {:<24} {:<8} {:<5} {}", v.id, f, v.backend_count, v.generation, name_of(v.id));
+                let affinity = if v.flags & lb_common::SVC_FLAG_AFFINITY != 0 {
+                    format!("ClientIP/{}s", v.affinity_timeout_s)
+                } else {
+                    "None".to_string()
+                };
+                println!(
+                    "{:<6} {:<24} {:<8} {:<5} {:<16} {}",
+                    v.id,
+                    f,
+                    v.backend_count,
+                    v.generation,
+                    affinity,
+                    name_of(v.id)
+                );
             }
         }
         ListWhat::Backends => {

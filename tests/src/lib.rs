@@ -354,6 +354,56 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<String> {
     })?
 }
 
+/// One HTTP/1.0 GET from inside `ns` from a chosen source address and port (port 0: any).
+pub fn http_get_from(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) -> Result<String> {
+    in_ns(ns, || -> Result<String> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&src.into())?;
+        sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        let mut c: TcpStream = sock.into();
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut resp = String::new();
+        c.read_to_string(&mut resp)?;
+        let body = resp.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("no HTTP body in {resp:?}"))?;
+        Ok(body.trim().to_string())
+    })?
+}
+
+/// Adds secondary addresses to a pod's eth0, to play several clients from one namespace.
+pub fn add_addresses(lab: &Lab, pod: &Pod, ips: &[Ipv4Addr]) -> Result<()> {
+    for ip in ips {
+        lab.exec(&pod.ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    }
+    Ok(())
+}
+
+/// The lab's `web-service` with `sessionAffinity: ClientIP` and the given timeout, as the lab
+/// adds it to svc.yml.
+pub fn with_session_affinity(manifests: &str, timeout_seconds: u32) -> String {
+    manifests.replacen(
+        "  selector:\n    app: web\n",
+        &format!(
+            "  selector:\n    app: web\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {timeout_seconds}\n"
+        ),
+        1,
+    )
+}
+
+/// The backend that plain hash selection picks for a TCP flow, computed with the datapath's
+/// shared hash over `backends` sorted as the agent writes its slots.
+pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr]) -> Ipv4Addr {
+    let ip = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => u32::from_ne_bytes(a.ip().octets()),
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    let mut sorted = backends.to_vec();
+    sorted.sort();
+    let h = lb_common::flow_hash(ip(client), ip(vip), client.port().to_be(), vip.port().to_be(), lb_common::PROTO_TCP);
+    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+}
+
 /// Connects from inside `ns`; the error kind tells refused from unreachable.
 pub fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<std::io::Result<TcpStream>> {
     in_ns(ns, || TcpStream::connect_timeout(&addr, timeout))

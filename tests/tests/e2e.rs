@@ -312,3 +312,129 @@ fn agent_restart_keeps_flows_and_adopts_pinned_state() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------- session affinity (issue 3): the second half of the seed lab ----------
+
+fn set_affinity(s: &SingleNode, timeout: Option<u32>) -> Result<()> {
+    let all: Vec<(&Pod, bool)> = s.web.iter().map(|p| (p, true)).collect();
+    let yaml = lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS);
+    let yaml = match timeout {
+        Some(t) => lb_tests::with_session_affinity(&yaml, t),
+        None => yaml,
+    };
+    s.lab.write_manifests(&s.node, &yaml)?;
+    // Applied within 2 s: the agent logs every change it programs.
+    let want = match timeout {
+        Some(t) => format!("affinity_timeout_s=Some({t})"),
+        None => "affinity_timeout_s=None".to_string(),
+    };
+    let before = s.lab.agent_log(&s.node).matches(&want).count();
+    assert!(
+        eventually(Duration::from_secs(2), || s.lab.agent_log(&s.node).matches(&want).count() > before),
+        "change applied within 2 s:\n{}",
+        s.lab.agent_log(&s.node)
+    );
+    Ok(())
+}
+
+fn backends_seen(s: &SingleNode, n: usize) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        *seen.entry(http_get(&s.client.ns, vip(80), "/")?).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+#[test]
+fn session_affinity_pins_the_busybox_loop_and_switches_like_the_conformance_tests() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node()?;
+    // A connection open across every switch must keep working and keep its backend.
+    let conn = tcp_connect(&s.client.ns, vip(9000), Duration::from_secs(2))??;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut w = conn;
+    let mut ask = |msg: &str| -> Result<String> {
+        writeln!(w, "{msg}")?;
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    };
+    let long_lived = ask("0")?.split(' ').next().unwrap().to_string();
+
+    let seen = backends_seen(&s, 15)?;
+    assert!(seen.len() >= 2, "without affinity at least 2 backends in 15 requests: {seen:?}");
+
+    set_affinity(&s, Some(60))?;
+    assert_eq!(ask("1")?, format!("{long_lived} 1"));
+    let seen = backends_seen(&s, 15)?;
+    assert_eq!(seen.len(), 1, "15 of 15 requests on one backend: {seen:?}");
+    let affinity = s.lab.list(&s.node, "affinity")?;
+    assert!(affinity.contains("10.244.1.100") && affinity.contains("10.104.123.59:80/TCP"), "{affinity}");
+
+    // UDP: new flows (new source ports) from the same client stick to one pod.
+    let mut udp = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let sock = udp_socket(&s.client.ns, vip(53))?;
+        udp.insert(udp_request(&sock, "q")?.split(' ').next().unwrap().to_string());
+    }
+    assert_eq!(udp.len(), 1, "{udp:?}");
+
+    set_affinity(&s, Some(120))?;
+    assert_eq!(backends_seen(&s, 5)?.len(), 1, "a timeout change keeps the pin");
+    set_affinity(&s, None)?;
+    let seen = backends_seen(&s, 15)?;
+    assert!(seen.len() >= 2, "affinity off again: {seen:?}");
+    assert_eq!(ask("2")?, format!("{long_lived} 2"), "the long-lived connection survived both switches");
+    Ok(())
+}
+
+#[test]
+fn session_affinity_spreads_distinct_clients() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node()?;
+    set_affinity(&s, Some(60))?;
+    let clients: Vec<Ipv4Addr> = (101..=110).map(|i| Ipv4Addr::new(10, 244, 1, i)).collect();
+    lb_tests::add_addresses(&s.lab, &s.client, &clients)?;
+    let mut chosen = BTreeMap::new();
+    for ip in &clients {
+        let mut per_client = std::collections::BTreeSet::new();
+        for _ in 0..3 {
+            per_client.insert(lb_tests::http_get_from(&s.client.ns, SocketAddr::from((*ip, 0)), vip(80), "/")?);
+        }
+        assert_eq!(per_client.len(), 1, "client {ip} stays on one backend: {per_client:?}");
+        chosen.insert(*ip, per_client.into_iter().next().unwrap());
+    }
+    let distinct: std::collections::BTreeSet<_> = chosen.values().collect();
+    assert!(distinct.len() > 1, "10 clients over more than one backend: {chosen:?}");
+    Ok(())
+}
+
+#[test]
+fn session_affinity_expires_after_the_idle_timeout() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node()?;
+    set_affinity(&s, Some(2))?;
+    let ips: Vec<Ipv4Addr> = s.web.iter().map(|p| p.ip).collect();
+    let name_of = |ip: Ipv4Addr| s.web.iter().find(|p| p.ip == ip).unwrap().name.clone();
+    let from = |port: u16| SocketAddr::from((s.client.ip, port));
+    // Source ports chosen so that hash selection alone would pick another pod than the pin.
+    let first = lb_tests::http_get_from(&s.client.ns, from(45000), vip(80), "/")?;
+    let pinned_ip = s.web.iter().find(|p| p.name == first).unwrap().ip;
+    let other_ports: Vec<u16> =
+        (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips) != pinned_ip).take(2).collect();
+    assert_eq!(lb_tests::http_get_from(&s.client.ns, from(other_ports[0]), vip(80), "/")?, first, "pinned");
+
+    std::thread::sleep(Duration::from_millis(3000));
+    let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips));
+    let after = lb_tests::http_get_from(&s.client.ns, from(other_ports[1]), vip(80), "/")?;
+    assert_eq!(after, expected, "after 3 s idle the 2 s pin is gone and the hash decides");
+    assert_ne!(after, first);
+    Ok(())
+}

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command, time::Duration};
 
 use anyhow::{Context, Result};
-use lb_tests::{lab_manifests, Lab, Pod};
+use lb_tests::{lab_manifests, with_session_affinity, Lab, Node, Pod};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
 const PODS: [&str; 3] = ["web-deploy-66fbbff65d-5lgpk", "web-deploy-66fbbff65d-d6xt6", "web-deploy-66fbbff65d-dwvk4"];
@@ -62,8 +62,50 @@ pub fn demo() -> Result<()> {
     for line in ct.lines().take(7) {
         println!("{line}");
     }
+    step("sessionAffinity: ClientIP with timeoutSeconds: 60 added to svc.yml; kubectl apply -f svc.yml");
+    lab.write_manifests(&node, &with_session_affinity(&lab_manifests(CLUSTER_IP, &ready, &[]), 60))?;
+    wait_for(&lab, &node, "ClientIP/60s")?;
+    print!("{}", lab.list(&node, "services")?);
+    step("/ # while true; do wget -q -O - http://web-service; sleep 1; done   (same busybox, affinity on)");
+    let pinned = wget_loop(&busybox)?;
+    step("lb list affinity");
+    print!("{}", lab.list(&node, "affinity")?);
+
     step("summary");
-    println!("10 requests to http://web-service ({CLUSTER_IP}:80) were answered by {} pods: {seen:?}", seen.len());
+    println!(
+        "without affinity, 10 requests to http://web-service ({CLUSTER_IP}:80) reached {} pods: {seen:?}",
+        seen.len()
+    );
+    println!("with sessionAffinity: ClientIP, 10 requests reached {} pod: {pinned:?}", pinned.len());
     println!("(all namespaces, programs and pins of the demo are removed on exit)");
     Ok(())
+}
+
+/// The lab's `while true; do wget -q -O - http://web-service; sleep 1; done`, 10 rounds.
+fn wget_loop(busybox: &Pod) -> Result<BTreeMap<String, usize>> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..10 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &busybox.ns, "curl", "-sS", "--max-time", "3", "http://web-service"])
+            .output()
+            .context("running curl in the busybox pod")?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let shown =
+            if out.status.success() { body.clone() } else { String::from_utf8_lossy(&out.stderr).trim().to_string() };
+        println!("{shown}");
+        *seen.entry(body).or_default() += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(seen)
+}
+
+/// Waits until `lb list services` shows `text` (the agent applies changes within a second).
+fn wait_for(lab: &Lab, node: &Node, text: &str) -> Result<()> {
+    for _ in 0..50 {
+        if lab.list(node, "services")?.contains(text) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("the agent did not apply the change within 5 s")
 }
