@@ -14,9 +14,11 @@ pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// How a service entry is reached. Only ClusterIP exists today; NodePort, LoadBalancer and
-/// external IPs get their own scope so one (address, port) can mean different things.
-pub const SCOPE_CLUSTER_IP: u8 = 0;
+/// How a service entry is looked up. Frontends with their own address (ClusterIP,
+/// LoadBalancer ingress IPs, external IPs) are found by exact address; node ports are keyed on
+/// address 0 and only looked up for packets addressed to one of the node's own addresses.
+pub const SCOPE_EXACT: u8 = 0;
+pub const SCOPE_NODEPORT: u8 = 1;
 
 /// Largest backend set a single service port may have; bounds the slot index in the datapath.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
@@ -36,13 +38,24 @@ pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
+pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
+pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
+
+/// Source ports the datapath picks when it must SNAT a flow to the node's address: above
+/// Linux's default `ip_local_port_range` (32768-60999), so they never collide with the node's
+/// own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Name of the tc program in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -59,6 +72,17 @@ pub struct ServiceKey {
 
 /// `ServiceValue::flags`: `sessionAffinity: ClientIP`.
 pub const SVC_FLAG_AFFINITY: u32 = 1 << 0;
+/// Reached from outside the cluster network (node port, LoadBalancer IP, external IP): a flow
+/// to a backend on another node is SNATed to the node's address, so replies come back here.
+pub const SVC_FLAG_EXTERNAL: u32 = 1 << 1;
+/// Only node-local backends (`externalTrafficPolicy: Local` or `internalTrafficPolicy: Local`):
+/// never SNAT, and with no backend the packet is dropped, not rejected, as kube-proxy does.
+pub const SVC_FLAG_LOCAL_ONLY: u32 = 1 << 2;
+/// `loadBalancerSourceRanges` apply: clients outside `LB_SOURCE_RANGES` are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u32 = 1 << 3;
+
+/// `Backend::flags`: the endpoint runs on this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// What the datapath needs to pick a backend for a new flow.
 #[repr(C)]
@@ -161,22 +185,53 @@ pub struct CtKey {
 pub const CT_FLAG_CLOSING: u8 = 1 << 0;
 /// The flow saw a packet from the backend.
 pub const CT_FLAG_REPLIED: u8 = 1 << 1;
+/// The flow's source is translated too (`snat_addr:snat_port`).
+pub const CT_FLAG_SNAT: u8 = 1 << 2;
 
-/// The translation of a tracked flow. In a forward entry `nat_addr:nat_port` is the backend; in
-/// a reply entry it is the service frontend that replies must appear to come from.
+/// The translation of a tracked flow.
+///
+/// Forward entry: destination becomes `nat_addr:nat_port` (the backend); with `CT_FLAG_SNAT`
+/// the source becomes `snat_addr:snat_port` (the node or hairpin address).
+/// Reply entry: source becomes `nat_addr:nat_port` (the frontend the client used); with
+/// `CT_FLAG_SNAT` the destination becomes `snat_addr:snat_port` (the original client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub nat_addr: [u32; 4],
+    pub snat_addr: [u32; 4],
     /// Network byte order.
     pub nat_port: u16,
+    /// Network byte order.
+    pub snat_port: u16,
     pub flags: u8,
     pub family: u8,
+    pub _pad: u16,
     pub service_id: u32,
+    pub _pad2: u32,
     /// `bpf_ktime_get_ns` time after which the entry is dead.
     pub expires_ns: u64,
     /// `bpf_ktime_get_ns` time of creation, for inspection.
     pub created_ns: u64,
+}
+
+/// One of the node's own addresses, on which node ports answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct NodeAddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `loadBalancerSourceRanges` entry for an LPM trie: the first 32 bits of `data` are the
+/// service id (always matched whole), the rest the client address prefix. The prefix length
+/// of a CIDR `a/n` is `32 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceRangeData {
+    /// Big-endian, so the trie compares it byte by byte like an address.
+    pub service_id_be: u32,
+    pub addr: [u32; 4],
 }
 
 /// A human-readable name for a service id, written by the agent for `lb list`; the datapath
@@ -226,10 +281,19 @@ pub enum Counter {
     PassOtherProto = 11,
     /// A new flow went to the backend its client is pinned to (session affinity).
     AffinityHit = 12,
+    /// A local-only frontend (traffic policy Local) had no local backend: dropped, as
+    /// kube-proxy does.
+    DropNoLocalBackend = 13,
+    /// A client outside `loadBalancerSourceRanges`: dropped.
+    DropSourceRange = 14,
+    /// No free SNAT port for a flow that needed one: dropped.
+    DropSnatPorts = 15,
+    /// A new flow was SNATed (remote backend of an external frontend, or hairpin).
+    FwdSnat = 16,
 }
 
 /// Number of counters; size of the stats array.
-pub const COUNTER_MAX: u32 = 13;
+pub const COUNTER_MAX: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_MAX as usize] = [
@@ -246,6 +310,10 @@ impl Counter {
         Counter::DropRewrite,
         Counter::PassOtherProto,
         Counter::AffinityHit,
+        Counter::DropNoLocalBackend,
+        Counter::DropSourceRange,
+        Counter::DropSnatPorts,
+        Counter::FwdSnat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -263,6 +331,10 @@ impl Counter {
             Counter::DropRewrite => "drop_rewrite",
             Counter::PassOtherProto => "pass_other_proto",
             Counter::AffinityHit => "affinity_hit",
+            Counter::DropNoLocalBackend => "drop_no_local_backend",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::DropSnatPorts => "drop_snat_ports",
+            Counter::FwdSnat => "fwd_snat",
         }
     }
 }
@@ -308,7 +380,9 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
+const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
@@ -328,6 +402,8 @@ mod pod {
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for NodeAddrKey {}
+    unsafe impl aya::Pod for SourceRangeData {}
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
-//! Stage 4: connection tracking. A forward entry pins a flow to its backend even after the
-//! service's backend set changes; a reply entry maps the backend's replies back to the frontend.
+//! Stage 4: connection tracking. A forward entry pins a flow to its backend (and its SNAT
+//! source, if any) even after the service's backend set changes; a reply entry maps the
+//! backend's replies back to the frontend and the original client.
 //!
 //! Lifetimes follow the TCP state as far as one side of the flow reveals it, the way
 //! Cilium's `conntrack.h` does: short while only a SYN was seen, long once established, short
 //! again after FIN or RST so a reused 5-tuple gets a fresh backend choice.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    Backend, CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, FAMILY_IPV4, PROTO_TCP,
+    CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_SNAT, FAMILY_IPV4,
+    PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
@@ -14,7 +16,7 @@ use crate::{
     parse::{Flow, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
 };
 
-// Lifetimes in nanoseconds; the agent may override them at load time (`EbpfLoader::set_global`).
+// Lifetimes in nanoseconds; the agent may override them at load time.
 #[no_mangle]
 static CT_TCP_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 #[no_mangle]
@@ -27,6 +29,8 @@ static CT_UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 /// An entry is rewritten at most this often per flow while its state does not change, so an
 /// established flow costs a map lookup but not a write per packet.
 const REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
+/// Probes for a free SNAT port before giving up on a flow.
+const SNAT_PROBES: u32 = 8;
 
 #[inline(always)]
 fn global(v: &'static u64) -> u64 {
@@ -64,47 +68,70 @@ fn closing_flag(tcp_flags: u8) -> u8 {
 }
 
 #[inline(always)]
-fn forward_key(flow: &Flow) -> CtKey {
-    CtKey {
-        src: [flow.src, 0, 0, 0],
-        dst: [flow.dst, 0, 0, 0],
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        family: FAMILY_IPV4,
-        dir: CT_DIR_FORWARD,
-        _pad: 0,
-    }
+fn key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey {
+    CtKey { src: [src, 0, 0, 0], dst: [dst, 0, 0, 0], sport, dport, proto, family: FAMILY_IPV4, dir, _pad: 0 }
 }
 
-/// Key of the replies of `flow` once it is translated to `backend`.
-#[inline(always)]
-fn reply_key(flow: &Flow, backend_addr: u32, backend_port: u16) -> CtKey {
-    CtKey {
-        src: [backend_addr, 0, 0, 0],
-        dst: [flow.src, 0, 0, 0],
-        sport: backend_port,
-        dport: flow.sport,
-        proto: flow.proto,
-        family: FAMILY_IPV4,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
+/// Where a flow goes: the backend, and the source it is given if it is SNATed.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    /// `Some((addr, port))` when the source is rewritten too.
+    pub snat: Option<(u32, u16)>,
+}
+
+impl Translation {
+    /// Key of the replies of `flow` after translation.
+    #[inline(always)]
+    fn reply_key(&self, flow: &Flow) -> CtKey {
+        let (dst, dport) = self.snat.unwrap_or((flow.src, flow.sport));
+        key(self.backend_addr, dst, self.backend_port, dport, flow.proto, CT_DIR_REPLY)
     }
 }
 
 /// Outcome of a forward lookup.
 pub enum Forward {
-    /// Tracked: translate to this backend address and port.
-    Tracked { addr: u32, port: u16 },
+    /// Tracked: apply this translation.
+    Tracked(Translation),
     /// Untracked, expired, or a new connection on a closed 5-tuple: choose a backend.
     New,
+}
+
+#[inline(always)]
+fn translation_of(entry: &CtValue) -> Translation {
+    Translation {
+        backend_addr: entry.nat_addr[0],
+        backend_port: entry.nat_port,
+        snat: if entry.flags & CT_FLAG_SNAT != 0 { Some((entry.snat_addr[0], entry.snat_port)) } else { None },
+    }
+}
+
+/// The reply entry for `flow` translated by `t`.
+#[inline(always)]
+fn reply_value(flow: &Flow, t: &Translation, flags: u8, service_id: u32, expires: u64, created: u64) -> CtValue {
+    let snat = if t.snat.is_some() { CT_FLAG_SNAT } else { 0 };
+    CtValue {
+        nat_addr: [flow.dst, 0, 0, 0],
+        snat_addr: [flow.src, 0, 0, 0],
+        nat_port: flow.dport,
+        snat_port: flow.sport,
+        flags: (flags & !CT_FLAG_SNAT) | snat,
+        family: FAMILY_IPV4,
+        _pad: 0,
+        service_id,
+        _pad2: 0,
+        expires_ns: expires,
+        created_ns: created,
+    }
 }
 
 /// Looks up a client packet's flow and keeps its entries alive.
 #[inline(always)]
 pub fn forward(flow: &Flow, tcp_flags: u8, now: u64) -> Forward {
-    let key = forward_key(flow);
-    let Some(entry) = LB_CONNTRACK.get_ptr_mut(&key) else {
+    let Some(entry) =
+        LB_CONNTRACK.get_ptr_mut(&key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD))
+    else {
         return Forward::New;
     };
     // SAFETY: LRU values stay valid for the program run; races with other CPUs only affect
@@ -119,6 +146,7 @@ pub fn forward(flow: &Flow, tcp_flags: u8, now: u64) -> Forward {
         // a fresh backend choice, like the kernel's conntrack starts a new entry.
         return Forward::New;
     }
+    let t = translation_of(entry);
     let flags = entry.flags | closing_flag(tcp_flags);
     let expires = now + lifetime(flow.proto, tcp_flags, flags);
     if flags != entry.flags || expires > entry.expires_ns + REFRESH_INTERVAL_NS {
@@ -126,54 +154,69 @@ pub fn forward(flow: &Flow, tcp_flags: u8, now: u64) -> Forward {
         entry.expires_ns = expires;
         // LRU may have evicted the reply half while the forward half stayed busy; restoring it
         // here, at most once per interval, keeps replies translated.
-        let reply = CtValue {
-            nat_addr: [flow.dst, 0, 0, 0],
-            nat_port: flow.dport,
-            flags,
-            family: FAMILY_IPV4,
-            service_id: entry.service_id,
-            expires_ns: expires,
-            created_ns: entry.created_ns,
-        };
-        let _ = LB_CONNTRACK.insert(&reply_key(flow, entry.nat_addr[0], entry.nat_port), &reply, 0);
+        let reply = reply_value(flow, &t, flags, entry.service_id, expires, entry.created_ns);
+        let _ = LB_CONNTRACK.insert(&t.reply_key(flow), &reply, 0);
     }
-    Forward::Tracked { addr: entry.nat_addr[0], port: entry.nat_port }
+    Forward::Tracked(t)
 }
 
-/// Records a new flow to `backend`, both halves. Fails only if the kernel refuses the insert.
+/// Records a new flow, both halves. Fails only if the kernel refuses the insert.
 #[inline(always)]
-pub fn create(flow: &Flow, tcp_flags: u8, backend: &Backend, service_id: u32, now: u64) -> Result<(), i32> {
+pub fn create(flow: &Flow, tcp_flags: u8, t: &Translation, service_id: u32, now: u64) -> Result<(), i32> {
     let flags = closing_flag(tcp_flags);
     let expires = now + lifetime(flow.proto, tcp_flags, flags);
+    let (snat_flag, snat_addr, snat_port) = match t.snat {
+        Some((a, p)) => (CT_FLAG_SNAT, a, p),
+        None => (0, 0, 0),
+    };
     let fwd = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags,
+        nat_addr: [t.backend_addr, 0, 0, 0],
+        snat_addr: [snat_addr, 0, 0, 0],
+        nat_port: t.backend_port,
+        snat_port,
+        flags: flags | snat_flag,
         family: FAMILY_IPV4,
+        _pad: 0,
         service_id,
+        _pad2: 0,
         expires_ns: expires,
         created_ns: now,
     };
-    LB_CONNTRACK.insert(&forward_key(flow), &fwd, 0)?;
-    let rev = CtValue { nat_addr: [flow.dst, 0, 0, 0], nat_port: flow.dport, ..fwd };
-    LB_CONNTRACK.insert(&reply_key(flow, backend.addr[0], backend.port), &rev, 0)
+    LB_CONNTRACK.insert(&key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD), &fwd, 0)?;
+    LB_CONNTRACK.insert(&t.reply_key(flow), &reply_value(flow, t, flags, service_id, expires, now), 0)
 }
 
-/// Looks up a packet that may be a backend's reply; returns the frontend address and port to
-/// put in its source.
+/// Picks a source port for SNAT of `flow` to `addr` towards `backend`: a hash of the flow
+/// into the SNAT range, probing on while the resulting reply key belongs to a live flow.
 #[inline(always)]
-pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<(u32, u16)> {
-    let key = CtKey {
-        src: [flow.src, 0, 0, 0],
-        dst: [flow.dst, 0, 0, 0],
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        family: FAMILY_IPV4,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let entry = LB_CONNTRACK.get_ptr_mut(&key)?;
+pub fn free_snat_port(flow: &Flow, addr: u32, backend_addr: u32, backend_port: u16, now: u64) -> Option<u16> {
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let start = lb_common::flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto) % span;
+    let mut i = 0;
+    while i < SNAT_PROBES {
+        let port = (SNAT_PORT_MIN as u32 + (start + i) % span) as u16;
+        let k = key(backend_addr, addr, backend_port, port.to_be(), flow.proto, CT_DIR_REPLY);
+        match LB_CONNTRACK.get_ptr(&k) {
+            // SAFETY: read of an LRU value while the program runs.
+            Some(e) if unsafe { (*e).expires_ns } >= now => {}
+            _ => return Some(port.to_be()),
+        }
+        i += 1;
+    }
+    None
+}
+
+/// What a backend's reply must become: its source restored to the frontend, and with SNAT its
+/// destination restored to the original client.
+pub struct Reply {
+    pub src: (u32, u16),
+    pub dst: Option<(u32, u16)>,
+}
+
+/// Looks up a packet that may be a backend's reply.
+#[inline(always)]
+pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<Reply> {
+    let entry = LB_CONNTRACK.get_ptr_mut(&key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_REPLY))?;
     // SAFETY: as in `forward`.
     let entry = unsafe { &mut *entry };
     // Only read the clock on a hit: most packets reaching here are not replies at all.
@@ -187,5 +230,8 @@ pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<(u32, u16)> {
         entry.flags = flags;
         entry.expires_ns = expires;
     }
-    Some((entry.nat_addr[0], entry.nat_port))
+    Some(Reply {
+        src: (entry.nat_addr[0], entry.nat_port),
+        dst: if entry.flags & CT_FLAG_SNAT != 0 { Some((entry.snat_addr[0], entry.snat_port)) } else { None },
+    })
 }

@@ -20,11 +20,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::Counter;
+use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
-    conntrack::Forward,
-    nat::Side,
+    conntrack::{Forward, Translation},
+    nat::{Side, Snat},
     parse::{Headers, Parsed},
     stats::count,
 };
@@ -56,27 +56,24 @@ fn pass(counter: Counter) -> i32 {
 
 /// A packet addressed to a service frontend.
 #[inline(always)]
-fn to_service(ctx: &TcContext, h: &Headers, svc: &lb_common::ServiceValue) -> i32 {
+fn to_service(ctx: &TcContext, h: &Headers, svc: &ServiceValue) -> i32 {
+    if !service::source_allowed(svc, &h.flow) {
+        count(Counter::DropSourceRange);
+        return TC_ACT_SHOT as i32;
+    }
     let now = conntrack::now();
-    let (addr, port, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
-        Forward::Tracked { addr, port } => (addr, port, Counter::FwdTracked),
-        Forward::New => {
-            if svc.backend_count == 0 {
-                count(Counter::RejectNoBackend);
-                return reject::port_unreachable(ctx, h);
-            }
-            let Some(backend) = select::select(svc, &h.flow, now) else {
-                count(Counter::DropSlotMissing);
-                return TC_ACT_SHOT as i32;
-            };
-            if conntrack::create(&h.flow, h.tcp_flags, &backend, svc.id, now).is_err() {
-                count(Counter::DropCtInsert);
-                return TC_ACT_SHOT as i32;
-            }
-            (backend.addr[0], backend.port, Counter::FwdNewFlow)
-        }
+    let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
+        Forward::Tracked(t) => (t, Counter::FwdTracked),
+        Forward::New => match new_flow(ctx, h, svc, now) {
+            Ok(t) => (t, Counter::FwdNewFlow),
+            Err(verdict) => return verdict,
+        },
     };
-    if nat::rewrite(ctx, h, Side::Dst, addr, port).is_err() {
+    let rewritten = nat::rewrite(ctx, h, Side::Dst, t.backend_addr, t.backend_port).and_then(|()| match t.snat {
+        Some((addr, port)) => nat::rewrite(ctx, h, Side::Src, addr, port),
+        None => Ok(()),
+    });
+    if rewritten.is_err() {
         count(Counter::DropRewrite);
         return TC_ACT_SHOT as i32;
     }
@@ -84,13 +81,55 @@ fn to_service(ctx: &TcContext, h: &Headers, svc: &lb_common::ServiceValue) -> i3
     TC_ACT_OK as i32
 }
 
-/// A packet not addressed to a service: a backend's reply needs its source restored.
+/// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow
+/// that must not be forwarded.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, h: &Headers, svc: &ServiceValue, now: u64) -> Result<Translation, i32> {
+    if svc.backend_count == 0 {
+        if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
+            // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
+            // so that a load balancer health-checking nodes moves traffic elsewhere.
+            count(Counter::DropNoLocalBackend);
+            return Err(TC_ACT_SHOT as i32);
+        }
+        count(Counter::RejectNoBackend);
+        return Err(reject::port_unreachable(ctx, h));
+    }
+    let Some(backend) = select::select(svc, &h.flow, now) else {
+        count(Counter::DropSlotMissing);
+        return Err(TC_ACT_SHOT as i32);
+    };
+    let snat = match nat::snat_for(svc, &backend, &h.flow, now) {
+        Snat::No => None,
+        Snat::To(addr, port) => {
+            count(Counter::FwdSnat);
+            Some((addr, port))
+        }
+        Snat::Exhausted => {
+            count(Counter::DropSnatPorts);
+            return Err(TC_ACT_SHOT as i32);
+        }
+    };
+    let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat };
+    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now).is_err() {
+        count(Counter::DropCtInsert);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    Ok(t)
+}
+
+/// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
+/// was SNATed, its destination) restored.
 #[inline(always)]
 fn maybe_reply(ctx: &TcContext, h: &Headers) -> i32 {
-    let Some((addr, port)) = conntrack::reply(&h.flow, h.tcp_flags) else {
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
         return pass(Counter::PassNotService);
     };
-    if nat::rewrite(ctx, h, Side::Src, addr, port).is_err() {
+    let rewritten = nat::rewrite(ctx, h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
+        Some((addr, port)) => nat::rewrite(ctx, h, Side::Dst, addr, port),
+        None => Ok(()),
+    });
+    if rewritten.is_err() {
         count(Counter::DropRewrite);
         return TC_ACT_SHOT as i32;
     }

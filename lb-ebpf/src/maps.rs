@@ -3,12 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName,
-    ServiceValue, AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX,
-    SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -45,3 +45,14 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
 /// is pinned beside the maps it describes and survives agent restarts with them.
 #[map(name = "LB_SERVICE_NAMES")]
 pub static LB_SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(SERVICE_NAMES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The node's own addresses (narrowed by `--nodeport-addresses`): node ports answer on these.
+#[map(name = "LB_NODE_ADDRS")]
+pub static LB_NODE_ADDRS: HashMap<NodeAddrKey, u32> = HashMap::pinned(NODE_ADDRS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// `loadBalancerSourceRanges`: (service id, client prefix) -> allowed.
+#[map(name = "LB_SOURCE_RANGES")]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeData, u8> = LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
+
+/// Typed key of `LB_SOURCE_RANGES`.
+pub type SourceRangeKey = Key<SourceRangeData>;

@@ -11,9 +11,59 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::PROTO_TCP;
+use lb_common::{Backend, ServiceValue, BACKEND_FLAG_LOCAL, PROTO_TCP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY};
 
-use crate::parse::{ptr_at, Headers, ETH_LEN};
+use crate::{
+    conntrack,
+    parse::{ptr_at, Flow, Headers, ETH_LEN},
+};
+
+/// The node's address (network order) that external flows to remote backends are SNATed to,
+/// so the backend's node sends replies back through us. Set by the agent at load time; zero
+/// means unknown, and such flows then keep the client's address.
+#[no_mangle]
+static NODE_IP: u32 = 0;
+/// Source given to hairpin flows (a pod reaching itself through a Service): the pod must see
+/// another address than its own, or its reply never leaves it. 169.254.42.1, as Cilium uses.
+#[no_mangle]
+static HAIRPIN_IP: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
+#[inline(always)]
+fn global(v: &'static u32) -> u32 {
+    // SAFETY: reading a static; volatile so the compiler keeps the load the loader patches.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Whether a new flow to `backend` needs its source rewritten too.
+pub enum Snat {
+    No,
+    To(u32, u16),
+    /// It needs SNAT but no port is free.
+    Exhausted,
+}
+
+#[inline(always)]
+pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u64) -> Snat {
+    if backend.addr[0] == flow.src {
+        // Hairpin: the client's own port keeps reply keys unique, as the backend is the
+        // client itself.
+        return Snat::To(global(&HAIRPIN_IP), flow.sport);
+    }
+    let external_to_remote = svc.flags & SVC_FLAG_EXTERNAL != 0
+        && svc.flags & SVC_FLAG_LOCAL_ONLY == 0
+        && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    if !external_to_remote {
+        return Snat::No;
+    }
+    let node_ip = global(&NODE_IP);
+    if node_ip == 0 {
+        return Snat::No;
+    }
+    match conntrack::free_snat_port(flow, node_ip, backend.addr[0], backend.port, now) {
+        Some(port) => Snat::To(node_ip, port),
+        None => Snat::Exhausted,
+    }
+}
 
 const IP_SRC_OFF: usize = ETH_LEN + 12;
 const IP_DST_OFF: usize = ETH_LEN + 16;

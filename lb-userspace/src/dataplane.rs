@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -20,12 +20,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, ServiceKey, ServiceName,
-    ServiceValue, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICES,
-    MAP_SERVICE_NAMES, MAP_STATS, PROG_TC_INGRESS, SCOPE_CLUSTER_IP, SVC_FLAG_AFFINITY,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
+    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, MAP_STATS,
+    PROG_TC_INGRESS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
-use crate::model::{DesiredState, Endpoint, Frontend, Protocol};
+use crate::model::{Cidr, DesiredState, Endpoint, Frontend, Protocol, Scope, ServicePort};
 
 /// statfs magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -128,6 +130,9 @@ impl Default for MapSizes {
 pub struct Config {
     pub timeouts: Timeouts,
     pub sizes: MapSizes,
+    /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
+    /// (replies from other nodes would then bypass this one).
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 /// Conntrack lifetimes, patched into the programs at load time.
@@ -151,13 +156,20 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         port: f.port.to_be(),
         proto: f.protocol.number(),
         family: FAMILY_IPV4,
-        scope: SCOPE_CLUSTER_IP,
+        scope: if f.scope == Scope::NodePort { SCOPE_NODEPORT } else { SCOPE_EXACT },
         _pad: [0; 3],
     }
 }
 
-pub fn frontend_of(k: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend { ip: ipv4(k.addr), port: u16::from_be(k.port), protocol: Protocol::from_number(k.proto)? })
+/// The frontend a service key stands for. Exact-address keys of external frontends look like
+/// ClusterIP keys; `flags` (the value's) tells them apart.
+pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
+    let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
+    Some(match (k.scope, flags & SVC_FLAG_EXTERNAL != 0) {
+        (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
+        (_, true) => Frontend::external(ip, port, protocol),
+        (_, false) => Frontend::cluster_ip(ip, port, protocol),
+    })
 }
 
 pub fn backend_value(e: &Endpoint) -> Backend {
@@ -165,7 +177,7 @@ pub fn backend_value(e: &Endpoint) -> Backend {
         addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0],
         port: e.port.to_be(),
         family: FAMILY_IPV4,
-        flags: 0,
+        flags: if e.local { BACKEND_FLAG_LOCAL } else { 0 },
         _pad: 0,
     }
 }
@@ -176,7 +188,37 @@ fn member_key(service_id: u32, e: &Endpoint) -> BackendMemberKey {
 }
 
 pub fn endpoint_of(b: &Backend) -> Endpoint {
-    Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port) }
+    Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port), local: b.flags & BACKEND_FLAG_LOCAL != 0 }
+}
+
+fn source_range_key(service_id: u32, c: &Cidr) -> LpmKey<SourceRangeData> {
+    LpmKey::new(
+        32 + c.len as u32,
+        SourceRangeData { service_id_be: service_id.to_be(), addr: [u32::from_ne_bytes(c.addr.octets()), 0, 0, 0] },
+    )
+}
+
+fn service_value(id: u32, generation: u16, sp: &ServicePort) -> ServiceValue {
+    let mut flags = 0;
+    if sp.affinity_timeout_s.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if sp.external {
+        flags |= SVC_FLAG_EXTERNAL;
+    }
+    if sp.local_only {
+        flags |= SVC_FLAG_LOCAL_ONLY;
+    }
+    if !sp.source_ranges.is_empty() {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+    }
+    ServiceValue {
+        id,
+        backend_count: sp.backends.len() as u16,
+        generation,
+        flags,
+        affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
+    }
 }
 
 pub fn ipv4(addr: [u32; 4]) -> Ipv4Addr {
@@ -205,17 +247,7 @@ pub fn decode_name(n: &ServiceName) -> String {
 struct Programmed {
     id: u32,
     generation: u16,
-    name: String,
-    backends: Vec<Endpoint>,
-    affinity_timeout_s: Option<u32>,
-}
-
-impl Programmed {
-    /// The "previous state" of a frontend that did not exist: same id and generation, nothing
-    /// in it, so writing over it writes the generation and removes nothing.
-    fn empty_like(&self) -> Programmed {
-        Programmed { backends: Vec::new(), ..self.clone() }
-    }
+    port: ServicePort,
 }
 
 /// What one `apply` changed.
@@ -237,6 +269,8 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub members: HashMap<MapData, BackendMemberKey, u32>,
+    pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
 }
 
 impl Maps {
@@ -252,6 +286,8 @@ impl Maps {
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             affinity: HashMap::try_from(take(ebpf, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
+            node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
 
@@ -269,6 +305,8 @@ impl Maps {
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             affinity: HashMap::try_from(open(pin_dir, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
+            node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
 }
@@ -280,6 +318,8 @@ impl MapSizes {
             MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
             MAP_CONNTRACK => self.conntrack,
             MAP_AFFINITY => self.affinity,
+            MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
+            MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
             _ => 0,
         }
     }
@@ -318,6 +358,7 @@ impl Dataplane {
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let (timeouts, sizes) = (config.timeouts, config.sizes);
+        let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         let ns = |s: u64| s.saturating_mul(1_000_000_000);
         let (syn, est, close, udp) =
             (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
@@ -327,6 +368,7 @@ impl Dataplane {
             .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
             .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
             .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .override_global("NODE_IP", &node_ip, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
             .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
@@ -363,11 +405,10 @@ impl Dataplane {
     }
 
     /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
-    /// behind (slots of dead generations, names of gone services).
+    /// behind (slots of dead generations, names of gone services, stale memberships and source
+    /// ranges).
     fn adopt(&mut self) -> Result<()> {
         let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
-        // Membership is rebuilt below from the live slots: whatever was there is dropped and
-        // rewritten, which also clears entries a crashed update left behind.
         let mut entries = Vec::new();
         for item in self.maps.services.iter() {
             let (k, v) = item.map_err(map_err(MAP_SERVICES))?;
@@ -395,18 +436,35 @@ impl Dataplane {
                 stale_names.push(id);
             }
         }
+        let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
+        let mut stale_ranges = Vec::new();
+        for item in self.maps.source_ranges.keys() {
+            let k = item.map_err(map_err(MAP_SOURCE_RANGES))?;
+            let id = u32::from_be(k.data().service_id_be);
+            if live.contains_key(&id) {
+                let len = (k.prefix_len() - 32) as u8;
+                ranges.entry(id).or_default().push(Cidr { addr: ipv4(k.data().addr), len });
+            } else {
+                stale_ranges.push(k);
+            }
+        }
         for k in stale_slots {
             let _ = self.maps.slots.remove(&k);
         }
         for id in stale_names {
             let _ = self.maps.names.remove(&id);
         }
+        for k in stale_ranges {
+            let _ = self.maps.source_ranges.remove(&k);
+        }
+        // Membership is rebuilt from the live slots: whatever was there is dropped and
+        // rewritten, which also clears entries a crashed update left behind.
         let members: Vec<BackendMemberKey> = self.maps.members.keys().filter_map(|k| k.ok()).collect();
         for k in members {
             let _ = self.maps.members.remove(&k);
         }
         for (k, v) in entries {
-            let Some(frontend) = frontend_of(&k) else { continue };
+            let Some(frontend) = frontend_of(&k, v.flags) else { continue };
             let backends: Vec<Endpoint> = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
             let name = names.remove(&v.id).unwrap_or_default();
             for (slot, b) in backends.iter().enumerate() {
@@ -416,11 +474,17 @@ impl Dataplane {
                     format!("backend {b} of {name}"),
                 ))?;
             }
-            let affinity_timeout_s = (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.affinity_timeout_s);
-            self.programmed.insert(
-                frontend,
-                Programmed { id: v.id, generation: v.generation, name, backends, affinity_timeout_s },
-            );
+            let mut source_ranges = ranges.remove(&v.id).unwrap_or_default();
+            source_ranges.sort();
+            let port = ServicePort {
+                name,
+                backends,
+                affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.affinity_timeout_s),
+                external: v.flags & SVC_FLAG_EXTERNAL != 0,
+                local_only: v.flags & SVC_FLAG_LOCAL_ONLY != 0,
+                source_ranges,
+            };
+            self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, port });
         }
         if !self.programmed.is_empty() {
             tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
@@ -443,52 +507,37 @@ impl Dataplane {
             let p = self.programmed.remove(&f).expect("listed above");
             // Service entry first, so no new flow can pick a slot we are about to delete.
             let _ = self.maps.services.remove(&service_key(&f));
-            self.remove_slots(p.id, p.generation, p.backends.len());
-            self.remove_members(p.id, &p.backends, &[]);
+            self.remove_slots(p.id, p.generation, p.port.backends.len());
+            self.remove_members(p.id, &p.port.backends, &[]);
+            self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
-            tracing::info!(frontend = %f, service = %p.name, "service removed");
+            tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
         }
         for (f, want) in &desired.services {
-            let want = Programmed {
-                id: 0,
-                generation: 0,
-                name: want.name.clone(),
-                backends: want.backends.clone(),
-                affinity_timeout_s: want.affinity_timeout_s,
-            };
             let old = self.programmed.get(f).cloned();
-            let result = match &old {
-                Some(p)
-                    if p.backends == want.backends
-                        && p.name == want.name
-                        && p.affinity_timeout_s == want.affinity_timeout_s =>
-                {
+            let next = match &old {
+                Some(p) if p.port == *want => {
                     report.unchanged += 1;
                     continue;
                 }
-                // Same backends: rewrite the service entry in place, keeping the generation, so
-                // affinity pins stay valid without a membership lookup.
-                Some(p) if p.backends == want.backends => {
-                    let next = Programmed { id: p.id, generation: p.generation, ..want };
-                    self.write_service(f, &next, None).map(|()| next)
+                // Same backends: keep the generation, so affinity pins stay valid without a
+                // membership lookup and no slot is rewritten.
+                Some(p) if p.port.backends == want.backends => {
+                    Programmed { id: p.id, generation: p.generation, port: want.clone() }
                 }
-                Some(p) => {
-                    let next = Programmed { id: p.id, generation: p.generation.wrapping_add(1), ..want };
-                    self.write_service(f, &next, Some(p)).map(|()| next)
-                }
-                None => {
-                    let next = Programmed { id: self.next_free_id(), ..want };
-                    self.write_service(f, &next, Some(&next.empty_like())).map(|()| next)
-                }
+                Some(p) => Programmed { id: p.id, generation: p.generation.wrapping_add(1), port: want.clone() },
+                None => Programmed { id: self.next_free_id(), generation: 0, port: want.clone() },
             };
-            match result {
-                Ok(next) => {
+            match self.write_service(f, &next, old.as_ref()) {
+                Ok(()) => {
                     tracing::info!(
                         frontend = %f,
-                        service = %next.name,
-                        backends = next.backends.len(),
-                        affinity_timeout_s = ?next.affinity_timeout_s,
+                        service = %next.port.name,
+                        backends = next.port.backends.len(),
+                        affinity_timeout_s = ?next.port.affinity_timeout_s,
+                        local_only = next.port.local_only,
+                        source_ranges = next.port.source_ranges.len(),
                         "service {}", if old.is_some() { "updated" } else { "added" }
                     );
                     if old.is_some() {
@@ -504,18 +553,25 @@ impl Dataplane {
         report
     }
 
-    /// Writes `next` for frontend `f`. With `prev` (the state being replaced, empty for a new
-    /// frontend) a new slot generation is written first and the service entry flipped to it
-    /// in one update, so the datapath sees the old set or the new one, never a mix; the old
-    /// generation is removed afterwards. Without `prev` only the service entry and name change.
-    /// On failure, whatever was written for the new generation is removed again.
+    /// Writes `next` for frontend `f` over `prev` (`None` for a new frontend).
+    ///
+    /// What the flipped service entry will point at is written first: a new slot generation
+    /// (only if the backends changed), memberships, source ranges. Then the service entry is
+    /// replaced in one update, so the datapath sees the old state or the new one, never a mix;
+    /// what only the old state used is removed afterwards. On failure whatever was written for
+    /// `next` is removed again and `prev` stays intact.
     fn write_service(&mut self, f: &Frontend, next: &Programmed, prev: Option<&Programmed>) -> Result<()> {
         let sizes = self.sizes;
-        let what = |x: &dyn std::fmt::Display| format!("{x} of {} ({f})", next.name);
-        if prev.is_some() {
-            for (slot, b) in next.backends.iter().enumerate() {
+        let what = |x: &dyn std::fmt::Display| format!("{x} of {} ({f})", next.port.name);
+        let empty = ServicePort::default();
+        let prev_port = prev.map_or(&empty, |p| &p.port);
+        let new_generation = prev.is_none_or(|p| p.generation != next.generation);
+        let mut written = Ok(());
+        let mut slots_written = 0;
+        if new_generation {
+            for (slot, b) in next.port.backends.iter().enumerate() {
                 let key = BackendSlotKey { service_id: next.id, generation: next.generation, slot: slot as u16 };
-                let written = self
+                written = self
                     .maps
                     .slots
                     .insert(key, backend_value(b), 0)
@@ -527,42 +583,50 @@ impl Dataplane {
                             what(&format!("backend {b}")),
                         ))
                     });
-                if let Err(e) = written {
-                    self.remove_slots(next.id, next.generation, slot + 1);
-                    let keep = prev.map(|p| p.backends.as_slice()).unwrap_or_default();
-                    self.remove_members(next.id, &next.backends[..=slot], keep);
-                    return Err(e);
+                slots_written = slot + 1;
+                if written.is_err() {
+                    break;
                 }
             }
         }
-        let value = ServiceValue {
-            id: next.id,
-            backend_count: next.backends.len() as u16,
-            generation: next.generation,
-            flags: if next.affinity_timeout_s.is_some() { SVC_FLAG_AFFINITY } else { 0 },
-            affinity_timeout_s: next.affinity_timeout_s.unwrap_or(0),
-        };
-        let flipped = self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(
-            sizes,
-            MAP_SERVICES,
-            what(&"frontend"),
-        ));
-        if let Err(e) = flipped {
-            if let Some(p) = prev {
-                self.remove_slots(next.id, next.generation, next.backends.len());
-                self.remove_members(next.id, &next.backends, &p.backends);
+        let mut ranges_written = 0;
+        if written.is_ok() {
+            for c in &next.port.source_ranges {
+                written = self.maps.source_ranges.insert(&source_range_key(next.id, c), 1, 0).map_err(insert_err(
+                    sizes,
+                    MAP_SOURCE_RANGES,
+                    what(&format!("source range {c}")),
+                ));
+                if written.is_err() {
+                    break;
+                }
+                ranges_written += 1;
             }
+        }
+        let written = written.and_then(|()| {
+            self.maps
+                .services
+                .insert(service_key(f), service_value(next.id, next.generation, &next.port), 0)
+                .map_err(insert_err(sizes, MAP_SERVICES, what(&"frontend")))
+        });
+        if let Err(e) = written {
+            if new_generation {
+                self.remove_slots(next.id, next.generation, slots_written);
+                self.remove_members(next.id, &next.port.backends[..slots_written], &prev_port.backends);
+            }
+            self.remove_ranges(next.id, &next.port.source_ranges[..ranges_written], &prev_port.source_ranges);
             return Err(e);
         }
-        // The name only serves `lb list`: failing to store it must not fail the service.
-        if let Err(e) = self.maps.names.insert(next.id, encode_name(&next.name), 0) {
-            tracing::warn!(service = %next.name, error = %error_chain(&e), "could not store the service name for lb list");
-        }
         if let Some(p) = prev {
-            if p.generation != next.generation || !p.backends.is_empty() {
-                self.remove_slots(p.id, p.generation, p.backends.len());
-                self.remove_members(p.id, &p.backends, &next.backends);
+            if new_generation {
+                self.remove_slots(p.id, p.generation, p.port.backends.len());
+                self.remove_members(p.id, &p.port.backends, &next.port.backends);
             }
+            self.remove_ranges(p.id, &p.port.source_ranges, &next.port.source_ranges);
+        }
+        // The name only serves `lb list`: failing to store it must not fail the service.
+        if let Err(e) = self.maps.names.insert(next.id, encode_name(&next.port.name), 0) {
+            tracing::warn!(service = %next.port.name, error = %error_chain(&e), "could not store the service name for lb list");
         }
         Ok(())
     }
@@ -575,9 +639,44 @@ impl Dataplane {
 
     /// Removes the membership of `backends` in service `id`, except those also in `keep`.
     fn remove_members(&mut self, id: u32, backends: &[Endpoint], keep: &[Endpoint]) {
-        for b in backends.iter().filter(|b| !keep.contains(b)) {
+        for b in backends.iter().filter(|b| !keep.iter().any(|k| k.ip == b.ip && k.port == b.port)) {
             let _ = self.maps.members.remove(&member_key(id, b));
         }
+    }
+
+    fn remove_ranges(&mut self, id: u32, ranges: &[Cidr], keep: &[Cidr]) {
+        for c in ranges.iter().filter(|c| !keep.contains(c)) {
+            let _ = self.maps.source_ranges.remove(&source_range_key(id, c));
+        }
+    }
+
+    /// Makes `LB_NODE_ADDRS` hold exactly the addresses of this network namespace that lie in
+    /// `cidrs` (all of them if `cidrs` is empty), except loopback. Node ports answer on these.
+    pub fn sync_node_addresses(&mut self, cidrs: &[Cidr]) -> Result<Vec<Ipv4Addr>> {
+        let mut want: BTreeSet<Ipv4Addr> = local_ipv4_addresses()?
+            .into_iter()
+            .filter(|ip| !ip.is_loopback())
+            .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
+            .collect();
+        let key = |ip: &Ipv4Addr| NodeAddrKey {
+            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        };
+        let have: Vec<NodeAddrKey> = self.maps.node_addrs.keys().filter_map(|k| k.ok()).collect();
+        for k in have {
+            if !want.remove(&ipv4(k.addr)) {
+                let _ = self.maps.node_addrs.remove(&k);
+            }
+        }
+        for ip in &want {
+            self.maps.node_addrs.insert(key(ip), 1, 0).map_err(insert_err(
+                self.sizes,
+                MAP_NODE_ADDRS,
+                format!("node address {ip}"),
+            ))?;
+        }
+        Ok(self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect())
     }
 
     fn link_pin(&self, iface: &str) -> PathBuf {
@@ -735,6 +834,39 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// IPv4 addresses of the current network namespace (`getifaddrs(3)`).
+pub fn local_ipv4_addresses() -> Result<Vec<Ipv4Addr>> {
+    Ok(local_ipv4_by_interface()?.into_iter().map(|(_, ip)| ip).collect())
+}
+
+/// (interface, IPv4 address) pairs of the current network namespace.
+pub fn local_ipv4_by_interface() -> Result<Vec<(String, Ipv4Addr)>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(DataplaneError::Io {
+                what: "listing addresses of",
+                path: PathBuf::from("this network namespace"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                out.push((CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned(), ip));
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
 }
 
 /// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which

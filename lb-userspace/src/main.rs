@@ -68,6 +68,14 @@ struct RunArgs {
     /// Conntrack lifetime of an idle UDP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().udp_s)]
     ct_udp_timeout: u64,
+    /// Address that external traffic to a backend on another node is SNATed to (so replies
+    /// return through this node). Default: the IPv4 address of the default route's interface.
+    #[arg(long)]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// Node ports answer only on node addresses inside these CIDRs (comma-separated or
+    /// repeated). Default: every address of the node but loopback.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
@@ -112,12 +120,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Reads and translates the manifests; logs every rejected object.
-fn load_desired(files: &[(PathBuf, String)]) -> DesiredState {
+fn load_desired(files: &[(PathBuf, String)], node_name: &str) -> DesiredState {
     let (objects, errors) = manifests::parse(files);
     for e in &errors {
         error!(error = %e, "manifest object rejected");
     }
-    let t = model::translate(&objects.services, &objects.slices);
+    let t = model::translate(&objects.services, &objects.slices, node_name);
     for e in &t.errors {
         error!(error = %e, "object rejected");
     }
@@ -138,7 +146,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             conntrack: args.map_conntrack,
             affinity: args.map_affinity,
         },
+        node_ip: args.node_ip.or_else(default_route_address),
     };
+    if config.node_ip.is_none() {
+        warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
+    }
     let mut dp = Dataplane::load(&args.pin_dir, &config)
         .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
     info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
@@ -153,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut tick: u64 = 0;
+    let mut node_addrs = Vec::new();
     loop {
         tokio::select! {
             _ = poll.tick() => {}
@@ -161,7 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         match manifests::read_all(&args.manifests) {
             Ok(files) if last_files.as_ref() != Some(&files) => {
-                let desired = load_desired(&files);
+                let desired = load_desired(&files, &args.node_name);
                 let report = dp.apply(&desired);
                 for e in &report.errors {
                     error!(error = %e, "programming failed");
@@ -180,8 +193,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             // Keep serving the last good state: a manifest being rewritten is not an outage.
             Err(e) => warn!(error = %e, "cannot read manifests; keeping the current state"),
         }
-        // Interfaces: at once, then every second.
+        // Interfaces and node addresses: at once, then every second.
         if tick.is_multiple_of(2) {
+            match dp.sync_node_addresses(&args.nodeport_addresses) {
+                Ok(addrs) if addrs != node_addrs => {
+                    info!(addresses = ?addrs, "node port addresses");
+                    node_addrs = addrs;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot update node port addresses"),
+            }
             for e in dp.sync_interfaces(&wanted) {
                 warn!(error = %e, "attach failed");
             }
@@ -194,6 +215,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
     Ok(())
+}
+
+/// The first IPv4 address of the interface holding the default route (`/proc/net/route` is
+/// per network namespace).
+fn default_route_address() -> Option<std::net::Ipv4Addr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let iface = routes.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
+    })?;
+    dataplane::local_ipv4_by_interface().ok()?.into_iter().find(|(i, _)| *i == iface).map(|(_, ip)| ip)
 }
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
@@ -213,10 +245,10 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
     match what {
         ListWhat::Services => {
             let mut rows: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            rows.sort_by_key(|(k, _)| frontend_of(k));
+            rows.sort_by_key(|(k, v)| frontend_of(k, v.flags));
             println!("{:<6} {:<24} {:<8} {:<5} {:<16} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN", "AFFINITY");
             for (k, v) in rows {
-                let f = frontend_of(&k).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
+                let f = frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
                 let affinity = if v.flags & lb_common::SVC_FLAG_AFFINITY != 0 {
                     format!("ClientIP/{}s", v.affinity_timeout_s)
                 } else {
@@ -245,7 +277,7 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
                         .get(&key, 0)
                         .map(|b| endpoint_of(&b).to_string())
                         .unwrap_or_else(|_| "<missing>".into());
-                    rows.push((frontend_of(k), slot, backend, name_of(v.id)));
+                    rows.push((frontend_of(k, v.flags), slot, backend, name_of(v.id)));
                 }
             }
             rows.sort();
@@ -297,7 +329,7 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
                 .iter()
                 .filter_map(Result::ok)
                 .map(|(k, v)| {
-                    (v.id, (frontend_of(&k).map(|f| f.to_string()).unwrap_or_default(), v.affinity_timeout_s))
+                    (v.id, (frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_default(), v.affinity_timeout_s))
                 })
                 .collect();
             println!(

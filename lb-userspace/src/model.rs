@@ -2,15 +2,19 @@
 //! backend sets the datapath must serve. No I/O, no maps; every source (YAML files, the API
 //! server) feeds this, and the dataplane applies its output as a difference.
 //!
-//! Semantics follow kube-proxy: the Service gives frontends; EndpointSlices labelled
+//! Semantics follow kube-proxy: the Service gives frontends (ClusterIP, node ports,
+//! LoadBalancer ingress IPs, external IPs); EndpointSlices labelled
 //! `kubernetes.io/service-name` give backends, matched to service ports by port name and
 //! protocol (the slice already carries the resolved target port number, so a named
 //! `targetPort` is resolved through the slice's port names); endpoints whose `ready` condition is
-//! false are left out (nil means ready, as the API documents).
+//! false are left out (nil means ready, as the API documents). Traffic policies pick which
+//! backends each kind of frontend gets: `internalTrafficPolicy` for the ClusterIP,
+//! `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    str::FromStr,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -63,17 +67,46 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Where clients connect: a ClusterIP, port and protocol.
+/// How a frontend is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// The ClusterIP, from pods (and the node).
+    ClusterIp,
+    /// A LoadBalancer ingress IP or an external IP, from outside.
+    External,
+    /// A node port, on every node address; `ip` is unspecified.
+    NodePort,
+}
+
+/// Where clients connect: an address, port and protocol, and how it is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    pub fn cluster_ip(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self { ip, port, protocol, scope: Scope::ClusterIp }
+    }
+
+    pub fn node_port(port: u16, protocol: Protocol) -> Self {
+        Self { ip: Ipv4Addr::UNSPECIFIED, port, protocol, scope: Scope::NodePort }
+    }
+
+    pub fn external(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self { ip, port, protocol, scope: Scope::External }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        match self.scope {
+            Scope::NodePort => write!(f, "*:{}/{}", self.port, self.protocol),
+            _ => write!(f, "{}:{}/{}", self.ip, self.port, self.protocol),
+        }
     }
 }
 
@@ -82,6 +115,8 @@ impl fmt::Display for Frontend {
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// The endpoint's `nodeName` is this node.
+    pub local: bool,
 }
 
 impl fmt::Display for Endpoint {
@@ -90,14 +125,61 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// What one frontend must do: its readable name and its ready backends (sorted, unique).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An IPv4 prefix, as in `loadBalancerSourceRanges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let len: u8 = l.parse().ok().filter(|&l| l <= 32).ok_or_else(|| format!("{s:?} has a bad prefix length"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What one frontend must do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     /// `namespace/name:port-name` (the port part omitted for unnamed ports).
     pub name: String,
+    /// Ready backends for this frontend (sorted, unique), already narrowed by traffic policy.
     pub backends: Vec<Endpoint>,
     /// `sessionAffinity: ClientIP` with this timeout in seconds; `None` for `None`.
     pub affinity_timeout_s: Option<u32>,
+    /// Reached from outside: flows to remote backends are SNATed to the node.
+    pub external: bool,
+    /// Traffic policy `Local`: only local backends, and none means drop.
+    pub local_only: bool,
+    /// `loadBalancerSourceRanges` (LoadBalancer IPs only); empty admits everyone.
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// kube-proxy's health check for `externalTrafficPolicy: Local` LoadBalancers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `namespace/name`.
+    pub service: String,
+    pub local_endpoints: usize,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -109,6 +191,8 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, ServicePort>,
+    /// `healthCheckNodePort` -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// Why one object was rejected. The object is left out; everything else is still programmed.
@@ -138,6 +222,7 @@ struct PortSpec {
     name: String,
     port: u16,
     protocol: Protocol,
+    node_port: Option<u16>,
 }
 
 /// A Service after validation: what it asks the datapath for, before endpoints are known.
@@ -148,6 +233,24 @@ struct ServiceSpec {
     cluster_ip: Ipv4Addr,
     ports: Vec<PortSpec>,
     affinity_timeout_s: Option<u32>,
+    external_local: bool,
+    internal_local: bool,
+    external_ips: Vec<Ipv4Addr>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Cidr>,
+    health_check_node_port: Option<u16>,
+}
+
+fn port_number(v: i32) -> Option<u16> {
+    u16::try_from(v).ok().filter(|&p| p != 0)
+}
+
+fn ipv4_field(ip: &str, field: &str, err: &dyn Fn(&str, String) -> TranslateError) -> Result<Ipv4Addr, TranslateError> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(ip),
+        Ok(IpAddr::V6(_)) => Err(err(field, format!("{ip}: IPv6 is not supported by lb yet"))),
+        Err(_) => Err(err(field, format!("{ip:?} is not an IP address"))),
+    }
 }
 
 /// Validates one Service. `Ok(None)` means the Service is valid but programs nothing
@@ -168,9 +271,9 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
     let Some(spec) = svc.spec.as_ref() else {
         return Err(err("spec", "required".into()));
     };
-    match spec.type_.as_deref().unwrap_or("ClusterIP") {
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    match svc_type {
         "ExternalName" => return Ok(None),
-        // NodePort and LoadBalancer Services have a ClusterIP too; it is served like any other.
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
         other => return Err(err("spec.type", format!("unknown type {other:?}"))),
     }
@@ -182,11 +285,7 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
                 "required: without an API server there is no allocator, so set it explicitly".into(),
             ))
         }
-        Some(ip) => match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => ip,
-            Ok(IpAddr::V6(_)) => return Err(err("spec.clusterIP", format!("{ip}: IPv6 is not supported by lb yet"))),
-            Err(_) => return Err(err("spec.clusterIP", format!("{ip:?} is not an IP address"))),
-        },
+        Some(ip) => ipv4_field(ip, "spec.clusterIP", &err)?,
     };
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
@@ -211,6 +310,18 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
             return Err(err("spec.sessionAffinity", format!("{other:?} is not one of \"None\", \"ClientIP\"")))
         }
     };
+    let policy = |field: &str, v: Option<&str>| match v {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(err(field, format!("{other:?} is not one of \"Cluster\", \"Local\""))),
+    };
+    let external_local = policy("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())?;
+    let internal_local = policy("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    let has_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let is_lb = svc_type == "LoadBalancer";
+    let node_ports_required =
+        svc_type == "NodePort" || (is_lb && spec.allocate_load_balancer_node_ports != Some(false));
+
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() {
         return Err(err("spec.ports", "at least one port is required".into()));
@@ -218,9 +329,7 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
     let mut out = Vec::with_capacity(ports.len());
     let mut seen = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
-        let port = u16::try_from(p.port)
-            .ok()
-            .filter(|&p| p != 0)
+        let port = port_number(p.port)
             .ok_or_else(|| err(&format!("spec.ports[{i}].port"), format!("{} is not in 1..65535", p.port)))?;
         let protocol = Protocol::parse(p.protocol.as_deref())
             .map_err(|reason| err(&format!("spec.ports[{i}].protocol"), reason))?;
@@ -231,8 +340,57 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
         if !seen.insert((port, protocol)) {
             return Err(err(&format!("spec.ports[{i}]"), format!("duplicate port {port}/{protocol}")));
         }
-        out.push(PortSpec { name: pname, port, protocol });
+        let node_port = match (has_node_ports, p.node_port) {
+            (false, _) => None,
+            (true, Some(n)) => Some(
+                port_number(n)
+                    .ok_or_else(|| err(&format!("spec.ports[{i}].nodePort"), format!("{n} is not in 1..65535")))?,
+            ),
+            (true, None) if node_ports_required => {
+                return Err(err(
+                    &format!("spec.ports[{i}].nodePort"),
+                    "required: without an API server there is no allocator, so set it explicitly".into(),
+                ))
+            }
+            (true, None) => None,
+        };
+        out.push(PortSpec { name: pname, port, protocol, node_port });
     }
+    let mut external_ips = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        external_ips.push(ipv4_field(ip, &format!("spec.externalIPs[{i}]"), &err)?);
+    }
+    let mut lb_ips = Vec::new();
+    let mut source_ranges = Vec::new();
+    if is_lb {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // `ipMode: Proxy` means the load balancer proxies to node ports itself; kube-proxy
+            // then leaves the address alone, and so do we.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(ip) = &ing.ip {
+                lb_ips.push(ipv4_field(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
+            }
+        }
+        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            source_ranges.push(r.parse().map_err(|e| err(&format!("spec.loadBalancerSourceRanges[{i}]"), e))?);
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
+    let health_check_node_port = if is_lb && external_local {
+        let n = spec.health_check_node_port.ok_or_else(|| {
+            err(
+                "spec.healthCheckNodePort",
+                "required for externalTrafficPolicy: Local: without an API server there is no allocator".into(),
+            )
+        })?;
+        Some(port_number(n).ok_or_else(|| err("spec.healthCheckNodePort", format!("{n} is not in 1..65535")))?)
+    } else {
+        None
+    };
     Ok(Some(ServiceSpec {
         object,
         namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -240,17 +398,30 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
         cluster_ip,
         ports: out,
         affinity_timeout_s,
+        external_local,
+        internal_local,
+        external_ips,
+        lb_ips,
+        source_ranges,
+        health_check_node_port,
     }))
+}
+
+/// One endpoint of a slice: its address and whether it runs on this node.
+#[derive(Clone, Copy)]
+struct ReadyAddr {
+    ip: Ipv4Addr,
+    local: bool,
 }
 
 /// One usable slice: its ports and ready IPv4 addresses, validated.
 struct SliceSpec {
     ports: Vec<(String, Protocol, u16)>,
-    ready: Vec<Ipv4Addr>,
+    ready: Vec<ReadyAddr>,
 }
 
 /// Validates one EndpointSlice. `Ok(None)`: valid but carries nothing for us (IPv6, FQDN).
-fn slice_spec(slice: &EndpointSlice) -> Result<Option<SliceSpec>, TranslateError> {
+fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Result<Option<SliceSpec>, TranslateError> {
     let object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
     let err = |field: String, reason: String| TranslateError::Slice { object: object.clone(), field, reason };
     if slice.address_type != "IPv4" {
@@ -261,30 +432,30 @@ fn slice_spec(slice: &EndpointSlice) -> Result<Option<SliceSpec>, TranslateError
         // A nil port means "all ports" and is only meaningful with no port names; kube-proxy
         // skips such entries, and so do we.
         let Some(port) = p.port else { continue };
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| err(format!("ports[{i}].port"), format!("{port} is not in 1..65535")))?;
+        let port =
+            port_number(port).ok_or_else(|| err(format!("ports[{i}].port"), format!("{port} is not in 1..65535")))?;
         let protocol = Protocol::parse(p.protocol.as_deref()).map_err(|r| err(format!("ports[{i}].protocol"), r))?;
         ports.push((p.name.clone().unwrap_or_default(), protocol, port));
     }
     let mut ready = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let is_ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let local = ep.node_name.as_deref() == Some(node_name);
         for (j, a) in ep.addresses.iter().enumerate() {
             let ip: Ipv4Addr = a
                 .parse()
                 .map_err(|_| err(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")))?;
             if is_ready {
-                ready.push(ip);
+                ready.push(ReadyAddr { ip, local });
             }
         }
     }
     Ok(Some(SliceSpec { ports, ready }))
 }
 
-/// Translates the whole object set. Invalid objects are reported and left out alone.
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+/// Translates the whole object set as seen by node `node_name`. Invalid objects are reported
+/// and left out alone.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> Translation {
     let mut out = Translation::default();
 
     // Slices grouped by (namespace, service name).
@@ -293,7 +464,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
         let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
             continue;
         };
-        match slice_spec(slice) {
+        match slice_spec(slice, node_name) {
             Ok(Some(spec)) => by_service
                 .entry((slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc_name.clone()))
                 .or_default()
@@ -315,10 +486,65 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
     specs.sort_by(|a, b| a.object.cmp(&b.object));
 
     let mut owners: BTreeMap<Frontend, String> = BTreeMap::new();
+    let mut health_owners: BTreeMap<u16, String> = BTreeMap::new();
     'services: for spec in specs {
-        let frontends: Vec<Frontend> =
-            spec.ports.iter().map(|p| Frontend { ip: spec.cluster_ip, port: p.port, protocol: p.protocol }).collect();
-        for f in &frontends {
+        let slices = by_service.get(&(spec.namespace.clone(), spec.name.clone()));
+        let mut entries: Vec<(Frontend, ServicePort)> = Vec::new();
+        for port in &spec.ports {
+            let mut all = BTreeSet::new();
+            for slice in slices.into_iter().flatten() {
+                for (pname, proto, target) in &slice.ports {
+                    if *pname == port.name && *proto == port.protocol {
+                        all.extend(slice.ready.iter().map(|a| Endpoint { ip: a.ip, port: *target, local: a.local }));
+                    }
+                }
+            }
+            let mut all: Vec<Endpoint> = all.into_iter().collect();
+            // The same address may be listed twice (two slices); keep one.
+            all.dedup_by_key(|e| (e.ip, e.port));
+            if all.len() > MAX_BACKENDS_PER_SERVICE as usize {
+                out.errors.push(TranslateError::Service {
+                    object: spec.object.clone(),
+                    field: "endpoints".into(),
+                    reason: format!(
+                        "{} ready endpoints for port {:?}; only the first {} are used",
+                        all.len(),
+                        port.name,
+                        MAX_BACKENDS_PER_SERVICE
+                    ),
+                });
+                all.truncate(MAX_BACKENDS_PER_SERVICE as usize);
+            }
+            let local: Vec<Endpoint> = all.iter().copied().filter(|e| e.local).collect();
+            let name =
+                if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
+            let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
+            let internal = ServicePort {
+                backends: if spec.internal_local { local.clone() } else { all.clone() },
+                local_only: spec.internal_local,
+                ..base.clone()
+            };
+            let external = ServicePort {
+                backends: if spec.external_local { local } else { all },
+                local_only: spec.external_local,
+                external: true,
+                ..base
+            };
+            entries.push((Frontend::cluster_ip(spec.cluster_ip, port.port, port.protocol), internal));
+            if let Some(np) = port.node_port {
+                entries.push((Frontend::node_port(np, port.protocol), external.clone()));
+            }
+            for ip in &spec.lb_ips {
+                let with_ranges = ServicePort { source_ranges: spec.source_ranges.clone(), ..external.clone() };
+                entries.push((Frontend::external(*ip, port.port, port.protocol), with_ranges));
+            }
+            for ip in &spec.external_ips {
+                entries.push((Frontend::external(*ip, port.port, port.protocol), external.clone()));
+            }
+        }
+        // All of a Service or nothing: a clash on any frontend rejects it whole.
+        let mut seen = BTreeSet::new();
+        for (f, _) in &entries {
             if let Some(owner) = owners.get(f) {
                 out.errors.push(TranslateError::Conflict {
                     object: spec.object.clone(),
@@ -327,37 +553,34 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                 });
                 continue 'services;
             }
-        }
-        let slices = by_service.get(&(spec.namespace.clone(), spec.name.clone()));
-        for (port, frontend) in spec.ports.iter().zip(frontends) {
-            let mut backends = BTreeSet::new();
-            for slice in slices.into_iter().flatten() {
-                for (pname, proto, target) in &slice.ports {
-                    if *pname == port.name && *proto == port.protocol {
-                        backends.extend(slice.ready.iter().map(|&ip| Endpoint { ip, port: *target }));
-                    }
-                }
+            if !seen.insert(*f) {
+                out.errors.push(TranslateError::Conflict {
+                    object: spec.object.clone(),
+                    frontend: *f,
+                    owner: spec.object.clone(),
+                });
+                continue 'services;
             }
-            let mut backends: Vec<Endpoint> = backends.into_iter().collect();
-            if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        }
+        if let Some(hc) = spec.health_check_node_port {
+            if let Some(owner) = health_owners.get(&hc) {
                 out.errors.push(TranslateError::Service {
                     object: spec.object.clone(),
-                    field: "endpoints".into(),
-                    reason: format!(
-                        "{} ready endpoints for port {:?}; only the first {} are used",
-                        backends.len(),
-                        port.name,
-                        MAX_BACKENDS_PER_SERVICE
-                    ),
+                    field: "spec.healthCheckNodePort".into(),
+                    reason: format!("{hc} is already used by Service {owner}"),
                 });
-                backends.truncate(MAX_BACKENDS_PER_SERVICE as usize);
+                continue 'services;
             }
-            let name =
-                if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
-            owners.insert(frontend, spec.object.clone());
+            let local_endpoints: BTreeSet<Ipv4Addr> =
+                slices.into_iter().flatten().flat_map(|s| s.ready.iter()).filter(|a| a.local).map(|a| a.ip).collect();
+            health_owners.insert(hc, spec.object.clone());
             out.state
-                .services
-                .insert(frontend, ServicePort { name, backends, affinity_timeout_s: spec.affinity_timeout_s });
+                .health_checks
+                .insert(hc, HealthCheck { service: spec.object.clone(), local_endpoints: local_endpoints.len() });
+        }
+        for (f, sp) in entries {
+            owners.insert(f, spec.object.clone());
+            out.state.services.insert(f, sp);
         }
     }
     out
@@ -370,18 +593,27 @@ mod tests {
     use super::*;
     use crate::manifests;
 
+    /// Translates as seen from a node that hosts none of the endpoints.
     fn run(yaml: &str) -> Translation {
+        run_on(yaml, "some-other-node")
+    }
+
+    fn run_on(yaml: &str, node: &str) -> Translation {
         let (objects, errors) = manifests::parse(&[(PathBuf::from("t.yaml"), yaml.to_string())]);
         assert!(errors.is_empty(), "{errors:?}");
-        translate(&objects.services, &objects.slices)
+        translate(&objects.services, &objects.slices, node)
     }
 
     fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-        Frontend { ip: ip.parse().unwrap(), port, protocol }
+        Frontend::cluster_ip(ip.parse().unwrap(), port, protocol)
     }
 
     fn ep(ip: &str, port: u16) -> Endpoint {
-        Endpoint { ip: ip.parse().unwrap(), port }
+        Endpoint { ip: ip.parse().unwrap(), port, local: false }
+    }
+
+    fn local_ep(ip: &str, port: u16) -> Endpoint {
+        Endpoint { ip: ip.parse().unwrap(), port, local: true }
     }
 
     const WEB: &str = r#"
@@ -672,14 +904,171 @@ spec: {clusterIP: 10.96.0.6, sessionAffinity: Cookie, ports: [{port: 80}]}
         assert!(errors[2].contains("default/zero: field spec.sessionAffinityConfig.clientIP.timeoutSeconds:"));
     }
 
+    /// The lab's `svc-np.yml`: the ClusterIP on the service port, and the node port.
     #[test]
-    fn nodeport_and_loadbalancer_services_serve_their_cluster_ip() {
+    fn node_port_service_serves_its_cluster_ip_and_its_node_port() {
         let t = run(r#"
 apiVersion: v1
 kind: Service
 metadata: {name: node-port}
-spec: {type: NodePort, clusterIP: 10.97.190.203, ports: [{port: 8080, targetPort: 80, nodePort: 30080}]}
+spec: {type: NodePort, clusterIP: 10.97.190.203, ports: [{port: 8080, protocol: TCP, targetPort: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: node-port-1, labels: {kubernetes.io/service-name: node-port}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.2.5"], nodeName: node-b}]
 "#);
-        assert!(t.state.services.contains_key(&fe("10.97.190.203", 8080, Protocol::Tcp)));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let s = &t.state.services;
+        let cip = &s[&fe("10.97.190.203", 8080, Protocol::Tcp)];
+        assert!(!cip.external && !cip.local_only);
+        let np = &s[&Frontend::node_port(30080, Protocol::Tcp)];
+        assert!(np.external && !np.local_only);
+        assert_eq!(np.backends, vec![ep("10.244.2.5", 80)]);
+        // The ClusterIP with the node port is not a frontend.
+        assert!(!s.contains_key(&fe("10.97.190.203", 30080, Protocol::Tcp)));
+        assert_eq!(s.len(), 2);
+    }
+
+    const LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: load-bal}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.101.245.108
+  externalIPs: [192.168.49.50]
+  loadBalancerSourceRanges: [192.168.49.0/28, 10.0.0.7/32]
+  ports: [{port: 8080, protocol: TCP, targetPort: 80, nodePort: 30088}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 192.168.49.200}
+    - {ip: 192.168.49.201, ipMode: Proxy}
+    - {hostname: lb.example.com}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: load-bal-1, labels: {kubernetes.io/service-name: load-bal}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: ["10.244.1.5"], nodeName: node-a}
+- {addresses: ["10.244.2.5"], nodeName: node-b}
+"#;
+
+    #[test]
+    fn load_balancer_ingress_ips_external_ips_and_source_ranges() {
+        let t = run_on(LB, "node-a");
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let s = &t.state.services;
+        let all = vec![local_ep("10.244.1.5", 80), ep("10.244.2.5", 80)];
+        let lb = &s[&Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp)];
+        assert_eq!(lb.backends, all);
+        assert!(lb.external);
+        assert_eq!(
+            lb.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.7/32", "192.168.49.0/28"]
+        );
+        // ipMode: Proxy and hostname-only ingress entries are not served.
+        assert!(!s.contains_key(&Frontend::external("192.168.49.201".parse().unwrap(), 8080, Protocol::Tcp)));
+        // External IPs: served, without the source ranges (they are for LoadBalancer IPs).
+        let ext = &s[&Frontend::external("192.168.49.50".parse().unwrap(), 8080, Protocol::Tcp)];
+        assert!(ext.external && ext.source_ranges.is_empty());
+        // Node port: no source ranges either.
+        assert!(s[&Frontend::node_port(30088, Protocol::Tcp)].source_ranges.is_empty());
+        assert_eq!(s.len(), 4);
+        assert!(t.state.health_checks.is_empty());
+    }
+
+    #[test]
+    fn traffic_policies_narrow_backends_per_kind_of_frontend() {
+        let local_ext = LB.replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+        );
+        let t = run_on(&local_ext, "node-a");
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let s = &t.state.services;
+        // External frontends: local endpoints only, and marked local-only (drop when empty).
+        for f in [
+            Frontend::node_port(30088, Protocol::Tcp),
+            Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp),
+        ] {
+            assert_eq!(s[&f].backends, vec![local_ep("10.244.1.5", 80)], "{f}");
+            assert!(s[&f].local_only);
+        }
+        // The ClusterIP keeps every endpoint (internalTrafficPolicy is Cluster).
+        assert_eq!(s[&fe("10.101.245.108", 8080, Protocol::Tcp)].backends.len(), 2);
+        assert_eq!(
+            t.state.health_checks[&32000],
+            HealthCheck { service: "default/load-bal".into(), local_endpoints: 1 }
+        );
+
+        // On a node without local endpoints the external frontends are empty but present.
+        let t = run_on(&local_ext, "node-c");
+        assert!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.is_empty());
+        assert_eq!(t.state.health_checks[&32000].local_endpoints, 0);
+
+        let local_int = LB.replace("  type: LoadBalancer\n", "  type: LoadBalancer\n  internalTrafficPolicy: Local\n");
+        let t = run_on(&local_int, "node-b");
+        let cip = &t.state.services[&fe("10.101.245.108", 8080, Protocol::Tcp)];
+        assert_eq!(cip.backends, vec![local_ep("10.244.2.5", 80)]);
+        assert!(cip.local_only && !cip.external);
+        assert_eq!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.len(), 2);
+    }
+
+    #[test]
+    fn malformed_external_fields_are_rejected_alone() {
+        let cases = [
+            ("np-missing", "{type: NodePort, clusterIP: 10.96.1.1, ports: [{port: 80}]}", "spec.ports[0].nodePort"),
+            ("np-big", "{type: NodePort, clusterIP: 10.96.1.2, ports: [{port: 80, nodePort: 70000}]}", "spec.ports[0].nodePort"),
+            ("etp", "{type: NodePort, externalTrafficPolicy: Nearby, clusterIP: 10.96.1.3, ports: [{port: 80, nodePort: 30003}]}", "spec.externalTrafficPolicy"),
+            ("itp", "{internalTrafficPolicy: Maybe, clusterIP: 10.96.1.4, ports: [{port: 80}]}", "spec.internalTrafficPolicy"),
+            ("ext-ip", "{clusterIP: 10.96.1.5, externalIPs: [not-an-ip], ports: [{port: 80}]}", "spec.externalIPs[0]"),
+            ("range", "{type: LoadBalancer, clusterIP: 10.96.1.6, loadBalancerSourceRanges: [10.0.0.0/33], ports: [{port: 80, nodePort: 30006}]}", "spec.loadBalancerSourceRanges[0]"),
+            ("hc", "{type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.1.7, ports: [{port: 80, nodePort: 30007}]}", "spec.healthCheckNodePort"),
+        ];
+        let mut yaml = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30002}]}\n");
+        for (name, spec, _) in cases {
+            yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"));
+        }
+        let t = run(&yaml);
+        assert_eq!(t.state.services.len(), 2, "only the good Service: {:#?}", t.state.services.keys());
+        assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
+        for (name, _, field) in cases {
+            let e = t.errors.iter().find(|e| e.to_string().contains(&format!("default/{name}:"))).unwrap();
+            assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn two_services_on_one_node_port_conflict() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}]}
+"#);
+        assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
+        assert!(!t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b is rejected whole");
+    }
+
+    #[test]
+    fn cidr_parsing_and_matching() {
+        let c: Cidr = "192.168.49.7/28".parse().unwrap();
+        assert_eq!(c.to_string(), "192.168.49.0/28");
+        assert!(c.contains("192.168.49.15".parse().unwrap()));
+        assert!(!c.contains("192.168.49.16".parse().unwrap()));
+        assert_eq!("10.0.0.1".parse::<Cidr>().unwrap().len, 32);
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/40".parse::<Cidr>().is_err());
     }
 }
