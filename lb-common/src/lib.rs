@@ -50,8 +50,9 @@ pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
-/// Name of the tc program in the object file.
+/// Names of the programs in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
+pub const PROG_XDP: &str = "lb_xdp";
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
@@ -292,8 +293,12 @@ pub enum Counter {
     FwdSnat = 16,
 }
 
-/// Number of counters; size of the stats array.
+/// Number of counters per hook.
 pub const COUNTER_MAX: u32 = 17;
+/// Hooks with their own counters: tc (0) and XDP (1). The stats array holds
+/// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
+pub const HOOKS: u32 = 2;
+pub const HOOK_NAMES: [&str; HOOKS as usize] = ["tc", "xdp"];
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_MAX as usize] = [

@@ -1,12 +1,15 @@
-//! Kernel side of `lb`: Kubernetes Service translation at tc ingress.
+//! Kernel side of `lb`: Kubernetes Service translation at tc ingress (every interface) and at
+//! XDP (the node's external interfaces, ahead of the stack).
 //!
-//! The entry point reads as the pipeline it is (Katran's `process_packet`, Cilium's
-//! `lb4_local`): parse -> service lookup -> conntrack -> backend selection for new flows ->
-//! NAT; and for packets that are not to a service, conntrack -> reverse NAT of replies.
+//! The pipeline reads as what it is (Katran's `process_packet`, Cilium's `lb4_local`):
+//! parse -> service lookup -> source ranges -> conntrack -> backend selection and SNAT choice
+//! for new flows -> NAT; for packets not addressed to a service: conntrack -> reverse NAT of
+//! replies. Both hooks run the same pipeline; `ctx::Packet` holds what differs between them.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod ctx;
 mod maps;
 mod nat;
 mod parse;
@@ -16,50 +19,60 @@ mod service;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
     conntrack::{Forward, Translation},
+    ctx::Packet,
     nat::{Side, Snat},
     parse::{Headers, Parsed},
-    stats::count,
 };
-
-/// "No opinion": lets later programs in a TCX chain (or the default action) decide. Used for
-/// every packet we leave alone, so we compose with other tc users.
-const TC_ACT_UNSPEC: i32 = -1;
 
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    pipeline(&ctx)
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    pipeline(&ctx) as u32
+}
+
+#[inline(always)]
+fn pipeline<P: Packet>(ctx: &P) -> i32 {
     let h = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(h) => h,
-        Parsed::NotIp => return pass(Counter::PassNotIp),
-        Parsed::Malformed => return pass(Counter::PassMalformed),
-        Parsed::Fragment => return pass(Counter::PassFragment),
-        Parsed::OtherProto => return pass(Counter::PassOtherProto),
+        Parsed::NotIp => return pass(ctx, Counter::PassNotIp),
+        Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
+        Parsed::Fragment => return pass(ctx, Counter::PassFragment),
+        Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
     match service::lookup(&h.flow) {
-        Some(svc) => to_service(&ctx, &h, &svc),
-        None => maybe_reply(&ctx, &h),
+        Some(svc) => to_service(ctx, &h, &svc),
+        None => maybe_reply(ctx, &h),
     }
 }
 
 #[inline(always)]
-fn pass(counter: Counter) -> i32 {
-    count(counter);
-    TC_ACT_UNSPEC
+fn pass<P: Packet>(ctx: &P, counter: Counter) -> i32 {
+    ctx.count(counter);
+    P::UNTOUCHED
+}
+
+#[inline(always)]
+fn drop<P: Packet>(ctx: &P, counter: Counter) -> i32 {
+    ctx.count(counter);
+    P::DROP
 }
 
 /// A packet addressed to a service frontend.
 #[inline(always)]
-fn to_service(ctx: &TcContext, h: &Headers, svc: &ServiceValue) -> i32 {
+fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue) -> i32 {
     if !service::source_allowed(svc, &h.flow) {
-        count(Counter::DropSourceRange);
-        return TC_ACT_SHOT as i32;
+        return drop(ctx, Counter::DropSourceRange);
     }
     let now = conntrack::now();
     let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
@@ -74,46 +87,38 @@ fn to_service(ctx: &TcContext, h: &Headers, svc: &ServiceValue) -> i32 {
         None => Ok(()),
     });
     if rewritten.is_err() {
-        count(Counter::DropRewrite);
-        return TC_ACT_SHOT as i32;
+        return drop(ctx, Counter::DropRewrite);
     }
-    count(counter);
-    TC_ACT_OK as i32
+    ctx.count(counter);
+    P::FORWARD
 }
 
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow
 /// that must not be forwarded.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, h: &Headers, svc: &ServiceValue, now: u64) -> Result<Translation, i32> {
+fn new_flow<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, now: u64) -> Result<Translation, i32> {
     if svc.backend_count == 0 {
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
             // so that a load balancer health-checking nodes moves traffic elsewhere.
-            count(Counter::DropNoLocalBackend);
-            return Err(TC_ACT_SHOT as i32);
+            return Err(drop(ctx, Counter::DropNoLocalBackend));
         }
-        count(Counter::RejectNoBackend);
-        return Err(reject::port_unreachable(ctx, h));
+        return Err(ctx.refuse(h));
     }
-    let Some(backend) = select::select(svc, &h.flow, now) else {
-        count(Counter::DropSlotMissing);
-        return Err(TC_ACT_SHOT as i32);
+    let Some(backend) = select::select(P::HOOK, svc, &h.flow, now) else {
+        return Err(drop(ctx, Counter::DropSlotMissing));
     };
     let snat = match nat::snat_for(svc, &backend, &h.flow, now) {
         Snat::No => None,
         Snat::To(addr, port) => {
-            count(Counter::FwdSnat);
+            ctx.count(Counter::FwdSnat);
             Some((addr, port))
         }
-        Snat::Exhausted => {
-            count(Counter::DropSnatPorts);
-            return Err(TC_ACT_SHOT as i32);
-        }
+        Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
     };
     let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat };
     if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now).is_err() {
-        count(Counter::DropCtInsert);
-        return Err(TC_ACT_SHOT as i32);
+        return Err(drop(ctx, Counter::DropCtInsert));
     }
     Ok(t)
 }
@@ -121,20 +126,19 @@ fn new_flow(ctx: &TcContext, h: &Headers, svc: &ServiceValue, now: u64) -> Resul
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
 /// was SNATed, its destination) restored.
 #[inline(always)]
-fn maybe_reply(ctx: &TcContext, h: &Headers) -> i32 {
+fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
-        return pass(Counter::PassNotService);
+        return pass(ctx, Counter::PassNotService);
     };
     let rewritten = nat::rewrite(ctx, h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
         Some((addr, port)) => nat::rewrite(ctx, h, Side::Dst, addr, port),
         None => Ok(()),
     });
     if rewritten.is_err() {
-        count(Counter::DropRewrite);
-        return TC_ACT_SHOT as i32;
+        return drop(ctx, Counter::DropRewrite);
     }
-    count(Counter::ReplyTranslated);
-    TC_ACT_OK as i32
+    ctx.count(Counter::ReplyTranslated);
+    P::FORWARD
 }
 
 #[cfg(not(test))]

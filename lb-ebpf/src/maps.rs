@@ -37,9 +37,10 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pin
 #[map(name = "LB_CONNTRACK")]
 pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
-/// Verdict and drop-reason counters, indexed by `lb_common::Counter`.
+/// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
+/// `lb_common::Counter`.
 #[map(name = "LB_STATS")]
-pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX, 0);
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX * lb_common::HOOKS, 0);
 
 /// Service id -> readable name, for `lb list`. The datapath never reads it; it lives here so it
 /// is pinned beside the maps it describes and survives agent restarts with them.

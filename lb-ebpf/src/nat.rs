@@ -1,20 +1,16 @@
-//! Stage 5: rewrite addresses and ports, with incremental checksum updates.
+//! Stage 5: rewrite addresses and ports, with incremental checksum updates, and decide SNAT.
 //!
 //! The IPv4 header checksum is always complete, so it is patched by hand (RFC 1624). The L4
-//! checksum goes through `bpf_l4_csum_replace`, because at tc a locally generated packet is
-//! often CHECKSUM_PARTIAL: its checksum field holds only the pseudo-header sum and the device
-//! (or veth peer) finishes it. The helper's BPF_F_PSEUDO_HDR flag updates such a field
-//! correctly for the address change, and the port change is left out of it, as
-//! `inet_proto_csum_replace2` does for partial checksums; a hand-written update would corrupt
-//! every offloaded packet.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
-};
+//! checksum is the hook's business (`ctx::Packet::l4_csum`): at tc a locally generated packet
+//! is often CHECKSUM_PARTIAL, its checksum field holding only the pseudo-header sum that the
+//! device (or veth peer) finishes, and only `bpf_l4_csum_replace` with BPF_F_PSEUDO_HDR updates
+//! such a field correctly; a hand-written update would corrupt every offloaded packet. XDP
+//! sees frames from a wire, whose checksums are complete, and patches them by hand.
 use lb_common::{Backend, ServiceValue, BACKEND_FLAG_LOCAL, PROTO_TCP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
     conntrack,
+    ctx::Packet,
     parse::{ptr_at, Flow, Headers, ETH_LEN},
 };
 
@@ -80,6 +76,15 @@ pub enum Side {
     Src,
 }
 
+/// Ones' complement update of a 16-bit checksum for a 16-bit field change (RFC 1624 eqn. 3).
+#[inline(always)]
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// Ones' complement update of a 16-bit checksum for a 32-bit field change (RFC 1624 eqn. 3).
 /// Works on values in memory order: ones' complement sums are byte-order independent.
 #[inline(always)]
@@ -94,7 +99,7 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
 /// Rewrites one end of the packet to `addr:port` (network order). Errors carry the helper's
 /// return code.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, h: &Headers, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, side: Side, addr: u32, port: u16) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (ip_off, port_off, old_addr, old_port) = match side {
         Side::Dst => (IP_DST_OFF, h.l4_off + 2, h.flow.dst, h.flow.dport),
@@ -114,18 +119,11 @@ pub fn rewrite(ctx: &TcContext, h: &Headers, side: Side, addr: u32, port: u16) -
         ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
         l4_port.write_unaligned(port);
     }
-    let (csum_off, mangled0) = if h.flow.proto == PROTO_TCP {
-        (h.l4_off + TCP_CSUM_OFF, 0)
-    } else {
-        if h.udp_csum_zero {
-            // RFC 768: zero means "no checksum"; it must stay zero.
-            return Ok(());
-        }
-        (h.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
-    };
-    ctx.l4_csum_replace(csum_off, old_addr as u64, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)?;
-    if old_port != port {
-        ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled0 | 2)?;
+    let udp = h.flow.proto != PROTO_TCP;
+    if udp && h.udp_csum_zero {
+        // RFC 768: zero means "no checksum"; it must stay zero.
+        return Ok(());
     }
-    Ok(())
+    let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    ctx.l4_csum(csum_off, (old_addr, addr), (old_port, port), udp)
 }

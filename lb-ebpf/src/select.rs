@@ -19,7 +19,7 @@ use crate::{
 /// `svc.backend_count` must be non-zero. `None` means the slot the service points at is gone,
 /// which only happens if the agent broke its own write ordering.
 #[inline(always)]
-pub fn select(svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
+pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
     if svc.flags & SVC_FLAG_AFFINITY == 0 {
         return by_hash(svc, flow);
     }
@@ -31,7 +31,7 @@ pub fn select(svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
         let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
         if now.saturating_sub(pin.last_used_ns) <= timeout_ns && still_member(svc, pin) {
             pin.last_used_ns = now;
-            count(Counter::AffinityHit);
+            count(hook, Counter::AffinityHit);
             return Some(pin.backend);
         }
     }

@@ -15,7 +15,8 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
-        SchedClassifier,
+        xdp::XdpLink,
+        SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -23,7 +24,7 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
     MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, MAP_STATS,
-    PROG_TC_INGRESS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+    PROG_TC_INGRESS, PROG_XDP, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
     SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -41,7 +42,7 @@ pub enum DataplaneError {
     NotBpffs { path: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {PROG_TC_INGRESS}: {0}")]
+    #[error("program: {0}")]
     Program(#[from] aya::programs::ProgramError),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
@@ -347,10 +348,10 @@ pub struct Dataplane {
     sizes: MapSizes,
     pin_dir: PathBuf,
     programmed: BTreeMap<Frontend, Programmed>,
-    /// Interface name -> (ifindex, pinned link).
-    attached: StdHashMap<String, (u32, PinnedLink)>,
-    /// Last attach error per interface, so a persistent failure is reported once, not per poll.
-    attach_failures: StdHashMap<String, String>,
+    /// (interface, hook) -> (ifindex, pinned link).
+    attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
+    /// Last attach error per interface and hook, so a persistent failure is reported once.
+    attach_failures: StdHashMap<(String, Hook), String>,
 }
 
 impl Dataplane {
@@ -381,6 +382,9 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?
             .try_into()?;
         prog.load()?;
+        let xdp: &mut Xdp =
+            ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
+        xdp.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let mut dp = Self {
             ebpf,
@@ -397,6 +401,11 @@ impl Dataplane {
 
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn xdp_program(&self) -> &Xdp {
+        self.ebpf.program(PROG_XDP).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
     }
 
     /// The loaded tc program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
@@ -653,11 +662,17 @@ impl Dataplane {
     /// Makes `LB_NODE_ADDRS` hold exactly the addresses of this network namespace that lie in
     /// `cidrs` (all of them if `cidrs` is empty), except loopback. Node ports answer on these.
     pub fn sync_node_addresses(&mut self, cidrs: &[Cidr]) -> Result<Vec<Ipv4Addr>> {
-        let mut want: BTreeSet<Ipv4Addr> = local_ipv4_addresses()?
+        let want: Vec<Ipv4Addr> = local_ipv4_addresses()?
             .into_iter()
             .filter(|ip| !ip.is_loopback())
             .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
             .collect();
+        self.set_node_addresses(&want)
+    }
+
+    /// Makes `LB_NODE_ADDRS` hold exactly `addrs`; returns what it holds.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<Vec<Ipv4Addr>> {
+        let mut want: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();
         let key = |ip: &Ipv4Addr| NodeAddrKey {
             addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
             family: FAMILY_IPV4,
@@ -679,56 +694,69 @@ impl Dataplane {
         Ok(self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect())
     }
 
-    fn link_pin(&self, iface: &str) -> PathBuf {
-        self.pin_dir.join(LINKS_DIR).join(link_pin_name(iface))
+    fn link_pin(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.pin_dir.join(LINKS_DIR).join(link_pin_name(iface, hook))
     }
 
-    /// Attaches to every interface `wanted` accepts, takes over links pinned by a previous
-    /// agent (replacing their program atomically), and forgets interfaces that went away.
+    /// Attaches tc to every interface `tc_wanted` accepts and XDP to those `xdp_wanted`
+    /// accepts, takes over links pinned by a previous agent (replacing their program
+    /// atomically), and drops links of interfaces that went away or are no longer wanted.
     /// Returns the per-interface failures; the others stay attached.
-    pub fn sync_interfaces(&mut self, wanted: &dyn Fn(&str) -> bool) -> Vec<DataplaneError> {
+    pub fn sync_interfaces(
+        &mut self,
+        tc_wanted: &dyn Fn(&str) -> bool,
+        xdp_wanted: &dyn Fn(&str) -> bool,
+    ) -> Vec<DataplaneError> {
         let mut errors = Vec::new();
         let present: StdHashMap<String, u32> = match interfaces() {
-            Ok(list) => list.into_iter().filter(|(n, _)| wanted(n)).collect(),
+            Ok(list) => list.into_iter().collect(),
             Err(e) => return vec![e],
         };
-        // Links of interfaces that disappeared or were recreated under the same name.
-        let stale: Vec<String> = self
+        let wanted = |name: &str, hook: Hook| match hook {
+            Hook::Tc => tc_wanted(name),
+            Hook::Xdp => xdp_wanted(name),
+        };
+        // Links of interfaces that disappeared, were recreated under the same name, or are no
+        // longer wanted.
+        let stale: Vec<(String, Hook)> = self
             .attached
             .iter()
-            .filter(|(name, (idx, _))| present.get(*name) != Some(idx))
-            .map(|(name, _)| name.clone())
+            .filter(|((name, hook), (idx, _))| present.get(name) != Some(idx) || !wanted(name, *hook))
+            .map(|(k, _)| k.clone())
             .collect();
-        for name in stale {
-            if let Some((_, pinned)) = self.attached.remove(&name) {
+        for k in stale {
+            if let Some((_, pinned)) = self.attached.remove(&k) {
                 let _ = pinned.unpin();
-                tracing::info!(iface = %name, "interface gone; link removed");
+                tracing::info!(iface = %k.0, hook = ?k.1, "link removed");
             }
         }
         for (name, ifindex) in &present {
-            if self.attached.contains_key(name) {
-                continue;
-            }
-            match self.attach(name) {
-                Ok(pinned) => {
-                    self.attach_failures.remove(name);
-                    self.attached.insert(name.clone(), (*ifindex, pinned));
+            for hook in [Hook::Tc, Hook::Xdp] {
+                let k = (name.clone(), hook);
+                if !wanted(name, hook) || self.attached.contains_key(&k) {
+                    continue;
                 }
-                Err(e) => {
-                    let text = e.to_string();
-                    if self.attach_failures.get(name) != Some(&text) {
-                        self.attach_failures.insert(name.clone(), text);
-                        errors.push(e);
+                match self.attach(name, hook) {
+                    Ok(pinned) => {
+                        self.attach_failures.remove(&k);
+                        self.attached.insert(k, (*ifindex, pinned));
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        if self.attach_failures.get(&k) != Some(&text) {
+                            self.attach_failures.insert(k, text);
+                            errors.push(e);
+                        }
                     }
                 }
             }
         }
-        // Pins of links whose interface is no longer here (a previous agent's, or ours).
+        // Pins of links for interfaces no longer here or no longer wanted (a previous agent's).
         if let Ok(dir) = fs::read_dir(self.pin_dir.join(LINKS_DIR)) {
             for entry in dir.flatten() {
                 let file = entry.file_name().to_string_lossy().into_owned();
-                let Some(iface) = iface_of_link_pin(&file) else { continue };
-                if !present.contains_key(&iface) {
+                let Some((iface, hook)) = iface_of_link_pin(&file) else { continue };
+                if !present.contains_key(&iface) || !wanted(&iface, hook) {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -736,60 +764,83 @@ impl Dataplane {
         errors
     }
 
-    fn attach(&mut self, iface: &str) -> Result<PinnedLink> {
-        let pin = self.link_pin(iface);
+    fn attach(&mut self, iface: &str, hook: Hook) -> Result<PinnedLink> {
+        let pin = self.link_pin(iface, hook);
         let link_err = |what: &'static str| {
             let iface = iface.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
-                iface,
-                what,
-                detail: error_chain(&*e),
-            }
+            move |e: &(dyn std::error::Error + 'static)| DataplaneError::Link { iface, what, detail: error_chain(e) }
         };
-        let prog: &mut SchedClassifier =
-            self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
         // A link pinned by an earlier agent: swap our program into it. bpf_link_update is
         // atomic, so no packet on the interface goes unprocessed during an upgrade.
         if pin.exists() {
-            let adopted = PinnedLink::from_pin(&pin)
-                .map_err(|e| link_err("opening pinned link")(Box::new(e)))
-                .and_then(|p| {
-                    SchedClassifierLink::try_from(FdLink::from(p))
-                        .map_err(|e| link_err("pinned link is not TCX")(Box::new(e)))
-                })
-                .and_then(|link| {
-                    prog.attach_to_link(link).map_err(|e| link_err("replacing program in pinned link")(Box::new(e)))
-                });
-            match adopted {
-                Ok(id) => {
-                    let link = prog.take_link(id)?;
-                    let fd = FdLink::try_from(link).map_err(|e| link_err("link")(Box::new(e)))?;
-                    // The pin already names this link; re-pinning would fail with EEXIST, so
-                    // keep a handle by opening the pin again.
-                    drop(fd);
-                    let pinned =
-                        PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(Box::new(e)))?;
-                    tracing::info!(iface, "took over pinned link");
+            match self.take_over(&pin, hook) {
+                Ok(()) => {
+                    // The pin already names this link; keep a handle by opening it again.
+                    let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(&e))?;
+                    tracing::info!(iface, ?hook, "took over pinned link");
                     return Ok(pinned);
                 }
                 Err(e) => {
                     // Typically the interface was recreated and the old link is defunct.
-                    tracing::warn!(iface, error = %e, "could not take over pinned link; attaching anew");
+                    tracing::warn!(iface, ?hook, error = %e, "could not take over pinned link; attaching anew");
                     let _ = fs::remove_file(&pin);
                 }
             }
         }
-        let id = prog.attach(iface, TcAttachType::Ingress)?;
-        let link = prog.take_link(id)?;
-        let fd =
-            FdLink::try_from(link).map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(Box::new(e)))?;
-        let pinned = fd.pin(&pin).map_err(|e| link_err("pinning link")(Box::new(e)))?;
-        tracing::info!(iface, "attached tc ingress");
+        let fd = match hook {
+            Hook::Tc => {
+                let prog: &mut SchedClassifier =
+                    self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
+                let id = prog.attach(iface, TcAttachType::Ingress)?;
+                FdLink::try_from(prog.take_link(id)?)
+                    .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
+            }
+            Hook::Xdp => {
+                let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).expect("loaded in Dataplane::load").try_into()?;
+                // Native mode where the driver has it (veth does), else generic.
+                let id = match prog.attach(iface, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(native) => {
+                        tracing::info!(iface, error = %error_chain(&native), "native XDP unavailable; using generic XDP");
+                        prog.attach(iface, XdpMode::Skb)?
+                    }
+                };
+                FdLink::try_from(prog.take_link(id)?).map_err(|e| link_err("XDP link is not a bpf_link")(&e))?
+            }
+        };
+        let pinned = fd.pin(&pin).map_err(|e| link_err("pinning link")(&e))?;
+        tracing::info!(iface, ?hook, "attached");
         Ok(pinned)
     }
 
+    /// Replaces the program of a link pinned at `pin` with ours.
+    fn take_over(&mut self, pin: &Path, hook: Hook) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let fd = FdLink::from(PinnedLink::from_pin(pin)?);
+        match hook {
+            Hook::Tc => {
+                let prog: &mut SchedClassifier = self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded").try_into()?;
+                let id = prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
+                // Our handle closes; the pin keeps the link (and our program in it).
+                drop(prog.take_link(id)?);
+            }
+            Hook::Xdp => {
+                let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).expect("loaded").try_into()?;
+                let id = prog.attach_to_link(XdpLink::try_from(fd)?)?;
+                drop(prog.take_link(id)?);
+            }
+        }
+        Ok(())
+    }
+
     pub fn attached_interfaces(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .attached
+            .keys()
+            .map(|(name, hook)| match hook {
+                Hook::Tc => format!("{name}(tc)"),
+                Hook::Xdp => format!("{name}(xdp)"),
+            })
+            .collect();
         v.sort();
         v
     }
@@ -814,14 +865,30 @@ pub fn interface_wanted(globs: &[String], name: &str) -> bool {
     }
 }
 
-/// bpffs refuses names with a dot (`bpf_lookup` reserves them for its own files), and
-/// interface names may have one (VLANs: `eth0.100`); `%` can never be in an interface name.
-pub fn link_pin_name(iface: &str) -> String {
-    format!("tc_ingress_{}", iface.replace('.', "%"))
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Tc,
+    Xdp,
 }
 
-fn iface_of_link_pin(file: &str) -> Option<String> {
-    file.strip_prefix("tc_ingress_").map(|i| i.replace('%', "."))
+impl Hook {
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Tc => "tc_ingress_",
+            Hook::Xdp => "xdp_",
+        }
+    }
+}
+
+/// bpffs refuses names with a dot (`bpf_lookup` reserves them for its own files), and
+/// interface names may have one (VLANs: `eth0.100`); `%` can never be in an interface name.
+pub fn link_pin_name(iface: &str, hook: Hook) -> String {
+    format!("{}{}", hook.pin_prefix(), iface.replace('.', "%"))
+}
+
+fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {
+    [Hook::Tc, Hook::Xdp].into_iter().find_map(|h| file.strip_prefix(h.pin_prefix()).map(|i| (i.replace('%', "."), h)))
 }
 
 /// An error and all its causes on one line: aya's errors keep the OS error in `source()`.
@@ -924,8 +991,9 @@ mod tests {
 
     #[test]
     fn link_pin_names_survive_dotted_interface_names() {
-        assert_eq!(link_pin_name("eth0.100"), "tc_ingress_eth0%100");
-        assert_eq!(iface_of_link_pin(&link_pin_name("eth0.100")).as_deref(), Some("eth0.100"));
+        assert_eq!(link_pin_name("eth0.100", Hook::Tc), "tc_ingress_eth0%100");
+        assert_eq!(iface_of_link_pin(&link_pin_name("eth0.100", Hook::Tc)), Some(("eth0.100".to_string(), Hook::Tc)));
+        assert_eq!(iface_of_link_pin(&link_pin_name("eth0", Hook::Xdp)), Some(("eth0".to_string(), Hook::Xdp)));
         assert_eq!(iface_of_link_pin("maps.debug"), None);
     }
 

@@ -53,9 +53,17 @@ struct RunArgs {
     /// Where maps and links are pinned. One directory per agent.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
-    /// Attach only to interfaces matching these globs (`*`, `?`). Default: all but `lo`.
+    /// Attach the tc program only to interfaces matching these globs (`*`, `?`). Default: all
+    /// but `lo`.
     #[arg(long = "iface")]
     ifaces: Vec<String>,
+    /// The node's external interfaces, where the XDP program handles node ports, LoadBalancer
+    /// and external IPs ahead of the stack (globs). Default: the default route's interface.
+    #[arg(long = "xdp-iface")]
+    xdp_ifaces: Vec<String>,
+    /// Attach no XDP program (tc alone then does everything).
+    #[arg(long, conflicts_with = "xdp_ifaces")]
+    no_xdp: bool,
     /// Conntrack lifetime of an established TCP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_established_s)]
     ct_tcp_established_timeout: u64,
@@ -157,6 +165,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let globs = args.ifaces.clone();
     let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
+    let xdp_globs: Vec<String> = if args.no_xdp {
+        Vec::new()
+    } else if !args.xdp_ifaces.is_empty() {
+        args.xdp_ifaces.clone()
+    } else {
+        default_route_interface().into_iter().collect()
+    };
+    let xdp_wanted = move |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(&xdp_globs, name);
 
     // Program services before attaching, so the first packet an interface sees is served.
     let mut last_files: Option<Vec<(PathBuf, String)>> = None;
@@ -203,7 +219,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot update node port addresses"),
             }
-            for e in dp.sync_interfaces(&wanted) {
+            for e in dp.sync_interfaces(&wanted, &xdp_wanted) {
                 warn!(error = %e, "attach failed");
             }
             if tick == 0 {
@@ -220,12 +236,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// The first IPv4 address of the interface holding the default route (`/proc/net/route` is
 /// per network namespace).
 fn default_route_address() -> Option<std::net::Ipv4Addr> {
+    let iface = default_route_interface()?;
+    dataplane::local_ipv4_by_interface().ok()?.into_iter().find(|(i, _)| *i == iface).map(|(_, ip)| ip)
+}
+
+/// The interface holding the IPv4 default route, if any.
+fn default_route_interface() -> Option<String> {
     let routes = std::fs::read_to_string("/proc/net/route").ok()?;
-    let iface = routes.lines().skip(1).find_map(|l| {
+    routes.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
-    })?;
-    dataplane::local_ipv4_by_interface().ok()?.into_iter().find(|(i, _)| *i == iface).map(|(_, ip)| ip)
+    })
 }
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
@@ -354,10 +375,12 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
             }
         }
         ListWhat::Stats => {
-            println!("{:<20} {:>12}", "COUNTER", "PACKETS");
+            println!("{:<24} {:>12} {:>12}", "COUNTER", "TC", "XDP");
             for c in Counter::ALL {
-                let v: u64 = maps.stats.get(&(c as u32), 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
-                println!("{:<20} {:>12}", c.name(), v);
+                let at = |hook: u32| -> u64 {
+                    maps.stats.get(&(hook * lb_common::COUNTER_MAX + c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+                };
+                println!("{:<24} {:>12} {:>12}", c.name(), at(0), at(1));
             }
         }
     }

@@ -550,7 +550,8 @@ fn affinity_key(h: &Harness, client: Ipv4Addr) -> lb_common::AffinityKey {
             .services
             .iter()
             .filter_map(Result::ok)
-            .find(|(k, _)| k.port == 80u16.to_be() && k.proto == 6)
+            // web-service's HTTP frontend (the "empty" Service also has a port 80).
+            .find(|(k, _)| k.addr[0] == u32::from_ne_bytes(VIP.octets()) && k.port == 80u16.to_be() && k.proto == 6)
             .unwrap()
             .1
             .id;
@@ -699,4 +700,253 @@ fn a_full_services_map_is_reported_and_the_rest_keeps_working() {
     assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, 40000)));
     // Nothing of the failed frontends is left behind in the other maps.
     assert_eq!(h.pinned_maps().names.keys().count(), 2);
+}
+
+// ---------- north-south: node ports, LoadBalancer IPs, policies (issue 4) ----------
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 100);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 200);
+const LOCAL_POD: &str = "10.244.1.11";
+const REMOTE_POD: &str = "10.244.2.21";
+
+/// Node ports as seen by node-a: one backend on this node, one on another, one Local policy
+/// Service whose only endpoint is remote, one without endpoints, and a LoadBalancer with
+/// source ranges.
+const EDGE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np-local}
+spec: {type: NodePort, clusterIP: 10.96.1.1, ports: [{port: 8080, targetPort: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-local-1, labels: {kubernetes.io/service-name: np-local}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.1.11"], nodeName: node-a}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-remote}
+spec: {type: NodePort, clusterIP: 10.96.1.2, ports: [{port: 8080, targetPort: 80, nodePort: 30081}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-remote-1, labels: {kubernetes.io/service-name: np-remote}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-policy-local}
+spec: {type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.1.3, ports: [{port: 8080, targetPort: 80, nodePort: 30082}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-policy-local-1, labels: {kubernetes.io/service-name: np-policy-local}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-empty}
+spec: {type: NodePort, clusterIP: 10.96.1.4, ports: [{port: 8080, nodePort: 30083}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: load-bal}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.5
+  loadBalancerSourceRanges: [192.168.49.96/28]
+  ports: [{port: 8080, targetPort: 80, nodePort: 30088}]
+status: {loadBalancer: {ingress: [{ip: 192.168.49.200}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: load-bal-1, labels: {kubernetes.io/service-name: load-bal}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
+"#;
+
+fn edge() -> Harness {
+    let mut h = Harness::with_config(EDGE, Config { node_ip: Some(NODE_IP), ..Config::default() });
+    h.dp.set_node_addresses(&[NODE_IP, Ipv4Addr::new(10, 244, 1, 1)]).unwrap();
+    h
+}
+
+impl Harness {
+    fn run_xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 1600];
+        let res = self
+            .dp
+            .xdp_program()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn xdp_counter(&self, c: Counter) -> u64 {
+        let i = lb_common::COUNTER_MAX + c as u32;
+        self.dp.maps().stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+#[test]
+fn xdp_node_port_to_a_local_backend_is_dnat_only() {
+    if !privileged() {
+        return;
+    }
+    let h = edge();
+    let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30080), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_xdp(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (LOCAL_POD.parse().unwrap(), 80));
+    assert_eq!(p.src, (EXTERNAL_CLIENT, 40000), "a local backend sees the client's address");
+    assert_eq!(h.xdp_counter(Counter::FwdNewFlow), 1);
+    assert_eq!(h.xdp_counter(Counter::FwdSnat), 0);
+
+    // The pod's reply (at tc on its veth) comes back from the node port.
+    let (_, out) =
+        h.run(&frame((LOCAL_POD.parse().unwrap(), 80), (EXTERNAL_CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    let r = parse_checked(&out);
+    assert_eq!((r.src, r.dst), ((NODE_IP, 30080), (EXTERNAL_CLIENT, 40000)));
+}
+
+#[test]
+fn xdp_node_port_to_a_remote_backend_is_snated_to_the_node_and_replies_are_restored() {
+    if !privileged() {
+        return;
+    }
+    let h = edge();
+    let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, b"payload");
+    let (verdict, out) = h.run_xdp(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (REMOTE_POD.parse().unwrap(), 80));
+    assert_eq!(p.src.0, NODE_IP, "SNAT to the node so the reply comes back here");
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&p.src.1), "{}", p.src.1);
+    assert_eq!(&out[54..], b"payload");
+
+    // The next packet of the flow keeps the same source port.
+    let (_, out2) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: ACK }, &[]));
+    assert_eq!(parse_checked(&out2).src, p.src);
+
+    // The backend's reply arrives on the same external interface (XDP) and is restored.
+    let reply = frame(p.dst, p.src, L4::Tcp { flags: SYN_ACK }, &[]);
+    let (verdict, out) = h.run_xdp(&reply);
+    assert_eq!(verdict, XDP_PASS);
+    let r = parse_checked(&out);
+    assert_eq!(r.src, (NODE_IP, 30081));
+    assert_eq!(r.dst, (EXTERNAL_CLIENT, 40000));
+    // tc does the same for replies that reach it first.
+    let (_, out) = h.run(&reply);
+    assert_eq!(parse_checked(&out).dst, (EXTERNAL_CLIENT, 40000));
+
+    // Another client gets another SNAT port.
+    let (_, out) =
+        h.run_xdp(&frame((Ipv4Addr::new(192, 168, 49, 101), 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]));
+    assert_ne!(parse_checked(&out).src.1, p.src.1);
+}
+
+#[test]
+fn udp_node_port_through_xdp() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::with_config(
+        &EDGE.replace("ports: [{port: 8080, targetPort: 80, nodePort: 30081}]", "ports: [{port: 8080, protocol: UDP, targetPort: 80, nodePort: 30081}]")
+            .replace("metadata: {name: np-remote-1, labels: {kubernetes.io/service-name: np-remote}}\naddressType: IPv4\nports: [{port: 80}]", "metadata: {name: np-remote-1, labels: {kubernetes.io/service-name: np-remote}}\naddressType: IPv4\nports: [{port: 80, protocol: UDP}]"),
+        Config { node_ip: Some(NODE_IP), ..Config::default() },
+    );
+    let mut h = h;
+    h.dp.set_node_addresses(&[NODE_IP]).unwrap();
+    let (verdict, out) =
+        h.run_xdp(&frame((EXTERNAL_CLIENT, 5000), (NODE_IP, 30081), L4::Udp { zero_csum: false }, b"q"));
+    assert_eq!(verdict, XDP_PASS);
+    let p = parse_checked(&out);
+    assert_eq!((p.proto, p.dst), (17, (REMOTE_POD.parse().unwrap(), 80)));
+    assert_eq!(p.src.0, NODE_IP);
+    let (_, out) = h.run_xdp(&frame((EXTERNAL_CLIENT, 5001), (NODE_IP, 30081), L4::Udp { zero_csum: true }, b"q"));
+    assert_eq!(parse_checked(&out).l4_csum, 0, "zero UDP checksum stays zero at XDP too");
+}
+
+#[test]
+fn node_port_only_answers_on_node_addresses() {
+    if !privileged() {
+        return;
+    }
+    let h = edge();
+    for dst in [Ipv4Addr::new(10, 96, 1, 1), Ipv4Addr::new(192, 168, 49, 3)] {
+        let f = frame((EXTERNAL_CLIENT, 40000), (dst, 30080), L4::Tcp { flags: SYN }, &[]);
+        let (verdict, out) = h.run_xdp(&f);
+        assert_eq!((verdict, out), (XDP_PASS, f.clone()), "{dst}:30080 is not a node port");
+    }
+    // Every node address answers, the pod gateway address included (pods use it too).
+    let (_, out) = h.run(&frame((CLIENT, 40000), (Ipv4Addr::new(10, 244, 1, 1), 30080), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(parse_checked(&out).dst, (LOCAL_POD.parse().unwrap(), 80));
+}
+
+#[test]
+fn load_balancer_ip_admits_only_its_source_ranges() {
+    if !privileged() {
+        return;
+    }
+    let h = edge();
+    let allowed = frame((EXTERNAL_CLIENT, 40000), (LB_IP, 8080), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_xdp(&allowed);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(parse_checked(&out).dst, (REMOTE_POD.parse().unwrap(), 80));
+
+    let outsider = Ipv4Addr::new(192, 168, 49, 150);
+    let (verdict, _) = h.run_xdp(&frame((outsider, 40000), (LB_IP, 8080), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.xdp_counter(Counter::DropSourceRange), 1);
+    // The same client through the node port is admitted: ranges are for LB addresses.
+    let (verdict, out) = h.run_xdp(&frame((outsider, 40000), (NODE_IP, 30088), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(parse_checked(&out).dst, (REMOTE_POD.parse().unwrap(), 80));
+}
+
+#[test]
+fn local_policy_without_local_endpoint_drops_and_no_endpoints_is_refused_by_tc() {
+    if !privileged() {
+        return;
+    }
+    let h = edge();
+    let (verdict, _) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.xdp_counter(Counter::DropNoLocalBackend), 1);
+
+    // No endpoints at all: XDP leaves the packet to tc, which refuses it.
+    let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30083), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_xdp(&syn);
+    assert_eq!((verdict, &out), (XDP_PASS, &syn));
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_port_unreachable(&out, &syn, 20);
+}
+
+#[test]
+fn hairpin_is_snated_so_the_pod_can_reach_itself() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&["10.244.1.11"]));
+    let me: Ipv4Addr = "10.244.1.11".parse().unwrap();
+    let (_, out) = h.run(&frame((me, 40000), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (me, 8080));
+    assert_eq!(p.src, (Ipv4Addr::new(169, 254, 42, 1), 40000), "the pod must see another address than its own");
+    let (_, out) = h.run(&frame((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    let r = parse_checked(&out);
+    assert_eq!((r.src, r.dst), ((VIP, 80), (me, 40000)));
 }

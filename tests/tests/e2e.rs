@@ -81,7 +81,10 @@ fn seed_lab_cluster_ip_spreads_over_the_three_pods() -> Result<()> {
     let ct = s.lab.list(&s.node, "conntrack")?;
     assert!(ct.contains("10.244.1.100") && ct.contains("dst 10.244.1.1"), "{ct}");
     let stats = s.lab.list(&s.node, "stats")?;
-    assert!(stats.lines().any(|l| l.starts_with("fwd_new_flow") && !l.ends_with(" 0")), "{stats}");
+    let tc_count = |name: &str| {
+        stats.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("0").to_string()
+    };
+    assert_eq!(tc_count("fwd_new_flow"), "90", "{stats}");
     Ok(())
 }
 
