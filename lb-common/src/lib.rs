@@ -188,6 +188,11 @@ pub const CT_FLAG_CLOSING: u8 = 1 << 0;
 pub const CT_FLAG_REPLIED: u8 = 1 << 1;
 /// The flow's source is translated too (`snat_addr:snat_port`).
 pub const CT_FLAG_SNAT: u8 = 1 << 2;
+/// After translation the packet's source is one of this node's own addresses (SNAT to the
+/// node, or a reply from a node port). The stack drops a received packet with a local source
+/// as a martian (`fib_validate_source`), so the datapath routes it itself (FIB lookup, then
+/// `bpf_redirect_neigh` at tc or `XDP_TX`/redirect at XDP) instead of passing it up.
+pub const CT_FLAG_ROUTE: u8 = 1 << 3;
 
 /// The translation of a tracked flow.
 ///
@@ -291,10 +296,16 @@ pub enum Counter {
     DropSnatPorts = 15,
     /// A new flow was SNATed (remote backend of an external frontend, or hairpin).
     FwdSnat = 16,
+    /// A translated packet was sent straight to its next hop (its source is a node address).
+    Routed = 17,
+    /// No route for a packet that had to be routed by the datapath: dropped.
+    DropNoRoute = 18,
+    /// XDP could not route a packet itself (no neighbour entry yet, say) and left it to tc.
+    DeferredToTc = 19,
 }
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 17;
+pub const COUNTER_MAX: u32 = 20;
 /// Hooks with their own counters: tc (0) and XDP (1). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 2;
@@ -319,6 +330,9 @@ impl Counter {
         Counter::DropSourceRange,
         Counter::DropSnatPorts,
         Counter::FwdSnat,
+        Counter::Routed,
+        Counter::DropNoRoute,
+        Counter::DeferredToTc,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -340,6 +354,9 @@ impl Counter {
             Counter::DropSourceRange => "drop_source_range",
             Counter::DropSnatPorts => "drop_snat_ports",
             Counter::FwdSnat => "fwd_snat",
+            Counter::Routed => "routed",
+            Counter::DropNoRoute => "drop_no_route",
+            Counter::DeferredToTc => "deferred_to_tc",
         }
     }
 }

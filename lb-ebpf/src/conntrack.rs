@@ -7,8 +7,8 @@
 //! again after FIN or RST so a reused 5-tuple gets a fresh backend choice.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_SNAT, FAMILY_IPV4,
-    PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT,
+    FAMILY_IPV4, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 
 use crate::{
@@ -79,6 +79,8 @@ pub struct Translation {
     pub backend_port: u16,
     /// `Some((addr, port))` when the source is rewritten too.
     pub snat: Option<(u32, u16)>,
+    /// The translated packet's source is a node address: route it ourselves.
+    pub route: bool,
 }
 
 impl Translation {
@@ -104,10 +106,12 @@ fn translation_of(entry: &CtValue) -> Translation {
         backend_addr: entry.nat_addr[0],
         backend_port: entry.nat_port,
         snat: if entry.flags & CT_FLAG_SNAT != 0 { Some((entry.snat_addr[0], entry.snat_port)) } else { None },
+        route: entry.flags & CT_FLAG_ROUTE != 0,
     }
 }
 
-/// The reply entry for `flow` translated by `t`.
+/// The reply entry for `flow` translated by `t`. `flags` carries the reply's own ROUTE bit
+/// (set when the frontend is a node address).
 #[inline(always)]
 fn reply_value(flow: &Flow, t: &Translation, flags: u8, service_id: u32, expires: u64, created: u64) -> CtValue {
     let snat = if t.snat.is_some() { CT_FLAG_SNAT } else { 0 };
@@ -154,16 +158,28 @@ pub fn forward(flow: &Flow, tcp_flags: u8, now: u64) -> Forward {
         entry.expires_ns = expires;
         // LRU may have evicted the reply half while the forward half stayed busy; restoring it
         // here, at most once per interval, keeps replies translated.
-        let reply = reply_value(flow, &t, flags, entry.service_id, expires, entry.created_ns);
+        // `_pad` of a forward entry remembers the reply half's ROUTE bit for this re-insert.
+        let reply_flags = (flags & !CT_FLAG_ROUTE) | (entry._pad as u8 & CT_FLAG_ROUTE);
+        let reply = reply_value(flow, &t, reply_flags, entry.service_id, expires, entry.created_ns);
         let _ = LB_CONNTRACK.insert(&t.reply_key(flow), &reply, 0);
     }
     Forward::Tracked(t)
 }
 
-/// Records a new flow, both halves. Fails only if the kernel refuses the insert.
+/// Records a new flow, both halves. `reply_route`: replies will come from a node address (a
+/// node port). Fails only if the kernel refuses the insert.
 #[inline(always)]
-pub fn create(flow: &Flow, tcp_flags: u8, t: &Translation, service_id: u32, now: u64) -> Result<(), i32> {
+pub fn create(
+    flow: &Flow,
+    tcp_flags: u8,
+    t: &Translation,
+    service_id: u32,
+    now: u64,
+    reply_route: bool,
+) -> Result<(), i32> {
     let flags = closing_flag(tcp_flags);
+    let reply_route = if reply_route { CT_FLAG_ROUTE } else { 0 };
+    let fwd_route = if t.route { CT_FLAG_ROUTE } else { 0 };
     let expires = now + lifetime(flow.proto, tcp_flags, flags);
     let (snat_flag, snat_addr, snat_port) = match t.snat {
         Some((a, p)) => (CT_FLAG_SNAT, a, p),
@@ -174,16 +190,16 @@ pub fn create(flow: &Flow, tcp_flags: u8, t: &Translation, service_id: u32, now:
         snat_addr: [snat_addr, 0, 0, 0],
         nat_port: t.backend_port,
         snat_port,
-        flags: flags | snat_flag,
+        flags: flags | snat_flag | fwd_route,
         family: FAMILY_IPV4,
-        _pad: 0,
+        _pad: reply_route as u16,
         service_id,
         _pad2: 0,
         expires_ns: expires,
         created_ns: now,
     };
     LB_CONNTRACK.insert(&key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD), &fwd, 0)?;
-    LB_CONNTRACK.insert(&t.reply_key(flow), &reply_value(flow, t, flags, service_id, expires, now), 0)
+    LB_CONNTRACK.insert(&t.reply_key(flow), &reply_value(flow, t, flags | reply_route, service_id, expires, now), 0)
 }
 
 /// Picks a source port for SNAT of `flow` to `addr` towards `backend`: a hash of the flow
@@ -211,6 +227,8 @@ pub fn free_snat_port(flow: &Flow, addr: u32, backend_addr: u32, backend_port: u
 pub struct Reply {
     pub src: (u32, u16),
     pub dst: Option<(u32, u16)>,
+    /// The restored source is a node address: route it ourselves.
+    pub route: bool,
 }
 
 /// Looks up a packet that may be a backend's reply.
@@ -233,5 +251,6 @@ pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<Reply> {
     Some(Reply {
         src: (entry.nat_addr[0], entry.nat_port),
         dst: if entry.flags & CT_FLAG_SNAT != 0 { Some((entry.snat_addr[0], entry.snat_port)) } else { None },
+        route: entry.flags & CT_FLAG_ROUTE != 0,
     })
 }

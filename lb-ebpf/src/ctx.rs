@@ -6,8 +6,13 @@
 //! refusals to the tc program behind it on the same interface, which builds the ICMP error
 //! with skb helpers XDP does not have.
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 use lb_common::Counter;
 
@@ -17,6 +22,51 @@ use crate::{
     reject,
     stats::count,
 };
+
+/// Where a packet the datapath routes itself goes.
+pub struct Route {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+const AF_INET: u8 = 2;
+
+/// FIB lookup for `src -> dst` of packet `h`, as if it arrived on `ifindex`.
+#[inline(always)]
+fn fib(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    src: u32,
+    dst: u32,
+    h: &Headers,
+    tot_len: u16,
+    flags: u32,
+) -> Option<Route> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = h.flow.proto;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: helper call with a stack buffer of the size we pass.
+    let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    Some(Route { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac })
+}
+
+/// The IPv4 total length, for the FIB lookup's MTU check.
+#[inline(always)]
+fn ip_tot_len(data: usize, data_end: usize) -> u16 {
+    ptr_at::<[u8; 4]>(data, data_end, crate::parse::ETH_LEN)
+        // SAFETY: bounds checked by ptr_at.
+        .map(|p| unsafe { u16::from_be_bytes([(*p)[2], (*p)[3]]) })
+        .unwrap_or(0)
+}
 
 /// Stats are kept per hook: index `HOOK * COUNTER_MAX + counter`.
 pub const HOOK_TC: u32 = 0;
@@ -39,6 +89,17 @@ pub trait Packet {
 
     /// Refuses a new connection to a frontend without backends; returns the verdict.
     fn refuse(&self, h: &Headers) -> i32;
+
+    /// Looks up where a packet about to get source `src` and destination `dst` must go, for
+    /// packets the stack would drop as martians. Called before any rewrite: `None` means this
+    /// hook cannot route it.
+    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route>;
+
+    /// Sends the (rewritten) packet along `r`; returns the verdict.
+    fn send(&self, r: &Route) -> i32;
+
+    /// Verdict when `route` found nothing.
+    fn unroutable(&self) -> i32;
 
     #[inline(always)]
     fn count(&self, c: Counter) {
@@ -77,6 +138,29 @@ impl Packet for TcContext {
     fn refuse(&self, h: &Headers) -> i32 {
         self.count(Counter::RejectNoBackend);
         reject::port_unreachable(self, h)
+    }
+
+    #[inline(always)]
+    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route> {
+        // SAFETY: reading the arrival interface of our own skb.
+        let ifindex = unsafe { (*self.skb.skb).ifindex };
+        let tot_len = ip_tot_len(self.data(), self.data_end());
+        // The neighbour is resolved by bpf_redirect_neigh, which also queues the packet while
+        // the kernel resolves a missing one.
+        fib(self.as_ptr(), ifindex, src, dst, h, tot_len, BPF_FIB_LOOKUP_SKIP_NEIGH)
+    }
+
+    #[inline(always)]
+    fn send(&self, r: &Route) -> i32 {
+        self.count(Counter::Routed);
+        // SAFETY: helper call; a null params pointer asks the kernel for the neighbour lookup.
+        unsafe { bpf_redirect_neigh(r.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    }
+
+    #[inline(always)]
+    fn unroutable(&self) -> i32 {
+        self.count(Counter::DropNoRoute);
+        Self::DROP
     }
 }
 
@@ -119,6 +203,39 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn refuse(&self, _h: &Headers) -> i32 {
         // The tc program on this interface sees the untouched packet next and refuses it.
+        Self::UNTOUCHED
+    }
+
+    #[inline(always)]
+    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route> {
+        let tot_len = ip_tot_len(self.data(), self.data_end());
+        // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over.
+        fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, h, tot_len, 0)
+    }
+
+    #[inline(always)]
+    fn send(&self, r: &Route) -> i32 {
+        let Some(eth) = ptr_at::<[u8; 12]>(self.data(), self.data_end(), 0) else {
+            return Self::DROP;
+        };
+        // SAFETY: bounds checked by ptr_at; the frame is ours to rewrite.
+        let eth = unsafe { &mut *eth };
+        eth[..6].copy_from_slice(&r.dmac);
+        eth[6..].copy_from_slice(&r.smac);
+        self.count(Counter::Routed);
+        if r.ifindex == self.ingress_ifindex() as u32 {
+            xdp_action::XDP_TX as i32
+        } else {
+            // SAFETY: helper call.
+            unsafe { bpf_redirect(r.ifindex, 0) as i32 }
+        }
+    }
+
+    #[inline(always)]
+    fn unroutable(&self) -> i32 {
+        // Untouched: tc sees the packet next, finds the flow tracked, and routes it with
+        // bpf_redirect_neigh, which can wait for the neighbour.
+        self.count(Counter::DeferredToTc);
         Self::UNTOUCHED
     }
 }

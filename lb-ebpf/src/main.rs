@@ -51,7 +51,7 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
     match service::lookup(&h.flow) {
-        Some(svc) => to_service(ctx, &h, &svc),
+        Some((svc, node_frontend)) => to_service(ctx, &h, &svc, node_frontend),
         None => maybe_reply(ctx, &h),
     }
 }
@@ -68,19 +68,29 @@ fn drop<P: Packet>(ctx: &P, counter: Counter) -> i32 {
     P::DROP
 }
 
-/// A packet addressed to a service frontend.
+/// A packet addressed to a service frontend (`node_frontend`: a node port, so on one of this
+/// node's addresses).
 #[inline(always)]
-fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue) -> i32 {
+fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend: bool) -> i32 {
     if !service::source_allowed(svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
     let now = conntrack::now();
     let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
         Forward::Tracked(t) => (t, Counter::FwdTracked),
-        Forward::New => match new_flow(ctx, h, svc, now) {
+        Forward::New => match new_flow(ctx, h, svc, now, node_frontend) {
             Ok(t) => (t, Counter::FwdNewFlow),
             Err(verdict) => return verdict,
         },
+    };
+    let route = if t.route {
+        let src = t.snat.map_or(h.flow.src, |(a, _)| a);
+        match ctx.route(src, t.backend_addr, h) {
+            Some(r) => Some(r),
+            None => return ctx.unroutable(),
+        }
+    } else {
+        None
     };
     let rewritten = nat::rewrite(ctx, h, Side::Dst, t.backend_addr, t.backend_port).and_then(|()| match t.snat {
         Some((addr, port)) => nat::rewrite(ctx, h, Side::Src, addr, port),
@@ -90,13 +100,22 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue) -> i32 {
         return drop(ctx, Counter::DropRewrite);
     }
     ctx.count(counter);
-    P::FORWARD
+    match route {
+        Some(r) => ctx.send(&r),
+        None => P::FORWARD,
+    }
 }
 
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow
 /// that must not be forwarded.
 #[inline(always)]
-fn new_flow<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, now: u64) -> Result<Translation, i32> {
+fn new_flow<P: Packet>(
+    ctx: &P,
+    h: &Headers,
+    svc: &ServiceValue,
+    now: u64,
+    node_frontend: bool,
+) -> Result<Translation, i32> {
     if svc.backend_count == 0 {
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
@@ -108,16 +127,16 @@ fn new_flow<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, now: u64) -> Re
     let Some(backend) = select::select(P::HOOK, svc, &h.flow, now) else {
         return Err(drop(ctx, Counter::DropSlotMissing));
     };
-    let snat = match nat::snat_for(svc, &backend, &h.flow, now) {
-        Snat::No => None,
-        Snat::To(addr, port) => {
+    let (snat, route) = match nat::snat_for(svc, &backend, &h.flow, now) {
+        Snat::No => (None, false),
+        Snat::To(addr, port, to_node) => {
             ctx.count(Counter::FwdSnat);
-            Some((addr, port))
+            (Some((addr, port)), to_node)
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
     };
-    let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat };
-    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now).is_err() {
+    let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat, route };
+    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
     Ok(t)
@@ -130,6 +149,14 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
         return pass(ctx, Counter::PassNotService);
     };
+    let route = if r.route {
+        match ctx.route(r.src.0, r.dst.map_or(h.flow.dst, |(a, _)| a), h) {
+            Some(route) => Some(route),
+            None => return ctx.unroutable(),
+        }
+    } else {
+        None
+    };
     let rewritten = nat::rewrite(ctx, h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
         Some((addr, port)) => nat::rewrite(ctx, h, Side::Dst, addr, port),
         None => Ok(()),
@@ -138,7 +165,10 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
         return drop(ctx, Counter::DropRewrite);
     }
     ctx.count(Counter::ReplyTranslated);
-    P::FORWARD
+    match route {
+        Some(r) => ctx.send(&r),
+        None => P::FORWARD,
+    }
 }
 
 #[cfg(not(test))]

@@ -33,7 +33,8 @@ fn global(v: &'static u32) -> u32 {
 /// Whether a new flow to `backend` needs its source rewritten too.
 pub enum Snat {
     No,
-    To(u32, u16),
+    /// To this address and port; `true` when that address is the node's own.
+    To(u32, u16, bool),
     /// It needs SNAT but no port is free.
     Exhausted,
 }
@@ -43,7 +44,7 @@ pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u64) ->
     if backend.addr[0] == flow.src {
         // Hairpin: the client's own port keeps reply keys unique, as the backend is the
         // client itself.
-        return Snat::To(global(&HAIRPIN_IP), flow.sport);
+        return Snat::To(global(&HAIRPIN_IP), flow.sport, false);
     }
     let external_to_remote = svc.flags & SVC_FLAG_EXTERNAL != 0
         && svc.flags & SVC_FLAG_LOCAL_ONLY == 0
@@ -56,7 +57,7 @@ pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u64) ->
         return Snat::No;
     }
     match conntrack::free_snat_port(flow, node_ip, backend.addr[0], backend.port, now) {
-        Some(port) => Snat::To(node_ip, port),
+        Some(port) => Snat::To(node_ip, port, true),
         None => Snat::Exhausted,
     }
 }

@@ -27,15 +27,16 @@ fn get(addr: u32, flow: &Flow, scope: u8) -> Option<ServiceValue> {
     unsafe { LB_SERVICES.get(&key).copied() }
 }
 
-/// Looks up the frontend a packet is addressed to.
+/// Looks up the frontend a packet is addressed to. The flag is true for a node port: the
+/// frontend address is then one of this node's own.
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> Option<ServiceValue> {
+pub fn lookup(flow: &Flow) -> Option<(ServiceValue, bool)> {
     if let Some(svc) = get(flow.dst, flow, SCOPE_EXACT) {
-        return Some(svc);
+        return Some((svc, false));
     }
     let node = NodeAddrKey { addr: [flow.dst, 0, 0, 0], family: FAMILY_IPV4, _pad: [0; 3] };
     LB_NODE_ADDRS.get_ptr(&node)?;
-    get(0, flow, SCOPE_NODEPORT)
+    Some((get(0, flow, SCOPE_NODEPORT)?, true))
 }
 
 /// `loadBalancerSourceRanges`: whether the client may use this frontend.

@@ -126,9 +126,22 @@ impl Default for MapSizes {
     }
 }
 
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode where the driver supports it, else generic.
+    #[default]
+    Auto,
+    /// Driver mode only.
+    Native,
+    /// Generic (skb) mode: runs in the stack after the skb is built.
+    Generic,
+}
+
 /// Everything that shapes the loaded datapath.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
+    pub xdp_mode: XdpAttachMode,
     pub timeouts: Timeouts,
     pub sizes: MapSizes,
     /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
@@ -346,6 +359,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
     sizes: MapSizes,
+    xdp_mode: XdpAttachMode,
     pin_dir: PathBuf,
     programmed: BTreeMap<Frontend, Programmed>,
     /// (interface, hook) -> (ifindex, pinned link).
@@ -390,6 +404,7 @@ impl Dataplane {
             ebpf,
             maps,
             sizes,
+            xdp_mode: config.xdp_mode,
             pin_dir: pin_dir.to_owned(),
             programmed: BTreeMap::new(),
             attached: StdHashMap::new(),
@@ -796,14 +811,19 @@ impl Dataplane {
                     .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
             }
             Hook::Xdp => {
+                let mode = self.xdp_mode;
                 let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).expect("loaded in Dataplane::load").try_into()?;
-                // Native mode where the driver has it (veth does), else generic.
-                let id = match prog.attach(iface, XdpMode::Driver) {
-                    Ok(id) => id,
-                    Err(native) => {
-                        tracing::info!(iface, error = %error_chain(&native), "native XDP unavailable; using generic XDP");
-                        prog.attach(iface, XdpMode::Skb)?
-                    }
+                let id = match mode {
+                    XdpAttachMode::Generic => prog.attach(iface, XdpMode::Skb)?,
+                    XdpAttachMode::Native => prog.attach(iface, XdpMode::Driver)?,
+                    // Native where the driver has it, else generic.
+                    XdpAttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                        Ok(id) => id,
+                        Err(native) => {
+                            tracing::info!(iface, error = %error_chain(&native), "native XDP unavailable; using generic XDP");
+                            prog.attach(iface, XdpMode::Skb)?
+                        }
+                    },
                 };
                 FdLink::try_from(prog.take_link(id)?).map_err(|e| link_err("XDP link is not a bpf_link")(&e))?
             }

@@ -1,5 +1,6 @@
 //! The `lb` agent: Kubernetes objects in, BPF map state out.
 pub mod dataplane;
+pub mod healthcheck;
 pub mod manifests;
 pub mod model;
 

@@ -61,6 +61,11 @@ struct RunArgs {
     /// and external IPs ahead of the stack (globs). Default: the default route's interface.
     #[arg(long = "xdp-iface")]
     xdp_ifaces: Vec<String>,
+    /// How to attach XDP: `native` (driver), `generic` (skb), or `auto` (native, else generic).
+    /// On a veth, native XDP_TX/redirect frames are dropped unless the peer has GRO or an XDP
+    /// program (drivers/net/veth.c); use `generic` there if the peer is not yours to configure.
+    #[arg(long, value_enum, default_value_t = dataplane::XdpAttachMode::Auto)]
+    xdp_mode: dataplane::XdpAttachMode,
     /// Attach no XDP program (tc alone then does everything).
     #[arg(long, conflicts_with = "xdp_ifaces")]
     no_xdp: bool,
@@ -155,6 +160,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             affinity: args.map_affinity,
         },
         node_ip: args.node_ip.or_else(default_route_address),
+        xdp_mode: args.xdp_mode,
     };
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
@@ -180,6 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut health = lb_userspace::healthcheck::HealthChecks::default();
     let mut tick: u64 = 0;
     let mut node_addrs = Vec::new();
     loop {
@@ -194,6 +201,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let report = dp.apply(&desired);
                 for e in &report.errors {
                     error!(error = %e, "programming failed");
+                }
+                for e in health.update(&desired.health_checks).await {
+                    error!(error = %e, "health check server failed");
                 }
                 info!(
                     added = report.added,

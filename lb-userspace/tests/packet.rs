@@ -775,10 +775,69 @@ ports: [{port: 80}]
 endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
 "#;
 
-fn edge() -> Harness {
+/// Puts the calling thread into a private network namespace (BPF_PROG_TEST_RUN and the FIB
+/// lookups it makes use the caller's namespace) and back out on drop, deleting it.
+struct NetNsGuard {
+    name: String,
+    original: std::fs::File,
+}
+
+impl NetNsGuard {
+    /// A namespace like a node's: `ext0` (192.168.49.2/24) towards the other node
+    /// (192.168.49.3, which routes 10.244.2.0/24) and the outside client 192.168.49.100, both
+    /// with static neighbour entries; forwarding on.
+    fn node() -> Self {
+        let name = format!("lbpt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let sh = |args: &[&str]| {
+            let st = std::process::Command::new(args[0]).args(&args[1..]).status().expect("running ip");
+            assert!(st.success(), "{args:?}");
+        };
+        sh(&["ip", "netns", "add", &name]);
+        let guard_name = name.clone();
+        let x = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", guard_name.as_str()];
+            full.extend_from_slice(args);
+            sh(&full);
+        };
+        x(&["ip", "link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]);
+        x(&["ip", "link", "set", "ext0", "address", "02:00:00:00:00:02"]);
+        x(&["ip", "addr", "add", "192.168.49.2/24", "dev", "ext0"]);
+        x(&["ip", "link", "set", "ext0", "up"]);
+        x(&["ip", "link", "set", "ext1", "up"]);
+        x(&["ip", "link", "set", "lo", "up"]);
+        x(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        x(&["ip", "neigh", "add", "192.168.49.3", "lladdr", "02:00:00:00:00:03", "dev", "ext0", "nud", "permanent"]);
+        x(&["ip", "neigh", "add", "192.168.49.100", "lladdr", "02:00:00:00:01:00", "dev", "ext0", "nud", "permanent"]);
+        x(&["ip", "route", "add", "10.244.2.0/24", "via", "192.168.49.3"]);
+        let original = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = std::fs::File::open(format!("/run/netns/{name}")).expect("new netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread with valid namespace fds.
+        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        NetNsGuard { name, original }
+    }
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: back to the namespace we came from.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+const XDP_TX_OR_REDIRECT: [u32; 2] = [3, 4];
+const REMOTE_NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const CLIENT_MAC_ON_WIRE: [u8; 6] = [2, 0, 0, 0, 1, 0];
+const EXT0_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// A node's datapath, run inside a node-like namespace (the guard drops last).
+fn edge() -> (Harness, NetNsGuard) {
+    let ns = NetNsGuard::node();
     let mut h = Harness::with_config(EDGE, Config { node_ip: Some(NODE_IP), ..Config::default() });
     h.dp.set_node_addresses(&[NODE_IP, Ipv4Addr::new(10, 244, 1, 1)]).unwrap();
-    h
+    (h, ns)
 }
 
 impl Harness {
@@ -804,7 +863,7 @@ fn xdp_node_port_to_a_local_backend_is_dnat_only() {
     if !privileged() {
         return;
     }
-    let h = edge();
+    let (h, _ns) = edge();
     let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30080), L4::Tcp { flags: SYN }, &[]);
     let (verdict, out) = h.run_xdp(&syn);
     assert_eq!(verdict, XDP_PASS);
@@ -815,10 +874,13 @@ fn xdp_node_port_to_a_local_backend_is_dnat_only() {
     assert_eq!(h.xdp_counter(Counter::FwdSnat), 0);
 
     // The pod's reply (at tc on its veth) comes back from the node port.
-    let (_, out) =
+    // Its source is now a node address, which the stack would drop as a martian: tc routes it.
+    let (verdict, out) =
         h.run(&frame((LOCAL_POD.parse().unwrap(), 80), (EXTERNAL_CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
     let r = parse_checked(&out);
     assert_eq!((r.src, r.dst), ((NODE_IP, 30080), (EXTERNAL_CLIENT, 40000)));
+    assert_eq!(h.counter(Counter::Routed), 1);
 }
 
 #[test]
@@ -826,10 +888,12 @@ fn xdp_node_port_to_a_remote_backend_is_snated_to_the_node_and_replies_are_resto
     if !privileged() {
         return;
     }
-    let h = edge();
+    let (h, _ns) = edge();
     let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, b"payload");
     let (verdict, out) = h.run_xdp(&syn);
-    assert_eq!(verdict, XDP_PASS);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "sent straight on to the backend's node: {verdict}");
+    assert_eq!(&out[..6], &REMOTE_NODE_MAC, "to the next hop's MAC");
+    assert_eq!(&out[6..12], &EXT0_MAC, "from the egress interface's MAC");
     let p = parse_checked(&out);
     assert_eq!(p.dst, (REMOTE_POD.parse().unwrap(), 80));
     assert_eq!(p.src.0, NODE_IP, "SNAT to the node so the reply comes back here");
@@ -840,15 +904,18 @@ fn xdp_node_port_to_a_remote_backend_is_snated_to_the_node_and_replies_are_resto
     let (_, out2) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: ACK }, &[]));
     assert_eq!(parse_checked(&out2).src, p.src);
 
-    // The backend's reply arrives on the same external interface (XDP) and is restored.
+    // The backend's reply arrives on the same external interface (XDP), is restored, and goes
+    // straight back out to the client.
     let reply = frame(p.dst, p.src, L4::Tcp { flags: SYN_ACK }, &[]);
     let (verdict, out) = h.run_xdp(&reply);
-    assert_eq!(verdict, XDP_PASS);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+    assert_eq!(&out[..6], &CLIENT_MAC_ON_WIRE);
     let r = parse_checked(&out);
     assert_eq!(r.src, (NODE_IP, 30081));
     assert_eq!(r.dst, (EXTERNAL_CLIENT, 40000));
     // tc does the same for replies that reach it first.
-    let (_, out) = h.run(&reply);
+    let (verdict, out) = h.run(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(parse_checked(&out).dst, (EXTERNAL_CLIENT, 40000));
 
     // Another client gets another SNAT port.
@@ -862,6 +929,7 @@ fn udp_node_port_through_xdp() {
     if !privileged() {
         return;
     }
+    let _ns = NetNsGuard::node();
     let h = Harness::with_config(
         &EDGE.replace("ports: [{port: 8080, targetPort: 80, nodePort: 30081}]", "ports: [{port: 8080, protocol: UDP, targetPort: 80, nodePort: 30081}]")
             .replace("metadata: {name: np-remote-1, labels: {kubernetes.io/service-name: np-remote}}\naddressType: IPv4\nports: [{port: 80}]", "metadata: {name: np-remote-1, labels: {kubernetes.io/service-name: np-remote}}\naddressType: IPv4\nports: [{port: 80, protocol: UDP}]"),
@@ -871,7 +939,7 @@ fn udp_node_port_through_xdp() {
     h.dp.set_node_addresses(&[NODE_IP]).unwrap();
     let (verdict, out) =
         h.run_xdp(&frame((EXTERNAL_CLIENT, 5000), (NODE_IP, 30081), L4::Udp { zero_csum: false }, b"q"));
-    assert_eq!(verdict, XDP_PASS);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
     let p = parse_checked(&out);
     assert_eq!((p.proto, p.dst), (17, (REMOTE_POD.parse().unwrap(), 80)));
     assert_eq!(p.src.0, NODE_IP);
@@ -884,7 +952,7 @@ fn node_port_only_answers_on_node_addresses() {
     if !privileged() {
         return;
     }
-    let h = edge();
+    let (h, _ns) = edge();
     for dst in [Ipv4Addr::new(10, 96, 1, 1), Ipv4Addr::new(192, 168, 49, 3)] {
         let f = frame((EXTERNAL_CLIENT, 40000), (dst, 30080), L4::Tcp { flags: SYN }, &[]);
         let (verdict, out) = h.run_xdp(&f);
@@ -900,10 +968,10 @@ fn load_balancer_ip_admits_only_its_source_ranges() {
     if !privileged() {
         return;
     }
-    let h = edge();
+    let (h, _ns) = edge();
     let allowed = frame((EXTERNAL_CLIENT, 40000), (LB_IP, 8080), L4::Tcp { flags: SYN }, &[]);
     let (verdict, out) = h.run_xdp(&allowed);
-    assert_eq!(verdict, XDP_PASS);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
     assert_eq!(parse_checked(&out).dst, (REMOTE_POD.parse().unwrap(), 80));
 
     let outsider = Ipv4Addr::new(192, 168, 49, 150);
@@ -912,7 +980,7 @@ fn load_balancer_ip_admits_only_its_source_ranges() {
     assert_eq!(h.xdp_counter(Counter::DropSourceRange), 1);
     // The same client through the node port is admitted: ranges are for LB addresses.
     let (verdict, out) = h.run_xdp(&frame((outsider, 40000), (NODE_IP, 30088), L4::Tcp { flags: SYN }, &[]));
-    assert_eq!(verdict, XDP_PASS);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
     assert_eq!(parse_checked(&out).dst, (REMOTE_POD.parse().unwrap(), 80));
 }
 
@@ -921,7 +989,7 @@ fn local_policy_without_local_endpoint_drops_and_no_endpoints_is_refused_by_tc()
     if !privileged() {
         return;
     }
-    let h = edge();
+    let (h, _ns) = edge();
     let (verdict, _) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(h.xdp_counter(Counter::DropNoLocalBackend), 1);

@@ -88,12 +88,19 @@ pub struct Node {
     pub manifests: PathBuf,
 }
 
+/// The switch namespace of an underlay.
+pub struct Underlay {
+    pub ns: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub ns: String,
     pub name: String,
     pub ip: Ipv4Addr,
     pub node: String,
+    /// The pod's veth in its node's namespace (empty outside the cluster).
+    pub host_if: String,
 }
 
 pub struct Lab {
@@ -144,6 +151,10 @@ impl Lab {
     /// A node with pod network 10.244.`pod_net`.0/24 on bridge cbr0 (gateway .1).
     pub fn add_node(&mut self, name: &str, pod_net: u8) -> Result<Node> {
         let ns = self.add_ns(name)?;
+        // Before any device exists, so every interface inherits it: a node that forwards a
+        // translated packet out of the interface it came in on must not send ICMP redirects,
+        // which would teach the sender a path that bypasses the translation.
+        self.sysctl(&ns, "net.ipv4.conf.default.send_redirects=0")?;
         let gw = Ipv4Addr::new(10, 244, pod_net, 1);
         self.exec(&ns, &["ip", "link", "add", "cbr0", "type", "bridge"])?;
         self.exec(&ns, &["ip", "addr", "add", &format!("{gw}/24"), "dev", "cbr0"])?;
@@ -172,7 +183,63 @@ impl Lab {
         self.exec(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         self.exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
         self.exec(&ns, &["ip", "route", "add", "default", "via", &node.gateway.to_string()])?;
-        Ok(Pod { ns, name: name.to_string(), ip, node: node.name.clone() })
+        Ok(Pod { ns, name: name.to_string(), ip, node: node.name.clone(), host_if })
+    }
+
+    /// A switch: a namespace with bridge `br0` that nodes and outside clients join.
+    pub fn add_underlay(&mut self) -> Result<Underlay> {
+        let ns = self.add_ns("sw")?;
+        self.exec(&ns, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        self.exec(&ns, &["ip", "link", "set", "br0", "up"])?;
+        Ok(Underlay { ns })
+    }
+
+    /// Plugs `ns` into the switch as `eth0` with `ip`/24. Checksum offload is turned off on
+    /// both ends, so frames on this "wire" carry complete checksums as on a real one (veths
+    /// otherwise pass CHECKSUM_PARTIAL packets that no NIC would ever receive).
+    pub fn plug(&mut self, ul: &Underlay, ns: &str, ip: Ipv4Addr) -> Result<()> {
+        self.veth_seq += 1;
+        let port = format!("sw{}", self.veth_seq);
+        sh(&["ip", "link", "add", &port, "netns", &ul.ns, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        self.exec(&ul.ns, &["ip", "link", "set", &port, "master", "br0", "up"])?;
+        self.exec(&ul.ns, &["ethtool", "-K", &port, "tx", "off"])?;
+        self.exec(ns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        self.exec(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        self.exec(ns, &["ip", "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// A machine outside the cluster on the underlay (the lab's "curl from outside").
+    pub fn add_outside(&mut self, ul: &Underlay, name: &str, ip: Ipv4Addr) -> Result<Pod> {
+        let ns = self.add_ns(name)?;
+        self.plug(ul, &ns, ip)?;
+        Ok(Pod { ns, name: name.to_string(), ip, node: String::new(), host_if: String::new() })
+    }
+
+    /// Plugs every node into the switch with its address, and routes each node's pod network
+    /// to the others through it.
+    pub fn connect_nodes(&mut self, ul: &Underlay, nodes: &[(&Node, Ipv4Addr)]) -> Result<()> {
+        for (n, ip) in nodes {
+            self.plug(ul, &n.ns, *ip)?;
+        }
+        for (n, _) in nodes {
+            for (other, other_ip) in nodes {
+                if other.name != n.name {
+                    self.exec(
+                        &n.ns,
+                        &[
+                            "ip",
+                            "route",
+                            "add",
+                            &format!("10.244.{}.0/24", other.pod_net),
+                            "via",
+                            &other_ip.to_string(),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Joins two nodes by an underlay veth (`ul0` on each, 10.100.0.0/24) and routes each
