@@ -53,6 +53,10 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// Names of the programs in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
 pub const PROG_XDP: &str = "lb_xdp";
+/// Socket-level programs for the node's own processes: (program, cgroup attach point).
+pub const PROGS_SOCK: [&str; 4] = ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_getpeername4"];
+pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
@@ -220,6 +224,29 @@ pub struct CtValue {
     pub created_ns: u64,
 }
 
+/// A socket of the node's own that the socket-level programs pointed at a backend, and that
+/// backend: what `getpeername` and `recvmsg` must show as the frontend instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The frontend a node-local socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevValue {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// One of the node's own addresses, on which node ports answer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -304,12 +331,15 @@ pub enum Counter {
     DeferredToTc = 19,
 }
 
+/// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
+pub const HOOK_SOCK: u32 = 2;
+
 /// Number of counters per hook.
 pub const COUNTER_MAX: u32 = 20;
 /// Hooks with their own counters: tc (0) and XDP (1). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
-pub const HOOKS: u32 = 2;
-pub const HOOK_NAMES: [&str; HOOKS as usize] = ["tc", "xdp"];
+pub const HOOKS: u32 = 3;
+pub const HOOK_NAMES: [&str; HOOKS as usize] = ["tc", "xdp", "sock"];
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_MAX as usize] = [
@@ -404,6 +434,8 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
@@ -425,6 +457,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NodeAddrKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SourceRangeData {}
 }
 

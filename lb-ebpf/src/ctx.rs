@@ -71,6 +71,7 @@ fn ip_tot_len(data: usize, data_end: usize) -> u16 {
 /// Stats are kept per hook: index `HOOK * COUNTER_MAX + counter`.
 pub const HOOK_TC: u32 = 0;
 pub const HOOK_XDP: u32 = 1;
+const _: () = assert!(lb_common::HOOK_SOCK == 2);
 
 pub trait Packet {
     const HOOK: u32;

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
-    COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    ServiceName, ServiceValue, SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES,
+    BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -57,3 +58,8 @@ pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeData, u8> = LpmTrie::pinned(SOUR
 
 /// Typed key of `LB_SOURCE_RANGES`.
 pub type SourceRangeKey = Key<SourceRangeData>;
+
+/// (socket cookie, backend) -> frontend, for node-local sockets the socket-level programs
+/// pointed at a backend. LRU: entries of closed sockets age out.
+#[map(name = "LB_SOCK_REVNAT")]
+pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);

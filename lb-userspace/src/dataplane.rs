@@ -13,19 +13,20 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     programs::{
+        links::CgroupAttachMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
         xdp::XdpLink,
-        SchedClassifier, Xdp, XdpMode,
+        CgroupSockAddr, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, MAP_STATS,
-    PROG_TC_INGRESS, PROG_XDP, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
-    SVC_FLAG_SOURCE_RANGES,
+    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
+    MAP_SOURCE_RANGES, MAP_STATS, PROGS_SOCK, PROG_TC_INGRESS, PROG_XDP, SCOPE_EXACT, SCOPE_NODEPORT,
+    SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::model::{Cidr, DesiredState, Endpoint, Frontend, Protocol, Scope, ServicePort};
@@ -284,6 +285,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
+    pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
 }
 
@@ -301,6 +303,7 @@ impl Maps {
             affinity: HashMap::try_from(take(ebpf, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
@@ -320,6 +323,7 @@ impl Maps {
             affinity: HashMap::try_from(open(pin_dir, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
@@ -384,6 +388,7 @@ impl Dataplane {
             .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
             .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
             .override_global("NODE_IP", &node_ip, true)
+            .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
             .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
@@ -399,6 +404,11 @@ impl Dataplane {
         let xdp: &mut Xdp =
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
+        for name in PROGS_SOCK {
+            let p: &mut CgroupSockAddr =
+                ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+            p.load()?;
+        }
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let mut dp = Self {
             ebpf,
@@ -833,6 +843,39 @@ impl Dataplane {
         Ok(pinned)
     }
 
+    /// Attaches the socket-level programs (for the node's own processes) to the cgroup v2
+    /// hierarchy at `cgroup`, replacing those a previous agent pinned. They act only in this
+    /// network namespace (its cookie is patched in at load time).
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
+        let io = |what, source| DataplaneError::Io { what, path: cgroup.to_owned(), source };
+        let dir = fs::File::open(cgroup).map_err(|e| io("opening cgroup", e))?;
+        for name in PROGS_SOCK {
+            let link_err = |what: &'static str| {
+                move |e: &(dyn std::error::Error + 'static)| DataplaneError::Link {
+                    iface: format!("cgroup {}", cgroup.display()),
+                    what,
+                    detail: format!("{name}: {}", error_chain(e)),
+                }
+            };
+            let prog: &mut CgroupSockAddr = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+            // A cgroup bpf_link always coexists with other programs; the kernel refuses the
+            // BPF_F_ALLOW_MULTI flag on BPF_LINK_CREATE (EINVAL), so no mode flag is passed.
+            let id = prog.attach(&dir, CgroupAttachMode::Single)?;
+            let fd = FdLink::try_from(prog.take_link(id)?).map_err(|e| link_err("cgroup link")(&e))?;
+            // Pin beside the previous agent's link, then rename over it: the old program is
+            // detached only once ours runs (both running is harmless: the second sees a backend
+            // address, which is no frontend).
+            let pin = self.pin_dir.join(LINKS_DIR).join(name);
+            let fresh = self.pin_dir.join(LINKS_DIR).join(format!("{name}_new"));
+            let _ = fs::remove_file(&fresh);
+            let pinned = fd.pin(&fresh).map_err(|e| link_err("pinning link")(&e))?;
+            fs::rename(&fresh, &pin).map_err(|e| io("replacing pinned cgroup link", e))?;
+            drop(pinned);
+        }
+        tracing::info!(cgroup = %cgroup.display(), "socket-level translation attached for this node's processes");
+        Ok(())
+    }
+
     /// Replaces the program of a link pinned at `pin` with ours.
     fn take_over(&mut self, pin: &Path, hook: Hook) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let fd = FdLink::from(PinnedLink::from_pin(pin)?);
@@ -905,6 +948,39 @@ impl Hook {
 /// interface names may have one (VLANs: `eth0.100`); `%` can never be in an interface name.
 pub fn link_pin_name(iface: &str, hook: Hook) -> String {
     format!("{}{}", hook.pin_prefix(), iface.replace('.', "%"))
+}
+
+/// The first cgroup v2 mount (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// This network namespace's cookie (`SO_NETNS_COOKIE`, Linux 5.14).
+fn netns_cookie() -> Result<u64> {
+    let err =
+        |source| DataplaneError::Io { what: "reading the cookie of", path: "this network namespace".into(), source };
+    // SAFETY: a throwaway socket queried with getsockopt into a u64, then closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut _, &mut len);
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err(e));
+        }
+        Ok(cookie)
+    }
 }
 
 fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {

@@ -66,6 +66,13 @@ struct RunArgs {
     /// program (drivers/net/veth.c); use `generic` there if the peer is not yours to configure.
     #[arg(long, value_enum, default_value_t = dataplane::XdpAttachMode::Auto)]
     xdp_mode: dataplane::XdpAttachMode,
+    /// cgroup v2 directory whose processes get socket-level translation (the node's own
+    /// processes reaching ClusterIPs and node ports). Default: the cgroup2 mount.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// No socket-level translation: the node's own processes then cannot reach ClusterIPs.
+    #[arg(long, conflicts_with = "cgroup")]
+    no_socket_lb: bool,
     /// Attach no XDP program (tc alone then does everything).
     #[arg(long, conflicts_with = "xdp_ifaces")]
     no_xdp: bool,
@@ -168,6 +175,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut dp = Dataplane::load(&args.pin_dir, &config)
         .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
     info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
+    if !args.no_socket_lb {
+        match args.cgroup.clone().or_else(dataplane::cgroup2_mount) {
+            Some(cg) => dp.attach_socket_lb(&cg).with_context(|| format!("attaching to cgroup {}", cg.display()))?,
+            None => warn!("no cgroup v2 mount: the node's own processes cannot reach ClusterIPs"),
+        }
+    }
 
     let globs = args.ifaces.clone();
     let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
@@ -385,12 +398,12 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
             }
         }
         ListWhat::Stats => {
-            println!("{:<24} {:>12} {:>12}", "COUNTER", "TC", "XDP");
+            println!("{:<24} {:>12} {:>12} {:>12}", "COUNTER", "TC", "XDP", "SOCK");
             for c in Counter::ALL {
                 let at = |hook: u32| -> u64 {
                     maps.stats.get(&(hook * lb_common::COUNTER_MAX + c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
                 };
-                println!("{:<24} {:>12} {:>12}", c.name(), at(0), at(1));
+                println!("{:<24} {:>12} {:>12} {:>12}", c.name(), at(0), at(1), at(2));
             }
         }
     }

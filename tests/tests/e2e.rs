@@ -262,8 +262,9 @@ fn iface_flag_narrows_attachment() -> Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
     let links: Vec<String> = std::fs::read_dir(node.pin_dir.join("links"))?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("lb_sock_"))
         .collect();
-    assert_eq!(links, vec!["tc_ingress_veth1".to_string()]);
+    assert_eq!(links, vec!["tc_ingress_veth1".to_string()], "interface links: only veth1");
     assert!(http_get(&client.ns, vip(80), "/").is_err(), "client veth is not attached");
     Ok(())
 }
@@ -439,5 +440,43 @@ fn session_affinity_expires_after_the_idle_timeout() -> Result<()> {
     let after = lb_tests::http_get_from(&s.client.ns, from(other_ports[1]), vip(80), "/")?;
     assert_eq!(after, expected, "after 3 s idle the 2 s pin is gone and the hash decides");
     assert_ne!(after, first);
+    Ok(())
+}
+
+// ---------- the node's own processes (issue 4) ----------
+
+#[test]
+fn node_processes_reach_cluster_ips_over_tcp_and_udp() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node()?;
+    // The node namespace has no route to the ClusterIP: only socket-level translation helps.
+    assert!(POD_NAMES.contains(&http_get(&s.node.ns, vip(80), "/")?.as_str()));
+    // Unconnected UDP: sendto the ClusterIP, and recvfrom must show the ClusterIP again.
+    let (reply, from) = lb_tests::in_ns(&s.node.ns, || -> Result<(String, SocketAddr)> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.send_to(b"q", vip(53))?;
+        let mut buf = [0u8; 512];
+        let (n, from) = sock.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    })??;
+    assert!(POD_NAMES.contains(&reply.split(' ').next().unwrap()), "{reply}");
+    assert_eq!(from, vip(53), "the reply shows the ClusterIP, not the pod");
+    // getpeername of a connected socket shows the ClusterIP too.
+    let peer = lb_tests::in_ns(&s.node.ns, || -> Result<SocketAddr> {
+        Ok(std::net::TcpStream::connect_timeout(&vip(80), Duration::from_secs(2))?.peer_addr()?)
+    })??;
+    assert_eq!(peer, vip(80));
+    // Pods are not affected by the node's socket programs: they still go through tc.
+    assert!(POD_NAMES.contains(&http_get(&s.client.ns, vip(80), "/")?.as_str()));
+
+    // No ready endpoints: refused at once, from the node too.
+    let none: Vec<(&Pod, bool)> = s.web.iter().map(|p| (p, false)).collect();
+    s.lab.write_manifests(&s.node, &lab_manifests(CLUSTER_IP, &none, &EXTRA_PORTS))?;
+    assert!(eventually(Duration::from_secs(2), || {
+        matches!(tcp_connect(&s.node.ns, vip(80), Duration::from_secs(1)), Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused)
+    }));
     Ok(())
 }

@@ -150,6 +150,11 @@ fn seed_lab_node_port_and_load_balancer_steps() -> Result<()> {
     // ...but not `curl http://<ClusterIP>:30080`, as the lab found.
     assert!(http_get(&e.lb_pod.ns, at(NODE_PORT_CIP, 30080), "/").is_err());
 
+    // From the nodes themselves: the ClusterIP and the node ports.
+    assert_eq!(http_get(&e.a.ns, at(NODE_PORT_CIP, 8080), "/")?, "node-port");
+    assert_eq!(http_get(&e.a.ns, at(NODE_A, 30080), "/")?, "node-port");
+    assert_eq!(http_get(&e.b.ns, at(NODE_A, 30088), "/")?, "load-bal");
+
     // LoadBalancer pending: its node port works, nothing answers on the node's port 80.
     assert_eq!(http_get(&e.outside.ns, at(NODE_A, 30088), "/")?, "load-bal");
     assert_eq!(http_get(&e.outside.ns, at(NODE_B, 30088), "/")?, "load-bal");
