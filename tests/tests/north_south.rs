@@ -70,6 +70,11 @@ apiVersion: v1
 kind: Service
 metadata: {{name: peer-local}}
 spec: {{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 10.96.5.2, ports: [{{port: 80, nodePort: 30091}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: no-endpoints}}
+spec: {{type: NodePort, clusterIP: 10.96.5.3, ports: [{{port: 80, nodePort: 30099}}]}}
 {}{}{}{}"#,
         slice("node-port-1", "node-port", np_pod, true),
         slice("load-bal-1", "load-bal", lb_pod, true),
@@ -154,6 +159,12 @@ fn seed_lab_node_port_and_load_balancer_steps() -> Result<()> {
     assert_eq!(http_get(&e.a.ns, at(NODE_PORT_CIP, 8080), "/")?, "node-port");
     assert_eq!(http_get(&e.a.ns, at(NODE_A, 30080), "/")?, "node-port");
     assert_eq!(http_get(&e.b.ns, at(NODE_A, 30088), "/")?, "load-bal");
+
+    // A node port without endpoints is refused at once, like the ClusterIP.
+    let start = Instant::now();
+    let refused = tcp_connect(&e.outside.ns, at(NODE_A, 30099), Duration::from_secs(3))?;
+    assert!(matches!(&refused, Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused), "{refused:?}");
+    assert!(start.elapsed() < Duration::from_secs(1));
 
     // LoadBalancer pending: its node port works, nothing answers on the node's port 80.
     assert_eq!(http_get(&e.outside.ns, at(NODE_A, 30088), "/")?, "load-bal");
