@@ -53,6 +53,9 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// Names of the programs in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
 pub const PROG_XDP: &str = "lb_xdp";
+/// Empty programs, the floor `lb-bench` measures against.
+pub const PROG_BENCH_EMPTY_XDP: &str = "lb_bench_empty_xdp";
+pub const PROG_BENCH_EMPTY_TC: &str = "lb_bench_empty_tc";
 /// Socket-level programs for the node's own processes: (program, cgroup attach point).
 pub const PROGS_SOCK: [&str; 4] = ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_getpeername4"];
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT";

@@ -62,6 +62,18 @@ pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::to_frontend(&ctx)
 }
 
+/// The floor for `lb-bench`: an XDP program that does nothing. Never attached by the agent.
+#[xdp]
+pub fn lb_bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// The floor for `lb-bench` at tc. Never attached by the agent.
+#[classifier]
+pub fn lb_bench_empty_tc(_ctx: TcContext) -> i32 {
+    -1
+}
+
 #[inline(always)]
 fn pipeline<P: Packet>(ctx: &P) -> i32 {
     let h = match parse::parse(ctx.data(), ctx.data_end()) {

@@ -25,7 +25,8 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
     MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_STATS, PROGS_SOCK, PROG_TC_INGRESS, PROG_XDP, SCOPE_EXACT, SCOPE_NODEPORT,
+    MAP_SOURCE_RANGES, MAP_STATS, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG_XDP,
+    SCOPE_EXACT, SCOPE_NODEPORT,
     SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -409,6 +410,18 @@ impl Dataplane {
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
             p.load()?;
         }
+        // The benchmark's floor: loaded (a few instructions) so lb-bench measures the same
+        // object the agent runs, never attached.
+        let empty: &mut Xdp = ebpf
+            .program_mut(PROG_BENCH_EMPTY_XDP)
+            .ok_or(DataplaneError::MissingMap { name: PROG_BENCH_EMPTY_XDP })?
+            .try_into()?;
+        empty.load()?;
+        let empty: &mut SchedClassifier = ebpf
+            .program_mut(PROG_BENCH_EMPTY_TC)
+            .ok_or(DataplaneError::MissingMap { name: PROG_BENCH_EMPTY_TC })?
+            .try_into()?;
+        empty.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let mut dp = Self {
             ebpf,
@@ -426,6 +439,18 @@ impl Dataplane {
 
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// The empty XDP and tc programs: the floor per-packet costs are measured against.
+    pub fn floor_programs(&self) -> (&Xdp, &SchedClassifier) {
+        let xdp = self.ebpf.program(PROG_BENCH_EMPTY_XDP).and_then(|p| p.try_into().ok()).expect("loaded");
+        let tc = self.ebpf.program(PROG_BENCH_EMPTY_TC).and_then(|p| p.try_into().ok()).expect("loaded");
+        (xdp, tc)
+    }
+
+    /// Every loaded program by name, for verifier statistics.
+    pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self.ebpf.programs()
     }
 
     /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.

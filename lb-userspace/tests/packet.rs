@@ -13,6 +13,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
+use lb_tests::packet::{fold, frame, parse_checked, sum16, L4};
 use lb_userspace::{
     dataplane::{Config, Dataplane, DataplaneError, MapSizes, Maps},
     manifests,
@@ -105,124 +106,6 @@ impl Harness {
 
     fn counter(&self, c: Counter) -> u64 {
         self.dp.maps().stats.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
-    }
-}
-
-// ---------- independent packet construction and parsing ----------
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    fold(sum16(&pseudo) + sum16(l4))
-}
-
-#[derive(Clone, Copy)]
-enum L4 {
-    Tcp { flags: u8 },
-    Udp { zero_csum: bool },
-}
-
-/// Builds Ethernet + IPv4 + TCP/UDP with correct checksums.
-fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), l4: L4, payload: &[u8]) -> Vec<u8> {
-    let (proto, mut l4b) = match l4 {
-        L4::Tcp { flags } => {
-            let mut t = vec![0u8; 20];
-            t[0..2].copy_from_slice(&src.1.to_be_bytes());
-            t[2..4].copy_from_slice(&dst.1.to_be_bytes());
-            t[4..8].copy_from_slice(&1000u32.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = flags;
-            t[14..16].copy_from_slice(&65535u16.to_be_bytes());
-            (6u8, t)
-        }
-        L4::Udp { .. } => {
-            let mut u = vec![0u8; 8];
-            u[0..2].copy_from_slice(&src.1.to_be_bytes());
-            u[2..4].copy_from_slice(&dst.1.to_be_bytes());
-            u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            (17u8, u)
-        }
-    };
-    l4b.extend_from_slice(payload);
-    let csum = l4_checksum(src.0, dst.0, proto, &l4b);
-    match l4 {
-        L4::Tcp { .. } => l4b[16..18].copy_from_slice(&csum.to_be_bytes()),
-        L4::Udp { zero_csum: false } => {
-            l4b[6..8].copy_from_slice(&(if csum == 0 { 0xffff } else { csum }).to_be_bytes())
-        }
-        L4::Udp { zero_csum: true } => {}
-    }
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + l4b.len()) as u16).to_be_bytes());
-    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.0.octets());
-    ip[16..20].copy_from_slice(&dst.0.octets());
-    let c = fold(sum16(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&GW_MAC);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4b);
-    f
-}
-
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-struct Parsed {
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    proto: u8,
-    l4_csum: u16,
-}
-
-/// Parses a frame and checks both checksums from scratch; panics with a reason if invalid.
-fn parse_checked(f: &[u8]) -> Parsed {
-    assert!(f.len() >= 34, "frame too short: {}", f.len());
-    assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
-    let ip = &f[14..34];
-    assert_eq!(ip[0], 0x45);
-    assert_eq!(fold(sum16(ip)), 0, "IPv4 header checksum invalid");
-    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let l4 = &f[34..14 + tot];
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let proto = ip[9];
-    let csum_off = if proto == 6 { 16 } else { 6 };
-    let l4_csum = u16::from_be_bytes([l4[csum_off], l4[csum_off + 1]]);
-    if !(proto == 17 && l4_csum == 0) {
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&src.octets());
-        pseudo.extend_from_slice(&dst.octets());
-        pseudo.extend_from_slice(&[0, proto]);
-        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        assert_eq!(fold(sum16(&pseudo) + sum16(l4)), 0, "L4 checksum invalid");
-    }
-    Parsed {
-        src: (src, u16::from_be_bytes([l4[0], l4[1]])),
-        dst: (dst, u16::from_be_bytes([l4[2], l4[3]])),
-        proto,
-        l4_csum,
     }
 }
 

@@ -18,6 +18,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod packet;
+
 /// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
 pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -262,6 +264,11 @@ impl Lab {
 
     /// Starts a `podserver` in the pod and waits until its sockets are bound.
     pub fn serve(&mut self, pod: &Pod, http: &[u16], echo: &[u16], udp: &[u16]) -> Result<()> {
+        self.serve_with(pod, http, echo, udp, &[])
+    }
+
+    /// `serve` with sink ports too (read and discard, for bulk throughput).
+    pub fn serve_with(&mut self, pod: &Pod, http: &[u16], echo: &[u16], udp: &[u16], sink: &[u16]) -> Result<()> {
         let bin = podserver_bin()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.ns]).arg(bin).args(["--name", &pod.name]);
@@ -273,6 +280,9 @@ impl Lab {
         }
         for p in udp {
             cmd.args(["--udp", &p.to_string()]);
+        }
+        for p in sink {
+            cmd.args(["--sink", &p.to_string()]);
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let child = self.spawn(&format!("podserver {}", pod.name), &mut cmd)?;

@@ -4,7 +4,8 @@
 //! `podserver --name NAME [--http PORT]... [--echo PORT]... [--udp PORT]...`
 //! - http: `GET /` answers the name, `GET /peer` the client address the pod saw;
 //! - echo: every line `L` is answered with `NAME L` (long-lived connections);
-//! - udp: every datagram is answered with `NAME PEER`.
+//! - udp: every datagram is answered with `NAME PEER`;
+//! - sink: everything received is read and thrown away (bulk throughput).
 //!
 //! Prints `ready` on stdout once every socket is bound.
 use std::{
@@ -16,7 +17,7 @@ use std::{
 
 fn main() {
     let mut name = String::from("pod");
-    let (mut http, mut echo, mut udp) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut http, mut echo, mut udp, mut sink) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -25,6 +26,7 @@ fn main() {
             "--http" => http.push(v.parse::<u16>().expect("--http PORT")),
             "--echo" => echo.push(v.parse::<u16>().expect("--echo PORT")),
             "--udp" => udp.push(v.parse::<u16>().expect("--udp PORT")),
+            "--sink" => sink.push(v.parse::<u16>().expect("--sink PORT")),
             _ => panic!("unknown argument {a}"),
         }
     }
@@ -38,6 +40,11 @@ fn main() {
         let l = TcpListener::bind(("0.0.0.0", port)).expect("bind echo");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, echo_conn)));
+    }
+    for port in sink {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind sink");
+        let name = name.clone();
+        handles.push(thread::spawn(move || serve_tcp(l, name, sink_conn)));
     }
     for port in udp {
         let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
@@ -80,6 +87,11 @@ fn http_conn(mut c: TcpStream, name: &str) {
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+fn sink_conn(mut c: TcpStream, _name: &str) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 fn echo_conn(c: TcpStream, name: &str) {

@@ -1,0 +1,601 @@
+//! `lb-bench` (run by `cargo xtask bench [--quick]`): per-packet cost against the floor, cost
+//! at scale, real TCP through network namespaces against the direct path and kube-proxy-style
+//! iptables rules, control-plane timings, and verifier statistics, all measured in one run.
+//! Results go to `bench/results/` as markdown and an SVG chart.
+//!
+//! Methods, named in the output for every row:
+//! - `repeat`: one BPF_PROG_TEST_RUN with `repeat` = R; the kernel's per-run average. Only for
+//!   programs that leave the frame unchanged, since every repetition sees the previous one's
+//!   output (a DNAT program would otherwise time its own output, a pass-through).
+//! - `single`: R separate runs, each on a fresh frame (new flows get a new source address and
+//!   port each time); the kernel-measured duration of each run is summed, the same loop around
+//!   the empty program of the same hook is subtracted, and the floor is added back.
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_tests::{
+    packet::{frame, L4},
+    Lab, Node, Pod,
+};
+use lb_userspace::{
+    dataplane::{Config, Dataplane, MapSizes},
+    model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
+};
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let mut opts = Opts { quick: false, out: PathBuf::from("bench/results") };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--out" => opts.out = PathBuf::from(args.next().context("--out DIR")?),
+            other => bail!("unknown argument {other} (expected --quick, --out DIR)"),
+        }
+    }
+    let mut md = String::new();
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
+    let kernel = sh("uname", &["-r"])?;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
+    writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
+
+    progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
+    let per_packet = per_packet(&opts)?;
+    md.push_str(&per_packet.markdown);
+    progress("2/5 cost at scale");
+    md.push_str(&scale(&opts)?);
+    progress("3/5 real TCP through network namespaces");
+    md.push_str(&end_to_end(&opts)?);
+    progress("5/5 verifier");
+    md.push_str(&verifier()?);
+
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let name = if opts.quick { "quick" } else { "latest" };
+    let md_path = opts.out.join(format!("{name}.md"));
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let svg_path = opts.out.join(format!("{name}-per-packet.svg"));
+    std::fs::write(&svg_path, per_packet.svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("{md}");
+    progress(&format!("written: {} and {}", md_path.display(), svg_path.display()));
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("[lb-bench] {msg}");
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// A datapath loaded under its own pin directory, removed on drop.
+struct Loaded {
+    dp: Dataplane,
+    pin: PathBuf,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+fn load(tag: &str, config: Config) -> Result<Loaded> {
+    let pin = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let dp = Dataplane::load(&pin, &config).with_context(|| format!("loading the datapath under {}", pin.display()))?;
+    Ok(Loaded { dp, pin })
+}
+
+/// N services 10.96.0.0/16-ish, each with 3 to 10 endpoints (deterministic), port 80 -> 8080.
+fn services(n: usize, affinity: bool) -> DesiredState {
+    let mut state = DesiredState::default();
+    for i in 0..n {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+        let count = 3 + (i * 7) % 8;
+        let backends = (0..count)
+            .map(|j| Endpoint {
+                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * 11 + j) as u32 % 60_000 + 2),
+                port: 8080,
+                local: j == 0,
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        state.services.insert(
+            Frontend::cluster_ip(ip, 80, Protocol::Tcp),
+            ServicePort {
+                name: format!("bench/svc-{i}"),
+                backends,
+                affinity_timeout_s: affinity.then_some(10_800),
+                ..Default::default()
+            },
+        );
+    }
+    state
+}
+
+/// The frame of a new flow `i` (a fresh client address and port for each i).
+fn syn(i: u32, dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i >> 14));
+    frame((client, 10_000 + (i & 0x3fff) as u16), dst, L4::Tcp { flags: 0x02 }, &[])
+}
+
+/// Patches the source address and port of `f` for flow `i`, the way `syn` builds them; the
+/// checksum is left stale, which no program here verifies.
+fn set_flow(f: &mut [u8], i: u32) {
+    let client = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i >> 14);
+    f[26..30].copy_from_slice(&client.to_be_bytes());
+    f[34..36].copy_from_slice(&(10_000 + (i & 0x3fff) as u16).to_be_bytes());
+}
+
+trait Runnable {
+    fn run(&self, data: &[u8], repeat: u32) -> Result<Duration>;
+}
+
+impl<T: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>> Runnable for T {
+    fn run(&self, data: &[u8], repeat: u32) -> Result<Duration> {
+        let mut out = vec![0u8; 256];
+        let r = self
+            .test_run(TestRunOptions { data_in: Some(data), data_out: Some(&mut out), repeat, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(r.duration)
+    }
+}
+
+/// `repeat` method: ns per run, median of `rounds`.
+fn by_repeat(p: &dyn Runnable, f: &[u8], repeat: u32, rounds: usize) -> Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        v.push(p.run(f, repeat)?.as_nanos() as f64);
+    }
+    Ok(median(v))
+}
+
+/// `single` method: ns per run (kernel-measured), median over `rounds` loops of `n` runs.
+/// `fresh` (if set) gives every run a new flow.
+fn by_single(p: &dyn Runnable, f: &[u8], n: u32, rounds: usize, fresh: bool, offset: &mut u32) -> Result<f64> {
+    let mut buf = f.to_vec();
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        let mut total = 0u128;
+        for _ in 0..n {
+            if fresh {
+                *offset += 1;
+                set_flow(&mut buf, *offset);
+            }
+            total += p.run(&buf, 1)?.as_nanos();
+        }
+        v.push(total as f64 / n as f64);
+    }
+    Ok(median(v))
+}
+
+struct PerPacket {
+    markdown: String,
+    svg: String,
+}
+
+struct Row {
+    hook: &'static str,
+    what: &'static str,
+    method: &'static str,
+    ns: f64,
+    floor: f64,
+}
+
+fn per_packet(opts: &Opts) -> Result<PerPacket> {
+    let (repeat, singles, rounds) = if opts.quick { (100_000, 20_000, 3) } else { (1_000_000, 1_000_000, 5) };
+    let node_ip = Ipv4Addr::new(192, 168, 49, 2);
+    let mut loaded = load("pp", Config { node_ip: Some(node_ip), ..Config::default() })?;
+    let mut state = services(2, false);
+    // Service 1 with affinity; a node port whose only backend is local (no routing needed).
+    let affinity_frontend = Frontend::cluster_ip(Ipv4Addr::new(10, 96, 0, 11), 80, Protocol::Tcp);
+    state.services.get_mut(&affinity_frontend).expect("built above").affinity_timeout_s = Some(10_800);
+    state.services.insert(
+        Frontend::node_port(30080, Protocol::Tcp),
+        ServicePort {
+            name: "bench/np".into(),
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: true }],
+            external: true,
+            ..Default::default()
+        },
+    );
+    let report = loaded.dp.apply(&state);
+    if !report.errors.is_empty() {
+        bail!("programming: {:?}", report.errors);
+    }
+    loaded.dp.set_node_addresses(&[node_ip])?;
+    let dp = &loaded.dp;
+    let (empty_xdp, empty_tc) = dp.floor_programs();
+    let (tc, xdp) = (dp.tc_program(), dp.xdp_program());
+    let vip = (Ipv4Addr::new(10, 96, 0, 10), 80);
+    let aff_vip = (Ipv4Addr::new(10, 96, 0, 11), 80);
+    let np = (node_ip, 30080);
+    let other = frame((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 244, 1, 6), 80), L4::Tcp { flags: 0x10 }, b"x");
+    let mut off = 0u32;
+
+    let floor_tc = by_repeat(empty_tc, &other, repeat, rounds)?;
+    let floor_xdp = by_repeat(empty_xdp, &other, repeat, rounds)?;
+    let single_empty_tc = by_single(empty_tc, &other, singles, rounds, false, &mut off)?;
+    let single_empty_xdp = by_single(empty_xdp, &other, singles, rounds, false, &mut off)?;
+    let mut rows = vec![
+        Row { hook: "tc", what: "empty program (floor)", method: "repeat", ns: floor_tc, floor: floor_tc },
+        Row { hook: "xdp", what: "empty program (floor)", method: "repeat", ns: floor_xdp, floor: floor_xdp },
+    ];
+    rows.push(Row { hook: "tc", what: "pass-through (not a service)", method: "repeat", ns: by_repeat(tc, &other, repeat, rounds)?, floor: floor_tc });
+    rows.push(Row { hook: "xdp", what: "pass-through (not a service)", method: "repeat", ns: by_repeat(xdp, &other, repeat, rounds)?, floor: floor_xdp });
+    let single = |p: &dyn Runnable, f: &[u8], fresh: bool, off: &mut u32, empty: f64, floor: f64| -> Result<f64> {
+        Ok(floor + (by_single(p, f, singles, rounds, fresh, off)? - empty).max(0.0))
+    };
+    let new_flow = single(tc, &syn(0, vip), true, &mut off, single_empty_tc, floor_tc)?;
+    rows.push(Row { hook: "tc", what: "new flow (SYN to a ClusterIP)", method: "single", ns: new_flow, floor: floor_tc });
+    // One established flow, replayed.
+    let est = syn(u32::MAX >> 2, vip);
+    tc.run(&est, 1)?;
+    let mut est_ack = est.clone();
+    est_ack[47] = 0x10;
+    rows.push(Row { hook: "tc", what: "established flow (conntrack hit)", method: "single", ns: single(tc, &est_ack, false, &mut off, single_empty_tc, floor_tc)?, floor: floor_tc });
+    // Affinity: every run a new connection (new port) from the same pinned client.
+    let aff = syn(0, aff_vip);
+    tc.run(&aff, 1)?;
+    let mut aff_off = 0u32;
+    let mut buf = aff.clone();
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        let mut total = 0u128;
+        for _ in 0..singles {
+            aff_off = (aff_off + 1) & 0x3fff;
+            buf[34..36].copy_from_slice(&(10_000 + aff_off as u16).to_be_bytes());
+            total += tc.run(&buf, 1)?.as_nanos();
+        }
+        v.push(total as f64 / singles as f64);
+    }
+    rows.push(Row { hook: "tc", what: "affinity hit (new connection, pinned client)", method: "single", ns: floor_tc + (median(v) - single_empty_tc).max(0.0), floor: floor_tc });
+    rows.push(Row { hook: "xdp", what: "NodePort new flow (local backend)", method: "single", ns: single(xdp, &syn(0, np), true, &mut off, single_empty_xdp, floor_xdp)?, floor: floor_xdp });
+    let np_est = syn(u32::MAX >> 3, np);
+    xdp.run(&np_est, 1)?;
+    let mut np_ack = np_est.clone();
+    np_ack[47] = 0x10;
+    rows.push(Row { hook: "xdp", what: "NodePort established flow", method: "single", ns: single(xdp, &np_ack, false, &mut off, single_empty_xdp, floor_xdp)?, floor: floor_xdp });
+
+    let mut md = String::from("## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n\n");
+    writeln!(md, "Runs: `repeat` = {repeat} per round, `single` = {singles} runs per round; median of {rounds} rounds. See the methods at the top of `lb-userspace/src/bin/lb-bench.rs`.\n")?;
+    md.push_str("| hook | packet | method | ns/packet | over floor | ratio to floor |\n|---|---|---|---:|---:|---:|\n");
+    for r in &rows {
+        writeln!(md, "| {} | {} | {} | {:.1} | {:+.1} | {:.2}x |", r.hook, r.what, r.method, r.ns, r.ns - r.floor, r.ns / r.floor)?;
+    }
+    md.push('\n');
+    Ok(PerPacket { markdown: md, svg: svg(&rows) })
+}
+
+/// A horizontal bar chart of the per-packet rows.
+fn svg(rows: &[Row]) -> String {
+    let max = rows.iter().map(|r| r.ns).fold(1.0, f64::max);
+    let (w, bar_h, left) = (760.0, 22.0, 330.0);
+    let h = 40.0 + rows.len() as f64 * (bar_h + 8.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"20\" font-size=\"14\">lb per-packet cost, ns (BPF_PROG_TEST_RUN)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 34.0 + i as f64 * (bar_h + 8.0);
+        let len = (w - left - 70.0) * r.ns / max;
+        let colour = if r.what.starts_with("empty") { "#999" } else if r.hook == "xdp" { "#3a7" } else { "#37a" };
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"{:.0}\">{} {}</text><rect x=\"{left}\" y=\"{y:.0}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><text x=\"{:.0}\" y=\"{:.0}\">{:.0}</text>",
+            y + 15.0,
+            r.hook,
+            r.what,
+            left + len + 5.0,
+            y + 15.0,
+            r.ns
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Bytes the kernel accounts to a pinned map (`memlock` in fdinfo).
+fn map_memory(pin: &Path, name: &str) -> Result<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let map = aya::maps::MapData::from_pin(pin.join(name)).with_context(|| format!("opening {name}"))?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:").map(|v| v.trim().parse::<u64>()))
+        .context("no memlock in fdinfo")?
+        .context("memlock is not a number")
+}
+
+fn scale(opts: &Opts) -> Result<String> {
+    let sizes: &[usize] = if opts.quick { &[1, 1_000] } else { &[1, 1_000, 10_000, 100_000] };
+    let (singles, rounds) = if opts.quick { (20_000, 3) } else { (200_000, 5) };
+    let mut md = String::from("## 2. Cost at scale\n\nEach Service has 3 to 10 endpoints. Per-packet rows use the `single` method on the tc program (floor and empty loop measured in the same run); programming is one `apply` of the whole set into empty maps.\n\n| services | programming | new flow ns | established ns | pass-through ns (repeat) | new flow vs 1 service |\n|---:|---:|---:|---:|---:|---:|\n");
+    let mut first_new = None;
+    let mut mem_rows = String::new();
+    for &n in sizes {
+        progress(&format!("  {n} services"));
+        let mut loaded = load(&format!("scale{n}"), Config { sizes: MapSizes::default(), ..Config::default() })?;
+        let state = services(n, false);
+        let t = Instant::now();
+        let report = loaded.dp.apply(&state);
+        let programming = t.elapsed();
+        if !report.errors.is_empty() {
+            bail!("programming {n} services: {:?}", &report.errors[..report.errors.len().min(3)]);
+        }
+        let dp = &loaded.dp;
+        let (_, empty_tc) = dp.floor_programs();
+        let tc = dp.tc_program();
+        let target = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + (n / 2) as u32);
+        let other = frame((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 244, 1, 6), 80), L4::Tcp { flags: 0x10 }, b"x");
+        let mut off = 0u32;
+        let floor = by_repeat(empty_tc, &other, 1_000_000.min(singles * 5), rounds)?;
+        let empty_single = by_single(empty_tc, &other, singles, rounds, false, &mut off)?;
+        let new_flow = floor + (by_single(tc, &syn(0, (target, 80)), singles, rounds, true, &mut off)? - empty_single).max(0.0);
+        let est = syn(u32::MAX >> 2, (target, 80));
+        tc.run(&est, 1)?;
+        let mut ack = est.clone();
+        ack[47] = 0x10;
+        let established = floor + (by_single(tc, &ack, singles, rounds, false, &mut off)? - empty_single).max(0.0);
+        let pass = by_repeat(tc, &other, 1_000_000.min(singles * 5), rounds)?;
+        let base = *first_new.get_or_insert(new_flow);
+        writeln!(
+            md,
+            "| {n} | {:.3} s | {new_flow:.1} | {established:.1} | {pass:.1} | {:.2}x |",
+            programming.as_secs_f64(),
+            new_flow / base
+        )?;
+        if n == *sizes.last().expect("non-empty") {
+            let service_bytes: u64 = ["LB_SERVICES", "LB_BACKEND_SLOTS", "LB_BACKEND_MEMBERS", "LB_SERVICE_NAMES"]
+                .iter()
+                .map(|m| map_memory(&loaded.pin, m))
+                .sum::<Result<u64>>()?;
+            let ct = map_memory(&loaded.pin, "LB_CONNTRACK")?;
+            let endpoints: usize = state.services.values().map(|s| s.backends.len()).sum();
+            writeln!(
+                mem_rows,
+                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, slots, memberships, names; maps without preallocation grow with use). Conntrack is preallocated: {} entries take {:.1} MiB, {:.0} bytes per flow (two entries).\n",
+                service_bytes as f64 / n as f64,
+                lb_common::CONNTRACK_MAX_ENTRIES,
+                ct as f64 / (1 << 20) as f64,
+                2.0 * ct as f64 / lb_common::CONNTRACK_MAX_ENTRIES as f64
+            )?;
+        }
+    }
+    md.push_str(&mem_rows);
+    md.push('\n');
+    Ok(md)
+}
+
+// ---------- 3. real TCP through namespaces ----------
+
+const BENCH_VIP_BASE: u32 = 0x0a60_0000; // 10.96.0.0
+
+fn vip_of(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(BENCH_VIP_BASE + 10 + i as u32)
+}
+
+/// YAML for `n` Services with HTTP (80) and sink (9000) ports over `backends`.
+fn bench_manifests(n: usize, backends: &[Pod]) -> String {
+    let mut y = String::with_capacity(n * 600);
+    let eps: String = backends.iter().map(|p| format!("- addresses: [\"{}\"]\n  nodeName: {}\n", p.ip, p.node)).collect();
+    for i in 0..n {
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  clusterIP: {}\n  ports:\n  - {{name: http, port: 80}}\n  - {{name: sink, port: 9000}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: 80}}\n- {{name: sink, port: 9000}}\nendpoints:\n{eps}",
+            vip_of(i)
+        );
+    }
+    y
+}
+
+/// kube-proxy-style iptables rules for the same Services: KUBE-SERVICES -> KUBE-SVC-* (random
+/// probabilities, as kube-proxy writes them) -> KUBE-SEP-* (DNAT).
+fn iptables_rules(n: usize, backends: &[Pod]) -> String {
+    let mut r = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = String::new();
+    for i in 0..n {
+        for (port, pname) in [(80, "HTTP"), (9000, "SINK")] {
+            let svc = format!("KUBE-SVC-{i:06}{pname}");
+            let _ = writeln!(r, ":{svc} - [0:0]");
+            let _ = writeln!(rules, "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport {port} -j {svc}", vip_of(i));
+            let k = backends.len();
+            for (j, b) in backends.iter().enumerate() {
+                let sep = format!("KUBE-SEP-{i:06}{pname}{j}");
+                let _ = writeln!(r, ":{sep} - [0:0]");
+                if j + 1 < k {
+                    let _ = writeln!(rules, "-A {svc} -m statistic --mode random --probability {:.10} -j {sep}", 1.0 / (k - j) as f64);
+                } else {
+                    let _ = writeln!(rules, "-A {svc} -j {sep}");
+                }
+                let _ = writeln!(rules, "-A {sep} -p tcp -m tcp -j DNAT --to-destination {}:{port}", b.ip);
+            }
+        }
+    }
+    r.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n");
+    r.push_str(&rules);
+    r.push_str("COMMIT\n");
+    r
+}
+
+/// Connections per second, one HTTP request each, from `threads` threads in `ns`.
+fn conn_rate(ns: &str, addr: SocketAddr, secs: f64, threads: usize) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let ns = ns.to_string();
+            std::thread::spawn(move || -> Result<u64> {
+                lb_tests::in_ns(&ns, || -> Result<u64> {
+                    let mut done = 0u64;
+                    let mut buf = [0u8; 512];
+                    while Instant::now() < deadline {
+                        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                        c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                        while c.read(&mut buf)? > 0 {}
+                        done += 1;
+                    }
+                    Ok(done)
+                })?
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    Ok(total as f64 / secs)
+}
+
+/// Bulk throughput of one TCP stream from `ns` to `addr`, in Gbit/s.
+fn bulk(ns: &str, addr: SocketAddr, secs: f64) -> Result<f64> {
+    lb_tests::in_ns(ns, || -> Result<f64> {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        let chunk = vec![0x5au8; 256 * 1024];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed().as_secs_f64() < secs {
+            c.write_all(&chunk)?;
+            sent += chunk.len() as u64;
+        }
+        Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+    })?
+}
+
+struct E2eRow {
+    size: usize,
+    path: String,
+    conns: f64,
+    gbps: f64,
+}
+
+fn end_to_end(opts: &Opts) -> Result<String> {
+    let sizes: &[usize] = if opts.quick { &[1] } else { &[1, 1_000, 10_000] };
+    let secs = if opts.quick { 1.0 } else { 3.0 };
+    let mut lab = Lab::new()?;
+    let a = lab.add_node("bench-a", 1)?;
+    let b = lab.add_node("bench-b", 2)?;
+    lab.link_nodes(&a, &b)?;
+    let client = lab.add_pod(&a, "client", 100)?;
+    let mut backends = Vec::new();
+    for i in 0..3u8 {
+        let p = lab.add_pod(&b, &format!("backend-{i}"), 11 + i)?;
+        lab.serve_with(&p, &[80], &[], &[], &[9000])?;
+        backends.push(p);
+    }
+    let mut rows = Vec::new();
+    let measure = |path: String, size: usize, http: SocketAddr, sink: SocketAddr, rows: &mut Vec<E2eRow>| -> Result<()> {
+        progress(&format!("  {size} services: {path}"));
+        let conns = conn_rate(&client.ns, http, secs, 2)?;
+        let gbps = bulk(&client.ns, sink, secs)?;
+        rows.push(E2eRow { size, path, conns, gbps });
+        Ok(())
+    };
+    let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    let mut control = String::new();
+    for &n in sizes {
+        measure("direct to a backend (the limit)".into(), n, at(backends[0].ip, 80), at(backends[0].ip, 9000), &mut rows)?;
+        // iptables, as kube-proxy: the cost depends on where the Service sits in KUBE-SERVICES.
+        let rules = iptables_rules(n, &backends);
+        let file = lab.dir.join("rules.txt");
+        std::fs::write(&file, &rules)?;
+        let t = Instant::now();
+        lab.exec(&a.ns, &["iptables-restore", file.to_str().expect("utf-8")]).context("iptables-restore (is iptables installed?)")?;
+        let restore = t.elapsed();
+        let positions: Vec<(&str, usize)> = if n == 1 { vec![("only", 0)] } else { vec![("first", 0), ("middle", n / 2), ("last", n - 1)] };
+        for (pos, i) in &positions {
+            measure(format!("iptables, Service {pos} in KUBE-SERVICES"), n, at(vip_of(*i), 80), at(vip_of(*i), 9000), &mut rows)?;
+        }
+        lab.exec(&a.ns, &["iptables", "-t", "nat", "-F"])?;
+        lab.exec(&a.ns, &["iptables", "-t", "nat", "-X"])?;
+        // lb, on the same Services.
+        lab.write_manifests(&a, &bench_manifests(n, &backends))?;
+        let t = Instant::now();
+        start_bench_agent(&mut lab, &a, &client, 2 * n)?;
+        let ready = t.elapsed();
+        for (pos, i) in &positions {
+            measure(format!("lb, Service {pos}"), n, at(vip_of(*i), 80), at(vip_of(*i), 9000), &mut rows)?;
+        }
+        // Control plane: a new Service appended to the manifests, until it serves.
+        let mut yaml = bench_manifests(n + 1, &backends);
+        yaml.push('\n');
+        let t = Instant::now();
+        lab.write_manifests(&a, &yaml)?;
+        let new_vip = at(vip_of(n), 80);
+        while lb_tests::http_get(&client.ns, new_vip, "/").is_err() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("the new Service was not served within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let change = t.elapsed();
+        lab.kill_agent(&a);
+        lab.exec(&a.ns, &["true"])?;
+        let _ = std::fs::remove_dir_all(&a.pin_dir);
+        writeln!(
+            control,
+            "| {n} | {:.2} s | {:.2} s | {:.2} s |",
+            restore.as_secs_f64(),
+            ready.as_secs_f64(),
+            change.as_secs_f64()
+        )?;
+    }
+    let mut md = format!("## 3. Real TCP through network namespaces\n\nA client pod on one node, three backend pods on another, joined by an underlay veth; each Service has an HTTP port (one request per connection, {secs:.0} s, 2 client threads) and a sink port (one bulk stream, {secs:.0} s). The same Services are served directly, by kube-proxy-style iptables rules on the client's node (KUBE-SERVICES -> KUBE-SVC-* with random probabilities -> KUBE-SEP-* DNAT), and by lb (tc only: no XDP program is attached in any of these runs, so GSO is the same everywhere).\n\n| services | path | connections/s | vs direct | bulk Gbit/s | vs direct |\n|---:|---|---:|---:|---:|---:|\n");
+    for r in &rows {
+        let direct = rows.iter().find(|d| d.size == r.size && d.path.starts_with("direct")).expect("measured first");
+        writeln!(md, "| {} | {} | {:.0} | {:.2}x | {:.2} | {:.2}x |", r.size, r.path, r.conns, r.conns / direct.conns, r.gbps, r.gbps / direct.gbps)?;
+    }
+    md.push_str("\n## 4. Control plane\n\n| services | iptables-restore of the same rules | lb: start to serving every Service | lb: manifest change to new Service serving |\n|---:|---:|---:|---:|\n");
+    md.push_str(&control);
+    md.push_str("\nProgramming time of the maps alone is in section 2.\n\n");
+    Ok(md)
+}
+
+fn start_bench_agent(lab: &mut Lab, node: &Node, client: &Pod, frontends: usize) -> Result<()> {
+    lab.start_agent(node, &["cbr0", "ul0", client.host_if.as_str()], frontends, &["--no-xdp", "--no-socket-lb"])
+}
+
+// ---------- 5. verifier ----------
+
+fn verifier() -> Result<String> {
+    let loaded = load("verifier", Config::default())?;
+    let mut md = String::from("## 5. Verifier\n\n| program | instructions verified | translated bytes | JIT bytes |\n|---|---:|---:|---:|\n");
+    let mut progs: Vec<_> = loaded.dp.programs().collect();
+    progs.sort_by_key(|(n, _)| n.to_string());
+    for (name, p) in progs {
+        let info = p.info().with_context(|| format!("info of {name}"))?;
+        writeln!(
+            md,
+            "| {name} | {} | {} | {} |",
+            info.verified_instruction_count().map_or("?".into(), |v| v.to_string()),
+            info.size_translated().map_or("?".into(), |v| v.to_string()),
+            info.size_jitted()
+        )?;
+    }
+    let t = Instant::now();
+    drop(load("verifier-time", Config::default())?);
+    writeln!(md, "\nLoading (verifying) all {} programs together took {:.0} ms.\n", loaded.dp.programs().count(), t.elapsed().as_secs_f64() * 1e3)?;
+    Ok(md)
+}
