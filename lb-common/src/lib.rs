@@ -39,6 +39,13 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
+pub const MAP_PORTS: &str = "LB_PORTS";
+
+/// `LB_PORTS[port]` flags: a cheap pre-filter ahead of the hash lookups.
+/// Some frontend (ClusterIP, node port, LoadBalancer or external IP) listens on this port.
+pub const PORT_FRONTEND: u8 = 1 << 0;
+/// Some backend listens on this port: a packet from it may be a reply to translate.
+pub const PORT_BACKEND: u8 = 1 << 1;
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;

@@ -242,6 +242,11 @@ pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<Reply> {
     if now > entry.expires_ns {
         return None;
     }
+    if entry.flags & CT_FLAG_CLOSING != 0 && tcp_flags & TCP_FLAG_SYN != 0 && flow.proto == PROTO_TCP {
+        // A SYN on the tuple of a finished flow is a new connection that merely reuses the
+        // client's port, e.g. straight to the backend: it is not ours to translate.
+        return None;
+    }
     let flags = entry.flags | closing_flag(tcp_flags) | CT_FLAG_REPLIED;
     let expires = now + lifetime(flow.proto, tcp_flags, flags);
     if flags != entry.flags || expires > entry.expires_ns + REFRESH_INTERVAL_NS {

@@ -23,7 +23,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
+use lb_common::{Counter, ServiceValue, PORT_BACKEND, PORT_FRONTEND, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
     conntrack::{Forward, Translation},
@@ -83,10 +83,16 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
         Parsed::Fragment => return pass(ctx, Counter::PassFragment),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
-    match service::lookup(&h.flow) {
-        Some((svc, node_frontend)) => to_service(ctx, &h, &svc, node_frontend),
-        None => maybe_reply(ctx, &h),
+    let (dport_flags, sport_flags) = (service::port_flags(h.flow.dport), service::port_flags(h.flow.sport));
+    if dport_flags & PORT_FRONTEND != 0 {
+        if let Some((svc, node_frontend)) = service::lookup(&h.flow) {
+            return to_service(ctx, &h, &svc, node_frontend);
+        }
     }
+    if sport_flags & PORT_BACKEND == 0 {
+        return pass(ctx, Counter::PassNotService);
+    }
+    maybe_reply(ctx, &h)
 }
 
 #[inline(always)]

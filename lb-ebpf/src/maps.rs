@@ -1,9 +1,9 @@
 //! Every map of the datapath, declared once. All are pinned by name so a restarted agent adopts
 //! them (and the flows in them) instead of starting empty.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
@@ -31,7 +31,8 @@ pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
 /// (client address, service id) -> pinned backend, for `sessionAffinity: ClientIP`. LRU: a
 /// flood of distinct clients evicts the oldest pins and never fails a new connection.
 #[map(name = "LB_AFFINITY")]
-pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Connection tracking, both directions of every translated flow. LRU so a flood of new flows
 /// evicts idle ones instead of failing inserts.
@@ -63,3 +64,8 @@ pub type SourceRangeKey = Key<SourceRangeData>;
 /// pointed at a backend. LRU: entries of closed sockets age out.
 #[map(name = "LB_SOCK_REVNAT")]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
+
+/// Port number -> `PORT_FRONTEND | PORT_BACKEND` flags. An array lookup is inlined by the
+/// verifier, so traffic on ports no Service uses skips every hash lookup.
+#[map(name = "LB_PORTS")]
+pub static LB_PORTS: Array<u8> = Array::pinned(65_536, 0);

@@ -1,16 +1,22 @@
 //! Stage 2: is the destination a service frontend?
 //!
 //! First by exact address (ClusterIP, LoadBalancer ingress IP, external IP); then, only for
-//! packets to one of the node's own addresses, as a node port. Traffic to anything else costs
-//! two hash lookups and is left alone.
+//! packets to one of the node's own addresses, as a node port. `LB_PORTS` lets the pipeline
+//! skip both lookups for ports no frontend uses.
 use lb_common::{
     NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{SourceRangeKey, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
+    maps::{SourceRangeKey, LB_NODE_ADDRS, LB_PORTS, LB_SERVICES, LB_SOURCE_RANGES},
     parse::Flow,
 };
+
+/// `LB_PORTS` flags of a port (network byte order, as in the packet).
+#[inline(always)]
+pub fn port_flags(port_be: u16) -> u8 {
+    LB_PORTS.get(u16::from_be(port_be) as u32).copied().unwrap_or(0)
+}
 
 #[inline(always)]
 fn get(addr: u32, flow: &Flow, scope: u8) -> Option<ServiceValue> {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::CgroupAttachMode,
         links::{FdLink, PinnedLink},
@@ -24,10 +24,10 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_STATS, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG_XDP,
-    SCOPE_EXACT, SCOPE_NODEPORT,
-    SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
+    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
+    MAP_SOURCE_RANGES, MAP_STATS, PORT_BACKEND, PORT_FRONTEND, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP,
+    PROG_TC_INGRESS, PROG_XDP, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::model::{Cidr, DesiredState, Endpoint, Frontend, Protocol, Scope, ServicePort};
@@ -287,6 +287,7 @@ pub struct Maps {
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
+    pub ports: Array<MapData, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
 }
 
@@ -305,6 +306,7 @@ impl Maps {
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
+            ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
@@ -325,6 +327,7 @@ impl Maps {
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
+            ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
         })
     }
@@ -367,6 +370,11 @@ pub struct Dataplane {
     xdp_mode: XdpAttachMode,
     pin_dir: PathBuf,
     programmed: BTreeMap<Frontend, Programmed>,
+    /// Ids below `next_id` not in use (their frontend was removed or failed to program).
+    free_ids: BTreeSet<u32>,
+    next_id: u32,
+    /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
+    port_flags: Vec<u8>,
     /// (interface, hook) -> (ifindex, pinned link).
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.
@@ -432,7 +440,11 @@ impl Dataplane {
             programmed: BTreeMap::new(),
             attached: StdHashMap::new(),
             attach_failures: StdHashMap::new(),
+            port_flags: Vec::new(),
+            free_ids: BTreeSet::new(),
+            next_id: 1,
         };
+        dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
         Ok(dp)
     }
@@ -545,21 +557,31 @@ impl Dataplane {
             };
             self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, port });
         }
+        let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
+        self.next_id = used.last().map_or(1, |m| m + 1);
+        self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
         if !self.programmed.is_empty() {
             tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
         }
         Ok(())
     }
 
-    fn next_free_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
-        (1..).find(|id| !used.contains(id)).expect("u32 ids exhausted")
+    /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense.
+    fn next_free_id(&mut self) -> u32 {
+        if let Some(id) = self.free_ids.pop_first() {
+            return id;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        id
     }
 
     /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
     /// failures are reported and do not stop the others.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
+        // Port flags first: the datapath must not skip a frontend that is about to exist.
+        self.update_ports(desired.services.iter(), false, &mut report);
         let gone: Vec<Frontend> =
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         for f in gone {
@@ -570,6 +592,7 @@ impl Dataplane {
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
+            self.free_ids.insert(p.id);
             tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
         }
@@ -606,10 +629,47 @@ impl Dataplane {
                     }
                     self.programmed.insert(*f, next);
                 }
-                Err(e) => report.errors.push(e),
+                Err(e) => {
+                    if old.is_none() {
+                        self.free_ids.insert(next.id);
+                    }
+                    report.errors.push(e)
+                }
             }
         }
+        let programmed: Vec<(Frontend, ServicePort)> =
+            self.programmed.iter().map(|(f, p)| (*f, p.port.clone())).collect();
+        self.update_ports(programmed.iter().map(|(f, sp)| (f, sp)), true, &mut report);
         report
+    }
+
+    /// Sets the `LB_PORTS` flags the given frontends need. With `clear`, also clears the
+    /// frontend flag of ports no longer in use. Backend flags are never cleared: a connection to
+    /// a backend that left may live on for hours, and its replies must still be translated; a
+    /// stale flag only costs one conntrack lookup.
+    fn update_ports<'a>(
+        &mut self,
+        frontends: impl Iterator<Item = (&'a Frontend, &'a ServicePort)>,
+        clear: bool,
+        report: &mut ApplyReport,
+    ) {
+        let mut want = vec![0u8; 65_536];
+        for (f, sp) in frontends {
+            want[f.port as usize] |= PORT_FRONTEND;
+            for b in &sp.backends {
+                want[b.port as usize] |= PORT_BACKEND;
+            }
+        }
+        for (port, &flags) in want.iter().enumerate() {
+            let have = self.port_flags[port];
+            let next = if clear { (have & PORT_BACKEND) | flags } else { have | flags };
+            if next != have {
+                match self.maps.ports.set(port as u32, next, 0) {
+                    Ok(()) => self.port_flags[port] = next,
+                    Err(e) => report.errors.push(DataplaneError::Map { name: MAP_PORTS, source: e }),
+                }
+            }
+        }
     }
 
     /// Writes `next` for frontend `f` over `prev` (`None` for a new frontend).

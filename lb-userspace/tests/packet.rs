@@ -901,3 +901,38 @@ fn hairpin_is_snated_so_the_pod_can_reach_itself() {
     let r = parse_checked(&out);
     assert_eq!((r.src, r.dst), ((VIP, 80), (me, 40000)));
 }
+
+#[test]
+fn replies_of_a_live_flow_translate_after_its_backend_port_left_every_service() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&lab_yaml(&BACKENDS));
+    let p = h.syn_dst(CLIENT, 40000);
+    assert_eq!(p.1, 8080);
+    // Every backend moves to another target port: no Service uses 8080 any more.
+    h.apply(&lab_yaml(&BACKENDS).replace("port: 8080", "port: 9090"));
+    let (verdict, out) = h.run(&frame(p, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(parse_checked(&out).src, (VIP, 80), "the reply is still translated");
+    // Ports no Service has ever used skip every lookup.
+    let f = frame((CLIENT, 40000), (Ipv4Addr::new(10, 244, 1, 11), 7777), L4::Tcp { flags: SYN }, &[]);
+    assert_eq!(h.run(&f), (TC_ACT_UNSPEC, f.clone()));
+}
+
+#[test]
+fn a_new_direct_connection_reusing_a_closed_flows_tuple_is_not_translated() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let b = h.syn_dst(CLIENT, 40000);
+    // The flow through the ClusterIP closes (FIN both ways).
+    h.run(&frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame(b, (CLIENT, 40000), L4::Tcp { flags: 0x11 }, &[]));
+    // The client now connects straight to that backend from the same port: its SYN-ACK must
+    // reach the client as the backend's, not as the ClusterIP's.
+    let synack = frame(b, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
+    let (verdict, out) = h.run(&synack);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, synack));
+}

@@ -4,7 +4,6 @@
 //! updated incrementally, so a wrong incremental update in the datapath cannot hide.
 use std::net::Ipv4Addr;
 
-
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
@@ -120,4 +119,3 @@ pub fn parse_checked(f: &[u8]) -> Parsed {
         l4_csum,
     }
 }
-

@@ -28,6 +28,12 @@ enum Cmd {
     },
     /// Set up, build, and replay the seed lab on this machine with the real eBPF datapath.
     Demo,
+    /// Set up, build (release), and run the benchmarks; results go to bench/results/.
+    Bench {
+        /// Short runs and small sizes (under two minutes), for CI: keeps the bench from rotting.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -71,6 +77,33 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()?;
             demo::demo()
+        }
+        Cmd::Bench { quick } => {
+            setup::setup()?;
+            // Release builds: the agent's YAML parsing and the load clients are timed too.
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "--features",
+                "bench",
+                "--bin",
+                "lb-bench",
+            ]))?;
+            let target = std::env::var("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| workspace_root().join("target"));
+            let mut bench = Command::new(target.join("release/lb-bench"));
+            bench
+                .current_dir(workspace_root())
+                .env("LB_BIN", target.join("release/lb"))
+                .env("PODSERVER_BIN", target.join("release/podserver"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
         }
     }
 }

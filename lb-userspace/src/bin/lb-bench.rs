@@ -50,7 +50,11 @@ fn main() -> Result<()> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
@@ -155,7 +159,9 @@ trait Runnable {
     fn run(&self, data: &[u8], repeat: u32) -> Result<Duration>;
 }
 
-impl<T: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>> Runnable for T {
+impl<T: TestRun<Result = aya::programs::TestRunResult> + for<'a> TestRun<Opts<'a> = TestRunOptions<'a>>> Runnable
+    for T
+{
     fn run(&self, data: &[u8], repeat: u32) -> Result<Duration> {
         let mut out = vec![0u8; 256];
         let r = self
@@ -234,7 +240,8 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
     let vip = (Ipv4Addr::new(10, 96, 0, 10), 80);
     let aff_vip = (Ipv4Addr::new(10, 96, 0, 11), 80);
     let np = (node_ip, 30080);
-    let other = frame((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 244, 1, 6), 80), L4::Tcp { flags: 0x10 }, b"x");
+    let other =
+        frame((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 244, 1, 6), 80), L4::Tcp { flags: 0x10 }, b"x");
     let mut off = 0u32;
 
     let floor_tc = by_repeat(empty_tc, &other, repeat, rounds)?;
@@ -245,19 +252,73 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
         Row { hook: "tc", what: "empty program (floor)", method: "repeat", ns: floor_tc, floor: floor_tc },
         Row { hook: "xdp", what: "empty program (floor)", method: "repeat", ns: floor_xdp, floor: floor_xdp },
     ];
-    rows.push(Row { hook: "tc", what: "pass-through (not a service)", method: "repeat", ns: by_repeat(tc, &other, repeat, rounds)?, floor: floor_tc });
-    rows.push(Row { hook: "xdp", what: "pass-through (not a service)", method: "repeat", ns: by_repeat(xdp, &other, repeat, rounds)?, floor: floor_xdp });
+    // Pass-through on a port no Service uses (the port filter answers), and on a port a
+    // Service also uses (every lookup runs and misses).
+    let unused = frame(
+        (Ipv4Addr::new(10, 244, 1, 5), 40000),
+        (Ipv4Addr::new(10, 244, 1, 6), 7777),
+        L4::Tcp { flags: 0x10 },
+        b"x",
+    );
+    rows.push(Row {
+        hook: "tc",
+        what: "pass-through, port used by no Service",
+        method: "repeat",
+        ns: by_repeat(tc, &unused, repeat, rounds)?,
+        floor: floor_tc,
+    });
+    rows.push(Row {
+        hook: "tc",
+        what: "pass-through, Service port, other address",
+        method: "repeat",
+        ns: by_repeat(tc, &other, repeat, rounds)?,
+        floor: floor_tc,
+    });
+    rows.push(Row {
+        hook: "xdp",
+        what: "pass-through, port used by no Service",
+        method: "repeat",
+        ns: by_repeat(xdp, &unused, repeat, rounds)?,
+        floor: floor_xdp,
+    });
+    rows.push(Row {
+        hook: "xdp",
+        what: "pass-through, Service port, other address",
+        method: "repeat",
+        ns: by_repeat(xdp, &other, repeat, rounds)?,
+        floor: floor_xdp,
+    });
     let single = |p: &dyn Runnable, f: &[u8], fresh: bool, off: &mut u32, empty: f64, floor: f64| -> Result<f64> {
         Ok(floor + (by_single(p, f, singles, rounds, fresh, off)? - empty).max(0.0))
     };
+    // The `single` method on a path `repeat` can also measure, as a check of the method.
+    rows.push(Row {
+        hook: "tc",
+        what: "pass-through, Service port (single, method check)",
+        method: "single",
+        ns: single(tc, &other, false, &mut off, single_empty_tc, floor_tc)?,
+        floor: floor_tc,
+    });
     let new_flow = single(tc, &syn(0, vip), true, &mut off, single_empty_tc, floor_tc)?;
-    rows.push(Row { hook: "tc", what: "new flow (SYN to a ClusterIP)", method: "single", ns: new_flow, floor: floor_tc });
+    rows.push(Row {
+        hook: "tc",
+        what: "new flow (SYN to a ClusterIP)",
+        method: "single",
+        ns: new_flow,
+        floor: floor_tc,
+    });
     // One established flow, replayed.
     let est = syn(u32::MAX >> 2, vip);
     tc.run(&est, 1)?;
     let mut est_ack = est.clone();
     est_ack[47] = 0x10;
-    rows.push(Row { hook: "tc", what: "established flow (conntrack hit)", method: "single", ns: single(tc, &est_ack, false, &mut off, single_empty_tc, floor_tc)?, floor: floor_tc });
+    rows.push(Row {
+        hook: "tc",
+        what: "established flow (conntrack hit)",
+        method: "single",
+        ns: single(tc, &est_ack, false, &mut off, single_empty_tc, floor_tc)?,
+        floor: floor_tc,
+    });
     // Affinity: every run a new connection (new port) from the same pinned client.
     let aff = syn(0, aff_vip);
     tc.run(&aff, 1)?;
@@ -273,19 +334,46 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
         }
         v.push(total as f64 / singles as f64);
     }
-    rows.push(Row { hook: "tc", what: "affinity hit (new connection, pinned client)", method: "single", ns: floor_tc + (median(v) - single_empty_tc).max(0.0), floor: floor_tc });
-    rows.push(Row { hook: "xdp", what: "NodePort new flow (local backend)", method: "single", ns: single(xdp, &syn(0, np), true, &mut off, single_empty_xdp, floor_xdp)?, floor: floor_xdp });
+    rows.push(Row {
+        hook: "tc",
+        what: "affinity hit (new connection, pinned client)",
+        method: "single",
+        ns: floor_tc + (median(v) - single_empty_tc).max(0.0),
+        floor: floor_tc,
+    });
+    rows.push(Row {
+        hook: "xdp",
+        what: "NodePort new flow (local backend)",
+        method: "single",
+        ns: single(xdp, &syn(0, np), true, &mut off, single_empty_xdp, floor_xdp)?,
+        floor: floor_xdp,
+    });
     let np_est = syn(u32::MAX >> 3, np);
     xdp.run(&np_est, 1)?;
     let mut np_ack = np_est.clone();
     np_ack[47] = 0x10;
-    rows.push(Row { hook: "xdp", what: "NodePort established flow", method: "single", ns: single(xdp, &np_ack, false, &mut off, single_empty_xdp, floor_xdp)?, floor: floor_xdp });
+    rows.push(Row {
+        hook: "xdp",
+        what: "NodePort established flow",
+        method: "single",
+        ns: single(xdp, &np_ack, false, &mut off, single_empty_xdp, floor_xdp)?,
+        floor: floor_xdp,
+    });
 
     let mut md = String::from("## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n\n");
     writeln!(md, "Runs: `repeat` = {repeat} per round, `single` = {singles} runs per round; median of {rounds} rounds. See the methods at the top of `lb-userspace/src/bin/lb-bench.rs`.\n")?;
     md.push_str("| hook | packet | method | ns/packet | over floor | ratio to floor |\n|---|---|---|---:|---:|---:|\n");
     for r in &rows {
-        writeln!(md, "| {} | {} | {} | {:.1} | {:+.1} | {:.2}x |", r.hook, r.what, r.method, r.ns, r.ns - r.floor, r.ns / r.floor)?;
+        writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:+.1} | {:.2}x |",
+            r.hook,
+            r.what,
+            r.method,
+            r.ns,
+            r.ns - r.floor,
+            r.ns / r.floor
+        )?;
     }
     md.push('\n');
     Ok(PerPacket { markdown: md, svg: svg(&rows) })
@@ -302,7 +390,13 @@ fn svg(rows: &[Row]) -> String {
     for (i, r) in rows.iter().enumerate() {
         let y = 34.0 + i as f64 * (bar_h + 8.0);
         let len = (w - left - 70.0) * r.ns / max;
-        let colour = if r.what.starts_with("empty") { "#999" } else if r.hook == "xdp" { "#3a7" } else { "#37a" };
+        let colour = if r.what.starts_with("empty") {
+            "#999"
+        } else if r.hook == "xdp" {
+            "#3a7"
+        } else {
+            "#37a"
+        };
         let _ = writeln!(
             s,
             "<text x=\"10\" y=\"{:.0}\">{} {}</text><rect x=\"{left}\" y=\"{y:.0}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><text x=\"{:.0}\" y=\"{:.0}\">{:.0}</text>",
@@ -350,11 +444,17 @@ fn scale(opts: &Opts) -> Result<String> {
         let (_, empty_tc) = dp.floor_programs();
         let tc = dp.tc_program();
         let target = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + (n / 2) as u32);
-        let other = frame((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 244, 1, 6), 80), L4::Tcp { flags: 0x10 }, b"x");
+        let other = frame(
+            (Ipv4Addr::new(10, 244, 1, 5), 40000),
+            (Ipv4Addr::new(10, 244, 1, 6), 80),
+            L4::Tcp { flags: 0x10 },
+            b"x",
+        );
         let mut off = 0u32;
         let floor = by_repeat(empty_tc, &other, 1_000_000.min(singles * 5), rounds)?;
         let empty_single = by_single(empty_tc, &other, singles, rounds, false, &mut off)?;
-        let new_flow = floor + (by_single(tc, &syn(0, (target, 80)), singles, rounds, true, &mut off)? - empty_single).max(0.0);
+        let new_flow =
+            floor + (by_single(tc, &syn(0, (target, 80)), singles, rounds, true, &mut off)? - empty_single).max(0.0);
         let est = syn(u32::MAX >> 2, (target, 80));
         tc.run(&est, 1)?;
         let mut ack = est.clone();
@@ -401,7 +501,8 @@ fn vip_of(i: usize) -> Ipv4Addr {
 /// YAML for `n` Services with HTTP (80) and sink (9000) ports over `backends`.
 fn bench_manifests(n: usize, backends: &[Pod]) -> String {
     let mut y = String::with_capacity(n * 600);
-    let eps: String = backends.iter().map(|p| format!("- addresses: [\"{}\"]\n  nodeName: {}\n", p.ip, p.node)).collect();
+    let eps: String =
+        backends.iter().map(|p| format!("- addresses: [\"{}\"]\n  nodeName: {}\n", p.ip, p.node)).collect();
     for i in 0..n {
         let _ = write!(
             y,
@@ -427,7 +528,11 @@ fn iptables_rules(n: usize, backends: &[Pod]) -> String {
                 let sep = format!("KUBE-SEP-{i:06}{pname}{j}");
                 let _ = writeln!(r, ":{sep} - [0:0]");
                 if j + 1 < k {
-                    let _ = writeln!(rules, "-A {svc} -m statistic --mode random --probability {:.10} -j {sep}", 1.0 / (k - j) as f64);
+                    let _ = writeln!(
+                        rules,
+                        "-A {svc} -m statistic --mode random --probability {:.10} -j {sep}",
+                        1.0 / (k - j) as f64
+                    );
                 } else {
                     let _ = writeln!(rules, "-A {svc} -j {sep}");
                 }
@@ -441,20 +546,28 @@ fn iptables_rules(n: usize, backends: &[Pod]) -> String {
     r
 }
 
-/// Connections per second, one HTTP request each, from `threads` threads in `ns`.
-fn conn_rate(ns: &str, addr: SocketAddr, secs: f64, threads: usize) -> Result<f64> {
+/// Connections per second, one HTTP request each, from `threads` threads in `ns`, spread in
+/// turn over `addrs`.
+fn conn_rate(ns: &str, addrs: &[SocketAddr], secs: f64, threads: usize) -> Result<f64> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let handles: Vec<_> = (0..threads)
-        .map(|_| {
+        .map(|t| {
             let ns = ns.to_string();
+            let addrs = addrs.to_vec();
             std::thread::spawn(move || -> Result<u64> {
                 lb_tests::in_ns(&ns, || -> Result<u64> {
                     let mut done = 0u64;
                     let mut buf = [0u8; 512];
                     while Instant::now() < deadline {
+                        let addr = addrs[(done as usize + t) % addrs.len()];
                         let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
                         c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
                         while c.read(&mut buf)? > 0 {}
+                        // Close with RST once the server's FIN is in: no TIME_WAIT on either
+                        // side. Otherwise a later run through another path (another NAT, other
+                        // timestamp offsets) reuses client ports the server still holds in
+                        // TIME_WAIT, PAWS rejects the SYN, and the client stalls a second.
+                        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
                         done += 1;
                     }
                     Ok(done)
@@ -506,27 +619,38 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         backends.push(p);
     }
     let mut rows = Vec::new();
-    let measure = |path: String, size: usize, http: SocketAddr, sink: SocketAddr, rows: &mut Vec<E2eRow>| -> Result<()> {
-        progress(&format!("  {size} services: {path}"));
-        let conns = conn_rate(&client.ns, http, secs, 2)?;
-        let gbps = bulk(&client.ns, sink, secs)?;
-        rows.push(E2eRow { size, path, conns, gbps });
-        Ok(())
-    };
+    let measure =
+        |path: String, size: usize, http: &[SocketAddr], sink: SocketAddr, rows: &mut Vec<E2eRow>| -> Result<()> {
+            progress(&format!("  {size} services: {path}"));
+            let conns = conn_rate(&client.ns, http, secs, 2)?;
+            let gbps = bulk(&client.ns, sink, secs)?;
+            rows.push(E2eRow { size, path, conns, gbps });
+            Ok(())
+        };
     let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
     let mut control = String::new();
     for &n in sizes {
-        measure("direct to a backend (the limit)".into(), n, at(backends[0].ip, 80), at(backends[0].ip, 9000), &mut rows)?;
+        // The limit: the same three backends, addressed directly in turn.
+        let direct: Vec<SocketAddr> = backends.iter().map(|b| at(b.ip, 80)).collect();
+        measure("direct to the backends (the limit)".into(), n, &direct, at(backends[0].ip, 9000), &mut rows)?;
         // iptables, as kube-proxy: the cost depends on where the Service sits in KUBE-SERVICES.
         let rules = iptables_rules(n, &backends);
         let file = lab.dir.join("rules.txt");
         std::fs::write(&file, &rules)?;
         let t = Instant::now();
-        lab.exec(&a.ns, &["iptables-restore", file.to_str().expect("utf-8")]).context("iptables-restore (is iptables installed?)")?;
+        lab.exec(&a.ns, &["iptables-restore", file.to_str().expect("utf-8")])
+            .context("iptables-restore (is iptables installed?)")?;
         let restore = t.elapsed();
-        let positions: Vec<(&str, usize)> = if n == 1 { vec![("only", 0)] } else { vec![("first", 0), ("middle", n / 2), ("last", n - 1)] };
+        let positions: Vec<(&str, usize)> =
+            if n == 1 { vec![("only", 0)] } else { vec![("first", 0), ("middle", n / 2), ("last", n - 1)] };
         for (pos, i) in &positions {
-            measure(format!("iptables, Service {pos} in KUBE-SERVICES"), n, at(vip_of(*i), 80), at(vip_of(*i), 9000), &mut rows)?;
+            measure(
+                format!("iptables, Service {pos} in KUBE-SERVICES"),
+                n,
+                &[at(vip_of(*i), 80)],
+                at(vip_of(*i), 9000),
+                &mut rows,
+            )?;
         }
         lab.exec(&a.ns, &["iptables", "-t", "nat", "-F"])?;
         lab.exec(&a.ns, &["iptables", "-t", "nat", "-X"])?;
@@ -536,15 +660,24 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         start_bench_agent(&mut lab, &a, &client, 2 * n)?;
         let ready = t.elapsed();
         for (pos, i) in &positions {
-            measure(format!("lb, Service {pos}"), n, at(vip_of(*i), 80), at(vip_of(*i), 9000), &mut rows)?;
+            measure(format!("lb, Service {pos}"), n, &[at(vip_of(*i), 80)], at(vip_of(*i), 9000), &mut rows)?;
         }
+        // The limit again, after the other paths: this 2-core machine is noisy, and a baseline
+        // taken at both ends of the round is less at the mercy of one moment.
+        measure("direct to the backends (the limit)".into(), n, &direct, at(backends[0].ip, 9000), &mut rows)?;
         // Control plane: a new Service appended to the manifests, until it serves.
         let mut yaml = bench_manifests(n + 1, &backends);
         yaml.push('\n');
         let t = Instant::now();
         lab.write_manifests(&a, &yaml)?;
         let new_vip = at(vip_of(n), 80);
-        while lb_tests::http_get(&client.ns, new_vip, "/").is_err() {
+        // Short connect timeouts: a SYN sent before the Service exists is lost, and waiting for
+        // its retransmission would measure TCP's 1 s timer, not lb.
+        let serving = || {
+            lb_tests::in_ns(&client.ns, || TcpStream::connect_timeout(&new_vip, Duration::from_millis(50)).is_ok())
+                .unwrap_or(false)
+        };
+        while !serving() {
             if t.elapsed() > Duration::from_secs(60) {
                 bail!("the new Service was not served within 60 s");
             }
@@ -563,9 +696,30 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         )?;
     }
     let mut md = format!("## 3. Real TCP through network namespaces\n\nA client pod on one node, three backend pods on another, joined by an underlay veth; each Service has an HTTP port (one request per connection, {secs:.0} s, 2 client threads) and a sink port (one bulk stream, {secs:.0} s). The same Services are served directly, by kube-proxy-style iptables rules on the client's node (KUBE-SERVICES -> KUBE-SVC-* with random probabilities -> KUBE-SEP-* DNAT), and by lb (tc only: no XDP program is attached in any of these runs, so GSO is the same everywhere).\n\n| services | path | connections/s | vs direct | bulk Gbit/s | vs direct |\n|---:|---|---:|---:|---:|---:|\n");
-    for r in &rows {
-        let direct = rows.iter().find(|d| d.size == r.size && d.path.starts_with("direct")).expect("measured first");
-        writeln!(md, "| {} | {} | {:.0} | {:.2}x | {:.2} | {:.2}x |", r.size, r.path, r.conns, r.conns / direct.conns, r.gbps, r.gbps / direct.gbps)?;
+    // The two measurements of the direct path are averaged into one row per size.
+    let mut shown: Vec<E2eRow> = Vec::new();
+    for r in rows {
+        match shown.iter_mut().find(|d| d.size == r.size && d.path.starts_with(&r.path)) {
+            Some(d) => {
+                d.conns = (d.conns + r.conns) / 2.0;
+                d.gbps = (d.gbps + r.gbps) / 2.0;
+                d.path = format!("{}, mean of runs before and after the others", r.path);
+            }
+            None => shown.push(r),
+        }
+    }
+    for r in &shown {
+        let direct = shown.iter().find(|d| d.size == r.size && d.path.starts_with("direct")).expect("measured first");
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2}x | {:.2} | {:.2}x |",
+            r.size,
+            r.path,
+            r.conns,
+            r.conns / direct.conns,
+            r.gbps,
+            r.gbps / direct.gbps
+        )?;
     }
     md.push_str("\n## 4. Control plane\n\n| services | iptables-restore of the same rules | lb: start to serving every Service | lb: manifest change to new Service serving |\n|---:|---:|---:|---:|\n");
     md.push_str(&control);
@@ -580,22 +734,47 @@ fn start_bench_agent(lab: &mut Lab, node: &Node, client: &Pod, frontends: usize)
 // ---------- 5. verifier ----------
 
 fn verifier() -> Result<String> {
-    let loaded = load("verifier", Config::default())?;
-    let mut md = String::from("## 5. Verifier\n\n| program | instructions verified | translated bytes | JIT bytes |\n|---|---:|---:|---:|\n");
-    let mut progs: Vec<_> = loaded.dp.programs().collect();
-    progs.sort_by_key(|(n, _)| n.to_string());
-    for (name, p) in progs {
-        let info = p.info().with_context(|| format!("info of {name}"))?;
-        writeln!(
-            md,
-            "| {name} | {} | {} | {} |",
-            info.verified_instruction_count().map_or("?".into(), |v| v.to_string()),
-            info.size_translated().map_or("?".into(), |v| v.to_string()),
-            info.size_jitted()
-        )?;
-    }
-    let t = Instant::now();
-    drop(load("verifier-time", Config::default())?);
-    writeln!(md, "\nLoading (verifying) all {} programs together took {:.0} ms.\n", loaded.dp.programs().count(), t.elapsed().as_secs_f64() * 1e3)?;
-    Ok(md)
+    // Each program loaded (verified) on its own, timed, from a fresh copy of the object.
+    let pin = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-verifier", std::process::id()));
+    std::fs::create_dir_all(&pin)?;
+    let result = (|| -> Result<String> {
+        // Non-zero globals as the agent sets them: with zeros in the frozen .rodata the verifier
+        // would prune the socket programs and the SNAT path as dead code.
+        let (cookie, node_ip) = (1u64, u32::from_ne_bytes([192, 168, 49, 2]));
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pin)
+            .override_global("NETNS_COOKIE", &cookie, true)
+            .override_global("NODE_IP", &node_ip, true)
+            .load(lb_userspace::EBPF_OBJECT)?;
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let mut rows = Vec::new();
+        for name in names {
+            let prog = ebpf.program_mut(&name).context("program listed above")?;
+            let t = Instant::now();
+            match prog {
+                aya::programs::Program::SchedClassifier(p) => p.load()?,
+                aya::programs::Program::Xdp(p) => p.load()?,
+                aya::programs::Program::CgroupSockAddr(p) => p.load()?,
+                _ => bail!("{name}: unexpected program type"),
+            }
+            let took = t.elapsed();
+            let info = prog.info().with_context(|| format!("info of {name}"))?;
+            rows.push((
+                name,
+                info.verified_instruction_count().map_or("?".into(), |v| v.to_string()),
+                info.size_translated().map_or("?".into(), |v| v.to_string()),
+                info.size_jitted(),
+                took,
+            ));
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut md = String::from("## 5. Verifier\n\nEach program loaded on its own from a fresh copy of the object.\n\n| program | instructions verified | load and verification time | translated bytes | JIT bytes |\n|---|---:|---:|---:|---:|\n");
+        for (name, insns, xlated, jited, took) in rows {
+            writeln!(md, "| {name} | {insns} | {:.1} ms | {xlated} | {jited} |", took.as_secs_f64() * 1e3)?;
+        }
+        md.push('\n');
+        Ok(md)
+    })();
+    let _ = std::fs::remove_dir_all(&pin);
+    result
 }
