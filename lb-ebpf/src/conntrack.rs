@@ -234,7 +234,8 @@ pub struct Reply {
 /// Looks up a packet that may be a backend's reply.
 #[inline(always)]
 pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<Reply> {
-    let entry = LB_CONNTRACK.get_ptr_mut(&key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_REPLY))?;
+    let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_REPLY);
+    let entry = LB_CONNTRACK.get_ptr_mut(&k)?;
     // SAFETY: as in `forward`.
     let entry = unsafe { &mut *entry };
     // Only read the clock on a hit: most packets reaching here are not replies at all.
@@ -243,8 +244,10 @@ pub fn reply(flow: &Flow, tcp_flags: u8) -> Option<Reply> {
         return None;
     }
     if entry.flags & CT_FLAG_CLOSING != 0 && tcp_flags & TCP_FLAG_SYN != 0 && flow.proto == PROTO_TCP {
-        // A SYN on the tuple of a finished flow is a new connection that merely reuses the
-        // client's port, e.g. straight to the backend: it is not ours to translate.
+        // A SYN-ACK on the tuple of a finished flow answers a new connection that reuses the
+        // client's port, e.g. straight to the backend: not ours to translate. The finished
+        // flow's entry goes, or it would catch the rest of the new connection.
+        let _ = LB_CONNTRACK.remove(&k);
         return None;
     }
     let flags = entry.flags | closing_flag(tcp_flags) | CT_FLAG_REPLIED;

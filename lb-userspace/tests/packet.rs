@@ -935,4 +935,8 @@ fn a_new_direct_connection_reusing_a_closed_flows_tuple_is_not_translated() {
     let synack = frame(b, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
     let (verdict, out) = h.run(&synack);
     assert_eq!((verdict, out), (TC_ACT_UNSPEC, synack));
+    // Nor the rest of that connection.
+    let data = frame(b, (CLIENT, 40000), L4::Tcp { flags: ACK }, b"HTTP/1.0 200 OK");
+    let (verdict, out) = h.run(&data);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, data));
 }

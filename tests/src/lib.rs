@@ -420,15 +420,46 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
 
 /// One HTTP/1.0 GET from inside `ns`; returns the body.
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<String> {
-    in_ns(ns, || -> Result<String> {
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut resp = String::new();
-        c.read_to_string(&mut resp)?;
-        let body = resp.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("no HTTP body in {resp:?}"))?;
-        Ok(body.trim().to_string())
-    })?
+    http_get_from(ns, SocketAddr::from(([0, 0, 0, 0], 0)), addr, path)
+}
+
+/// Polls `f` every 100 ms until it returns true or `within` passes; the last answer counts.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// A long-lived connection to an echo port: each line sent comes back as `POD-NAME line`.
+pub struct EchoConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl EchoConn {
+    pub fn open(ns: &str, addr: SocketAddr) -> Result<Self> {
+        let conn = tcp_connect(ns, addr, Duration::from_secs(2))??;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Self { reader: BufReader::new(conn.try_clone()?), writer: conn })
+    }
+
+    /// Sends `msg`, returns the answer line.
+    pub fn ask(&mut self, msg: &str) -> Result<String> {
+        writeln!(self.writer, "{msg}")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+
+    /// The pod that answers on this connection.
+    pub fn pod(&mut self) -> Result<String> {
+        Ok(self.ask("who")?.split(' ').next().unwrap_or_default().to_string())
+    }
 }
 
 /// One HTTP/1.0 GET from inside `ns` from a chosen source address and port (port 0: any).

@@ -2,13 +2,13 @@
 //! real eBPF datapath. Each test builds its own lab and tears it down, also on failure.
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, ErrorKind, Write},
+    io::ErrorKind,
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use lb_tests::{http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, Lab, Node, Pod};
+use lb_tests::{eventually, http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, Lab, Node, Pod};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
 const POD_NAMES: [&str; 3] =
@@ -42,18 +42,6 @@ fn single_node() -> Result<SingleNode> {
     lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS))?;
     lab.start_agent(&node, &["cbr0", "veth1", "veth2", "veth3", "veth4"], 3, &[])?;
     Ok(SingleNode { lab, node, web, client })
-}
-
-/// Polls `f` until it returns true or `within` passes.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 #[test]
@@ -113,16 +101,8 @@ fn removed_endpoint_gets_no_new_flows_while_a_long_lived_connection_keeps_workin
         return Ok(());
     }
     let s = single_node()?;
-    let conn = tcp_connect(&s.client.ns, vip(9000), Duration::from_secs(2))??;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut w = conn;
-    let mut ask = |msg: &str| -> Result<String> {
-        writeln!(w, "{msg}")?;
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    };
+    let mut conn = lb_tests::EchoConn::open(&s.client.ns, vip(9000))?;
+    let mut ask = |msg: &str| conn.ask(msg);
     let first = ask("hello")?;
     let pinned = first.split(' ').next().unwrap().to_string();
     let removed = s.web.iter().find(|p| p.name == pinned).expect("answer names a pod");
@@ -275,16 +255,8 @@ fn agent_restart_keeps_flows_and_adopts_pinned_state() -> Result<()> {
         return Ok(());
     }
     let mut s = single_node()?;
-    let conn = tcp_connect(&s.client.ns, vip(9000), Duration::from_secs(2))??;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut w = conn;
-    let mut ask = |msg: &str| -> Result<String> {
-        writeln!(w, "{msg}")?;
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    };
+    let mut conn = lb_tests::EchoConn::open(&s.client.ns, vip(9000))?;
+    let mut ask = |msg: &str| conn.ask(msg);
     let pinned = ask("one")?.split(' ').next().unwrap().to_string();
     let services_before = s.lab.list(&s.node, "services")?;
 
@@ -356,16 +328,8 @@ fn session_affinity_pins_the_busybox_loop_and_switches_like_the_conformance_test
     }
     let s = single_node()?;
     // A connection open across every switch must keep working and keep its backend.
-    let conn = tcp_connect(&s.client.ns, vip(9000), Duration::from_secs(2))??;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut w = conn;
-    let mut ask = |msg: &str| -> Result<String> {
-        writeln!(w, "{msg}")?;
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    };
+    let mut conn = lb_tests::EchoConn::open(&s.client.ns, vip(9000))?;
+    let mut ask = |msg: &str| conn.ask(msg);
     let long_lived = ask("0")?.split(' ').next().unwrap().to_string();
 
     let seen = backends_seen(&s, 15)?;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_tests::{http_get, http_get_from, privileged, tcp_connect, Lab, Node, Pod};
+use lb_tests::{eventually, http_get, http_get_from, privileged, tcp_connect, Lab, Node, Pod};
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 3);
@@ -116,17 +116,6 @@ fn edge() -> Result<Edge> {
 
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
-}
-
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 fn update(e: &Edge, lb_assigned: bool, local_ready: bool) -> Result<()> {

@@ -183,15 +183,22 @@ fn by_repeat(p: &dyn Runnable, f: &[u8], repeat: u32, rounds: usize) -> Result<f
 /// `single` method: ns per run (kernel-measured), median over `rounds` loops of `n` runs.
 /// `fresh` (if set) gives every run a new flow.
 fn by_single(p: &dyn Runnable, f: &[u8], n: u32, rounds: usize, fresh: bool, offset: &mut u32) -> Result<f64> {
+    by_single_with(p, f, n, rounds, &mut |buf| {
+        if fresh {
+            *offset += 1;
+            set_flow(buf, *offset);
+        }
+    })
+}
+
+/// `single` method with `mutate` applied to the frame before every run.
+fn by_single_with(p: &dyn Runnable, f: &[u8], n: u32, rounds: usize, mutate: &mut dyn FnMut(&mut [u8])) -> Result<f64> {
     let mut buf = f.to_vec();
     let mut v = Vec::new();
     for _ in 0..rounds {
         let mut total = 0u128;
         for _ in 0..n {
-            if fresh {
-                *offset += 1;
-                set_flow(&mut buf, *offset);
-            }
+            mutate(&mut buf);
             total += p.run(&buf, 1)?.as_nanos();
         }
         v.push(total as f64 / n as f64);
@@ -323,22 +330,15 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
     let aff = syn(0, aff_vip);
     tc.run(&aff, 1)?;
     let mut aff_off = 0u32;
-    let mut buf = aff.clone();
-    let mut v = Vec::new();
-    for _ in 0..rounds {
-        let mut total = 0u128;
-        for _ in 0..singles {
-            aff_off = (aff_off + 1) & 0x3fff;
-            buf[34..36].copy_from_slice(&(10_000 + aff_off as u16).to_be_bytes());
-            total += tc.run(&buf, 1)?.as_nanos();
-        }
-        v.push(total as f64 / singles as f64);
-    }
+    let pinned = by_single_with(tc, &aff, singles, rounds, &mut |buf| {
+        aff_off = (aff_off + 1) & 0x3fff;
+        buf[34..36].copy_from_slice(&(10_000 + aff_off as u16).to_be_bytes());
+    })?;
     rows.push(Row {
         hook: "tc",
         what: "affinity hit (new connection, pinned client)",
         method: "single",
-        ns: floor_tc + (median(v) - single_empty_tc).max(0.0),
+        ns: floor_tc + (pinned - single_empty_tc).max(0.0),
         floor: floor_tc,
     });
     rows.push(Row {
