@@ -346,10 +346,9 @@ pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
 pub const COUNTER_MAX: u32 = 20;
-/// Hooks with their own counters: tc (0) and XDP (1). The stats array holds
+/// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
-pub const HOOK_NAMES: [&str; HOOKS as usize] = ["tc", "xdp", "sock"];
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_MAX as usize] = [
