@@ -145,7 +145,7 @@ fn load_desired(files: &[(PathBuf, String)], node_name: &str) -> DesiredState {
     for e in &errors {
         error!(error = %e, "manifest object rejected");
     }
-    let t = model::translate(&objects.services, &objects.slices, node_name);
+    let t = model::translate(&objects.services, &objects.slices, &model::NodeInfo::named(node_name));
     for e in &t.errors {
         error!(error = %e, "object rejected");
     }

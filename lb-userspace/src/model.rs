@@ -6,10 +6,12 @@
 //! LoadBalancer ingress IPs, external IPs); EndpointSlices labelled
 //! `kubernetes.io/service-name` give backends, matched to service ports by port name and
 //! protocol (the slice already carries the resolved target port number, so a named
-//! `targetPort` is resolved through the slice's port names); endpoints whose `ready` condition is
-//! false are left out (nil means ready, as the API documents). Traffic policies pick which
-//! backends each kind of frontend gets: `internalTrafficPolicy` for the ClusterIP,
-//! `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
+//! `targetPort` is resolved through the slice's port names). Endpoint choice is kube-proxy's
+//! (`pkg/proxy/topology.go`): ready endpoints (all of them under `publishNotReadyAddresses`),
+//! and when there are none, the ones still serving while terminating; zone or node hints narrow
+//! the cluster-wide set only when every ready endpoint carries them and some name this node.
+//! Traffic policies pick which set each kind of frontend gets: `internalTrafficPolicy` for the
+//! ClusterIP, `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -24,6 +26,38 @@ use lb_common::MAX_BACKENDS_PER_SERVICE;
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy; kube-proxy ignores them too.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on the slices (and by some tools on the Services) of
+/// headless Services; kube-proxy's informers exclude such objects.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label that names its zone, matched against endpoint zone hints.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// The label selector kube-proxy lists Services and EndpointSlices with.
+pub const PROXY_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What the translation needs to know about the node it runs for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// As in EndpointSlice `nodeName` and `hints.forNodes`.
+    pub name: String,
+    /// The Node's `topology.kubernetes.io/zone` label, for `hints.forZones`.
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    pub fn named(name: &str) -> Self {
+        Self { name: name.to_string(), zone: None }
+    }
+
+    /// From the Node object (its zone label).
+    pub fn from_node(name: &str, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
+        let zone = node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_TOPOLOGY_ZONE)).cloned();
+        Self { name: name.to_string(), zone }
+    }
+}
+
+fn has_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -239,6 +273,8 @@ struct ServiceSpec {
     lb_ips: Vec<Ipv4Addr>,
     source_ranges: Vec<Cidr>,
     health_check_node_port: Option<u16>,
+    /// `publishNotReadyAddresses`: every endpoint counts as ready.
+    publish_not_ready: bool,
 }
 
 fn port_number(v: i32) -> Option<u16> {
@@ -265,7 +301,7 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
     let Some(name) = svc.metadata.name.clone().filter(|n| !n.is_empty()) else {
         return Err(err("metadata.name", "required".into()));
     };
-    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+    if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) || has_label(&svc.metadata, LABEL_HEADLESS) {
         return Ok(None);
     }
     let Some(spec) = svc.spec.as_ref() else {
@@ -404,27 +440,38 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
         lb_ips,
         source_ranges,
         health_check_node_port,
+        publish_not_ready: spec.publish_not_ready_addresses == Some(true),
     }))
 }
 
-/// One endpoint of a slice: its address and whether it runs on this node.
-#[derive(Clone, Copy)]
-struct ReadyAddr {
+/// One endpoint address of a slice, with the conditions and hints endpoint choice needs.
+#[derive(Clone, Debug)]
+struct SliceEndpoint {
     ip: Ipv4Addr,
+    /// `nodeName` is this node.
     local: bool,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
 }
 
-/// One usable slice: its ports and ready IPv4 addresses, validated.
+/// One usable slice: its ports and IPv4 endpoints, validated.
 struct SliceSpec {
     ports: Vec<(String, Protocol, u16)>,
-    ready: Vec<ReadyAddr>,
+    endpoints: Vec<SliceEndpoint>,
 }
 
-/// Validates one EndpointSlice. `Ok(None)`: valid but carries nothing for us (IPv6, FQDN).
+/// Validates one EndpointSlice. `Ok(None)`: valid but carries nothing for us (IPv6, FQDN, or
+/// a headless Service's slice).
 fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Result<Option<SliceSpec>, TranslateError> {
     let object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
     let err = |field: String, reason: String| TranslateError::Slice { object: object.clone(), field, reason };
-    if slice.address_type != "IPv4" {
+    if slice.address_type != "IPv4"
+        || has_label(&slice.metadata, LABEL_HEADLESS)
+        || has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME)
+    {
         return Ok(None);
     }
     let mut ports = Vec::new();
@@ -437,25 +484,93 @@ fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Result<Option<SliceSpec
         let protocol = Protocol::parse(p.protocol.as_deref()).map_err(|r| err(format!("ports[{i}].protocol"), r))?;
         ports.push((p.name.clone().unwrap_or_default(), protocol, port));
     }
-    let mut ready = Vec::new();
+    let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-        let is_ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let c = ep.conditions.as_ref();
+        // The API's defaults: nil ready means ready, nil serving means "as ready", nil
+        // terminating means not terminating.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        let zone_hints = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
+        let node_hints = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
+        let (zone_hints, node_hints): (Vec<String>, Vec<String>) = (zone_hints.collect(), node_hints.collect());
         let local = ep.node_name.as_deref() == Some(node_name);
         for (j, a) in ep.addresses.iter().enumerate() {
             let ip: Ipv4Addr = a
                 .parse()
                 .map_err(|_| err(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")))?;
-            if is_ready {
-                ready.push(ReadyAddr { ip, local });
-            }
+            endpoints.push(SliceEndpoint {
+                ip,
+                local,
+                ready,
+                serving,
+                terminating,
+                zone_hints: zone_hints.clone(),
+                node_hints: node_hints.clone(),
+            });
         }
     }
-    Ok(Some(SliceSpec { ports, ready }))
+    Ok(Some(SliceSpec { ports, endpoints }))
+}
+
+/// Which hints narrow the cluster-wide endpoint set (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Topology {
+    /// No hints, or not usable: every endpoint.
+    All,
+    /// `hints.forNodes` (trafficDistribution PreferSameNode).
+    SameNode,
+    /// `hints.forZones` (trafficDistribution PreferClose, topology-aware routing).
+    SameZone,
+}
+
+/// Hints are used only when every ready endpoint carries them and at least one is meant for
+/// this node (or its zone); otherwise they are ignored rather than leaving the node with no
+/// endpoints, as kube-proxy does.
+fn topology_mode(eps: &[(Endpoint, &SliceEndpoint)], node: &NodeInfo) -> Topology {
+    let ready = || eps.iter().map(|(_, e)| e).filter(|e| e.ready);
+    if ready().next().is_none() {
+        return Topology::All;
+    }
+    if ready().all(|e| !e.node_hints.is_empty()) && ready().any(|e| e.node_hints.contains(&node.name)) {
+        return Topology::SameNode;
+    }
+    if let Some(zone) = &node.zone {
+        if ready().all(|e| !e.zone_hints.is_empty()) && ready().any(|e| e.zone_hints.contains(zone)) {
+            return Topology::SameZone;
+        }
+    }
+    Topology::All
+}
+
+/// The endpoints a port uses cluster-wide and node-locally (kube-proxy's
+/// `CategorizeEndpoints`): ready ones, else serving-and-terminating ones, per set.
+fn categorize(eps: &[(Endpoint, &SliceEndpoint)], node: &NodeInfo) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    let topology = topology_mode(eps, node);
+    let fits = |e: &SliceEndpoint| match topology {
+        Topology::All => true,
+        Topology::SameNode => e.node_hints.contains(&node.name),
+        Topology::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+    };
+    let pick = |f: &dyn Fn(&SliceEndpoint) -> bool| -> Vec<Endpoint> {
+        eps.iter().filter(|(_, e)| f(e)).map(|(ep, _)| *ep).collect()
+    };
+    let mut cluster = pick(&|e| e.ready && fits(e));
+    if cluster.is_empty() {
+        cluster = pick(&|e| e.serving && e.terminating && fits(e));
+    }
+    let mut local = pick(&|e| e.local && e.ready);
+    if local.is_empty() {
+        local = pick(&|e| e.local && e.serving && e.terminating);
+    }
+    (cluster, local)
 }
 
 /// Translates the whole object set as seen by node `node_name`. Invalid objects are reported
 /// and left out alone.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> Translation {
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Translation {
     let mut out = Translation::default();
 
     // Slices grouped by (namespace, service name).
@@ -464,7 +579,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
             continue;
         };
-        match slice_spec(slice, node_name) {
+        match slice_spec(slice, &node.name) {
             Ok(Some(spec)) => by_service
                 .entry((slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc_name.clone()))
                 .or_default()
@@ -491,31 +606,44 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
         let slices = by_service.get(&(spec.namespace.clone(), spec.name.clone()));
         let mut entries: Vec<(Frontend, ServicePort)> = Vec::new();
         for port in &spec.ports {
-            let mut all = BTreeSet::new();
+            // Every address once, ready copies preferred (a pod may be listed by two slices
+            // while the controller moves it).
+            let mut merged: BTreeMap<(Ipv4Addr, u16), (Endpoint, SliceEndpoint)> = BTreeMap::new();
             for slice in slices.into_iter().flatten() {
                 for (pname, proto, target) in &slice.ports {
-                    if *pname == port.name && *proto == port.protocol {
-                        all.extend(slice.ready.iter().map(|a| Endpoint { ip: a.ip, port: *target, local: a.local }));
+                    if *pname != port.name || *proto != port.protocol {
+                        continue;
+                    }
+                    for e in &slice.endpoints {
+                        let mut e = e.clone();
+                        if spec.publish_not_ready {
+                            (e.ready, e.serving) = (true, true);
+                        }
+                        let ep = Endpoint { ip: e.ip, port: *target, local: e.local };
+                        match merged.get(&(e.ip, *target)) {
+                            Some((_, old)) if old.ready || !e.ready => {}
+                            _ => {
+                                merged.insert((e.ip, *target), (ep, e));
+                            }
+                        }
                     }
                 }
             }
-            let mut all: Vec<Endpoint> = all.into_iter().collect();
-            // The same address may be listed twice (two slices); keep one.
-            all.dedup_by_key(|e| (e.ip, e.port));
-            if all.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            let mut candidates: Vec<(Endpoint, &SliceEndpoint)> = merged.values().map(|(ep, e)| (*ep, e)).collect();
+            if candidates.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 out.errors.push(TranslateError::Service {
                     object: spec.object.clone(),
                     field: "endpoints".into(),
                     reason: format!(
-                        "{} ready endpoints for port {:?}; only the first {} are used",
-                        all.len(),
+                        "{} endpoints for port {:?}; only the first {} are used",
+                        candidates.len(),
                         port.name,
                         MAX_BACKENDS_PER_SERVICE
                     ),
                 });
-                all.truncate(MAX_BACKENDS_PER_SERVICE as usize);
+                candidates.truncate(MAX_BACKENDS_PER_SERVICE as usize);
             }
-            let local: Vec<Endpoint> = all.iter().copied().filter(|e| e.local).collect();
+            let (all, local) = categorize(&candidates, node);
             let name =
                 if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
             let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
@@ -571,8 +699,15 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node_name: &str
                 });
                 continue 'services;
             }
-            let local_endpoints: BTreeSet<Ipv4Addr> =
-                slices.into_iter().flatten().flat_map(|s| s.ready.iter()).filter(|a| a.local).map(|a| a.ip).collect();
+            // kube-proxy reports local *ready* endpoints, so a node whose pods are all
+            // terminating fails the check and the load balancer drains it.
+            let local_endpoints: BTreeSet<Ipv4Addr> = slices
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.local && (e.ready || spec.publish_not_ready))
+                .map(|e| e.ip)
+                .collect();
             health_owners.insert(hc, spec.object.clone());
             out.state
                 .health_checks
@@ -601,7 +736,7 @@ mod tests {
     fn run_on(yaml: &str, node: &str) -> Translation {
         let (objects, errors) = manifests::parse(&[(PathBuf::from("t.yaml"), yaml.to_string())]);
         assert!(errors.is_empty(), "{errors:?}");
-        translate(&objects.services, &objects.slices, node)
+        translate(&objects.services, &objects.slices, &NodeInfo::named(node))
     }
 
     fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
@@ -1059,6 +1194,174 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
 "#);
         assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
         assert!(!t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b is rejected whole");
+    }
+
+    /// One endpoint row of the semantics table: address suffix, node, ready, serving,
+    /// terminating (None = field absent), zone hints, node hints.
+    type Row =
+        (u8, &'static str, Option<bool>, Option<bool>, Option<bool>, &'static [&'static str], &'static [&'static str]);
+
+    /// A NodePort Service (ClusterIP 10.96.7.7:80, node port 30007) with `spec_extra` lines and
+    /// one slice holding `rows`; returns the ClusterIP's and the node port's backend suffixes.
+    fn semantics(spec_extra: &str, rows: &[Row], node: &NodeInfo) -> (Vec<u8>, Vec<u8>) {
+        let mut eps = String::new();
+        for (ip, node_name, ready, serving, terminating, zones, nodes) in rows {
+            eps.push_str(&format!("- addresses: [\"10.244.0.{ip}\"]\n  nodeName: {node_name}\n  conditions: {{"));
+            for (k, v) in [("ready", ready), ("serving", serving), ("terminating", terminating)] {
+                if let Some(v) = v {
+                    eps.push_str(&format!("{k}: {v}, "));
+                }
+            }
+            eps.push_str("}\n");
+            if !zones.is_empty() || !nodes.is_empty() {
+                let list = |v: &[&str]| v.iter().map(|n| format!("{{name: {n}}}")).collect::<Vec<_>>().join(", ");
+                eps.push_str(&format!("  hints: {{forZones: [{}], forNodes: [{}]}}\n", list(zones), list(nodes)));
+            }
+        }
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: t}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.7.7\n{spec_extra}  ports:\n  - {{port: 80, targetPort: 8080, nodePort: 30007}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  namespace: t\n  labels: {{kubernetes.io/service-name: s}}\naddressType: IPv4\nports:\n- {{port: 8080}}\nendpoints:\n{eps}"
+        );
+        let files = vec![(PathBuf::from("t.yaml"), yaml)];
+        let (objects, errors) = manifests::parse(&files);
+        assert!(errors.is_empty(), "{errors:?}");
+        let t = translate(&objects.services, &objects.slices, node);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let suffixes =
+            |f: Frontend| -> Vec<u8> { t.state.services[&f].backends.iter().map(|e| e.ip.octets()[3]).collect() };
+        (suffixes(fe("10.96.7.7", 80, Protocol::Tcp)), suffixes(Frontend::node_port(30007, Protocol::Tcp)))
+    }
+
+    #[test]
+    fn endpoint_slice_semantics_table() {
+        let a = NodeInfo { name: "node-a".into(), zone: Some("zone-1".into()) };
+        let (t, f, n) = (Some(true), Some(false), None);
+        const NONE: &[&str] = &[];
+        let cases: Vec<(&str, &str, Vec<Row>, (Vec<u8>, Vec<u8>))> = vec![
+            (
+                "ready endpoints are used, not-ready ones are not",
+                "",
+                vec![
+                    (1, "node-a", t, t, f, NONE, NONE),
+                    (2, "node-b", f, f, f, NONE, NONE),
+                    (3, "node-b", n, n, n, NONE, NONE),
+                ],
+                (vec![1, 3], vec![1, 3]),
+            ),
+            (
+                "no ready endpoint: serving+terminating ones are the fallback",
+                "",
+                vec![
+                    (1, "node-a", f, t, t, NONE, NONE),
+                    (2, "node-b", f, f, t, NONE, NONE),
+                    (3, "node-b", f, f, f, NONE, NONE),
+                ],
+                (vec![1], vec![1]),
+            ),
+            (
+                "a ready endpoint beats terminating ones",
+                "",
+                vec![(1, "node-a", f, t, t, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![2], vec![2]),
+            ),
+            (
+                "serving but not terminating (plain not-ready) is never a fallback",
+                "",
+                vec![(1, "node-a", f, t, f, NONE, NONE)],
+                (vec![], vec![]),
+            ),
+            (
+                "publishNotReadyAddresses: not-ready endpoints count as ready",
+                "  publishNotReadyAddresses: true\n",
+                vec![(1, "node-a", f, f, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![1, 2], vec![1, 2]),
+            ),
+            (
+                "eTP Local: only this node's ready endpoints",
+                "  externalTrafficPolicy: Local\n",
+                vec![(1, "node-a", t, t, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![1, 2], vec![1]),
+            ),
+            (
+                "eTP Local: local terminating fallback even when remote ready ones exist",
+                "  externalTrafficPolicy: Local\n",
+                vec![(1, "node-a", f, t, t, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![2], vec![1]),
+            ),
+            (
+                "iTP Local: the ClusterIP gets local endpoints only",
+                "  internalTrafficPolicy: Local\n",
+                vec![(1, "node-a", t, t, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![1], vec![1, 2]),
+            ),
+            (
+                "zone hints honoured when all ready endpoints have them",
+                "  trafficDistribution: PreferClose\n",
+                vec![
+                    (1, "node-a", t, t, f, &["zone-1"], NONE),
+                    (2, "node-b", t, t, f, &["zone-2"], NONE),
+                    (3, "node-c", t, t, f, &["zone-1"], NONE),
+                ],
+                (vec![1, 3], vec![1, 3]),
+            ),
+            (
+                "zone hints ignored when one ready endpoint lacks them",
+                "",
+                vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, NONE, NONE)],
+                (vec![1, 2], vec![1, 2]),
+            ),
+            (
+                "zone hints ignored when none is for this zone",
+                "",
+                vec![(1, "node-a", t, t, f, &["zone-2"], NONE), (2, "node-b", t, t, f, &["zone-3"], NONE)],
+                (vec![1, 2], vec![1, 2]),
+            ),
+            (
+                "not-ready endpoints without hints do not disable hints",
+                "",
+                vec![
+                    (1, "node-a", t, t, f, &["zone-1"], NONE),
+                    (2, "node-b", t, t, f, &["zone-2"], NONE),
+                    (3, "node-b", f, f, f, NONE, NONE),
+                ],
+                (vec![1], vec![1]),
+            ),
+            (
+                "node hints (PreferSameNode) beat zone hints",
+                "",
+                vec![
+                    (1, "node-a", t, t, f, &["zone-1"], &["node-a"]),
+                    (2, "node-b", t, t, f, &["zone-1"], &["node-b"]),
+                ],
+                (vec![1], vec![1]),
+            ),
+            (
+                "hints do not narrow the Local set",
+                "  externalTrafficPolicy: Local\n",
+                vec![(1, "node-a", t, t, f, &["zone-2"], NONE), (2, "node-b", t, t, f, &["zone-1"], NONE)],
+                (vec![2], vec![1]),
+            ),
+        ];
+        for (what, extra, rows, want) in cases {
+            assert_eq!(semantics(extra, &rows, &a), want, "{what}");
+        }
+        // A node without a zone label cannot use zone hints: every endpoint.
+        let rows: Vec<Row> = vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, &["zone-2"], NONE)];
+        assert_eq!(semantics("", &rows, &NodeInfo::named("node-a")), (vec![1, 2], vec![1, 2]));
+    }
+
+    #[test]
+    fn proxy_name_and_headless_labels_exclude_services_and_slices() {
+        let base = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t, labels: {LABELS}}\nspec:\n  clusterIP: 10.96.7.8\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: t, labels: {kubernetes.io/service-name: s, SLICE}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.0.9]}]\n";
+        let count = |svc: &str, slice: &str| {
+            let t = run(&base.replace("LABELS", svc).replace("SLICE", slice));
+            assert!(t.errors.is_empty(), "{:?}", t.errors);
+            t.state.services.values().map(|s| s.backends.len()).collect::<Vec<_>>()
+        };
+        assert_eq!(count("app: x", "app: x"), vec![1]);
+        assert_eq!(count("service.kubernetes.io/service-proxy-name: other", "app: x"), Vec::<usize>::new());
+        assert_eq!(count("service.kubernetes.io/headless: \"\"", "app: x"), Vec::<usize>::new());
+        assert_eq!(count("app: x", "service.kubernetes.io/headless: \"\""), vec![0]);
+        assert_eq!(count("app: x", "service.kubernetes.io/service-proxy-name: other"), vec![0]);
     }
 
     #[test]

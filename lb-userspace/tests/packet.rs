@@ -52,7 +52,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 fn desired(yaml: &str) -> DesiredState {
     let (objects, errors) = manifests::parse(&[(PathBuf::from("test.yaml"), yaml.to_string())]);
     assert!(errors.is_empty(), "{errors:?}");
-    let t = translate(&objects.services, &objects.slices, "node-a");
+    let t = translate(&objects.services, &objects.slices, &lb_userspace::model::NodeInfo::named("node-a"));
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     t.state
 }
