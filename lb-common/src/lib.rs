@@ -35,6 +35,7 @@ pub const MAP_SERVICES: &str = "LB_SERVICES";
 pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
 pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
 pub const MAP_STATS: &str = "LB_STATS";
+pub const MAP_SERVICE_STATS: &str = "LB_SERVICE_STATS";
 pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
@@ -70,7 +71,7 @@ pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -232,6 +233,15 @@ pub struct CtValue {
     pub expires_ns: u64,
     /// `bpf_ktime_get_ns` time of creation, for inspection.
     pub created_ns: u64,
+}
+
+/// Traffic a service frontend received (client to service direction), per CPU, indexed by
+/// service id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// A socket of the node's own that the socket-level programs pointed at a backend, and that
@@ -450,6 +460,7 @@ const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 40);
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -469,6 +480,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]

@@ -102,6 +102,9 @@ pub trait Packet {
     /// Verdict when `route` found nothing.
     fn unroutable(&self) -> i32;
 
+    /// Length of the whole packet as received (for tc, including non-linear parts).
+    fn packet_len(&self) -> u32;
+
     #[inline(always)]
     fn count(&self, c: Counter) {
         count(Self::HOOK, c);
@@ -123,6 +126,11 @@ impl Packet for TcContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> u32 {
+        TcContext::len(self)
     }
 
     #[inline(always)]
@@ -179,6 +187,11 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn data_end(&self) -> usize {
         XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
     }
 
     #[inline(always)]

@@ -139,6 +139,7 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
         return drop(ctx, Counter::DropRewrite);
     }
     ctx.count(counter);
+    stats::count_service(svc.id, ctx.packet_len());
     match route {
         Some(r) => ctx.send(&r),
         None => P::FORWARD,

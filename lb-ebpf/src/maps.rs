@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES,
+    ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES,
     BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
     SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
 };
@@ -43,6 +43,11 @@ pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRA
 /// `lb_common::Counter`.
 #[map(name = "LB_STATS")]
 pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_MAX * lb_common::HOOKS, 0);
+
+/// Service id -> packets and bytes it received. Sized by the agent to the services map plus
+/// one (ids start at 1).
+#[map(name = "LB_SERVICE_STATS")]
+pub static LB_SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(SERVICES_MAX_ENTRIES + 1, 0);
 
 /// Service id -> readable name, for `lb list`. The datapath never reads it; it lives here so it
 /// is pinned beside the maps it describes and survives agent restarts with them.

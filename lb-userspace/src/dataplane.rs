@@ -54,12 +54,93 @@ pub enum DataplaneError {
     MapFull { name: &'static str, capacity: u32, what: String },
     #[error("interface {iface}: {what}: {detail}")]
     Link { iface: String, what: &'static str, detail: String },
+    #[error(
+        "pinned map {path} holds live flows in another layout ({found}; this lb needs {wanted}), \
+         and carrying them over is not supported: refusing to start rather than drop them. Start \
+         this lb with the sizes the running one used, or drain the node and run `lb cleanup --pin-dir {pin_dir}`"
+    )]
+    FlowLayout { path: PathBuf, found: String, wanted: String, pin_dir: PathBuf },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+/// A pinned map's shape: key and value size, capacity.
+type Shape = (u32, u32, u32);
+
+/// The shape each pinned map must have for this build and these sizes, and whether it holds
+/// state that cannot be derived again from Kubernetes objects (flows, pins of sockets).
+fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
+    use std::mem::size_of;
+    let s = |k: usize, v: usize, n: u32| (k as u32, v as u32, n);
+    vec![
+        (MAP_SERVICES, s(size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services), false),
+        (MAP_SERVICE_NAMES, s(4, size_of::<ServiceName>(), sizes.services), false),
+        (lb_common::MAP_SERVICE_STATS, s(4, size_of::<lb_common::ServiceStats>(), sizes.services + 1), false),
+        (MAP_BACKEND_SLOTS, s(size_of::<BackendSlotKey>(), size_of::<Backend>(), sizes.backend_slots), false),
+        (MAP_BACKEND_MEMBERS, s(size_of::<BackendMemberKey>(), 4, sizes.backend_slots), false),
+        (MAP_STATS, s(4, 8, lb_common::COUNTER_MAX * lb_common::HOOKS), false),
+        (MAP_NODE_ADDRS, s(size_of::<NodeAddrKey>(), 4, lb_common::NODE_ADDRS_MAX_ENTRIES), false),
+        (MAP_SOURCE_RANGES, s(4 + size_of::<SourceRangeData>(), 1, lb_common::SOURCE_RANGES_MAX_ENTRIES), false),
+        (MAP_PORTS, s(4, 1, 65_536), false),
+        (MAP_CONNTRACK, s(size_of::<CtKey>(), size_of::<CtValue>(), sizes.conntrack), true),
+        (MAP_AFFINITY, s(size_of::<AffinityKey>(), size_of::<AffinityValue>(), sizes.affinity), true),
+        (
+            MAP_SOCK_REVNAT,
+            s(size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), lb_common::SOCK_REVNAT_MAX_ENTRIES),
+            true,
+        ),
+    ]
+}
+
+/// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
+/// sizes) before the loader adopts them: aya reuses a pin by name without comparing its shape,
+/// and a program verified against one value size must never run on a map of another.
+///
+/// Maps whose content the agent derives from Kubernetes objects are unpinned and rebuilt when
+/// their shape or the layout version (stamped in every service name entry) differs; the
+/// programs still attached keep the old maps until the new ones replace them, already filled,
+/// in one link update. Maps holding flows are never dropped: a shape change there is refused.
+fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
+    let version_changed = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
+        .ok()
+        .and_then(|d| Map::from_map_data(d).ok())
+        .and_then(|m| HashMap::<MapData, u32, ServiceName>::try_from(m).ok())
+        .and_then(|names| names.iter().filter_map(std::result::Result::ok).map(|(_, n)| n.layout_version).next())
+        .filter(|v| *v != lb_common::MAP_LAYOUT_VERSION);
+    if let Some(v) = version_changed {
+        tracing::warn!(
+            pinned = v,
+            current = lb_common::MAP_LAYOUT_VERSION,
+            "pinned maps are of another layout version; rebuilding the service maps (flows are kept)"
+        );
+    }
+    for (name, wanted, holds_flows) in expected_shapes(sizes) {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
+        if found == wanted && (holds_flows || version_changed.is_none()) {
+            continue;
+        }
+        if holds_flows {
+            return Err(DataplaneError::FlowLayout {
+                path,
+                found: show(found),
+                wanted: show(wanted),
+                pin_dir: pin_dir.to_owned(),
+            });
+        }
+        tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io { what: "unpinning", path: path.clone(), source })?;
+    }
+    Ok(())
 }
 
 /// Makes sure `pin_dir` exists on bpffs, mounting bpffs at /sys/fs/bpf if that is where it
@@ -273,6 +354,8 @@ pub struct ApplyReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// UDP flows whose backend left, removed from conntrack.
+    pub stale_udp_flows: usize,
     pub errors: Vec<DataplaneError>,
 }
 
@@ -283,6 +366,7 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
@@ -302,6 +386,8 @@ impl Maps {
             conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
+                .map_err(map_err(lb_common::MAP_SERVICE_STATS))?,
             affinity: HashMap::try_from(take(ebpf, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
@@ -323,6 +409,8 @@ impl Maps {
             conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
+                .map_err(map_err(lb_common::MAP_SERVICE_STATS))?,
             affinity: HashMap::try_from(open(pin_dir, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
@@ -385,6 +473,7 @@ impl Dataplane {
     /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
+        check_pinned_layout(pin_dir, &config.sizes)?;
         let (timeouts, sizes) = (config.timeouts, config.sizes);
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         let ns = |s: u64| s.saturating_mul(1_000_000_000);
@@ -400,6 +489,7 @@ impl Dataplane {
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
+            .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.services + 1)
             .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
             .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
@@ -447,6 +537,11 @@ impl Dataplane {
         dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
         Ok(dp)
+    }
+
+    /// Frontends programmed and backends summed over them.
+    pub fn programmed(&self) -> (usize, usize) {
+        (self.programmed.len(), self.programmed.values().map(|p| p.port.backends.len()).sum())
     }
 
     pub fn maps(&self) -> &Maps {
@@ -566,14 +661,62 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense.
+    /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense. Its
+    /// traffic counters start from zero, so a reused id does not inherit another frontend's.
     fn next_free_id(&mut self) -> u32 {
-        if let Some(id) = self.free_ids.pop_first() {
-            return id;
+        let id = match self.free_ids.pop_first() {
+            Some(id) => id,
+            None => {
+                self.next_id += 1;
+                self.next_id - 1
+            }
+        };
+        if let Ok(cpus) = aya::util::nr_cpus() {
+            if let Ok(zero) = aya::maps::PerCpuValues::try_from(vec![lb_common::ServiceStats::default(); cpus]) {
+                let _ = self.maps.service_stats.set(id, zero, 0);
+            }
         }
-        let id = self.next_id;
-        self.next_id += 1;
         id
+    }
+
+    /// Removes the conntrack entries (both directions) of UDP flows whose frontend or backend
+    /// is gone, so the client's next datagram on the same 5-tuple is load-balanced afresh: UDP
+    /// has no end of connection, and a DNS client reusing its source port would otherwise keep
+    /// sending to a deleted pod (kube-proxy's conntrack cleanup does the same). TCP entries are
+    /// left alone: a connection to a pod that still runs may finish.
+    fn remove_stale_udp_flows(&mut self, stale: &StdHashMap<u32, Option<BTreeSet<Endpoint>>>) -> usize {
+        let proto = Protocol::Udp.number();
+        let mut doomed = Vec::new();
+        for (k, v) in self.maps.conntrack.iter().filter_map(std::result::Result::ok) {
+            if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
+                continue;
+            }
+            let Some(which) = stale.get(&v.service_id) else { continue };
+            let backend = (ipv4(v.nat_addr), u16::from_be(v.nat_port));
+            if which.as_ref().is_some_and(|set| !set.iter().any(|e| (e.ip, e.port) == backend)) {
+                continue;
+            }
+            let snat = v.flags & lb_common::CT_FLAG_SNAT != 0;
+            let reply = CtKey {
+                src: v.nat_addr,
+                dst: if snat { v.snat_addr } else { k.src },
+                sport: v.nat_port,
+                dport: if snat { v.snat_port } else { k.sport },
+                proto: k.proto,
+                family: k.family,
+                dir: lb_common::CT_DIR_REPLY,
+                _pad: 0,
+            };
+            doomed.push(k);
+            doomed.push(reply);
+        }
+        let mut removed = 0;
+        for k in &doomed {
+            if self.maps.conntrack.remove(k).is_ok() && k.dir == lb_common::CT_DIR_FORWARD {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
@@ -584,8 +727,13 @@ impl Dataplane {
         self.update_ports(desired.services.iter(), false, &mut report);
         let gone: Vec<Frontend> =
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
+        let mut stale_udp: StdHashMap<u32, Option<BTreeSet<Endpoint>>> = StdHashMap::new();
         for f in gone {
             let p = self.programmed.remove(&f).expect("listed above");
+            if f.protocol == Protocol::Udp {
+                stale_udp.insert(p.id, None);
+            }
             // Service entry first, so no new flow can pick a slot we are about to delete.
             let _ = self.maps.services.remove(&service_key(&f));
             self.remove_slots(p.id, p.generation, p.port.backends.len());
@@ -613,6 +761,13 @@ impl Dataplane {
             };
             match self.write_service(f, &next, old.as_ref()) {
                 Ok(()) => {
+                    if let Some(old) = old.as_ref().filter(|_| f.protocol == Protocol::Udp) {
+                        let left: BTreeSet<Endpoint> =
+                            old.port.backends.iter().filter(|b| !next.port.backends.contains(b)).copied().collect();
+                        if !left.is_empty() {
+                            stale_udp.insert(next.id, Some(left));
+                        }
+                    }
                     tracing::info!(
                         frontend = %f,
                         service = %next.port.name,
@@ -640,6 +795,13 @@ impl Dataplane {
         let programmed: Vec<(Frontend, ServicePort)> =
             self.programmed.iter().map(|(f, p)| (*f, p.port.clone())).collect();
         self.update_ports(programmed.iter().map(|(f, sp)| (f, sp)), true, &mut report);
+        // After the flips: no new flow can pick a departed backend while we sweep.
+        if !stale_udp.is_empty() {
+            report.stale_udp_flows = self.remove_stale_udp_flows(&stale_udp);
+            if report.stale_udp_flows > 0 {
+                tracing::info!(flows = report.stale_udp_flows, "removed UDP flows to departed backends");
+            }
+        }
         report
     }
 

@@ -1,7 +1,9 @@
 //! The `lb` agent: Kubernetes objects in, BPF map state out.
 pub mod dataplane;
 pub mod healthcheck;
+pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 
 /// The kernel programs, built by `build.rs` and embedded in the binary.

@@ -2,7 +2,7 @@
 //! pinned maps of a running one.
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
 use lb_userspace::{
     dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, Dataplane, MapSizes, Maps, Timeouts},
-    manifests,
-    model::{self, DesiredState, Protocol},
+    manifests, metrics,
+    model::{self, Protocol},
 };
 use tracing::{debug, error, info, warn};
 
@@ -43,10 +43,27 @@ const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
 struct RunArgs {
-    /// Kubernetes YAML: a file (multi-document allowed) or a directory of .yaml/.yml/.json files.
-    /// Watched; changes are applied within about a second.
+    /// YAML file whose keys are these flags' long names (`node-name: n1`, `map-conntrack:
+    /// 1048576`, lists as YAML lists). A flag given on the command line wins over the file.
     #[arg(long)]
-    manifests: PathBuf,
+    config: Option<PathBuf>,
+    /// Kubernetes YAML instead of the API server: a file (multi-document allowed) or a
+    /// directory of .yaml/.yml/.json files. Watched; changes are applied within about a second.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig to reach the API server. Default: as any client (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Longest wait between retries of a broken watch, seconds.
+    #[arg(long, default_value_t = 5)]
+    watch_retry_max: u64,
+    /// Prometheus metrics (and /healthz) address; empty string disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: String,
+    /// /healthz address (200 once the first state is programmed and attached); empty disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: String,
     /// Name of this node, as in EndpointSlice `nodeName`.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -126,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         // Colour only for a person at a terminal; log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse_cli().context("reading the configuration")?;
     match cli.command {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
@@ -139,17 +156,119 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Reads and translates the manifests; logs every rejected object.
-fn load_desired(files: &[(PathBuf, String)], node_name: &str) -> DesiredState {
-    let (objects, errors) = manifests::parse(files);
-    for e in &errors {
-        error!(error = %e, "manifest object rejected");
+/// Parses the command line; for `lb run --config FILE`, the file's keys become flags placed
+/// before the command line's, unless the command line sets the same flag.
+fn parse_cli() -> anyhow::Result<Cli> {
+    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let Some(("run", run)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let Some(path) = run.get_one::<PathBuf>("config") else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let file: serde_yaml::Mapping =
+        serde_yaml::from_str(&text).with_context(|| format!("config file {}: not a YAML mapping", path.display()))?;
+    let cmd = RunArgs::command();
+    let mut from_file: Vec<std::ffi::OsString> = Vec::new();
+    for (k, v) in file {
+        let key = k.as_str().map(str::to_string).unwrap_or_default();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .with_context(|| format!("config file {}: unknown key {key:?}", path.display()))?;
+        let id = arg.get_id().as_str();
+        if run.value_source(id) == Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let scalar = |v: &serde_yaml::Value| -> anyhow::Result<String> {
+            match v {
+                serde_yaml::Value::String(s) => Ok(s.clone()),
+                serde_yaml::Value::Number(n) => Ok(n.to_string()),
+                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
+                _ => anyhow::bail!("config file {}: key {key:?}: expected a scalar or a list", path.display()),
+            }
+        };
+        match &v {
+            serde_yaml::Value::Bool(b) if !arg.get_action().takes_values() => {
+                if *b {
+                    from_file.push(format!("--{key}").into());
+                }
+            }
+            serde_yaml::Value::Sequence(items) => {
+                for item in items {
+                    from_file.push(format!("--{key}={}", scalar(item)?).into());
+                }
+            }
+            other => from_file.push(format!("--{key}={}", scalar(other)?).into()),
+        }
     }
-    let t = model::translate(&objects.services, &objects.slices, &model::NodeInfo::named(node_name));
-    for e in &t.errors {
-        error!(error = %e, "object rejected");
+    // argv is `lb [global...] run [args...]`: insert the file's flags right after `run`.
+    let at = argv.iter().position(|a| a == "run").map_or(argv.len(), |i| i + 1);
+    let mut merged = argv[..at].to_vec();
+    merged.extend(from_file);
+    merged.extend_from_slice(&argv[at..]);
+    Ok(Cli::try_parse_from(merged).with_context(|| format!("config file {}", path.display()))?)
+}
+
+/// Where desired state comes from.
+enum Source {
+    /// YAML files, re-read on every tick; `last` is what was applied.
+    Manifests { path: PathBuf, last: Option<Vec<(PathBuf, String)>> },
+    /// The API server, through reflectors.
+    Kube(lb_userspace::kube_source::KubeSource),
+}
+
+/// The objects to translate, when they changed since the last apply.
+struct Objects {
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    node: model::NodeInfo,
+}
+
+impl Source {
+    /// `Some` when there is a new complete view to apply. `dirty` is set by watch events.
+    fn poll(&mut self, node_name: &str, dirty: &mut bool, synced: bool) -> Option<Objects> {
+        match self {
+            Source::Manifests { path, last } => match manifests::read_all(path) {
+                Ok(files) if last.as_ref() != Some(&files) => {
+                    let (objects, errors) = manifests::parse(&files);
+                    for e in &errors {
+                        error!(error = %e, "manifest object rejected");
+                    }
+                    *last = Some(files);
+                    Some(Objects {
+                        services: objects.services,
+                        slices: objects.slices,
+                        node: model::NodeInfo::named(node_name),
+                    })
+                }
+                Ok(_) => None,
+                // Keep serving the last good state: a manifest being rewritten is not an outage.
+                Err(e) => {
+                    warn!(error = %e, "cannot read manifests; keeping the current state");
+                    None
+                }
+            },
+            Source::Kube(k) => {
+                if !(*dirty || !synced) || !k.ready() {
+                    return None;
+                }
+                *dirty = false;
+                let snap = k.snapshot();
+                Some(Objects { services: snap.services, slices: snap.slices, node: snap.node })
+            }
+        }
     }
-    t.state
+}
+
+fn socket_addr(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(v.parse().with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))?))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -169,6 +288,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_ip: args.node_ip.or_else(default_route_address),
         xdp_mode: args.xdp_mode,
     };
+    let metrics_addr = socket_addr("metrics-addr", &args.metrics_addr)?;
+    let healthz_addr = socket_addr("healthz-addr", &args.healthz_addr)?;
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
     }
@@ -182,6 +303,36 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    let mut source = match &args.manifests {
+        Some(path) => Source::Manifests { path: path.clone(), last: None },
+        None => {
+            let client = lb_userspace::kube_source::client(args.kubeconfig.as_deref()).await?;
+            let backoff = lb_userspace::kube_source::WatchBackoff::new(
+                Duration::from_millis(500),
+                Duration::from_secs(args.watch_retry_max.max(1)),
+            );
+            info!("watching Services, EndpointSlices and this Node; nothing is programmed before their first full list");
+            Source::Kube(lb_userspace::kube_source::KubeSource::start(client, &args.node_name, backoff))
+        }
+    };
+    let (changed, watch_stats) = match &source {
+        Source::Kube(k) => (Some(k.changed.clone()), Some(k.stats.clone())),
+        Source::Manifests { .. } => (None, None),
+    };
+    let status: metrics::SharedStatus = Default::default();
+    {
+        let mut st = status.lock().expect("status poisoned");
+        st.conntrack_capacity = config.sizes.conntrack;
+        st.affinity_capacity = config.sizes.affinity;
+    }
+    let mut servers = Vec::new();
+    if let Some(addr) = metrics_addr {
+        servers.push(metrics::serve(addr, args.pin_dir.clone(), status.clone(), watch_stats.clone()).await?);
+    }
+    if let Some(addr) = healthz_addr.filter(|a| Some(*a) != metrics_addr) {
+        servers.push(metrics::serve(addr, args.pin_dir.clone(), status.clone(), watch_stats).await?);
+    }
+
     let globs = args.ifaces.clone();
     let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
     let xdp_globs: Vec<String> = if args.no_xdp {
@@ -193,8 +344,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let xdp_wanted = move |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(&xdp_globs, name);
 
-    // Program services before attaching, so the first packet an interface sees is served.
-    let mut last_files: Option<Vec<(PathBuf, String)>> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm =
@@ -202,38 +351,62 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut health = lb_userspace::healthcheck::HealthChecks::default();
     let mut tick: u64 = 0;
     let mut node_addrs = Vec::new();
+    let (mut dirty, mut synced, mut attached) = (false, false, false);
+    let mut waiting_logged = Instant::now();
     loop {
+        let notified = async {
+            match &changed {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = poll.tick() => {}
+            _ = poll.tick() => { tick += 1; }
+            _ = notified => {
+                // Coalesce a burst (a rollout updates many slices at once) into one apply.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                dirty = true;
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
-        match manifests::read_all(&args.manifests) {
-            Ok(files) if last_files.as_ref() != Some(&files) => {
-                let desired = load_desired(&files, &args.node_name);
-                let report = dp.apply(&desired);
-                for e in &report.errors {
-                    error!(error = %e, "programming failed");
-                }
-                for e in health.update(&desired.health_checks).await {
-                    error!(error = %e, "health check server failed");
-                }
-                info!(
-                    added = report.added,
-                    updated = report.updated,
-                    removed = report.removed,
-                    unchanged = report.unchanged,
-                    failed = report.errors.len(),
-                    "manifests applied"
-                );
-                last_files = Some(files);
+        if let Some(objects) = source.poll(&args.node_name, &mut dirty, synced) {
+            let started = Instant::now();
+            let t = model::translate(&objects.services, &objects.slices, &objects.node);
+            for e in &t.errors {
+                error!(error = %e, "object rejected");
             }
-            Ok(_) => {}
-            // Keep serving the last good state: a manifest being rewritten is not an outage.
-            Err(e) => warn!(error = %e, "cannot read manifests; keeping the current state"),
+            let report = dp.apply(&t.state);
+            for e in &report.errors {
+                error!(error = %e, "programming failed");
+            }
+            for e in health.update(&t.state.health_checks).await {
+                error!(error = %e, "health check server failed");
+            }
+            info!(
+                services = objects.services.len(),
+                slices = objects.slices.len(),
+                added = report.added,
+                updated = report.updated,
+                removed = report.removed,
+                unchanged = report.unchanged,
+                failed = report.errors.len(),
+                "desired state applied"
+            );
+            let mut st = status.lock().expect("status poisoned");
+            st.record_sync(started.elapsed(), !report.errors.is_empty());
+            (st.programmed_frontends, st.programmed_endpoints) = dp.programmed();
+            st.rejected_objects = t.errors.len();
+            st.stale_udp_flows_removed += report.stale_udp_flows as u64;
+            st.synced = true;
+            synced = true;
+        } else if !synced && waiting_logged.elapsed() > Duration::from_secs(10) {
+            warn!("still waiting for the first full list of Services and EndpointSlices; pinned state keeps serving");
+            waiting_logged = Instant::now();
         }
-        // Interfaces and node addresses: at once, then every second.
-        if tick.is_multiple_of(2) {
+        // Attach only once something is programmed, so the first packet an interface sees is
+        // served; then follow interfaces and node addresses every second.
+        if synced && (!attached || tick.is_multiple_of(2)) {
             match dp.sync_node_addresses(&args.nodeport_addresses) {
                 Ok(addrs) if addrs != node_addrs => {
                     info!(addresses = ?addrs, "node port addresses");
@@ -245,12 +418,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             for e in dp.sync_interfaces(&wanted, &xdp_wanted) {
                 warn!(error = %e, "attach failed");
             }
-            if tick == 0 {
+            if !attached {
+                attached = true;
+                status.lock().expect("status poisoned").attached = true;
                 info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
             }
         }
-        tick += 1;
         debug!("poll");
+    }
+    for s in servers {
+        s.abort();
     }
     info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
     Ok(())

@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod apiserver;
 pub mod packet;
 
 /// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
@@ -298,20 +299,61 @@ impl Lab {
     /// the real bpffs) and waits until it has attached to `ifaces` and programmed
     /// `services` frontends.
     pub fn start_agent(&mut self, node: &Node, ifaces: &[&str], services: usize, extra: &[&str]) -> Result<()> {
+        let manifests = node.manifests.to_str().expect("utf-8 path").to_string();
+        self.start_agent_from(node, ifaces, services, &["--manifests", &manifests], extra)
+    }
+
+    /// As `start_agent`, with the agent watching an API server through `kubeconfig`.
+    pub fn start_agent_kube(
+        &mut self,
+        node: &Node,
+        ifaces: &[&str],
+        services: usize,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<()> {
+        let kc = kubeconfig.to_str().expect("utf-8 path").to_string();
+        self.start_agent_from(node, ifaces, services, &["--kubeconfig", &kc], extra)
+    }
+
+    fn start_agent_from(
+        &mut self,
+        node: &Node,
+        ifaces: &[&str],
+        services: usize,
+        source: &[&str],
+        extra: &[&str],
+    ) -> Result<()> {
+        self.spawn_agent(node, source, extra)?;
+        self.wait_agent(node, ifaces, services)
+    }
+
+    /// Starts an agent watching the API server of `kubeconfig` without waiting for it.
+    pub fn spawn_agent_kube(&mut self, node: &Node, kubeconfig: &Path, extra: &[&str]) -> Result<()> {
+        let kc = kubeconfig.to_str().expect("utf-8 path").to_string();
+        self.spawn_agent(node, &["--kubeconfig", &kc], extra)
+    }
+
+    fn spawn_agent(&mut self, node: &Node, source: &[&str], extra: &[&str]) -> Result<()> {
         let lb = lb_bin()?;
         let log = fs::File::create(self.dir.join(format!("agent-{}.log", node.name)))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", node.ns))
             .arg(&lb)
-            .args(["run", "--manifests"])
-            .arg(&node.manifests)
+            .arg("run")
+            .args(source)
             .args(["--node-name", &node.name, "--pin-dir"])
             .arg(&node.pin_dir)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.spawn(&format!("lb agent on {}", node.name), &mut cmd)?;
+        self.spawn(&format!("lb agent on {}", node.name), &mut cmd).map(|_| ())
+    }
+
+    /// Waits until the node's agent says it is ready, has attached to `ifaces` and programmed
+    /// `services` frontends.
+    pub fn wait_agent(&mut self, node: &Node, ifaces: &[&str], services: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             // Pins and map entries may be a previous agent's: wait for this one to say it is ready.

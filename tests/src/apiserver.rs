@@ -1,0 +1,509 @@
+//! A test API server: no kube-apiserver binary can be had here, so the agent's end-to-end
+//! tests talk to this in-process HTTP server instead. It is not Kubernetes; it serves only what
+//! a kube-proxy-like client uses, for Services, EndpointSlices and Nodes, with the real wire
+//! protocol: JSON lists carrying a `resourceVersion`; `?watch=true` streams of ADDED /
+//! MODIFIED / DELETED events (chunked) resuming from a `resourceVersion`; BOOKMARK events when
+//! asked for; `410 Gone` (an ERROR event with an Expired Status) for a version older than the
+//! compacted history, which tells the client to list again; label selectors of the forms
+//! `key`, `!key`, `key=value`, `key!=value`, and `metadata.name` / `metadata.namespace` field
+//! selectors. Tests drive creates, updates and deletes through its methods, can stop it (an
+//! outage), hold lists back, and compact history.
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+    task::AbortHandle,
+};
+
+/// The resources served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn of(kind: &str) -> Option<Self> {
+        match kind {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    /// The collection path (cluster-wide list and watch).
+    fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/services" => Some(Kind::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/api/v1/nodes" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+}
+
+type ObjKey = (Kind, String, String);
+
+struct Event {
+    rv: u64,
+    kind: Kind,
+    typ: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<ObjKey, Value>,
+    log: Vec<Event>,
+    /// Watches resuming from a version below this get 410 Gone.
+    compacted_below: u64,
+    /// Lists of these kinds wait until released (a slow API server at start-up).
+    held: Vec<Kind>,
+    /// Every request line served, for assertions on client behaviour.
+    requests: Vec<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+    /// Open connections, aborted by `stop` and `break_watches`.
+    conns: Mutex<Vec<AbortHandle>>,
+}
+
+pub struct TestApiServer {
+    rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    ns: String,
+    addr: SocketAddr,
+    acceptor: Option<AbortHandle>,
+    kubeconfig: PathBuf,
+}
+
+impl TestApiServer {
+    /// Listens on `addr` inside network namespace `ns` and writes a kubeconfig pointing at it
+    /// into `dir`.
+    pub fn start(ns: &str, addr: SocketAddr, dir: &Path) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("test API server runtime")?;
+        let kubeconfig = dir.join("kubeconfig");
+        let mut f = std::fs::File::create(&kubeconfig)?;
+        write!(
+            f,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n"
+        )?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { rv: 100, ..Default::default() }),
+            changed: Notify::new(),
+            conns: Mutex::new(Vec::new()),
+        });
+        let mut s = Self { rt, shared, ns: ns.to_string(), addr, acceptor: None, kubeconfig };
+        s.resume()?;
+        Ok(s)
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Starts serving again after `stop` (same address).
+    pub fn resume(&mut self) -> Result<()> {
+        let addr = self.addr;
+        let std_listener = crate::in_ns(&self.ns, || std::net::TcpListener::bind(addr))?
+            .with_context(|| format!("binding the test API server to {addr}"))?;
+        std_listener.set_nonblocking(true)?;
+        let shared = self.shared.clone();
+        let task = self.rt.spawn(async move {
+            let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+            loop {
+                let Ok((conn, _)) = listener.accept().await else { continue };
+                let shared2 = shared.clone();
+                let h = tokio::spawn(async move {
+                    let _ = handle(conn, shared2).await;
+                });
+                let mut conns = shared.conns.lock().unwrap();
+                conns.retain(|c| !c.is_finished());
+                conns.push(h.abort_handle());
+            }
+        });
+        self.acceptor = Some(task.abort_handle());
+        Ok(())
+    }
+
+    /// An outage: the listener closes (connections are refused) and every open request,
+    /// watches included, is cut. Objects can still be changed meanwhile.
+    pub fn stop(&mut self) {
+        if let Some(a) = self.acceptor.take() {
+            a.abort();
+        }
+        self.break_watches();
+        // Let the aborted tasks drop their sockets before anyone reconnects.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Cuts every open connection (the listener stays): clients resume their watches.
+    pub fn break_watches(&self) {
+        for c in self.shared.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Forgets history: a watch resuming from any version handed out so far gets 410 Gone.
+    /// The version moves on by one (as etcd's revision does), so a fresh list can be watched.
+    pub fn compact(&self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.rv += 1;
+        st.compacted_below = st.rv;
+        st.log.clear();
+    }
+
+    /// Makes lists of `kind` wait until `release`.
+    pub fn hold_lists(&self, kind: Kind) {
+        self.shared.state.lock().unwrap().held.push(kind);
+    }
+
+    pub fn release_lists(&self) {
+        self.shared.state.lock().unwrap().held.clear();
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Request lines served so far (`GET /api/v1/services?...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.state.lock().unwrap().requests.clone()
+    }
+
+    /// Creates or replaces every Service, EndpointSlice and Node in a YAML stream; other kinds
+    /// (the lab's Deployment) are ignored, as the agent would never see them.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v: Value = serde::Deserialize::deserialize(doc).context("YAML document")?;
+            if v.is_null() {
+                continue;
+            }
+            self.apply(v)?;
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces one object (ADDED or MODIFIED).
+    pub fn apply(&self, mut obj: Value) -> Result<()> {
+        let kind = obj["kind"].as_str().and_then(Kind::of);
+        let Some(kind) = kind else { return Ok(()) };
+        let name = obj["metadata"]["name"].as_str().ok_or_else(|| anyhow!("object without a name"))?.to_string();
+        let namespace = if kind == Kind::Node {
+            String::new()
+        } else {
+            obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string()
+        };
+        if kind != Kind::Node {
+            obj["metadata"]["namespace"] = json!(namespace);
+        }
+        obj["apiVersion"] = json!(kind.api_version());
+        let mut st = self.shared.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("uid-{}-{namespace}-{name}", kind.name()));
+        }
+        let key = (kind, namespace, name);
+        let typ = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        st.objects.insert(key, obj.clone());
+        st.log.push(Event { rv, kind, typ, object: obj });
+        drop(st);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<()> {
+        let mut st = self.shared.state.lock().unwrap();
+        let key = (kind, if kind == Kind::Node { String::new() } else { namespace.to_string() }, name.to_string());
+        let Some(mut obj) = st.objects.remove(&key) else { bail!("{kind:?} {namespace}/{name} does not exist") };
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.log.push(Event { rv, kind, typ: "DELETED", object: obj });
+        drop(st);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// The stored object, to modify and apply again.
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let ns = if kind == Kind::Node { String::new() } else { namespace.to_string() };
+        self.shared.state.lock().unwrap().objects.get(&(kind, ns, name.to_string())).cloned()
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A parsed `labelSelector` / `fieldSelector` term.
+enum Term {
+    Exists(String),
+    Absent(String),
+    Eq(String, String),
+    Ne(String, String),
+}
+
+fn parse_selector(s: &str) -> Vec<Term> {
+    s.split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            if let Some(k) = t.strip_prefix('!') {
+                Term::Absent(k.to_string())
+            } else if let Some((k, v)) = t.split_once("!=") {
+                Term::Ne(k.to_string(), v.to_string())
+            } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                Term::Eq(k.to_string(), v.to_string())
+            } else {
+                Term::Exists(t.to_string())
+            }
+        })
+        .collect()
+}
+
+fn matches(terms: &[Term], get: impl Fn(&str) -> Option<String>) -> bool {
+    terms.iter().all(|t| match t {
+        Term::Exists(k) => get(k).is_some(),
+        Term::Absent(k) => get(k).is_none(),
+        Term::Eq(k, v) => get(k).as_deref() == Some(v.as_str()),
+        Term::Ne(k, v) => get(k).as_deref() != Some(v.as_str()),
+    })
+}
+
+struct Query {
+    watch: bool,
+    resource_version: Option<u64>,
+    bookmarks: bool,
+    timeout: Duration,
+    labels: Vec<Term>,
+    fields: Vec<Term>,
+}
+
+impl Query {
+    fn selects(&self, obj: &Value) -> bool {
+        let meta = &obj["metadata"];
+        matches(&self.labels, |k| meta["labels"][k].as_str().map(str::to_string))
+            && matches(&self.fields, |k| match k {
+                "metadata.name" => meta["name"].as_str().map(str::to_string),
+                "metadata.namespace" => meta["namespace"].as_str().map(str::to_string),
+                _ => None,
+            })
+    }
+}
+
+fn decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?');
+                out.push(h);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(mut conn: TcpStream, shared: Arc<Shared>) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 64 * 1024 {
+            bail!("request head too large");
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let line = head.lines().next().unwrap_or_default().to_string();
+    shared.state.lock().unwrap().requests.push(line.clone());
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+        .collect();
+    let Some(kind) = Kind::from_path(path).filter(|_| method == "GET") else {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{method} {path} is not served by the test API server")}).to_string();
+        return respond(&mut conn, 404, &body).await;
+    };
+    let q = Query {
+        watch: params.get("watch").is_some_and(|v| v == "true" || v == "1"),
+        resource_version: params.get("resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v != 0),
+        bookmarks: params.get("allowWatchBookmarks").is_some_and(|v| v == "true"),
+        timeout: Duration::from_secs(params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300)),
+        labels: parse_selector(params.get("labelSelector").map_or("", |s| s.as_str())),
+        fields: parse_selector(params.get("fieldSelector").map_or("", |s| s.as_str())),
+    };
+    if q.watch {
+        watch(conn, shared, kind, q).await
+    } else {
+        loop {
+            let notified = shared.changed.notified();
+            if !shared.state.lock().unwrap().held.contains(&kind) {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+        let (items, rv) = {
+            let st = shared.state.lock().unwrap();
+            let items: Vec<Value> =
+                st.objects.iter().filter(|((k, _, _), o)| *k == kind && q.selects(o)).map(|(_, o)| o.clone()).collect();
+            (items, st.rv)
+        };
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|mut o| {
+                o["kind"] = json!(kind.name());
+                o
+            })
+            .collect();
+        let body = json!({
+            "kind": format!("{}List", kind.name()),
+            "apiVersion": kind.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items,
+        })
+        .to_string();
+        respond(&mut conn, 200, &body).await
+    }
+}
+
+async fn respond(conn: &mut TcpStream, code: u16, body: &str) -> Result<()> {
+    let reason = if code == 200 { "OK" } else { "Not Found" };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await?;
+    Ok(())
+}
+
+async fn send_chunk(conn: &mut TcpStream, v: &Value) -> Result<()> {
+    let line = format!("{v}\n");
+    conn.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await?;
+    Ok(())
+}
+
+async fn watch(mut conn: TcpStream, shared: Arc<Shared>, kind: Kind, q: Query) -> Result<()> {
+    conn.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + q.timeout;
+    // Without a version, a watch starts with the current objects as ADDED events.
+    let mut from = match q.resource_version {
+        Some(rv) => {
+            let gone = shared.state.lock().unwrap().compacted_below > rv;
+            if gone {
+                let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410}});
+                send_chunk(&mut conn, &status).await?;
+                conn.write_all(b"0\r\n\r\n").await?;
+                return Ok(());
+            }
+            rv
+        }
+        None => {
+            let (objs, rv) = {
+                let st = shared.state.lock().unwrap();
+                let objs: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|((k, _, _), o)| *k == kind && q.selects(o))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (objs, st.rv)
+            };
+            for mut o in objs {
+                o["kind"] = json!(kind.name());
+                send_chunk(&mut conn, &json!({"type": "ADDED", "object": o})).await?;
+            }
+            rv
+        }
+    };
+    let mut last_bookmark = tokio::time::Instant::now();
+    loop {
+        let notified = shared.changed.notified();
+        let (events, rv): (Vec<Value>, u64) = {
+            let st = shared.state.lock().unwrap();
+            let evs = st
+                .log
+                .iter()
+                .filter(|e| e.rv > from && e.kind == kind && q.selects(&e.object))
+                .map(|e| {
+                    let mut o = e.object.clone();
+                    o["kind"] = json!(kind.name());
+                    json!({"type": e.typ, "object": o})
+                })
+                .collect();
+            (evs, st.rv)
+        };
+        for e in events {
+            send_chunk(&mut conn, &e).await?;
+        }
+        from = rv;
+        if q.bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
+            let bm = json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}});
+            send_chunk(&mut conn, &bm).await?;
+            last_bookmark = tokio::time::Instant::now();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            conn.write_all(b"0\r\n\r\n").await?;
+            return Ok(());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+    }
+}

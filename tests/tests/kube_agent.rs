@@ -1,0 +1,442 @@
+//! The agent as a Kubernetes client: `lb run --kubeconfig` against the test API server (an
+//! in-process HTTP server speaking the list/watch protocol; see `lb_tests::apiserver`), with
+//! real traffic between network namespaces and the pinned maps checked through `lb list`.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use lb_tests::{
+    apiserver::{Kind, TestApiServer},
+    eventually, http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab, Node, Pod,
+};
+use serde_json::json;
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
+const API: &str = "127.0.0.1:6443";
+const EXTRA_PORTS: [(&str, u16, &str, u16); 2] = [("echo", 9000, "TCP", 9000), ("dns", 53, "UDP", 5353)];
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from((CLUSTER_IP, port))
+}
+
+/// One node, four web pods (HTTP 80, echo 9000, UDP 5353) of which the first three are in
+/// the Service's EndpointSlice, a client pod, the test API server in the node's namespace
+/// (where the agent reaches it on loopback), and the agent watching it.
+struct Cluster {
+    // Dropped first: the server, then the lab (agent, namespaces, pins).
+    api: TestApiServer,
+    lab: Lab,
+    node: Node,
+    web: Vec<Pod>,
+    client: Pod,
+    ifaces: Vec<String>,
+}
+
+impl Cluster {
+    fn new() -> Result<Self> {
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("node1", 1)?;
+        let mut web = Vec::new();
+        for i in 0..4u8 {
+            let pod = lab.add_pod(&node, &format!("web-{i}"), 11 + i)?;
+            lab.serve(&pod, &[80], &[9000], &[5353])?;
+            web.push(pod);
+        }
+        let client = lab.add_pod(&node, "busybox", 100)?;
+        let mut ifaces: Vec<String> = web.iter().chain([&client]).map(|p| p.host_if.clone()).collect();
+        ifaces.push("cbr0".into());
+        let api = TestApiServer::start(&node.ns, API.parse()?, &lab.dir)?;
+        let c = Cluster { api, lab, node, web, client, ifaces };
+        c.set_endpoints(&[0, 1, 2])?;
+        Ok(c)
+    }
+
+    /// Writes the lab's Service and an EndpointSlice listing the web pods `idx`.
+    fn set_endpoints(&self, idx: &[usize]) -> Result<()> {
+        let pods: Vec<(&Pod, bool)> = idx.iter().map(|&i| (&self.web[i], true)).collect();
+        self.api.apply_yaml(&lab_manifests(CLUSTER_IP, &pods, &EXTRA_PORTS))
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        let ifaces: Vec<&str> = self.ifaces.iter().map(String::as_str).collect();
+        let kc = self.api.kubeconfig().to_owned();
+        self.lab.start_agent_kube(&self.node, &ifaces, 3, &kc, &[])
+    }
+
+    fn backends(&self) -> String {
+        self.lab.list(&self.node, "backends").unwrap_or_default()
+    }
+
+    fn has_backend(&self, pod: usize, port: u16) -> bool {
+        self.backends().contains(&format!("{}:{port}", self.web[pod].ip))
+    }
+
+    fn metrics(&self) -> Result<String> {
+        http_get(&self.node.ns, "127.0.0.1:10249".parse()?, "/metrics")
+    }
+}
+
+/// A client pod sending HTTP requests through the ClusterIP back to back, counting failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<BTreeMap<String, usize>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(ns: &str) -> Self {
+        let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let (s, o, f, n, ns) = (stop.clone(), ok.clone(), failures.clone(), seen.clone(), ns.to_string());
+        let thread = thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match http_get(&ns, vip(80), "/") {
+                    Ok(pod) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                        *n.lock().unwrap().entry(pod).or_insert(0) += 1;
+                    }
+                    Err(e) => f.lock().unwrap().push(format!("{e:#}")),
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { stop, ok, failures, seen, thread: Some(thread) }
+    }
+
+    /// Stops the client; returns (successful requests, failures, answers per pod).
+    fn finish(mut self) -> (usize, Vec<String>, BTreeMap<String, usize>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let seen = self.seen.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures, seen)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The value of the first sample line starting with `prefix` (name and labels).
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn agent_follows_creates_updates_and_deletes_from_the_api_server() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("Kubernetes API client configured"), "{log}");
+
+    // The seed lab's ClusterIP spreads over the three pods of the slice.
+    let mut seen = BTreeMap::new();
+    for _ in 0..45 {
+        *seen.entry(http_get(&c.client.ns, vip(80), "/")?).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), vec!["web-0", "web-1", "web-2"], "{seen:?}");
+
+    // Create: a second Service whose named targetPort resolves through its slice's port name.
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo-two", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.50.50", "ports": [{"name": "echo", "port": 7000, "targetPort": "echo-port"}]}
+    }))?;
+    c.api.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "echo-two-abc", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo-two"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "echo", "port": 9000, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [c.web[3].ip.to_string()], "conditions": {"ready": true}, "nodeName": "node1"}]
+    }))?;
+    let echo2: SocketAddr = "10.96.50.50:7000".parse()?;
+    assert!(
+        eventually(Duration::from_secs(10), || EchoConn::open(&c.client.ns, echo2)
+            .and_then(|mut e| e.pod())
+            .is_ok_and(|p| p == "web-3")),
+        "new Service not served; log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
+    // A Service owned by another proxy is never programmed.
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "not-ours", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
+        "spec": {"clusterIP": "10.96.60.60", "ports": [{"port": 80}]}
+    }))?;
+
+    // Update: web-2 leaves the slice.
+    c.set_endpoints(&[0, 1])?;
+    assert!(eventually(Duration::from_secs(10), || !c.has_backend(2, 80)), "{}", c.backends());
+    for _ in 0..20 {
+        let pod = http_get(&c.client.ns, vip(80), "/")?;
+        assert!(pod == "web-0" || pod == "web-1", "{pod}");
+    }
+    assert!(!c.lab.list(&c.node, "services")?.contains("10.96.60.60"));
+
+    // History compacted while the watches are cut: the agent's resume gets 410 Gone, it lists
+    // again, and sees a change made meanwhile.
+    let lists = |c: &Cluster| {
+        c.api.requests().iter().filter(|r| r.contains("/endpointslices?") && !r.contains("watch=")).count()
+    };
+    let lists_before = lists(&c);
+    c.api.compact();
+    c.set_endpoints(&[0, 1, 2])?;
+    c.api.break_watches();
+    assert!(eventually(Duration::from_secs(15), || c.has_backend(2, 80)), "{}", c.backends());
+    let lists_after = lists(&c);
+    assert!(lists_after > lists_before, "no relist after 410: {:?}", c.api.requests());
+
+    // Delete: the Service goes, and its address is no longer translated.
+    c.api.delete(Kind::Service, "default", "echo-two")?;
+    assert!(
+        eventually(Duration::from_secs(10), || !c.lab.list(&c.node, "services").unwrap_or_default().contains("10.96.50.50")),
+        "{}",
+        c.lab.list(&c.node, "services")?
+    );
+    assert!(tcp_connect(&c.client.ns, echo2, Duration::from_millis(500))?.is_err());
+    Ok(())
+}
+
+#[test]
+fn restart_under_load_loses_no_request() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    let mut long_lived = EchoConn::open(&c.client.ns, vip(9000))?;
+    let long_pod = long_lived.pod()?;
+    let load = Load::start(&c.client.ns);
+    thread::sleep(Duration::from_secs(1));
+
+    // First kill, with a Service change (web-3 joins) made while no agent runs.
+    c.lab.kill_agent(&c.node);
+    c.set_endpoints(&[0, 1, 2, 3])?;
+    thread::sleep(Duration::from_secs(1));
+    assert!(!c.has_backend(3, 80), "nobody should have programmed web-3 yet");
+    c.start_agent()?;
+    assert!(eventually(Duration::from_secs(10), || c.has_backend(3, 80)), "{}", c.backends());
+    thread::sleep(Duration::from_secs(1));
+
+    // Second kill; the restarted agent finds the API server slow to list EndpointSlices. It
+    // must keep the pinned state (not program Services without endpoints) until the list.
+    c.lab.kill_agent(&c.node);
+    c.api.hold_lists(Kind::EndpointSlice);
+    c.lab.spawn_agent_kube(&c.node, c.api.kubeconfig(), &[])?;
+    thread::sleep(Duration::from_secs(3));
+    let log = c.lab.agent_log(&c.node);
+    assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
+    assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
+    c.api.release_lists();
+    let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+    c.lab.wait_agent(&c.node, &ifaces, 3)?;
+    thread::sleep(Duration::from_secs(1));
+
+    let (ok, failures, seen) = load.finish();
+    assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
+    assert!(ok > 100, "only {ok} requests");
+    assert!(seen.contains_key("web-3"), "the change made while down was not applied: {seen:?}");
+    assert_eq!(long_lived.pod()?, long_pod, "the long-lived connection moved or broke");
+    Ok(())
+}
+
+#[test]
+fn udp_client_follows_a_replaced_backend_at_once() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    // One socket, so one source port throughout: the same 5-tuple before and after.
+    let sock = udp_socket(&c.client.ns, vip(53))?;
+    let first = udp_request(&sock, "who")?;
+    let first = first.split(' ').next().unwrap_or_default().to_string();
+    let gone: usize = first.trim_start_matches("web-").parse()?;
+    for _ in 0..5 {
+        assert!(udp_request(&sock, "who")?.starts_with(&first), "flow not sticky before the change");
+    }
+    // A TCP connection to the same pod, which keeps running after it leaves the Service.
+    let mut tcp = None;
+    for _ in 0..40 {
+        let mut e = EchoConn::open(&c.client.ns, vip(9000))?;
+        if e.pod()? == first {
+            tcp = Some(e);
+            break;
+        }
+    }
+    let mut tcp = tcp.expect("some echo connection lands on the same pod");
+
+    // The pod is replaced by web-3 (a rollout): it leaves the slice but keeps running.
+    let mut keep: Vec<usize> = (0..3).filter(|&i| i != gone).collect();
+    keep.push(3);
+    let changed = Instant::now();
+    c.set_endpoints(&keep)?;
+    let mut answers = Vec::new();
+    let mut moved = None;
+    while changed.elapsed() < Duration::from_secs(10) {
+        if let Ok(a) = udp_request(&sock, "who") {
+            let pod = a.split(' ').next().unwrap_or_default().to_string();
+            if pod != first && moved.is_none() {
+                moved = Some(changed.elapsed());
+            }
+            answers.push(pod);
+        }
+        if moved.is_some() && answers.len() > 10 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let moved = moved.unwrap_or_else(|| panic!("still answered by {first} after 10 s: {answers:?}"));
+    // Once the agent has applied the change, the removed pod never answers again.
+    assert!(!c.has_backend(gone, 5353));
+    for _ in 0..20 {
+        let pod = udp_request(&sock, "who")?;
+        assert!(!pod.starts_with(&first), "answered by the removed backend: {pod}");
+    }
+    eprintln!("moved after {moved:?}");
+    // TCP to the departed but running pod is left alone.
+    assert_eq!(tcp.pod()?, first);
+    let m = c.metrics()?;
+    assert!(sample(&m, "lb_stale_udp_flows_removed_total") >= 1.0, "{m}");
+    Ok(())
+}
+
+#[test]
+fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    let load = Load::start(&c.client.ns);
+    thread::sleep(Duration::from_millis(500));
+    c.api.stop();
+    let down = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    // A change while the API server is unreachable from the agent.
+    c.set_endpoints(&[0, 1])?;
+    thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    assert!(c.has_backend(2, 80), "state flushed or changed during the outage: {}", c.backends());
+    c.api.resume()?;
+    let back = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(20), || !c.has_backend(2, 80)),
+        "change made during the outage never arrived; log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
+    eprintln!("caught up {:?} after the API server returned", back.elapsed());
+    thread::sleep(Duration::from_millis(500));
+    let (ok, failures, _) = load.finish();
+    assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("watch failed") && log.contains("watch re-established"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    // A Service without endpoints, to be refused.
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "empty", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.70.70", "ports": [{"port": 80}]}
+    }))?;
+    c.start_agent()?;
+    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+
+    let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
+    let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
+    let new_flows = "lb_packets_total{hook=\"tc\",verdict=\"fwd_new_flow\"}";
+    let before = c.metrics()?;
+    for _ in 0..20 {
+        http_get(&c.client.ns, vip(80), "/")?;
+    }
+    match tcp_connect(&c.client.ns, "10.96.70.70:80".parse()?, Duration::from_secs(2))? {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => bail!("a Service without endpoints should refuse: {other:?}"),
+    }
+    let after = c.metrics()?;
+    let delta = |k: &str| sample(&after, k) - sample(&before, k);
+    // Each request is at least SYN, ACK, the request and FIN from the client.
+    assert!(delta(http) >= 80.0, "packets {} -> {}:\n{after}", sample(&before, http), sample(&after, http));
+    assert!(delta(bytes) >= delta(http) * 40.0, "bytes: {after}");
+    assert_eq!(delta(new_flows), 20.0, "{after}");
+    assert_eq!(delta("lb_no_endpoint_rejects_total"), 1.0, "{after}");
+    assert!(sample(&after, "lb_conntrack_entries") >= 2.0, "{after}");
+    assert_eq!(sample(&after, "lb_conntrack_capacity"), lb_common::CONNTRACK_MAX_ENTRIES as f64, "{after}");
+    assert_eq!(sample(&after, "lb_programmed_frontends"), 4.0, "{after}");
+    assert_eq!(sample(&after, "lb_programmed_endpoints"), 9.0, "{after}");
+    assert!(sample(&after, "lb_sync_total") >= 1.0 && sample(&after, "lb_last_sync_timestamp_seconds") > 1.7e9);
+    assert!(sample(&after, "lb_sync_duration_seconds_count") >= 1.0, "{after}");
+    assert!(sample(&after, "lb_watch_relists_total") >= 3.0, "{after}");
+    Ok(())
+}
+
+#[test]
+fn map_layout_changes_rebuild_service_maps_and_never_drop_flows() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    let mut long_lived = EchoConn::open(&c.client.ns, vip(9000))?;
+    let pod = long_lived.pod()?;
+    let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+    let kc = c.api.kubeconfig().to_owned();
+
+    // Another services map size (as after an upgrade that changed a derived map): rebuilt and
+    // refilled, and the established connection, tracked in the kept conntrack map, lives on.
+    c.lab.kill_agent(&c.node);
+    c.lab.start_agent_kube(&c.node, &ifaces, 3, &kc, &["--map-services", "4096"])?;
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("rebuilding a pinned map of another shape") && log.contains("LB_SERVICES"), "{log}");
+    assert_eq!(long_lived.pod()?, pod);
+    http_get(&c.client.ns, vip(80), "/")?;
+
+    // Another conntrack size: the flows cannot be carried over, so the agent refuses, clearly,
+    // and the datapath left pinned by the previous agent keeps serving.
+    c.lab.kill_agent(&c.node);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.node.ns))
+        .arg(lb_tests::lb_bin()?)
+        .args(["run", "--kubeconfig"])
+        .arg(&kc)
+        .args(["--node-name", "node1", "--pin-dir"])
+        .arg(&c.node.pin_dir)
+        .args(["--map-services", "4096", "--map-conntrack", "4096", "--metrics-addr", "", "--healthz-addr", ""])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("LB_CONNTRACK") && stderr.contains("refusing to start"), "{stderr}");
+    assert_eq!(long_lived.pod()?, pod);
+    http_get(&c.client.ns, vip(80), "/")?;
+    Ok(())
+}
