@@ -41,7 +41,7 @@ enum Command {
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 struct RunArgs {
     /// YAML file whose keys are these flags' long names (`node-name: n1`, `map-conntrack:
     /// 1048576`, lists as YAML lists). A flag given on the command line wins over the file.
@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         // Colour only for a person at a terminal; log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = parse_cli().context("reading the configuration")?;
+    let cli = parse_cli(std::env::args_os().collect()).context("reading the configuration")?;
     match cli.command {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
@@ -158,15 +158,16 @@ fn main() -> anyhow::Result<()> {
 
 /// Parses the command line; for `lb run --config FILE`, the file's keys become flags placed
 /// before the command line's, unless the command line sets the same flag.
-fn parse_cli() -> anyhow::Result<Cli> {
-    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let matches = Cli::command().get_matches_from(&argv);
+fn parse_cli(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
+    use clap::{parser::ValueSource, CommandFactory};
+    // A lenient first pass finds `--config` and which flags the command line sets; required
+    // flags may be in the file.
+    let matches = Cli::command().ignore_errors(true).try_get_matches_from(&argv).unwrap_or_default();
     let Some(("run", run)) = matches.subcommand() else {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return Ok(Cli::parse_from(argv));
     };
     let Some(path) = run.get_one::<PathBuf>("config") else {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return Ok(Cli::parse_from(argv));
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     let file: serde_yaml::Mapping =
@@ -293,16 +294,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
     }
-    let mut dp = Dataplane::load(&args.pin_dir, &config)
-        .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
-    info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
-    if !args.no_socket_lb {
-        match args.cgroup.clone().or_else(dataplane::cgroup2_mount) {
-            Some(cg) => dp.attach_socket_lb(&cg).with_context(|| format!("attaching to cgroup {}", cg.display()))?,
-            None => warn!("no cgroup v2 mount: the node's own processes cannot reach ClusterIPs"),
-        }
-    }
-
+    // The API client first: a bad kubeconfig must fail before anything is loaded or attached.
     let mut source = match &args.manifests {
         Some(path) => Source::Manifests { path: path.clone(), last: None },
         None => {
@@ -315,6 +307,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Source::Kube(lb_userspace::kube_source::KubeSource::start(client, &args.node_name, backoff))
         }
     };
+    let mut dp = Dataplane::load(&args.pin_dir, &config)
+        .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
+    info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
+    if !args.no_socket_lb {
+        match args.cgroup.clone().or_else(dataplane::cgroup2_mount) {
+            Some(cg) => dp.attach_socket_lb(&cg).with_context(|| format!("attaching to cgroup {}", cg.display()))?,
+            None => warn!("no cgroup v2 mount: the node's own processes cannot reach ClusterIPs"),
+        }
+    }
+
     let (changed, watch_stats) = match &source {
         Source::Kube(k) => (Some(k.changed.clone()), Some(k.stats.clone())),
         Source::Manifests { .. } => (None, None),
@@ -585,4 +587,49 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(config: &str, argv: &[&str]) -> anyhow::Result<RunArgs> {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}-{}", std::process::id(), argv.len()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config)?;
+        let mut full = vec!["lb".into(), "run".into(), "--config".into(), path.clone().into_os_string()];
+        full.extend(argv.iter().map(std::ffi::OsString::from));
+        let cli = parse_cli(full);
+        let _ = std::fs::remove_dir_all(&dir);
+        match cli?.command {
+            Command::Run(args) => Ok(args),
+            _ => anyhow::bail!("not run"),
+        }
+    }
+
+    #[test]
+    fn config_file_keys_are_the_flags_and_the_command_line_wins() {
+        let config = "node-name: from-file\nmap-conntrack: 1048576\nmap-affinity: 1000\niface: [eth0, \"veth*\"]\nno-xdp: true\nmetrics-addr: 0.0.0.0:9999\nmanifests: /etc/lb/objects\n";
+        let args = run_args(config, &["--map-conntrack", "4096"]).unwrap();
+        assert_eq!(args.node_name, "from-file");
+        assert_eq!(args.map_conntrack, 4096, "the command line wins");
+        assert_eq!(args.map_affinity, 1000);
+        assert_eq!(args.ifaces, vec!["eth0", "veth*"]);
+        assert!(args.no_xdp);
+        assert_eq!(args.metrics_addr, "0.0.0.0:9999");
+        assert_eq!(args.manifests.as_deref(), Some(Path::new("/etc/lb/objects")));
+        // Flags not in the file keep their defaults.
+        assert_eq!(args.map_services, MapSizes::default().services);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_key() {
+        let e = run_args("node-name: n\nmap-conntrak: 5\n", &[]).err().expect("an error");
+        assert!(format!("{e:#}").contains("unknown key \"map-conntrak\""), "{e:#}");
+        let e = run_args("node-name: n\nmap-conntrack: lots\n", &[]).err().expect("an error");
+        assert!(format!("{e:#}").contains("map-conntrack"), "{e:#}");
+        let e = run_args("- just\n- a list\n", &[]).err().expect("an error");
+        assert!(format!("{e:#}").contains("not a YAML mapping"), "{e:#}");
+    }
 }
