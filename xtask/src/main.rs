@@ -1,6 +1,7 @@
 //! `cargo xtask setup|test|demo`: everything a fresh machine needs, from the README's two
 //! commands. All of it needs root (BPF, network namespaces, apt).
 mod demo;
+mod kind;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -28,6 +29,9 @@ enum Cmd {
     },
     /// Set up, build, and replay the seed lab on this machine with the real eBPF datapath.
     Demo,
+    /// lb as a DaemonSet on a kind cluster without kube-proxy (deploy/), then the seed lab on
+    /// it. Needs docker with a running daemon, kind and kubectl.
+    Kind,
     /// Set up, build (release), and run the benchmarks; results go to bench/results/.
     Bench {
         /// Short runs and small sizes (under two minutes), for CI: keeps the bench from rotting.
@@ -73,6 +77,7 @@ fn main() -> Result<()> {
             // lb-ebpf only builds for the bpf target (through lb-userspace's build.rs).
             run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf"]).args(&args))
         }
+        Cmd::Kind => kind::kind(),
         Cmd::Demo => {
             setup::setup()?;
             build()?;
