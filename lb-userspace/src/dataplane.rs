@@ -90,7 +90,11 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         (MAP_AFFINITY, s(size_of::<AffinityKey>(), size_of::<AffinityValue>(), sizes.affinity), true),
         (
             MAP_SOCK_REVNAT,
-            s(size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), lb_common::SOCK_REVNAT_MAX_ENTRIES),
+            s(
+                size_of::<lb_common::SockRevKey>(),
+                size_of::<lb_common::SockRevValue>(),
+                lb_common::SOCK_REVNAT_MAX_ENTRIES,
+            ),
             true,
         ),
     ]
@@ -138,7 +142,11 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
             });
         }
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
-        fs::remove_file(&path).map_err(|source| DataplaneError::Io { what: "unpinning", path: path.clone(), source })?;
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+            what: "unpinning",
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(())
 }

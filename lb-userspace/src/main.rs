@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: program the datapath from Kubernetes objects and keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the state of a running agent, read from its pinned maps.
     List {
         what: ListWhat,
@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
-            rt.block_on(run(args))
+            rt.block_on(run(*args))
         }
         Command::List { what, pin_dir } => list(what, &pin_dir),
         Command::Cleanup { pin_dir } => {
@@ -211,7 +211,7 @@ fn parse_cli(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
     let mut merged = argv[..at].to_vec();
     merged.extend(from_file);
     merged.extend_from_slice(&argv[at..]);
-    Ok(Cli::try_parse_from(merged).with_context(|| format!("config file {}", path.display()))?)
+    Cli::try_parse_from(merged).with_context(|| format!("config file {}", path.display()))
 }
 
 /// Where desired state comes from.
@@ -254,7 +254,9 @@ impl Source {
                 }
             },
             Source::Kube(k) => {
-                if !(*dirty || !synced) || !k.ready() {
+                // Apply on a change, and until the first apply has happened.
+                let wanted = *dirty || !synced;
+                if !wanted || !k.ready() {
                     return None;
                 }
                 *dirty = false;
@@ -303,7 +305,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Duration::from_millis(500),
                 Duration::from_secs(args.watch_retry_max.max(1)),
             );
-            info!("watching Services, EndpointSlices and this Node; nothing is programmed before their first full list");
+            info!(
+                "watching Services, EndpointSlices and this Node; nothing is programmed before their first full list"
+            );
             Source::Kube(lb_userspace::kube_source::KubeSource::start(client, &args.node_name, backoff))
         }
     };
@@ -603,7 +607,7 @@ mod tests {
         let cli = parse_cli(full);
         let _ = std::fs::remove_dir_all(&dir);
         match cli?.command {
-            Command::Run(args) => Ok(args),
+            Command::Run(args) => Ok(*args),
             _ => anyhow::bail!("not run"),
         }
     }
@@ -625,11 +629,11 @@ mod tests {
 
     #[test]
     fn config_file_errors_name_the_key() {
-        let e = run_args("node-name: n\nmap-conntrak: 5\n", &[]).err().expect("an error");
+        let e = run_args("node-name: n\nmap-conntrak: 5\n", &[]).expect_err("an error");
         assert!(format!("{e:#}").contains("unknown key \"map-conntrak\""), "{e:#}");
-        let e = run_args("node-name: n\nmap-conntrack: lots\n", &[]).err().expect("an error");
+        let e = run_args("node-name: n\nmap-conntrack: lots\n", &[]).expect_err("an error");
         assert!(format!("{e:#}").contains("map-conntrack"), "{e:#}");
-        let e = run_args("- just\n- a list\n", &[]).err().expect("an error");
+        let e = run_args("- just\n- a list\n", &[]).expect_err("an error");
         assert!(format!("{e:#}").contains("not a YAML mapping"), "{e:#}");
     }
 }

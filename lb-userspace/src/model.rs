@@ -1236,7 +1236,8 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
         let a = NodeInfo { name: "node-a".into(), zone: Some("zone-1".into()) };
         let (t, f, n) = (Some(true), Some(false), None);
         const NONE: &[&str] = &[];
-        let cases: Vec<(&str, &str, Vec<Row>, (Vec<u8>, Vec<u8>))> = vec![
+        type Case = (&'static str, &'static str, Vec<Row>, (Vec<u8>, Vec<u8>));
+        let cases: Vec<Case> = vec![
             (
                 "ready endpoints are used, not-ready ones are not",
                 "",

@@ -370,10 +370,8 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) -> Result<()> {
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let params: BTreeMap<String, String> = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v))))
-        .collect();
+    let params: BTreeMap<String, String> =
+        query.split('&').filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v)))).collect();
     let Some(kind) = Kind::from_path(path).filter(|_| method == "GET") else {
         let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{method} {path} is not served by the test API server")}).to_string();
         return respond(&mut conn, 404, &body).await;

@@ -212,7 +212,11 @@ fn agent_follows_creates_updates_and_deletes_from_the_api_server() -> Result<()>
     // Delete: the Service goes, and its address is no longer translated.
     c.api.delete(Kind::Service, "default", "echo-two")?;
     assert!(
-        eventually(Duration::from_secs(10), || !c.lab.list(&c.node, "services").unwrap_or_default().contains("10.96.50.50")),
+        eventually(Duration::from_secs(10), || !c
+            .lab
+            .list(&c.node, "services")
+            .unwrap_or_default()
+            .contains("10.96.50.50")),
         "{}",
         c.lab.list(&c.node, "services")?
     );

@@ -36,13 +36,19 @@ pub fn kind() -> Result<()> {
         }
     }
     let root = workspace_root();
-    let clusters = String::from_utf8_lossy(&Command::new("kind").args(["get", "clusters"]).output()?.stdout).into_owned();
+    let clusters =
+        String::from_utf8_lossy(&Command::new("kind").args(["get", "clusters"]).output()?.stdout).into_owned();
     if !clusters.lines().any(|c| c == CLUSTER) {
         run(Command::new("kind").args(["create", "cluster", "--config"]).arg(root.join("deploy/kind.yaml")))?;
     }
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "lb-userspace", "--bin", "lb"]))?;
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb",
+    ]))?;
     run(Command::new("docker").current_dir(&root).args(["build", "-t", "lb:dev", "-f", "deploy/Dockerfile", "."]))?;
     run(Command::new("kind").args(["load", "docker-image", "lb:dev", "--name", CLUSTER]))?;
     for f in ["rbac.yaml", "config.yaml", "daemonset.yaml"] {
