@@ -254,6 +254,9 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     let log = c.lab.agent_log(&c.node);
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
     assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
+    // Not healthy until the first full state is programmed, while the old state serves.
+    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(healthz.contains("\"synced\":false"), "{healthz}");
     c.api.release_lists();
     let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
     c.lab.wait_agent(&c.node, &ifaces, 3)?;
@@ -442,5 +445,61 @@ fn map_layout_changes_rebuild_service_maps_and_never_drop_flows() -> Result<()> 
     assert!(stderr.contains("LB_CONNTRACK") && stderr.contains("refusing to start"), "{stderr}");
     assert_eq!(long_lived.pod()?, pod);
     http_get(&c.client.ns, vip(80), "/")?;
+    Ok(())
+}
+
+/// The lab's web-service slice with zone hints: `(web pod index, zone)`; `None` leaves an
+/// endpoint without hints.
+fn hinted_slice(c: &Cluster, eps: &[(usize, Option<&str>)]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = eps
+        .iter()
+        .map(|(i, zone)| {
+            let mut e =
+                json!({"addresses": [c.web[*i].ip.to_string()], "conditions": {"ready": true}, "nodeName": "node1"});
+            if let Some(z) = zone {
+                e["hints"] = json!({"forZones": [{"name": z}]});
+            }
+            e
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-service-lab", "namespace": "default", "labels": {"kubernetes.io/service-name": "web-service"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "echo", "port": 9000, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+        "endpoints": endpoints,
+    })
+}
+
+#[test]
+fn zone_hints_follow_the_nodes_zone_label() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))?;
+    c.api.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, Some("zone-b"))]))?;
+    c.start_agent()?;
+    let answers = |c: &Cluster| -> Result<std::collections::BTreeSet<String>> {
+        (0..15).map(|_| http_get(&c.client.ns, vip(80), "/")).collect()
+    };
+    let set = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>();
+    // PreferClose: every endpoint has hints, one is for this node's zone.
+    assert!(c.has_backend(0, 80) && !c.has_backend(1, 80) && !c.has_backend(2, 80), "{}", c.backends());
+    assert_eq!(answers(&c)?, set(&["web-0"]));
+
+    // The Node moves to zone-b (a label change seen through the Node watch).
+    c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-b"}}}))?;
+    assert!(eventually(Duration::from_secs(10), || !c.has_backend(0, 80) && c.has_backend(1, 80)), "{}", c.backends());
+    assert_eq!(answers(&c)?, set(&["web-1", "web-2"]));
+
+    // One endpoint without hints: hints are ignored, every endpoint serves.
+    c.api.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, None)]))?;
+    assert!(eventually(Duration::from_secs(10), || c.has_backend(0, 80)), "{}", c.backends());
+    let mut all = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        all.extend(answers(&c)?);
+    }
+    assert_eq!(all, set(&["web-0", "web-1", "web-2"]));
     Ok(())
 }
