@@ -364,6 +364,8 @@ pub struct ApplyReport {
     pub unchanged: usize,
     /// UDP flows whose backend left, removed from conntrack.
     pub stale_udp_flows: usize,
+    /// The node's own connected UDP sockets whose backend left, aborted.
+    pub stale_udp_sockets: usize,
     pub errors: Vec<DataplaneError>,
 }
 
@@ -687,6 +689,45 @@ impl Dataplane {
         id
     }
 
+    /// Aborts the node's own connected UDP sockets that the socket-level programs pointed at a
+    /// backend that has now left `frontend` (see `sockdiag`). A socket is identified by the
+    /// cookie the programs recorded with the backend, so sockets a process connected to the
+    /// pod address itself are left alone.
+    fn close_stale_udp_sockets(
+        &mut self,
+        stale: &[(Frontend, BTreeSet<Endpoint>)],
+    ) -> std::result::Result<usize, crate::sockdiag::SockDiagError> {
+        let mut doomed: StdHashMap<u64, (Ipv4Addr, u16)> = StdHashMap::new();
+        let mut entries = Vec::new();
+        for (k, v) in self.maps.sock_revnat.iter().filter_map(std::result::Result::ok) {
+            let backend = (ipv4(k.addr), u16::from_be(k.port));
+            let (fe_ip, fe_port) = (ipv4(v.addr), u16::from_be(v.port));
+            let hit = stale.iter().any(|(f, left)| {
+                let same_frontend = fe_port == f.port && (f.scope == Scope::NodePort || fe_ip == f.ip);
+                same_frontend && left.iter().any(|e| (e.ip, e.port) == backend)
+            });
+            if hit {
+                doomed.insert(k.cookie, backend);
+                entries.push(k);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut closed = 0;
+        for s in crate::sockdiag::udp_sockets()? {
+            if doomed.get(&s.cookie).is_some_and(|b| *b == (*s.remote.ip(), s.remote.port()))
+                && crate::sockdiag::destroy(&s)?
+            {
+                closed += 1;
+            }
+        }
+        for k in entries {
+            let _ = self.maps.sock_revnat.remove(&k);
+        }
+        Ok(closed)
+    }
+
     /// Removes the conntrack entries (both directions) of UDP flows whose frontend or backend
     /// is gone, so the client's next datagram on the same 5-tuple is load-balanced afresh: UDP
     /// has no end of connection, and a DNS client reusing its source port would otherwise keep
@@ -737,10 +778,13 @@ impl Dataplane {
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StdHashMap<u32, Option<BTreeSet<Endpoint>>> = StdHashMap::new();
+        // The same departures, by frontend, for the node's own connected sockets.
+        let mut stale_socks: Vec<(Frontend, BTreeSet<Endpoint>)> = Vec::new();
         for f in gone {
             let p = self.programmed.remove(&f).expect("listed above");
             if f.protocol == Protocol::Udp {
                 stale_udp.insert(p.id, None);
+                stale_socks.push((f, p.port.backends.iter().copied().collect()));
             }
             // Service entry first, so no new flow can pick a slot we are about to delete.
             let _ = self.maps.services.remove(&service_key(&f));
@@ -773,6 +817,7 @@ impl Dataplane {
                         let left: BTreeSet<Endpoint> =
                             old.port.backends.iter().filter(|b| !next.port.backends.contains(b)).copied().collect();
                         if !left.is_empty() {
+                            stale_socks.push((*f, left.clone()));
                             stale_udp.insert(next.id, Some(left));
                         }
                     }
@@ -808,6 +853,16 @@ impl Dataplane {
             report.stale_udp_flows = self.remove_stale_udp_flows(&stale_udp);
             if report.stale_udp_flows > 0 {
                 tracing::info!(flows = report.stale_udp_flows, "removed UDP flows to departed backends");
+            }
+        }
+        if !stale_socks.is_empty() {
+            match self.close_stale_udp_sockets(&stale_socks) {
+                Ok(0) => {}
+                Ok(n) => {
+                    report.stale_udp_sockets = n;
+                    tracing::info!(sockets = n, "aborted this node's connected UDP sockets to departed backends");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot abort connected UDP sockets to departed backends"),
             }
         }
         report

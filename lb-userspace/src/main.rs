@@ -404,6 +404,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             (st.programmed_frontends, st.programmed_endpoints) = dp.programmed();
             st.rejected_objects = t.errors.len();
             st.stale_udp_flows_removed += report.stale_udp_flows as u64;
+            st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
             st.synced = true;
             synced = true;
         } else if !synced && waiting_logged.elapsed() > Duration::from_secs(10) {

@@ -45,6 +45,7 @@ pub struct AgentStatus {
     pub programmed_endpoints: usize,
     pub rejected_objects: usize,
     pub stale_udp_flows_removed: u64,
+    pub stale_udp_sockets_closed: u64,
     pub conntrack_capacity: u32,
     pub affinity_capacity: u32,
 }
@@ -111,6 +112,13 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     let _ = writeln!(o, "lb_rejected_objects {}", status.rejected_objects);
     family(&mut o, "lb_stale_udp_flows_removed_total", "counter", "UDP flows removed because their backend left.");
     let _ = writeln!(o, "lb_stale_udp_flows_removed_total {}", status.stale_udp_flows_removed);
+    family(
+        &mut o,
+        "lb_stale_udp_sockets_closed_total",
+        "counter",
+        "The node's own connected UDP sockets aborted because their backend left.",
+    );
+    let _ = writeln!(o, "lb_stale_udp_sockets_closed_total {}", status.stale_udp_sockets_closed);
     if let Some(w) = watch {
         use std::sync::atomic::Ordering::Relaxed;
         family(&mut o, "lb_watch_events_total", "counter", "Events received from the API server.");

@@ -503,3 +503,48 @@ fn zone_hints_follow_the_nodes_zone_label() -> Result<()> {
     assert_eq!(all, set(&["web-0", "web-1", "web-2"]));
     Ok(())
 }
+
+#[test]
+fn node_local_connected_udp_socket_is_aborted_when_its_backend_leaves() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    // A process of the node itself: its connected socket is pointed at a backend once, at
+    // connect(), by the socket-level programs; no conntrack entry exists to clean up.
+    let sock = udp_socket(&c.node.ns, vip(53))?;
+    let first = udp_request(&sock, "who")?.split(' ').next().unwrap_or_default().to_string();
+    let gone: usize = first.trim_start_matches("web-").parse()?;
+    // A socket the node connected to that pod's own address is not the Service's business.
+    let direct = udp_socket(&c.node.ns, SocketAddr::from((c.web[gone].ip, 5353)))?;
+    assert!(udp_request(&direct, "who")?.starts_with(&first));
+
+    let keep: Vec<usize> = (0..4).filter(|&i| i != gone).collect();
+    c.set_endpoints(&keep)?;
+    let aborted = |e: &anyhow::Error| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::ECONNABORTED || n == libc::EDESTADDRREQ)
+    };
+    let mut last = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || match udp_request(&sock, "who") {
+            Ok(a) => {
+                last = a;
+                false
+            }
+            Err(e) => aborted(&e),
+        }),
+        "the socket still talks to its departed backend ({last}); log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
+    // A new socket gets a live backend; the direct one is untouched.
+    let fresh = udp_socket(&c.node.ns, vip(53))?;
+    let pod = udp_request(&fresh, "who")?;
+    assert!(!pod.starts_with(&first), "{pod}");
+    assert!(udp_request(&direct, "who")?.starts_with(&first));
+    let m = c.metrics()?;
+    assert!(sample(&m, "lb_stale_udp_sockets_closed_total") >= 1.0, "{m}");
+    Ok(())
+}
