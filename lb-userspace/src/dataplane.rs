@@ -100,6 +100,85 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
     ]
 }
 
+/// A flow map moved to a new capacity: the old map stays open until the new program has
+/// replaced the old one in every link, so flows the old program created meanwhile can be
+/// copied over too.
+pub struct Migration {
+    name: &'static str,
+    old: Map,
+    path: PathBuf,
+}
+
+/// `BPF_MAP_TYPE_LRU_HASH`: every flow map is one.
+const LRU_HASH: u32 = 9;
+
+/// Copies every entry of `from` into `to`; with `only_new`, entries `to` already has are kept
+/// (they are newer). Returns how many were written.
+fn copy_entries<K: aya::Pod, V: aya::Pod>(
+    from: &Map,
+    to: &mut Map,
+    only_new: bool,
+) -> std::result::Result<usize, MapError> {
+    let src: HashMap<&MapData, K, V> = HashMap::try_from(from)?;
+    let mut dst: HashMap<&mut MapData, K, V> = HashMap::try_from(to)?;
+    let flags = if only_new {
+        1 /* BPF_NOEXIST */
+    } else {
+        0
+    };
+    let mut n = 0;
+    for (k, v) in src.iter().filter_map(std::result::Result::ok) {
+        if dst.insert(k, v, flags).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
+    match name {
+        MAP_CONNTRACK => copy_entries::<CtKey, CtValue>(from, to, only_new),
+        MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
+        _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
+    }
+    .map_err(map_err(name))
+}
+
+/// Gives a pinned flow map a new capacity without losing its flows: a new map is created,
+/// filled from the old, pinned beside it and renamed over the old pin, so the loader adopts it.
+fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Migration> {
+    let old = MapData::from_pin(path).map_err(map_err(name))?;
+    let info = old.info().map_err(map_err(name))?;
+    let obj = aya_obj::Map::new_from_params(LRU_HASH, info.key_size(), info.value_size(), capacity, info.map_flags());
+    let new = MapData::create(obj, name, None).map_err(map_err(name))?;
+    let old = Map::from_map_data(old).map_err(map_err(name))?;
+    let mut new = Map::from_map_data(new).map_err(map_err(name))?;
+    let copied = copy_flow_map(name, &old, &mut new, false)?;
+    // bpffs refuses names with a dot (bpf_lookup in kernel/bpf/inode.c).
+    let tmp = path.with_file_name(format!("{name}_migrating"));
+    let _ = fs::remove_file(&tmp);
+    let pinned = match &new {
+        Map::LruHashMap(d) => d.pin(&tmp),
+        _ => unreachable!("created as an LRU hash"),
+    };
+    pinned
+        .map_err(|e| DataplaneError::Map { name, source: MapError::PinError { name: Some(name.into()), error: e } })?;
+    // rename(2) on bpffs replaces the old pin in one step (simple_rename).
+    fs::rename(&tmp, path).map_err(|source| DataplaneError::Io {
+        what: "replacing pin",
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::info!(
+        map = name,
+        from = info.max_entries(),
+        to = capacity,
+        entries = copied,
+        "flow map moved to its new capacity with its flows"
+    );
+    Ok(Migration { name, old, path: path.to_owned() })
+}
+
 /// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
 /// sizes) before the loader adopts them: aya reuses a pin by name without comparing its shape,
 /// and a program verified against one value size must never run on a map of another.
@@ -107,8 +186,9 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
 /// Maps whose content the agent derives from Kubernetes objects are unpinned and rebuilt when
 /// their shape or the layout version (stamped in every service name entry) differs; the
 /// programs still attached keep the old maps until the new ones replace them, already filled,
-/// in one link update. Maps holding flows are never dropped: a shape change there is refused.
-fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
+/// in one link update. Flow maps (conntrack, affinity, socket reverse NAT) are never dropped: a
+/// new capacity is migrated with its entries; a new key or value layout is refused.
+fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration>> {
     let version_changed = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
         .ok()
         .and_then(|d| Map::from_map_data(d).ok())
@@ -122,6 +202,7 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
             "pinned maps are of another layout version; rebuilding the service maps (flows are kept)"
         );
     }
+    let mut migrations = Vec::new();
     for (name, wanted, holds_flows) in expected_shapes(sizes) {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -134,12 +215,26 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
             continue;
         }
         if holds_flows {
-            return Err(DataplaneError::FlowLayout {
-                path,
-                found: show(found),
-                wanted: show(wanted),
-                pin_dir: pin_dir.to_owned(),
-            });
+            let same_layout = (found.0, found.1) == (wanted.0, wanted.1)
+                && info.map_type().is_ok_and(|t| t == aya::maps::MapType::LruHash);
+            if !same_layout {
+                return Err(DataplaneError::FlowLayout {
+                    path,
+                    found: show(found),
+                    wanted: show(wanted),
+                    pin_dir: pin_dir.to_owned(),
+                });
+            }
+            if wanted.2 < found.2 {
+                tracing::warn!(
+                    map = name,
+                    from = found.2,
+                    to = wanted.2,
+                    "shrinking a flow map: the oldest flows may be evicted"
+                );
+            }
+            migrations.push(migrate_flow_map(name, &path, wanted.2)?);
+            continue;
         }
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
         fs::remove_file(&path).map_err(|source| DataplaneError::Io {
@@ -148,7 +243,7 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<()> {
             source,
         })?;
     }
-    Ok(())
+    Ok(migrations)
 }
 
 /// Makes sure `pin_dir` exists on bpffs, mounting bpffs at /sys/fs/bpf if that is where it
@@ -477,13 +572,15 @@ pub struct Dataplane {
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.
     attach_failures: StdHashMap<(String, Hook), String>,
+    /// Flow maps given a new capacity at load, whose old copies are still open.
+    migrations: Vec<Migration>,
 }
 
 impl Dataplane {
     /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
-        check_pinned_layout(pin_dir, &config.sizes)?;
+        let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
         let (timeouts, sizes) = (config.timeouts, config.sizes);
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         let ns = |s: u64| s.saturating_mul(1_000_000_000);
@@ -543,10 +640,27 @@ impl Dataplane {
             port_flags: Vec::new(),
             free_ids: BTreeSet::new(),
             next_id: 1,
+            migrations,
         };
         dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
         Ok(dp)
+    }
+
+    /// Once this agent's programs have replaced the old ones in every link: copies the flows
+    /// the old programs created in the old flow maps since the migration, then lets the old
+    /// maps go.
+    pub fn finish_migrations(&mut self) {
+        for m in std::mem::take(&mut self.migrations) {
+            let result = MapData::from_pin(&m.path)
+                .and_then(Map::from_map_data)
+                .map_err(map_err(m.name))
+                .and_then(|mut new| copy_flow_map(m.name, &m.old, &mut new, true));
+            match result {
+                Ok(n) => tracing::info!(map = m.name, entries = n, "flows created during the migration copied"),
+                Err(e) => tracing::warn!(map = m.name, error = %e, "cannot copy flows created during the migration"),
+            }
+        }
     }
 
     /// Frontends programmed and backends summed over them.

@@ -426,6 +426,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 warn!(error = %e, "attach failed");
             }
             if !attached {
+                dp.finish_migrations();
                 attached = true;
                 status.lock().expect("status poisoned").attached = true;
                 info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");

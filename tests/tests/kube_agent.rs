@@ -408,7 +408,7 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
 }
 
 #[test]
-fn map_layout_changes_rebuild_service_maps_and_never_drop_flows() -> Result<()> {
+fn map_layout_changes_rebuild_service_maps_and_migrate_flow_maps() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
@@ -428,22 +428,24 @@ fn map_layout_changes_rebuild_service_maps_and_never_drop_flows() -> Result<()> 
     assert_eq!(long_lived.pod()?, pod);
     http_get(&c.client.ns, vip(80), "/")?;
 
-    // Another conntrack size: the flows cannot be carried over, so the agent refuses, clearly,
-    // and the datapath left pinned by the previous agent keeps serving.
+    // Another conntrack size (a user raising --map-conntrack): the flow map is migrated with
+    // its entries. The long-lived connection's entry keeps its creation time, so it was carried
+    // over, not re-created by a later packet.
+    thread::sleep(Duration::from_secs(2));
     c.lab.kill_agent(&c.node);
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", c.node.ns))
-        .arg(lb_tests::lb_bin()?)
-        .args(["run", "--kubeconfig"])
-        .arg(&kc)
-        .args(["--node-name", "node1", "--pin-dir"])
-        .arg(&c.node.pin_dir)
-        .args(["--map-services", "4096", "--map-conntrack", "4096", "--metrics-addr", "", "--healthz-addr", ""])
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("LB_CONNTRACK") && stderr.contains("refusing to start"), "{stderr}");
+    c.lab.start_agent_kube(&c.node, &ifaces, 3, &kc, &["--map-services", "4096", "--map-conntrack", "8192"])?;
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("flow map moved to its new capacity") && log.contains("LB_CONNTRACK"), "{log}");
     assert_eq!(long_lived.pod()?, pod);
+    let ct = c.lab.list(&c.node, "conntrack")?;
+    let flow = ct
+        .lines()
+        .find(|l| l.starts_with("forward") && l.contains(":9000 "))
+        .unwrap_or_else(|| panic!("long-lived flow missing:\n{ct}"));
+    let age: u64 = flow.split_whitespace().nth(6).unwrap_or("0").parse()?;
+    assert!(age >= 2, "entry re-created, not migrated: {flow}");
+    let m = c.metrics()?;
+    assert_eq!(sample(&m, "lb_conntrack_capacity"), 8192.0, "{m}");
     http_get(&c.client.ns, vip(80), "/")?;
     Ok(())
 }
