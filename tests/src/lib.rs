@@ -114,6 +114,9 @@ pub struct Lab {
     etc_dirs: Vec<PathBuf>,
     pub dir: PathBuf,
     veth_seq: u32,
+    /// A command the agent is run under, inside its node's namespace (e.g. `setpriv` with the
+    /// DaemonSet's capabilities).
+    pub agent_wrapper: Vec<String>,
 }
 
 impl Lab {
@@ -129,6 +132,7 @@ impl Lab {
             etc_dirs: Vec::new(),
             dir,
             veth_seq: 0,
+            agent_wrapper: Vec::new(),
         })
     }
 
@@ -339,6 +343,7 @@ impl Lab {
         let log = fs::File::create(self.dir.join(format!("agent-{}.log", node.name)))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", node.ns))
+            .args(&self.agent_wrapper)
             .arg(&lb)
             .arg("run")
             .args(source)

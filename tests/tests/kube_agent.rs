@@ -550,3 +550,75 @@ fn node_local_connected_udp_socket_is_aborted_when_its_backend_leaves() -> Resul
     assert!(sample(&m, "lb_stale_udp_sockets_closed_total") >= 1.0, "{m}");
     Ok(())
 }
+
+/// The DaemonSet's container as far as this machine can play it: the capabilities of
+/// deploy/daemonset.yaml and nothing else (root's other capabilities dropped from the
+/// bounding set, as the container runtime does), the args it gives, and the config map's
+/// config.yaml, with only the host paths the DaemonSet's mounts would provide replaced.
+fn run_as_daemonset(c: &mut Cluster, caps: &[&str]) -> Result<()> {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let cm: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(deploy.join("config.yaml"))?)?;
+    let config = cm["data"]["config.yaml"].as_str().expect("config.yaml in the config map").to_string();
+    let path = c.lab.dir.join("daemonset-config.yaml");
+    std::fs::write(&path, config)?;
+    let set = format!("-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    c.lab.agent_wrapper = ["setpriv", "--bounding-set", &set, "--inh-caps", &set, "--ambient-caps", &set]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let kc = c.api.kubeconfig().to_owned();
+    let cgroup = lb_tests::sh(&["findmnt", "-n", "-o", "TARGET", "-t", "cgroup2"])?;
+    let cgroup = cgroup.lines().next().unwrap_or("/sys/fs/cgroup").to_string();
+    let args = ["--config", path.to_str().unwrap(), "--cgroup", &cgroup];
+    c.lab.spawn_agent_kube(&c.node, &kc, &args)
+}
+
+#[test]
+fn the_daemonsets_capabilities_and_config_suffice_and_each_capability_is_needed() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    run_as_daemonset(&mut c, &["bpf", "net_admin", "perfmon"])?;
+    let ifaces = c.ifaces.clone();
+    let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    c.lab.wait_agent(&c.node, &refs, 3)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(http_get(&c.client.ns, vip(80), "/")?);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // The config map's metrics address (0.0.0.0:10249) answers on the node's address.
+    let m = http_get(&c.node.ns, SocketAddr::from((c.node.gateway, 10249)), "/metrics")?;
+    assert!(sample(&m, "lb_programmed_frontends") >= 3.0, "{m}");
+    // A backend change still reaches the datapath, and the node's own connected UDP socket is
+    // still aborted (SOCK_DESTROY needs CAP_NET_ADMIN).
+    let sock = udp_socket(&c.node.ns, vip(53))?;
+    let first = udp_request(&sock, "who")?.split(' ').next().unwrap_or_default().to_string();
+    let gone: usize = first.trim_start_matches("web-").parse()?;
+    c.set_endpoints(&(0..4).filter(|&i| i != gone).collect::<Vec<_>>())?;
+    assert!(eventually(Duration::from_secs(10), || udp_request(&sock, "who").is_err()), "{}", c.lab.agent_log(&c.node));
+    let log = c.lab.agent_log(&c.node);
+    assert!(!log.contains("attach failed") && !log.contains("cannot abort"), "{log}");
+
+    // Each capability is needed: without it a fresh agent cannot start (BPF: map creation;
+    // NET_ADMIN: loading networking programs; PERFMON: the verifier's "pointer arithmetic
+    // prohibited for !root" on the parser's packet pointers).
+    for missing in ["bpf", "net_admin", "perfmon"] {
+        c.lab.kill_agent(&c.node);
+        lb_tests::sh(&[
+            lb_tests::lb_bin()?.to_str().unwrap(),
+            "cleanup",
+            "--pin-dir",
+            c.node.pin_dir.to_str().unwrap(),
+        ])?;
+        let caps: Vec<&str> = ["bpf", "net_admin", "perfmon"].into_iter().filter(|c| *c != missing).collect();
+        run_as_daemonset(&mut c, &caps)?;
+        let failed = eventually(Duration::from_secs(10), || {
+            let log = c.lab.agent_log(&c.node);
+            log.contains("Error:") || log.contains("attach failed")
+        });
+        assert!(failed, "the agent worked without {missing}; log:\n{}", c.lab.agent_log(&c.node));
+    }
+    Ok(())
+}
