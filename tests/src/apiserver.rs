@@ -7,7 +7,9 @@
 //! compacted history, which tells the client to list again; label selectors of the forms
 //! `key`, `!key`, `key=value`, `key!=value`, and `metadata.name` / `metadata.namespace` field
 //! selectors. Tests drive creates, updates and deletes through its methods, can stop it (an
-//! outage), hold lists back, and compact history.
+//! outage), hold lists back, and compact history. `start_tls` serves HTTPS with a certificate
+//! from a CA of its own and requires a bearer token, which is what a pod's in-cluster client
+//! (service account token and CA) talks to.
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -20,11 +22,12 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     sync::Notify,
     task::AbortHandle,
 };
+use tokio_rustls::{rustls, TlsAcceptor};
 
 /// The resources served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,6 +96,8 @@ struct State {
 }
 
 struct Shared {
+    /// Requests must carry `Authorization: Bearer <token>`.
+    token: Option<String>,
     state: Mutex<State>,
     changed: Notify,
     /// Open connections, aborted by `stop` and `break_watches`.
@@ -102,6 +107,7 @@ struct Shared {
 pub struct TestApiServer {
     rt: tokio::runtime::Runtime,
     shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
     ns: String,
     addr: SocketAddr,
     acceptor: Option<AbortHandle>,
@@ -112,6 +118,39 @@ impl TestApiServer {
     /// Listens on `addr` inside network namespace `ns` and writes a kubeconfig pointing at it
     /// into `dir`.
     pub fn start(ns: &str, addr: SocketAddr, dir: &Path) -> Result<Self> {
+        Self::start_with(ns, addr, dir, None)
+    }
+
+    /// HTTPS on `addr` with a certificate for its IP signed by a fresh CA, and bearer-token
+    /// authentication: writes a service account directory (`token`, `ca.crt`, `namespace`) to
+    /// `dir/serviceaccount`, as the kubelet mounts it into a pod.
+    pub fn start_tls(ns: &str, addr: SocketAddr, dir: &Path, token: &str) -> Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test API server CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(vec![addr.ip().to_string()])?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let sa = dir.join("serviceaccount");
+        std::fs::create_dir_all(&sa)?;
+        std::fs::write(sa.join("token"), token)?;
+        std::fs::write(sa.join("ca.crt"), ca.pem())?;
+        std::fs::write(sa.join("namespace"), "kube-system")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        Self::start_with(ns, addr, dir, Some((TlsAcceptor::from(Arc::new(config)), token.to_string())))
+    }
+
+    fn start_with(ns: &str, addr: SocketAddr, dir: &Path, tls: Option<(TlsAcceptor, String)>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -123,12 +162,17 @@ impl TestApiServer {
             f,
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{addr}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\n"
         )?;
+        let (tls, token) = match tls {
+            Some((acceptor, token)) => (Some(acceptor), Some(token)),
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
+            token,
             state: Mutex::new(State { rv: 100, ..Default::default() }),
             changed: Notify::new(),
             conns: Mutex::new(Vec::new()),
         });
-        let mut s = Self { rt, shared, ns: ns.to_string(), addr, acceptor: None, kubeconfig };
+        let mut s = Self { rt, shared, tls, ns: ns.to_string(), addr, acceptor: None, kubeconfig };
         s.resume()?;
         Ok(s)
     }
@@ -144,13 +188,20 @@ impl TestApiServer {
             .with_context(|| format!("binding the test API server to {addr}"))?;
         std_listener.set_nonblocking(true)?;
         let shared = self.shared.clone();
+        let tls = self.tls.clone();
         let task = self.rt.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("tokio listener");
             loop {
                 let Ok((conn, _)) = listener.accept().await else { continue };
-                let shared2 = shared.clone();
+                let (shared2, tls) = (shared.clone(), tls.clone());
                 let h = tokio::spawn(async move {
-                    let _ = handle(conn, shared2).await;
+                    let _ = match tls {
+                        Some(acceptor) => match acceptor.accept(conn).await {
+                            Ok(conn) => handle(conn, shared2).await,
+                            Err(e) => Err(e.into()),
+                        },
+                        None => handle(conn, shared2).await,
+                    };
                 });
                 let mut conns = shared.conns.lock().unwrap();
                 conns.retain(|c| !c.is_finished());
@@ -351,7 +402,7 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(mut conn: TcpStream, shared: Arc<Shared>) -> Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shared>) -> Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -367,6 +418,17 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) -> Result<()> {
     let head = String::from_utf8_lossy(&buf).into_owned();
     let line = head.lines().next().unwrap_or_default().to_string();
     shared.state.lock().unwrap().requests.push(line.clone());
+    if let Some(token) = &shared.token {
+        let wanted = format!("Bearer {token}");
+        let authorized = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .any(|(name, value)| name.trim().eq_ignore_ascii_case("authorization") && value.trim() == wanted);
+        if !authorized {
+            let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized", "code": 401, "message": "Unauthorized"}).to_string();
+            return respond(&mut conn, 401, &body).await;
+        }
+    }
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -418,8 +480,12 @@ async fn handle(mut conn: TcpStream, shared: Arc<Shared>) -> Result<()> {
     }
 }
 
-async fn respond(conn: &mut TcpStream, code: u16, body: &str) -> Result<()> {
-    let reason = if code == 200 { "OK" } else { "Not Found" };
+async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &str) -> Result<()> {
+    let reason = match code {
+        200 => "OK",
+        401 => "Unauthorized",
+        _ => "Not Found",
+    };
     let head = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -430,13 +496,13 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &str) -> Result<()> {
     Ok(())
 }
 
-async fn send_chunk(conn: &mut TcpStream, v: &Value) -> Result<()> {
+async fn send_chunk<S: AsyncWrite + Unpin>(conn: &mut S, v: &Value) -> Result<()> {
     let line = format!("{v}\n");
     conn.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await?;
     Ok(())
 }
 
-async fn watch(mut conn: TcpStream, shared: Arc<Shared>, kind: Kind, q: Query) -> Result<()> {
+async fn watch<S: AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shared>, kind: Kind, q: Query) -> Result<()> {
     conn.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     )

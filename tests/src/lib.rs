@@ -117,6 +117,8 @@ pub struct Lab {
     /// A command the agent is run under, inside its node's namespace (e.g. `setpriv` with the
     /// DaemonSet's capabilities).
     pub agent_wrapper: Vec<String>,
+    /// Extra environment of the agent.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -133,6 +135,7 @@ impl Lab {
             dir,
             veth_seq: 0,
             agent_wrapper: Vec::new(),
+            agent_env: Vec::new(),
         })
     }
 
@@ -338,7 +341,9 @@ impl Lab {
         self.spawn_agent(node, &["--kubeconfig", &kc], extra)
     }
 
-    fn spawn_agent(&mut self, node: &Node, source: &[&str], extra: &[&str]) -> Result<()> {
+    /// Starts `lb run` in the node's namespace with `source` flags (none: the agent finds its
+    /// API server as any client does) without waiting for it.
+    pub fn spawn_agent(&mut self, node: &Node, source: &[&str], extra: &[&str]) -> Result<()> {
         let lb = lb_bin()?;
         let log = fs::File::create(self.dir.join(format!("agent-{}.log", node.name)))?;
         let mut cmd = Command::new("nsenter");
@@ -351,6 +356,7 @@ impl Lab {
             .arg(&node.pin_dir)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log);
         self.spawn(&format!("lb agent on {}", node.name), &mut cmd).map(|_| ())

@@ -42,6 +42,10 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Result<Self> {
+        Self::with_server(|ns, dir| TestApiServer::start(ns, API.parse()?, dir))
+    }
+
+    fn with_server(server: impl FnOnce(&str, &std::path::Path) -> Result<TestApiServer>) -> Result<Self> {
         let mut lab = Lab::new()?;
         let node = lab.add_node("node1", 1)?;
         let mut web = Vec::new();
@@ -53,7 +57,7 @@ impl Cluster {
         let client = lab.add_pod(&node, "busybox", 100)?;
         let mut ifaces: Vec<String> = web.iter().chain([&client]).map(|p| p.host_if.clone()).collect();
         ifaces.push("cbr0".into());
-        let api = TestApiServer::start(&node.ns, API.parse()?, &lab.dir)?;
+        let api = server(&node.ns, &lab.dir)?;
         let c = Cluster { api, lab, node, web, client, ifaces };
         c.set_endpoints(&[0, 1, 2])?;
         Ok(c)
@@ -65,10 +69,13 @@ impl Cluster {
         self.api.apply_yaml(&lab_manifests(CLUSTER_IP, &pods, &EXTRA_PORTS))
     }
 
+    /// Starts the agent as a client finds its API server: here through `KUBECONFIG`.
     fn start_agent(&mut self) -> Result<()> {
+        let kc = self.api.kubeconfig().to_str().expect("utf-8 path").to_string();
+        self.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
+        self.lab.spawn_agent(&self.node, &[], &[])?;
         let ifaces: Vec<&str> = self.ifaces.iter().map(String::as_str).collect();
-        let kc = self.api.kubeconfig().to_owned();
-        self.lab.start_agent_kube(&self.node, &ifaces, 3, &kc, &[])
+        self.lab.wait_agent(&self.node, &ifaces, 3)
     }
 
     fn backends(&self) -> String {
@@ -620,5 +627,49 @@ fn the_daemonsets_capabilities_and_config_suffice_and_each_capability_is_needed(
         });
         assert!(failed, "the agent worked without {missing}; log:\n{}", c.lab.agent_log(&c.node));
     }
+    Ok(())
+}
+
+#[test]
+fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    // What the DaemonSet's pod gets: a service account token and CA mounted by the kubelet, and
+    // KUBERNETES_SERVICE_HOST/PORT (set by deploy/daemonset.yaml to the API server itself). The
+    // server only answers HTTPS with that token.
+    let token = "lb-test-service-account-token";
+    let mut c = Cluster::with_server(|ns, dir| TestApiServer::start_tls(ns, API.parse()?, dir, token))?;
+    let sa = c.lab.dir.join("serviceaccount");
+    let home = c.lab.dir.join("home");
+    std::fs::create_dir_all(&home)?;
+    let api: SocketAddr = API.parse()?;
+    c.lab.agent_env = vec![
+        ("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()),
+        ("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()),
+        // No ~/.kube/config to find first.
+        ("HOME".into(), home.to_str().unwrap().into()),
+    ];
+    // The kubelet's mount, in a mount namespace of the agent's own (a tmpfs over /run, where
+    // /var/run/secrets lives), so the host is not touched.
+    let script = "set -e; mount -t tmpfs tmpfs /run; d=/run/secrets/kubernetes.io/serviceaccount; \
+                  mkdir -p $d; cp \"$0\"/token \"$0\"/ca.crt \"$0\"/namespace $d/; exec \"$@\"";
+    c.lab.agent_wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sa.to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    c.lab.spawn_agent(&c.node, &[], &[])?;
+    let ifaces = c.ifaces.clone();
+    let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    c.lab.wait_agent(&c.node, &refs, 3)?;
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("server=https://127.0.0.1:6443"), "{log}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(http_get(&c.client.ns, vip(80), "/")?);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    c.set_endpoints(&[0])?;
+    assert!(eventually(Duration::from_secs(10), || !c.has_backend(1, 80)), "{}", c.backends());
     Ok(())
 }
