@@ -281,10 +281,17 @@ fn port_number(v: i32) -> Option<u16> {
     u16::try_from(v).ok().filter(|&p| p != 0)
 }
 
-fn ipv4_field(ip: &str, field: &str, err: &dyn Fn(&str, String) -> TranslateError) -> Result<Ipv4Addr, TranslateError> {
+/// An address of a dual-stack list: `Some` for IPv4, `None` for IPv6 (another family's
+/// proxier's business, as kube-proxy filters `externalIPs`, ingress IPs and source ranges by
+/// family), an error for anything else.
+fn ip_of_family(
+    ip: &str,
+    field: &str,
+    err: &dyn Fn(&str, String) -> TranslateError,
+) -> Result<Option<Ipv4Addr>, TranslateError> {
     match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => Ok(ip),
-        Ok(IpAddr::V6(_)) => Err(err(field, format!("{ip}: IPv6 is not supported by lb yet"))),
+        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
+        Ok(IpAddr::V6(_)) => Ok(None),
         Err(_) => Err(err(field, format!("{ip:?} is not an IP address"))),
     }
 }
@@ -313,16 +320,30 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
         other => return Err(err("spec.type", format!("unknown type {other:?}"))),
     }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        Some("None") => return Ok(None),
-        None | Some("") => {
-            return Err(err(
-                "spec.clusterIP",
-                "required: without an API server there is no allocator, so set it explicitly".into(),
-            ))
-        }
-        Some(ip) => ipv4_field(ip, "spec.clusterIP", &err)?,
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Ok(None);
+    }
+    // Dual stack: `clusterIPs` holds one address per family, the primary first (equal to
+    // `clusterIP`). lb serves IPv4, so it takes the IPv4 one whichever is primary, and leaves a
+    // Service with none to an IPv6 proxy, as kube-proxy's IPv4 proxier does.
+    let (field, ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref().filter(|ips| !ips.is_empty()) {
+        Some(ips) => ("spec.clusterIPs", ips.iter().map(String::as_str).collect()),
+        None => ("spec.clusterIP", spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()).into_iter().collect()),
     };
+    if ips.is_empty() {
+        return Err(err(
+            "spec.clusterIP",
+            "required: without an API server there is no allocator, so set it explicitly".into(),
+        ));
+    }
+    let mut cluster_ip = None;
+    for (i, ip) in ips.iter().enumerate() {
+        let f = if field == "spec.clusterIP" { field.to_string() } else { format!("{field}[{i}]") };
+        if let Some(v4) = ip_of_family(ip, &f, &err)? {
+            cluster_ip = cluster_ip.or(Some(v4));
+        }
+    }
+    let Some(cluster_ip) = cluster_ip else { return Ok(None) };
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -394,7 +415,7 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
     }
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        external_ips.push(ipv4_field(ip, &format!("spec.externalIPs[{i}]"), &err)?);
+        external_ips.extend(ip_of_family(ip, &format!("spec.externalIPs[{i}]"), &err)?);
     }
     let mut lb_ips = Vec::new();
     let mut source_ranges = Vec::new();
@@ -407,11 +428,18 @@ fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, TranslateError> {
                 continue;
             }
             if let Some(ip) = &ing.ip {
-                lb_ips.push(ipv4_field(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
+                lb_ips.extend(ip_of_family(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
             }
         }
         for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-            source_ranges.push(r.parse().map_err(|e| err(&format!("spec.loadBalancerSourceRanges[{i}]"), e))?);
+            let field = format!("spec.loadBalancerSourceRanges[{i}]");
+            // An IPv6 prefix restricts IPv6 clients only (kube-proxy splits the list by family).
+            if let Some((addr, _)) = r.trim().split_once('/') {
+                if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+                    continue;
+                }
+            }
+            source_ranges.push(r.parse().map_err(|e| err(&field, e))?);
         }
         source_ranges.sort();
         source_ranges.dedup();
@@ -904,7 +932,6 @@ spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
         let cases = [
             ("no-ip", "{ports: [{port: 80}]}", "spec.clusterIP"),
             ("bad-ip", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
-            ("v6", "{clusterIP: 'fd00::1', ports: [{port: 80}]}", "spec.clusterIP"),
             ("no-ports", "{clusterIP: 10.96.0.31}", "spec.ports"),
             ("port-zero", "{clusterIP: 10.96.0.32, ports: [{port: 0}]}", "spec.ports[0].port"),
             ("port-big", "{clusterIP: 10.96.0.33, ports: [{port: 70000}]}", "spec.ports[0].port"),
@@ -1363,6 +1390,52 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
         assert_eq!(count("service.kubernetes.io/headless: \"\"", "app: x"), Vec::<usize>::new());
         assert_eq!(count("app: x", "service.kubernetes.io/headless: \"\""), vec![0]);
         assert_eq!(count("app: x", "service.kubernetes.io/service-proxy-name: other"), vec![0]);
+    }
+
+    #[test]
+    fn dual_stack_services_are_served_on_their_ipv4_addresses() {
+        let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00:10:96::a
+  clusterIPs: [fd00:10:96::a, 10.96.9.9]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: PreferDualStack
+  externalIPs: [2001:db8::1, 192.0.2.7]
+  loadBalancerSourceRanges: [2001:db8::/32, 198.51.100.0/24]
+  ports: [{port: 80, nodePort: 30090}]
+status:
+  loadBalancer:
+    ingress: [{ip: "2001:db8::99"}, {ip: 192.0.2.99}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v6-only, namespace: t}
+spec:
+  clusterIP: fd00:10:96::b
+  clusterIPs: [fd00:10:96::b]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: t}
+spec:
+  clusterIP: 10.96.9.10
+  clusterIPs: [10.96.9.10, not-an-ip]
+  ports: [{port: 80}]
+"#);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert!(t.errors[0].to_string().contains("Service t/bad: field spec.clusterIPs[1]"), "{}", t.errors[0]);
+        let s = &t.state.services;
+        assert!(s.contains_key(&fe("10.96.9.9", 80, Protocol::Tcp)));
+        assert!(s.contains_key(&Frontend::node_port(30090, Protocol::Tcp)));
+        assert!(s.contains_key(&Frontend::external("192.0.2.7".parse().unwrap(), 80, Protocol::Tcp)));
+        let lb = &s[&Frontend::external("192.0.2.99".parse().unwrap(), 80, Protocol::Tcp)];
+        assert_eq!(lb.source_ranges, vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
+        assert_eq!(s.len(), 4, "the IPv6-only Service is left to an IPv6 proxy: {:?}", s.keys());
     }
 
     #[test]
