@@ -95,15 +95,26 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     let _ = writeln!(o, "lb_sync_total {}", status.syncs);
     family(&mut o, "lb_sync_failures_total", "counter", "Applies in which some frontend failed to program.");
     let _ = writeln!(o, "lb_sync_failures_total {}", status.sync_failures);
-    family(&mut o, "lb_sync_duration_seconds", "histogram", "Time to translate and apply one desired state.");
-    for (i, b) in SYNC_BUCKETS.iter().enumerate() {
-        let _ = writeln!(o, "lb_sync_duration_seconds_bucket{{le=\"{b}\"}} {}", status.sync_buckets[i]);
+    // Also under kube-proxy's names, so dashboards and alerts written for it keep working.
+    for (name, help) in [
+        ("lb_sync_duration_seconds", "Time to translate and apply one desired state."),
+        ("kubeproxy_sync_proxy_rules_duration_seconds", "kube-proxy's name for lb_sync_duration_seconds."),
+    ] {
+        family(&mut o, name, "histogram", help);
+        for (i, b) in SYNC_BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {}", status.sync_buckets[i]);
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", status.syncs);
+        let _ = writeln!(o, "{name}_sum {}", status.sync_duration_sum_s);
+        let _ = writeln!(o, "{name}_count {}", status.syncs);
     }
-    let _ = writeln!(o, "lb_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", status.syncs);
-    let _ = writeln!(o, "lb_sync_duration_seconds_sum {}", status.sync_duration_sum_s);
-    let _ = writeln!(o, "lb_sync_duration_seconds_count {}", status.syncs);
-    family(&mut o, "lb_last_sync_timestamp_seconds", "gauge", "Unix time of the last apply.");
-    let _ = writeln!(o, "lb_last_sync_timestamp_seconds {}", status.last_sync_unix_s);
+    for (name, help) in [
+        ("lb_last_sync_timestamp_seconds", "Unix time of the last apply."),
+        ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "kube-proxy's name for lb_last_sync_timestamp_seconds."),
+    ] {
+        family(&mut o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {}", status.last_sync_unix_s);
+    }
     family(&mut o, "lb_programmed_frontends", "gauge", "Service frontends (address, port, protocol) programmed.");
     let _ = writeln!(o, "lb_programmed_frontends {}", status.programmed_frontends);
     family(&mut o, "lb_programmed_endpoints", "gauge", "Backends summed over programmed frontends.");
@@ -290,6 +301,8 @@ mod tests {
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.25\"} 2"), "{text}");
         assert!(text.contains("lb_sync_duration_seconds_count 2"), "{text}");
         assert!(text.contains("lb_sync_failures_total 1"), "{text}");
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 2"), "{text}");
+        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds "), "{text}");
         assert_eq!(healthz(&st).0, 503);
         st.synced = true;
         assert_eq!(healthz(&st).0, 503);
