@@ -71,23 +71,31 @@ impl HealthChecks {
     }
 }
 
+/// Reads an HTTP request head, bounded in size (4 KiB) and time (2 s), so a slow or silent
+/// client cannot hold a task; returns what arrived.
+pub(crate) async fn read_request_head(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+    })
+    .await;
+    buf.truncate(n);
+    buf
+}
+
 async fn serve(listener: TcpListener, port: u16, state: Shared) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else { continue };
         let state = state.clone();
         tokio::spawn(async move {
-            // Read the request head (bounded in size and time); its content does not matter.
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            })
-            .await;
+            // Any request gets the answer: its content does not matter.
+            read_request_head(&mut conn).await;
             let hc = state.lock().expect("health check state poisoned").get(&port).cloned();
             let Some(hc) = hc else { return };
             let (status, body) = response(&hc);

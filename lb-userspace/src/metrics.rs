@@ -10,10 +10,7 @@ use std::{
 };
 
 use lb_common::{Counter, COUNTER_MAX};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 
 use crate::{
     dataplane::{decode_name, frontend_of, Maps},
@@ -235,18 +232,8 @@ pub async fn serve(
             let Ok((mut conn, _)) = listener.accept().await else { continue };
             let (status, watch, pin_dir, cache) = (status.clone(), watch.clone(), pin_dir.clone(), cache.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                    }
-                })
-                .await;
-                let head = String::from_utf8_lossy(&buf[..n]);
+                let head = crate::healthcheck::read_request_head(&mut conn).await;
+                let head = String::from_utf8_lossy(&head);
                 let path = head.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
                 // Map reads are blocking syscalls; keep them off the runtime's thread.
                 let (code, ctype, body) = tokio::task::spawn_blocking(move || {
