@@ -203,6 +203,8 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
         );
     }
     let mut migrations = Vec::new();
+    // `expected_shapes` lists the services map before the affinity map.
+    let mut services_rebuilt = false;
     for (name, wanted, holds_flows) in expected_shapes(sizes) {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -211,6 +213,19 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
         let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
+        if name == MAP_AFFINITY && services_rebuilt {
+            // Pins are keyed by service id and trusted without a membership check while the
+            // slot generation matches; a rebuilt services map hands out ids and generations
+            // afresh, so an old pin could send one Service's client to another's backend.
+            // Pins only steer new connections, so they are reset rather than risked.
+            tracing::warn!("service maps rebuilt: session affinity pins reset (established flows are kept)");
+            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                what: "unpinning",
+                path: path.clone(),
+                source,
+            })?;
+            continue;
+        }
         if found == wanted && (holds_flows || version_changed.is_none()) {
             continue;
         }
@@ -236,6 +251,7 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
             migrations.push(migrate_flow_map(name, &path, wanted.2)?);
             continue;
         }
+        services_rebuilt |= name == MAP_SERVICES;
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
         fs::remove_file(&path).map_err(|source| DataplaneError::Io {
             what: "unpinning",

@@ -76,3 +76,32 @@ fn a_flow_map_of_another_capacity_is_migrated_with_its_entries() {
     assert_eq!(entries.len(), 100);
     assert!(entries.iter().all(|(k, v)| k.service_id == 7 && v.last_used_ns == 1000 + k.client[0] as u64));
 }
+
+#[test]
+fn rebuilt_service_maps_reset_affinity_pins_and_keep_flows() {
+    let Some(dir) = PinDir::new("rebuild") else { return };
+    let dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    drop(dp);
+    let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
+    let pin = AffinityKey { client: [1, 0, 0, 0], service_id: 1, ..Default::default() };
+    maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
+    let flow =
+        lb_common::CtKey { src: [1, 0, 0, 0], dst: [2, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
+    maps.conntrack.insert(flow, lb_common::CtValue::default(), 0).unwrap();
+    drop(maps);
+
+    // Another services map size: service ids are handed out afresh, so pins keyed by the old
+    // ids must go; the flow stays.
+    let sizes = MapSizes { services: 1000, ..MapSizes::default() };
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("rebuilds");
+    assert_eq!(dp.maps().affinity.keys().count(), 0);
+    assert!(dp.maps().conntrack.get(&flow, 0).is_ok());
+    drop(dp);
+
+    // Same sizes again: nothing is rebuilt, so a pin survives a plain restart.
+    let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
+    maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
+    drop(maps);
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("adopts");
+    assert_eq!(dp.maps().affinity.keys().count(), 1);
+}
