@@ -795,10 +795,22 @@ impl Dataplane {
         let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
         self.next_id = used.last().map_or(1, |m| m + 1);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
+        // A previous agent may have died between removing a frontend and dropping its pins.
+        let stale = self.purge_affinity(|id| !used.contains(&id));
+        if stale > 0 {
+            tracing::info!(pins = stale, "dropped affinity pins of frontends that no longer exist");
+        }
         if !self.programmed.is_empty() {
             tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
         }
         Ok(())
+    }
+
+    /// Removes the session-affinity pins of the service ids `doomed` selects; returns how many.
+    fn purge_affinity(&mut self, doomed: impl Fn(u32) -> bool) -> usize {
+        let keys: Vec<AffinityKey> =
+            self.maps.affinity.keys().filter_map(std::result::Result::ok).filter(|k| doomed(k.service_id)).collect();
+        keys.iter().filter(|k| self.maps.affinity.remove(k).is_ok()).count()
     }
 
     /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense. Its
@@ -906,6 +918,7 @@ impl Dataplane {
         self.update_ports(desired.services.iter(), false, &mut report);
         let gone: Vec<Frontend> =
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        let mut removed_ids: BTreeSet<u32> = BTreeSet::new();
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StdHashMap<u32, Option<BTreeSet<Endpoint>>> = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
@@ -923,8 +936,15 @@ impl Dataplane {
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
             self.free_ids.insert(p.id);
+            removed_ids.insert(p.id);
             tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
+        }
+        // Before any id is handed out again: a pin is trusted without a membership check while
+        // its slot generation matches, and a reused id starts again at generation 0, so an old
+        // pin would send the new frontend's client to the old frontend's backend.
+        if !removed_ids.is_empty() {
+            self.purge_affinity(|id| removed_ids.contains(&id));
         }
         for (f, want) in &desired.services {
             let old = self.programmed.get(f).cloned();

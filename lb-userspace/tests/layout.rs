@@ -3,8 +3,13 @@
 use std::path::PathBuf;
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{AffinityKey, AffinityValue, MAP_AFFINITY, MAP_CONNTRACK};
-use lb_userspace::dataplane::{Config, Dataplane, DataplaneError, MapSizes};
+use std::net::Ipv4Addr;
+
+use lb_common::{AffinityKey, AffinityValue, CtKey, CtValue, MAP_CONNTRACK};
+use lb_userspace::{
+    dataplane::{Config, Dataplane, DataplaneError, MapSizes},
+    model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
+};
 
 /// A pin directory of its own, removed (maps, links) when the test ends, also on failure.
 struct PinDir(PathBuf);
@@ -58,37 +63,57 @@ fn a_flow_map_of_another_layout_is_refused_naming_it() {
 #[test]
 fn a_flow_map_of_another_capacity_is_migrated_with_its_entries() {
     let Some(dir) = PinDir::new("migrate") else { return };
-    let key_size = std::mem::size_of::<AffinityKey>() as u32;
-    let value_size = std::mem::size_of::<AffinityValue>() as u32;
-    let mut old = pin_lru(&dir, MAP_AFFINITY, key_size, value_size, 1024, 2 /* BPF_F_NO_COMMON_LRU */);
-    let mut pins: HashMap<&mut MapData, AffinityKey, AffinityValue> = HashMap::try_from(&mut old).unwrap();
+    let key_size = std::mem::size_of::<CtKey>() as u32;
+    let value_size = std::mem::size_of::<CtValue>() as u32;
+    let mut old = pin_lru(&dir, MAP_CONNTRACK, key_size, value_size, 1024, 0);
+    let mut flows: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(&mut old).unwrap();
     for i in 0..100u32 {
-        let k = AffinityKey { client: [i, 0, 0, 0], service_id: 7, ..Default::default() };
-        let v = AffinityValue { last_used_ns: 1000 + i as u64, ..Default::default() };
-        pins.insert(k, v, 0).unwrap();
+        let k = CtKey { src: [i, 0, 0, 0], dst: [7, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
+        let v = CtValue { created_ns: 1000 + i as u64, ..Default::default() };
+        flows.insert(k, v, 0).unwrap();
     }
     drop(old);
-    let sizes = MapSizes { affinity: 4096, ..MapSizes::default() };
+    let sizes = MapSizes { conntrack: 4096, ..MapSizes::default() };
     let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
-    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_AFFINITY)).unwrap();
+    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CONNTRACK)).unwrap();
     assert_eq!(info.max_entries(), 4096);
-    let entries: Vec<_> = dp.maps().affinity.iter().filter_map(Result::ok).collect();
+    let entries: Vec<_> = dp.maps().conntrack.iter().filter_map(Result::ok).collect();
     assert_eq!(entries.len(), 100);
-    assert!(entries.iter().all(|(k, v)| k.service_id == 7 && v.last_used_ns == 1000 + k.client[0] as u64));
+    assert!(entries.iter().all(|(k, v)| k.dst[0] == 7 && v.created_ns == 1000 + k.src[0] as u64));
+}
+
+/// One ClusterIP frontend with session affinity: it gets service id 1.
+fn one_affinity_service() -> DesiredState {
+    let mut d = DesiredState::default();
+    d.services.insert(
+        Frontend::cluster_ip(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp),
+        ServicePort {
+            name: "default/web".into(),
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: false }],
+            affinity_timeout_s: Some(60),
+            ..Default::default()
+        },
+    );
+    d
 }
 
 #[test]
 fn rebuilt_service_maps_reset_affinity_pins_and_keep_flows() {
     let Some(dir) = PinDir::new("rebuild") else { return };
-    let dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
     drop(dp);
     let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
     let pin = AffinityKey { client: [1, 0, 0, 0], service_id: 1, ..Default::default() };
     maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
-    let flow =
-        lb_common::CtKey { src: [1, 0, 0, 0], dst: [2, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
-    maps.conntrack.insert(flow, lb_common::CtValue::default(), 0).unwrap();
+    let flow = CtKey { src: [1, 0, 0, 0], dst: [2, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
+    maps.conntrack.insert(flow, CtValue::default(), 0).unwrap();
     drop(maps);
+
+    // Same sizes: nothing is rebuilt, the service keeps id 1, and its pin survives a restart.
+    let dp = Dataplane::load(&dir.0, &Config::default()).expect("adopts");
+    assert_eq!(dp.maps().affinity.keys().count(), 1);
+    drop(dp);
 
     // Another services map size: service ids are handed out afresh, so pins keyed by the old
     // ids must go; the flow stays.
@@ -96,12 +121,22 @@ fn rebuilt_service_maps_reset_affinity_pins_and_keep_flows() {
     let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("rebuilds");
     assert_eq!(dp.maps().affinity.keys().count(), 0);
     assert!(dp.maps().conntrack.get(&flow, 0).is_ok());
-    drop(dp);
+}
 
-    // Same sizes again: nothing is rebuilt, so a pin survives a plain restart.
+#[test]
+fn pins_of_frontends_that_no_longer_exist_are_dropped_at_adoption() {
+    let Some(dir) = PinDir::new("orphans") else { return };
+    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+    drop(dp);
+    // As if an agent died after removing frontend 2 but before dropping its pins.
     let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
-    maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
+    for id in [1, 2] {
+        let pin = AffinityKey { client: [1, 0, 0, 0], service_id: id, ..Default::default() };
+        maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
+    }
     drop(maps);
-    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("adopts");
-    assert_eq!(dp.maps().affinity.keys().count(), 1);
+    let dp = Dataplane::load(&dir.0, &Config::default()).expect("adopts");
+    let ids: Vec<u32> = dp.maps().affinity.keys().filter_map(Result::ok).map(|k| k.service_id).collect();
+    assert_eq!(ids, vec![1]);
 }

@@ -940,3 +940,38 @@ fn a_new_direct_connection_reusing_a_closed_flows_tuple_is_not_translated() {
     let (verdict, out) = h.run(&data);
     assert_eq!((verdict, out), (TC_ACT_UNSPEC, data));
 }
+
+/// A frontend removed and another added in its place gets the freed service id (and slot
+/// generation 0 again): the old frontend's affinity pins must not steer the new one's clients.
+#[test]
+fn a_reused_service_id_does_not_inherit_affinity_pins() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&affinity_yaml(&BACKENDS, 3600));
+    // Pins on both of web-service's frontends, so whichever freed id the new HTTP frontend
+    // gets, an old pin for it exists.
+    let old = h.syn_dst(CLIENT, 40000);
+    assert!(BACKENDS.contains(&old.0.to_string().as_str()));
+    let (_, out) = h.run(&frame((CLIENT, 40000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
+    assert_eq!(parse_checked(&out).dst.1, 5353);
+    assert_eq!(h.dp.maps().affinity.keys().count(), 2);
+
+    let new_backends = ["10.244.9.1", "10.244.9.2"];
+    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
+    h.apply(
+        &affinity_yaml(&new_backends, 3600)
+            .replace("{name: web-service, namespace", "{name: web-two, namespace")
+            .replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11")
+            .replace("kubernetes.io/service-name: web-service", "kubernetes.io/service-name: web-two"),
+    );
+    for port in 41000..41010 {
+        let (verdict, out) = h.run(&frame((CLIENT, port), (vip2, 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK);
+        let dst = parse_checked(&out).dst;
+        assert!(
+            new_backends.contains(&dst.0.to_string().as_str()),
+            "sent to {dst:?}, a backend of the removed Service"
+        );
+    }
+}
