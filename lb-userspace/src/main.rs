@@ -397,6 +397,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 removed = report.removed,
                 unchanged = report.unchanged,
                 failed = report.errors.len(),
+                took_ms = started.elapsed().as_millis() as u64,
                 "desired state applied"
             );
             let mut st = status.lock().expect("status poisoned");

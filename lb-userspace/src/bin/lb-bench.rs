@@ -66,6 +66,8 @@ fn main() -> Result<()> {
     md.push_str(&scale(&opts)?);
     progress("3/5 real TCP through network namespaces");
     md.push_str(&end_to_end(&opts)?);
+    progress("4/5 control plane through the API server");
+    md.push_str(&api_control_plane(&opts)?);
     progress("5/5 verifier");
     md.push_str(&verifier()?);
 
@@ -724,6 +726,102 @@ fn end_to_end(opts: &Opts) -> Result<String> {
     md.push_str("\n## 4. Control plane\n\n| services | iptables-restore of the same rules | lb: start to serving every Service | lb: manifest change to new Service serving |\n|---:|---:|---:|---:|\n");
     md.push_str(&control);
     md.push_str("\nProgramming time of the maps alone is in section 2.\n\n");
+    Ok(md)
+}
+
+/// The API path at scale: the agent lists `n` Services and their slices from the test API
+/// server, then one Service is created. Timed: agent start to serving every Service; the new
+/// Service's creation to its first accepted connection; and the agent's own time to translate
+/// and apply that one change (its log), which is the full recomputation lb does per change.
+fn api_control_plane(opts: &Opts) -> Result<String> {
+    let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+    let mut md = String::from("## 4b. Control plane through the API server
+
+The agent against the test API server (`tests/src/apiserver.rs`, the real list/watch protocol) on one node, with `n` Services of two ports each over three pods. `sync` is the agent's own time to translate the whole object set and apply the difference for one new Service: lb recomputes the desired state per change (kube-proxy's iptables mode, by contrast, rewrites its rules per sync).
+
+| services | agent start to serving every Service | one new Service to serving | sync for that change |
+|---:|---:|---:|---:|
+");
+    for &n in sizes {
+        progress(&format!("  {n} services through the API server"));
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("bench-api", 3)?;
+        let client = lab.add_pod(&node, "client", 100)?;
+        let mut backends = Vec::new();
+        for i in 0..3u8 {
+            let p = lab.add_pod(&node, &format!("backend-{i}"), 11 + i)?;
+            lab.serve(&p, &[80], &[], &[])?;
+            backends.push(p);
+        }
+        let api = lb_tests::apiserver::TestApiServer::start(&node.ns, "127.0.0.1:6443".parse()?, &lab.dir)?;
+        let objects = |i: usize| {
+            let eps: Vec<serde_json::Value> = backends
+                .iter()
+                .map(|p| serde_json::json!({"addresses": [p.ip.to_string()], "nodeName": p.node}))
+                .collect();
+            (
+                serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+                    "spec": {"clusterIP": vip_of(i).to_string(), "ports": [{"name": "http", "port": 80}, {"name": "sink", "port": 9000}]}}),
+                serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": format!("svc-{i}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 80}, {"name": "sink", "port": 9000}], "endpoints": eps}),
+            )
+        };
+        for i in 0..n {
+            let (svc, slice) = objects(i);
+            api.apply(svc)?;
+            api.apply(slice)?;
+        }
+        api.compact();
+        let t = Instant::now();
+        let kc = api.kubeconfig().to_str().context("utf-8 path")?.to_string();
+        lab.spawn_agent(&node, &["--kubeconfig", &kc], &["--no-xdp", "--no-socket-lb", "--metrics-addr", ""])?;
+        while !lab.agent_log(&node).contains("agent ready") {
+            if t.elapsed() > Duration::from_secs(300) {
+                bail!("agent not ready after 300 s:\n{}", lab.agent_log(&node));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ready = t.elapsed();
+        let applied = |log: &str| log.matches("desired state applied").count();
+        let before = applied(&lab.agent_log(&node));
+        let (svc, slice) = objects(n);
+        let new_vip = SocketAddr::from((vip_of(n), 80));
+        let t = Instant::now();
+        api.apply(svc)?;
+        api.apply(slice)?;
+        let serving = || {
+            lb_tests::in_ns(&client.ns, || TcpStream::connect_timeout(&new_vip, Duration::from_millis(50)).is_ok())
+                .unwrap_or(false)
+        };
+        while !serving() {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("the new Service was not served within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let change = t.elapsed();
+        // The service and its slice may arrive in one sync or two; the last one serves it.
+        let log = lab.agent_log(&node);
+        let took: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("desired state applied"))
+            .skip(before)
+            .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        let sync = took.last().copied().context("no sync logged for the change")?;
+        writeln!(
+            md,
+            "| {n} | {:.2} s | {:.2} s | {:.3} s ({} sync{}) |",
+            ready.as_secs_f64(),
+            change.as_secs_f64(),
+            sync as f64 / 1000.0,
+            took.len(),
+            if took.len() == 1 { "" } else { "s" }
+        )?;
+        drop(api);
+    }
+    md.push('\n');
     Ok(md)
 }
 
