@@ -95,10 +95,11 @@ pub struct KubeSource {
     pub stats: Arc<WatchStats>,
 }
 
-/// The objects the translation needs, copied out of the stores at one moment.
+/// The objects the translation needs, as the stores held them at one moment (shared, not
+/// copied).
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     pub node: NodeInfo,
 }
 
@@ -163,8 +164,8 @@ impl KubeSource {
     pub fn snapshot(&self) -> Snapshot {
         let node = self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(&self.node_name));
         Snapshot {
-            services: self.services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: self.services.state(),
+            slices: self.slices.state(),
             node: NodeInfo::from_node(&self.node_name, node.as_deref()),
         }
     }

@@ -224,8 +224,8 @@ enum Source {
 
 /// The objects to translate, when they changed since the last apply.
 struct Objects {
-    services: Vec<k8s_openapi::api::core::v1::Service>,
-    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    services: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Service>>,
+    slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
     node: model::NodeInfo,
 }
 
@@ -241,8 +241,8 @@ impl Source {
                     }
                     *last = Some(files);
                     Some(Objects {
-                        services: objects.services,
-                        slices: objects.slices,
+                        services: objects.services.into_iter().map(std::sync::Arc::new).collect(),
+                        slices: objects.slices.into_iter().map(std::sync::Arc::new).collect(),
                         node: model::NodeInfo::named(node_name),
                     })
                 }
@@ -376,9 +376,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
+        // From the snapshot (or the file read) to the last map write: what one sync costs.
+        let started = Instant::now();
         if let Some(objects) = source.poll(&args.node_name, &mut dirty, synced) {
-            let started = Instant::now();
-            let t = model::translate(&objects.services, &objects.slices, &objects.node);
+            let t = model::translate(
+                objects.services.iter().map(|s| s.as_ref()),
+                objects.slices.iter().map(|s| s.as_ref()),
+                &objects.node,
+            );
             for e in &t.errors {
                 error!(error = %e, "object rejected");
             }

@@ -598,7 +598,14 @@ fn categorize(eps: &[(Endpoint, &SliceEndpoint)], node: &NodeInfo) -> (Vec<Endpo
 
 /// Translates the whole object set as seen by node `node_name`. Invalid objects are reported
 /// and left out alone.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Translation {
+///
+/// Objects are taken by reference (the API source hands over its reflector stores' shared
+/// copies), so a large cluster is not deep-copied for every change.
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
+) -> Translation {
     let mut out = Translation::default();
 
     // Slices grouped by (namespace, service name).
