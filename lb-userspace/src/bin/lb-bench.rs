@@ -801,7 +801,14 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
             std::thread::sleep(Duration::from_millis(10));
         }
         let change = t.elapsed();
-        // The service and its slice may arrive in one sync or two; the last one serves it.
+        // The service and its slice may arrive in one sync or two; the last one serves it. Its
+        // log line follows the map writes that made it serve, so wait for it.
+        let waited = Instant::now();
+        while applied(&lab.agent_log(&node)) == before && waited.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A second sync (the slice after the Service) logs right after the one that served.
+        std::thread::sleep(Duration::from_millis(300));
         let log = lab.agent_log(&node);
         let took: Vec<u64> = log
             .lines()
