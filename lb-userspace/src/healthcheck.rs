@@ -89,6 +89,21 @@ pub(crate) async fn read_request_head(conn: &mut tokio::net::TcpStream) -> Vec<u
     buf
 }
 
+/// Writes a complete HTTP/1.1 response and lets the connection close (one request each).
+pub(crate) async fn write_response(conn: &mut tokio::net::TcpStream, code: u16, content_type: &str, body: &str) {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    let resp = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(resp.as_bytes()).await;
+}
+
 async fn serve(listener: TcpListener, port: u16, state: Shared) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else { continue };
@@ -99,12 +114,7 @@ async fn serve(listener: TcpListener, port: u16, state: Shared) {
             let hc = state.lock().expect("health check state poisoned").get(&port).cloned();
             let Some(hc) = hc else { return };
             let (status, body) = response(&hc);
-            let reason = if status == 200 { "OK" } else { "Service Unavailable" };
-            let resp = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
+            write_response(&mut conn, status, "application/json", &body).await;
         });
     }
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{Counter, COUNTER_MAX};
-use tokio::{io::AsyncWriteExt, net::TcpListener};
+use tokio::net::TcpListener;
 
 use crate::{
     dataplane::{decode_name, frontend_of, Maps},
@@ -256,17 +256,7 @@ pub async fn serve(
                 })
                 .await
                 .unwrap_or((500, "text/plain", "internal error\n".to_string()));
-                let reason = match code {
-                    200 => "OK",
-                    404 => "Not Found",
-                    503 => "Service Unavailable",
-                    _ => "Internal Server Error",
-                };
-                let resp = format!(
-                    "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
+                crate::healthcheck::write_response(&mut conn, code, ctype, &body).await;
             });
         }
     }))

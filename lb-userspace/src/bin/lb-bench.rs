@@ -672,19 +672,7 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         yaml.push('\n');
         let t = Instant::now();
         lab.write_manifests(&a, &yaml)?;
-        let new_vip = at(vip_of(n), 80);
-        // Short connect timeouts: a SYN sent before the Service exists is lost, and waiting for
-        // its retransmission would measure TCP's 1 s timer, not lb.
-        let serving = || {
-            lb_tests::in_ns(&client.ns, || TcpStream::connect_timeout(&new_vip, Duration::from_millis(50)).is_ok())
-                .unwrap_or(false)
-        };
-        while !serving() {
-            if t.elapsed() > Duration::from_secs(60) {
-                bail!("the new Service was not served within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_serving(&client.ns, at(vip_of(n), 80), t, Duration::from_secs(60))?;
         let change = t.elapsed();
         lab.kill_agent(&a);
         lab.exec(&a.ns, &["true"])?;
@@ -786,20 +774,10 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
         let applied = |log: &str| log.matches("desired state applied").count();
         let before = applied(&lab.agent_log(&node));
         let (svc, slice) = objects(n);
-        let new_vip = SocketAddr::from((vip_of(n), 80));
         let t = Instant::now();
         api.apply(svc)?;
         api.apply(slice)?;
-        let serving = || {
-            lb_tests::in_ns(&client.ns, || TcpStream::connect_timeout(&new_vip, Duration::from_millis(50)).is_ok())
-                .unwrap_or(false)
-        };
-        while !serving() {
-            if t.elapsed() > Duration::from_secs(120) {
-                bail!("the new Service was not served within 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_serving(&client.ns, SocketAddr::from((vip_of(n), 80)), t, Duration::from_secs(120))?;
         let change = t.elapsed();
         // The service and its slice may arrive in one sync or two; the last one serves it. Its
         // log line follows the map writes that made it serve, so wait for it.
@@ -830,6 +808,21 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
     }
     md.push('\n');
     Ok(md)
+}
+
+/// Waits until a connection from `ns` to `vip` is accepted, at most `limit` after `since`.
+/// Short connect timeouts: a SYN sent before the Service exists is lost, and waiting for its
+/// retransmission would measure TCP's 1 s timer, not lb.
+fn wait_serving(ns: &str, vip: SocketAddr, since: Instant, limit: Duration) -> Result<()> {
+    let serving =
+        || lb_tests::in_ns(ns, || TcpStream::connect_timeout(&vip, Duration::from_millis(50)).is_ok()).unwrap_or(false);
+    while !serving() {
+        if since.elapsed() > limit {
+            bail!("the new Service at {vip} was not served within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 fn start_bench_agent(lab: &mut Lab, node: &Node, client: &Pod, frontends: usize) -> Result<()> {
