@@ -8,6 +8,10 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use aya::{
@@ -177,6 +181,56 @@ fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Mi
         "flow map moved to its new capacity with its flows"
     );
     Ok(Migration { name, old, path: path.to_owned() })
+}
+
+/// Service id -> the backends whose UDP flows must go (`None`: every flow of the frontend).
+type StaleUdp = StdHashMap<u32, Option<BTreeSet<Endpoint>>>;
+
+/// Removes the conntrack entries (both directions) of UDP flows whose frontend or backend is
+/// gone, so the client's next datagram on the same 5-tuple is load-balanced afresh: UDP has no
+/// end of connection, and a DNS client reusing its source port would otherwise keep sending to
+/// a deleted pod (kube-proxy's conntrack cleanup does the same). TCP entries are left alone: a
+/// connection to a pod that still runs may finish. Counts removed flows into `removed`.
+///
+/// It walks the whole map (a syscall per entry), so the agent runs it on a thread of its own
+/// with its own map handle: the backend sets are already flipped, so no new flow can pick a
+/// departed backend meanwhile, and other updates need not wait for the walk.
+fn sweep_stale_udp(conntrack: &mut HashMap<MapData, CtKey, CtValue>, stale: &StaleUdp, removed: &AtomicU64) {
+    let proto = Protocol::Udp.number();
+    let mut doomed = Vec::new();
+    for (k, v) in conntrack.iter().filter_map(std::result::Result::ok) {
+        if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
+            continue;
+        }
+        let Some(which) = stale.get(&v.service_id) else { continue };
+        let backend = (ipv4(v.nat_addr), u16::from_be(v.nat_port));
+        if which.as_ref().is_some_and(|set| !set.iter().any(|e| (e.ip, e.port) == backend)) {
+            continue;
+        }
+        let snat = v.flags & lb_common::CT_FLAG_SNAT != 0;
+        let reply = CtKey {
+            src: v.nat_addr,
+            dst: if snat { v.snat_addr } else { k.src },
+            sport: v.nat_port,
+            dport: if snat { v.snat_port } else { k.sport },
+            proto: k.proto,
+            family: k.family,
+            dir: lb_common::CT_DIR_REPLY,
+            _pad: 0,
+        };
+        doomed.push((k, reply));
+    }
+    let mut n = 0;
+    for (fwd, reply) in &doomed {
+        let _ = conntrack.remove(reply);
+        if conntrack.remove(fwd).is_ok() {
+            removed.fetch_add(1, Ordering::Relaxed);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        tracing::info!(flows = n, "removed UDP flows to departed backends");
+    }
 }
 
 /// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
@@ -473,8 +527,6 @@ pub struct ApplyReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
-    /// UDP flows whose backend left, removed from conntrack.
-    pub stale_udp_flows: usize,
     /// The node's own connected UDP sockets whose backend left, aborted.
     pub stale_udp_sockets: usize,
     pub errors: Vec<DataplaneError>,
@@ -590,6 +642,8 @@ pub struct Dataplane {
     attach_failures: StdHashMap<(String, Hook), String>,
     /// Flow maps given a new capacity at load, whose old copies are still open.
     migrations: Vec<Migration>,
+    /// UDP flows removed because their backend left (by the sweep threads).
+    stale_udp_removed: Arc<AtomicU64>,
 }
 
 impl Dataplane {
@@ -657,6 +711,7 @@ impl Dataplane {
             free_ids: BTreeSet::new(),
             next_id: 1,
             migrations,
+            stale_udp_removed: Arc::default(),
         };
         dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
@@ -677,6 +732,11 @@ impl Dataplane {
                 Err(e) => tracing::warn!(map = m.name, error = %e, "cannot copy flows created during the migration"),
             }
         }
+    }
+
+    /// The running count of UDP flows removed because their backend left.
+    pub fn stale_udp_counter(&self) -> Arc<AtomicU64> {
+        self.stale_udp_removed.clone()
     }
 
     /// Frontends programmed and backends summed over them.
@@ -870,46 +930,6 @@ impl Dataplane {
         Ok(closed)
     }
 
-    /// Removes the conntrack entries (both directions) of UDP flows whose frontend or backend
-    /// is gone, so the client's next datagram on the same 5-tuple is load-balanced afresh: UDP
-    /// has no end of connection, and a DNS client reusing its source port would otherwise keep
-    /// sending to a deleted pod (kube-proxy's conntrack cleanup does the same). TCP entries are
-    /// left alone: a connection to a pod that still runs may finish.
-    fn remove_stale_udp_flows(&mut self, stale: &StdHashMap<u32, Option<BTreeSet<Endpoint>>>) -> usize {
-        let proto = Protocol::Udp.number();
-        let mut doomed = Vec::new();
-        for (k, v) in self.maps.conntrack.iter().filter_map(std::result::Result::ok) {
-            if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
-                continue;
-            }
-            let Some(which) = stale.get(&v.service_id) else { continue };
-            let backend = (ipv4(v.nat_addr), u16::from_be(v.nat_port));
-            if which.as_ref().is_some_and(|set| !set.iter().any(|e| (e.ip, e.port) == backend)) {
-                continue;
-            }
-            let snat = v.flags & lb_common::CT_FLAG_SNAT != 0;
-            let reply = CtKey {
-                src: v.nat_addr,
-                dst: if snat { v.snat_addr } else { k.src },
-                sport: v.nat_port,
-                dport: if snat { v.snat_port } else { k.sport },
-                proto: k.proto,
-                family: k.family,
-                dir: lb_common::CT_DIR_REPLY,
-                _pad: 0,
-            };
-            doomed.push(k);
-            doomed.push(reply);
-        }
-        let mut removed = 0;
-        for k in &doomed {
-            if self.maps.conntrack.remove(k).is_ok() && k.dir == lb_common::CT_DIR_FORWARD {
-                removed += 1;
-            }
-        }
-        removed
-    }
-
     /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
     /// failures are reported and do not stop the others.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
@@ -920,7 +940,7 @@ impl Dataplane {
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
         let mut removed_ids: BTreeSet<u32> = BTreeSet::new();
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
-        let mut stale_udp: StdHashMap<u32, Option<BTreeSet<Endpoint>>> = StdHashMap::new();
+        let mut stale_udp: StaleUdp = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
         let mut stale_socks: Vec<(Frontend, BTreeSet<Endpoint>)> = Vec::new();
         for f in gone {
@@ -1000,9 +1020,21 @@ impl Dataplane {
         self.update_ports(programmed.iter().map(|(f, sp)| (f, sp)), true, &mut report);
         // After the flips: no new flow can pick a departed backend while we sweep.
         if !stale_udp.is_empty() {
-            report.stale_udp_flows = self.remove_stale_udp_flows(&stale_udp);
-            if report.stale_udp_flows > 0 {
-                tracing::info!(flows = report.stale_udp_flows, "removed UDP flows to departed backends");
+            let counter = self.stale_udp_removed.clone();
+            let handle = MapData::from_pin(self.pin_dir.join(MAP_CONNTRACK))
+                .and_then(Map::from_map_data)
+                .and_then(HashMap::<MapData, CtKey, CtValue>::try_from);
+            match handle {
+                Ok(mut ct) => {
+                    let spawned = std::thread::Builder::new()
+                        .name("lb-udp-sweep".into())
+                        .spawn(move || sweep_stale_udp(&mut ct, &stale_udp, &counter));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start the stale UDP flow sweep");
+                    }
+                }
+                // Without a second handle, sweep here: later than never.
+                Err(_) => sweep_stale_udp(&mut self.maps.conntrack, &stale_udp, &counter),
             }
         }
         if !stale_socks.is_empty() {

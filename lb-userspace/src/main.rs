@@ -330,6 +330,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut st = status.lock().expect("status poisoned");
         st.conntrack_capacity = config.sizes.conntrack;
         st.affinity_capacity = config.sizes.affinity;
+        st.stale_udp_flows_removed = dp.stale_udp_counter();
     }
     let mut servers = Vec::new();
     if let Some(addr) = metrics_addr {
@@ -409,7 +410,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             st.record_sync(started.elapsed(), !report.errors.is_empty());
             (st.programmed_frontends, st.programmed_endpoints) = dp.programmed();
             st.rejected_objects = t.errors.len();
-            st.stale_udp_flows_removed += report.stale_udp_flows as u64;
             st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
             st.synced = true;
             synced = true;

@@ -41,7 +41,8 @@ pub struct AgentStatus {
     pub programmed_frontends: usize,
     pub programmed_endpoints: usize,
     pub rejected_objects: usize,
-    pub stale_udp_flows_removed: u64,
+    /// Shared with the dataplane's sweep threads.
+    pub stale_udp_flows_removed: Arc<std::sync::atomic::AtomicU64>,
     pub stale_udp_sockets_closed: u64,
     pub conntrack_capacity: u32,
     pub affinity_capacity: u32,
@@ -119,7 +120,11 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     family(&mut o, "lb_rejected_objects", "gauge", "Services and EndpointSlices left out as invalid.");
     let _ = writeln!(o, "lb_rejected_objects {}", status.rejected_objects);
     family(&mut o, "lb_stale_udp_flows_removed_total", "counter", "UDP flows removed because their backend left.");
-    let _ = writeln!(o, "lb_stale_udp_flows_removed_total {}", status.stale_udp_flows_removed);
+    let _ = writeln!(
+        o,
+        "lb_stale_udp_flows_removed_total {}",
+        status.stale_udp_flows_removed.load(std::sync::atomic::Ordering::Relaxed)
+    );
     family(
         &mut o,
         "lb_stale_udp_sockets_closed_total",
