@@ -252,10 +252,14 @@ pub async fn serve(
                             let text = render(&st, maps.as_ref(), watch.as_deref(), &mut cache);
                             (200, "text/plain; version=0.0.4", text)
                         }
-                        "/healthz" | "/livez" => {
+                        "/healthz" => {
                             let (code, body) = healthz(&st);
                             (code, "application/json", body)
                         }
+                        // The process answers: a liveness probe must not restart an agent that
+                        // is only waiting for an unreachable API server (the pinned datapath
+                        // serves meanwhile, and a restart would not reach it any sooner).
+                        "/livez" => (200, "text/plain", "ok\n".to_string()),
                         _ => (404, "text/plain", "not found\n".to_string()),
                     }
                 })

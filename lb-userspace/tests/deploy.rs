@@ -75,6 +75,8 @@ fn daemonset_runs_on_the_host_network_with_named_capabilities_only() {
     assert_eq!(c.args.clone().unwrap(), vec!["run", "--config", "/etc/lb/config.yaml"]);
     let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
     assert_eq!(probe.path.as_deref(), Some("/healthz"));
+    let probe = c.liveness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/livez"));
 }
 
 #[test]

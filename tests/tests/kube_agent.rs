@@ -263,9 +263,10 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     let log = c.lab.agent_log(&c.node);
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
     assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
-    // Not healthy until the first full state is programmed, while the old state serves.
+    // Not healthy until the first full state is programmed, while the old state serves; alive.
     let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
     assert!(healthz.contains("\"synced\":false"), "{healthz}");
+    assert_eq!(http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?, "ok");
     c.api.release_lists();
     let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
     c.lab.wait_agent(&c.node, &ifaces, 3)?;
