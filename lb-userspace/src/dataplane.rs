@@ -79,28 +79,20 @@ type Shape = (u32, u32, u32);
 /// state that cannot be derived again from Kubernetes objects (flows, pins of sockets).
 fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
     use std::mem::size_of;
-    let s = |k: usize, v: usize, n: u32| (k as u32, v as u32, n);
+    let s = |name: &'static str, k: usize, v: usize, flows: bool| (name, (k as u32, v as u32, sizes.of(name)), flows);
     vec![
-        (MAP_SERVICES, s(size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services), false),
-        (MAP_SERVICE_NAMES, s(4, size_of::<ServiceName>(), sizes.services), false),
-        (lb_common::MAP_SERVICE_STATS, s(4, size_of::<lb_common::ServiceStats>(), sizes.services + 1), false),
-        (MAP_BACKEND_SLOTS, s(size_of::<BackendSlotKey>(), size_of::<Backend>(), sizes.backend_slots), false),
-        (MAP_BACKEND_MEMBERS, s(size_of::<BackendMemberKey>(), 4, sizes.backend_slots), false),
-        (MAP_STATS, s(4, 8, lb_common::COUNTER_MAX * lb_common::HOOKS), false),
-        (MAP_NODE_ADDRS, s(size_of::<NodeAddrKey>(), 4, lb_common::NODE_ADDRS_MAX_ENTRIES), false),
-        (MAP_SOURCE_RANGES, s(4 + size_of::<SourceRangeData>(), 1, lb_common::SOURCE_RANGES_MAX_ENTRIES), false),
-        (MAP_PORTS, s(4, 1, 65_536), false),
-        (MAP_CONNTRACK, s(size_of::<CtKey>(), size_of::<CtValue>(), sizes.conntrack), true),
-        (MAP_AFFINITY, s(size_of::<AffinityKey>(), size_of::<AffinityValue>(), sizes.affinity), true),
-        (
-            MAP_SOCK_REVNAT,
-            s(
-                size_of::<lb_common::SockRevKey>(),
-                size_of::<lb_common::SockRevValue>(),
-                lb_common::SOCK_REVNAT_MAX_ENTRIES,
-            ),
-            true,
-        ),
+        s(MAP_SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), false),
+        s(MAP_SERVICE_NAMES, 4, size_of::<ServiceName>(), false),
+        s(lb_common::MAP_SERVICE_STATS, 4, size_of::<lb_common::ServiceStats>(), false),
+        s(MAP_BACKEND_SLOTS, size_of::<BackendSlotKey>(), size_of::<Backend>(), false),
+        s(MAP_BACKEND_MEMBERS, size_of::<BackendMemberKey>(), 4, false),
+        s(MAP_STATS, 4, 8, false),
+        s(MAP_NODE_ADDRS, size_of::<NodeAddrKey>(), 4, false),
+        s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
+        s(MAP_PORTS, 4, 1, false),
+        s(MAP_CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), true),
+        s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
+        s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
     ]
 }
 
@@ -240,7 +232,8 @@ fn sweep_stale_udp(conntrack: &mut HashMap<MapData, CtKey, CtValue>, stale: &Sta
 /// Maps whose content the agent derives from Kubernetes objects are unpinned and rebuilt when
 /// their shape or the layout version (stamped in every service name entry) differs; the
 /// programs still attached keep the old maps until the new ones replace them, already filled,
-/// in one link update. Flow maps (conntrack, affinity, socket reverse NAT) are never dropped: a
+/// in one link update (affinity pins keyed by the old service ids are then dropped at
+/// adoption, as pins of ids no frontend holds). Flow maps (conntrack, affinity, socket reverse NAT) are never dropped: a
 /// new capacity is migrated with its entries; a new key or value layout is refused.
 fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration>> {
     let version_changed = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
@@ -257,8 +250,6 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
         );
     }
     let mut migrations = Vec::new();
-    // `expected_shapes` lists the services map before the affinity map.
-    let mut services_rebuilt = false;
     for (name, wanted, holds_flows) in expected_shapes(sizes) {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -267,19 +258,6 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
         let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
-        if name == MAP_AFFINITY && services_rebuilt {
-            // Pins are keyed by service id and trusted without a membership check while the
-            // slot generation matches; a rebuilt services map hands out ids and generations
-            // afresh, so an old pin could send one Service's client to another's backend.
-            // Pins only steer new connections, so they are reset rather than risked.
-            tracing::warn!("service maps rebuilt: session affinity pins reset (established flows are kept)");
-            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
-                what: "unpinning",
-                path: path.clone(),
-                source,
-            })?;
-            continue;
-        }
         if found == wanted && (holds_flows || version_changed.is_none()) {
             continue;
         }
@@ -305,7 +283,6 @@ fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration
             migrations.push(migrate_flow_map(name, &path, wanted.2)?);
             continue;
         }
-        services_rebuilt |= name == MAP_SERVICES;
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
         fs::remove_file(&path).map_err(|source| DataplaneError::Io {
             what: "unpinning",
@@ -601,8 +578,13 @@ impl MapSizes {
             MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
             MAP_CONNTRACK => self.conntrack,
             MAP_AFFINITY => self.affinity,
+            // Ids start at 1, indexing the array directly.
+            lb_common::MAP_SERVICE_STATS => self.services + 1,
             MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
             MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
+            MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
+            MAP_PORTS => 65_536,
+            MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             _ => 0,
         }
     }
@@ -666,7 +648,7 @@ impl Dataplane {
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
-            .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.services + 1)
+            .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
             .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
             .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
             .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
@@ -855,7 +837,8 @@ impl Dataplane {
         let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
         self.next_id = used.last().map_or(1, |m| m + 1);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
-        // A previous agent may have died between removing a frontend and dropping its pins.
+        // Pins of ids no frontend holds: a previous agent died between removing a frontend and
+        // dropping its pins, or the services map was rebuilt and every id is handed out afresh.
         let stale = self.purge_affinity(|id| !used.contains(&id));
         if stale > 0 {
             tracing::info!(pins = stale, "dropped affinity pins of frontends that no longer exist");

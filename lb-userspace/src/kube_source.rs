@@ -9,7 +9,7 @@
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -89,6 +89,9 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// Set at each store's first complete list.
+    services_listed: Arc<AtomicBool>,
+    slices_listed: Arc<AtomicBool>,
     node_name: String,
     /// Signalled after every event that may change the translation.
     pub changed: Arc<Notify>,
@@ -126,39 +129,42 @@ impl KubeSource {
         let changed = Arc::new(Notify::new());
         let stats = Arc::new(WatchStats::default());
         let proxied = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+        let (services_listed, slices_listed) = (Arc::default(), Arc::default());
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             proxied.clone(),
             backoff.clone(),
-            changed.clone(),
-            stats.clone(),
+            (changed.clone(), stats.clone(), Arc::clone(&services_listed)),
         );
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             proxied,
             backoff.clone(),
-            changed.clone(),
-            stats.clone(),
+            (changed.clone(), stats.clone(), Arc::clone(&slices_listed)),
         );
         let nodes = spawn_reflector(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             backoff,
-            changed.clone(),
-            stats.clone(),
+            (changed.clone(), stats.clone(), Arc::default()),
         );
-        Self { services, slices, nodes, node_name: node_name.to_string(), changed, stats }
+        Self {
+            services,
+            slices,
+            nodes,
+            services_listed,
+            slices_listed,
+            node_name: node_name.to_string(),
+            changed,
+            stats,
+        }
     }
 
     /// True once Services and EndpointSlices have each been listed in full. The Node is not
     /// waited for: without it only zone hints are ignored, which is what a node without a
     /// zone label gets anyway.
     pub fn ready(&self) -> bool {
-        // `wait_until_ready` resolves at once when the store is ready; poll it without blocking.
-        let ready = |fut: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>| {
-            matches!(futures::FutureExt::now_or_never(fut), Some(Ok(())))
-        };
-        ready(Box::pin(self.services.wait_until_ready())) && ready(Box::pin(self.slices.wait_until_ready()))
+        self.services_listed.load(Ordering::Acquire) && self.slices_listed.load(Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -171,28 +177,25 @@ impl KubeSource {
     }
 }
 
-fn spawn_reflector<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    backoff: WatchBackoff,
-    changed: Arc<Notify>,
-    stats: Arc<WatchStats>,
-) -> Store<K>
+/// What a reflector's driver reports to: the change signal, the counters, and the flag set at
+/// its first complete list.
+type Reporting = (Arc<Notify>, Arc<WatchStats>, Arc<AtomicBool>);
+
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, backoff: WatchBackoff, report: Reporting) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let kind = K::kind(&()).to_string();
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).backoff(backoff));
-    tokio::spawn(drive(kind, stream, changed, stats));
+    tokio::spawn(drive(kind, stream, report));
     store
 }
 
 async fn drive<K>(
     kind: String,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    changed: Arc<Notify>,
-    stats: Arc<WatchStats>,
+    (changed, stats, listed): Reporting,
 ) {
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
@@ -208,6 +211,8 @@ async fn drive<K>(
                     // Mid-list objects are not a consistent view; the store swaps at InitDone.
                     watcher::Event::Init | watcher::Event::InitApply(_) => continue,
                     watcher::Event::InitDone => {
+                        // The reflector has swapped the store before passing the event on.
+                        listed.store(true, Ordering::Release);
                         stats.relists.fetch_add(1, Ordering::Relaxed);
                         debug!(kind, "full list received");
                     }

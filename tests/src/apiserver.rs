@@ -100,7 +100,7 @@ struct Shared {
     token: Option<String>,
     state: Mutex<State>,
     changed: Notify,
-    /// Open connections, aborted by `stop` and `break_watches`.
+    /// Open connections, aborted by `stop`.
     conns: Mutex<Vec<AbortHandle>>,
 }
 
@@ -223,8 +223,8 @@ impl TestApiServer {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    /// Cuts every open connection (the listener stays): clients resume their watches.
-    pub fn break_watches(&self) {
+    /// Cuts every open connection, watches included.
+    fn break_watches(&self) {
         for c in self.shared.conns.lock().unwrap().drain(..) {
             c.abort();
         }
@@ -308,12 +308,6 @@ impl TestApiServer {
         drop(st);
         self.shared.changed.notify_waiters();
         Ok(())
-    }
-
-    /// The stored object, to modify and apply again.
-    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
-        let ns = if kind == Kind::Node { String::new() } else { namespace.to_string() };
-        self.shared.state.lock().unwrap().objects.get(&(kind, ns, name.to_string())).cloned()
     }
 }
 

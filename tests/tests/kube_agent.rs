@@ -74,6 +74,11 @@ impl Cluster {
         let kc = self.api.kubeconfig().to_str().expect("utf-8 path").to_string();
         self.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
         self.lab.spawn_agent(&self.node, &[], &[])?;
+        self.wait_agent()
+    }
+
+    /// Waits until the node's agent is ready with the lab Service's three frontends.
+    fn wait_agent(&mut self) -> Result<()> {
         let ifaces: Vec<&str> = self.ifaces.iter().map(String::as_str).collect();
         self.lab.wait_agent(&self.node, &ifaces, 3)
     }
@@ -268,8 +273,7 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     assert!(healthz.contains("\"synced\":false"), "{healthz}");
     assert_eq!(http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?, "ok");
     c.api.release_lists();
-    let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
-    c.lab.wait_agent(&c.node, &ifaces, 3)?;
+    c.wait_agent()?;
     thread::sleep(Duration::from_secs(1));
 
     let (ok, failures, seen) = load.finish();
@@ -590,9 +594,7 @@ fn the_daemonsets_capabilities_and_config_suffice_and_each_capability_is_needed(
     }
     let mut c = Cluster::new()?;
     run_as_daemonset(&mut c, &["bpf", "net_admin", "perfmon"])?;
-    let ifaces = c.ifaces.clone();
-    let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
-    c.lab.wait_agent(&c.node, &refs, 3)?;
+    c.wait_agent()?;
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
         seen.insert(http_get(&c.client.ns, vip(80), "/")?);
@@ -662,9 +664,7 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
         .map(|s| s.to_string())
         .collect();
     c.lab.spawn_agent(&c.node, &[], &[])?;
-    let ifaces = c.ifaces.clone();
-    let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
-    c.lab.wait_agent(&c.node, &refs, 3)?;
+    c.wait_agent()?;
     let log = c.lab.agent_log(&c.node);
     assert!(log.contains("server=https://127.0.0.1:6443"), "{log}");
     let mut seen = std::collections::BTreeSet::new();
