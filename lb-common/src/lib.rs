@@ -68,10 +68,19 @@ pub const PROG_BENCH_EMPTY_TC: &str = "lb_bench_empty_tc";
 pub const PROGS_SOCK: [&str; 4] = ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_getpeername4"];
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
+/// Interfaces (ifindex) whose driver transmits native XDP frames (`XDP_TX`, or the target of a
+/// redirect): the agent reads the kernel's `xdp-features` (`ndo-xmit`) for each. The XDP program
+/// leaves a packet it would send elsewhere to tc.
+pub const MAP_XDP_TARGETS: &str = "LB_XDP_TARGETS";
+pub const XDP_TARGETS_MAX_ENTRIES: u32 = 4096;
+/// IP fragments in flight: (source, destination, protocol, IP id) -> the ports of the
+/// datagram's first fragment, so later fragments follow its translation.
+pub const MAP_FRAGMENTS: &str = "LB_FRAGMENTS";
+pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -276,6 +285,34 @@ pub struct NodeAddrKey {
     pub _pad: [u8; 3],
 }
 
+/// A datagram being fragmented, as every one of its fragments shows it (RFC 791: source,
+/// destination, protocol and identification name the datagram).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The IP identification (16 bits in IPv4, 32 in the IPv6 fragment header), network order.
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// The L4 ports of a fragmented datagram, from its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the first fragment passed: an id is reused after 65,536
+    /// datagrams, so an entry older than the kernel's reassembly timeout is ignored.
+    pub created_ns: u64,
+}
+
 /// `loadBalancerSourceRanges` entry for an LPM trie: the first 32 bits of `data` are the
 /// service id (always matched whole), the rest the client address prefix. The prefix length
 /// of a CIDR `a/n` is `32 + n`.
@@ -314,7 +351,7 @@ pub enum Counter {
     PassNotService = 1,
     /// Headers shorter than they claim, or bad IHL: passed for the kernel to drop.
     PassMalformed = 2,
-    /// A later IP fragment (no L4 header): passed untranslated.
+    /// An IP fragment of a datagram no service or tracked flow is concerned with: passed.
     PassFragment = 3,
     /// A new flow to a service was translated to a backend.
     FwdNewFlow = 4,
@@ -349,13 +386,23 @@ pub enum Counter {
     DropNoRoute = 18,
     /// XDP could not route a packet itself (no neighbour entry yet, say) and left it to tc.
     DeferredToTc = 19,
+    /// A later fragment of a datagram followed its first fragment's translation.
+    FragTranslated = 20,
+    /// A later fragment whose first fragment was not seen (lost, or out of order): dropped,
+    /// since it cannot be matched to a flow; the sender retransmits the datagram.
+    DropFragNoFirst = 21,
+    /// An ICMP error quoting a translated flow was translated with it (outer and inner headers).
+    IcmpTranslated = 22,
+    /// A packet the datapath would route itself had TTL <= 1: left to the stack, which answers
+    /// with ICMP time exceeded.
+    PassTtlExpired = 23,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
 pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 20;
+pub const COUNTER_MAX: u32 = 24;
 /// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
@@ -382,6 +429,10 @@ impl Counter {
         Counter::Routed,
         Counter::DropNoRoute,
         Counter::DeferredToTc,
+        Counter::FragTranslated,
+        Counter::DropFragNoFirst,
+        Counter::IcmpTranslated,
+        Counter::PassTtlExpired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -406,6 +457,10 @@ impl Counter {
             Counter::Routed => "routed",
             Counter::DropNoRoute => "drop_no_route",
             Counter::DeferredToTc => "deferred_to_tc",
+            Counter::FragTranslated => "frag_translated",
+            Counter::DropFragNoFirst => "drop_frag_no_first",
+            Counter::IcmpTranslated => "icmp_translated",
+            Counter::PassTtlExpired => "pass_ttl_expired",
         }
     }
 }
@@ -461,6 +516,8 @@ const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 40);
 const _: () = assert!(core::mem::size_of::<ServiceStats>() == 16);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -476,6 +533,8 @@ mod pod {
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}

@@ -68,6 +68,11 @@ fn ip_tot_len(data: usize, data_end: usize) -> u16 {
         .unwrap_or(0)
 }
 
+/// Set by the agent when the XDP program is attached in generic (skb) mode, where `XDP_TX`
+/// and redirects go through the stack's transmit path and work to every device.
+#[no_mangle]
+static XDP_SEND_ANYWHERE: u32 = 0;
+
 /// Stats are kept per hook: index `HOOK * COUNTER_MAX + counter`.
 pub const HOOK_TC: u32 = 0;
 pub const HOOK_XDP: u32 = 1;
@@ -224,7 +229,16 @@ impl Packet for XdpContext {
     fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route> {
         let tot_len = ip_tot_len(self.data(), self.data_end());
         // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over.
-        fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, h, tot_len, 0)
+        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, h, tot_len, 0)?;
+        // A native XDP frame sent to a device without `ndo_xdp_xmit` is dropped by the kernel
+        // (a veth whose peer has neither GRO nor XDP, `veth_xdp_xmit`); generic XDP transmits
+        // through the stack and can send anywhere.
+        // SAFETY: reading a static the loader may patch.
+        let any = unsafe { core::ptr::read_volatile(&XDP_SEND_ANYWHERE) } != 0;
+        if !any && crate::maps::LB_XDP_TARGETS.get_ptr(&r.ifindex).is_none() {
+            return None;
+        }
+        Some(r)
     }
 
     #[inline(always)]

@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, FragKey, FragValue, NodeAddrKey, ServiceKey,
     ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES,
     BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-    SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
+    XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -74,3 +75,16 @@ pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pi
 /// verifier, so traffic on ports no Service uses skips every hash lookup.
 #[map(name = "LB_PORTS")]
 pub static LB_PORTS: Array<u8> = Array::pinned(65_536, 0);
+
+/// Interfaces whose driver transmits native XDP frames (`ndo_xdp_xmit`): ifindex -> 1. A veth
+/// without GRO or an XDP program on its peer drops `XDP_TX` and redirected frames (the peer has
+/// no NAPI to receive them, `veth_xdp_xmit`), so XDP sends only to interfaces listed here and
+/// leaves other packets to tc. Written by the agent from the kernel's `xdp-features`.
+#[map(name = "LB_XDP_TARGETS")]
+pub static LB_XDP_TARGETS: HashMap<u32, u32> = HashMap::pinned(XDP_TARGETS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Fragmented datagrams in flight: later fragments carry no ports, so the first fragment
+/// records them here and the rest are translated as their flow. LRU: a lost last fragment
+/// leaves an entry that ages out.
+#[map(name = "LB_FRAGMENTS")]
+pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRAGMENTS_MAX_ENTRIES, 0);

@@ -93,6 +93,9 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
         s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
+        s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
+        // Fragments in flight live for milliseconds: rebuilt rather than migrated.
+        s(lb_common::MAP_FRAGMENTS, size_of::<lb_common::FragKey>(), size_of::<lb_common::FragValue>(), false),
     ]
 }
 
@@ -523,6 +526,7 @@ pub struct Maps {
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
     pub ports: Array<MapData, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
+    pub xdp_targets: HashMap<MapData, u32, u32>,
 }
 
 impl Maps {
@@ -544,6 +548,8 @@ impl Maps {
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
+                .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
         })
     }
 
@@ -567,6 +573,8 @@ impl Maps {
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
+                .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
         })
     }
 }
@@ -585,6 +593,8 @@ impl MapSizes {
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
             MAP_PORTS => 65_536,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
+            lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
+            lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,
             _ => 0,
         }
     }
