@@ -393,9 +393,9 @@ pub enum Counter {
     DropFragNoFirst = 21,
     /// An ICMP error quoting a translated flow was translated with it (outer and inner headers).
     IcmpTranslated = 22,
-    /// A packet the datapath would route itself had TTL <= 1: left to the stack, which answers
-    /// with ICMP time exceeded.
-    PassTtlExpired = 23,
+    /// A packet the datapath would forward itself had TTL <= 1: dropped, as a router drops it
+    /// (without the ICMP time exceeded a router sends).
+    DropTtlExpired = 23,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
@@ -432,7 +432,7 @@ impl Counter {
         Counter::FragTranslated,
         Counter::DropFragNoFirst,
         Counter::IcmpTranslated,
-        Counter::PassTtlExpired,
+        Counter::DropTtlExpired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -460,7 +460,7 @@ impl Counter {
             Counter::FragTranslated => "frag_translated",
             Counter::DropFragNoFirst => "drop_frag_no_first",
             Counter::IcmpTranslated => "icmp_translated",
-            Counter::PassTtlExpired => "pass_ttl_expired",
+            Counter::DropTtlExpired => "drop_ttl_expired",
         }
     }
 }

@@ -68,7 +68,7 @@ fn closing_flag(tcp_flags: u8) -> u8 {
 }
 
 #[inline(always)]
-fn key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey {
+pub fn key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey {
     CtKey { src: [src, 0, 0, 0], dst: [dst, 0, 0, 0], sport, dport, proto, family: FAMILY_IPV4, dir, _pad: 0 }
 }
 

@@ -18,7 +18,7 @@ use lb_common::Counter;
 
 use crate::{
     nat::{csum_replace2, csum_replace4},
-    parse::{ptr_at, Headers},
+    parse::{ptr_at, Frag, Headers},
     reject,
     stats::count,
 };
@@ -32,21 +32,21 @@ pub struct Route {
 
 const AF_INET: u8 = 2;
 
-/// FIB lookup for `src -> dst` of packet `h`, as if it arrived on `ifindex`.
+/// FIB lookup for `src -> dst` (protocol `proto`), as if it arrived on `ifindex`.
 #[inline(always)]
 fn fib(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
     src: u32,
     dst: u32,
-    h: &Headers,
+    proto: u8,
     tot_len: u16,
     flags: u32,
 ) -> Option<Route> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = h.flow.proto;
+    p.l4_protocol = proto;
     p.ifindex = ifindex;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = src;
@@ -99,7 +99,7 @@ pub trait Packet {
     /// Looks up where a packet about to get source `src` and destination `dst` must go, for
     /// packets the stack would drop as martians. Called before any rewrite: `None` means this
     /// hook cannot route it.
-    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route>;
+    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route>;
 
     /// Sends the (rewritten) packet along `r`; returns the verdict.
     fn send(&self, r: &Route) -> i32;
@@ -109,6 +109,19 @@ pub trait Packet {
 
     /// Length of the whole packet as received (for tc, including non-linear parts).
     fn packet_len(&self) -> u32;
+
+    /// The packet's L4 checksum may be a CHECKSUM_PARTIAL pseudo-header sum, which only an
+    /// skb-aware update gets right: a hook that cannot tell leaves the packet to one that can.
+    #[inline(always)]
+    fn csum_unsure(&self, _h: &Headers) -> bool {
+        false
+    }
+
+    /// Leaves the packet, untouched, to the tc program behind this hook.
+    #[inline(always)]
+    fn defer(&self) -> i32 {
+        Self::UNTOUCHED
+    }
 
     #[inline(always)]
     fn count(&self, c: Counter) {
@@ -155,13 +168,14 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route> {
+    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route> {
         // SAFETY: reading the arrival interface of our own skb.
         let ifindex = unsafe { (*self.skb.skb).ifindex };
-        let tot_len = ip_tot_len(self.data(), self.data_end());
         // The neighbour is resolved by bpf_redirect_neigh, which also queues the packet while
-        // the kernel resolves a missing one.
-        fib(self.as_ptr(), ifindex, src, dst, h, tot_len, BPF_FIB_LOOKUP_SKIP_NEIGH)
+        // the kernel resolves a missing one. tot_len 0: the kernel then checks the skb against
+        // the egress MTU itself (`is_skb_forwardable`, GSO-aware); an IP total length would
+        // fail GRO/TSO super-packets of up to 64 KB (`bpf_skb_fib_lookup`).
+        fib(self.as_ptr(), ifindex, src, dst, proto, 0, BPF_FIB_LOOKUP_SKIP_NEIGH)
     }
 
     #[inline(always)]
@@ -225,11 +239,45 @@ impl Packet for XdpContext {
         Self::UNTOUCHED
     }
 
+    /// An skb run through generic XDP, or handed to a veth's native XDP by its peer, may be
+    /// CHECKSUM_PARTIAL: its checksum field then holds the folded pseudo-header sum (what
+    /// `__tcp_v4_send_check` and `udp4_hwcsum` store) and the device finishes it, so the
+    /// complete-checksum update below would corrupt it. XDP cannot read `ip_summed`; a field
+    /// equal to the pseudo-header sum is taken as partial and left to tc, whose
+    /// `bpf_l4_csum_replace` knows. A complete checksum has that value once in 65,536 packets,
+    /// which then merely takes the tc path.
     #[inline(always)]
-    fn route(&self, src: u32, dst: u32, h: &Headers) -> Option<Route> {
+    fn csum_unsure(&self, h: &Headers) -> bool {
+        let udp = h.flow.proto != lb_common::PROTO_TCP;
+        if h.frag == Frag::Later || (udp && h.udp_csum_zero) {
+            return false;
+        }
+        let (data, data_end) = (self.data(), self.data_end());
+        let off = h.l4_off + if udp { 6 } else { 16 };
+        let Some(field) = ptr_at::<u16>(data, data_end, off) else {
+            return false;
+        };
+        let l4_len = ip_tot_len(data, data_end).wrapping_sub((h.l4_off - crate::parse::ETH_LEN) as u16);
+        let (src, dst) = (h.flow.src, h.flow.dst);
+        let mut sum = (src & 0xffff) + (src >> 16) + (dst & 0xffff) + (dst >> 16);
+        sum += u16::from_ne_bytes([0, h.flow.proto]) as u32 + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { field.read_unaligned() == sum as u16 }
+    }
+
+    #[inline(always)]
+    fn defer(&self) -> i32 {
+        self.count(Counter::DeferredToTc);
+        Self::UNTOUCHED
+    }
+
+    #[inline(always)]
+    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route> {
         let tot_len = ip_tot_len(self.data(), self.data_end());
         // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over.
-        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, h, tot_len, 0)?;
+        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)?;
         // A native XDP frame sent to a device without `ndo_xdp_xmit` is dropped by the kernel
         // (a veth whose peer has neither GRO nor XDP, `veth_xdp_xmit`); generic XDP transmits
         // through the stack and can send anywhere.

@@ -10,6 +10,8 @@
 
 mod conntrack;
 mod ctx;
+mod frag;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -29,7 +31,7 @@ use crate::{
     conntrack::{Forward, Translation},
     ctx::Packet,
     nat::{Side, Snat},
-    parse::{Headers, Parsed},
+    parse::{Frag, Headers, Parsed},
 };
 
 #[classifier]
@@ -77,10 +79,21 @@ pub fn lb_bench_empty_tc(_ctx: TcContext) -> i32 {
 #[inline(always)]
 fn pipeline<P: Packet>(ctx: &P) -> i32 {
     let h = match parse::parse(ctx.data(), ctx.data_end()) {
-        Parsed::L4(h) => h,
+        Parsed::L4(h) => {
+            if h.frag == Frag::First {
+                frag::record_first(&h);
+            }
+            h
+        }
+        Parsed::LaterFragment(mut h) => {
+            if !frag::follow_first(&mut h) {
+                return drop(ctx, Counter::DropFragNoFirst);
+            }
+            h
+        }
+        Parsed::Icmp(e) => return icmp::translate(ctx, &e),
         Parsed::NotIp => return pass(ctx, Counter::PassNotIp),
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
-        Parsed::Fragment => return pass(ctx, Counter::PassFragment),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
     let (dport_flags, sport_flags) = (service::port_flags(h.flow.dport), service::port_flags(h.flow.sport));
@@ -90,9 +103,28 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
         }
     }
     if sport_flags & PORT_BACKEND == 0 {
-        return pass(ctx, Counter::PassNotService);
+        return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     }
     maybe_reply(ctx, &h)
+}
+
+/// Counts a translated packet; a later fragment also as such.
+#[inline(always)]
+fn count_translated<P: Packet>(ctx: &P, h: &Headers, counter: Counter) {
+    ctx.count(counter);
+    if h.frag == Frag::Later {
+        ctx.count(Counter::FragTranslated);
+    }
+}
+
+/// Checks, before any rewrite, that a packet the datapath forwards itself may be forwarded.
+#[inline(always)]
+fn forwardable<P: Packet>(ctx: &P) -> Result<(), i32> {
+    if nat::ttl_ok(ctx) {
+        Ok(())
+    } else {
+        Err(drop(ctx, Counter::DropTtlExpired))
+    }
 }
 
 #[inline(always)]
@@ -114,6 +146,9 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
     if !service::source_allowed(svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
+    if ctx.csum_unsure(h) {
+        return ctx.defer();
+    }
     let now = conntrack::now();
     let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
         Forward::Tracked(t) => (t, Counter::FwdTracked),
@@ -124,10 +159,13 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
     };
     let route = if t.route {
         let src = t.snat.map_or(h.flow.src, |(a, _)| a);
-        match ctx.route(src, t.backend_addr, h) {
-            Some(r) => Some(r),
-            None => return ctx.unroutable(),
+        let Some(r) = ctx.route(src, t.backend_addr, h.flow.proto) else {
+            return ctx.unroutable();
+        };
+        if let Err(verdict) = forwardable(ctx) {
+            return verdict;
         }
+        Some(r)
     } else {
         None
     };
@@ -138,10 +176,13 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
-    ctx.count(counter);
+    count_translated(ctx, h, counter);
     stats::count_service(svc.id, ctx.packet_len());
     match route {
-        Some(r) => ctx.send(&r),
+        Some(r) => {
+            nat::decrement_ttl(ctx);
+            ctx.send(&r)
+        }
         None => P::FORWARD,
     }
 }
@@ -161,6 +202,10 @@ fn new_flow<P: Packet>(
             // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
             // so that a load balancer health-checking nodes moves traffic elsewhere.
             return Err(drop(ctx, Counter::DropNoLocalBackend));
+        }
+        if h.frag == Frag::Later {
+            // Its first fragment was refused already; this one has nothing to quote.
+            return Err(drop(ctx, Counter::RejectNoBackend));
         }
         return Err(ctx.refuse(h));
     }
@@ -187,13 +232,19 @@ fn new_flow<P: Packet>(
 #[inline(always)]
 fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
-        return pass(ctx, Counter::PassNotService);
+        return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     };
+    if ctx.csum_unsure(h) {
+        return ctx.defer();
+    }
     let route = if r.route {
-        match ctx.route(r.src.0, r.dst.map_or(h.flow.dst, |(a, _)| a), h) {
-            Some(route) => Some(route),
-            None => return ctx.unroutable(),
+        let Some(route) = ctx.route(r.src.0, r.dst.map_or(h.flow.dst, |(a, _)| a), h.flow.proto) else {
+            return ctx.unroutable();
+        };
+        if let Err(verdict) = forwardable(ctx) {
+            return verdict;
         }
+        Some(route)
     } else {
         None
     };
@@ -204,9 +255,12 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
-    ctx.count(Counter::ReplyTranslated);
+    count_translated(ctx, h, Counter::ReplyTranslated);
     match route {
-        Some(r) => ctx.send(&r),
+        Some(r) => {
+            nat::decrement_ttl(ctx);
+            ctx.send(&r)
+        }
         None => P::FORWARD,
     }
 }

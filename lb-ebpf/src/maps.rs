@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, FragKey, FragValue, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES,
-    BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-    SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
-    XDP_TARGETS_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, FragKey, FragValue,
+    NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
+    AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES,
+    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.

@@ -11,7 +11,7 @@ use lb_common::{Backend, ServiceValue, BACKEND_FLAG_LOCAL, PROTO_TCP, SVC_FLAG_E
 use crate::{
     conntrack,
     ctx::Packet,
-    parse::{ptr_at, Flow, Headers, ETH_LEN},
+    parse::{ptr_at, Flow, Frag, Headers, ETH_LEN},
 };
 
 /// The node's address (network order) that external flows to remote backends are SNATed to,
@@ -98,19 +98,18 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
 }
 
 /// Rewrites one end of the packet to `addr:port` (network order). Errors carry the helper's
-/// return code.
+/// return code. A later fragment has no L4 header: only its IP header changes (the first
+/// fragment's L4 checksum covers the whole datagram and was updated with it).
 #[inline(always)]
 pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, side: Side, addr: u32, port: u16) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (ip_off, port_off, old_addr, old_port) = match side {
-        Side::Dst => (IP_DST_OFF, h.l4_off + 2, h.flow.dst, h.flow.dport),
-        Side::Src => (IP_SRC_OFF, h.l4_off, h.flow.src, h.flow.sport),
+    let (ip_off, old_addr) = match side {
+        Side::Dst => (IP_DST_OFF, h.flow.dst),
+        Side::Src => (IP_SRC_OFF, h.flow.src),
     };
-    let (Some(ip_addr), Some(ip_csum), Some(l4_port)) = (
-        ptr_at::<u32>(data, data_end, ip_off),
-        ptr_at::<u16>(data, data_end, IP_CSUM_OFF),
-        ptr_at::<u16>(data, data_end, port_off),
-    ) else {
+    let (Some(ip_addr), Some(ip_csum)) =
+        (ptr_at::<u32>(data, data_end, ip_off), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
+    else {
         return Err(-1);
     };
     // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
@@ -118,8 +117,19 @@ pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, side: Side, addr: u32, port: u16
     unsafe {
         ip_addr.write_unaligned(addr);
         ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
-        l4_port.write_unaligned(port);
     }
+    if h.frag == Frag::Later {
+        return Ok(());
+    }
+    let (port_off, old_port) = match side {
+        Side::Dst => (h.l4_off + 2, h.flow.dport),
+        Side::Src => (h.l4_off, h.flow.sport),
+    };
+    let Some(l4_port) = ptr_at::<u16>(ctx.data(), ctx.data_end(), port_off) else {
+        return Err(-1);
+    };
+    // SAFETY: bounds-checked above.
+    unsafe { l4_port.write_unaligned(port) };
     let udp = h.flow.proto != PROTO_TCP;
     if udp && h.udp_csum_zero {
         // RFC 768: zero means "no checksum"; it must stay zero.
@@ -127,4 +137,38 @@ pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, side: Side, addr: u32, port: u16
     }
     let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
     ctx.l4_csum(csum_off, (old_addr, addr), (old_port, port), udp)
+}
+
+const IP_TTL_OFF: usize = ETH_LEN + 8;
+
+/// Whether a packet may be forwarded by the datapath itself (a router's rule: TTL above 1).
+#[inline(always)]
+pub fn ttl_ok<P: Packet>(ctx: &P) -> bool {
+    match ptr_at::<u8>(ctx.data(), ctx.data_end(), IP_TTL_OFF) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(ttl) => (unsafe { *ttl }) > 1,
+        None => false,
+    }
+}
+
+/// Decrements the TTL of a packet the datapath forwards itself, as the stack's `ip_forward`
+/// would have (it never sees these packets), with the header checksum (RFC 1624).
+#[inline(always)]
+pub fn decrement_ttl<P: Packet>(ctx: &P) {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(word), Some(ip_csum)) =
+        (ptr_at::<u16>(data, data_end, IP_TTL_OFF), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
+    else {
+        return;
+    };
+    // SAFETY: bounds checked above. The TTL is the first byte of the word it shares with the
+    // protocol, so in memory order decrementing it subtracts 1 from that byte.
+    unsafe {
+        let old = word.read_unaligned();
+        let mut b = old.to_ne_bytes();
+        b[0] = b[0].wrapping_sub(1);
+        let new = u16::from_ne_bytes(b);
+        word.write_unaligned(new);
+        ip_csum.write_unaligned(csum_replace2(ip_csum.read_unaligned(), old, new));
+    }
 }

@@ -1,4 +1,9 @@
 //! Stage 1: find the IPv4 and L4 headers. Reads only; never changes the packet.
+//!
+//! Fragments: the first fragment of a datagram carries the L4 header and is parsed as any
+//! packet; a later one carries none, so it comes back as `LaterFragment` for the pipeline to
+//! give it its datagram's ports (`frag.rs`). ICMP errors come back with the header they quote,
+//! so the flow they are about can be found (`icmp.rs`).
 use core::mem::size_of;
 
 use lb_common::{PROTO_TCP, PROTO_UDP};
@@ -8,6 +13,11 @@ pub const ETH_LEN: usize = size_of::<EthHdr>();
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// More-fragments flag and fragment offset, in network order as they sit in the header.
 const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
+/// Fragment offset alone.
+const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+pub const PROTO_ICMP: u8 = 1;
+pub const IPV4_LEN: usize = 20;
+pub const ICMP_LEN: usize = 8;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -23,22 +33,55 @@ pub struct Flow {
     pub proto: u8,
 }
 
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it has the L4 header, and the later ones must follow it.
+    First,
+    /// A later fragment: no L4 header; its ports come from the first fragment.
+    Later,
+}
+
 pub struct Headers {
     pub flow: Flow,
-    /// Offset of the L4 header from the start of the frame.
+    /// Offset of the L4 header from the start of the frame (of the IP payload for `Later`).
     pub l4_off: usize,
-    /// TCP flags byte (zero for UDP).
+    /// TCP flags byte (zero for UDP and for later fragments).
     pub tcp_flags: u8,
     /// The UDP checksum is zero ("none"), which must stay zero after rewriting.
     pub udp_csum_zero: bool,
+    pub frag: Frag,
+    /// The IP identification, network order: names the datagram of a fragment.
+    pub ip_id: u16,
 }
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) and the flow of
+/// the packet it quotes: that packet went the other way, so its source is our destination.
+/// Both IP headers are exactly 20 bytes (IP options on ICMP errors are left to the kernel).
+pub struct IcmpError {
+    /// The outer packet: its addresses (ports unused).
+    pub outer: Flow,
+    /// The quoted packet's 5-tuple, as it sits in the quote.
+    pub inner: Flow,
+    /// The quoted L4 header holds its checksum (UDP always, TCP when 20 bytes are quoted).
+    pub inner_csum: bool,
+}
+
+/// ICMP header and quote offsets, fixed since both IP headers have no options.
+pub const ICMP_OFF: usize = ETH_LEN + IPV4_LEN;
+pub const INNER_IP_OFF: usize = ICMP_OFF + ICMP_LEN;
+pub const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_LEN;
 
 pub enum Parsed {
     NotIp,
     Malformed,
-    Fragment,
     OtherProto,
     L4(Headers),
+    /// A later fragment; `flow` has no ports yet.
+    LaterFragment(Headers),
+    Icmp(IcmpError),
 }
 
 /// Bounds-checked pointer into the packet, in the form the verifier accepts.
@@ -68,15 +111,32 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
     if ip.vihl >> 4 != 4 || ihl < 5 {
         return Parsed::Malformed;
     }
-    if u16::from_ne_bytes(ip.frags) & IP_MF_OFFSET_MASK_BE != 0 {
-        // Only the first fragment carries ports, and later ones cannot be matched to it
-        // without reassembly; leave all of them to the kernel.
-        return Parsed::Fragment;
-    }
     let src = u32::from_ne_bytes(ip.src_addr);
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let proto = ip.proto;
     let l4_off = ETH_LEN + ihl * 4;
+    let ip_id = u16::from_ne_bytes(ip.id);
+    let frags = u16::from_ne_bytes(ip.frags);
+    let frag = if frags & IP_MF_OFFSET_MASK_BE == 0 {
+        Frag::Whole
+    } else if frags & IP_OFFSET_MASK_BE == 0 {
+        Frag::First
+    } else {
+        Frag::Later
+    };
+    if frag == Frag::Later {
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Parsed::OtherProto;
+        }
+        return Parsed::LaterFragment(Headers {
+            flow: Flow { src, dst, sport: 0, dport: 0, proto },
+            l4_off,
+            tcp_flags: 0,
+            udp_csum_zero: false,
+            frag,
+            ip_id,
+        });
+    }
     match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(data, data_end, l4_off) else {
@@ -98,6 +158,8 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
                 l4_off,
                 tcp_flags: flags,
                 udp_csum_zero: false,
+                frag,
+                ip_id,
             })
         }
         PROTO_UDP => {
@@ -111,8 +173,53 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
                 l4_off,
                 tcp_flags: 0,
                 udp_csum_zero: udp.check == [0, 0],
+                frag,
+                ip_id,
             })
         }
+        PROTO_ICMP if frag == Frag::Whole && ihl == 5 => icmp_error(data, data_end, src, dst),
         _ => Parsed::OtherProto,
     }
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+
+/// An ICMP error quoting a TCP or UDP packet, else `OtherProto` (echo, and errors we cannot
+/// match, pass untouched).
+#[inline(always)]
+fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32) -> Parsed {
+    // The ICMP header, the quoted IP header and the quoted ports.
+    let Some(b) = ptr_at::<[u8; ICMP_LEN + IPV4_LEN + 4]>(data, data_end, ICMP_OFF) else {
+        return Parsed::OtherProto;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let b = unsafe { &*b };
+    if !matches!(b[0], ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
+        return Parsed::OtherProto;
+    }
+    let ip = ICMP_LEN;
+    // A quoted header with options, or a quoted later fragment (no ports), cannot be matched.
+    if b[ip] != 0x45 || u16::from_ne_bytes([b[ip + 6], b[ip + 7]]) & IP_OFFSET_MASK_BE != 0 {
+        return Parsed::OtherProto;
+    }
+    let proto = b[ip + 9];
+    let inner_csum = match proto {
+        PROTO_UDP => ptr_at::<[u8; 8]>(data, data_end, INNER_L4_OFF).is_some(),
+        PROTO_TCP => ptr_at::<[u8; 18]>(data, data_end, INNER_L4_OFF).is_some(),
+        _ => return Parsed::OtherProto,
+    };
+    let l4 = ip + IPV4_LEN;
+    Parsed::Icmp(IcmpError {
+        outer: Flow { src, dst, sport: 0, dport: 0, proto: PROTO_ICMP },
+        inner: Flow {
+            src: u32::from_ne_bytes([b[ip + 12], b[ip + 13], b[ip + 14], b[ip + 15]]),
+            dst: u32::from_ne_bytes([b[ip + 16], b[ip + 17], b[ip + 18], b[ip + 19]]),
+            sport: u16::from_ne_bytes([b[l4], b[l4 + 1]]),
+            dport: u16::from_ne_bytes([b[l4 + 2], b[l4 + 3]]),
+            proto,
+        },
+        inner_csum,
+    })
 }

@@ -13,7 +13,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
-use lb_tests::packet::{fold, frame, parse_checked, sum16, L4};
+use lb_tests::packet::{fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, L4};
 use lb_userspace::{
     dataplane::{Config, Dataplane, DataplaneError, MapSizes, Maps},
     manifests,
@@ -282,9 +282,6 @@ fn truncated_and_non_ip_frames_pass_unharmed() {
     bad_ihl[14] = 0x44;
     let mut ihl_beyond = syn.clone();
     ihl_beyond[14] = 0x4f;
-    let mut fragment = syn.clone();
-    fragment[20] = 0x00;
-    fragment[21] = 0x10; // offset 16*8: a later fragment
     let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
         // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than Ethernet + a 20-byte IP header
         // (EINVAL on kernel 6.18), as the stack would never hand them to tc; the shortest we
@@ -294,7 +291,6 @@ fn truncated_and_non_ip_frames_pass_unharmed() {
         ("TCP header cut", syn[..40].to_vec(), Counter::PassMalformed),
         ("IHL below 5", bad_ihl, Counter::PassMalformed),
         ("ARP", arp, Counter::PassNotIp),
-        ("later fragment", fragment, Counter::PassFragment),
     ];
     for (what, f, counter) in cases {
         let before = h.counter(counter);
@@ -715,15 +711,29 @@ const REMOTE_NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 const CLIENT_MAC_ON_WIRE: [u8; 6] = [2, 0, 0, 0, 1, 0];
 const EXT0_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-/// A node's datapath, run inside a node-like namespace (the guard drops last).
+/// A node's datapath, run inside a node-like namespace (the guard drops last). `ext0` is
+/// listed as taking native XDP frames, as the agent lists a driver that has `ndo_xdp_xmit`.
 fn edge() -> (Harness, NetNsGuard) {
     let ns = NetNsGuard::node();
     let mut h = Harness::with_config(EDGE, Config { node_ip: Some(NODE_IP), ..Config::default() });
     h.dp.set_node_addresses(&[NODE_IP, Ipv4Addr::new(10, 244, 1, 1)]).unwrap();
+    h.allow_xdp_send("ext0");
     (h, ns)
 }
 
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
 impl Harness {
+    fn allow_xdp_send(&self, iface: &str) {
+        self.pinned_maps().xdp_targets.insert(ifindex(iface), 1, 0).expect("writing LB_XDP_TARGETS");
+    }
+
     fn run_xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; 1600];
         let res = self
@@ -820,6 +830,7 @@ fn udp_node_port_through_xdp() {
     );
     let mut h = h;
     h.dp.set_node_addresses(&[NODE_IP]).unwrap();
+    h.allow_xdp_send("ext0");
     let (verdict, out) =
         h.run_xdp(&frame((EXTERNAL_CLIENT, 5000), (NODE_IP, 30081), L4::Udp { zero_csum: false }, b"q"));
     assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
@@ -974,4 +985,211 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
             "sent to {dst:?}, a backend of the removed Service"
         );
     }
+}
+
+// ---------- fragments, ICMP errors, TTL, partial checksums ----------
+
+const TC_ACT_SHOT: u32 = 2;
+
+/// A 4 KB datagram, fragmented as on a 1500-byte link (1480 bytes of IP payload each).
+fn big_payload() -> Vec<u8> {
+    (0..4000u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_both_ways_in_any_order_after_it() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let payload = big_payload();
+    let q = frame((CLIENT, 5000), (VIP, 53), L4::Udp { zero_csum: false }, &payload);
+    let frags = fragment(&q, 1480);
+    assert_eq!(frags.len(), 3);
+    // The first fragment first, then the others out of order.
+    let mut out = Vec::new();
+    for i in [0, 2, 1] {
+        let (verdict, o) = h.run(&frags[i]);
+        assert_eq!(verdict, TC_ACT_OK, "fragment {i}");
+        out.push(o);
+    }
+    let whole = reassemble(&out);
+    let p = parse_checked(&whole);
+    assert!(backend_set(&BACKENDS, 5353).contains(&p.dst), "{:?}", p.dst);
+    assert_eq!(p.src, (CLIENT, 5000));
+    assert_eq!(&whole[42..], &payload[..], "payload byte for byte");
+    assert_eq!(h.counter(Counter::FragTranslated), 2);
+
+    // The backend's fragmented answer comes back from the ClusterIP.
+    let answer = frame(p.dst, (CLIENT, 5000), L4::Udp { zero_csum: false }, &payload);
+    let mut out = Vec::new();
+    for (i, f) in fragment(&answer, 1480).iter().enumerate() {
+        let (verdict, o) = h.run(f);
+        assert_eq!(verdict, TC_ACT_OK, "answer fragment {i}");
+        out.push(o);
+    }
+    let r = parse_checked(&reassemble(&out));
+    assert_eq!((r.src, r.dst), ((VIP, 53), (CLIENT, 5000)));
+    assert_eq!(h.counter(Counter::FragTranslated), 4);
+
+    // A later fragment whose first fragment never came (another id) is dropped and counted.
+    let mut orphan =
+        fragment(&frame((CLIENT, 5001), (VIP, 53), L4::Udp { zero_csum: false }, &payload), 1480)[1].clone();
+    orphan[18..20].copy_from_slice(&0x4321u16.to_be_bytes());
+    orphan[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&orphan[14..34]));
+    orphan[24..26].copy_from_slice(&c.to_be_bytes());
+    let (verdict, _) = h.run(&orphan);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Counter::DropFragNoFirst), 1);
+
+    // Fragments of traffic no Service concerns pass untouched.
+    let other = frame((CLIENT, 5000), (Ipv4Addr::new(10, 244, 7, 7), 9999), L4::Udp { zero_csum: false }, &payload);
+    for f in fragment(&other, 1480) {
+        let (verdict, o) = h.run(&f);
+        assert_eq!((verdict, &o), (TC_ACT_UNSPEC, &f));
+    }
+}
+
+/// The first 28 (UDP) or 40 (TCP) bytes of a frame's IP packet: what an ICMP error quotes.
+fn quote_of(f: &[u8], l4: usize) -> Vec<u8> {
+    f[14..34 + l4].to_vec()
+}
+
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let syn = frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
+    let (_, sent) = h.run(&syn);
+    let backend = parse_checked(&sent).dst;
+
+    // "Fragmentation needed" from a router between us and the backend, quoting the packet as
+    // it left us (client -> backend), whole TCP header included.
+    let router = Ipv4Addr::new(10, 244, 9, 1);
+    let err = icmp_error(router, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
+    let (verdict, out) = h.run(&err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, quote) = parse_icmp_checked(&out);
+    assert_eq!((src, dst), (router, CLIENT), "a router keeps its own address");
+    assert_eq!(quote, quote_of(&syn, 20), "the quote is the client's own packet again, checksums included");
+    assert_eq!(&out[38..42], &[0, 0, 0x05, 0x78], "the next-hop MTU is kept");
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+
+    // "Port unreachable" from a UDP backend itself: it must come from the ClusterIP.
+    let q = frame((CLIENT, 5000), (VIP, 53), L4::Udp { zero_csum: false }, b"query");
+    let (_, sent) = h.run(&q);
+    let backend_udp = parse_checked(&sent).dst;
+    let err = icmp_error(backend_udp.0, CLIENT, 3, 3, [0; 4], &quote_of(&sent, 8));
+    let (verdict, out) = h.run(&err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, quote) = parse_icmp_checked(&out);
+    assert_eq!((src, dst), (VIP, CLIENT));
+    assert_eq!(quote, quote_of(&q, 8));
+
+    // The other way: the client's side reports a problem with a translated reply (VIP ->
+    // client); the backend must see its own packet quoted, and get the error.
+    let reply = frame(backend, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
+    let (_, replied) = h.run(&reply);
+    let err = icmp_error(CLIENT, VIP, 3, 4, [0, 0, 0x05, 0x00], &quote_of(&replied, 20));
+    let (verdict, out) = h.run(&err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, quote) = parse_icmp_checked(&out);
+    assert_eq!((src, dst), (CLIENT, backend.0));
+    assert_eq!(quote, quote_of(&reply, 20));
+
+    // An error quoting nothing we track passes untouched.
+    let stray = frame((CLIENT, 40001), (Ipv4Addr::new(10, 244, 7, 7), 80), L4::Tcp { flags: SYN }, &[]);
+    let err = icmp_error(router, CLIENT, 3, 4, [0; 4], &quote_of(&stray, 8));
+    let (verdict, out) = h.run(&err);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, err));
+    assert_eq!(h.counter(Counter::IcmpTranslated), 3);
+}
+
+#[test]
+fn icmp_error_from_a_remote_backend_of_a_snated_node_port_is_routed_back_to_the_client() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+    let (_, sent) = h.run_xdp(&syn);
+    let p = parse_checked(&sent);
+    // The backend (or its node) answers the SNATed packet with an error.
+    let err = icmp_error(p.dst.0, NODE_IP, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
+    let (verdict, out) = h.run_xdp(&err);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+    assert_eq!(&out[..6], &CLIENT_MAC_ON_WIRE);
+    let (src, dst, quote) = parse_icmp_checked(&out);
+    assert_eq!((src, dst), (NODE_IP, EXTERNAL_CLIENT));
+    assert_eq!(out[22], 63, "TTL decremented: the datapath forwarded it");
+    // The quote shows the client's packet: its addresses and ports (its TTL is the one the
+    // forwarded packet had).
+    assert_eq!(&quote[12..20], &syn[26..34]);
+    assert_eq!(&quote[20..24], &syn[34..38]);
+    let mut expect = quote_of(&syn, 20);
+    expect[8] = quote[8];
+    expect[10..12].copy_from_slice(&quote[10..12]);
+    assert_eq!(quote, expect, "ports and TCP checksum are the client's again");
+    // tc does the same.
+    let (verdict, out) = h.run(&err);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(parse_icmp_checked(&out).1, EXTERNAL_CLIENT);
+}
+
+#[test]
+fn packets_the_datapath_forwards_itself_lose_a_ttl_and_expire_at_one() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    let syn = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_xdp(&syn);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict));
+    parse_checked(&out);
+    assert_eq!(out[22], 63);
+    // tc routes the backend's reply itself too.
+    let p = parse_checked(&out);
+    let (verdict, out) = h.run(&frame(p.dst, p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    parse_checked(&out);
+    assert_eq!(out[22], 63);
+    // TTL 1: a router would not forward it.
+    let mut last = frame((EXTERNAL_CLIENT, 40001), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+    last[22] = 1;
+    last[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&last[14..34]));
+    last[24..26].copy_from_slice(&c.to_be_bytes());
+    let (verdict, _) = h.run_xdp(&last);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.xdp_counter(Counter::DropTtlExpired), 1);
+    // A translated packet the stack forwards keeps its TTL: the stack decrements it.
+    let (_, out) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40002), (NODE_IP, 30080), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(out[22], 64);
+}
+
+#[test]
+fn a_checksum_partial_packet_at_xdp_is_left_to_tc() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    // As a local sender's skb holds it: the TCP checksum field has the folded pseudo-header
+    // sum (not complemented), the device or the veth peer finishes it.
+    let mut f = frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, b"data");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&EXTERNAL_CLIENT.octets());
+    pseudo.extend_from_slice(&NODE_IP.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 24]);
+    let partial = !fold(sum16(&pseudo));
+    f[50..52].copy_from_slice(&partial.to_be_bytes());
+    let before = h.xdp_counter(Counter::DeferredToTc);
+    let (verdict, out) = h.run_xdp(&f);
+    assert_eq!((verdict, &out), (XDP_PASS, &f), "untouched, for tc");
+    assert_eq!(h.xdp_counter(Counter::DeferredToTc), before + 1);
+    // A complete checksum is translated at XDP as before.
+    let (verdict, _) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, b"data"));
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict));
 }

@@ -119,3 +119,99 @@ pub fn parse_checked(f: &[u8]) -> Parsed {
         l4_csum,
     }
 }
+
+/// Splits an unfragmented IPv4 frame into fragments of at most `payload` IP payload bytes
+/// (a multiple of 8) each, every one with its own valid header checksum.
+pub fn fragment(f: &[u8], payload: usize) -> Vec<Vec<u8>> {
+    assert_eq!(payload % 8, 0);
+    let (eth, ip, data) = (&f[..14], &f[14..34], &f[34..]);
+    let mut out = Vec::new();
+    for (i, chunk) in data.chunks(payload).enumerate() {
+        let off = i * payload;
+        let more = off + chunk.len() < data.len();
+        let mut h = ip.to_vec();
+        h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        let flags_off = ((off / 8) as u16) | if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&flags_off.to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let c = fold(sum16(&h));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut fr = eth.to_vec();
+        fr.extend_from_slice(&h);
+        fr.extend_from_slice(chunk);
+        out.push(fr);
+    }
+    out
+}
+
+/// Reassembles fragments (any order) into one frame, checking each fragment's header checksum
+/// and that all agree on addresses, protocol and id.
+pub fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> = Vec::new();
+    let first = &frags[0];
+    for f in frags {
+        let ip = &f[14..34];
+        assert_eq!(fold(sum16(ip)), 0, "fragment header checksum invalid");
+        assert_eq!(&ip[12..20], &first[26..34], "fragments disagree on addresses");
+        assert_eq!((ip[4], ip[5], ip[9]), (first[18], first[19], first[23]), "fragments disagree on id/protocol");
+        let off = (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) as usize * 8;
+        let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        parts.push((off, &f[34..14 + tot]));
+    }
+    parts.sort_by_key(|p| p.0);
+    let mut data = Vec::new();
+    for (off, p) in parts {
+        assert_eq!(off, data.len(), "fragments leave a gap or overlap");
+        data.extend_from_slice(p);
+    }
+    let mut h = first[14..34].to_vec();
+    h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&[0, 0]);
+    h[10..12].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&h));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = first[..14].to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Builds an ICMP error from `src` to `dst` quoting `quote` (an IP packet's first bytes).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = fold(sum16(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = fold(sum16(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// An ICMP error frame, checked: outer IP checksum, ICMP checksum over the whole message, the
+/// quoted IP header's checksum. Returns (outer source, outer destination, the quote).
+pub fn parse_icmp_checked(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
+    assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
+    let ip = &f[14..34];
+    assert_eq!(fold(sum16(ip)), 0, "outer IPv4 header checksum invalid");
+    assert_eq!(ip[9], 1, "not ICMP");
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let icmp = &f[34..14 + tot];
+    assert_eq!(fold(sum16(icmp)), 0, "ICMP checksum invalid");
+    let quote = icmp[8..].to_vec();
+    assert_eq!(fold(sum16(&quote[..20])), 0, "quoted IPv4 header checksum invalid");
+    (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), quote)
+}
