@@ -60,6 +60,8 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Names of the programs in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
+/// tc egress, beside every tc ingress: replies of host-network endpoints on this node.
+pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
 pub const PROG_XDP: &str = "lb_xdp";
 /// Empty programs, the floor `lb-bench` measures against.
 pub const PROG_BENCH_EMPTY_XDP: &str = "lb_bench_empty_xdp";

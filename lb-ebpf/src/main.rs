@@ -39,6 +39,13 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     pipeline(&ctx)
 }
 
+/// tc egress: replies of this node's own processes (host-network endpoints) to pods and
+/// clients. They leave through the output path and never pass a tc ingress hook.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    host_reply(&ctx)
+}
+
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     pipeline(&ctx) as u32
@@ -225,6 +232,44 @@ fn new_flow<P: Packet>(
         return Err(drop(ctx, Counter::DropCtInsert));
     }
     Ok(t)
+}
+
+/// A packet this node sends: if it is a host-network endpoint's reply, restore the frontend
+/// (and, for SNATed flows, the client). It is on its way out already, so it is never routed
+/// here, and a later fragment without its first is left alone (it is the node's own).
+#[inline(always)]
+fn host_reply(ctx: &TcContext) -> i32 {
+    const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
+    let h = match parse::parse(ctx.data(), ctx.data_end()) {
+        Parsed::L4(h) => {
+            if h.frag == Frag::First && service::port_flags(h.flow.sport) & PORT_BACKEND != 0 {
+                frag::record_first(&h);
+            }
+            h
+        }
+        Parsed::LaterFragment(mut h) => {
+            if !frag::follow_first(&mut h) {
+                return UNTOUCHED;
+            }
+            h
+        }
+        _ => return UNTOUCHED,
+    };
+    if service::port_flags(h.flow.sport) & PORT_BACKEND == 0 {
+        return UNTOUCHED;
+    }
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
+        return UNTOUCHED;
+    };
+    let rewritten = nat::rewrite(ctx, &h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
+        Some((addr, port)) => nat::rewrite(ctx, &h, Side::Dst, addr, port),
+        None => Ok(()),
+    });
+    if rewritten.is_err() {
+        return drop(ctx, Counter::DropRewrite);
+    }
+    count_translated(ctx, &h, Counter::ReplyTranslated);
+    <TcContext as Packet>::FORWARD
 }
 
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow

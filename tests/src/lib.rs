@@ -277,9 +277,22 @@ impl Lab {
 
     /// `serve` with sink ports too (read and discard, for bulk throughput).
     pub fn serve_with(&mut self, pod: &Pod, http: &[u16], echo: &[u16], udp: &[u16], sink: &[u16]) -> Result<()> {
+        self.serve_args(pod, http, echo, udp, sink, &[])
+    }
+
+    /// `serve_with` plus raw podserver arguments (`--udp-echo`, `--count`, `--source`).
+    pub fn serve_args(
+        &mut self,
+        pod: &Pod,
+        http: &[u16],
+        echo: &[u16],
+        udp: &[u16],
+        sink: &[u16],
+        extra: &[&str],
+    ) -> Result<()> {
         let bin = podserver_bin()?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &pod.ns]).arg(bin).args(["--name", &pod.name]);
+        cmd.args(["netns", "exec", &pod.ns]).arg(bin).args(["--name", &pod.name]).args(extra);
         for p in http {
             cmd.args(["--http", &p.to_string()]);
         }

@@ -18,6 +18,7 @@ use std::{
 fn main() {
     let mut name = String::from("pod");
     let (mut http, mut echo, mut udp, mut sink) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut udp_echo, mut count, mut source) = (Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -27,6 +28,9 @@ fn main() {
             "--echo" => echo.push(v.parse::<u16>().expect("--echo PORT")),
             "--udp" => udp.push(v.parse::<u16>().expect("--udp PORT")),
             "--sink" => sink.push(v.parse::<u16>().expect("--sink PORT")),
+            "--udp-echo" => udp_echo.push(v.parse::<u16>().expect("--udp-echo PORT")),
+            "--count" => count.push(v.parse::<u16>().expect("--count PORT")),
+            "--source" => source.push(v.parse::<u16>().expect("--source PORT")),
             _ => panic!("unknown argument {a}"),
         }
     }
@@ -53,6 +57,26 @@ fn main() {
             let mut buf = [0u8; 2048];
             while let Ok((_, peer)) = s.recv_from(&mut buf) {
                 let _ = s.send_to(format!("{name} {peer}").as_bytes(), peer);
+            }
+        }));
+    }
+    for port in count {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind count");
+        let name = name.clone();
+        handles.push(thread::spawn(move || serve_tcp(l, name, count_conn)));
+    }
+    for port in source {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind source");
+        let name = name.clone();
+        handles.push(thread::spawn(move || serve_tcp(l, name, source_conn)));
+    }
+    for port in udp_echo {
+        let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp echo");
+        handles.push(thread::spawn(move || {
+            // Whole datagrams up to the UDP maximum: fragmented ones arrive reassembled.
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], peer);
             }
         }));
     }
@@ -102,4 +126,42 @@ fn echo_conn(c: TcpStream, name: &str) {
             break;
         }
     }
+}
+
+/// Reads until the client half-closes, then answers with the number of bytes read.
+fn count_conn(mut c: TcpStream, _name: &str) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = writeln!(c, "{total}");
+}
+
+/// Reads a byte count on one line, sends that many bytes of `source_byte(i)`, then closes.
+fn source_conn(c: TcpStream, _name: &str) {
+    let Ok(mut w) = c.try_clone() else { return };
+    let mut line = String::new();
+    if BufReader::new(c).read_line(&mut line).is_err() {
+        return;
+    }
+    let Ok(n) = line.trim().parse::<usize>() else { return };
+    let block: Vec<u8> = (0..64 * 1024).map(source_byte).collect();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(block.len());
+        if w.write_all(&block[..k]).is_err() {
+            return;
+        }
+        sent += k;
+    }
+}
+
+/// The byte at offset `i` (within a 64 KiB block) of what `--source` sends.
+pub fn source_byte(i: usize) -> u8 {
+    (i * 31 + 7) as u8
 }

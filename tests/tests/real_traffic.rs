@@ -1,0 +1,310 @@
+//! End to end on real traffic (issue 10): two nodes and an outside client on one switch,
+//! `lb run` with its defaults (tc everywhere, XDP on the default route's interface in the mode
+//! the agent picks, node IP from that interface) and checksum offload on, as Linux sets it.
+//! IP fragments both ways, ICMP errors of translated flows (path MTU, port unreachable), bulk
+//! transfers through every path the datapath routes, and host-network endpoints.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_tests::{in_ns, privileged, Lab, Node, Pod};
+
+const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 3);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 100);
+const FRAG_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 1);
+const BULK_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 2);
+const DEAD_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 3);
+const HOST_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 4);
+const HOST_REMOTE_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 5);
+const MB10: usize = 10 * 1024 * 1024;
+
+struct Net {
+    lab: Lab,
+    a: Node,
+    b: Node,
+    outside: Pod,
+    client: Pod,
+    /// On node-a.
+    local: Pod,
+    /// On node-b.
+    remote: Pod,
+}
+
+fn slice(name: &str, svc: &str, ip: Ipv4Addr, node: &str, ports: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: [{{addresses: [\"{ip}\"], nodeName: {node}}}]\n"
+    )
+}
+
+fn manifests(local: &Pod, remote: &Pod) -> String {
+    let mut y = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: frag}}
+spec: {{type: NodePort, clusterIP: {FRAG_CIP}, ports: [{{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bulk}}
+spec:
+  clusterIP: {BULK_CIP}
+  ports: [{{name: count, port: 7000}}, {{name: source, port: 7001}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bulk-local}}
+spec: {{type: NodePort, clusterIP: 10.96.7.12, ports: [{{name: count, port: 7000, nodePort: 30070}}, {{name: source, port: 7001, nodePort: 30071}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bulk-remote}}
+spec: {{type: NodePort, clusterIP: 10.96.7.13, ports: [{{name: count, port: 7000, nodePort: 30072}}, {{name: source, port: 7001, nodePort: 30073}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dead}}
+spec: {{clusterIP: {DEAD_CIP}, ports: [{{protocol: UDP, port: 9, targetPort: 9999}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: host-ep}}
+spec: {{clusterIP: {HOST_CIP}, ports: [{{name: http, port: 80, targetPort: 18080}}, {{name: udp, protocol: UDP, port: 53, targetPort: 18053}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: host-ep-remote}}
+spec: {{clusterIP: {HOST_REMOTE_CIP}, ports: [{{name: http, port: 80, targetPort: 18080}}, {{name: udp, protocol: UDP, port: 53, targetPort: 18053}}]}}
+"#
+    );
+    let bulk_ports = "[{name: count, port: 7000}, {name: source, port: 7001}]";
+    let host_ports = "[{name: http, port: 18080}, {name: udp, protocol: UDP, port: 18053}]";
+    y += &slice("frag-1", "frag", remote.ip, "node-b", "[{name: dns, protocol: UDP, port: 5353}]");
+    y += &slice("bulk-1", "bulk", remote.ip, "node-b", bulk_ports);
+    y += &slice("bulk-local-1", "bulk-local", local.ip, "node-a", bulk_ports);
+    y += &slice("bulk-remote-1", "bulk-remote", remote.ip, "node-b", bulk_ports);
+    y += &slice("dead-1", "dead", remote.ip, "node-b", "[{protocol: UDP, port: 9999}]");
+    y += &slice("host-ep-1", "host-ep", NODE_A, "node-a", host_ports);
+    y += &slice("host-ep-remote-1", "host-ep-remote", NODE_B, "node-b", host_ports);
+    y
+}
+
+/// Turns tx checksum offload back on for every veth of a namespace (`Lab::plug` turns it off
+/// on the wire): the case users have.
+fn offloads_on(lab: &Lab, ns: &str) -> Result<()> {
+    let links = lab.exec(ns, &["ip", "-o", "link", "show", "type", "veth"])?;
+    for l in links.lines() {
+        let name = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("").to_string();
+        if !name.is_empty() {
+            lab.exec(ns, &["ethtool", "-K", &name, "tx", "on"])?;
+        }
+    }
+    Ok(())
+}
+
+fn net() -> Result<Net> {
+    let mut lab = Lab::new()?;
+    let ul = lab.add_underlay()?;
+    let a = lab.add_node("node-a", 1)?;
+    let b = lab.add_node("node-b", 2)?;
+    lab.connect_nodes(&ul, &[(&a, NODE_A), (&b, NODE_B)])?;
+    let outside = lab.add_outside(&ul, "outside", OUTSIDE)?;
+    let client = lab.add_pod(&a, "client", 5)?;
+    let local = lab.add_pod(&a, "local", 11)?;
+    let remote = lab.add_pod(&b, "remote", 21)?;
+    for ns in [&ul.ns, &a.ns, &b.ns, &outside.ns] {
+        offloads_on(&lab, ns)?;
+    }
+    // A default route, as every node has: the agent's defaults take their XDP interface and
+    // node IP from it. (The gateway is never used: every destination here has a route.)
+    for n in [&a, &b] {
+        lab.exec(&n.ns, &["ip", "route", "add", "default", "via", "192.168.49.254"])?;
+    }
+    for p in [&local, &remote] {
+        lab.serve_args(p, &[], &[], &[], &[], &["--udp-echo", "5353", "--count", "7000", "--source", "7001"])?;
+    }
+    // Host-network endpoints: servers in the nodes' own namespaces.
+    for (n, name) in [(&a, "host-a"), (&b, "host-b")] {
+        let host = Pod { ns: n.ns.clone(), name: name.into(), ip: NODE_A, node: n.name.clone(), host_if: String::new() };
+        lab.serve_args(&host, &[18080], &[], &[], &[], &["--udp-echo", "18053"])?;
+    }
+    let yaml = manifests(&local, &remote);
+    lab.write_manifests(&a, &yaml)?;
+    lab.write_manifests(&b, &yaml)?;
+    for (n, pod) in [(&a, &local), (&b, &remote)] {
+        lab.start_agent(n, &["cbr0", "eth0", &pod.host_if], 12, &[])?;
+    }
+    Ok(Net { lab, a, b, outside, client, local, remote })
+}
+
+fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// Sends datagrams of `size` bytes from `ns` to `addr` and checks each comes back byte for byte.
+fn udp_echo(ns: &str, addr: SocketAddr, size: usize, count: usize) -> Result<()> {
+    in_ns(ns, || -> Result<()> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = vec![0u8; 65_536];
+        for i in 0..count {
+            let msg: Vec<u8> = (0..size).map(|j| (i * 131 + j * 7) as u8).collect();
+            s.send(&msg)?;
+            let n = s.recv(&mut buf).with_context(|| format!("datagram {i} of {size} bytes to {addr}"))?;
+            if buf[..n] != msg[..] {
+                bail!("datagram {i} to {addr} came back different ({n} of {size} bytes)");
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn stat(lab: &Lab, node: &Node, name: &str) -> u64 {
+    let stats = lab.list(node, "stats").unwrap_or_default();
+    stats
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().skip(1).filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn fragmented_udp_through_a_cluster_ip_and_node_ports_both_ways() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    // 4 KB datagrams on 1500-byte links: three fragments each way.
+    udp_echo(&n.client.ns, at(FRAG_CIP, 53), 4000, 5)?;
+    udp_echo(&n.outside.ns, at(NODE_A, 30053), 4000, 5).context("node port, remote backend (SNAT)")?;
+    udp_echo(&n.outside.ns, at(NODE_B, 30053), 4000, 5).context("node port, local backend")?;
+    // Small ones still work, and the fragments were translated by the datapath.
+    udp_echo(&n.client.ns, at(FRAG_CIP, 53), 100, 3)?;
+    assert!(stat(&n.lab, &n.a, "frag_translated") >= 20, "{}", n.lab.list(&n.a, "stats")?);
+    assert_eq!(stat(&n.lab, &n.a, "drop_frag_no_first"), 0);
+    Ok(())
+}
+
+/// Uploads `len` bytes to a `--count` server; returns what it counted.
+fn upload(ns: &str, addr: SocketAddr, len: usize) -> Result<usize> {
+    in_ns(ns, || -> Result<usize> {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        c.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let block = vec![0x5au8; 256 * 1024];
+        let mut sent = 0;
+        while sent < len {
+            let k = (len - sent).min(block.len());
+            c.write_all(&block[..k]).with_context(|| format!("upload to {addr} after {sent} bytes"))?;
+            sent += k;
+        }
+        c.shutdown(std::net::Shutdown::Write)?;
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line)?;
+        Ok(line.trim().parse()?)
+    })?
+}
+
+/// Downloads `len` bytes from a `--source` server and checks every byte.
+fn download(ns: &str, addr: SocketAddr, len: usize) -> Result<()> {
+    in_ns(ns, || -> Result<()> {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        writeln!(c, "{len}")?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        loop {
+            let n = c.read(&mut buf).with_context(|| format!("download from {addr} after {got} bytes"))?;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                let off = (got + i) % (64 * 1024);
+                if *b != (off * 31 + 7) as u8 {
+                    bail!("byte {} from {addr} corrupted", got + i);
+                }
+            }
+            got += n;
+        }
+        if got != len {
+            bail!("downloaded {got} of {len} bytes from {addr}");
+        }
+        Ok(())
+    })?
+}
+
+#[test]
+fn bulk_transfers_through_cluster_ip_and_node_ports_with_offloads_on() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    for (what, ns, ip, count, source) in [
+        ("ClusterIP, remote backend", &n.client.ns, BULK_CIP, 7000, 7001),
+        ("NodePort, local backend", &n.outside.ns, NODE_A, 30070, 30071),
+        ("NodePort, remote backend", &n.outside.ns, NODE_A, 30072, 30073),
+    ] {
+        let start = Instant::now();
+        assert_eq!(upload(ns, at(ip, count), MB10).with_context(|| what.to_string())?, MB10, "{what}");
+        download(ns, at(ip, source), MB10).with_context(|| what.to_string())?;
+        eprintln!("{what}: 2 x 10 MB in {:?}", start.elapsed());
+    }
+    Ok(())
+}
+
+#[test]
+fn path_mtu_below_the_link_mtu_is_learnt_through_the_service() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    // The remote backend sits behind a 1400-byte hop: node-b cannot forward the client's
+    // 1500-byte packets to it and answers with "fragmentation needed", which quotes the
+    // packet as we translated it (client -> backend). Only a translated error reaches the
+    // client's socket, which then sends smaller segments; else the upload black-holes.
+    n.lab.exec(&n.b.ns, &["ip", "link", "set", &n.remote.host_if, "mtu", "1400"])?;
+    assert_eq!(upload(&n.client.ns, at(BULK_CIP, 7000), MB10)?, MB10);
+    assert!(stat(&n.lab, &n.a, "icmp_translated") >= 1, "{}", n.lab.list(&n.a, "stats")?);
+    Ok(())
+}
+
+#[test]
+fn udp_to_a_backend_without_a_socket_is_refused() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    let r = in_ns(&n.client.ns, || -> std::io::Result<()> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(at(DEAD_CIP, 9))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ())
+    })?;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the backend's port unreachable, translated, refuses the client's socket: {r:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn host_network_endpoints_on_this_node_and_another() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    for (what, ip) in [("this node", HOST_CIP), ("another node", HOST_REMOTE_CIP)] {
+        let body = lb_tests::http_get(&n.client.ns, at(ip, 80), "/").with_context(|| what.to_string())?;
+        assert!(body.starts_with("host-"), "{what}: {body}");
+        udp_echo(&n.client.ns, at(ip, 53), 200, 3).with_context(|| what.to_string())?;
+        udp_echo(&n.client.ns, at(ip, 53), 4000, 2).with_context(|| format!("{what}, fragmented"))?;
+    }
+    let _ = (&n.local, &n.remote);
+    Ok(())
+}
