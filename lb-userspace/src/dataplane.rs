@@ -669,6 +669,11 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?
             .try_into()?;
         prog.load()?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(lb_common::PROG_TC_EGRESS)
+            .ok_or(DataplaneError::MissingMap { name: lb_common::PROG_TC_EGRESS })?
+            .try_into()?;
+        egress.load()?;
         let xdp: &mut Xdp =
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
@@ -1223,7 +1228,7 @@ impl Dataplane {
             Err(e) => return vec![e],
         };
         let wanted = |name: &str, hook: Hook| match hook {
-            Hook::Tc => tc_wanted(name),
+            Hook::Tc | Hook::TcEgress => tc_wanted(name),
             Hook::Xdp => xdp_wanted(name),
         };
         // Links of interfaces that disappeared, were recreated under the same name, or are no
@@ -1241,7 +1246,7 @@ impl Dataplane {
             }
         }
         for (name, ifindex) in &present {
-            for hook in [Hook::Tc, Hook::Xdp] {
+            for hook in [Hook::Tc, Hook::TcEgress, Hook::Xdp] {
                 let k = (name.clone(), hook);
                 if !wanted(name, hook) || self.attached.contains_key(&k) {
                     continue;
@@ -1305,6 +1310,13 @@ impl Dataplane {
                 FdLink::try_from(prog.take_link(id)?)
                     .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
             }
+            Hook::TcEgress => {
+                let prog: &mut SchedClassifier =
+                    self.ebpf.program_mut(lb_common::PROG_TC_EGRESS).expect("loaded in Dataplane::load").try_into()?;
+                let id = prog.attach(iface, TcAttachType::Egress)?;
+                FdLink::try_from(prog.take_link(id)?)
+                    .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
+            }
             Hook::Xdp => {
                 let mode = self.xdp_mode;
                 let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).expect("loaded in Dataplane::load").try_into()?;
@@ -1365,8 +1377,9 @@ impl Dataplane {
     fn take_over(&mut self, pin: &Path, hook: Hook) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let fd = FdLink::from(PinnedLink::from_pin(pin)?);
         match hook {
-            Hook::Tc => {
-                let prog: &mut SchedClassifier = self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded").try_into()?;
+            Hook::Tc | Hook::TcEgress => {
+                let name = if hook == Hook::Tc { PROG_TC_INGRESS } else { lb_common::PROG_TC_EGRESS };
+                let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
                 let id = prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
                 // Our handle closes; the pin keeps the link (and our program in it).
                 drop(prog.take_link(id)?);
@@ -1386,6 +1399,7 @@ impl Dataplane {
             .keys()
             .map(|(name, hook)| match hook {
                 Hook::Tc => format!("{name}(tc)"),
+                Hook::TcEgress => format!("{name}(tc-egress)"),
                 Hook::Xdp => format!("{name}(xdp)"),
             })
             .collect();
@@ -1417,6 +1431,8 @@ pub fn interface_wanted(globs: &[String], name: &str) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     Tc,
+    /// Replies of host-network endpoints: the node's own packets pass no ingress hook.
+    TcEgress,
     Xdp,
 }
 
@@ -1424,6 +1440,7 @@ impl Hook {
     fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Tc => "tc_ingress_",
+            Hook::TcEgress => "tc_egress_",
             Hook::Xdp => "xdp_",
         }
     }
@@ -1469,7 +1486,7 @@ fn netns_cookie() -> Result<u64> {
 }
 
 fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {
-    [Hook::Tc, Hook::Xdp].into_iter().find_map(|h| file.strip_prefix(h.pin_prefix()).map(|i| (i.replace('%', "."), h)))
+    [Hook::Tc, Hook::TcEgress, Hook::Xdp].into_iter().find_map(|h| file.strip_prefix(h.pin_prefix()).map(|i| (i.replace('%', "."), h)))
 }
 
 /// An error and all its causes on one line: aya's errors keep the OS error in `source()`.

@@ -127,9 +127,10 @@ fn net() -> Result<Net> {
         lab.serve_args(p, &[], &[], &[], &[], &["--udp-echo", "5353", "--count", "7000", "--source", "7001"])?;
     }
     // Host-network endpoints: servers in the nodes' own namespaces.
-    for (n, name) in [(&a, "host-a"), (&b, "host-b")] {
-        let host = Pod { ns: n.ns.clone(), name: name.into(), ip: NODE_A, node: n.name.clone(), host_if: String::new() };
-        lab.serve_args(&host, &[18080], &[], &[], &[], &["--udp-echo", "18053"])?;
+    for (n, name, ip) in [(&a, "host-a", NODE_A), (&b, "host-b", NODE_B)] {
+        let host = Pod { ns: n.ns.clone(), name: name.into(), ip, node: n.name.clone(), host_if: String::new() };
+        let ip = ip.to_string();
+        lab.serve_args(&host, &[18080], &[], &[], &[], &["--bind", &ip, "--udp-echo", "18053"])?;
     }
     let yaml = manifests(&local, &remote);
     lab.write_manifests(&a, &yaml)?;

@@ -17,6 +17,9 @@ use std::{
 
 fn main() {
     let mut name = String::from("pod");
+    // A host-network server replies to UDP from the address the client asked for only if it
+    // is bound to it (an unconnected socket on 0.0.0.0 answers from the route's source).
+    let mut bind = String::from("0.0.0.0");
     let (mut http, mut echo, mut udp, mut sink) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut udp_echo, mut count, mut source) = (Vec::new(), Vec::new(), Vec::new());
     let mut args = std::env::args().skip(1);
@@ -24,6 +27,7 @@ fn main() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--name" => name = v,
+            "--bind" => bind = v,
             "--http" => http.push(v.parse::<u16>().expect("--http PORT")),
             "--echo" => echo.push(v.parse::<u16>().expect("--echo PORT")),
             "--udp" => udp.push(v.parse::<u16>().expect("--udp PORT")),
@@ -36,22 +40,22 @@ fn main() {
     }
     let mut handles = Vec::new();
     for port in http {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind http");
+        let l = TcpListener::bind((bind.as_str(), port)).expect("bind http");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, http_conn)));
     }
     for port in echo {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind echo");
+        let l = TcpListener::bind((bind.as_str(), port)).expect("bind echo");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, echo_conn)));
     }
     for port in sink {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind sink");
+        let l = TcpListener::bind((bind.as_str(), port)).expect("bind sink");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, sink_conn)));
     }
     for port in udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+        let s = UdpSocket::bind((bind.as_str(), port)).expect("bind udp");
         let name = name.clone();
         handles.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
@@ -61,17 +65,17 @@ fn main() {
         }));
     }
     for port in count {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind count");
+        let l = TcpListener::bind((bind.as_str(), port)).expect("bind count");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, count_conn)));
     }
     for port in source {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind source");
+        let l = TcpListener::bind((bind.as_str(), port)).expect("bind source");
         let name = name.clone();
         handles.push(thread::spawn(move || serve_tcp(l, name, source_conn)));
     }
     for port in udp_echo {
-        let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp echo");
+        let s = UdpSocket::bind((bind.as_str(), port)).expect("bind udp echo");
         handles.push(thread::spawn(move || {
             // Whole datagrams up to the UDP maximum: fragmented ones arrive reassembled.
             let mut buf = vec![0u8; 65_536];
