@@ -240,11 +240,16 @@ fn iface_flag_narrows_attachment() -> Result<()> {
     // program, so its packets to the ClusterIP are never translated.
     lab.start_agent(&node, &["veth1"], 1, &["--iface", "veth1"])?;
     std::thread::sleep(Duration::from_millis(1500));
-    let links: Vec<String> = std::fs::read_dir(node.pin_dir.join("links"))?
+    let mut links: Vec<String> = std::fs::read_dir(node.pin_dir.join("links"))?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with("lb_sock_"))
         .collect();
-    assert_eq!(links, vec!["tc_ingress_veth1".to_string()], "interface links: only veth1");
+    links.sort();
+    assert_eq!(
+        links,
+        vec!["tc_egress_veth1".to_string(), "tc_ingress_veth1".to_string()],
+        "interface links: only veth1 (ingress, and egress for host-network endpoints' replies)"
+    );
     assert!(http_get(&client.ns, vip(80), "/").is_err(), "client veth is not attached");
     Ok(())
 }
