@@ -1486,7 +1486,9 @@ fn netns_cookie() -> Result<u64> {
 }
 
 fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {
-    [Hook::Tc, Hook::TcEgress, Hook::Xdp].into_iter().find_map(|h| file.strip_prefix(h.pin_prefix()).map(|i| (i.replace('%', "."), h)))
+    [Hook::Tc, Hook::TcEgress, Hook::Xdp]
+        .into_iter()
+        .find_map(|h| file.strip_prefix(h.pin_prefix()).map(|i| (i.replace('%', "."), h)))
 }
 
 /// An error and all its causes on one line: aya's errors keep the OS error in `source()`.

@@ -417,6 +417,18 @@ impl Lab {
         self.children.retain(|(w, _)| *w != what);
     }
 
+    /// Stops the pod's `podserver` (a pod's containers exiting after its grace period).
+    pub fn stop_server(&mut self, pod: &Pod) {
+        let what = format!("podserver {}", pod.name);
+        for (w, c) in &mut self.children {
+            if *w == what {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.children.retain(|(w, _)| *w != what);
+    }
+
     /// `lb list WHAT` against the node's agent.
     pub fn list(&self, node: &Node, what: &str) -> Result<String> {
         let lb = lb_bin()?;

@@ -309,3 +309,113 @@ fn host_network_endpoints_on_this_node_and_another() -> Result<()> {
     let _ = (&n.local, &n.remote);
     Ok(())
 }
+
+/// The rolling update's Service and its slice: `(pod, ready, serving, terminating)`.
+fn roll_manifests(eps: &[(&Pod, bool, bool, bool)]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: roll}\nspec: {type: NodePort, clusterIP: 10.96.7.20, ports: [{port: 80, nodePort: 30080}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: roll-1, labels: {kubernetes.io/service-name: roll}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints:\n",
+    );
+    if eps.is_empty() {
+        y.pop();
+        y += " []\n";
+    }
+    for (p, ready, serving, terminating) in eps {
+        y += &format!(
+            "- {{addresses: [\"{}\"], nodeName: {}, conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}}}\n",
+            p.ip, p.node
+        );
+    }
+    y
+}
+
+#[test]
+fn rolling_update_under_load_through_a_node_port_fails_no_request() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ul = lab.add_underlay()?;
+    let a = lab.add_node("node-a", 1)?;
+    let b = lab.add_node("node-b", 2)?;
+    lab.connect_nodes(&ul, &[(&a, NODE_A), (&b, NODE_B)])?;
+    let outside = lab.add_outside(&ul, "outside", OUTSIDE)?;
+    for ns in [&ul.ns, &a.ns, &b.ns, &outside.ns] {
+        offloads_on(&lab, ns)?;
+    }
+    for n in [&a, &b] {
+        lab.exec(&n.ns, &["ip", "route", "add", "default", "via", "192.168.49.254"])?;
+    }
+    // Old pods on node-b, new ones on node-a: requests to node-a's port move from remote
+    // (SNAT, routed) to local backends, and back for node-b's.
+    let v1 = lab.add_pod(&b, "roll-v1", 31)?;
+    let v2 = lab.add_pod(&a, "roll-v2", 32)?;
+    let v3 = lab.add_pod(&b, "roll-v3", 33)?;
+    for p in [&v1, &v2, &v3] {
+        lab.serve(p, &[80], &[], &[])?;
+    }
+    let write = |lab: &Lab, eps: &[(&Pod, bool, bool, bool)]| -> Result<()> {
+        let y = roll_manifests(eps);
+        lab.write_manifests(&a, &y)?;
+        lab.write_manifests(&b, &y)
+    };
+    write(&lab, &[(&v1, true, true, false)])?;
+    for (n, p) in [(&a, &v2), (&b, &v1)] {
+        lab.start_agent(n, &["cbr0", "eth0", &p.host_if], 2, &[])?;
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed, seen) =
+        std::thread::scope(|s| -> Result<(usize, Vec<String>, std::collections::BTreeSet<String>)> {
+            let client = s.spawn(|| {
+                let (mut ok, mut failed, mut seen) = (0usize, Vec::new(), std::collections::BTreeSet::new());
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let node = if i % 2 == 0 { NODE_A } else { NODE_B };
+                    i += 1;
+                    match lb_tests::http_get(&outside.ns, at(node, 30080), "/") {
+                        Ok(body) => {
+                            ok += 1;
+                            seen.insert(body);
+                        }
+                        Err(e) => failed.push(format!("{node}: {e:#}")),
+                    }
+                }
+                (ok, failed, seen)
+            });
+            let step = Duration::from_millis(1500);
+            std::thread::sleep(step);
+            // v2 comes up and is ready beside v1; v1 starts terminating (still serving), then
+            // leaves the slice; its process exits a grace period later.
+            write(&lab, &[(&v1, true, true, false), (&v2, true, true, false)])?;
+            std::thread::sleep(step);
+            write(&lab, &[(&v1, false, true, true), (&v2, true, true, false)])?;
+            std::thread::sleep(step);
+            write(&lab, &[(&v2, true, true, false)])?;
+            std::thread::sleep(step);
+            lab.stop_server(&v1);
+            // And on to v3, on the other node again.
+            write(&lab, &[(&v2, true, true, false), (&v3, true, true, false)])?;
+            std::thread::sleep(step);
+            write(&lab, &[(&v2, false, true, true), (&v3, true, true, false)])?;
+            std::thread::sleep(step);
+            write(&lab, &[(&v3, true, true, false)])?;
+            std::thread::sleep(step);
+            lab.stop_server(&v2);
+            std::thread::sleep(step);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(client.join().expect("client thread"))
+        })?;
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\nnode-a:\n{}\nnode-b:\n{}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)],
+        lab.list(&a, "stats")?,
+        lab.list(&b, "stats")?
+    );
+    assert!(ok > 100, "only {ok} requests");
+    for p in ["roll-v1", "roll-v2", "roll-v3"] {
+        assert!(seen.contains(p), "{p} never answered: {seen:?}");
+    }
+    Ok(())
+}
