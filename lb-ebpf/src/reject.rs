@@ -11,9 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parse::{ptr_at, Headers, ETH_LEN};
+use crate::parse::{ptr_at, Headers, ETH_LEN, IPV4_LEN};
 
-const IPV4_LEN: usize = 20;
 const ICMP_LEN: usize = 8;
 const GROW: usize = IPV4_LEN + ICMP_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -34,25 +33,80 @@ fn fold(mut sum: u32) -> u16 {
 }
 
 /// Turns the packet into an ICMP port unreachable to its sender and returns the tc verdict
-/// that sends it. Packets with IP options are dropped instead (the quote would need a
-/// variable-length copy; a client still fails fast on its retransmission timer).
+/// that sends it.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
-    if h.flow.proto == lb_common::PROTO_TCP {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, h)
-    } else {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx, h)
+    if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h).is_none() {
+        return TC_ACT_SHOT as i32;
     }
+    if h.flow.proto == lb_common::PROTO_TCP {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx)
+    } else {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx)
+    }
+}
+
+/// Removes the IP options of the packet to be quoted, so the quote has fixed offsets: the base
+/// header is copied to just before the L4 header, and `bpf_skb_adjust_room` then removes the
+/// bytes in front of it (`BPF_ADJ_ROOM_MAC` shrinks right behind the Ethernet header). The
+/// quoted header gets IHL 5 and its length and checksum to match. The receiver matches the
+/// error by the quoted addresses and ports (`tcp_v4_err`, `__udp4_lib_err` read the quoted IHL),
+/// which are unchanged.
+#[inline(always)]
+fn strip_options(ctx: &TcContext, h: &Headers) -> Option<()> {
+    let opt_len = h.l4_off.checked_sub(ETH_LEN + IPV4_LEN)?;
+    // IHL is at most 15: 40 bytes of options.
+    if opt_len == 0 || opt_len > 40 {
+        return None;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let base = ptr_at::<[u8; IPV4_LEN]>(data, data_end, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ip = unsafe { *base };
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]).checked_sub(opt_len as u16)?;
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    ip[10] = 0;
+    ip[11] = 0;
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_LEN {
+        sum += u16::from_ne_bytes([ip[i], ip[i + 1]]) as u32;
+        i += 2;
+    }
+    ip[10..12].copy_from_slice(&fold(sum).to_ne_bytes());
+    // One constant offset per option length: LLVM splits a variable packet offset from its
+    // bounds check, and the verifier then refuses the write.
+    match opt_len {
+        4 => put::<4>(data, data_end, &ip)?,
+        8 => put::<8>(data, data_end, &ip)?,
+        12 => put::<12>(data, data_end, &ip)?,
+        16 => put::<16>(data, data_end, &ip)?,
+        20 => put::<20>(data, data_end, &ip)?,
+        24 => put::<24>(data, data_end, &ip)?,
+        28 => put::<28>(data, data_end, &ip)?,
+        32 => put::<32>(data, data_end, &ip)?,
+        36 => put::<36>(data, data_end, &ip)?,
+        40 => put::<40>(data, data_end, &ip)?,
+        _ => return None,
+    }
+    ctx.adjust_room(-(opt_len as i32), BPF_ADJ_ROOM_MAC, 0).ok()
+}
+
+/// Writes the base IP header `OPT_LEN` bytes further into the frame.
+#[inline(always)]
+fn put<const OPT_LEN: usize>(data: usize, data_end: usize, ip: &[u8; IPV4_LEN]) -> Option<()> {
+    let dst = ptr_at::<[u8; IPV4_LEN]>(data, data_end, ETH_LEN + OPT_LEN)?;
+    // SAFETY: bounds checked by ptr_at; the frame is ours to rewrite.
+    unsafe { *dst = *ip };
+    Some(())
 }
 
 /// Builds the reply in a frame of exactly `REPLY_LEN` bytes.
 #[inline(always)]
-fn build<const REPLY_LEN: usize>(ctx: &TcContext, h: &Headers) -> i32 {
+fn build<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
     const { assert!(REPLY_LEN >= ETH_LEN + GROW + IPV4_LEN + 8) };
     let quote_len = REPLY_LEN - ETH_LEN - GROW;
-    if h.l4_off != ETH_LEN + IPV4_LEN {
-        return TC_ACT_SHOT as i32;
-    }
     // Make room for the new IP and ICMP headers between Ethernet and the original IP header,
     // then cut everything after the quoted 8 bytes.
     if ctx.adjust_room(GROW as i32, BPF_ADJ_ROOM_MAC, 0).is_err() {

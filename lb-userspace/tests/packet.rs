@@ -339,6 +339,54 @@ fn service_without_endpoints_is_refused_with_icmp_port_unreachable() {
     assert_eq!(h.counter(Counter::RejectNoBackend), 2);
 }
 
+/// `f` with `n` 4-byte words of IP options (NOPs ending in End of Options) after its header.
+fn with_ip_options(f: &[u8], n: usize) -> Vec<u8> {
+    let mut out = f[..34].to_vec();
+    let mut opts = vec![1u8; 4 * n];
+    *opts.last_mut().unwrap() = 0;
+    out.extend_from_slice(&opts);
+    out.extend_from_slice(&f[34..]);
+    out[14] = 0x45 + n as u8;
+    let tot = u16::from_be_bytes([out[16], out[17]]) + 4 * n as u16;
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&out[14..34 + 4 * n]));
+    out[24..26].copy_from_slice(&c.to_be_bytes());
+    out
+}
+
+#[test]
+fn a_packet_with_ip_options_is_translated_and_refused_like_any_other() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    // Translated: the L4 header is found behind the options.
+    let syn = with_ip_options(&frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: SYN }, b"x"), 2);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[34..42], &syn[34..42], "options untouched");
+    let mut plain = out[..34].to_vec();
+    plain[14] = 0x45;
+    plain.extend_from_slice(&out[42..]);
+    let tot = u16::from_be_bytes([plain[16], plain[17]]) - 8;
+    plain[16..18].copy_from_slice(&tot.to_be_bytes());
+    plain[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&plain[14..34]));
+    plain[24..26].copy_from_slice(&c.to_be_bytes());
+    assert!(backend_set(&BACKENDS, 8080).contains(&parse_checked(&plain).dst));
+    assert_eq!(fold(sum16(&out[14..42])), 0, "header checksum over the options");
+
+    // Refused: the quote carries the header without its options (IHL 5) and the ports.
+    let empty = Ipv4Addr::new(10, 96, 0, 20);
+    for (l4, quote, n) in [(L4::Tcp { flags: SYN }, 20, 3), (L4::Udp { zero_csum: false }, 8, 10)] {
+        let orig = frame((CLIENT, 40001), (empty, if quote == 20 { 80 } else { 53 }), l4, &[7; 12]);
+        let (verdict, out) = h.run(&with_ip_options(&orig, n));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{n} option words");
+        assert_port_unreachable(&out, &orig, quote);
+    }
+}
+
 #[test]
 fn backend_change_keeps_tracked_flows_and_steers_new_ones() {
     if !privileged() {
