@@ -369,7 +369,7 @@ fn rolling_update_under_load_through_a_node_port_fails_no_request() -> Result<()
                 let (mut ok, mut failed, mut seen) = (0usize, Vec::new(), std::collections::BTreeSet::new());
                 let mut i = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let node = if i % 2 == 0 { NODE_A } else { NODE_B };
+                    let node = if i.is_multiple_of(2) { NODE_A } else { NODE_B };
                     i += 1;
                     match lb_tests::http_get(&outside.ns, at(node, 30080), "/") {
                         Ok(body) => {
