@@ -21,6 +21,10 @@ const DEAD_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 3);
 const HOST_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 4);
 const HOST_REMOTE_CIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 5);
 const MB10: usize = 10 * 1024 * 1024;
+const EXT_LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 210);
+const EXT_REMOTE: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 211);
+const LB_LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 220);
+const LB_REMOTE: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 221);
 
 struct Net {
     lab: Lab,
@@ -80,6 +84,33 @@ metadata: {{name: host-ep-remote}}
 spec: {{clusterIP: {HOST_REMOTE_CIP}, ports: [{{name: http, port: 80, targetPort: 18080}}, {{name: udp, protocol: UDP, port: 53, targetPort: 18053}}]}}
 "#
     );
+    // External IPs and LoadBalancer IPs, each to a local and to a remote backend.
+    for (i, (name, kind, ip)) in [
+        ("ext-local", "externalIPs", EXT_LOCAL),
+        ("ext-remote", "externalIPs", EXT_REMOTE),
+        ("lb-local", "status", LB_LOCAL),
+        ("lb-remote", "status", LB_REMOTE),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A LoadBalancer has node ports (the API server allocates them; here they are written).
+        let np = if kind == "externalIPs" { String::new() } else { format!(", nodePort: {}", 30110 + i) };
+        let (ty, extra, status) = if kind == "externalIPs" {
+            ("ClusterIP", format!("  externalIPs: [{ip}]\n"), String::new())
+        } else {
+            ("LoadBalancer", String::new(), format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n"))
+        };
+        y += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: {ty}\n  clusterIP: 10.96.7.{}\n{extra}  ports: [{{name: count, port: 7000{np}}}, {{name: dns, protocol: UDP, port: 53, targetPort: 5353{np}}}]\n{status}",
+            40 + i
+        );
+    }
+    let edge_ports = "[{name: count, port: 7000}, {name: dns, protocol: UDP, port: 5353}]";
+    y += &slice("ext-local-1", "ext-local", local.ip, "node-a", edge_ports);
+    y += &slice("ext-remote-1", "ext-remote", remote.ip, "node-b", edge_ports);
+    y += &slice("lb-local-1", "lb-local", local.ip, "node-a", edge_ports);
+    y += &slice("lb-remote-1", "lb-remote", remote.ip, "node-b", edge_ports);
     let bulk_ports = "[{name: count, port: 7000}, {name: source, port: 7001}]";
     let host_ports = "[{name: http, port: 18080}, {name: udp, protocol: UDP, port: 18053}]";
     y += &slice("frag-1", "frag", remote.ip, "node-b", "[{name: dns, protocol: UDP, port: 5353}]");
@@ -137,6 +168,11 @@ fn net() -> Result<Net> {
     lab.write_manifests(&b, &yaml)?;
     for (n, pod) in [(&a, &local), (&b, &remote)] {
         lab.start_agent(n, &["cbr0", "eth0", &pod.host_if], 12, &[])?;
+    }
+    // The outside reaches external and LoadBalancer IPs through node-a, as a router or an
+    // announcing load balancer would send them.
+    for ip in [EXT_LOCAL, EXT_REMOTE, LB_LOCAL, LB_REMOTE] {
+        lab.exec(&outside.ns, &["ip", "route", "add", &format!("{ip}/32"), "via", &NODE_A.to_string()])?;
     }
     Ok(Net { lab, a, b, outside, client, local, remote })
 }
@@ -416,6 +452,25 @@ fn rolling_update_under_load_through_a_node_port_fails_no_request() -> Result<()
     assert!(ok > 100, "only {ok} requests");
     for p in ["roll-v1", "roll-v2", "roll-v3"] {
         assert!(seen.contains(p), "{p} never answered: {seen:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn external_and_load_balancer_ips_to_local_and_remote_backends_tcp_and_udp() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    for (what, ip) in [
+        ("external IP, local backend", EXT_LOCAL),
+        ("external IP, remote backend", EXT_REMOTE),
+        ("LoadBalancer IP, local backend", LB_LOCAL),
+        ("LoadBalancer IP, remote backend", LB_REMOTE),
+    ] {
+        assert_eq!(upload(&n.outside.ns, at(ip, 7000), 1 << 20).with_context(|| what.to_string())?, 1 << 20, "{what}");
+        udp_echo(&n.outside.ns, at(ip, 53), 100, 3).with_context(|| format!("{what}, UDP"))?;
+        udp_echo(&n.outside.ns, at(ip, 53), 4000, 2).with_context(|| format!("{what}, fragmented UDP"))?;
     }
     Ok(())
 }
