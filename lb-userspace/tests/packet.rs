@@ -1099,6 +1099,11 @@ fn fragments_follow_their_first_fragment_both_ways_in_any_order_after_it() {
     }
 }
 
+/// The SYN as the datapath sends it on (its flow is tracked already).
+fn sent_again(h: &Harness, syn: &[u8]) -> Vec<u8> {
+    h.run(syn).1
+}
+
 /// The first 28 (UDP) or 40 (TCP) bytes of a frame's IP packet: what an ICMP error quotes.
 fn quote_of(f: &[u8], l4: usize) -> Vec<u8> {
     f[14..34 + l4].to_vec()
@@ -1147,6 +1152,18 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     let (src, dst, quote) = parse_icmp_checked(&out);
     assert_eq!((src, dst), (CLIENT, backend.0));
     assert_eq!(quote, quote_of(&reply, 20));
+
+    // Errors that cannot be matched pass untouched: a quote cut inside the ports, a quoted
+    // header with options, an ICMP echo.
+    let cut = icmp_error(router, CLIENT, 3, 4, [0; 4], &quote_of(&sent_again(&h, &syn), 20)[..22]);
+    let mut opts_quote = quote_of(&h.run(&syn).1, 20);
+    opts_quote[0] = 0x46;
+    let with_opts = icmp_error(router, CLIENT, 3, 4, [0; 4], &opts_quote);
+    let echo = icmp_error(router, CLIENT, 8, 0, [0; 4], &quote_of(&h.run(&syn).1, 20));
+    for (what, f) in [("cut quote", cut), ("quote with options", with_opts), ("echo request", echo)] {
+        let (verdict, out) = h.run(&f);
+        assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &f), "{what}");
+    }
 
     // An error quoting nothing we track passes untouched.
     let stray = frame((CLIENT, 40001), (Ipv4Addr::new(10, 244, 7, 7), 80), L4::Tcp { flags: SYN }, &[]);
