@@ -202,7 +202,10 @@ pub struct ServicePort {
     pub affinity_timeout_s: Option<u32>,
     /// Reached from outside: flows to remote backends are SNATed to the node.
     pub external: bool,
-    /// Traffic policy `Local`: only local backends, and none means drop.
+    /// Traffic policy `Local` while the Service has usable endpoints somewhere in the cluster:
+    /// only local backends, and none means drop. Clear under `Local` when no endpoint is usable
+    /// anywhere, so the frontend rejects like any Service without endpoints (kube-proxy's
+    /// REJECT for `!hasEndpoints`); `backends` is then empty either way.
     pub local_only: bool,
     /// `loadBalancerSourceRanges` (LoadBalancer IPs only); empty admits everyone.
     pub source_ranges: Vec<Cidr>,
@@ -679,17 +682,21 @@ pub fn translate<'a>(
                 candidates.truncate(MAX_BACKENDS_PER_SERVICE as usize);
             }
             let (all, local) = categorize(&candidates, node);
+            // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready,
+            // or serving while terminating). A Local policy drops only when such endpoints exist
+            // but none is on this node; with none anywhere the port rejects, as under Cluster.
+            let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
             let name =
                 if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
             let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
             let internal = ServicePort {
                 backends: if spec.internal_local { local.clone() } else { all.clone() },
-                local_only: spec.internal_local,
+                local_only: spec.internal_local && usable_anywhere,
                 ..base.clone()
             };
             let external = ServicePort {
                 backends: if spec.external_local { local } else { all },
-                local_only: spec.external_local,
+                local_only: spec.external_local && usable_anywhere,
                 external: true,
                 ..base
             };
@@ -1382,6 +1389,54 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
         // A node without a zone label cannot use zone hints: every endpoint.
         let rows: Vec<Row> = vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, &["zone-2"], NONE)];
         assert_eq!(semantics("", &rows, &NodeInfo::named("node-a")), (vec![1, 2], vec![1, 2]));
+    }
+
+    /// kube-proxy drops under a Local policy only when the Service has usable endpoints
+    /// elsewhere; with none anywhere it rejects (`hasEndpoints` false), as without the policy.
+    #[test]
+    fn local_policies_drop_only_when_endpoints_exist_elsewhere() {
+        // (what, endpoint conditions on node-b or "" for no slice, local_only expected)
+        let cases = [
+            ("no slice at all", None, false),
+            ("a slice without endpoints", Some(""), false),
+            ("ready endpoint on another node", Some("{ready: true}"), true),
+            ("not ready, not terminating: unusable", Some("{ready: false, serving: false, terminating: false}"), false),
+            (
+                "serving while terminating elsewhere counts",
+                Some("{ready: false, serving: true, terminating: true}"),
+                true,
+            ),
+            ("terminating, not serving: unusable", Some("{ready: false, serving: false, terminating: true}"), false),
+        ];
+        for (what, conditions, want) in cases {
+            let mut yaml = String::from(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.8\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.8]\n  ports: [{port: 80, nodePort: 30008}]\n",
+            );
+            if let Some(c) = conditions {
+                let eps = if c.is_empty() {
+                    "endpoints: []\n".to_string()
+                } else {
+                    format!("endpoints: [{{addresses: [10.244.2.8], nodeName: node-b, conditions: {c}}}]\n")
+                };
+                yaml.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: t, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 80}}]\n{eps}"));
+            }
+            let t = run_on(&yaml, "node-a");
+            assert!(t.errors.is_empty(), "{what}: {:?}", t.errors);
+            for f in [
+                fe("10.96.8.8", 80, Protocol::Tcp),
+                Frontend::node_port(30008, Protocol::Tcp),
+                Frontend::external("192.0.2.8".parse().unwrap(), 80, Protocol::Tcp),
+            ] {
+                let sp = &t.state.services[&f];
+                assert!(sp.backends.is_empty(), "{what}: {f}");
+                assert_eq!(sp.local_only, want, "{what}: {f}");
+            }
+        }
+        // A local endpoint: Local as usual, whatever the rest of the cluster has.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {internalTrafficPolicy: Local, clusterIP: 10.96.8.9, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.1.9], nodeName: node-a}]\n";
+        let sp = &run_on(yaml, "node-a").state.services[&fe("10.96.8.9", 80, Protocol::Tcp)];
+        assert!(sp.local_only);
+        assert_eq!(sp.backends, vec![local_ep("10.244.1.9", 80)]);
     }
 
     #[test]
