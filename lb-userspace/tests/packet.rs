@@ -9,15 +9,16 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
+    time::Instant,
 };
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
 use lb_tests::packet::{fold, frame, parse_checked, sum16, L4};
 use lb_userspace::{
-    dataplane::{Config, Dataplane, DataplaneError, MapSizes, Maps},
+    dataplane::{service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
     manifests,
-    model::{translate, DesiredState},
+    model::{translate, DesiredState, Frontend, Protocol},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -388,7 +389,84 @@ fn deleted_service_stops_translating() {
     let (verdict, out) = h.run(&frame((CLIENT, 40001), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
+    // The slots stay for packets that read the entry just before it went, then go.
+    assert_eq!(h.dp.maps().slots.keys().count(), 6);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
     assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
+}
+
+/// The lab ClusterIP's HTTP frontend key in `LB_SERVICES`.
+fn http_key() -> lb_common::ServiceKey {
+    service_key(&Frontend::cluster_ip(VIP, 80, Protocol::Tcp))
+}
+
+/// A packet copies the service entry, then looks its slot up. One that read the entry just
+/// before a backend update flipped it must still find the generation the copy names.
+#[test]
+fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&lab_yaml(&BACKENDS));
+    let mut maps = h.pinned_maps();
+    let before = maps.services.get(&http_key(), 0).unwrap();
+    let newer = ["10.244.1.21", "10.244.1.22"];
+    h.apply(&lab_yaml(&newer));
+    let after = maps.services.get(&http_key(), 0).unwrap();
+    assert_ne!(after.generation, before.generation);
+    assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
+
+    // The copy taken before the flip, as the packet in flight holds it.
+    maps.services.insert(http_key(), before, 0).unwrap();
+    for port in 43001..43030 {
+        assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, port)), "an old backend, as before the flip");
+    }
+    assert_eq!(h.counter(Counter::DropSlotMissing), 0);
+    maps.services.insert(http_key(), after, 0).unwrap();
+
+    // Kept through the grace period (both ports of web-service changed: 3 + 3 slots)...
+    let old_slots = |maps: &Maps| {
+        maps.slots
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.service_id == before.id && k.generation == before.generation)
+            .count()
+    };
+    assert_eq!(h.dp.collect_retired(), 0);
+    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (3, 6));
+    // ...also by an apply within it...
+    h.apply(&lab_yaml(&newer));
+    assert_eq!(old_slots(&maps), 3);
+    // ...and gone after it.
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
+    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (0, 0));
+    assert_eq!(maps.slots.keys().count(), 4, "the live generations of both ports");
+    // What the grace prevents: the stale copy now misses its slots.
+    maps.services.insert(http_key(), before, 0).unwrap();
+    h.run(&frame((CLIENT, 43100), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(h.counter(Counter::DropSlotMissing), 1);
+}
+
+/// Slots held for their grace period count against the map's capacity: when a new
+/// generation does not fit, they go early rather than the frontend failing.
+#[test]
+fn retired_slots_give_way_when_the_slots_map_is_full() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { backend_slots: 8, ..MapSizes::default() };
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // 3 + 3 live slots. The HTTP port's 2 new ones fit (8), its 3 old ones are retired; the
+    // DNS port's 2 new ones do not (10), so the retired 3 go early and the DNS port is written.
+    let newer = ["10.244.1.21", "10.244.1.22"];
+    h.apply(&lab_yaml(&newer));
+    assert_eq!(h.dp.retired_slots(), 3, "the DNS port's old generation, in its grace");
+    assert_eq!(h.dp.maps().slots.keys().count(), 7);
+    assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
+    let (_, out) = h.run(&frame((CLIENT, 43000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
+    assert!(backend_set(&newer, 5353).contains(&parse_checked(&out).dst));
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert_eq!(h.dp.maps().slots.keys().count(), 4);
 }
 
 fn affinity_yaml(backends: &[&str], timeout: u32) -> String {
@@ -957,6 +1035,19 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
     assert_eq!(parse_checked(&out).dst.1, 5353);
     assert_eq!(h.dp.maps().affinity.keys().count(), 2);
 
+    let http_pin = affinity_key(&h, CLIENT);
+    h.apply("");
+    // A packet that read web-service's entry just before the removal writes its pin after it.
+    let mut maps = h.pinned_maps();
+    let pin = maps.affinity.get(&http_pin, 0).unwrap();
+    maps.affinity
+        .insert(http_pin, lb_common::AffinityValue { generation: 0, last_used_ns: ktime_ns(), ..pin }, 0)
+        .unwrap();
+    // The ids come free with the removed frontends' slots, after the grace period; their pins
+    // go then, the late one too.
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert_eq!(maps.affinity.keys().count(), 0);
+
     let new_backends = ["10.244.9.1", "10.244.9.2"];
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     h.apply(
@@ -965,6 +1056,8 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
             .replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11")
             .replace("kubernetes.io/service-name: web-service", "kubernetes.io/service-name: web-two"),
     );
+    let reused = maps.services.get(&service_key(&Frontend::cluster_ip(vip2, 80, Protocol::Tcp)), 0).unwrap().id;
+    assert_eq!(reused, http_pin.service_id, "the new frontend got the removed one's id");
     for port in 41000..41010 {
         let (verdict, out) = h.run(&frame((CLIENT, port), (vip2, 80), L4::Tcp { flags: SYN }, &[]));
         assert_eq!(verdict, TC_ACT_OK);
