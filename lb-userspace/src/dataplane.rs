@@ -519,6 +519,9 @@ struct Retired {
     /// (a reused id starts again at generation 0, which these may be), and after its affinity
     /// pins are dropped, including any a packet in flight wrote after the removal.
     release_id: bool,
+    /// The flip away from this generation wrapped the counter (65535 -> 0): pins a packet in
+    /// flight still wrote with this generation would, 65,536 changes later, pass as current.
+    wrapped: bool,
 }
 
 /// What one `apply` changed.
@@ -973,7 +976,7 @@ impl Dataplane {
             // slots go after the grace, for packets that read the entry just before; the id is
             // free again (its affinity pins dropped) only then.
             let _ = self.maps.services.remove(&service_key(&f));
-            self.retire(p.id, p.generation, p.port.backends.len(), true);
+            self.retire(p.id, p.generation, p.port.backends.len(), true, false);
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
@@ -999,6 +1002,12 @@ impl Dataplane {
                 // A generation still in its grace that the counter came back to is rewritten
                 // now: its later deletion must not hit the live slots.
                 self.drop_retired(next.id, next.generation);
+                if next.generation == 0 {
+                    // Wrapped: a pin is trusted without a membership check while its generation
+                    // equals the service's, and pins of 65,536 changes ago may hold this one.
+                    let n = self.purge_affinity(|id| id == next.id);
+                    tracing::info!(frontend = %f, pins = n, "slot generation wrapped; affinity pins of the frontend dropped");
+                }
             }
             let mut written = self.write_service(f, &next, old.as_ref());
             if matches!(written, Err(DataplaneError::MapFull { name: MAP_BACKEND_SLOTS, .. }))
@@ -1179,7 +1188,7 @@ impl Dataplane {
         if let Some(p) = prev {
             if new_generation {
                 // Packets that copied the old entry a moment ago still look these up.
-                self.retire(p.id, p.generation, p.port.backends.len(), false);
+                self.retire(p.id, p.generation, p.port.backends.len(), false, p.generation == u16::MAX);
                 self.remove_members(p.id, &p.port.backends, &next.port.backends);
             }
             self.remove_ranges(p.id, &p.port.source_ranges, &next.port.source_ranges);
@@ -1192,11 +1201,11 @@ impl Dataplane {
     }
 
     /// Queues slot generation `generation` of `id` for deletion after `SLOT_GRACE`.
-    fn retire(&mut self, id: u32, generation: u16, count: usize, release_id: bool) {
-        if count == 0 && !release_id {
+    fn retire(&mut self, id: u32, generation: u16, count: usize, release_id: bool, wrapped: bool) {
+        if count == 0 && !release_id && !wrapped {
             return;
         }
-        self.retired.push_back(Retired { id, generation, count, since: Instant::now(), release_id });
+        self.retired.push_back(Retired { id, generation, count, since: Instant::now(), release_id, wrapped });
     }
 
     /// Deletes a retired generation at once, because it is about to be written again.
@@ -1229,6 +1238,7 @@ impl Dataplane {
     pub fn collect_retired_at(&mut self, now: Instant) -> usize {
         let mut slots = 0;
         let mut released = BTreeSet::new();
+        let mut wrapped = BTreeSet::new();
         while self.retired.front().is_some_and(|r| now.saturating_duration_since(r.since) >= SLOT_GRACE) {
             let r = self.retired.pop_front().expect("checked");
             self.remove_slots(r.id, r.generation, r.count);
@@ -1236,9 +1246,22 @@ impl Dataplane {
             if r.release_id {
                 released.insert(r.id);
             }
+            if r.wrapped {
+                wrapped.insert((r.id, r.generation));
+            }
         }
-        if !released.is_empty() {
-            self.purge_affinity(|id| released.contains(&id));
+        if !released.is_empty() || !wrapped.is_empty() {
+            let doomed: Vec<AffinityKey> = self
+                .maps
+                .affinity
+                .iter()
+                .filter_map(std::result::Result::ok)
+                .filter(|(k, v)| released.contains(&k.service_id) || wrapped.contains(&(k.service_id, v.generation)))
+                .map(|(k, _)| k)
+                .collect();
+            for k in &doomed {
+                let _ = self.maps.affinity.remove(k);
+            }
             // Only now may a new frontend get these ids (and generation 0 again).
             self.free_ids.extend(released);
         }

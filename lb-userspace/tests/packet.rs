@@ -16,9 +16,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
 use lb_tests::packet::{fold, frame, parse_checked, sum16, L4};
 use lb_userspace::{
-    dataplane::{service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
+    dataplane::{backend_value, service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
     manifests,
-    model::{translate, DesiredState, Frontend, Protocol},
+    model::{translate, DesiredState, Endpoint, Frontend, Protocol},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -1067,4 +1067,58 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
             "sent to {dst:?}, a backend of the removed Service"
         );
     }
+}
+
+/// The slot generation is a u16: 65,536 backend changes bring it back to a value an old pin
+/// may hold, and a pin whose generation equals the service's is trusted without a membership
+/// check. The wrap drops the frontend's pins, so a backend that left is never chosen.
+#[test]
+fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&affinity_yaml(&BACKENDS, 3600));
+    let pinned = h.syn_dst(CLIENT, 40000).0;
+    let pin_key = affinity_key(&h, CLIENT);
+    let mut maps = h.pinned_maps();
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
+
+    // 65,535 changes later (written into the maps, then adopted by a new agent): the pinned
+    // backend has left, the generation is 65535, and the client has not connected since.
+    let v = maps.services.get(&http_key(), 0).unwrap();
+    let rest: Vec<&str> = BACKENDS.iter().copied().filter(|b| b.parse::<Ipv4Addr>().unwrap() != pinned).collect();
+    for slot in 0..v.backend_count {
+        maps.slots.remove(&lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot }).unwrap();
+    }
+    for (slot, b) in rest.iter().enumerate() {
+        let e = Endpoint { ip: b.parse().unwrap(), port: 8080, local: false };
+        let k = lb_common::BackendSlotKey { service_id: v.id, generation: u16::MAX, slot: slot as u16 };
+        maps.slots.insert(k, backend_value(&e), 0).unwrap();
+    }
+    maps.services
+        .insert(http_key(), lb_common::ServiceValue { generation: u16::MAX, backend_count: rest.len() as u16, ..v }, 0)
+        .unwrap();
+    h.dp = Dataplane::load(&h.pin_dir, &Config::default()).expect("adopting");
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0, "the old pin is still there");
+
+    // One more change: the generation wraps to 0, the old pin's.
+    let mut next = rest.clone();
+    next.push("10.244.1.14");
+    h.apply(&affinity_yaml(&next, 3600));
+    assert_eq!(maps.services.get(&http_key(), 0).unwrap().generation, 0);
+    let chosen = h.syn_dst(CLIENT, 40001).0;
+    assert_ne!(chosen, pinned, "the backend that left must not be chosen");
+    assert!(next.contains(&chosen.to_string().as_str()));
+    for port in 40002..40010 {
+        assert_eq!(h.syn_dst(CLIENT, port).0, chosen, "re-pinned to the new choice");
+    }
+
+    // A pin a packet in flight wrote under generation 65535 after the flip goes with that
+    // generation's slots; pins of the new generation stay.
+    let other = lb_common::AffinityKey { client: [u32::from_ne_bytes([10, 244, 3, 3]), 0, 0, 0], ..pin_key };
+    let late = lb_common::AffinityValue { generation: u16::MAX, ..maps.affinity.get(&pin_key, 0).unwrap() };
+    maps.affinity.insert(other, late, 0).unwrap();
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert!(maps.affinity.get(&other, 0).is_err(), "the late pin of the wrapped generation is dropped");
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
 }
