@@ -222,7 +222,10 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() -> 
         eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 503).unwrap_or(false)),
         "503 once the endpoint is gone"
     );
-    assert!(dropped(&e.outside.ns, at(NODE_B, 30091))?);
+    // Its only endpoint was not ready: no usable endpoint anywhere, so every node refuses
+    // (kube-proxy's REJECT) rather than drops.
+    assert!(tcp_refused_fast(&e.outside.ns, at(NODE_B, 30091))?);
+    assert!(tcp_refused_fast(&e.outside.ns, at(NODE_A, 30091))?);
     update(&e, false, true)?;
     assert!(eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 200).unwrap_or(false)));
     Ok(())
