@@ -899,6 +899,13 @@ impl Dataplane {
     /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense. Its
     /// traffic counters start from zero, so a reused id does not inherit another frontend's.
     fn next_free_id(&mut self) -> u32 {
+        // Ids index the per-service counters (one slot per possible frontend): rather than
+        // grow past them while removed frontends' ids wait out their slots' grace, take those
+        // back early.
+        if self.free_ids.is_empty() && self.next_id > self.sizes.services && self.retired.iter().any(|r| r.release_id) {
+            tracing::warn!("service ids up to the services map's capacity in use: releasing removed frontends' ids before their grace period");
+            self.collect_retired_at(Instant::now() + SLOT_GRACE);
+        }
         let id = match self.free_ids.pop_first() {
             Some(id) => id,
             None => {

@@ -663,6 +663,27 @@ fn a_full_services_map_is_reported_and_the_rest_keeps_working() {
     assert_eq!(h.pinned_maps().names.keys().count(), 2);
 }
 
+/// Removed frontends' ids wait for their slots' grace before reuse, but never so that ids grow
+/// past the services map's capacity: they index the per-service counters.
+#[test]
+fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { services: 4, ..MapSizes::default() };
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // Every frontend replaced by another in one apply.
+    h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
+    let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
+    assert_eq!(ids, (1..=4).collect());
+    let vip = Ipv4Addr::new(10, 96, 0, 30);
+    let (verdict, _) = h.run(&frame((CLIENT, 40000), (vip, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    let id = h.dp.maps().services.get(&service_key(&Frontend::cluster_ip(vip, 80, Protocol::Tcp)), 0).unwrap().id;
+    let packets: u64 = h.dp.maps().service_stats.get(&id, 0).unwrap().iter().map(|s| s.packets).sum();
+    assert_eq!(packets, 1, "counted in the frontend's own slot, from zero");
+}
+
 // ---------- north-south: node ports, LoadBalancer IPs, policies (issue 4) ----------
 
 const XDP_DROP: u32 = 1;
