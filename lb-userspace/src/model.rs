@@ -682,6 +682,11 @@ pub fn translate<'a>(
                 }
             }
             let mut candidates: Vec<(Endpoint, &SliceEndpoint)> = merged.values().map(|(ep, e)| (*ep, e)).collect();
+            // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready,
+            // or serving while terminating), counted before the cut below. A Local policy drops
+            // only when such endpoints exist but none is on this node; with none anywhere the
+            // port rejects, as under Cluster.
+            let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
             if candidates.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 out.errors.push(TranslateError::Service {
                     object: spec.object.clone(),
@@ -696,10 +701,6 @@ pub fn translate<'a>(
                 candidates.truncate(MAX_BACKENDS_PER_SERVICE as usize);
             }
             let (all, local) = categorize(&candidates, node);
-            // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready,
-            // or serving while terminating). A Local policy drops only when such endpoints exist
-            // but none is on this node; with none anywhere the port rejects, as under Cluster.
-            let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
             let name =
                 if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
             let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
