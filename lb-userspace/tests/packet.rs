@@ -684,6 +684,39 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
     assert_eq!(packets, 1, "counted in the frontend's own slot, from zero");
 }
 
+/// An external IP on another Service's ClusterIP: one map key. The ClusterIP's Service holds
+/// it; deleting that Service hands the key to the other, deleting the other leaves it alone.
+#[test]
+fn a_cluster_ip_keeps_its_key_from_another_services_external_ip_until_deleted() {
+    if !privileged() {
+        return;
+    }
+    let winner = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.11]}]\n";
+    let loser = "---\napiVersion: v1\nkind: Service\nmetadata: {name: hijack}\nspec: {clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: hijack-1, labels: {kubernetes.io/service-name: hijack}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.66]}]\n";
+    let state = |yaml: &str| {
+        let (objects, errors) = manifests::parse(&[(PathBuf::from("test.yaml"), yaml.to_string())]);
+        assert!(errors.is_empty(), "{errors:?}");
+        translate(&objects.services, &objects.slices, &lb_userspace::model::NodeInfo::named("node-a")).state
+    };
+    let mut h = Harness::new("");
+    let to = |h: &Harness, port: u16| {
+        let (verdict, out) =
+            h.run(&frame((CLIENT, port), (Ipv4Addr::new(10, 96, 0, 50), 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK);
+        parse_checked(&out).dst.0.to_string()
+    };
+    let apply = |h: &mut Harness, yaml: &str| assert!(h.dp.apply(&state(yaml)).errors.is_empty());
+    apply(&mut h, &format!("{winner}---\n{loser}"));
+    assert_eq!(to(&h, 40000), "10.244.1.11");
+    apply(&mut h, loser);
+    assert_eq!(to(&h, 40001), "10.244.1.66", "the winner deleted: the other Service takes the key");
+    apply(&mut h, &format!("{loser}---\n{winner}"));
+    assert_eq!(to(&h, 40002), "10.244.1.11", "the ClusterIP takes it back");
+    apply(&mut h, winner);
+    assert_eq!(to(&h, 40003), "10.244.1.11", "the loser deleted: the winner intact");
+    assert_eq!(h.dp.programmed().0, 1);
+}
+
 // ---------- north-south: node ports, LoadBalancer IPs, policies (issue 4) ----------
 
 const XDP_DROP: u32 = 1;
