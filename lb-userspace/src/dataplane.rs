@@ -3,7 +3,7 @@
 //! attaches the tc program to interfaces with pinned links so traffic keeps flowing while no
 //! agent runs.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     ffi::CStr,
     fs,
     net::Ipv4Addr,
@@ -12,6 +12,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -500,6 +501,29 @@ struct Programmed {
     port: ServicePort,
 }
 
+/// How long a replaced slot generation stays in the map after the service entry stopped
+/// pointing at it. A packet copies the service entry and then looks its slot up; one that read
+/// the entry just before the flip must still find the old generation (else `DropSlotMissing`).
+/// A program run lasts microseconds (no sleeping, no preemption inside it), so this is ample;
+/// kube-proxy's nftables proxier likewise removes stale chains a sync later.
+pub const SLOT_GRACE: Duration = Duration::from_secs(2);
+
+/// A slot generation retired by a flip or a frontend's removal, deleted after `SLOT_GRACE`.
+#[derive(Clone, Debug)]
+struct Retired {
+    id: u32,
+    generation: u16,
+    count: usize,
+    since: Instant,
+    /// The frontend was removed: its id is handed out again only once these slots are gone
+    /// (a reused id starts again at generation 0, which these may be), and after its affinity
+    /// pins are dropped, including any a packet in flight wrote after the removal.
+    release_id: bool,
+    /// The flip away from this generation wrapped the counter (65535 -> 0): pins a packet in
+    /// flight still wrote with this generation would, 65,536 changes later, pass as current.
+    wrapped: bool,
+}
+
 /// What one `apply` changed.
 #[derive(Debug, Default)]
 pub struct ApplyReport {
@@ -623,8 +647,12 @@ pub struct Dataplane {
     xdp_mode: XdpAttachMode,
     pin_dir: PathBuf,
     programmed: BTreeMap<Frontend, Programmed>,
-    /// Ids below `next_id` not in use (their frontend was removed or failed to program).
+    /// Ids below `next_id` not in use (their frontend was removed or failed to program). A
+    /// removed frontend's id comes back here only with its retired slots, after the grace.
     free_ids: BTreeSet<u32>,
+    /// Slot generations no service entry points at any more, oldest first, kept for
+    /// `SLOT_GRACE` (see `Retired`).
+    retired: VecDeque<Retired>,
     next_id: u32,
     /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
     port_flags: Vec<u8>,
@@ -706,6 +734,7 @@ impl Dataplane {
             attach_failures: StdHashMap::new(),
             port_flags: Vec::new(),
             free_ids: BTreeSet::new(),
+            retired: VecDeque::new(),
             next_id: 1,
             migrations,
             stale_udp_removed: Arc::default(),
@@ -769,7 +798,8 @@ impl Dataplane {
 
     /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
     /// behind (slots of dead generations, names of gone services, stale memberships and source
-    /// ranges).
+    /// ranges). Slot generations a previous agent still held for their grace period are dead
+    /// generations here too: a packet in flight is long done by the time an agent has loaded.
     fn adopt(&mut self) -> Result<()> {
         let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
         let mut entries = Vec::new();
@@ -874,6 +904,13 @@ impl Dataplane {
     /// Lowest unused id: ids of removed frontends are reused first, so ids stay dense. Its
     /// traffic counters start from zero, so a reused id does not inherit another frontend's.
     fn next_free_id(&mut self) -> u32 {
+        // Ids index the per-service counters (one slot per possible frontend): rather than
+        // grow past them while removed frontends' ids wait out their slots' grace, take those
+        // back early.
+        if self.free_ids.is_empty() && self.next_id > self.sizes.services && self.retired.iter().any(|r| r.release_id) {
+            tracing::warn!("service ids up to the services map's capacity in use: releasing removed frontends' ids before their grace period");
+            self.collect_retired_at(Instant::now() + SLOT_GRACE);
+        }
         let id = match self.free_ids.pop_first() {
             Some(id) => id,
             None => {
@@ -932,11 +969,11 @@ impl Dataplane {
     /// failures are reported and do not stop the others.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         let mut report = ApplyReport::default();
+        self.collect_retired();
         // Port flags first: the datapath must not skip a frontend that is about to exist.
         self.update_ports(desired.services.iter(), false, &mut report);
         let gone: Vec<Frontend> =
             self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
-        let mut removed_ids: BTreeSet<u32> = BTreeSet::new();
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StaleUdp = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
@@ -947,22 +984,16 @@ impl Dataplane {
                 stale_udp.insert(p.id, None);
                 stale_socks.push((f, p.port.backends.iter().copied().collect()));
             }
-            // Service entry first, so no new flow can pick a slot we are about to delete.
+            // Service entry first, so no new flow can pick a slot we are about to delete. The
+            // slots go after the grace, for packets that read the entry just before; the id is
+            // free again (its affinity pins dropped) only then.
             let _ = self.maps.services.remove(&service_key(&f));
-            self.remove_slots(p.id, p.generation, p.port.backends.len());
+            self.retire(p.id, p.generation, p.port.backends.len(), true, false);
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
-            self.free_ids.insert(p.id);
-            removed_ids.insert(p.id);
             tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
-        }
-        // Before any id is handed out again: a pin is trusted without a membership check while
-        // its slot generation matches, and a reused id starts again at generation 0, so an old
-        // pin would send the new frontend's client to the old frontend's backend.
-        if !removed_ids.is_empty() {
-            self.purge_affinity(|id| removed_ids.contains(&id));
         }
         for (f, want) in &desired.services {
             let old = self.programmed.get(f).cloned();
@@ -979,7 +1010,32 @@ impl Dataplane {
                 Some(p) => Programmed { id: p.id, generation: p.generation.wrapping_add(1), port: want.clone() },
                 None => Programmed { id: self.next_free_id(), generation: 0, port: want.clone() },
             };
-            match self.write_service(f, &next, old.as_ref()) {
+            if old.as_ref().is_some_and(|p| p.generation != next.generation) {
+                // A generation still in its grace that the counter came back to is rewritten
+                // now: its later deletion must not hit the live slots.
+                self.drop_retired(next.id, next.generation);
+                if next.generation == 0 {
+                    // Wrapped: a pin is trusted without a membership check while its generation
+                    // equals the service's, and pins of 65,536 changes ago may hold this one.
+                    let n = self.purge_affinity(|id| id == next.id);
+                    tracing::info!(frontend = %f, pins = n, "slot generation wrapped; affinity pins of the frontend dropped");
+                }
+            }
+            let mut written = self.write_service(f, &next, old.as_ref());
+            if matches!(written, Err(DataplaneError::MapFull { name: MAP_BACKEND_SLOTS, .. }))
+                && !self.retired.is_empty()
+            {
+                // Retired generations count against the capacity: under that pressure they go
+                // before their grace (a packet in flight may then drop) rather than leave the
+                // frontend unprogrammed.
+                tracing::warn!(
+                    retired_slots = self.retired_slots(),
+                    "backend slots map full: deleting replaced slot generations before their grace period"
+                );
+                self.collect_retired_at(Instant::now() + SLOT_GRACE);
+                written = self.write_service(f, &next, old.as_ref());
+            }
+            match written {
                 Ok(()) => {
                     if let Some(old) = old.as_ref().filter(|_| f.protocol == Protocol::Udp) {
                         let left: BTreeSet<Endpoint> =
@@ -1143,7 +1199,8 @@ impl Dataplane {
         }
         if let Some(p) = prev {
             if new_generation {
-                self.remove_slots(p.id, p.generation, p.port.backends.len());
+                // Packets that copied the old entry a moment ago still look these up.
+                self.retire(p.id, p.generation, p.port.backends.len(), false, p.generation == u16::MAX);
                 self.remove_members(p.id, &p.port.backends, &next.port.backends);
             }
             self.remove_ranges(p.id, &p.port.source_ranges, &next.port.source_ranges);
@@ -1153,6 +1210,80 @@ impl Dataplane {
             tracing::warn!(service = %next.port.name, error = %error_chain(&e), "could not store the service name for lb list");
         }
         Ok(())
+    }
+
+    /// Queues slot generation `generation` of `id` for deletion after `SLOT_GRACE`.
+    fn retire(&mut self, id: u32, generation: u16, count: usize, release_id: bool, wrapped: bool) {
+        if count == 0 && !release_id && !wrapped {
+            return;
+        }
+        self.retired.push_back(Retired { id, generation, count, since: Instant::now(), release_id, wrapped });
+    }
+
+    /// Deletes a retired generation at once, because it is about to be written again.
+    fn drop_retired(&mut self, id: u32, generation: u16) {
+        let hits: Vec<usize> = (0..self.retired.len())
+            .rev()
+            .filter(|&i| {
+                self.retired[i].id == id && self.retired[i].generation == generation && !self.retired[i].release_id
+            })
+            .collect();
+        for i in hits {
+            if let Some(r) = self.retired.remove(i) {
+                self.remove_slots(r.id, r.generation, r.count);
+            }
+        }
+    }
+
+    /// Backend slots held by retired generations (they count against the map's capacity).
+    pub fn retired_slots(&self) -> usize {
+        self.retired.iter().map(|r| r.count).sum()
+    }
+
+    /// Deletes the retired slot generations whose grace has passed; returns how many slots.
+    /// The agent calls it on every tick, and `apply` first thing.
+    pub fn collect_retired(&mut self) -> usize {
+        self.collect_retired_at(Instant::now())
+    }
+
+    /// `collect_retired` as if it were `now` (a later instant deletes more).
+    pub fn collect_retired_at(&mut self, now: Instant) -> usize {
+        let mut slots = 0;
+        let mut released = BTreeSet::new();
+        let mut wrapped = BTreeSet::new();
+        while self.retired.front().is_some_and(|r| now.saturating_duration_since(r.since) >= SLOT_GRACE) {
+            let r = self.retired.pop_front().expect("checked");
+            self.remove_slots(r.id, r.generation, r.count);
+            slots += r.count;
+            if r.release_id {
+                released.insert(r.id);
+            }
+            if r.wrapped {
+                wrapped.insert((r.id, r.generation));
+            }
+        }
+        if !released.is_empty() || !wrapped.is_empty() {
+            let doomed: Vec<AffinityKey> = self
+                .maps
+                .affinity
+                .iter()
+                .filter_map(std::result::Result::ok)
+                .filter(|(k, v)| released.contains(&k.service_id) || wrapped.contains(&(k.service_id, v.generation)))
+                .map(|(k, _)| k)
+                .collect();
+            for k in &doomed {
+                let _ = self.maps.affinity.remove(k);
+            }
+            // Only now may a new frontend get these ids (and generation 0 again).
+            self.free_ids.extend(released);
+        }
+        slots
+    }
+
+    /// How long until every retired generation may go: the agent waits this out before it
+    /// exits, then collects them, so the pinned maps hold exactly what adoption expects.
+    pub fn retired_grace_left(&self) -> Duration {
+        self.retired.back().map_or(Duration::ZERO, |r| SLOT_GRACE.saturating_sub(r.since.elapsed()))
     }
 
     fn remove_slots(&mut self, id: u32, generation: u16, count: usize) {

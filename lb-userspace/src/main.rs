@@ -438,11 +438,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
             }
         }
+        // Replaced slot generations whose grace has passed.
+        dp.collect_retired();
         debug!("poll");
     }
     for s in servers {
         s.abort();
     }
+    // Packets that read a service entry just before the last flip may still use the old slots.
+    tokio::time::sleep(dp.retired_grace_left()).await;
+    dp.collect_retired();
     info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
     Ok(())
 }

@@ -12,6 +12,8 @@
 //! the cluster-wide set only when every ready endpoint carries them and some name this node.
 //! Traffic policies pick which set each kind of frontend gets: `internalTrafficPolicy` for the
 //! ClusterIP, `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
+//! Frontends that would share a datapath key conflict: the first Service by name keeps it,
+//! except that a ClusterIP always beats another Service's external or LoadBalancer IP.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -202,7 +204,10 @@ pub struct ServicePort {
     pub affinity_timeout_s: Option<u32>,
     /// Reached from outside: flows to remote backends are SNATed to the node.
     pub external: bool,
-    /// Traffic policy `Local`: only local backends, and none means drop.
+    /// Traffic policy `Local` while the Service has usable endpoints somewhere in the cluster:
+    /// only local backends, and none means drop. Clear under `Local` when no endpoint is usable
+    /// anywhere, so the frontend rejects like any Service without endpoints (kube-proxy's
+    /// REJECT for `!hasEndpoints`); `backends` is then empty either way.
     pub local_only: bool,
     /// `loadBalancerSourceRanges` (LoadBalancer IPs only); empty admits everyone.
     pub source_ranges: Vec<Cidr>,
@@ -635,6 +640,18 @@ pub fn translate<'a>(
     }
     specs.sort_by(|a, b| a.object.cmp(&b.object));
 
+    // An external IP (or LoadBalancer ingress IP) on another Service's ClusterIP, port and
+    // protocol would share its map key (both are exact-address frontends). The ClusterIP wins
+    // whatever the object order: the API server allocates it, while external IPs are set by
+    // users and are a known way to hijack a Service's traffic (CVE-2020-8554). So every
+    // ClusterIP claims its keys before any Service is translated.
+    let mut cluster_ips: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
+    for spec in &specs {
+        for port in &spec.ports {
+            cluster_ips.entry((spec.cluster_ip, port.port, port.protocol)).or_insert_with(|| spec.object.clone());
+        }
+    }
+
     let mut owners: BTreeMap<Frontend, String> = BTreeMap::new();
     let mut health_owners: BTreeMap<u16, String> = BTreeMap::new();
     'services: for spec in specs {
@@ -665,6 +682,11 @@ pub fn translate<'a>(
                 }
             }
             let mut candidates: Vec<(Endpoint, &SliceEndpoint)> = merged.values().map(|(ep, e)| (*ep, e)).collect();
+            // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready,
+            // or serving while terminating), counted before the cut below. A Local policy drops
+            // only when such endpoints exist but none is on this node; with none anywhere the
+            // port rejects, as under Cluster.
+            let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
             if candidates.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 out.errors.push(TranslateError::Service {
                     object: spec.object.clone(),
@@ -684,12 +706,12 @@ pub fn translate<'a>(
             let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
             let internal = ServicePort {
                 backends: if spec.internal_local { local.clone() } else { all.clone() },
-                local_only: spec.internal_local,
+                local_only: spec.internal_local && usable_anywhere,
                 ..base.clone()
             };
             let external = ServicePort {
                 backends: if spec.external_local { local } else { all },
-                local_only: spec.external_local,
+                local_only: spec.external_local && usable_anywhere,
                 external: true,
                 ..base
             };
@@ -705,9 +727,32 @@ pub fn translate<'a>(
                 entries.push((Frontend::external(*ip, port.port, port.protocol), external.clone()));
             }
         }
+        // Its own ClusterIP already serves an external IP equal to it: that frontend is moot.
+        entries.retain(|(f, _)| {
+            let own = f.scope == Scope::External
+                && cluster_ips.get(&(f.ip, f.port, f.protocol)) == Some(&spec.object);
+            if own {
+                tracing::warn!(service = %spec.object, frontend = %f, "external IP equal to the Service's own ClusterIP: served as the ClusterIP");
+            }
+            !own
+        });
         // All of a Service or nothing: a clash on any frontend rejects it whole.
         let mut seen = BTreeSet::new();
         for (f, _) in &entries {
+            if let Some(owner) = cluster_ips.get(&(f.ip, f.port, f.protocol)).filter(|_| f.scope == Scope::External) {
+                tracing::warn!(
+                    service = %spec.object,
+                    cluster_ip_of = %owner,
+                    key = %format_args!("{}:{}/{}", f.ip, f.port, f.protocol),
+                    "an external IP of this Service is another Service's ClusterIP; the ClusterIP wins and this Service is not served"
+                );
+                out.errors.push(TranslateError::Conflict {
+                    object: spec.object.clone(),
+                    frontend: *f,
+                    owner: owner.clone(),
+                });
+                continue 'services;
+            }
             if let Some(owner) = owners.get(f) {
                 out.errors.push(TranslateError::Conflict {
                     object: spec.object.clone(),
@@ -1230,6 +1275,91 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
         assert!(!t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b is rejected whole");
     }
 
+    /// No two frontends of a translation share a datapath key (exact address frontends of
+    /// either kind share one key space).
+    fn keys_unique(state: &DesiredState) {
+        let mut keys = BTreeSet::new();
+        for f in state.services.keys() {
+            let exact = f.scope != Scope::NodePort;
+            assert!(keys.insert((exact, f.ip, f.port, f.protocol)), "two frontends on the key of {f}");
+        }
+    }
+
+    /// An external IP equal to another Service's ClusterIP (same port and protocol): the
+    /// ClusterIP wins whatever the names or the order of the objects, and the other Service
+    /// is rejected (reported as a conflict naming both).
+    #[test]
+    fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
+        let svc = |name: &str, spec: &str| {
+            format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+        };
+        let slice = |svc: &str, ip: &str| {
+            format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n")
+        };
+        let key = fe("10.96.0.50", 80, Protocol::Tcp);
+        let ext = Frontend::external("10.96.0.50".parse().unwrap(), 80, Protocol::Tcp);
+        // The Service owning the ClusterIP sorts first, then last.
+        for (cip_name, ext_name) in [("a-cip", "z-ext"), ("z-cip", "a-ext")] {
+            let cip_svc =
+                svc(cip_name, "{clusterIP: 10.96.0.50, ports: [{port: 80}]}") + &slice(cip_name, "10.244.1.1");
+            let ext_svc = svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{port: 80}]}")
+                + &slice(ext_name, "10.244.1.2");
+            let alone = run(&cip_svc);
+            for yaml in [cip_svc.clone() + &ext_svc, ext_svc.clone() + &cip_svc] {
+                let t = run(&yaml);
+                keys_unique(&t.state);
+                assert_eq!(t.state.services[&key].name, format!("default/{cip_name}"));
+                assert_eq!(t.state.services[&key].backends, vec![ep("10.244.1.1", 80)]);
+                assert!(!t.state.services.contains_key(&ext));
+                assert!(
+                    !t.state.services.contains_key(&fe("10.96.0.60", 80, Protocol::Tcp)),
+                    "the hijacking Service is rejected whole"
+                );
+                match &t.errors[..] {
+                    [e @ TranslateError::Conflict { object, frontend, owner }] => {
+                        assert_eq!(
+                            (object.as_str(), owner.as_str()),
+                            (&*format!("default/{ext_name}"), &*format!("default/{cip_name}"))
+                        );
+                        assert_eq!(*frontend, ext);
+                        assert!(e.to_string().contains("10.96.0.50:80/TCP"), "{e}");
+                    }
+                    other => panic!("{other:?}"),
+                }
+                // Deleting the loser leaves the winner exactly as it was.
+                assert_eq!(alone.state, t.state);
+            }
+            // Deleting the winner lets the loser take the key.
+            let t = run(&ext_svc);
+            assert!(t.errors.is_empty(), "{:?}", t.errors);
+            assert_eq!(t.state.services[&ext].name, format!("default/{ext_name}"));
+            assert_eq!(t.state.services[&ext].backends, vec![ep("10.244.1.2", 80)]);
+            assert!(t.state.services[&ext].external);
+        }
+        // Another port or protocol is another key: no conflict.
+        let t = run(&(svc("cip", "{clusterIP: 10.96.0.50, ports: [{port: 80}]}")
+            + &svc("ext", "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{name: t, port: 8080}, {name: u, port: 80, protocol: UDP}]}")));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(t.state.services.len(), 5);
+        // A LoadBalancer ingress IP on a ClusterIP is treated alike.
+        let t = run(&(svc("cip", "{clusterIP: 10.96.0.50, ports: [{port: 80}]}")
+            + &svc("lb", "{type: LoadBalancer, clusterIP: 10.96.0.60, ports: [{port: 80, nodePort: 30050}]}")
+            + "status: {loadBalancer: {ingress: [{ip: 10.96.0.50}]}}\n"));
+        assert!(
+            matches!(&t.errors[..], [TranslateError::Conflict { object, owner, .. }] if object == "default/lb" && owner == "default/cip"),
+            "{:?}",
+            t.errors
+        );
+        assert_eq!(t.state.services[&key].name, "default/cip");
+        // A Service's external IP equal to its own ClusterIP is served as the ClusterIP.
+        let t = run(&svc("own", "{clusterIP: 10.96.0.50, externalIPs: [10.96.0.50, 192.0.2.1], ports: [{port: 80}]}"));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        keys_unique(&t.state);
+        assert!(!t.state.services[&key].external);
+        assert!(t.state.services[&Frontend::external("192.0.2.1".parse().unwrap(), 80, Protocol::Tcp)].external);
+        assert_eq!(t.state.services.len(), 2);
+    }
+
     /// One endpoint row of the semantics table: address suffix, node, ready, serving,
     /// terminating (None = field absent), zone hints, node hints.
     type Row =
@@ -1382,6 +1512,54 @@ spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}
         // A node without a zone label cannot use zone hints: every endpoint.
         let rows: Vec<Row> = vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, &["zone-2"], NONE)];
         assert_eq!(semantics("", &rows, &NodeInfo::named("node-a")), (vec![1, 2], vec![1, 2]));
+    }
+
+    /// kube-proxy drops under a Local policy only when the Service has usable endpoints
+    /// elsewhere; with none anywhere it rejects (`hasEndpoints` false), as without the policy.
+    #[test]
+    fn local_policies_drop_only_when_endpoints_exist_elsewhere() {
+        // (what, endpoint conditions on node-b or "" for no slice, local_only expected)
+        let cases = [
+            ("no slice at all", None, false),
+            ("a slice without endpoints", Some(""), false),
+            ("ready endpoint on another node", Some("{ready: true}"), true),
+            ("not ready, not terminating: unusable", Some("{ready: false, serving: false, terminating: false}"), false),
+            (
+                "serving while terminating elsewhere counts",
+                Some("{ready: false, serving: true, terminating: true}"),
+                true,
+            ),
+            ("terminating, not serving: unusable", Some("{ready: false, serving: false, terminating: true}"), false),
+        ];
+        for (what, conditions, want) in cases {
+            let mut yaml = String::from(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.8\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.8]\n  ports: [{port: 80, nodePort: 30008}]\n",
+            );
+            if let Some(c) = conditions {
+                let eps = if c.is_empty() {
+                    "endpoints: []\n".to_string()
+                } else {
+                    format!("endpoints: [{{addresses: [10.244.2.8], nodeName: node-b, conditions: {c}}}]\n")
+                };
+                yaml.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: t, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 80}}]\n{eps}"));
+            }
+            let t = run_on(&yaml, "node-a");
+            assert!(t.errors.is_empty(), "{what}: {:?}", t.errors);
+            for f in [
+                fe("10.96.8.8", 80, Protocol::Tcp),
+                Frontend::node_port(30008, Protocol::Tcp),
+                Frontend::external("192.0.2.8".parse().unwrap(), 80, Protocol::Tcp),
+            ] {
+                let sp = &t.state.services[&f];
+                assert!(sp.backends.is_empty(), "{what}: {f}");
+                assert_eq!(sp.local_only, want, "{what}: {f}");
+            }
+        }
+        // A local endpoint: Local as usual, whatever the rest of the cluster has.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {internalTrafficPolicy: Local, clusterIP: 10.96.8.9, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.1.9], nodeName: node-a}]\n";
+        let sp = &run_on(yaml, "node-a").state.services[&fe("10.96.8.9", 80, Protocol::Tcp)];
+        assert!(sp.local_only);
+        assert_eq!(sp.backends, vec![local_ep("10.244.1.9", 80)]);
     }
 
     #[test]

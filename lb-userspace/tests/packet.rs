@@ -9,15 +9,16 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
+    time::Instant,
 };
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
 use lb_tests::packet::{fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, L4};
 use lb_userspace::{
-    dataplane::{Config, Dataplane, DataplaneError, MapSizes, Maps},
+    dataplane::{backend_value, service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
     manifests,
-    model::{translate, DesiredState},
+    model::{translate, DesiredState, Endpoint, Frontend, Protocol},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -432,7 +433,84 @@ fn deleted_service_stops_translating() {
     let (verdict, out) = h.run(&frame((CLIENT, 40001), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
+    // The slots stay for packets that read the entry just before it went, then go.
+    assert_eq!(h.dp.maps().slots.keys().count(), 6);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
     assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
+}
+
+/// The lab ClusterIP's HTTP frontend key in `LB_SERVICES`.
+fn http_key() -> lb_common::ServiceKey {
+    service_key(&Frontend::cluster_ip(VIP, 80, Protocol::Tcp))
+}
+
+/// A packet copies the service entry, then looks its slot up. One that read the entry just
+/// before a backend update flipped it must still find the generation the copy names.
+#[test]
+fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&lab_yaml(&BACKENDS));
+    let mut maps = h.pinned_maps();
+    let before = maps.services.get(&http_key(), 0).unwrap();
+    let newer = ["10.244.1.21", "10.244.1.22"];
+    h.apply(&lab_yaml(&newer));
+    let after = maps.services.get(&http_key(), 0).unwrap();
+    assert_ne!(after.generation, before.generation);
+    assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
+
+    // The copy taken before the flip, as the packet in flight holds it.
+    maps.services.insert(http_key(), before, 0).unwrap();
+    for port in 43001..43030 {
+        assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, port)), "an old backend, as before the flip");
+    }
+    assert_eq!(h.counter(Counter::DropSlotMissing), 0);
+    maps.services.insert(http_key(), after, 0).unwrap();
+
+    // Kept through the grace period (both ports of web-service changed: 3 + 3 slots)...
+    let old_slots = |maps: &Maps| {
+        maps.slots
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.service_id == before.id && k.generation == before.generation)
+            .count()
+    };
+    assert_eq!(h.dp.collect_retired(), 0);
+    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (3, 6));
+    // ...also by an apply within it...
+    h.apply(&lab_yaml(&newer));
+    assert_eq!(old_slots(&maps), 3);
+    // ...and gone after it.
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
+    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (0, 0));
+    assert_eq!(maps.slots.keys().count(), 4, "the live generations of both ports");
+    // What the grace prevents: the stale copy now misses its slots.
+    maps.services.insert(http_key(), before, 0).unwrap();
+    h.run(&frame((CLIENT, 43100), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(h.counter(Counter::DropSlotMissing), 1);
+}
+
+/// Slots held for their grace period count against the map's capacity: when a new
+/// generation does not fit, they go early rather than the frontend failing.
+#[test]
+fn retired_slots_give_way_when_the_slots_map_is_full() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { backend_slots: 8, ..MapSizes::default() };
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // 3 + 3 live slots. The HTTP port's 2 new ones fit (8), its 3 old ones are retired; the
+    // DNS port's 2 new ones do not (10), so the retired 3 go early and the DNS port is written.
+    let newer = ["10.244.1.21", "10.244.1.22"];
+    h.apply(&lab_yaml(&newer));
+    assert_eq!(h.dp.retired_slots(), 3, "the DNS port's old generation, in its grace");
+    assert_eq!(h.dp.maps().slots.keys().count(), 7);
+    assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
+    let (_, out) = h.run(&frame((CLIENT, 43000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
+    assert!(backend_set(&newer, 5353).contains(&parse_checked(&out).dst));
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert_eq!(h.dp.maps().slots.keys().count(), 4);
 }
 
 fn affinity_yaml(backends: &[&str], timeout: u32) -> String {
@@ -627,6 +705,60 @@ fn a_full_services_map_is_reported_and_the_rest_keeps_working() {
     assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, 40000)));
     // Nothing of the failed frontends is left behind in the other maps.
     assert_eq!(h.pinned_maps().names.keys().count(), 2);
+}
+
+/// Removed frontends' ids wait for their slots' grace before reuse, but never so that ids grow
+/// past the services map's capacity: they index the per-service counters.
+#[test]
+fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
+    if !privileged() {
+        return;
+    }
+    let sizes = MapSizes { services: 4, ..MapSizes::default() };
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // Every frontend replaced by another in one apply.
+    h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
+    let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
+    assert_eq!(ids, (1..=4).collect());
+    let vip = Ipv4Addr::new(10, 96, 0, 30);
+    let (verdict, _) = h.run(&frame((CLIENT, 40000), (vip, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    let id = h.dp.maps().services.get(&service_key(&Frontend::cluster_ip(vip, 80, Protocol::Tcp)), 0).unwrap().id;
+    let packets: u64 = h.dp.maps().service_stats.get(&id, 0).unwrap().iter().map(|s| s.packets).sum();
+    assert_eq!(packets, 1, "counted in the frontend's own slot, from zero");
+}
+
+/// An external IP on another Service's ClusterIP: one map key. The ClusterIP's Service holds
+/// it; deleting that Service hands the key to the other, deleting the other leaves it alone.
+#[test]
+fn a_cluster_ip_keeps_its_key_from_another_services_external_ip_until_deleted() {
+    if !privileged() {
+        return;
+    }
+    let winner = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.11]}]\n";
+    let loser = "---\napiVersion: v1\nkind: Service\nmetadata: {name: hijack}\nspec: {clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: hijack-1, labels: {kubernetes.io/service-name: hijack}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.66]}]\n";
+    let state = |yaml: &str| {
+        let (objects, errors) = manifests::parse(&[(PathBuf::from("test.yaml"), yaml.to_string())]);
+        assert!(errors.is_empty(), "{errors:?}");
+        translate(&objects.services, &objects.slices, &lb_userspace::model::NodeInfo::named("node-a")).state
+    };
+    let mut h = Harness::new("");
+    let to = |h: &Harness, port: u16| {
+        let (verdict, out) =
+            h.run(&frame((CLIENT, port), (Ipv4Addr::new(10, 96, 0, 50), 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK);
+        parse_checked(&out).dst.0.to_string()
+    };
+    let apply = |h: &mut Harness, yaml: &str| assert!(h.dp.apply(&state(yaml)).errors.is_empty());
+    apply(&mut h, &format!("{winner}---\n{loser}"));
+    assert_eq!(to(&h, 40000), "10.244.1.11");
+    apply(&mut h, loser);
+    assert_eq!(to(&h, 40001), "10.244.1.66", "the winner deleted: the other Service takes the key");
+    apply(&mut h, &format!("{loser}---\n{winner}"));
+    assert_eq!(to(&h, 40002), "10.244.1.11", "the ClusterIP takes it back");
+    apply(&mut h, winner);
+    assert_eq!(to(&h, 40003), "10.244.1.11", "the loser deleted: the winner intact");
+    assert_eq!(h.dp.programmed().0, 1);
 }
 
 // ---------- north-south: node ports, LoadBalancer IPs, policies (issue 4) ----------
@@ -1016,6 +1148,19 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
     assert_eq!(parse_checked(&out).dst.1, 5353);
     assert_eq!(h.dp.maps().affinity.keys().count(), 2);
 
+    let http_pin = affinity_key(&h, CLIENT);
+    h.apply("");
+    // A packet that read web-service's entry just before the removal writes its pin after it.
+    let mut maps = h.pinned_maps();
+    let pin = maps.affinity.get(&http_pin, 0).unwrap();
+    maps.affinity
+        .insert(http_pin, lb_common::AffinityValue { generation: 0, last_used_ns: ktime_ns(), ..pin }, 0)
+        .unwrap();
+    // The ids come free with the removed frontends' slots, after the grace period; their pins
+    // go then, the late one too.
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert_eq!(maps.affinity.keys().count(), 0);
+
     let new_backends = ["10.244.9.1", "10.244.9.2"];
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     h.apply(
@@ -1024,6 +1169,8 @@ fn a_reused_service_id_does_not_inherit_affinity_pins() {
             .replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.11")
             .replace("kubernetes.io/service-name: web-service", "kubernetes.io/service-name: web-two"),
     );
+    let reused = maps.services.get(&service_key(&Frontend::cluster_ip(vip2, 80, Protocol::Tcp)), 0).unwrap().id;
+    assert_eq!(reused, http_pin.service_id, "the new frontend got the removed one's id");
     for port in 41000..41010 {
         let (verdict, out) = h.run(&frame((CLIENT, port), (vip2, 80), L4::Tcp { flags: SYN }, &[]));
         assert_eq!(verdict, TC_ACT_OK);
@@ -1257,4 +1404,58 @@ fn a_checksum_partial_packet_at_xdp_is_left_to_tc() {
     // A complete checksum is translated at XDP as before.
     let (verdict, _) = h.run_xdp(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30081), L4::Tcp { flags: SYN }, b"data"));
     assert!(XDP_TX_OR_REDIRECT.contains(&verdict));
+}
+
+/// The slot generation is a u16: 65,536 backend changes bring it back to a value an old pin
+/// may hold, and a pin whose generation equals the service's is trusted without a membership
+/// check. The wrap drops the frontend's pins, so a backend that left is never chosen.
+#[test]
+fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
+    if !privileged() {
+        return;
+    }
+    let mut h = Harness::new(&affinity_yaml(&BACKENDS, 3600));
+    let pinned = h.syn_dst(CLIENT, 40000).0;
+    let pin_key = affinity_key(&h, CLIENT);
+    let mut maps = h.pinned_maps();
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
+
+    // 65,535 changes later (written into the maps, then adopted by a new agent): the pinned
+    // backend has left, the generation is 65535, and the client has not connected since.
+    let v = maps.services.get(&http_key(), 0).unwrap();
+    let rest: Vec<&str> = BACKENDS.iter().copied().filter(|b| b.parse::<Ipv4Addr>().unwrap() != pinned).collect();
+    for slot in 0..v.backend_count {
+        maps.slots.remove(&lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot }).unwrap();
+    }
+    for (slot, b) in rest.iter().enumerate() {
+        let e = Endpoint { ip: b.parse().unwrap(), port: 8080, local: false };
+        let k = lb_common::BackendSlotKey { service_id: v.id, generation: u16::MAX, slot: slot as u16 };
+        maps.slots.insert(k, backend_value(&e), 0).unwrap();
+    }
+    maps.services
+        .insert(http_key(), lb_common::ServiceValue { generation: u16::MAX, backend_count: rest.len() as u16, ..v }, 0)
+        .unwrap();
+    h.dp = Dataplane::load(&h.pin_dir, &Config::default()).expect("adopting");
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0, "the old pin is still there");
+
+    // One more change: the generation wraps to 0, the old pin's.
+    let mut next = rest.clone();
+    next.push("10.244.1.14");
+    h.apply(&affinity_yaml(&next, 3600));
+    assert_eq!(maps.services.get(&http_key(), 0).unwrap().generation, 0);
+    let chosen = h.syn_dst(CLIENT, 40001).0;
+    assert_ne!(chosen, pinned, "the backend that left must not be chosen");
+    assert!(next.contains(&chosen.to_string().as_str()));
+    for port in 40002..40010 {
+        assert_eq!(h.syn_dst(CLIENT, port).0, chosen, "re-pinned to the new choice");
+    }
+
+    // A pin a packet in flight wrote under generation 65535 after the flip goes with that
+    // generation's slots; pins of the new generation stay.
+    let other = lb_common::AffinityKey { client: [u32::from_ne_bytes([10, 244, 3, 3]), 0, 0, 0], ..pin_key };
+    let late = lb_common::AffinityValue { generation: u16::MAX, ..maps.affinity.get(&pin_key, 0).unwrap() };
+    maps.affinity.insert(other, late, 0).unwrap();
+    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
+    assert!(maps.affinity.get(&other, 0).is_err(), "the late pin of the wrapped generation is dropped");
+    assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
 }

@@ -222,7 +222,10 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() -> 
         eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 503).unwrap_or(false)),
         "503 once the endpoint is gone"
     );
-    assert!(dropped(&e.outside.ns, at(NODE_B, 30091))?);
+    // Its only endpoint was not ready: no usable endpoint anywhere, so every node refuses
+    // (kube-proxy's REJECT) rather than drops.
+    assert!(tcp_refused_fast(&e.outside.ns, at(NODE_B, 30091))?);
+    assert!(tcp_refused_fast(&e.outside.ns, at(NODE_A, 30091))?);
     update(&e, false, true)?;
     assert!(eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 200).unwrap_or(false)));
     Ok(())
@@ -270,5 +273,114 @@ fn hairpin_a_pod_reaches_itself_through_its_service() -> Result<()> {
     assert!(peer.starts_with("169.254.42.1:"), "the pod sees the hairpin address, not itself: {peer}");
     // And through a node port of its own node.
     assert_eq!(http_get(&e.lb_pod.ns, at(NODE_A, 30088), "/")?, "load-bal");
+    Ok(())
+}
+
+/// Services with Local traffic policies (issue 10, item 5): `itp-none` has no EndpointSlice,
+/// `etp-none` only a not-ready endpoint; `itp-remote` and `etp-remote` a ready one on node-b.
+fn local_policy_manifests(remote: &Pod) -> String {
+    let ports = |np: Option<(u16, u16)>| match np {
+        None => "[{name: t, port: 80}, {name: u, port: 53, protocol: UDP}]".to_string(),
+        Some((t, u)) => {
+            format!("[{{name: t, port: 80, nodePort: {t}}}, {{name: u, port: 53, protocol: UDP, nodePort: {u}}}]")
+        }
+    };
+    let svc = |name: &str, spec: String| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    let slice = |svc: &str, ready: bool| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: t, port: 80}}, {{name: u, port: 53, protocol: UDP}}]\nendpoints: [{{addresses: [\"{}\"], nodeName: {}, conditions: {{ready: {ready}}}}}]\n",
+            remote.ip, remote.node
+        )
+    };
+    [
+        svc("itp-none", format!("{{internalTrafficPolicy: Local, clusterIP: {ITP_NONE}, ports: {}}}", ports(None))),
+        svc("itp-remote", format!("{{internalTrafficPolicy: Local, clusterIP: {ITP_REMOTE}, ports: {}}}", ports(None))),
+        slice("itp-remote", true),
+        svc(
+            "etp-none",
+            format!(
+                "{{type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.6.3, ports: {}}}",
+                ports(Some((30100, 30101)))
+            ),
+        ),
+        slice("etp-none", false),
+        svc(
+            "etp-remote",
+            format!(
+                "{{type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.6.4, ports: {}}}",
+                ports(Some((30102, 30103)))
+            ),
+        ),
+        slice("etp-remote", true),
+    ]
+    .concat()
+}
+
+const ITP_NONE: Ipv4Addr = Ipv4Addr::new(10, 96, 6, 1);
+const ITP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 96, 6, 2);
+
+/// A TCP connect from `ns`: refused within a second (true), or timed out after one (false).
+fn tcp_refused_fast(ns: &str, addr: SocketAddr) -> Result<bool> {
+    let start = Instant::now();
+    let r = tcp_connect(ns, addr, Duration::from_secs(1))?;
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            assert!(start.elapsed() < Duration::from_secs(1), "{addr}: refused after {:?}", start.elapsed());
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(false),
+        other => panic!("{addr}: neither refused nor dropped: {other:?}"),
+    }
+}
+
+/// A datagram from a socket connected in `ns`: refused within a second (true), or no answer
+/// within one (false).
+fn udp_refused_fast(ns: &str, addr: SocketAddr) -> Result<bool> {
+    let sock = lb_tests::udp_socket(ns, addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let start = Instant::now();
+    sock.send(b"query")?;
+    let mut buf = [0u8; 512];
+    match sock.recv(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            assert!(start.elapsed() < Duration::from_secs(1), "{addr}: refused after {:?}", start.elapsed());
+            Ok(true)
+        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(false),
+        other => panic!("{addr}: neither refused nor dropped: {other:?}"),
+    }
+}
+
+/// kube-proxy rejects a Service with no usable endpoint anywhere whatever its traffic policy,
+/// and drops under a Local policy only when endpoints exist but none is on this node.
+#[test]
+fn local_policies_refuse_without_any_endpoint_and_drop_with_only_remote_ones() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let e = edge()?;
+    let yaml = manifests(&e.np_pod, &e.lb_pod, false, true) + &local_policy_manifests(&e.np_pod);
+    e.lab.write_manifests(&e.a, &yaml)?;
+    e.lab.write_manifests(&e.b, &yaml)?;
+    assert!(
+        eventually(Duration::from_secs(3), || e.lab.list(&e.a, "services").is_ok_and(|s| s.contains("*:30103/UDP"))),
+        "node-a programs the new Services"
+    );
+    // internalTrafficPolicy: Local, from a pod on node-a.
+    let pod = &e.lb_pod.ns;
+    assert!(tcp_refused_fast(pod, at(ITP_NONE, 80))?, "iTP Local, no endpoints: refused");
+    assert!(udp_refused_fast(pod, at(ITP_NONE, 53))?, "iTP Local, no endpoints: refused (UDP)");
+    assert!(!tcp_refused_fast(pod, at(ITP_REMOTE, 80))?, "iTP Local, endpoint on node-b only: dropped");
+    assert!(!udp_refused_fast(pod, at(ITP_REMOTE, 53))?, "iTP Local, endpoint on node-b only: dropped (UDP)");
+    // externalTrafficPolicy: Local, node-a's node ports from outside.
+    let out = &e.outside.ns;
+    assert!(tcp_refused_fast(out, at(NODE_A, 30100))?, "eTP Local, no ready endpoint: refused");
+    assert!(udp_refused_fast(out, at(NODE_A, 30101))?, "eTP Local, no ready endpoint: refused (UDP)");
+    assert!(!tcp_refused_fast(out, at(NODE_A, 30102))?, "eTP Local, endpoint on node-b only: dropped");
+    assert!(!udp_refused_fast(out, at(NODE_A, 30103))?, "eTP Local, endpoint on node-b only: dropped (UDP)");
+    // The remote endpoint itself is reachable through node-b's node port.
+    assert_eq!(http_get(out, at(NODE_B, 30102), "/")?, "node-port");
     Ok(())
 }
