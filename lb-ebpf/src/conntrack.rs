@@ -31,9 +31,9 @@ static CT_UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 const REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 /// Probes for a free SNAT port before giving up on a flow. The range has 4,536 ports per
 /// backend, each held for the close timeout after its flow ends, so under a burst of short
-/// connections to one remote backend it runs half full: 8 probes then failed about one flow
-/// in 250 (found by the rolling-update test); 32 fail one in 10^8 at that fill. Only new
-/// SNATed flows whose first probes collide pay for more lookups.
+/// connections to one remote backend it runs half full (found by the rolling-update test);
+/// 32 independent probes then fail one flow in 10^9. Only new SNATed flows whose first probes
+/// collide pay for more lookups.
 const SNAT_PROBES: u32 = 32;
 
 #[inline(always)]
@@ -207,14 +207,17 @@ pub fn create(
 }
 
 /// Picks a source port for SNAT of `flow` to `addr` towards `backend`: a hash of the flow
-/// into the SNAT range, probing on while the resulting reply key belongs to a live flow.
+/// into the SNAT range, probing on while the resulting reply key belongs to a live flow. Each
+/// probe hashes anew: consecutive ports (linear probing) form long occupied runs once the range
+/// is half full, and a burst of connections then ran out of probes.
 #[inline(always)]
 pub fn free_snat_port(flow: &Flow, addr: u32, backend_addr: u32, backend_port: u16, now: u64) -> Option<u16> {
     let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-    let start = lb_common::flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto) % span;
+    let seed = lb_common::flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
     let mut i = 0;
     while i < SNAT_PROBES {
-        let port = (SNAT_PORT_MIN as u32 + (start + i) % span) as u16;
+        let h = if i == 0 { seed } else { lb_common::flow_hash(seed, i, 0, 0, 0) };
+        let port = (SNAT_PORT_MIN as u32 + h % span) as u16;
         let k = key(backend_addr, addr, backend_port, port.to_be(), flow.proto, CT_DIR_REPLY);
         match LB_CONNTRACK.get_ptr(&k) {
             // SAFETY: read of an LRU value while the program runs.

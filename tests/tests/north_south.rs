@@ -225,7 +225,8 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() -> 
     // Its only endpoint was not ready: no usable endpoint anywhere, so every node refuses
     // (kube-proxy's REJECT) rather than drops.
     assert!(tcp_refused_fast(&e.outside.ns, at(NODE_B, 30091))?);
-    assert!(tcp_refused_fast(&e.outside.ns, at(NODE_A, 30091))?);
+    // node-a's agent applies the same change on its own time: wait for it too.
+    assert!(eventually(Duration::from_secs(3), || tcp_refused_fast(&e.outside.ns, at(NODE_A, 30091)).unwrap_or(false)));
     update(&e, false, true)?;
     assert!(eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 200).unwrap_or(false)));
     Ok(())
