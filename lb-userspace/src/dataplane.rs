@@ -366,12 +366,18 @@ impl Default for MapSizes {
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpAttachMode {
-    /// Native (driver) mode where the driver supports it, else generic.
+    /// Per interface: native (driver) mode where the driver transmits native XDP frames (the
+    /// kernel's `xdp-features` has `ndo-xmit`), else no XDP there, and tc alone does the work.
+    /// Generic XDP would run where tc runs anyway, linearize GSO/GRO skbs and see
+    /// CHECKSUM_PARTIAL packets, so it is never the automatic choice.
     #[default]
     Auto,
-    /// Driver mode only.
+    /// Driver mode on every XDP interface. Where the driver cannot transmit native frames, the
+    /// program leaves packets it would send to tc (it checks `LB_XDP_TARGETS`).
     Native,
-    /// Generic (skb) mode: runs in the stack after the skb is built.
+    /// Generic (skb) mode on every XDP interface: works on every device, at the cost of an skb
+    /// per packet before XDP runs, linearized GRO packets, and CHECKSUM_PARTIAL packets taking
+    /// the tc path.
     Generic,
 }
 
@@ -660,6 +666,10 @@ pub struct Dataplane {
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.
     attach_failures: StdHashMap<(String, Hook), String>,
+    /// Per interface, whether `Auto` chose native XDP, so a change of choice is logged once.
+    xdp_choice: StdHashMap<String, bool>,
+    /// Mirror of `LB_XDP_TARGETS`.
+    xdp_targets: BTreeSet<u32>,
     /// Flow maps given a new capacity at load, whose old copies are still open.
     migrations: Vec<Migration>,
     /// UDP flows removed because their backend left (by the sweep threads).
@@ -683,6 +693,7 @@ impl Dataplane {
             .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
             .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
             .override_global("NODE_IP", &node_ip, true)
+            .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
@@ -732,6 +743,8 @@ impl Dataplane {
             programmed: BTreeMap::new(),
             attached: StdHashMap::new(),
             attach_failures: StdHashMap::new(),
+            xdp_choice: StdHashMap::new(),
+            xdp_targets: BTreeSet::new(),
             port_flags: Vec::new(),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
@@ -1358,9 +1371,46 @@ impl Dataplane {
             Ok(list) => list.into_iter().collect(),
             Err(e) => return vec![e],
         };
+        // Which devices take native XDP frames: the XDP program sends only to those, and `Auto`
+        // attaches native XDP only on those. Without the netdev family (kernel < 6.3) none is
+        // known to, so XDP leaves every packet it would send to tc.
+        let features = match crate::xdp_features::all() {
+            Ok(f) => f,
+            Err(e) => {
+                if self.attach_failures.insert((String::new(), Hook::Xdp), e.to_string()).is_none() {
+                    tracing::warn!(error = %e, "cannot read the devices' XDP features; XDP sends nothing itself");
+                }
+                StdHashMap::new()
+            }
+        };
+        let can_transmit =
+            |ifindex: u32| features.get(&ifindex).copied().is_some_and(crate::xdp_features::can_transmit);
+        self.sync_xdp_targets(present.values().copied().filter(|i| can_transmit(*i)).collect(), &mut errors);
+        if self.xdp_mode == XdpAttachMode::Auto {
+            for (name, ifindex) in &present {
+                if !xdp_wanted(name) {
+                    continue;
+                }
+                let native = auto_native(name, Some(ifindex), &can_transmit);
+                if self.xdp_choice.insert(name.clone(), native) != Some(native) {
+                    if native {
+                        tracing::info!(iface = %name, mode = "native", "XDP: the driver transmits native XDP frames");
+                    } else {
+                        tracing::info!(
+                            iface = %name,
+                            mode = "none (tc only)",
+                            features = features.get(ifindex).copied().unwrap_or(0),
+                            "XDP: the driver does not transmit native XDP frames, or the device is virtual (a veth); \
+                             tc handles this interface alone"
+                        );
+                    }
+                }
+            }
+        }
+        let auto = self.xdp_mode == XdpAttachMode::Auto;
         let wanted = |name: &str, hook: Hook| match hook {
             Hook::Tc | Hook::TcEgress => tc_wanted(name),
-            Hook::Xdp => xdp_wanted(name),
+            Hook::Xdp => xdp_wanted(name) && (!auto || auto_native(name, present.get(name), &can_transmit)),
         };
         // Links of interfaces that disappeared, were recreated under the same name, or are no
         // longer wanted.
@@ -1410,6 +1460,22 @@ impl Dataplane {
         errors
     }
 
+    /// Makes `LB_XDP_TARGETS` hold exactly `want`.
+    fn sync_xdp_targets(&mut self, want: BTreeSet<u32>, errors: &mut Vec<DataplaneError>) {
+        for gone in self.xdp_targets.difference(&want).copied().collect::<Vec<_>>() {
+            let _ = self.maps.xdp_targets.remove(&gone);
+            self.xdp_targets.remove(&gone);
+        }
+        for new in want.difference(&self.xdp_targets).copied().collect::<Vec<_>>() {
+            match self.maps.xdp_targets.insert(new, 1, 0) {
+                Ok(()) => {
+                    self.xdp_targets.insert(new);
+                }
+                Err(e) => errors.push(DataplaneError::Map { name: lb_common::MAP_XDP_TARGETS, source: e }),
+            }
+        }
+    }
+
     fn attach(&mut self, iface: &str, hook: Hook) -> Result<PinnedLink> {
         let pin = self.link_pin(iface, hook);
         let link_err = |what: &'static str| {
@@ -1453,15 +1519,8 @@ impl Dataplane {
                 let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).expect("loaded in Dataplane::load").try_into()?;
                 let id = match mode {
                     XdpAttachMode::Generic => prog.attach(iface, XdpMode::Skb)?,
-                    XdpAttachMode::Native => prog.attach(iface, XdpMode::Driver)?,
-                    // Native where the driver has it, else generic.
-                    XdpAttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                        Ok(id) => id,
-                        Err(native) => {
-                            tracing::info!(iface, error = %error_chain(&native), "native XDP unavailable; using generic XDP");
-                            prog.attach(iface, XdpMode::Skb)?
-                        }
-                    },
+                    // Auto only gets here for a driver that transmits native frames.
+                    XdpAttachMode::Native | XdpAttachMode::Auto => prog.attach(iface, XdpMode::Driver)?,
                 };
                 FdLink::try_from(prog.take_link(id)?).map_err(|e| link_err("XDP link is not a bpf_link")(&e))?
             }
@@ -1575,6 +1634,17 @@ impl Hook {
             Hook::Xdp => "xdp_",
         }
     }
+}
+
+/// Whether `Auto` attaches native XDP on an interface: a driver that transmits native frames,
+/// on a physical device (one with a bus address, as `ethtool -i` shows). Virtual devices (veth,
+/// bridges, tunnels) are left to tc: a veth advertises `ndo-xmit` once its peer has GRO,
+/// yet in this project's lab replies sent with native XDP_TX over such a veth were lost, and
+/// a veth's packets are CHECKSUM_PARTIAL, which XDP leaves to tc anyway. `--xdp-mode native`
+/// still forces it.
+fn auto_native(name: &str, ifindex: Option<&u32>, can_transmit: &dyn Fn(u32) -> bool) -> bool {
+    let physical = crate::xdp_features::driver_info(name).is_some_and(|(_, bus)| !bus.is_empty());
+    physical && ifindex.is_some_and(|i| can_transmit(*i))
 }
 
 /// bpffs refuses names with a dot (`bpf_lookup` reserves them for its own files), and

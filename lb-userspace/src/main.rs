@@ -78,9 +78,10 @@ struct RunArgs {
     /// and external IPs ahead of the stack (globs). Default: the default route's interface.
     #[arg(long = "xdp-iface")]
     xdp_ifaces: Vec<String>,
-    /// How to attach XDP: `native` (driver), `generic` (skb), or `auto` (native, else generic).
-    /// On a veth, native XDP_TX/redirect frames are dropped unless the peer has GRO or an XDP
-    /// program (drivers/net/veth.c); use `generic` there if the peer is not yours to configure.
+    /// How to attach XDP: `auto` (per interface: native where the driver transmits native XDP
+    /// frames, as the kernel's xdp-features say, else none and tc alone), `native` (driver mode
+    /// everywhere; packets the driver cannot send go to tc), or `generic` (skb mode everywhere:
+    /// works on every device, but costs an skb before XDP runs and linearizes GRO packets).
     #[arg(long, value_enum, default_value_t = dataplane::XdpAttachMode::Auto)]
     xdp_mode: dataplane::XdpAttachMode,
     /// cgroup v2 directory whose processes get socket-level translation (the node's own

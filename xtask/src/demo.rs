@@ -100,7 +100,7 @@ pub fn demo() -> Result<()> {
     step("lb run --manifests ... --node-name minikube (the eBPF datapath replaces kube-proxy)");
     let ifaces = ["cbr0", "eth0", web[0].host_if.as_str(), busybox.host_if.as_str()];
     let node_ip = NODE_IP.to_string();
-    lab.start_agent(&node, &ifaces, 1, &["--node-ip", &node_ip, "--xdp-iface", "eth0", "--xdp-mode", "generic"])?;
+    lab.start_agent(&node, &ifaces, 1, &["--node-ip", &node_ip, "--xdp-iface", "eth0"])?;
     println!("attached to {ifaces:?}");
     print!("{}", lab.list(&node, "services")?);
     print!("{}", lab.list(&node, "backends")?);
