@@ -10,7 +10,9 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -110,6 +112,14 @@ pub trait Packet {
     /// Length of the whole packet as received (for tc, including non-linear parts).
     fn packet_len(&self) -> u32;
 
+    /// Reads `N` bytes at `off` with a helper: for the rare packets whose offsets vary too
+    /// much for direct access (ICMP errors behind IP options); the helper checks the bounds.
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+
+    /// Writes `bytes` at `off` with a helper, checksums left as they are (the caller fixes
+    /// them by hand). Packet pointers taken before are invalid afterwards.
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()>;
+
     /// The packet's L4 checksum may be a CHECKSUM_PARTIAL pseudo-header sum, which only an
     /// skb-aware update gets right: a hook that cannot tell leaves the packet to one that can.
     #[inline(always)]
@@ -149,6 +159,16 @@ impl Packet for TcContext {
     #[inline(always)]
     fn packet_len(&self) -> u32 {
         TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        TcContext::load::<[u8; N]>(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
+        TcContext::store(self, off, bytes, 0).ok()
     }
 
     #[inline(always)]
@@ -211,6 +231,22 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn packet_len(&self) -> u32 {
         (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        // SAFETY: helper call with a stack buffer of the size we pass.
+        let rc = unsafe { bpf_xdp_load_bytes(self.as_ptr() as *mut _, off as u32, b.as_mut_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(b)
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
+        // SAFETY: helper call with a stack buffer of the size we pass.
+        let rc =
+            unsafe { bpf_xdp_store_bytes(self.as_ptr() as *mut _, off as u32, bytes.as_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(())
     }
 
     #[inline(always)]
