@@ -5,12 +5,11 @@
 //! view: the quoted addresses and ports, the quoted IP and L4 checksums, the ICMP checksum,
 //! and the outer addresses where they are ours (the backend or the SNAT address).
 //!
-use lb_common::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, PROTO_TCP};
+use lb_common::{CtValue4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, PROTO_TCP};
 
 use crate::{
-    conntrack::key,
+    conntrack::{self, key},
     ctx::Packet,
-    maps::LB_CONNTRACK,
     nat::{csum_replace2, csum_replace4, decrement_ttl, ttl_ok},
     parse::{IcmpError, ETH_LEN, IPV4_LEN},
 };
@@ -31,9 +30,8 @@ struct Rewrite {
 }
 
 #[inline(always)]
-fn entry(k: &lb_common::CtKey) -> Option<CtValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { LB_CONNTRACK.get(k).copied() }
+fn entry(k: &lb_common::CtKey4) -> Option<CtValue4> {
+    conntrack::peek(k)
 }
 
 /// Matches the quote against conntrack and says what to rewrite.
@@ -52,17 +50,17 @@ fn plan(e: &IcmpError) -> Option<Rewrite> {
     // The quote is a packet towards a backend (client -> backend after our DNAT, maybe SNAT):
     // the error travels to the client, like the backend's replies do.
     if let Some(r) = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_REPLY)) {
-        w.inner_dst = r.nat_addr[0];
+        w.inner_dst = r.nat_addr;
         w.inner_dport = r.nat_port;
         if r.flags & CT_FLAG_SNAT != 0 {
-            w.inner_src = r.snat_addr[0];
+            w.inner_src = r.snat_addr;
             w.inner_sport = r.snat_port;
-            w.outer_dst = r.snat_addr[0];
+            w.outer_dst = r.snat_addr;
         }
         // From the backend itself: it must look as if from the frontend. A router on the way
         // keeps its own address, which a client accepts (it matches errors by the quote).
         if e.outer.src == q.dst {
-            w.outer_src = r.nat_addr[0];
+            w.outer_src = r.nat_addr;
             w.route = r.flags & CT_FLAG_ROUTE != 0;
         }
         return Some(w);
@@ -70,14 +68,14 @@ fn plan(e: &IcmpError) -> Option<Rewrite> {
     // The quote is a translated reply (frontend -> client): the error travels to the backend,
     // like the client's packets do.
     let f = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_FORWARD))?;
-    w.inner_src = f.nat_addr[0];
+    w.inner_src = f.nat_addr;
     w.inner_sport = f.nat_port;
-    w.outer_dst = f.nat_addr[0];
+    w.outer_dst = f.nat_addr;
     if f.flags & CT_FLAG_SNAT != 0 {
-        w.inner_dst = f.snat_addr[0];
+        w.inner_dst = f.snat_addr;
         w.inner_dport = f.snat_port;
         if e.outer.src == q.dst {
-            w.outer_src = f.snat_addr[0];
+            w.outer_src = f.snat_addr;
             w.route = f.flags & CT_FLAG_ROUTE != 0;
         }
     }

@@ -157,7 +157,7 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
         return ctx.defer();
     }
     let now = conntrack::now();
-    let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
+    let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
         Forward::Tracked(t) => (t, Counter::FwdTracked),
         Forward::New => match new_flow(ctx, h, svc, now, node_frontend) {
             Ok(t) => (t, Counter::FwdNewFlow),
@@ -165,7 +165,7 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
         },
     };
     let route = if t.route {
-        let src = t.snat.map_or(h.flow.src, |(a, _)| a);
+        let src = if t.snat { t.snat_addr } else { h.flow.src };
         let Some(r) = ctx.route(src, t.backend_addr, h.flow.proto) else {
             return ctx.unroutable();
         };
@@ -176,9 +176,12 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
     } else {
         None
     };
-    let rewritten = nat::rewrite(ctx, h, Side::Dst, t.backend_addr, t.backend_port).and_then(|()| match t.snat {
-        Some((addr, port)) => nat::rewrite(ctx, h, Side::Src, addr, port),
-        None => Ok(()),
+    let rewritten = nat::rewrite(ctx, h, Side::Dst, t.backend_addr, t.backend_port).and_then(|()| {
+        if t.snat {
+            nat::rewrite(ctx, h, Side::Src, t.snat_addr, t.snat_port)
+        } else {
+            Ok(())
+        }
     });
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
@@ -201,7 +204,7 @@ fn new_flow<P: Packet>(
     ctx: &P,
     h: &Headers,
     svc: &ServiceValue,
-    now: u64,
+    now: u32,
     node_frontend: bool,
 ) -> Result<Translation, i32> {
     if svc.backend_count == 0 {
@@ -216,18 +219,25 @@ fn new_flow<P: Packet>(
         }
         return Err(ctx.refuse(h));
     }
-    let Some(backend) = select::select(P::HOOK, svc, &h.flow, now) else {
+    let Some(backend) = select::select(P::HOOK, svc, &h.flow) else {
         return Err(drop(ctx, Counter::DropSlotMissing));
     };
-    let (snat, route) = match nat::snat_for(svc, &backend, &h.flow, now) {
-        Snat::No => (None, false),
+    let mut t = Translation {
+        backend_addr: backend.addr[0],
+        backend_port: backend.port,
+        snat: false,
+        snat_addr: 0,
+        snat_port: 0,
+        route: false,
+    };
+    match nat::snat_for(svc, &backend, &h.flow, now) {
+        Snat::No => {}
         Snat::To(addr, port, to_node) => {
             ctx.count(Counter::FwdSnat);
-            (Some((addr, port)), to_node)
+            (t.snat, t.snat_addr, t.snat_port, t.route) = (true, addr, port, to_node);
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
-    };
-    let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat, route };
+    }
     if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
@@ -258,13 +268,10 @@ fn host_reply(ctx: &TcContext) -> i32 {
     if service::port_flags(h.flow.sport) & PORT_BACKEND == 0 {
         return UNTOUCHED;
     }
-    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, <TcContext as Packet>::HOOK) else {
         return UNTOUCHED;
     };
-    let rewritten = nat::rewrite(ctx, &h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
-        Some((addr, port)) => nat::rewrite(ctx, &h, Side::Dst, addr, port),
-        None => Ok(()),
-    });
+    let rewritten = restore(ctx, &h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
@@ -272,18 +279,28 @@ fn host_reply(ctx: &TcContext) -> i32 {
     <TcContext as Packet>::FORWARD
 }
 
+/// Rewrites a reply back to what the client expects.
+#[inline(always)]
+fn restore<P: Packet>(ctx: &P, h: &Headers, r: &conntrack::Reply) -> Result<(), i64> {
+    nat::rewrite(ctx, h, Side::Src, r.src_addr, r.src_port)?;
+    if r.dst {
+        nat::rewrite(ctx, h, Side::Dst, r.dst_addr, r.dst_port)?;
+    }
+    Ok(())
+}
+
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
 /// was SNATed, its destination) restored.
 #[inline(always)]
 fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
-    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, P::HOOK) else {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     };
     if ctx.csum_unsure(h) {
         return ctx.defer();
     }
     let route = if r.route {
-        let Some(route) = ctx.route(r.src.0, r.dst.map_or(h.flow.dst, |(a, _)| a), h.flow.proto) else {
+        let Some(route) = ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) else {
             return ctx.unroutable();
         };
         if let Err(verdict) = forwardable(ctx) {
@@ -293,10 +310,7 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     } else {
         None
     };
-    let rewritten = nat::rewrite(ctx, h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
-        Some((addr, port)) => nat::rewrite(ctx, h, Side::Dst, addr, port),
-        None => Ok(()),
-    });
+    let rewritten = restore(ctx, h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }

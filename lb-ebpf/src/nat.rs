@@ -40,7 +40,7 @@ pub enum Snat {
 }
 
 #[inline(always)]
-pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u64) -> Snat {
+pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u32) -> Snat {
     if backend.addr[0] == flow.src {
         // Hairpin: the client's own port keeps reply keys unique, as the backend is the
         // client itself.

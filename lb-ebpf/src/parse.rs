@@ -18,10 +18,6 @@ const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 pub const PROTO_ICMP: u8 = 1;
 pub const IPV4_LEN: usize = 20;
 pub const ICMP_LEN: usize = 8;
-pub const TCP_FLAG_FIN: u8 = 0x01;
-pub const TCP_FLAG_SYN: u8 = 0x02;
-pub const TCP_FLAG_RST: u8 = 0x04;
-pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The 5-tuple of a packet, every field in network byte order as it sits in the packet.
 #[derive(Clone, Copy)]

@@ -43,6 +43,8 @@ pub struct AgentStatus {
     pub rejected_objects: usize,
     /// Shared with the dataplane's sweep threads.
     pub stale_udp_flows_removed: Arc<std::sync::atomic::AtomicU64>,
+    /// Idle assured flows the conntrack collector removed.
+    pub conntrack_collected: Arc<std::sync::atomic::AtomicU64>,
     pub stale_udp_sockets_closed: u64,
     pub conntrack_capacity: u32,
     pub affinity_capacity: u32,
@@ -80,6 +82,7 @@ struct CountCache {
     at: Option<Instant>,
     cost: Duration,
     conntrack: usize,
+    conntrack_new: usize,
     affinity: usize,
 }
 
@@ -167,14 +170,33 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     if cache.at.is_none_or(|t| t.elapsed() > cache.cost * 20) {
         let started = Instant::now();
         cache.conntrack = maps.conntrack.keys().filter(Result::is_ok).count();
+        cache.conntrack_new = maps.conntrack_new.keys().filter(Result::is_ok).count();
         cache.affinity = maps.affinity.keys().filter(Result::is_ok).count();
         cache.cost = started.elapsed();
         cache.at = Some(Instant::now());
     }
-    family(&mut o, "lb_conntrack_entries", "gauge", "Conntrack map entries in use (two per flow).");
-    let _ = writeln!(o, "lb_conntrack_entries {}", cache.conntrack);
-    family(&mut o, "lb_conntrack_capacity", "gauge", "Conntrack map capacity (LRU: the oldest flows are evicted).");
+    family(&mut o, "lb_conntrack_entries", "gauge", "Conntrack entries in use, both tables (two per flow).");
+    let _ = writeln!(o, "lb_conntrack_entries {}", cache.conntrack + cache.conntrack_new);
+    family(&mut o, "lb_conntrack_assured_entries", "gauge", "Entries of live connections (the assured table).");
+    let _ = writeln!(o, "lb_conntrack_assured_entries {}", cache.conntrack);
+    family(
+        &mut o,
+        "lb_conntrack_capacity",
+        "gauge",
+        "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
+    );
     let _ = writeln!(o, "lb_conntrack_capacity {}", status.conntrack_capacity);
+    family(
+        &mut o,
+        "lb_conntrack_collected_total",
+        "counter",
+        "Assured flows removed after idling past their lifetime.",
+    );
+    let _ = writeln!(
+        o,
+        "lb_conntrack_collected_total {}",
+        status.conntrack_collected.load(std::sync::atomic::Ordering::Relaxed)
+    );
     family(&mut o, "lb_affinity_entries", "gauge", "Session affinity pins in use.");
     let _ = writeln!(o, "lb_affinity_entries {}", cache.affinity);
     family(&mut o, "lb_affinity_capacity", "gauge", "Session affinity map capacity (LRU).");
@@ -231,7 +253,13 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
     tracing::info!(%addr, "serving /metrics and /healthz");
-    let cache = Arc::new(Mutex::new(CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 }));
+    let cache = Arc::new(Mutex::new(CountCache {
+        at: None,
+        cost: Duration::ZERO,
+        conntrack: 0,
+        conntrack_new: 0,
+        affinity: 0,
+    }));
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else { continue };
@@ -280,7 +308,7 @@ mod tests {
         let mut st = AgentStatus::default();
         st.record_sync(Duration::from_millis(3), false);
         st.record_sync(Duration::from_millis(200), true);
-        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 };
+        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 };
         let text = render(&st, None, None, &mut cache);
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.001\"} 0"), "{text}");
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.005\"} 1"), "{text}");

@@ -112,6 +112,9 @@ impl Harness {
     }
 }
 
+#[path = "packet/conntrack.rs"]
+mod conntrack;
+
 // ---------- fixtures ----------
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -401,8 +404,11 @@ fn backend_change_keeps_tracked_flows_and_steers_new_ones() {
         assert_ne!(parse_checked(&out).dst.0, removed);
     }
 
-    // Closing the old flow and reusing its 5-tuple for a new connection picks a live backend.
+    // Closing the old flow (FIN both ways, the last ACK: TIME_WAIT) and reusing its 5-tuple
+    // for a new connection picks a live backend.
     h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((removed, 8080), (CLIENT, port), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: ACK }, &[]));
     let (_, out) = h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_ne!(parse_checked(&out).dst.0, removed);
 }

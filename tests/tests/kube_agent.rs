@@ -449,7 +449,7 @@ fn map_layout_changes_rebuild_service_maps_and_migrate_flow_maps() -> Result<()>
     c.lab.kill_agent(&c.node);
     c.lab.start_agent_kube(&c.node, &ifaces, 3, &kc, &["--map-services", "4096", "--map-conntrack", "8192"])?;
     let log = c.lab.agent_log(&c.node);
-    assert!(log.contains("flow map moved to its new capacity") && log.contains("LB_CONNTRACK"), "{log}");
+    assert!(log.contains("flow map moved to its new capacity") && log.contains("LB_CT4"), "{log}");
     assert_eq!(long_lived.pod()?, pod);
     let ct = c.lab.list(&c.node, "conntrack")?;
     let flow = ct

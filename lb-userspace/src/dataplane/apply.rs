@@ -6,13 +6,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    AffinityKey, BackendSlotKey, CtKey, CtValue, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_PORTS,
-    MAP_SERVICES, MAP_SOURCE_RANGES, PORT_BACKEND, PORT_FRONTEND,
+    AffinityKey, BackendSlotKey, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_PORTS, MAP_SERVICES, MAP_SOURCE_RANGES,
+    PORT_BACKEND, PORT_FRONTEND,
 };
 
 use super::{
+    conntrack::CtTables,
     maps::{backend_value, encode_name, insert_err, member_key, service_key, service_value, source_range_key},
     stale_udp::{sweep_stale_udp, StaleUdp},
     sys::error_chain,
@@ -206,10 +206,7 @@ impl Dataplane {
         // After the flips: no new flow can pick a departed backend while we sweep.
         if !stale_udp.is_empty() {
             let counter = self.stale_udp_removed.clone();
-            let handle = MapData::from_pin(self.pin_dir.join(MAP_CONNTRACK))
-                .and_then(Map::from_map_data)
-                .and_then(HashMap::<MapData, CtKey, CtValue>::try_from);
-            match handle {
+            match CtTables::open_pinned(&self.pin_dir) {
                 Ok(mut ct) => {
                     let spawned = std::thread::Builder::new()
                         .name("lb-udp-sweep".into())
@@ -218,8 +215,7 @@ impl Dataplane {
                         tracing::warn!(error = %e, "cannot start the stale UDP flow sweep");
                     }
                 }
-                // Without a second handle, sweep here: later than never.
-                Err(_) => sweep_stale_udp(&mut self.maps.conntrack, &stale_udp, &counter),
+                Err(e) => tracing::warn!(error = %e, "cannot open the conntrack tables to sweep stale UDP flows"),
             }
         }
         if !stale_socks.is_empty() {
