@@ -35,7 +35,7 @@ use lb_common::{PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG
 pub use apply::{ApplyReport, SLOT_GRACE};
 pub use attach::{cgroup2_mount, interface_wanted, link_pin_name, Hook};
 pub use load::ensure_pin_dir;
-pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps};
+pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps, SCOPE_FROM_CLUSTER};
 pub use sys::{cleanup, error_chain, interfaces, local_ipv4_addresses, local_ipv4_by_interface};
 
 use crate::model::Frontend;
