@@ -55,9 +55,17 @@ struct RunArgs {
     /// `~/.kube/config`, then the in-cluster service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Longest wait between retries of a broken watch, seconds.
-    #[arg(long, default_value_t = 5)]
-    watch_retry_max: u64,
+    /// At least one sync per period; /healthz and /livez fail when a change has waited twice
+    /// as long without being applied (kube-proxy's --sync-period), seconds.
+    #[arg(long, default_value_t = 30)]
+    sync_period: u64,
+    /// Everything is translated and compared with the maps again this often (the incremental
+    /// translation is checked against it), seconds.
+    #[arg(long, default_value_t = 3600)]
+    full_sync_period: u64,
+    /// Per-frontend packet and byte series in /metrics (two series per frontend).
+    #[arg(long)]
+    metrics_per_frontend: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -228,10 +236,7 @@ fn socket_addr(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAdd
 fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
     let source = match args.manifests {
         Some(path) => agent::SourceOptions::Manifests(path),
-        None => agent::SourceOptions::Kube {
-            kubeconfig: args.kubeconfig,
-            watch_retry_max: Duration::from_secs(args.watch_retry_max),
-        },
+        None => agent::SourceOptions::Kube { kubeconfig: args.kubeconfig },
     };
     let xdp_ifaces = if args.no_xdp {
         Vec::new()
@@ -259,6 +264,9 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         xdp_ifaces,
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
+        sync_period: Duration::from_secs(args.sync_period.max(1)),
+        full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
+        per_frontend_metrics: args.metrics_per_frontend,
         dataplane: Config {
             timeouts: Timeouts {
                 tcp_syn_s: args.ct_tcp_syn_timeout,

@@ -15,7 +15,8 @@ use std::{
 use anyhow::{bail, Result};
 use lb_tests::{
     apiserver::{Kind, TestApiServer},
-    eventually, http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab, Node, Pod,
+    eventually, http_get, http_status, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab,
+    Node, Pod,
 };
 use serde_json::json;
 
@@ -269,9 +270,9 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
     assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
     // Not healthy until the first full state is programmed, while the old state serves; alive.
-    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":false"), "{healthz}");
-    assert_eq!(http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?, "ok");
+    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(code == 503 && healthz.contains("\"synced\":false"), "{code} {healthz}");
+    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
     c.api.release_lists();
     c.wait_agent()?;
     thread::sleep(Duration::from_secs(1));
@@ -389,9 +390,13 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
         "metadata": {"name": "empty", "namespace": "default"},
         "spec": {"clusterIP": "10.96.70.70", "ports": [{"port": 80}]}
     }))?;
-    c.start_agent()?;
-    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    let kc = c.api.kubeconfig().to_str().expect("utf-8 path").to_string();
+    c.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
+    c.lab.spawn_agent(&c.node, &[], &["--metrics-per-frontend"])?;
+    c.wait_agent()?;
+    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(code == 200 && healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
 
     let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
     let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
@@ -418,6 +423,11 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert!(sample(&after, "lb_sync_total") >= 1.0 && sample(&after, "lb_last_sync_timestamp_seconds") > 1.7e9);
     assert!(sample(&after, "lb_sync_duration_seconds_count") >= 1.0, "{after}");
     assert!(sample(&after, "lb_watch_relists_total") >= 3.0, "{after}");
+    // kube-proxy's own series.
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{after}");
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.7e9, "{after}");
+    assert_eq!(sample(&after, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0, "{after}");
+    assert!(sample(&after, "process_resident_memory_bytes") > 0.0, "{after}");
     Ok(())
 }
 

@@ -3,7 +3,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     fs,
     path::Path,
-    sync::Arc,
+    sync::{atomic::AtomicU64, Arc},
 };
 
 use aya::{
@@ -20,6 +20,7 @@ use super::{
     apply::Programmed,
     layout::check_pinned_layout,
     maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
+    stale_udp,
     sys::{is_bpffs, mount_bpffs, netns_cookie},
     Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
 };
@@ -101,6 +102,7 @@ impl Dataplane {
             .try_into()?;
         empty.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let stale_udp_removed: Arc<AtomicU64> = Arc::default();
         let mut dp = Self {
             ebpf,
             maps,
@@ -113,14 +115,19 @@ impl Dataplane {
             xdp_choice: StdHashMap::new(),
             xdp_targets: BTreeSet::new(),
             port_flags: Vec::new(),
+            frontend_refs: vec![0; 65_536],
+            sweeper: stale_udp::Sweeper::new(pin_dir.join(MAP_CONNTRACK), stale_udp_removed.clone()),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
             next_id: 1,
             migrations,
-            stale_udp_removed: Arc::default(),
+            stale_udp_removed,
         };
         dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
+        for f in dp.programmed.keys() {
+            dp.frontend_refs[f.port as usize] += 1;
+        }
         Ok(dp)
     }
 

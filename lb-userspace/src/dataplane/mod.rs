@@ -159,6 +159,10 @@ pub struct Dataplane {
     next_id: u32,
     /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
     port_flags: Vec<u8>,
+    /// Programmed frontends per port: the frontend flag goes when the count drops to zero.
+    frontend_refs: Vec<u32>,
+    /// Removes UDP flows to departed backends, one walk at a time.
+    sweeper: stale_udp::Sweeper,
     /// (interface, hook) -> (ifindex, pinned link).
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.

@@ -36,6 +36,9 @@ pub struct Changes {
     pub health_checks: bool,
     /// Services translated again.
     pub services: usize,
+    /// Services whose result may have changed (translated again, or their claims settled
+    /// again): their errors are worth reading again.
+    pub touched: BTreeSet<String>,
 }
 
 impl Changes {
@@ -58,6 +61,8 @@ pub struct Translator {
     claims: HashMap<Claim, BTreeSet<String>>,
     /// Services rejected because of another one's claim.
     conflicts: HashMap<String, TranslateError>,
+    /// Services that are not valid.
+    invalid: HashSet<String>,
     state: DesiredState,
     /// Services to translate again at the next sync.
     dirty: BTreeSet<String>,
@@ -82,6 +87,7 @@ impl Translator {
             outputs: HashMap::new(),
             claims: HashMap::new(),
             conflicts: HashMap::new(),
+            invalid: HashSet::new(),
             state: DesiredState::default(),
             dirty: BTreeSet::new(),
             all_dirty: false,
@@ -123,6 +129,31 @@ impl Translator {
         out
     }
 
+    /// What is left out of Service `name` (whole or in part), including its slices' skipped
+    /// ports and endpoints.
+    pub fn errors_of(&self, name: &str) -> Vec<TranslateError> {
+        let mut out = Vec::new();
+        if let Some(Err(e)) = self.services.get(name).map(|e| &e.spec) {
+            out.push(e.clone());
+        }
+        if let Some(o) = self.outputs.get(name) {
+            out.extend(o.notes.iter().cloned());
+        }
+        out.extend(self.conflicts.get(name).cloned());
+        for s in self.slices_of.get(name).into_iter().flatten() {
+            if let Some(spec) = self.slices.get(s).and_then(|e| e.spec.as_ref()) {
+                out.extend(spec.skipped.iter().cloned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// How many Services are rejected as a whole.
+    pub fn rejected_count(&self) -> usize {
+        self.invalid.len() + self.conflicts.len()
+    }
+
     /// Services rejected as a whole, by name.
     pub fn rejected(&self) -> BTreeMap<String, TranslateError> {
         let mut out: BTreeMap<String, TranslateError> = self.conflicts.clone().into_iter().collect();
@@ -161,6 +192,11 @@ impl Translator {
             self.services.get_mut(&name).expect("checked").version = version;
             return;
         }
+        if spec.is_err() {
+            self.invalid.insert(name.clone());
+        } else {
+            self.invalid.remove(&name);
+        }
         self.services.insert(name.clone(), ServiceEntry { version, spec });
         self.dirty.insert(name);
     }
@@ -168,6 +204,7 @@ impl Translator {
     pub fn delete_service(&mut self, namespace: Option<&String>, name: Option<&String>) {
         let name = key(namespace, name);
         if self.services.remove(&name).is_some() {
+            self.invalid.remove(&name);
             self.pending_service_changes += 1;
             self.dirty.insert(name);
         }
@@ -228,6 +265,7 @@ impl Translator {
         let gone: Vec<String> = self.services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
         for name in gone {
             self.services.remove(&name);
+            self.invalid.remove(&name);
             self.pending_service_changes += 1;
             self.dirty.insert(name);
         }
@@ -296,7 +334,7 @@ impl Translator {
             return self.rebuild();
         }
         let dirty = std::mem::take(&mut self.dirty);
-        let mut changes = Changes { services: dirty.len(), ..Default::default() };
+        let mut changes = Changes { services: dirty.len(), touched: dirty.clone(), ..Default::default() };
         let health_before = self.state.health_checks.clone();
         let mut before: BTreeMap<Frontend, Option<crate::model::ServicePort>> = BTreeMap::new();
         // Services whose claims changed: they and every Service sharing a claim with them
@@ -364,6 +402,7 @@ impl Translator {
                 self.withdraw(name, &mut before);
             }
             self.settle(&group, &mut before);
+            changes.touched.extend(group);
         }
         for (f, old) in before {
             if self.state.services.get(&f) != old.as_ref() {
@@ -456,6 +495,7 @@ impl Translator {
             }
         }
         let mut changes = Changes { services: self.outputs.len(), ..Default::default() };
+        changes.touched = self.services.keys().chain(self.slices_of.keys()).cloned().collect();
         for (f, sp) in &state.services {
             if old.services.get(f) != Some(sp) {
                 changes.frontends.insert(*f);
