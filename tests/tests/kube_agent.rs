@@ -686,3 +686,42 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
     assert!(eventually(Duration::from_secs(10), || !c.has_backend(1, 80)), "{}", c.backends());
     Ok(())
 }
+
+/// A Service lb cannot serve gets a Warning Event, as `kubectl describe` shows: one whose
+/// ClusterIP another Service already has is rejected whole; one with an SCTP port is served on
+/// its other ports, with a Warning for that port; the lab Service keeps working.
+#[test]
+fn rejected_services_get_warning_events() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zz-clash", "namespace": "default"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [{"port": 80}]}
+    }))?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "mixed", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
+    }))?;
+    let event = |name: &str, reason: &str| {
+        c.api.events().into_iter().find(|e| e["regarding"]["name"] == name && e["reason"] == reason && e["type"] == "Warning")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || event("zz-clash", "FailedToProgram").is_some()
+            && event("mixed", "PartlyProgrammed").is_some()),
+        "events: {:#?}\nlog:\n{}",
+        c.api.events(),
+        c.lab.agent_log(&c.node)
+    );
+    let note = event("mixed", "PartlyProgrammed").unwrap()["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("spec.ports[0].protocol") && note.contains("SCTP"), "{note}");
+    let pod = http_get(&c.client.ns, vip(80), "/")?;
+    assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
+    let services = c.lab.list(&c.node, "services")?;
+    assert!(services.contains("10.96.71.71:80") && services.contains("default/mixed:t"), "{services}");
+    Ok(())
+}
