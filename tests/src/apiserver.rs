@@ -93,6 +93,8 @@ struct State {
     held: Vec<Kind>,
     /// Every request line served, for assertions on client behaviour.
     requests: Vec<String>,
+    /// `events.k8s.io/v1` Events clients created.
+    events: Vec<Value>,
 }
 
 struct Shared {
@@ -256,6 +258,11 @@ impl TestApiServer {
 
     /// Creates or replaces every Service, EndpointSlice and Node in a YAML stream; other kinds
     /// (the lab's Deployment) are ignored, as the agent would never see them.
+    /// The Events clients created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.state.lock().unwrap().events.clone()
+    }
+
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc).context("YAML document")?;
@@ -428,6 +435,27 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let params: BTreeMap<String, String> =
         query.split('&').filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v)))).collect();
+    if method == "POST" && path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.ends_with("/events") {
+        // Events are kept for assertions, never served back.
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        let start = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head read") + 4;
+        let mut body = buf[start..].to_vec();
+        while body.len() < len {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        shared.state.lock().unwrap().events.push(event.clone());
+        return respond(&mut conn, 201, &event.to_string()).await;
+    }
     let Some(kind) = Kind::from_path(path).filter(|_| method == "GET") else {
         let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{method} {path} is not served by the test API server")}).to_string();
         return respond(&mut conn, 404, &body).await;
@@ -477,6 +505,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
 async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &str) -> Result<()> {
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         401 => "Unauthorized",
         _ => "Not Found",
     };

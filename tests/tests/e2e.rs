@@ -303,13 +303,14 @@ fn set_affinity(s: &SingleNode, timeout: Option<u32>) -> Result<()> {
         Some(t) => lb_tests::with_session_affinity(&yaml, t),
         None => yaml,
     };
-    s.lab.write_manifests(&s.node, &yaml)?;
-    // Applied within 2 s: the agent logs every change it programs.
+    // Applied within 2 s: the agent logs every change it programs. The log is counted before
+    // the manifest is written, or a fast agent's line would be counted as already there.
     let want = match timeout {
         Some(t) => format!("affinity_timeout_s=Some({t})"),
         None => "affinity_timeout_s=None".to_string(),
     };
     let before = s.lab.agent_log(&s.node).matches(&want).count();
+    s.lab.write_manifests(&s.node, &yaml)?;
     assert!(
         eventually(Duration::from_secs(2), || s.lab.agent_log(&s.node).matches(&want).count() > before),
         "change applied within 2 s:\n{}",

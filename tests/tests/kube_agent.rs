@@ -15,7 +15,8 @@ use std::{
 use anyhow::{bail, Result};
 use lb_tests::{
     apiserver::{Kind, TestApiServer},
-    eventually, http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab, Node, Pod,
+    eventually, http_get, http_status, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab,
+    Node, Pod,
 };
 use serde_json::json;
 
@@ -269,9 +270,9 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
     assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
     // Not healthy until the first full state is programmed, while the old state serves; alive.
-    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":false"), "{healthz}");
-    assert_eq!(http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?, "ok");
+    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(code == 503 && healthz.contains("\"synced\":false"), "{code} {healthz}");
+    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
     c.api.release_lists();
     c.wait_agent()?;
     thread::sleep(Duration::from_secs(1));
@@ -389,9 +390,13 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
         "metadata": {"name": "empty", "namespace": "default"},
         "spec": {"clusterIP": "10.96.70.70", "ports": [{"port": 80}]}
     }))?;
-    c.start_agent()?;
-    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    let kc = c.api.kubeconfig().to_str().expect("utf-8 path").to_string();
+    c.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
+    c.lab.spawn_agent(&c.node, &[], &["--metrics-per-frontend"])?;
+    c.wait_agent()?;
+    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(code == 200 && healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
 
     let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
     let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
@@ -418,6 +423,11 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert!(sample(&after, "lb_sync_total") >= 1.0 && sample(&after, "lb_last_sync_timestamp_seconds") > 1.7e9);
     assert!(sample(&after, "lb_sync_duration_seconds_count") >= 1.0, "{after}");
     assert!(sample(&after, "lb_watch_relists_total") >= 3.0, "{after}");
+    // kube-proxy's own series.
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{after}");
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.7e9, "{after}");
+    assert_eq!(sample(&after, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0, "{after}");
+    assert!(sample(&after, "process_resident_memory_bytes") > 0.0, "{after}");
     Ok(())
 }
 
@@ -674,5 +684,47 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
     assert_eq!(seen.len(), 3, "{seen:?}");
     c.set_endpoints(&[0])?;
     assert!(eventually(Duration::from_secs(10), || !c.has_backend(1, 80)), "{}", c.backends());
+    Ok(())
+}
+
+/// A Service lb cannot serve gets a Warning Event, as `kubectl describe` shows: one whose
+/// ClusterIP another Service already has is rejected whole; one with an SCTP port is served on
+/// its other ports, with a Warning for that port; the lab Service keeps working.
+#[test]
+fn rejected_services_get_warning_events() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zz-clash", "namespace": "default"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [{"port": 80}]}
+    }))?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "mixed", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
+    }))?;
+    let event = |name: &str, reason: &str| {
+        c.api
+            .events()
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == name && e["reason"] == reason && e["type"] == "Warning")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || event("zz-clash", "FailedToProgram").is_some()
+            && event("mixed", "PartlyProgrammed").is_some()),
+        "events: {:#?}\nlog:\n{}",
+        c.api.events(),
+        c.lab.agent_log(&c.node)
+    );
+    let note = event("mixed", "PartlyProgrammed").unwrap()["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("spec.ports[0].protocol") && note.contains("SCTP"), "{note}");
+    let pod = http_get(&c.client.ns, vip(80), "/")?;
+    assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
+    let services = c.lab.list(&c.node, "services")?;
+    assert!(services.contains("10.96.71.71:80") && services.contains("default/mixed:t"), "{services}");
     Ok(())
 }

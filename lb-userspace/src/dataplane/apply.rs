@@ -12,9 +12,8 @@ use lb_common::{
 };
 
 use super::{
-    conntrack::CtTables,
     maps::{backend_value, encode_name, insert_err, member_key, service_key, service_value, source_range_key},
-    stale_udp::{sweep_stale_udp, StaleUdp},
+    stale_udp::StaleUdp,
     sys::error_chain,
     Dataplane, DataplaneError, Result,
 };
@@ -60,6 +59,8 @@ pub struct ApplyReport {
     pub unchanged: usize,
     /// The node's own connected UDP sockets whose backend left, aborted.
     pub stale_udp_sockets: usize,
+    /// Frontends that could not be written (with an error each in `errors`): retried later.
+    pub failed: Vec<Frontend>,
     pub errors: Vec<DataplaneError>,
 }
 
@@ -97,28 +98,69 @@ impl Dataplane {
     }
 
     /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
-    /// failures are reported and do not stop the others.
+    /// failures are reported and do not stop the others. Compares every frontend: what a full
+    /// resync does; a sync of known changes calls [`Dataplane::apply_changes`].
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
+        let mut changed: BTreeSet<Frontend> = BTreeSet::new();
+        for (f, sp) in &desired.services {
+            if self.programmed.get(f).is_none_or(|p| p.port != *sp) {
+                changed.insert(*f);
+            }
+        }
+        changed.extend(self.programmed.keys().filter(|f| !desired.services.contains_key(f)));
+        let mut report = self.apply_changes(desired, &changed);
+        report.unchanged = desired.services.len().saturating_sub(report.added + report.updated + report.errors.len());
+        // Frontend flags of ports nothing uses any more (also those a previous agent left).
+        for port in 0..self.port_flags.len() {
+            if self.frontend_refs[port] == 0 && self.port_flags[port] & PORT_FRONTEND != 0 {
+                self.set_port_flags(port, self.port_flags[port] & !PORT_FRONTEND, &mut report);
+            }
+        }
+        report
+    }
+
+    /// Makes the maps match `desired` for the frontends in `changed` (added, updated or
+    /// removed); every other frontend is left as it is.
+    pub fn apply_changes(&mut self, desired: &DesiredState, changed: &BTreeSet<Frontend>) -> ApplyReport {
         let mut report = ApplyReport::default();
         self.collect_retired();
         // Port flags first: the datapath must not skip a frontend that is about to exist.
-        self.update_ports(desired.services.iter(), false, &mut report);
-        let gone: Vec<Frontend> =
-            self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        // Backend flags are never cleared: a connection to a backend that left may live on for
+        // hours, and its replies must still be translated; a stale flag only costs one
+        // conntrack lookup.
+        for f in changed {
+            if let Some(sp) = desired.services.get(f) {
+                let port = f.port as usize;
+                if self.port_flags[port] & PORT_FRONTEND == 0 {
+                    self.set_port_flags(port, self.port_flags[port] | PORT_FRONTEND, &mut report);
+                }
+                for b in &sp.backends {
+                    let port = b.port as usize;
+                    if self.port_flags[port] & PORT_BACKEND == 0 {
+                        self.set_port_flags(port, self.port_flags[port] | PORT_BACKEND, &mut report);
+                    }
+                }
+            }
+        }
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StaleUdp = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
         let mut stale_socks: Vec<(Frontend, BTreeSet<Endpoint>)> = Vec::new();
-        for f in gone {
-            let p = self.programmed.remove(&f).expect("listed above");
+        let mut unused_ports = BTreeSet::new();
+        for f in changed.iter().filter(|f| !desired.services.contains_key(f)) {
+            let Some(p) = self.programmed.remove(f) else { continue };
+            self.frontend_refs[f.port as usize] -= 1;
+            if self.frontend_refs[f.port as usize] == 0 {
+                unused_ports.insert(f.port as usize);
+            }
             if f.protocol == Protocol::Udp {
                 stale_udp.insert(p.id, None);
-                stale_socks.push((f, p.port.backends.iter().copied().collect()));
+                stale_socks.push((*f, p.port.backends.iter().copied().collect()));
             }
             // Service entry first, so no new flow can pick a slot we are about to delete. The
             // slots go after the grace, for packets that read the entry just before; the id is
             // free again (its affinity pins dropped) only then.
-            let _ = self.maps.services.remove(&service_key(&f));
+            let _ = self.maps.services.remove(&service_key(f));
             self.retire(p.id, p.generation, p.port.backends.len(), true, false);
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
@@ -126,7 +168,8 @@ impl Dataplane {
             tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
         }
-        for (f, want) in &desired.services {
+        for f in changed {
+            let Some(want) = desired.services.get(f) else { continue };
             let old = self.programmed.get(f).cloned();
             let next = match &old {
                 Some(p) if p.port == *want => {
@@ -189,33 +232,32 @@ impl Dataplane {
                         report.updated += 1;
                     } else {
                         report.added += 1;
+                        self.frontend_refs[f.port as usize] += 1;
+                        unused_ports.remove(&(f.port as usize));
                     }
                     self.programmed.insert(*f, next);
                 }
                 Err(e) => {
                     if old.is_none() {
                         self.free_ids.insert(next.id);
+                        if self.frontend_refs[f.port as usize] == 0 {
+                            unused_ports.insert(f.port as usize);
+                        }
                     }
+                    report.failed.push(*f);
                     report.errors.push(e)
                 }
             }
         }
-        let programmed: Vec<(Frontend, ServicePort)> =
-            self.programmed.iter().map(|(f, p)| (*f, p.port.clone())).collect();
-        self.update_ports(programmed.iter().map(|(f, sp)| (f, sp)), true, &mut report);
+        for port in unused_ports {
+            if self.frontend_refs[port] == 0 && self.port_flags[port] & PORT_FRONTEND != 0 {
+                self.set_port_flags(port, self.port_flags[port] & !PORT_FRONTEND, &mut report);
+            }
+        }
         // After the flips: no new flow can pick a departed backend while we sweep.
         if !stale_udp.is_empty() {
-            let counter = self.stale_udp_removed.clone();
-            match CtTables::open_pinned(&self.pin_dir) {
-                Ok(mut ct) => {
-                    let spawned = std::thread::Builder::new()
-                        .name("lb-udp-sweep".into())
-                        .spawn(move || sweep_stale_udp(&mut ct, &stale_udp, &counter));
-                    if let Err(e) = spawned {
-                        tracing::warn!(error = %e, "cannot start the stale UDP flow sweep");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot open the conntrack tables to sweep stale UDP flows"),
+            if self.sweeper.request(stale_udp).is_err() {
+                tracing::warn!("cannot open the conntrack tables to sweep stale UDP flows");
             }
         }
         if !stale_socks.is_empty() {
@@ -231,32 +273,10 @@ impl Dataplane {
         report
     }
 
-    /// Sets the `LB_PORTS` flags the given frontends need. With `clear`, also clears the
-    /// frontend flag of ports no longer in use. Backend flags are never cleared: a connection to
-    /// a backend that left may live on for hours, and its replies must still be translated; a
-    /// stale flag only costs one conntrack lookup.
-    fn update_ports<'a>(
-        &mut self,
-        frontends: impl Iterator<Item = (&'a Frontend, &'a ServicePort)>,
-        clear: bool,
-        report: &mut ApplyReport,
-    ) {
-        let mut want = vec![0u8; 65_536];
-        for (f, sp) in frontends {
-            want[f.port as usize] |= PORT_FRONTEND;
-            for b in &sp.backends {
-                want[b.port as usize] |= PORT_BACKEND;
-            }
-        }
-        for (port, &flags) in want.iter().enumerate() {
-            let have = self.port_flags[port];
-            let next = if clear { (have & PORT_BACKEND) | flags } else { have | flags };
-            if next != have {
-                match self.maps.ports.set(port as u32, next, 0) {
-                    Ok(()) => self.port_flags[port] = next,
-                    Err(e) => report.errors.push(DataplaneError::Map { name: MAP_PORTS, source: e }),
-                }
-            }
+    fn set_port_flags(&mut self, port: usize, flags: u8, report: &mut ApplyReport) {
+        match self.maps.ports.set(port as u32, flags, 0) {
+            Ok(()) => self.port_flags[port] = flags,
+            Err(e) => report.errors.push(DataplaneError::Map { name: MAP_PORTS, source: e }),
         }
     }
 

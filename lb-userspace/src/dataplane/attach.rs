@@ -203,6 +203,10 @@ impl Dataplane {
                 tracing::info!(iface = %k.0, hook = ?k.1, "link removed");
             }
         }
+        // Failures of interfaces that went away are forgotten (a later interface of the same
+        // name is reported afresh), so the records stay bounded by the interfaces present.
+        self.attach_failures.retain(|(name, _), _| name.is_empty() || present.contains_key(name));
+        self.xdp_choice.retain(|name, _| present.contains_key(name));
         for (name, ifindex) in &present {
             for hook in [Hook::Tc, Hook::TcEgress, Hook::Xdp] {
                 let k = (name.clone(), hook);

@@ -3,7 +3,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     fs,
     path::Path,
-    sync::Arc,
+    sync::{atomic::AtomicU64, Arc},
 };
 
 use aya::{
@@ -22,6 +22,7 @@ use super::{
     conntrack::spawn_collector,
     layout::check_pinned_layout,
     maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
+    stale_udp,
     sys::{is_bpffs, mount_bpffs, netns_cookie},
     Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
 };
@@ -103,6 +104,7 @@ impl Dataplane {
             .try_into()?;
         empty.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let stale_udp_removed: Arc<AtomicU64> = Arc::default();
         let mut dp = Self {
             ebpf,
             maps,
@@ -115,11 +117,13 @@ impl Dataplane {
             xdp_choice: StdHashMap::new(),
             xdp_targets: BTreeSet::new(),
             port_flags: Vec::new(),
+            frontend_refs: vec![0; 65_536],
+            sweeper: stale_udp::Sweeper::new(pin_dir.to_owned(), stale_udp_removed.clone()),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
             next_id: 1,
             migrations,
-            stale_udp_removed: Arc::default(),
+            stale_udp_removed,
             clock,
             ct_timeouts,
             ct_collected: Arc::default(),
@@ -127,6 +131,9 @@ impl Dataplane {
         };
         dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
         dp.adopt()?;
+        for f in dp.programmed.keys() {
+            dp.frontend_refs[f.port as usize] += 1;
+        }
         dp.carry_over_legacy_flows(false);
         spawn_collector(
             pin_dir,

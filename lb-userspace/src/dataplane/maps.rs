@@ -20,13 +20,27 @@ pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneE
     move |source| DataplaneError::Map { name, source }
 }
 
+/// Scope bit of the entry pods and the node itself get at an external frontend of an
+/// `externalTrafficPolicy: Local` Service (kube-proxy's short-circuit to cluster-wide
+/// endpoints). The agent writes these entries; the datapath does not look them up yet: for a
+/// packet from a pod or from the node that matched an entry with `SVC_FLAG_EXTERNAL |
+/// SVC_FLAG_LOCAL_ONLY`, it is to look up the same key with this bit set and use that entry
+/// when present. Until then such traffic is served as outside traffic (local endpoints only).
+/// To move into lb-common with that datapath change.
+pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
+
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
         addr: [u32::from_ne_bytes(f.ip.octets()), 0, 0, 0],
         port: f.port.to_be(),
         proto: f.protocol.number(),
         family: FAMILY_IPV4,
-        scope: if f.scope == Scope::NodePort { SCOPE_NODEPORT } else { SCOPE_EXACT },
+        scope: match f.scope {
+            Scope::NodePort => SCOPE_NODEPORT,
+            Scope::NodePortFromCluster => SCOPE_NODEPORT | SCOPE_FROM_CLUSTER,
+            Scope::ExternalFromCluster => SCOPE_EXACT | SCOPE_FROM_CLUSTER,
+            Scope::ClusterIp | Scope::External => SCOPE_EXACT,
+        },
         _pad: [0; 3],
     }
 }
@@ -35,11 +49,16 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 /// ClusterIP keys; `flags` (the value's) tells them apart.
 pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
     let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
-    Some(match (k.scope, flags & SVC_FLAG_EXTERNAL != 0) {
+    let primary = match (k.scope & !SCOPE_FROM_CLUSTER, flags & SVC_FLAG_EXTERNAL != 0) {
         (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
         (_, true) => Frontend::external(ip, port, protocol),
         (_, false) => Frontend::cluster_ip(ip, port, protocol),
-    })
+    };
+    if k.scope & SCOPE_FROM_CLUSTER != 0 {
+        primary.from_cluster()
+    } else {
+        Some(primary)
+    }
 }
 
 pub fn backend_value(e: &Endpoint) -> Backend {

@@ -39,7 +39,7 @@ use lb_common::{PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG
 pub use apply::{ApplyReport, SLOT_GRACE};
 pub use attach::{cgroup2_mount, interface_wanted, link_pin_name, Hook};
 pub use load::ensure_pin_dir;
-pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps};
+pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps, SCOPE_FROM_CLUSTER};
 pub use sys::{cleanup, error_chain, interfaces, local_ipv4_addresses, local_ipv4_by_interface};
 
 use crate::model::Frontend;
@@ -209,6 +209,10 @@ pub struct Dataplane {
     next_id: u32,
     /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
     port_flags: Vec<u8>,
+    /// Programmed frontends per port: the frontend flag goes when the count drops to zero.
+    frontend_refs: Vec<u32>,
+    /// Removes UDP flows to departed backends, one walk at a time.
+    sweeper: stale_udp::Sweeper,
     /// (interface, hook) -> (ifindex, pinned link).
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.

@@ -93,3 +93,78 @@ impl Dataplane {
         Ok(closed)
     }
 }
+
+/// Merges `more` into `into`: `None` (every flow of a frontend) absorbs a set of backends.
+fn merge(into: &mut StaleUdp, more: StaleUdp) {
+    for (id, which) in more {
+        match (into.get_mut(&id), which) {
+            (None, w) => {
+                into.insert(id, w);
+            }
+            (Some(slot @ Some(_)), None) => *slot = None,
+            (Some(Some(set)), Some(more)) => set.extend(more),
+            (Some(None), _) => {}
+        }
+    }
+}
+
+/// One sweep of the conntrack map at a time, on a thread of its own with its own map handle:
+/// requests made while a sweep runs are merged and served by the next one, so a burst of
+/// backend changes costs one more walk, not one per change.
+pub(super) struct Sweeper {
+    /// The pin directory, where the sweeper opens conntrack handles of its own.
+    pin: std::path::PathBuf,
+    removed: std::sync::Arc<AtomicU64>,
+    tx: Option<std::sync::mpsc::Sender<StaleUdp>>,
+}
+
+impl Sweeper {
+    pub(super) fn new(pin_dir: std::path::PathBuf, removed: std::sync::Arc<AtomicU64>) -> Self {
+        Self { pin: pin_dir, removed, tx: None }
+    }
+
+    /// Queues a sweep; gives the request back if no sweeper can run (no second map handle).
+    pub(super) fn request(&mut self, stale: StaleUdp) -> Result<(), StaleUdp> {
+        let stale = match &self.tx {
+            Some(tx) => match tx.send(stale) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(s)) => s,
+            },
+            None => stale,
+        };
+        let Ok(mut ct) = CtTables::open_pinned(&self.pin) else { return Err(stale) };
+        let (tx, rx) = std::sync::mpsc::channel::<StaleUdp>();
+        let removed = self.removed.clone();
+        let spawned = std::thread::Builder::new().name("lb-udp-sweep".into()).spawn(move || {
+            while let Ok(mut req) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    merge(&mut req, more);
+                }
+                sweep_stale_udp(&mut ct, &req, &removed);
+            }
+        });
+        if spawned.is_err() {
+            return Err(stale);
+        }
+        let _ = tx.send(stale);
+        self.tx = Some(tx);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_merge_with_every_flow_absorbing_backend_sets() {
+        let e = |p: u16| Endpoint { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), port: p, local: false };
+        let mut a: StaleUdp = [(1, Some(BTreeSet::from([e(1)]))), (2, None)].into();
+        merge(&mut a, [(1, Some(BTreeSet::from([e(2)]))), (2, Some(BTreeSet::from([e(3)]))), (3, None)].into());
+        assert_eq!(a[&1], Some(BTreeSet::from([e(1), e(2)])));
+        assert_eq!(a[&2], None);
+        assert_eq!(a[&3], None);
+        merge(&mut a, [(1, None)].into());
+        assert_eq!(a[&1], None);
+    }
+}
