@@ -708,7 +708,10 @@ fn rejected_services_get_warning_events() -> Result<()> {
         "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
     }))?;
     let event = |name: &str, reason: &str| {
-        c.api.events().into_iter().find(|e| e["regarding"]["name"] == name && e["reason"] == reason && e["type"] == "Warning")
+        c.api
+            .events()
+            .into_iter()
+            .find(|e| e["regarding"]["name"] == name && e["reason"] == reason && e["type"] == "Warning")
     };
     assert!(
         eventually(Duration::from_secs(10), || event("zz-clash", "FailedToProgram").is_some()
