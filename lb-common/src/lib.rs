@@ -48,13 +48,31 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
-pub const MAP_PORTS: &str = "LB_PORTS";
 
-/// `LB_PORTS[port]` flags: a cheap pre-filter ahead of the hash lookups.
-/// Some frontend (ClusterIP, node port, LoadBalancer or external IP) listens on this port.
-pub const PORT_FRONTEND: u8 = 1 << 0;
-/// Some backend listens on this port: a packet from it may be a reply to translate.
-pub const PORT_BACKEND: u8 = 1 << 1;
+/// The pre-filter ahead of every hash lookup: two bitmaps of `FILTER_BITS` bits each, in one
+/// array of u64 words. A frontend (address, port, protocol) sets its bit in the first, a
+/// backend (address, port, protocol) its bit in the second; a packet whose destination has no
+/// frontend bit and whose source has no backend bit is none of ours, and costs two array
+/// loads (which the verifier inlines), however many Services exist. A set bit may be another
+/// key's (a false positive only costs the lookups it would have cost anyway).
+pub const MAP_FILTER: &str = "LB_FILTER";
+pub const FILTER_BITS_LOG2: u32 = 21;
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+/// Word offset of the frontend bitmap and of the backend bitmap.
+pub const FILTER_FRONTENDS: u32 = 0;
+pub const FILTER_BACKENDS: u32 = FILTER_WORDS;
+
+/// The filter bit of an (address, port, protocol), all as in the packet (network order). An
+/// IPv6 address is folded into `addr` first (`fold_v6`).
+#[inline(always)]
+pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    let mut h = addr.wrapping_mul(0x9e37_79b1) ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2c1b_3c6d);
+    h ^= h >> 12;
+    h >> (32 - FILTER_BITS_LOG2)
+}
+
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;

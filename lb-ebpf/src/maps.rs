@@ -78,10 +78,11 @@ pub type SourceRangeKey = Key<SourceRangeData>;
 #[map(name = "LB_SOCK_REVNAT")]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
-/// Port number -> `PORT_FRONTEND | PORT_BACKEND` flags. An array lookup is inlined by the
-/// verifier, so traffic on ports no Service uses skips every hash lookup.
-#[map(name = "LB_PORTS")]
-pub static LB_PORTS: Array<u8> = Array::pinned(65_536, 0);
+/// The pre-filter (`lb_common::MAP_FILTER`): a frontend bitmap and a backend bitmap of
+/// (address, port, protocol) hashes. Array lookups are inlined by the verifier, so a packet
+/// that is none of ours costs two loads and no hash lookup.
+#[map(name = "LB_FILTER")]
+pub static LB_FILTER: Array<u64> = Array::pinned(2 * lb_common::FILTER_WORDS, 0);
 
 /// Interfaces whose driver transmits native XDP frames (`ndo_xdp_xmit`): ifindex -> 1. A veth
 /// without GRO or an XDP program on its peer drops `XDP_TX` and redirected frames (the peer has

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CT4,
-    MAP_CT4_NEW, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
+    MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
     MAP_STATS,
 };
 
@@ -36,7 +36,7 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_STATS, 4, 8, false),
         s(MAP_NODE_ADDRS, size_of::<NodeAddrKey>(), 4, false),
         s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
-        s(MAP_PORTS, 4, 1, false),
+        s(MAP_FILTER, 4, 8, false),
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_CT4_NEW, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),

@@ -116,8 +116,7 @@ impl Dataplane {
             attach_failures: StdHashMap::new(),
             xdp_choice: StdHashMap::new(),
             xdp_targets: BTreeSet::new(),
-            port_flags: Vec::new(),
-            frontend_refs: vec![0; 65_536],
+            filter: Default::default(),
             sweeper: stale_udp::Sweeper::new(pin_dir.to_owned(), stale_udp_removed.clone()),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
@@ -129,10 +128,16 @@ impl Dataplane {
             ct_collected: Arc::default(),
             ct_gc_stop: Arc::default(),
         };
-        dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
+        dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
-        for f in dp.programmed.keys() {
-            dp.frontend_refs[f.port as usize] += 1;
+        // Counts for what is programmed; bits nothing counts are cleared at the first full
+        // apply, which an agent always makes before it reports itself synced.
+        let node_addrs: Vec<std::net::Ipv4Addr> =
+            dp.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| super::maps::ipv4(k.addr)).collect();
+        dp.filter.set_node_addrs(&node_addrs, [].iter());
+        let programmed: Vec<_> = dp.programmed.keys().copied().collect();
+        for f in &programmed {
+            dp.filter.add_frontend(f);
         }
         dp.carry_over_legacy_flows(false);
         spawn_collector(

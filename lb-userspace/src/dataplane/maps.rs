@@ -8,7 +8,7 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_BACKEND_SLOTS, MAP_CT4, MAP_CT4_NEW, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAP_BACKEND_SLOTS, MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES,
     MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
     SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
@@ -146,7 +146,7 @@ pub struct Maps {
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
-    pub ports: Array<MapData, u8>,
+    pub filter: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     pub xdp_targets: HashMap<MapData, u32, u32>,
 }
@@ -169,7 +169,7 @@ impl Maps {
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(take(ebpf, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -195,7 +195,7 @@ impl Maps {
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(open(pin_dir, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -216,7 +216,7 @@ impl MapSizes {
             MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
             MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
-            MAP_PORTS => 65_536,
+            MAP_FILTER => 2 * lb_common::FILTER_WORDS,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
             lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,

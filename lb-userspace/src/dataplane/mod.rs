@@ -15,6 +15,7 @@
 mod apply;
 mod attach;
 pub mod clock;
+mod filter;
 pub mod conntrack;
 mod layout;
 mod load;
@@ -207,10 +208,8 @@ pub struct Dataplane {
     /// `SLOT_GRACE` (see `Retired`).
     retired: VecDeque<Retired>,
     next_id: u32,
-    /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
-    port_flags: Vec<u8>,
-    /// Programmed frontends per port: the frontend flag goes when the count drops to zero.
-    frontend_refs: Vec<u32>,
+    /// Mirror of `LB_FILTER`, with the frontend bits' counts.
+    filter: filter::Filter,
     /// Removes UDP flows to departed backends, one walk at a time.
     sweeper: stale_udp::Sweeper,
     /// (interface, hook) -> (ifindex, pinned link).
