@@ -1,0 +1,315 @@
+//! The fuzz test of issue 11: at least 1,000,000 random, truncated and mutated frames through
+//! the real tc and XDP programs (`BPF_PROG_TEST_RUN`), maps filled by the real translation of
+//! `lb_tests::fuzz::world::WORLD_YAML`; every output is judged by the userspace model and the
+//! independent parser (`lb_tests::fuzz`). It prints its seed; `LB_FUZZ_SEED=N` replays a run,
+//! `LB_FUZZ_FRAMES` changes its length, `LB_FUZZ_CHECK_EVERY=1` pins a counter mismatch to its
+//! frame.
+//!
+//! Needs root; under CI=true it must run.
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{ProgramError, TestRun, TestRunOptions},
+};
+use lb_common::{FragKey, FragValue, COUNTER_MAX, MAP_FRAGMENTS};
+use lb_tests::fuzz::{self, world, Backend, Counters, Datapath, Frontend, Hook, NodeNs, RunError, World};
+use lb_userspace::{
+    dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
+    manifests,
+    model::{translate, DesiredState, NodeInfo, Scope},
+};
+
+const FRAMES: u64 = 1_000_000;
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "the fuzz test needs root and CI=true forbids skipping");
+    eprintln!("skipping: the fuzz test needs root");
+    false
+}
+
+/// The datapath under test, under its own pin directory (removed on drop).
+struct Loaded {
+    dp: Dataplane,
+    pin: PathBuf,
+    maps: Maps,
+    frags: HashMap<MapData, FragKey, FragValue>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+/// Lifetimes far beyond the test's duration and a conntrack LRU with room for an epoch of
+/// flows: nothing the model relies on expires or is evicted.
+fn config() -> Config {
+    let day = 86_400;
+    let timeouts = Timeouts {
+        tcp_syn_s: day,
+        tcp_established_s: day,
+        tcp_fin_wait_s: day,
+        tcp_last_ack_s: day,
+        tcp_time_wait_s: day,
+        tcp_close_s: day,
+        udp_s: day,
+    };
+    Config {
+        timeouts,
+        sizes: MapSizes { conntrack_new: 262_144, ..MapSizes::default() },
+        node_ip: Some(world::NODE_IP),
+        ..Config::default()
+    }
+}
+
+fn desired() -> DesiredState {
+    let (objects, errors) = manifests::parse(&[(PathBuf::from("fuzz.yaml"), world::WORLD_YAML.to_string())]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let t = translate(&objects.services, &objects.slices, &NodeInfo::named(world::NODE_NAME));
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    t.state
+}
+
+/// The model's view of what was applied: every frontend the datapath has a key for.
+fn world_of(state: &DesiredState) -> World {
+    let frontends = state
+        .services
+        .iter()
+        .filter(|(f, _)| !f.is_from_cluster())
+        .map(|(f, sp)| Frontend {
+            ip: (f.scope != Scope::NodePort).then_some(f.ip),
+            port: f.port,
+            proto: f.protocol.number(),
+            backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
+            external: sp.external,
+            local_only: sp.local_only,
+            source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
+            affinity: sp.affinity_timeout_s.is_some(),
+            name: sp.name.clone(),
+        })
+        .collect();
+    World::new(frontends)
+}
+
+fn load(ns: &NodeNs) -> (Loaded, World) {
+    let pin = PathBuf::from(format!("/sys/fs/bpf/lb-fuzz-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin);
+    let config = config();
+    let mut dp = Dataplane::load(&pin, &config).expect("loading the datapath");
+    // The agent's collector walks the assured table on a thread of its own; with lifetimes
+    // of a day it has nothing to collect, but it deletes live flows refreshed during its walk
+    // (see `the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk`), which the model
+    // would rightly report. This test judges the programs; that bug has its own test.
+    dp.stop_ct_collector();
+    let state = desired();
+    let report = dp.apply(&state);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let node_addrs: Vec<Ipv4Addr> = World::new(Vec::new()).node_addrs;
+    dp.set_node_addresses(&node_addrs).expect("node addresses");
+    let mut maps = Maps::open_pinned(&pin).expect("opening pinned maps");
+    // ext0 takes native XDP frames, as the agent lists a driver with ndo_xdp_xmit.
+    maps.xdp_targets.insert(ns.ifindex("ext0").expect("ext0"), 1, 0).expect("LB_XDP_TARGETS");
+    let data = MapData::from_pin(pin.join(MAP_FRAGMENTS)).expect("LB_FRAGMENTS");
+    let frags = HashMap::try_from(Map::from_map_data(data).expect("LB_FRAGMENTS")).expect("LB_FRAGMENTS");
+    (Loaded { dp, pin, maps, frags }, world_of(&state))
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(), String> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        map.remove(&k).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+impl Loaded {
+    /// The conntrack entries of the addresses in a failing frame's IP header, to tell a model
+    /// error from a datapath one.
+    fn flows_of(&self, frame: &[u8]) -> String {
+        if frame.len() < 34 {
+            return String::new();
+        }
+        let addrs = [
+            u32::from_ne_bytes(frame[26..30].try_into().expect("4 bytes")),
+            u32::from_ne_bytes(frame[30..34].try_into().expect("4 bytes")),
+        ];
+        let mut lines = Vec::new();
+        for (name, map) in [("assured", &self.maps.conntrack), ("new", &self.maps.conntrack_new)] {
+            for (k, v) in map.iter().filter_map(Result::ok) {
+                if addrs.contains(&k.src) || addrs.contains(&k.dst) {
+                    let ip = |a: u32| Ipv4Addr::from(a.to_ne_bytes());
+                    lines.push(format!(
+                        "  {name} {}:{} -> {}:{} proto {} dir {}: nat {}:{} snat {}:{} state {} flags {:#x}",
+                        ip(k.src),
+                        u16::from_be(k.sport),
+                        ip(k.dst),
+                        u16::from_be(k.dport),
+                        k.proto,
+                        k.dir,
+                        ip(v.nat_addr),
+                        u16::from_be(v.nat_port),
+                        ip(v.snat_addr),
+                        u16::from_be(v.snat_port),
+                        lb_common::ct_state_name(v.state),
+                        v.flags
+                    ));
+                }
+            }
+        }
+        format!(
+            "conntrack entries ({} assured, {} new) of its addresses:\n{}",
+            self.maps.conntrack.keys().count(),
+            self.maps.conntrack_new.keys().count(),
+            lines.join("\n")
+        )
+    }
+}
+
+impl Datapath for Loaded {
+    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
+        let res = match hook {
+            Hook::Tc => self.dp.tc_program().test_run(opts),
+            Hook::Xdp => self.dp.xdp_program().test_run(opts),
+        };
+        match res {
+            Ok(r) => Ok((r.return_value, r.data_size_out as usize)),
+            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
+            Err(e) => Err(RunError::Failed(e.to_string())),
+        }
+    }
+
+    fn counters(&mut self) -> Result<Counters, String> {
+        let mut c = [[0u64; COUNTER_MAX as usize]; 2];
+        for (h, hook) in c.iter_mut().enumerate() {
+            for (i, v) in hook.iter_mut().enumerate() {
+                let index = h as u32 * COUNTER_MAX + i as u32;
+                *v = self.maps.stats.get(&index, 0).map_err(|e| e.to_string())?.iter().sum();
+            }
+        }
+        Ok(c)
+    }
+
+    fn clear_flows(&mut self) -> Result<(), String> {
+        clear(&mut self.maps.conntrack)?;
+        clear(&mut self.maps.conntrack_new)?;
+        clear(&mut self.maps.affinity)?;
+        clear(&mut self.frags)
+    }
+}
+
+#[test]
+fn a_million_random_truncated_and_mutated_frames_through_tc_and_xdp() {
+    if !privileged() {
+        return;
+    }
+    let ns = NodeNs::enter().expect("node namespace");
+    let (mut dp, world) = load(&ns);
+    let config = config();
+    let opts = fuzz::Options::from_env(FRAMES, fuzz::budget(config.sizes.conntrack_new, config.sizes.affinity));
+    let report = fuzz::run(&mut dp, world, &opts).unwrap_or_else(|f| panic!("{f}\n{}", dp.flows_of(&f.input)));
+    eprintln!("{}", report.summary());
+    assert!(report.frames >= opts.frames);
+    report.coverage().unwrap_or_else(|e| panic!("seed {}: {e}", report.seed));
+}
+
+/// Found by this fuzzer (nondeterministic replies left untranslated, flows gone from the
+/// assured table with lifetimes of a day). The agent's collector reads its clock, then walks
+/// the assured table; a flow whose entries a packet rewrote in between carries a `last_seen`
+/// later than that clock, `expired()` reads `now - last_seen` as an age of about 2^32 jiffies,
+/// and the live flow is deleted: its next reply passes untranslated, its next packet is
+/// balanced afresh. On a busy node every flow refreshed during a walk is at risk.
+#[test]
+#[ignore = "known bug: lb-userspace/src/dataplane/conntrack.rs `expired`/`collect` delete a flow refreshed after the collector read its clock"]
+fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
+    use lb_tests::fuzz::gen::packet;
+    use lb_userspace::dataplane::conntrack::{collect, CtTables};
+    if !privileged() {
+        return;
+    }
+    let ns = NodeNs::enter().expect("node namespace");
+    let (mut dp, _) = load(&ns);
+    let (clock, timeouts) = dp.dp.ct_clock();
+    let mut tables = CtTables::open_pinned(&dp.pin).expect("conntrack tables");
+    // The collector's walk starts: it has read its clock...
+    let walk_started = clock.jiffies().expect("jiffies");
+    while clock.jiffies().expect("jiffies") == walk_started {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // ...and meanwhile a connection completes its handshake (both entries written now).
+    let (client, vip) = ((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 96, 0, 10), 80));
+    let mut out = vec![0u8; 2048];
+    let mut run = |f: &[u8]| {
+        let (verdict, n) = match dp.run(Hook::Tc, f, &mut out) {
+            Ok(r) => r,
+            Err(_) => panic!("BPF_PROG_TEST_RUN failed"),
+        };
+        (verdict, out[..n].to_vec())
+    };
+    let (_, syn) = run(&packet(client, vip, 6, 0x02, &[], 64, 1, false));
+    let backend = (Ipv4Addr::new(syn[30], syn[31], syn[32], syn[33]), u16::from_be_bytes([syn[36], syn[37]]));
+    run(&packet(backend, client, 6, 0x12, &[], 64, 2, false));
+    run(&packet(client, vip, 6, 0x10, &[], 64, 3, false));
+    assert_eq!(tables.assured.keys().count(), 2, "the established flow is assured");
+    let (removed, _) = collect(&mut tables, walk_started, &timeouts);
+    assert_eq!(removed, 0, "a flow active after the collector read its clock is not idle");
+    let (verdict, reply) = run(&packet(backend, client, 6, 0x18, b"HTTP/1.1 200 OK", 64, 4, false));
+    assert_eq!((verdict, &reply[26..30]), (0, &vip.0.octets()[..]), "the reply is still translated");
+}
+
+/// Found by this fuzzer (seed 4: a node port's reply translated but not routed). A finished
+/// SNATed flow whose reply entry a SYN-ACK removed (the port-reuse rule) leaves its SNAT port
+/// free, and a new flow to the same backend may take it; the old flow's forward entry lives
+/// on (CLOSE) and still owns that reply key: its next packet is translated onto the new
+/// flow's 4-tuple at the backend, and `mirror` writes its state and flags over the new flow's
+/// reply entry (dropping `CT_FLAG_ROUTE`), so the new flow's replies from a node port are no
+/// longer routed (the stack drops them as martians). netfilter deletes the old conntrack when
+/// its tuple is reused.
+#[test]
+#[ignore = "known bug: lb-ebpf conntrack lets a new flow take the SNAT port of a flow whose forward entry still lives, which then overwrites the new flow's reply entry"]
+fn a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows() {
+    use lb_tests::fuzz::gen::packet;
+    if !privileged() {
+        return;
+    }
+    let ns = NodeNs::enter().expect("node namespace");
+    let (mut dp, _) = load(&ns);
+    let client = Ipv4Addr::new(192, 168, 49, 100);
+    let (lb_ip, node_port) = ((Ipv4Addr::new(192, 168, 49, 200), 8080), (world::NODE_IP, 30088));
+    let mut out = vec![0u8; 2048];
+    let mut run = |hook: Hook, f: &[u8]| {
+        let (verdict, n) = match dp.run(hook, f, &mut out) {
+            Ok(r) => r,
+            Err(_) => panic!("BPF_PROG_TEST_RUN failed"),
+        };
+        (verdict, out[..n].to_vec())
+    };
+    let src_of = |f: &[u8]| ((Ipv4Addr::new(f[26], f[27], f[28], f[29])), u16::from_be_bytes([f[34], f[35]]));
+    // A: the client's flow to the LoadBalancer IP, SNATed to the node, reset at once (CLOSE).
+    let a = (client, 40000);
+    let (_, sent) = run(Hook::Tc, &packet(a, lb_ip, 6, 0x04, &[], 64, 1, false));
+    let port = src_of(&sent).1;
+    let backend = (Ipv4Addr::new(10, 244, 2, 21), 80);
+    // The backend answers a new connection on that tuple: A's reply entry goes (port reuse).
+    let (verdict, _) = run(Hook::Tc, &packet(backend, (world::NODE_IP, port), 6, 0x12, &[], 64, 2, false));
+    assert_eq!(verdict, u32::MAX, "a SYN-ACK on a closed flow's tuple is not A's");
+    // B: new connections to the node port of the same backend until one gets A's port.
+    let b = (40001..60000u16)
+        .map(|p| (client, p))
+        .find(|&b| src_of(&run(Hook::Tc, &packet(b, node_port, 6, 0x02, &[], 64, 3, false)).1).1 == port)
+        .expect("some new flow takes the free port");
+    let (verdict, _) = run(Hook::Tc, &packet(backend, (world::NODE_IP, port), 6, 0x12, &[], 64, 4, false));
+    assert_eq!(verdict, 7, "B's SYN-ACK is routed back to the client from the node port");
+    // A's client sends a late FIN.
+    let (_, late) = run(Hook::Tc, &packet(a, lb_ip, 6, 0x11, &[], 64, 5, false));
+    assert_ne!(src_of(&late), (world::NODE_IP, port), "A's packet must not join B's connection at the backend");
+    let (verdict, reply) = run(Hook::Tc, &packet(backend, (world::NODE_IP, port), 6, 0x18, b"data", 64, 6, false));
+    assert_eq!(src_of(&reply), node_port, "B's reply comes from the node port");
+    assert_eq!(verdict, 7, "B's reply is still routed (its source is a node address)");
+    let _ = b;
+}
