@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod fuzz;
+
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_tests::{
@@ -70,6 +72,8 @@ fn main() -> Result<()> {
     md.push_str(&api_control_plane(&opts)?);
     progress("5/5 verifier");
     md.push_str(&verifier()?);
+    progress("fuzz: random, truncated and mutated frames through both programs, judged by the model");
+    md.push_str(&fuzz::run(opts.quick)?);
 
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let name = if opts.quick { "quick" } else { "latest" };

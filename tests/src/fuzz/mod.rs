@@ -357,6 +357,9 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
         if full {
             dp.clear_flows().map_err(|e| fail(frame, e))?;
             model.reset_flows();
+            if !trace.is_empty() {
+                eprintln!("  #{frame} flow tables emptied");
+            }
             if keep_history {
                 // An empty record marks it.
                 history.push(RunRecord { frame, hook: Hook::Tc, input: Vec::new(), verdict: None, output: Vec::new() });

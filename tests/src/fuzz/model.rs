@@ -331,9 +331,12 @@ impl Model {
         let (v, out) = match ran {
             Ran::Refused(errno) => {
                 // The kernel refuses frames the stack could never hand a program: shorter
-                // than Ethernet, or an IPv4 frame without a whole IP header.
-                let ipv4 = f.len() >= ETH && f[12..14] == [0x08, 0x00];
-                if errno == libc::EINVAL && (f.len() < ETH || (ipv4 && f.len() < ETH + 20)) {
+                // than Ethernet, or an IPv4 or IPv6 frame without a whole IP header.
+                let ethertype = if f.len() >= ETH { be16(f, 12) } else { 0 };
+                let short = f.len() < ETH
+                    || (ethertype == 0x0800 && f.len() < ETH + 20)
+                    || (ethertype == 0x86dd && f.len() < ETH + 40);
+                if errno == libc::EINVAL && short {
                     self.stats.refused[h] += 1;
                     return Ok(());
                 }
@@ -426,7 +429,7 @@ impl Model {
             self.expect(hook, &[&[Counter::DeferredToTc]]);
             return Ok(());
         }
-        let finished = self.flows.get(&t).is_some_and(|fl| fl.finished());
+        let finished = self.maybe_finished(&t);
         let restart = t.proto == TCP && finished && flags & SYN != 0 && flags & (ACK | RST) == 0;
         match known {
             Some((fe_i, nat)) if restart => self.new_flow(hook, f, a, out, ip, t, fe_i, flags, l4, Mode::Restart(nat)),
@@ -716,6 +719,15 @@ impl Model {
         }
         self.flows.get_mut(&t).expect("known").step(flags, false);
         Ok(())
+    }
+
+    /// The flow may be finished in the datapath: it is (see `Flow::finished`), or its reply key
+    /// is shared with another flow, whose packets write their state into it and through it
+    /// into this flow's forward entry (the known bug of
+    /// `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`).
+    fn maybe_finished(&self, t: &Tuple) -> bool {
+        let Some(fl) = self.flows.get(t) else { return false };
+        fl.finished() || fl.nat.is_some_and(|nat| self.replies.get(&reply_key(*t, nat)).is_some_and(|l| l.len() > 1))
     }
 
     /// The flow's translation is unknown again (it may have restarted unseen).
@@ -1033,6 +1045,31 @@ impl Model {
                 cands.push((IcmpRewrite { routed: !w.routed, ..w }, false));
             }
         }
+        // Flows created unseen may own the reply key (their SNAT port, their backend).
+        let mut pending_cands: Vec<(Tuple, IcmpRewrite, Nat)> = Vec::new();
+        for p in &self.pending {
+            let flow = &self.flows[p];
+            if p.proto != q.proto || !self.world.frontends[flow.fe].has_backend(q.dst, q.dport) {
+                continue;
+            }
+            let direct = (q.src, q.sport) == flow.client;
+            let hairpin = q.src == self.world.hairpin && q.sport == flow.client.1 && q.dst == flow.client.0;
+            let node = q.src == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&q.sport);
+            if !(direct || hairpin || node) {
+                continue;
+            }
+            let from_backend = outer_src == q.dst;
+            let new_outer_src = if from_backend { flow.fe_addr.0 } else { outer_src };
+            let w = IcmpRewrite {
+                outer_src: new_outer_src,
+                outer_dst: if direct { e.ip.dst } else { flow.client.0 },
+                inner_src: flow.client,
+                inner_dst: flow.fe_addr,
+                routed: from_backend && self.world.is_node_addr(new_outer_src),
+            };
+            let nat = Nat { backend: (q.dst, q.dport), snat: (!direct).then_some((q.src, q.sport)) };
+            pending_cands.push((*p, w, nat));
+        }
         // The reply-side entry may be gone: the quote may then match the forward side.
         let reply_sure = cands.iter().any(|c| c.1);
         let fkey = rkey;
@@ -1063,7 +1100,7 @@ impl Model {
             }
         }
         let must = cands.iter().any(|c| c.1);
-        let routed = cands.iter().any(|c| c.0.routed);
+        let routed = cands.iter().any(|c| c.0.routed) || pending_cands.iter().any(|p| p.1.routed);
         if a == Act::Pass && out == f {
             if must && (hook == Hook::Tc || !routed) {
                 return Err(format!(
@@ -1106,6 +1143,19 @@ impl Model {
                     return Ok(());
                 }
                 Err(err) => errors.push(err),
+            }
+        }
+        for (p, w, nat) in &pending_cands {
+            if check_icmp(hook, a, f, out, e, w).is_ok() {
+                let c: &[Counter] = if a == Act::Sent {
+                    &[Counter::IcmpTranslated, Counter::Routed]
+                } else {
+                    &[Counter::IcmpTranslated]
+                };
+                self.expect(hook, &[c]);
+                self.stats.icmp_translated[h] += 1;
+                // Its translation is now known.
+                return self.resolve(*p, *nat);
             }
         }
         if uncertain && errors.is_empty() {
