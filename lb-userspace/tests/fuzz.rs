@@ -6,7 +6,11 @@
 //! frame.
 //!
 //! Needs root; under CI=true it must run.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use aya::{
     maps::{HashMap, Map, MapData},
@@ -97,7 +101,13 @@ fn world_of(state: &DesiredState) -> World {
 }
 
 fn load(ns: &NodeNs) -> (Loaded, World) {
-    let pin = PathBuf::from(format!("/sys/fs/bpf/lb-fuzz-test-{}", std::process::id()));
+    // Tests of this file run in parallel threads of one process: a pin directory each.
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let pin = PathBuf::from(format!(
+        "/sys/fs/bpf/lb-fuzz-test-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&pin);
     let config = config();
     let mut dp = Dataplane::load(&pin, &config).expect("loading the datapath");
@@ -216,6 +226,102 @@ fn a_million_random_truncated_and_mutated_frames_through_tc_and_xdp() {
     eprintln!("{}", report.summary());
     assert!(report.frames >= opts.frames);
     report.coverage().unwrap_or_else(|e| panic!("seed {}: {e}", report.seed));
+}
+
+/// What `Sabotaged` does wrong.
+#[derive(Clone, Copy, Debug)]
+enum Sabotage {
+    /// A byte of a translated packet's payload changes.
+    Payload,
+    /// A translated packet goes to an address that is no backend (checksums made valid).
+    Misroute,
+    /// The L4 checksum is left as it was before the rewrite.
+    StaleChecksum,
+    /// tc leaves a packet it translated untouched.
+    Untranslated,
+    /// A counter moves without a packet.
+    Counter,
+}
+
+/// The real datapath with one thing done wrong, to show the model catches it.
+struct Sabotaged<'a> {
+    real: &'a mut Loaded,
+    how: Sabotage,
+    /// Counter reads so far (the sabotaged counter gains one per read).
+    reads: u64,
+}
+
+impl Datapath for Sabotaged<'_> {
+    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let (verdict, n) = self.real.run(hook, frame, out)?;
+        let translated = n == frame.len() && out[..n] != *frame && frame.len() >= 54 && frame[12..14] == [8, 0];
+        if !translated {
+            return Ok((verdict, n));
+        }
+        let l4 = 14 + (out[14] & 0x0f) as usize * 4;
+        match self.how {
+            Sabotage::Payload if n > l4 + 20 => out[n - 1] ^= 0x5a,
+            Sabotage::Misroute if frame[30..34] != out[30..34] => {
+                out[30..34].copy_from_slice(&[10, 244, 1, 99]);
+                fuzz::wire::fix_checksums(&mut out[..n]);
+            }
+            Sabotage::StaleChecksum if out[23] == 6 && n >= l4 + 18 => {
+                out[l4 + 16..l4 + 18].copy_from_slice(&frame[l4 + 16..l4 + 18]);
+            }
+            Sabotage::Untranslated if hook == Hook::Tc && verdict == 0 => {
+                out[..n].copy_from_slice(frame);
+                return Ok((u32::MAX, n));
+            }
+            _ => {}
+        }
+        Ok((verdict, n))
+    }
+
+    fn counters(&mut self) -> Result<Counters, String> {
+        let mut c = self.real.counters()?;
+        if matches!(self.how, Sabotage::Counter) {
+            self.reads += 1;
+            c[0][lb_common::Counter::PassNotIp as usize] += self.reads;
+        }
+        Ok(c)
+    }
+
+    fn clear_flows(&mut self) -> Result<(), String> {
+        self.real.clear_flows()
+    }
+}
+
+/// A test that cannot fail is a defect: a datapath that rewrites the payload, sends a packet
+/// to an address that is no backend, leaves a checksum stale, leaves a packet it must
+/// translate alone, or counts what did not happen, fails the fuzz run within 5,000 frames (the
+/// first wrong counter at the first check, after 1,024), each for the reason it has.
+#[test]
+fn the_model_catches_a_datapath_that_gets_any_of_it_wrong() {
+    if !privileged() {
+        return;
+    }
+    let ns = NodeNs::enter().expect("node namespace");
+    let (mut dp, world) = load(&ns);
+    let config = config();
+    let budget = fuzz::budget(config.sizes.conntrack_new, config.sizes.affinity);
+    let opts = fuzz::Options { seed: 1, frames: 5_000, check_every: 1_024, budget };
+    for (how, reason) in [
+        (Sabotage::Payload, "byte"),
+        (Sabotage::Misroute, "misroute"),
+        (Sabotage::StaleChecksum, "checksum"),
+        (Sabotage::Untranslated, "must be translated"),
+        (Sabotage::Counter, "counters"),
+    ] {
+        dp.clear_flows().expect("emptying the flow maps");
+        let mut broken = Sabotaged { real: &mut dp, how, reads: 0 };
+        match fuzz::run(&mut broken, world.clone(), &opts) {
+            Ok(r) => panic!("{how:?} went unnoticed over {} frames", r.frames),
+            Err(f) => {
+                eprintln!("{how:?} caught at frame #{}", f.frame);
+                assert!(f.reason.contains(reason), "{how:?} caught, but as: {f}")
+            }
+        }
+    }
 }
 
 /// Found by this fuzzer (nondeterministic replies left untranslated, flows gone from the
