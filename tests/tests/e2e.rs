@@ -406,11 +406,11 @@ fn session_affinity_expires_after_the_idle_timeout() -> Result<()> {
     let first = lb_tests::http_get_from(&s.client.ns, from(45000), vip(80), "/")?;
     let pinned_ip = s.web.iter().find(|p| p.name == first).unwrap().ip;
     let other_ports: Vec<u16> =
-        (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips) != pinned_ip).take(2).collect();
+        (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips, 80) != pinned_ip).take(2).collect();
     assert_eq!(lb_tests::http_get_from(&s.client.ns, from(other_ports[0]), vip(80), "/")?, first, "pinned");
 
     std::thread::sleep(Duration::from_millis(3000));
-    let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips));
+    let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips, 80));
     let after = lb_tests::http_get_from(&s.client.ns, from(other_ports[1]), vip(80), "/")?;
     assert_eq!(after, expected, "after 3 s idle the 2 s pin is gone and the hash decides");
     assert_ne!(after, first);

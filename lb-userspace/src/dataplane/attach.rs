@@ -128,7 +128,8 @@ impl Dataplane {
             ))?;
         }
         let now: Vec<Ipv4Addr> = self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect();
-        let node_ports: Vec<Frontend> = self.programmed.keys().filter(|f| f.scope == Scope::NodePort).copied().collect();
+        let node_ports: Vec<Frontend> =
+            self.programmed.keys().filter(|f| f.scope == Scope::NodePort).copied().collect();
         self.filter.set_node_addrs(&now, node_ports.iter());
         self.filter.flush(&mut self.maps.filter)?;
         Ok(now)
