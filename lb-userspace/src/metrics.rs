@@ -547,8 +547,8 @@ fn process_metrics(o: &mut String) {
     let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf reads a constant.
-    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as f64) };
+    let conf = |v| nix::unistd::sysconf(v).ok().flatten().map_or(1.0, |n| n as f64);
+    let (ticks, page) = (conf(nix::unistd::SysconfVar::CLK_TCK), conf(nix::unistd::SysconfVar::PAGE_SIZE));
     let boot = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()))
