@@ -808,38 +808,21 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
             std::thread::sleep(Duration::from_millis(50));
         }
         let ready = t.elapsed();
-        let applied = |log: &str| log.matches("desired state applied").count();
-        let before = applied(&lab.agent_log(&node));
+        let before = lab.agent_log(&node).matches("desired state applied").count();
         let (svc, slice) = objects(n);
         let t = Instant::now();
         api.apply(svc)?;
         api.apply(slice)?;
         wait_serving(&client.ns, SocketAddr::from((vip_of(n), 80)), t, Duration::from_secs(120))?;
         let change = t.elapsed();
-        // The service and its slice may arrive in one sync or two; the last one serves it. Its
-        // log line follows the map writes that made it serve, so wait for it.
-        let waited = Instant::now();
-        while applied(&lab.agent_log(&node)) == before && waited.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // A second sync (the slice after the Service) logs right after the one that served.
-        std::thread::sleep(Duration::from_millis(300));
-        let log = lab.agent_log(&node);
-        let took: Vec<u64> = log
-            .lines()
-            .filter(|l| l.contains("desired state applied"))
-            .skip(before)
-            .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
-            .collect();
-        let sync = took.last().copied().context("no sync logged for the change")?;
+        let (sync, syncs) = last_sync_us(&lab, &node, before)?;
         writeln!(
             md,
-            "| {n} | {:.2} s | {:.2} s | {:.3} s ({} sync{}) |",
+            "| {n} | {:.2} s | {:.3} s | {:.2} ms ({syncs} sync{}) |",
             ready.as_secs_f64(),
             change.as_secs_f64(),
             sync as f64 / 1000.0,
-            took.len(),
-            if took.len() == 1 { "" } else { "s" }
+            if syncs == 1 { "" } else { "s" }
         )?;
         drop(api);
     }
@@ -847,10 +830,10 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
     Ok(md)
 }
 
-/// The agent's own time for the sync that applied one change: the `took_ms` of the last
+/// The agent's own time (µs) for the sync that applied one change: the longest `took_us` of the
 /// "desired state applied" line after the first `before` ones (waiting a little for it: the
 /// line follows the map writes that made the change serve).
-fn last_sync_ms(lab: &Lab, node: &Node, before: usize) -> Result<(u64, usize)> {
+fn last_sync_us(lab: &Lab, node: &Node, before: usize) -> Result<(u64, usize)> {
     let applied = |log: &str| log.matches("desired state applied").count();
     let waited = Instant::now();
     while applied(&lab.agent_log(node)) == before && waited.elapsed() < Duration::from_secs(10) {
@@ -863,7 +846,7 @@ fn last_sync_ms(lab: &Lab, node: &Node, before: usize) -> Result<(u64, usize)> {
         .lines()
         .filter(|l| l.contains("desired state applied"))
         .skip(before)
-        .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect();
     Ok((took.iter().copied().max().context("no sync logged for the change")?, took.len()))
 }
@@ -917,10 +900,10 @@ The agent with `--manifests DIR`: `n` Services of two ports each over three pods
         std::fs::rename(&tmp, dir.join("new.yaml"))?;
         wait_serving(&client.ns, SocketAddr::from((vip_of(n), 80)), t, Duration::from_secs(120))?;
         let change = t.elapsed();
-        let (sync, syncs) = last_sync_ms(&lab, &node, before)?;
+        let (sync, syncs) = last_sync_us(&lab, &node, before)?;
         writeln!(
             md,
-            "| {n} | {:.2} s | {:.3} s | {:.3} s ({syncs} sync{}) |",
+            "| {n} | {:.2} s | {:.3} s | {:.2} ms ({syncs} sync{}) |",
             ready.as_secs_f64(),
             change.as_secs_f64(),
             sync as f64 / 1000.0,

@@ -529,6 +529,7 @@ impl Proxier {
             unchanged = report.unchanged,
             failed = report.errors.len(),
             took_ms = took.as_millis() as u64,
+            took_us = took.as_micros() as u64,
             "desired state applied"
         );
         let now = unix_now();
