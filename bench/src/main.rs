@@ -507,15 +507,19 @@ fn scale(opts: &Opts) -> Result<String> {
                 .iter()
                 .map(|m| map_memory(&loaded.pin, m))
                 .sum::<Result<u64>>()?;
-            let ct = map_memory(&loaded.pin, "LB_CONNTRACK")?;
+            let ct = map_memory(&loaded.pin, lb_common::MAP_CT4)?;
+            let ct_new = map_memory(&loaded.pin, lb_common::MAP_CT4_NEW)?;
             let endpoints: usize = state.services.values().map(|s| s.backends.len()).sum();
             writeln!(
                 mem_rows,
-                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, slots, memberships, names; maps without preallocation grow with use). Conntrack is preallocated: {} entries take {:.1} MiB, {:.0} bytes per flow (two entries).\n",
+                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, slots, memberships, names; maps without preallocation grow with use). Conntrack is preallocated: the assured table's {} entries take {:.1} MiB, the LRU's {} entries {:.1} MiB; {:.0} bytes per flow (two entries, key and value {} bytes each, with the kernel's element header).\n",
                 service_bytes as f64 / n as f64,
                 lb_common::CONNTRACK_MAX_ENTRIES,
                 ct as f64 / (1 << 20) as f64,
-                2.0 * ct as f64 / lb_common::CONNTRACK_MAX_ENTRIES as f64
+                lb_common::CONNTRACK_NEW_MAX_ENTRIES,
+                ct_new as f64 / (1 << 20) as f64,
+                2.0 * ct as f64 / lb_common::CONNTRACK_MAX_ENTRIES as f64,
+                std::mem::size_of::<lb_common::CtKey4>() + std::mem::size_of::<lb_common::CtValue4>()
             )?;
         }
     }

@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, FragKey, FragValue,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, FragKey, FragValue,
     NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
-    AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES,
-    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
-    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
+    AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX,
+    FRAGMENTS_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
+    SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -35,10 +35,17 @@ pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(AFFINITY_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
-/// Connection tracking, both directions of every translated flow. LRU so a flood of new flows
-/// evicts idle ones instead of failing inserts.
-#[map(name = "LB_CONNTRACK")]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+/// Assured IPv4 flows, both directions: preallocated (no allocation on insert) and never
+/// evicted, so a flood of new flows cannot push a live connection out (`conntrack.rs`).
+#[map(name = "LB_CT4")]
+pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// New and finished IPv4 flows, both directions. LRU with per-CPU lists: an insert evicts
+/// from this CPU's own list, with no global lock, and only flows not yet (or no longer)
+/// assured are ever evicted.
+#[map(name = "LB_CT4_NEW")]
+pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
+    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
 /// `lb_common::Counter`.
@@ -71,10 +78,11 @@ pub type SourceRangeKey = Key<SourceRangeData>;
 #[map(name = "LB_SOCK_REVNAT")]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
-/// Port number -> `PORT_FRONTEND | PORT_BACKEND` flags. An array lookup is inlined by the
-/// verifier, so traffic on ports no Service uses skips every hash lookup.
-#[map(name = "LB_PORTS")]
-pub static LB_PORTS: Array<u8> = Array::pinned(65_536, 0);
+/// The pre-filter (`lb_common::MAP_FILTER`): a frontend bitmap and a backend bitmap of
+/// (address, port, protocol) hashes. Array lookups are inlined by the verifier, so a packet
+/// that is none of ours costs two loads and no hash lookup.
+#[map(name = "LB_FILTER")]
+pub static LB_FILTER: Array<u64> = Array::pinned(2 * lb_common::FILTER_WORDS, 0);
 
 /// Interfaces whose driver transmits native XDP frames (`ndo_xdp_xmit`): ifindex -> 1. A veth
 /// without GRO or an XDP program on its peer drops `XDP_TX` and redirected frames (the peer has

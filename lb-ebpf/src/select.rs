@@ -5,6 +5,7 @@
 //! pin is fresher than the service's timeout and the backend still belongs to the service;
 //! otherwise choose by hash and pin the choice. As in kube-proxy (`-m recent --rcheck
 //! --seconds T` then `--set`), only new connections read and refresh the pin.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, Counter,
     ServiceValue, FAMILY_IPV4, SVC_FLAG_AFFINITY,
@@ -19,10 +20,13 @@ use crate::{
 /// `svc.backend_count` must be non-zero. `None` means the slot the service points at is gone,
 /// which only happens if the agent broke its own write ordering.
 #[inline(always)]
-pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
+pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
     if svc.flags & SVC_FLAG_AFFINITY == 0 {
         return by_hash(svc, flow);
     }
+    // Only affinity reads the fine clock: its timeouts are in seconds, set by users.
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let key = AffinityKey { client: [flow.src, 0, 0, 0], service_id: svc.id, family: FAMILY_IPV4, _pad: [0; 3] };
     if let Some(pin) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: LRU values stay valid while the program runs; a concurrent update from

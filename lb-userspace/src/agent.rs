@@ -166,6 +166,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         st.conntrack_capacity = config.sizes.conntrack;
         st.affinity_capacity = config.sizes.affinity;
         st.stale_udp_flows_removed = dp.stale_udp_counter();
+        st.conntrack_collected = dp.ct_collected_counter();
         st.health_timeout = 2 * opts.sync_period;
     }
     let mut servers = Vec::new();

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
+use lb_common::{Counter, CT_DIR_FORWARD};
 use lb_userspace::{
     agent,
     dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, MapSizes, Maps, Timeouts},
@@ -105,12 +105,22 @@ struct RunArgs {
     /// Conntrack lifetime of an established TCP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_established_s)]
     ct_tcp_established_timeout: u64,
-    /// Conntrack lifetime of a TCP flow after FIN or RST, seconds.
+    /// Conntrack lifetime of a TCP flow after a RST (CLOSE), seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_close_s)]
     ct_tcp_close_timeout: u64,
-    /// Conntrack lifetime of a TCP flow that has only sent a SYN, seconds.
+    /// Conntrack lifetime of a TCP flow in its handshake (SYN_SENT, SYN_RECV), seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_syn_s)]
     ct_tcp_syn_timeout: u64,
+    /// Conntrack lifetime of an idle half-closed TCP flow (FIN_WAIT, CLOSE_WAIT), seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_fin_wait_s)]
+    ct_tcp_fin_wait_timeout: u64,
+    /// Conntrack lifetime of a TCP flow closed both ways awaiting the last ACK (LAST_ACK), seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_last_ack_s)]
+    ct_tcp_last_ack_timeout: u64,
+    /// Conntrack lifetime of a closed TCP flow (TIME_WAIT), seconds. A new SYN on its tuple
+    /// starts a new flow at any time.
+    #[arg(long, default_value_t = Timeouts::default().tcp_time_wait_s)]
+    ct_tcp_time_wait_timeout: u64,
     /// Conntrack lifetime of an idle UDP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().udp_s)]
     ct_udp_timeout: u64,
@@ -128,9 +138,13 @@ struct RunArgs {
     /// Capacity of the backend slots map (backends summed over all frontends).
     #[arg(long, default_value_t = MapSizes::default().backend_slots)]
     map_backends: u32,
-    /// Capacity of the conntrack map (each flow takes two entries; LRU).
+    /// Capacity of the assured conntrack table: live connections, two entries each, never
+    /// evicted (a flow that finds it full stays in the LRU table, counted as ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     map_conntrack: u32,
+    /// Capacity of the conntrack LRU table of new and finished flows (two entries each).
+    #[arg(long, default_value_t = MapSizes::default().conntrack_new)]
+    map_conntrack_new: u32,
     /// Capacity of the session affinity map (client, service) pins (LRU).
     #[arg(long, default_value_t = MapSizes::default().affinity)]
     map_affinity: u32,
@@ -272,12 +286,16 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
                 tcp_syn_s: args.ct_tcp_syn_timeout,
                 tcp_established_s: args.ct_tcp_established_timeout,
                 tcp_close_s: args.ct_tcp_close_timeout,
+                tcp_fin_wait_s: args.ct_tcp_fin_wait_timeout,
+                tcp_last_ack_s: args.ct_tcp_last_ack_timeout,
+                tcp_time_wait_s: args.ct_tcp_time_wait_timeout,
                 udp_s: args.ct_udp_timeout,
             },
             sizes: MapSizes {
                 services: args.map_services,
                 backend_slots: args.map_backends,
                 conntrack: args.map_conntrack,
+                conntrack_new: args.map_conntrack_new,
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
@@ -343,37 +361,29 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
             }
         }
         ListWhat::Conntrack => {
-            let now = monotonic_ns();
+            let clock = dataplane::clock::Clock::new()?;
+            let now = clock.jiffies()?;
             println!(
-                "{:<7} {:<5} {:<22} {:<22} {:<22} {:>7} {:>9} {:<16} SERVICE",
-                "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "EXPIRES", "STATE"
+                "{:<7} {:<5} {:<22} {:<22} {:<26} {:>7} {:>7} {:<11} {:<7} SERVICE",
+                "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "IDLE(s)", "STATE", "TABLE"
             );
-            for (k, v) in maps.conntrack.iter().filter_map(Result::ok) {
-                if v.expires_ns < now {
-                    continue;
-                }
+            let flows = dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new);
+            for (k, v, assured) in flows {
                 let proto =
                     Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
-                let src = format!("{}:{}", ipv4(k.src), u16::from_be(k.sport));
-                let dst = format!("{}:{}", ipv4(k.dst), u16::from_be(k.dport));
-                let nat = format!("{}:{}", ipv4(v.nat_addr), u16::from_be(v.nat_port));
+                let at = |a: u32, p: u16| format!("{}:{}", std::net::Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+                let (src, dst, nat) = (at(k.src, k.sport), at(k.dst, k.dport), at(v.nat_addr, v.nat_port));
                 let (dir, nat) = if k.dir == CT_DIR_FORWARD {
                     ("forward", format!("dst {nat}"))
                 } else {
                     ("reply", format!("src {nat}"))
                 };
-                let mut state = Vec::new();
-                if v.flags & CT_FLAG_REPLIED != 0 {
-                    state.push("replied");
-                }
-                if v.flags & CT_FLAG_CLOSING != 0 {
-                    state.push("closing");
-                }
                 println!(
-                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<22} {:>7} {:>8}s {:<16} {}",
-                    now.saturating_sub(v.created_ns) / 1_000_000_000,
-                    (v.expires_ns - now) / 1_000_000_000,
-                    state.join(","),
+                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<26} {:>7} {:>7} {:<11} {:<7} {}",
+                    clock.to_secs(now.wrapping_sub(v.created)),
+                    clock.to_secs(now.wrapping_sub(v.last_seen)),
+                    lb_common::ct_state_name(v.state),
+                    if assured { "assured" } else { "new" },
                     name_of(v.service_id)
                 );
             }

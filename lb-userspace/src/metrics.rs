@@ -84,6 +84,8 @@ pub struct AgentStatus {
     pub rejected_objects: usize,
     /// Shared with the dataplane's sweep threads.
     pub stale_udp_flows_removed: Arc<std::sync::atomic::AtomicU64>,
+    /// Idle assured flows the conntrack collector removed.
+    pub conntrack_collected: Arc<std::sync::atomic::AtomicU64>,
     pub stale_udp_sockets_closed: u64,
     pub conntrack_capacity: u32,
     pub affinity_capacity: u32,
@@ -124,6 +126,7 @@ impl Default for AgentStatus {
             programmed_endpoints: 0,
             rejected_objects: 0,
             stale_udp_flows_removed: Arc::default(),
+            conntrack_collected: Arc::default(),
             stale_udp_sockets_closed: 0,
             conntrack_capacity: 0,
             affinity_capacity: 0,
@@ -205,6 +208,7 @@ struct CountCache {
     at: Option<Instant>,
     cost: Duration,
     conntrack: usize,
+    conntrack_new: usize,
     affinity: usize,
 }
 
@@ -216,7 +220,9 @@ struct Datapath {
     rejects: u64,
     /// (reason, packets).
     drops: Vec<(&'static str, u64)>,
+    /// Entries of the assured table and of the new-flow table.
     conntrack: usize,
+    conntrack_new: usize,
     affinity: usize,
     /// (service, frontend, packets, bytes), with `--metrics-per-frontend` only.
     frontends: Vec<(String, String, u64, u64)>,
@@ -238,11 +244,12 @@ fn read_datapath(maps: &Maps, cache: &mut CountCache, per_frontend: bool) -> Dat
     if cache.at.is_none_or(|t| t.elapsed() > cache.cost * 20) {
         let started = Instant::now();
         cache.conntrack = maps.conntrack.keys().filter(Result::is_ok).count();
+        cache.conntrack_new = maps.conntrack_new.keys().filter(Result::is_ok).count();
         cache.affinity = maps.affinity.keys().filter(Result::is_ok).count();
         cache.cost = started.elapsed();
         cache.at = Some(Instant::now());
     }
-    (d.conntrack, d.affinity) = (cache.conntrack, cache.affinity);
+    (d.conntrack, d.conntrack_new, d.affinity) = (cache.conntrack, cache.conntrack_new, cache.affinity);
     if per_frontend {
         let names: BTreeMap<u32, String> =
             maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
@@ -487,12 +494,29 @@ impl Collector for Scrape {
         counter(&mut e, "lb_no_endpoint_rejects", "New flows to a Service without endpoints, refused.", dp.rejects)?;
         let rows: Vec<(Labels, u64)> = dp.drops.iter().map(|(r, n)| (vec![("reason", r.to_string())], *n)).collect();
         counters(&mut e, "lb_drops", "Packets dropped by the datapath, by reason.", &rows)?;
-        gauge(&mut e, "lb_conntrack_entries", "Conntrack map entries in use (two per flow).", dp.conntrack as f64)?;
+        gauge(
+            &mut e,
+            "lb_conntrack_entries",
+            "Conntrack entries in use, both tables (two per flow).",
+            (dp.conntrack + dp.conntrack_new) as f64,
+        )?;
+        gauge(
+            &mut e,
+            "lb_conntrack_assured_entries",
+            "Entries of live connections (the assured table).",
+            dp.conntrack as f64,
+        )?;
         gauge(
             &mut e,
             "lb_conntrack_capacity",
-            "Conntrack map capacity (LRU: the oldest flows are evicted).",
+            "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
             st.conntrack_capacity as f64,
+        )?;
+        counter(
+            &mut e,
+            "lb_conntrack_collected",
+            "Assured flows removed after idling past their lifetime.",
+            st.conntrack_collected.load(std::sync::atomic::Ordering::Relaxed),
         )?;
         gauge(&mut e, "lb_affinity_entries", "Session affinity pins in use.", dp.affinity as f64)?;
         gauge(&mut e, "lb_affinity_capacity", "Session affinity map capacity (LRU).", st.affinity_capacity as f64)?;
@@ -581,7 +605,8 @@ impl MetricsContext {
         watch: Option<Arc<WatchStats>>,
         per_frontend: bool,
     ) -> Arc<Self> {
-        let cache = Mutex::new(CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 });
+        let cache =
+            Mutex::new(CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 });
         Arc::new(Self { pin_dir, status, watch, per_frontend, cache })
     }
 
@@ -662,7 +687,7 @@ mod tests {
         let mut st = AgentStatus::default();
         st.record_sync(Duration::from_millis(3), false, true);
         st.record_sync(Duration::from_millis(200), true, false);
-        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 };
+        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 };
         let text = render(&st, None, None, &mut cache, false);
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.001\"} 0"), "{text}");
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.005\"} 1"), "{text}");
@@ -698,7 +723,7 @@ mod tests {
             &st,
             None,
             None,
-            &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 },
+            &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 },
             false,
         );
         assert!(text.contains("kubeproxy_sync_proxy_rules_service_changes_pending 1"), "{text}");

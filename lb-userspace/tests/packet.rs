@@ -14,7 +14,9 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
-use lb_tests::packet::{fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, L4};
+use lb_tests::packet::{
+    fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, with_ip_options, L4,
+};
 use lb_userspace::{
     dataplane::{backend_value, service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
     manifests,
@@ -109,6 +111,9 @@ impl Harness {
         self.dp.maps().stats.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 }
+
+#[path = "packet/conntrack.rs"]
+mod conntrack;
 
 // ---------- fixtures ----------
 
@@ -340,22 +345,6 @@ fn service_without_endpoints_is_refused_with_icmp_port_unreachable() {
     assert_eq!(h.counter(Counter::RejectNoBackend), 2);
 }
 
-/// `f` with `n` 4-byte words of IP options (NOPs ending in End of Options) after its header.
-fn with_ip_options(f: &[u8], n: usize) -> Vec<u8> {
-    let mut out = f[..34].to_vec();
-    let mut opts = vec![1u8; 4 * n];
-    *opts.last_mut().unwrap() = 0;
-    out.extend_from_slice(&opts);
-    out.extend_from_slice(&f[34..]);
-    out[14] = 0x45 + n as u8;
-    let tot = u16::from_be_bytes([out[16], out[17]]) + 4 * n as u16;
-    out[16..18].copy_from_slice(&tot.to_be_bytes());
-    out[24..26].copy_from_slice(&[0, 0]);
-    let c = fold(sum16(&out[14..34 + 4 * n]));
-    out[24..26].copy_from_slice(&c.to_be_bytes());
-    out
-}
-
 #[test]
 fn a_packet_with_ip_options_is_translated_and_refused_like_any_other() {
     if !privileged() {
@@ -415,8 +404,11 @@ fn backend_change_keeps_tracked_flows_and_steers_new_ones() {
         assert_ne!(parse_checked(&out).dst.0, removed);
     }
 
-    // Closing the old flow and reusing its 5-tuple for a new connection picks a live backend.
+    // Closing the old flow (FIN both ways, the last ACK: TIME_WAIT) and reusing its 5-tuple
+    // for a new connection picks a live backend.
     h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((removed, 8080), (CLIENT, port), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: ACK }, &[]));
     let (_, out) = h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_ne!(parse_checked(&out).dst.0, removed);
 }
@@ -1300,14 +1292,10 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     assert_eq!((src, dst), (CLIENT, backend.0));
     assert_eq!(quote, quote_of(&reply, 20));
 
-    // Errors that cannot be matched pass untouched: a quote cut inside the ports, a quoted
-    // header with options, an ICMP echo.
+    // Errors that cannot be matched pass untouched: a quote cut inside the ports, an ICMP echo.
     let cut = icmp_error(router, CLIENT, 3, 4, [0; 4], &quote_of(&sent_again(&h, &syn), 20)[..22]);
-    let mut opts_quote = quote_of(&h.run(&syn).1, 20);
-    opts_quote[0] = 0x46;
-    let with_opts = icmp_error(router, CLIENT, 3, 4, [0; 4], &opts_quote);
     let echo = icmp_error(router, CLIENT, 8, 0, [0; 4], &quote_of(&h.run(&syn).1, 20));
-    for (what, f) in [("cut quote", cut), ("quote with options", with_opts), ("echo request", echo)] {
+    for (what, f) in [("cut quote", cut), ("echo request", echo)] {
         let (verdict, out) = h.run(&f);
         assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &f), "{what}");
     }
@@ -1349,6 +1337,52 @@ fn icmp_error_from_a_remote_backend_of_a_snated_node_port_is_routed_back_to_the_
     let (verdict, out) = h.run(&err);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(parse_icmp_checked(&out).1, EXTERNAL_CLIENT);
+}
+
+/// `icmp_error`, with `n` words of IP options in its own header.
+fn icmp_error_with_options(n: usize, src: Ipv4Addr, dst: Ipv4Addr, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    with_ip_options(&icmp_error(src, dst, 3, 4, rest, quote), n)
+}
+
+#[test]
+fn icmp_errors_with_ip_options_in_either_header_are_translated_at_both_hooks() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    // Options in the client's packets, so in the quote too.
+    for (outer_words, quoted_words) in [(0, 2), (3, 0), (10, 10)] {
+        let sport = 41000 + outer_words as u16;
+        let syn = with_ip_options(
+            &frame((EXTERNAL_CLIENT, sport), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]),
+            quoted_words,
+        );
+        let (_, sent) = h.run_xdp(&syn);
+        let ihl = 20 + 4 * quoted_words;
+        let p = parse_checked(&sent);
+        let quote = &sent[14..14 + ihl + 20];
+        let err = icmp_error_with_options(outer_words, p.dst.0, NODE_IP, [0, 0, 0x05, 0x78], quote);
+        let expect_quote = |got: &[u8]| {
+            // The client's packet again: addresses, options, ports, TCP checksum; its TTL and
+            // header checksum are those of the forwarded packet.
+            let mut expect = syn[14..14 + ihl + 20].to_vec();
+            expect[8] = got[8];
+            expect[10..12].copy_from_slice(&got[10..12]);
+            assert_eq!(got, &expect[..], "{outer_words}/{quoted_words} option words");
+        };
+        let (verdict, out) = h.run_xdp(&err);
+        assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+        let (src, dst, got) = parse_icmp_checked(&out);
+        assert_eq!((src, dst), (NODE_IP, EXTERNAL_CLIENT));
+        expect_quote(&got);
+        assert_eq!(&out[14 + 20..14 + 20 + 4 * outer_words], &err[34..34 + 4 * outer_words], "outer options kept");
+        let (verdict, out) = h.run(&err);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (src, dst, got) = parse_icmp_checked(&out);
+        assert_eq!((src, dst), (NODE_IP, EXTERNAL_CLIENT));
+        expect_quote(&got);
+    }
+    assert_eq!(h.counter(Counter::IcmpTranslated), 3);
 }
 
 #[test]

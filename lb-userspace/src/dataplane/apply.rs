@@ -6,14 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{
-    AffinityKey, BackendSlotKey, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_PORTS, MAP_SERVICES, MAP_SOURCE_RANGES,
-    PORT_BACKEND, PORT_FRONTEND,
-};
+use lb_common::{AffinityKey, BackendSlotKey, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_SERVICES, MAP_SOURCE_RANGES};
 
 use super::{
     maps::{backend_value, encode_name, insert_err, member_key, service_key, service_value, source_range_key},
-    stale_udp::{sweep_stale_udp, StaleUdp},
+    stale_udp::StaleUdp,
     sys::error_chain,
     Dataplane, DataplaneError, Result,
 };
@@ -110,12 +107,10 @@ impl Dataplane {
         changed.extend(self.programmed.keys().filter(|f| !desired.services.contains_key(f)));
         let mut report = self.apply_changes(desired, &changed);
         report.unchanged = desired.services.len().saturating_sub(report.added + report.updated + report.errors.len());
-        // Frontend flags of ports nothing uses any more (also those a previous agent left).
-        for port in 0..self.port_flags.len() {
-            if self.frontend_refs[port] == 0 && self.port_flags[port] & PORT_FRONTEND != 0 {
-                self.set_port_flags(port, self.port_flags[port] & !PORT_FRONTEND, &mut report);
-            }
-        }
+        // The frontend bits recounted from what is programmed (clearing those a previous agent
+        // left, and any a failed write leaked).
+        self.filter.rebuild(self.programmed.keys());
+        self.flush_filter(&mut report);
         report
     }
 
@@ -124,35 +119,27 @@ impl Dataplane {
     pub fn apply_changes(&mut self, desired: &DesiredState, changed: &BTreeSet<Frontend>) -> ApplyReport {
         let mut report = ApplyReport::default();
         self.collect_retired();
-        // Port flags first: the datapath must not skip a frontend that is about to exist.
-        // Backend flags are never cleared: a connection to a backend that left may live on for
-        // hours, and its replies must still be translated; a stale flag only costs one
-        // conntrack lookup.
+        // Filter bits first: the datapath must not skip a frontend that is about to exist, nor
+        // the replies of a backend about to be used.
         for f in changed {
             if let Some(sp) = desired.services.get(f) {
-                let port = f.port as usize;
-                if self.port_flags[port] & PORT_FRONTEND == 0 {
-                    self.set_port_flags(port, self.port_flags[port] | PORT_FRONTEND, &mut report);
+                if !self.programmed.contains_key(f) {
+                    self.filter.add_frontend(f);
                 }
                 for b in &sp.backends {
-                    let port = b.port as usize;
-                    if self.port_flags[port] & PORT_BACKEND == 0 {
-                        self.set_port_flags(port, self.port_flags[port] | PORT_BACKEND, &mut report);
-                    }
+                    self.filter.add_backend(b, f.protocol);
                 }
             }
         }
+        self.flush_filter(&mut report);
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StaleUdp = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
         let mut stale_socks: Vec<(Frontend, BTreeSet<Endpoint>)> = Vec::new();
-        let mut unused_ports = BTreeSet::new();
+        let mut gone = Vec::new();
         for f in changed.iter().filter(|f| !desired.services.contains_key(f)) {
             let Some(p) = self.programmed.remove(f) else { continue };
-            self.frontend_refs[f.port as usize] -= 1;
-            if self.frontend_refs[f.port as usize] == 0 {
-                unused_ports.insert(f.port as usize);
-            }
+            gone.push(*f);
             if f.protocol == Protocol::Udp {
                 stale_udp.insert(p.id, None);
                 stale_socks.push((*f, p.port.backends.iter().copied().collect()));
@@ -232,34 +219,27 @@ impl Dataplane {
                         report.updated += 1;
                     } else {
                         report.added += 1;
-                        self.frontend_refs[f.port as usize] += 1;
-                        unused_ports.remove(&(f.port as usize));
                     }
                     self.programmed.insert(*f, next);
                 }
                 Err(e) => {
                     if old.is_none() {
                         self.free_ids.insert(next.id);
-                        if self.frontend_refs[f.port as usize] == 0 {
-                            unused_ports.insert(f.port as usize);
-                        }
+                        gone.push(*f);
                     }
                     report.failed.push(*f);
                     report.errors.push(e)
                 }
             }
         }
-        for port in unused_ports {
-            if self.frontend_refs[port] == 0 && self.port_flags[port] & PORT_FRONTEND != 0 {
-                self.set_port_flags(port, self.port_flags[port] & !PORT_FRONTEND, &mut report);
-            }
+        // Their service entries are gone: the datapath may skip them again.
+        for f in &gone {
+            self.filter.remove_frontend(f);
         }
+        self.flush_filter(&mut report);
         // After the flips: no new flow can pick a departed backend while we sweep.
-        if !stale_udp.is_empty() {
-            if let Err(stale) = self.sweeper.request(stale_udp) {
-                // Without a second handle, sweep here: later than never.
-                sweep_stale_udp(&mut self.maps.conntrack, &stale, &self.stale_udp_removed);
-            }
+        if !stale_udp.is_empty() && self.sweeper.request(stale_udp).is_err() {
+            tracing::warn!("cannot open the conntrack tables to sweep stale UDP flows");
         }
         if !stale_socks.is_empty() {
             match self.close_stale_udp_sockets(&stale_socks) {
@@ -274,10 +254,9 @@ impl Dataplane {
         report
     }
 
-    fn set_port_flags(&mut self, port: usize, flags: u8, report: &mut ApplyReport) {
-        match self.maps.ports.set(port as u32, flags, 0) {
-            Ok(()) => self.port_flags[port] = flags,
-            Err(e) => report.errors.push(DataplaneError::Map { name: MAP_PORTS, source: e }),
+    fn flush_filter(&mut self, report: &mut ApplyReport) {
+        if let Err(e) = self.filter.flush(&mut self.maps.filter) {
+            report.errors.push(e);
         }
     }
 

@@ -11,13 +11,15 @@ use aya::{
     EbpfLoader,
 };
 use lb_common::{
-    BackendMemberKey, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICES,
+    BackendMemberKey, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CT4, MAP_CT4_NEW, MAP_SERVICES,
     MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS,
     PROG_XDP, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
 };
 
 use super::{
     apply::Programmed,
+    clock::Clock,
+    conntrack::spawn_collector,
     layout::check_pinned_layout,
     maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
     stale_udp,
@@ -49,17 +51,16 @@ impl Dataplane {
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
-        let (timeouts, sizes) = (config.timeouts, config.sizes);
+        let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
-        let ns = |s: u64| s.saturating_mul(1_000_000_000);
-        let (syn, est, close, udp) =
-            (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
+        let clock = Arc::new(Clock::new()?);
+        let ct_timeouts = config.timeouts.in_jiffies(&clock);
+        let (refresh, udp_stream) = (clock.to_jiffies(1), clock.to_jiffies(lb_common::CT_UDP_STREAM_S as u64));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .override_global("CT_TCP_SYN_TIMEOUT_NS", &syn, true)
-            .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
-            .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
-            .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .override_global("CT_TIMEOUTS", &ct_timeouts, true)
+            .override_global("CT_REFRESH", &refresh, true)
+            .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("NODE_IP", &node_ip, true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
@@ -68,7 +69,8 @@ impl Dataplane {
             .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
             .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
             .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
-            .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
+            .map_max_entries(MAP_CT4, sizes.conntrack)
+            .map_max_entries(MAP_CT4_NEW, sizes.conntrack_new)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
@@ -114,20 +116,38 @@ impl Dataplane {
             attach_failures: StdHashMap::new(),
             xdp_choice: StdHashMap::new(),
             xdp_targets: BTreeSet::new(),
-            port_flags: Vec::new(),
-            frontend_refs: vec![0; 65_536],
-            sweeper: stale_udp::Sweeper::new(pin_dir.join(MAP_CONNTRACK), stale_udp_removed.clone()),
+            filter: Default::default(),
+            sweeper: stale_udp::Sweeper::new(pin_dir.to_owned(), stale_udp_removed.clone()),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
             next_id: 1,
             migrations,
             stale_udp_removed,
+            clock,
+            ct_timeouts,
+            ct_collected: Arc::default(),
+            ct_gc_stop: Arc::default(),
         };
-        dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
+        dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
-        for f in dp.programmed.keys() {
-            dp.frontend_refs[f.port as usize] += 1;
+        // Counts for what is programmed; bits nothing counts are cleared at the first full
+        // apply, which an agent always makes before it reports itself synced.
+        let node_addrs: Vec<std::net::Ipv4Addr> =
+            dp.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| super::maps::ipv4(k.addr)).collect();
+        dp.filter.set_node_addrs(&node_addrs, [].iter());
+        let programmed: Vec<_> = dp.programmed.keys().copied().collect();
+        for f in &programmed {
+            dp.filter.add_frontend(f);
         }
+        dp.carry_over_legacy_flows(false);
+        spawn_collector(
+            pin_dir,
+            dp.clock.clone(),
+            dp.ct_timeouts,
+            sizes.conntrack,
+            dp.ct_collected.clone(),
+            dp.ct_gc_stop.clone(),
+        )?;
         Ok(dp)
     }
 

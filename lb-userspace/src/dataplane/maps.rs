@@ -6,10 +6,10 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey,
     ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
+    MAP_BACKEND_SLOTS, MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
     SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -135,7 +135,10 @@ pub fn decode_name(n: &ServiceName) -> String {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, BackendSlotKey, Backend>,
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// Assured flows (`LB_CT4`).
+    pub conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    /// New and finished flows (`LB_CT4_NEW`, an LRU).
+    pub conntrack_new: HashMap<MapData, CtKey4, CtValue4>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
@@ -143,7 +146,7 @@ pub struct Maps {
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
-    pub ports: Array<MapData, u8>,
+    pub filter: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     pub xdp_targets: HashMap<MapData, u32, u32>,
 }
@@ -156,7 +159,8 @@ impl Maps {
         Ok(Self {
             services: HashMap::try_from(take(ebpf, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
             slots: HashMap::try_from(take(ebpf, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
-            conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            conntrack: HashMap::try_from(take(ebpf, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
+            conntrack_new: HashMap::try_from(take(ebpf, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
@@ -165,7 +169,7 @@ impl Maps {
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(take(ebpf, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -181,7 +185,8 @@ impl Maps {
         Ok(Self {
             services: HashMap::try_from(open(pin_dir, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
             slots: HashMap::try_from(open(pin_dir, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
-            conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            conntrack: HashMap::try_from(open(pin_dir, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
+            conntrack_new: HashMap::try_from(open(pin_dir, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
@@ -190,7 +195,7 @@ impl Maps {
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(open(pin_dir, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -203,14 +208,15 @@ impl MapSizes {
         match name {
             MAP_SERVICES | MAP_SERVICE_NAMES => self.services,
             MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
-            MAP_CONNTRACK => self.conntrack,
+            MAP_CT4 => self.conntrack,
+            MAP_CT4_NEW => self.conntrack_new,
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,
             MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
             MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
-            MAP_PORTS => 65_536,
+            MAP_FILTER => 2 * lb_common::FILTER_WORDS,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
             lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,

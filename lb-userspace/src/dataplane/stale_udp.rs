@@ -6,10 +6,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{HashMap, MapData};
-use lb_common::{CtKey, CtValue};
+use lb_common::{CtKey4, CtValue4};
 
-use super::{maps::ipv4, Dataplane};
+use super::{
+    conntrack::{entries, remove_flow, CtTables},
+    maps::ipv4,
+    Dataplane,
+};
 use crate::model::{Endpoint, Frontend, Protocol, Scope};
 
 /// Service id -> the backends whose UDP flows must go (`None`: every flow of the frontend).
@@ -24,35 +27,23 @@ pub(super) type StaleUdp = StdHashMap<u32, Option<BTreeSet<Endpoint>>>;
 /// It walks the whole map (a syscall per entry), so the agent runs it on a thread of its own
 /// with its own map handle: the backend sets are already flipped, so no new flow can pick a
 /// departed backend meanwhile, and other updates need not wait for the walk.
-pub(super) fn sweep_stale_udp(conntrack: &mut HashMap<MapData, CtKey, CtValue>, stale: &StaleUdp, removed: &AtomicU64) {
+pub(super) fn sweep_stale_udp(tables: &mut CtTables, stale: &StaleUdp, removed: &AtomicU64) {
     let proto = Protocol::Udp.number();
-    let mut doomed = Vec::new();
-    for (k, v) in conntrack.iter().filter_map(std::result::Result::ok) {
-        if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
-            continue;
-        }
-        let Some(which) = stale.get(&v.service_id) else { continue };
-        let backend = (ipv4(v.nat_addr), u16::from_be(v.nat_port));
-        if which.as_ref().is_some_and(|set| !set.iter().any(|e| (e.ip, e.port) == backend)) {
-            continue;
-        }
-        let snat = v.flags & lb_common::CT_FLAG_SNAT != 0;
-        let reply = CtKey {
-            src: v.nat_addr,
-            dst: if snat { v.snat_addr } else { k.src },
-            sport: v.nat_port,
-            dport: if snat { v.snat_port } else { k.sport },
-            proto: k.proto,
-            family: k.family,
-            dir: lb_common::CT_DIR_REPLY,
-            _pad: 0,
-        };
-        doomed.push((k, reply));
-    }
+    let doomed: Vec<(CtKey4, CtValue4)> = entries(&tables.assured, &tables.new)
+        .into_iter()
+        .filter(|(k, v, _)| {
+            if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
+                return false;
+            }
+            let Some(which) = stale.get(&v.service_id) else { return false };
+            let backend = (Ipv4Addr::from(u32::from_be(v.nat_addr)), u16::from_be(v.nat_port));
+            which.as_ref().is_none_or(|set| set.iter().any(|e| (e.ip, e.port) == backend))
+        })
+        .map(|(k, v, _)| (k, v))
+        .collect();
     let mut n = 0;
-    for (fwd, reply) in &doomed {
-        let _ = conntrack.remove(reply);
-        if conntrack.remove(fwd).is_ok() {
+    for (k, v) in &doomed {
+        if remove_flow(tables, k, v) {
             removed.fetch_add(1, Ordering::Relaxed);
             n += 1;
         }
@@ -121,14 +112,15 @@ fn merge(into: &mut StaleUdp, more: StaleUdp) {
 /// requests made while a sweep runs are merged and served by the next one, so a burst of
 /// backend changes costs one more walk, not one per change.
 pub(super) struct Sweeper {
+    /// The pin directory, where the sweeper opens conntrack handles of its own.
     pin: std::path::PathBuf,
     removed: std::sync::Arc<AtomicU64>,
     tx: Option<std::sync::mpsc::Sender<StaleUdp>>,
 }
 
 impl Sweeper {
-    pub(super) fn new(conntrack_pin: std::path::PathBuf, removed: std::sync::Arc<AtomicU64>) -> Self {
-        Self { pin: conntrack_pin, removed, tx: None }
+    pub(super) fn new(pin_dir: std::path::PathBuf, removed: std::sync::Arc<AtomicU64>) -> Self {
+        Self { pin: pin_dir, removed, tx: None }
     }
 
     /// Queues a sweep; gives the request back if no sweeper can run (no second map handle).
@@ -140,10 +132,7 @@ impl Sweeper {
             },
             None => stale,
         };
-        let handle = MapData::from_pin(&self.pin)
-            .and_then(aya::maps::Map::from_map_data)
-            .and_then(HashMap::<MapData, CtKey, CtValue>::try_from);
-        let Ok(mut ct) = handle else { return Err(stale) };
+        let Ok(mut ct) = CtTables::open_pinned(&self.pin) else { return Err(stale) };
         let (tx, rx) = std::sync::mpsc::channel::<StaleUdp>();
         let removed = self.removed.clone();
         let spawned = std::thread::Builder::new().name("lb-udp-sweep".into()).spawn(move || {
