@@ -68,9 +68,12 @@ pub fn now() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
+/// Whether an entry is idle past its state's lifetime. An entry another CPU refreshed after
+/// this one read the clock is fresh: wrapping, its age would read as 2^32 jiffies.
 #[inline(always)]
 fn expired(e: &CtValue4, now: u32) -> bool {
-    now.wrapping_sub(e.last_seen) > timeout(e.state)
+    let idle = now.wrapping_sub(e.last_seen);
+    (idle as i32) >= 0 && idle > timeout(e.state)
 }
 
 #[inline(always)]
@@ -175,14 +178,14 @@ fn advance(k: &CtKey4, e: &mut CtValue4, assured: bool, tcp_flags: u8, now: u32,
     } else {
         (e.state, e.flags)
     };
-    let stream = state == CT_UDP && now.wrapping_sub(e.created) >= global(&CT_UDP_STREAM);
+    let stream = state == CT_UDP && now.wrapping_sub(e.created) as i32 >= global(&CT_UDP_STREAM) as i32;
     if ct_assured(state, flags, stream) {
         flags |= CT_FLAG_ASSURED;
     } else {
         flags &= !CT_FLAG_ASSURED;
     }
     if state == e.state && flags == e.flags {
-        if now.wrapping_sub(e.last_seen) > global(&CT_REFRESH) {
+        if now.wrapping_sub(e.last_seen) as i32 > global(&CT_REFRESH) as i32 {
             e.last_seen = now;
             refresh_peer(k, e, assured, now);
         }

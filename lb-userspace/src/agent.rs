@@ -516,7 +516,9 @@ impl Proxier {
         for e in &report.errors {
             error!(error = %e, "programming failed; retrying with back-off");
         }
-        self.note_failures(&report.failed);
+        let tried: BTreeSet<Frontend> =
+            if first { self.translator.state().services.keys().copied().collect() } else { changes.frontends.clone() };
+        self.note_failures(&tried, &report.failed);
         if first || changes.health_checks {
             let _ = self.health_tx.send(self.translator.state().health_checks.clone());
         }
@@ -530,6 +532,7 @@ impl Proxier {
             unchanged = report.unchanged,
             failed = report.errors.len(),
             took_ms = took.as_millis() as u64,
+            took_us = took.as_micros() as u64,
             "desired state applied"
         );
         let now = unix_now();
@@ -547,26 +550,34 @@ impl Proxier {
         self.synced = true;
     }
 
-    fn note_failures(&mut self, failed: &[Frontend]) {
-        if failed.is_empty() {
-            self.failed.clear();
+    /// Records what a sync of `tried` frontends could not write; frontends written since they
+    /// failed leave the retry set.
+    fn note_failures(&mut self, tried: &BTreeSet<Frontend>, failed: &[Frontend]) {
+        self.failed.retain(|f| !tried.contains(f));
+        self.failed.extend(failed.iter().copied());
+        if self.failed.is_empty() {
             self.retry_at = None;
             self.retry_delay = Duration::from_millis(500);
-            return;
+        } else if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + self.retry_delay);
         }
-        self.failed.extend(failed.iter().copied());
-        self.retry_at = Some(Instant::now() + self.retry_delay);
-        self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
     }
 
-    /// Writes the frontends that failed again (a full map may have room by now).
+    /// Writes the frontends that failed again (a full map may have room by now), backing off
+    /// while they keep failing.
     fn retry(&mut self) {
         let failed = std::mem::take(&mut self.failed);
         let report = self.dp.apply_changes(self.translator.state(), &failed);
-        if report.failed.is_empty() {
+        self.failed = report.failed.iter().copied().collect();
+        if self.failed.is_empty() {
             info!(frontends = failed.len(), "frontends that had failed are programmed now");
+            self.retry_at = None;
+            self.retry_delay = Duration::from_millis(500);
+        } else {
+            self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
+            self.retry_at = Some(Instant::now() + self.retry_delay);
+            debug!(frontends = self.failed.len(), next_in = ?self.retry_delay, "frontends still failing");
         }
-        self.note_failures(&report.failed);
         let mut st = self.status.lock().expect("status poisoned");
         (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
     }
@@ -624,7 +635,8 @@ impl Proxier {
             );
         }
         let report = self.dp.apply(self.translator.state());
-        self.note_failures(&report.failed);
+        let tried: BTreeSet<Frontend> = self.translator.state().services.keys().copied().collect();
+        self.note_failures(&tried, &report.failed);
         self.report_rejections(&changes.touched);
         let _ = self.health_tx.send(self.translator.state().health_checks.clone());
         info!(

@@ -311,10 +311,8 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
 fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
