@@ -716,7 +716,8 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         yaml.push('\n');
         let t = Instant::now();
         lab.write_manifests(&a, &yaml)?;
-        wait_serving(&client.ns, at(vip_of(n), 80), t, Duration::from_secs(60))?;
+        wait_serving(&client.ns, at(vip_of(n), 80), t, Duration::from_secs(60))
+            .with_context(|| format!("agent log:\n{}", lab.agent_log(&a)))?;
         let change = t.elapsed();
         lab.kill_agent(&a);
         lab.exec(&a.ns, &["true"])?;
