@@ -19,6 +19,10 @@ pub const PROTO_UDP: u8 = 17;
 /// address 0 and only looked up for packets addressed to one of the node's own addresses.
 pub const SCOPE_EXACT: u8 = 0;
 pub const SCOPE_NODEPORT: u8 = 1;
+/// Or'ed into the scope of the entry that traffic from the cluster itself (pods, the node)
+/// gets at an external frontend of an `externalTrafficPolicy: Local` Service: kube-proxy's
+/// short-circuit to cluster-wide endpoints (only traffic from outside is kept local).
+pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
 
 /// Largest backend set a single service port may have (kube-proxy's endpoint cut, applied by
 /// the translation); its Maglev table then has 65,537 slots.
@@ -85,6 +89,10 @@ pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
+/// Sources that count as the cluster's own for the short-circuit (`SCOPE_FROM_CLUSTER`): the
+/// cluster's pod CIDRs (`--cluster-cidr`), this node's pod CIDRs, its addresses.
+pub const MAP_LOCAL_SOURCES: &str = "LB_LOCAL_SOURCES";
+pub const LOCAL_SOURCES_MAX_ENTRIES: u32 = 1024;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 /// Source ports the datapath picks when it must SNAT a flow to the node's address: above
@@ -517,6 +525,17 @@ pub struct SourceRangeData {
     pub addr: [u32; 4],
 }
 
+/// An `LB_LOCAL_SOURCES` prefix: the family (always matched whole, so IPv4 and IPv6 prefixes
+/// never match each other's addresses), then the address; the prefix length of `a/n` is
+/// `32 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LocalSourceData {
+    /// `FAMILY_*`, big-endian.
+    pub family_be: u32,
+    pub addr: [u32; 4],
+}
+
 /// A human-readable name for a service id, written by the agent for `lb list`; the datapath
 /// never reads it.
 #[repr(C)]
@@ -708,6 +727,7 @@ const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
+const _: () = assert!(core::mem::size_of::<LocalSourceData>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
@@ -738,6 +758,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for LocalSourceData {}
     unsafe impl aya::Pod for ServiceStats {}
 }
 

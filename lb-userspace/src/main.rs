@@ -132,6 +132,12 @@ struct RunArgs {
     /// repeated). Default: every address of the node but loopback.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
+    /// The cluster's pod CIDRs (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
+    /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
+    /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
+    /// endpoints; only traffic from outside stays on this node's.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
@@ -282,6 +288,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         xdp_ifaces,
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
+        cluster_cidrs: args.cluster_cidr,
         sync_period: Duration::from_secs(args.sync_period.max(1)),
         full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
         per_frontend_metrics: args.metrics_per_frontend,

@@ -912,7 +912,7 @@ fn external_local_short_circuits_traffic_from_pods_and_the_node() {
         assert!(outside.local_only);
         let inside = &t.state.services[&f.from_cluster().unwrap()];
         assert_eq!(inside.backends, both, "{f}");
-        assert!(!inside.local_only && inside.external);
+        assert!(!inside.local_only && !inside.external, "no SNAT for the cluster's own sources");
         assert_eq!(inside.source_ranges, outside.source_ranges);
     }
     assert_eq!(t.state.services[&fe("10.96.8.20", 80, Protocol::Tcp)].backends, both);
