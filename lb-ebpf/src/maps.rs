@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, FragKey, FragValue, LocalSourceData,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue, LocalSourceData,
     NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
     AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
     CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES, MAGLEV_MAX_ENTRIES,
@@ -54,6 +54,15 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 /// assured are ever evicted.
 #[map(name = "LB_CT4_NEW")]
 pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
+    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
+#[map(name = "LB_CT6")]
+pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// New and finished IPv6 flows, as `LB_CT4_NEW`.
+#[map(name = "LB_CT6_NEW")]
+pub static LB_CT6_NEW: LruHashMap<CtKey6, CtValue6> =
     LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
