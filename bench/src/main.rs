@@ -10,6 +10,8 @@
 //! - `single`: R separate runs, each on a fresh frame (new flows get a new source address and
 //!   port each time); the kernel-measured duration of each run is summed, the same loop around
 //!   the empty program of the same hook is subtracted, and the floor is added back.
+//! - `warm` (section 1b, `warm.rs`): one run with `repeat` = R of a wrapper that restores the
+//!   frame before every run and tail-calls the program under test.
 use std::{
     fmt::Write as _,
     io::{Read, Write},
@@ -29,19 +31,24 @@ use lb_userspace::{
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
 
+mod warm;
+
 struct Opts {
     quick: bool,
     out: PathBuf,
+    /// Only section 1b, printed and not written (for work on the warm harness).
+    warm_only: bool,
 }
 
 fn main() -> Result<()> {
-    let mut opts = Opts { quick: false, out: PathBuf::from("bench/results") };
+    let mut opts = Opts { quick: false, out: PathBuf::from("bench/results"), warm_only: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--out" => opts.out = PathBuf::from(args.next().context("--out DIR")?),
-            other => bail!("unknown argument {other} (expected --quick, --out DIR)"),
+            "--warm-only" => opts.warm_only = true,
+            other => bail!("unknown argument {other} (expected --quick, --out DIR, --warm-only)"),
         }
     }
     let mut md = String::new();
@@ -59,9 +66,16 @@ fn main() -> Result<()> {
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
 
+    if opts.warm_only {
+        progress("1b per-packet cost, warm method, references");
+        println!("{md}{}", warm::per_packet_warm(opts.quick)?);
+        return Ok(());
+    }
     progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
     let per_packet = per_packet(&opts)?;
     md.push_str(&per_packet.markdown);
+    progress("1b/5 per-packet cost, warm method, minimal DNAT references");
+    md.push_str(&warm::per_packet_warm(opts.quick)?);
     progress("2/5 cost at scale");
     md.push_str(&scale(&opts)?);
     progress("3/5 real TCP through network namespaces");
