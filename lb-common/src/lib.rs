@@ -4,7 +4,7 @@
 //! padding is always written as zero: hash maps compare keys as raw bytes. Addresses are stored in
 //! 16 bytes with a family tag, so IPv6 can be added without changing the IPv4 layout; an IPv4
 //! address lives in `addr[0]` (network byte order) with the other words zero.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "user")), no_std)]
 
 /// Address family tags, stored in keys and values next to the 16-byte address.
 pub const FAMILY_IPV4: u8 = 4;
@@ -20,12 +20,18 @@ pub const PROTO_UDP: u8 = 17;
 pub const SCOPE_EXACT: u8 = 0;
 pub const SCOPE_NODEPORT: u8 = 1;
 
-/// Largest backend set a single service port may have; bounds the slot index in the datapath.
+/// Largest backend set a single service port may have (kube-proxy's endpoint cut, applied by
+/// the translation); its Maglev table then has 65,537 slots.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
 
 /// Default map capacities (entries). The agent may override them at load time.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
-pub const BACKEND_SLOTS_MAX_ENTRIES: u32 = 1_048_576;
+/// Distinct backends (address, port) over all frontends: `LB_BACKENDS` is an array.
+pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Maglev table slots over all frontends (about 16 per backend of each frontend).
+pub const MAGLEV_MAX_ENTRIES: u32 = 4_194_304;
+/// Backend memberships (service, backend) over all frontends.
+pub const BACKEND_MEMBERS_MAX_ENTRIES: u32 = 1_048_576;
 /// Assured flows (two entries each); the LRU of new and finished flows has its own size.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_NEW_MAX_ENTRIES: u32 = 131_072;
@@ -34,7 +40,10 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 /// Names of the maps, as declared in `lb-ebpf` and pinned under the agent's pin directory.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
-pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+/// Backend id -> backend: what a Maglev table slot names.
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Every frontend's Maglev table, one after another: slot -> backend id.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Assured IPv4 flows: a preallocated hash that never evicts.
 pub const MAP_CT4: &str = "LB_CT4";
 /// New and finished IPv4 flows: an LRU with per-CPU lists.
@@ -48,13 +57,31 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
-pub const MAP_PORTS: &str = "LB_PORTS";
 
-/// `LB_PORTS[port]` flags: a cheap pre-filter ahead of the hash lookups.
-/// Some frontend (ClusterIP, node port, LoadBalancer or external IP) listens on this port.
-pub const PORT_FRONTEND: u8 = 1 << 0;
-/// Some backend listens on this port: a packet from it may be a reply to translate.
-pub const PORT_BACKEND: u8 = 1 << 1;
+/// The pre-filter ahead of every hash lookup: two bitmaps of `FILTER_BITS` bits each, in one
+/// array of u64 words. A frontend (address, port, protocol) sets its bit in the first, a
+/// backend (address, port, protocol) its bit in the second; a packet whose destination has no
+/// frontend bit and whose source has no backend bit is none of ours, and costs two array
+/// loads (which the verifier inlines), however many Services exist. A set bit may be another
+/// key's (a false positive only costs the lookups it would have cost anyway).
+pub const MAP_FILTER: &str = "LB_FILTER";
+pub const FILTER_BITS_LOG2: u32 = 21;
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+/// Word offset of the frontend bitmap and of the backend bitmap.
+pub const FILTER_FRONTENDS: u32 = 0;
+pub const FILTER_BACKENDS: u32 = FILTER_WORDS;
+
+/// The filter bit of an (address, port, protocol), all as in the packet (network order). An
+/// IPv6 address is folded into `addr` first (`fold_v6`).
+#[inline(always)]
+pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    let mut h = addr.wrapping_mul(0x9e37_79b1) ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2c1b_3c6d);
+    h ^= h >> 12;
+    h >> (32 - FILTER_BITS_LOG2)
+}
+
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
@@ -90,7 +117,7 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -123,29 +150,25 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Stable identifier of this frontend; keys the backend slots and the names map.
+    /// Stable identifier of this frontend; keys the names, the counters and the memberships.
     pub id: u32,
     /// Number of ready backends; zero means "reject new connections".
     pub backend_count: u16,
-    /// Which generation of slots is live. The agent writes a new generation beside the old one
-    /// and then flips this field in one map update, so a packet never sees a half-written set.
+    /// Bumped whenever the backend set changes: an affinity pin made under another generation
+    /// has its backend's membership checked once.
     pub generation: u16,
     /// `SVC_FLAG_*`.
     pub flags: u32,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`, when `SVC_FLAG_AFFINITY` is set.
     pub affinity_timeout_s: u32,
+    /// The frontend's Maglev table: `LB_MAGLEV[table_off .. table_off + table_size]`. A new
+    /// backend set gets a new table beside the old, and this entry flips to it in one update,
+    /// so a packet never sees a half-written table.
+    pub table_off: u32,
+    pub table_size: u32,
 }
 
-/// One slot of a service's backend set: `slot` in `0..backend_count` of `generation`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub generation: u16,
-    pub slot: u16,
-}
-
-/// A backend endpoint. Stored inline in the slot so selection costs one lookup.
+/// A backend endpoint, `LB_BACKENDS[id]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend {
@@ -668,17 +691,16 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// Slot a flow hash selects among `count` backends (`count` > 0).
+/// Slot a flow hash selects in a table of `size` slots (`size` > 0).
 #[inline(always)]
-pub fn select_slot(hash: u32, count: u16) -> u16 {
+pub fn select_slot(hash: u32, size: u32) -> u32 {
     // Multiply-shift instead of `%`: no division on the fast path, same uniformity.
-    (((hash as u64) * (count as u64)) >> 32) as u16
+    (((hash as u64) * (size as u64)) >> 32) as u32
 }
 
 // The datapath and the agent must agree on these sizes; a change here is a layout change.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
@@ -695,12 +717,14 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
 #[cfg(feature = "user")]
+pub mod maglev;
+
+#[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all types are repr(C), Copy, made only of integers, with explicit padding.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue4 {}
@@ -722,14 +746,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selection_stays_in_range_for_every_count() {
-        for count in 1..=64u16 {
+    fn selection_stays_in_range_for_every_size() {
+        for size in (1..=64u32).chain([61, 65_537]) {
             for port in 0..2000u16 {
                 let h = flow_hash(0x0501_f40a, 0x0a00_600a, port.to_be(), 80u16.to_be(), PROTO_TCP);
-                assert!(select_slot(h, count) < count);
+                assert!(select_slot(h, size) < size);
             }
         }
-        assert_eq!(select_slot(u32::MAX, MAX_BACKENDS_PER_SERVICE), MAX_BACKENDS_PER_SERVICE - 1);
+        assert_eq!(select_slot(u32::MAX, 65_537), 65_536);
     }
 
     /// Linux hands out ephemeral ports close together; they must still spread evenly.

@@ -91,6 +91,8 @@ pub struct Translation {
     pub snat_port: u16,
     /// The translated packet's source is a node address: route it ourselves.
     pub route: bool,
+    /// The frontend's id, for its traffic counters.
+    pub service_id: u32,
 }
 
 /// Outcome of a forward lookup.
@@ -110,6 +112,7 @@ fn translation_of(e: &CtValue4) -> Translation {
         snat_addr: e.snat_addr,
         snat_port: e.snat_port,
         route: e.flags & CT_FLAG_ROUTE != 0,
+        service_id: e.service_id,
     }
 }
 

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use lb_common::Counter;
 
 use crate::{
-    nat::{csum_replace2, csum_replace4},
+    nat::{fold, wsum_add},
     parse::{ptr_at, Frag, Headers},
     reject,
     stats::count,
@@ -91,9 +91,10 @@ pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
 
-    /// Updates the L4 checksum at `off` for an address change (part of the pseudo-header)
-    /// and a port change. `udp`: a zero checksum means "none" and stays zero.
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64>;
+    /// Updates the L4 checksum at `off` for address changes (the pseudo-header) adding
+    /// `addr_diff` and port changes adding `port_diff` (32-bit ones' complement partial sums).
+    /// `udp`: a zero checksum means "none" and stays zero.
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64>;
 
     /// Refuses a new connection to a frontend without backends; returns the verdict.
     fn refuse(&self, h: &Headers) -> i32;
@@ -171,12 +172,18 @@ impl Packet for TcContext {
         TcContext::store(self, off, bytes, 0).ok()
     }
 
+    /// One `bpf_l4_csum_replace` per kind of change, each given its precomputed difference
+    /// (size 0): the address part with BPF_F_PSEUDO_HDR, which is all a CHECKSUM_PARTIAL
+    /// packet's field needs (the device sums the ports itself; `inet_proto_csum_replace_by_diff`),
+    /// and the port part without.
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64> {
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
         let mangled0 = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-        self.l4_csum_replace(off, addr.0 as u64, addr.1 as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)?;
-        if port.0 != port.1 {
-            self.l4_csum_replace(off, port.0 as u64, port.1 as u64, mangled0 | 2)?;
+        if addr_diff != 0 {
+            self.l4_csum_replace(off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)?;
+        }
+        if port_diff != 0 {
+            self.l4_csum_replace(off, 0, port_diff as u64, mangled0)?;
         }
         Ok(())
     }
@@ -249,8 +256,9 @@ impl Packet for XdpContext {
         (rc == 0).then_some(())
     }
 
+    /// Frames from a wire carry complete checksums: one update by hand.
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64> {
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
         let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
@@ -258,8 +266,7 @@ impl Packet for XdpContext {
             if udp && old == 0 {
                 return Ok(());
             }
-            let mut c = csum_replace4(old, addr.0, addr.1);
-            c = csum_replace2(c, port.0, port.1);
+            let mut c = !fold(wsum_add(wsum_add(!old as u32, addr_diff), port_diff));
             if udp && c == 0 {
                 // RFC 768: a computed zero is sent as all ones.
                 c = 0xffff;

@@ -181,6 +181,14 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     if let SourceOptions::Manifests(path) = &opts.source {
         spawn_manifest_watcher(path.clone(), updates.clone())?;
     }
+    // Interfaces and addresses as they change; without the subscription, every second.
+    let link_poll = match spawn_link_watcher(updates.clone()) {
+        Ok(()) => opts.sync_period,
+        Err(e) => {
+            warn!(error = %e, "no rtnetlink events: interfaces and addresses are polled every second");
+            Duration::from_secs(1)
+        }
+    };
 
     // Health check node ports follow what the proxier publishes.
     let (health_tx, mut health_rx) = tokio::sync::watch::channel(BTreeMap::<u16, HealthCheck>::new());
@@ -206,7 +214,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         }));
     }
 
-    let proxier = Proxier::new(dp, &opts, status.clone(), health_tx, event_tx);
+    let proxier = Proxier::new(dp, &opts, status.clone(), health_tx, event_tx, link_poll);
     let thread = std::thread::Builder::new()
         .name("lb-proxier".into())
         .spawn(move || proxier.run(rx))
@@ -288,6 +296,25 @@ fn send_manifest_changes(updates: &Updates, changes: manifests::ManifestChanges,
     }
 }
 
+/// Sends [`Update::Links`] whenever an interface or address of this namespace changes.
+fn spawn_link_watcher(updates: Updates) -> Result<(), crate::links::LinksError> {
+    let mut events = crate::links::LinkEvents::subscribe()?;
+    let run = move || loop {
+        match events.wait() {
+            Ok(true) => updates.send(Update::Links),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "rtnetlink events failed: interfaces and addresses are polled every second");
+                loop {
+                    updates.send(Update::Links);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    };
+    std::thread::Builder::new().name("lb-links".into()).spawn(run).map(|_| ()).map_err(crate::links::LinksError::Socket)
+}
+
 /// kube-proxy's `endpoints.kubernetes.io/last-change-trigger-time`: when the change that led to
 /// this slice happened, for the network programming latency.
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -334,6 +361,8 @@ struct Proxier {
     retry_at: Option<Instant>,
     next_full: Instant,
     next_links: Instant,
+    /// Interfaces and addresses are looked at again this often even without an event.
+    link_poll: Duration,
     /// Trigger times of endpoint changes not applied yet.
     triggers: Vec<f64>,
     /// Rejections already reported, per Service, so each is reported once.
@@ -348,6 +377,7 @@ impl Proxier {
         status: metrics::SharedStatus,
         health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
         events: tokio::sync::mpsc::UnboundedSender<Rejection>,
+        link_poll: Duration,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -371,7 +401,8 @@ impl Proxier {
             retry_delay: Duration::from_millis(500),
             retry_at: None,
             next_full: now + opts.full_sync_period,
-            next_links: now + Duration::from_secs(1),
+            next_links: now + link_poll,
+            link_poll,
             triggers: Vec::new(),
             reported: HashMap::new(),
             waiting_logged: now,
@@ -567,8 +598,8 @@ impl Proxier {
             self.full_resync();
         }
         if now >= self.next_links {
-            // Interfaces and addresses are followed every second.
-            self.next_links = now + Duration::from_secs(1);
+            // A safety net under the rtnetlink events (and the only way without them).
+            self.next_links = now + self.link_poll;
             self.links_dirty = true;
         }
         let mut st = self.status.lock().expect("status poisoned");
@@ -606,7 +637,7 @@ impl Proxier {
         self.status.lock().expect("status poisoned").record_full_sync(started.elapsed());
     }
 
-    /// Node port addresses and interfaces, after a change (or every second).
+    /// Node port addresses and interfaces, after a change (or at the safety-net poll).
     fn sync_links(&mut self) {
         self.links_dirty = false;
         match self.dp.sync_node_addresses(&self.nodeport_addresses) {

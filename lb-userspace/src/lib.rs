@@ -4,6 +4,7 @@ pub mod dataplane;
 pub mod events;
 pub mod healthcheck;
 pub mod kube_source;
+pub mod links;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

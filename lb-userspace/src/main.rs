@@ -135,9 +135,13 @@ struct RunArgs {
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
-    /// Capacity of the backend slots map (backends summed over all frontends).
-    #[arg(long, default_value_t = MapSizes::default().backend_slots)]
+    /// Capacity of the backends array (distinct backend addresses and ports).
+    #[arg(long, default_value_t = MapSizes::default().backends)]
     map_backends: u32,
+    /// Capacity of the Maglev tables array (slots over all frontends: about 16 per backend
+    /// of each frontend).
+    #[arg(long, default_value_t = MapSizes::default().maglev)]
+    map_maglev: u32,
     /// Capacity of the assured conntrack table: live connections, two entries each, never
     /// evicted (a flow that finds it full stays in the LRU table, counted as ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
@@ -293,7 +297,8 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
             },
             sizes: MapSizes {
                 services: args.map_services,
-                backend_slots: args.map_backends,
+                backends: args.map_backends,
+                maglev: args.map_maglev,
                 conntrack: args.map_conntrack,
                 conntrack_new: args.map_conntrack_new,
                 affinity: args.map_affinity,
@@ -343,23 +348,27 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Backends => {
             let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            println!("{:<24} {:<5} {:<22} SERVICE", "FRONTEND", "SLOT", "BACKEND");
+            println!("{:<24} {:<12} {:<22} SERVICE", "FRONTEND", "SLOTS", "BACKEND");
             let mut rows = Vec::new();
             for (k, v) in &services {
-                for slot in 0..v.backend_count {
-                    let key = lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot };
+                // Each backend and how many of the table's slots it owns.
+                let mut owned: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+                for slot in v.table_off..v.table_off + v.table_size {
                     let backend = maps
-                        .slots
-                        .get(&key, 0)
+                        .maglev_slot(slot)
+                        .and_then(|id| maps.backends.get(&id, 0))
                         .map(|b| endpoint_of(&b).to_string())
                         .unwrap_or_else(|_| "<missing>".into());
-                    rows.push((frontend_of(k, v.flags), slot, backend, name_of(v.id)));
+                    *owned.entry(backend).or_default() += 1;
+                }
+                for (b, n) in owned {
+                    rows.push((frontend_of(k, v.flags), format!("{n}/{}", v.table_size), b, name_of(v.id)));
                 }
             }
             rows.sort();
-            for (f, slot, b, n) in rows {
+            for (f, slots, b, n) in rows {
                 let f = f.map(|f| f.to_string()).unwrap_or_else(|| "?".into());
-                println!("{f:<24} {slot:<5} {b:<22} {n}");
+                println!("{f:<24} {slots:<12} {b:<22} {n}");
             }
         }
         ListWhat::Conntrack => {

@@ -266,6 +266,12 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     c.api.hold_lists(Kind::EndpointSlice);
     c.lab.spawn_agent_kube(&c.node, c.api.kubeconfig(), &[])?;
     thread::sleep(Duration::from_secs(3));
+    // On a loaded machine the agent may still be starting: its health server answers first.
+    let healthz: std::net::SocketAddr = "127.0.0.1:10256".parse()?;
+    assert!(
+        eventually(Duration::from_secs(10), || http_status(&c.node.ns, healthz, "/livez").is_ok()),
+        "the restarted agent's health server never answered"
+    );
     let log = c.lab.agent_log(&c.node);
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
     assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
