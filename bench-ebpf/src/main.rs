@@ -65,7 +65,7 @@ const KEEP: u8 = 0;
 const NEW_SRC: u8 = 1;
 /// The same on the destination: replies to the flows `NEW_SRC` made.
 const NEW_DST: u8 = 2;
-/// A new connection of one of 256 clients every run: counter bits 0-7 added to the source
+/// A new connection of one of 1024 clients every run: counter bits 0-9 added to the source
 /// address, the rest to the source port.
 const NEW_CONN: u8 = 3;
 
@@ -122,7 +122,7 @@ fn prepare<const MODE: u8>(data: usize, data_end: usize) -> bool {
     let (bits, addr, port) = match MODE {
         NEW_SRC => (14, IP_SRC, TCP_SPORT),
         NEW_DST => (14, IP_DST, TCP_DPORT),
-        _ => (8, IP_SRC, TCP_SPORT),
+        _ => (10, IP_SRC, TCP_SPORT),
     };
     let a = (c & ((1 << bits) - 1)) as u16;
     let b = (c >> bits) as u16;
