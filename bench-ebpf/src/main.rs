@@ -218,9 +218,10 @@ fn ref_lookup(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
     }
 }
 
-/// Reference: a minimal DNAT at tc. One lookup, then the rewrite the way a tc program must do
-/// it for packets whose checksum the stack completes later (CHECKSUM_PARTIAL): through the
-/// checksum helpers, which know the skb's checksum state.
+/// Reference: a minimal DNAT at tc. One lookup, then the checksums updated the way a tc
+/// program must for packets whose L4 checksum the stack completes later (CHECKSUM_PARTIAL):
+/// through the helpers that know the skb's checksum state, one per kind of change (the address
+/// is in the pseudo-header, the port is not); then the new address and port written directly.
 #[classifier]
 pub fn bench_ref_dnat_tc(ctx: TcContext) -> i32 {
     let Some((daddr, dport, [addr, port])) = ref_lookup(ctx.data(), ctx.data_end()) else {
@@ -229,14 +230,19 @@ pub fn bench_ref_dnat_tc(ctx: TcContext) -> i32 {
     let port = port as u16;
     let done = ctx
         .l4_csum_replace(TCP_CSUM, daddr as u64, addr as u64, BPF_F_PSEUDO_HDR as u64 | 4)
-        .and_then(|()| ctx.l3_csum_replace(IP_CSUM, daddr as u64, addr as u64, 4))
-        .and_then(|()| ctx.store(IP_DST, &addr, 0))
         .and_then(|()| ctx.l4_csum_replace(TCP_CSUM, dport as u64, port as u64, 2))
-        .and_then(|()| ctx.store(TCP_DPORT, &port, 0));
-    match done {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(_) => aya_ebpf::bindings::TC_ACT_SHOT as i32,
+        .and_then(|()| ctx.l3_csum_replace(IP_CSUM, daddr as u64, addr as u64, 4));
+    // The helpers may have moved the packet data: bounds again.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if done.is_err() || data + TCP_CSUM + 2 > data_end {
+        return aya_ebpf::bindings::TC_ACT_SHOT as i32;
     }
+    // SAFETY: inside the bounds checked above.
+    unsafe {
+        ((data + IP_DST) as *mut u32).write_unaligned(addr);
+        ((data + TCP_DPORT) as *mut u16).write_unaligned(port);
+    }
+    TC_ACT_OK as i32
 }
 
 /// `check` updated for a 16-bit word of the summed data changing from `old` to `new`
