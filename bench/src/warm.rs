@@ -16,7 +16,8 @@
 //! routed SNAT path looks up routes and neighbours there). The conntrack LRU (`LB_CT4_NEW`) has
 //! per-CPU lists, so its fill level is given against this CPU's share of it.
 //!
-//! Only lb's program names, map names and the `Dataplane` API are used, so the harness keeps
+//! Only lb's program names, map names, counters (`lb_common::Counter`) and the `Dataplane` API
+//! are used, so the harness keeps
 //! working while the datapath changes underneath it.
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command};
 
@@ -71,7 +72,7 @@ const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 100);
 const REF_BACKEND: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 2), 8080);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
-/// Base tuples the wrappers vary: new flows, the 256 pinned clients, the table fill.
+/// Base tuples the wrappers vary: new flows, the 1024 pinned clients, the table fill.
 const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 0);
 const PINNED_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 129, 0, 0);
 const FILL_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 130, 0, 0);
