@@ -17,8 +17,7 @@
 //! per-CPU lists, so its fill level is given against this CPU's share of it.
 //!
 //! Only lb's program names, map names, counters (`lb_common::Counter`) and the `Dataplane` API
-//! are used, so the harness keeps
-//! working while the datapath changes underneath it.
+//! are used, so the harness keeps working while the datapath changes underneath it.
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command};
 
 use anyhow::{bail, ensure, Context, Result};
