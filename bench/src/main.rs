@@ -10,6 +10,8 @@
 //! - `single`: R separate runs, each on a fresh frame (new flows get a new source address and
 //!   port each time); the kernel-measured duration of each run is summed, the same loop around
 //!   the empty program of the same hook is subtracted, and the floor is added back.
+//! - `warm` (section 1b, `warm.rs`): one run with `repeat` = R of a wrapper that restores the
+//!   frame before every run and tail-calls the program under test.
 use std::{
     fmt::Write as _,
     io::{Read, Write},
@@ -29,10 +31,12 @@ use lb_userspace::{
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
 
+mod warm;
+
 struct Opts {
     quick: bool,
     out: PathBuf,
-    /// Only these sections (`packet`, `scale`, `e2e`, `api`, `yaml`, `verifier`); all when empty.
+    /// Only these sections (`packet`, `warm`, `scale`, `e2e`, `api`, `yaml`, `verifier`); all when empty.
     only: Vec<String>,
 }
 
@@ -74,6 +78,10 @@ fn main() -> Result<()> {
         let per_packet = per_packet(&opts)?;
         md.push_str(&per_packet.markdown);
         svg = per_packet.svg;
+    }
+    if opts.runs("warm") {
+        progress("1b/5 per-packet cost, warm method, minimal DNAT references");
+        md.push_str(&warm::per_packet_warm(opts.quick)?);
     }
     if opts.runs("scale") {
         progress("2/5 cost at scale");
