@@ -311,6 +311,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
+            count_per_frontend: args.metrics_per_frontend,
             xdp_mode: args.xdp_mode,
         },
     })

@@ -716,7 +716,8 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
         return;
     }
     let sizes = MapSizes { services: 4, ..MapSizes::default() };
-    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // Per-frontend counting is what this test reads; it is off by default (a flag).
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, count_per_frontend: true, ..Config::default() });
     // Every frontend replaced by another in one apply.
     h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
     let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
