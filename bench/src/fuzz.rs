@@ -14,7 +14,7 @@ use lb_tests::fuzz::{self, world, Backend, Counters, Datapath, Frontend, Hook, N
 use lb_userspace::{
     dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
     manifests,
-    model::{translate, NodeInfo, Scope},
+    model::{translate, Cidr, NodeInfo, Scope, ServicePort},
 };
 
 struct Loaded {
@@ -65,16 +65,9 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
         .services
         .iter()
         .filter(|(f, _)| !f.is_from_cluster())
-        .map(|(f, sp)| Frontend {
-            ip: (f.scope != Scope::NodePort).then_some(f.ip),
-            port: f.port,
-            proto: f.protocol.number(),
-            backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
-            external: sp.external,
-            local_only: sp.local_only,
-            source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
-            affinity: sp.affinity_timeout_s.is_some(),
-            name: sp.name.clone(),
+        .map(|(f, sp)| {
+            let companion = f.from_cluster().and_then(|c| state.services.get(&c));
+            Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
         })
         .collect();
     let world = World::new(frontends);
@@ -90,8 +83,26 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
     }
     let node_addrs: Vec<Ipv4Addr> = world.node_addrs.clone();
     loaded.dp.set_node_addresses(&node_addrs)?;
+    let (addr, len) = world::CLUSTER_CIDR;
+    loaded.dp.set_local_sources(&[Cidr { addr, len }])?;
     loaded.maps.xdp_targets.insert(ns.ifindex("ext0").map_err(|e| anyhow!(e))?, 1, 0)?;
     Ok((loaded, world))
+}
+
+/// The model's view of one frontend the translation produced.
+fn frontend(f: &lb_userspace::model::Frontend, sp: &ServicePort) -> Frontend {
+    Frontend {
+        ip: (f.scope != Scope::NodePort).then_some(f.ip),
+        port: f.port,
+        proto: f.protocol.number(),
+        backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
+        external: sp.external,
+        local_only: sp.local_only,
+        source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
+        affinity: sp.affinity_timeout_s.is_some(),
+        name: sp.name.clone(),
+        from_cluster: None,
+    }
 }
 
 fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(), String> {

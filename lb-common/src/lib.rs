@@ -4,7 +4,7 @@
 //! padding is always written as zero: hash maps compare keys as raw bytes. Addresses are stored in
 //! 16 bytes with a family tag, so IPv6 can be added without changing the IPv4 layout; an IPv4
 //! address lives in `addr[0]` (network byte order) with the other words zero.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "user")), no_std)]
 
 /// Address family tags, stored in keys and values next to the 16-byte address.
 pub const FAMILY_IPV4: u8 = 4;
@@ -19,13 +19,23 @@ pub const PROTO_UDP: u8 = 17;
 /// address 0 and only looked up for packets addressed to one of the node's own addresses.
 pub const SCOPE_EXACT: u8 = 0;
 pub const SCOPE_NODEPORT: u8 = 1;
+/// Or'ed into the scope of the entry that traffic from the cluster itself (pods, the node)
+/// gets at an external frontend of an `externalTrafficPolicy: Local` Service: kube-proxy's
+/// short-circuit to cluster-wide endpoints (only traffic from outside is kept local).
+pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
 
-/// Largest backend set a single service port may have; bounds the slot index in the datapath.
+/// Largest backend set a single service port may have (kube-proxy's endpoint cut, applied by
+/// the translation); its Maglev table then has 65,537 slots.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
 
 /// Default map capacities (entries). The agent may override them at load time.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
-pub const BACKEND_SLOTS_MAX_ENTRIES: u32 = 1_048_576;
+/// Distinct backends (address, port) over all frontends: `LB_BACKENDS` is an array.
+pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Maglev table slots over all frontends (about 16 per backend of each frontend).
+pub const MAGLEV_MAX_ENTRIES: u32 = 4_194_304;
+/// Backend memberships (service, backend) over all frontends.
+pub const BACKEND_MEMBERS_MAX_ENTRIES: u32 = 1_048_576;
 /// Assured flows (two entries each); the LRU of new and finished flows has its own size.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_NEW_MAX_ENTRIES: u32 = 131_072;
@@ -34,11 +44,17 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 /// Names of the maps, as declared in `lb-ebpf` and pinned under the agent's pin directory.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
-pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
+/// Backend id -> backend: what a Maglev table slot names.
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Every frontend's Maglev table, one after another: slot -> backend id.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Assured IPv4 flows: a preallocated hash that never evicts.
 pub const MAP_CT4: &str = "LB_CT4";
 /// New and finished IPv4 flows: an LRU with per-CPU lists.
 pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
+/// The same for IPv6 flows (same capacities).
+pub const MAP_CT6: &str = "LB_CT6";
+pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
 /// The conntrack map of layout version 4 and before (both directions, 16-byte addresses):
 /// migrated into `LB_CT4`/`LB_CT4_NEW` and removed.
 pub const MAP_CONNTRACK_V4: &str = "LB_CONNTRACK";
@@ -62,6 +78,12 @@ pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
 pub const FILTER_FRONTENDS: u32 = 0;
 pub const FILTER_BACKENDS: u32 = FILTER_WORDS;
 
+/// An IPv6 address folded to 32 bits for `filter_bit` (as in the packet).
+#[inline(always)]
+pub fn fold_v6(a: [u32; 4]) -> u32 {
+    a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
+}
+
 /// The filter bit of an (address, port, protocol), all as in the packet (network order). An
 /// IPv6 address is folded into `addr` first (`fold_v6`).
 #[inline(always)]
@@ -76,6 +98,10 @@ pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
+/// Sources that count as the cluster's own for the short-circuit (`SCOPE_FROM_CLUSTER`): the
+/// cluster's pod CIDRs (`--cluster-cidr`), this node's pod CIDRs, its addresses.
+pub const MAP_LOCAL_SOURCES: &str = "LB_LOCAL_SOURCES";
+pub const LOCAL_SOURCES_MAX_ENTRIES: u32 = 1024;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 /// Source ports the datapath picks when it must SNAT a flow to the node's address: above
@@ -108,7 +134,7 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -141,29 +167,25 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Stable identifier of this frontend; keys the backend slots and the names map.
+    /// Stable identifier of this frontend; keys the names, the counters and the memberships.
     pub id: u32,
     /// Number of ready backends; zero means "reject new connections".
     pub backend_count: u16,
-    /// Which generation of slots is live. The agent writes a new generation beside the old one
-    /// and then flips this field in one map update, so a packet never sees a half-written set.
+    /// Bumped whenever the backend set changes: an affinity pin made under another generation
+    /// has its backend's membership checked once.
     pub generation: u16,
     /// `SVC_FLAG_*`.
     pub flags: u32,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`, when `SVC_FLAG_AFFINITY` is set.
     pub affinity_timeout_s: u32,
+    /// The frontend's Maglev table: `LB_MAGLEV[table_off .. table_off + table_size]`. A new
+    /// backend set gets a new table beside the old, and this entry flips to it in one update,
+    /// so a packet never sees a half-written table.
+    pub table_off: u32,
+    pub table_size: u32,
 }
 
-/// One slot of a service's backend set: `slot` in `0..backend_count` of `generation`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub generation: u16,
-    pub slot: u16,
-}
-
-/// A backend endpoint. Stored inline in the slot so selection costs one lookup.
+/// A backend endpoint, `LB_BACKENDS[id]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend {
@@ -216,16 +238,15 @@ pub struct AffinityValue {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// An IPv4 flow as seen on the wire. Forward entries are keyed on the client's packet
+/// A flow as seen on the wire, `A` its address type (`u32` for IPv4, `[u32; 4]` for IPv6, both
+/// in network byte order as in the packet). Forward entries are keyed on the client's packet
 /// (destination = the service frontend), reply entries on the backend's reply (source = the
-/// backend). 16 bytes, so the table's hash reads four words.
+/// backend). 16 bytes for IPv4, so the table's hash reads four words; 40 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtKey4 {
-    /// Network byte order.
-    pub src: u32,
-    /// Network byte order.
-    pub dst: u32,
+pub struct CtKey<A> {
+    pub src: A,
+    pub dst: A,
     /// Network byte order.
     pub sport: u16,
     /// Network byte order.
@@ -234,6 +255,9 @@ pub struct CtKey4 {
     pub dir: u8,
     pub _pad: u16,
 }
+
+pub type CtKey4 = CtKey<u32>;
+pub type CtKey6 = CtKey<[u32; 4]>;
 
 /// `CtValue4::flags`.
 /// The flow's source is translated too (`snat_addr:snat_port`).
@@ -291,7 +315,7 @@ pub const fn ct_state_name(state: u8) -> &'static str {
     }
 }
 
-/// The translation and state of a tracked IPv4 flow; both entries of a flow carry the same
+/// The translation and state of a tracked flow (`A` as in [`CtKey`]); both entries of a flow carry the same
 /// state and flags (but their own `ROUTE` bit).
 ///
 /// Forward entry: destination becomes `nat_addr:nat_port` (the backend); with `CT_FLAG_SNAT`
@@ -303,11 +327,11 @@ pub const fn ct_state_name(state: u8) -> &'static str {
 /// 2^31 jiffies (24 days at HZ=1000), far above every lifetime.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtValue4 {
+pub struct CtValue<A> {
     /// Network byte order.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     /// Network byte order.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     /// Network byte order.
     pub nat_port: u16,
     /// Network byte order.
@@ -323,6 +347,9 @@ pub struct CtValue4 {
     /// When the flow was created.
     pub created: u32,
 }
+
+pub type CtValue4 = CtValue<u32>;
+pub type CtValue6 = CtValue<[u32; 4]>;
 
 /// What a packet of a tracked flow does to its state, netfilter's TCP state table reduced to
 /// what a translator needs (no sequence-window tracking). Pure, so the datapath, the agent
@@ -402,14 +429,14 @@ pub fn ct_assured(state: u8, flags: u8, udp_stream: bool) -> bool {
 /// client or SNAT source) knows the frontend and the client. The state, times and service are
 /// shared; the `ROUTE` bits swap.
 #[inline(always)]
-pub fn ct_peer(k: &CtKey4, e: &CtValue4) -> (CtKey4, CtValue4) {
+pub fn ct_peer<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>) -> (CtKey<A>, CtValue<A>) {
     let snat = e.flags & CT_FLAG_SNAT != 0;
     let flags = (e.flags & !(CT_FLAG_ROUTE | CT_FLAG_PEER_ROUTE))
         | if e.flags & CT_FLAG_ROUTE != 0 { CT_FLAG_PEER_ROUTE } else { 0 }
         | if e.flags & CT_FLAG_PEER_ROUTE != 0 { CT_FLAG_ROUTE } else { 0 };
     let mut v = *e;
     v.flags = flags;
-    let key = |src, dst, sport, dport, dir| CtKey4 { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
+    let key = |src: A, dst: A, sport, dport, dir| CtKey::<A> { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
     if k.dir == CT_DIR_FORWARD {
         // Replies come from the backend to the SNAT source, or to the client.
         let (dst, dport) = if snat { (e.snat_addr, e.snat_port) } else { (k.src, k.sport) };
@@ -423,7 +450,7 @@ pub fn ct_peer(k: &CtKey4, e: &CtValue4) -> (CtKey4, CtValue4) {
         // SNAT source its destination.
         v.nat_addr = k.src;
         v.nat_port = k.sport;
-        v.snat_addr = if snat { k.dst } else { 0 };
+        v.snat_addr = if snat { k.dst } else { A::default() };
         v.snat_port = if snat { k.dport } else { 0 };
         (key(e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD), v)
     }
@@ -509,6 +536,17 @@ pub struct FragValue {
 pub struct SourceRangeData {
     /// Big-endian, so the trie compares it byte by byte like an address.
     pub service_id_be: u32,
+    pub addr: [u32; 4],
+}
+
+/// An `LB_LOCAL_SOURCES` prefix: the family (always matched whole, so IPv4 and IPv6 prefixes
+/// never match each other's addresses), then the address; the prefix length of `a/n` is
+/// `32 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LocalSourceData {
+    /// `FAMILY_*`, big-endian.
+    pub family_be: u32,
     pub addr: [u32; 4],
 }
 
@@ -686,24 +724,26 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// Slot a flow hash selects among `count` backends (`count` > 0).
+/// Slot a flow hash selects in a table of `size` slots (`size` > 0).
 #[inline(always)]
-pub fn select_slot(hash: u32, count: u16) -> u16 {
+pub fn select_slot(hash: u32, size: u32) -> u32 {
     // Multiply-shift instead of `%`: no division on the fast path, same uniformity.
-    (((hash as u64) * (count as u64)) >> 32) as u16
+    (((hash as u64) * (size as u64)) >> 32) as u32
 }
 
 // The datapath and the agent must agree on these sizes; a change here is a layout change.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
+const _: () = assert!(core::mem::size_of::<LocalSourceData>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
@@ -713,15 +753,19 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
 #[cfg(feature = "user")]
+pub mod maglev;
+
+#[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all types are repr(C), Copy, made only of integers, with explicit padding.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue4 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -732,6 +776,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for LocalSourceData {}
     unsafe impl aya::Pod for ServiceStats {}
 }
 
@@ -740,14 +785,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selection_stays_in_range_for_every_count() {
-        for count in 1..=64u16 {
+    fn selection_stays_in_range_for_every_size() {
+        for size in (1..=64u32).chain([61, 65_537]) {
             for port in 0..2000u16 {
                 let h = flow_hash(0x0501_f40a, 0x0a00_600a, port.to_be(), 80u16.to_be(), PROTO_TCP);
-                assert!(select_slot(h, count) < count);
+                assert!(select_slot(h, size) < size);
             }
         }
-        assert_eq!(select_slot(u32::MAX, MAX_BACKENDS_PER_SERVICE), MAX_BACKENDS_PER_SERVICE - 1);
+        assert_eq!(select_slot(u32::MAX, 65_537), 65_536);
     }
 
     /// Linux hands out ephemeral ports close together; they must still spread evenly.

@@ -1,16 +1,17 @@
 //! Every map of the datapath, declared once. All are pinned by name so a restarted agent adopts
 //! them (and the flows in them) instead of starting empty.
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, FragKey, FragValue,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue, LocalSourceData,
     NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
-    AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX,
-    FRAGMENTS_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
-    SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
+    AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES, MAGLEV_MAX_ENTRIES,
+    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -18,16 +19,24 @@ use lb_common::{
 #[map(name = "LB_SERVICES")]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// (service id, generation, slot) -> backend. Selection is one lookup into this map.
-#[map(name = "LB_BACKEND_SLOTS")]
-pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> =
-    HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+/// Every frontend's Maglev table, back to back: slot -> backend id, two u32 slots to a u64
+/// element (an array stores every element in 8 bytes, so u32 elements would waste half), slot
+/// `s` in element `s / 2`, low half first (the agent's mmap sees plain u32s on little-endian
+/// hosts). An array, so selection is two inlined loads (this and `LB_BACKENDS`) instead of a
+/// hash lookup; mmapable, so the agent writes a table of thousands of slots with plain stores
+/// instead of a syscall per slot.
+#[map(name = "LB_MAGLEV")]
+pub static LB_MAGLEV: Array<u64> = Array::pinned(MAGLEV_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
-/// (service id, backend) -> slot: is this backend still in the service's current set? Read
-/// only when an affinity pin predates the service's slot generation.
+/// Backend id -> backend (address, port, flags), shared by every table that names it.
+#[map(name = "LB_BACKENDS")]
+pub static LB_BACKENDS: Array<Backend> = Array::pinned(BACKENDS_MAX_ENTRIES, 0);
+
+/// (service id, backend) -> 1: is this backend still in the service's current set? Read only
+/// when an affinity pin predates the service's generation.
 #[map(name = "LB_BACKEND_MEMBERS")]
 pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
-    HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(BACKEND_MEMBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// (client address, service id) -> pinned backend, for `sessionAffinity: ClientIP`. LRU: a
 /// flood of distinct clients evicts the oldest pins and never fails a new connection.
@@ -45,6 +54,15 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 /// assured are ever evicted.
 #[map(name = "LB_CT4_NEW")]
 pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
+    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
+#[map(name = "LB_CT6")]
+pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// New and finished IPv6 flows, as `LB_CT4_NEW`.
+#[map(name = "LB_CT6_NEW")]
+pub static LB_CT6_NEW: LruHashMap<CtKey6, CtValue6> =
     LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
@@ -72,6 +90,14 @@ pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeData, u8> = LpmTrie::pinned(SOUR
 
 /// Typed key of `LB_SOURCE_RANGES`.
 pub type SourceRangeKey = Key<SourceRangeData>;
+
+/// Prefixes whose sources are the cluster's own (pods, the node), for the short-circuit of
+/// `externalTrafficPolicy: Local` frontends (`lb_common::SCOPE_FROM_CLUSTER`).
+#[map(name = "LB_LOCAL_SOURCES")]
+pub static LB_LOCAL_SOURCES: LpmTrie<LocalSourceData, u8> = LpmTrie::pinned(LOCAL_SOURCES_MAX_ENTRIES, 0);
+
+/// Typed key of `LB_LOCAL_SOURCES`.
+pub type LocalSourceKey = Key<LocalSourceData>;
 
 /// (socket cookie, backend) -> frontend, for node-local sockets the socket-level programs
 /// pointed at a backend. LRU: entries of closed sockets age out.

@@ -132,12 +132,22 @@ struct RunArgs {
     /// repeated). Default: every address of the node but loopback.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
+    /// The cluster's pod CIDRs (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
+    /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
+    /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
+    /// endpoints; only traffic from outside stays on this node's.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
-    /// Capacity of the backend slots map (backends summed over all frontends).
-    #[arg(long, default_value_t = MapSizes::default().backend_slots)]
+    /// Capacity of the backends array (distinct backend addresses and ports).
+    #[arg(long, default_value_t = MapSizes::default().backends)]
     map_backends: u32,
+    /// Capacity of the Maglev tables array (slots over all frontends: about 16 per backend
+    /// of each frontend).
+    #[arg(long, default_value_t = MapSizes::default().maglev)]
+    map_maglev: u32,
     /// Capacity of the assured conntrack table: live connections, two entries each, never
     /// evicted (a flow that finds it full stays in the LRU table, counted as ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
@@ -278,6 +288,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         xdp_ifaces,
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
+        cluster_cidrs: args.cluster_cidr,
         sync_period: Duration::from_secs(args.sync_period.max(1)),
         full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
         per_frontend_metrics: args.metrics_per_frontend,
@@ -293,12 +304,14 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
             },
             sizes: MapSizes {
                 services: args.map_services,
-                backend_slots: args.map_backends,
+                backends: args.map_backends,
+                maglev: args.map_maglev,
                 conntrack: args.map_conntrack,
                 conntrack_new: args.map_conntrack_new,
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
+            count_per_frontend: args.metrics_per_frontend,
             xdp_mode: args.xdp_mode,
         },
     })
@@ -306,10 +319,8 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
 fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
@@ -343,23 +354,27 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Backends => {
             let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            println!("{:<24} {:<5} {:<22} SERVICE", "FRONTEND", "SLOT", "BACKEND");
+            println!("{:<24} {:<12} {:<22} SERVICE", "FRONTEND", "SLOTS", "BACKEND");
             let mut rows = Vec::new();
             for (k, v) in &services {
-                for slot in 0..v.backend_count {
-                    let key = lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot };
+                // Each backend and how many of the table's slots it owns.
+                let mut owned: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+                for slot in v.table_off..v.table_off + v.table_size {
                     let backend = maps
-                        .slots
-                        .get(&key, 0)
+                        .maglev_slot(slot)
+                        .and_then(|id| maps.backends.get(&id, 0))
                         .map(|b| endpoint_of(&b).to_string())
                         .unwrap_or_else(|_| "<missing>".into());
-                    rows.push((frontend_of(k, v.flags), slot, backend, name_of(v.id)));
+                    *owned.entry(backend).or_default() += 1;
+                }
+                for (b, n) in owned {
+                    rows.push((frontend_of(k, v.flags), format!("{n}/{}", v.table_size), b, name_of(v.id)));
                 }
             }
             rows.sort();
-            for (f, slot, b, n) in rows {
+            for (f, slots, b, n) in rows {
                 let f = f.map(|f| f.to_string()).unwrap_or_else(|| "?".into());
-                println!("{f:<24} {slot:<5} {b:<22} {n}");
+                println!("{f:<24} {slots:<12} {b:<22} {n}");
             }
         }
         ListWhat::Conntrack => {

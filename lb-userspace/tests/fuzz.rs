@@ -21,7 +21,7 @@ use lb_tests::fuzz::{self, world, Backend, Counters, Datapath, Frontend, Hook, N
 use lb_userspace::{
     dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
     manifests,
-    model::{translate, DesiredState, NodeInfo, Scope},
+    model::{translate, Cidr, DesiredState, NodeInfo, Scope, ServicePort},
 };
 
 const FRAMES: u64 = 1_000_000;
@@ -79,22 +79,31 @@ fn desired() -> DesiredState {
     t.state
 }
 
+/// The model's view of one frontend the translation produced.
+fn frontend(f: &lb_userspace::model::Frontend, sp: &ServicePort) -> Frontend {
+    Frontend {
+        ip: (f.scope != Scope::NodePort).then_some(f.ip),
+        port: f.port,
+        proto: f.protocol.number(),
+        backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
+        external: sp.external,
+        local_only: sp.local_only,
+        source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
+        affinity: sp.affinity_timeout_s.is_some(),
+        name: sp.name.clone(),
+        from_cluster: None,
+    }
+}
+
 /// The model's view of what was applied: every frontend the datapath has a key for.
 fn world_of(state: &DesiredState) -> World {
     let frontends = state
         .services
         .iter()
         .filter(|(f, _)| !f.is_from_cluster())
-        .map(|(f, sp)| Frontend {
-            ip: (f.scope != Scope::NodePort).then_some(f.ip),
-            port: f.port,
-            proto: f.protocol.number(),
-            backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
-            external: sp.external,
-            local_only: sp.local_only,
-            source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
-            affinity: sp.affinity_timeout_s.is_some(),
-            name: sp.name.clone(),
+        .map(|(f, sp)| {
+            let companion = f.from_cluster().and_then(|c| state.services.get(&c));
+            Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
         })
         .collect();
     World::new(frontends)
@@ -121,6 +130,8 @@ fn load(ns: &NodeNs) -> (Loaded, World) {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let node_addrs: Vec<Ipv4Addr> = World::new(Vec::new()).node_addrs;
     dp.set_node_addresses(&node_addrs).expect("node addresses");
+    let (addr, len) = world::CLUSTER_CIDR;
+    dp.set_local_sources(&[Cidr { addr, len }]).expect("LB_LOCAL_SOURCES");
     let mut maps = Maps::open_pinned(&pin).expect("opening pinned maps");
     // ext0 takes native XDP frames, as the agent lists a driver with ndo_xdp_xmit.
     maps.xdp_targets.insert(ns.ifindex("ext0").expect("ext0"), 1, 0).expect("LB_XDP_TARGETS");

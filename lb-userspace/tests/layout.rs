@@ -217,3 +217,19 @@ fn pins_of_frontends_that_no_longer_exist_are_dropped_at_adoption() {
     let ids: Vec<u32> = dp.maps().affinity.keys().filter_map(Result::ok).map(|k| k.service_id).collect();
     assert_eq!(ids, vec![1]);
 }
+
+#[test]
+fn a_maglev_array_of_another_size_is_rebuilt_with_the_services_that_point_into_it() {
+    let Some(dir) = PinDir::new("maglev") else { return };
+    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+    drop(dp);
+    let sizes = MapSizes { maglev: 1 << 16, ..MapSizes::default() };
+    let mut dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("rebuilds");
+    // No service entry may point into the new, empty array: they were rebuilt too, and come
+    // back with the next sync.
+    assert_eq!(dp.maps().services.keys().count(), 0);
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+    let (_, v) = dp.maps().services.iter().filter_map(Result::ok).next().expect("programmed again");
+    assert_eq!(dp.maps().maglev_slot(v.table_off).ok(), Some(0), "the one backend, id 0");
+}

@@ -425,10 +425,18 @@ fn deleted_service_stops_translating() {
     let (verdict, out) = h.run(&frame((CLIENT, 40001), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
-    // The slots stay for packets that read the entry just before it went, then go.
-    assert_eq!(h.dp.maps().slots.keys().count(), 6);
-    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
-    assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
+    // The tables (both ports) stay for packets that read the entry just before it went, then go.
+    let slots = 2 * lb_common::maglev::table_size(3) as usize;
+    assert_eq!(h.dp.retired_slots(), slots);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), slots);
+    assert_eq!(h.dp.retired_slots(), 0, "tables of the deleted service are freed");
+}
+
+/// Whether every slot of the table a service entry names still names a backend (a freed
+/// table's slots name none).
+fn table_intact(maps: &Maps, v: &lb_common::ServiceValue) -> bool {
+    (v.table_off..v.table_off + v.table_size)
+        .all(|slot| maps.maglev_slot(slot).is_ok_and(|id| maps.backends.get(&id, 0).is_ok()))
 }
 
 /// The lab ClusterIP's HTTP frontend key in `LB_SERVICES`.
@@ -460,49 +468,45 @@ fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots()
     assert_eq!(h.counter(Counter::DropSlotMissing), 0);
     maps.services.insert(http_key(), after, 0).unwrap();
 
-    // Kept through the grace period (both ports of web-service changed: 3 + 3 slots)...
-    let old_slots = |maps: &Maps| {
-        maps.slots
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.service_id == before.id && k.generation == before.generation)
-            .count()
-    };
+    // Kept through the grace period (both ports of web-service changed: two tables)...
+    let slots = 2 * lb_common::maglev::table_size(3) as usize;
     assert_eq!(h.dp.collect_retired(), 0);
-    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (3, 6));
+    assert!(table_intact(&maps, &before));
+    assert_eq!(h.dp.retired_slots(), slots);
     // ...also by an apply within it...
     h.apply(&lab_yaml(&newer));
-    assert_eq!(old_slots(&maps), 3);
+    assert!(table_intact(&maps, &before));
     // ...and gone after it.
-    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
-    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (0, 0));
-    assert_eq!(maps.slots.keys().count(), 4, "the live generations of both ports");
-    // What the grace prevents: the stale copy now misses its slots.
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), slots);
+    assert_eq!(h.dp.retired_slots(), 0);
+    assert!(!table_intact(&maps, &before));
+    assert!(table_intact(&maps, &after), "the live table");
+    // What the grace prevents: the stale copy now misses its table.
     maps.services.insert(http_key(), before, 0).unwrap();
     h.run(&frame((CLIENT, 43100), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(h.counter(Counter::DropSlotMissing), 1);
 }
 
-/// Slots held for their grace period count against the map's capacity: when a new
-/// generation does not fit, they go early rather than the frontend failing.
+/// Tables held for their grace period count against the array's capacity: when a new table
+/// does not fit, they go early rather than the frontend failing.
 #[test]
-fn retired_slots_give_way_when_the_slots_map_is_full() {
+fn retired_tables_give_way_when_the_maglev_array_is_full() {
     if !privileged() {
         return;
     }
-    let sizes = MapSizes { backend_slots: 8, ..MapSizes::default() };
+    let m = lb_common::maglev::table_size(3);
+    // Room for the two live tables (3 backends each) and one more.
+    let sizes = MapSizes { maglev: 3 * m + 1, ..MapSizes::default() };
     let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
-    // 3 + 3 live slots. The HTTP port's 2 new ones fit (8), its 3 old ones are retired; the
-    // DNS port's 2 new ones do not (10), so the retired 3 go early and the DNS port is written.
+    // The HTTP port's new table (2 backends keep the size) fits, its old one is retired; the
+    // DNS port's does not, so the retired table goes early and the DNS port is written.
     let newer = ["10.244.1.21", "10.244.1.22"];
     h.apply(&lab_yaml(&newer));
-    assert_eq!(h.dp.retired_slots(), 3, "the DNS port's old generation, in its grace");
-    assert_eq!(h.dp.maps().slots.keys().count(), 7);
+    assert_eq!(h.dp.retired_slots(), m as usize, "the DNS port's old table, in its grace");
     assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
     let (_, out) = h.run(&frame((CLIENT, 43000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
     assert!(backend_set(&newer, 5353).contains(&parse_checked(&out).dst));
-    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
-    assert_eq!(h.dp.maps().slots.keys().count(), 4);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), m as usize);
 }
 
 fn affinity_yaml(backends: &[&str], timeout: u32) -> String {
@@ -521,11 +525,15 @@ fn ktime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The backend plain hash selection gives `client:port` over `backends` (sorted, as the agent
-/// writes slots), computed independently of the datapath with the shared hash.
+/// The backend a new flow from `client:port` gets from a fresh Maglev table of `backends`
+/// (sorted, as the agent builds it), computed with the shared hash and table builder.
 fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
-    let mut sorted: Vec<Ipv4Addr> = backends.iter().map(|b| b.parse().unwrap()).collect();
-    sorted.sort();
+    let mut set: Vec<lb_common::Backend> = backends
+        .iter()
+        .map(|b| backend_value(&Endpoint { ip: b.parse().unwrap(), port: 8080, local: false }))
+        .collect();
+    set.sort();
+    let table = lb_common::maglev::update(&[], &set);
     let h = lb_common::flow_hash(
         u32::from_ne_bytes(client.octets()),
         u32::from_ne_bytes(VIP.octets()),
@@ -533,7 +541,7 @@ fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
         80u16.to_be(),
         6,
     );
-    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+    lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip
 }
 
 /// A source port not yet used whose hash choice differs from `not`.
@@ -652,8 +660,9 @@ fn switching_affinity_on_and_off_takes_effect_for_new_connections() {
     h.apply(&affinity_yaml(&BACKENDS, 60));
     let pinned: BTreeSet<_> = (41000..41030).map(|p| h.syn_dst(CLIENT, p).0).collect();
     assert_eq!(pinned.len(), 1);
-    // The switch rewrote the service entry but not the slots.
-    assert!(h.pinned_maps().slots.keys().filter_map(Result::ok).all(|k| k.generation == 0));
+    // The switch rewrote the service entry but not the table.
+    assert!(h.pinned_maps().services.iter().filter_map(Result::ok).all(|(_, v)| v.generation == 0));
+    assert_eq!(h.dp.retired_slots(), 0);
     h.apply(&lab_yaml(&BACKENDS));
     let spread: BTreeSet<_> = (42000..42030).map(|p| h.syn_dst(CLIENT, p).0).collect();
     assert!(spread.len() > 1);
@@ -707,7 +716,8 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
         return;
     }
     let sizes = MapSizes { services: 4, ..MapSizes::default() };
-    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // Per-frontend counting is what this test reads; it is off by default (a flag).
+    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, count_per_frontend: true, ..Config::default() });
     // Every frontend replaced by another in one apply.
     h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
     let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
@@ -1067,6 +1077,33 @@ fn local_policy_without_local_endpoint_drops_and_no_endpoints_is_refused_by_tc()
     let (verdict, out) = h.run(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_port_unreachable(&out, &syn, 20);
+}
+
+/// kube-proxy's short-circuit: an `externalTrafficPolicy: Local` Service keeps only traffic
+/// from outside on this node's endpoints; the cluster's own sources (pod CIDRs, the node) get
+/// every endpoint in the cluster.
+#[test]
+fn a_local_policy_external_frontend_serves_the_clusters_own_sources_cluster_wide() {
+    if !privileged() {
+        return;
+    }
+    let (mut h, _ns) = edge();
+    h.dp.set_local_sources(&["10.244.1.0/24".parse().unwrap()]).unwrap();
+    let pod = Ipv4Addr::new(10, 244, 1, 5);
+    // np-policy-local's only endpoint is on the other node.
+    let (verdict, out) = h.run(&frame((pod, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_OK, "a pod of this node is the cluster's own");
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (REMOTE_POD.parse().unwrap(), 80));
+    assert_eq!(p.src, (pod, 40000), "no SNAT for the cluster's own");
+    // From outside: local endpoints only, and there are none here.
+    let (verdict, _) = h.run(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Counter::DropNoLocalBackend), 1);
+    // Once not the cluster's any more, the pod is outside too.
+    h.dp.set_local_sources(&[]).unwrap();
+    let (verdict, _) = h.run(&frame((pod, 40001), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_SHOT);
 }
 
 #[test]
@@ -1458,13 +1495,21 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     // backend has left, the generation is 65535, and the client has not connected since.
     let v = maps.services.get(&http_key(), 0).unwrap();
     let rest: Vec<&str> = BACKENDS.iter().copied().filter(|b| b.parse::<Ipv4Addr>().unwrap() != pinned).collect();
-    for slot in 0..v.backend_count {
-        maps.slots.remove(&lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot }).unwrap();
-    }
-    for (slot, b) in rest.iter().enumerate() {
-        let e = Endpoint { ip: b.parse().unwrap(), port: 8080, local: false };
-        let k = lb_common::BackendSlotKey { service_id: v.id, generation: u16::MAX, slot: slot as u16 };
-        maps.slots.insert(k, backend_value(&e), 0).unwrap();
+    // The table now names only the others (their ids are in LB_BACKENDS already).
+    let ids: Vec<u32> = rest
+        .iter()
+        .map(|b| {
+            let want = backend_value(&Endpoint { ip: b.parse().unwrap(), port: 8080, local: false });
+            (0..16).find(|&id| maps.backends.get(&id, 0).is_ok_and(|x| x == want)).expect("an id")
+        })
+        .collect();
+    // Two slots to an element, low half first.
+    let slots: Vec<u32> = (0..v.table_size).map(|i| ids[i as usize % ids.len()]).collect();
+    for (i, slot) in (v.table_off..v.table_off + v.table_size).enumerate() {
+        let pair = maps.maglev.get(&(slot / 2), 0).unwrap();
+        let half = (slot % 2) * 32;
+        let pair = (pair & !(0xffff_ffffu64 << half)) | ((slots[i] as u64) << half);
+        maps.maglev.set(slot / 2, pair, 0).unwrap();
     }
     maps.services
         .insert(http_key(), lb_common::ServiceValue { generation: u16::MAX, backend_count: rest.len() as u16, ..v }, 0)
@@ -1485,7 +1530,7 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     }
 
     // A pin a packet in flight wrote under generation 65535 after the flip goes with that
-    // generation's slots; pins of the new generation stay.
+    // generation's table; pins of the new generation stay.
     let other = lb_common::AffinityKey { client: [u32::from_ne_bytes([10, 244, 3, 3]), 0, 0, 0], ..pin_key };
     let late = lb_common::AffinityValue { generation: u16::MAX, ..maps.affinity.get(&pin_key, 0).unwrap() };
     maps.affinity.insert(other, late, 0).unwrap();

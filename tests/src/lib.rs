@@ -596,17 +596,26 @@ pub fn with_session_affinity(manifests: &str, timeout_seconds: u32) -> String {
     )
 }
 
-/// The backend that plain hash selection picks for a TCP flow, computed with the datapath's
-/// shared hash over `backends` sorted as the agent writes its slots.
-pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr]) -> Ipv4Addr {
+/// The backend a new TCP flow gets from a fresh Maglev table of `backends` (all listening on
+/// `port`), computed with the datapath's shared hash and the agent's table builder.
+pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr], port: u16) -> Ipv4Addr {
     let ip = |a: SocketAddr| match a {
         SocketAddr::V4(a) => u32::from_ne_bytes(a.ip().octets()),
         SocketAddr::V6(_) => panic!("IPv4 only"),
     };
-    let mut sorted = backends.to_vec();
-    sorted.sort();
+    let mut set: Vec<lb_common::Backend> = backends
+        .iter()
+        .map(|b| lb_common::Backend {
+            addr: [u32::from_ne_bytes(b.octets()), 0, 0, 0],
+            port: port.to_be(),
+            family: lb_common::FAMILY_IPV4,
+            ..Default::default()
+        })
+        .collect();
+    set.sort();
+    let table = lb_common::maglev::update(&[], &set);
     let h = lb_common::flow_hash(ip(client), ip(vip), client.port().to_be(), vip.port().to_be(), lb_common::PROTO_TCP);
-    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+    Ipv4Addr::from(table[lb_common::select_slot(h, table.len() as u32) as usize].addr[0].to_ne_bytes())
 }
 
 /// Connects from inside `ns`; the error kind tells refused from unreachable.

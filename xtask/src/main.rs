@@ -74,8 +74,9 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup::setup()?;
             build()?;
-            // lb-ebpf only builds for the bpf target (through lb-userspace's build.rs).
-            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf"]).args(&args))
+            // The eBPF crates only build for the bpf target (through lb-userspace's and bench's
+            // build.rs).
+            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "bench-ebpf"]).args(&args))
         }
         Cmd::Kind => kind::kind(),
         Cmd::Demo => {

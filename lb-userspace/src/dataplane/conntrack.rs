@@ -64,9 +64,13 @@ pub fn remove_flow(tables: &mut CtTables, k: &CtKey4, v: &CtValue4) -> bool {
     removed
 }
 
-/// Whether an entry is idle past its state's lifetime at `now` (jiffies).
+/// Whether an entry is idle past its state's lifetime at `now` (jiffies). An entry seen after
+/// `now` is fresh: `now` is read before a walk that takes a while, and the datapath keeps
+/// refreshing entries meanwhile (wrapping, it would look 2^32 jiffies old and a busy flow
+/// would be collected).
 pub fn expired(v: &CtValue4, now: u32, timeouts: &[u32; CT_STATES]) -> bool {
-    now.wrapping_sub(v.last_seen) > timeouts.get(v.state as usize).copied().unwrap_or(0)
+    let idle = now.wrapping_sub(v.last_seen);
+    (idle as i32) >= 0 && idle > timeouts.get(v.state as usize).copied().unwrap_or(0)
 }
 
 /// One pass over the assured table: removes the flows whose entries are both expired.
@@ -349,5 +353,9 @@ mod tests {
         let v = CtValue4 { last_seen: u32::MAX - 10, ..v };
         assert!(!expired(&v, 50, &timeouts));
         assert!(expired(&v, 90, &timeouts));
+        // Refreshed by the datapath after the collector read the clock.
+        let v = CtValue4 { last_seen: 1_000, ..v };
+        assert!(!expired(&v, 999, &timeouts));
+        assert!(!expired(&v, 990, &timeouts));
     }
 }

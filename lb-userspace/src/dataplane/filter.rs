@@ -96,7 +96,11 @@ impl Filter {
     }
 
     /// Node ports follow the node's addresses.
-    pub(super) fn set_node_addrs<'a>(&mut self, addrs: &[Ipv4Addr], node_ports: impl Iterator<Item = &'a Frontend> + Clone) {
+    pub(super) fn set_node_addrs<'a>(
+        &mut self,
+        addrs: &[Ipv4Addr],
+        node_ports: impl Iterator<Item = &'a Frontend> + Clone,
+    ) {
         for f in node_ports.clone() {
             self.remove_frontend(f);
         }

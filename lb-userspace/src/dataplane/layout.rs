@@ -7,10 +7,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CT4,
-    MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    MAP_STATS,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey, ServiceName,
+    ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS,
+    MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
 };
 
 use super::{
@@ -18,6 +17,17 @@ use super::{
     maps::map_err,
     Dataplane, DataplaneError, MapSizes, Result,
 };
+
+/// Maps that only make sense together: a service entry names its id (names, counters,
+/// memberships), its Maglev table's range and, through it, backend ids.
+const SERVICE_GROUP: [&str; 6] = [
+    MAP_SERVICES,
+    MAP_SERVICE_NAMES,
+    lb_common::MAP_SERVICE_STATS,
+    lb_common::MAP_MAGLEV,
+    lb_common::MAP_BACKENDS,
+    MAP_BACKEND_MEMBERS,
+];
 
 /// A pinned map's shape: key and value size, capacity.
 type Shape = (u32, u32, u32);
@@ -31,11 +41,13 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), false),
         s(MAP_SERVICE_NAMES, 4, size_of::<ServiceName>(), false),
         s(lb_common::MAP_SERVICE_STATS, 4, size_of::<lb_common::ServiceStats>(), false),
-        s(MAP_BACKEND_SLOTS, size_of::<BackendSlotKey>(), size_of::<Backend>(), false),
+        s(lb_common::MAP_BACKENDS, 4, size_of::<Backend>(), false),
+        s(lb_common::MAP_MAGLEV, 4, 8, false),
         s(MAP_BACKEND_MEMBERS, size_of::<BackendMemberKey>(), 4, false),
         s(MAP_STATS, 4, 8, false),
         s(MAP_NODE_ADDRS, size_of::<NodeAddrKey>(), 4, false),
         s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
+        s(lb_common::MAP_LOCAL_SOURCES, 4 + size_of::<lb_common::LocalSourceData>(), 1, false),
         s(MAP_FILTER, 4, 8, false),
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_CT4_NEW, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
@@ -152,6 +164,7 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         );
     }
     let mut migrations = Vec::new();
+    let mut rebuild: Vec<&'static str> = Vec::new();
     for (name, wanted, holds_flows) in expected_shapes(sizes) {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -185,11 +198,21 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
             continue;
         }
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
-        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
-            what: "unpinning",
-            path: path.clone(),
-            source,
-        })?;
+        rebuild.push(name);
+    }
+    // Service entries name table ranges and backend ids: the maps they point into are rebuilt
+    // with them, or a kept services map would point into an empty array until the first sync.
+    if rebuild.iter().any(|n| SERVICE_GROUP.contains(n)) {
+        for name in SERVICE_GROUP {
+            if !rebuild.contains(&name) && pin_dir.join(name).exists() {
+                tracing::warn!(map = name, "rebuilding with the service maps it belongs with");
+                rebuild.push(name);
+            }
+        }
+    }
+    for name in rebuild {
+        let path = pin_dir.join(name);
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io { what: "unpinning", path, source })?;
     }
     // The conntrack map of layout version 4: its flows move into the new tables once they
     // exist (after load), and again after the link swap.

@@ -15,13 +15,14 @@
 mod apply;
 mod attach;
 pub mod clock;
-mod filter;
 pub mod conntrack;
+mod filter;
 mod layout;
 mod load;
 mod maps;
 mod stale_udp;
 mod sys;
+mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
@@ -85,8 +86,10 @@ pub(super) type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 pub struct MapSizes {
     /// Service frontends (also sizes the names map).
     pub services: u32,
-    /// Backend slots over all services (also sizes the membership map).
-    pub backend_slots: u32,
+    /// Distinct backends (address, port) over all frontends.
+    pub backends: u32,
+    /// Maglev table slots over all frontends (about 16 per backend of each).
+    pub maglev: u32,
     /// Assured conntrack entries (live connections; every flow takes two). Never evicted.
     pub conntrack: u32,
     /// Entries of new and finished flows (an LRU).
@@ -99,7 +102,8 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             services: lb_common::SERVICES_MAX_ENTRIES,
-            backend_slots: lb_common::BACKEND_SLOTS_MAX_ENTRIES,
+            backends: lb_common::BACKENDS_MAX_ENTRIES,
+            maglev: lb_common::MAGLEV_MAX_ENTRIES,
             conntrack: lb_common::CONNTRACK_MAX_ENTRIES,
             conntrack_new: lb_common::CONNTRACK_NEW_MAX_ENTRIES,
             affinity: lb_common::AFFINITY_MAX_ENTRIES,
@@ -134,6 +138,9 @@ pub struct Config {
     /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
     /// (replies from other nodes would then bypass this one).
     pub node_ip: Option<Ipv4Addr>,
+    /// Count packets and bytes per frontend in the datapath (`LB_SERVICE_STATS`); off, the
+    /// established path skips that per-CPU array update.
+    pub count_per_frontend: bool,
 }
 
 /// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.
@@ -210,6 +217,8 @@ pub struct Dataplane {
     next_id: u32,
     /// Mirror of `LB_FILTER`, with the frontend bits' counts.
     filter: filter::Filter,
+    /// The Maglev tables' ranges and the backend ids.
+    tables: tables::Tables,
     /// Removes UDP flows to departed backends, one walk at a time.
     sweeper: stale_udp::Sweeper,
     /// (interface, hook) -> (ifindex, pinned link).

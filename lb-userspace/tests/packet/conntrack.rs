@@ -313,3 +313,73 @@ fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
     }
     assert!(h.counter(Counter::DropSnatPorts) > before, "ports of live flows are never taken");
 }
+
+/// Deletes both entries of every flow from both tables of the pinned maps.
+fn forget_all_flows(h: &Harness) {
+    let mut m = h.pinned_maps();
+    for table in [&mut m.conntrack, &mut m.conntrack_new] {
+        let keys: Vec<CtKey4> = table.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            table.remove(&k).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_flow_that_lost_its_entries_keeps_its_backend_and_a_removal_moves_only_its_flows() {
+    if !privileged() {
+        return;
+    }
+    let five = ["10.244.1.11", "10.244.1.12", "10.244.1.13", "10.244.1.14", "10.244.1.15"];
+    let mut h = Harness::new(&lab_yaml(&five));
+    let flows: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = (0..500u16)
+        .map(|i| {
+            let c = (CLIENT, 30000 + i);
+            let b = up(&h, c, SYN);
+            down(&h, b, c, SYN_ACK);
+            up(&h, c, ACK);
+            (c, b)
+        })
+        .collect();
+    assert_eq!(flows.iter().map(|(_, b)| b.0).collect::<BTreeSet<_>>().len(), 5, "spread over all five");
+    // Every entry lost (evicted, a table rebuilt): the next packet of each flow, picked up
+    // mid-stream, finds the same backend through the Maglev table.
+    forget_all_flows(&h);
+    for (c, b) in &flows {
+        assert_eq!(up(&h, *c, ACK), *b, "{c:?} moved after losing its entries");
+    }
+    // One backend leaves. Tracked flows keep going where they were; once their entries are
+    // lost too, only the departed backend's flows move, and only to the others.
+    let gone: Ipv4Addr = five[2].parse().unwrap();
+    h.apply(&lab_yaml(&[five[0], five[1], five[3], five[4]]));
+    for (c, b) in &flows {
+        assert_eq!(up(&h, *c, ACK), *b, "a tracked flow stays on its backend");
+    }
+    forget_all_flows(&h);
+    let mut moved = 0;
+    for (c, b) in &flows {
+        let now = up(&h, *c, ACK);
+        if b.0 == gone {
+            assert_ne!(now.0, gone);
+            moved += 1;
+        } else {
+            assert_eq!(now, *b, "{c:?} moved though its backend stayed");
+        }
+    }
+    assert!((60..=140).contains(&moved), "about a fifth of 500 flows were on the departed backend: {moved}");
+    // A backend joins: new flows take some of every backend's share, about 1/5, and no flow
+    // moves between the old ones.
+    forget_all_flows(&h);
+    let before: Vec<_> = flows.iter().map(|(c, _)| up(&h, *c, SYN)).collect();
+    forget_all_flows(&h);
+    h.apply(&lab_yaml(&[five[0], five[1], five[3], five[4], "10.244.1.16"]));
+    let mut joined = 0;
+    for ((c, _), b) in flows.iter().zip(&before) {
+        let now = up(&h, *c, SYN);
+        if now != *b {
+            assert_eq!(now.0, "10.244.1.16".parse::<Ipv4Addr>().unwrap(), "moved only to the new backend");
+            joined += 1;
+        }
+    }
+    assert!((60..=140).contains(&joined), "about a fifth moved to the new backend: {joined}");
+}

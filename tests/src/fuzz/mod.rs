@@ -109,8 +109,9 @@ impl Report {
              tracked {}/{}, replies {}/{}, node SNAT {}/{}, hairpin {}/{}, ICMP errors {}/{}, later fragments {}/{}; \
              sent out by the program {}/{}; refused with ICMP {}; left by XDP to tc {}; dropped {}/{}; passed unchanged \
              {}/{}; refused by the kernel {}/{}; rewrites of valid packets the independent parser checked {}; reply \
-             keys shared by two live flows {}; replies whose routing an older flow changed (known bug) {}; flow \
-             tables emptied {} times",
+             keys shared by two live flows {}; replies whose routing an older flow changed (known bug) {}; SNAT \
+             ports handed out while a live flow held them, on a key an older flow writes (known bug) {}; flow tables emptied {} times; eTP Local short-circuits (tc/XDP) {}/{}; new flows of a tuple seen before \
+             that got its backend again {}",
             self.seed,
             self.frames,
             s.runs[0],
@@ -143,7 +144,11 @@ impl Report {
             s.parsed_clean,
             s.reply_clashes,
             s.clobbered_replies,
+            s.ports_taken_over,
             s.epochs,
+            s.short_circuit[0],
+            s.short_circuit[1],
+            s.same_backend_again,
         )
     }
 
@@ -173,6 +178,9 @@ impl Report {
             ("drops at tc", s.dropped[0]),
             ("drops at XDP", s.dropped[1]),
             ("valid rewrites parsed", s.parsed_clean),
+            ("eTP Local short-circuits at tc", s.short_circuit[0]),
+            ("eTP Local short-circuits at XDP", s.short_circuit[1]),
+            ("tuples chosen again", s.same_backend_again),
         ];
         let thin: Vec<String> =
             kinds.iter().filter(|k| k.1 < min).map(|k| format!("{} ({}, want >= {min})", k.0, k.1)).collect();

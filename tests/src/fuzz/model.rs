@@ -2,7 +2,8 @@
 //! the applied frontends and what the model saw happen to earlier frames. It never reads the
 //! datapath's maps and shares no code with it; where the datapath's choice cannot be predicted
 //! (which backend a hash picks, which SNAT port), it checks membership and keeps the choice
-//! for the rest of the flow.
+//! for the rest of the flow, and a tuple's backend for every later choice of it (Maglev: the
+//! same slot while the backend set stays, also after the flow's entries were lost).
 //!
 //! What it holds the datapath to, per program run:
 //! - a frame it must leave alone comes out unchanged with the "not mine" verdict;
@@ -10,9 +11,10 @@
 //!   the datapath routes it itself, the TTL and at XDP the MACs); every checksum keeps its
 //!   ones' complement residue (so a valid input stays valid and a corrupt one stays corrupt),
 //!   and an input with valid checksums comes out accepted by the independent parser;
-//! - a client's packet goes to a backend of the frontend it addressed, with the source the
-//!   README's rules give (client, node address and a port of the SNAT range, or the hairpin
-//!   address), and a flow keeps its backend and source until it is restarted;
+//! - a client's packet goes to a backend of the frontend it addressed (for the cluster's own
+//!   sources at an `externalTrafficPolicy: Local` frontend, of its cluster-wide companion), with
+//!   the source the README's rules give (client, node address and a port of the SNAT range, or
+//!   the hairpin address), and a flow keeps its backend and source until it is restarted;
 //! - a reply goes back from the frontend to the client of a flow that has that backend;
 //! - an ICMP error of a tracked flow is translated with it; a refusal quotes the input;
 //! - every drop and pass is one the datapath counts, and the counters move accordingly
@@ -207,7 +209,16 @@ pub struct Stats {
     /// Replies of a reply key two flows wrote whose routing the older flow changed (a known
     /// bug: `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`).
     pub clobbered_replies: u64,
+    /// SNAT ports handed out while a live flow held them, on a reply key an older flow still
+    /// writes (the same known bug).
+    pub ports_taken_over: u64,
     pub epochs: u64,
+    /// New flows of the cluster's own sources at an `externalTrafficPolicy: Local` frontend,
+    /// served from its cluster-wide companion entry (the short-circuit).
+    pub short_circuit: [u64; 2],
+    /// New flows of a tuple chosen before (an earlier epoch or incarnation) that got the same
+    /// backend again.
+    pub same_backend_again: u64,
 }
 
 /// A flow the generator may build replies and ICMP errors for.
@@ -226,6 +237,9 @@ pub struct Model {
     replies: HashMap<Tuple, Vec<RevEntry>>,
     /// Session affinity: (client, frontend) -> pinned backend (`None`: pinned, unseen).
     pins: HashMap<(Ipv4Addr, usize), Option<Addr>>,
+    /// The backend each tuple's hash chose (kept across epochs: the Maglev tables never change
+    /// in a run).
+    chosen: HashMap<Tuple, Addr>,
     /// First fragments seen: (source, destination, protocol, id) -> ports, when.
     frags: HashMap<FragKey, (u16, u16, Instant)>,
     /// Flows created without a translation seen.
@@ -288,6 +302,7 @@ impl Model {
             flow_list: Vec::new(),
             replies: HashMap::new(),
             pins: HashMap::new(),
+            chosen: HashMap::new(),
             frags: HashMap::new(),
             pending: Vec::new(),
             used: Budget { flows: 0, first_fragments: 0, pins: 0 },
@@ -316,7 +331,8 @@ impl Model {
         let fwd = self.flow_list[pick % self.flow_list.len()];
         let f = self.flows.get(&fwd)?;
         let nat = f.nat?;
-        let local = self.world.frontends[f.fe].backends.iter().any(|b| (b.ip, b.port) == nat.backend && b.local);
+        let local =
+            self.world.serving(f.fe, f.client.0).backends.iter().any(|b| (b.ip, b.port) == nat.backend && b.local);
         Some(KnownFlow { fwd, backend: nat.backend, snat: nat.snat, backend_local: local })
     }
 
@@ -550,7 +566,9 @@ impl Model {
         l4: Option<L4>,
         mode: Mode,
     ) -> Result<(), String> {
-        let fe = self.world.frontends[fe_i].clone();
+        let served = self.world.serving(fe_i, t.src);
+        let short_circuit = !std::ptr::eq(served, &self.world.frontends[fe_i]);
+        let fe = served.clone();
         let h = hook.index();
         if mode == Mode::New {
             if !fe.admits(t.src) {
@@ -641,6 +659,26 @@ impl Model {
                 ));
             }
         }
+        // Chosen by the Maglev table, not by a pin: the tuple's slot, so the same backend as
+        // every earlier choice for this tuple, also after the flow tables were emptied (a
+        // flow whose entries were lost maps back to its backend; the backend sets never change
+        // here).
+        if chooses && pinned.is_none() {
+            let b = (backend.ip, backend.port);
+            match self.chosen.get(&t) {
+                Some(&before) if before != b => {
+                    return Err(format!(
+                        "misroute: {t} went to {}:{} at {} after it had gone to {}:{} (the same Maglev slot, no backend \
+                         change)",
+                        b.0, b.1, fe.name, before.0, before.1
+                    ));
+                }
+                Some(_) => self.stats.same_backend_again += 1,
+                None => {
+                    self.chosen.insert(t, b);
+                }
+            }
+        }
         let hairpin = backend.ip == t.src;
         let node_snat = needs_node_snat(&backend);
         let src = if hairpin {
@@ -704,6 +742,9 @@ impl Model {
         }
         if hairpin {
             self.stats.hairpin[h] += 1;
+        }
+        if short_circuit {
+            self.stats.short_circuit[h] += 1;
         }
         if node_snat {
             self.stats.snat_node[h] += 1;
@@ -786,6 +827,8 @@ impl Model {
             }
         }
         let list = self.replies.entry(key).or_default();
+        // Written by two flows before (one of them stale, or this flow's earlier incarnation).
+        let contested = list.len() > 1;
         let mut clash = None;
         for e in list.iter() {
             if e.fwd == t || e.stale {
@@ -800,6 +843,16 @@ impl Model {
         list.retain(|e| e.fwd != t);
         list.push(RevEntry { fwd: t, stale: false });
         if let Some(other) = clash {
+            if contested && nat.snat.is_some() {
+                // The known bug (`a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`):
+                // a flow whose reply entry a SYN-ACK removed keeps its forward entry; once a
+                // new flow took its port, its packets write their state into the new flow's
+                // reply entry (a CLOSE that the next SYN-ACK removes, freeing the port while
+                // the new flow lives) or re-create their own (naming their client, so a restart
+                // takes the port back). Either way the port goes to a flow while another lives.
+                self.stats.ports_taken_over += 1;
+                return Ok(());
+            }
             self.clash(t, other, key, nat)?;
         }
         Ok(())
@@ -871,7 +924,7 @@ impl Model {
         // Flows created unseen may own this reply key too.
         for p in &self.pending {
             let flow = &self.flows[p];
-            if p.proto != t.proto || !self.world.frontends[flow.fe].has_backend(t.src, t.sport) {
+            if p.proto != t.proto || !self.world.serving(flow.fe, flow.client.0).has_backend(t.src, t.sport) {
                 continue;
             }
             let (d, dp) = (t.dst, t.dport);
@@ -1049,7 +1102,7 @@ impl Model {
         let mut pending_cands: Vec<(Tuple, IcmpRewrite, Nat)> = Vec::new();
         for p in &self.pending {
             let flow = &self.flows[p];
-            if p.proto != q.proto || !self.world.frontends[flow.fe].has_backend(q.dst, q.dport) {
+            if p.proto != q.proto || !self.world.serving(flow.fe, flow.client.0).has_backend(q.dst, q.dport) {
                 continue;
             }
             let direct = (q.src, q.sport) == flow.client;

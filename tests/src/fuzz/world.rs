@@ -14,6 +14,10 @@ pub const NODE_NAME: &str = "node-a";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
 /// The node's address on its pod network; node ports answer there too.
 pub const NODE_POD_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// The cluster's pod CIDR (`--cluster-cidr`): the harness programs it into `LB_LOCAL_SOURCES`,
+/// so these sources get an `externalTrafficPolicy: Local` frontend's cluster-wide endpoints
+/// (README, the eTP Local short-circuit).
+pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
 /// The source a pod reaching itself through a Service is given (README, "North-south").
 pub const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// MACs of the namespace: the external interface and its two static neighbours.
@@ -174,14 +178,21 @@ pub const POD_CLIENTS: [Ipv4Addr; 4] = [
     Ipv4Addr::new(10, 244, 1, 11),
     Ipv4Addr::new(10, 244, 1, 31),
 ];
-/// Clients outside the cluster: inside the LoadBalancer's source range with and without a
-/// neighbour entry, outside it, and one the namespace has no route to.
-pub const EXTERNAL_CLIENTS: [Ipv4Addr; 4] = [
+/// Clients whose packets come from the wire: outside the cluster, inside the LoadBalancer's
+/// source range with and without a neighbour entry, outside it, and one the namespace has no
+/// route to; and a pod of the other node (in the cluster CIDR, so short-circuited at XDP too).
+pub const EXTERNAL_CLIENTS: [Ipv4Addr; 5] = [
     Ipv4Addr::new(192, 168, 49, 100),
     Ipv4Addr::new(192, 168, 49, 101),
     Ipv4Addr::new(192, 168, 49, 150),
     Ipv4Addr::new(198, 51, 100, 7),
+    Ipv4Addr::new(10, 244, 2, 5),
 ];
+
+fn in_prefix(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
 
 /// A backend as the model knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -208,15 +219,14 @@ pub struct Frontend {
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
     pub affinity: bool,
     pub name: String,
+    /// Under `externalTrafficPolicy: Local`, what the cluster's own sources get instead (the
+    /// companion entry: every ready endpoint, no SNAT).
+    pub from_cluster: Option<Box<Frontend>>,
 }
 
 impl Frontend {
     pub fn admits(&self, client: Ipv4Addr) -> bool {
-        self.source_ranges.is_empty()
-            || self.source_ranges.iter().any(|&(net, len)| {
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                u32::from(client) & mask == u32::from(net) & mask
-            })
+        self.source_ranges.is_empty() || self.source_ranges.iter().any(|&(net, len)| in_prefix(client, net, len))
     }
 
     pub fn has_backend(&self, ip: Ipv4Addr, port: u16) -> bool {
@@ -232,12 +242,34 @@ pub struct World {
     pub node_addrs: Vec<Ipv4Addr>,
     pub node_ip: Ipv4Addr,
     pub hairpin: Ipv4Addr,
+    /// `LB_LOCAL_SOURCES`: the cluster's own sources (address, prefix length).
+    pub local_sources: Vec<(Ipv4Addr, u8)>,
 }
 
 impl World {
     /// The world for these frontends on the node this module sets up.
     pub fn new(frontends: Vec<Frontend>) -> Self {
-        Self { frontends, node_addrs: vec![NODE_IP, NODE_POD_GW], node_ip: NODE_IP, hairpin: HAIRPIN_IP }
+        Self {
+            frontends,
+            node_addrs: vec![NODE_IP, NODE_POD_GW],
+            node_ip: NODE_IP,
+            hairpin: HAIRPIN_IP,
+            local_sources: vec![CLUSTER_CIDR],
+        }
+    }
+
+    pub fn is_local_source(&self, ip: Ipv4Addr) -> bool {
+        self.local_sources.iter().any(|&(net, len)| in_prefix(ip, net, len))
+    }
+
+    /// What frontend `fe_i` is for packets from `client`: an `externalTrafficPolicy: Local`
+    /// external frontend serves the cluster's own sources from its companion entry.
+    pub fn serving(&self, fe_i: usize, client: Ipv4Addr) -> &Frontend {
+        let fe = &self.frontends[fe_i];
+        match &fe.from_cluster {
+            Some(c) if fe.external && fe.local_only && self.is_local_source(client) => c,
+            _ => fe,
+        }
     }
 
     /// The frontend a packet to `dst:dport` is addressed to: by exact address, else a node port
