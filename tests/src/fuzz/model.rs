@@ -101,6 +101,11 @@ struct Flow {
     fin_fwd: bool,
     fin_rep: bool,
     rst: bool,
+    /// A finished flow whose tuple a new connection took over (a SYN-ACK ended its reply
+    /// entry, or a new flow took its SNAT port): its forward entry may live on (the known bug
+    /// of `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`) or be gone (that
+    /// bug fixed), so its next packet may be tracked or start it anew.
+    orphaned: bool,
 }
 
 impl Flow {
@@ -447,8 +452,11 @@ impl Model {
         }
         let finished = self.maybe_finished(&t);
         let restart = t.proto == TCP && finished && flags & SYN != 0 && flags & (ACK | RST) == 0;
+        let orphaned = self.flows.get(&t).is_some_and(|fl| fl.orphaned);
         match known {
-            Some((fe_i, nat)) if restart => self.new_flow(hook, f, a, out, ip, t, fe_i, flags, l4, Mode::Restart(nat)),
+            Some((fe_i, nat)) if restart || orphaned => {
+                self.new_flow(hook, f, a, out, ip, t, fe_i, flags, l4, Mode::Restart(nat))
+            }
             Some((fe_i, None)) => self.new_flow(hook, f, a, out, ip, t, fe_i, flags, l4, Mode::Unseen),
             Some((_, Some(nat))) => {
                 let w = Rewrite {
@@ -708,7 +716,14 @@ impl Model {
         let pairs = match mode {
             Mode::Unseen => vec![tracked_pair],
             Mode::New => new_pairs,
-            Mode::Restart(old) if old.is_none_or(|o| o == nat) => [vec![tracked_pair], new_pairs].concat(),
+            // A later fragment shows no SNAT port: the same backend and address may be tracking.
+            Mode::Restart(old)
+                if old.is_none_or(|o| {
+                    o == nat || l4.is_none() && o.backend == nat.backend && o.snat.map(|s| s.0) == nat.snat.map(|s| s.0)
+                }) =>
+            {
+                [vec![tracked_pair], new_pairs].concat()
+            }
             Mode::Restart(_) => new_pairs,
         };
         let alts = self.outcome(hook, f, a, out, ip, l4, w, &pairs)?;
@@ -725,6 +740,11 @@ impl Model {
                 self.stats.new_flows[h] += 1;
                 self.add_flow(t, fe_i, Some(nat))?;
             }
+            Mode::Restart(_) if l4.is_none() => {
+                // A later fragment of an orphaned flow shows no ports: tracked or started anew
+                // (with which SNAT port?), its translation is unknown again.
+                self.unresolve(t);
+            }
             Mode::Restart(old) => {
                 self.stats.new_flows[h] += 1;
                 // Another translation than the flow had: it did start anew. The same one, or
@@ -732,7 +752,7 @@ impl Model {
                 // only makes the model more lenient).
                 if old.is_some_and(|o| o != nat) {
                     let fl = self.flows.get_mut(&t).expect("known");
-                    (fl.fin_fwd, fl.fin_rep, fl.rst) = (false, false, false);
+                    (fl.fin_fwd, fl.fin_rep, fl.rst, fl.orphaned) = (false, false, false, false);
                 }
                 if old != Some(nat) {
                     self.used.flows += 1;
@@ -795,6 +815,7 @@ impl Model {
             fin_fwd: false,
             fin_rep: false,
             rst: false,
+            orphaned: false,
         };
         if !self.flows.contains_key(&t) {
             self.flow_list.push(t);
@@ -830,13 +851,21 @@ impl Model {
         // Written by two flows before (one of them stale, or this flow's earlier incarnation).
         let contested = list.len() > 1;
         let mut clash = None;
+        let mut taken = Vec::new();
         for e in list.iter() {
             if e.fwd == t || e.stale {
                 continue;
             }
             match self.flows.get(&e.fwd) {
                 Some(other) if !other.finished() => clash = Some(e.fwd),
-                _ => {}
+                Some(_) => taken.push(e.fwd),
+                None => {}
+            }
+        }
+        // The SNAT port of a finished flow, taken by a new one.
+        if nat.snat.is_some() && t.proto == TCP {
+            for fwd in taken {
+                self.flows.get_mut(&fwd).expect("known").orphaned = true;
             }
         }
         let list = self.replies.get_mut(&key).expect("just made");
@@ -965,10 +994,14 @@ impl Model {
                 }
                 Hook::Xdp => self.expect(hook, &[&[pass_c], &[Counter::DeferredToTc]]),
             }
-            // A SYN-ACK of a finished flow ends its reply entry.
+            // A SYN-ACK of a finished flow ends its reply entry (and its forward entry, once the
+            // known bug is fixed).
             for e in &entries {
                 if self.flows.get(&e.fwd).is_some_and(|fl| fl.finished()) {
                     self.mark_stale(&t, e.fwd);
+                    if t.proto == TCP && flags & (SYN | ACK) == SYN | ACK {
+                        self.flows.get_mut(&e.fwd).expect("known").orphaned = true;
+                    }
                 }
             }
             return Ok(());
@@ -1145,7 +1178,7 @@ impl Model {
                                 inner_dst: nat.snat.unwrap_or((q.dst, q.dport)),
                                 routed: from_client && node,
                             },
-                            true,
+                            !flow.orphaned,
                         ));
                     }
                     None => uncertain = true,
