@@ -66,6 +66,10 @@ struct RunArgs {
     /// Per-frontend packet and byte series in /metrics (two series per frontend).
     #[arg(long)]
     metrics_per_frontend: bool,
+    /// Load the IPv6 programs (experimental: they do not yet pass the verifier's stack limit,
+    /// and without them IPv6 traffic passes untranslated).
+    #[arg(long)]
+    experimental_ipv6: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -312,6 +316,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
             count_per_frontend: args.metrics_per_frontend,
+            ipv6: args.experimental_ipv6,
             xdp_mode: args.xdp_mode,
         },
     })

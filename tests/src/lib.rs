@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod apiserver;
 pub mod packet;
+pub mod packet6;
 
 /// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
 pub fn privileged() -> bool {

@@ -88,6 +88,11 @@ impl Dataplane {
         let xdp: &mut Xdp =
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
+        // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
+        // untranslated; asked for, they must load.
+        if config.ipv6 {
+            fill_tails(&mut ebpf)?;
+        }
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
@@ -250,4 +255,35 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Loads the IPv6 programs and puts them where the IPv4 ones tail-call them for IPv6 frames
+/// (`lb_common::TAIL_*`). The tables are pinned, so the entries outlive this process.
+fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::maps::ProgramArray;
+    use lb_common::*;
+    let dup = |name: &'static str, fd: &aya::programs::ProgramFd| {
+        fd.try_clone().map_err(|source| DataplaneError::Io {
+            what: "duplicating a program fd",
+            path: name.into(),
+            source,
+        })
+    };
+    let mut fds = Vec::new();
+    for (name, index) in [
+        (PROG_TC_INGRESS6, TAIL_TC_INGRESS6),
+        (PROG_TC_EGRESS6, TAIL_TC_EGRESS6),
+        (PROG_TC_NEW6, TAIL_TC_NEW6),
+        (PROG_TC_ICMP6, TAIL_TC_ICMP6),
+    ] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+        p.load()?;
+        fds.push((MAP_TAILS_TC, index, dup(name, p.fd()?)?));
+    }
+    for (table, index, fd) in &fds {
+        let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
+        let mut tails = ProgramArray::try_from(map).map_err(super::maps::map_err(table))?;
+        tails.set(*index, fd, 0).map_err(super::maps::map_err(table))?;
+    }
+    Ok(())
 }

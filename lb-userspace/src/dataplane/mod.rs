@@ -141,6 +141,9 @@ pub struct Config {
     /// Count packets and bytes per frontend in the datapath (`LB_SERVICE_STATS`); off, the
     /// established path skips that per-CPU array update.
     pub count_per_frontend: bool,
+    /// Load the IPv6 programs (tail-called by the IPv4 ones for IPv6 frames). Off by default
+    /// while they do not yet pass the verifier's stack limit; IPv6 frames then pass untouched.
+    pub ipv6: bool,
 }
 
 /// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.
