@@ -166,7 +166,7 @@ fn one_affinity_service() -> DesiredState {
         Frontend::cluster_ip(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp),
         ServicePort {
             name: "default/web".into(),
-            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: false }],
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11).into(), port: 80, local: false }],
             affinity_timeout_s: Some(60),
             ..Default::default()
         },

@@ -541,7 +541,10 @@ fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
         80u16.to_be(),
         6,
     );
-    lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip
+    match lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other} is not IPv4"),
+    }
 }
 
 /// A source port not yet used whose hash choice differs from `not`.
@@ -717,7 +720,8 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
     }
     let sizes = MapSizes { services: 4, ..MapSizes::default() };
     // Per-frontend counting is what this test reads; it is off by default (a flag).
-    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, count_per_frontend: true, ..Config::default() });
+    let mut h =
+        Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, count_per_frontend: true, ..Config::default() });
     // Every frontend replaced by another in one apply.
     h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
     let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
