@@ -1198,8 +1198,12 @@ impl Rng {
 /// A random Service from small pools of addresses and ports, so that Services often claim
 /// the same frontends (ClusterIP against ClusterIP, external IP against ClusterIP, node
 /// ports, health check ports) and conflicts come and go.
-fn random_service(r: &mut Rng, name: &str) -> k8s_openapi::api::core::v1::Service {
+///
+/// With `dual`, Services are of either family or both (either primary), from pools of both
+/// families, and now and then inconsistent (families against addresses, policy against count).
+fn random_service(r: &mut Rng, name: &str, dual: bool) -> k8s_openapi::api::core::v1::Service {
     let ips = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4", "10.96.0.5"];
+    let ips6 = ["fd00:96::1", "fd00:96::2", "fd00:96::3", "fd00:96::4", "fd00:96::5"];
     let types = ["ClusterIP", "NodePort", "LoadBalancer"];
     let t = *r.pick(&types);
     let mut ports = Vec::new();
@@ -1237,15 +1241,57 @@ fn random_service(r: &mut Rng, name: &str) -> k8s_openapi::api::core::v1::Servic
     if r.chance(3) {
         spec["clusterIP"] = serde_json::json!("not-an-ip");
     }
+    if dual {
+        let (v4, v6) = (*r.pick(&ips), *r.pick(&ips6));
+        let (list, families): (Vec<&str>, Vec<&str>) = match r.below(4) {
+            0 => (vec![v4], vec!["IPv4"]),
+            1 => (vec![v6], vec!["IPv6"]),
+            2 => (vec![v4, v6], vec!["IPv4", "IPv6"]),
+            _ => (vec![v6, v4], vec!["IPv6", "IPv4"]),
+        };
+        spec["clusterIP"] = serde_json::json!(list[0]);
+        spec["clusterIPs"] = serde_json::json!(list);
+        spec["ipFamilies"] = serde_json::json!(families);
+        let policy = if list.len() == 2 { r.pick(&["PreferDualStack", "RequireDualStack"]) } else { &"SingleStack" };
+        spec["ipFamilyPolicy"] = serde_json::json!(policy);
+        if r.chance(3) {
+            // The API server never writes this; a YAML file may.
+            spec["ipFamilies"] = serde_json::json!(["IPv6", "IPv4"]);
+        }
+        if r.chance(40) {
+            let pool: Vec<&str> = ips.iter().chain(ips6.iter()).copied().collect();
+            spec["externalIPs"] = serde_json::json!((0..1 + r.below(3)).map(|_| *r.pick(&pool)).collect::<Vec<_>>());
+        }
+        if t == "LoadBalancer" && r.chance(50) {
+            spec["loadBalancerSourceRanges"] =
+                serde_json::json!([r.pick(&["192.0.2.0/24", "10.0.0.0/8"]), r.pick(&["fd00::/8", "2001:db8::/32"])]);
+        }
+    }
     let mut svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "ns"}, "spec": spec});
     if t == "LoadBalancer" && r.chance(70) {
-        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}]}});
+        let ingress = if dual {
+            serde_json::json!([{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}, {"ip": r.pick(&["2001:db8::1", "fd00:96::3"])}])
+        } else {
+            serde_json::json!([{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}])
+        };
+        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": ingress}});
     }
     serde_json::from_value(svc).expect("a Service")
 }
 
-fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+/// A random slice; with `dual`, of either family (now and then FQDN, or with an address of
+/// the other family).
+fn random_slice(r: &mut Rng, name: &str, service: &str, dual: bool) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let family = if !dual {
+        "IPv4"
+    } else {
+        match r.below(10) {
+            0 => "FQDN",
+            1..=4 => "IPv4",
+            _ => "IPv6",
+        }
+    };
     let flag = |r: &mut Rng| -> serde_json::Value {
         match r.below(3) {
             0 => serde_json::Value::Null,
@@ -1264,7 +1310,13 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
                     conditions.insert(c.into(), v);
                 }
             }
-            let mut e = serde_json::json!({"addresses": [format!("10.244.{}.{}", r.below(2), 1 + r.below(6))],
+            let v6 = family == "IPv6" && !r.chance(5) || family != "IPv6" && dual && r.chance(5);
+            let a = if v6 {
+                format!("fd00:244:{}::{}", r.below(2), 1 + r.below(6))
+            } else {
+                format!("10.244.{}.{}", r.below(2), 1 + r.below(6))
+            };
+            let mut e = serde_json::json!({"addresses": [a],
                 "nodeName": r.pick(&["node-a", "node-b"]), "conditions": conditions});
             if all_hinted || r.chance(20) {
                 e["hints"] = serde_json::json!({"forZones": [{"name": r.pick(&zones)}]});
@@ -1278,7 +1330,7 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
         .collect();
     serde_json::from_value(serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4", "ports": ports, "endpoints": endpoints}))
+        "addressType": family, "ports": ports, "endpoints": endpoints}))
     .expect("a slice")
 }
 
@@ -1287,8 +1339,22 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
 /// few frontends, so conflicts and their resolution move all the time).
 #[test]
 fn incremental_translation_equals_the_full_one_on_random_changes() {
+    incremental_equals_full(1..=40, false);
+}
+
+/// The same with Services of either family or both, slices of either family, and external
+/// IPs, ingress IPs and source ranges of both (IPv4 and IPv6 frontends and node ports of one
+/// number conflict only within their family).
+#[test]
+fn incremental_translation_equals_the_full_one_on_random_dual_stack_changes() {
+    incremental_equals_full(1001..=1030, true);
+}
+
+fn incremental_equals_full(seeds: std::ops::RangeInclusive<u64>, dual: bool) {
     use std::collections::BTreeMap as Map;
-    for seed in 1..=40u64 {
+    // Frontends of each family seen, so the dual-stack run cannot pass without IPv6 ones.
+    let mut seen: Map<IpFamily, usize> = Map::new();
+    for seed in seeds {
         let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut node = NodeInfo { name: "node-a".into(), zone: Some("z1".into()) };
         let mut t = Translator::new(node.clone());
@@ -1301,7 +1367,7 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
                 match r.below(20) {
                     0..=6 => {
                         let n = *r.pick(&names);
-                        let s = random_service(&mut r, n);
+                        let s = random_service(&mut r, n, dual);
                         t.upsert_service(&s);
                         services.insert(n.into(), s);
                     }
@@ -1314,7 +1380,7 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
                         let n = format!("{}-{}", r.pick(&names), r.below(2));
                         // Now and then a slice moves to another Service.
                         let owner = if r.chance(10) { *r.pick(&names) } else { &n[..2] };
-                        let s = random_slice(&mut r, &n, owner);
+                        let s = random_slice(&mut r, &n, owner, dual);
                         t.upsert_slice(&s);
                         slices.insert(n, s);
                     }
@@ -1343,6 +1409,9 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
             let full = translate(services.values(), slices.values(), &node);
             assert_eq!(t.state(), &full.state, "seed {seed} step {step}: incremental differs from full");
             assert_eq!(t.errors(), full.errors, "seed {seed} step {step}: errors differ");
+            for f in full.state.services.keys() {
+                *seen.entry(f.family()).or_default() += 1;
+            }
             // What the sync says changed is exactly what changed.
             let mut moved: BTreeSet<Frontend> = BTreeSet::new();
             for (f, sp) in &full.state.services {
@@ -1359,6 +1428,8 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
             );
         }
     }
+    assert!(seen.get(&IpFamily::V4).is_some_and(|n| *n > 0), "{seen:?}");
+    assert_eq!(seen.get(&IpFamily::V6).is_some_and(|n| *n > 0), dual, "{seen:?}");
 }
 
 /// Cost of a first sync and of one change at `n` Services (run by hand:
