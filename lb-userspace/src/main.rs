@@ -534,6 +534,21 @@ mod tests {
         assert_eq!(args.map_services, MapSizes::default().services);
     }
 
+    /// Prefixes of both families, as a comma list or repeated, in flags and in the file.
+    #[test]
+    fn cidr_flags_take_both_families() {
+        let args = run_args(
+            "node-name: n\ncluster-cidr: [10.244.0.0/16, \"fd00:244::/56\"]\n",
+            &["--nodeport-addresses", "192.168.49.0/24,fd00:49::/64", "--node-ip6", "fd00:49::2"],
+        )
+        .unwrap();
+        let show = |v: &[model::Cidr]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(show(&args.cluster_cidr), ["10.244.0.0/16", "fd00:244::/56"]);
+        assert_eq!(show(&args.nodeport_addresses), ["192.168.49.0/24", "fd00:49::/64"]);
+        assert_eq!(args.node_ip6, Some("fd00:49::2".parse().unwrap()));
+        assert!(run_args("node-name: n\n", &["--cluster-cidr", "fd00:244::/129"]).is_err());
+    }
+
     #[test]
     fn config_file_errors_name_the_key() {
         let e = run_args("node-name: n\nmap-conntrak: 5\n", &[]).expect_err("an error");

@@ -235,5 +235,32 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED));
         let err = client.send(b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EDESTADDRREQ));
+
+        // An IPv6 socket is listed and aborted the same way.
+        let (Ok(server), Ok(client)) = (std::net::UdpSocket::bind("[::1]:0"), std::net::UdpSocket::bind("[::1]:0"))
+        else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have IPv6");
+            return;
+        };
+        client.connect(server.local_addr().unwrap()).unwrap();
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::getsockopt(
+                client.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let socks = udp_sockets().unwrap();
+        let me = socks.iter().find(|s| s.cookie == cookie).expect("the IPv6 socket listed");
+        assert_eq!(me.remote, server.local_addr().unwrap());
+        assert!(destroy(me).unwrap());
+        client.set_read_timeout(Some(std::time::Duration::from_secs(1))).unwrap();
+        assert_eq!(client.recv(&mut [0u8; 16]).unwrap_err().raw_os_error(), Some(libc::ECONNABORTED));
     }
 }
