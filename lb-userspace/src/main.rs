@@ -396,8 +396,9 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         ListWhat::Conntrack => {
             let clock = dataplane::clock::Clock::new()?;
             let now = clock.jiffies()?;
-            let mut rows = flow_rows(&dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new), &clock, now);
-            rows.extend(flow_rows(&dataplane::conntrack::entries(&maps.conntrack6, &maps.conntrack6_new), &clock, now));
+            let age = |then: u32| clock.to_secs(now.wrapping_sub(then));
+            let mut rows = flow_rows(&dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new), age);
+            rows.extend(flow_rows(&dataplane::conntrack::entries(&maps.conntrack6, &maps.conntrack6_new), age));
             let w = |i: usize, min: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(min);
             let (ws, wd, wn) = (w(2, 22), w(3, 22), w(4, 26));
             println!(
@@ -467,11 +468,11 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The columns of `lb list conntrack` for the flows of one family (the service id last).
+/// The columns of `lb list conntrack` for the flows of one family (the service id last);
+/// `age` turns a jiffies stamp into seconds ago.
 fn flow_rows<A: dataplane::conntrack::CtAddr>(
     flows: &[dataplane::conntrack::CtEntry<A>],
-    clock: &dataplane::clock::Clock,
-    now: u32,
+    age: impl Fn(u32) -> u64,
 ) -> Vec<[String; 10]> {
     flows
         .iter()
@@ -490,8 +491,8 @@ fn flow_rows<A: dataplane::conntrack::CtAddr>(
                 src,
                 dst,
                 nat,
-                clock.to_secs(now.wrapping_sub(v.created)).to_string(),
-                clock.to_secs(now.wrapping_sub(v.last_seen)).to_string(),
+                age(v.created).to_string(),
+                age(v.last_seen).to_string(),
                 lb_common::ct_state_name(v.state).to_string(),
                 if *assured { "assured" } else { "new" }.to_string(),
                 v.service_id.to_string(),
@@ -532,6 +533,50 @@ mod tests {
         assert_eq!(args.manifests.as_deref(), Some(Path::new("/etc/lb/objects")));
         // Flags not in the file keep their defaults.
         assert_eq!(args.map_services, MapSizes::default().services);
+    }
+
+    /// `lb list conntrack` rows of an IPv6 flow, both entries, as `ct_peer` builds the reply.
+    #[test]
+    fn ipv6_flows_are_listed_with_bracketed_addresses() {
+        let w = |s: &str| dataplane::addr_words(s.parse().unwrap());
+        let k = lb_common::CtKey6 {
+            src: w("fd00:af4:1::5"),
+            dst: w("fd00:96::10"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            ..Default::default()
+        };
+        let v = lb_common::CtValue6 {
+            nat_addr: w("fd00:af4:2::15"),
+            nat_port: 8080u16.to_be(),
+            state: lb_common::CT_ESTABLISHED,
+            service_id: 7,
+            created: 100,
+            last_seen: 900,
+            ..Default::default()
+        };
+        let (pk, pv) = lb_common::ct_peer(&k, &v);
+        let rows = flow_rows(&[(k, v, true), (pk, pv, false)], |then| (1000 - then as u64) / 100);
+        assert_eq!(
+            rows[0],
+            [
+                "forward",
+                "TCP",
+                "[fd00:af4:1::5]:40000",
+                "[fd00:96::10]:80",
+                "dst [fd00:af4:2::15]:8080",
+                "9",
+                "1",
+                "ESTABLISHED",
+                "assured",
+                "7"
+            ]
+        );
+        assert_eq!(
+            &rows[1][..5],
+            ["reply", "TCP", "[fd00:af4:2::15]:8080", "[fd00:af4:1::5]:40000", "src [fd00:96::10]:80"]
+        );
     }
 
     /// Prefixes of both families, as a comma list or repeated, in flags and in the file.
