@@ -163,7 +163,7 @@ fn services(n: usize, affinity: bool) -> DesiredState {
         let count = 3 + (i * 7) % 8;
         let backends = (0..count)
             .map(|j| Endpoint {
-                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * 11 + j) as u32 % 60_000 + 2),
+                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * 11 + j) as u32 % 60_000 + 2).into(),
                 port: 8080,
                 local: j == 0,
             })
@@ -273,7 +273,7 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
         Frontend::node_port(30080, Protocol::Tcp),
         ServicePort {
             name: "bench/np".into(),
-            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: true }],
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11).into(), port: 80, local: true }],
             external: true,
             ..Default::default()
         },

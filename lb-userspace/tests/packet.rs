@@ -541,7 +541,10 @@ fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
         80u16.to_be(),
         6,
     );
-    lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip
+    match lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other} is not IPv4"),
+    }
 }
 
 /// A source port not yet used whose hash choice differs from `not`.

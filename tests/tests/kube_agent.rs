@@ -404,8 +404,8 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert!(code == 200 && healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
     assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
 
-    let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
-    let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
+    let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\",family=\"IPv4\"}";
+    let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\",family=\"IPv4\"}";
     let new_flows = "lb_packets_total{hook=\"tc\",verdict=\"fwd_new_flow\"}";
     let before = c.metrics()?;
     for _ in 0..20 {
