@@ -64,9 +64,7 @@ impl Dataplane {
             .override_global("CT_REFRESH", &refresh, true)
             .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("NODE_IP", &node_ip, true)
-            // Not `must_exist` until the IPv6 datapath declares it: an object without it
-            // loads, and IPv6 external flows to remote backends are then not SNATed.
-            .override_global("NODE_IP6", &node_ip6, false)
+            .override_global("NODE_IP6", &node_ip6, true)
             .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
