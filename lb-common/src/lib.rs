@@ -126,12 +126,16 @@ pub const PROG_TC_EGRESS6: &str = "lb_tc_egress6";
 /// The IPv6 new-flow and ICMP-error stages, tail-called by the IPv6 programs.
 pub const PROG_TC_NEW6: &str = "lb_tc_new6";
 pub const PROG_TC_ICMP6: &str = "lb_tc_icmp6";
+pub const PROG_TC_FWD6: &str = "lb_tc_fwd6";
+pub const PROG_TC_REPLY6: &str = "lb_tc_reply6";
 
 pub const MAP_TAILS_TC: &str = "LB_TAILS_TC";
 pub const TAIL_TC_INGRESS6: u32 = 0;
 pub const TAIL_TC_EGRESS6: u32 = 1;
 pub const TAIL_TC_NEW6: u32 = 2;
 pub const TAIL_TC_ICMP6: u32 = 3;
+pub const TAIL_TC_FWD6: u32 = 4;
+pub const TAIL_TC_REPLY6: u32 = 5;
 /// XDP has no tail calls (lb-ebpf ctx.rs); its constants only fill `Packet`'s.
 pub const TAIL_XDP6: u32 = 0;
 pub const TAIL_XDP_NEW6: u32 = 0;

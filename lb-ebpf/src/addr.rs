@@ -29,7 +29,7 @@ static HAIRPIN_IP6: [u32; 4] = [u32::from_ne_bytes([0xfd, 0x00, 0x6c, 0x62]), 0,
 /// Whether IPv6 stages run as subprograms. Off: the IPv6 pipeline is cut into tail-called
 /// programs instead (main.rs), each inlined whole, since a chain of subprogram frames must fit
 /// the 512-byte stack together.
-pub const OUTLINE_V6: bool = true;
+pub const OUTLINE_V6: bool = false;
 /// The conntrack table moves (state changes) do run as subprograms for IPv6: their key and
 /// value copies (92 bytes a pair) would not fit beside the rest of a stage.
 pub const OUTLINE_V6_CT: bool = true;

@@ -218,33 +218,34 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
     e.last_seen = now;
     if (flags & CT_FLAG_ASSURED != 0) == assured {
         // Same table: both entries change in place.
-        let (pk, pv) = ct_peer(k, e);
-        mirror(&pk, &pv, assured);
+        mirror(k, e, assured);
     } else {
         store(k, e, assured, hook);
     }
     Some(())
 }
 
-/// Writes a new state into the peer entry where it is, or re-creates it.
+/// Writes the new state of `k`'s entry `e` into its peer entry where it is, or re-creates it.
 #[inline(always)]
-fn mirror<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+fn mirror<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        mirror_of(pk, pv, assured)
+        mirror_of(k, e, assured)
     } else {
-        mirror_outlined(pk, pv, assured)
+        mirror_outlined(k, e, assured)
     }
 }
 
 /// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
 /// 512-byte stack.
 #[inline(never)]
-fn mirror_outlined<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
-    mirror_of(pk, pv, assured)
+fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
+    mirror_of(k, e, assured)
 }
 
 #[inline(always)]
-fn mirror_of<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
+    let (pk, pv) = ct_peer(k, e);
+    let (pk, pv) = (&pk, &pv);
     let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
     match found {
         Some(p) => {
@@ -389,6 +390,32 @@ pub fn create<A: Addr>(
     now: u32,
     reply_route: bool,
 ) -> Result<(), ()> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        create_of(flow, tcp_flags, t, service_id, now, reply_route)
+    } else if create_outlined(flow, t, service_id, now, tcp_flags as u32 | (reply_route as u32) << 8) {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// IPv6: a subprogram (two keys and two values, 184 bytes); no enum in its signature, and at
+/// most five arguments (BPF passes no more in registers): the TCP flags and `reply_route`
+/// share one.
+#[inline(never)]
+fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, flags_route: u32) -> bool {
+    create_of(flow, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0).is_ok()
+}
+
+#[inline(always)]
+fn create_of<A: Addr>(
+    flow: &Flow<A>,
+    tcp_flags: u8,
+    t: &Translation<A>,
+    service_id: u32,
+    now: u32,
+    reply_route: bool,
+) -> Result<(), ()> {
     let (state, flags) = if flow.proto == PROTO_TCP {
         match tcp_step(CT_NONE, 0, CT_DIR_FORWARD, tcp_flags) {
             CtStep::To(s, f) => (s, f),
@@ -470,6 +497,21 @@ extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
 /// verifier checks one probe, not every path through 32 of them.
 #[inline(always)]
 pub fn free_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        return free_snat_port_of(flow, addr, backend_addr, backend_port, now);
+    }
+    let port = free_snat_port_outlined(flow, &addr, &backend_addr, backend_port, now);
+    (port != 0).then_some(port)
+}
+
+/// IPv6: a subprogram; 0 for "none" (ports are never 0), no enum in its signature.
+#[inline(never)]
+fn free_snat_port_outlined<A: Addr>(flow: &Flow<A>, addr: &A, backend_addr: &A, backend_port: u16, now: u32) -> u16 {
+    free_snat_port_of(flow, *addr, *backend_addr, backend_port, now).unwrap_or(0)
+}
+
+#[inline(always)]
+fn free_snat_port_of<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
     let mut s = PortSearch {
         flow: *flow,
         addr,

@@ -97,6 +97,8 @@ pub trait Packet {
     /// This hook's IPv6 stages in its tail-call table.
     const TAIL_NEW6: u32;
     const TAIL_ICMP6: u32;
+    const TAIL_FWD6: u32;
+    const TAIL_REPLY6: u32;
     /// Verdict for a packet we leave alone.
     const UNTOUCHED: i32;
     /// Verdict for a packet we translated: on to the stack.
@@ -163,6 +165,8 @@ impl Packet for TcContext {
     const HOOK: u32 = HOOK_TC;
     const TAIL_NEW6: u32 = lb_common::TAIL_TC_NEW6;
     const TAIL_ICMP6: u32 = lb_common::TAIL_TC_ICMP6;
+    const TAIL_FWD6: u32 = lb_common::TAIL_TC_FWD6;
+    const TAIL_REPLY6: u32 = lb_common::TAIL_TC_REPLY6;
     /// TC_ACT_UNSPEC: "no opinion", so later programs in a TCX chain still run.
     const UNTOUCHED: i32 = -1;
     const FORWARD: i32 = TC_ACT_OK as i32;
@@ -255,6 +259,8 @@ impl Packet for XdpContext {
     const HOOK: u32 = HOOK_XDP;
     const TAIL_NEW6: u32 = lb_common::TAIL_XDP_NEW6;
     const TAIL_ICMP6: u32 = lb_common::TAIL_XDP_ICMP6;
+    const TAIL_FWD6: u32 = 0;
+    const TAIL_REPLY6: u32 = 0;
     const UNTOUCHED: i32 = xdp_action::XDP_PASS as i32;
     const FORWARD: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;

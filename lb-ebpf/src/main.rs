@@ -52,6 +52,18 @@ pub fn lb_tc_ingress6(ctx: TcContext) -> i32 {
 
 #[classifier]
 #[inline(always)]
+pub fn lb_tc_fwd6(ctx: TcContext) -> i32 {
+    forward_stage::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_reply6(ctx: TcContext) -> i32 {
+    reply_stage::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
 pub fn lb_tc_new6(ctx: TcContext) -> i32 {
     new_flow_stage::<[u32; 4], TcContext>(&ctx)
 }
@@ -187,6 +199,15 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         Parsed::ExtHeaders => return pass(ctx, Counter::PassExtHeaders),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        // IPv6 goes on in stage programs, each with a stack frame of its own.
+        if service::maybe_frontend(&h.flow) {
+            ctx.tail_call(P::TAIL_FWD6);
+        } else if service::maybe_backend(&h.flow) {
+            ctx.tail_call(P::TAIL_REPLY6);
+        }
+        return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
+    }
     if service::maybe_frontend(&h.flow) {
         // A packet of a tracked flow needs its entry and nothing else: conntrack before the
         // service lookup, which only a new flow needs.
@@ -237,6 +258,41 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
         return pass(ctx, Counter::PassNotService);
     };
     to_service(ctx, &h, &svc, node_frontend, conntrack::now())
+}
+
+/// IPv6's stage for a packet to a possible frontend: its flow, or the new-flow stage, or (not
+/// a frontend after all) the reply stage.
+#[inline(always)]
+fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    if ctx.csum_unsure(&h) {
+        return ctx.defer();
+    }
+    let now = conntrack::now();
+    match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
+        Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
+        Forward::New => {
+            if service::lookup(&h.flow, service::from_cluster).is_some() {
+                ctx.tail_call(P::TAIL_NEW6);
+                return pass(ctx, Counter::PassNotService);
+            }
+        }
+    }
+    if service::maybe_backend(&h.flow) {
+        ctx.tail_call(P::TAIL_REPLY6);
+    }
+    pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment })
+}
+
+/// IPv6's stage for a packet that may be a backend's reply.
+#[inline(always)]
+fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    maybe_reply(ctx, &h)
 }
 
 /// IPv6's ICMP error stage, tail-called by `family`.

@@ -129,4 +129,4 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 /// descriptor or pin holds it (breaking program/map cycles), and the programs must keep their
 /// IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]
-pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(4, 0);
+pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);

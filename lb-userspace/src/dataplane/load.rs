@@ -281,6 +281,8 @@ fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
         (PROG_TC_EGRESS6, TAIL_TC_EGRESS6),
         (PROG_TC_NEW6, TAIL_TC_NEW6),
         (PROG_TC_ICMP6, TAIL_TC_ICMP6),
+        (PROG_TC_FWD6, TAIL_TC_FWD6),
+        (PROG_TC_REPLY6, TAIL_TC_REPLY6),
     ] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
         p.load()?;
