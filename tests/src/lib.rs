@@ -19,6 +19,8 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod apiserver;
+pub mod control_plane;
+pub mod kubelet;
 pub mod packet;
 
 /// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
