@@ -249,12 +249,13 @@ async fn register(s: &Shared, labels: &BTreeMap<String, String>) -> Result<()> {
         .map_err(api(format!("registering Node {name}")))?;
     let t = serde_json::to_value(now()).expect("time");
     let resources = json!({"cpu": "2", "memory": "8Gi", "pods": "110", "ephemeral-storage": "50Gi"});
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let status = json!({"status": {
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "netns kubelet is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t}],
         "addresses": [{"type": "InternalIP", "address": s.internal_ip.to_string()}, {"type": "Hostname", "address": name}],
         "capacity": resources, "allocatable": resources,
         "nodeInfo": {"kubeletVersion": KUBE_VERSION, "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
-                     "containerRuntimeVersion": "netns://0", "kernelVersion": "", "osImage": "lb test lab", "machineID": "", "systemUUID": "", "bootID": ""},
+                     "containerRuntimeVersion": "netns://0", "kernelVersion": kernel.trim(), "osImage": "lb test lab", "machineID": "", "systemUUID": "", "bootID": ""},
     }});
     nodes
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
