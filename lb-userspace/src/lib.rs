@@ -1,4 +1,5 @@
 //! The `lb` agent: Kubernetes objects in, BPF map state out.
+pub mod agent;
 pub mod dataplane;
 pub mod healthcheck;
 pub mod kube_source;

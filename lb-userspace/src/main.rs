@@ -1,19 +1,19 @@
-//! `lb`: eBPF Kubernetes Service load balancer. `lb run` is the agent; `lb list` inspects the
-//! pinned maps of a running one.
+//! `lb`: eBPF Kubernetes Service load balancer. The command line: `lb run` starts the agent
+//! (`agent.rs`); `lb list` inspects the pinned maps of a running one; `lb cleanup` removes them.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
 use lb_userspace::{
-    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, Dataplane, MapSizes, Maps, Timeouts},
-    manifests, metrics,
+    agent,
+    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, MapSizes, Maps, Timeouts},
     model::{self, Protocol},
 };
-use tracing::{debug, error, info, warn};
+use tracing::warn;
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "eBPF Kubernetes Service load balancer (kube-proxy replacement)")]
@@ -148,7 +148,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
-            rt.block_on(run(*args))
+            let opts = options(*args)?;
+            rt.block_on(agent::run(opts)).map_err(anyhow::Error::from)
         }
         Command::List { what, pin_dir } => list(what, &pin_dir),
         Command::Cleanup { pin_dir } => {
@@ -215,59 +216,6 @@ fn parse_cli(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Cli> {
     Cli::try_parse_from(merged).with_context(|| format!("config file {}", path.display()))
 }
 
-/// Where desired state comes from.
-enum Source {
-    /// YAML files, re-read on every tick; `last` is what was applied.
-    Manifests { path: PathBuf, last: Option<Vec<(PathBuf, String)>> },
-    /// The API server, through reflectors.
-    Kube(lb_userspace::kube_source::KubeSource),
-}
-
-/// The objects to translate, when they changed since the last apply.
-struct Objects {
-    services: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Service>>,
-    slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
-    node: model::NodeInfo,
-}
-
-impl Source {
-    /// `Some` when there is a new complete view to apply. `dirty` is set by watch events.
-    fn poll(&mut self, node_name: &str, dirty: &mut bool, synced: bool) -> Option<Objects> {
-        match self {
-            Source::Manifests { path, last } => match manifests::read_all(path) {
-                Ok(files) if last.as_ref() != Some(&files) => {
-                    let (objects, errors) = manifests::parse(&files);
-                    for e in &errors {
-                        error!(error = %e, "manifest object rejected");
-                    }
-                    *last = Some(files);
-                    Some(Objects {
-                        services: objects.services.into_iter().map(std::sync::Arc::new).collect(),
-                        slices: objects.slices.into_iter().map(std::sync::Arc::new).collect(),
-                        node: model::NodeInfo::named(node_name),
-                    })
-                }
-                Ok(_) => None,
-                // Keep serving the last good state: a manifest being rewritten is not an outage.
-                Err(e) => {
-                    warn!(error = %e, "cannot read manifests; keeping the current state");
-                    None
-                }
-            },
-            Source::Kube(k) => {
-                // Apply on a change, and until the first apply has happened.
-                let wanted = *dirty || !synced;
-                if !wanted || !k.ready() {
-                    return None;
-                }
-                *dirty = false;
-                let snap = k.snapshot();
-                Some(Objects { services: snap.services, slices: snap.slices, node: snap.node })
-            }
-        }
-    }
-}
-
 fn socket_addr(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if v.is_empty() {
         return Ok(None);
@@ -275,197 +223,58 @@ fn socket_addr(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAdd
     Ok(Some(v.parse().with_context(|| format!("--{flag} {v:?}: expected ADDRESS:PORT"))?))
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = Config {
-        timeouts: Timeouts {
-            tcp_syn_s: args.ct_tcp_syn_timeout,
-            tcp_established_s: args.ct_tcp_established_timeout,
-            tcp_close_s: args.ct_tcp_close_timeout,
-            udp_s: args.ct_udp_timeout,
+/// The agent's options from the command line, defaults taken from this node where a flag is
+/// absent (the default route's interface and address).
+fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
+    let source = match args.manifests {
+        Some(path) => agent::SourceOptions::Manifests(path),
+        None => agent::SourceOptions::Kube {
+            kubeconfig: args.kubeconfig,
+            watch_retry_max: Duration::from_secs(args.watch_retry_max),
         },
-        sizes: MapSizes {
-            services: args.map_services,
-            backend_slots: args.map_backends,
-            conntrack: args.map_conntrack,
-            affinity: args.map_affinity,
-        },
-        node_ip: args.node_ip.or_else(default_route_address),
-        xdp_mode: args.xdp_mode,
     };
-    let metrics_addr = socket_addr("metrics-addr", &args.metrics_addr)?;
-    let healthz_addr = socket_addr("healthz-addr", &args.healthz_addr)?;
-    if config.node_ip.is_none() {
-        warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
-    }
-    // The API client first: a bad kubeconfig must fail before anything is loaded or attached.
-    let mut source = match &args.manifests {
-        Some(path) => Source::Manifests { path: path.clone(), last: None },
-        None => {
-            let client = lb_userspace::kube_source::client(args.kubeconfig.as_deref()).await?;
-            let backoff = lb_userspace::kube_source::WatchBackoff::new(
-                Duration::from_millis(500),
-                Duration::from_secs(args.watch_retry_max.max(1)),
-            );
-            info!(
-                "watching Services, EndpointSlices and this Node; nothing is programmed before their first full list"
-            );
-            Source::Kube(lb_userspace::kube_source::KubeSource::start(client, &args.node_name, backoff))
-        }
-    };
-    let mut dp = Dataplane::load(&args.pin_dir, &config)
-        .with_context(|| format!("loading the datapath with pin directory {}", args.pin_dir.display()))?;
-    info!(node = %args.node_name, pin_dir = %args.pin_dir.display(), "datapath loaded");
-    if !args.no_socket_lb {
-        match args.cgroup.clone().or_else(dataplane::cgroup2_mount) {
-            Some(cg) => dp.attach_socket_lb(&cg).with_context(|| format!("attaching to cgroup {}", cg.display()))?,
-            None => warn!("no cgroup v2 mount: the node's own processes cannot reach ClusterIPs"),
-        }
-    }
-
-    let (changed, watch_stats) = match &source {
-        Source::Kube(k) => (Some(k.changed.clone()), Some(k.stats.clone())),
-        Source::Manifests { .. } => (None, None),
-    };
-    let status: metrics::SharedStatus = Default::default();
-    {
-        let mut st = status.lock().expect("status poisoned");
-        st.conntrack_capacity = config.sizes.conntrack;
-        st.affinity_capacity = config.sizes.affinity;
-        st.stale_udp_flows_removed = dp.stale_udp_counter();
-    }
-    let mut servers = Vec::new();
-    if let Some(addr) = metrics_addr {
-        servers.push(metrics::serve(addr, args.pin_dir.clone(), status.clone(), watch_stats.clone()).await?);
-    }
-    if let Some(addr) = healthz_addr.filter(|a| Some(*a) != metrics_addr) {
-        servers.push(metrics::serve(addr, args.pin_dir.clone(), status.clone(), watch_stats).await?);
-    }
-
-    let globs = args.ifaces.clone();
-    let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
-    let xdp_globs: Vec<String> = if args.no_xdp {
+    let xdp_ifaces = if args.no_xdp {
         Vec::new()
     } else if !args.xdp_ifaces.is_empty() {
-        args.xdp_ifaces.clone()
+        args.xdp_ifaces
     } else {
-        default_route_interface().into_iter().collect()
+        agent::default_route_interface().into_iter().collect()
     };
-    let xdp_wanted = move |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(&xdp_globs, name);
-
-    let mut poll = tokio::time::interval(Duration::from_millis(500));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut health = lb_userspace::healthcheck::HealthChecks::default();
-    let mut tick: u64 = 0;
-    let mut node_addrs = Vec::new();
-    let (mut dirty, mut synced, mut attached) = (false, false, false);
-    let mut waiting_logged = Instant::now();
-    loop {
-        let notified = async {
-            match &changed {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = poll.tick() => { tick += 1; }
-            _ = notified => {
-                // Coalesce a burst (a rollout updates many slices at once) into one apply.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                dirty = true;
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+    let cgroup = if args.no_socket_lb {
+        None
+    } else {
+        let cg = args.cgroup.or_else(dataplane::cgroup2_mount);
+        if cg.is_none() {
+            warn!("no cgroup v2 mount: the node's own processes cannot reach ClusterIPs");
         }
-        // From the snapshot (or the file read) to the last map write: what one sync costs.
-        let started = Instant::now();
-        if let Some(objects) = source.poll(&args.node_name, &mut dirty, synced) {
-            let t = model::translate(
-                objects.services.iter().map(|s| s.as_ref()),
-                objects.slices.iter().map(|s| s.as_ref()),
-                &objects.node,
-            );
-            for e in &t.errors {
-                error!(error = %e, "object rejected");
-            }
-            let report = dp.apply(&t.state);
-            for e in &report.errors {
-                error!(error = %e, "programming failed");
-            }
-            for e in health.update(&t.state.health_checks).await {
-                error!(error = %e, "health check server failed");
-            }
-            info!(
-                services = objects.services.len(),
-                slices = objects.slices.len(),
-                added = report.added,
-                updated = report.updated,
-                removed = report.removed,
-                unchanged = report.unchanged,
-                failed = report.errors.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "desired state applied"
-            );
-            let mut st = status.lock().expect("status poisoned");
-            st.record_sync(started.elapsed(), !report.errors.is_empty());
-            (st.programmed_frontends, st.programmed_endpoints) = dp.programmed();
-            st.rejected_objects = t.errors.len();
-            st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
-            st.synced = true;
-            synced = true;
-        } else if !synced && waiting_logged.elapsed() > Duration::from_secs(10) {
-            warn!("still waiting for the first full list of Services and EndpointSlices; pinned state keeps serving");
-            waiting_logged = Instant::now();
-        }
-        // Attach only once something is programmed, so the first packet an interface sees is
-        // served; then follow interfaces and node addresses every second.
-        if synced && (!attached || tick.is_multiple_of(2)) {
-            match dp.sync_node_addresses(&args.nodeport_addresses) {
-                Ok(addrs) if addrs != node_addrs => {
-                    info!(addresses = ?addrs, "node port addresses");
-                    node_addrs = addrs;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "cannot update node port addresses"),
-            }
-            for e in dp.sync_interfaces(&wanted, &xdp_wanted) {
-                warn!(error = %e, "attach failed");
-            }
-            if !attached {
-                dp.finish_migrations();
-                attached = true;
-                status.lock().expect("status poisoned").attached = true;
-                info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
-            }
-        }
-        // Replaced slot generations whose grace has passed.
-        dp.collect_retired();
-        debug!("poll");
-    }
-    for s in servers {
-        s.abort();
-    }
-    // Packets that read a service entry just before the last flip may still use the old slots.
-    tokio::time::sleep(dp.retired_grace_left()).await;
-    dp.collect_retired();
-    info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
-    Ok(())
-}
-
-/// The first IPv4 address of the interface holding the default route (`/proc/net/route` is
-/// per network namespace).
-fn default_route_address() -> Option<std::net::Ipv4Addr> {
-    let iface = default_route_interface()?;
-    dataplane::local_ipv4_by_interface().ok()?.into_iter().find(|(i, _)| *i == iface).map(|(_, ip)| ip)
-}
-
-/// The interface holding the IPv4 default route, if any.
-fn default_route_interface() -> Option<String> {
-    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
-    routes.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
+        cg
+    };
+    Ok(agent::Options {
+        metrics_addr: socket_addr("metrics-addr", &args.metrics_addr)?,
+        healthz_addr: socket_addr("healthz-addr", &args.healthz_addr)?,
+        node_name: args.node_name,
+        pin_dir: args.pin_dir,
+        source,
+        ifaces: args.ifaces,
+        xdp_ifaces,
+        cgroup,
+        nodeport_addresses: args.nodeport_addresses,
+        dataplane: Config {
+            timeouts: Timeouts {
+                tcp_syn_s: args.ct_tcp_syn_timeout,
+                tcp_established_s: args.ct_tcp_established_timeout,
+                tcp_close_s: args.ct_tcp_close_timeout,
+                udp_s: args.ct_udp_timeout,
+            },
+            sizes: MapSizes {
+                services: args.map_services,
+                backend_slots: args.map_backends,
+                conntrack: args.map_conntrack,
+                affinity: args.map_affinity,
+            },
+            node_ip: args.node_ip.or_else(agent::default_route_address),
+            xdp_mode: args.xdp_mode,
+        },
     })
 }
 

@@ -107,16 +107,16 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup::setup()?;
             // Release builds: the agent's YAML parsing and the load clients are timed too.
-            run(cargo().args(["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
             run(cargo().args([
                 "build",
                 "--release",
                 "-p",
                 "lb-userspace",
-                "--features",
-                "bench",
-                "--bin",
+                "-p",
+                "lb-tests",
+                "-p",
                 "lb-bench",
+                "--bins",
             ]))?;
             let target = std::env::var("CARGO_TARGET_DIR")
                 .map(PathBuf::from)

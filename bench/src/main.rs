@@ -363,7 +363,7 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
     });
 
     let mut md = String::from("## 1. Per-packet cost (BPF_PROG_TEST_RUN)\n\n");
-    writeln!(md, "Runs: `repeat` = {repeat} per round, `single` = {singles} runs per round; median of {rounds} rounds. See the methods at the top of `lb-userspace/src/bin/lb-bench.rs`.\n")?;
+    writeln!(md, "Runs: `repeat` = {repeat} per round, `single` = {singles} runs per round; median of {rounds} rounds. See the methods at the top of `bench/src/main.rs`.\n")?;
     md.push_str("| hook | packet | method | ns/packet | over floor | ratio to floor |\n|---|---|---|---:|---:|---:|\n");
     for r in &rows {
         writeln!(

@@ -1,0 +1,207 @@
+//! Maps a previous agent pinned (perhaps another version, or other `--map-*` sizes), checked
+//! before the loader adopts them, and flow maps moved to a new capacity with their flows.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
+    MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
+};
+
+use super::{maps::map_err, Dataplane, DataplaneError, MapSizes, Result};
+
+/// A pinned map's shape: key and value size, capacity.
+type Shape = (u32, u32, u32);
+
+/// The shape each pinned map must have for this build and these sizes, and whether it holds
+/// state that cannot be derived again from Kubernetes objects (flows, pins of sockets).
+fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
+    use std::mem::size_of;
+    let s = |name: &'static str, k: usize, v: usize, flows: bool| (name, (k as u32, v as u32, sizes.of(name)), flows);
+    vec![
+        s(MAP_SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), false),
+        s(MAP_SERVICE_NAMES, 4, size_of::<ServiceName>(), false),
+        s(lb_common::MAP_SERVICE_STATS, 4, size_of::<lb_common::ServiceStats>(), false),
+        s(MAP_BACKEND_SLOTS, size_of::<BackendSlotKey>(), size_of::<Backend>(), false),
+        s(MAP_BACKEND_MEMBERS, size_of::<BackendMemberKey>(), 4, false),
+        s(MAP_STATS, 4, 8, false),
+        s(MAP_NODE_ADDRS, size_of::<NodeAddrKey>(), 4, false),
+        s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
+        s(MAP_PORTS, 4, 1, false),
+        s(MAP_CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), true),
+        s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
+        s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
+        s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
+        // Fragments in flight live for milliseconds: rebuilt rather than migrated.
+        s(lb_common::MAP_FRAGMENTS, size_of::<lb_common::FragKey>(), size_of::<lb_common::FragValue>(), false),
+    ]
+}
+
+/// A flow map moved to a new capacity: the old map stays open until the new program has
+/// replaced the old one in every link, so flows the old program created meanwhile can be
+/// copied over too.
+pub struct Migration {
+    name: &'static str,
+    old: Map,
+    path: PathBuf,
+}
+
+/// `BPF_MAP_TYPE_LRU_HASH`: every flow map is one.
+const LRU_HASH: u32 = 9;
+
+/// Copies every entry of `from` into `to`; with `only_new`, entries `to` already has are kept
+/// (they are newer). Returns how many were written.
+fn copy_entries<K: aya::Pod, V: aya::Pod>(
+    from: &Map,
+    to: &mut Map,
+    only_new: bool,
+) -> std::result::Result<usize, MapError> {
+    let src: HashMap<&MapData, K, V> = HashMap::try_from(from)?;
+    let mut dst: HashMap<&mut MapData, K, V> = HashMap::try_from(to)?;
+    let flags = if only_new {
+        1 /* BPF_NOEXIST */
+    } else {
+        0
+    };
+    let mut n = 0;
+    for (k, v) in src.iter().filter_map(std::result::Result::ok) {
+        if dst.insert(k, v, flags).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
+    match name {
+        MAP_CONNTRACK => copy_entries::<CtKey, CtValue>(from, to, only_new),
+        MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
+        _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
+    }
+    .map_err(map_err(name))
+}
+
+/// Gives a pinned flow map a new capacity without losing its flows: a new map is created,
+/// filled from the old, pinned beside it and renamed over the old pin, so the loader adopts it.
+fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Migration> {
+    let old = MapData::from_pin(path).map_err(map_err(name))?;
+    let info = old.info().map_err(map_err(name))?;
+    let obj = aya_obj::Map::new_from_params(LRU_HASH, info.key_size(), info.value_size(), capacity, info.map_flags());
+    let new = MapData::create(obj, name, None).map_err(map_err(name))?;
+    let old = Map::from_map_data(old).map_err(map_err(name))?;
+    let mut new = Map::from_map_data(new).map_err(map_err(name))?;
+    let copied = copy_flow_map(name, &old, &mut new, false)?;
+    // bpffs refuses names with a dot (bpf_lookup in kernel/bpf/inode.c).
+    let tmp = path.with_file_name(format!("{name}_migrating"));
+    let _ = fs::remove_file(&tmp);
+    let pinned = match &new {
+        Map::LruHashMap(d) => d.pin(&tmp),
+        _ => unreachable!("created as an LRU hash"),
+    };
+    pinned
+        .map_err(|e| DataplaneError::Map { name, source: MapError::PinError { name: Some(name.into()), error: e } })?;
+    // rename(2) on bpffs replaces the old pin in one step (simple_rename).
+    fs::rename(&tmp, path).map_err(|source| DataplaneError::Io {
+        what: "replacing pin",
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::info!(
+        map = name,
+        from = info.max_entries(),
+        to = capacity,
+        entries = copied,
+        "flow map moved to its new capacity with its flows"
+    );
+    Ok(Migration { name, old, path: path.to_owned() })
+}
+
+/// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
+/// sizes) before the loader adopts them: aya reuses a pin by name without comparing its shape,
+/// and a program verified against one value size must never run on a map of another.
+///
+/// Maps whose content the agent derives from Kubernetes objects are unpinned and rebuilt when
+/// their shape or the layout version (stamped in every service name entry) differs; the
+/// programs still attached keep the old maps until the new ones replace them, already filled,
+/// in one link update (affinity pins keyed by the old service ids are then dropped at
+/// adoption, as pins of ids no frontend holds). Flow maps (conntrack, affinity, socket reverse NAT) are never dropped: a
+/// new capacity is migrated with its entries; a new key or value layout is refused.
+pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration>> {
+    let version_changed = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
+        .ok()
+        .and_then(|d| Map::from_map_data(d).ok())
+        .and_then(|m| HashMap::<MapData, u32, ServiceName>::try_from(m).ok())
+        .and_then(|names| names.iter().filter_map(std::result::Result::ok).map(|(_, n)| n.layout_version).next())
+        .filter(|v| *v != lb_common::MAP_LAYOUT_VERSION);
+    if let Some(v) = version_changed {
+        tracing::warn!(
+            pinned = v,
+            current = lb_common::MAP_LAYOUT_VERSION,
+            "pinned maps are of another layout version; rebuilding the service maps (flows are kept)"
+        );
+    }
+    let mut migrations = Vec::new();
+    for (name, wanted, holds_flows) in expected_shapes(sizes) {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
+        if found == wanted && (holds_flows || version_changed.is_none()) {
+            continue;
+        }
+        if holds_flows {
+            let same_layout = (found.0, found.1) == (wanted.0, wanted.1)
+                && info.map_type().is_ok_and(|t| t == aya::maps::MapType::LruHash);
+            if !same_layout {
+                return Err(DataplaneError::FlowLayout {
+                    path,
+                    found: show(found),
+                    wanted: show(wanted),
+                    pin_dir: pin_dir.to_owned(),
+                });
+            }
+            if wanted.2 < found.2 {
+                tracing::warn!(
+                    map = name,
+                    from = found.2,
+                    to = wanted.2,
+                    "shrinking a flow map: the oldest flows may be evicted"
+                );
+            }
+            migrations.push(migrate_flow_map(name, &path, wanted.2)?);
+            continue;
+        }
+        tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+            what: "unpinning",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(migrations)
+}
+
+impl Dataplane {
+    /// Once this agent's programs have replaced the old ones in every link: copies the flows
+    /// the old programs created in the old flow maps since the migration, then lets the old
+    /// maps go.
+    pub fn finish_migrations(&mut self) {
+        for m in std::mem::take(&mut self.migrations) {
+            let result = MapData::from_pin(&m.path)
+                .and_then(Map::from_map_data)
+                .map_err(map_err(m.name))
+                .and_then(|mut new| copy_flow_map(m.name, &m.old, &mut new, true));
+            match result {
+                Ok(n) => tracing::info!(map = m.name, entries = n, "flows created during the migration copied"),
+                Err(e) => tracing::warn!(map = m.name, error = %e, "cannot copy flows created during the migration"),
+            }
+        }
+    }
+}

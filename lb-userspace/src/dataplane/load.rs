@@ -1,0 +1,224 @@
+//! Loading the programs against the pinned maps, and adopting the state a previous agent left.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
+    fs,
+    path::Path,
+    sync::Arc,
+};
+
+use aya::{
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+    EbpfLoader,
+};
+use lb_common::{
+    BackendMemberKey, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICES,
+    MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS,
+    PROG_XDP, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+};
+
+use super::{
+    apply::Programmed,
+    layout::check_pinned_layout,
+    maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
+    sys::{is_bpffs, mount_bpffs, netns_cookie},
+    Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
+};
+use crate::model::{Cidr, Endpoint, ServicePort};
+
+/// Makes sure `pin_dir` exists on bpffs, mounting bpffs at /sys/fs/bpf if that is where it
+/// should live and nobody mounted it yet (the case on a fresh machine).
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    let bpf_root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpf_root) && !is_bpffs(bpf_root) {
+        mount_bpffs(bpf_root)?;
+    }
+    fs::create_dir_all(pin_dir.join(LINKS_DIR)).map_err(|source| DataplaneError::Io {
+        what: "creating pin directory",
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    if !is_bpffs(pin_dir) {
+        return Err(DataplaneError::NotBpffs { path: pin_dir.to_owned() });
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
+    pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
+        ensure_pin_dir(pin_dir)?;
+        let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
+        let (timeouts, sizes) = (config.timeouts, config.sizes);
+        let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        let (syn, est, close, udp) =
+            (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .override_global("CT_TCP_SYN_TIMEOUT_NS", &syn, true)
+            .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
+            .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
+            .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .override_global("NODE_IP", &node_ip, true)
+            .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
+            .override_global("NETNS_COOKIE", &netns_cookie()?, true)
+            .map_max_entries(MAP_SERVICES, sizes.services)
+            .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
+            .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
+            .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
+            .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
+            .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
+            .map_max_entries(MAP_AFFINITY, sizes.affinity)
+            .load(crate::EBPF_OBJECT)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?
+            .try_into()?;
+        prog.load()?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(lb_common::PROG_TC_EGRESS)
+            .ok_or(DataplaneError::MissingMap { name: lb_common::PROG_TC_EGRESS })?
+            .try_into()?;
+        egress.load()?;
+        let xdp: &mut Xdp =
+            ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
+        xdp.load()?;
+        for name in PROGS_SOCK {
+            let p: &mut CgroupSockAddr =
+                ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+            p.load()?;
+        }
+        // The benchmark's floor: loaded (a few instructions) so lb-bench measures the same
+        // object the agent runs, never attached.
+        let empty: &mut Xdp = ebpf
+            .program_mut(PROG_BENCH_EMPTY_XDP)
+            .ok_or(DataplaneError::MissingMap { name: PROG_BENCH_EMPTY_XDP })?
+            .try_into()?;
+        empty.load()?;
+        let empty: &mut SchedClassifier = ebpf
+            .program_mut(PROG_BENCH_EMPTY_TC)
+            .ok_or(DataplaneError::MissingMap { name: PROG_BENCH_EMPTY_TC })?
+            .try_into()?;
+        empty.load()?;
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        let mut dp = Self {
+            ebpf,
+            maps,
+            sizes,
+            xdp_mode: config.xdp_mode,
+            pin_dir: pin_dir.to_owned(),
+            programmed: BTreeMap::new(),
+            attached: StdHashMap::new(),
+            attach_failures: StdHashMap::new(),
+            xdp_choice: StdHashMap::new(),
+            xdp_targets: BTreeSet::new(),
+            port_flags: Vec::new(),
+            free_ids: BTreeSet::new(),
+            retired: VecDeque::new(),
+            next_id: 1,
+            migrations,
+            stale_udp_removed: Arc::default(),
+        };
+        dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
+        dp.adopt()?;
+        Ok(dp)
+    }
+
+    /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
+    /// behind (slots of dead generations, names of gone services, stale memberships and source
+    /// ranges). Slot generations a previous agent still held for their grace period are dead
+    /// generations here too: a packet in flight is long done by the time an agent has loaded.
+    fn adopt(&mut self) -> Result<()> {
+        let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+        let mut entries = Vec::new();
+        for item in self.maps.services.iter() {
+            let (k, v) = item.map_err(map_err(MAP_SERVICES))?;
+            entries.push((k, v));
+            live.insert(v.id, (v.generation, v.backend_count));
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u16, Endpoint>> = BTreeMap::new();
+        let mut stale_slots = Vec::new();
+        for item in self.maps.slots.iter() {
+            let (k, b) = item.map_err(map_err(MAP_BACKEND_SLOTS))?;
+            match live.get(&k.service_id) {
+                Some(&(gen, count)) if gen == k.generation && k.slot < count => {
+                    slots.entry(k.service_id).or_default().insert(k.slot, endpoint_of(&b));
+                }
+                _ => stale_slots.push(k),
+            }
+        }
+        let mut names = BTreeMap::new();
+        let mut stale_names = Vec::new();
+        for item in self.maps.names.iter() {
+            let (id, n) = item.map_err(map_err(MAP_SERVICE_NAMES))?;
+            if live.contains_key(&id) {
+                names.insert(id, decode_name(&n));
+            } else {
+                stale_names.push(id);
+            }
+        }
+        let mut ranges: BTreeMap<u32, Vec<Cidr>> = BTreeMap::new();
+        let mut stale_ranges = Vec::new();
+        for item in self.maps.source_ranges.keys() {
+            let k = item.map_err(map_err(MAP_SOURCE_RANGES))?;
+            let id = u32::from_be(k.data().service_id_be);
+            if live.contains_key(&id) {
+                let len = (k.prefix_len() - 32) as u8;
+                ranges.entry(id).or_default().push(Cidr { addr: ipv4(k.data().addr), len });
+            } else {
+                stale_ranges.push(k);
+            }
+        }
+        for k in stale_slots {
+            let _ = self.maps.slots.remove(&k);
+        }
+        for id in stale_names {
+            let _ = self.maps.names.remove(&id);
+        }
+        for k in stale_ranges {
+            let _ = self.maps.source_ranges.remove(&k);
+        }
+        // Membership is rebuilt from the live slots: whatever was there is dropped and
+        // rewritten, which also clears entries a crashed update left behind.
+        let members: Vec<BackendMemberKey> = self.maps.members.keys().filter_map(|k| k.ok()).collect();
+        for k in members {
+            let _ = self.maps.members.remove(&k);
+        }
+        for (k, v) in entries {
+            let Some(frontend) = frontend_of(&k, v.flags) else { continue };
+            let backends: Vec<Endpoint> = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
+            let name = names.remove(&v.id).unwrap_or_default();
+            for (slot, b) in backends.iter().enumerate() {
+                self.maps.members.insert(member_key(v.id, b), slot as u32, 0).map_err(insert_err(
+                    self.sizes,
+                    MAP_BACKEND_MEMBERS,
+                    format!("backend {b} of {name}"),
+                ))?;
+            }
+            let mut source_ranges = ranges.remove(&v.id).unwrap_or_default();
+            source_ranges.sort();
+            let port = ServicePort {
+                name,
+                backends,
+                affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.affinity_timeout_s),
+                external: v.flags & SVC_FLAG_EXTERNAL != 0,
+                local_only: v.flags & SVC_FLAG_LOCAL_ONLY != 0,
+                source_ranges,
+            };
+            self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, port });
+        }
+        let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
+        self.next_id = used.last().map_or(1, |m| m + 1);
+        self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
+        // Pins of ids no frontend holds: a previous agent died between removing a frontend and
+        // dropping its pins, or the services map was rebuilt and every id is handed out afresh.
+        let stale = self.purge_affinity(|id| !used.contains(&id));
+        if stale > 0 {
+            tracing::info!(pins = stale, "dropped affinity pins of frontends that no longer exist");
+        }
+        if !self.programmed.is_empty() {
+            tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! The pinned maps, typed, and how model values are encoded into their keys and values.
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::{
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    Ebpf,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
+    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
+    MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
+};
+
+use super::{DataplaneError, MapSizes, Result};
+use crate::model::{Cidr, Endpoint, Frontend, Protocol, Scope, ServicePort};
+
+pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: [u32::from_ne_bytes(f.ip.octets()), 0, 0, 0],
+        port: f.port.to_be(),
+        proto: f.protocol.number(),
+        family: FAMILY_IPV4,
+        scope: if f.scope == Scope::NodePort { SCOPE_NODEPORT } else { SCOPE_EXACT },
+        _pad: [0; 3],
+    }
+}
+
+/// The frontend a service key stands for. Exact-address keys of external frontends look like
+/// ClusterIP keys; `flags` (the value's) tells them apart.
+pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
+    let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
+    Some(match (k.scope, flags & SVC_FLAG_EXTERNAL != 0) {
+        (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
+        (_, true) => Frontend::external(ip, port, protocol),
+        (_, false) => Frontend::cluster_ip(ip, port, protocol),
+    })
+}
+
+pub fn backend_value(e: &Endpoint) -> Backend {
+    Backend {
+        addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0],
+        port: e.port.to_be(),
+        family: FAMILY_IPV4,
+        flags: if e.local { BACKEND_FLAG_LOCAL } else { 0 },
+        _pad: 0,
+    }
+}
+
+pub(super) fn member_key(service_id: u32, e: &Endpoint) -> BackendMemberKey {
+    let b = backend_value(e);
+    BackendMemberKey { service_id, port: b.port, family: b.family, _pad: 0, addr: b.addr }
+}
+
+pub fn endpoint_of(b: &Backend) -> Endpoint {
+    Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port), local: b.flags & BACKEND_FLAG_LOCAL != 0 }
+}
+
+pub(super) fn source_range_key(service_id: u32, c: &Cidr) -> LpmKey<SourceRangeData> {
+    LpmKey::new(
+        32 + c.len as u32,
+        SourceRangeData { service_id_be: service_id.to_be(), addr: [u32::from_ne_bytes(c.addr.octets()), 0, 0, 0] },
+    )
+}
+
+pub(super) fn service_value(id: u32, generation: u16, sp: &ServicePort) -> ServiceValue {
+    let mut flags = 0;
+    if sp.affinity_timeout_s.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if sp.external {
+        flags |= SVC_FLAG_EXTERNAL;
+    }
+    if sp.local_only {
+        flags |= SVC_FLAG_LOCAL_ONLY;
+    }
+    if !sp.source_ranges.is_empty() {
+        flags |= SVC_FLAG_SOURCE_RANGES;
+    }
+    ServiceValue {
+        id,
+        backend_count: sp.backends.len() as u16,
+        generation,
+        flags,
+        affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
+    }
+}
+
+pub fn ipv4(addr: [u32; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(addr[0].to_ne_bytes())
+}
+
+pub(super) fn encode_name(name: &str) -> ServiceName {
+    let mut out = ServiceName::default();
+    let bytes = name.as_bytes();
+    // Keep a NUL at the end and never cut a UTF-8 character in half.
+    let mut n = bytes.len().min(out.name.len() - 1);
+    while !name.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.name[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+pub fn decode_name(n: &ServiceName) -> String {
+    let end = n.name.iter().position(|&b| b == 0).unwrap_or(n.name.len());
+    String::from_utf8_lossy(&n.name[..end]).into_owned()
+}
+
+/// The pinned maps, typed.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub names: HashMap<MapData, u32, ServiceName>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub members: HashMap<MapData, BackendMemberKey, u32>,
+    pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
+    pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
+    pub ports: Array<MapData, u8>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
+    pub xdp_targets: HashMap<MapData, u32, u32>,
+}
+
+impl Maps {
+    pub(super) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })
+        }
+        Ok(Self {
+            services: HashMap::try_from(take(ebpf, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
+            slots: HashMap::try_from(take(ebpf, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
+            conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
+            stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
+                .map_err(map_err(lb_common::MAP_SERVICE_STATS))?,
+            affinity: HashMap::try_from(take(ebpf, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
+            members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
+            node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
+            ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
+                .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
+        })
+    }
+
+    /// Opens the maps a running (or departed) agent pinned, for inspection.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        fn open(pin_dir: &Path, name: &'static str) -> Result<Map> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        }
+        Ok(Self {
+            services: HashMap::try_from(open(pin_dir, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
+            slots: HashMap::try_from(open(pin_dir, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
+            conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
+            stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
+            service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
+                .map_err(map_err(lb_common::MAP_SERVICE_STATS))?,
+            affinity: HashMap::try_from(open(pin_dir, MAP_AFFINITY)?).map_err(map_err(MAP_AFFINITY))?,
+            members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
+            node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
+            sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
+            ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
+                .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
+        })
+    }
+}
+
+impl MapSizes {
+    pub(super) fn of(&self, name: &'static str) -> u32 {
+        match name {
+            MAP_SERVICES | MAP_SERVICE_NAMES => self.services,
+            MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
+            MAP_CONNTRACK => self.conntrack,
+            MAP_AFFINITY => self.affinity,
+            // Ids start at 1, indexing the array directly.
+            lb_common::MAP_SERVICE_STATS => self.services + 1,
+            MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
+            MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
+            MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
+            MAP_PORTS => 65_536,
+            MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
+            lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
+            lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,
+            _ => 0,
+        }
+    }
+}
+
+/// Turns an insert failure into a "map full" report when that is what the kernel said.
+pub(super) fn insert_err(sizes: MapSizes, name: &'static str, what: String) -> impl FnOnce(MapError) -> DataplaneError {
+    let capacity = sizes.of(name);
+    move |source| {
+        let full = matches!(&source, MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)));
+        if full {
+            DataplaneError::MapFull { name, capacity, what }
+        } else {
+            DataplaneError::Map { name, source }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_truncated_on_a_character_boundary() {
+        let long = "ü".repeat(100);
+        let decoded = decode_name(&encode_name(&long));
+        assert!(long.starts_with(&decoded) && decoded.len() <= 119);
+        assert_eq!(decode_name(&encode_name("default/web-service:http")), "default/web-service:http");
+    }
+}

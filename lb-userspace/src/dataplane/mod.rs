@@ -1,0 +1,212 @@
+//! The BPF side of the agent: loads the programs with maps pinned under the pin directory,
+//! adopts whatever a previous agent left there, applies desired state as a difference, and
+//! attaches the programs to interfaces with pinned links so traffic keeps flowing while no
+//! agent runs.
+//!
+//! - `maps`: the typed maps and how model values are encoded into them;
+//! - `layout`: checks of maps a previous agent pinned, and migration of flow maps;
+//! - `load`: loading the programs and adopting the pinned state;
+//! - `apply`: desired state written as a difference, slot generations and their grace;
+//! - `stale_udp`: UDP flows and sockets to departed backends;
+//! - `attach`: interfaces, links, node addresses;
+//! - `sys`: system calls the rest needs (bpffs, addresses, interfaces).
+mod apply;
+mod attach;
+mod layout;
+mod load;
+mod maps;
+mod stale_udp;
+mod sys;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc},
+};
+
+use aya::{
+    maps::MapError,
+    programs::{links::PinnedLink, SchedClassifier, Xdp},
+    Ebpf,
+};
+use lb_common::{PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG_XDP};
+
+pub use apply::{ApplyReport, SLOT_GRACE};
+pub use attach::{cgroup2_mount, interface_wanted, link_pin_name, Hook};
+pub use load::ensure_pin_dir;
+pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps};
+pub use sys::{cleanup, error_chain, interfaces, local_ipv4_addresses, local_ipv4_by_interface};
+
+use crate::model::Frontend;
+use apply::{Programmed, Retired};
+use layout::Migration;
+
+pub(super) const LINKS_DIR: &str = "links";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path} is not on a bpf filesystem; mount one there (mount -t bpf bpf {path}) or pick another --pin-dir")]
+    NotBpffs { path: PathBuf },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {name} is missing from the object or the pin directory")]
+    MissingMap { name: &'static str },
+    #[error("map {name} is full ({capacity} entries); {what} was not programmed")]
+    MapFull { name: &'static str, capacity: u32, what: String },
+    #[error("interface {iface}: {what}: {detail}")]
+    Link { iface: String, what: &'static str, detail: String },
+    #[error(
+        "pinned map {path} holds live flows in another layout ({found}; this lb needs {wanted}), \
+         and carrying them over is not supported: refusing to start rather than drop them. Start \
+         this lb with the sizes the running one used, or drain the node and run `lb cleanup --pin-dir {pin_dir}`"
+    )]
+    FlowLayout { path: PathBuf, found: String, wanted: String, pin_dir: PathBuf },
+}
+
+pub(super) type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// Map capacities (entries), set when the maps are created. Pinned maps keep the size they were
+/// created with.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Service frontends (also sizes the names map).
+    pub services: u32,
+    /// Backend slots over all services (also sizes the membership map).
+    pub backend_slots: u32,
+    /// Conntrack entries; every flow takes two.
+    pub conntrack: u32,
+    /// Session affinity pins.
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: lb_common::SERVICES_MAX_ENTRIES,
+            backend_slots: lb_common::BACKEND_SLOTS_MAX_ENTRIES,
+            conntrack: lb_common::CONNTRACK_MAX_ENTRIES,
+            affinity: lb_common::AFFINITY_MAX_ENTRIES,
+        }
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttachMode {
+    /// Per interface: native (driver) mode where the driver transmits native XDP frames (the
+    /// kernel's `xdp-features` has `ndo-xmit`), else no XDP there, and tc alone does the work.
+    /// Generic XDP would run where tc runs anyway, linearize GSO/GRO skbs and see
+    /// CHECKSUM_PARTIAL packets, so it is never the automatic choice.
+    #[default]
+    Auto,
+    /// Driver mode on every XDP interface. Where the driver cannot transmit native frames, the
+    /// program leaves packets it would send to tc (it checks `LB_XDP_TARGETS`).
+    Native,
+    /// Generic (skb) mode on every XDP interface: works on every device, at the cost of an skb
+    /// per packet before XDP runs, linearized GRO packets, and CHECKSUM_PARTIAL packets taking
+    /// the tc path.
+    Generic,
+}
+
+/// Everything that shapes the loaded datapath.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub xdp_mode: XdpAttachMode,
+    pub timeouts: Timeouts,
+    pub sizes: MapSizes,
+    /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
+    /// (replies from other nodes would then bypass this one).
+    pub node_ip: Option<Ipv4Addr>,
+}
+
+/// Conntrack lifetimes, patched into the programs at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_syn_s: u64,
+    pub tcp_established_s: u64,
+    pub tcp_close_s: u64,
+    pub udp_s: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { tcp_syn_s: 60, tcp_established_s: 6 * 3600, tcp_close_s: 10, udp_s: 60 }
+    }
+}
+
+/// Owner of the loaded programs and maps. Only one task holds it: every map write goes
+/// through `apply`.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    sizes: MapSizes,
+    xdp_mode: XdpAttachMode,
+    pin_dir: PathBuf,
+    programmed: BTreeMap<Frontend, Programmed>,
+    /// Ids below `next_id` not in use (their frontend was removed or failed to program). A
+    /// removed frontend's id comes back here only with its retired slots, after the grace.
+    free_ids: BTreeSet<u32>,
+    /// Slot generations no service entry points at any more, oldest first, kept for
+    /// `SLOT_GRACE` (see `Retired`).
+    retired: VecDeque<Retired>,
+    next_id: u32,
+    /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
+    port_flags: Vec<u8>,
+    /// (interface, hook) -> (ifindex, pinned link).
+    attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
+    /// Last attach error per interface and hook, so a persistent failure is reported once.
+    attach_failures: StdHashMap<(String, Hook), String>,
+    /// Per interface, whether `Auto` chose native XDP, so a change of choice is logged once.
+    xdp_choice: StdHashMap<String, bool>,
+    /// Mirror of `LB_XDP_TARGETS`.
+    xdp_targets: BTreeSet<u32>,
+    /// Flow maps given a new capacity at load, whose old copies are still open.
+    migrations: Vec<Migration>,
+    /// UDP flows removed because their backend left (by the sweep threads).
+    stale_udp_removed: Arc<AtomicU64>,
+}
+
+impl Dataplane {
+    /// The running count of UDP flows removed because their backend left.
+    pub fn stale_udp_counter(&self) -> Arc<AtomicU64> {
+        self.stale_udp_removed.clone()
+    }
+
+    /// Frontends programmed and backends summed over them.
+    pub fn programmed(&self) -> (usize, usize) {
+        (self.programmed.len(), self.programmed.values().map(|p| p.port.backends.len()).sum())
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The empty XDP and tc programs: the floor per-packet costs are measured against.
+    pub fn floor_programs(&self) -> (&Xdp, &SchedClassifier) {
+        let xdp = self.ebpf.program(PROG_BENCH_EMPTY_XDP).and_then(|p| p.try_into().ok()).expect("loaded");
+        let tc = self.ebpf.program(PROG_BENCH_EMPTY_TC).and_then(|p| p.try_into().ok()).expect("loaded");
+        (xdp, tc)
+    }
+
+    /// Every loaded program by name, for verifier statistics.
+    pub fn programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self.ebpf.programs()
+    }
+
+    /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn xdp_program(&self) -> &Xdp {
+        self.ebpf.program(PROG_XDP).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
+    }
+
+    /// The loaded tc program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn tc_program(&self) -> &SchedClassifier {
+        self.ebpf.program(PROG_TC_INGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
+    }
+}

@@ -1,0 +1,264 @@
+//! The one pure translation: Kubernetes Services and EndpointSlices -> the frontends and
+//! backend sets the datapath must serve. No I/O, no maps; every source (YAML files, the API
+//! server) feeds this, and the dataplane applies its output as a difference.
+//!
+//! Semantics follow kube-proxy: the Service gives frontends (ClusterIP, node ports,
+//! LoadBalancer ingress IPs, external IPs); EndpointSlices labelled
+//! `kubernetes.io/service-name` give backends, matched to service ports by port name and
+//! protocol (the slice already carries the resolved target port number, so a named
+//! `targetPort` is resolved through the slice's port names). Endpoint choice is kube-proxy's
+//! (`pkg/proxy/topology.go`): ready endpoints (all of them under `publishNotReadyAddresses`),
+//! and when there are none, the ones still serving while terminating; zone or node hints narrow
+//! the cluster-wide set only when every ready endpoint carries them and some name this node.
+//! Traffic policies pick which set each kind of frontend gets: `internalTrafficPolicy` for the
+//! ClusterIP, `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
+//! Frontends that would share a datapath key conflict: the first Service by name keeps it,
+//! except that a ClusterIP always beats another Service's external or LoadBalancer IP.
+//!
+//! - `service`: a Service validated into what it asks of the datapath;
+//! - `endpoints`: an EndpointSlice validated into endpoints with conditions and hints;
+//! - `topology`: which endpoints serve, cluster-wide and node-locally;
+//! - `translate`: the whole object set into frontends and backend sets.
+mod endpoints;
+mod service;
+mod topology;
+mod translate;
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+
+pub use translate::translate;
+
+/// Label that ties an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy; kube-proxy ignores them too.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on the slices (and by some tools on the Services) of
+/// headless Services; kube-proxy's informers exclude such objects.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The Node label that names its zone, matched against endpoint zone hints.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// The label selector kube-proxy lists Services and EndpointSlices with.
+pub const PROXY_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What the translation needs to know about the node it runs for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// As in EndpointSlice `nodeName` and `hints.forNodes`.
+    pub name: String,
+    /// The Node's `topology.kubernetes.io/zone` label, for `hints.forZones`.
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    pub fn named(name: &str) -> Self {
+        Self { name: name.to_string(), zone: None }
+    }
+
+    /// From the Node object (its zone label).
+    pub fn from_node(name: &str, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
+        let zone = node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_TOPOLOGY_ZONE)).cloned();
+        Self { name: name.to_string(), zone }
+    }
+}
+
+pub(super) fn has_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// Parses the Kubernetes `protocol` field; absent means TCP.
+    pub(super) fn parse(field: Option<&str>) -> Result<Self, String> {
+        match field.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Err("SCTP is not supported by lb yet".into()),
+            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// How a frontend is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// The ClusterIP, from pods (and the node).
+    ClusterIp,
+    /// A LoadBalancer ingress IP or an external IP, from outside.
+    External,
+    /// A node port, on every node address; `ip` is unspecified.
+    NodePort,
+}
+
+/// Where clients connect: an address, port and protocol, and how it is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    pub fn cluster_ip(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self { ip, port, protocol, scope: Scope::ClusterIp }
+    }
+
+    pub fn node_port(port: u16, protocol: Protocol) -> Self {
+        Self { ip: Ipv4Addr::UNSPECIFIED, port, protocol, scope: Scope::NodePort }
+    }
+
+    pub fn external(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self { ip, port, protocol, scope: Scope::External }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scope {
+            Scope::NodePort => write!(f, "*:{}/{}", self.port, self.protocol),
+            _ => write!(f, "{}:{}/{}", self.ip, self.port, self.protocol),
+        }
+    }
+}
+
+/// A backend pod address and the port it listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// The endpoint's `nodeName` is this node.
+    pub local: bool,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// An IPv4 prefix, as in `loadBalancerSourceRanges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let len: u8 = l.parse().ok().filter(|&l| l <= 32).ok_or_else(|| format!("{s:?} has a bad prefix length"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What one frontend must do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `namespace/name:port-name` (the port part omitted for unnamed ports).
+    pub name: String,
+    /// Ready backends for this frontend (sorted, unique), already narrowed by traffic policy.
+    pub backends: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP` with this timeout in seconds; `None` for `None`.
+    pub affinity_timeout_s: Option<u32>,
+    /// Reached from outside: flows to remote backends are SNATed to the node.
+    pub external: bool,
+    /// Traffic policy `Local` while the Service has usable endpoints somewhere in the cluster:
+    /// only local backends, and none means drop. Clear under `Local` when no endpoint is usable
+    /// anywhere, so the frontend rejects like any Service without endpoints (kube-proxy's
+    /// REJECT for `!hasEndpoints`); `backends` is then empty either way.
+    pub local_only: bool,
+    /// `loadBalancerSourceRanges` (LoadBalancer IPs only); empty admits everyone.
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// kube-proxy's health check for `externalTrafficPolicy: Local` LoadBalancers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `namespace/name`.
+    pub service: String,
+    pub local_endpoints: usize,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for that field (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The complete desired datapath state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<Frontend, ServicePort>,
+    /// `healthCheckNodePort` -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// Why one object was rejected. The object is left out; everything else is still programmed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    #[error("Service {object}: field {field}: {reason}")]
+    Service { object: String, field: String, reason: String },
+    #[error("EndpointSlice {object}: field {field}: {reason}")]
+    Slice { object: String, field: String, reason: String },
+    #[error("Service {object}: frontend {frontend} is already served by Service {owner}")]
+    Conflict { object: String, frontend: Frontend, owner: String },
+}
+
+/// Result of a translation: the state to program, and the objects that were left out.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub errors: Vec<TranslateError>,
+}
+
+pub(super) fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
+    format!("{}/{}", ns.map_or("default", |s| s.as_str()), name.map_or("<unnamed>", |s| s.as_str()))
+}
+
+#[cfg(test)]
+mod tests;

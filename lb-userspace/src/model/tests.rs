@@ -1,0 +1,821 @@
+//! Translation tables: Services and EndpointSlices in, frontends and backends out.
+use std::{collections::BTreeSet, path::PathBuf};
+
+use super::*;
+use crate::manifests;
+
+/// Translates as seen from a node that hosts none of the endpoints.
+fn run(yaml: &str) -> Translation {
+    run_on(yaml, "some-other-node")
+}
+
+fn run_on(yaml: &str, node: &str) -> Translation {
+    let (objects, errors) = manifests::parse(&[(PathBuf::from("t.yaml"), yaml.to_string())]);
+    assert!(errors.is_empty(), "{errors:?}");
+    translate(&objects.services, &objects.slices, &NodeInfo::named(node))
+}
+
+fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
+    Frontend::cluster_ip(ip.parse().unwrap(), port, protocol)
+}
+
+fn ep(ip: &str, port: u16) -> Endpoint {
+    Endpoint { ip: ip.parse().unwrap(), port, local: false }
+}
+
+fn local_ep(ip: &str, port: u16) -> Endpoint {
+    Endpoint { ip: ip.parse().unwrap(), port, local: true }
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web-http}
+  - {name: metrics, port: 9090, targetPort: 9100}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: metrics, port: 9100, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: ["10.244.1.11"]
+  conditions: {ready: true}
+  nodeName: node-1
+- addresses: ["10.244.1.12"]
+  conditions: {ready: false}
+- addresses: ["10.244.1.13"]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- addresses: ["10.244.2.21"]
+  conditions: {ready: true}
+- addresses: ["10.244.1.11"]
+"#;
+
+#[test]
+fn multi_port_service_with_named_target_port_and_udp() {
+    let t = run(WEB);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services;
+    assert_eq!(s.len(), 3);
+    // The named targetPort "web-http" resolves through the slice's port named "http".
+    let http = &s[&fe("10.96.0.10", 80, Protocol::Tcp)];
+    assert_eq!(http.name, "shop/web:http");
+    // Slices merged, duplicates removed, the not-ready endpoint left out, nil ready = ready.
+    assert_eq!(http.backends, vec![ep("10.244.1.11", 8080), ep("10.244.1.13", 8080), ep("10.244.2.21", 8080)]);
+    let metrics = &s[&fe("10.96.0.10", 9090, Protocol::Tcp)];
+    assert_eq!(metrics.backends, vec![ep("10.244.1.11", 9100), ep("10.244.1.13", 9100)]);
+    let dns = &s[&fe("10.96.0.10", 53, Protocol::Udp)];
+    assert_eq!(dns.backends, vec![ep("10.244.1.11", 5353), ep("10.244.1.13", 5353)]);
+}
+
+#[test]
+fn unnamed_single_port_matches_unnamed_slice_port() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web-service}
+spec:
+  clusterIP: 10.104.123.59
+  ports: [{protocol: TCP, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-service-x, labels: {kubernetes.io/service-name: web-service}}
+addressType: IPv4
+ports: [{port: 80, protocol: TCP}]
+endpoints: [{addresses: ["10.244.1.11"]}]
+"#);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services[&fe("10.104.123.59", 80, Protocol::Tcp)];
+    assert_eq!(s.name, "default/web-service");
+    assert_eq!(s.backends, vec![ep("10.244.1.11", 80)]);
+}
+
+#[test]
+fn slices_of_other_services_namespaces_and_protocols_do_not_leak() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.9.9"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-udp, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 80, protocol: UDP}]
+endpoints: [{addresses: ["10.244.9.8"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00::1"]}]
+"#);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![]);
+}
+
+#[test]
+fn headless_external_name_and_foreign_proxy_services_program_nothing() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: google-svc}
+spec: {type: ExternalName, externalName: google.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: someone-else}}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+"#);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert!(t.state.services.is_empty());
+}
+
+#[test]
+fn service_without_slices_has_no_backends() {
+    let t = run(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n",
+    );
+    assert_eq!(t.state.services[&fe("10.96.0.9", 80, Protocol::Tcp)].backends, vec![]);
+}
+
+/// Each malformed Service is rejected alone, with the object and field named; the good one
+/// is still programmed.
+#[test]
+fn malformed_services_are_rejected_alone() {
+    let cases = [
+        ("no-ip", "{ports: [{port: 80}]}", "spec.clusterIP"),
+        ("bad-ip", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
+        ("no-ports", "{clusterIP: 10.96.0.31}", "spec.ports"),
+        ("port-zero", "{clusterIP: 10.96.0.32, ports: [{port: 0}]}", "spec.ports[0].port"),
+        ("port-big", "{clusterIP: 10.96.0.33, ports: [{port: 70000}]}", "spec.ports[0].port"),
+        ("sctp", "{clusterIP: 10.96.0.34, ports: [{port: 80, protocol: SCTP}]}", "spec.ports[0].protocol"),
+        ("proto", "{clusterIP: 10.96.0.35, ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol"),
+        ("unnamed", "{clusterIP: 10.96.0.36, ports: [{name: a, port: 80}, {port: 81}]}", "spec.ports[1].name"),
+        ("dup", "{clusterIP: 10.96.0.37, ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1]"),
+        ("type", "{type: Weird, clusterIP: 10.96.0.38, ports: [{port: 80}]}", "spec.type"),
+        ("no-spec", "null", "spec"),
+    ];
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n",
+    );
+    for (name, spec, _) in cases {
+        yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"));
+    }
+    let t = run(&yaml);
+    assert_eq!(t.state.services.keys().copied().collect::<Vec<_>>(), vec![fe("10.96.0.2", 80, Protocol::Tcp)]);
+    assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
+    for (name, _, field) in cases {
+        let e = t
+            .errors
+            .iter()
+            .find(|e| e.to_string().contains(&format!("default/{name}:")))
+            .unwrap_or_else(|| panic!("no error for {name}: {:#?}", t.errors));
+        assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+    }
+}
+
+#[test]
+fn malformed_slice_is_rejected_alone() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: good, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: ["10.244.1.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bad, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: ["10.244.1.2"]}, {addresses: ["not-an-ip"]}]
+"#);
+    assert_eq!(t.errors.len(), 1);
+    assert_eq!(
+        t.errors[0].to_string(),
+        "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address"
+    );
+    assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![ep("10.244.1.1", 8080)]);
+}
+
+#[test]
+fn two_services_claiming_one_frontend_conflict_and_the_first_wins() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+"#);
+    assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].name, "default/a");
+    assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
+}
+
+#[test]
+fn session_affinity_and_its_timeout() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lab}
+spec:
+  clusterIP: 10.96.0.1
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{name: a, port: 80}, {name: b, port: 81}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: default-timeout}
+spec: {clusterIP: 10.96.0.2, sessionAffinity: ClientIP, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: none}
+spec: {clusterIP: 10.96.0.3, sessionAffinity: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: too-long}
+spec:
+  clusterIP: 10.96.0.4
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zero}
+spec:
+  clusterIP: 10.96.0.5
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cookie}
+spec: {clusterIP: 10.96.0.6, sessionAffinity: Cookie, ports: [{port: 80}]}
+"#);
+    let s = &t.state.services;
+    // Every port of the Service gets the Service's affinity.
+    assert_eq!(s[&fe("10.96.0.1", 80, Protocol::Tcp)].affinity_timeout_s, Some(60));
+    assert_eq!(s[&fe("10.96.0.1", 81, Protocol::Tcp)].affinity_timeout_s, Some(60));
+    assert_eq!(s[&fe("10.96.0.2", 80, Protocol::Tcp)].affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    assert_eq!(s[&fe("10.96.0.3", 80, Protocol::Tcp)].affinity_timeout_s, None);
+    assert_eq!(s.len(), 4);
+    let mut errors: Vec<String> = t.errors.iter().map(|e| e.to_string()).collect();
+    errors.sort();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].contains("default/cookie: field spec.sessionAffinity:"), "{errors:#?}");
+    assert!(errors[1].contains("default/too-long: field spec.sessionAffinityConfig.clientIP.timeoutSeconds:"));
+    assert!(errors[2].contains("default/zero: field spec.sessionAffinityConfig.clientIP.timeoutSeconds:"));
+}
+
+/// The lab's `svc-np.yml`: the ClusterIP on the service port, and the node port.
+#[test]
+fn node_port_service_serves_its_cluster_ip_and_its_node_port() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: node-port}
+spec: {type: NodePort, clusterIP: 10.97.190.203, ports: [{port: 8080, protocol: TCP, targetPort: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: node-port-1, labels: {kubernetes.io/service-name: node-port}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.2.5"], nodeName: node-b}]
+"#);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services;
+    let cip = &s[&fe("10.97.190.203", 8080, Protocol::Tcp)];
+    assert!(!cip.external && !cip.local_only);
+    let np = &s[&Frontend::node_port(30080, Protocol::Tcp)];
+    assert!(np.external && !np.local_only);
+    assert_eq!(np.backends, vec![ep("10.244.2.5", 80)]);
+    // The ClusterIP with the node port is not a frontend.
+    assert!(!s.contains_key(&fe("10.97.190.203", 30080, Protocol::Tcp)));
+    assert_eq!(s.len(), 2);
+}
+
+const LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: load-bal}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.101.245.108
+  externalIPs: [192.168.49.50]
+  loadBalancerSourceRanges: [192.168.49.0/28, 10.0.0.7/32]
+  ports: [{port: 8080, protocol: TCP, targetPort: 80, nodePort: 30088}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 192.168.49.200}
+    - {ip: 192.168.49.201, ipMode: Proxy}
+    - {hostname: lb.example.com}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: load-bal-1, labels: {kubernetes.io/service-name: load-bal}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: ["10.244.1.5"], nodeName: node-a}
+- {addresses: ["10.244.2.5"], nodeName: node-b}
+"#;
+
+#[test]
+fn load_balancer_ingress_ips_external_ips_and_source_ranges() {
+    let t = run_on(LB, "node-a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services;
+    let all = vec![local_ep("10.244.1.5", 80), ep("10.244.2.5", 80)];
+    let lb = &s[&Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp)];
+    assert_eq!(lb.backends, all);
+    assert!(lb.external);
+    assert_eq!(lb.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["10.0.0.7/32", "192.168.49.0/28"]);
+    // ipMode: Proxy and hostname-only ingress entries are not served.
+    assert!(!s.contains_key(&Frontend::external("192.168.49.201".parse().unwrap(), 8080, Protocol::Tcp)));
+    // External IPs: served, without the source ranges (they are for LoadBalancer IPs).
+    let ext = &s[&Frontend::external("192.168.49.50".parse().unwrap(), 8080, Protocol::Tcp)];
+    assert!(ext.external && ext.source_ranges.is_empty());
+    // Node port: no source ranges either.
+    assert!(s[&Frontend::node_port(30088, Protocol::Tcp)].source_ranges.is_empty());
+    assert_eq!(s.len(), 4);
+    assert!(t.state.health_checks.is_empty());
+}
+
+#[test]
+fn traffic_policies_narrow_backends_per_kind_of_frontend() {
+    let local_ext = LB.replace(
+        "  type: LoadBalancer\n",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+    );
+    let t = run_on(&local_ext, "node-a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services;
+    // External frontends: local endpoints only, and marked local-only (drop when empty).
+    for f in [
+        Frontend::node_port(30088, Protocol::Tcp),
+        Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp),
+    ] {
+        assert_eq!(s[&f].backends, vec![local_ep("10.244.1.5", 80)], "{f}");
+        assert!(s[&f].local_only);
+    }
+    // The ClusterIP keeps every endpoint (internalTrafficPolicy is Cluster).
+    assert_eq!(s[&fe("10.101.245.108", 8080, Protocol::Tcp)].backends.len(), 2);
+    assert_eq!(t.state.health_checks[&32000], HealthCheck { service: "default/load-bal".into(), local_endpoints: 1 });
+
+    // On a node without local endpoints the external frontends are empty but present.
+    let t = run_on(&local_ext, "node-c");
+    assert!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.is_empty());
+    assert_eq!(t.state.health_checks[&32000].local_endpoints, 0);
+
+    let local_int = LB.replace("  type: LoadBalancer\n", "  type: LoadBalancer\n  internalTrafficPolicy: Local\n");
+    let t = run_on(&local_int, "node-b");
+    let cip = &t.state.services[&fe("10.101.245.108", 8080, Protocol::Tcp)];
+    assert_eq!(cip.backends, vec![local_ep("10.244.2.5", 80)]);
+    assert!(cip.local_only && !cip.external);
+    assert_eq!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.len(), 2);
+}
+
+#[test]
+fn malformed_external_fields_are_rejected_alone() {
+    let cases = [
+            ("np-missing", "{type: NodePort, clusterIP: 10.96.1.1, ports: [{port: 80}]}", "spec.ports[0].nodePort"),
+            ("np-big", "{type: NodePort, clusterIP: 10.96.1.2, ports: [{port: 80, nodePort: 70000}]}", "spec.ports[0].nodePort"),
+            ("etp", "{type: NodePort, externalTrafficPolicy: Nearby, clusterIP: 10.96.1.3, ports: [{port: 80, nodePort: 30003}]}", "spec.externalTrafficPolicy"),
+            ("itp", "{internalTrafficPolicy: Maybe, clusterIP: 10.96.1.4, ports: [{port: 80}]}", "spec.internalTrafficPolicy"),
+            ("ext-ip", "{clusterIP: 10.96.1.5, externalIPs: [not-an-ip], ports: [{port: 80}]}", "spec.externalIPs[0]"),
+            ("range", "{type: LoadBalancer, clusterIP: 10.96.1.6, loadBalancerSourceRanges: [10.0.0.0/33], ports: [{port: 80, nodePort: 30006}]}", "spec.loadBalancerSourceRanges[0]"),
+            ("hc", "{type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.1.7, ports: [{port: 80, nodePort: 30007}]}", "spec.healthCheckNodePort"),
+        ];
+    let mut yaml = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30002}]}\n");
+    for (name, spec, _) in cases {
+        yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"));
+    }
+    let t = run(&yaml);
+    assert_eq!(t.state.services.len(), 2, "only the good Service: {:#?}", t.state.services.keys());
+    assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
+    for (name, _, field) in cases {
+        let e = t.errors.iter().find(|e| e.to_string().contains(&format!("default/{name}:"))).unwrap();
+        assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+    }
+}
+
+#[test]
+fn two_services_on_one_node_port_conflict() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}]}
+"#);
+    assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
+    assert!(!t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b is rejected whole");
+}
+
+/// No two frontends of a translation share a datapath key (exact address frontends of
+/// either kind share one key space).
+fn keys_unique(state: &DesiredState) {
+    let mut keys = BTreeSet::new();
+    for f in state.services.keys() {
+        let exact = f.scope != Scope::NodePort;
+        assert!(keys.insert((exact, f.ip, f.port, f.protocol)), "two frontends on the key of {f}");
+    }
+}
+
+/// An external IP equal to another Service's ClusterIP (same port and protocol): the
+/// ClusterIP wins whatever the names or the order of the objects, and the other Service
+/// is rejected (reported as a conflict naming both).
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
+    let svc = |name: &str, spec: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    };
+    let slice = |svc: &str, ip: &str| {
+        format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n")
+    };
+    let key = fe("10.96.0.50", 80, Protocol::Tcp);
+    let ext = Frontend::external("10.96.0.50".parse().unwrap(), 80, Protocol::Tcp);
+    // The Service owning the ClusterIP sorts first, then last.
+    for (cip_name, ext_name) in [("a-cip", "z-ext"), ("z-cip", "a-ext")] {
+        let cip_svc = svc(cip_name, "{clusterIP: 10.96.0.50, ports: [{port: 80}]}") + &slice(cip_name, "10.244.1.1");
+        let ext_svc = svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{port: 80}]}")
+            + &slice(ext_name, "10.244.1.2");
+        let alone = run(&cip_svc);
+        for yaml in [cip_svc.clone() + &ext_svc, ext_svc.clone() + &cip_svc] {
+            let t = run(&yaml);
+            keys_unique(&t.state);
+            assert_eq!(t.state.services[&key].name, format!("default/{cip_name}"));
+            assert_eq!(t.state.services[&key].backends, vec![ep("10.244.1.1", 80)]);
+            assert!(!t.state.services.contains_key(&ext));
+            assert!(
+                !t.state.services.contains_key(&fe("10.96.0.60", 80, Protocol::Tcp)),
+                "the hijacking Service is rejected whole"
+            );
+            match &t.errors[..] {
+                [e @ TranslateError::Conflict { object, frontend, owner }] => {
+                    assert_eq!(
+                        (object.as_str(), owner.as_str()),
+                        (&*format!("default/{ext_name}"), &*format!("default/{cip_name}"))
+                    );
+                    assert_eq!(*frontend, ext);
+                    assert!(e.to_string().contains("10.96.0.50:80/TCP"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+            // Deleting the loser leaves the winner exactly as it was.
+            assert_eq!(alone.state, t.state);
+        }
+        // Deleting the winner lets the loser take the key.
+        let t = run(&ext_svc);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(t.state.services[&ext].name, format!("default/{ext_name}"));
+        assert_eq!(t.state.services[&ext].backends, vec![ep("10.244.1.2", 80)]);
+        assert!(t.state.services[&ext].external);
+    }
+    // Another port or protocol is another key: no conflict.
+    let t = run(&(svc("cip", "{clusterIP: 10.96.0.50, ports: [{port: 80}]}")
+            + &svc("ext", "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{name: t, port: 8080}, {name: u, port: 80, protocol: UDP}]}")));
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert_eq!(t.state.services.len(), 5);
+    // A LoadBalancer ingress IP on a ClusterIP is treated alike.
+    let t = run(&(svc("cip", "{clusterIP: 10.96.0.50, ports: [{port: 80}]}")
+        + &svc("lb", "{type: LoadBalancer, clusterIP: 10.96.0.60, ports: [{port: 80, nodePort: 30050}]}")
+        + "status: {loadBalancer: {ingress: [{ip: 10.96.0.50}]}}\n"));
+    assert!(
+        matches!(&t.errors[..], [TranslateError::Conflict { object, owner, .. }] if object == "default/lb" && owner == "default/cip"),
+        "{:?}",
+        t.errors
+    );
+    assert_eq!(t.state.services[&key].name, "default/cip");
+    // A Service's external IP equal to its own ClusterIP is served as the ClusterIP.
+    let t = run(&svc("own", "{clusterIP: 10.96.0.50, externalIPs: [10.96.0.50, 192.0.2.1], ports: [{port: 80}]}"));
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    keys_unique(&t.state);
+    assert!(!t.state.services[&key].external);
+    assert!(t.state.services[&Frontend::external("192.0.2.1".parse().unwrap(), 80, Protocol::Tcp)].external);
+    assert_eq!(t.state.services.len(), 2);
+}
+
+/// One endpoint row of the semantics table: address suffix, node, ready, serving,
+/// terminating (None = field absent), zone hints, node hints.
+type Row =
+    (u8, &'static str, Option<bool>, Option<bool>, Option<bool>, &'static [&'static str], &'static [&'static str]);
+
+/// A NodePort Service (ClusterIP 10.96.7.7:80, node port 30007) with `spec_extra` lines and
+/// one slice holding `rows`; returns the ClusterIP's and the node port's backend suffixes.
+fn semantics(spec_extra: &str, rows: &[Row], node: &NodeInfo) -> (Vec<u8>, Vec<u8>) {
+    let mut eps = String::new();
+    for (ip, node_name, ready, serving, terminating, zones, nodes) in rows {
+        eps.push_str(&format!("- addresses: [\"10.244.0.{ip}\"]\n  nodeName: {node_name}\n  conditions: {{"));
+        for (k, v) in [("ready", ready), ("serving", serving), ("terminating", terminating)] {
+            if let Some(v) = v {
+                eps.push_str(&format!("{k}: {v}, "));
+            }
+        }
+        eps.push_str("}\n");
+        if !zones.is_empty() || !nodes.is_empty() {
+            let list = |v: &[&str]| v.iter().map(|n| format!("{{name: {n}}}")).collect::<Vec<_>>().join(", ");
+            eps.push_str(&format!("  hints: {{forZones: [{}], forNodes: [{}]}}\n", list(zones), list(nodes)));
+        }
+    }
+    let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: t}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.7.7\n{spec_extra}  ports:\n  - {{port: 80, targetPort: 8080, nodePort: 30007}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  namespace: t\n  labels: {{kubernetes.io/service-name: s}}\naddressType: IPv4\nports:\n- {{port: 8080}}\nendpoints:\n{eps}"
+        );
+    let files = vec![(PathBuf::from("t.yaml"), yaml)];
+    let (objects, errors) = manifests::parse(&files);
+    assert!(errors.is_empty(), "{errors:?}");
+    let t = translate(&objects.services, &objects.slices, node);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let suffixes =
+        |f: Frontend| -> Vec<u8> { t.state.services[&f].backends.iter().map(|e| e.ip.octets()[3]).collect() };
+    (suffixes(fe("10.96.7.7", 80, Protocol::Tcp)), suffixes(Frontend::node_port(30007, Protocol::Tcp)))
+}
+
+#[test]
+fn endpoint_slice_semantics_table() {
+    let a = NodeInfo { name: "node-a".into(), zone: Some("zone-1".into()) };
+    let (t, f, n) = (Some(true), Some(false), None);
+    const NONE: &[&str] = &[];
+    type Case = (&'static str, &'static str, Vec<Row>, (Vec<u8>, Vec<u8>));
+    let cases: Vec<Case> = vec![
+        (
+            "ready endpoints are used, not-ready ones are not",
+            "",
+            vec![
+                (1, "node-a", t, t, f, NONE, NONE),
+                (2, "node-b", f, f, f, NONE, NONE),
+                (3, "node-b", n, n, n, NONE, NONE),
+            ],
+            (vec![1, 3], vec![1, 3]),
+        ),
+        (
+            "no ready endpoint: serving+terminating ones are the fallback",
+            "",
+            vec![
+                (1, "node-a", f, t, t, NONE, NONE),
+                (2, "node-b", f, f, t, NONE, NONE),
+                (3, "node-b", f, f, f, NONE, NONE),
+            ],
+            (vec![1], vec![1]),
+        ),
+        (
+            "a ready endpoint beats terminating ones",
+            "",
+            vec![(1, "node-a", f, t, t, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![2], vec![2]),
+        ),
+        (
+            "serving but not terminating (plain not-ready) is never a fallback",
+            "",
+            vec![(1, "node-a", f, t, f, NONE, NONE)],
+            (vec![], vec![]),
+        ),
+        (
+            "publishNotReadyAddresses: not-ready endpoints count as ready",
+            "  publishNotReadyAddresses: true\n",
+            vec![(1, "node-a", f, f, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![1, 2], vec![1, 2]),
+        ),
+        (
+            "eTP Local: only this node's ready endpoints",
+            "  externalTrafficPolicy: Local\n",
+            vec![(1, "node-a", t, t, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![1, 2], vec![1]),
+        ),
+        (
+            "eTP Local: local terminating fallback even when remote ready ones exist",
+            "  externalTrafficPolicy: Local\n",
+            vec![(1, "node-a", f, t, t, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![2], vec![1]),
+        ),
+        (
+            "iTP Local: the ClusterIP gets local endpoints only",
+            "  internalTrafficPolicy: Local\n",
+            vec![(1, "node-a", t, t, f, NONE, NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![1], vec![1, 2]),
+        ),
+        (
+            "zone hints honoured when all ready endpoints have them",
+            "  trafficDistribution: PreferClose\n",
+            vec![
+                (1, "node-a", t, t, f, &["zone-1"], NONE),
+                (2, "node-b", t, t, f, &["zone-2"], NONE),
+                (3, "node-c", t, t, f, &["zone-1"], NONE),
+            ],
+            (vec![1, 3], vec![1, 3]),
+        ),
+        (
+            "zone hints ignored when one ready endpoint lacks them",
+            "",
+            vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, NONE, NONE)],
+            (vec![1, 2], vec![1, 2]),
+        ),
+        (
+            "zone hints ignored when none is for this zone",
+            "",
+            vec![(1, "node-a", t, t, f, &["zone-2"], NONE), (2, "node-b", t, t, f, &["zone-3"], NONE)],
+            (vec![1, 2], vec![1, 2]),
+        ),
+        (
+            "not-ready endpoints without hints do not disable hints",
+            "",
+            vec![
+                (1, "node-a", t, t, f, &["zone-1"], NONE),
+                (2, "node-b", t, t, f, &["zone-2"], NONE),
+                (3, "node-b", f, f, f, NONE, NONE),
+            ],
+            (vec![1], vec![1]),
+        ),
+        (
+            "node hints (PreferSameNode) beat zone hints",
+            "",
+            vec![(1, "node-a", t, t, f, &["zone-1"], &["node-a"]), (2, "node-b", t, t, f, &["zone-1"], &["node-b"])],
+            (vec![1], vec![1]),
+        ),
+        (
+            "hints do not narrow the Local set",
+            "  externalTrafficPolicy: Local\n",
+            vec![(1, "node-a", t, t, f, &["zone-2"], NONE), (2, "node-b", t, t, f, &["zone-1"], NONE)],
+            (vec![2], vec![1]),
+        ),
+    ];
+    for (what, extra, rows, want) in cases {
+        assert_eq!(semantics(extra, &rows, &a), want, "{what}");
+    }
+    // A node without a zone label cannot use zone hints: every endpoint.
+    let rows: Vec<Row> = vec![(1, "node-a", t, t, f, &["zone-1"], NONE), (2, "node-b", t, t, f, &["zone-2"], NONE)];
+    assert_eq!(semantics("", &rows, &NodeInfo::named("node-a")), (vec![1, 2], vec![1, 2]));
+}
+
+/// kube-proxy drops under a Local policy only when the Service has usable endpoints
+/// elsewhere; with none anywhere it rejects (`hasEndpoints` false), as without the policy.
+#[test]
+fn local_policies_drop_only_when_endpoints_exist_elsewhere() {
+    // (what, endpoint conditions on node-b or "" for no slice, local_only expected)
+    let cases = [
+        ("no slice at all", None, false),
+        ("a slice without endpoints", Some(""), false),
+        ("ready endpoint on another node", Some("{ready: true}"), true),
+        ("not ready, not terminating: unusable", Some("{ready: false, serving: false, terminating: false}"), false),
+        ("serving while terminating elsewhere counts", Some("{ready: false, serving: true, terminating: true}"), true),
+        ("terminating, not serving: unusable", Some("{ready: false, serving: false, terminating: true}"), false),
+    ];
+    for (what, conditions, want) in cases {
+        let mut yaml = String::from(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t}\nspec:\n  type: NodePort\n  clusterIP: 10.96.8.8\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.8]\n  ports: [{port: 80, nodePort: 30008}]\n",
+            );
+        if let Some(c) = conditions {
+            let eps = if c.is_empty() {
+                "endpoints: []\n".to_string()
+            } else {
+                format!("endpoints: [{{addresses: [10.244.2.8], nodeName: node-b, conditions: {c}}}]\n")
+            };
+            yaml.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: t, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 80}}]\n{eps}"));
+        }
+        let t = run_on(&yaml, "node-a");
+        assert!(t.errors.is_empty(), "{what}: {:?}", t.errors);
+        for f in [
+            fe("10.96.8.8", 80, Protocol::Tcp),
+            Frontend::node_port(30008, Protocol::Tcp),
+            Frontend::external("192.0.2.8".parse().unwrap(), 80, Protocol::Tcp),
+        ] {
+            let sp = &t.state.services[&f];
+            assert!(sp.backends.is_empty(), "{what}: {f}");
+            assert_eq!(sp.local_only, want, "{what}: {f}");
+        }
+    }
+    // A local endpoint: Local as usual, whatever the rest of the cluster has.
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {internalTrafficPolicy: Local, clusterIP: 10.96.8.9, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.1.9], nodeName: node-a}]\n";
+    let sp = &run_on(yaml, "node-a").state.services[&fe("10.96.8.9", 80, Protocol::Tcp)];
+    assert!(sp.local_only);
+    assert_eq!(sp.backends, vec![local_ep("10.244.1.9", 80)]);
+}
+
+#[test]
+fn proxy_name_and_headless_labels_exclude_services_and_slices() {
+    let base = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: t, labels: {LABELS}}\nspec:\n  clusterIP: 10.96.7.8\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: t, labels: {kubernetes.io/service-name: s, SLICE}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.0.9]}]\n";
+    let count = |svc: &str, slice: &str| {
+        let t = run(&base.replace("LABELS", svc).replace("SLICE", slice));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        t.state.services.values().map(|s| s.backends.len()).collect::<Vec<_>>()
+    };
+    assert_eq!(count("app: x", "app: x"), vec![1]);
+    assert_eq!(count("service.kubernetes.io/service-proxy-name: other", "app: x"), Vec::<usize>::new());
+    assert_eq!(count("service.kubernetes.io/headless: \"\"", "app: x"), Vec::<usize>::new());
+    assert_eq!(count("app: x", "service.kubernetes.io/headless: \"\""), vec![0]);
+    assert_eq!(count("app: x", "service.kubernetes.io/service-proxy-name: other"), vec![0]);
+}
+
+#[test]
+fn dual_stack_services_are_served_on_their_ipv4_addresses() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00:10:96::a
+  clusterIPs: [fd00:10:96::a, 10.96.9.9]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: PreferDualStack
+  externalIPs: [2001:db8::1, 192.0.2.7]
+  loadBalancerSourceRanges: [2001:db8::/32, 198.51.100.0/24]
+  ports: [{port: 80, nodePort: 30090}]
+status:
+  loadBalancer:
+    ingress: [{ip: "2001:db8::99"}, {ip: 192.0.2.99}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v6-only, namespace: t}
+spec:
+  clusterIP: fd00:10:96::b
+  clusterIPs: [fd00:10:96::b]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: t}
+spec:
+  clusterIP: 10.96.9.10
+  clusterIPs: [10.96.9.10, not-an-ip]
+  ports: [{port: 80}]
+"#);
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    assert!(t.errors[0].to_string().contains("Service t/bad: field spec.clusterIPs[1]"), "{}", t.errors[0]);
+    let s = &t.state.services;
+    assert!(s.contains_key(&fe("10.96.9.9", 80, Protocol::Tcp)));
+    assert!(s.contains_key(&Frontend::node_port(30090, Protocol::Tcp)));
+    assert!(s.contains_key(&Frontend::external("192.0.2.7".parse().unwrap(), 80, Protocol::Tcp)));
+    let lb = &s[&Frontend::external("192.0.2.99".parse().unwrap(), 80, Protocol::Tcp)];
+    assert_eq!(lb.source_ranges, vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
+    assert_eq!(s.len(), 4, "the IPv6-only Service is left to an IPv6 proxy: {:?}", s.keys());
+}
+
+#[test]
+fn cidr_parsing_and_matching() {
+    let c: Cidr = "192.168.49.7/28".parse().unwrap();
+    assert_eq!(c.to_string(), "192.168.49.0/28");
+    assert!(c.contains("192.168.49.15".parse().unwrap()));
+    assert!(!c.contains("192.168.49.16".parse().unwrap()));
+    assert_eq!("10.0.0.1".parse::<Cidr>().unwrap().len, 32);
+    assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+    assert!("10.0.0.0/40".parse::<Cidr>().is_err());
+}
