@@ -29,6 +29,8 @@ use lb_userspace::{
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
 
+mod real;
+
 struct Opts {
     quick: bool,
     out: PathBuf,
@@ -64,10 +66,18 @@ fn main() -> Result<()> {
     md.push_str(&per_packet.markdown);
     progress("2/5 cost at scale");
     md.push_str(&scale(&opts)?);
-    progress("3/5 real TCP through network namespaces");
-    md.push_str(&end_to_end(&opts)?);
-    progress("4/5 control plane through the API server");
-    md.push_str(&api_control_plane(&opts)?);
+    if real::available() {
+        // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
+        progress("3-4/5 beside the real kube-proxy, through a real control plane");
+        md.push_str(&real::run(opts.quick)?);
+    } else {
+        // Without the Kubernetes binaries: kube-proxy-style iptables rules written here, and the
+        // test API server.
+        progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
+        md.push_str(&end_to_end(&opts)?);
+        progress("4/5 control plane through the test API server");
+        md.push_str(&api_control_plane(&opts)?);
+    }
     progress("5/5 verifier");
     md.push_str(&verifier()?);
 

@@ -26,8 +26,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
+    api::PostParams,
     config::{KubeConfigOptions, Kubeconfig},
     Api, Client, Config,
 };
@@ -61,6 +66,8 @@ pub enum ControlPlaneError {
     Kube(#[from] kube::Error),
     #[error("etcd: {0}")]
     Etcd(String),
+    #[error("object {what}: {source}")]
+    Json { what: String, source: serde_json::Error },
 }
 
 type Result<T, E = ControlPlaneError> = std::result::Result<T, E>;
@@ -505,6 +512,20 @@ impl ControlPlane {
         c
     }
 
+    /// Creates Services, EndpointSlices and Pods (JSON, `kind` set; namespace `default` if
+    /// none), `concurrency` requests at a time, as a controller would rather than kubectl's one
+    /// by one; returns the created objects (with what the API server filled in: ClusterIPs,
+    /// node ports) in the order given.
+    pub fn create_many(&self, objects: Vec<serde_json::Value>, concurrency: usize) -> Result<Vec<serde_json::Value>> {
+        let client = self.client();
+        self.run(async move {
+            futures::stream::iter(objects.into_iter().map(|o| create_one(client.clone(), o)))
+                .buffered(concurrency.max(1))
+                .try_collect()
+                .await
+        })
+    }
+
     /// Connects node namespace `node_ns` to the control plane: a veth pair (10.255.N.0/30)
     /// and a route to API_ADDR. Returns the node's address on that link.
     pub fn attach(&mut self, node_ns: &str) -> Result<Ipv4Addr> {
@@ -591,6 +612,34 @@ impl ControlPlane {
         }
         Ok(rev)
     }
+}
+
+async fn create_one(client: Client, obj: serde_json::Value) -> Result<serde_json::Value> {
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+    let what =
+        format!("{} {ns}/{}", obj["kind"].as_str().unwrap_or("?"), obj["metadata"]["name"].as_str().unwrap_or("?"));
+    let json = |source| ControlPlaneError::Json { what: what.clone(), source };
+    let pp = PostParams::default();
+    let created = match obj["kind"].as_str() {
+        Some("Service") => {
+            let o: Service = serde_json::from_value(obj).map_err(json)?;
+            serde_json::to_value(Api::<Service>::namespaced(client, &ns).create(&pp, &o).await?)
+        }
+        Some("EndpointSlice") => {
+            let o: EndpointSlice = serde_json::from_value(obj).map_err(json)?;
+            serde_json::to_value(Api::<EndpointSlice>::namespaced(client, &ns).create(&pp, &o).await?)
+        }
+        Some("Pod") => {
+            let o: Pod = serde_json::from_value(obj).map_err(json)?;
+            serde_json::to_value(Api::<Pod>::namespaced(client, &ns).create(&pp, &o).await?)
+        }
+        _ => {
+            return Err(ControlPlaneError::Missing(format!(
+                "{what}: create_many takes Services, EndpointSlices and Pods"
+            )))
+        }
+    };
+    created.map_err(json)
 }
 
 impl Drop for ControlPlane {

@@ -106,6 +106,8 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { quick } => {
             setup::setup()?;
+            // lb beside the real kube-proxy, on a real control plane.
+            k8s::ensure()?;
             // Release builds: the agent's YAML parsing and the load clients are timed too.
             run(cargo().args([
                 "build",
