@@ -33,17 +33,20 @@ mod real;
 
 struct Opts {
     quick: bool,
+    /// Only the sections on the real control plane (3 and 4), e.g. after a change to them.
+    real_only: bool,
     out: PathBuf,
 }
 
 fn main() -> Result<()> {
-    let mut opts = Opts { quick: false, out: PathBuf::from("bench/results") };
+    let mut opts = Opts { quick: false, real_only: false, out: PathBuf::from("bench/results") };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--real-only" => opts.real_only = true,
             "--out" => opts.out = PathBuf::from(args.next().context("--out DIR")?),
-            other => bail!("unknown argument {other} (expected --quick, --out DIR)"),
+            other => bail!("unknown argument {other} (expected --quick, --real-only, --out DIR)"),
         }
     }
     let mut md = String::new();
@@ -60,6 +63,11 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
+    if opts.real_only {
+        md.push_str(&real::run(opts.quick)?);
+        println!("{md}");
+        return Ok(());
+    }
 
     progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
     let per_packet = per_packet(&opts)?;

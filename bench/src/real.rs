@@ -234,6 +234,17 @@ impl Bench {
     }
 
     fn stop_proxy(&mut self, proxy: Proxy) -> Result<()> {
+        self.stop_proxy_only(proxy)?;
+        // The benchmark's clients reuse source ports within seconds (they close with RST). A
+        // netfilter entry left from the last proxy's flows (lb's translated flows are tracked
+        // too, once any netfilter NAT is loaded in the namespace) would clash with the next
+        // proxy's DNAT of the same client port, and that SYN is dropped: start from an empty
+        // table, as a node that switched proxies and waited would have.
+        self.lab.exec(&self.a.ns, &["conntrack", "-F"]).context("conntrack -F (is conntrack installed?)")?;
+        Ok(())
+    }
+
+    fn stop_proxy_only(&mut self, proxy: Proxy) -> Result<()> {
         match proxy {
             Proxy::Lb => {
                 self.lab.kill_agent(&self.a);
