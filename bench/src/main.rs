@@ -459,7 +459,9 @@ fn scale(opts: &Opts) -> Result<String> {
     let mut mem_rows = String::new();
     for &n in sizes {
         progress(&format!("  {n} services"));
-        let mut loaded = load(&format!("scale{n}"), Config { sizes: MapSizes::default(), ..Config::default() })?;
+        // Room for every Service's Maglev table (about 16 slots a backend) and backend.
+        let map_sizes = MapSizes { maglev: 16 << 20, backends: 1 << 20, ..MapSizes::default() };
+        let mut loaded = load(&format!("scale{n}"), Config { sizes: map_sizes, ..Config::default() })?;
         let state = services(n, false);
         let t = Instant::now();
         let report = loaded.dp.apply(&state);
@@ -496,19 +498,24 @@ fn scale(opts: &Opts) -> Result<String> {
             new_flow / base
         )?;
         if n == *sizes.last().expect("non-empty") {
-            let service_bytes: u64 = ["LB_SERVICES", "LB_BACKEND_SLOTS", "LB_BACKEND_MEMBERS", "LB_SERVICE_NAMES"]
-                .iter()
-                .map(|m| map_memory(&loaded.pin, m))
-                .sum::<Result<u64>>()?;
-            let ct = map_memory(&loaded.pin, "LB_CONNTRACK")?;
+            let service_bytes: u64 =
+                ["LB_SERVICES", "LB_MAGLEV", "LB_BACKENDS", "LB_BACKEND_MEMBERS", "LB_SERVICE_NAMES"]
+                    .iter()
+                    .map(|m| map_memory(&loaded.pin, m))
+                    .sum::<Result<u64>>()?;
+            let ct = map_memory(&loaded.pin, lb_common::MAP_CT4)?;
+            let ct_new = map_memory(&loaded.pin, lb_common::MAP_CT4_NEW)?;
             let endpoints: usize = state.services.values().map(|s| s.backends.len()).sum();
             writeln!(
                 mem_rows,
-                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, slots, memberships, names; maps without preallocation grow with use). Conntrack is preallocated: {} entries take {:.1} MiB, {:.0} bytes per flow (two entries).\n",
+                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, Maglev tables and backends (preallocated arrays: their share at this size), memberships, names). Conntrack is preallocated: the assured table's {} entries take {:.1} MiB, the LRU's {} entries {:.1} MiB; {:.0} bytes per flow (two entries, key and value {} bytes each, with the kernel's element header).\n",
                 service_bytes as f64 / n as f64,
                 lb_common::CONNTRACK_MAX_ENTRIES,
                 ct as f64 / (1 << 20) as f64,
-                2.0 * ct as f64 / lb_common::CONNTRACK_MAX_ENTRIES as f64
+                lb_common::CONNTRACK_NEW_MAX_ENTRIES,
+                ct_new as f64 / (1 << 20) as f64,
+                2.0 * ct as f64 / lb_common::CONNTRACK_MAX_ENTRIES as f64,
+                std::mem::size_of::<lb_common::CtKey4>() + std::mem::size_of::<lb_common::CtValue4>()
             )?;
         }
     }
@@ -787,7 +794,20 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
         api.compact();
         let t = Instant::now();
         let kc = api.kubeconfig().to_str().context("utf-8 path")?.to_string();
-        lab.spawn_agent(&node, &["--kubeconfig", &kc], &["--no-xdp", "--no-socket-lb", "--metrics-addr", ""])?;
+        lab.spawn_agent(
+            &node,
+            &["--kubeconfig", &kc],
+            &[
+                "--no-xdp",
+                "--no-socket-lb",
+                "--metrics-addr",
+                "",
+                "--map-maglev",
+                "16777216",
+                "--map-backends",
+                "1048576",
+            ],
+        )?;
         while !lab.agent_log(&node).contains("agent ready") {
             if t.elapsed() > Duration::from_secs(300) {
                 bail!("agent not ready after 300 s:\n{}", lab.agent_log(&node));

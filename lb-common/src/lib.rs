@@ -4,7 +4,7 @@
 //! padding is always written as zero: hash maps compare keys as raw bytes. Addresses are stored in
 //! 16 bytes with a family tag, so IPv6 can be added without changing the IPv4 layout; an IPv4
 //! address lives in `addr[0]` (network byte order) with the other words zero.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "user")), no_std)]
 
 /// Address family tags, stored in keys and values next to the 16-byte address.
 pub const FAMILY_IPV4: u8 = 4;
@@ -20,33 +20,68 @@ pub const PROTO_UDP: u8 = 17;
 pub const SCOPE_EXACT: u8 = 0;
 pub const SCOPE_NODEPORT: u8 = 1;
 
-/// Largest backend set a single service port may have; bounds the slot index in the datapath.
+/// Largest backend set a single service port may have (kube-proxy's endpoint cut, applied by
+/// the translation); its Maglev table then has 65,537 slots.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
 
 /// Default map capacities (entries). The agent may override them at load time.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
-pub const BACKEND_SLOTS_MAX_ENTRIES: u32 = 1_048_576;
+/// Distinct backends (address, port) over all frontends: `LB_BACKENDS` is an array.
+pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Maglev table slots over all frontends (about 16 per backend of each frontend).
+pub const MAGLEV_MAX_ENTRIES: u32 = 4_194_304;
+/// Backend memberships (service, backend) over all frontends.
+pub const BACKEND_MEMBERS_MAX_ENTRIES: u32 = 1_048_576;
+/// Assured flows (two entries each); the LRU of new and finished flows has its own size.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+pub const CONNTRACK_NEW_MAX_ENTRIES: u32 = 131_072;
 pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
 /// Names of the maps, as declared in `lb-ebpf` and pinned under the agent's pin directory.
 pub const MAP_SERVICES: &str = "LB_SERVICES";
-pub const MAP_BACKEND_SLOTS: &str = "LB_BACKEND_SLOTS";
-pub const MAP_CONNTRACK: &str = "LB_CONNTRACK";
+/// Backend id -> backend: what a Maglev table slot names.
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Every frontend's Maglev table, one after another: slot -> backend id.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// Assured IPv4 flows: a preallocated hash that never evicts.
+pub const MAP_CT4: &str = "LB_CT4";
+/// New and finished IPv4 flows: an LRU with per-CPU lists.
+pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
+/// The conntrack map of layout version 4 and before (both directions, 16-byte addresses):
+/// migrated into `LB_CT4`/`LB_CT4_NEW` and removed.
+pub const MAP_CONNTRACK_V4: &str = "LB_CONNTRACK";
 pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_SERVICE_STATS: &str = "LB_SERVICE_STATS";
 pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
-pub const MAP_PORTS: &str = "LB_PORTS";
 
-/// `LB_PORTS[port]` flags: a cheap pre-filter ahead of the hash lookups.
-/// Some frontend (ClusterIP, node port, LoadBalancer or external IP) listens on this port.
-pub const PORT_FRONTEND: u8 = 1 << 0;
-/// Some backend listens on this port: a packet from it may be a reply to translate.
-pub const PORT_BACKEND: u8 = 1 << 1;
+/// The pre-filter ahead of every hash lookup: two bitmaps of `FILTER_BITS` bits each, in one
+/// array of u64 words. A frontend (address, port, protocol) sets its bit in the first, a
+/// backend (address, port, protocol) its bit in the second; a packet whose destination has no
+/// frontend bit and whose source has no backend bit is none of ours, and costs two array
+/// loads (which the verifier inlines), however many Services exist. A set bit may be another
+/// key's (a false positive only costs the lookups it would have cost anyway).
+pub const MAP_FILTER: &str = "LB_FILTER";
+pub const FILTER_BITS_LOG2: u32 = 21;
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+/// Word offset of the frontend bitmap and of the backend bitmap.
+pub const FILTER_FRONTENDS: u32 = 0;
+pub const FILTER_BACKENDS: u32 = FILTER_WORDS;
+
+/// The filter bit of an (address, port, protocol), all as in the packet (network order). An
+/// IPv6 address is folded into `addr` first (`fold_v6`).
+#[inline(always)]
+pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
+    let mut h = addr.wrapping_mul(0x9e37_79b1) ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2c1b_3c6d);
+    h ^= h >> 12;
+    h >> (32 - FILTER_BITS_LOG2)
+}
+
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
@@ -82,7 +117,7 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -115,29 +150,25 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Stable identifier of this frontend; keys the backend slots and the names map.
+    /// Stable identifier of this frontend; keys the names, the counters and the memberships.
     pub id: u32,
     /// Number of ready backends; zero means "reject new connections".
     pub backend_count: u16,
-    /// Which generation of slots is live. The agent writes a new generation beside the old one
-    /// and then flips this field in one map update, so a packet never sees a half-written set.
+    /// Bumped whenever the backend set changes: an affinity pin made under another generation
+    /// has its backend's membership checked once.
     pub generation: u16,
     /// `SVC_FLAG_*`.
     pub flags: u32,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`, when `SVC_FLAG_AFFINITY` is set.
     pub affinity_timeout_s: u32,
+    /// The frontend's Maglev table: `LB_MAGLEV[table_off .. table_off + table_size]`. A new
+    /// backend set gets a new table beside the old, and this entry flips to it in one update,
+    /// so a packet never sees a half-written table.
+    pub table_off: u32,
+    pub table_size: u32,
 }
 
-/// One slot of a service's backend set: `slot` in `0..backend_count` of `generation`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub generation: u16,
-    pub slot: u16,
-}
-
-/// A backend endpoint. Stored inline in the slot so selection costs one lookup.
+/// A backend endpoint, `LB_BACKENDS[id]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend {
@@ -186,65 +217,225 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
-/// Connection tracking direction, part of [`CtKey`].
+/// Connection tracking direction, part of [`CtKey4`].
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// A flow as seen on the wire. Forward entries are keyed on the client's packet (destination =
-/// the service frontend), reply entries on the backend's reply (source = the backend).
+/// An IPv4 flow as seen on the wire. Forward entries are keyed on the client's packet
+/// (destination = the service frontend), reply entries on the backend's reply (source = the
+/// backend). 16 bytes, so the table's hash reads four words.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtKey {
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
+pub struct CtKey4 {
+    /// Network byte order.
+    pub src: u32,
+    /// Network byte order.
+    pub dst: u32,
     /// Network byte order.
     pub sport: u16,
     /// Network byte order.
     pub dport: u16,
     pub proto: u8,
-    pub family: u8,
     pub dir: u8,
-    pub _pad: u8,
+    pub _pad: u16,
 }
 
-/// CT state flags.
-/// The flow saw a FIN or RST: it is closing and lives only for the close timeout.
-pub const CT_FLAG_CLOSING: u8 = 1 << 0;
-/// The flow saw a packet from the backend.
-pub const CT_FLAG_REPLIED: u8 = 1 << 1;
+/// `CtValue4::flags`.
 /// The flow's source is translated too (`snat_addr:snat_port`).
-pub const CT_FLAG_SNAT: u8 = 1 << 2;
+pub const CT_FLAG_SNAT: u8 = 1 << 0;
 /// After translation the packet's source is one of this node's own addresses (SNAT to the
 /// node, or a reply from a node port). The stack drops a received packet with a local source
 /// as a martian (`fib_validate_source`), so the datapath routes it itself (FIB lookup, then
 /// `bpf_redirect_neigh` at tc or `XDP_TX`/redirect at XDP) instead of passing it up.
-pub const CT_FLAG_ROUTE: u8 = 1 << 3;
+pub const CT_FLAG_ROUTE: u8 = 1 << 1;
+/// The other direction's `CT_FLAG_ROUTE`, so either entry can rebuild its peer.
+pub const CT_FLAG_PEER_ROUTE: u8 = 1 << 2;
+/// A packet of the reply direction was seen.
+pub const CT_FLAG_REPLIED: u8 = 1 << 3;
+/// The client side (forward direction) sent a FIN.
+pub const CT_FLAG_FIN_FORWARD: u8 = 1 << 4;
+/// The backend side (reply direction) sent a FIN.
+pub const CT_FLAG_FIN_REPLY: u8 = 1 << 5;
+/// The entry lives in the assured table (`LB_CT4`), whose entries are never evicted; others
+/// live in the LRU table (`LB_CT4_NEW`). netfilter's `IPS_ASSURED`.
+pub const CT_FLAG_ASSURED: u8 = 1 << 6;
 
-/// The translation of a tracked flow.
+/// TCP states, as netfilter's `nf_conntrack_proto_tcp.c` names them; UDP flows stay `NONE`.
+pub const CT_NONE: u8 = 0;
+pub const CT_SYN_SENT: u8 = 1;
+pub const CT_SYN_RECV: u8 = 2;
+pub const CT_ESTABLISHED: u8 = 3;
+/// One side sent a FIN that was not acknowledged yet.
+pub const CT_FIN_WAIT: u8 = 4;
+/// One side's FIN was acknowledged; the other side still sends.
+pub const CT_CLOSE_WAIT: u8 = 5;
+/// Both sides sent a FIN; the last one awaits its ACK.
+pub const CT_LAST_ACK: u8 = 6;
+pub const CT_TIME_WAIT: u8 = 7;
+/// A RST was seen.
+pub const CT_CLOSE: u8 = 8;
+/// UDP (and other datagram) flows: one state, lifetime from the UDP timeout.
+pub const CT_UDP: u8 = 9;
+/// Number of states: the size of the timeout table.
+pub const CT_STATES: usize = 10;
+
+/// The state's readable name, for `lb list`.
+pub const fn ct_state_name(state: u8) -> &'static str {
+    match state {
+        CT_NONE => "NONE",
+        CT_SYN_SENT => "SYN_SENT",
+        CT_SYN_RECV => "SYN_RECV",
+        CT_ESTABLISHED => "ESTABLISHED",
+        CT_FIN_WAIT => "FIN_WAIT",
+        CT_CLOSE_WAIT => "CLOSE_WAIT",
+        CT_LAST_ACK => "LAST_ACK",
+        CT_TIME_WAIT => "TIME_WAIT",
+        CT_CLOSE => "CLOSE",
+        CT_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+/// The translation and state of a tracked IPv4 flow; both entries of a flow carry the same
+/// state and flags (but their own `ROUTE` bit).
 ///
 /// Forward entry: destination becomes `nat_addr:nat_port` (the backend); with `CT_FLAG_SNAT`
 /// the source becomes `snat_addr:snat_port` (the node or hairpin address).
 /// Reply entry: source becomes `nat_addr:nat_port` (the frontend the client used); with
 /// `CT_FLAG_SNAT` the destination becomes `snat_addr:snat_port` (the original client).
+/// Times are the kernel's jiffies, low 32 bits (`bpf_jiffies64`, which the verifier inlines
+/// into a plain load): ages are compared with wrapping arithmetic, right for any age below
+/// 2^31 jiffies (24 days at HZ=1000), far above every lifetime.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtValue {
-    pub nat_addr: [u32; 4],
-    pub snat_addr: [u32; 4],
+pub struct CtValue4 {
+    /// Network byte order.
+    pub nat_addr: u32,
+    /// Network byte order.
+    pub snat_addr: u32,
     /// Network byte order.
     pub nat_port: u16,
     /// Network byte order.
     pub snat_port: u16,
+    /// `CT_*` state.
+    pub state: u8,
+    /// `CT_FLAG_*`.
     pub flags: u8,
-    pub family: u8,
     pub _pad: u16,
     pub service_id: u32,
-    pub _pad2: u32,
-    /// `bpf_ktime_get_ns` time after which the entry is dead.
-    pub expires_ns: u64,
-    /// `bpf_ktime_get_ns` time of creation, for inspection.
-    pub created_ns: u64,
+    /// When a packet last refreshed the entry (at most every `CT_REFRESH` jiffies).
+    pub last_seen: u32,
+    /// When the flow was created.
+    pub created: u32,
 }
+
+/// What a packet of a tracked flow does to its state, netfilter's TCP state table reduced to
+/// what a translator needs (no sequence-window tracking). Pure, so the datapath, the agent
+/// and the tests share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtStep {
+    /// Keep the flow, with this state and flags.
+    To(u8, u8),
+    /// A new connection on the tuple of a finished one (a SYN in TIME_WAIT or CLOSE): a fresh
+    /// flow, with a fresh backend choice (netfilter's port reuse).
+    Restart,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The next state of a TCP flow in `state` with `flags`, for a packet of direction `dir`
+/// carrying `tcp`, the TCP flags byte.
+#[inline(always)]
+pub fn tcp_step(state: u8, flags: u8, dir: u8, tcp: u8) -> CtStep {
+    let reply = dir == CT_DIR_REPLY;
+    let flags = if reply { flags | CT_FLAG_REPLIED } else { flags };
+    if tcp & TCP_RST != 0 {
+        return CtStep::To(CT_CLOSE, flags);
+    }
+    if tcp & TCP_SYN != 0 {
+        let ack = tcp & TCP_ACK != 0;
+        return match (state, reply, ack) {
+            (CT_TIME_WAIT | CT_CLOSE, false, false) => CtStep::Restart,
+            (CT_SYN_SENT, true, true) => CtStep::To(CT_SYN_RECV, flags),
+            (CT_NONE, false, false) => CtStep::To(CT_SYN_SENT, flags),
+            // Retransmissions, and SYNs inside a live connection: no change.
+            _ => CtStep::To(state, flags),
+        };
+    }
+    if tcp & TCP_FIN != 0 {
+        let fin = if reply { CT_FLAG_FIN_REPLY } else { CT_FLAG_FIN_FORWARD };
+        let flags = flags | fin;
+        if state >= CT_TIME_WAIT {
+            return CtStep::To(state, flags);
+        }
+        let both = flags & (CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY) == CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY;
+        return CtStep::To(if both { CT_LAST_ACK } else { CT_FIN_WAIT }, flags);
+    }
+    if tcp & TCP_ACK == 0 {
+        return CtStep::To(state, flags);
+    }
+    // A plain ACK (or data).
+    let fin_of_other = if reply { CT_FLAG_FIN_FORWARD } else { CT_FLAG_FIN_REPLY };
+    let next = match state {
+        CT_SYN_RECV if !reply => CT_ESTABLISHED,
+        // Picked up mid-stream (its entry was lost, or it predates us): it is established.
+        CT_NONE => CT_ESTABLISHED,
+        CT_FIN_WAIT if flags & fin_of_other != 0 => CT_CLOSE_WAIT,
+        CT_LAST_ACK => CT_TIME_WAIT,
+        s => s,
+    };
+    CtStep::To(next, flags)
+}
+
+/// Whether a flow in `state` with `flags` belongs in the assured table: a TCP connection whose
+/// handshake completed (or that was picked up mid-stream and answered) and has not finished,
+/// or a UDP flow that has been answered for a while (`udp_stream`, netfilter's UDP "stream").
+#[inline(always)]
+pub fn ct_assured(state: u8, flags: u8, udp_stream: bool) -> bool {
+    match state {
+        CT_ESTABLISHED | CT_FIN_WAIT | CT_CLOSE_WAIT | CT_LAST_ACK => flags & CT_FLAG_REPLIED != 0,
+        CT_UDP => udp_stream && flags & CT_FLAG_REPLIED != 0,
+        _ => false,
+    }
+}
+
+/// The other direction's key and entry of a flow, rebuilt from one of its entries. A forward
+/// entry (client -> frontend) knows the backend and the SNAT source; a reply entry (backend ->
+/// client or SNAT source) knows the frontend and the client. The state, times and service are
+/// shared; the `ROUTE` bits swap.
+#[inline(always)]
+pub fn ct_peer(k: &CtKey4, e: &CtValue4) -> (CtKey4, CtValue4) {
+    let snat = e.flags & CT_FLAG_SNAT != 0;
+    let flags = (e.flags & !(CT_FLAG_ROUTE | CT_FLAG_PEER_ROUTE))
+        | if e.flags & CT_FLAG_ROUTE != 0 { CT_FLAG_PEER_ROUTE } else { 0 }
+        | if e.flags & CT_FLAG_PEER_ROUTE != 0 { CT_FLAG_ROUTE } else { 0 };
+    let mut v = *e;
+    v.flags = flags;
+    let key = |src, dst, sport, dport, dir| CtKey4 { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
+    if k.dir == CT_DIR_FORWARD {
+        // Replies come from the backend to the SNAT source, or to the client.
+        let (dst, dport) = if snat { (e.snat_addr, e.snat_port) } else { (k.src, k.sport) };
+        v.nat_addr = k.dst;
+        v.nat_port = k.dport;
+        v.snat_addr = k.src;
+        v.snat_port = k.sport;
+        (key(e.nat_addr, dst, e.nat_port, dport, CT_DIR_REPLY), v)
+    } else {
+        // The client's packets go to the frontend; the backend is the reply's source, the
+        // SNAT source its destination.
+        v.nat_addr = k.src;
+        v.nat_port = k.sport;
+        v.snat_addr = if snat { k.dst } else { 0 };
+        v.snat_port = if snat { k.dport } else { 0 };
+        (key(e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD), v)
+    }
+}
+
+/// A UDP flow answered and older than this (seconds) counts as a stream (netfilter: 2 s).
+pub const CT_UDP_STREAM_S: u32 = 2;
 
 /// Traffic a service frontend received (client to service direction), per CPU, indexed by
 /// service id.
@@ -398,13 +589,16 @@ pub enum Counter {
     /// A packet the datapath would forward itself had TTL <= 1: dropped, as a router drops it
     /// (without the ICMP time exceeded a router sends).
     DropTtlExpired = 23,
+    /// A flow became assured but the assured conntrack table was full: it stays in the LRU
+    /// table, where a flood of new flows can evict it. The agent's collection makes room.
+    CtAssuredFull = 24,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
 pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 24;
+pub const COUNTER_MAX: u32 = 25;
 /// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
@@ -435,6 +629,7 @@ impl Counter {
         Counter::DropFragNoFirst,
         Counter::IcmpTranslated,
         Counter::DropTtlExpired,
+        Counter::CtAssuredFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -463,6 +658,7 @@ impl Counter {
             Counter::DropFragNoFirst => "drop_frag_no_first",
             Counter::IcmpTranslated => "icmp_translated",
             Counter::DropTtlExpired => "drop_ttl_expired",
+            Counter::CtAssuredFull => "ct_assured_full",
         }
     }
 }
@@ -495,20 +691,19 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// Slot a flow hash selects among `count` backends (`count` > 0).
+/// Slot a flow hash selects in a table of `size` slots (`size` > 0).
 #[inline(always)]
-pub fn select_slot(hash: u32, count: u16) -> u16 {
+pub fn select_slot(hash: u32, size: u32) -> u32 {
     // Multiply-shift instead of `%`: no division on the fast path, same uniformity.
-    (((hash as u64) * (count as u64)) >> 32) as u16
+    (((hash as u64) * (size as u64)) >> 32) as u32
 }
 
 // The datapath and the agent must agree on these sizes; a change here is a layout change.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
-const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
@@ -522,15 +717,17 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
 #[cfg(feature = "user")]
+pub mod maglev;
+
+#[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all types are repr(C), Copy, made only of integers, with explicit padding.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtKey4 {}
+    unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -549,14 +746,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selection_stays_in_range_for_every_count() {
-        for count in 1..=64u16 {
+    fn selection_stays_in_range_for_every_size() {
+        for size in (1..=64u32).chain([61, 65_537]) {
             for port in 0..2000u16 {
                 let h = flow_hash(0x0501_f40a, 0x0a00_600a, port.to_be(), 80u16.to_be(), PROTO_TCP);
-                assert!(select_slot(h, count) < count);
+                assert!(select_slot(h, size) < size);
             }
         }
-        assert_eq!(select_slot(u32::MAX, MAX_BACKENDS_PER_SERVICE), MAX_BACKENDS_PER_SERVICE - 1);
+        assert_eq!(select_slot(u32::MAX, 65_537), 65_536);
     }
 
     /// Linux hands out ephemeral ports close together; they must still spread evenly.

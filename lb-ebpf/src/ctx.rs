@@ -10,14 +10,16 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use lb_common::Counter;
 
 use crate::{
-    nat::{csum_replace2, csum_replace4},
+    nat::{fold, wsum_add},
     parse::{ptr_at, Frag, Headers},
     reject,
     stats::count,
@@ -89,9 +91,10 @@ pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
 
-    /// Updates the L4 checksum at `off` for an address change (part of the pseudo-header)
-    /// and a port change. `udp`: a zero checksum means "none" and stays zero.
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64>;
+    /// Updates the L4 checksum at `off` for address changes (the pseudo-header) adding
+    /// `addr_diff` and port changes adding `port_diff` (32-bit ones' complement partial sums).
+    /// `udp`: a zero checksum means "none" and stays zero.
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64>;
 
     /// Refuses a new connection to a frontend without backends; returns the verdict.
     fn refuse(&self, h: &Headers) -> i32;
@@ -109,6 +112,14 @@ pub trait Packet {
 
     /// Length of the whole packet as received (for tc, including non-linear parts).
     fn packet_len(&self) -> u32;
+
+    /// Reads `N` bytes at `off` with a helper: for the rare packets whose offsets vary too
+    /// much for direct access (ICMP errors behind IP options); the helper checks the bounds.
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+
+    /// Writes `bytes` at `off` with a helper, checksums left as they are (the caller fixes
+    /// them by hand). Packet pointers taken before are invalid afterwards.
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()>;
 
     /// The packet's L4 checksum may be a CHECKSUM_PARTIAL pseudo-header sum, which only an
     /// skb-aware update gets right: a hook that cannot tell leaves the packet to one that can.
@@ -152,11 +163,27 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64> {
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        TcContext::load::<[u8; N]>(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
+        TcContext::store(self, off, bytes, 0).ok()
+    }
+
+    /// One `bpf_l4_csum_replace` per kind of change, each given its precomputed difference
+    /// (size 0): the address part with BPF_F_PSEUDO_HDR, which is all a CHECKSUM_PARTIAL
+    /// packet's field needs (the device sums the ports itself; `inet_proto_csum_replace_by_diff`),
+    /// and the port part without.
+    #[inline(always)]
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
         let mangled0 = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-        self.l4_csum_replace(off, addr.0 as u64, addr.1 as u64, BPF_F_PSEUDO_HDR as u64 | mangled0 | 4)?;
-        if port.0 != port.1 {
-            self.l4_csum_replace(off, port.0 as u64, port.1 as u64, mangled0 | 2)?;
+        if addr_diff != 0 {
+            self.l4_csum_replace(off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)?;
+        }
+        if port_diff != 0 {
+            self.l4_csum_replace(off, 0, port_diff as u64, mangled0)?;
         }
         Ok(())
     }
@@ -214,7 +241,24 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr: (u32, u32), port: (u16, u16), udp: bool) -> Result<(), i64> {
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        // SAFETY: helper call with a stack buffer of the size we pass.
+        let rc = unsafe { bpf_xdp_load_bytes(self.as_ptr() as *mut _, off as u32, b.as_mut_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(b)
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
+        // SAFETY: helper call with a stack buffer of the size we pass.
+        let rc =
+            unsafe { bpf_xdp_store_bytes(self.as_ptr() as *mut _, off as u32, bytes.as_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(())
+    }
+
+    /// Frames from a wire carry complete checksums: one update by hand.
+    #[inline(always)]
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
         let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
@@ -222,8 +266,7 @@ impl Packet for XdpContext {
             if udp && old == 0 {
                 return Ok(());
             }
-            let mut c = csum_replace4(old, addr.0, addr.1);
-            c = csum_replace2(c, port.0, port.1);
+            let mut c = !fold(wsum_add(wsum_add(!old as u32, addr_diff), port_diff));
             if udp && c == 0 {
                 // RFC 768: a computed zero is sent as all ones.
                 c = 0xffff;

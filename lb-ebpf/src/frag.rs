@@ -11,10 +11,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{FragKey, FragValue, FAMILY_IPV4, PROTO_TCP};
 
-use crate::{
-    maps::LB_FRAGMENTS,
-    parse::{Headers, TCP_FLAG_ACK},
-};
+use crate::{maps::LB_FRAGMENTS, parse::Headers};
 
 /// Linux's default `ipfrag_time`: a datagram not reassembled by then is dropped anyway, and an
 /// older entry may belong to an earlier datagram with the same (wrapped) id.
@@ -58,7 +55,7 @@ pub fn follow_first(h: &mut Headers) -> bool {
     h.flow.dport = v.dport;
     if h.flow.proto == PROTO_TCP {
         // Neutral for conntrack: neither opens nor closes a connection.
-        h.tcp_flags = TCP_FLAG_ACK;
+        h.tcp_flags = lb_common::TCP_ACK;
     }
     true
 }

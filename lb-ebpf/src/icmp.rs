@@ -5,15 +5,13 @@
 //! view: the quoted addresses and ports, the quoted IP and L4 checksums, the ICMP checksum,
 //! and the outer addresses where they are ours (the backend or the SNAT address).
 //!
-//! Both IP headers must be option-free (fixed offsets; parse.rs leaves others untouched).
-use lb_common::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, PROTO_TCP};
+use lb_common::{CtValue4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, PROTO_TCP};
 
 use crate::{
-    conntrack::key,
+    conntrack::{self, key},
     ctx::Packet,
-    maps::LB_CONNTRACK,
     nat::{csum_replace2, csum_replace4, decrement_ttl, ttl_ok},
-    parse::{ptr_at, IcmpError, ETH_LEN, ICMP_OFF, INNER_IP_OFF, INNER_L4_OFF},
+    parse::{IcmpError, ETH_LEN, IPV4_LEN},
 };
 use lb_common::Counter;
 
@@ -32,9 +30,8 @@ struct Rewrite {
 }
 
 #[inline(always)]
-fn entry(k: &lb_common::CtKey) -> Option<CtValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { LB_CONNTRACK.get(k).copied() }
+fn entry(k: &lb_common::CtKey4) -> Option<CtValue4> {
+    conntrack::peek(k)
 }
 
 /// Matches the quote against conntrack and says what to rewrite.
@@ -53,17 +50,17 @@ fn plan(e: &IcmpError) -> Option<Rewrite> {
     // The quote is a packet towards a backend (client -> backend after our DNAT, maybe SNAT):
     // the error travels to the client, like the backend's replies do.
     if let Some(r) = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_REPLY)) {
-        w.inner_dst = r.nat_addr[0];
+        w.inner_dst = r.nat_addr;
         w.inner_dport = r.nat_port;
         if r.flags & CT_FLAG_SNAT != 0 {
-            w.inner_src = r.snat_addr[0];
+            w.inner_src = r.snat_addr;
             w.inner_sport = r.snat_port;
-            w.outer_dst = r.snat_addr[0];
+            w.outer_dst = r.snat_addr;
         }
         // From the backend itself: it must look as if from the frontend. A router on the way
         // keeps its own address, which a client accepts (it matches errors by the quote).
         if e.outer.src == q.dst {
-            w.outer_src = r.nat_addr[0];
+            w.outer_src = r.nat_addr;
             w.route = r.flags & CT_FLAG_ROUTE != 0;
         }
         return Some(w);
@@ -71,14 +68,14 @@ fn plan(e: &IcmpError) -> Option<Rewrite> {
     // The quote is a translated reply (frontend -> client): the error travels to the backend,
     // like the client's packets do.
     let f = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_FORWARD))?;
-    w.inner_src = f.nat_addr[0];
+    w.inner_src = f.nat_addr;
     w.inner_sport = f.nat_port;
-    w.outer_dst = f.nat_addr[0];
+    w.outer_dst = f.nat_addr;
     if f.flags & CT_FLAG_SNAT != 0 {
-        w.inner_dst = f.snat_addr[0];
+        w.inner_dst = f.snat_addr;
         w.inner_dport = f.snat_port;
         if e.outer.src == q.dst {
-            w.outer_src = f.snat_addr[0];
+            w.outer_src = f.snat_addr;
             w.route = f.flags & CT_FLAG_ROUTE != 0;
         }
     }
@@ -118,82 +115,79 @@ pub fn translate<P: Packet>(ctx: &P, e: &IcmpError) -> i32 {
     }
 }
 
-const OUTER_CSUM: usize = ETH_LEN + 10;
-const OUTER_SRC: usize = ETH_LEN + 12;
-const OUTER_DST: usize = ETH_LEN + 16;
-const ICMP_CSUM: usize = ICMP_OFF + 2;
-const INNER_CSUM: usize = INNER_IP_OFF + 10;
-const INNER_SRC: usize = INNER_IP_OFF + 12;
-const INNER_DST: usize = INNER_IP_OFF + 16;
+/// Offsets in the IPv4 header.
+const IP_CSUM: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
 
 #[inline(always)]
-fn write32(data: usize, data_end: usize, off: usize, v: u32) -> Option<u32> {
-    let p = ptr_at::<u32>(data, data_end, off)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        let old = p.read_unaligned();
-        p.write_unaligned(v);
-        Some(old)
-    }
+fn be32(b: &[u8; IPV4_LEN], off: usize) -> u32 {
+    u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
 #[inline(always)]
-fn write16(data: usize, data_end: usize, off: usize, v: u16) -> Option<u16> {
-    let p = ptr_at::<u16>(data, data_end, off)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe {
-        let old = p.read_unaligned();
-        p.write_unaligned(v);
-        Some(old)
-    }
+fn set32(b: &mut [u8; IPV4_LEN], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
 #[inline(always)]
-fn read16(data: usize, data_end: usize, off: usize) -> Option<u16> {
-    // SAFETY: bounds checked by ptr_at.
-    ptr_at::<u16>(data, data_end, off).map(|p| unsafe { p.read_unaligned() })
+fn set16(b: &mut [u8; IPV4_LEN], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_ne_bytes());
 }
 
 /// Writes the rewrite, every checksum updated incrementally (RFC 1624). ICMP errors come
 /// from a kernel or a router with complete checksums, so the hand update is right at both hooks.
+/// Either IP header may carry options, so the offsets vary with the packet: the headers are
+/// read and written with the load/store helpers (ICMP errors are rare; the verifier needs no
+/// bounds for a helper's offset).
 #[inline(always)]
 fn apply<P: Packet>(ctx: &P, e: &IcmpError, w: &Rewrite) -> Option<()> {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let mut outer_csum = read16(data, data_end, OUTER_CSUM)?;
-    let mut icmp_csum = read16(data, data_end, ICMP_CSUM)?;
-    let mut inner_csum = read16(data, data_end, INNER_CSUM)?;
-    let inner_l4_csum_off = INNER_L4_OFF + if e.inner.proto == PROTO_TCP { 16 } else { 6 };
+    let mut outer: [u8; IPV4_LEN] = ctx.load(ETH_LEN)?;
+    let mut inner: [u8; IPV4_LEN] = ctx.load(e.inner_ip_off)?;
+    let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
+    let icmp_csum_off = e.icmp_off + 2;
+    let mut icmp_csum = u16::from_ne_bytes(ctx.load(icmp_csum_off)?);
+    let inner_l4_csum_off = e.inner_l4_off + if e.inner.proto == PROTO_TCP { 16 } else { 6 };
     // The quoted L4 checksum, when quoted and not UDP's "none" (zero, which stays zero).
-    let old_l4 = if e.inner_csum { read16(data, data_end, inner_l4_csum_off).unwrap_or(0) } else { 0 };
+    let old_l4 = if e.inner_csum { u16::from_ne_bytes(ctx.load(inner_l4_csum_off)?) } else { 0 };
     let update_l4 = old_l4 != 0 || (e.inner_csum && e.inner.proto == PROTO_TCP);
     let mut l4 = old_l4;
-    let old_inner_csum = inner_csum;
 
-    let old = write32(data, data_end, OUTER_SRC, w.outer_src)?;
-    outer_csum = csum_replace4(outer_csum, old, w.outer_src);
-    let old = write32(data, data_end, OUTER_DST, w.outer_dst)?;
-    outer_csum = csum_replace4(outer_csum, old, w.outer_dst);
+    let mut outer_csum = u16::from_ne_bytes([outer[IP_CSUM], outer[IP_CSUM + 1]]);
+    outer_csum = csum_replace4(outer_csum, be32(&outer, IP_SRC), w.outer_src);
+    outer_csum = csum_replace4(outer_csum, be32(&outer, IP_DST), w.outer_dst);
+    set32(&mut outer, IP_SRC, w.outer_src);
+    set32(&mut outer, IP_DST, w.outer_dst);
+    set16(&mut outer, IP_CSUM, outer_csum);
+
     // The quoted addresses and ports: each change moves the quoted IP checksum (addresses),
     // the quoted L4 checksum (addresses via the pseudo-header, and ports) and the ICMP
     // checksum (every byte of the quote).
-    let old = write32(data, data_end, INNER_SRC, w.inner_src)?;
-    let old_p = write16(data, data_end, INNER_L4_OFF, w.inner_sport)?;
-    inner_csum = csum_replace4(inner_csum, old, w.inner_src);
-    icmp_csum = csum_replace2(csum_replace4(icmp_csum, old, w.inner_src), old_p, w.inner_sport);
-    l4 = csum_replace2(csum_replace4(l4, old, w.inner_src), old_p, w.inner_sport);
-    let old = write32(data, data_end, INNER_DST, w.inner_dst)?;
-    let old_p = write16(data, data_end, INNER_L4_OFF + 2, w.inner_dport)?;
-    inner_csum = csum_replace4(inner_csum, old, w.inner_dst);
-    icmp_csum = csum_replace2(csum_replace4(icmp_csum, old, w.inner_dst), old_p, w.inner_dport);
-    l4 = csum_replace2(csum_replace4(l4, old, w.inner_dst), old_p, w.inner_dport);
+    let old_inner_csum = u16::from_ne_bytes([inner[IP_CSUM], inner[IP_CSUM + 1]]);
+    let mut inner_csum = old_inner_csum;
+    let (old_src, old_dst) = (be32(&inner, IP_SRC), be32(&inner, IP_DST));
+    let old_sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    let old_dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    inner_csum = csum_replace4(csum_replace4(inner_csum, old_src, w.inner_src), old_dst, w.inner_dst);
+    icmp_csum = csum_replace4(csum_replace4(icmp_csum, old_src, w.inner_src), old_dst, w.inner_dst);
+    icmp_csum = csum_replace2(csum_replace2(icmp_csum, old_sport, w.inner_sport), old_dport, w.inner_dport);
+    l4 = csum_replace4(csum_replace4(l4, old_src, w.inner_src), old_dst, w.inner_dst);
+    l4 = csum_replace2(csum_replace2(l4, old_sport, w.inner_sport), old_dport, w.inner_dport);
     icmp_csum = csum_replace2(icmp_csum, old_inner_csum, inner_csum);
-    write16(data, data_end, INNER_CSUM, inner_csum)?;
+    set32(&mut inner, IP_SRC, w.inner_src);
+    set32(&mut inner, IP_DST, w.inner_dst);
+    set16(&mut inner, IP_CSUM, inner_csum);
+    let mut new_ports = [0u8; 4];
+    new_ports[..2].copy_from_slice(&w.inner_sport.to_ne_bytes());
+    new_ports[2..].copy_from_slice(&w.inner_dport.to_ne_bytes());
+
+    ctx.store(ETH_LEN, &outer)?;
+    ctx.store(e.inner_ip_off, &inner)?;
+    ctx.store(e.inner_l4_off, &new_ports)?;
     if update_l4 {
         let new = if l4 == 0 && e.inner.proto != PROTO_TCP { 0xffff } else { l4 };
         icmp_csum = csum_replace2(icmp_csum, old_l4, new);
-        write16(data, data_end, inner_l4_csum_off, new)?;
+        ctx.store(inner_l4_csum_off, &new.to_ne_bytes())?;
     }
-    write16(data, data_end, ICMP_CSUM, icmp_csum)?;
-    write16(data, data_end, OUTER_CSUM, outer_csum)?;
-    Some(())
+    ctx.store(icmp_csum_off, &icmp_csum.to_ne_bytes())
 }

@@ -25,12 +25,12 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::{Counter, ServiceValue, PORT_BACKEND, PORT_FRONTEND, SVC_FLAG_LOCAL_ONLY};
+use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
     conntrack::{Forward, Translation},
     ctx::Packet,
-    nat::{Side, Snat},
+    nat::Snat,
     parse::{Frag, Headers, Parsed},
 };
 
@@ -103,13 +103,23 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
-    let (dport_flags, sport_flags) = (service::port_flags(h.flow.dport), service::port_flags(h.flow.sport));
-    if dport_flags & PORT_FRONTEND != 0 {
-        if let Some((svc, node_frontend)) = service::lookup(&h.flow) {
-            return to_service(ctx, &h, &svc, node_frontend);
+    if service::maybe_frontend(&h.flow) {
+        // A packet of a tracked flow needs its entry and nothing else: conntrack before the
+        // service lookup, which only a new flow needs.
+        if ctx.csum_unsure(&h) {
+            return ctx.defer();
+        }
+        let now = conntrack::now();
+        match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
+            Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
+            Forward::New => {
+                if let Some((svc, node_frontend)) = service::lookup(&h.flow) {
+                    return to_service(ctx, &h, &svc, node_frontend, now);
+                }
+            }
         }
     }
-    if sport_flags & PORT_BACKEND == 0 {
+    if !service::maybe_backend(&h.flow) {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     }
     maybe_reply(ctx, &h)
@@ -146,27 +156,26 @@ fn drop<P: Packet>(ctx: &P, counter: Counter) -> i32 {
     P::DROP
 }
 
-/// A packet addressed to a service frontend (`node_frontend`: a node port, so on one of this
-/// node's addresses).
+/// A new flow to a service frontend (`node_frontend`: a node port, so on one of this node's
+/// addresses).
 #[inline(always)]
-fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend: bool) -> i32 {
+fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend: bool, now: u32) -> i32 {
     if !service::source_allowed(svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
-    if ctx.csum_unsure(h) {
-        return ctx.defer();
+    match new_flow(ctx, h, svc, now, node_frontend) {
+        Ok(t) => forward(ctx, h, &t, Counter::FwdNewFlow),
+        Err(verdict) => verdict,
     }
-    let now = conntrack::now();
-    let (t, counter) = match conntrack::forward(&h.flow, h.tcp_flags, now) {
-        Forward::Tracked(t) => (t, Counter::FwdTracked),
-        Forward::New => match new_flow(ctx, h, svc, now, node_frontend) {
-            Ok(t) => (t, Counter::FwdNewFlow),
-            Err(verdict) => return verdict,
-        },
-    };
+}
+
+/// Sends a client's packet on to its backend: routed by the datapath when its new source is
+/// a node address, else on to the stack.
+#[inline(always)]
+fn forward<P: Packet>(ctx: &P, h: &Headers, t: &Translation, counter: Counter) -> i32 {
+    let src = if t.snat { (t.snat_addr, t.snat_port) } else { (h.flow.src, h.flow.sport) };
     let route = if t.route {
-        let src = t.snat.map_or(h.flow.src, |(a, _)| a);
-        let Some(r) = ctx.route(src, t.backend_addr, h.flow.proto) else {
+        let Some(r) = ctx.route(src.0, t.backend_addr, h.flow.proto) else {
             return ctx.unroutable();
         };
         if let Err(verdict) = forwardable(ctx) {
@@ -176,15 +185,11 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
     } else {
         None
     };
-    let rewritten = nat::rewrite(ctx, h, Side::Dst, t.backend_addr, t.backend_port).and_then(|()| match t.snat {
-        Some((addr, port)) => nat::rewrite(ctx, h, Side::Src, addr, port),
-        None => Ok(()),
-    });
-    if rewritten.is_err() {
+    if nat::rewrite(ctx, h, src, (t.backend_addr, t.backend_port)).is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
     count_translated(ctx, h, counter);
-    stats::count_service(svc.id, ctx.packet_len());
+    stats::count_service(t.service_id, ctx.packet_len());
     match route {
         Some(r) => {
             nat::decrement_ttl(ctx);
@@ -201,7 +206,7 @@ fn new_flow<P: Packet>(
     ctx: &P,
     h: &Headers,
     svc: &ServiceValue,
-    now: u64,
+    now: u32,
     node_frontend: bool,
 ) -> Result<Translation, i32> {
     if svc.backend_count == 0 {
@@ -216,18 +221,26 @@ fn new_flow<P: Packet>(
         }
         return Err(ctx.refuse(h));
     }
-    let Some(backend) = select::select(P::HOOK, svc, &h.flow, now) else {
+    let Some(backend) = select::select(P::HOOK, svc, &h.flow) else {
         return Err(drop(ctx, Counter::DropSlotMissing));
     };
-    let (snat, route) = match nat::snat_for(svc, &backend, &h.flow, now) {
-        Snat::No => (None, false),
+    let mut t = Translation {
+        backend_addr: backend.addr[0],
+        backend_port: backend.port,
+        snat: false,
+        snat_addr: 0,
+        snat_port: 0,
+        route: false,
+        service_id: svc.id,
+    };
+    match nat::snat_for(svc, &backend, &h.flow, now) {
+        Snat::No => {}
         Snat::To(addr, port, to_node) => {
             ctx.count(Counter::FwdSnat);
-            (Some((addr, port)), to_node)
+            (t.snat, t.snat_addr, t.snat_port, t.route) = (true, addr, port, to_node);
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
-    };
-    let t = Translation { backend_addr: backend.addr[0], backend_port: backend.port, snat, route };
+    }
     if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
@@ -242,7 +255,7 @@ fn host_reply(ctx: &TcContext) -> i32 {
     const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
     let h = match parse::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(h) => {
-            if h.frag == Frag::First && service::port_flags(h.flow.sport) & PORT_BACKEND != 0 {
+            if h.frag == Frag::First && service::maybe_backend(&h.flow) {
                 frag::record_first(&h);
             }
             h
@@ -255,16 +268,13 @@ fn host_reply(ctx: &TcContext) -> i32 {
         }
         _ => return UNTOUCHED,
     };
-    if service::port_flags(h.flow.sport) & PORT_BACKEND == 0 {
+    if !service::maybe_backend(&h.flow) {
         return UNTOUCHED;
     }
-    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, <TcContext as Packet>::HOOK) else {
         return UNTOUCHED;
     };
-    let rewritten = nat::rewrite(ctx, &h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
-        Some((addr, port)) => nat::rewrite(ctx, &h, Side::Dst, addr, port),
-        None => Ok(()),
-    });
+    let rewritten = restore(ctx, &h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
@@ -272,18 +282,25 @@ fn host_reply(ctx: &TcContext) -> i32 {
     <TcContext as Packet>::FORWARD
 }
 
+/// Rewrites a reply back to what the client expects.
+#[inline(always)]
+fn restore<P: Packet>(ctx: &P, h: &Headers, r: &conntrack::Reply) -> Result<(), i64> {
+    let dst = if r.dst { (r.dst_addr, r.dst_port) } else { (h.flow.dst, h.flow.dport) };
+    nat::rewrite(ctx, h, (r.src_addr, r.src_port), dst)
+}
+
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
 /// was SNATed, its destination) restored.
 #[inline(always)]
 fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
-    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags) else {
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, P::HOOK) else {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     };
     if ctx.csum_unsure(h) {
         return ctx.defer();
     }
     let route = if r.route {
-        let Some(route) = ctx.route(r.src.0, r.dst.map_or(h.flow.dst, |(a, _)| a), h.flow.proto) else {
+        let Some(route) = ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) else {
             return ctx.unroutable();
         };
         if let Err(verdict) = forwardable(ctx) {
@@ -293,10 +310,7 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     } else {
         None
     };
-    let rewritten = nat::rewrite(ctx, h, Side::Src, r.src.0, r.src.1).and_then(|()| match r.dst {
-        Some((addr, port)) => nat::rewrite(ctx, h, Side::Dst, addr, port),
-        None => Ok(()),
-    });
+    let rewritten = restore(ctx, h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }

@@ -1,16 +1,17 @@
 //! Every map of the datapath, declared once. All are pinned by name so a restarted agent adopts
 //! them (and the flows in them) instead of starting empty.
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, FragKey, FragValue,
-    NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
-    AFFINITY_MAX_ENTRIES, BACKEND_SLOTS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES,
-    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
-    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, FragKey, FragValue, NodeAddrKey,
+    ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
+    AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES,
+    SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -18,16 +19,24 @@ use lb_common::{
 #[map(name = "LB_SERVICES")]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// (service id, generation, slot) -> backend. Selection is one lookup into this map.
-#[map(name = "LB_BACKEND_SLOTS")]
-pub static LB_BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> =
-    HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+/// Every frontend's Maglev table, back to back: slot -> backend id, two u32 slots to a u64
+/// element (an array stores every element in 8 bytes, so u32 elements would waste half), slot
+/// `s` in element `s / 2`, low half first (the agent's mmap sees plain u32s on little-endian
+/// hosts). An array, so selection is two inlined loads (this and `LB_BACKENDS`) instead of a
+/// hash lookup; mmapable, so the agent writes a table of thousands of slots with plain stores
+/// instead of a syscall per slot.
+#[map(name = "LB_MAGLEV")]
+pub static LB_MAGLEV: Array<u64> = Array::pinned(MAGLEV_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
-/// (service id, backend) -> slot: is this backend still in the service's current set? Read
-/// only when an affinity pin predates the service's slot generation.
+/// Backend id -> backend (address, port, flags), shared by every table that names it.
+#[map(name = "LB_BACKENDS")]
+pub static LB_BACKENDS: Array<Backend> = Array::pinned(BACKENDS_MAX_ENTRIES, 0);
+
+/// (service id, backend) -> 1: is this backend still in the service's current set? Read only
+/// when an affinity pin predates the service's generation.
 #[map(name = "LB_BACKEND_MEMBERS")]
 pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
-    HashMap::pinned(BACKEND_SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(BACKEND_MEMBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// (client address, service id) -> pinned backend, for `sessionAffinity: ClientIP`. LRU: a
 /// flood of distinct clients evicts the oldest pins and never fails a new connection.
@@ -35,10 +44,17 @@ pub static LB_BACKEND_MEMBERS: HashMap<BackendMemberKey, u32> =
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(AFFINITY_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
-/// Connection tracking, both directions of every translated flow. LRU so a flood of new flows
-/// evicts idle ones instead of failing inserts.
-#[map(name = "LB_CONNTRACK")]
-pub static LB_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+/// Assured IPv4 flows, both directions: preallocated (no allocation on insert) and never
+/// evicted, so a flood of new flows cannot push a live connection out (`conntrack.rs`).
+#[map(name = "LB_CT4")]
+pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// New and finished IPv4 flows, both directions. LRU with per-CPU lists: an insert evicts
+/// from this CPU's own list, with no global lock, and only flows not yet (or no longer)
+/// assured are ever evicted.
+#[map(name = "LB_CT4_NEW")]
+pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
+    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
 /// `lb_common::Counter`.
@@ -71,10 +87,11 @@ pub type SourceRangeKey = Key<SourceRangeData>;
 #[map(name = "LB_SOCK_REVNAT")]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
-/// Port number -> `PORT_FRONTEND | PORT_BACKEND` flags. An array lookup is inlined by the
-/// verifier, so traffic on ports no Service uses skips every hash lookup.
-#[map(name = "LB_PORTS")]
-pub static LB_PORTS: Array<u8> = Array::pinned(65_536, 0);
+/// The pre-filter (`lb_common::MAP_FILTER`): a frontend bitmap and a backend bitmap of
+/// (address, port, protocol) hashes. Array lookups are inlined by the verifier, so a packet
+/// that is none of ours costs two loads and no hash lookup.
+#[map(name = "LB_FILTER")]
+pub static LB_FILTER: Array<u64> = Array::pinned(2 * lb_common::FILTER_WORDS, 0);
 
 /// Interfaces whose driver transmits native XDP frames (`ndo_xdp_xmit`): ifindex -> 1. A veth
 /// without GRO or an XDP program on its peer drops `XDP_TX` and redirected frames (the peer has

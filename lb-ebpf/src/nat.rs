@@ -40,7 +40,7 @@ pub enum Snat {
 }
 
 #[inline(always)]
-pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u64) -> Snat {
+pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u32) -> Snat {
     if backend.addr[0] == flow.src {
         // Hairpin: the client's own port keeps reply keys unique, as the backend is the
         // client itself.
@@ -68,15 +68,6 @@ const IP_CSUM_OFF: usize = ETH_LEN + 10;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 
-/// Which end of the packet to rewrite.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Destination: client -> frontend becomes client -> backend.
-    Dst,
-    /// Source: backend -> client becomes frontend -> client.
-    Src,
-}
-
 /// Ones' complement update of a 16-bit checksum for a 16-bit field change (RFC 1624 eqn. 3).
 #[inline(always)]
 pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
@@ -97,46 +88,75 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Rewrites one end of the packet to `addr:port` (network order). Errors carry the helper's
-/// return code. A later fragment has no L4 header: only its IP header changes (the first
-/// fragment's L4 checksum covers the whole datagram and was updated with it).
+/// Ones' complement addition of 32-bit partial sums (the kernel's `csum_add`).
 #[inline(always)]
-pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+pub fn wsum_add(a: u32, b: u32) -> u32 {
+    let (s, carry) = a.overflowing_add(b);
+    s.wrapping_add(carry as u32)
+}
+
+/// What replacing `old` by `new` adds to a checksum, as a 32-bit partial sum.
+#[inline(always)]
+fn diff32(old: u32, new: u32) -> u32 {
+    wsum_add(!old, new)
+}
+
+#[inline(always)]
+fn diff16(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
+/// Folds a 32-bit partial sum to 16 bits (not inverted).
+#[inline(always)]
+pub fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Rewrites the packet's source to `src` and destination to `dst` (address, port; network
+/// order; an end that does not change is passed as it is). Both ends change in one go, with
+/// one update of each checksum: the IP header's by hand, the L4 checksum through the hook
+/// (`Packet::l4_csum`), with the address part (the pseudo-header) and the port part kept
+/// apart as a CHECKSUM_PARTIAL packet needs. Errors carry the helper's return code. A later
+/// fragment has no L4 header: only its IP header changes (the first fragment's L4 checksum
+/// covers the whole datagram and was updated with it).
+#[inline(always)]
+pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, src: (u32, u16), dst: (u32, u16)) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (ip_off, old_addr) = match side {
-        Side::Dst => (IP_DST_OFF, h.flow.dst),
-        Side::Src => (IP_SRC_OFF, h.flow.src),
-    };
-    let (Some(ip_addr), Some(ip_csum)) =
-        (ptr_at::<u32>(data, data_end, ip_off), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
-    else {
+    let (old_src, old_dst) = (h.flow.src, h.flow.dst);
+    let (Some(ip_src), Some(ip_dst), Some(ip_csum)) = (
+        ptr_at::<u32>(data, data_end, IP_SRC_OFF),
+        ptr_at::<u32>(data, data_end, IP_DST_OFF),
+        ptr_at::<u16>(data, data_end, IP_CSUM_OFF),
+    ) else {
         return Err(-1);
     };
+    let addr_diff = wsum_add(diff32(old_src, src.0), diff32(old_dst, dst.0));
     // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
     // could move packet data.
     unsafe {
-        ip_addr.write_unaligned(addr);
-        ip_csum.write_unaligned(csum_replace4(ip_csum.read_unaligned(), old_addr, addr));
+        ip_src.write_unaligned(src.0);
+        ip_dst.write_unaligned(dst.0);
+        let c = ip_csum.read_unaligned();
+        ip_csum.write_unaligned(!fold(wsum_add(!c as u32, addr_diff)));
     }
     if h.frag == Frag::Later {
         return Ok(());
     }
-    let (port_off, old_port) = match side {
-        Side::Dst => (h.l4_off + 2, h.flow.dport),
-        Side::Src => (h.l4_off, h.flow.sport),
-    };
-    let Some(l4_port) = ptr_at::<u16>(ctx.data(), ctx.data_end(), port_off) else {
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx.data(), ctx.data_end(), h.l4_off) else {
         return Err(-1);
     };
     // SAFETY: bounds-checked above.
-    unsafe { l4_port.write_unaligned(port) };
+    unsafe { ports.write_unaligned([src.1, dst.1]) };
     let udp = h.flow.proto != PROTO_TCP;
     if udp && h.udp_csum_zero {
         // RFC 768: zero means "no checksum"; it must stay zero.
         return Ok(());
     }
+    let port_diff = diff16(h.flow.sport, src.1) + diff16(h.flow.dport, dst.1);
     let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
-    ctx.l4_csum(csum_off, (old_addr, addr), (old_port, port), udp)
+    ctx.l4_csum(csum_off, addr_diff, port_diff, udp)
 }
 
 const IP_TTL_OFF: usize = ETH_LEN + 8;

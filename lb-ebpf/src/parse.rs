@@ -18,10 +18,6 @@ const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 pub const PROTO_ICMP: u8 = 1;
 pub const IPV4_LEN: usize = 20;
 pub const ICMP_LEN: usize = 8;
-pub const TCP_FLAG_FIN: u8 = 0x01;
-pub const TCP_FLAG_SYN: u8 = 0x02;
-pub const TCP_FLAG_RST: u8 = 0x04;
-pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The 5-tuple of a packet, every field in network byte order as it sits in the packet.
 #[derive(Clone, Copy)]
@@ -59,20 +55,20 @@ pub struct Headers {
 
 /// An ICMP error (destination unreachable, time exceeded, parameter problem) and the flow of
 /// the packet it quotes: that packet went the other way, so its source is our destination.
-/// Both IP headers are exactly 20 bytes (IP options on ICMP errors are left to the kernel).
+/// Either IP header may carry options, so the offsets are the packet's own.
 pub struct IcmpError {
     /// The outer packet: its addresses (ports unused).
     pub outer: Flow,
     /// The quoted packet's 5-tuple, as it sits in the quote.
     pub inner: Flow,
-    /// The quoted L4 header holds its checksum (UDP always, TCP when 20 bytes are quoted).
+    /// The quoted L4 header holds its checksum (UDP always, TCP when 18 bytes are quoted).
     pub inner_csum: bool,
+    /// Offsets from the start of the frame: the ICMP header, the quoted IP header, the quoted
+    /// L4 header.
+    pub icmp_off: usize,
+    pub inner_ip_off: usize,
+    pub inner_l4_off: usize,
 }
-
-/// ICMP header and quote offsets, fixed since both IP headers have no options.
-pub const ICMP_OFF: usize = ETH_LEN + IPV4_LEN;
-pub const INNER_IP_OFF: usize = ICMP_OFF + ICMP_LEN;
-pub const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_LEN;
 
 pub enum Parsed {
     NotIp,
@@ -177,7 +173,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
                 ip_id,
             })
         }
-        PROTO_ICMP if frag == Frag::Whole && ihl == 5 => icmp_error(data, data_end, src, dst),
+        PROTO_ICMP if frag == Frag::Whole => icmp_error(data, data_end, src, dst, l4_off),
         _ => Parsed::OtherProto,
     }
 }
@@ -187,11 +183,11 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
 /// An ICMP error quoting a TCP or UDP packet, else `OtherProto` (echo, and errors we cannot
-/// match, pass untouched).
+/// match, pass untouched). `icmp_off`: where the ICMP header starts, behind any IP options.
 #[inline(always)]
-fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32) -> Parsed {
-    // The ICMP header, the quoted IP header and the quoted ports.
-    let Some(b) = ptr_at::<[u8; ICMP_LEN + IPV4_LEN + 4]>(data, data_end, ICMP_OFF) else {
+fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32, icmp_off: usize) -> Parsed {
+    // The ICMP header and the quoted IP header without its options.
+    let Some(b) = ptr_at::<[u8; ICMP_LEN + IPV4_LEN]>(data, data_end, icmp_off) else {
         return Parsed::OtherProto;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -200,26 +196,36 @@ fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32) -> Parsed {
         return Parsed::OtherProto;
     }
     let ip = ICMP_LEN;
-    // A quoted header with options, or a quoted later fragment (no ports), cannot be matched.
-    if b[ip] != 0x45 || u16::from_ne_bytes([b[ip + 6], b[ip + 7]]) & IP_OFFSET_MASK_BE != 0 {
+    let inner_ihl = (b[ip] & 0x0f) as usize;
+    // A quoted later fragment has no ports to match.
+    if b[ip] >> 4 != 4 || inner_ihl < 5 || u16::from_ne_bytes([b[ip + 6], b[ip + 7]]) & IP_OFFSET_MASK_BE != 0 {
         return Parsed::OtherProto;
     }
     let proto = b[ip + 9];
+    let inner_ip_off = icmp_off + ICMP_LEN;
+    let inner_l4_off = inner_ip_off + inner_ihl * 4;
+    let Some(ports) = ptr_at::<[u8; 4]>(data, data_end, inner_l4_off) else {
+        return Parsed::OtherProto;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
     let inner_csum = match proto {
-        PROTO_UDP => ptr_at::<[u8; 8]>(data, data_end, INNER_L4_OFF).is_some(),
-        PROTO_TCP => ptr_at::<[u8; 18]>(data, data_end, INNER_L4_OFF).is_some(),
+        PROTO_UDP => ptr_at::<[u8; 8]>(data, data_end, inner_l4_off).is_some(),
+        PROTO_TCP => ptr_at::<[u8; 18]>(data, data_end, inner_l4_off).is_some(),
         _ => return Parsed::OtherProto,
     };
-    let l4 = ip + IPV4_LEN;
     Parsed::Icmp(IcmpError {
         outer: Flow { src, dst, sport: 0, dport: 0, proto: PROTO_ICMP },
         inner: Flow {
             src: u32::from_ne_bytes([b[ip + 12], b[ip + 13], b[ip + 14], b[ip + 15]]),
             dst: u32::from_ne_bytes([b[ip + 16], b[ip + 17], b[ip + 18], b[ip + 19]]),
-            sport: u16::from_ne_bytes([b[l4], b[l4 + 1]]),
-            dport: u16::from_ne_bytes([b[l4 + 2], b[l4 + 3]]),
+            sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            dport: u16::from_ne_bytes([ports[2], ports[3]]),
             proto,
         },
         inner_csum,
+        icmp_off,
+        inner_ip_off,
+        inner_l4_off,
     })
 }

@@ -1,17 +1,19 @@
 //! Stage 3: pick a backend for a new flow.
 //!
-//! Without affinity: hash the 5-tuple over the live slot generation (one lookup). With
+//! Without affinity: the slot of the frontend's Maglev table the 5-tuple hashes to (two array
+//! loads). With
 //! `sessionAffinity: ClientIP`: reuse the backend pinned to (client address, service) while the
 //! pin is fresher than the service's timeout and the backend still belongs to the service;
 //! otherwise choose by hash and pin the choice. As in kube-proxy (`-m recent --rcheck
 //! --seconds T` then `--set`), only new connections read and refresh the pin.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, Counter,
-    ServiceValue, FAMILY_IPV4, SVC_FLAG_AFFINITY,
+    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, Counter, ServiceValue, FAMILY_IPV4,
+    SVC_FLAG_AFFINITY,
 };
 
 use crate::{
-    maps::{LB_AFFINITY, LB_BACKEND_MEMBERS, LB_BACKEND_SLOTS},
+    maps::{LB_AFFINITY, LB_BACKENDS, LB_BACKEND_MEMBERS, LB_MAGLEV},
     parse::Flow,
     stats::count,
 };
@@ -19,10 +21,13 @@ use crate::{
 /// `svc.backend_count` must be non-zero. `None` means the slot the service points at is gone,
 /// which only happens if the agent broke its own write ordering.
 #[inline(always)]
-pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Backend> {
+pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
     if svc.flags & SVC_FLAG_AFFINITY == 0 {
         return by_hash(svc, flow);
     }
+    // Only affinity reads the fine clock: its timeouts are in seconds, set by users.
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let key = AffinityKey { client: [flow.src, 0, 0, 0], service_id: svc.id, family: FAMILY_IPV4, _pad: [0; 3] };
     if let Some(pin) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: LRU values stay valid while the program runs; a concurrent update from
@@ -42,13 +47,14 @@ pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow, now: u64) -> Option<Ba
     Some(backend)
 }
 
+/// The slot of the frontend's Maglev table the flow hashes to: a flow whose conntrack entry
+/// was lost comes back to the same backend while that backend stays.
 #[inline(always)]
 fn by_hash(svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
     let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    let key =
-        BackendSlotKey { service_id: svc.id, generation: svc.generation, slot: select_slot(hash, svc.backend_count) };
-    // SAFETY: the value is copied out at once.
-    unsafe { LB_BACKEND_SLOTS.get(&key).copied() }
+    let slot = svc.table_off.wrapping_add(select_slot(hash, svc.table_size));
+    let pair = *LB_MAGLEV.get(slot >> 1)?;
+    LB_BACKENDS.get((pair >> ((slot & 1) * 32)) as u32).copied()
 }
 
 /// Whether the pinned backend is still one of the service's ready backends. Free while the

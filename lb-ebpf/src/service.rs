@@ -1,21 +1,39 @@
-//! Stage 2: is the destination a service frontend?
+//! Stage 2: is the packet ours, and to which frontend?
 //!
-//! First by exact address (ClusterIP, LoadBalancer ingress IP, external IP); then, only for
-//! packets to one of the node's own addresses, as a node port. `LB_PORTS` lets the pipeline
-//! skip both lookups for ports no frontend uses.
+//! The pre-filter first (`LB_FILTER`): a packet whose destination is no frontend and whose
+//! source is no backend goes on after two array loads. A frontend is then found by exact
+//! address (ClusterIP, LoadBalancer ingress IP, external IP), or, only for packets to one of
+//! the node's own addresses, as a node port; the pipeline asks only for new flows, after
+//! conntrack.
 use lb_common::{
-    NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_SOURCE_RANGES,
+    filter_bit, NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, FILTER_BACKENDS, FILTER_FRONTENDS, SCOPE_EXACT,
+    SCOPE_NODEPORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{SourceRangeKey, LB_NODE_ADDRS, LB_PORTS, LB_SERVICES, LB_SOURCE_RANGES},
+    maps::{SourceRangeKey, LB_FILTER, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
     parse::Flow,
 };
 
-/// `LB_PORTS` flags of a port (network byte order, as in the packet).
 #[inline(always)]
-pub fn port_flags(port_be: u16) -> u8 {
-    LB_PORTS.get(u16::from_be(port_be) as u32).copied().unwrap_or(0)
+fn filter_hit(base: u32, addr: u32, port: u16, proto: u8) -> bool {
+    let bit = filter_bit(addr, port, proto);
+    match LB_FILTER.get(base + (bit >> 6)) {
+        Some(word) => *word & (1u64 << (bit & 63)) != 0,
+        None => false,
+    }
+}
+
+/// Whether the packet's destination may be a frontend.
+#[inline(always)]
+pub fn maybe_frontend(flow: &Flow) -> bool {
+    filter_hit(FILTER_FRONTENDS, flow.dst, flow.dport, flow.proto)
+}
+
+/// Whether the packet's source may be a backend (so the packet a reply to translate).
+#[inline(always)]
+pub fn maybe_backend(flow: &Flow) -> bool {
+    filter_hit(FILTER_BACKENDS, flow.src, flow.sport, flow.proto)
 }
 
 #[inline(always)]

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use lb_common::{Counter, SockRevKey, SockRevValue, FAMILY_IPV4, HOOK_SOCK, PROTO_TCP, PROTO_UDP};
 
-use crate::{conntrack, maps::LB_SOCK_REVNAT, parse::Flow, select, service, stats::count};
+use crate::{maps::LB_SOCK_REVNAT, parse::Flow, select, service, stats::count};
 
 /// The agent's network namespace cookie (`SO_NETNS_COOKIE`); zero disables these programs.
 #[no_mangle]
@@ -73,7 +73,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
-    let Some(backend) = select::select(HOOK_SOCK, &svc, &flow, conntrack::now()) else {
+    let Some(backend) = select::select(HOOK_SOCK, &svc, &flow) else {
         count(HOOK_SOCK, Counter::DropSlotMissing);
         return ALLOW;
     };

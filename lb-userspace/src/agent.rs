@@ -1,19 +1,29 @@
-//! The agent's loop: sources (the API server's reflectors or YAML files) -> the objects that
-//! changed -> translation -> the datapath, and the interfaces and node addresses it follows.
-//! `main.rs` only turns the command line into [`Options`].
+//! The agent's loop, shaped like kube-proxy's: sources (the API server's watches, or YAML
+//! files) send every change by name to one thread, the proxier, which records them (the
+//! change set), translates only what changed and applies the difference to the datapath, and
+//! follows the node's interfaces and addresses. Translation and map writes never run on the
+//! async runtime, so `/healthz`, `/metrics` and the watches keep answering during a large
+//! sync. `main.rs` only turns the command line into [`Options`].
 use std::{
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::{Duration, Instant},
+    sync::{mpsc, Arc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
     dataplane::{self, Config, Dataplane, DataplaneError},
     kube_source::{self, KubeSourceError},
-    manifests, metrics,
-    model::{self, Cidr},
+    manifests::{self, ManifestWatcher, ObjectChange},
+    metrics,
+    model::{Cidr, Frontend, HealthCheck, NodeInfo, Translator},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -21,13 +31,15 @@ pub enum AgentError {
     #[error(transparent)]
     Kube(#[from] KubeSourceError),
     #[error("loading the datapath with pin directory {pin_dir}")]
-    Load { pin_dir: PathBuf, source: DataplaneError },
+    Load { pin_dir: PathBuf, source: Box<DataplaneError> },
     #[error("attaching to cgroup {cgroup}")]
-    Cgroup { cgroup: PathBuf, source: DataplaneError },
+    Cgroup { cgroup: PathBuf, source: Box<DataplaneError> },
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
     #[error("installing the {what} handler")]
     Signal { what: &'static str, source: std::io::Error },
+    #[error("starting the {what} thread")]
+    Thread { what: &'static str, source: std::io::Error },
 }
 
 /// Where desired state is read from.
@@ -36,7 +48,7 @@ pub enum SourceOptions {
     /// YAML: a file or a directory of files.
     Manifests(PathBuf),
     /// The API server; `kubeconfig` as any client finds it when `None`.
-    Kube { kubeconfig: Option<PathBuf>, watch_retry_max: Duration },
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 /// Everything `lb run` was asked to do.
@@ -55,59 +67,69 @@ pub struct Options {
     pub cgroup: Option<PathBuf>,
     pub nodeport_addresses: Vec<Cidr>,
     pub dataplane: Config,
+    /// At least one sync per period; `/healthz` fails when a change has waited twice as long.
+    pub sync_period: Duration,
+    /// Everything is translated and compared again this often (the incremental result is
+    /// checked against it).
+    pub full_sync_period: Duration,
+    /// Per-frontend packet and byte series in `/metrics`.
+    pub per_frontend_metrics: bool,
 }
 
-/// Where desired state comes from.
-enum Source {
-    /// YAML files, re-read on every tick; `last` is what was applied.
-    Manifests { path: PathBuf, last: Option<Vec<(PathBuf, String)>> },
-    /// The API server, through reflectors.
-    Kube(kube_source::KubeSource),
+/// One change of an object kind, as a source saw it.
+pub enum ObjectEvent<K> {
+    Apply(Arc<K>),
+    Delete(Arc<K>),
+    /// A complete (re)list: what is not in it no longer exists.
+    Relist(Vec<Arc<K>>),
 }
 
-/// The objects to translate, when they changed since the last apply.
-struct Objects {
-    services: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Service>>,
-    slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
-    node: model::NodeInfo,
+/// What the proxier thread is told.
+pub enum Update {
+    Services(ObjectEvent<Service>),
+    Slices(ObjectEvent<EndpointSlice>),
+    Node(ObjectEvent<Node>),
+    /// The node's interfaces or addresses changed.
+    Links,
+    Shutdown,
 }
 
-impl Source {
-    /// `Some` when there is a new complete view to apply. `dirty` is set by watch events.
-    fn poll(&mut self, node_name: &str, dirty: &mut bool, synced: bool) -> Option<Objects> {
+/// The sending side of the proxier's queue. Every object change is also recorded as queued
+/// (kube-proxy's `QueuedUpdate`), which `/healthz` and the metrics read.
+#[derive(Clone)]
+pub struct Updates {
+    tx: mpsc::Sender<Update>,
+    status: metrics::SharedStatus,
+}
+
+impl Updates {
+    pub fn send(&self, u: Update) {
+        let (services, endpoints) = match &u {
+            Update::Services(e) => (e.count(), 0),
+            Update::Slices(e) => (0, e.count()),
+            _ => (0, 0),
+        };
+        if services + endpoints > 0 {
+            self.status.lock().expect("status poisoned").queued(services, endpoints);
+        }
+        let _ = self.tx.send(u);
+    }
+}
+
+impl<K> ObjectEvent<K> {
+    fn count(&self) -> usize {
         match self {
-            Source::Manifests { path, last } => match manifests::read_all(path) {
-                Ok(files) if last.as_ref() != Some(&files) => {
-                    let (objects, errors) = manifests::parse(&files);
-                    for e in &errors {
-                        error!(error = %e, "manifest object rejected");
-                    }
-                    *last = Some(files);
-                    Some(Objects {
-                        services: objects.services.into_iter().map(std::sync::Arc::new).collect(),
-                        slices: objects.slices.into_iter().map(std::sync::Arc::new).collect(),
-                        node: model::NodeInfo::named(node_name),
-                    })
-                }
-                Ok(_) => None,
-                // Keep serving the last good state: a manifest being rewritten is not an outage.
-                Err(e) => {
-                    warn!(error = %e, "cannot read manifests; keeping the current state");
-                    None
-                }
-            },
-            Source::Kube(k) => {
-                // Apply on a change, and until the first apply has happened.
-                let wanted = *dirty || !synced;
-                if !wanted || !k.ready() {
-                    return None;
-                }
-                *dirty = false;
-                let snap = k.snapshot();
-                Some(Objects { services: snap.services, slices: snap.slices, node: snap.node })
-            }
+            ObjectEvent::Apply(_) | ObjectEvent::Delete(_) => 1,
+            ObjectEvent::Relist(v) => v.len().max(1),
         }
     }
+}
+
+/// A rejected Service to report as a Warning Event (API mode).
+pub struct Rejection {
+    pub service: String,
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. The programs and maps stay pinned afterwards, so
@@ -117,151 +139,530 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
     }
+    let status: metrics::SharedStatus = Default::default();
+    let (tx, rx) = mpsc::channel();
+    let updates = Updates { tx, status: status.clone() };
     // The API client first: a bad kubeconfig must fail before anything is loaded or attached.
-    let mut source = match &opts.source {
-        SourceOptions::Manifests(path) => Source::Manifests { path: path.clone(), last: None },
-        SourceOptions::Kube { kubeconfig, watch_retry_max } => {
+    let (watch_stats, client) = match &opts.source {
+        SourceOptions::Manifests(_) => (None, None),
+        SourceOptions::Kube { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
-            let backoff = kube_source::WatchBackoff::new(
-                Duration::from_millis(500),
-                (*watch_retry_max).max(Duration::from_secs(1)),
-            );
             info!(
                 "watching Services, EndpointSlices and this Node; nothing is programmed before their first full list"
             );
-            Source::Kube(kube_source::KubeSource::start(client, &opts.node_name, backoff))
+            let stats = kube_source::start(client.clone(), &opts.node_name, updates.clone());
+            (Some(stats), Some(client))
         }
     };
     let mut dp = Dataplane::load(&opts.pin_dir, &config)
-        .map_err(|source| AgentError::Load { pin_dir: opts.pin_dir.clone(), source })?;
+        .map_err(|source| AgentError::Load { pin_dir: opts.pin_dir.clone(), source: Box::new(source) })?;
     info!(node = %opts.node_name, pin_dir = %opts.pin_dir.display(), "datapath loaded");
     if let Some(cg) = &opts.cgroup {
-        dp.attach_socket_lb(cg).map_err(|source| AgentError::Cgroup { cgroup: cg.clone(), source })?;
+        dp.attach_socket_lb(cg)
+            .map_err(|source| AgentError::Cgroup { cgroup: cg.clone(), source: Box::new(source) })?;
     }
-
-    let (changed, watch_stats) = match &source {
-        Source::Kube(k) => (Some(k.changed.clone()), Some(k.stats.clone())),
-        Source::Manifests { .. } => (None, None),
-    };
-    let status: metrics::SharedStatus = Default::default();
     {
         let mut st = status.lock().expect("status poisoned");
         st.conntrack_capacity = config.sizes.conntrack;
         st.affinity_capacity = config.sizes.affinity;
         st.stale_udp_flows_removed = dp.stale_udp_counter();
+        st.conntrack_collected = dp.ct_collected_counter();
+        st.health_timeout = 2 * opts.sync_period;
     }
     let mut servers = Vec::new();
+    let ctx =
+        metrics::MetricsContext::new(opts.pin_dir.clone(), status.clone(), watch_stats, opts.per_frontend_metrics);
     if let Some(addr) = opts.metrics_addr {
-        servers.push(metrics::serve(addr, opts.pin_dir.clone(), status.clone(), watch_stats.clone()).await?);
+        servers.push(metrics::serve(addr, ctx.clone()).await?);
     }
     if let Some(addr) = opts.healthz_addr.filter(|a| Some(*a) != opts.metrics_addr) {
-        servers.push(metrics::serve(addr, opts.pin_dir.clone(), status.clone(), watch_stats).await?);
+        servers.push(metrics::serve(addr, ctx).await?);
     }
-
-    let globs = opts.ifaces.clone();
-    let wanted = move |name: &str| dataplane::interface_wanted(&globs, name);
-    let xdp_globs = opts.xdp_ifaces.clone();
-    let xdp_wanted = move |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(&xdp_globs, name);
-
-    let mut poll = tokio::time::interval(Duration::from_millis(500));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
-    let mut health = crate::healthcheck::HealthChecks::default();
-    let mut tick: u64 = 0;
-    let mut node_addrs = Vec::new();
-    let (mut dirty, mut synced, mut attached) = (false, false, false);
-    let mut waiting_logged = Instant::now();
-    loop {
-        let notified = async {
-            match &changed {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = poll.tick() => { tick += 1; }
-            _ = notified => {
-                // Coalesce a burst (a rollout updates many slices at once) into one apply.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                dirty = true;
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+    if let SourceOptions::Manifests(path) = &opts.source {
+        spawn_manifest_watcher(path.clone(), updates.clone())?;
+    }
+    // Interfaces and addresses as they change; without the subscription, every second.
+    let link_poll = match spawn_link_watcher(updates.clone()) {
+        Ok(()) => opts.sync_period,
+        Err(e) => {
+            warn!(error = %e, "no rtnetlink events: interfaces and addresses are polled every second");
+            Duration::from_secs(1)
         }
-        // From the snapshot (or the file read) to the last map write: what one sync costs.
-        let started = Instant::now();
-        if let Some(objects) = source.poll(&opts.node_name, &mut dirty, synced) {
-            let t = model::translate(
-                objects.services.iter().map(|s| s.as_ref()),
-                objects.slices.iter().map(|s| s.as_ref()),
-                &objects.node,
-            );
-            for e in &t.errors {
-                error!(error = %e, "object rejected");
-            }
-            let report = dp.apply(&t.state);
-            for e in &report.errors {
-                error!(error = %e, "programming failed");
-            }
-            for e in health.update(&t.state.health_checks).await {
+    };
+
+    // Health check node ports follow what the proxier publishes.
+    let (health_tx, mut health_rx) = tokio::sync::watch::channel(BTreeMap::<u16, HealthCheck>::new());
+    let health_status = status.clone();
+    servers.push(tokio::spawn(async move {
+        let mut health = crate::healthcheck::HealthChecks::new(health_status);
+        while health_rx.changed().await.is_ok() {
+            let want = health_rx.borrow_and_update().clone();
+            for e in health.update(&want).await {
                 error!(error = %e, "health check server failed");
             }
-            info!(
-                services = objects.services.len(),
-                slices = objects.slices.len(),
-                added = report.added,
-                updated = report.updated,
-                removed = report.removed,
-                unchanged = report.unchanged,
-                failed = report.errors.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "desired state applied"
-            );
-            let mut st = status.lock().expect("status poisoned");
-            st.record_sync(started.elapsed(), !report.errors.is_empty());
-            (st.programmed_frontends, st.programmed_endpoints) = dp.programmed();
-            st.rejected_objects = t.errors.len();
-            st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
-            st.synced = true;
-            synced = true;
-        } else if !synced && waiting_logged.elapsed() > Duration::from_secs(10) {
-            warn!("still waiting for the first full list of Services and EndpointSlices; pinned state keeps serving");
-            waiting_logged = Instant::now();
         }
-        // Attach only once something is programmed, so the first packet an interface sees is
-        // served; then follow interfaces and node addresses every second.
-        if synced && (!attached || tick.is_multiple_of(2)) {
-            match dp.sync_node_addresses(&opts.nodeport_addresses) {
-                Ok(addrs) if addrs != node_addrs => {
-                    info!(addresses = ?addrs, "node port addresses");
-                    node_addrs = addrs;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "cannot update node port addresses"),
+    }));
+    // Warning Events for rejected Services, published off the proxier's thread.
+    let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<Rejection>();
+    if let Some(client) = client {
+        let node = opts.node_name.clone();
+        servers.push(tokio::spawn(async move {
+            let recorder = crate::events::ServiceEvents::new(client, &node);
+            while let Some(r) = event_rx.recv().await {
+                recorder.warn(&r).await;
             }
-            for e in dp.sync_interfaces(&wanted, &xdp_wanted) {
-                warn!(error = %e, "attach failed");
-            }
-            if !attached {
-                dp.finish_migrations();
-                attached = true;
-                status.lock().expect("status poisoned").attached = true;
-                info!(interfaces = ?dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
-            }
-        }
-        // Replaced slot generations whose grace has passed.
-        dp.collect_retired();
-        debug!("poll");
+        }));
     }
+
+    let proxier = Proxier::new(dp, &opts, status.clone(), health_tx, event_tx, link_poll);
+    let thread = std::thread::Builder::new()
+        .name("lb-proxier".into())
+        .spawn(move || proxier.run(rx))
+        .map_err(|source| AgentError::Thread { what: "proxier", source })?;
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    updates.send(Update::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     for s in servers {
         s.abort();
     }
-    // Packets that read a service entry just before the last flip may still use the old slots.
-    tokio::time::sleep(dp.retired_grace_left()).await;
-    dp.collect_retired();
     info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
     Ok(())
+}
+
+/// Follows the manifests under `path` on a thread of its own: every 0.5 s the files' stamps
+/// are compared, and only changed files are read and parsed again.
+fn spawn_manifest_watcher(path: PathBuf, updates: Updates) -> Result<(), AgentError> {
+    let mut watcher = ManifestWatcher::new(&path);
+    let run = move || {
+        let mut first = true;
+        let mut failing = false;
+        loop {
+            match watcher.poll() {
+                Ok(changes) => {
+                    failing = false;
+                    for e in &changes.errors {
+                        error!(error = %e, "manifest rejected; the file's last good objects stay");
+                    }
+                    send_manifest_changes(&updates, changes, first);
+                    first = false;
+                }
+                // Keep serving the last good state: a manifest being rewritten is not an outage.
+                Err(e) if !failing => {
+                    warn!(error = %e, "cannot read manifests; keeping the current state");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    std::thread::Builder::new()
+        .name("lb-manifests".into())
+        .spawn(run)
+        .map(|_| ())
+        .map_err(|source| AgentError::Thread { what: "manifest watcher", source })
+}
+
+fn send_manifest_changes(updates: &Updates, changes: manifests::ManifestChanges, first: bool) {
+    if first {
+        // The first read is the complete state, as a list from the API server would be.
+        fn applied<K>(c: ObjectChange<K>) -> Option<Arc<K>> {
+            match c {
+                ObjectChange::Apply(o) => Some(o),
+                ObjectChange::Delete(_) => None,
+            }
+        }
+        updates.send(Update::Services(ObjectEvent::Relist(changes.services.into_iter().filter_map(applied).collect())));
+        updates.send(Update::Slices(ObjectEvent::Relist(changes.slices.into_iter().filter_map(applied).collect())));
+        return;
+    }
+    for c in changes.services {
+        updates.send(Update::Services(match c {
+            ObjectChange::Apply(o) => ObjectEvent::Apply(o),
+            ObjectChange::Delete(o) => ObjectEvent::Delete(o),
+        }));
+    }
+    for c in changes.slices {
+        updates.send(Update::Slices(match c {
+            ObjectChange::Apply(o) => ObjectEvent::Apply(o),
+            ObjectChange::Delete(o) => ObjectEvent::Delete(o),
+        }));
+    }
+}
+
+/// Sends [`Update::Links`] whenever an interface or address of this namespace changes.
+fn spawn_link_watcher(updates: Updates) -> Result<(), crate::links::LinksError> {
+    let mut events = crate::links::LinkEvents::subscribe()?;
+    let run = move || loop {
+        match events.wait() {
+            Ok(true) => updates.send(Update::Links),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "rtnetlink events failed: interfaces and addresses are polled every second");
+                loop {
+                    updates.send(Update::Links);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    };
+    std::thread::Builder::new().name("lb-links".into()).spawn(run).map(|_| ()).map_err(crate::links::LinksError::Socket)
+}
+
+/// kube-proxy's `endpoints.kubernetes.io/last-change-trigger-time`: when the change that led to
+/// this slice happened, for the network programming latency.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(slice: &EndpointSlice) -> Option<f64> {
+    let t = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let ts: k8s_openapi::jiff::Timestamp = t.parse().ok()?;
+    Some(ts.as_millisecond() as f64 / 1000.0)
+}
+
+/// Why the Node makes this proxy unhealthy for load balancers (kube-proxy's `nodeEligible`):
+/// being deleted, or tainted for deletion by the cluster autoscaler.
+fn node_eligible(node: &Node) -> bool {
+    const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+    node.metadata.deletion_timestamp.is_none()
+        && !node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED))
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The thread that owns the translation and the datapath.
+struct Proxier {
+    dp: Dataplane,
+    translator: Translator,
+    status: metrics::SharedStatus,
+    health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
+    events: tokio::sync::mpsc::UnboundedSender<Rejection>,
+    node_name: String,
+    tc_globs: Vec<String>,
+    xdp_globs: Vec<String>,
+    nodeport_addresses: Vec<Cidr>,
+    full_sync_period: Duration,
+    services_listed: bool,
+    slices_listed: bool,
+    synced: bool,
+    attached: bool,
+    links_dirty: bool,
+    node_addrs: Vec<Ipv4Addr>,
+    /// Frontends whose map writes failed, retried with back-off.
+    failed: BTreeSet<Frontend>,
+    retry_delay: Duration,
+    retry_at: Option<Instant>,
+    next_full: Instant,
+    next_links: Instant,
+    /// Interfaces and addresses are looked at again this often even without an event.
+    link_poll: Duration,
+    /// Trigger times of endpoint changes not applied yet.
+    triggers: Vec<f64>,
+    /// Rejections already reported, per Service, so each is reported once.
+    reported: HashMap<String, Vec<String>>,
+    waiting_logged: Instant,
+}
+
+impl Proxier {
+    fn new(
+        dp: Dataplane,
+        opts: &Options,
+        status: metrics::SharedStatus,
+        health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
+        events: tokio::sync::mpsc::UnboundedSender<Rejection>,
+        link_poll: Duration,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            dp,
+            translator: Translator::new(NodeInfo::named(&opts.node_name)),
+            status,
+            health_tx,
+            events,
+            node_name: opts.node_name.clone(),
+            tc_globs: opts.ifaces.clone(),
+            xdp_globs: opts.xdp_ifaces.clone(),
+            nodeport_addresses: opts.nodeport_addresses.clone(),
+            full_sync_period: opts.full_sync_period,
+            services_listed: false,
+            slices_listed: false,
+            synced: false,
+            attached: false,
+            links_dirty: true,
+            node_addrs: Vec::new(),
+            failed: BTreeSet::new(),
+            retry_delay: Duration::from_millis(500),
+            retry_at: None,
+            next_full: now + opts.full_sync_period,
+            next_links: now + link_poll,
+            link_poll,
+            triggers: Vec::new(),
+            reported: HashMap::new(),
+            waiting_logged: now,
+        }
+    }
+
+    /// Receives updates until told to stop; syncs whenever something changed.
+    fn run(mut self, rx: mpsc::Receiver<Update>) {
+        let mut next_tick = Instant::now() + Duration::from_secs(1);
+        'outer: loop {
+            let wake = self.retry_at.map_or(next_tick, |r| r.min(next_tick));
+            match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(u) => {
+                    if !self.handle(u) {
+                        break;
+                    }
+                    // Take everything already queued into this sync (a rollout updates many
+                    // slices at once).
+                    while let Ok(u) = rx.try_recv() {
+                        if !self.handle(u) {
+                            break 'outer;
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let ready = self.services_listed && self.slices_listed;
+            if ready && (self.translator.has_pending() || !self.synced) {
+                self.sync();
+            } else if !ready && self.waiting_logged.elapsed() > Duration::from_secs(10) {
+                warn!(
+                    "still waiting for the first full list of Services and EndpointSlices; pinned state keeps serving"
+                );
+                self.waiting_logged = Instant::now();
+            }
+            let now = Instant::now();
+            if self.retry_at.is_some_and(|r| now >= r) {
+                self.retry();
+            }
+            if now >= next_tick {
+                next_tick = now + Duration::from_secs(1);
+                self.tick(now);
+            }
+            // Attach only once something is programmed, so the first packet an interface sees
+            // is served.
+            if self.synced && self.links_dirty {
+                self.sync_links();
+            }
+        }
+        // Packets that read a service entry just before the last flip may still use the old slots.
+        std::thread::sleep(self.dp.retired_grace_left());
+        self.dp.collect_retired();
+    }
+
+    /// Records one update; `false` to stop.
+    fn handle(&mut self, u: Update) -> bool {
+        match u {
+            Update::Services(ObjectEvent::Apply(s)) => self.translator.upsert_service(&s),
+            Update::Services(ObjectEvent::Delete(s)) => {
+                self.translator.delete_service(s.metadata.namespace.as_ref(), s.metadata.name.as_ref())
+            }
+            Update::Services(ObjectEvent::Relist(list)) => {
+                self.translator.relist_services(list.iter().map(|s| s.as_ref()));
+                self.services_listed = true;
+            }
+            Update::Slices(ObjectEvent::Apply(s)) => {
+                self.triggers.extend(trigger_time(&s));
+                self.translator.upsert_slice(&s)
+            }
+            Update::Slices(ObjectEvent::Delete(s)) => {
+                self.translator.delete_slice(s.metadata.namespace.as_ref(), s.metadata.name.as_ref())
+            }
+            Update::Slices(ObjectEvent::Relist(list)) => {
+                self.translator.relist_slices(list.iter().map(|s| s.as_ref()));
+                self.slices_listed = true;
+            }
+            Update::Node(e) => {
+                let node = match e {
+                    ObjectEvent::Apply(n) => Some(n),
+                    ObjectEvent::Relist(list) => list.into_iter().next(),
+                    ObjectEvent::Delete(_) => {
+                        self.status.lock().expect("status poisoned").node_eligible = false;
+                        None
+                    }
+                };
+                if let Some(n) = node {
+                    self.translator.set_node(NodeInfo::from_node(&self.node_name, Some(&n)));
+                    self.status.lock().expect("status poisoned").node_eligible = node_eligible(&n);
+                }
+            }
+            Update::Links => self.links_dirty = true,
+            Update::Shutdown => return false,
+        }
+        true
+    }
+
+    fn sync(&mut self) {
+        // From the change set to the last map write: what one sync costs.
+        let started = Instant::now();
+        let first = !self.synced;
+        let changes = self.translator.sync();
+        let report = if first {
+            // A previous agent's frontends that are no longer wanted are only found by a full
+            // comparison.
+            self.dp.apply(self.translator.state())
+        } else {
+            self.dp.apply_changes(self.translator.state(), &changes.frontends)
+        };
+        let took = started.elapsed();
+        for e in &report.errors {
+            error!(error = %e, "programming failed; retrying with back-off");
+        }
+        self.note_failures(&report.failed);
+        if first || changes.health_checks {
+            let _ = self.health_tx.send(self.translator.state().health_checks.clone());
+        }
+        self.report_rejections(&changes.touched);
+        info!(
+            services = changes.services,
+            frontends = changes.frontends.len(),
+            added = report.added,
+            updated = report.updated,
+            removed = report.removed,
+            unchanged = report.unchanged,
+            failed = report.errors.len(),
+            took_ms = took.as_millis() as u64,
+            "desired state applied"
+        );
+        let now = unix_now();
+        let mut st = self.status.lock().expect("status poisoned");
+        st.record_sync(took, !report.errors.is_empty(), first);
+        for t in self.triggers.drain(..) {
+            st.network_programming.observe((now - t).max(0.0));
+        }
+        (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
+        st.rejected_objects = self.translator.rejected_count();
+        st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
+        st.no_local_endpoints = self.translator.no_local_endpoints();
+        st.synced = true;
+        drop(st);
+        self.synced = true;
+    }
+
+    fn note_failures(&mut self, failed: &[Frontend]) {
+        if failed.is_empty() {
+            self.failed.clear();
+            self.retry_at = None;
+            self.retry_delay = Duration::from_millis(500);
+            return;
+        }
+        self.failed.extend(failed.iter().copied());
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
+    }
+
+    /// Writes the frontends that failed again (a full map may have room by now).
+    fn retry(&mut self) {
+        let failed = std::mem::take(&mut self.failed);
+        let report = self.dp.apply_changes(self.translator.state(), &failed);
+        if report.failed.is_empty() {
+            info!(frontends = failed.len(), "frontends that had failed are programmed now");
+        }
+        self.note_failures(&report.failed);
+        let mut st = self.status.lock().expect("status poisoned");
+        (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
+    }
+
+    /// Logs each newly rejected Service (or part of one) once, and asks for a Warning Event on
+    /// it; forgets rejections that went away. Only Services the sync touched are read.
+    fn report_rejections(&mut self, touched: &BTreeSet<String>) {
+        for name in touched {
+            let errors: Vec<String> = self.translator.errors_of(name).iter().map(|e| e.to_string()).collect();
+            let before = self.reported.remove(name).unwrap_or_default();
+            for (e, text) in self.translator.errors_of(name).iter().zip(&errors) {
+                if before.contains(text) {
+                    continue;
+                }
+                error!(error = %e, "object rejected");
+                let reason = if e.rejects_object() { "FailedToProgram" } else { "PartlyProgrammed" };
+                let _ = self.events.send(Rejection { service: name.clone(), reason, message: text.clone() });
+            }
+            if !errors.is_empty() {
+                self.reported.insert(name.clone(), errors);
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.dp.collect_retired();
+        if self.synced && now >= self.next_full {
+            self.next_full = now + self.full_sync_period;
+            self.full_resync();
+        }
+        if now >= self.next_links {
+            // A safety net under the rtnetlink events (and the only way without them).
+            self.next_links = now + self.link_poll;
+            self.links_dirty = true;
+        }
+        let mut st = self.status.lock().expect("status poisoned");
+        st.service_changes_pending = self.translator.pending_service_changes;
+        st.endpoint_changes_pending = self.translator.pending_endpoint_changes;
+        if !self.translator.has_pending() && self.synced {
+            // Nothing waits: the proxier is up to date (kube-proxy's periodic sync).
+            st.updated();
+        }
+    }
+
+    /// Translates everything again and compares every frontend with the maps: the incremental
+    /// path is checked against it, and whatever drifted is rewritten.
+    fn full_resync(&mut self) {
+        let started = Instant::now();
+        let incremental = self.translator.state().clone();
+        let changes = self.translator.rebuild();
+        if !changes.is_empty() || incremental != *self.translator.state() {
+            warn!(
+                frontends = changes.frontends.len(),
+                "the full resync found frontends the incremental translation had wrong; rewriting them"
+            );
+        }
+        let report = self.dp.apply(self.translator.state());
+        self.note_failures(&report.failed);
+        self.report_rejections(&changes.touched);
+        let _ = self.health_tx.send(self.translator.state().health_checks.clone());
+        info!(
+            added = report.added,
+            updated = report.updated,
+            removed = report.removed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "full resync done"
+        );
+        self.status.lock().expect("status poisoned").record_full_sync(started.elapsed());
+    }
+
+    /// Node port addresses and interfaces, after a change (or at the safety-net poll).
+    fn sync_links(&mut self) {
+        self.links_dirty = false;
+        match self.dp.sync_node_addresses(&self.nodeport_addresses) {
+            Ok(addrs) if addrs != self.node_addrs => {
+                info!(addresses = ?addrs, "node port addresses");
+                self.node_addrs = addrs;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot update node port addresses"),
+        }
+        let tc_globs = &self.tc_globs;
+        let xdp_globs = &self.xdp_globs;
+        let tc = |name: &str| dataplane::interface_wanted(tc_globs, name);
+        let xdp = |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(xdp_globs, name);
+        for e in self.dp.sync_interfaces(&tc, &xdp) {
+            warn!(error = %e, "attach failed");
+        }
+        if !self.attached {
+            self.dp.finish_migrations();
+            self.attached = true;
+            self.status.lock().expect("status poisoned").attached = true;
+            info!(interfaces = ?self.dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
+        }
+        debug!("links synced");
+    }
 }
 
 /// The first IPv4 address of the interface holding the default route (`/proc/net/route` is

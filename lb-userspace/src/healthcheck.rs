@@ -1,20 +1,15 @@
 //! `healthCheckNodePort` servers for `externalTrafficPolicy: Local` LoadBalancers, as kube-proxy
 //! runs them: an external load balancer probes every node, and only nodes with a local endpoint
-//! answer 200, so traffic goes only where it will not be dropped.
+//! and a healthy proxy answer 200, so traffic goes only where it will be served.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::model::HealthCheck;
+use crate::{metrics::SharedStatus, model::HealthCheck};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthCheckError {
@@ -25,25 +20,58 @@ pub enum HealthCheckError {
 type Shared = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
 
 /// The running servers, one per port, and what each reports.
-#[derive(Default)]
 pub struct HealthChecks {
     state: Shared,
+    status: SharedStatus,
     servers: BTreeMap<u16, JoinHandle<()>>,
 }
 
-/// kube-proxy's status and JSON body for one service.
-pub fn response(hc: &HealthCheck) -> (u16, String) {
+/// kube-proxy's status, JSON body and endpoint count header for one service: 200 only with a
+/// local endpoint and a healthy proxy.
+pub fn response(hc: &HealthCheck, proxy_healthy: bool) -> (u16, String) {
     let (ns, name) = hc.service.split_once('/').unwrap_or(("default", &hc.service));
     let body = serde_json::json!({
         "service": {"namespace": ns, "name": name},
         "localEndpoints": hc.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": proxy_healthy,
     })
     .to_string();
-    (if hc.local_endpoints > 0 { 200 } else { 503 }, body)
+    (if hc.local_endpoints > 0 && proxy_healthy { 200 } else { 503 }, body)
+}
+
+/// The proxy health a health check port reports: the first state programmed and attached, and
+/// no change waiting longer than the health timeout (kube-proxy's `IsHealthy`).
+fn proxy_healthy(status: &SharedStatus) -> bool {
+    let st = status.lock().expect("status poisoned");
+    st.synced && st.attached && st.proxy_healthy()
+}
+
+async fn answer(
+    axum::extract::State((state, status, port)): axum::extract::State<(Shared, SharedStatus, u16)>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let hc = state.lock().expect("health check state poisoned").get(&port).cloned();
+    let Some(hc) = hc else { return axum::http::StatusCode::NOT_FOUND.into_response() };
+    let (code, body) = response(&hc, proxy_healthy(&status));
+    let code = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    (
+        code,
+        [
+            ("content-type", "application/json".to_string()),
+            ("x-content-type-options", "nosniff".to_string()),
+            // Weighted load balancers read the local endpoint count from this header.
+            ("x-load-balancing-endpoint-weight", hc.local_endpoints.to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 impl HealthChecks {
+    pub fn new(status: SharedStatus) -> Self {
+        Self { state: Shared::default(), status, servers: BTreeMap::new() }
+    }
+
     /// Serves exactly the ports of `want`, with its counts. Must run inside a tokio runtime.
     pub async fn update(&mut self, want: &BTreeMap<u16, HealthCheck>) -> Vec<HealthCheckError> {
         *self.state.lock().expect("health check state poisoned") = want.clone();
@@ -62,60 +90,26 @@ impl HealthChecks {
             match TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port))).await {
                 Ok(listener) => {
                     tracing::info!(port, "health check server started");
-                    self.servers.insert(*port, tokio::spawn(serve(listener, *port, self.state.clone())));
+                    // Any path gets the answer, as kube-proxy's.
+                    let app = axum::Router::new().fallback(answer).with_state((
+                        self.state.clone(),
+                        self.status.clone(),
+                        *port,
+                    ));
+                    let port = *port;
+                    self.servers.insert(
+                        port,
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::warn!(port, error = %e, "health check server stopped");
+                            }
+                        }),
+                    );
                 }
                 Err(source) => errors.push(HealthCheckError::Bind { port: *port, source }),
             }
         }
         errors
-    }
-}
-
-/// Reads an HTTP request head, bounded in size (4 KiB) and time (2 s), so a slow or silent
-/// client cannot hold a task; returns what arrived.
-pub(crate) async fn read_request_head(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf[n..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-    })
-    .await;
-    buf.truncate(n);
-    buf
-}
-
-/// Writes a complete HTTP/1.1 response and lets the connection close (one request each).
-pub(crate) async fn write_response(conn: &mut tokio::net::TcpStream, code: u16, content_type: &str, body: &str) {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = conn.write_all(resp.as_bytes()).await;
-}
-
-async fn serve(listener: TcpListener, port: u16, state: Shared) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
-        let state = state.clone();
-        tokio::spawn(async move {
-            // Any request gets the answer: its content does not matter.
-            read_request_head(&mut conn).await;
-            let hc = state.lock().expect("health check state poisoned").get(&port).cloned();
-            let Some(hc) = hc else { return };
-            let (status, body) = response(&hc);
-            write_response(&mut conn, status, "application/json", &body).await;
-        });
     }
 }
 
@@ -125,12 +119,18 @@ mod tests {
 
     #[test]
     fn kube_proxy_style_body_and_status() {
-        let (status, body) = response(&HealthCheck { service: "default/load-bal".into(), local_endpoints: 2 });
+        let hc = HealthCheck { service: "default/load-bal".into(), local_endpoints: 2 };
+        let (status, body) = response(&hc, true);
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["service"]["name"], "load-bal");
         assert_eq!(v["service"]["namespace"], "default");
         assert_eq!(v["localEndpoints"], 2);
-        assert_eq!(response(&HealthCheck { service: "a/b".into(), local_endpoints: 0 }).0, 503);
+        assert_eq!(v["serviceProxyHealthy"], true);
+        assert_eq!(response(&HealthCheck { service: "a/b".into(), local_endpoints: 0 }, true).0, 503);
+        // An unhealthy proxy fails the check even with local endpoints.
+        let (status, body) = response(&hc, false);
+        assert_eq!(status, 503);
+        assert!(body.contains("\"serviceProxyHealthy\":false"), "{body}");
     }
 }

@@ -1,39 +1,35 @@
-//! The Kubernetes API as a source: reflectors over Services, EndpointSlices and this node's
-//! Node, the way kube-proxy's informers see them. The owner task reads consistent snapshots
-//! of the stores after a change is signalled; nothing here touches the datapath.
+//! The Kubernetes API as a source: watches of Services, EndpointSlices and this node's Node,
+//! the way kube-proxy's informers see them, each event passed on by name as it arrives (the
+//! agent's change set); nothing here touches the datapath.
 //!
-//! Shape after kube-rs's `controller-rs`: `watcher` streams with back-off feed `reflector`
-//! stores; the stores are what the rest of the agent reads. A watch that breaks (API server
-//! restart, network outage, `410 Gone`) is retried by the watcher itself, which relists and
-//! swaps the store contents in one step when the relist completes, so a resync never flushes.
+//! A watch that breaks (API server restart, network outage, `410 Gone`) is retried by kube's
+//! `watcher` with back-off; a relist is passed on only once complete, as one update holding the
+//! whole list, so the agent swaps to it in one step and a resync never flushes.
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        reflector::{self, Store},
-        utils::Backoff,
-        watcher, WatchStreamExt as _,
-    },
+    runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::model::{NodeInfo, PROXY_LABEL_SELECTOR};
+use crate::{
+    agent::{ObjectEvent, Update, Updates},
+    model::PROXY_LABEL_SELECTOR,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -45,65 +41,12 @@ pub enum KubeSourceError {
     Client(#[from] kube::Error),
 }
 
-/// Exponential back-off for broken watches, capped low: an agent that is minutes late after
-/// an API server outage keeps serving a stale view for minutes. Reset after a healthy event.
-#[derive(Clone)]
-pub struct WatchBackoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl WatchBackoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self { next: min, min, max }
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        Some(d)
-    }
-}
-
-impl Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
 /// Counters the metrics endpoint reports.
 #[derive(Default)]
 pub struct WatchStats {
     pub events: AtomicU64,
     pub errors: AtomicU64,
     pub relists: AtomicU64,
-}
-
-/// Live reflector stores, filled by background tasks.
-pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-    /// Set at each store's first complete list.
-    services_listed: Arc<AtomicBool>,
-    slices_listed: Arc<AtomicBool>,
-    node_name: String,
-    /// Signalled after every event that may change the translation.
-    pub changed: Arc<Notify>,
-    pub stats: Arc<WatchStats>,
-}
-
-/// The objects the translation needs, as the stores held them at one moment (shared, not
-/// copied).
-pub struct Snapshot {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub node: NodeInfo,
 }
 
 /// A client from `kubeconfig` when given, else as every Kubernetes client does: `KUBECONFIG`
@@ -123,82 +66,49 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
     Ok(Client::try_from(config)?)
 }
 
-impl KubeSource {
-    /// Starts the three reflectors on the current runtime.
-    pub fn start(client: Client, node_name: &str, backoff: WatchBackoff) -> Self {
-        let changed = Arc::new(Notify::new());
-        let stats = Arc::new(WatchStats::default());
-        let proxied = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-        let (services_listed, slices_listed) = (Arc::default(), Arc::default());
-        let services = spawn_reflector(
-            Api::<Service>::all(client.clone()),
-            proxied.clone(),
-            backoff.clone(),
-            (changed.clone(), stats.clone(), Arc::clone(&services_listed)),
-        );
-        let slices = spawn_reflector(
-            Api::<EndpointSlice>::all(client.clone()),
-            proxied,
-            backoff.clone(),
-            (changed.clone(), stats.clone(), Arc::clone(&slices_listed)),
-        );
-        let nodes = spawn_reflector(
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            backoff,
-            (changed.clone(), stats.clone(), Arc::default()),
-        );
-        Self {
-            services,
-            slices,
-            nodes,
-            services_listed,
-            slices_listed,
-            node_name: node_name.to_string(),
-            changed,
-            stats,
-        }
-    }
-
-    /// True once Services and EndpointSlices have each been listed in full. The Node is not
-    /// waited for: without it only zone hints are ignored, which is what a node without a
-    /// zone label gets anyway.
-    pub fn ready(&self) -> bool {
-        self.services_listed.load(Ordering::Acquire) && self.slices_listed.load(Ordering::Acquire)
-    }
-
-    pub fn snapshot(&self) -> Snapshot {
-        let node = self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(&self.node_name));
-        Snapshot {
-            services: self.services.state(),
-            slices: self.slices.state(),
-            node: NodeInfo::from_node(&self.node_name, node.as_deref()),
-        }
-    }
+/// Starts watches of Services, EndpointSlices (both with kube-proxy's label selector) and this
+/// node's Node on the current runtime; every event goes to `updates` as it arrives, a
+/// completed (re)list as one [`Update`] holding the whole list.
+pub fn start(client: Client, node_name: &str, updates: Updates) -> Arc<WatchStats> {
+    let stats = Arc::new(WatchStats::default());
+    let proxied = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+    tokio::spawn(watch(
+        Api::<Service>::all(client.clone()),
+        proxied.clone(),
+        (updates.clone(), stats.clone()),
+        Update::Services,
+    ));
+    tokio::spawn(watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        proxied,
+        (updates.clone(), stats.clone()),
+        Update::Slices,
+    ));
+    tokio::spawn(watch(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        (updates, stats.clone()),
+        Update::Node,
+    ));
+    stats
 }
 
-/// What a reflector's driver reports to: the change signal, the counters, and the flag set at
-/// its first complete list.
-type Reporting = (Arc<Notify>, Arc<WatchStats>, Arc<AtomicBool>);
-
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, backoff: WatchBackoff, report: Reporting) -> Store<K>
-where
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    (updates, stats): (Updates, Arc<WatchStats>),
+    wrap: fn(ObjectEvent<K>) -> Update,
+) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let kind = K::kind(&()).to_string();
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).backoff(backoff));
-    tokio::spawn(drive(kind, stream, report));
-    store
-}
-
-async fn drive<K>(
-    kind: String,
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    (changed, stats, listed): Reporting,
-) {
+    // kube-runtime's default back-off: exponential from 0.8 s to 30 s with jitter, so the
+    // nodes of a cluster do not relist in lockstep after an API server outage.
+    let stream = watcher(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
+    // Objects of a list in progress: a consistent view only once it completes.
+    let mut listing: Vec<Arc<K>> = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
             Ok(e) => {
@@ -208,17 +118,16 @@ async fn drive<K>(
                     failing = false;
                 }
                 match e {
-                    // Mid-list objects are not a consistent view; the store swaps at InitDone.
-                    watcher::Event::Init | watcher::Event::InitApply(_) => continue,
+                    watcher::Event::Init => listing.clear(),
+                    watcher::Event::InitApply(o) => listing.push(Arc::new(o)),
                     watcher::Event::InitDone => {
-                        // The reflector has swapped the store before passing the event on.
-                        listed.store(true, Ordering::Release);
                         stats.relists.fetch_add(1, Ordering::Relaxed);
-                        debug!(kind, "full list received");
+                        debug!(kind, objects = listing.len(), "full list received");
+                        updates.send(wrap(ObjectEvent::Relist(std::mem::take(&mut listing))));
                     }
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+                    watcher::Event::Apply(o) => updates.send(wrap(ObjectEvent::Apply(Arc::new(o)))),
+                    watcher::Event::Delete(o) => updates.send(wrap(ObjectEvent::Delete(Arc::new(o)))),
                 }
-                changed.notify_one();
             }
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);

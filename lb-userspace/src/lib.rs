@@ -1,8 +1,10 @@
 //! The `lb` agent: Kubernetes objects in, BPF map state out.
 pub mod agent;
 pub mod dataplane;
+pub mod events;
 pub mod healthcheck;
 pub mod kube_source;
+pub mod links;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_common::{Counter, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_REPLIED};
+use lb_common::{Counter, CT_DIR_FORWARD};
 use lb_userspace::{
     agent,
     dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, MapSizes, Maps, Timeouts},
@@ -55,9 +55,17 @@ struct RunArgs {
     /// `~/.kube/config`, then the in-cluster service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Longest wait between retries of a broken watch, seconds.
-    #[arg(long, default_value_t = 5)]
-    watch_retry_max: u64,
+    /// At least one sync per period; /healthz and /livez fail when a change has waited twice
+    /// as long without being applied (kube-proxy's --sync-period), seconds.
+    #[arg(long, default_value_t = 30)]
+    sync_period: u64,
+    /// Everything is translated and compared with the maps again this often (the incremental
+    /// translation is checked against it), seconds.
+    #[arg(long, default_value_t = 3600)]
+    full_sync_period: u64,
+    /// Per-frontend packet and byte series in /metrics (two series per frontend).
+    #[arg(long)]
+    metrics_per_frontend: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -97,12 +105,22 @@ struct RunArgs {
     /// Conntrack lifetime of an established TCP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_established_s)]
     ct_tcp_established_timeout: u64,
-    /// Conntrack lifetime of a TCP flow after FIN or RST, seconds.
+    /// Conntrack lifetime of a TCP flow after a RST (CLOSE), seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_close_s)]
     ct_tcp_close_timeout: u64,
-    /// Conntrack lifetime of a TCP flow that has only sent a SYN, seconds.
+    /// Conntrack lifetime of a TCP flow in its handshake (SYN_SENT, SYN_RECV), seconds.
     #[arg(long, default_value_t = Timeouts::default().tcp_syn_s)]
     ct_tcp_syn_timeout: u64,
+    /// Conntrack lifetime of an idle half-closed TCP flow (FIN_WAIT, CLOSE_WAIT), seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_fin_wait_s)]
+    ct_tcp_fin_wait_timeout: u64,
+    /// Conntrack lifetime of a TCP flow closed both ways awaiting the last ACK (LAST_ACK), seconds.
+    #[arg(long, default_value_t = Timeouts::default().tcp_last_ack_s)]
+    ct_tcp_last_ack_timeout: u64,
+    /// Conntrack lifetime of a closed TCP flow (TIME_WAIT), seconds. A new SYN on its tuple
+    /// starts a new flow at any time.
+    #[arg(long, default_value_t = Timeouts::default().tcp_time_wait_s)]
+    ct_tcp_time_wait_timeout: u64,
     /// Conntrack lifetime of an idle UDP flow, seconds.
     #[arg(long, default_value_t = Timeouts::default().udp_s)]
     ct_udp_timeout: u64,
@@ -117,12 +135,20 @@ struct RunArgs {
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
-    /// Capacity of the backend slots map (backends summed over all frontends).
-    #[arg(long, default_value_t = MapSizes::default().backend_slots)]
+    /// Capacity of the backends array (distinct backend addresses and ports).
+    #[arg(long, default_value_t = MapSizes::default().backends)]
     map_backends: u32,
-    /// Capacity of the conntrack map (each flow takes two entries; LRU).
+    /// Capacity of the Maglev tables array (slots over all frontends: about 16 per backend
+    /// of each frontend).
+    #[arg(long, default_value_t = MapSizes::default().maglev)]
+    map_maglev: u32,
+    /// Capacity of the assured conntrack table: live connections, two entries each, never
+    /// evicted (a flow that finds it full stays in the LRU table, counted as ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     map_conntrack: u32,
+    /// Capacity of the conntrack LRU table of new and finished flows (two entries each).
+    #[arg(long, default_value_t = MapSizes::default().conntrack_new)]
+    map_conntrack_new: u32,
     /// Capacity of the session affinity map (client, service) pins (LRU).
     #[arg(long, default_value_t = MapSizes::default().affinity)]
     map_affinity: u32,
@@ -228,10 +254,7 @@ fn socket_addr(flag: &str, v: &str) -> anyhow::Result<Option<std::net::SocketAdd
 fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
     let source = match args.manifests {
         Some(path) => agent::SourceOptions::Manifests(path),
-        None => agent::SourceOptions::Kube {
-            kubeconfig: args.kubeconfig,
-            watch_retry_max: Duration::from_secs(args.watch_retry_max),
-        },
+        None => agent::SourceOptions::Kube { kubeconfig: args.kubeconfig },
     };
     let xdp_ifaces = if args.no_xdp {
         Vec::new()
@@ -259,17 +282,25 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         xdp_ifaces,
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
+        sync_period: Duration::from_secs(args.sync_period.max(1)),
+        full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
+        per_frontend_metrics: args.metrics_per_frontend,
         dataplane: Config {
             timeouts: Timeouts {
                 tcp_syn_s: args.ct_tcp_syn_timeout,
                 tcp_established_s: args.ct_tcp_established_timeout,
                 tcp_close_s: args.ct_tcp_close_timeout,
+                tcp_fin_wait_s: args.ct_tcp_fin_wait_timeout,
+                tcp_last_ack_s: args.ct_tcp_last_ack_timeout,
+                tcp_time_wait_s: args.ct_tcp_time_wait_timeout,
                 udp_s: args.ct_udp_timeout,
             },
             sizes: MapSizes {
                 services: args.map_services,
-                backend_slots: args.map_backends,
+                backends: args.map_backends,
+                maglev: args.map_maglev,
                 conntrack: args.map_conntrack,
+                conntrack_new: args.map_conntrack_new,
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
@@ -317,57 +348,53 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Backends => {
             let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            println!("{:<24} {:<5} {:<22} SERVICE", "FRONTEND", "SLOT", "BACKEND");
+            println!("{:<24} {:<12} {:<22} SERVICE", "FRONTEND", "SLOTS", "BACKEND");
             let mut rows = Vec::new();
             for (k, v) in &services {
-                for slot in 0..v.backend_count {
-                    let key = lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot };
+                // Each backend and how many of the table's slots it owns.
+                let mut owned: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+                for slot in v.table_off..v.table_off + v.table_size {
                     let backend = maps
-                        .slots
-                        .get(&key, 0)
+                        .maglev_slot(slot)
+                        .and_then(|id| maps.backends.get(&id, 0))
                         .map(|b| endpoint_of(&b).to_string())
                         .unwrap_or_else(|_| "<missing>".into());
-                    rows.push((frontend_of(k, v.flags), slot, backend, name_of(v.id)));
+                    *owned.entry(backend).or_default() += 1;
+                }
+                for (b, n) in owned {
+                    rows.push((frontend_of(k, v.flags), format!("{n}/{}", v.table_size), b, name_of(v.id)));
                 }
             }
             rows.sort();
-            for (f, slot, b, n) in rows {
+            for (f, slots, b, n) in rows {
                 let f = f.map(|f| f.to_string()).unwrap_or_else(|| "?".into());
-                println!("{f:<24} {slot:<5} {b:<22} {n}");
+                println!("{f:<24} {slots:<12} {b:<22} {n}");
             }
         }
         ListWhat::Conntrack => {
-            let now = monotonic_ns();
+            let clock = dataplane::clock::Clock::new()?;
+            let now = clock.jiffies()?;
             println!(
-                "{:<7} {:<5} {:<22} {:<22} {:<22} {:>7} {:>9} {:<16} SERVICE",
-                "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "EXPIRES", "STATE"
+                "{:<7} {:<5} {:<22} {:<22} {:<26} {:>7} {:>7} {:<11} {:<7} SERVICE",
+                "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "IDLE(s)", "STATE", "TABLE"
             );
-            for (k, v) in maps.conntrack.iter().filter_map(Result::ok) {
-                if v.expires_ns < now {
-                    continue;
-                }
+            let flows = dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new);
+            for (k, v, assured) in flows {
                 let proto =
                     Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
-                let src = format!("{}:{}", ipv4(k.src), u16::from_be(k.sport));
-                let dst = format!("{}:{}", ipv4(k.dst), u16::from_be(k.dport));
-                let nat = format!("{}:{}", ipv4(v.nat_addr), u16::from_be(v.nat_port));
+                let at = |a: u32, p: u16| format!("{}:{}", std::net::Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
+                let (src, dst, nat) = (at(k.src, k.sport), at(k.dst, k.dport), at(v.nat_addr, v.nat_port));
                 let (dir, nat) = if k.dir == CT_DIR_FORWARD {
                     ("forward", format!("dst {nat}"))
                 } else {
                     ("reply", format!("src {nat}"))
                 };
-                let mut state = Vec::new();
-                if v.flags & CT_FLAG_REPLIED != 0 {
-                    state.push("replied");
-                }
-                if v.flags & CT_FLAG_CLOSING != 0 {
-                    state.push("closing");
-                }
                 println!(
-                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<22} {:>7} {:>8}s {:<16} {}",
-                    now.saturating_sub(v.created_ns) / 1_000_000_000,
-                    (v.expires_ns - now) / 1_000_000_000,
-                    state.join(","),
+                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<26} {:>7} {:>7} {:<11} {:<7} {}",
+                    clock.to_secs(now.wrapping_sub(v.created)),
+                    clock.to_secs(now.wrapping_sub(v.last_seen)),
+                    lb_common::ct_state_name(v.state),
+                    if assured { "assured" } else { "new" },
                     name_of(v.service_id)
                 );
             }

@@ -1,8 +1,10 @@
 //! Kubernetes YAML as a source: multi-document files, `kind: List`, or a directory of them.
 //! Each document is parsed on its own, so one bad document costs only itself.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -147,6 +149,173 @@ fn typed<T: DeserializeOwned>(path: &Path, doc: usize, kind: &str, value: Value)
     })
 }
 
+/// An object kind this source reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    Slice,
+}
+
+/// What one file held at its last good read.
+struct FileState {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+}
+
+/// Changes found by one [`ManifestWatcher::poll`].
+#[derive(Default)]
+pub struct ManifestChanges {
+    pub services: Vec<ObjectChange<Service>>,
+    pub slices: Vec<ObjectChange<EndpointSlice>>,
+    pub errors: Vec<ManifestError>,
+}
+
+/// One object created or updated, or deleted.
+pub enum ObjectChange<K> {
+    Apply(Arc<K>),
+    Delete(Arc<K>),
+}
+
+/// The manifests under a path, followed file by file: only files whose stamp changed are read
+/// and parsed again, and a file that no longer parses keeps its last good objects (a manifest
+/// being rewritten is not an outage), as does one that cannot be read for a moment.
+pub struct ManifestWatcher {
+    path: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// The stamp of each file's last read, good or not, and when it was read.
+    read: BTreeMap<PathBuf, ((std::time::SystemTime, u64, u64), std::time::SystemTime)>,
+    /// Per object (kind, namespace/name): the files defining it; the last path wins.
+    objects: BTreeMap<(Kind, String), BTreeMap<PathBuf, ObjectRef>>,
+}
+
+#[derive(Clone)]
+enum ObjectRef {
+    Service(Arc<Service>),
+    Slice(Arc<EndpointSlice>),
+}
+
+impl ObjectRef {
+    fn same(&self, other: &ObjectRef) -> bool {
+        match (self, other) {
+            (ObjectRef::Service(a), ObjectRef::Service(b)) => a == b,
+            (ObjectRef::Slice(a), ObjectRef::Slice(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+}
+
+fn stamp(path: &Path) -> std::io::Result<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata(path)?;
+    Ok((m.modified()?, m.len(), m.ino()))
+}
+
+impl ManifestWatcher {
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_owned(), files: BTreeMap::new(), read: BTreeMap::new(), objects: BTreeMap::new() }
+    }
+
+    /// Reads what changed since the last poll. `Err` when the path itself cannot be listed
+    /// (the last good state then stays).
+    pub fn poll(&mut self) -> Result<ManifestChanges, ManifestError> {
+        let mut changes = ManifestChanges::default();
+        let present: BTreeSet<PathBuf> = files(&self.path)?.into_iter().collect();
+        // Per touched object, what was in effect before this poll.
+        let mut touched: BTreeMap<(Kind, String), Option<ObjectRef>> = BTreeMap::new();
+        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
+        self.read.retain(|p, _| present.contains(p));
+        for p in gone {
+            let old = self.files.remove(&p).expect("listed");
+            self.forget(&p, &old, &mut touched);
+        }
+        for p in &present {
+            let Ok(now) = stamp(p) else { continue };
+            // A stamp is trusted only once the file is older than the clock's granularity for
+            // it (coarse: a few ms): two writes of the same size within one tick share a stamp
+            // (git's "racy" files). A recent file is read again until then.
+            let settled = |(mtime, _, _): (std::time::SystemTime, u64, u64), read_at: std::time::SystemTime| {
+                mtime + std::time::Duration::from_secs(2) < read_at
+            };
+            if self.read.get(p).is_some_and(|(s, at)| *s == now && settled(*s, *at)) {
+                continue;
+            }
+            self.read.insert(p.clone(), (now, std::time::SystemTime::now()));
+            let text = match fs::read_to_string(p) {
+                Ok(t) => t,
+                Err(source) => {
+                    changes.errors.push(ManifestError::Io { path: p.clone(), source });
+                    continue;
+                }
+            };
+            let (objects, errors) = parse(&[(p.clone(), text)]);
+            let syntax = errors.iter().any(|e| matches!(e, ManifestError::Yaml { .. }));
+            changes.errors.extend(errors);
+            if syntax && self.files.contains_key(p) {
+                // Keep what the file said last time it parsed, until it changes again.
+                continue;
+            }
+            let state = FileState {
+                services: objects.services.into_iter().map(Arc::new).collect(),
+                slices: objects.slices.into_iter().map(Arc::new).collect(),
+            };
+            if let Some(old) = self.files.remove(p) {
+                self.forget(p, &old, &mut touched);
+            }
+            let added = state
+                .services
+                .iter()
+                .map(|s| ((Kind::Service, object_key(&s.metadata)), ObjectRef::Service(s.clone())))
+                .chain(
+                    state.slices.iter().map(|s| ((Kind::Slice, object_key(&s.metadata)), ObjectRef::Slice(s.clone()))),
+                );
+            for (k, obj) in added {
+                touched.entry(k.clone()).or_insert_with(|| self.effective(&k));
+                self.objects.entry(k).or_default().insert(p.clone(), obj);
+            }
+            self.files.insert(p.clone(), state);
+        }
+        for (k, before) in touched {
+            let after = self.effective(&k);
+            match (before, after) {
+                (Some(b), Some(a)) if b.same(&a) => {}
+                (_, Some(ObjectRef::Service(s))) => changes.services.push(ObjectChange::Apply(s)),
+                (_, Some(ObjectRef::Slice(s))) => changes.slices.push(ObjectChange::Apply(s)),
+                (Some(ObjectRef::Service(s)), None) => changes.services.push(ObjectChange::Delete(s)),
+                (Some(ObjectRef::Slice(s)), None) => changes.slices.push(ObjectChange::Delete(s)),
+                (None, None) => {}
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The object in effect for `k`: the one in the last file that defines it.
+    fn effective(&self, k: &(Kind, String)) -> Option<ObjectRef> {
+        self.objects.get(k).and_then(|m| m.values().next_back().cloned())
+    }
+
+    /// Takes a file's objects out, remembering what each touched object was before.
+    fn forget(&mut self, path: &Path, old: &FileState, touched: &mut BTreeMap<(Kind, String), Option<ObjectRef>>) {
+        let keys = old
+            .services
+            .iter()
+            .map(|s| (Kind::Service, object_key(&s.metadata)))
+            .chain(old.slices.iter().map(|s| (Kind::Slice, object_key(&s.metadata))));
+        for k in keys {
+            touched.entry(k.clone()).or_insert_with(|| self.effective(&k));
+            if let Some(m) = self.objects.get_mut(&k) {
+                m.remove(path);
+                if m.is_empty() {
+                    self.objects.remove(&k);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +348,55 @@ mod tests {
         let (o, e) = parse_one("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\nkind: [unclosed\n");
         assert_eq!(o.services.len(), 1);
         assert!(matches!(e[..], [ManifestError::Yaml { doc: 2, .. }]), "{e:?}");
+    }
+}
+
+#[cfg(test)]
+mod watcher_tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")
+    }
+
+    fn names(c: &ManifestChanges) -> Vec<String> {
+        c.services
+            .iter()
+            .map(|c| match c {
+                ObjectChange::Apply(s) => format!("apply {}", s.metadata.name.as_deref().unwrap_or("")),
+                ObjectChange::Delete(s) => format!("delete {}", s.metadata.name.as_deref().unwrap_or("")),
+            })
+            .collect()
+    }
+
+    /// Only changed files are read again; a file with a syntax error keeps its last good
+    /// objects; a removed file removes its objects; an unchanged rewrite changes nothing.
+    #[test]
+    fn follows_files_one_by_one_and_keeps_the_last_good_state_of_a_broken_file() {
+        let dir = std::env::temp_dir().join(format!("lb-manifest-watch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+        fs::write(&a, svc("one", "10.96.0.1")).unwrap();
+        fs::write(&b, svc("two", "10.96.0.2")).unwrap();
+        let mut w = ManifestWatcher::new(&dir);
+        let c = w.poll().unwrap();
+        assert_eq!(names(&c), vec!["apply one", "apply two"]);
+        assert!(names(&w.poll().unwrap()).is_empty(), "nothing changed");
+        fs::write(&a, svc("one", "10.96.0.11")).unwrap();
+        assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
+        // The same content written again: read, but no change.
+        fs::write(&a, svc("one", "10.96.0.11") + "\n").unwrap();
+        assert!(names(&w.poll().unwrap()).is_empty());
+        fs::write(&b, "apiVersion: v1\nkind: Service\nmetadata: {name: two\n").unwrap();
+        let c = w.poll().unwrap();
+        assert!(names(&c).is_empty(), "a broken file keeps its objects");
+        assert!(matches!(c.errors[..], [ManifestError::Yaml { .. }]), "{:?}", c.errors);
+        assert!(names(&w.poll().unwrap()).is_empty(), "still broken");
+        fs::write(&b, svc("three", "10.96.0.3")).unwrap();
+        assert_eq!(names(&w.poll().unwrap()), vec!["apply three", "delete two"]);
+        fs::remove_file(&b).unwrap();
+        assert_eq!(names(&w.poll().unwrap()), vec!["delete three"]);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -26,8 +26,42 @@ pub enum MetricsError {
 /// Upper bounds (seconds) of the sync duration histogram's buckets.
 const SYNC_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
+/// A histogram with fixed buckets.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// Per bucket (not cumulative).
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: Vec<f64>) -> Self {
+        Self { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        self.sum += v;
+        self.count += 1;
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i] += 1;
+        }
+    }
+}
+
+/// kube-proxy's buckets for `kubeproxy_network_programming_duration_seconds`: 0.25 s steps to
+/// 0.5 s, 1 s steps to 59 s, then 5 s to 115 s, then 30 s to 300 s.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
 /// What the agent reports about itself.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AgentStatus {
     /// The first full state has been programmed.
     pub synced: bool,
@@ -38,19 +72,79 @@ pub struct AgentStatus {
     pub last_sync_unix_s: f64,
     pub sync_duration_sum_s: f64,
     pub sync_buckets: [u64; SYNC_BUCKETS.len()],
+    pub full_syncs: Histogram,
+    pub partial_syncs: Histogram,
     pub programmed_frontends: usize,
     pub programmed_endpoints: usize,
     pub rejected_objects: usize,
     /// Shared with the dataplane's sweep threads.
     pub stale_udp_flows_removed: Arc<std::sync::atomic::AtomicU64>,
+    /// Idle assured flows the conntrack collector removed.
+    pub conntrack_collected: Arc<std::sync::atomic::AtomicU64>,
     pub stale_udp_sockets_closed: u64,
     pub conntrack_capacity: u32,
     pub affinity_capacity: u32,
+    /// The oldest change received and not applied yet (kube-proxy's `QueuedUpdate`).
+    pub oldest_pending: Option<Instant>,
+    pub last_queued_unix_s: f64,
+    /// The last time the proxier was up to date (kube-proxy's `Updated`).
+    pub last_updated: Option<SystemTime>,
+    /// `/healthz` fails when a change has waited longer than this (kube-proxy: twice the sync
+    /// period).
+    pub health_timeout: Duration,
+    /// The Node is neither being deleted nor tainted for deletion by the cluster autoscaler.
+    pub node_eligible: bool,
+    pub service_changes_total: u64,
+    pub endpoint_changes_total: u64,
+    pub service_changes_pending: usize,
+    pub endpoint_changes_pending: usize,
+    /// Service ports with a Local policy and no endpoint on this node: (internal, external).
+    pub no_local_endpoints: (usize, usize),
+    pub network_programming: Histogram,
+    /// `/healthz` and `/livez` answers by code.
+    pub healthz_answers: BTreeMap<(&'static str, u16), u64>,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        Self {
+            synced: false,
+            attached: false,
+            syncs: 0,
+            sync_failures: 0,
+            last_sync_unix_s: 0.0,
+            sync_duration_sum_s: 0.0,
+            sync_buckets: [0; SYNC_BUCKETS.len()],
+            full_syncs: Histogram::new(SYNC_BUCKETS.to_vec()),
+            partial_syncs: Histogram::new(SYNC_BUCKETS.to_vec()),
+            programmed_frontends: 0,
+            programmed_endpoints: 0,
+            rejected_objects: 0,
+            stale_udp_flows_removed: Arc::default(),
+            conntrack_collected: Arc::default(),
+            stale_udp_sockets_closed: 0,
+            conntrack_capacity: 0,
+            affinity_capacity: 0,
+            oldest_pending: None,
+            last_queued_unix_s: 0.0,
+            last_updated: None,
+            health_timeout: Duration::from_secs(60),
+            // Eligible until a Node event says otherwise, as kube-proxy starts.
+            node_eligible: true,
+            service_changes_total: 0,
+            endpoint_changes_total: 0,
+            service_changes_pending: 0,
+            endpoint_changes_pending: 0,
+            no_local_endpoints: (0, 0),
+            network_programming: Histogram::new(network_programming_buckets()),
+            healthz_answers: BTreeMap::new(),
+        }
+    }
 }
 
 impl AgentStatus {
-    /// Records one apply of a full desired state.
-    pub fn record_sync(&mut self, took: Duration, failed: bool) {
+    /// Records one sync (`full`: every frontend compared).
+    pub fn record_sync(&mut self, took: Duration, failed: bool, full: bool) {
         self.syncs += 1;
         if failed {
             self.sync_failures += 1;
@@ -62,7 +156,40 @@ impl AgentStatus {
                 self.sync_buckets[i] += 1;
             }
         }
+        if full {
+            self.full_syncs.observe(s);
+        } else {
+            self.partial_syncs.observe(s);
+        }
         self.last_sync_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.updated();
+    }
+
+    pub fn record_full_sync(&mut self, took: Duration) {
+        self.full_syncs.observe(took.as_secs_f64());
+    }
+
+    /// Changes received (kube-proxy's `QueuedUpdate`).
+    pub fn queued(&mut self, services: usize, endpoints: usize) {
+        self.oldest_pending.get_or_insert_with(Instant::now);
+        self.last_queued_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.service_changes_total += services as u64;
+        self.endpoint_changes_total += endpoints as u64;
+        self.service_changes_pending += services;
+        self.endpoint_changes_pending += endpoints;
+    }
+
+    /// Everything received is applied (kube-proxy's `Updated`).
+    pub fn updated(&mut self) {
+        self.oldest_pending = None;
+        self.service_changes_pending = 0;
+        self.endpoint_changes_pending = 0;
+        self.last_updated = Some(SystemTime::now());
+    }
+
+    /// kube-proxy's proxy health: no change has waited longer than the health timeout.
+    pub fn proxy_healthy(&self) -> bool {
+        self.oldest_pending.is_none_or(|t| t.elapsed() < self.health_timeout)
     }
 }
 
@@ -80,11 +207,18 @@ struct CountCache {
     at: Option<Instant>,
     cost: Duration,
     conntrack: usize,
+    conntrack_new: usize,
     affinity: usize,
 }
 
 /// Renders the Prometheus text exposition.
-fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>, cache: &mut CountCache) -> String {
+fn render(
+    status: &AgentStatus,
+    maps: Option<&Maps>,
+    watch: Option<&WatchStats>,
+    cache: &mut CountCache,
+    per_frontend: bool,
+) -> String {
     let mut o = String::new();
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -113,6 +247,84 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
         family(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {}", status.last_sync_unix_s);
     }
+    let histogram = |o: &mut String, name: &str, help: &str, h: &Histogram| {
+        family(o, name, "histogram", help);
+        let mut cumulative = 0;
+        for (b, c) in h.bounds.iter().zip(&h.counts) {
+            cumulative += c;
+            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(o, "{name}_sum {}", h.sum);
+        let _ = writeln!(o, "{name}_count {}", h.count);
+    };
+    histogram(
+        &mut o,
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "Syncs that compared every frontend (start, resync).",
+        &status.full_syncs,
+    );
+    histogram(
+        &mut o,
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "Syncs of the changed Services only.",
+        &status.partial_syncs,
+    );
+    histogram(
+        &mut o,
+        "kubeproxy_network_programming_duration_seconds",
+        "From an endpoint change (its slice's last-change-trigger-time) to the datapath serving it.",
+        &status.network_programming,
+    );
+    family(
+        &mut o,
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "gauge",
+        "Unix time of the last change received.",
+    );
+    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds {}", status.last_queued_unix_s);
+    family(
+        &mut o,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "gauge",
+        "EndpointSlice changes received and not applied yet.",
+    );
+    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_endpoint_changes_pending {}", status.endpoint_changes_pending);
+    family(&mut o, "kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter", "EndpointSlice changes received.");
+    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_endpoint_changes_total {}", status.endpoint_changes_total);
+    family(
+        &mut o,
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "gauge",
+        "Service changes received and not applied yet.",
+    );
+    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_service_changes_pending {}", status.service_changes_pending);
+    family(&mut o, "kubeproxy_sync_proxy_rules_service_changes_total", "counter", "Service changes received.");
+    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_service_changes_total {}", status.service_changes_total);
+    family(
+        &mut o,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "gauge",
+        "Service ports with a Local traffic policy and no endpoint on this node.",
+    );
+    let _ = writeln!(
+        o,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}",
+        status.no_local_endpoints.0
+    );
+    let _ = writeln!(
+        o,
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"external\"}} {}",
+        status.no_local_endpoints.1
+    );
+    for (name, path) in [("kubeproxy_proxy_healthz_total", "/healthz"), ("kubeproxy_proxy_livez_total", "/livez")] {
+        family(&mut o, name, "counter", &format!("{path} answers by code."));
+        for code in [200, 503] {
+            let n = status.healthz_answers.get(&(path, code)).copied().unwrap_or(0);
+            let _ = writeln!(o, "{name}{{code=\"{code}\"}} {n}");
+        }
+    }
+    process_metrics(&mut o);
     family(&mut o, "lb_programmed_frontends", "gauge", "Service frontends (address, port, protocol) programmed.");
     let _ = writeln!(o, "lb_programmed_frontends {}", status.programmed_frontends);
     family(&mut o, "lb_programmed_endpoints", "gauge", "Backends summed over programmed frontends.");
@@ -167,19 +379,41 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     if cache.at.is_none_or(|t| t.elapsed() > cache.cost * 20) {
         let started = Instant::now();
         cache.conntrack = maps.conntrack.keys().filter(Result::is_ok).count();
+        cache.conntrack_new = maps.conntrack_new.keys().filter(Result::is_ok).count();
         cache.affinity = maps.affinity.keys().filter(Result::is_ok).count();
         cache.cost = started.elapsed();
         cache.at = Some(Instant::now());
     }
-    family(&mut o, "lb_conntrack_entries", "gauge", "Conntrack map entries in use (two per flow).");
-    let _ = writeln!(o, "lb_conntrack_entries {}", cache.conntrack);
-    family(&mut o, "lb_conntrack_capacity", "gauge", "Conntrack map capacity (LRU: the oldest flows are evicted).");
+    family(&mut o, "lb_conntrack_entries", "gauge", "Conntrack entries in use, both tables (two per flow).");
+    let _ = writeln!(o, "lb_conntrack_entries {}", cache.conntrack + cache.conntrack_new);
+    family(&mut o, "lb_conntrack_assured_entries", "gauge", "Entries of live connections (the assured table).");
+    let _ = writeln!(o, "lb_conntrack_assured_entries {}", cache.conntrack);
+    family(
+        &mut o,
+        "lb_conntrack_capacity",
+        "gauge",
+        "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
+    );
     let _ = writeln!(o, "lb_conntrack_capacity {}", status.conntrack_capacity);
+    family(
+        &mut o,
+        "lb_conntrack_collected_total",
+        "counter",
+        "Assured flows removed after idling past their lifetime.",
+    );
+    let _ = writeln!(
+        o,
+        "lb_conntrack_collected_total {}",
+        status.conntrack_collected.load(std::sync::atomic::Ordering::Relaxed)
+    );
     family(&mut o, "lb_affinity_entries", "gauge", "Session affinity pins in use.");
     let _ = writeln!(o, "lb_affinity_entries {}", cache.affinity);
     family(&mut o, "lb_affinity_capacity", "gauge", "Session affinity map capacity (LRU).");
     let _ = writeln!(o, "lb_affinity_capacity {}", status.affinity_capacity);
 
+    if !per_frontend {
+        return o;
+    }
     // Per frontend: id -> (frontend, service name).
     let names: BTreeMap<u32, String> =
         maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
@@ -207,13 +441,19 @@ fn render(status: &AgentStatus, maps: Option<&Maps>, watch: Option<&WatchStats>,
     o
 }
 
-/// `/healthz`: 200 once the first full state is programmed and the programs attached, as
-/// kube-proxy's (a JSON body with the last update time).
+/// `/healthz`, as kube-proxy's: 503 while no complete state is programmed and attached, when a
+/// change has waited longer than the health timeout without being applied, or when the Node
+/// is being deleted or tainted for deletion by the cluster autoscaler; a JSON body with the
+/// last update time.
 fn healthz(status: &AgentStatus) -> (u16, String) {
-    let healthy = status.synced && status.attached;
+    let healthy = status.synced && status.attached && status.proxy_healthy() && status.node_eligible;
+    let now = SystemTime::now();
+    let last = if healthy { Some(now) } else { status.last_updated };
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let body = serde_json::json!({
-        "lastUpdated": status.last_sync_unix_s,
-        "currentTime": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        "lastUpdated": last.map(secs),
+        "currentTime": secs(now),
+        "nodeEligible": status.node_eligible,
         "synced": status.synced,
         "attached": status.attached,
     })
@@ -221,54 +461,150 @@ fn healthz(status: &AgentStatus) -> (u16, String) {
     (if healthy { 200 } else { 503 }, body)
 }
 
-/// Binds `addr` and serves `/metrics` and `/healthz` (both on every listener, as kube-proxy's
-/// metrics server also answers `/healthz`).
-pub async fn serve(
-    addr: SocketAddr,
-    pin_dir: std::path::PathBuf,
-    status: SharedStatus,
-    watch: Option<Arc<WatchStats>>,
-) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
+/// `/livez`: 503 only when a change has waited longer than the health timeout (the proxy is
+/// stuck); an agent waiting out an unreachable API server is alive, and a restart would not
+/// reach the server any sooner.
+fn livez(status: &AgentStatus) -> (u16, String) {
+    let healthy = status.proxy_healthy();
+    let body = serde_json::json!({
+        "lastUpdated": status.last_updated.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
+        "currentTime": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+    })
+    .to_string();
+    (if healthy { 200 } else { 503 }, body)
+}
+
+/// What the HTTP handlers read.
+pub struct MetricsContext {
+    pub pin_dir: std::path::PathBuf,
+    pub status: SharedStatus,
+    pub watch: Option<Arc<WatchStats>>,
+    /// Per-frontend packet and byte series (two per frontend: 200,000 at 100,000 Services).
+    pub per_frontend: bool,
+    cache: Mutex<CountCache>,
+}
+
+impl MetricsContext {
+    pub fn new(
+        pin_dir: std::path::PathBuf,
+        status: SharedStatus,
+        watch: Option<Arc<WatchStats>>,
+        per_frontend: bool,
+    ) -> Arc<Self> {
+        let cache =
+            Mutex::new(CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 });
+        Arc::new(Self { pin_dir, status, watch, per_frontend, cache })
+    }
+
+    /// A copy of the status: the proxier's lock is held only for the copy, never while maps
+    /// are walked.
+    fn status(&self) -> AgentStatus {
+        self.status.lock().expect("status poisoned").clone()
+    }
+
+    fn count(&self, path: &'static str, code: u16) {
+        *self.status.lock().expect("status poisoned").healthz_answers.entry((path, code)).or_default() += 1;
+    }
+}
+
+fn json(code: u16, body: String) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let status = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [("content-type", "application/json"), ("x-content-type-options", "nosniff")], body).into_response()
+}
+
+async fn metrics_handler(
+    axum::extract::State(ctx): axum::extract::State<Arc<MetricsContext>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    // Map reads are blocking syscalls; keep them off the runtime's threads.
+    let text = tokio::task::spawn_blocking(move || {
+        let st = ctx.status();
+        // The pins are reopened per scrape: a restarted agent may have replaced a map, and a
+        // stale fd would report the old one.
+        let maps = Maps::open_pinned(&ctx.pin_dir).ok();
+        let mut cache = ctx.cache.lock().expect("cache poisoned");
+        render(&st, maps.as_ref(), ctx.watch.as_deref(), &mut cache, ctx.per_frontend)
+    })
+    .await
+    .unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn healthz_handler(
+    axum::extract::State(ctx): axum::extract::State<Arc<MetricsContext>>,
+) -> axum::response::Response {
+    let (code, body) = healthz(&ctx.status());
+    ctx.count("/healthz", code);
+    json(code, body)
+}
+
+async fn livez_handler(
+    axum::extract::State(ctx): axum::extract::State<Arc<MetricsContext>>,
+) -> axum::response::Response {
+    let (code, body) = livez(&ctx.status());
+    ctx.count("/livez", code);
+    json(code, body)
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/livez` (all on every listener, as
+/// kube-proxy's metrics server also answers `/healthz`).
+pub async fn serve(addr: SocketAddr, ctx: Arc<MetricsContext>) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
-    let cache = Arc::new(Mutex::new(CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 }));
+    tracing::info!(%addr, "serving /metrics, /healthz and /livez");
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .route("/healthz", axum::routing::get(healthz_handler))
+        .route("/livez", axum::routing::get(livez_handler))
+        .with_state(ctx);
     Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
-            let (status, watch, pin_dir, cache) = (status.clone(), watch.clone(), pin_dir.clone(), cache.clone());
-            tokio::spawn(async move {
-                let head = crate::healthcheck::read_request_head(&mut conn).await;
-                let head = String::from_utf8_lossy(&head);
-                let path = head.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-                // Map reads are blocking syscalls; keep them off the runtime's thread.
-                let (code, ctype, body) = tokio::task::spawn_blocking(move || {
-                    let st = status.lock().expect("status poisoned");
-                    match path.as_str() {
-                        "/metrics" => {
-                            // The pins are reopened per scrape: a restarted agent may have
-                            // replaced a map, and a stale fd would report the old one.
-                            let maps = Maps::open_pinned(&pin_dir).ok();
-                            let mut cache = cache.lock().expect("cache poisoned");
-                            let text = render(&st, maps.as_ref(), watch.as_deref(), &mut cache);
-                            (200, "text/plain; version=0.0.4", text)
-                        }
-                        "/healthz" => {
-                            let (code, body) = healthz(&st);
-                            (code, "application/json", body)
-                        }
-                        // The process answers: a liveness probe must not restart an agent that
-                        // is only waiting for an unreachable API server (the pinned datapath
-                        // serves meanwhile, and a restart would not reach it any sooner).
-                        "/livez" => (200, "text/plain", "ok\n".to_string()),
-                        _ => (404, "text/plain", "not found\n".to_string()),
-                    }
-                })
-                .await
-                .unwrap_or((500, "text/plain", "internal error\n".to_string()));
-                crate::healthcheck::write_response(&mut conn, code, ctype, &body).await;
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(%addr, error = %e, "metrics server stopped");
         }
     }))
+}
+
+/// kube-proxy's process metrics (what Prometheus' process collector reports), from /proc.
+fn process_metrics(o: &mut String) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    // Fields after the command (which may hold spaces), from field 3 on.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf reads a constant.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as f64) };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<f64>().ok()
+        })
+        .unwrap_or(0.0);
+    let gauge = |o: &mut String, name: &str, kind: &str, help: &str, v: f64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    gauge(
+        o,
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent, seconds.",
+        (num(14) + num(15)) / ticks,
+    );
+    gauge(o, "process_resident_memory_bytes", "gauge", "Resident memory size, bytes.", num(24) * page);
+    gauge(o, "process_virtual_memory_bytes", "gauge", "Virtual memory size, bytes.", num(23));
+    gauge(
+        o,
+        "process_start_time_seconds",
+        "gauge",
+        "Start time since the Unix epoch, seconds.",
+        boot + num(22) / ticks,
+    );
+    gauge(o, "process_open_fds", "gauge", "Open file descriptors.", fds as f64);
+    gauge(o, "process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds);
 }
 
 #[cfg(test)]
@@ -278,10 +614,10 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_healthz_needs_sync_and_attach() {
         let mut st = AgentStatus::default();
-        st.record_sync(Duration::from_millis(3), false);
-        st.record_sync(Duration::from_millis(200), true);
-        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, affinity: 0 };
-        let text = render(&st, None, None, &mut cache);
+        st.record_sync(Duration::from_millis(3), false, true);
+        st.record_sync(Duration::from_millis(200), true, false);
+        let mut cache = CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 };
+        let text = render(&st, None, None, &mut cache, false);
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.001\"} 0"), "{text}");
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("lb_sync_duration_seconds_bucket{le=\"0.25\"} 2"), "{text}");
@@ -294,5 +630,40 @@ mod tests {
         assert_eq!(healthz(&st).0, 503);
         st.attached = true;
         assert_eq!(healthz(&st).0, 200);
+        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1"), "{text}");
+        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1"), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(!text.contains("lb_service_packets_total"), "per-frontend series only behind the flag");
+    }
+
+    /// kube-proxy's rules: a change waiting longer than the health timeout makes `/healthz`
+    /// and `/livez` fail; applying it heals both; a Node being deleted (or tainted for it)
+    /// fails `/healthz` only.
+    #[test]
+    fn healthz_and_livez_follow_queued_changes_and_the_node() {
+        let mut st = AgentStatus { synced: true, attached: true, ..Default::default() };
+        st.health_timeout = Duration::from_millis(50);
+        assert_eq!((healthz(&st).0, livez(&st).0), (200, 200));
+        st.queued(1, 0);
+        assert_eq!((healthz(&st).0, livez(&st).0), (200, 200), "queued but not late yet");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!((healthz(&st).0, livez(&st).0), (503, 503));
+        let text = render(
+            &st,
+            None,
+            None,
+            &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 },
+            false,
+        );
+        assert!(text.contains("kubeproxy_sync_proxy_rules_service_changes_pending 1"), "{text}");
+        assert!(text.contains("kubeproxy_sync_proxy_rules_service_changes_total 1"), "{text}");
+        st.updated();
+        assert_eq!((healthz(&st).0, livez(&st).0), (200, 200));
+        st.node_eligible = false;
+        assert_eq!((healthz(&st).0, livez(&st).0), (503, 200));
+        let mut h = Histogram::new(network_programming_buckets());
+        h.observe(0.3);
+        h.observe(70.0);
+        assert_eq!((h.count, h.counts[1], h.counts.iter().sum::<u64>()), (2, 1, 2));
     }
 }

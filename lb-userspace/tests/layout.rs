@@ -5,9 +5,15 @@ use std::path::PathBuf;
 use aya::maps::{HashMap, Map, MapData};
 use std::net::Ipv4Addr;
 
-use lb_common::{AffinityKey, AffinityValue, CtKey, CtValue, MAP_CONNTRACK};
+use lb_common::{
+    AffinityKey, AffinityValue, CtKey4, CtValue4, CT_DIR_FORWARD, CT_ESTABLISHED, FAMILY_IPV4, MAP_CONNTRACK_V4,
+    MAP_CT4, PROTO_TCP, PROTO_UDP,
+};
 use lb_userspace::{
-    dataplane::{Config, Dataplane, DataplaneError, MapSizes},
+    dataplane::{
+        conntrack::{self, legacy},
+        Config, Dataplane, DataplaneError, MapSizes,
+    },
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
 
@@ -37,49 +43,120 @@ impl Drop for PinDir {
     }
 }
 
-/// Pins an LRU hash map of the given shape where the agent expects `name`.
-fn pin_lru(dir: &PinDir, name: &str, key: u32, value: u32, entries: u32, flags: u32) -> Map {
-    let obj = aya_obj::Map::new_from_params(9 /* BPF_MAP_TYPE_LRU_HASH */, key, value, entries, flags);
+/// Pins a map of the given type and shape where the agent expects `name`.
+fn pin_map(dir: &PinDir, name: &str, kind: u32, key: u32, value: u32, entries: u32) -> Map {
+    let obj = aya_obj::Map::new_from_params(kind, key, value, entries, 0);
     let data = MapData::create(obj, name, None).expect("creating map");
     data.pin(dir.0.join(name)).expect("pinning");
     Map::from_map_data(MapData::from_pin(dir.0.join(name)).unwrap()).unwrap()
 }
 
+const HASH: u32 = 1;
+const LRU_HASH: u32 = 9;
+
 #[test]
 fn a_flow_map_of_another_layout_is_refused_naming_it() {
     let Some(dir) = PinDir::new("refuse") else { return };
-    // A conntrack map whose values are not this build's CtValue (64 bytes).
-    pin_lru(&dir, MAP_CONNTRACK, 40, 32, 1024, 0);
+    // An assured conntrack table whose values are not this build's CtValue4 (28 bytes).
+    pin_map(&dir, MAP_CT4, HASH, 16, 32, 1024);
     let err = Dataplane::load(&dir.0, &Config::default()).err().expect("must refuse");
     assert!(matches!(err, DataplaneError::FlowLayout { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("LB_CONNTRACK") && msg.contains("value 32 B") && msg.contains("refusing to start"), "{msg}");
+    assert!(msg.contains("LB_CT4") && msg.contains("value 32 B") && msg.contains("refusing to start"), "{msg}");
     assert!(msg.contains(&format!("lb cleanup --pin-dir {}", dir.0.display())), "{msg}");
     // Nothing was touched: the pinned map is still the old one.
-    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CONNTRACK)).unwrap();
+    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT4)).unwrap();
     assert_eq!((info.value_size(), info.max_entries()), (32, 1024));
 }
 
 #[test]
 fn a_flow_map_of_another_capacity_is_migrated_with_its_entries() {
     let Some(dir) = PinDir::new("migrate") else { return };
-    let key_size = std::mem::size_of::<CtKey>() as u32;
-    let value_size = std::mem::size_of::<CtValue>() as u32;
-    let mut old = pin_lru(&dir, MAP_CONNTRACK, key_size, value_size, 1024, 0);
-    let mut flows: HashMap<&mut MapData, CtKey, CtValue> = HashMap::try_from(&mut old).unwrap();
+    let key_size = std::mem::size_of::<CtKey4>() as u32;
+    let value_size = std::mem::size_of::<CtValue4>() as u32;
+    let mut old = pin_map(&dir, MAP_CT4, HASH, key_size, value_size, 1024);
+    let mut flows: HashMap<&mut MapData, CtKey4, CtValue4> = HashMap::try_from(&mut old).unwrap();
     for i in 0..100u32 {
-        let k = CtKey { src: [i, 0, 0, 0], dst: [7, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
-        let v = CtValue { created_ns: 1000 + i as u64, ..Default::default() };
+        let k = CtKey4 { src: i, dst: 7, sport: 1, dport: 2, proto: 6, ..Default::default() };
+        let v = CtValue4 { created: 1000 + i, state: CT_ESTABLISHED, ..Default::default() };
         flows.insert(k, v, 0).unwrap();
     }
     drop(old);
     let sizes = MapSizes { conntrack: 4096, ..MapSizes::default() };
     let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
-    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CONNTRACK)).unwrap();
+    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT4)).unwrap();
     assert_eq!(info.max_entries(), 4096);
+    assert_eq!(info.map_type().unwrap(), aya::maps::MapType::Hash, "still a hash that never evicts");
     let entries: Vec<_> = dp.maps().conntrack.iter().filter_map(Result::ok).collect();
     assert_eq!(entries.len(), 100);
-    assert!(entries.iter().all(|(k, v)| k.dst[0] == 7 && v.created_ns == 1000 + k.src[0] as u64));
+    assert!(entries.iter().all(|(k, v)| k.dst == 7 && v.created == 1000 + k.src));
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of layout version 4's conntrack entries.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn flows_of_the_previous_conntrack_layout_are_carried_over_and_its_map_let_go() {
+    let Some(dir) = PinDir::new("legacy") else { return };
+    let (k, v) = (std::mem::size_of::<legacy::CtKey>() as u32, std::mem::size_of::<legacy::CtValue>() as u32);
+    let mut old = pin_map(&dir, MAP_CONNTRACK_V4, LRU_HASH, k, v, 1024);
+    let mut flows: HashMap<&mut MapData, legacy::CtKey, legacy::CtValue> = HashMap::try_from(&mut old).unwrap();
+    let now = monotonic_ns();
+    // An established TCP flow (forward and reply entries), a UDP flow, an expired flow.
+    let fwd = |src: u32, proto: u8| legacy::CtKey {
+        src: [src, 0, 0, 0],
+        dst: [u32::from_ne_bytes([10, 96, 0, 10]), 0, 0, 0],
+        sport: 40000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto,
+        family: FAMILY_IPV4,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    let val = |expires_ns: u64| legacy::CtValue {
+        nat_addr: [u32::from_ne_bytes([10, 244, 1, 11]), 0, 0, 0],
+        nat_port: 8080u16.to_be(),
+        flags: legacy::FLAG_REPLIED,
+        family: FAMILY_IPV4,
+        service_id: 1,
+        expires_ns,
+        created_ns: now - 5_000_000_000,
+        ..Default::default()
+    };
+    let client = u32::from_ne_bytes([10, 244, 1, 5]);
+    flows.insert(fwd(client, PROTO_TCP), val(now + 3_600_000_000_000), 0).unwrap();
+    flows.insert(fwd(client, PROTO_UDP), val(now + 60_000_000_000), 0).unwrap();
+    flows.insert(fwd(client + 1, PROTO_TCP), val(now - 1), 0).unwrap();
+    drop(old);
+    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("carries over");
+    let all = conntrack::entries(&dp.maps().conntrack, &dp.maps().conntrack_new);
+    let tcp: Vec<_> = all.iter().filter(|(k, _, _)| k.proto == PROTO_TCP).collect();
+    assert_eq!(tcp.len(), 2, "the live TCP flow, both directions: {all:?}");
+    for (k, v, assured) in &tcp {
+        assert!(*assured, "an answered TCP flow is assured");
+        assert_eq!(v.state, CT_ESTABLISHED);
+        if k.dir == CT_DIR_FORWARD {
+            assert_eq!(
+                (k.src, v.nat_addr, u16::from_be(v.nat_port)),
+                (client, u32::from_ne_bytes([10, 244, 1, 11]), 8080)
+            );
+        } else {
+            assert_eq!(
+                (k.src, k.dst, v.nat_addr),
+                (u32::from_ne_bytes([10, 244, 1, 11]), client, u32::from_ne_bytes([10, 96, 0, 10]))
+            );
+        }
+    }
+    assert_eq!(all.iter().filter(|(k, _, _)| k.proto == PROTO_UDP).count(), 2);
+    // The old map stays pinned (the old programs may still use it) until the link swap.
+    assert!(dir.0.join(MAP_CONNTRACK_V4).exists());
+    dp.finish_migrations();
+    assert!(!dir.0.join(MAP_CONNTRACK_V4).exists(), "let go once the new programs are in the links");
 }
 
 /// One ClusterIP frontend with session affinity: it gets service id 1.
@@ -106,8 +183,8 @@ fn rebuilt_service_maps_reset_affinity_pins_and_keep_flows() {
     let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
     let pin = AffinityKey { client: [1, 0, 0, 0], service_id: 1, ..Default::default() };
     maps.affinity.insert(pin, AffinityValue::default(), 0).unwrap();
-    let flow = CtKey { src: [1, 0, 0, 0], dst: [2, 0, 0, 0], sport: 1, dport: 2, proto: 6, ..Default::default() };
-    maps.conntrack.insert(flow, CtValue::default(), 0).unwrap();
+    let flow = CtKey4 { src: 1, dst: 2, sport: 1, dport: 2, proto: 6, ..Default::default() };
+    maps.conntrack.insert(flow, CtValue4::default(), 0).unwrap();
     drop(maps);
 
     // Same sizes: nothing is rebuilt, the service keeps id 1, and its pin survives a restart.
@@ -139,4 +216,20 @@ fn pins_of_frontends_that_no_longer_exist_are_dropped_at_adoption() {
     let dp = Dataplane::load(&dir.0, &Config::default()).expect("adopts");
     let ids: Vec<u32> = dp.maps().affinity.keys().filter_map(Result::ok).map(|k| k.service_id).collect();
     assert_eq!(ids, vec![1]);
+}
+
+#[test]
+fn a_maglev_array_of_another_size_is_rebuilt_with_the_services_that_point_into_it() {
+    let Some(dir) = PinDir::new("maglev") else { return };
+    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+    drop(dp);
+    let sizes = MapSizes { maglev: 1 << 16, ..MapSizes::default() };
+    let mut dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("rebuilds");
+    // No service entry may point into the new, empty array: they were rebuilt too, and come
+    // back with the next sync.
+    assert_eq!(dp.maps().services.keys().count(), 0);
+    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+    let (_, v) = dp.maps().services.iter().filter_map(Result::ok).next().expect("programmed again");
+    assert_eq!(dp.maps().maglev_slot(v.table_off).ok(), Some(0), "the one backend, id 0");
 }

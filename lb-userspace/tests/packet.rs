@@ -14,7 +14,9 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::Counter;
-use lb_tests::packet::{fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, L4};
+use lb_tests::packet::{
+    fold, fragment, frame, icmp_error, parse_checked, parse_icmp_checked, reassemble, sum16, with_ip_options, L4,
+};
 use lb_userspace::{
     dataplane::{backend_value, service_key, Config, Dataplane, DataplaneError, MapSizes, Maps, SLOT_GRACE},
     manifests,
@@ -109,6 +111,9 @@ impl Harness {
         self.dp.maps().stats.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 }
+
+#[path = "packet/conntrack.rs"]
+mod conntrack;
 
 // ---------- fixtures ----------
 
@@ -340,22 +345,6 @@ fn service_without_endpoints_is_refused_with_icmp_port_unreachable() {
     assert_eq!(h.counter(Counter::RejectNoBackend), 2);
 }
 
-/// `f` with `n` 4-byte words of IP options (NOPs ending in End of Options) after its header.
-fn with_ip_options(f: &[u8], n: usize) -> Vec<u8> {
-    let mut out = f[..34].to_vec();
-    let mut opts = vec![1u8; 4 * n];
-    *opts.last_mut().unwrap() = 0;
-    out.extend_from_slice(&opts);
-    out.extend_from_slice(&f[34..]);
-    out[14] = 0x45 + n as u8;
-    let tot = u16::from_be_bytes([out[16], out[17]]) + 4 * n as u16;
-    out[16..18].copy_from_slice(&tot.to_be_bytes());
-    out[24..26].copy_from_slice(&[0, 0]);
-    let c = fold(sum16(&out[14..34 + 4 * n]));
-    out[24..26].copy_from_slice(&c.to_be_bytes());
-    out
-}
-
 #[test]
 fn a_packet_with_ip_options_is_translated_and_refused_like_any_other() {
     if !privileged() {
@@ -415,8 +404,11 @@ fn backend_change_keeps_tracked_flows_and_steers_new_ones() {
         assert_ne!(parse_checked(&out).dst.0, removed);
     }
 
-    // Closing the old flow and reusing its 5-tuple for a new connection picks a live backend.
+    // Closing the old flow (FIN both ways, the last ACK: TIME_WAIT) and reusing its 5-tuple
+    // for a new connection picks a live backend.
     h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((removed, 8080), (CLIENT, port), L4::Tcp { flags: 0x11 }, &[]));
+    h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: ACK }, &[]));
     let (_, out) = h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_ne!(parse_checked(&out).dst.0, removed);
 }
@@ -433,10 +425,18 @@ fn deleted_service_stops_translating() {
     let (verdict, out) = h.run(&frame((CLIENT, 40001), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(verdict, TC_ACT_UNSPEC);
     assert_eq!(parse_checked(&out).dst, (VIP, 80));
-    // The slots stay for packets that read the entry just before it went, then go.
-    assert_eq!(h.dp.maps().slots.keys().count(), 6);
-    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
-    assert!(h.dp.maps().slots.keys().next().is_none(), "slots of the deleted service are gone");
+    // The tables (both ports) stay for packets that read the entry just before it went, then go.
+    let slots = 2 * lb_common::maglev::table_size(3) as usize;
+    assert_eq!(h.dp.retired_slots(), slots);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), slots);
+    assert_eq!(h.dp.retired_slots(), 0, "tables of the deleted service are freed");
+}
+
+/// Whether every slot of the table a service entry names still names a backend (a freed
+/// table's slots name none).
+fn table_intact(maps: &Maps, v: &lb_common::ServiceValue) -> bool {
+    (v.table_off..v.table_off + v.table_size)
+        .all(|slot| maps.maglev_slot(slot).is_ok_and(|id| maps.backends.get(&id, 0).is_ok()))
 }
 
 /// The lab ClusterIP's HTTP frontend key in `LB_SERVICES`.
@@ -468,49 +468,45 @@ fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots()
     assert_eq!(h.counter(Counter::DropSlotMissing), 0);
     maps.services.insert(http_key(), after, 0).unwrap();
 
-    // Kept through the grace period (both ports of web-service changed: 3 + 3 slots)...
-    let old_slots = |maps: &Maps| {
-        maps.slots
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.service_id == before.id && k.generation == before.generation)
-            .count()
-    };
+    // Kept through the grace period (both ports of web-service changed: two tables)...
+    let slots = 2 * lb_common::maglev::table_size(3) as usize;
     assert_eq!(h.dp.collect_retired(), 0);
-    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (3, 6));
+    assert!(table_intact(&maps, &before));
+    assert_eq!(h.dp.retired_slots(), slots);
     // ...also by an apply within it...
     h.apply(&lab_yaml(&newer));
-    assert_eq!(old_slots(&maps), 3);
+    assert!(table_intact(&maps, &before));
     // ...and gone after it.
-    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), 6);
-    assert_eq!((old_slots(&maps), h.dp.retired_slots()), (0, 0));
-    assert_eq!(maps.slots.keys().count(), 4, "the live generations of both ports");
-    // What the grace prevents: the stale copy now misses its slots.
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), slots);
+    assert_eq!(h.dp.retired_slots(), 0);
+    assert!(!table_intact(&maps, &before));
+    assert!(table_intact(&maps, &after), "the live table");
+    // What the grace prevents: the stale copy now misses its table.
     maps.services.insert(http_key(), before, 0).unwrap();
     h.run(&frame((CLIENT, 43100), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(h.counter(Counter::DropSlotMissing), 1);
 }
 
-/// Slots held for their grace period count against the map's capacity: when a new
-/// generation does not fit, they go early rather than the frontend failing.
+/// Tables held for their grace period count against the array's capacity: when a new table
+/// does not fit, they go early rather than the frontend failing.
 #[test]
-fn retired_slots_give_way_when_the_slots_map_is_full() {
+fn retired_tables_give_way_when_the_maglev_array_is_full() {
     if !privileged() {
         return;
     }
-    let sizes = MapSizes { backend_slots: 8, ..MapSizes::default() };
+    let m = lb_common::maglev::table_size(3);
+    // Room for the two live tables (3 backends each) and one more.
+    let sizes = MapSizes { maglev: 3 * m + 1, ..MapSizes::default() };
     let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
-    // 3 + 3 live slots. The HTTP port's 2 new ones fit (8), its 3 old ones are retired; the
-    // DNS port's 2 new ones do not (10), so the retired 3 go early and the DNS port is written.
+    // The HTTP port's new table (2 backends keep the size) fits, its old one is retired; the
+    // DNS port's does not, so the retired table goes early and the DNS port is written.
     let newer = ["10.244.1.21", "10.244.1.22"];
     h.apply(&lab_yaml(&newer));
-    assert_eq!(h.dp.retired_slots(), 3, "the DNS port's old generation, in its grace");
-    assert_eq!(h.dp.maps().slots.keys().count(), 7);
+    assert_eq!(h.dp.retired_slots(), m as usize, "the DNS port's old table, in its grace");
     assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
     let (_, out) = h.run(&frame((CLIENT, 43000), (VIP, 53), L4::Udp { zero_csum: false }, b"q"));
     assert!(backend_set(&newer, 5353).contains(&parse_checked(&out).dst));
-    h.dp.collect_retired_at(Instant::now() + SLOT_GRACE);
-    assert_eq!(h.dp.maps().slots.keys().count(), 4);
+    assert_eq!(h.dp.collect_retired_at(Instant::now() + SLOT_GRACE), m as usize);
 }
 
 fn affinity_yaml(backends: &[&str], timeout: u32) -> String {
@@ -529,11 +525,15 @@ fn ktime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The backend plain hash selection gives `client:port` over `backends` (sorted, as the agent
-/// writes slots), computed independently of the datapath with the shared hash.
+/// The backend a new flow from `client:port` gets from a fresh Maglev table of `backends`
+/// (sorted, as the agent builds it), computed with the shared hash and table builder.
 fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
-    let mut sorted: Vec<Ipv4Addr> = backends.iter().map(|b| b.parse().unwrap()).collect();
-    sorted.sort();
+    let mut set: Vec<lb_common::Backend> = backends
+        .iter()
+        .map(|b| backend_value(&Endpoint { ip: b.parse().unwrap(), port: 8080, local: false }))
+        .collect();
+    set.sort();
+    let table = lb_common::maglev::update(&[], &set);
     let h = lb_common::flow_hash(
         u32::from_ne_bytes(client.octets()),
         u32::from_ne_bytes(VIP.octets()),
@@ -541,7 +541,7 @@ fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
         80u16.to_be(),
         6,
     );
-    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+    lb_userspace::dataplane::endpoint_of(&table[lb_common::select_slot(h, table.len() as u32) as usize]).ip
 }
 
 /// A source port not yet used whose hash choice differs from `not`.
@@ -660,8 +660,9 @@ fn switching_affinity_on_and_off_takes_effect_for_new_connections() {
     h.apply(&affinity_yaml(&BACKENDS, 60));
     let pinned: BTreeSet<_> = (41000..41030).map(|p| h.syn_dst(CLIENT, p).0).collect();
     assert_eq!(pinned.len(), 1);
-    // The switch rewrote the service entry but not the slots.
-    assert!(h.pinned_maps().slots.keys().filter_map(Result::ok).all(|k| k.generation == 0));
+    // The switch rewrote the service entry but not the table.
+    assert!(h.pinned_maps().services.iter().filter_map(Result::ok).all(|(_, v)| v.generation == 0));
+    assert_eq!(h.dp.retired_slots(), 0);
     h.apply(&lab_yaml(&BACKENDS));
     let spread: BTreeSet<_> = (42000..42030).map(|p| h.syn_dst(CLIENT, p).0).collect();
     assert!(spread.len() > 1);
@@ -1300,14 +1301,10 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     assert_eq!((src, dst), (CLIENT, backend.0));
     assert_eq!(quote, quote_of(&reply, 20));
 
-    // Errors that cannot be matched pass untouched: a quote cut inside the ports, a quoted
-    // header with options, an ICMP echo.
+    // Errors that cannot be matched pass untouched: a quote cut inside the ports, an ICMP echo.
     let cut = icmp_error(router, CLIENT, 3, 4, [0; 4], &quote_of(&sent_again(&h, &syn), 20)[..22]);
-    let mut opts_quote = quote_of(&h.run(&syn).1, 20);
-    opts_quote[0] = 0x46;
-    let with_opts = icmp_error(router, CLIENT, 3, 4, [0; 4], &opts_quote);
     let echo = icmp_error(router, CLIENT, 8, 0, [0; 4], &quote_of(&h.run(&syn).1, 20));
-    for (what, f) in [("cut quote", cut), ("quote with options", with_opts), ("echo request", echo)] {
+    for (what, f) in [("cut quote", cut), ("echo request", echo)] {
         let (verdict, out) = h.run(&f);
         assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &f), "{what}");
     }
@@ -1349,6 +1346,52 @@ fn icmp_error_from_a_remote_backend_of_a_snated_node_port_is_routed_back_to_the_
     let (verdict, out) = h.run(&err);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(parse_icmp_checked(&out).1, EXTERNAL_CLIENT);
+}
+
+/// `icmp_error`, with `n` words of IP options in its own header.
+fn icmp_error_with_options(n: usize, src: Ipv4Addr, dst: Ipv4Addr, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    with_ip_options(&icmp_error(src, dst, 3, 4, rest, quote), n)
+}
+
+#[test]
+fn icmp_errors_with_ip_options_in_either_header_are_translated_at_both_hooks() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    // Options in the client's packets, so in the quote too.
+    for (outer_words, quoted_words) in [(0, 2), (3, 0), (10, 10)] {
+        let sport = 41000 + outer_words as u16;
+        let syn = with_ip_options(
+            &frame((EXTERNAL_CLIENT, sport), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]),
+            quoted_words,
+        );
+        let (_, sent) = h.run_xdp(&syn);
+        let ihl = 20 + 4 * quoted_words;
+        let p = parse_checked(&sent);
+        let quote = &sent[14..14 + ihl + 20];
+        let err = icmp_error_with_options(outer_words, p.dst.0, NODE_IP, [0, 0, 0x05, 0x78], quote);
+        let expect_quote = |got: &[u8]| {
+            // The client's packet again: addresses, options, ports, TCP checksum; its TTL and
+            // header checksum are those of the forwarded packet.
+            let mut expect = syn[14..14 + ihl + 20].to_vec();
+            expect[8] = got[8];
+            expect[10..12].copy_from_slice(&got[10..12]);
+            assert_eq!(got, &expect[..], "{outer_words}/{quoted_words} option words");
+        };
+        let (verdict, out) = h.run_xdp(&err);
+        assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+        let (src, dst, got) = parse_icmp_checked(&out);
+        assert_eq!((src, dst), (NODE_IP, EXTERNAL_CLIENT));
+        expect_quote(&got);
+        assert_eq!(&out[14 + 20..14 + 20 + 4 * outer_words], &err[34..34 + 4 * outer_words], "outer options kept");
+        let (verdict, out) = h.run(&err);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (src, dst, got) = parse_icmp_checked(&out);
+        assert_eq!((src, dst), (NODE_IP, EXTERNAL_CLIENT));
+        expect_quote(&got);
+    }
+    assert_eq!(h.counter(Counter::IcmpTranslated), 3);
 }
 
 #[test]
@@ -1424,13 +1467,21 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     // backend has left, the generation is 65535, and the client has not connected since.
     let v = maps.services.get(&http_key(), 0).unwrap();
     let rest: Vec<&str> = BACKENDS.iter().copied().filter(|b| b.parse::<Ipv4Addr>().unwrap() != pinned).collect();
-    for slot in 0..v.backend_count {
-        maps.slots.remove(&lb_common::BackendSlotKey { service_id: v.id, generation: v.generation, slot }).unwrap();
-    }
-    for (slot, b) in rest.iter().enumerate() {
-        let e = Endpoint { ip: b.parse().unwrap(), port: 8080, local: false };
-        let k = lb_common::BackendSlotKey { service_id: v.id, generation: u16::MAX, slot: slot as u16 };
-        maps.slots.insert(k, backend_value(&e), 0).unwrap();
+    // The table now names only the others (their ids are in LB_BACKENDS already).
+    let ids: Vec<u32> = rest
+        .iter()
+        .map(|b| {
+            let want = backend_value(&Endpoint { ip: b.parse().unwrap(), port: 8080, local: false });
+            (0..16).find(|&id| maps.backends.get(&id, 0).is_ok_and(|x| x == want)).expect("an id")
+        })
+        .collect();
+    // Two slots to an element, low half first.
+    let slots: Vec<u32> = (0..v.table_size).map(|i| ids[i as usize % ids.len()]).collect();
+    for (i, slot) in (v.table_off..v.table_off + v.table_size).enumerate() {
+        let pair = maps.maglev.get(&(slot / 2), 0).unwrap();
+        let half = (slot % 2) * 32;
+        let pair = (pair & !(0xffff_ffffu64 << half)) | ((slots[i] as u64) << half);
+        maps.maglev.set(slot / 2, pair, 0).unwrap();
     }
     maps.services
         .insert(http_key(), lb_common::ServiceValue { generation: u16::MAX, backend_count: rest.len() as u16, ..v }, 0)
@@ -1451,7 +1502,7 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     }
 
     // A pin a packet in flight wrote under generation 65535 after the flip goes with that
-    // generation's slots; pins of the new generation stay.
+    // generation's table; pins of the new generation stay.
     let other = lb_common::AffinityKey { client: [u32::from_ne_bytes([10, 244, 3, 3]), 0, 0, 0], ..pin_key };
     let late = lb_common::AffinityValue { generation: u16::MAX, ..maps.affinity.get(&pin_key, 0).unwrap() };
     maps.affinity.insert(other, late, 0).unwrap();

@@ -94,10 +94,14 @@ struct Event {
 #[derive(Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<ObjKey, Value>,
+    /// Shared with list snapshots: a write copies the map only while a snapshot holds it.
+    objects: Arc<BTreeMap<ObjKey, Value>>,
+    /// Lists' snapshots by version, the latest few, so every page of a paginated list comes
+    /// from the state its first page saw.
+    snapshots: Vec<(u64, Arc<BTreeMap<ObjKey, Value>>)>,
     /// The objects as they were when history was last compacted; with `log`, every state
     /// since can be rebuilt (continued lists are served from their first page's snapshot).
-    base: BTreeMap<ObjKey, Value>,
+    base: Arc<BTreeMap<ObjKey, Value>>,
     log: Vec<Event>,
     /// Watches resuming from a version below this get 410 Gone.
     compacted_below: u64,
@@ -105,6 +109,8 @@ struct State {
     held: Vec<Kind>,
     /// Every request line served, for assertions on client behaviour.
     requests: Vec<String>,
+    /// `events.k8s.io/v1` Events clients created.
+    events: Vec<Value>,
 }
 
 struct Shared {
@@ -249,6 +255,7 @@ impl TestApiServer {
         st.rv += 1;
         st.compacted_below = st.rv;
         st.base = st.objects.clone();
+        st.snapshots.clear();
         st.log.clear();
     }
 
@@ -269,6 +276,11 @@ impl TestApiServer {
 
     /// Creates or replaces every Service, EndpointSlice and Node in a YAML stream; other kinds
     /// (the lab's Deployment) are ignored, as the agent would never see them.
+    /// The Events clients created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.state.lock().unwrap().events.clone()
+    }
+
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc).context("YAML document")?;
@@ -302,7 +314,7 @@ impl TestApiServer {
             obj["metadata"]["uid"] = json!(format!("uid-{}-{namespace}-{name}", kind.name()));
         }
         let key = (kind, namespace, name);
-        let prev = st.objects.insert(key.clone(), obj.clone());
+        let prev = Arc::make_mut(&mut st.objects).insert(key.clone(), obj.clone());
         let typ = if prev.is_some() { "MODIFIED" } else { "ADDED" };
         st.log.push(Event { rv, kind, typ, object: obj, prev, key });
         drop(st);
@@ -313,7 +325,9 @@ impl TestApiServer {
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<()> {
         let mut st = self.shared.state.lock().unwrap();
         let key = (kind, if kind == Kind::Node { String::new() } else { namespace.to_string() }, name.to_string());
-        let Some(mut obj) = st.objects.remove(&key) else { bail!("{kind:?} {namespace}/{name} does not exist") };
+        let Some(mut obj) = Arc::make_mut(&mut st.objects).remove(&key) else {
+            bail!("{kind:?} {namespace}/{name} does not exist")
+        };
         let prev = Some(obj.clone());
         st.rv += 1;
         let rv = st.rv;
@@ -334,7 +348,7 @@ impl Drop for TestApiServer {
 impl State {
     /// The objects as of version `rv` (at or after the last compaction).
     fn at(&self, rv: u64) -> BTreeMap<ObjKey, Value> {
-        let mut objects = self.base.clone();
+        let mut objects = (*self.base).clone();
         for e in self.log.iter().take_while(|e| e.rv <= rv) {
             if e.typ == "DELETED" {
                 objects.remove(&e.key);
@@ -473,6 +487,27 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let params: BTreeMap<String, String> =
         query.split('&').filter_map(|kv| kv.split_once('=').map(|(k, v)| (decode(k), decode(v)))).collect();
+    if method == "POST" && path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.ends_with("/events") {
+        // Events are kept for assertions, never served back.
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        let start = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head read") + 4;
+        let mut body = buf[start..].to_vec();
+        while body.len() < len {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        shared.state.lock().unwrap().events.push(event.clone());
+        return respond(&mut conn, 201, &event.to_string()).await;
+    }
     let Some(kind) = Kind::from_path(path).filter(|_| method == "GET") else {
         let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{method} {path} is not served by the test API server")}).to_string();
         return respond(&mut conn, 404, &body).await;
@@ -500,7 +535,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
         // A continued list is served from the first page's snapshot; one older than the
         // compacted history is gone, as etcd's revision is.
         let page = {
-            let st = shared.state.lock().unwrap();
+            let mut st = shared.state.lock().unwrap();
             match q.continue_from.as_deref().map(parse_continue) {
                 Some(None) => Err((400, "BadRequest", "invalid continue token".to_string())),
                 Some(Some((rv, _, _))) if rv < st.compacted_below => Err((
@@ -513,19 +548,37 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
                         Some((rv, ns, name)) => (rv, Some((kind, ns, name))),
                         None => (st.rv, None),
                     };
-                    let snapshot = if rv == st.rv { st.objects.clone() } else { st.at(rv) };
+                    let snapshot = match st.snapshots.iter().find(|(v, _)| *v == rv) {
+                        Some((_, snap)) => snap.clone(),
+                        None => {
+                            let snap = if rv == st.rv { st.objects.clone() } else { Arc::new(st.at(rv)) };
+                            st.snapshots.push((rv, snap.clone()));
+                            if st.snapshots.len() > 8 {
+                                st.snapshots.remove(0);
+                            }
+                            snap
+                        }
+                    };
+                    drop(st);
+                    // Keys sort by kind first: a page is a range scan from the last key served.
+                    let start = match &after {
+                        Some(a) => std::ops::Bound::Excluded(a.clone()),
+                        None => std::ops::Bound::Included((kind, String::new(), String::new())),
+                    };
                     let mut matching = snapshot
-                        .into_iter()
-                        .filter(|(k, o)| k.0 == kind && q.selects(o))
-                        .filter(|(k, _)| after.as_ref().is_none_or(|a| k > a));
+                        .range((start, std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.0 == kind)
+                        .filter(|(_, o)| q.selects(o));
                     let limit = q.limit.unwrap_or(usize::MAX);
-                    let items: Vec<(ObjKey, Value)> = matching.by_ref().take(limit).collect();
-                    let remaining = matching.count();
-                    Ok((items, rv, remaining))
+                    let items: Vec<(ObjKey, Value)> =
+                        matching.by_ref().take(limit).map(|(k, o)| (k.clone(), o.clone())).collect();
+                    // Whether more follow (kube-apiserver's remainingItemCount is optional too).
+                    let more = matching.next().is_some();
+                    Ok((items, rv, more))
                 }
             }
         };
-        let (items, rv, remaining) = match page {
+        let (items, rv, more) = match page {
             Ok(p) => p,
             Err((code, reason, message)) => {
                 let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "code": code, "message": message}).to_string();
@@ -533,10 +586,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
             }
         };
         let mut metadata = json!({"resourceVersion": rv.to_string()});
-        if remaining > 0 {
+        if more {
             let last = &items.last().expect("a full page").0;
             metadata["continue"] = json!(continue_token(rv, last));
-            metadata["remainingItemCount"] = json!(remaining);
         }
         let items: Vec<Value> = items
             .into_iter()
@@ -559,6 +611,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
 async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &str) -> Result<()> {
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         401 => "Unauthorized",
         410 => "Gone",

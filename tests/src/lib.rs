@@ -496,9 +496,15 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
-/// One HTTP/1.0 GET from inside `ns`; returns the body.
+/// One HTTP/1.0 GET from inside `ns`; returns the body of a 2xx answer, and fails on any
+/// other status (a 503 is not a success).
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<String> {
     http_get_from(ns, SocketAddr::from(([0, 0, 0, 0], 0)), addr, path)
+}
+
+/// One HTTP/1.0 GET from inside `ns`; returns the status code and the body, whatever the code.
+pub fn http_status(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_exchange(ns, SocketAddr::from(([0, 0, 0, 0], 0)), addr, path)
 }
 
 /// Polls `f` every 100 ms until it returns true or `within` passes; the last answer counts.
@@ -540,9 +546,18 @@ impl EchoConn {
     }
 }
 
-/// One HTTP/1.0 GET from inside `ns` from a chosen source address and port (port 0: any).
+/// One HTTP/1.0 GET from inside `ns` from a chosen source address and port (port 0: any);
+/// the body of a 2xx answer.
 pub fn http_get_from(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) -> Result<String> {
-    in_ns(ns, || -> Result<String> {
+    let (code, body) = http_exchange(ns, src, addr, path)?;
+    if !(200..300).contains(&code) {
+        bail!("GET http://{addr}{path}: status {code}: {body}");
+    }
+    Ok(body)
+}
+
+fn http_exchange(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    in_ns(ns, || -> Result<(u16, String)> {
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         sock.set_reuse_address(true)?;
         sock.bind(&src.into())?;
@@ -552,8 +567,13 @@ pub fn http_get_from(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) ->
         write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let mut resp = String::new();
         c.read_to_string(&mut resp)?;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("no HTTP status line in {resp:?}"))?;
         let body = resp.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("no HTTP body in {resp:?}"))?;
-        Ok(body.trim().to_string())
+        Ok((code, body.trim().to_string()))
     })?
 }
 
@@ -577,17 +597,26 @@ pub fn with_session_affinity(manifests: &str, timeout_seconds: u32) -> String {
     )
 }
 
-/// The backend that plain hash selection picks for a TCP flow, computed with the datapath's
-/// shared hash over `backends` sorted as the agent writes its slots.
-pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr]) -> Ipv4Addr {
+/// The backend a new TCP flow gets from a fresh Maglev table of `backends` (all listening on
+/// `port`), computed with the datapath's shared hash and the agent's table builder.
+pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr], port: u16) -> Ipv4Addr {
     let ip = |a: SocketAddr| match a {
         SocketAddr::V4(a) => u32::from_ne_bytes(a.ip().octets()),
         SocketAddr::V6(_) => panic!("IPv4 only"),
     };
-    let mut sorted = backends.to_vec();
-    sorted.sort();
+    let mut set: Vec<lb_common::Backend> = backends
+        .iter()
+        .map(|b| lb_common::Backend {
+            addr: [u32::from_ne_bytes(b.octets()), 0, 0, 0],
+            port: port.to_be(),
+            family: lb_common::FAMILY_IPV4,
+            ..Default::default()
+        })
+        .collect();
+    set.sort();
+    let table = lb_common::maglev::update(&[], &set);
     let h = lb_common::flow_hash(ip(client), ip(vip), client.port().to_be(), vip.port().to_be(), lb_common::PROTO_TCP);
-    sorted[lb_common::select_slot(h, sorted.len() as u16) as usize]
+    Ipv4Addr::from(table[lb_common::select_slot(h, table.len() as u32) as usize].addr[0].to_ne_bytes())
 }
 
 /// Connects from inside `ns`; the error kind tells refused from unreachable.

@@ -94,11 +94,13 @@ pub struct Parsed {
 pub fn parse_checked(f: &[u8]) -> Parsed {
     assert!(f.len() >= 34, "frame too short: {}", f.len());
     assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
-    let ip = &f[14..34];
-    assert_eq!(ip[0], 0x45);
+    assert_eq!(f[14] >> 4, 4, "IP version");
+    let ihl = (f[14] & 0x0f) as usize * 4;
+    assert!(ihl >= 20, "IHL {ihl}");
+    let ip = &f[14..14 + ihl];
     assert_eq!(fold(sum16(ip)), 0, "IPv4 header checksum invalid");
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let l4 = &f[34..14 + tot];
+    let l4 = &f[14 + ihl..14 + tot];
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let proto = ip[9];
@@ -202,16 +204,39 @@ pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4
 }
 
 /// An ICMP error frame, checked: outer IP checksum, ICMP checksum over the whole message, the
-/// quoted IP header's checksum. Returns (outer source, outer destination, the quote).
+/// quoted IP header's checksum (either header may carry options). Returns (outer source, outer
+/// destination, the quote).
 pub fn parse_icmp_checked(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
     assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
-    let ip = &f[14..34];
+    let ihl = (f[14] & 0x0f) as usize * 4;
+    let ip = &f[14..14 + ihl];
     assert_eq!(fold(sum16(ip)), 0, "outer IPv4 header checksum invalid");
     assert_eq!(ip[9], 1, "not ICMP");
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let icmp = &f[34..14 + tot];
+    let icmp = &f[14 + ihl..14 + tot];
     assert_eq!(fold(sum16(icmp)), 0, "ICMP checksum invalid");
     let quote = icmp[8..].to_vec();
-    assert_eq!(fold(sum16(&quote[..20])), 0, "quoted IPv4 header checksum invalid");
+    let quoted_ihl = (quote[0] & 0x0f) as usize * 4;
+    assert_eq!(fold(sum16(&quote[..quoted_ihl])), 0, "quoted IPv4 header checksum invalid");
     (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), quote)
+}
+
+/// `f` with `n` 4-byte words of IP options (NOPs ending in End of Options) after its header,
+/// which must have none yet.
+pub fn with_ip_options(f: &[u8], n: usize) -> Vec<u8> {
+    if n == 0 {
+        return f.to_vec();
+    }
+    let mut out = f[..34].to_vec();
+    let mut opts = vec![1u8; 4 * n];
+    *opts.last_mut().unwrap() = 0;
+    out.extend_from_slice(&opts);
+    out.extend_from_slice(&f[34..]);
+    out[14] = 0x45 + n as u8;
+    let tot = u16::from_be_bytes([out[16], out[17]]) + 4 * n as u16;
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&out[14..34 + 4 * n]));
+    out[24..26].copy_from_slice(&c.to_be_bytes());
+    out
 }

@@ -161,7 +161,7 @@ fn lists_paginate_from_one_snapshot_and_watches_see_selector_transitions() -> Re
     // seen by the continued list.
     let first = list("limit=2")?;
     assert_eq!(names(&first), ["s0", "s1"]);
-    assert_eq!(first["metadata"]["remainingItemCount"], 3);
+    assert!(first["metadata"]["continue"].is_string(), "{first}");
     let rv = first["metadata"]["resourceVersion"].as_str().unwrap().to_string();
     api.delete(lb_tests::apiserver::Kind::Service, "default", "s3")?;
     api.apply(svc("s5", json!({"app": "web"})))?;

@@ -213,14 +213,18 @@ fn client_on_one_node_reaches_a_backend_on_another_through_the_underlay() -> Res
 }
 
 #[test]
-fn pod_created_after_the_agent_started_is_attached_and_served() -> Result<()> {
+fn pod_created_after_the_agent_started_is_served_from_its_first_packet() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
     let mut s = single_node()?;
     let late = s.lab.add_pod(&s.node, "late-client", 101)?;
-    let pin = s.node.pin_dir.join("links").join("tc_ingress_veth5");
-    assert!(eventually(Duration::from_secs(3), || pin.exists()), "veth5 attached within the 1 s interface poll");
+    // The pod sends at once: its veth must carry translated traffic from the first packet (the
+    // agent attaches on the link's rtnetlink event). A SYN that went out untranslated would be
+    // retransmitted only after 1 s, so a connect given 900 ms fails then.
+    let conn = tcp_connect(&late.ns, vip(80), Duration::from_millis(900))?;
+    assert!(conn.is_ok(), "first connection from a new pod: {conn:?}\n{}", s.lab.agent_log(&s.node));
+    assert!(s.node.pin_dir.join("links").join("tc_ingress_veth5").exists());
     assert!(POD_NAMES.contains(&http_get(&late.ns, vip(80), "/")?.as_str()));
     Ok(())
 }
@@ -303,13 +307,14 @@ fn set_affinity(s: &SingleNode, timeout: Option<u32>) -> Result<()> {
         Some(t) => lb_tests::with_session_affinity(&yaml, t),
         None => yaml,
     };
-    s.lab.write_manifests(&s.node, &yaml)?;
-    // Applied within 2 s: the agent logs every change it programs.
+    // Applied within 2 s: the agent logs every change it programs. The log is counted before
+    // the manifest is written, or a fast agent's line would be counted as already there.
     let want = match timeout {
         Some(t) => format!("affinity_timeout_s=Some({t})"),
         None => "affinity_timeout_s=None".to_string(),
     };
     let before = s.lab.agent_log(&s.node).matches(&want).count();
+    s.lab.write_manifests(&s.node, &yaml)?;
     assert!(
         eventually(Duration::from_secs(2), || s.lab.agent_log(&s.node).matches(&want).count() > before),
         "change applied within 2 s:\n{}",
@@ -401,11 +406,11 @@ fn session_affinity_expires_after_the_idle_timeout() -> Result<()> {
     let first = lb_tests::http_get_from(&s.client.ns, from(45000), vip(80), "/")?;
     let pinned_ip = s.web.iter().find(|p| p.name == first).unwrap().ip;
     let other_ports: Vec<u16> =
-        (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips) != pinned_ip).take(2).collect();
+        (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips, 80) != pinned_ip).take(2).collect();
     assert_eq!(lb_tests::http_get_from(&s.client.ns, from(other_ports[0]), vip(80), "/")?, first, "pinned");
 
     std::thread::sleep(Duration::from_millis(3000));
-    let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips));
+    let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips, 80));
     let after = lb_tests::http_get_from(&s.client.ns, from(other_ports[1]), vip(80), "/")?;
     assert_eq!(after, expected, "after 3 s idle the 2 s pin is gone and the hash decides");
     assert_ne!(after, first);

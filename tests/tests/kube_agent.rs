@@ -26,7 +26,7 @@ use kube::{
 use lb_tests::{
     apiserver::{Kind, TestApiServer},
     control_plane::{ControlPlane, Options, API_ADDR, API_PORT},
-    eventually, http_get,
+    eventually, http_get, http_status,
     kubelet::{Kubelet, KubeletConfig},
     lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab, Node, Pod,
 };
@@ -371,53 +371,83 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     Ok(())
 }
 
-/// A fault the real API server cannot be made to produce on demand: a restarted agent finds
-/// its EndpointSlice list hanging. It must keep the pinned state (not program Services without
-/// endpoints) until the list arrives. The test API server holds the list back.
+/// The test API server in the node's namespace, for faults the real API server cannot be made
+/// to produce on demand: one node, four web pods of the lab (the first three in the lab's
+/// hand-written EndpointSlice), a client pod, the agent.
+struct FaultCluster {
+    // Dropped first: the server, then the lab (agent, namespaces, pins).
+    api: TestApiServer,
+    lab: Lab,
+    node: Node,
+    web: Vec<Pod>,
+    client: Pod,
+    ifaces: Vec<String>,
+}
+
+impl FaultCluster {
+    fn start() -> Result<Self> {
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("node1", 1)?;
+        let mut web = Vec::new();
+        for i in 0..4u8 {
+            let pod = lab.add_pod(&node, &format!("web-{i}"), 11 + i)?;
+            lab.serve(&pod, &[80], &[9000], &[5353])?;
+            web.push(pod);
+        }
+        let client = lab.add_pod(&node, "busybox", 100)?;
+        let api = TestApiServer::start(&node.ns, "127.0.0.1:6443".parse()?, &lab.dir)?;
+        let pods: Vec<(&Pod, bool)> = web[..3].iter().map(|p| (p, true)).collect();
+        api.apply_yaml(&lab_manifests(CLUSTER_IP, &pods, &EXTRA_PORTS))?;
+        let mut ifaces: Vec<String> = web.iter().chain([&client]).map(|p| p.host_if.clone()).collect();
+        ifaces.push("cbr0".into());
+        let mut c = FaultCluster { api, lab, node, web, client, ifaces };
+        let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+        c.lab.start_agent_kube(&c.node, &ifaces, 3, c.api.kubeconfig(), &[])?;
+        Ok(c)
+    }
+
+    fn has_backend(&self, pod: usize, port: u16) -> bool {
+        self.lab.list(&self.node, "backends").unwrap_or_default().contains(&format!("{}:{port}", self.web[pod].ip))
+    }
+}
+
+/// A restarted agent finds its EndpointSlice list hanging (the test API server holds it back).
+/// It must keep the pinned state (not program Services without endpoints) until the list
+/// arrives, report itself unready meanwhile and alive, and lose no request.
 #[test]
 fn restarted_agent_keeps_pinned_state_while_its_first_list_hangs() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
-    let mut lab = Lab::new()?;
-    let node = lab.add_node("node1", 1)?;
-    let mut web = Vec::new();
-    for i in 0..4u8 {
-        let pod = lab.add_pod(&node, &format!("web-{i}"), 11 + i)?;
-        lab.serve(&pod, &[80], &[9000], &[5353])?;
-        web.push(pod);
-    }
-    let client = lab.add_pod(&node, "busybox", 100)?;
-    let api = TestApiServer::start(&node.ns, "127.0.0.1:6443".parse()?, &lab.dir)?;
-    let all: Vec<(&Pod, bool)> = web.iter().map(|p| (p, true)).collect();
-    api.apply_yaml(&lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS))?;
-    let mut ifaces: Vec<&str> = web.iter().chain([&client]).map(|p| p.host_if.as_str()).collect();
-    ifaces.push("cbr0");
-    lab.start_agent_kube(&node, &ifaces, 3, api.kubeconfig(), &[])?;
-    let has =
-        |lab: &Lab, i: usize| lab.list(&node, "backends").unwrap_or_default().contains(&format!("{}:80", web[i].ip));
-    assert!(has(&lab, 3));
-    let load = Load::start(&client.ns);
+    let mut c = FaultCluster::start()?;
+    assert!(c.has_backend(2, 80));
+    let load = Load::start(&c.client.ns);
     thread::sleep(Duration::from_secs(1));
 
-    lab.kill_agent(&node);
-    api.hold_lists(Kind::EndpointSlice);
-    lab.spawn_agent_kube(&node, api.kubeconfig(), &[])?;
+    c.lab.kill_agent(&c.node);
+    c.api.hold_lists(Kind::EndpointSlice);
+    c.lab.spawn_agent_kube(&c.node, c.api.kubeconfig(), &[])?;
     thread::sleep(Duration::from_secs(3));
-    let log = lab.agent_log(&node);
+    // On a loaded machine the agent may still be starting: its health server answers first.
+    let healthz: SocketAddr = "127.0.0.1:10256".parse()?;
+    assert!(
+        eventually(Duration::from_secs(10), || http_status(&c.node.ns, healthz, "/livez").is_ok()),
+        "the restarted agent's health server never answered"
+    );
+    let log = c.lab.agent_log(&c.node);
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
-    assert!(has(&lab, 3) && has(&lab, 0), "pinned state flushed: {}", lab.list(&node, "backends")?);
+    assert!(c.has_backend(2, 80) && c.has_backend(0, 80), "pinned state flushed");
     // Not healthy until the first full state is programmed, while the old state serves; alive.
-    let healthz = http_get(&node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":false"), "{healthz}");
-    assert_eq!(http_get(&node.ns, "127.0.0.1:10256".parse()?, "/livez")?, "ok");
-    api.release_lists();
-    lab.wait_agent(&node, &ifaces, 3)?;
+    let (code, body) = http_status(&c.node.ns, healthz, "/healthz")?;
+    assert!(code == 503 && body.contains("\"synced\":false"), "{code} {body}");
+    assert_eq!(http_status(&c.node.ns, healthz, "/livez")?.0, 200);
+    c.api.release_lists();
+    let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+    c.lab.wait_agent(&c.node, &ifaces, 3)?;
     thread::sleep(Duration::from_secs(1));
     let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
     assert!(ok > 50, "only {ok} requests");
-    drop(api);
     Ok(())
 }
 
@@ -532,9 +562,13 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
         "metadata": {"name": "empty", "namespace": "default"},
         "spec": {"clusterIP": "10.96.70.70", "ports": [{"port": 80}]}
     }))?;
-    c.start_agent()?;
-    let healthz = http_get(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    let kc = c.cp.kubeconfig.to_str().expect("utf-8 path").to_string();
+    c.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
+    c.lab.spawn_agent(&c.node, &[], &["--metrics-per-frontend"])?;
+    c.wait_agent()?;
+    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
+    assert!(code == 200 && healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
+    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
 
     let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
     let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
@@ -562,6 +596,11 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert!(sample(&after, "lb_sync_total") >= 1.0 && sample(&after, "lb_last_sync_timestamp_seconds") > 1.7e9);
     assert!(sample(&after, "lb_sync_duration_seconds_count") >= 1.0, "{after}");
     assert!(sample(&after, "lb_watch_relists_total") >= 3.0, "{after}");
+    // kube-proxy's own series.
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{after}");
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1.7e9, "{after}");
+    assert_eq!(sample(&after, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0.0, "{after}");
+    assert!(sample(&after, "process_resident_memory_bytes") > 0.0, "{after}");
     Ok(())
 }
 
@@ -593,7 +632,7 @@ fn map_layout_changes_rebuild_service_maps_and_migrate_flow_maps() -> Result<()>
     c.lab.kill_agent(&c.node);
     c.lab.start_agent_kube(&c.node, &ifaces, 3, &kc, &["--map-services", "4096", "--map-conntrack", "8192"])?;
     let log = c.lab.agent_log(&c.node);
-    assert!(log.contains("flow map moved to its new capacity") && log.contains("LB_CONNTRACK"), "{log}");
+    assert!(log.contains("flow map moved to its new capacity") && log.contains("LB_CT4"), "{log}");
     assert_eq!(long_lived.pod()?, pod);
     let ct = c.lab.list(&c.node, "conntrack")?;
     let flow = ct
@@ -832,5 +871,72 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
     // The API server knows who asked: the watches were the service account's, allowed by the
     // ClusterRole (a forbidden list would have left the agent unready above).
     assert!(!c.lab.agent_log(&c.node).contains("forbidden"), "{}", c.lab.agent_log(&c.node));
+    Ok(())
+}
+
+/// A Service lb cannot serve in full gets a Warning Event, as `kubectl describe` shows: one with
+/// an SCTP port is served on its other ports, with a Warning for that port, stored by the real
+/// API server (deploy/rbac.yaml grants the agent events create); the lab Service keeps working.
+#[test]
+fn partly_served_services_get_warning_events() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = Cluster::new()?;
+    c.start_agent()?;
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "mixed", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
+    }))?;
+    let event =
+        |c: &Cluster| -> Option<serde_json::Value> {
+            let list = c.cp.kubectl(&["get", "events.v1.events.k8s.io", "-n", "default", "-o", "json"]).ok()?;
+            let list: serde_json::Value = serde_json::from_str(&list).ok()?;
+            list["items"].as_array()?.iter().cloned().find(|e| {
+                e["regarding"]["name"] == "mixed" && e["reason"] == "PartlyProgrammed" && e["type"] == "Warning"
+            })
+        };
+    assert!(
+        eventually(Duration::from_secs(20), || event(&c).is_some()),
+        "no Warning Event; log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
+    let note = event(&c).unwrap()["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("spec.ports[0].protocol") && note.contains("SCTP"), "{note}");
+    let pod = http_get(&c.client.ns, vip(80), "/")?;
+    assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
+    let services = c.lab.list(&c.node, "services")?;
+    assert!(services.contains("10.96.71.71:80") && services.contains("default/mixed:t"), "{services}");
+    Ok(())
+}
+
+/// A Service whose ClusterIP another Service already has (which a real API server refuses to
+/// store, hence the test API server) is rejected whole, with a Warning Event; the lab Service
+/// keeps working.
+#[test]
+fn a_clusterip_clash_gets_a_warning_event() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let c = FaultCluster::start()?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zz-clash", "namespace": "default"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [{"port": 80}]}
+    }))?;
+    let event = || {
+        c.api.events().into_iter().find(|e| {
+            e["regarding"]["name"] == "zz-clash" && e["reason"] == "FailedToProgram" && e["type"] == "Warning"
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || event().is_some()),
+        "events: {:#?}\nlog:\n{}",
+        c.api.events(),
+        c.lab.agent_log(&c.node)
+    );
+    let pod = http_get(&c.client.ns, vip(80), "/")?;
+    assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
     Ok(())
 }

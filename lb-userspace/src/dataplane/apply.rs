@@ -6,15 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{
-    AffinityKey, BackendSlotKey, CtKey, CtValue, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_PORTS,
-    MAP_SERVICES, MAP_SOURCE_RANGES, PORT_BACKEND, PORT_FRONTEND,
-};
+use lb_common::{AffinityKey, Backend, MAP_BACKENDS, MAP_BACKEND_MEMBERS, MAP_MAGLEV, MAP_SERVICES, MAP_SOURCE_RANGES};
 
 use super::{
     maps::{backend_value, encode_name, insert_err, member_key, service_key, service_value, source_range_key},
-    stale_udp::{sweep_stale_udp, StaleUdp},
+    stale_udp::StaleUdp,
     sys::error_chain,
     Dataplane, DataplaneError, Result,
 };
@@ -26,21 +22,28 @@ pub(super) struct Programmed {
     pub(super) id: u32,
     pub(super) generation: u16,
     pub(super) port: ServicePort,
+    /// Its Maglev table: where it starts in `LB_MAGLEV`, and its slots (empty without
+    /// backends), which the next change of the backend set starts from.
+    pub(super) table_off: u32,
+    pub(super) table: Vec<Backend>,
 }
 
-/// How long a replaced slot generation stays in the map after the service entry stopped
-/// pointing at it. A packet copies the service entry and then looks its slot up; one that read
-/// the entry just before the flip must still find the old generation (else `DropSlotMissing`).
+/// How long a replaced table stays in `LB_MAGLEV` after the service entry stopped pointing at
+/// it. A packet copies the service entry and then reads a slot; one that read the entry just
+/// before the flip must still find the old table (else `DropSlotMissing`).
 /// A program run lasts microseconds (no sleeping, no preemption inside it), so this is ample;
 /// kube-proxy's nftables proxier likewise removes stale chains a sync later.
 pub const SLOT_GRACE: Duration = Duration::from_secs(2);
 
-/// A slot generation retired by a flip or a frontend's removal, deleted after `SLOT_GRACE`.
+/// A table retired by a flip or a frontend's removal, freed after `SLOT_GRACE`.
 #[derive(Clone, Debug)]
 pub(super) struct Retired {
     id: u32,
     generation: u16,
-    count: usize,
+    off: u32,
+    size: u32,
+    /// The backends it names, each released once.
+    backends: Vec<Backend>,
     since: Instant,
     /// The frontend was removed: its id is handed out again only once these slots are gone
     /// (a reused id starts again at generation 0, which these may be), and after its affinity
@@ -60,6 +63,8 @@ pub struct ApplyReport {
     pub unchanged: usize,
     /// The node's own connected UDP sockets whose backend left, aborted.
     pub stale_udp_sockets: usize,
+    /// Frontends that could not be written (with an error each in `errors`): retried later.
+    pub failed: Vec<Frontend>,
     pub errors: Vec<DataplaneError>,
 }
 
@@ -97,49 +102,92 @@ impl Dataplane {
     }
 
     /// Makes the maps match `desired`, touching only frontends that changed. Per-frontend
-    /// failures are reported and do not stop the others.
+    /// failures are reported and do not stop the others. Compares every frontend: what a full
+    /// resync does; a sync of known changes calls [`Dataplane::apply_changes`].
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
+        let mut changed: BTreeSet<Frontend> = BTreeSet::new();
+        for (f, sp) in &desired.services {
+            if self.programmed.get(f).is_none_or(|p| p.port != *sp) {
+                changed.insert(*f);
+            }
+        }
+        changed.extend(self.programmed.keys().filter(|f| !desired.services.contains_key(f)));
+        let mut report = self.apply_changes(desired, &changed);
+        report.unchanged = desired.services.len().saturating_sub(report.added + report.updated + report.errors.len());
+        // The frontend bits recounted from what is programmed (clearing those a previous agent
+        // left, and any a failed write leaked).
+        self.filter.rebuild(self.programmed.keys());
+        self.flush_filter(&mut report);
+        report
+    }
+
+    /// Makes the maps match `desired` for the frontends in `changed` (added, updated or
+    /// removed); every other frontend is left as it is.
+    pub fn apply_changes(&mut self, desired: &DesiredState, changed: &BTreeSet<Frontend>) -> ApplyReport {
         let mut report = ApplyReport::default();
         self.collect_retired();
-        // Port flags first: the datapath must not skip a frontend that is about to exist.
-        self.update_ports(desired.services.iter(), false, &mut report);
-        let gone: Vec<Frontend> =
-            self.programmed.keys().filter(|f| !desired.services.contains_key(f)).copied().collect();
+        // Filter bits first: the datapath must not skip a frontend that is about to exist, nor
+        // the replies of a backend about to be used.
+        for f in changed {
+            if let Some(sp) = desired.services.get(f) {
+                if !self.programmed.contains_key(f) {
+                    self.filter.add_frontend(f);
+                }
+                for b in &sp.backends {
+                    self.filter.add_backend(b, f.protocol);
+                }
+            }
+        }
+        self.flush_filter(&mut report);
         // Service id -> backends whose UDP flows must go (`None`: every flow of the frontend).
         let mut stale_udp: StaleUdp = StdHashMap::new();
         // The same departures, by frontend, for the node's own connected sockets.
         let mut stale_socks: Vec<(Frontend, BTreeSet<Endpoint>)> = Vec::new();
-        for f in gone {
-            let p = self.programmed.remove(&f).expect("listed above");
+        let mut gone = Vec::new();
+        for f in changed.iter().filter(|f| !desired.services.contains_key(f)) {
+            let Some(p) = self.programmed.remove(f) else { continue };
+            gone.push(*f);
             if f.protocol == Protocol::Udp {
                 stale_udp.insert(p.id, None);
-                stale_socks.push((f, p.port.backends.iter().copied().collect()));
+                stale_socks.push((*f, p.port.backends.iter().copied().collect()));
             }
             // Service entry first, so no new flow can pick a slot we are about to delete. The
             // slots go after the grace, for packets that read the entry just before; the id is
             // free again (its affinity pins dropped) only then.
-            let _ = self.maps.services.remove(&service_key(&f));
-            self.retire(p.id, p.generation, p.port.backends.len(), true, false);
+            let _ = self.maps.services.remove(&service_key(f));
+            self.retire(&p, true, false);
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
             let _ = self.maps.names.remove(&p.id);
             tracing::info!(frontend = %f, service = %p.port.name, "service removed");
             report.removed += 1;
         }
-        for (f, want) in &desired.services {
+        for f in changed {
+            let Some(want) = desired.services.get(f) else { continue };
             let old = self.programmed.get(f).cloned();
             let next = match &old {
                 Some(p) if p.port == *want => {
                     report.unchanged += 1;
                     continue;
                 }
-                // Same backends: keep the generation, so affinity pins stay valid without a
-                // membership lookup and no slot is rewritten.
-                Some(p) if p.port.backends == want.backends => {
-                    Programmed { id: p.id, generation: p.generation, port: want.clone() }
-                }
-                Some(p) => Programmed { id: p.id, generation: p.generation.wrapping_add(1), port: want.clone() },
-                None => Programmed { id: self.next_free_id(), generation: 0, port: want.clone() },
+                // Same backends: keep the generation and the table, so affinity pins stay valid
+                // without a membership lookup and no slot is rewritten.
+                Some(p) if p.port.backends == want.backends => Programmed { port: want.clone(), ..p.clone() },
+                // A new table is built from the old one (`maglev::update`) in `write_service`.
+                Some(p) => Programmed {
+                    id: p.id,
+                    generation: p.generation.wrapping_add(1),
+                    port: want.clone(),
+                    table_off: 0,
+                    table: p.table.clone(),
+                },
+                None => Programmed {
+                    id: self.next_free_id(),
+                    generation: 0,
+                    port: want.clone(),
+                    table_off: 0,
+                    table: Vec::new(),
+                },
             };
             if old.as_ref().is_some_and(|p| p.generation != next.generation) {
                 // A generation still in its grace that the counter came back to is rewritten
@@ -153,21 +201,21 @@ impl Dataplane {
                 }
             }
             let mut written = self.write_service(f, &next, old.as_ref());
-            if matches!(written, Err(DataplaneError::MapFull { name: MAP_BACKEND_SLOTS, .. }))
+            if matches!(written, Err(DataplaneError::MapFull { name: MAP_MAGLEV | MAP_BACKENDS, .. }))
                 && !self.retired.is_empty()
             {
-                // Retired generations count against the capacity: under that pressure they go
+                // Retired tables count against the capacity: under that pressure they go
                 // before their grace (a packet in flight may then drop) rather than leave the
                 // frontend unprogrammed.
                 tracing::warn!(
                     retired_slots = self.retired_slots(),
-                    "backend slots map full: deleting replaced slot generations before their grace period"
+                    "Maglev tables full: freeing replaced tables before their grace period"
                 );
                 self.collect_retired_at(Instant::now() + SLOT_GRACE);
                 written = self.write_service(f, &next, old.as_ref());
             }
             match written {
-                Ok(()) => {
+                Ok(next) => {
                     if let Some(old) = old.as_ref().filter(|_| f.protocol == Protocol::Udp) {
                         let left: BTreeSet<Endpoint> =
                             old.port.backends.iter().filter(|b| !next.port.backends.contains(b)).copied().collect();
@@ -195,32 +243,21 @@ impl Dataplane {
                 Err(e) => {
                     if old.is_none() {
                         self.free_ids.insert(next.id);
+                        gone.push(*f);
                     }
+                    report.failed.push(*f);
                     report.errors.push(e)
                 }
             }
         }
-        let programmed: Vec<(Frontend, ServicePort)> =
-            self.programmed.iter().map(|(f, p)| (*f, p.port.clone())).collect();
-        self.update_ports(programmed.iter().map(|(f, sp)| (f, sp)), true, &mut report);
+        // Their service entries are gone: the datapath may skip them again.
+        for f in &gone {
+            self.filter.remove_frontend(f);
+        }
+        self.flush_filter(&mut report);
         // After the flips: no new flow can pick a departed backend while we sweep.
-        if !stale_udp.is_empty() {
-            let counter = self.stale_udp_removed.clone();
-            let handle = MapData::from_pin(self.pin_dir.join(MAP_CONNTRACK))
-                .and_then(Map::from_map_data)
-                .and_then(HashMap::<MapData, CtKey, CtValue>::try_from);
-            match handle {
-                Ok(mut ct) => {
-                    let spawned = std::thread::Builder::new()
-                        .name("lb-udp-sweep".into())
-                        .spawn(move || sweep_stale_udp(&mut ct, &stale_udp, &counter));
-                    if let Err(e) = spawned {
-                        tracing::warn!(error = %e, "cannot start the stale UDP flow sweep");
-                    }
-                }
-                // Without a second handle, sweep here: later than never.
-                Err(_) => sweep_stale_udp(&mut self.maps.conntrack, &stale_udp, &counter),
-            }
+        if !stale_udp.is_empty() && self.sweeper.request(stale_udp).is_err() {
+            tracing::warn!("cannot open the conntrack tables to sweep stale UDP flows");
         }
         if !stale_socks.is_empty() {
             match self.close_stale_udp_sockets(&stale_socks) {
@@ -235,68 +272,78 @@ impl Dataplane {
         report
     }
 
-    /// Sets the `LB_PORTS` flags the given frontends need. With `clear`, also clears the
-    /// frontend flag of ports no longer in use. Backend flags are never cleared: a connection to
-    /// a backend that left may live on for hours, and its replies must still be translated; a
-    /// stale flag only costs one conntrack lookup.
-    fn update_ports<'a>(
-        &mut self,
-        frontends: impl Iterator<Item = (&'a Frontend, &'a ServicePort)>,
-        clear: bool,
-        report: &mut ApplyReport,
-    ) {
-        let mut want = vec![0u8; 65_536];
-        for (f, sp) in frontends {
-            want[f.port as usize] |= PORT_FRONTEND;
-            for b in &sp.backends {
-                want[b.port as usize] |= PORT_BACKEND;
-            }
-        }
-        for (port, &flags) in want.iter().enumerate() {
-            let have = self.port_flags[port];
-            let next = if clear { (have & PORT_BACKEND) | flags } else { have | flags };
-            if next != have {
-                match self.maps.ports.set(port as u32, next, 0) {
-                    Ok(()) => self.port_flags[port] = next,
-                    Err(e) => report.errors.push(DataplaneError::Map { name: MAP_PORTS, source: e }),
-                }
-            }
+    fn flush_filter(&mut self, report: &mut ApplyReport) {
+        if let Err(e) = self.filter.flush(&mut self.maps.filter) {
+            report.errors.push(e);
         }
     }
 
-    /// Writes `next` for frontend `f` over `prev` (`None` for a new frontend).
+    /// Writes `next` for frontend `f` over `prev` (`None` for a new frontend); returns what was
+    /// programmed (with its table).
     ///
-    /// What the flipped service entry will point at is written first: a new slot generation
-    /// (only if the backends changed), memberships, source ranges. Then the service entry is
-    /// replaced in one update, so the datapath sees the old state or the new one, never a mix;
-    /// what only the old state used is removed afterwards. On failure whatever was written for
-    /// `next` is removed again and `prev` stays intact.
-    fn write_service(&mut self, f: &Frontend, next: &Programmed, prev: Option<&Programmed>) -> Result<()> {
+    /// What the flipped service entry will point at is written first: a new table (only if the
+    /// backends changed), memberships, source ranges. Then the service entry is replaced in one
+    /// update, so the datapath sees the old state or the new one, never a mix; what only the
+    /// old state used is removed afterwards. On failure whatever was written for `next` is
+    /// removed again and `prev` stays intact.
+    fn write_service(&mut self, f: &Frontend, next: &Programmed, prev: Option<&Programmed>) -> Result<Programmed> {
         let sizes = self.sizes;
         let what = |x: &dyn std::fmt::Display| format!("{x} of {} ({f})", next.port.name);
         let empty = ServicePort::default();
         let prev_port = prev.map_or(&empty, |p| &p.port);
         let new_generation = prev.is_none_or(|p| p.generation != next.generation);
+        let mut next = next.clone();
+        let mut acquired: Vec<Backend> = Vec::new();
+        let mut range: Option<(u32, u32)> = None;
+        let mut members_written = 0;
         let mut written = Ok(());
-        let mut slots_written = 0;
         if new_generation {
-            for (slot, b) in next.port.backends.iter().enumerate() {
-                let key = BackendSlotKey { service_id: next.id, generation: next.generation, slot: slot as u16 };
-                written = self
-                    .maps
-                    .slots
-                    .insert(key, backend_value(b), 0)
-                    .map_err(insert_err(sizes, MAP_BACKEND_SLOTS, what(&format!("backend {b}"))))
-                    .and_then(|()| {
-                        self.maps.members.insert(member_key(next.id, b), slot as u32, 0).map_err(insert_err(
-                            sizes,
-                            MAP_BACKEND_MEMBERS,
-                            what(&format!("backend {b}")),
-                        ))
-                    });
-                slots_written = slot + 1;
-                if written.is_err() {
-                    break;
+            let mut set: Vec<Backend> = next.port.backends.iter().map(backend_value).collect();
+            set.sort();
+            next.table = if set.is_empty() { Vec::new() } else { lb_common::maglev::update(&next.table, &set) };
+            let mut ids = Vec::with_capacity(next.table.len());
+            let mut id_of: StdHashMap<Backend, u32> = StdHashMap::new();
+            for b in &set {
+                match self.tables.acquire(b, &mut self.maps.backends) {
+                    Ok(id) => {
+                        id_of.insert(*b, id);
+                        acquired.push(*b);
+                    }
+                    Err(e) => {
+                        written = Err(e);
+                        break;
+                    }
+                }
+            }
+            if written.is_ok() && !next.table.is_empty() {
+                let n = next.table.len() as u32;
+                match self.tables.alloc(n) {
+                    Some(off) => {
+                        ids.extend(next.table.iter().map(|b| id_of[b]));
+                        self.tables.write(off, &ids);
+                        next.table_off = off;
+                        range = Some((off, n));
+                    }
+                    None => {
+                        written = Err(DataplaneError::MapFull {
+                            name: MAP_MAGLEV,
+                            capacity: self.tables.capacity(),
+                            what: what(&format!("a table of {n} slots")),
+                        })
+                    }
+                }
+            }
+            if written.is_ok() {
+                for b in &next.port.backends {
+                    written = self.maps.members.insert(member_key(next.id, b), 1, 0).map_err(insert_err(
+                        sizes,
+                        MAP_BACKEND_MEMBERS,
+                        what(&format!("backend {b}")),
+                    ));
+                    if written.is_err() {
+                        break;
+                    }
+                    members_written += 1;
                 }
             }
         }
@@ -314,24 +361,29 @@ impl Dataplane {
                 ranges_written += 1;
             }
         }
+        let value = service_value(next.id, next.generation, &next.port, next.table_off, next.table.len() as u32);
         let written = written.and_then(|()| {
-            self.maps
-                .services
-                .insert(service_key(f), service_value(next.id, next.generation, &next.port), 0)
-                .map_err(insert_err(sizes, MAP_SERVICES, what(&"frontend")))
+            self.maps.services.insert(service_key(f), value, 0).map_err(insert_err(
+                sizes,
+                MAP_SERVICES,
+                what(&"frontend"),
+            ))
         });
         if let Err(e) = written {
-            if new_generation {
-                self.remove_slots(next.id, next.generation, slots_written);
-                self.remove_members(next.id, &next.port.backends[..slots_written], &prev_port.backends);
+            if let Some((off, n)) = range {
+                self.tables.free_range(off, n);
             }
+            for b in &acquired {
+                self.tables.release(b);
+            }
+            self.remove_members(next.id, &next.port.backends[..members_written], &prev_port.backends);
             self.remove_ranges(next.id, &next.port.source_ranges[..ranges_written], &prev_port.source_ranges);
             return Err(e);
         }
         if let Some(p) = prev {
             if new_generation {
-                // Packets that copied the old entry a moment ago still look these up.
-                self.retire(p.id, p.generation, p.port.backends.len(), false, p.generation == u16::MAX);
+                // Packets that copied the old entry a moment ago still read its table.
+                self.retire(p, false, p.generation == u16::MAX);
                 self.remove_members(p.id, &p.port.backends, &next.port.backends);
             }
             self.remove_ranges(p.id, &p.port.source_ranges, &next.port.source_ranges);
@@ -340,18 +392,31 @@ impl Dataplane {
         if let Err(e) = self.maps.names.insert(next.id, encode_name(&next.port.name), 0) {
             tracing::warn!(service = %next.port.name, error = %error_chain(&e), "could not store the service name for lb list");
         }
-        Ok(())
+        Ok(next)
     }
 
-    /// Queues slot generation `generation` of `id` for deletion after `SLOT_GRACE`.
-    fn retire(&mut self, id: u32, generation: u16, count: usize, release_id: bool, wrapped: bool) {
-        if count == 0 && !release_id && !wrapped {
+    /// Queues `p`'s table for freeing after `SLOT_GRACE` (with its id, for a removed frontend).
+    fn retire(&mut self, p: &Programmed, release_id: bool, wrapped: bool) {
+        let mut backends: Vec<Backend> = p.port.backends.iter().map(backend_value).collect();
+        backends.sort();
+        backends.dedup();
+        if p.table.is_empty() && backends.is_empty() && !release_id && !wrapped {
             return;
         }
-        self.retired.push_back(Retired { id, generation, count, since: Instant::now(), release_id, wrapped });
+        self.retired.push_back(Retired {
+            id: p.id,
+            generation: p.generation,
+            off: p.table_off,
+            size: p.table.len() as u32,
+            backends,
+            since: Instant::now(),
+            release_id,
+            wrapped,
+        });
     }
 
-    /// Deletes a retired generation at once, because it is about to be written again.
+    /// Frees a retired generation's table at once: the generation is about to be used again,
+    /// and its later freeing must not release what the new one holds.
     fn drop_retired(&mut self, id: u32, generation: u16) {
         let hits: Vec<usize> = (0..self.retired.len())
             .rev()
@@ -361,14 +426,21 @@ impl Dataplane {
             .collect();
         for i in hits {
             if let Some(r) = self.retired.remove(i) {
-                self.remove_slots(r.id, r.generation, r.count);
+                self.free_retired(&r);
             }
         }
     }
 
-    /// Backend slots held by retired generations (they count against the map's capacity).
+    fn free_retired(&mut self, r: &Retired) {
+        self.tables.free_range(r.off, r.size);
+        for b in &r.backends {
+            self.tables.release(b);
+        }
+    }
+
+    /// Table slots held by retired tables (they count against `LB_MAGLEV`'s capacity).
     pub fn retired_slots(&self) -> usize {
-        self.retired.iter().map(|r| r.count).sum()
+        self.retired.iter().map(|r| r.size as usize).sum()
     }
 
     /// Deletes the retired slot generations whose grace has passed; returns how many slots.
@@ -384,8 +456,8 @@ impl Dataplane {
         let mut wrapped = BTreeSet::new();
         while self.retired.front().is_some_and(|r| now.saturating_duration_since(r.since) >= SLOT_GRACE) {
             let r = self.retired.pop_front().expect("checked");
-            self.remove_slots(r.id, r.generation, r.count);
-            slots += r.count;
+            self.free_retired(&r);
+            slots += r.size as usize;
             if r.release_id {
                 released.insert(r.id);
             }
@@ -415,12 +487,6 @@ impl Dataplane {
     /// exits, then collects them, so the pinned maps hold exactly what adoption expects.
     pub fn retired_grace_left(&self) -> Duration {
         self.retired.back().map_or(Duration::ZERO, |r| SLOT_GRACE.saturating_sub(r.since.elapsed()))
-    }
-
-    fn remove_slots(&mut self, id: u32, generation: u16, count: usize) {
-        for slot in 0..count {
-            let _ = self.maps.slots.remove(&BackendSlotKey { service_id: id, generation, slot: slot as u16 });
-        }
     }
 
     /// Removes the membership of `backends` in service `id`, except those also in `keep`.

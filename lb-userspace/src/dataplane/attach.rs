@@ -21,7 +21,7 @@ use super::{
     sys::{error_chain, interfaces, local_ipv4_addresses},
     Dataplane, DataplaneError, Result, XdpAttachMode, LINKS_DIR,
 };
-use crate::model::Cidr;
+use crate::model::{Cidr, Frontend, Scope};
 
 /// Whether the agent attaches to `name`: every interface but `lo` by default, else those
 /// matching one of `globs` (`*` any run, `?` one character).
@@ -127,7 +127,12 @@ impl Dataplane {
                 format!("node address {ip}"),
             ))?;
         }
-        Ok(self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect())
+        let now: Vec<Ipv4Addr> = self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect();
+        let node_ports: Vec<Frontend> =
+            self.programmed.keys().filter(|f| f.scope == Scope::NodePort).copied().collect();
+        self.filter.set_node_addrs(&now, node_ports.iter());
+        self.filter.flush(&mut self.maps.filter)?;
+        Ok(now)
     }
 
     fn link_pin(&self, iface: &str, hook: Hook) -> PathBuf {
@@ -203,6 +208,10 @@ impl Dataplane {
                 tracing::info!(iface = %k.0, hook = ?k.1, "link removed");
             }
         }
+        // Failures of interfaces that went away are forgotten (a later interface of the same
+        // name is reported afresh), so the records stay bounded by the interfaces present.
+        self.attach_failures.retain(|(name, _), _| name.is_empty() || present.contains_key(name));
+        self.xdp_choice.retain(|name, _| present.contains_key(name));
         for (name, ifindex) in &present {
             for hook in [Hook::Tc, Hook::TcEgress, Hook::Xdp] {
                 let k = (name.clone(), hook);

@@ -7,12 +7,27 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
-    MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey, ServiceName,
+    ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS,
+    MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
 };
 
-use super::{maps::map_err, Dataplane, DataplaneError, MapSizes, Result};
+use super::{
+    conntrack::{carry_over_legacy, legacy, CtTables},
+    maps::map_err,
+    Dataplane, DataplaneError, MapSizes, Result,
+};
+
+/// Maps that only make sense together: a service entry names its id (names, counters,
+/// memberships), its Maglev table's range and, through it, backend ids.
+const SERVICE_GROUP: [&str; 6] = [
+    MAP_SERVICES,
+    MAP_SERVICE_NAMES,
+    lb_common::MAP_SERVICE_STATS,
+    lb_common::MAP_MAGLEV,
+    lb_common::MAP_BACKENDS,
+    MAP_BACKEND_MEMBERS,
+];
 
 /// A pinned map's shape: key and value size, capacity.
 type Shape = (u32, u32, u32);
@@ -26,13 +41,15 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), false),
         s(MAP_SERVICE_NAMES, 4, size_of::<ServiceName>(), false),
         s(lb_common::MAP_SERVICE_STATS, 4, size_of::<lb_common::ServiceStats>(), false),
-        s(MAP_BACKEND_SLOTS, size_of::<BackendSlotKey>(), size_of::<Backend>(), false),
+        s(lb_common::MAP_BACKENDS, 4, size_of::<Backend>(), false),
+        s(lb_common::MAP_MAGLEV, 4, 8, false),
         s(MAP_BACKEND_MEMBERS, size_of::<BackendMemberKey>(), 4, false),
         s(MAP_STATS, 4, 8, false),
         s(MAP_NODE_ADDRS, size_of::<NodeAddrKey>(), 4, false),
         s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
-        s(MAP_PORTS, 4, 1, false),
-        s(MAP_CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), true),
+        s(MAP_FILTER, 4, 8, false),
+        s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
+        s(MAP_CT4_NEW, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
         s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
         s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
@@ -41,17 +58,17 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
     ]
 }
 
-/// A flow map moved to a new capacity: the old map stays open until the new program has
-/// replaced the old one in every link, so flows the old program created meanwhile can be
-/// copied over too.
+/// A flow map moved to a new capacity, or the conntrack map of an older layout whose flows
+/// move into the new tables: the old map stays open until the new program has replaced the
+/// old one in every link, so flows the old program created meanwhile can be copied over too.
 pub struct Migration {
     name: &'static str,
     old: Map,
     path: PathBuf,
+    /// The old map is of another layout (`conntrack::legacy`), converted rather than copied,
+    /// and unpinned once the old programs are gone.
+    legacy: bool,
 }
-
-/// `BPF_MAP_TYPE_LRU_HASH`: every flow map is one.
-const LRU_HASH: u32 = 9;
 
 /// Copies every entry of `from` into `to`; with `only_new`, entries `to` already has are kept
 /// (they are newer). Returns how many were written.
@@ -78,7 +95,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
 
 fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
     match name {
-        MAP_CONNTRACK => copy_entries::<CtKey, CtValue>(from, to, only_new),
+        MAP_CT4 | MAP_CT4_NEW => copy_entries::<CtKey4, CtValue4>(from, to, only_new),
         MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
         _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
     }
@@ -90,7 +107,8 @@ fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -
 fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Migration> {
     let old = MapData::from_pin(path).map_err(map_err(name))?;
     let info = old.info().map_err(map_err(name))?;
-    let obj = aya_obj::Map::new_from_params(LRU_HASH, info.key_size(), info.value_size(), capacity, info.map_flags());
+    let kind = info.map_type().map_err(map_err(name))? as u32;
+    let obj = aya_obj::Map::new_from_params(kind, info.key_size(), info.value_size(), capacity, info.map_flags());
     let new = MapData::create(obj, name, None).map_err(map_err(name))?;
     let old = Map::from_map_data(old).map_err(map_err(name))?;
     let mut new = Map::from_map_data(new).map_err(map_err(name))?;
@@ -99,8 +117,8 @@ fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Mi
     let tmp = path.with_file_name(format!("{name}_migrating"));
     let _ = fs::remove_file(&tmp);
     let pinned = match &new {
-        Map::LruHashMap(d) => d.pin(&tmp),
-        _ => unreachable!("created as an LRU hash"),
+        Map::LruHashMap(d) | Map::HashMap(d) => d.pin(&tmp),
+        _ => unreachable!("created as a hash"),
     };
     pinned
         .map_err(|e| DataplaneError::Map { name, source: MapError::PinError { name: Some(name.into()), error: e } })?;
@@ -117,7 +135,7 @@ fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Mi
         entries = copied,
         "flow map moved to its new capacity with its flows"
     );
-    Ok(Migration { name, old, path: path.to_owned() })
+    Ok(Migration { name, old, path: path.to_owned(), legacy: false })
 }
 
 /// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
@@ -145,6 +163,7 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         );
     }
     let mut migrations = Vec::new();
+    let mut rebuild: Vec<&'static str> = Vec::new();
     for (name, wanted, holds_flows) in expected_shapes(sizes) {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -157,8 +176,7 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
             continue;
         }
         if holds_flows {
-            let same_layout = (found.0, found.1) == (wanted.0, wanted.1)
-                && info.map_type().is_ok_and(|t| t == aya::maps::MapType::LruHash);
+            let same_layout = (found.0, found.1) == (wanted.0, wanted.1);
             if !same_layout {
                 return Err(DataplaneError::FlowLayout {
                     path,
@@ -179,21 +197,82 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
             continue;
         }
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");
-        fs::remove_file(&path).map_err(|source| DataplaneError::Io {
-            what: "unpinning",
-            path: path.clone(),
-            source,
-        })?;
+        rebuild.push(name);
+    }
+    // Service entries name table ranges and backend ids: the maps they point into are rebuilt
+    // with them, or a kept services map would point into an empty array until the first sync.
+    if rebuild.iter().any(|n| SERVICE_GROUP.contains(n)) {
+        for name in SERVICE_GROUP {
+            if !rebuild.contains(&name) && pin_dir.join(name).exists() {
+                tracing::warn!(map = name, "rebuilding with the service maps it belongs with");
+                rebuild.push(name);
+            }
+        }
+    }
+    for name in rebuild {
+        let path = pin_dir.join(name);
+        fs::remove_file(&path).map_err(|source| DataplaneError::Io { what: "unpinning", path, source })?;
+    }
+    // The conntrack map of layout version 4: its flows move into the new tables once they
+    // exist (after load), and again after the link swap.
+    let legacy = pin_dir.join(lb_common::MAP_CONNTRACK_V4);
+    if legacy.exists() {
+        let name = lb_common::MAP_CONNTRACK_V4;
+        let info = aya::maps::MapInfo::from_pin(&legacy).map_err(map_err(name))?;
+        let (k, v) = (std::mem::size_of::<legacy::CtKey>() as u32, std::mem::size_of::<legacy::CtValue>() as u32);
+        if (info.key_size(), info.value_size()) != (k, v) {
+            return Err(DataplaneError::FlowLayout {
+                path: legacy,
+                found: format!("key {} B, value {} B", info.key_size(), info.value_size()),
+                wanted: format!("key {k} B, value {v} B (layout version 4)"),
+                pin_dir: pin_dir.to_owned(),
+            });
+        }
+        let old = MapData::from_pin(&legacy).and_then(Map::from_map_data).map_err(map_err(name))?;
+        migrations.push(Migration { name, old, path: legacy, legacy: true });
     }
     Ok(migrations)
 }
 
 impl Dataplane {
+    /// Moves the flows of an older layout's conntrack map into the tables (before the link
+    /// swap; with `only_new` after it, keeping what the new programs made meanwhile).
+    pub(super) fn carry_over_legacy_flows(&mut self, only_new: bool) {
+        for m in self.migrations.iter().filter(|m| m.legacy) {
+            let mut tables = match CtTables::open_pinned(&self.pin_dir) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the conntrack tables to carry flows over");
+                    return;
+                }
+            };
+            match carry_over_legacy(&m.old, &mut tables, &self.clock, only_new) {
+                Ok(n) => tracing::info!(
+                    map = m.name,
+                    flows = n,
+                    only_new,
+                    "flows carried over from the previous conntrack layout"
+                ),
+                Err(e) => {
+                    tracing::warn!(map = m.name, error = %e, "cannot carry flows over from the previous conntrack layout")
+                }
+            }
+        }
+    }
+
     /// Once this agent's programs have replaced the old ones in every link: copies the flows
     /// the old programs created in the old flow maps since the migration, then lets the old
     /// maps go.
     pub fn finish_migrations(&mut self) {
+        self.carry_over_legacy_flows(true);
         for m in std::mem::take(&mut self.migrations) {
+            if m.legacy {
+                // Its last user, the old program, is detached: unpinning frees it.
+                if let Err(e) = fs::remove_file(&m.path) {
+                    tracing::warn!(map = m.name, error = %e, "cannot unpin the previous conntrack map");
+                }
+                continue;
+            }
             let result = MapData::from_pin(&m.path)
                 .and_then(Map::from_map_data)
                 .map_err(map_err(m.name))

@@ -3,7 +3,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     fs,
     path::Path,
-    sync::Arc,
+    sync::{atomic::AtomicU64, Arc},
 };
 
 use aya::{
@@ -11,15 +11,18 @@ use aya::{
     EbpfLoader,
 };
 use lb_common::{
-    BackendMemberKey, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICES,
+    BackendMemberKey, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_MAGLEV, MAP_SERVICES,
     MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS,
     PROG_XDP, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
 };
 
 use super::{
     apply::Programmed,
+    clock::Clock,
+    conntrack::spawn_collector,
     layout::check_pinned_layout,
     maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
+    stale_udp,
     sys::{is_bpffs, mount_bpffs, netns_cookie},
     Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
 };
@@ -48,26 +51,27 @@ impl Dataplane {
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
-        let (timeouts, sizes) = (config.timeouts, config.sizes);
+        let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
-        let ns = |s: u64| s.saturating_mul(1_000_000_000);
-        let (syn, est, close, udp) =
-            (ns(timeouts.tcp_syn_s), ns(timeouts.tcp_established_s), ns(timeouts.tcp_close_s), ns(timeouts.udp_s));
+        let clock = Arc::new(Clock::new()?);
+        let ct_timeouts = config.timeouts.in_jiffies(&clock);
+        let (refresh, udp_stream) = (clock.to_jiffies(1), clock.to_jiffies(lb_common::CT_UDP_STREAM_S as u64));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .override_global("CT_TCP_SYN_TIMEOUT_NS", &syn, true)
-            .override_global("CT_TCP_ESTABLISHED_TIMEOUT_NS", &est, true)
-            .override_global("CT_TCP_CLOSE_TIMEOUT_NS", &close, true)
-            .override_global("CT_UDP_TIMEOUT_NS", &udp, true)
+            .override_global("CT_TIMEOUTS", &ct_timeouts, true)
+            .override_global("CT_REFRESH", &refresh, true)
+            .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("NODE_IP", &node_ip, true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
             .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
-            .map_max_entries(MAP_BACKEND_SLOTS, sizes.backend_slots)
-            .map_max_entries(MAP_BACKEND_MEMBERS, sizes.backend_slots)
-            .map_max_entries(MAP_CONNTRACK, sizes.conntrack)
+            .map_max_entries(MAP_BACKENDS, sizes.backends)
+            .map_max_entries(MAP_MAGLEV, sizes.of(MAP_MAGLEV))
+            .map_max_entries(MAP_BACKEND_MEMBERS, sizes.of(MAP_BACKEND_MEMBERS))
+            .map_max_entries(MAP_CT4, sizes.conntrack)
+            .map_max_entries(MAP_CT4_NEW, sizes.conntrack_new)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
@@ -101,6 +105,12 @@ impl Dataplane {
             .try_into()?;
         empty.load()?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let tables = super::tables::Tables::new(
+            aya::maps::IterableMap::map(&maps.maglev),
+            2 * sizes.of(MAP_MAGLEV),
+            sizes.backends,
+        )?;
+        let stale_udp_removed: Arc<AtomicU64> = Arc::default();
         let mut dp = Self {
             ebpf,
             maps,
@@ -112,22 +122,47 @@ impl Dataplane {
             attach_failures: StdHashMap::new(),
             xdp_choice: StdHashMap::new(),
             xdp_targets: BTreeSet::new(),
-            port_flags: Vec::new(),
+            filter: Default::default(),
+            tables,
+            sweeper: stale_udp::Sweeper::new(pin_dir.to_owned(), stale_udp_removed.clone()),
             free_ids: BTreeSet::new(),
             retired: VecDeque::new(),
             next_id: 1,
             migrations,
-            stale_udp_removed: Arc::default(),
+            stale_udp_removed,
+            clock,
+            ct_timeouts,
+            ct_collected: Arc::default(),
+            ct_gc_stop: Arc::default(),
         };
-        dp.port_flags = (0..65_536u32).map(|p| dp.maps.ports.get(&p, 0).unwrap_or(0)).collect();
+        dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
+        // Counts for what is programmed; bits nothing counts are cleared at the first full
+        // apply, which an agent always makes before it reports itself synced.
+        let node_addrs: Vec<std::net::Ipv4Addr> =
+            dp.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| super::maps::ipv4(k.addr)).collect();
+        dp.filter.set_node_addrs(&node_addrs, [].iter());
+        let programmed: Vec<_> = dp.programmed.keys().copied().collect();
+        for f in &programmed {
+            dp.filter.add_frontend(f);
+        }
+        dp.carry_over_legacy_flows(false);
+        spawn_collector(
+            pin_dir,
+            dp.clock.clone(),
+            dp.ct_timeouts,
+            sizes.conntrack,
+            dp.ct_collected.clone(),
+            dp.ct_gc_stop.clone(),
+        )?;
         Ok(dp)
     }
 
     /// Rebuilds `programmed` from the pinned maps, and removes what a crashed update left
-    /// behind (slots of dead generations, names of gone services, stale memberships and source
-    /// ranges). Slot generations a previous agent still held for their grace period are dead
-    /// generations here too: a packet in flight is long done by the time an agent has loaded.
+    /// behind (names of gone services, stale memberships and source ranges). Tables a previous
+    /// agent still held for their grace period are free space here: a packet in flight is
+    /// long done by the time an agent has loaded. The live tables are read back slot by slot,
+    /// so the next change of a backend set starts from them (`maglev::update`).
     fn adopt(&mut self) -> Result<()> {
         let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
         let mut entries = Vec::new();
@@ -136,17 +171,8 @@ impl Dataplane {
             entries.push((k, v));
             live.insert(v.id, (v.generation, v.backend_count));
         }
-        let mut slots: BTreeMap<u32, BTreeMap<u16, Endpoint>> = BTreeMap::new();
-        let mut stale_slots = Vec::new();
-        for item in self.maps.slots.iter() {
-            let (k, b) = item.map_err(map_err(MAP_BACKEND_SLOTS))?;
-            match live.get(&k.service_id) {
-                Some(&(gen, count)) if gen == k.generation && k.slot < count => {
-                    slots.entry(k.service_id).or_default().insert(k.slot, endpoint_of(&b));
-                }
-                _ => stale_slots.push(k),
-            }
-        }
+        let ranges_live: Vec<(u32, u32)> = entries.iter().map(|(_, v)| (v.table_off, v.table_size)).collect();
+        let mut tables = self.tables.adopt(&ranges_live, &self.maps.backends)?.into_iter();
         let mut names = BTreeMap::new();
         let mut stale_names = Vec::new();
         for item in self.maps.names.iter() {
@@ -169,9 +195,6 @@ impl Dataplane {
                 stale_ranges.push(k);
             }
         }
-        for k in stale_slots {
-            let _ = self.maps.slots.remove(&k);
-        }
         for id in stale_names {
             let _ = self.maps.names.remove(&id);
         }
@@ -185,11 +208,13 @@ impl Dataplane {
             let _ = self.maps.members.remove(&k);
         }
         for (k, v) in entries {
+            let table = tables.next().unwrap_or_default();
             let Some(frontend) = frontend_of(&k, v.flags) else { continue };
-            let backends: Vec<Endpoint> = slots.remove(&v.id).map(|m| m.into_values().collect()).unwrap_or_default();
+            let backends: Vec<Endpoint> =
+                table.iter().map(endpoint_of).collect::<BTreeSet<Endpoint>>().into_iter().collect();
             let name = names.remove(&v.id).unwrap_or_default();
-            for (slot, b) in backends.iter().enumerate() {
-                self.maps.members.insert(member_key(v.id, b), slot as u32, 0).map_err(insert_err(
+            for b in &backends {
+                self.maps.members.insert(member_key(v.id, b), 1, 0).map_err(insert_err(
                     self.sizes,
                     MAP_BACKEND_MEMBERS,
                     format!("backend {b} of {name}"),
@@ -205,7 +230,10 @@ impl Dataplane {
                 local_only: v.flags & SVC_FLAG_LOCAL_ONLY != 0,
                 source_ranges,
             };
-            self.programmed.insert(frontend, Programmed { id: v.id, generation: v.generation, port });
+            self.programmed.insert(
+                frontend,
+                Programmed { id: v.id, generation: v.generation, port, table_off: v.table_off, table },
+            );
         }
         let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();
         self.next_id = used.last().map_or(1, |m| m + 1);

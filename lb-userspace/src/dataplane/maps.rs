@@ -6,9 +6,9 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, BackendSlotKey, CtKey, CtValue, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_NODE_ADDRS, MAP_PORTS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey, ServiceName,
+    ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_MEMBERS,
+    MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_MAGLEV, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
     MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
     SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
@@ -20,13 +20,27 @@ pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneE
     move |source| DataplaneError::Map { name, source }
 }
 
+/// Scope bit of the entry pods and the node itself get at an external frontend of an
+/// `externalTrafficPolicy: Local` Service (kube-proxy's short-circuit to cluster-wide
+/// endpoints). The agent writes these entries; the datapath does not look them up yet: for a
+/// packet from a pod or from the node that matched an entry with `SVC_FLAG_EXTERNAL |
+/// SVC_FLAG_LOCAL_ONLY`, it is to look up the same key with this bit set and use that entry
+/// when present. Until then such traffic is served as outside traffic (local endpoints only).
+/// To move into lb-common with that datapath change.
+pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
+
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
         addr: [u32::from_ne_bytes(f.ip.octets()), 0, 0, 0],
         port: f.port.to_be(),
         proto: f.protocol.number(),
         family: FAMILY_IPV4,
-        scope: if f.scope == Scope::NodePort { SCOPE_NODEPORT } else { SCOPE_EXACT },
+        scope: match f.scope {
+            Scope::NodePort => SCOPE_NODEPORT,
+            Scope::NodePortFromCluster => SCOPE_NODEPORT | SCOPE_FROM_CLUSTER,
+            Scope::ExternalFromCluster => SCOPE_EXACT | SCOPE_FROM_CLUSTER,
+            Scope::ClusterIp | Scope::External => SCOPE_EXACT,
+        },
         _pad: [0; 3],
     }
 }
@@ -35,11 +49,16 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 /// ClusterIP keys; `flags` (the value's) tells them apart.
 pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
     let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
-    Some(match (k.scope, flags & SVC_FLAG_EXTERNAL != 0) {
+    let primary = match (k.scope & !SCOPE_FROM_CLUSTER, flags & SVC_FLAG_EXTERNAL != 0) {
         (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
         (_, true) => Frontend::external(ip, port, protocol),
         (_, false) => Frontend::cluster_ip(ip, port, protocol),
-    })
+    };
+    if k.scope & SCOPE_FROM_CLUSTER != 0 {
+        primary.from_cluster()
+    } else {
+        Some(primary)
+    }
 }
 
 pub fn backend_value(e: &Endpoint) -> Backend {
@@ -68,7 +87,13 @@ pub(super) fn source_range_key(service_id: u32, c: &Cidr) -> LpmKey<SourceRangeD
     )
 }
 
-pub(super) fn service_value(id: u32, generation: u16, sp: &ServicePort) -> ServiceValue {
+pub(super) fn service_value(
+    id: u32,
+    generation: u16,
+    sp: &ServicePort,
+    table_off: u32,
+    table_size: u32,
+) -> ServiceValue {
     let mut flags = 0;
     if sp.affinity_timeout_s.is_some() {
         flags |= SVC_FLAG_AFFINITY;
@@ -88,6 +113,8 @@ pub(super) fn service_value(id: u32, generation: u16, sp: &ServicePort) -> Servi
         generation,
         flags,
         affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
+        table_off,
+        table_size,
     }
 }
 
@@ -115,8 +142,14 @@ pub fn decode_name(n: &ServiceName) -> String {
 /// The pinned maps, typed.
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub slots: HashMap<MapData, BackendSlotKey, Backend>,
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub backends: Array<MapData, Backend>,
+    /// Handle on the Maglev tables, two slots to an element (see `maglev_slot`; the agent
+    /// writes them through a mapping).
+    pub maglev: Array<MapData, u64>,
+    /// Assured flows (`LB_CT4`).
+    pub conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    /// New and finished flows (`LB_CT4_NEW`, an LRU).
+    pub conntrack_new: HashMap<MapData, CtKey4, CtValue4>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
@@ -124,20 +157,28 @@ pub struct Maps {
     pub members: HashMap<MapData, BackendMemberKey, u32>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
-    pub ports: Array<MapData, u8>,
+    pub filter: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     pub xdp_targets: HashMap<MapData, u32, u32>,
 }
 
 impl Maps {
+    /// Maglev table slot `slot`: the backend id it names.
+    pub fn maglev_slot(&self, slot: u32) -> std::result::Result<u32, MapError> {
+        let pair = self.maglev.get(&(slot / 2), 0)?;
+        Ok((pair >> ((slot % 2) * 32)) as u32)
+    }
+
     pub(super) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
             ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })
         }
         Ok(Self {
             services: HashMap::try_from(take(ebpf, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
-            slots: HashMap::try_from(take(ebpf, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
-            conntrack: HashMap::try_from(take(ebpf, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            backends: Array::try_from(take(ebpf, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
+            maglev: Array::try_from(take(ebpf, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
+            conntrack: HashMap::try_from(take(ebpf, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
+            conntrack_new: HashMap::try_from(take(ebpf, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
@@ -146,7 +187,7 @@ impl Maps {
             members: HashMap::try_from(take(ebpf, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(take(ebpf, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(take(ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(take(ebpf, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -161,8 +202,10 @@ impl Maps {
         }
         Ok(Self {
             services: HashMap::try_from(open(pin_dir, MAP_SERVICES)?).map_err(map_err(MAP_SERVICES))?,
-            slots: HashMap::try_from(open(pin_dir, MAP_BACKEND_SLOTS)?).map_err(map_err(MAP_BACKEND_SLOTS))?,
-            conntrack: HashMap::try_from(open(pin_dir, MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            backends: Array::try_from(open(pin_dir, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
+            maglev: Array::try_from(open(pin_dir, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
+            conntrack: HashMap::try_from(open(pin_dir, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
+            conntrack_new: HashMap::try_from(open(pin_dir, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
@@ -171,7 +214,7 @@ impl Maps {
             members: HashMap::try_from(open(pin_dir, MAP_BACKEND_MEMBERS)?).map_err(map_err(MAP_BACKEND_MEMBERS))?,
             node_addrs: HashMap::try_from(open(pin_dir, MAP_NODE_ADDRS)?).map_err(map_err(MAP_NODE_ADDRS))?,
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
-            ports: Array::try_from(open(pin_dir, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?,
+            filter: Array::try_from(open(pin_dir, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
             xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
@@ -183,15 +226,18 @@ impl MapSizes {
     pub(super) fn of(&self, name: &'static str) -> u32 {
         match name {
             MAP_SERVICES | MAP_SERVICE_NAMES => self.services,
-            MAP_BACKEND_SLOTS | MAP_BACKEND_MEMBERS => self.backend_slots,
-            MAP_CONNTRACK => self.conntrack,
+            MAP_BACKENDS => self.backends,
+            MAP_MAGLEV => self.maglev.div_ceil(2),
+            MAP_BACKEND_MEMBERS => lb_common::BACKEND_MEMBERS_MAX_ENTRIES,
+            MAP_CT4 => self.conntrack,
+            MAP_CT4_NEW => self.conntrack_new,
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,
             MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
             MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
-            MAP_PORTS => 65_536,
+            MAP_FILTER => 2 * lb_common::FILTER_WORDS,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
             lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,

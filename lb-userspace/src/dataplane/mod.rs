@@ -7,16 +7,22 @@
 //! - `layout`: checks of maps a previous agent pinned, and migration of flow maps;
 //! - `load`: loading the programs and adopting the pinned state;
 //! - `apply`: desired state written as a difference, slot generations and their grace;
+//! - `clock`: the kernel's jiffies, the conntrack clock;
+//! - `conntrack`: both conntrack tables as one, collection of idle flows, older layouts;
 //! - `stale_udp`: UDP flows and sockets to departed backends;
 //! - `attach`: interfaces, links, node addresses;
 //! - `sys`: system calls the rest needs (bpffs, addresses, interfaces).
 mod apply;
 mod attach;
+pub mod clock;
+pub mod conntrack;
+mod filter;
 mod layout;
 mod load;
 mod maps;
 mod stale_udp;
 mod sys;
+mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
@@ -35,7 +41,7 @@ use lb_common::{PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG
 pub use apply::{ApplyReport, SLOT_GRACE};
 pub use attach::{cgroup2_mount, interface_wanted, link_pin_name, Hook};
 pub use load::ensure_pin_dir;
-pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps};
+pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps, SCOPE_FROM_CLUSTER};
 pub use sys::{cleanup, error_chain, interfaces, local_ipv4_addresses, local_ipv4_by_interface};
 
 use crate::model::Frontend;
@@ -62,6 +68,8 @@ pub enum DataplaneError {
     MapFull { name: &'static str, capacity: u32, what: String },
     #[error("interface {iface}: {what}: {detail}")]
     Link { iface: String, what: &'static str, detail: String },
+    #[error("conntrack clock: {0}")]
+    Clock(#[from] clock::ClockError),
     #[error(
         "pinned map {path} holds live flows in another layout ({found}; this lb needs {wanted}), \
          and carrying them over is not supported: refusing to start rather than drop them. Start \
@@ -78,10 +86,14 @@ pub(super) type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 pub struct MapSizes {
     /// Service frontends (also sizes the names map).
     pub services: u32,
-    /// Backend slots over all services (also sizes the membership map).
-    pub backend_slots: u32,
-    /// Conntrack entries; every flow takes two.
+    /// Distinct backends (address, port) over all frontends.
+    pub backends: u32,
+    /// Maglev table slots over all frontends (about 16 per backend of each).
+    pub maglev: u32,
+    /// Assured conntrack entries (live connections; every flow takes two). Never evicted.
     pub conntrack: u32,
+    /// Entries of new and finished flows (an LRU).
+    pub conntrack_new: u32,
     /// Session affinity pins.
     pub affinity: u32,
 }
@@ -90,8 +102,10 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             services: lb_common::SERVICES_MAX_ENTRIES,
-            backend_slots: lb_common::BACKEND_SLOTS_MAX_ENTRIES,
+            backends: lb_common::BACKENDS_MAX_ENTRIES,
+            maglev: lb_common::MAGLEV_MAX_ENTRIES,
             conntrack: lb_common::CONNTRACK_MAX_ENTRIES,
+            conntrack_new: lb_common::CONNTRACK_NEW_MAX_ENTRIES,
             affinity: lb_common::AFFINITY_MAX_ENTRIES,
         }
     }
@@ -126,18 +140,59 @@ pub struct Config {
     pub node_ip: Option<Ipv4Addr>,
 }
 
-/// Conntrack lifetimes, patched into the programs at load time.
+/// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.
+/// netfilter's TCP timeouts (`nf_conntrack_proto_tcp.c`), except ESTABLISHED (6 h instead of
+/// 5 days; kube-proxy lowers netfilter's to 24 h) and CLOSE_WAIT (as long as FIN_WAIT: a
+/// half-closed peer may idle as long as the side that closed).
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
+    /// SYN_SENT and SYN_RECV.
     pub tcp_syn_s: u64,
     pub tcp_established_s: u64,
+    /// FIN_WAIT and CLOSE_WAIT: one side closed.
+    pub tcp_fin_wait_s: u64,
+    pub tcp_last_ack_s: u64,
+    pub tcp_time_wait_s: u64,
+    /// CLOSE: after a RST.
     pub tcp_close_s: u64,
     pub udp_s: u64,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { tcp_syn_s: 60, tcp_established_s: 6 * 3600, tcp_close_s: 10, udp_s: 60 }
+        Self {
+            tcp_syn_s: 60,
+            tcp_established_s: 6 * 3600,
+            tcp_fin_wait_s: 120,
+            tcp_last_ack_s: 30,
+            tcp_time_wait_s: 120,
+            tcp_close_s: 10,
+            udp_s: 60,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Seconds per state, indexed by `lb_common::CT_*`.
+    pub fn by_state(&self) -> [u64; lb_common::CT_STATES] {
+        use lb_common::*;
+        let mut t = [0; CT_STATES];
+        t[CT_NONE as usize] = self.tcp_syn_s;
+        t[CT_SYN_SENT as usize] = self.tcp_syn_s;
+        t[CT_SYN_RECV as usize] = self.tcp_syn_s;
+        t[CT_ESTABLISHED as usize] = self.tcp_established_s;
+        t[CT_FIN_WAIT as usize] = self.tcp_fin_wait_s;
+        t[CT_CLOSE_WAIT as usize] = self.tcp_fin_wait_s;
+        t[CT_LAST_ACK as usize] = self.tcp_last_ack_s;
+        t[CT_TIME_WAIT as usize] = self.tcp_time_wait_s;
+        t[CT_CLOSE as usize] = self.tcp_close_s;
+        t[CT_UDP as usize] = self.udp_s;
+        t
+    }
+
+    /// The same in jiffies.
+    pub fn in_jiffies(&self, clock: &clock::Clock) -> [u32; lb_common::CT_STATES] {
+        self.by_state().map(|s| clock.to_jiffies(s))
     }
 }
 
@@ -157,8 +212,12 @@ pub struct Dataplane {
     /// `SLOT_GRACE` (see `Retired`).
     retired: VecDeque<Retired>,
     next_id: u32,
-    /// Mirror of `LB_PORTS`, so an apply writes only the flags that change.
-    port_flags: Vec<u8>,
+    /// Mirror of `LB_FILTER`, with the frontend bits' counts.
+    filter: filter::Filter,
+    /// The Maglev tables' ranges and the backend ids.
+    tables: tables::Tables,
+    /// Removes UDP flows to departed backends, one walk at a time.
+    sweeper: stale_udp::Sweeper,
     /// (interface, hook) -> (ifindex, pinned link).
     attached: StdHashMap<(String, Hook), (u32, PinnedLink)>,
     /// Last attach error per interface and hook, so a persistent failure is reported once.
@@ -171,12 +230,34 @@ pub struct Dataplane {
     migrations: Vec<Migration>,
     /// UDP flows removed because their backend left (by the sweep threads).
     stale_udp_removed: Arc<AtomicU64>,
+    /// The conntrack clock, and the lifetimes in its unit.
+    clock: Arc<clock::Clock>,
+    ct_timeouts: [u32; lb_common::CT_STATES],
+    /// Idle assured flows removed by the collector thread, which runs until `ct_gc_stop`.
+    ct_collected: Arc<AtomicU64>,
+    ct_gc_stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.ct_gc_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Dataplane {
     /// The running count of UDP flows removed because their backend left.
     pub fn stale_udp_counter(&self) -> Arc<AtomicU64> {
         self.stale_udp_removed.clone()
+    }
+
+    /// The running count of idle assured flows the collector removed.
+    pub fn ct_collected_counter(&self) -> Arc<AtomicU64> {
+        self.ct_collected.clone()
+    }
+
+    /// The conntrack clock (jiffies) and the lifetime of each state in jiffies.
+    pub fn ct_clock(&self) -> (Arc<clock::Clock>, [u32; lb_common::CT_STATES]) {
+        (self.clock.clone(), self.ct_timeouts)
     }
 
     /// Frontends programmed and backends summed over them.

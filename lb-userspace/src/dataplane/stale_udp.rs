@@ -6,10 +6,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{HashMap, MapData};
-use lb_common::{CtKey, CtValue};
+use lb_common::{CtKey4, CtValue4};
 
-use super::{maps::ipv4, Dataplane};
+use super::{
+    conntrack::{entries, remove_flow, CtTables},
+    maps::ipv4,
+    Dataplane,
+};
 use crate::model::{Endpoint, Frontend, Protocol, Scope};
 
 /// Service id -> the backends whose UDP flows must go (`None`: every flow of the frontend).
@@ -24,35 +27,23 @@ pub(super) type StaleUdp = StdHashMap<u32, Option<BTreeSet<Endpoint>>>;
 /// It walks the whole map (a syscall per entry), so the agent runs it on a thread of its own
 /// with its own map handle: the backend sets are already flipped, so no new flow can pick a
 /// departed backend meanwhile, and other updates need not wait for the walk.
-pub(super) fn sweep_stale_udp(conntrack: &mut HashMap<MapData, CtKey, CtValue>, stale: &StaleUdp, removed: &AtomicU64) {
+pub(super) fn sweep_stale_udp(tables: &mut CtTables, stale: &StaleUdp, removed: &AtomicU64) {
     let proto = Protocol::Udp.number();
-    let mut doomed = Vec::new();
-    for (k, v) in conntrack.iter().filter_map(std::result::Result::ok) {
-        if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
-            continue;
-        }
-        let Some(which) = stale.get(&v.service_id) else { continue };
-        let backend = (ipv4(v.nat_addr), u16::from_be(v.nat_port));
-        if which.as_ref().is_some_and(|set| !set.iter().any(|e| (e.ip, e.port) == backend)) {
-            continue;
-        }
-        let snat = v.flags & lb_common::CT_FLAG_SNAT != 0;
-        let reply = CtKey {
-            src: v.nat_addr,
-            dst: if snat { v.snat_addr } else { k.src },
-            sport: v.nat_port,
-            dport: if snat { v.snat_port } else { k.sport },
-            proto: k.proto,
-            family: k.family,
-            dir: lb_common::CT_DIR_REPLY,
-            _pad: 0,
-        };
-        doomed.push((k, reply));
-    }
+    let doomed: Vec<(CtKey4, CtValue4)> = entries(&tables.assured, &tables.new)
+        .into_iter()
+        .filter(|(k, v, _)| {
+            if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
+                return false;
+            }
+            let Some(which) = stale.get(&v.service_id) else { return false };
+            let backend = (Ipv4Addr::from(u32::from_be(v.nat_addr)), u16::from_be(v.nat_port));
+            which.as_ref().is_none_or(|set| set.iter().any(|e| (e.ip, e.port) == backend))
+        })
+        .map(|(k, v, _)| (k, v))
+        .collect();
     let mut n = 0;
-    for (fwd, reply) in &doomed {
-        let _ = conntrack.remove(reply);
-        if conntrack.remove(fwd).is_ok() {
+    for (k, v) in &doomed {
+        if remove_flow(tables, k, v) {
             removed.fetch_add(1, Ordering::Relaxed);
             n += 1;
         }
@@ -100,5 +91,80 @@ impl Dataplane {
             let _ = self.maps.sock_revnat.remove(&k);
         }
         Ok(closed)
+    }
+}
+
+/// Merges `more` into `into`: `None` (every flow of a frontend) absorbs a set of backends.
+fn merge(into: &mut StaleUdp, more: StaleUdp) {
+    for (id, which) in more {
+        match (into.get_mut(&id), which) {
+            (None, w) => {
+                into.insert(id, w);
+            }
+            (Some(slot @ Some(_)), None) => *slot = None,
+            (Some(Some(set)), Some(more)) => set.extend(more),
+            (Some(None), _) => {}
+        }
+    }
+}
+
+/// One sweep of the conntrack map at a time, on a thread of its own with its own map handle:
+/// requests made while a sweep runs are merged and served by the next one, so a burst of
+/// backend changes costs one more walk, not one per change.
+pub(super) struct Sweeper {
+    /// The pin directory, where the sweeper opens conntrack handles of its own.
+    pin: std::path::PathBuf,
+    removed: std::sync::Arc<AtomicU64>,
+    tx: Option<std::sync::mpsc::Sender<StaleUdp>>,
+}
+
+impl Sweeper {
+    pub(super) fn new(pin_dir: std::path::PathBuf, removed: std::sync::Arc<AtomicU64>) -> Self {
+        Self { pin: pin_dir, removed, tx: None }
+    }
+
+    /// Queues a sweep; gives the request back if no sweeper can run (no second map handle).
+    pub(super) fn request(&mut self, stale: StaleUdp) -> Result<(), StaleUdp> {
+        let stale = match &self.tx {
+            Some(tx) => match tx.send(stale) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(s)) => s,
+            },
+            None => stale,
+        };
+        let Ok(mut ct) = CtTables::open_pinned(&self.pin) else { return Err(stale) };
+        let (tx, rx) = std::sync::mpsc::channel::<StaleUdp>();
+        let removed = self.removed.clone();
+        let spawned = std::thread::Builder::new().name("lb-udp-sweep".into()).spawn(move || {
+            while let Ok(mut req) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    merge(&mut req, more);
+                }
+                sweep_stale_udp(&mut ct, &req, &removed);
+            }
+        });
+        if spawned.is_err() {
+            return Err(stale);
+        }
+        let _ = tx.send(stale);
+        self.tx = Some(tx);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_merge_with_every_flow_absorbing_backend_sets() {
+        let e = |p: u16| Endpoint { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), port: p, local: false };
+        let mut a: StaleUdp = [(1, Some(BTreeSet::from([e(1)]))), (2, None)].into();
+        merge(&mut a, [(1, Some(BTreeSet::from([e(2)]))), (2, Some(BTreeSet::from([e(3)]))), (3, None)].into());
+        assert_eq!(a[&1], Some(BTreeSet::from([e(1), e(2)])));
+        assert_eq!(a[&2], None);
+        assert_eq!(a[&3], None);
+        merge(&mut a, [(1, None)].into());
+        assert_eq!(a[&1], None);
     }
 }

@@ -5,11 +5,12 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    has_label, object_name, service::port_number, Protocol, TranslateError, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
+    has_label, object_name, service::port_number, Protocol, TranslateError, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME,
 };
 
-/// One endpoint address of a slice, with the conditions and hints endpoint choice needs.
-#[derive(Clone, Debug)]
+/// One endpoint of a slice, with the conditions and hints endpoint choice needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceEndpoint {
     pub(super) ip: Ipv4Addr,
     /// `nodeName` is this node.
@@ -21,60 +22,77 @@ pub(super) struct SliceEndpoint {
     pub(super) node_hints: Vec<String>,
 }
 
-/// One usable slice: its ports and IPv4 endpoints, validated.
+/// One slice as lb uses it: the Service it belongs to, its usable ports and IPv4 endpoints,
+/// and what was left out of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceSpec {
+    /// `namespace/name` of the Service (the `kubernetes.io/service-name` label).
+    pub(super) service: String,
     pub(super) ports: Vec<(String, Protocol, u16)>,
     pub(super) endpoints: Vec<SliceEndpoint>,
+    /// Ports and endpoints skipped, each named.
+    pub(super) skipped: Vec<TranslateError>,
 }
 
-/// Validates one EndpointSlice. `Ok(None)`: valid but carries nothing for us (IPv6, FQDN, or
-/// a headless Service's slice).
-pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Result<Option<SliceSpec>, TranslateError> {
-    let object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
-    let err = |field: String, reason: String| TranslateError::Slice { object: object.clone(), field, reason };
+/// Reads one EndpointSlice as kube-proxy's endpoint slice cache does. `None`: it carries
+/// nothing for this proxier (no Service label, IPv6 or FQDN, a headless or foreign Service's
+/// slice). A bad port or endpoint skips only itself: the rest of the slice still serves.
+pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Option<SliceSpec> {
+    let svc_name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     if slice.address_type != "IPv4"
         || has_label(&slice.metadata, LABEL_HEADLESS)
         || has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME)
     {
-        return Ok(None);
+        return None;
     }
+    let object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
+    let err = |field: String, reason: String| TranslateError::Slice { object: object.clone(), field, reason };
+    let mut skipped = Vec::new();
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        // A nil port means "all ports" and is only meaningful with no port names; kube-proxy
-        // skips such entries, and so do we.
+        // A nil port means "all ports", which kube-proxy does not implement; port 0 is
+        // invalid. Either way only this port is skipped.
         let Some(port) = p.port else { continue };
-        let port =
-            port_number(port).ok_or_else(|| err(format!("ports[{i}].port"), format!("{port} is not in 1..65535")))?;
-        let protocol = Protocol::parse(p.protocol.as_deref()).map_err(|r| err(format!("ports[{i}].protocol"), r))?;
-        ports.push((p.name.clone().unwrap_or_default(), protocol, port));
+        let Some(port) = port_number(port) else {
+            skipped.push(err(format!("ports[{i}].port"), format!("{port} is not in 1..65535")));
+            continue;
+        };
+        match Protocol::parse(p.protocol.as_deref()) {
+            Ok(protocol) => ports.push((p.name.clone().unwrap_or_default(), protocol, port)),
+            Err(reason) => skipped.push(err(format!("ports[{i}].protocol"), reason)),
+        }
     }
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let c = ep.conditions.as_ref();
-        // The API's defaults: nil ready means ready, nil serving means "as ready", nil
-        // terminating means not terminating.
+        // The API's meaning of absent conditions, as kube-proxy reads them: ready and serving
+        // unless said otherwise, not terminating.
         let ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = c.and_then(|c| c.serving).unwrap_or(true);
         let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        // Only the first address is used (the API allows exactly one, and kube-proxy reads
+        // `addresses[0]`).
+        let Some(a) = ep.addresses.first() else {
+            skipped.push(err(format!("endpoints[{i}].addresses"), "empty".into()));
+            continue;
+        };
+        let Ok(ip) = a.parse::<Ipv4Addr>() else {
+            skipped.push(err(format!("endpoints[{i}].addresses[0]"), format!("{a:?} is not an IPv4 address")));
+            continue;
+        };
         let hints = ep.hints.as_ref();
         let zone_hints = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
         let node_hints = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
-        let (zone_hints, node_hints): (Vec<String>, Vec<String>) = (zone_hints.collect(), node_hints.collect());
-        let local = ep.node_name.as_deref() == Some(node_name);
-        for (j, a) in ep.addresses.iter().enumerate() {
-            let ip: Ipv4Addr = a
-                .parse()
-                .map_err(|_| err(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IPv4 address")))?;
-            endpoints.push(SliceEndpoint {
-                ip,
-                local,
-                ready,
-                serving,
-                terminating,
-                zone_hints: zone_hints.clone(),
-                node_hints: node_hints.clone(),
-            });
-        }
+        endpoints.push(SliceEndpoint {
+            ip,
+            local: ep.node_name.as_deref() == Some(node_name),
+            ready,
+            serving,
+            terminating,
+            zone_hints: zone_hints.collect(),
+            node_hints: node_hints.collect(),
+        });
     }
-    Ok(Some(SliceSpec { ports, endpoints }))
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+    Some(SliceSpec { service: format!("{namespace}/{svc_name}"), ports, endpoints, skipped })
 }

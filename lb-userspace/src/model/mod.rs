@@ -20,12 +20,14 @@
 //! - `topology`: which endpoints serve, cluster-wide and node-locally;
 //! - `translate`: the whole object set into frontends and backend sets.
 mod endpoints;
+mod incremental;
 mod service;
 mod topology;
 mod translate;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
+pub use incremental::{Changes, Translator};
 pub use translate::translate;
 
 /// Label that ties an EndpointSlice to its Service.
@@ -116,6 +118,12 @@ pub enum Scope {
     External,
     /// A node port, on every node address; `ip` is unspecified.
     NodePort,
+    /// What pods and the node itself get at an `External` frontend of an
+    /// `externalTrafficPolicy: Local` Service: cluster-wide endpoints (kube-proxy's
+    /// short-circuit: only traffic from outside is kept on this node's endpoints).
+    ExternalFromCluster,
+    /// The same for a node port.
+    NodePortFromCluster,
 }
 
 /// Where clients connect: an address, port and protocol, and how it is reached.
@@ -139,12 +147,32 @@ impl Frontend {
     pub fn external(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
         Self { ip, port, protocol, scope: Scope::External }
     }
+
+    /// The short-circuit companion of an external frontend (`None` for a ClusterIP).
+    pub fn from_cluster(self) -> Option<Self> {
+        let scope = match self.scope {
+            Scope::External => Scope::ExternalFromCluster,
+            Scope::NodePort => Scope::NodePortFromCluster,
+            _ => return None,
+        };
+        Some(Self { scope, ..self })
+    }
+
+    /// Whether this is a short-circuit companion, which never claims a datapath key of its
+    /// own: it lives and dies with its external frontend.
+    pub fn is_from_cluster(&self) -> bool {
+        matches!(self.scope, Scope::ExternalFromCluster | Scope::NodePortFromCluster)
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.scope {
             Scope::NodePort => write!(f, "*:{}/{}", self.port, self.protocol),
+            Scope::NodePortFromCluster => write!(f, "*:{}/{} (from pods and node)", self.port, self.protocol),
+            Scope::ExternalFromCluster => {
+                write!(f, "{}:{}/{} (from pods and node)", self.ip, self.port, self.protocol)
+            }
             _ => write!(f, "{}:{}/{}", self.ip, self.port, self.protocol),
         }
     }
@@ -238,15 +266,38 @@ pub struct DesiredState {
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
-/// Why one object was rejected. The object is left out; everything else is still programmed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// What was left out of the translation, and why; everything else is still programmed.
+/// `Service` and `Conflict` leave a whole Service out; the others only the part they name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 pub enum TranslateError {
     #[error("Service {object}: field {field}: {reason}")]
     Service { object: String, field: String, reason: String },
-    #[error("EndpointSlice {object}: field {field}: {reason}")]
+    #[error("Service {object}: field {field}: {reason}; this port is skipped, the others are served")]
+    ServicePort { object: String, field: String, reason: String },
+    #[error("EndpointSlice {object}: field {field}: {reason}; skipped")]
     Slice { object: String, field: String, reason: String },
     #[error("Service {object}: frontend {frontend} is already served by Service {owner}")]
     Conflict { object: String, frontend: Frontend, owner: String },
+    #[error("Service {object}: {count} endpoints for {what}; only the first {max} are used")]
+    TooManyEndpoints { object: String, what: String, count: usize, max: usize },
+}
+
+impl TranslateError {
+    /// Whether the whole object is left out (not only a port or an endpoint of it).
+    pub fn rejects_object(&self) -> bool {
+        matches!(self, TranslateError::Service { .. } | TranslateError::Conflict { .. })
+    }
+
+    /// The Service this is about (`namespace/name`), if any.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            TranslateError::Service { object, .. }
+            | TranslateError::ServicePort { object, .. }
+            | TranslateError::Conflict { object, .. }
+            | TranslateError::TooManyEndpoints { object, .. } => Some(object),
+            TranslateError::Slice { .. } => None,
+        }
+    }
 }
 
 /// Result of a translation: the state to program, and the objects that were left out.

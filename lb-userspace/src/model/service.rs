@@ -13,6 +13,7 @@ use super::{
 };
 
 /// A Service port after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct PortSpec {
     pub(super) name: String,
     pub(super) port: u16,
@@ -21,6 +22,7 @@ pub(super) struct PortSpec {
 }
 
 /// A Service after validation: what it asks the datapath for, before endpoints are known.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceSpec {
     pub(super) object: String,
     pub(super) namespace: String,
@@ -36,6 +38,8 @@ pub(super) struct ServiceSpec {
     pub(super) health_check_node_port: Option<u16>,
     /// `publishNotReadyAddresses`: every endpoint counts as ready.
     pub(super) publish_not_ready: bool,
+    /// Ports left out (unsupported protocol, malformed field), each named; the others serve.
+    pub(super) skipped_ports: Vec<TranslateError>,
 }
 
 pub(super) fn port_number(v: i32) -> Option<u16> {
@@ -144,35 +148,48 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
     if ports.is_empty() {
         return Err(err("spec.ports", "at least one port is required".into()));
     }
+    // A bad port costs only itself (kube-proxy skips what it cannot serve, as an SCTP port on
+    // a proxier without SCTP); the Service's other ports are still served.
+    let port_err = |i: usize, field: &str, reason: String| TranslateError::ServicePort {
+        object: object.clone(),
+        field: format!("spec.ports[{i}]{field}"),
+        reason,
+    };
     let mut out = Vec::with_capacity(ports.len());
+    let mut skipped_ports = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
-        let port = port_number(p.port)
-            .ok_or_else(|| err(&format!("spec.ports[{i}].port"), format!("{} is not in 1..65535", p.port)))?;
-        let protocol = Protocol::parse(p.protocol.as_deref())
-            .map_err(|reason| err(&format!("spec.ports[{i}].protocol"), reason))?;
-        let pname = p.name.clone().unwrap_or_default();
-        if ports.len() > 1 && pname.is_empty() {
-            return Err(err(&format!("spec.ports[{i}].name"), "required when a Service has several ports".into()));
-        }
-        if !seen.insert((port, protocol)) {
-            return Err(err(&format!("spec.ports[{i}]"), format!("duplicate port {port}/{protocol}")));
-        }
-        let node_port = match (has_node_ports, p.node_port) {
-            (false, _) => None,
-            (true, Some(n)) => Some(
-                port_number(n)
-                    .ok_or_else(|| err(&format!("spec.ports[{i}].nodePort"), format!("{n} is not in 1..65535")))?,
-            ),
-            (true, None) if node_ports_required => {
-                return Err(err(
-                    &format!("spec.ports[{i}].nodePort"),
-                    "required: without an API server there is no allocator, so set it explicitly".into(),
-                ))
+        let checked = (|| {
+            let port =
+                port_number(p.port).ok_or_else(|| port_err(i, ".port", format!("{} is not in 1..65535", p.port)))?;
+            let protocol = Protocol::parse(p.protocol.as_deref()).map_err(|reason| port_err(i, ".protocol", reason))?;
+            let pname = p.name.clone().unwrap_or_default();
+            if ports.len() > 1 && pname.is_empty() {
+                return Err(port_err(i, ".name", "required when a Service has several ports".into()));
             }
-            (true, None) => None,
-        };
-        out.push(PortSpec { name: pname, port, protocol, node_port });
+            if !seen.insert((port, protocol)) {
+                return Err(port_err(i, "", format!("duplicate port {port}/{protocol}")));
+            }
+            let node_port = match (has_node_ports, p.node_port) {
+                (false, _) => None,
+                (true, Some(n)) => {
+                    Some(port_number(n).ok_or_else(|| port_err(i, ".nodePort", format!("{n} is not in 1..65535")))?)
+                }
+                (true, None) if node_ports_required => {
+                    return Err(port_err(
+                        i,
+                        ".nodePort",
+                        "required: without an API server there is no allocator, so set it explicitly".into(),
+                    ))
+                }
+                (true, None) => None,
+            };
+            Ok(PortSpec { name: pname, port, protocol, node_port })
+        })();
+        match checked {
+            Ok(p) => out.push(p),
+            Err(e) => skipped_ports.push(e),
+        }
     }
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
@@ -230,5 +247,6 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         source_ranges,
         health_check_node_port,
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+        skipped_ports,
     }))
 }

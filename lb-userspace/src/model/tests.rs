@@ -176,69 +176,142 @@ fn service_without_slices_has_no_backends() {
 }
 
 /// Each malformed Service is rejected alone, with the object and field named; the good one
-/// is still programmed.
+/// is still programmed. A malformed or unsupported port skips only that port.
 #[test]
 fn malformed_services_are_rejected_alone() {
-    let cases = [
-        ("no-ip", "{ports: [{port: 80}]}", "spec.clusterIP"),
-        ("bad-ip", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
-        ("no-ports", "{clusterIP: 10.96.0.31}", "spec.ports"),
-        ("port-zero", "{clusterIP: 10.96.0.32, ports: [{port: 0}]}", "spec.ports[0].port"),
-        ("port-big", "{clusterIP: 10.96.0.33, ports: [{port: 70000}]}", "spec.ports[0].port"),
-        ("sctp", "{clusterIP: 10.96.0.34, ports: [{port: 80, protocol: SCTP}]}", "spec.ports[0].protocol"),
-        ("proto", "{clusterIP: 10.96.0.35, ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol"),
-        ("unnamed", "{clusterIP: 10.96.0.36, ports: [{name: a, port: 80}, {port: 81}]}", "spec.ports[1].name"),
-        ("dup", "{clusterIP: 10.96.0.37, ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1]"),
-        ("type", "{type: Weird, clusterIP: 10.96.0.38, ports: [{port: 80}]}", "spec.type"),
-        ("no-spec", "null", "spec"),
+    // (name, spec, field named, frontends left)
+    let cases: [(&str, &str, &str, &[u16]); 11] = [
+        ("no-ip", "{ports: [{port: 80}]}", "spec.clusterIP", &[]),
+        ("bad-ip", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP", &[]),
+        ("no-ports", "{clusterIP: 10.96.0.31}", "spec.ports", &[]),
+        (
+            "port-zero",
+            "{clusterIP: 10.96.0.32, ports: [{name: a, port: 0}, {name: b, port: 81}]}",
+            "spec.ports[0].port",
+            &[81],
+        ),
+        ("port-big", "{clusterIP: 10.96.0.33, ports: [{port: 70000}]}", "spec.ports[0].port", &[]),
+        (
+            "sctp",
+            "{clusterIP: 10.96.0.34, ports: [{name: s, port: 80, protocol: SCTP}, {name: t, port: 80}]}",
+            "spec.ports[0].protocol",
+            &[80],
+        ),
+        ("proto", "{clusterIP: 10.96.0.35, ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol", &[]),
+        ("unnamed", "{clusterIP: 10.96.0.36, ports: [{name: a, port: 80}, {port: 81}]}", "spec.ports[1].name", &[80]),
+        ("dup", "{clusterIP: 10.96.0.37, ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1]", &[80]),
+        ("type", "{type: Weird, clusterIP: 10.96.0.38, ports: [{port: 80}]}", "spec.type", &[]),
+        ("no-spec", "null", "spec", &[]),
     ];
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n",
     );
-    for (name, spec, _) in cases {
+    for (name, spec, _, _) in cases {
         yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"));
     }
     let t = run(&yaml);
-    assert_eq!(t.state.services.keys().copied().collect::<Vec<_>>(), vec![fe("10.96.0.2", 80, Protocol::Tcp)]);
     assert_eq!(t.errors.len(), cases.len(), "{:#?}", t.errors);
-    for (name, _, field) in cases {
+    let mut want = vec![fe("10.96.0.2", 80, Protocol::Tcp)];
+    for (name, spec, field, ports) in cases {
         let e = t
             .errors
             .iter()
             .find(|e| e.to_string().contains(&format!("default/{name}:")))
             .unwrap_or_else(|| panic!("no error for {name}: {:#?}", t.errors));
         assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+        assert_eq!(e.rejects_object(), !field.starts_with("spec.ports["), "{name}: {e}");
+        let ip = spec.split("clusterIP: ").nth(1).map(|s| s.split(',').next().unwrap());
+        for p in ports {
+            want.push(fe(ip.unwrap(), *p, Protocol::Tcp));
+        }
     }
+    want.sort();
+    assert_eq!(t.state.services.keys().copied().collect::<Vec<_>>(), want);
 }
 
+/// A bad port or endpoint of a slice skips only itself; the rest of the slice serves.
 #[test]
-fn malformed_slice_is_rejected_alone() {
+fn malformed_slice_parts_are_skipped_alone() {
     let t = run(r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
-spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+spec: {clusterIP: 10.96.0.1, ports: [{name: a, port: 80}, {name: b, port: 81}, {name: c, port: 82}]}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: good, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
-ports: [{port: 8080}]
+ports: [{name: a, port: 8080}]
 endpoints: [{addresses: ["10.244.1.1"]}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: bad, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
-ports: [{port: 8080}]
-endpoints: [{addresses: ["10.244.1.2"]}, {addresses: ["not-an-ip"]}]
+ports: [{name: a, port: 8080}, {name: b, port: 0}, {name: c, port: 8082, protocol: SCTP}]
+endpoints: [{addresses: ["10.244.1.2"]}, {addresses: ["not-an-ip"]}, {addresses: []}, {addresses: ["10.244.1.3", "10.244.1.4"]}]
 "#);
-    assert_eq!(t.errors.len(), 1);
+    let errors: Vec<String> = t.errors.iter().map(|e| e.to_string()).collect();
     assert_eq!(
-        t.errors[0].to_string(),
-        "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address"
+        errors,
+        vec![
+            "EndpointSlice default/bad: field endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address; skipped",
+            "EndpointSlice default/bad: field endpoints[2].addresses: empty; skipped",
+            "EndpointSlice default/bad: field ports[1].port: 0 is not in 1..65535; skipped",
+            "EndpointSlice default/bad: field ports[2].protocol: SCTP is not supported by lb yet; skipped",
+        ]
     );
-    assert_eq!(t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends, vec![ep("10.244.1.1", 8080)]);
+    // Only addresses[0] of an endpoint is used, as kube-proxy does.
+    assert_eq!(
+        t.state.services[&fe("10.96.0.1", 80, Protocol::Tcp)].backends,
+        vec![ep("10.244.1.1", 8080), ep("10.244.1.2", 8080), ep("10.244.1.3", 8080)]
+    );
+    assert_eq!(t.state.services[&fe("10.96.0.1", 81, Protocol::Tcp)].backends, vec![]);
+    assert_eq!(t.state.services[&fe("10.96.0.1", 82, Protocol::Tcp)].backends, vec![]);
+}
+
+/// A frontend listed twice in one Service is served once; the Service is not rejected.
+#[test]
+fn duplicate_frontends_inside_one_service_are_served_once() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: twice}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  externalIPs: [192.0.2.40, 192.0.2.40, 192.0.2.41]
+  loadBalancerSourceRanges: [198.51.100.0/24]
+  ports: [{port: 80, nodePort: 30040}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.41}]}}
+"#);
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let s = &t.state.services;
+    assert_eq!(s.len(), 4, "{:?}", s.keys());
+    // The LoadBalancer IP is listed first, with its source ranges.
+    let lb = &s[&Frontend::external("192.0.2.41".parse().unwrap(), 80, Protocol::Tcp)];
+    assert_eq!(lb.source_ranges.len(), 1);
+}
+
+/// An absent `serving` condition reads as true (kube-proxy's reading), so a terminating
+/// endpoint without it is a fallback.
+#[test]
+fn absent_serving_reads_as_true() {
+    let t = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.41, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: ["10.244.1.9"], conditions: {ready: false, terminating: true}}]
+"#);
+    assert_eq!(t.state.services[&fe("10.96.0.41", 80, Protocol::Tcp)].backends, vec![ep("10.244.1.9", 80)]);
 }
 
 #[test]
@@ -818,4 +891,247 @@ fn cidr_parsing_and_matching() {
     assert_eq!("10.0.0.1".parse::<Cidr>().unwrap().len, 32);
     assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
     assert!("10.0.0.0/40".parse::<Cidr>().is_err());
+}
+
+/// eTP Local: outside traffic keeps to this node's endpoints, while pods and the node itself
+/// get every endpoint of the cluster at the same external frontends (kube-proxy's
+/// short-circuit), written as companion frontends the datapath picks for such sources.
+#[test]
+fn external_local_short_circuits_traffic_from_pods_and_the_node() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  clusterIP: 10.96.8.20\n  externalIPs: [192.0.2.20]\n  ports: [{port: 80, nodePort: 30020}]\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.21}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints:\n- {addresses: [10.244.1.1], nodeName: node-a}\n- {addresses: [10.244.2.1], nodeName: node-b}\n";
+    let t = run_on(yaml, "node-a");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let both = vec![local_ep("10.244.1.1", 80), ep("10.244.2.1", 80)];
+    for f in [
+        Frontend::node_port(30020, Protocol::Tcp),
+        Frontend::external("192.0.2.20".parse().unwrap(), 80, Protocol::Tcp),
+        Frontend::external("192.0.2.21".parse().unwrap(), 80, Protocol::Tcp),
+    ] {
+        let outside = &t.state.services[&f];
+        assert_eq!(outside.backends, vec![local_ep("10.244.1.1", 80)], "{f}");
+        assert!(outside.local_only);
+        let inside = &t.state.services[&f.from_cluster().unwrap()];
+        assert_eq!(inside.backends, both, "{f}");
+        assert!(!inside.local_only && inside.external);
+        assert_eq!(inside.source_ranges, outside.source_ranges);
+    }
+    assert_eq!(t.state.services[&fe("10.96.8.20", 80, Protocol::Tcp)].backends, both);
+    assert_eq!(t.state.services.len(), 7);
+    // Cluster policy: no companions.
+    let t = run_on(&yaml.replace("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n", ""), "node-a");
+    assert!(t.state.services.keys().all(|f| !f.is_from_cluster()));
+}
+
+/// The per-frontend endpoint cut comes after endpoint choice: a Local frontend keeps its local
+/// endpoints even when the cluster has more than the cut, and the health check count never
+/// exceeds what is programmed.
+#[test]
+fn endpoint_cut_comes_after_selection_and_health_counts_agree() {
+    let max = lb_common::MAX_BACKENDS_PER_SERVICE as usize;
+    let mut eps = String::new();
+    // max + 10 remote endpoints sorting before the local ones, and max + 5 local ones.
+    for i in 0..max + 10 {
+        eps.push_str(&format!("- {{addresses: [10.1.{}.{}], nodeName: node-b}}\n", i / 250, i % 250));
+    }
+    for i in 0..max + 5 {
+        eps.push_str(&format!("- {{addresses: [10.200.{}.{}], nodeName: node-a}}\n", i / 250, i % 250));
+    }
+    let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: big}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  clusterIP: 10.96.8.30\n  ports: [{{port: 80, nodePort: 30030}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: big-1, labels: {{kubernetes.io/service-name: big}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{eps}");
+    let t = run_on(&yaml, "node-a");
+    let np = &t.state.services[&Frontend::node_port(30030, Protocol::Tcp)];
+    assert_eq!(np.backends.len(), max);
+    assert!(np.backends.iter().all(|e| e.local), "the local set is cut, not the candidates");
+    assert_eq!(t.state.services[&fe("10.96.8.30", 80, Protocol::Tcp)].backends.len(), max);
+    assert_eq!(t.state.health_checks[&32002].local_endpoints, max);
+    assert_eq!(t.errors.iter().filter(|e| matches!(e, TranslateError::TooManyEndpoints { .. })).count(), 2);
+}
+
+/// A small seeded generator (xorshift), so a failing sequence can be replayed by its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A random Service from small pools of addresses and ports, so that Services often claim
+/// the same frontends (ClusterIP against ClusterIP, external IP against ClusterIP, node
+/// ports, health check ports) and conflicts come and go.
+fn random_service(r: &mut Rng, name: &str) -> k8s_openapi::api::core::v1::Service {
+    let ips = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4", "10.96.0.5"];
+    let types = ["ClusterIP", "NodePort", "LoadBalancer"];
+    let t = *r.pick(&types);
+    let mut ports = Vec::new();
+    for (i, pname) in ["a", "b"].iter().enumerate().take(1 + r.below(2) as usize) {
+        let mut p = serde_json::json!({"name": pname, "port": 80 + r.below(2) * (i as u64 + 1),
+            "protocol": if r.chance(80) { "TCP" } else if r.chance(50) { "UDP" } else { "SCTP" }});
+        if t != "ClusterIP" {
+            p["nodePort"] = serde_json::json!(30000 + r.below(3));
+        }
+        if r.chance(5) {
+            p["port"] = serde_json::json!(0);
+        }
+        ports.push(p);
+    }
+    let mut spec = serde_json::json!({"type": t, "clusterIP": r.pick(&ips), "ports": ports});
+    if r.chance(40) {
+        let n = 1 + r.below(2) as usize;
+        spec["externalIPs"] = serde_json::json!((0..n).map(|_| *r.pick(&ips)).collect::<Vec<_>>());
+    }
+    if t != "ClusterIP" && r.chance(50) {
+        spec["externalTrafficPolicy"] = serde_json::json!("Local");
+        if t == "LoadBalancer" {
+            spec["healthCheckNodePort"] = serde_json::json!(32000 + r.below(2));
+        }
+    }
+    if r.chance(30) {
+        spec["internalTrafficPolicy"] = serde_json::json!("Local");
+    }
+    if r.chance(20) {
+        spec["sessionAffinity"] = serde_json::json!("ClientIP");
+    }
+    if r.chance(10) {
+        spec["publishNotReadyAddresses"] = serde_json::json!(true);
+    }
+    if r.chance(3) {
+        spec["clusterIP"] = serde_json::json!("not-an-ip");
+    }
+    let mut svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "ns"}, "spec": spec});
+    if t == "LoadBalancer" && r.chance(70) {
+        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}]}});
+    }
+    serde_json::from_value(svc).expect("a Service")
+}
+
+fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let flag = |r: &mut Rng| -> serde_json::Value {
+        match r.below(3) {
+            0 => serde_json::Value::Null,
+            1 => serde_json::json!(true),
+            _ => serde_json::json!(false),
+        }
+    };
+    let zones = ["z1", "z2"];
+    let all_hinted = r.chance(50);
+    let endpoints: Vec<serde_json::Value> = (0..r.below(5))
+        .map(|_| {
+            let mut conditions = serde_json::Map::new();
+            for c in ["ready", "serving", "terminating"] {
+                let v = flag(r);
+                if !v.is_null() {
+                    conditions.insert(c.into(), v);
+                }
+            }
+            let mut e = serde_json::json!({"addresses": [format!("10.244.{}.{}", r.below(2), 1 + r.below(6))],
+                "nodeName": r.pick(&["node-a", "node-b"]), "conditions": conditions});
+            if all_hinted || r.chance(20) {
+                e["hints"] = serde_json::json!({"forZones": [{"name": r.pick(&zones)}]});
+            }
+            e
+        })
+        .collect();
+    let ports: Vec<serde_json::Value> = ["a", "b"]
+        .iter()
+        .map(|n| serde_json::json!({"name": n, "port": if r.chance(5) { 0 } else { 8080 + r.below(2) }, "protocol": "TCP"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints}))
+    .expect("a slice")
+}
+
+/// The incremental translation equals the full one after every sync, over random sequences
+/// of creates, updates, deletes, relists and Node changes (many small Services fighting over
+/// few frontends, so conflicts and their resolution move all the time).
+#[test]
+fn incremental_translation_equals_the_full_one_on_random_changes() {
+    use std::collections::BTreeMap as Map;
+    for seed in 1..=40u64 {
+        let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut node = NodeInfo { name: "node-a".into(), zone: Some("z1".into()) };
+        let mut t = Translator::new(node.clone());
+        let mut services: Map<String, k8s_openapi::api::core::v1::Service> = Map::new();
+        let mut slices: Map<String, k8s_openapi::api::discovery::v1::EndpointSlice> = Map::new();
+        let names = ["s0", "s1", "s2", "s3", "s4", "s5"];
+        for step in 0..120 {
+            // A few changes per sync, as a watch delivers them.
+            for _ in 0..1 + r.below(3) {
+                match r.below(20) {
+                    0..=6 => {
+                        let n = *r.pick(&names);
+                        let s = random_service(&mut r, n);
+                        t.upsert_service(&s);
+                        services.insert(n.into(), s);
+                    }
+                    7..=8 => {
+                        let n = *r.pick(&names);
+                        services.remove(n);
+                        t.delete_service(Some(&"ns".to_string()), Some(&n.to_string()));
+                    }
+                    9..=14 => {
+                        let n = format!("{}-{}", r.pick(&names), r.below(2));
+                        // Now and then a slice moves to another Service.
+                        let owner = if r.chance(10) { *r.pick(&names) } else { &n[..2] };
+                        let s = random_slice(&mut r, &n, owner);
+                        t.upsert_slice(&s);
+                        slices.insert(n, s);
+                    }
+                    15..=16 => {
+                        let n = format!("{}-{}", r.pick(&names), r.below(2));
+                        slices.remove(&n);
+                        t.delete_slice(Some(&"ns".to_string()), Some(&n));
+                    }
+                    17 => {
+                        node.zone = Some(r.pick(&["z1", "z2"]).to_string());
+                        t.set_node(node.clone());
+                    }
+                    18 => {
+                        // A relist of a random subset: what is missing was deleted.
+                        services.retain(|_, _| r.chance(80));
+                        t.relist_services(services.values());
+                    }
+                    _ => {
+                        slices.retain(|_, _| r.chance(80));
+                        t.relist_slices(slices.values());
+                    }
+                }
+            }
+            let before = t.state().clone();
+            let changes = t.sync();
+            let full = translate(services.values(), slices.values(), &node);
+            assert_eq!(t.state(), &full.state, "seed {seed} step {step}: incremental differs from full");
+            assert_eq!(t.errors(), full.errors, "seed {seed} step {step}: errors differ");
+            // What the sync says changed is exactly what changed.
+            let mut moved: BTreeSet<Frontend> = BTreeSet::new();
+            for (f, sp) in &full.state.services {
+                if before.services.get(f) != Some(sp) {
+                    moved.insert(*f);
+                }
+            }
+            moved.extend(before.services.keys().filter(|f| !full.state.services.contains_key(f)));
+            assert_eq!(changes.frontends, moved, "seed {seed} step {step}: reported changes");
+            assert_eq!(
+                changes.health_checks,
+                before.health_checks != full.state.health_checks,
+                "seed {seed} step {step}"
+            );
+        }
+    }
 }

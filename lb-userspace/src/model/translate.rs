@@ -1,5 +1,9 @@
-//! The whole object set into the desired datapath state: frontends per Service port, backends
-//! per frontend by traffic policy, conflicts between Services resolved.
+//! Services and EndpointSlices into the desired datapath state, in two steps kube-proxy also
+//! separates: each Service alone (its frontends, and its backends by traffic policy:
+//! [`service_output`]), then the Services together (frontends claimed by two Services:
+//! [`resolve`]). [`translate`] runs both over a whole object set; the incremental
+//! [`super::Translator`] runs the first for changed Services only and the second for the
+//! Services whose claims touch theirs, and must always agree with [`translate`].
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -13,205 +17,290 @@ use super::{
     service::{service_spec, ServiceSpec},
     topology::categorize,
     Endpoint, Frontend, HealthCheck, NodeInfo, Protocol, Scope, ServicePort, TranslateError, Translation,
-    LABEL_SERVICE_NAME,
 };
 
-/// Translates the whole object set as seen by node `node_name`. Invalid objects are reported
-/// and left out alone.
+/// What one Service asks for, before other Services are considered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ServiceOutput {
+    /// Frontends in the order conflicts are checked, each once.
+    pub(super) entries: Vec<(Frontend, ServicePort)>,
+    pub(super) health: Option<(u16, HealthCheck)>,
+    /// Ports, endpoints and slices left out (the Service itself is served).
+    pub(super) notes: Vec<TranslateError>,
+    /// Ports with a Local policy and no endpoint on this node: (internal, external).
+    pub(super) no_local: (usize, usize),
+}
+
+/// What a Service competes with others for: datapath keys (a ClusterIP and an external IP
+/// with the same address, port and protocol are one key) and health check node ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Claim {
+    Exact(Ipv4Addr, u16, Protocol),
+    NodePort(u16, Protocol),
+    HealthPort(u16),
+}
+
+impl ServiceOutput {
+    pub(super) fn claims(&self) -> BTreeSet<Claim> {
+        let mut out: BTreeSet<Claim> = self.entries.iter().filter_map(|(f, _)| claim_of(f)).collect();
+        out.extend(self.health.as_ref().map(|(p, _)| Claim::HealthPort(*p)));
+        out
+    }
+}
+
+fn claim_of(f: &Frontend) -> Option<Claim> {
+    match f.scope {
+        Scope::ClusterIp | Scope::External => Some(Claim::Exact(f.ip, f.port, f.protocol)),
+        Scope::NodePort => Some(Claim::NodePort(f.port, f.protocol)),
+        Scope::ExternalFromCluster | Scope::NodePortFromCluster => None,
+    }
+}
+
+/// The endpoint cut: a frontend has at most `MAX_BACKENDS_PER_SERVICE` slots. Applied to the
+/// endpoints already chosen (so a Local frontend keeps its local ones), first by address.
+fn cut(mut v: Vec<Endpoint>, spec: &ServiceSpec, what: &str, notes: &mut Vec<TranslateError>) -> Vec<Endpoint> {
+    let max = MAX_BACKENDS_PER_SERVICE as usize;
+    if v.len() > max {
+        notes.push(TranslateError::TooManyEndpoints {
+            object: spec.object.clone(),
+            what: what.to_string(),
+            count: v.len(),
+            max,
+        });
+        v.truncate(max);
+    }
+    v
+}
+
+/// One Service's frontends and backends, from its own slices (in slice name order).
+pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &NodeInfo) -> ServiceOutput {
+    let mut out = ServiceOutput { notes: spec.skipped_ports.clone(), ..Default::default() };
+    let mut seen = BTreeSet::new();
+    let mut push = |entries: &mut Vec<(Frontend, ServicePort)>, f: Frontend, sp: ServicePort| {
+        // A frontend listed twice in one Service (an external IP given twice, or equal to a
+        // LoadBalancer IP, or to the Service's own ClusterIP) is served once, by its first
+        // listing in the order ClusterIP, node port, LoadBalancer IPs, external IPs, as
+        // kube-proxy serves it once; it does not reject the Service.
+        if let Some(c) = claim_of(&f) {
+            if !seen.insert(c) {
+                return;
+            }
+        }
+        entries.push((f, sp));
+    };
+    let mut local_ready_ips = BTreeSet::new();
+    for slice in slices {
+        for e in &slice.endpoints {
+            if e.local && (e.ready || spec.publish_not_ready) {
+                local_ready_ips.insert(e.ip);
+            }
+        }
+    }
+    let mut health_cut = false;
+    for port in &spec.ports {
+        // Every address once, ready copies preferred (a pod may be listed by two slices while
+        // the controller moves it).
+        let mut merged: BTreeMap<(Ipv4Addr, u16), (Endpoint, SliceEndpoint)> = BTreeMap::new();
+        for slice in slices {
+            for (pname, proto, target) in &slice.ports {
+                if *pname != port.name || *proto != port.protocol {
+                    continue;
+                }
+                for e in &slice.endpoints {
+                    let mut e = e.clone();
+                    if spec.publish_not_ready {
+                        (e.ready, e.serving) = (true, true);
+                    }
+                    let ep = Endpoint { ip: e.ip, port: *target, local: e.local };
+                    match merged.get(&(e.ip, *target)) {
+                        Some((_, old)) if old.ready || !e.ready => {}
+                        _ => {
+                            merged.insert((e.ip, *target), (ep, e));
+                        }
+                    }
+                }
+            }
+        }
+        let candidates: Vec<(Endpoint, &SliceEndpoint)> = merged.values().map(|(ep, e)| (*ep, e)).collect();
+        // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready, or
+        // serving while terminating). A Local policy drops only when such endpoints exist but
+        // none is on this node; with none anywhere the port rejects, as under Cluster.
+        let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
+        let (all, local) = categorize(&candidates, node);
+        let label = if port.name.is_empty() { format!("port {}", port.port) } else { format!("port {:?}", port.name) };
+        let all = cut(all, spec, &label, &mut out.notes);
+        let local_len = local.len();
+        let local = cut(local, spec, &format!("{label} on this node"), &mut out.notes);
+        health_cut |= local_len > local.len();
+        if spec.internal_local && local.is_empty() {
+            out.no_local.0 += 1;
+        }
+        let has_external = port.node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
+        if spec.external_local && has_external && local.is_empty() {
+            out.no_local.1 += 1;
+        }
+        let name = if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
+        let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
+        let internal = ServicePort {
+            backends: if spec.internal_local { local.clone() } else { all.clone() },
+            local_only: spec.internal_local && usable_anywhere,
+            ..base.clone()
+        };
+        let external = ServicePort {
+            backends: if spec.external_local { local } else { all.clone() },
+            local_only: spec.external_local && usable_anywhere,
+            external: true,
+            ..base.clone()
+        };
+        // Under eTP Local, pods and the node itself still get every endpoint of the cluster
+        // at the external frontends; only traffic from outside is kept local.
+        let from_cluster = spec.external_local.then_some(ServicePort { backends: all, external: true, ..base });
+        let mut externals: Vec<(Frontend, ServicePort)> = Vec::new();
+        if let Some(np) = port.node_port {
+            externals.push((Frontend::node_port(np, port.protocol), external.clone()));
+        }
+        for ip in &spec.lb_ips {
+            let with_ranges = ServicePort { source_ranges: spec.source_ranges.clone(), ..external.clone() };
+            externals.push((Frontend::external(*ip, port.port, port.protocol), with_ranges));
+        }
+        for ip in &spec.external_ips {
+            externals.push((Frontend::external(*ip, port.port, port.protocol), external.clone()));
+        }
+        push(&mut out.entries, Frontend::cluster_ip(spec.cluster_ip, port.port, port.protocol), internal);
+        for (f, sp) in externals {
+            let before = out.entries.len();
+            push(&mut out.entries, f, sp.clone());
+            if out.entries.len() > before {
+                if let (Some(companion), Some(fc)) = (f.from_cluster(), &from_cluster) {
+                    let sp_fc = ServicePort { source_ranges: sp.source_ranges, ..fc.clone() };
+                    out.entries.push((companion, sp_fc));
+                }
+            }
+        }
+    }
+    if let Some(hc) = spec.health_check_node_port {
+        // kube-proxy reports local *ready* endpoints (distinct addresses), so a node whose pods
+        // are all terminating fails the check and the load balancer drains it; never more
+        // than the datapath holds.
+        let mut n = local_ready_ips.len();
+        if health_cut {
+            n = n.min(MAX_BACKENDS_PER_SERVICE as usize);
+        }
+        out.health = Some((hc, HealthCheck { service: spec.object.clone(), local_endpoints: n }));
+    }
+    out
+}
+
+/// Which of `services` (in name order, all sharing claims only among themselves) keep their
+/// frontends: the ClusterIPs claim their keys first (CVE-2020-8554: an external IP never takes a
+/// ClusterIP's traffic), then each Service in order takes all it asks for or is rejected whole.
+/// Returns the rejected ones with the reason.
+pub(super) fn resolve<'a>(services: &[(&'a str, &'a ServiceOutput)]) -> BTreeMap<&'a str, TranslateError> {
+    let mut cluster_ips: BTreeMap<Claim, &str> = BTreeMap::new();
+    for (name, out) in services {
+        for (f, _) in &out.entries {
+            if f.scope == Scope::ClusterIp {
+                cluster_ips.entry(claim_of(f).expect("a ClusterIP claims")).or_insert(name);
+            }
+        }
+    }
+    let mut owners: BTreeMap<Claim, &str> = BTreeMap::new();
+    let mut rejected = BTreeMap::new();
+    'services: for (name, out) in services {
+        for (f, _) in &out.entries {
+            let Some(c) = claim_of(f) else { continue };
+            if f.scope == Scope::External {
+                if let Some(owner) = cluster_ips.get(&c).filter(|o| **o != *name) {
+                    tracing::warn!(
+                        service = %name,
+                        cluster_ip_of = %owner,
+                        frontend = %f,
+                        "an external IP of this Service is another Service's ClusterIP; the ClusterIP wins and this Service is not served"
+                    );
+                    let e =
+                        TranslateError::Conflict { object: name.to_string(), frontend: *f, owner: owner.to_string() };
+                    rejected.insert(*name, e);
+                    continue 'services;
+                }
+            }
+            if let Some(owner) = owners.get(&c) {
+                let e = TranslateError::Conflict { object: name.to_string(), frontend: *f, owner: owner.to_string() };
+                rejected.insert(*name, e);
+                continue 'services;
+            }
+        }
+        if let Some((hc, _)) = &out.health {
+            if let Some(owner) = owners.get(&Claim::HealthPort(*hc)) {
+                let e = TranslateError::Service {
+                    object: name.to_string(),
+                    field: "spec.healthCheckNodePort".into(),
+                    reason: format!("{hc} is already used by Service {owner}"),
+                };
+                rejected.insert(*name, e);
+                continue 'services;
+            }
+        }
+        for c in out.claims() {
+            owners.insert(c, name);
+        }
+    }
+    rejected
+}
+
+/// Translates the whole object set as seen by node `node`. Invalid objects (and invalid parts
+/// of objects) are reported and left out alone.
 ///
-/// Objects are taken by reference (the API source hands over its reflector stores' shared
-/// copies), so a large cluster is not deep-copied for every change.
+/// Objects are taken by reference (the API source hands over shared copies), so a large
+/// cluster is not deep-copied.
 pub fn translate<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeInfo,
 ) -> Translation {
     let mut out = Translation::default();
-
-    // Slices grouped by (namespace, service name).
-    let mut by_service: BTreeMap<(String, String), Vec<SliceSpec>> = BTreeMap::new();
+    // Slices by Service, in slice name order, so the result does not depend on input order.
+    let mut by_service: BTreeMap<String, BTreeMap<String, SliceSpec>> = BTreeMap::new();
     for slice in slices {
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
-        match slice_spec(slice, &node.name) {
-            Ok(Some(spec)) => by_service
-                .entry((slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), svc_name.clone()))
-                .or_default()
-                .push(spec),
-            Ok(None) => {}
-            Err(e) => out.errors.push(e),
+        if let Some(spec) = slice_spec(slice, &node.name) {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            by_service.entry(spec.service.clone()).or_default().insert(name, spec);
         }
     }
-
-    // Deterministic order, so a conflict always rejects the same Service.
-    let mut specs: Vec<ServiceSpec> = Vec::new();
+    let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
     for svc in services {
         match service_spec(svc) {
-            Ok(Some(spec)) => specs.push(spec),
+            Ok(Some(spec)) => {
+                specs.insert(spec.object.clone(), spec);
+            }
             Ok(None) => {}
             Err(e) => out.errors.push(e),
         }
     }
-    specs.sort_by(|a, b| a.object.cmp(&b.object));
-
-    // An external IP (or LoadBalancer ingress IP) on another Service's ClusterIP, port and
-    // protocol would share its map key (both are exact-address frontends). The ClusterIP wins
-    // whatever the object order: the API server allocates it, while external IPs are set by
-    // users and are a known way to hijack a Service's traffic (CVE-2020-8554). So every
-    // ClusterIP claims its keys before any Service is translated.
-    let mut cluster_ips: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
-    for spec in &specs {
-        for port in &spec.ports {
-            cluster_ips.entry((spec.cluster_ip, port.port, port.protocol)).or_insert_with(|| spec.object.clone());
+    for slices in by_service.values() {
+        for s in slices.values() {
+            out.errors.extend(s.skipped.iter().cloned());
         }
     }
-
-    let mut owners: BTreeMap<Frontend, String> = BTreeMap::new();
-    let mut health_owners: BTreeMap<u16, String> = BTreeMap::new();
-    'services: for spec in specs {
-        let slices = by_service.get(&(spec.namespace.clone(), spec.name.clone()));
-        let mut entries: Vec<(Frontend, ServicePort)> = Vec::new();
-        for port in &spec.ports {
-            // Every address once, ready copies preferred (a pod may be listed by two slices
-            // while the controller moves it).
-            let mut merged: BTreeMap<(Ipv4Addr, u16), (Endpoint, SliceEndpoint)> = BTreeMap::new();
-            for slice in slices.into_iter().flatten() {
-                for (pname, proto, target) in &slice.ports {
-                    if *pname != port.name || *proto != port.protocol {
-                        continue;
-                    }
-                    for e in &slice.endpoints {
-                        let mut e = e.clone();
-                        if spec.publish_not_ready {
-                            (e.ready, e.serving) = (true, true);
-                        }
-                        let ep = Endpoint { ip: e.ip, port: *target, local: e.local };
-                        match merged.get(&(e.ip, *target)) {
-                            Some((_, old)) if old.ready || !e.ready => {}
-                            _ => {
-                                merged.insert((e.ip, *target), (ep, e));
-                            }
-                        }
-                    }
-                }
-            }
-            let mut candidates: Vec<(Endpoint, &SliceEndpoint)> = merged.values().map(|(ep, e)| (*ep, e)).collect();
-            // kube-proxy's `hasAnyEndpoints`: an endpoint usable anywhere in the cluster (ready,
-            // or serving while terminating), counted before the cut below. A Local policy drops
-            // only when such endpoints exist but none is on this node; with none anywhere the
-            // port rejects, as under Cluster.
-            let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
-            if candidates.len() > MAX_BACKENDS_PER_SERVICE as usize {
-                out.errors.push(TranslateError::Service {
-                    object: spec.object.clone(),
-                    field: "endpoints".into(),
-                    reason: format!(
-                        "{} endpoints for port {:?}; only the first {} are used",
-                        candidates.len(),
-                        port.name,
-                        MAX_BACKENDS_PER_SERVICE
-                    ),
-                });
-                candidates.truncate(MAX_BACKENDS_PER_SERVICE as usize);
-            }
-            let (all, local) = categorize(&candidates, node);
-            let name =
-                if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
-            let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
-            let internal = ServicePort {
-                backends: if spec.internal_local { local.clone() } else { all.clone() },
-                local_only: spec.internal_local && usable_anywhere,
-                ..base.clone()
-            };
-            let external = ServicePort {
-                backends: if spec.external_local { local } else { all },
-                local_only: spec.external_local && usable_anywhere,
-                external: true,
-                ..base
-            };
-            entries.push((Frontend::cluster_ip(spec.cluster_ip, port.port, port.protocol), internal));
-            if let Some(np) = port.node_port {
-                entries.push((Frontend::node_port(np, port.protocol), external.clone()));
-            }
-            for ip in &spec.lb_ips {
-                let with_ranges = ServicePort { source_ranges: spec.source_ranges.clone(), ..external.clone() };
-                entries.push((Frontend::external(*ip, port.port, port.protocol), with_ranges));
-            }
-            for ip in &spec.external_ips {
-                entries.push((Frontend::external(*ip, port.port, port.protocol), external.clone()));
-            }
+    let outputs: BTreeMap<&str, ServiceOutput> = specs
+        .iter()
+        .map(|(name, spec)| {
+            let slices: Vec<&SliceSpec> = by_service.get(name).map(|m| m.values().collect()).unwrap_or_default();
+            (name.as_str(), service_output(spec, &slices, node))
+        })
+        .collect();
+    let ordered: Vec<(&str, &ServiceOutput)> = outputs.iter().map(|(n, o)| (*n, o)).collect();
+    let rejected = resolve(&ordered);
+    for (name, o) in &outputs {
+        out.errors.extend(o.notes.iter().cloned());
+        if let Some(e) = rejected.get(name) {
+            out.errors.push(e.clone());
+            continue;
         }
-        // Its own ClusterIP already serves an external IP equal to it: that frontend is moot.
-        entries.retain(|(f, _)| {
-            let own = f.scope == Scope::External
-                && cluster_ips.get(&(f.ip, f.port, f.protocol)) == Some(&spec.object);
-            if own {
-                tracing::warn!(service = %spec.object, frontend = %f, "external IP equal to the Service's own ClusterIP: served as the ClusterIP");
-            }
-            !own
-        });
-        // All of a Service or nothing: a clash on any frontend rejects it whole.
-        let mut seen = BTreeSet::new();
-        for (f, _) in &entries {
-            if let Some(owner) = cluster_ips.get(&(f.ip, f.port, f.protocol)).filter(|_| f.scope == Scope::External) {
-                tracing::warn!(
-                    service = %spec.object,
-                    cluster_ip_of = %owner,
-                    key = %format_args!("{}:{}/{}", f.ip, f.port, f.protocol),
-                    "an external IP of this Service is another Service's ClusterIP; the ClusterIP wins and this Service is not served"
-                );
-                out.errors.push(TranslateError::Conflict {
-                    object: spec.object.clone(),
-                    frontend: *f,
-                    owner: owner.clone(),
-                });
-                continue 'services;
-            }
-            if let Some(owner) = owners.get(f) {
-                out.errors.push(TranslateError::Conflict {
-                    object: spec.object.clone(),
-                    frontend: *f,
-                    owner: owner.clone(),
-                });
-                continue 'services;
-            }
-            if !seen.insert(*f) {
-                out.errors.push(TranslateError::Conflict {
-                    object: spec.object.clone(),
-                    frontend: *f,
-                    owner: spec.object.clone(),
-                });
-                continue 'services;
-            }
-        }
-        if let Some(hc) = spec.health_check_node_port {
-            if let Some(owner) = health_owners.get(&hc) {
-                out.errors.push(TranslateError::Service {
-                    object: spec.object.clone(),
-                    field: "spec.healthCheckNodePort".into(),
-                    reason: format!("{hc} is already used by Service {owner}"),
-                });
-                continue 'services;
-            }
-            // kube-proxy reports local *ready* endpoints, so a node whose pods are all
-            // terminating fails the check and the load balancer drains it.
-            let local_endpoints: BTreeSet<Ipv4Addr> = slices
-                .into_iter()
-                .flatten()
-                .flat_map(|s| s.endpoints.iter())
-                .filter(|e| e.local && (e.ready || spec.publish_not_ready))
-                .map(|e| e.ip)
-                .collect();
-            health_owners.insert(hc, spec.object.clone());
-            out.state
-                .health_checks
-                .insert(hc, HealthCheck { service: spec.object.clone(), local_endpoints: local_endpoints.len() });
-        }
-        for (f, sp) in entries {
-            owners.insert(f, spec.object.clone());
-            out.state.services.insert(f, sp);
+        out.state.services.extend(o.entries.iter().cloned());
+        if let Some((port, hc)) = &o.health {
+            out.state.health_checks.insert(*port, hc.clone());
         }
     }
+    out.errors.sort();
     out
 }

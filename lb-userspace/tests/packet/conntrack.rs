@@ -1,0 +1,385 @@
+//! Connection tracking through the real programs: netfilter's TCP states in both directions,
+//! the move between the LRU and the assured table, lifetimes per state, port reuse, and a
+//! flood of new flows against established ones.
+use super::*;
+use lb_common::{
+    CtKey4, CtValue4, CT_CLOSE, CT_CLOSE_WAIT, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_WAIT,
+    CT_FLAG_ASSURED, CT_FLAG_REPLIED, CT_LAST_ACK, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, PROTO_TCP,
+};
+
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), dir: u8) -> CtKey4 {
+    CtKey4 {
+        src: be(src.0),
+        dst: be(dst.0),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto: PROTO_TCP,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// Both entries of the flow `client -> VIP:80` translated to `backend`: (forward, reply), each
+/// with whether it is in the assured table. Panics if a key is in both tables.
+fn flow(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16)) -> [Option<(CtValue4, bool)>; 2] {
+    let m = h.dp.maps();
+    [ct_key(client, (VIP, 80), CT_DIR_FORWARD), ct_key(backend, client, CT_DIR_REPLY)].map(|k| {
+        let assured = m.conntrack.get(&k, 0).ok();
+        let new = m.conntrack_new.get(&k, 0).ok();
+        assert!(!(assured.is_some() && new.is_some()), "{k:?} in both tables");
+        assured.map(|v| (v, true)).or(new.map(|v| (v, false)))
+    })
+}
+
+/// Asserts the state and table of both entries.
+#[track_caller]
+fn expect(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16), state: u8, assured: bool) {
+    for (i, e) in flow(h, client, backend).into_iter().enumerate() {
+        let (v, in_assured) = e.unwrap_or_else(|| panic!("entry {i} missing"));
+        assert_eq!(
+            (lb_common::ct_state_name(v.state), in_assured),
+            (lb_common::ct_state_name(state), assured),
+            "entry {i} ({})",
+            if i == 0 { "forward" } else { "reply" }
+        );
+        assert_eq!(v.flags & CT_FLAG_ASSURED != 0, assured, "entry {i}: ASSURED flag and table agree");
+    }
+}
+
+/// Client -> VIP packet; returns the backend it went to.
+fn up(h: &Harness, client: (Ipv4Addr, u16), flags: u8) -> (Ipv4Addr, u16) {
+    let (verdict, out) = h.run(&frame(client, (VIP, 80), L4::Tcp { flags }, b""));
+    assert_eq!(verdict, TC_ACT_OK, "client packet {flags:#x} translated");
+    parse_checked(&out).dst
+}
+
+/// Backend -> client packet; asserts it comes back from the VIP.
+fn down(h: &Harness, backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), flags: u8) {
+    let (verdict, out) = h.run(&frame(backend, client, L4::Tcp { flags }, b""));
+    assert_eq!(verdict, TC_ACT_OK, "backend packet {flags:#x} translated");
+    assert_eq!(parse_checked(&out).src, (VIP, 80));
+}
+
+#[test]
+fn tcp_states_follow_the_handshake_and_a_close_from_either_side() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    for (port, client_closes) in [(41000u16, true), (41001, false)] {
+        let c = (CLIENT, port);
+        let b = up(&h, c, SYN);
+        expect(&h, c, b, CT_SYN_SENT, false);
+        // A retransmitted SYN changes nothing.
+        assert_eq!(up(&h, c, SYN), b);
+        expect(&h, c, b, CT_SYN_SENT, false);
+        down(&h, b, c, SYN_ACK);
+        // Answered, but the handshake is not done: no established lifetime, not assured.
+        expect(&h, c, b, CT_SYN_RECV, false);
+        assert!(flow(&h, c, b)[0].unwrap().0.flags & CT_FLAG_REPLIED != 0);
+        up(&h, c, ACK);
+        expect(&h, c, b, CT_ESTABLISHED, true);
+        down(&h, b, c, ACK);
+        up(&h, c, ACK);
+        expect(&h, c, b, CT_ESTABLISHED, true);
+        // The close: the first FIN, its ACK, the second FIN, the last ACK.
+        let client = |f| {
+            up(&h, c, f);
+        };
+        let backend = |f| down(&h, b, c, f);
+        let (first, second): (&dyn Fn(u8), &dyn Fn(u8)) =
+            if client_closes { (&client, &backend) } else { (&backend, &client) };
+        first(FIN_ACK);
+        expect(&h, c, b, CT_FIN_WAIT, true);
+        // Data from the side that closed carries on without erasing the FIN.
+        first(ACK);
+        expect(&h, c, b, CT_FIN_WAIT, true);
+        second(ACK);
+        expect(&h, c, b, CT_CLOSE_WAIT, true);
+        // The other side keeps sending on its half: still half-closed.
+        second(ACK);
+        expect(&h, c, b, CT_CLOSE_WAIT, true);
+        // A SYN inside a live connection is no new connection.
+        assert_eq!(up(&h, c, SYN), b);
+        expect(&h, c, b, CT_CLOSE_WAIT, true);
+        second(FIN_ACK);
+        expect(&h, c, b, CT_LAST_ACK, true);
+        first(ACK);
+        // Finished: back to the LRU, where it can be evicted, for the TIME_WAIT lifetime.
+        expect(&h, c, b, CT_TIME_WAIT, false);
+        // Late packets of the finished connection still translate.
+        first(ACK);
+        expect(&h, c, b, CT_TIME_WAIT, false);
+    }
+}
+
+#[test]
+fn a_reset_from_either_side_closes_the_flow_and_a_new_syn_reuses_the_tuple() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let mut moved = 0;
+    for port in 42000..42040u16 {
+        let c = (CLIENT, port);
+        let b = up(&h, c, SYN);
+        down(&h, b, c, SYN_ACK);
+        up(&h, c, ACK);
+        expect(&h, c, b, CT_ESTABLISHED, true);
+        if port % 2 == 0 {
+            up(&h, c, RST | ACK);
+        } else {
+            down(&h, b, c, RST | ACK);
+        }
+        expect(&h, c, b, CT_CLOSE, false);
+        // A later ACK does not revive it.
+        up(&h, c, ACK);
+        expect(&h, c, b, CT_CLOSE, false);
+        // A new SYN on the tuple is a new connection with a fresh choice (netfilter's port
+        // reuse); the flow hash picks the same backend, unless the set changed.
+        let again = up(&h, c, SYN);
+        expect(&h, c, again, CT_SYN_SENT, false);
+        moved += usize::from(again != b);
+    }
+    assert_eq!(moved, 0, "the same 5-tuple hashes to the same backend");
+    // TIME_WAIT too: close one properly, then reuse.
+    let c = (CLIENT, 42100);
+    let b = up(&h, c, SYN);
+    down(&h, b, c, SYN_ACK);
+    up(&h, c, FIN_ACK);
+    down(&h, b, c, FIN_ACK);
+    up(&h, c, ACK);
+    expect(&h, c, b, CT_TIME_WAIT, false);
+    up(&h, c, SYN);
+    expect(&h, c, b, CT_SYN_SENT, false);
+}
+
+/// Ages both entries of a flow by `secs` (their last packet that long ago).
+fn age(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16), secs: u64) {
+    let (clock, _) = h.dp.ct_clock();
+    let mut m = h.pinned_maps();
+    for (i, e) in flow(h, client, backend).into_iter().enumerate() {
+        let (mut v, assured) = e.expect("entry");
+        v.last_seen = v.last_seen.wrapping_sub(clock.to_jiffies(secs));
+        let k = if i == 0 { ct_key(client, (VIP, 80), CT_DIR_FORWARD) } else { ct_key(backend, client, CT_DIR_REPLY) };
+        let table = if assured { &mut m.conntrack } else { &mut m.conntrack_new };
+        table.insert(k, v, 0).expect("writing entry");
+    }
+}
+
+#[test]
+fn each_state_keeps_its_own_lifetime() {
+    if !privileged() {
+        return;
+    }
+    // A set with one backend, so that "a new flow" and "the old flow" differ by their entry,
+    // not by their backend: a new flow starts again in SYN_SENT.
+    let h = Harness::new(&lab_yaml(&BACKENDS[..1]));
+    // Half-closed and idle for 100 s: FIN_WAIT's 120 s are not over, the flow is tracked.
+    let c = (CLIENT, 43000);
+    let b = up(&h, c, SYN);
+    down(&h, b, c, SYN_ACK);
+    up(&h, c, ACK);
+    up(&h, c, FIN_ACK);
+    age(&h, c, b, 100);
+    up(&h, c, ACK);
+    expect(&h, c, b, CT_FIN_WAIT, true);
+    // Idle 130 s: over. The next packet starts afresh (picked up mid-stream: ESTABLISHED but
+    // not assured until answered).
+    age(&h, c, b, 130);
+    up(&h, c, ACK);
+    expect(&h, c, b, CT_ESTABLISHED, false);
+    down(&h, b, c, ACK);
+    expect(&h, c, b, CT_ESTABLISHED, true);
+    // A SYN_SENT entry idle past the SYN lifetime (60 s) is gone for a retransmitted SYN's
+    // purposes too, and an established one idle 5 hours of its 6 stays.
+    let c = (CLIENT, 43001);
+    let b = up(&h, c, SYN);
+    age(&h, c, b, 61);
+    up(&h, c, SYN);
+    let fresh = flow(&h, c, b)[0].unwrap().0;
+    assert_eq!(fresh.last_seen, fresh.created, "a new entry, not the old one refreshed");
+    down(&h, b, c, SYN_ACK);
+    up(&h, c, ACK);
+    age(&h, c, b, 5 * 3600);
+    let aged = flow(&h, c, b)[0].unwrap().0;
+    up(&h, c, ACK);
+    // Still assured: the old entry (a flow picked up afresh would be unassured), refreshed.
+    expect(&h, c, b, CT_ESTABLISHED, true);
+    let kept = flow(&h, c, b)[0].unwrap().0;
+    assert_eq!(kept.created, aged.created);
+    assert_ne!(kept.last_seen, aged.last_seen, "refreshed by the packet");
+}
+
+/// Client `i` of a test's many: its own address and port.
+fn many(i: u32, net: u8) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8), 20000 + (i % 1000) as u16)
+}
+
+#[test]
+fn a_flood_of_new_flows_never_evicts_established_ones() {
+    if !privileged() {
+        return;
+    }
+    // Room for exactly 10,100 assured flows; the LRU of new flows is the default's eighth.
+    let sizes = MapSizes { conntrack: 20_200, conntrack_new: 16_384, ..MapSizes::default() };
+    let h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    let established: Vec<_> = (0..10_000)
+        .map(|i| {
+            let c = many(i, 245);
+            let b = up(&h, c, SYN);
+            down(&h, b, c, SYN_ACK);
+            up(&h, c, ACK);
+            (c, b)
+        })
+        .collect();
+    // A SYN flood from other clients: enough new flows to fill the LRU twice over.
+    for i in 0..16_384 {
+        up(&h, many(i, 246), SYN);
+    }
+    // Every established flow still goes to its backend, both ways, from the assured table.
+    for (c, b) in &established {
+        assert_eq!(up(&h, *c, ACK), *b, "{c:?}");
+        down(&h, *b, *c, ACK);
+        expect(&h, *c, *b, CT_ESTABLISHED, true);
+    }
+    // Most of the flood was evicted, the established flows were not.
+    let m = h.dp.maps();
+    assert!(m.conntrack_new.keys().count() <= 16_384);
+    assert_eq!(m.conntrack.keys().count(), 20_000);
+    // Handshakes beyond the assured table's room: counted, and they still work, from the LRU.
+    assert_eq!(h.counter(Counter::CtAssuredFull), 0);
+    for i in 0..200 {
+        let c = many(i, 247);
+        let b = up(&h, c, SYN);
+        down(&h, b, c, SYN_ACK);
+        up(&h, c, ACK);
+        assert_eq!(up(&h, c, ACK), b);
+        down(&h, b, c, ACK);
+    }
+    assert_eq!(h.dp.maps().conntrack.keys().count(), 20_200);
+    assert!(h.counter(Counter::CtAssuredFull) >= 100, "{}", h.counter(Counter::CtAssuredFull));
+}
+
+#[test]
+fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    let span = (lb_common::SNAT_PORT_MAX - lb_common::SNAT_PORT_MIN) as usize + 1;
+    let backend: (Ipv4Addr, u16) = (REMOTE_POD.parse().unwrap(), 80);
+    let client = |i: u32| (Ipv4Addr::new(192, 168, (50 + i / 60_000) as u8, 1), 1024 + (i % 60_000) as u16);
+    // As many connections to one remote backend as there are SNAT ports, each closed
+    // (TIME_WAIT holds its port for two minutes, as netfilter's does).
+    let mut used = BTreeSet::new();
+    let mut i = 0;
+    while used.len() < span && i < 3 * span as u32 {
+        let c = client(i);
+        i += 1;
+        let (verdict, out) = h.run(&frame(c, (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]));
+        if verdict == TC_ACT_SHOT {
+            // Out of probes while few ports are left free: fine here, we want them all used.
+            continue;
+        }
+        let p = parse_checked(&out);
+        let snat = p.src;
+        assert_eq!(p.dst, backend);
+        used.insert(snat.1);
+        h.run(&frame(backend, snat, L4::Tcp { flags: SYN_ACK }, &[]));
+        h.run(&frame(c, (NODE_IP, 30081), L4::Tcp { flags: FIN_ACK }, &[]));
+        h.run(&frame(backend, snat, L4::Tcp { flags: FIN_ACK }, &[]));
+        h.run(&frame(c, (NODE_IP, 30081), L4::Tcp { flags: ACK }, &[]));
+    }
+    assert_eq!(used.len(), span, "every SNAT port held by a finished flow");
+    // New connections keep getting ports: those of finished flows.
+    let drops = h.counter(Counter::DropSnatPorts);
+    for j in 0..1000 {
+        let (_, out) = h.run(&frame(client(i + j), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(parse_checked(&out).dst, backend);
+    }
+    assert_eq!(h.counter(Counter::DropSnatPorts), drops, "no SYN dropped for want of a port");
+    // Live flows keep theirs: with every port held by a SYN_SENT flow, new ones are refused.
+    let before = h.counter(Counter::DropSnatPorts);
+    for j in 0..(2 * span as u32) {
+        h.run(&frame(client(10 * span as u32 + j), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]));
+    }
+    assert!(h.counter(Counter::DropSnatPorts) > before, "ports of live flows are never taken");
+}
+
+/// Deletes both entries of every flow from both tables of the pinned maps.
+fn forget_all_flows(h: &Harness) {
+    let mut m = h.pinned_maps();
+    for table in [&mut m.conntrack, &mut m.conntrack_new] {
+        let keys: Vec<CtKey4> = table.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            table.remove(&k).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_flow_that_lost_its_entries_keeps_its_backend_and_a_removal_moves_only_its_flows() {
+    if !privileged() {
+        return;
+    }
+    let five = ["10.244.1.11", "10.244.1.12", "10.244.1.13", "10.244.1.14", "10.244.1.15"];
+    let mut h = Harness::new(&lab_yaml(&five));
+    let flows: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = (0..500u16)
+        .map(|i| {
+            let c = (CLIENT, 30000 + i);
+            let b = up(&h, c, SYN);
+            down(&h, b, c, SYN_ACK);
+            up(&h, c, ACK);
+            (c, b)
+        })
+        .collect();
+    assert_eq!(flows.iter().map(|(_, b)| b.0).collect::<BTreeSet<_>>().len(), 5, "spread over all five");
+    // Every entry lost (evicted, a table rebuilt): the next packet of each flow, picked up
+    // mid-stream, finds the same backend through the Maglev table.
+    forget_all_flows(&h);
+    for (c, b) in &flows {
+        assert_eq!(up(&h, *c, ACK), *b, "{c:?} moved after losing its entries");
+    }
+    // One backend leaves. Tracked flows keep going where they were; once their entries are
+    // lost too, only the departed backend's flows move, and only to the others.
+    let gone: Ipv4Addr = five[2].parse().unwrap();
+    h.apply(&lab_yaml(&[five[0], five[1], five[3], five[4]]));
+    for (c, b) in &flows {
+        assert_eq!(up(&h, *c, ACK), *b, "a tracked flow stays on its backend");
+    }
+    forget_all_flows(&h);
+    let mut moved = 0;
+    for (c, b) in &flows {
+        let now = up(&h, *c, ACK);
+        if b.0 == gone {
+            assert_ne!(now.0, gone);
+            moved += 1;
+        } else {
+            assert_eq!(now, *b, "{c:?} moved though its backend stayed");
+        }
+    }
+    assert!((60..=140).contains(&moved), "about a fifth of 500 flows were on the departed backend: {moved}");
+    // A backend joins: new flows take some of every backend's share, about 1/5, and no flow
+    // moves between the old ones.
+    forget_all_flows(&h);
+    let before: Vec<_> = flows.iter().map(|(c, _)| up(&h, *c, SYN)).collect();
+    forget_all_flows(&h);
+    h.apply(&lab_yaml(&[five[0], five[1], five[3], five[4], "10.244.1.16"]));
+    let mut joined = 0;
+    for ((c, _), b) in flows.iter().zip(&before) {
+        let now = up(&h, *c, SYN);
+        if now != *b {
+            assert_eq!(now.0, "10.244.1.16".parse::<Ipv4Addr>().unwrap(), "moved only to the new backend");
+            joined += 1;
+        }
+    }
+    assert!((60..=140).contains(&joined), "about a fifth moved to the new backend: {joined}");
+}
