@@ -889,14 +889,15 @@ fn partly_served_services_get_warning_events() -> Result<()> {
         "metadata": {"name": "mixed", "namespace": "default"},
         "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
     }))?;
-    let event =
-        |c: &Cluster| -> Option<serde_json::Value> {
-            let list = c.cp.kubectl(&["get", "events.v1.events.k8s.io", "-n", "default", "-o", "json"]).ok()?;
-            let list: serde_json::Value = serde_json::from_str(&list).ok()?;
-            list["items"].as_array()?.iter().cloned().find(|e| {
-                e["regarding"]["name"] == "mixed" && e["reason"] == "PartlyProgrammed" && e["type"] == "Warning"
-            })
-        };
+    let event = |c: &Cluster| -> Option<serde_json::Value> {
+        let list = c.cp.kubectl(&["get", "events.v1.events.k8s.io", "-n", "default", "-o", "json"]).ok()?;
+        let list: serde_json::Value = serde_json::from_str(&list).ok()?;
+        list["items"]
+            .as_array()?
+            .iter()
+            .find(|e| e["regarding"]["name"] == "mixed" && e["reason"] == "PartlyProgrammed" && e["type"] == "Warning")
+            .cloned()
+    };
     assert!(
         eventually(Duration::from_secs(20), || event(&c).is_some()),
         "no Warning Event; log:\n{}",
