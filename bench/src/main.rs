@@ -33,7 +33,7 @@ mod real;
 
 struct Opts {
     quick: bool,
-    /// Only the sections on the real control plane (3 and 4), e.g. after a change to them.
+    /// Only the sections on the real control plane (3 and 4, and 4b's 100,000 Services).
     real_only: bool,
     out: PathBuf,
 }
@@ -65,6 +65,10 @@ fn main() -> Result<()> {
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
     if opts.real_only {
         md.push_str(&real::run(opts.quick)?);
+        if !opts.quick {
+            progress("4b 100,000 Services through the test API server");
+            md.push_str(&api_control_plane(&opts, &[100_000])?);
+        }
         println!("{md}");
         return Ok(());
     }
