@@ -10,6 +10,8 @@
 //! - `single`: R separate runs, each on a fresh frame (new flows get a new source address and
 //!   port each time); the kernel-measured duration of each run is summed, the same loop around
 //!   the empty program of the same hook is subtracted, and the floor is added back.
+//! - `warm` (section 1b, `warm.rs`): one run with `repeat` = R of a wrapper that restores the
+//!   frame before every run and tail-calls the program under test.
 use std::{
     fmt::Write as _,
     io::{Read, Write},
@@ -30,23 +32,34 @@ use lb_userspace::{
 };
 
 mod real;
+mod warm;
 
 struct Opts {
     quick: bool,
-    /// Only the sections on the real control plane (3 and 4, and 4b's 100,000 Services).
-    real_only: bool,
     out: PathBuf,
+    /// Only these sections (`packet`, `warm`, `scale`, `real`, `e2e`, `api`, `yaml`, `verifier`);
+    /// all when empty. With the Kubernetes binaries `real` (beside the real kube-proxy) takes the
+    /// place of `e2e` and of `api` below 100,000 Services.
+    only: Vec<String>,
+}
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 fn main() -> Result<()> {
-    let mut opts = Opts { quick: false, real_only: false, out: PathBuf::from("bench/results") };
+    let mut opts = Opts { quick: false, out: PathBuf::from("bench/results"), only: Vec::new() };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
-            "--real-only" => opts.real_only = true,
+            // The sections on the real control plane, e.g. after a change to them.
+            "--real-only" => opts.only = vec!["real".into(), "api".into()],
             "--out" => opts.out = PathBuf::from(args.next().context("--out DIR")?),
-            other => bail!("unknown argument {other} (expected --quick, --real-only, --out DIR)"),
+            "--only" => opts.only = args.next().context("--only SECTION,...")?.split(',').map(String::from).collect(),
+            other => bail!("unknown argument {other} (expected --quick, --real-only, --out DIR, --only SECTION,...)"),
         }
     }
     let mut md = String::new();
@@ -63,26 +76,32 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
-    if opts.real_only {
-        md.push_str(&real::run(opts.quick)?);
-        if !opts.quick {
-            progress("4b 100,000 Services through the test API server");
-            md.push_str(&api_control_plane(&opts, &[100_000])?);
-        }
-        println!("{md}");
-        return Ok(());
+    if opts.only.iter().any(|s| s == "real") && !real::available() {
+        bail!("section real needs the Kubernetes binaries: run `cargo xtask k8s` first");
     }
 
-    progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
-    let per_packet = per_packet(&opts)?;
-    md.push_str(&per_packet.markdown);
-    progress("2/5 cost at scale");
-    md.push_str(&scale(&opts)?);
+    let mut svg = String::new();
+    if opts.runs("packet") {
+        progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
+        let per_packet = per_packet(&opts)?;
+        md.push_str(&per_packet.markdown);
+        svg = per_packet.svg;
+    }
+    if opts.runs("warm") {
+        progress("1b/5 per-packet cost, warm method, minimal DNAT references");
+        md.push_str(&warm::per_packet_warm(opts.quick)?);
+    }
+    if opts.runs("scale") {
+        progress("2/5 cost at scale");
+        md.push_str(&scale(&opts)?);
+    }
     if real::available() {
         // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
-        progress("3-4/5 beside the real kube-proxy, through a real control plane");
-        md.push_str(&real::run(opts.quick)?);
-        if !opts.quick {
+        if opts.runs("real") {
+            progress("3-4/5 beside the real kube-proxy, through a real control plane");
+            md.push_str(&real::run(opts.quick)?);
+        }
+        if opts.runs("api") && !opts.quick {
             // 100,000 Services cannot be created through kube-apiserver in reasonable time here
             // (see section 4).
             progress("4b/5 100,000 Services through the test API server");
@@ -91,21 +110,38 @@ fn main() -> Result<()> {
     } else {
         // Without the Kubernetes binaries: kube-proxy-style iptables rules written here, and the
         // test API server.
-        progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
-        md.push_str(&end_to_end(&opts)?);
-        progress("4/5 control plane through the test API server");
-        let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
-        md.push_str(&api_control_plane(&opts, sizes)?);
+        if opts.runs("e2e") {
+            progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
+            md.push_str(&end_to_end(&opts)?);
+        }
+        if opts.runs("api") {
+            progress("4/5 control plane through the test API server");
+            let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+            md.push_str(&api_control_plane(&opts, sizes)?);
+        }
     }
-    progress("5/5 verifier");
-    md.push_str(&verifier()?);
+    if opts.runs("yaml") {
+        progress("4/5 control plane from YAML files");
+        md.push_str(&yaml_control_plane(&opts)?);
+    }
+    if opts.runs("verifier") {
+        progress("5/5 verifier");
+        md.push_str(&verifier()?);
+    }
 
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    let name = if opts.quick { "quick" } else { "latest" };
+    let name = match (opts.quick, opts.only.is_empty()) {
+        (true, _) => "quick",
+        (false, true) => "latest",
+        // A partial run never replaces the full results.
+        (false, false) => "partial",
+    };
     let md_path = opts.out.join(format!("{name}.md"));
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     let svg_path = opts.out.join(format!("{name}-per-packet.svg"));
-    std::fs::write(&svg_path, per_packet.svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    if !svg.is_empty() {
+        std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    }
     println!("{md}");
     progress(&format!("written: {} and {}", md_path.display(), svg_path.display()));
     Ok(())
@@ -538,10 +574,15 @@ fn vip_of(i: usize) -> Ipv4Addr {
 
 /// YAML for `n` Services with HTTP (80) and sink (9000) ports over `backends`.
 fn bench_manifests(n: usize, backends: &[Pod]) -> String {
-    let mut y = String::with_capacity(n * 600);
+    bench_manifests_range(0..n, backends)
+}
+
+/// YAML for Services number `range`.
+fn bench_manifests_range(range: std::ops::Range<usize>, backends: &[Pod]) -> String {
+    let mut y = String::with_capacity(range.len() * 600);
     let eps: String =
         backends.iter().map(|p| format!("- addresses: [\"{}\"]\n  nodeName: {}\n", p.ip, p.node)).collect();
-    for i in 0..n {
+    for i in range {
         let _ = write!(
             y,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  clusterIP: {}\n  ports:\n  - {{name: http, port: 80}}\n  - {{name: sink, port: 9000}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: 80}}\n- {{name: sink, port: 9000}}\nendpoints:\n{eps}",
@@ -708,7 +749,8 @@ fn end_to_end(opts: &Opts) -> Result<String> {
         yaml.push('\n');
         let t = Instant::now();
         lab.write_manifests(&a, &yaml)?;
-        wait_serving(&client.ns, at(vip_of(n), 80), t, Duration::from_secs(60))?;
+        wait_serving(&client.ns, at(vip_of(n), 80), t, Duration::from_secs(60))
+            .with_context(|| format!("agent log:\n{}", lab.agent_log(&a)))?;
         let change = t.elapsed();
         lab.kill_agent(&a);
         lab.exec(&a.ns, &["true"])?;
@@ -756,11 +798,11 @@ fn end_to_end(opts: &Opts) -> Result<String> {
 /// The API path at scale: the agent lists `n` Services and their slices from the test API
 /// server, then one Service is created. Timed: agent start to serving every Service; the new
 /// Service's creation to its first accepted connection; and the agent's own time to translate
-/// and apply that one change (its log), which is the full recomputation lb does per change.
+/// and apply that one change (its log): only the changed Services are translated.
 fn api_control_plane(_opts: &Opts, sizes: &[usize]) -> Result<String> {
     let mut md = String::from("## 4b. Control plane through the API server
 
-The agent against the test API server (`tests/src/apiserver.rs`, the real list/watch protocol) on one node, with `n` Services of two ports each over three pods. `sync` is the agent's own time to translate the whole object set and apply the difference for one new Service: lb recomputes the desired state per change (kube-proxy's iptables mode, by contrast, rewrites its rules per sync).
+The agent against the test API server (`tests/src/apiserver.rs`, the real list/watch protocol) on one node, with `n` Services of two ports each over three pods. `sync` is the agent's own time for the change (`took_ms`): only the changed Services are translated and only their frontends written, as kube-proxy's change trackers do.
 
 | services | agent start to serving every Service | one new Service to serving | sync for that change |
 |---:|---:|---:|---:|
@@ -819,40 +861,107 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
             std::thread::sleep(Duration::from_millis(50));
         }
         let ready = t.elapsed();
-        let applied = |log: &str| log.matches("desired state applied").count();
-        let before = applied(&lab.agent_log(&node));
+        let before = lab.agent_log(&node).matches("desired state applied").count();
         let (svc, slice) = objects(n);
         let t = Instant::now();
         api.apply(svc)?;
         api.apply(slice)?;
         wait_serving(&client.ns, SocketAddr::from((vip_of(n), 80)), t, Duration::from_secs(120))?;
         let change = t.elapsed();
-        // The service and its slice may arrive in one sync or two; the last one serves it. Its
-        // log line follows the map writes that made it serve, so wait for it.
-        let waited = Instant::now();
-        while applied(&lab.agent_log(&node)) == before && waited.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // A second sync (the slice after the Service) logs right after the one that served.
-        std::thread::sleep(Duration::from_millis(300));
-        let log = lab.agent_log(&node);
-        let took: Vec<u64> = log
-            .lines()
-            .filter(|l| l.contains("desired state applied"))
-            .skip(before)
-            .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
-            .collect();
-        let sync = took.last().copied().context("no sync logged for the change")?;
+        let (sync, syncs) = last_sync_us(&lab, &node, before)?;
         writeln!(
             md,
-            "| {n} | {:.2} s | {:.2} s | {:.3} s ({} sync{}) |",
+            "| {n} | {:.2} s | {:.3} s | {:.2} ms ({syncs} sync{}) |",
             ready.as_secs_f64(),
             change.as_secs_f64(),
             sync as f64 / 1000.0,
-            took.len(),
-            if took.len() == 1 { "" } else { "s" }
+            if syncs == 1 { "" } else { "s" }
         )?;
         drop(api);
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// The agent's own time (µs) for the sync that applied one change: the longest `took_us` of the
+/// "desired state applied" line after the first `before` ones (waiting a little for it: the
+/// line follows the map writes that made the change serve).
+fn last_sync_us(lab: &Lab, node: &Node, before: usize) -> Result<(u64, usize)> {
+    let applied = |log: &str| log.matches("desired state applied").count();
+    let waited = Instant::now();
+    while applied(&lab.agent_log(node)) == before && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second sync (a slice after its Service) logs right after the one that served.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = lab.agent_log(node);
+    let took: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("desired state applied"))
+        .skip(before)
+        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    Ok((took.iter().copied().max().context("no sync logged for the change")?, took.len()))
+}
+
+/// The YAML source at scale: `n` Services (two ports each) in files of 1,000, then one new
+/// file with one Service. Timed: agent start to serving every Service; the new file written to
+/// the new Service's first accepted connection; the agent's own sync time for that change
+/// (only the new file is read, and only the new Service translated and written).
+fn yaml_control_plane(opts: &Opts) -> Result<String> {
+    let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+    let mut md = String::from("## 4c. Control plane from YAML files
+
+The agent with `--manifests DIR`: `n` Services of two ports each over three pods, in files of 1,000 Services, then one new file holding one more Service. `sync` is the agent's own time for that change (`took_ms`: translation of the changed Services and the map writes).
+
+| services | agent start to serving every Service | one new Service (new file) to serving | sync for that change |
+|---:|---:|---:|---:|
+");
+    for &n in sizes {
+        progress(&format!("  {n} services from YAML files"));
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("bench-yaml", 4)?;
+        let client = lab.add_pod(&node, "client", 100)?;
+        let mut backends = Vec::new();
+        for i in 0..3u8 {
+            let p = lab.add_pod(&node, &format!("backend-{i}"), 11 + i)?;
+            lab.serve(&p, &[80], &[], &[])?;
+            backends.push(p);
+        }
+        let dir = lab.dir.join("objects");
+        std::fs::create_dir_all(&dir)?;
+        for (f, start) in (0..n).step_by(1_000).enumerate() {
+            let yaml = bench_manifests_range(start..(start + 1_000).min(n), &backends);
+            std::fs::write(dir.join(format!("svc-{f:04}.yaml")), yaml)?;
+        }
+        let t = Instant::now();
+        let dir_arg = dir.to_str().context("utf-8 path")?.to_string();
+        lab.spawn_agent(&node, &["--manifests", &dir_arg], &["--no-xdp", "--no-socket-lb", "--metrics-addr", ""])?;
+        while !lab.agent_log(&node).contains("agent ready") {
+            if t.elapsed() > Duration::from_secs(600) {
+                bail!("agent not ready after 600 s:\n{}", lab.agent_log(&node));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_serving(&client.ns, SocketAddr::from((vip_of(n - 1), 80)), t, Duration::from_secs(600))?;
+        let ready = t.elapsed();
+        let before = lab.agent_log(&node).matches("desired state applied").count();
+        let t = Instant::now();
+        // Written then renamed in, as any careful writer does.
+        let tmp = lab.dir.join("new.yaml.tmp");
+        std::fs::write(&tmp, bench_manifests_range(n..n + 1, &backends))?;
+        std::fs::rename(&tmp, dir.join("new.yaml"))?;
+        wait_serving(&client.ns, SocketAddr::from((vip_of(n), 80)), t, Duration::from_secs(120))?;
+        let change = t.elapsed();
+        let (sync, syncs) = last_sync_us(&lab, &node, before)?;
+        writeln!(
+            md,
+            "| {n} | {:.2} s | {:.3} s | {:.2} ms ({syncs} sync{}) |",
+            ready.as_secs_f64(),
+            change.as_secs_f64(),
+            sync as f64 / 1000.0,
+            if syncs == 1 { "" } else { "s" }
+        )?;
     }
     md.push('\n');
     Ok(md)

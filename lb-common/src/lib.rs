@@ -19,6 +19,10 @@ pub const PROTO_UDP: u8 = 17;
 /// address 0 and only looked up for packets addressed to one of the node's own addresses.
 pub const SCOPE_EXACT: u8 = 0;
 pub const SCOPE_NODEPORT: u8 = 1;
+/// Or'ed into the scope of the entry that traffic from the cluster itself (pods, the node)
+/// gets at an external frontend of an `externalTrafficPolicy: Local` Service: kube-proxy's
+/// short-circuit to cluster-wide endpoints (only traffic from outside is kept local).
+pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
 
 /// Largest backend set a single service port may have (kube-proxy's endpoint cut, applied by
 /// the translation); its Maglev table then has 65,537 slots.
@@ -48,6 +52,9 @@ pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 pub const MAP_CT4: &str = "LB_CT4";
 /// New and finished IPv4 flows: an LRU with per-CPU lists.
 pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
+/// The same for IPv6 flows (same capacities).
+pub const MAP_CT6: &str = "LB_CT6";
+pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
 /// The conntrack map of layout version 4 and before (both directions, 16-byte addresses):
 /// migrated into `LB_CT4`/`LB_CT4_NEW` and removed.
 pub const MAP_CONNTRACK_V4: &str = "LB_CONNTRACK";
@@ -71,6 +78,12 @@ pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
 pub const FILTER_FRONTENDS: u32 = 0;
 pub const FILTER_BACKENDS: u32 = FILTER_WORDS;
 
+/// An IPv6 address folded to 32 bits for `filter_bit` (as in the packet).
+#[inline(always)]
+pub fn fold_v6(a: [u32; 4]) -> u32 {
+    a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24)
+}
+
 /// The filter bit of an (address, port, protocol), all as in the packet (network order). An
 /// IPv6 address is folded into `addr` first (`fold_v6`).
 #[inline(always)]
@@ -85,6 +98,10 @@ pub fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1024;
+/// Sources that count as the cluster's own for the short-circuit (`SCOPE_FROM_CLUSTER`): the
+/// cluster's pod CIDRs (`--cluster-cidr`), this node's pod CIDRs, its addresses.
+pub const MAP_LOCAL_SOURCES: &str = "LB_LOCAL_SOURCES";
+pub const LOCAL_SOURCES_MAX_ENTRIES: u32 = 1024;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 /// Source ports the datapath picks when it must SNAT a flow to the node's address: above
@@ -221,16 +238,15 @@ pub struct AffinityValue {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// An IPv4 flow as seen on the wire. Forward entries are keyed on the client's packet
+/// A flow as seen on the wire, `A` its address type (`u32` for IPv4, `[u32; 4]` for IPv6, both
+/// in network byte order as in the packet). Forward entries are keyed on the client's packet
 /// (destination = the service frontend), reply entries on the backend's reply (source = the
-/// backend). 16 bytes, so the table's hash reads four words.
+/// backend). 16 bytes for IPv4, so the table's hash reads four words; 40 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtKey4 {
-    /// Network byte order.
-    pub src: u32,
-    /// Network byte order.
-    pub dst: u32,
+pub struct CtKey<A> {
+    pub src: A,
+    pub dst: A,
     /// Network byte order.
     pub sport: u16,
     /// Network byte order.
@@ -239,6 +255,9 @@ pub struct CtKey4 {
     pub dir: u8,
     pub _pad: u16,
 }
+
+pub type CtKey4 = CtKey<u32>;
+pub type CtKey6 = CtKey<[u32; 4]>;
 
 /// `CtValue4::flags`.
 /// The flow's source is translated too (`snat_addr:snat_port`).
@@ -296,7 +315,7 @@ pub const fn ct_state_name(state: u8) -> &'static str {
     }
 }
 
-/// The translation and state of a tracked IPv4 flow; both entries of a flow carry the same
+/// The translation and state of a tracked flow (`A` as in [`CtKey`]); both entries of a flow carry the same
 /// state and flags (but their own `ROUTE` bit).
 ///
 /// Forward entry: destination becomes `nat_addr:nat_port` (the backend); with `CT_FLAG_SNAT`
@@ -308,11 +327,11 @@ pub const fn ct_state_name(state: u8) -> &'static str {
 /// 2^31 jiffies (24 days at HZ=1000), far above every lifetime.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtValue4 {
+pub struct CtValue<A> {
     /// Network byte order.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     /// Network byte order.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     /// Network byte order.
     pub nat_port: u16,
     /// Network byte order.
@@ -328,6 +347,9 @@ pub struct CtValue4 {
     /// When the flow was created.
     pub created: u32,
 }
+
+pub type CtValue4 = CtValue<u32>;
+pub type CtValue6 = CtValue<[u32; 4]>;
 
 /// What a packet of a tracked flow does to its state, netfilter's TCP state table reduced to
 /// what a translator needs (no sequence-window tracking). Pure, so the datapath, the agent
@@ -407,14 +429,14 @@ pub fn ct_assured(state: u8, flags: u8, udp_stream: bool) -> bool {
 /// client or SNAT source) knows the frontend and the client. The state, times and service are
 /// shared; the `ROUTE` bits swap.
 #[inline(always)]
-pub fn ct_peer(k: &CtKey4, e: &CtValue4) -> (CtKey4, CtValue4) {
+pub fn ct_peer<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>) -> (CtKey<A>, CtValue<A>) {
     let snat = e.flags & CT_FLAG_SNAT != 0;
     let flags = (e.flags & !(CT_FLAG_ROUTE | CT_FLAG_PEER_ROUTE))
         | if e.flags & CT_FLAG_ROUTE != 0 { CT_FLAG_PEER_ROUTE } else { 0 }
         | if e.flags & CT_FLAG_PEER_ROUTE != 0 { CT_FLAG_ROUTE } else { 0 };
     let mut v = *e;
     v.flags = flags;
-    let key = |src, dst, sport, dport, dir| CtKey4 { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
+    let key = |src: A, dst: A, sport, dport, dir| CtKey::<A> { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
     if k.dir == CT_DIR_FORWARD {
         // Replies come from the backend to the SNAT source, or to the client.
         let (dst, dport) = if snat { (e.snat_addr, e.snat_port) } else { (k.src, k.sport) };
@@ -428,7 +450,7 @@ pub fn ct_peer(k: &CtKey4, e: &CtValue4) -> (CtKey4, CtValue4) {
         // SNAT source its destination.
         v.nat_addr = k.src;
         v.nat_port = k.sport;
-        v.snat_addr = if snat { k.dst } else { 0 };
+        v.snat_addr = if snat { k.dst } else { A::default() };
         v.snat_port = if snat { k.dport } else { 0 };
         (key(e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD), v)
     }
@@ -514,6 +536,17 @@ pub struct FragValue {
 pub struct SourceRangeData {
     /// Big-endian, so the trie compares it byte by byte like an address.
     pub service_id_be: u32,
+    pub addr: [u32; 4],
+}
+
+/// An `LB_LOCAL_SOURCES` prefix: the family (always matched whole, so IPv4 and IPv6 prefixes
+/// never match each other's addresses), then the address; the prefix length of `a/n` is
+/// `32 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LocalSourceData {
+    /// `FAMILY_*`, big-endian.
+    pub family_be: u32,
     pub addr: [u32; 4],
 }
 
@@ -704,10 +737,13 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceRangeData>() == 20);
+const _: () = assert!(core::mem::size_of::<LocalSourceData>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceName>() == 128);
 const _: () = assert!(core::mem::size_of::<BackendMemberKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
@@ -728,6 +764,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue4 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -738,6 +776,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SourceRangeData {}
+    unsafe impl aya::Pod for LocalSourceData {}
     unsafe impl aya::Pod for ServiceStats {}
 }
 

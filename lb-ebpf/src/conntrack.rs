@@ -18,7 +18,7 @@ use aya_ebpf::helpers::{bpf_jiffies64, bpf_loop};
 use lb_common::{
     ct_assured, ct_peer, tcp_step, Counter, CtKey4, CtStep, CtValue4, CT_CLOSE, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT, CT_LAST_ACK, CT_NONE, CT_STATES,
-    CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_SYN,
+    CT_TIME_WAIT, CT_UDP, CT_ESTABLISHED, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -68,9 +68,12 @@ pub fn now() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
+/// Whether an entry is idle past its state's lifetime. An entry another CPU refreshed after
+/// this one read the clock is fresh: wrapping, its age would read as 2^32 jiffies.
 #[inline(always)]
 fn expired(e: &CtValue4, now: u32) -> bool {
-    now.wrapping_sub(e.last_seen) > timeout(e.state)
+    let idle = now.wrapping_sub(e.last_seen);
+    (idle as i32) >= 0 && idle > timeout(e.state)
 }
 
 #[inline(always)]
@@ -165,6 +168,15 @@ fn store(k: &CtKey4, e: &CtValue4, was_assured: bool, hook: u32) {
 /// a refresh at most once per interval. `None`: the packet starts a new flow on this tuple.
 #[inline(always)]
 fn advance(k: &CtKey4, e: &mut CtValue4, assured: bool, tcp_flags: u8, now: u32, hook: u32) -> Option<()> {
+    // Nearly every packet: an assured established TCP flow and a segment without SYN, FIN or
+    // RST, which changes nothing but (once a second) the time.
+    if k.proto == PROTO_TCP && e.state == CT_ESTABLISHED && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && assured {
+        if now.wrapping_sub(e.last_seen) as i32 > global(&CT_REFRESH) as i32 {
+            e.last_seen = now;
+            refresh_peer(k, e, assured, now);
+        }
+        return Some(());
+    }
     let (state, mut flags) = if k.proto == PROTO_TCP {
         match tcp_step(e.state, e.flags, k.dir, tcp_flags) {
             CtStep::To(s, f) => (s, f),
@@ -175,14 +187,14 @@ fn advance(k: &CtKey4, e: &mut CtValue4, assured: bool, tcp_flags: u8, now: u32,
     } else {
         (e.state, e.flags)
     };
-    let stream = state == CT_UDP && now.wrapping_sub(e.created) >= global(&CT_UDP_STREAM);
+    let stream = state == CT_UDP && now.wrapping_sub(e.created) as i32 >= global(&CT_UDP_STREAM) as i32;
     if ct_assured(state, flags, stream) {
         flags |= CT_FLAG_ASSURED;
     } else {
         flags &= !CT_FLAG_ASSURED;
     }
     if state == e.state && flags == e.flags {
-        if now.wrapping_sub(e.last_seen) > global(&CT_REFRESH) {
+        if now.wrapping_sub(e.last_seen) as i32 > global(&CT_REFRESH) as i32 {
             e.last_seen = now;
             refresh_peer(k, e, assured, now);
         }

@@ -113,7 +113,7 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
-                if let Some((svc, node_frontend)) = service::lookup(&h.flow) {
+                if let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) {
                     return to_service(ctx, &h, &svc, node_frontend, now);
                 }
             }

@@ -6,12 +6,12 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, FragKey, FragValue, NodeAddrKey,
-    ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue, LocalSourceData,
+    NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
     AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
-    CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, MAGLEV_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES,
-    SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
-    XDP_TARGETS_MAX_ENTRIES,
+    CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES, MAGLEV_MAX_ENTRIES,
+    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -56,6 +56,15 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
     LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
+/// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
+#[map(name = "LB_CT6")]
+pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// New and finished IPv6 flows, as `LB_CT4_NEW`.
+#[map(name = "LB_CT6_NEW")]
+pub static LB_CT6_NEW: LruHashMap<CtKey6, CtValue6> =
+    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
 /// `lb_common::Counter`.
 #[map(name = "LB_STATS")]
@@ -81,6 +90,14 @@ pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeData, u8> = LpmTrie::pinned(SOUR
 
 /// Typed key of `LB_SOURCE_RANGES`.
 pub type SourceRangeKey = Key<SourceRangeData>;
+
+/// Prefixes whose sources are the cluster's own (pods, the node), for the short-circuit of
+/// `externalTrafficPolicy: Local` frontends (`lb_common::SCOPE_FROM_CLUSTER`).
+#[map(name = "LB_LOCAL_SOURCES")]
+pub static LB_LOCAL_SOURCES: LpmTrie<LocalSourceData, u8> = LpmTrie::pinned(LOCAL_SOURCES_MAX_ENTRIES, 0);
+
+/// Typed key of `LB_LOCAL_SOURCES`.
+pub type LocalSourceKey = Key<LocalSourceData>;
 
 /// (socket cookie, backend) -> frontend, for node-local sockets the socket-level programs
 /// pointed at a backend. LRU: entries of closed sockets age out.

@@ -6,12 +6,12 @@
 //! the node's own addresses, as a node port; the pipeline asks only for new flows, after
 //! conntrack.
 use lb_common::{
-    filter_bit, NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, FILTER_BACKENDS, FILTER_FRONTENDS, SCOPE_EXACT,
-    SCOPE_NODEPORT, SVC_FLAG_SOURCE_RANGES,
+    filter_bit, LocalSourceData, NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, FILTER_BACKENDS, FILTER_FRONTENDS,
+    SCOPE_EXACT, SCOPE_FROM_CLUSTER, SCOPE_NODEPORT, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{SourceRangeKey, LB_FILTER, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
+    maps::{LocalSourceKey, SourceRangeKey, LB_FILTER, LB_LOCAL_SOURCES, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
     parse::Flow,
 };
 
@@ -52,15 +52,35 @@ fn get(addr: u32, flow: &Flow, scope: u8) -> Option<ServiceValue> {
 }
 
 /// Looks up the frontend a packet is addressed to. The flag is true for a node port: the
-/// frontend address is then one of this node's own.
+/// frontend address is then one of this node's own. `from_cluster` says whether the source is
+/// the cluster's own (asked only at an `externalTrafficPolicy: Local` external frontend, which
+/// then gives such sources its cluster-wide companion entry, kube-proxy's short-circuit).
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> Option<(ServiceValue, bool)> {
-    if let Some(svc) = get(flow.dst, flow, SCOPE_EXACT) {
-        return Some((svc, false));
+pub fn lookup(flow: &Flow, from_cluster: impl Fn(&Flow) -> bool) -> Option<(ServiceValue, bool)> {
+    let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
+        Some(svc) => (svc, flow.dst, SCOPE_EXACT),
+        None => {
+            let node = NodeAddrKey { addr: [flow.dst, 0, 0, 0], family: FAMILY_IPV4, _pad: [0; 3] };
+            LB_NODE_ADDRS.get_ptr(&node)?;
+            (get(0, flow, SCOPE_NODEPORT)?, 0, SCOPE_NODEPORT)
+        }
+    };
+    let node_frontend = scope == SCOPE_NODEPORT;
+    let local_external = SVC_FLAG_EXTERNAL | SVC_FLAG_LOCAL_ONLY;
+    if svc.flags & local_external == local_external && from_cluster(flow) {
+        if let Some(c) = get(addr, flow, scope | SCOPE_FROM_CLUSTER) {
+            return Some((c, node_frontend));
+        }
     }
-    let node = NodeAddrKey { addr: [flow.dst, 0, 0, 0], family: FAMILY_IPV4, _pad: [0; 3] };
-    LB_NODE_ADDRS.get_ptr(&node)?;
-    Some((get(0, flow, SCOPE_NODEPORT)?, true))
+    Some((svc, node_frontend))
+}
+
+/// Whether a packet's source is the cluster's own (`LB_LOCAL_SOURCES`).
+#[inline(always)]
+pub fn from_cluster(flow: &Flow) -> bool {
+    let key =
+        LocalSourceKey::new(64, LocalSourceData { family_be: (FAMILY_IPV4 as u32).to_be(), addr: [flow.src, 0, 0, 0] });
+    LB_LOCAL_SOURCES.get(&key).is_some()
 }
 
 /// `loadBalancerSourceRanges`: whether the client may use this frontend.

@@ -63,7 +63,9 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: helper without arguments.
     let sport = unsafe { bpf_get_prandom_u32() } as u16;
     let flow = Flow { src: 0, dst: sa.user_ip4, sport, dport: sa.user_port as u16, proto };
-    let Some((svc, _)) = service::lookup(&flow) else {
+    // The node's own processes are the cluster's: a Local Service's external frontends give
+    // them cluster-wide endpoints, as kube-proxy's short-circuit does.
+    let Some((svc, _)) = service::lookup(&flow, |_| true) else {
         return ALLOW;
     };
     if svc.backend_count == 0 {

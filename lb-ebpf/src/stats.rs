@@ -11,10 +11,19 @@ pub fn count(hook: u32, counter: Counter) {
     }
 }
 
+/// Whether traffic is counted per service frontend (`lb run --metrics-per-frontend`). Set at
+/// load time: the verifier knows it, so with it off the count below costs nothing.
+#[no_mangle]
+static COUNT_SERVICES: u32 = 1;
+
 /// Traffic per service frontend: one per-CPU array slot, indexed by the id the service lookup
 /// already returned, so no hashing.
 #[inline(always)]
 pub fn count_service(service_id: u32, bytes: u32) {
+    // SAFETY: reading a static the loader patches.
+    if unsafe { core::ptr::read_volatile(&COUNT_SERVICES) } == 0 {
+        return;
+    }
     if let Some(slot) = LB_SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU slot, as above.
         unsafe {

@@ -66,6 +66,10 @@ pub struct Options {
     /// The cgroup for socket-level translation; `None`: none.
     pub cgroup: Option<PathBuf>,
     pub nodeport_addresses: Vec<Cidr>,
+    /// The cluster's pod CIDRs (`--cluster-cidr`, as kube-proxy's): their sources, with this
+    /// node's pod CIDRs, get cluster-wide endpoints at `externalTrafficPolicy: Local` external
+    /// frontends.
+    pub cluster_cidrs: Vec<Cidr>,
     pub dataplane: Config,
     /// At least one sync per period; `/healthz` fails when a change has waited twice as long.
     pub sync_period: Duration,
@@ -327,6 +331,16 @@ fn trigger_time(slice: &EndpointSlice) -> Option<f64> {
 
 /// Why the Node makes this proxy unhealthy for load balancers (kube-proxy's `nodeEligible`):
 /// being deleted, or tainted for deletion by the cluster autoscaler.
+/// A Node's IPv4 pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`).
+fn node_pod_cidrs(node: &Node) -> Vec<Cidr> {
+    let spec = node.spec.as_ref();
+    let mut list: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if list.is_empty() {
+        list.extend(spec.and_then(|s| s.pod_cidr.clone()));
+    }
+    list.iter().filter_map(|c| c.parse().ok()).collect()
+}
+
 fn node_eligible(node: &Node) -> bool {
     const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
     node.metadata.deletion_timestamp.is_none()
@@ -348,6 +362,9 @@ struct Proxier {
     tc_globs: Vec<String>,
     xdp_globs: Vec<String>,
     nodeport_addresses: Vec<Cidr>,
+    cluster_cidrs: Vec<Cidr>,
+    /// This node's `spec.podCIDRs` (IPv4), from its Node object.
+    node_pod_cidrs: Vec<Cidr>,
     full_sync_period: Duration,
     services_listed: bool,
     slices_listed: bool,
@@ -390,6 +407,8 @@ impl Proxier {
             tc_globs: opts.ifaces.clone(),
             xdp_globs: opts.xdp_ifaces.clone(),
             nodeport_addresses: opts.nodeport_addresses.clone(),
+            cluster_cidrs: opts.cluster_cidrs.clone(),
+            node_pod_cidrs: Vec::new(),
             full_sync_period: opts.full_sync_period,
             services_listed: false,
             slices_listed: false,
@@ -411,6 +430,7 @@ impl Proxier {
 
     /// Receives updates until told to stop; syncs whenever something changed.
     fn run(mut self, rx: mpsc::Receiver<Update>) {
+        self.update_local_sources();
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         'outer: loop {
             let wake = self.retry_at.map_or(next_tick, |r| r.min(next_tick));
@@ -492,6 +512,11 @@ impl Proxier {
                 if let Some(n) = node {
                     self.translator.set_node(NodeInfo::from_node(&self.node_name, Some(&n)));
                     self.status.lock().expect("status poisoned").node_eligible = node_eligible(&n);
+                    let pod_cidrs = node_pod_cidrs(&n);
+                    if pod_cidrs != self.node_pod_cidrs {
+                        self.node_pod_cidrs = pod_cidrs;
+                        self.update_local_sources();
+                    }
                 }
             }
             Update::Links => self.links_dirty = true,
@@ -516,7 +541,9 @@ impl Proxier {
         for e in &report.errors {
             error!(error = %e, "programming failed; retrying with back-off");
         }
-        self.note_failures(&report.failed);
+        let tried: BTreeSet<Frontend> =
+            if first { self.translator.state().services.keys().copied().collect() } else { changes.frontends.clone() };
+        self.note_failures(&tried, &report.failed);
         if first || changes.health_checks {
             let _ = self.health_tx.send(self.translator.state().health_checks.clone());
         }
@@ -530,6 +557,7 @@ impl Proxier {
             unchanged = report.unchanged,
             failed = report.errors.len(),
             took_ms = took.as_millis() as u64,
+            took_us = took.as_micros() as u64,
             "desired state applied"
         );
         let now = unix_now();
@@ -547,26 +575,34 @@ impl Proxier {
         self.synced = true;
     }
 
-    fn note_failures(&mut self, failed: &[Frontend]) {
-        if failed.is_empty() {
-            self.failed.clear();
+    /// Records what a sync of `tried` frontends could not write; frontends written since they
+    /// failed leave the retry set.
+    fn note_failures(&mut self, tried: &BTreeSet<Frontend>, failed: &[Frontend]) {
+        self.failed.retain(|f| !tried.contains(f));
+        self.failed.extend(failed.iter().copied());
+        if self.failed.is_empty() {
             self.retry_at = None;
             self.retry_delay = Duration::from_millis(500);
-            return;
+        } else if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + self.retry_delay);
         }
-        self.failed.extend(failed.iter().copied());
-        self.retry_at = Some(Instant::now() + self.retry_delay);
-        self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
     }
 
-    /// Writes the frontends that failed again (a full map may have room by now).
+    /// Writes the frontends that failed again (a full map may have room by now), backing off
+    /// while they keep failing.
     fn retry(&mut self) {
         let failed = std::mem::take(&mut self.failed);
         let report = self.dp.apply_changes(self.translator.state(), &failed);
-        if report.failed.is_empty() {
+        self.failed = report.failed.iter().copied().collect();
+        if self.failed.is_empty() {
             info!(frontends = failed.len(), "frontends that had failed are programmed now");
+            self.retry_at = None;
+            self.retry_delay = Duration::from_millis(500);
+        } else {
+            self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(30));
+            self.retry_at = Some(Instant::now() + self.retry_delay);
+            debug!(frontends = self.failed.len(), next_in = ?self.retry_delay, "frontends still failing");
         }
-        self.note_failures(&report.failed);
         let mut st = self.status.lock().expect("status poisoned");
         (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
     }
@@ -624,7 +660,8 @@ impl Proxier {
             );
         }
         let report = self.dp.apply(self.translator.state());
-        self.note_failures(&report.failed);
+        let tried: BTreeSet<Frontend> = self.translator.state().services.keys().copied().collect();
+        self.note_failures(&tried, &report.failed);
         self.report_rejections(&changes.touched);
         let _ = self.health_tx.send(self.translator.state().health_checks.clone());
         info!(
@@ -635,6 +672,18 @@ impl Proxier {
             "full resync done"
         );
         self.status.lock().expect("status poisoned").record_full_sync(started.elapsed());
+    }
+
+    /// The sources that count as the cluster's own: `--cluster-cidr` and this node's pod CIDRs.
+    fn update_local_sources(&mut self) {
+        let mut all = self.cluster_cidrs.clone();
+        all.extend(self.node_pod_cidrs.iter().copied());
+        all.sort();
+        all.dedup();
+        match self.dp.set_local_sources(&all) {
+            Ok(()) => info!(cidrs = ?all, "sources of the cluster's own (externalTrafficPolicy: Local short-circuit)"),
+            Err(e) => warn!(error = %e, "cannot set the cluster's own sources"),
+        }
     }
 
     /// Node port addresses and interfaces, after a change (or at the safety-net poll).

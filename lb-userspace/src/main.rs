@@ -132,6 +132,12 @@ struct RunArgs {
     /// repeated). Default: every address of the node but loopback.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
+    /// The cluster's pod CIDRs (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
+    /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
+    /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
+    /// endpoints; only traffic from outside stays on this node's.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).
     #[arg(long, default_value_t = MapSizes::default().services)]
     map_services: u32,
@@ -282,6 +288,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         xdp_ifaces,
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
+        cluster_cidrs: args.cluster_cidr,
         sync_period: Duration::from_secs(args.sync_period.max(1)),
         full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
         per_frontend_metrics: args.metrics_per_frontend,
@@ -304,6 +311,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
+            count_per_frontend: args.metrics_per_frontend,
             xdp_mode: args.xdp_mode,
         },
     })
@@ -311,10 +319,8 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
 
 /// CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
 fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {

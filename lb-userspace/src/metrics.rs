@@ -3,13 +3,18 @@
 //! only the agent knows (syncs, programmed counts, watch health) is kept in [`AgentStatus`].
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use lb_common::{Counter, COUNTER_MAX};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -195,10 +200,6 @@ impl AgentStatus {
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 /// Map entry counts are found by walking the keys, which costs a syscall per entry; a
 /// scraper polling every few seconds must not keep a core busy on a million-entry map. A count
 /// is reused until twenty times what it cost has passed, so walking takes at most 5% of a core
@@ -211,171 +212,35 @@ struct CountCache {
     affinity: usize,
 }
 
-/// Renders the Prometheus text exposition.
-fn render(
-    status: &AgentStatus,
-    maps: Option<&Maps>,
-    watch: Option<&WatchStats>,
-    cache: &mut CountCache,
-    per_frontend: bool,
-) -> String {
-    let mut o = String::new();
-    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(&mut o, "lb_sync_total", "counter", "Applies of the full desired state to the maps.");
-    let _ = writeln!(o, "lb_sync_total {}", status.syncs);
-    family(&mut o, "lb_sync_failures_total", "counter", "Applies in which some frontend failed to program.");
-    let _ = writeln!(o, "lb_sync_failures_total {}", status.sync_failures);
-    // Also under kube-proxy's names, so dashboards and alerts written for it keep working.
-    for (name, help) in [
-        ("lb_sync_duration_seconds", "Time to translate and apply one desired state."),
-        ("kubeproxy_sync_proxy_rules_duration_seconds", "kube-proxy's name for lb_sync_duration_seconds."),
-    ] {
-        family(&mut o, name, "histogram", help);
-        for (i, b) in SYNC_BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {}", status.sync_buckets[i]);
-        }
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", status.syncs);
-        let _ = writeln!(o, "{name}_sum {}", status.sync_duration_sum_s);
-        let _ = writeln!(o, "{name}_count {}", status.syncs);
-    }
-    for (name, help) in [
-        ("lb_last_sync_timestamp_seconds", "Unix time of the last apply."),
-        ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "kube-proxy's name for lb_last_sync_timestamp_seconds."),
-    ] {
-        family(&mut o, name, "gauge", help);
-        let _ = writeln!(o, "{name} {}", status.last_sync_unix_s);
-    }
-    let histogram = |o: &mut String, name: &str, help: &str, h: &Histogram| {
-        family(o, name, "histogram", help);
-        let mut cumulative = 0;
-        for (b, c) in h.bounds.iter().zip(&h.counts) {
-            cumulative += c;
-            let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(o, "{name}_sum {}", h.sum);
-        let _ = writeln!(o, "{name}_count {}", h.count);
-    };
-    histogram(
-        &mut o,
-        "kubeproxy_sync_full_proxy_rules_duration_seconds",
-        "Syncs that compared every frontend (start, resync).",
-        &status.full_syncs,
-    );
-    histogram(
-        &mut o,
-        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-        "Syncs of the changed Services only.",
-        &status.partial_syncs,
-    );
-    histogram(
-        &mut o,
-        "kubeproxy_network_programming_duration_seconds",
-        "From an endpoint change (its slice's last-change-trigger-time) to the datapath serving it.",
-        &status.network_programming,
-    );
-    family(
-        &mut o,
-        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-        "gauge",
-        "Unix time of the last change received.",
-    );
-    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds {}", status.last_queued_unix_s);
-    family(
-        &mut o,
-        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
-        "gauge",
-        "EndpointSlice changes received and not applied yet.",
-    );
-    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_endpoint_changes_pending {}", status.endpoint_changes_pending);
-    family(&mut o, "kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter", "EndpointSlice changes received.");
-    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_endpoint_changes_total {}", status.endpoint_changes_total);
-    family(
-        &mut o,
-        "kubeproxy_sync_proxy_rules_service_changes_pending",
-        "gauge",
-        "Service changes received and not applied yet.",
-    );
-    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_service_changes_pending {}", status.service_changes_pending);
-    family(&mut o, "kubeproxy_sync_proxy_rules_service_changes_total", "counter", "Service changes received.");
-    let _ = writeln!(o, "kubeproxy_sync_proxy_rules_service_changes_total {}", status.service_changes_total);
-    family(
-        &mut o,
-        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-        "gauge",
-        "Service ports with a Local traffic policy and no endpoint on this node.",
-    );
-    let _ = writeln!(
-        o,
-        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}",
-        status.no_local_endpoints.0
-    );
-    let _ = writeln!(
-        o,
-        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"external\"}} {}",
-        status.no_local_endpoints.1
-    );
-    for (name, path) in [("kubeproxy_proxy_healthz_total", "/healthz"), ("kubeproxy_proxy_livez_total", "/livez")] {
-        family(&mut o, name, "counter", &format!("{path} answers by code."));
-        for code in [200, 503] {
-            let n = status.healthz_answers.get(&(path, code)).copied().unwrap_or(0);
-            let _ = writeln!(o, "{name}{{code=\"{code}\"}} {n}");
-        }
-    }
-    process_metrics(&mut o);
-    family(&mut o, "lb_programmed_frontends", "gauge", "Service frontends (address, port, protocol) programmed.");
-    let _ = writeln!(o, "lb_programmed_frontends {}", status.programmed_frontends);
-    family(&mut o, "lb_programmed_endpoints", "gauge", "Backends summed over programmed frontends.");
-    let _ = writeln!(o, "lb_programmed_endpoints {}", status.programmed_endpoints);
-    family(&mut o, "lb_rejected_objects", "gauge", "Services and EndpointSlices left out as invalid.");
-    let _ = writeln!(o, "lb_rejected_objects {}", status.rejected_objects);
-    family(&mut o, "lb_stale_udp_flows_removed_total", "counter", "UDP flows removed because their backend left.");
-    let _ = writeln!(
-        o,
-        "lb_stale_udp_flows_removed_total {}",
-        status.stale_udp_flows_removed.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    family(
-        &mut o,
-        "lb_stale_udp_sockets_closed_total",
-        "counter",
-        "The node's own connected UDP sockets aborted because their backend left.",
-    );
-    let _ = writeln!(o, "lb_stale_udp_sockets_closed_total {}", status.stale_udp_sockets_closed);
-    if let Some(w) = watch {
-        use std::sync::atomic::Ordering::Relaxed;
-        family(&mut o, "lb_watch_events_total", "counter", "Events received from the API server.");
-        let _ = writeln!(o, "lb_watch_events_total {}", w.events.load(Relaxed));
-        family(&mut o, "lb_watch_errors_total", "counter", "Failed watch or list requests (retried).");
-        let _ = writeln!(o, "lb_watch_errors_total {}", w.errors.load(Relaxed));
-        family(&mut o, "lb_watch_relists_total", "counter", "Full lists completed (start, 410 Gone, reconnect).");
-        let _ = writeln!(o, "lb_watch_relists_total {}", w.relists.load(Relaxed));
-    }
-    let Some(maps) = maps else { return o };
+/// What the datapath's maps said at one scrape.
+#[derive(Debug, Default)]
+struct Datapath {
+    /// (hook, verdict, packets).
+    packets: Vec<(&'static str, &'static str, u64)>,
+    rejects: u64,
+    /// (reason, packets).
+    drops: Vec<(&'static str, u64)>,
+    /// Entries of the assured table and of the new-flow table.
+    conntrack: usize,
+    conntrack_new: usize,
+    affinity: usize,
+    /// (service, frontend, packets, bytes), with `--metrics-per-frontend` only.
+    frontends: Vec<(String, String, u64, u64)>,
+}
 
-    family(&mut o, "lb_packets_total", "counter", "Datapath verdicts by hook (tc, xdp, sock) and verdict.");
+/// Reads the datapath's counters (blocking syscalls: run off the async runtime).
+fn read_datapath(maps: &Maps, cache: &mut CountCache, per_frontend: bool) -> Datapath {
+    let mut d = Datapath::default();
     let sum = |idx: u32| -> u64 { maps.stats.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-    for (hook, hook_name) in ["tc", "xdp", "sock"].iter().enumerate() {
+    for (hook, hook_name) in ["tc", "xdp", "sock"].into_iter().enumerate() {
         for c in Counter::ALL {
-            let _ = writeln!(
-                o,
-                "lb_packets_total{{hook=\"{hook_name}\",verdict=\"{}\"}} {}",
-                c.name(),
-                sum(hook as u32 * COUNTER_MAX + c as u32)
-            );
+            d.packets.push((hook_name, c.name(), sum(hook as u32 * COUNTER_MAX + c as u32)));
         }
     }
-    family(&mut o, "lb_no_endpoint_rejects_total", "counter", "New flows to a Service without endpoints, refused.");
-    let rejects: u64 = (0..3).map(|h| sum(h * COUNTER_MAX + Counter::RejectNoBackend as u32)).sum();
-    let _ = writeln!(o, "lb_no_endpoint_rejects_total {rejects}");
-    family(&mut o, "lb_drops_total", "counter", "Packets dropped by the datapath, by reason.");
+    d.rejects = (0..3).map(|h| sum(h * COUNTER_MAX + Counter::RejectNoBackend as u32)).sum();
     for c in Counter::ALL.iter().filter(|c| c.name().starts_with("drop_")) {
-        let n: u64 = (0..3).map(|h| sum(h * COUNTER_MAX + *c as u32)).sum();
-        let _ = writeln!(o, "lb_drops_total{{reason=\"{}\"}} {n}", &c.name()["drop_".len()..]);
+        d.drops.push((&c.name()["drop_".len()..], (0..3).map(|h| sum(h * COUNTER_MAX + *c as u32)).sum()));
     }
-
     if cache.at.is_none_or(|t| t.elapsed() > cache.cost * 20) {
         let started = Instant::now();
         cache.conntrack = maps.conntrack.keys().filter(Result::is_ok).count();
@@ -384,61 +249,310 @@ fn render(
         cache.cost = started.elapsed();
         cache.at = Some(Instant::now());
     }
-    family(&mut o, "lb_conntrack_entries", "gauge", "Conntrack entries in use, both tables (two per flow).");
-    let _ = writeln!(o, "lb_conntrack_entries {}", cache.conntrack + cache.conntrack_new);
-    family(&mut o, "lb_conntrack_assured_entries", "gauge", "Entries of live connections (the assured table).");
-    let _ = writeln!(o, "lb_conntrack_assured_entries {}", cache.conntrack);
-    family(
-        &mut o,
-        "lb_conntrack_capacity",
-        "gauge",
-        "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
-    );
-    let _ = writeln!(o, "lb_conntrack_capacity {}", status.conntrack_capacity);
-    family(
-        &mut o,
-        "lb_conntrack_collected_total",
-        "counter",
-        "Assured flows removed after idling past their lifetime.",
-    );
-    let _ = writeln!(
-        o,
-        "lb_conntrack_collected_total {}",
-        status.conntrack_collected.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    family(&mut o, "lb_affinity_entries", "gauge", "Session affinity pins in use.");
-    let _ = writeln!(o, "lb_affinity_entries {}", cache.affinity);
-    family(&mut o, "lb_affinity_capacity", "gauge", "Session affinity map capacity (LRU).");
-    let _ = writeln!(o, "lb_affinity_capacity {}", status.affinity_capacity);
-
-    if !per_frontend {
-        return o;
-    }
-    // Per frontend: id -> (frontend, service name).
-    let names: BTreeMap<u32, String> =
-        maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
-    let mut rows: Vec<(String, String, u64, u64)> = Vec::new();
-    for (k, v) in maps.services.iter().filter_map(Result::ok) {
-        let frontend = frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_default();
-        let (mut packets, mut bytes) = (0, 0);
-        if let Ok(per_cpu) = maps.service_stats.get(&v.id, 0) {
-            for s in per_cpu.iter() {
-                packets += s.packets;
-                bytes += s.bytes;
+    (d.conntrack, d.conntrack_new, d.affinity) = (cache.conntrack, cache.conntrack_new, cache.affinity);
+    if per_frontend {
+        let names: BTreeMap<u32, String> =
+            maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
+        for (k, v) in maps.services.iter().filter_map(Result::ok) {
+            let frontend = frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_default();
+            let (mut packets, mut bytes) = (0, 0);
+            if let Ok(per_cpu) = maps.service_stats.get(&v.id, 0) {
+                for s in per_cpu.iter() {
+                    packets += s.packets;
+                    bytes += s.bytes;
+                }
             }
+            d.frontends.push((names.get(&v.id).cloned().unwrap_or_default(), frontend, packets, bytes));
         }
-        rows.push((names.get(&v.id).cloned().unwrap_or_default(), frontend, packets, bytes));
+        d.frontends.sort();
     }
-    rows.sort();
-    family(&mut o, "lb_service_packets_total", "counter", "Packets clients sent to a Service frontend.");
-    for (svc, fe, p, _) in &rows {
-        let _ = writeln!(o, "lb_service_packets_total{{service=\"{}\",frontend=\"{}\"}} {p}", escape(svc), escape(fe));
+    d
+}
+
+/// kube-proxy's process metrics (what Prometheus' process collector reports), from /proc.
+#[derive(Debug, Default)]
+struct Process {
+    cpu_seconds: f64,
+    resident_bytes: f64,
+    virtual_bytes: f64,
+    start_time_seconds: f64,
+    open_fds: f64,
+    max_fds: f64,
+}
+
+fn read_process() -> Option<Process> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let conf = |v| nix::unistd::sysconf(v).ok().flatten().map_or(1.0, |n| n as f64);
+    let (ticks, page) = (conf(nix::unistd::SysconfVar::CLK_TCK), conf(nix::unistd::SysconfVar::PAGE_SIZE));
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0.0);
+    Some(Process {
+        cpu_seconds: (num(14) + num(15)) / ticks,
+        resident_bytes: num(24) * page,
+        virtual_bytes: num(23),
+        start_time_seconds: boot + num(22) / ticks,
+        open_fds: std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0) as f64,
+        max_fds,
+    })
+}
+
+/// Everything one scrape reports, read first (status copied, maps walked), then encoded.
+#[derive(Debug)]
+struct Scrape {
+    status: AgentStatus,
+    /// (events, errors, relists) of the API watches.
+    watch: Option<[u64; 3]>,
+    datapath: Option<Datapath>,
+    process: Option<Process>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn counters(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u64)]) -> std::fmt::Result {
+    let mut d = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(d.encode_family(labels)?)?;
     }
-    family(&mut o, "lb_service_bytes_total", "counter", "Bytes clients sent to a Service frontend.");
-    for (svc, fe, _, b) in &rows {
-        let _ = writeln!(o, "lb_service_bytes_total{{service=\"{}\",frontend=\"{}\"}} {b}", escape(svc), escape(fe));
+    Ok(())
+}
+
+fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
+    let mut buckets: Vec<(f64, u64)> = h.bounds.iter().copied().zip(h.counts.iter().copied()).collect();
+    // The last bucket is +Inf (the encoder's name for f64::MAX).
+    buckets.push((f64::MAX, h.count - h.counts.iter().sum::<u64>()));
+    e.encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets, None)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let st = &self.status;
+        counter(&mut e, "lb_sync", "Syncs of the desired state to the maps.", st.syncs)?;
+        counter(&mut e, "lb_sync_failures", "Syncs in which some frontend failed to program.", st.sync_failures)?;
+        // Also under kube-proxy's names, so dashboards and alerts written for it keep working.
+        let mut all = Histogram::new(SYNC_BUCKETS.to_vec());
+        for (i, c) in st.sync_buckets.iter().enumerate() {
+            // `sync_buckets` are cumulative.
+            all.counts[i] = c - if i > 0 { st.sync_buckets[i - 1] } else { 0 };
+        }
+        (all.sum, all.count) = (st.sync_duration_sum_s, st.syncs);
+        histogram(&mut e, "lb_sync_duration_seconds", "Time to translate and apply one sync.", &all)?;
+        histogram(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "kube-proxy's name for lb_sync_duration_seconds.",
+            &all,
+        )?;
+        histogram(
+            &mut e,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "Syncs that compared every frontend (start, resync).",
+            &st.full_syncs,
+        )?;
+        histogram(
+            &mut e,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "Syncs of the changed Services only.",
+            &st.partial_syncs,
+        )?;
+        histogram(
+            &mut e,
+            "kubeproxy_network_programming_duration_seconds",
+            "From an endpoint change (its slice's last-change-trigger-time) to the datapath serving it.",
+            &st.network_programming,
+        )?;
+        gauge(&mut e, "lb_last_sync_timestamp_seconds", "Unix time of the last sync.", st.last_sync_unix_s)?;
+        gauge(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kube-proxy's name for lb_last_sync_timestamp_seconds.",
+            st.last_sync_unix_s,
+        )?;
+        gauge(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "Unix time of the last change received.",
+            st.last_queued_unix_s,
+        )?;
+        gauge(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "EndpointSlice changes received and not applied yet.",
+            st.endpoint_changes_pending as f64,
+        )?;
+        counter(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "EndpointSlice changes received.",
+            st.endpoint_changes_total,
+        )?;
+        gauge(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Service changes received and not applied yet.",
+            st.service_changes_pending as f64,
+        )?;
+        counter(
+            &mut e,
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Service changes received.",
+            st.service_changes_total,
+        )?;
+        let mut d = e.encode_descriptor(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no endpoint on this node.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (policy, n) in [("internal", st.no_local_endpoints.0), ("external", st.no_local_endpoints.1)] {
+            let labels: Labels = vec![("traffic_policy", policy.to_string())];
+            ConstGauge::new(n as f64).encode(d.encode_family(&labels)?)?;
+        }
+        for (name, path) in [("kubeproxy_proxy_healthz", "/healthz"), ("kubeproxy_proxy_livez", "/livez")] {
+            let rows: Vec<(Labels, u64)> = [200, 503]
+                .into_iter()
+                .map(|code| {
+                    (vec![("code", code.to_string())], st.healthz_answers.get(&(path, code)).copied().unwrap_or(0))
+                })
+                .collect();
+            counters(&mut e, name, &format!("{path} answers by code."), &rows)?;
+        }
+        gauge(
+            &mut e,
+            "lb_programmed_frontends",
+            "Service frontends (address, port, protocol) programmed.",
+            st.programmed_frontends as f64,
+        )?;
+        gauge(
+            &mut e,
+            "lb_programmed_endpoints",
+            "Backends summed over programmed frontends.",
+            st.programmed_endpoints as f64,
+        )?;
+        gauge(
+            &mut e,
+            "lb_rejected_objects",
+            "Services left out as a whole (invalid, or a frontend another one holds).",
+            st.rejected_objects as f64,
+        )?;
+        let removed = st.stale_udp_flows_removed.load(std::sync::atomic::Ordering::Relaxed);
+        counter(&mut e, "lb_stale_udp_flows_removed", "UDP flows removed because their backend left.", removed)?;
+        counter(
+            &mut e,
+            "lb_stale_udp_sockets_closed",
+            "The node's own connected UDP sockets aborted because their backend left.",
+            st.stale_udp_sockets_closed,
+        )?;
+        if let Some([events, errors, relists]) = self.watch {
+            counter(&mut e, "lb_watch_events", "Events received from the API server.", events)?;
+            counter(&mut e, "lb_watch_errors", "Failed watch or list requests (retried).", errors)?;
+            counter(&mut e, "lb_watch_relists", "Full lists completed (start, 410 Gone, reconnect).", relists)?;
+        }
+        if let Some(p) = &self.process {
+            ConstCounter::new(p.cpu_seconds).encode(e.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, seconds.",
+                None,
+                MetricType::Counter,
+            )?)?;
+            gauge(&mut e, "process_resident_memory_bytes", "Resident memory size, bytes.", p.resident_bytes)?;
+            gauge(&mut e, "process_virtual_memory_bytes", "Virtual memory size, bytes.", p.virtual_bytes)?;
+            gauge(
+                &mut e,
+                "process_start_time_seconds",
+                "Start time since the Unix epoch, seconds.",
+                p.start_time_seconds,
+            )?;
+            gauge(&mut e, "process_open_fds", "Open file descriptors.", p.open_fds)?;
+            gauge(&mut e, "process_max_fds", "Maximum number of open file descriptors.", p.max_fds)?;
+        }
+        let Some(dp) = &self.datapath else { return Ok(()) };
+        let rows: Vec<(Labels, u64)> = dp
+            .packets
+            .iter()
+            .map(|(h, v, n)| (vec![("hook", h.to_string()), ("verdict", v.to_string())], *n))
+            .collect();
+        counters(&mut e, "lb_packets", "Datapath verdicts by hook (tc, xdp, sock) and verdict.", &rows)?;
+        counter(&mut e, "lb_no_endpoint_rejects", "New flows to a Service without endpoints, refused.", dp.rejects)?;
+        let rows: Vec<(Labels, u64)> = dp.drops.iter().map(|(r, n)| (vec![("reason", r.to_string())], *n)).collect();
+        counters(&mut e, "lb_drops", "Packets dropped by the datapath, by reason.", &rows)?;
+        gauge(
+            &mut e,
+            "lb_conntrack_entries",
+            "Conntrack entries in use, both tables (two per flow).",
+            (dp.conntrack + dp.conntrack_new) as f64,
+        )?;
+        gauge(
+            &mut e,
+            "lb_conntrack_assured_entries",
+            "Entries of live connections (the assured table).",
+            dp.conntrack as f64,
+        )?;
+        gauge(
+            &mut e,
+            "lb_conntrack_capacity",
+            "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
+            st.conntrack_capacity as f64,
+        )?;
+        counter(
+            &mut e,
+            "lb_conntrack_collected",
+            "Assured flows removed after idling past their lifetime.",
+            st.conntrack_collected.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        gauge(&mut e, "lb_affinity_entries", "Session affinity pins in use.", dp.affinity as f64)?;
+        gauge(&mut e, "lb_affinity_capacity", "Session affinity map capacity (LRU).", st.affinity_capacity as f64)?;
+        if !dp.frontends.is_empty() {
+            let label = |s: &str, f: &str| -> Labels { vec![("service", s.to_string()), ("frontend", f.to_string())] };
+            let packets: Vec<(Labels, u64)> = dp.frontends.iter().map(|(s, f, p, _)| (label(s, f), *p)).collect();
+            counters(&mut e, "lb_service_packets", "Packets clients sent to a Service frontend.", &packets)?;
+            let bytes: Vec<(Labels, u64)> = dp.frontends.iter().map(|(s, f, _, b)| (label(s, f), *b)).collect();
+            counters(&mut e, "lb_service_bytes", "Bytes clients sent to a Service frontend.", &bytes)?;
+        }
+        Ok(())
     }
-    o
+}
+
+/// Renders the Prometheus text exposition (prometheus-client's encoder).
+fn render(
+    status: &AgentStatus,
+    maps: Option<&Maps>,
+    watch: Option<&WatchStats>,
+    cache: &mut CountCache,
+    per_frontend: bool,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let scrape = Scrape {
+        status: status.clone(),
+        watch: watch.map(|w| [w.events.load(Relaxed), w.errors.load(Relaxed), w.relists.load(Relaxed)]),
+        datapath: maps.map(|m| read_datapath(m, cache, per_frontend)),
+        process: read_process(),
+    };
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(scrape));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
 }
 
 /// `/healthz`, as kube-proxy's: 503 while no complete state is programmed and attached, when a
@@ -562,49 +676,6 @@ pub async fn serve(addr: SocketAddr, ctx: Arc<MetricsContext>) -> Result<tokio::
             tracing::warn!(%addr, error = %e, "metrics server stopped");
         }
     }))
-}
-
-/// kube-proxy's process metrics (what Prometheus' process collector reports), from /proc.
-fn process_metrics(o: &mut String) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
-    // Fields after the command (which may hold spaces), from field 3 on.
-    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf reads a constant.
-    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as f64) };
-    let boot = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()))
-        .unwrap_or(0.0);
-    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
-    let max_fds = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<f64>().ok()
-        })
-        .unwrap_or(0.0);
-    let gauge = |o: &mut String, name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    gauge(
-        o,
-        "process_cpu_seconds_total",
-        "counter",
-        "User and system CPU time spent, seconds.",
-        (num(14) + num(15)) / ticks,
-    );
-    gauge(o, "process_resident_memory_bytes", "gauge", "Resident memory size, bytes.", num(24) * page);
-    gauge(o, "process_virtual_memory_bytes", "gauge", "Virtual memory size, bytes.", num(23));
-    gauge(
-        o,
-        "process_start_time_seconds",
-        "gauge",
-        "Start time since the Unix epoch, seconds.",
-        boot + num(22) / ticks,
-    );
-    gauge(o, "process_open_fds", "gauge", "Open file descriptors.", fds as f64);
-    gauge(o, "process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds);
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
+
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SockDiagError {
@@ -81,36 +82,25 @@ fn request(msg_type: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     b
 }
 
-fn open() -> Result<OwnedFd, SockDiagError> {
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(SockDiagError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open() -> Result<Socket, SockDiagError> {
+    let s = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
+    s.connect(&SocketAddr::new(0, 0)).map_err(SockDiagError::Socket)?;
+    Ok(s)
 }
 
-fn send(fd: &OwnedFd, msg: &[u8], what: &'static str) -> Result<(), SockDiagError> {
-    // SAFETY: msg is a valid buffer for its length; the kernel is the default destination.
-    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 {
-        return Err(SockDiagError::Io { what, source: io::Error::last_os_error() });
-    }
+fn send(fd: &Socket, msg: &[u8], what: &'static str) -> Result<(), SockDiagError> {
+    fd.send(msg, 0).map_err(|source| SockDiagError::Io { what, source })?;
     Ok(())
 }
 
 /// Reads netlink messages until DONE or an error/ack, handing each payload of `want_type`
 /// to `each`. Returns the errno of an NLMSG_ERROR (0 for an ack).
-fn receive(fd: &OwnedFd, what: &'static str, mut each: impl FnMut(&[u8])) -> Result<i32, SockDiagError> {
-    let mut buf = vec![0u8; 64 * 1024];
+fn receive(fd: &Socket, what: &'static str, mut each: impl FnMut(&[u8])) -> Result<i32, SockDiagError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
-        // SAFETY: buf is a valid writable buffer for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(SockDiagError::Io { what, source: io::Error::last_os_error() });
-        }
-        let mut msgs = &buf[..n as usize];
+        buf.clear();
+        let n = fd.recv(&mut buf, 0).map_err(|source| SockDiagError::Io { what, source })?;
+        let mut msgs = &buf[..n];
         while msgs.len() >= NLMSG_HDR {
             let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
             let typ = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
@@ -186,6 +176,7 @@ mod tests {
 
     #[test]
     fn a_connected_socket_of_this_process_is_listed_with_its_cookie() {
+        use std::os::fd::AsRawFd as _;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(std::env::var("CI").as_deref() != Ok("true"), "SOCK_DESTROY needs root; CI runs as root");

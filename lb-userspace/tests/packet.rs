@@ -716,7 +716,9 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
         return;
     }
     let sizes = MapSizes { services: 4, ..MapSizes::default() };
-    let mut h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    // Per-frontend counting is what this test reads; it is off by default (a flag).
+    let mut h =
+        Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, count_per_frontend: true, ..Config::default() });
     // Every frontend replaced by another in one apply.
     h.apply(&lab_yaml(&BACKENDS).replace("10.96.0.10", "10.96.0.30").replace("10.96.0.20", "10.96.0.40"));
     let ids: BTreeSet<u32> = h.dp.maps().services.iter().filter_map(Result::ok).map(|(_, v)| v.id).collect();
@@ -1076,6 +1078,33 @@ fn local_policy_without_local_endpoint_drops_and_no_endpoints_is_refused_by_tc()
     let (verdict, out) = h.run(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_port_unreachable(&out, &syn, 20);
+}
+
+/// kube-proxy's short-circuit: an `externalTrafficPolicy: Local` Service keeps only traffic
+/// from outside on this node's endpoints; the cluster's own sources (pod CIDRs, the node) get
+/// every endpoint in the cluster.
+#[test]
+fn a_local_policy_external_frontend_serves_the_clusters_own_sources_cluster_wide() {
+    if !privileged() {
+        return;
+    }
+    let (mut h, _ns) = edge();
+    h.dp.set_local_sources(&["10.244.1.0/24".parse().unwrap()]).unwrap();
+    let pod = Ipv4Addr::new(10, 244, 1, 5);
+    // np-policy-local's only endpoint is on the other node.
+    let (verdict, out) = h.run(&frame((pod, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_OK, "a pod of this node is the cluster's own");
+    let p = parse_checked(&out);
+    assert_eq!(p.dst, (REMOTE_POD.parse().unwrap(), 80));
+    assert_eq!(p.src, (pod, 40000), "no SNAT for the cluster's own");
+    // From outside: local endpoints only, and there are none here.
+    let (verdict, _) = h.run(&frame((EXTERNAL_CLIENT, 40000), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Counter::DropNoLocalBackend), 1);
+    // Once not the cluster's any more, the pod is outside too.
+    h.dp.set_local_sources(&[]).unwrap();
+    let (verdict, _) = h.run(&frame((pod, 40001), (NODE_IP, 30082), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_SHOT);
 }
 
 #[test]

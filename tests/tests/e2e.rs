@@ -454,3 +454,45 @@ fn node_processes_reach_cluster_ips_over_tcp_and_udp() -> Result<()> {
     }));
     Ok(())
 }
+
+/// A frontend that failed to program (a full services map) is retried with back-off, not
+/// left until an unrelated change touches it: once another Service frees a slot, it serves.
+#[test]
+fn a_frontend_that_did_not_fit_is_retried_when_room_appears() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let node = lab.add_node("node1", 1)?;
+    let mut web = Vec::new();
+    for (i, name) in POD_NAMES.iter().enumerate() {
+        let pod = lab.add_pod(&node, name, 11 + i as u8)?;
+        lab.serve(&pod, &[80], &[9000], &[5353])?;
+        web.push(pod);
+    }
+    let client = lab.add_pod(&node, "busybox", 100)?;
+    let all: Vec<(&Pod, bool)> = web.iter().map(|p| (p, true)).collect();
+    let lab_yaml = lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS);
+    let one = |name: &str, ip: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n", web[0].ip)
+    };
+    // Room for four frontends: the lab's three and a filler.
+    lab.write_manifests(&node, &(lab_yaml.clone() + &one("filler", "10.96.9.1")))?;
+    lab.start_agent(&node, &["cbr0", "veth1", "veth2", "veth3", "veth4"], 4, &["--map-services", "4"])?;
+    let late: SocketAddr = "10.96.9.2:80".parse()?;
+    lab.write_manifests(&node, &(lab_yaml.clone() + &one("filler", "10.96.9.1") + &one("late", "10.96.9.2")))?;
+    assert!(
+        eventually(Duration::from_secs(5), || lab.agent_log(&node).contains("is full")),
+        "the fifth frontend does not fit:\n{}",
+        lab.agent_log(&node)
+    );
+    // The filler goes: only its frontend is in that change, so only the retry programs `late`.
+    lab.write_manifests(&node, &(lab_yaml + &one("late", "10.96.9.2")))?;
+    assert!(
+        eventually(Duration::from_secs(10), || http_get(&client.ns, late, "/").is_ok()),
+        "the frontend that did not fit serves once there is room:\n{}",
+        lab.agent_log(&node)
+    );
+    assert!(lab.agent_log(&node).contains("frontends that had failed are programmed now"));
+    Ok(())
+}

@@ -88,8 +88,9 @@ fn main() -> Result<()> {
             // The agent's API tests run against a real kube-apiserver.
             k8s::ensure()?;
             build()?;
-            // lb-ebpf only builds for the bpf target (through lb-userspace's build.rs).
-            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf"]).args(&args))
+            // The eBPF crates only build for the bpf target (through lb-userspace's and bench's
+            // build.rs).
+            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "bench-ebpf"]).args(&args))
         }
         Cmd::Kind => kind::kind(),
         Cmd::K8s => k8s::ensure().map(|dir| println!("{}", dir.display())),

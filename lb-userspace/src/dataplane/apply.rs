@@ -1,6 +1,6 @@
 //! Desired state written to the maps as a difference: only frontends that changed are touched,
-//! a new backend set is flipped in with one service entry update, and replaced slot
-//! generations wait out a grace period before they go.
+//! a new backend set is flipped in with one service entry update, and replaced Maglev tables
+//! wait out a grace period before they go.
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
     time::{Duration, Instant},

@@ -106,6 +106,36 @@ impl Dataplane {
         self.set_node_addresses(&want)
     }
 
+    /// Makes `LB_LOCAL_SOURCES` hold exactly `cidrs`: sources that are the cluster's own (its
+    /// pod CIDRs, this node's), which an `externalTrafficPolicy: Local` frontend serves from
+    /// cluster-wide endpoints.
+    pub fn set_local_sources(&mut self, cidrs: &[Cidr]) -> Result<()> {
+        use aya::maps::lpm_trie::Key;
+        let key = |c: &Cidr| {
+            Key::new(
+                32 + c.len as u32,
+                lb_common::LocalSourceData {
+                    family_be: (FAMILY_IPV4 as u32).to_be(),
+                    addr: [u32::from_ne_bytes(c.addr.octets()), 0, 0, 0],
+                },
+            )
+        };
+        let have: Vec<_> = self.maps.local_sources.keys().filter_map(|k| k.ok()).collect();
+        let want: Vec<_> = cidrs.iter().map(key).collect();
+        for k in have.iter().filter(|k| !want.iter().any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data()))
+        {
+            let _ = self.maps.local_sources.remove(k);
+        }
+        for (k, c) in want.iter().zip(cidrs) {
+            self.maps.local_sources.insert(k, 1, 0).map_err(insert_err(
+                self.sizes,
+                lb_common::MAP_LOCAL_SOURCES,
+                format!("cluster source {c}"),
+            ))?;
+        }
+        Ok(())
+    }
+
     /// Makes `LB_NODE_ADDRS` hold exactly `addrs`; returns what it holds.
     pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<Vec<Ipv4Addr>> {
         let mut want: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();

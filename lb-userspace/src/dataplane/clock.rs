@@ -58,7 +58,7 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
 }
 
 impl Clock {
-    /// Loads the program and measures HZ over about 50 ms.
+    /// Loads the program and measures HZ over about 200 ms.
     pub fn new() -> Result<Self, ClockError> {
         // r0 = bpf_jiffies64(); return r0 (an XDP test run returns its low 32 bits).
         let insns = [
@@ -80,16 +80,39 @@ impl Clock {
         // SAFETY: the kernel just gave us this descriptor.
         let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let mut clock = Self { prog: Some(prog), hz: 0 };
-        let (j0, t0) = (clock.jiffies()?, Instant::now());
-        std::thread::sleep(Duration::from_millis(50));
-        let (j1, t1) = (clock.jiffies()?, Instant::now());
-        let rate = j1.wrapping_sub(j0) as f64 / (t1 - t0).as_secs_f64();
-        // CONFIG_HZ is one of a few values; the measurement only has to tell them apart.
-        clock.hz = [100u32, 250, 300, 1000]
-            .into_iter()
-            .find(|hz| (rate - *hz as f64).abs() < *hz as f64 * 0.2)
-            .ok_or(ClockError::Hz(rate))?;
+        clock.hz = clock.measure_hz()?;
         Ok(clock)
+    }
+
+    /// CONFIG_HZ is one of a few values; the measurement only has to tell them apart. Each
+    /// reading is bracketed by two clock reads, so a reading the scheduler delayed (a busy
+    /// machine) widens its bracket instead of skewing the rate; a try whose brackets admit no
+    /// candidate, or more than one, is repeated.
+    fn measure_hz(&self) -> Result<u32, ClockError> {
+        let read = || -> Result<(Instant, u32, Instant), ClockError> {
+            let before = Instant::now();
+            let j = self.jiffies()?;
+            Ok((before, j, Instant::now()))
+        };
+        let mut last = 0.0;
+        for _ in 0..20 {
+            let (a0, j0, b0) = read()?;
+            std::thread::sleep(Duration::from_millis(200));
+            let (a1, j1, b1) = read()?;
+            let ticks = j1.wrapping_sub(j0) as f64;
+            // The true interval lies between these. The count may be off by a few ticks: a
+            // tick may be partly in or out at each end, and under NO_HZ a busy machine can
+            // update jiffies a few ticks late.
+            let (shortest, longest) = ((a1 - b0).as_secs_f64(), (b1 - a0).as_secs_f64());
+            let (low, high) = ((ticks - 4.0) / longest, (ticks + 4.0) / shortest.max(1e-6));
+            last = ticks / (a1 - a0).as_secs_f64();
+            let fits: Vec<u32> =
+                [100u32, 250, 300, 1000].into_iter().filter(|&hz| (low..=high).contains(&(hz as f64))).collect();
+            if let [hz] = fits[..] {
+                return Ok(hz);
+            }
+        }
+        Err(ClockError::Hz(last))
     }
 
     /// Conversions at a given HZ, without the kernel (`jiffies` fails).

@@ -62,6 +62,7 @@ impl Dataplane {
             .override_global("CT_REFRESH", &refresh, true)
             .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("NODE_IP", &node_ip, true)
+            .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_max_entries(MAP_SERVICES, sizes.services)

@@ -13,21 +13,14 @@ use lb_common::{
     SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
+pub use lb_common::SCOPE_FROM_CLUSTER;
+
 use super::{DataplaneError, MapSizes, Result};
 use crate::model::{Cidr, Endpoint, Frontend, Protocol, Scope, ServicePort};
 
 pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
-
-/// Scope bit of the entry pods and the node itself get at an external frontend of an
-/// `externalTrafficPolicy: Local` Service (kube-proxy's short-circuit to cluster-wide
-/// endpoints). The agent writes these entries; the datapath does not look them up yet: for a
-/// packet from a pod or from the node that matched an entry with `SVC_FLAG_EXTERNAL |
-/// SVC_FLAG_LOCAL_ONLY`, it is to look up the same key with this bit set and use that entry
-/// when present. Until then such traffic is served as outside traffic (local endpoints only).
-/// To move into lb-common with that datapath change.
-pub const SCOPE_FROM_CLUSTER: u8 = 0x80;
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
@@ -49,7 +42,10 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 /// ClusterIP keys; `flags` (the value's) tells them apart.
 pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
     let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
-    let primary = match (k.scope & !SCOPE_FROM_CLUSTER, flags & SVC_FLAG_EXTERNAL != 0) {
+    // A companion's entry is no external frontend of its own (no SNAT for the cluster's own
+    // sources), but its key is one's.
+    let companion = k.scope & SCOPE_FROM_CLUSTER != 0;
+    let primary = match (k.scope & !SCOPE_FROM_CLUSTER, flags & SVC_FLAG_EXTERNAL != 0 || companion) {
         (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
         (_, true) => Frontend::external(ip, port, protocol),
         (_, false) => Frontend::cluster_ip(ip, port, protocol),
@@ -159,6 +155,7 @@ pub struct Maps {
     pub sock_revnat: HashMap<MapData, lb_common::SockRevKey, lb_common::SockRevValue>,
     pub filter: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
+    pub local_sources: LpmTrie<MapData, lb_common::LocalSourceData, u8>,
     pub xdp_targets: HashMap<MapData, u32, u32>,
 }
 
@@ -189,6 +186,8 @@ impl Maps {
             sock_revnat: HashMap::try_from(take(ebpf, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             filter: Array::try_from(take(ebpf, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(take(ebpf, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            local_sources: LpmTrie::try_from(take(ebpf, lb_common::MAP_LOCAL_SOURCES)?)
+                .map_err(map_err(lb_common::MAP_LOCAL_SOURCES))?,
             xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
         })
@@ -216,6 +215,8 @@ impl Maps {
             sock_revnat: HashMap::try_from(open(pin_dir, MAP_SOCK_REVNAT)?).map_err(map_err(MAP_SOCK_REVNAT))?,
             filter: Array::try_from(open(pin_dir, MAP_FILTER)?).map_err(map_err(MAP_FILTER))?,
             source_ranges: LpmTrie::try_from(open(pin_dir, MAP_SOURCE_RANGES)?).map_err(map_err(MAP_SOURCE_RANGES))?,
+            local_sources: LpmTrie::try_from(open(pin_dir, lb_common::MAP_LOCAL_SOURCES)?)
+                .map_err(map_err(lb_common::MAP_LOCAL_SOURCES))?,
             xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
         })
@@ -236,6 +237,7 @@ impl MapSizes {
             lb_common::MAP_SERVICE_STATS => self.services + 1,
             MAP_NODE_ADDRS => lb_common::NODE_ADDRS_MAX_ENTRIES,
             MAP_SOURCE_RANGES => lb_common::SOURCE_RANGES_MAX_ENTRIES,
+            lb_common::MAP_LOCAL_SOURCES => lb_common::LOCAL_SOURCES_MAX_ENTRIES,
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
             MAP_FILTER => 2 * lb_common::FILTER_WORDS,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,

@@ -138,6 +138,9 @@ pub struct Config {
     /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
     /// (replies from other nodes would then bypass this one).
     pub node_ip: Option<Ipv4Addr>,
+    /// Count packets and bytes per frontend in the datapath (`LB_SERVICE_STATS`); off, the
+    /// established path skips that per-CPU array update.
+    pub count_per_frontend: bool,
 }
 
 /// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.

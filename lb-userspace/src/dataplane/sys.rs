@@ -1,7 +1,6 @@
 //! System calls the dataplane needs that aya does not make: bpffs, the network namespace's
-//! cookie, addresses and interfaces.
+//! cookie, addresses and interfaces (through nix, except `SO_NETNS_COOKIE`, which it lacks).
 use std::{
-    ffi::CStr,
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -10,51 +9,47 @@ use std::{
 use super::{DataplaneError, Result};
 
 /// statfs magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
+
 pub(super) fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs with a valid C string and a zeroed out-struct.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 pub(super) fn mount_bpffs(path: &Path) -> Result<()> {
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
-    // SAFETY: mount(2) with valid C strings.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(DataplaneError::Io {
-            what: "mounting bpffs at",
-            path: path.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(|e| {
+        DataplaneError::Io { what: "mounting bpffs at", path: path.to_owned(), source: std::io::Error::from(e) }
+    })
 }
 
-/// This network namespace's cookie (`SO_NETNS_COOKIE`, Linux 5.14).
+/// This network namespace's cookie (`SO_NETNS_COOKIE`, Linux 5.14; nix has no wrapper for it).
 pub(super) fn netns_cookie() -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
     let err =
         |source| DataplaneError::Io { what: "reading the cookie of", path: "this network namespace".into(), source };
-    // SAFETY: a throwaway socket queried with getsockopt into a u64, then closed.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        if fd < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        const SO_NETNS_COOKIE: libc::c_int = 71;
-        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut _, &mut len);
-        let e = std::io::Error::last_os_error();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(err(e));
-        }
-        Ok(cookie)
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err(std::io::Error::from(e)))?;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own, into a u64 of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
     }
+    Ok(cookie)
 }
 
 /// An error and all its causes on one line: aya's errors keep the OS error in `source()`.
@@ -76,54 +71,28 @@ pub fn local_ipv4_addresses() -> Result<Vec<Ipv4Addr>> {
 
 /// (interface, IPv4 address) pairs of the current network namespace.
 pub fn local_ipv4_by_interface() -> Result<Vec<(String, Ipv4Addr)>> {
-    let mut out = Vec::new();
-    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
-    unsafe {
-        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut head) != 0 {
-            return Err(DataplaneError::Io {
-                what: "listing addresses of",
-                path: PathBuf::from("this network namespace"),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let mut p = head;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                out.push((CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned(), ip));
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
-    Ok(out)
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| DataplaneError::Io {
+        what: "listing addresses of",
+        path: PathBuf::from("this network namespace"),
+        source: std::io::Error::from(e),
+    })?;
+    Ok(addrs
+        .filter_map(|a| {
+            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            Some((a.interface_name, ip))
+        })
+        .collect())
 }
 
 /// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which
 /// asks netlink, so it is right inside `ip netns exec` or `nsenter --net`).
 pub fn interfaces() -> Result<Vec<(String, u32)>> {
-    // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
-    unsafe {
-        let head = libc::if_nameindex();
-        if head.is_null() {
-            return Err(DataplaneError::Io {
-                what: "listing interfaces of",
-                path: PathBuf::from("this network namespace"),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let mut out = Vec::new();
-        let mut p = head;
-        while (*p).if_index != 0 {
-            out.push((CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(), (*p).if_index));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(head);
-        Ok(out)
-    }
+    let list = nix::net::if_::if_nameindex().map_err(|e| DataplaneError::Io {
+        what: "listing interfaces of",
+        path: PathBuf::from("this network namespace"),
+        source: std::io::Error::from(e),
+    })?;
+    Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
 }
 
 /// Removes everything an agent pinned: links (detaching the programs) and maps.

@@ -329,7 +329,10 @@ impl Translator {
     pub fn sync(&mut self) -> Changes {
         self.pending_service_changes = 0;
         self.pending_endpoint_changes = 0;
-        if std::mem::take(&mut self.all_dirty) {
+        // Most of everything changed (a first list, a relist after a long outage): one pass
+        // over all Services costs less than settling claims change by change.
+        let most = self.dirty.len() > 1_000 && self.dirty.len() * 2 > self.services.len();
+        if std::mem::take(&mut self.all_dirty) || most {
             self.dirty.clear();
             return self.rebuild();
         }

@@ -912,7 +912,7 @@ fn external_local_short_circuits_traffic_from_pods_and_the_node() {
         assert!(outside.local_only);
         let inside = &t.state.services[&f.from_cluster().unwrap()];
         assert_eq!(inside.backends, both, "{f}");
-        assert!(!inside.local_only && inside.external);
+        assert!(!inside.local_only && !inside.external, "no SNAT for the cluster's own sources");
         assert_eq!(inside.source_ranges, outside.source_ranges);
     }
     assert_eq!(t.state.services[&fe("10.96.8.20", 80, Protocol::Tcp)].backends, both);
@@ -1134,4 +1134,54 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
             );
         }
     }
+}
+
+/// Cost of a first sync and of one change at `n` Services (run by hand:
+/// `cargo test --release -p lb-userspace --lib translator_cost -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn translator_cost() {
+    let n: usize = std::env::var("LB_TRANSLATOR_N").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let svc = |i: usize| -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+            "spec": {"clusterIP": std::net::Ipv4Addr::from(0x0a60_0000u32 + i as u32).to_string(),
+                "ports": [{"name": "http", "port": 80}, {"name": "sink", "port": 9000}]}}))
+        .unwrap()
+    };
+    let slice = |i: usize| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": format!("svc-{i}-1"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": format!("svc-{i}")}}, "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80}, {"name": "sink", "port": 9000}],
+            "endpoints": [{"addresses": ["10.244.0.11"]}, {"addresses": ["10.244.0.12"]}, {"addresses": ["10.244.0.13"]}]}))
+        .unwrap()
+    };
+    let services: Vec<_> = (0..n).map(svc).collect();
+    let slices: Vec<_> = (0..n).map(slice).collect();
+    let mut t = Translator::new(NodeInfo::named("node-a"));
+    let started = std::time::Instant::now();
+    t.relist_services(services.iter());
+    t.relist_slices(slices.iter());
+    let recorded = started.elapsed();
+    let changes = t.sync();
+    println!(
+        "{n} Services: recorded in {recorded:?}, first sync {:?} ({} frontends)",
+        started.elapsed() - recorded,
+        changes.frontends.len()
+    );
+    let mut each: Vec<std::time::Duration> = (0..50)
+        .map(|i| {
+            let (s, sl) = (svc(n + i), slice(n + i));
+            let started = std::time::Instant::now();
+            t.upsert_service(&s);
+            t.upsert_slice(&sl);
+            let changes = t.sync();
+            assert_eq!(changes.frontends.len(), 2);
+            started.elapsed()
+        })
+        .collect();
+    each.sort();
+    println!("one more Service, 50 times: min {:?}, median {:?}, max {:?}", each[0], each[25], each[49]);
+    let started = std::time::Instant::now();
+    let full = translate(services.iter(), slices.iter(), &NodeInfo::named("node-a"));
+    println!("full translate: {:?} ({} frontends)", started.elapsed(), full.state.services.len());
 }

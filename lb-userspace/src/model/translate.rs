@@ -154,7 +154,10 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
         };
         // Under eTP Local, pods and the node itself still get every endpoint of the cluster
         // at the external frontends; only traffic from outside is kept local.
-        let from_cluster = spec.external_local.then_some(ServicePort { backends: all, external: true, ..base });
+        // kube-proxy's short-circuit sends the cluster's own sources to the cluster chain
+        // without masquerading them: pods reach pods anywhere, and replies come back through
+        // this node's conntrack. So the companion is no external frontend (no SNAT).
+        let from_cluster = spec.external_local.then_some(ServicePort { backends: all, external: false, ..base });
         let mut externals: Vec<(Frontend, ServicePort)> = Vec::new();
         if let Some(np) = port.node_port {
             externals.push((Frontend::node_port(np, port.protocol), external.clone()));

@@ -1,0 +1,13 @@
+use anyhow::Context as _;
+use aya_build::{Package, Toolchain};
+
+/// Builds the bench's own kernel programs (the warm wrappers and the minimal DNAT references,
+/// `bench-ebpf`) for the bpf target, the way lb-userspace's build.rs builds `lb-ebpf`; the object
+/// is embedded in `lb-bench`.
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let root_dir = std::path::Path::new(&manifest_dir).join("../bench-ebpf");
+    let root_dir = root_dir.canonicalize().with_context(|| format!("locating {}", root_dir.display()))?;
+    let root_dir = root_dir.to_str().context("bench-ebpf path is not UTF-8")?;
+    aya_build::build_ebpf([Package { name: "bench-ebpf", root_dir, ..Default::default() }], Toolchain::default())
+}
