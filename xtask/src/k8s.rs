@@ -22,9 +22,11 @@ pub fn target_dir() -> PathBuf {
     std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"))
 }
 
-/// Where the binaries go; the tests find them through `LB_K8S_BIN_DIR`.
+/// Where the binaries go: `$LB_K8S_BIN_DIR` when set (another checkout's binaries of the same
+/// release are reused, not rebuilt: 20 minutes and 5 GB a worktree), else `target/k8s/bin`. The
+/// tests find them through the same variable.
 pub fn bin_dir() -> PathBuf {
-    target_dir().join("k8s/bin")
+    std::env::var_os("LB_K8S_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| target_dir().join("k8s/bin"))
 }
 
 /// The version a `go.mod` requires `module` at.
@@ -63,6 +65,8 @@ pub fn ensure() -> Result<PathBuf> {
     let etcd = required_version(&module.join("etcd/go.mod"), "go.etcd.io/etcd/server/v3")?;
     let bin = bin_dir();
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    // The tests run in their crates' directories: a relative LB_K8S_BIN_DIR would point elsewhere.
+    let bin = bin.canonicalize().with_context(|| format!("resolving {}", bin.display()))?;
     let mut todo: Vec<&str> = Vec::new();
     for cmd in KUBE_COMMANDS {
         let args: &[&str] = if *cmd == "kubectl" { &["version", "--client"] } else { &["--version"] };
