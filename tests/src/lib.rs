@@ -25,6 +25,8 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod apiserver;
+pub mod control_plane;
+pub mod kubelet;
 pub mod packet;
 pub mod packet6;
 
