@@ -62,7 +62,7 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
     let frontends = state
         .services
         .iter()
-        .filter(|(f, _)| !f.is_from_cluster())
+        .filter(|(f, _)| !f.is_from_cluster() && f.ip.is_ipv4())
         .map(|(f, sp)| {
             let companion = f.from_cluster().and_then(|c| state.services.get(&c));
             Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
@@ -82,21 +82,29 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
     let node_addrs: Vec<Ipv4Addr> = world.node_addrs.clone();
     loaded.dp.set_node_addresses(&node_addrs)?;
     let (addr, len) = world::CLUSTER_CIDR;
-    loaded.dp.set_local_sources(&[Cidr { addr, len }])?;
+    loaded.dp.set_local_sources(&[Cidr { addr: addr.into(), len }])?;
     loaded.maps.xdp_targets.insert(ns.ifindex("ext0").map_err(|e| anyhow!(e))?, 1, 0)?;
     Ok((loaded, world))
+}
+
+/// The fuzz world is IPv4 (its YAML has no IPv6 address).
+fn v4(ip: std::net::IpAddr) -> Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("the fuzz world has no IPv6 address, got {a}"),
+    }
 }
 
 /// The model's view of one frontend the translation produced.
 fn frontend(f: &lb_userspace::model::Frontend, sp: &ServicePort) -> Frontend {
     Frontend {
-        ip: (f.scope != Scope::NodePort).then_some(f.ip),
+        ip: (f.scope != Scope::NodePort).then_some(v4(f.ip)),
         port: f.port,
         proto: f.protocol.number(),
-        backends: sp.backends.iter().map(|e| Backend { ip: e.ip, port: e.port, local: e.local }).collect(),
+        backends: sp.backends.iter().map(|e| Backend { ip: v4(e.ip), port: e.port, local: e.local }).collect(),
         external: sp.external,
         local_only: sp.local_only,
-        source_ranges: sp.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
+        source_ranges: sp.source_ranges.iter().map(|c| (v4(c.addr), c.len)).collect(),
         affinity: sp.affinity_timeout_s.is_some(),
         name: sp.name.clone(),
         from_cluster: None,
@@ -156,6 +164,7 @@ pub fn run(quick: bool) -> Result<String> {
     .join()
     .map_err(|_| anyhow!("the fuzz thread panicked"))??;
     report.coverage().map_err(|e| anyhow!("seed {}: {e}", report.seed))?;
+    report.fixed_bugs_absent().map_err(|e| anyhow!("seed {}: {e}", report.seed))?;
     let mut md = String::from("## 6. Fuzz (issue 11)\n\n");
     writeln!(
         md,

@@ -33,12 +33,15 @@ use lb_userspace::{
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
 
+mod real;
 mod warm;
 
 struct Opts {
     quick: bool,
     out: PathBuf,
-    /// Only these sections (`packet`, `warm`, `scale`, `e2e`, `api`, `yaml`, `verifier`); all when empty.
+    /// Only these sections (`packet`, `warm`, `scale`, `real`, `e2e`, `api`, `yaml`, `verifier`);
+    /// all when empty. With the Kubernetes binaries `real` (beside the real kube-proxy) takes the
+    /// place of `e2e` and of `api` below 100,000 Services.
     only: Vec<String>,
 }
 
@@ -54,9 +57,11 @@ fn main() -> Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            // The sections on the real control plane, e.g. after a change to them.
+            "--real-only" => opts.only = vec!["real".into(), "api".into()],
             "--out" => opts.out = PathBuf::from(args.next().context("--out DIR")?),
             "--only" => opts.only = args.next().context("--only SECTION,...")?.split(',').map(String::from).collect(),
-            other => bail!("unknown argument {other} (expected --quick, --out DIR, --only SECTION,...)"),
+            other => bail!("unknown argument {other} (expected --quick, --real-only, --out DIR, --only SECTION,...)"),
         }
     }
     let mut md = String::new();
@@ -73,6 +78,9 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
+    if opts.only.iter().any(|s| s == "real") && !real::available() {
+        bail!("section real needs the Kubernetes binaries: run `cargo xtask k8s` first");
+    }
 
     let mut svg = String::new();
     if opts.runs("packet") {
@@ -89,13 +97,30 @@ fn main() -> Result<()> {
         progress("2/5 cost at scale");
         md.push_str(&scale(&opts)?);
     }
-    if opts.runs("e2e") {
-        progress("3/5 real TCP through network namespaces");
-        md.push_str(&end_to_end(&opts)?);
-    }
-    if opts.runs("api") {
-        progress("4/5 control plane through the API server");
-        md.push_str(&api_control_plane(&opts)?);
+    if real::available() {
+        // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
+        if opts.runs("real") {
+            progress("3-4/5 beside the real kube-proxy, through a real control plane");
+            md.push_str(&real::run(opts.quick)?);
+        }
+        if opts.runs("api") && !opts.quick {
+            // 100,000 Services cannot be created through kube-apiserver in reasonable time here
+            // (see section 4).
+            progress("4b/5 100,000 Services through the test API server");
+            md.push_str(&api_control_plane(&opts, &[100_000])?);
+        }
+    } else {
+        // Without the Kubernetes binaries: kube-proxy-style iptables rules written here, and the
+        // test API server.
+        if opts.runs("e2e") {
+            progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
+            md.push_str(&end_to_end(&opts)?);
+        }
+        if opts.runs("api") {
+            progress("4/5 control plane through the test API server");
+            let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+            md.push_str(&api_control_plane(&opts, sizes)?);
+        }
     }
     if opts.runs("yaml") {
         progress("4/5 control plane from YAML files");
@@ -169,7 +194,7 @@ fn services(n: usize, affinity: bool) -> DesiredState {
         let count = 3 + (i * 7) % 8;
         let backends = (0..count)
             .map(|j| Endpoint {
-                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * 11 + j) as u32 % 60_000 + 2),
+                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i * 11 + j) as u32 % 60_000 + 2).into(),
                 port: 8080,
                 local: j == 0,
             })
@@ -279,7 +304,7 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
         Frontend::node_port(30080, Protocol::Tcp),
         ServicePort {
             name: "bench/np".into(),
-            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: true }],
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11).into(), port: 80, local: true }],
             external: true,
             ..Default::default()
         },
@@ -780,8 +805,7 @@ fn end_to_end(opts: &Opts) -> Result<String> {
 /// server, then one Service is created. Timed: agent start to serving every Service; the new
 /// Service's creation to its first accepted connection; and the agent's own time to translate
 /// and apply that one change (its log): only the changed Services are translated.
-fn api_control_plane(opts: &Opts) -> Result<String> {
-    let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+fn api_control_plane(_opts: &Opts, sizes: &[usize]) -> Result<String> {
     let mut md = String::from("## 4b. Control plane through the API server
 
 The agent against the test API server (`tests/src/apiserver.rs`, the real list/watch protocol) on one node, with `n` Services of two ports each over three pods. `sync` is the agent's own time for the change (`took_ms`): only the changed Services are translated and only their frontends written, as kube-proxy's change trackers do.

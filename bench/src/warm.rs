@@ -387,11 +387,11 @@ impl Session<'_> {
     }
 
     fn assured_entries(&self) -> u64 {
-        self.ct.assured.keys().filter(|k| k.is_ok()).count() as u64
+        self.ct.v4.assured.keys().filter(|k| k.is_ok()).count() as u64
     }
 
     fn new_entries(&self) -> u64 {
-        self.ct.new.keys().filter(|k| k.is_ok()).count() as u64
+        self.ct.v4.new.keys().filter(|k| k.is_ok()).count() as u64
     }
 
     fn tables(&self) -> String {
@@ -432,9 +432,9 @@ impl Session<'_> {
 
     /// Removes every entry of `LB_CT4_NEW`.
     fn clear_new(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.ct.new.keys().filter_map(Result::ok).collect();
+        let keys: Vec<_> = self.ct.v4.new.keys().filter_map(Result::ok).collect();
         for k in keys {
-            let _ = self.ct.new.remove(&k);
+            let _ = self.ct.v4.new.remove(&k);
         }
         Ok(())
     }
@@ -686,7 +686,7 @@ fn ifindex(name: &str) -> Result<u32> {
 fn state() -> DesiredState {
     let mut s = DesiredState::default();
     let backends = |base: u8, n: u8| -> Vec<Endpoint> {
-        (0..n).map(|j| Endpoint { ip: Ipv4Addr::new(10, 244, base, 2 + j), port: 8080, local: j == 0 }).collect()
+        (0..n).map(|j| Endpoint { ip: Ipv4Addr::new(10, 244, base, 2 + j).into(), port: 8080, local: j == 0 }).collect()
     };
     let cluster_ip = |(ip, port): (Ipv4Addr, u16)| Frontend::cluster_ip(ip, port, Protocol::Tcp);
     s.services.insert(
@@ -706,7 +706,7 @@ fn state() -> DesiredState {
         cluster_ip(FILL_VIP),
         ServicePort {
             name: "bench/fill".into(),
-            backends: vec![Endpoint { ip: FILL_BACKEND.0, port: FILL_BACKEND.1, local: true }],
+            backends: vec![Endpoint { ip: FILL_BACKEND.0.into(), port: FILL_BACKEND.1, local: true }],
             ..Default::default()
         },
     );
@@ -714,7 +714,7 @@ fn state() -> DesiredState {
         Frontend::node_port(NODE_PORT, Protocol::Tcp),
         ServicePort {
             name: "bench/edge".into(),
-            backends: vec![Endpoint { ip: REMOTE_POD.0, port: REMOTE_POD.1, local: false }],
+            backends: vec![Endpoint { ip: REMOTE_POD.0.into(), port: REMOTE_POD.1, local: false }],
             external: true,
             ..Default::default()
         },
@@ -848,7 +848,10 @@ fn measure(quick: bool) -> Result<String> {
     let vip_backends: Vec<(Ipv4Addr, u16)> = state().services[&Frontend::cluster_ip(VIP.0, VIP.1, Protocol::Tcp)]
         .backends
         .iter()
-        .map(|e| (e.ip, e.port))
+        .filter_map(|e| match e.ip {
+            std::net::IpAddr::V4(ip) => Some((ip, e.port)),
+            std::net::IpAddr::V6(_) => None,
+        })
         .collect();
     let mut new_full = BTreeMap::new();
     for level in [Level::Empty, Level::Half, Level::Full] {
@@ -899,7 +902,10 @@ fn measure(quick: bool) -> Result<String> {
         [&Frontend::cluster_ip(AFF_VIP.0, AFF_VIP.1, Protocol::Tcp)]
         .backends
         .iter()
-        .map(|e| (e.ip, e.port))
+        .filter_map(|e| match e.ip {
+            std::net::IpAddr::V4(ip) => Some((ip, e.port)),
+            std::net::IpAddr::V6(_) => None,
+        })
         .collect();
     for hook in hooks {
         let expect = fwd(hook);

@@ -119,7 +119,38 @@ pub const PROG_XDP: &str = "lb_xdp";
 pub const PROG_BENCH_EMPTY_XDP: &str = "lb_bench_empty_xdp";
 pub const PROG_BENCH_EMPTY_TC: &str = "lb_bench_empty_tc";
 /// Socket-level programs for the node's own processes: (program, cgroup attach point).
-pub const PROGS_SOCK: [&str; 4] = ["lb_sock_connect4", "lb_sock_sendmsg4", "lb_sock_recvmsg4", "lb_sock_getpeername4"];
+/// The IPv6 programs, reached by tail calls from the tc ones through `MAP_TAILS_TC` at these
+/// indices.
+pub const PROG_TC_INGRESS6: &str = "lb_tc_ingress6";
+pub const PROG_TC_EGRESS6: &str = "lb_tc_egress6";
+/// The IPv6 new-flow and ICMP-error stages, tail-called by the IPv6 programs.
+pub const PROG_TC_NEW6: &str = "lb_tc_new6";
+pub const PROG_TC_ICMP6: &str = "lb_tc_icmp6";
+pub const PROG_TC_FWD6: &str = "lb_tc_fwd6";
+pub const PROG_TC_REPLY6: &str = "lb_tc_reply6";
+
+pub const MAP_TAILS_TC: &str = "LB_TAILS_TC";
+pub const TAIL_TC_INGRESS6: u32 = 0;
+pub const TAIL_TC_EGRESS6: u32 = 1;
+pub const TAIL_TC_NEW6: u32 = 2;
+pub const TAIL_TC_ICMP6: u32 = 3;
+pub const TAIL_TC_FWD6: u32 = 4;
+pub const TAIL_TC_REPLY6: u32 = 5;
+/// XDP has no tail calls (lb-ebpf ctx.rs); its constants only fill `Packet`'s.
+pub const TAIL_XDP6: u32 = 0;
+pub const TAIL_XDP_NEW6: u32 = 0;
+pub const TAIL_XDP_ICMP6: u32 = 0;
+
+pub const PROGS_SOCK: [&str; 8] = [
+    "lb_sock_connect4",
+    "lb_sock_sendmsg4",
+    "lb_sock_recvmsg4",
+    "lb_sock_getpeername4",
+    "lb_sock_connect6",
+    "lb_sock_sendmsg6",
+    "lb_sock_recvmsg6",
+    "lb_sock_getpeername6",
+];
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 /// Interfaces (ifindex) whose driver transmits native XDP frames (`XDP_TX`, or the target of a
@@ -571,7 +602,7 @@ impl Default for ServiceName {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    /// Not IP (ARP, LLDP, ...): passed untouched.
     PassNotIp = 0,
     /// IPv4 but not to a service and not a reply of a tracked flow.
     PassNotService = 1,
@@ -625,13 +656,16 @@ pub enum Counter {
     /// A flow became assured but the assured conntrack table was full: it stays in the LRU
     /// table, where a flood of new flows can evict it. The agent's collection makes room.
     CtAssuredFull = 24,
+    /// An IPv6 packet whose extension header chain is longer than the parser walks
+    /// (`MAX_EXT_HEADERS`, four): passed untouched, never misparsed.
+    PassExtHeaders = 25,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
 pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 25;
+pub const COUNTER_MAX: u32 = 26;
 /// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
@@ -663,6 +697,7 @@ impl Counter {
         Counter::IcmpTranslated,
         Counter::DropTtlExpired,
         Counter::CtAssuredFull,
+        Counter::PassExtHeaders,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -692,6 +727,7 @@ impl Counter {
             Counter::IcmpTranslated => "icmp_translated",
             Counter::DropTtlExpired => "drop_ttl_expired",
             Counter::CtAssuredFull => "ct_assured_full",
+            Counter::PassExtHeaders => "pass_ext_headers",
         }
     }
 }

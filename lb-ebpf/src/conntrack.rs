@@ -16,16 +16,13 @@
 //! per refresh interval, so an established flow costs one lookup and no write per packet.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_loop};
 use lb_common::{
-    ct_assured, ct_peer, tcp_step, Counter, CtKey4, CtStep, CtValue4, CT_CLOSE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT, CT_LAST_ACK, CT_NONE, CT_STATES,
-    CT_TIME_WAIT, CT_UDP, CT_ESTABLISHED, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ct_assured, ct_peer, tcp_step, Counter, CtKey, CtStep, CtValue, CT_CLOSE, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT, CT_LAST_ACK,
+    CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 
-use crate::{
-    maps::{LB_CT4, LB_CT4_NEW},
-    parse::Flow,
-    stats::count,
-};
+use crate::{addr::Addr, parse::Flow, stats::count};
 
 /// Lifetime of each state in jiffies, indexed by state; the agent writes them at load time
 /// from its flags and the kernel's HZ. Placeholders for HZ=1000 until then.
@@ -71,26 +68,26 @@ pub fn now() -> u32 {
 /// Whether an entry is idle past its state's lifetime. An entry another CPU refreshed after
 /// this one read the clock is fresh: wrapping, its age would read as 2^32 jiffies.
 #[inline(always)]
-fn expired(e: &CtValue4, now: u32) -> bool {
+fn expired<A: Addr>(e: &CtValue<A>, now: u32) -> bool {
     let idle = now.wrapping_sub(e.last_seen);
     (idle as i32) >= 0 && idle > timeout(e.state)
 }
 
 #[inline(always)]
-pub fn key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey4 {
-    CtKey4 { src, dst, sport, dport, proto, dir, _pad: 0 }
+pub fn key<A: Addr>(src: A, dst: A, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey<A> {
+    CtKey::<A> { src, dst, sport, dport, proto, dir, _pad: 0 }
 }
 
 /// Where a flow goes: the backend, and the source it is given if it is SNATed. Plain fields,
 /// no `Option`: LLVM spills the uninitialised payload of a `None`, which the verifier refuses
 /// ("!read_ok").
-#[derive(Clone, Copy)]
-pub struct Translation {
-    pub backend_addr: u32,
+#[derive(Clone, Copy, Default)]
+pub struct Translation<A> {
+    pub backend_addr: A,
     pub backend_port: u16,
     /// The source is rewritten too, to `snat_addr:snat_port`.
     pub snat: bool,
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     /// The translated packet's source is a node address: route it ourselves.
     pub route: bool,
@@ -99,15 +96,15 @@ pub struct Translation {
 }
 
 /// Outcome of a forward lookup.
-pub enum Forward {
+pub enum Forward<A> {
     /// Tracked: apply this translation.
-    Tracked(Translation),
+    Tracked(Translation<A>),
     /// Untracked, expired, or a new connection on a finished 5-tuple: choose a backend.
     New,
 }
 
 #[inline(always)]
-fn translation_of(e: &CtValue4) -> Translation {
+fn translation_of<A: Addr>(e: &CtValue<A>) -> Translation<A> {
     Translation {
         backend_addr: e.nat_addr,
         backend_port: e.nat_port,
@@ -122,44 +119,60 @@ fn translation_of(e: &CtValue4) -> Translation {
 /// The entry of `k`, from the assured table first (where live flows are), and whether it
 /// came from there.
 #[inline(always)]
-fn find(k: &CtKey4) -> Option<(*mut CtValue4, bool)> {
-    if let Some(e) = LB_CT4.get_ptr_mut(k) {
+fn find<A: Addr>(k: &CtKey<A>) -> Option<(*mut CtValue<A>, bool)> {
+    if let Some(e) = A::ct().get_ptr_mut(k) {
         return Some((e, true));
     }
-    LB_CT4_NEW.get_ptr_mut(k).map(|e| (e, false))
+    A::ct_new().get_ptr_mut(k).map(|e| (e, false))
 }
 
 /// Writes both entries of a flow into the table its state says (`CT_FLAG_ASSURED`) and out of
 /// the other. When the assured table is full the flow stays in the LRU, where it works but
 /// can be evicted, and `ct_assured_full` counts it.
 #[inline(always)]
-fn store(k: &CtKey4, e: &CtValue4, was_assured: bool, hook: u32) {
+fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        store_of(k, e, was_assured, hook)
+    } else {
+        store_outlined(k, e, was_assured, hook)
+    }
+}
+
+/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
+/// 512-byte stack.
+#[inline(never)]
+fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
+    store_of(k, e, was_assured, hook)
+}
+
+#[inline(always)]
+fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
     let (pk, pv) = ct_peer(k, e);
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
-        if LB_CT4.insert(k, e, 0).is_ok() && LB_CT4.insert(&pk, &pv, 0).is_ok() {
+        if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(&pk, &pv, 0).is_ok() {
             // No copy stays behind in the LRU: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
-            let _ = LB_CT4_NEW.remove(k);
-            let _ = LB_CT4_NEW.remove(&pk);
+            let _ = A::ct_new().remove(k);
+            let _ = A::ct_new().remove(&pk);
             return;
         }
         // Full: keep the flow working from the LRU, where it can be evicted. The agent's
         // collection makes room; the counter says it happened.
         count(hook, Counter::CtAssuredFull);
-        let _ = LB_CT4.remove(k);
+        let _ = A::ct().remove(k);
         let (mut e, mut pv) = (*e, pv);
         e.flags &= !CT_FLAG_ASSURED;
         pv.flags &= !CT_FLAG_ASSURED;
-        let _ = LB_CT4_NEW.insert(k, &e, 0);
-        let _ = LB_CT4_NEW.insert(&pk, &pv, 0);
+        let _ = A::ct_new().insert(k, &e, 0);
+        let _ = A::ct_new().insert(&pk, &pv, 0);
         return;
     }
-    let _ = LB_CT4_NEW.insert(k, e, 0);
-    let _ = LB_CT4_NEW.insert(&pk, &pv, 0);
+    let _ = A::ct_new().insert(k, e, 0);
+    let _ = A::ct_new().insert(&pk, &pv, 0);
     if was_assured {
-        let _ = LB_CT4.remove(k);
-        let _ = LB_CT4.remove(&pk);
+        let _ = A::ct().remove(k);
+        let _ = A::ct().remove(&pk);
     }
 }
 
@@ -167,7 +180,7 @@ fn store(k: &CtKey4, e: &CtValue4, was_assured: bool, hook: u32) {
 /// peer entry, and a move between the tables when the flow becomes assured or finishes), or
 /// a refresh at most once per interval. `None`: the packet starts a new flow on this tuple.
 #[inline(always)]
-fn advance(k: &CtKey4, e: &mut CtValue4, assured: bool, tcp_flags: u8, now: u32, hook: u32) -> Option<()> {
+fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: u8, now: u32, hook: u32) -> Option<()> {
     // Nearly every packet: an assured established TCP flow and a segment without SYN, FIN or
     // RST, which changes nothing but (once a second) the time.
     if k.proto == PROTO_TCP && e.state == CT_ESTABLISHED && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && assured {
@@ -205,18 +218,35 @@ fn advance(k: &CtKey4, e: &mut CtValue4, assured: bool, tcp_flags: u8, now: u32,
     e.last_seen = now;
     if (flags & CT_FLAG_ASSURED != 0) == assured {
         // Same table: both entries change in place.
-        let (pk, pv) = ct_peer(k, e);
-        mirror(&pk, &pv, assured);
+        mirror(k, e, assured);
     } else {
         store(k, e, assured, hook);
     }
     Some(())
 }
 
-/// Writes a new state into the peer entry where it is, or re-creates it.
+/// Writes the new state of `k`'s entry `e` into its peer entry where it is, or re-creates it.
 #[inline(always)]
-fn mirror(pk: &CtKey4, pv: &CtValue4, assured: bool) {
-    let found = if assured { LB_CT4.get_ptr_mut(pk) } else { LB_CT4_NEW.get_ptr_mut(pk) };
+fn mirror<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        mirror_of(k, e, assured)
+    } else {
+        mirror_outlined(k, e, assured)
+    }
+}
+
+/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
+/// 512-byte stack.
+#[inline(never)]
+fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
+    mirror_of(k, e, assured)
+}
+
+#[inline(always)]
+fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
+    let (pk, pv) = ct_peer(k, e);
+    let (pk, pv) = (&pk, &pv);
+    let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
     match found {
         Some(p) => {
             // SAFETY: map values stay valid while the program runs.
@@ -226,7 +256,7 @@ fn mirror(pk: &CtKey4, pv: &CtValue4, assured: bool) {
             p.last_seen = pv.last_seen;
         }
         None => {
-            let _ = if assured { LB_CT4.insert(pk, pv, 0) } else { LB_CT4_NEW.insert(pk, pv, 0) };
+            let _ = if assured { A::ct().insert(pk, pv, 0) } else { A::ct_new().insert(pk, pv, 0) };
         }
     }
 }
@@ -235,31 +265,99 @@ fn mirror(pk: &CtKey4, pv: &CtValue4, assured: bool) {
 /// its tuple (created in the LRU) is not shadowed by it. The agent collects most of them
 /// before a packet finds them.
 #[inline(always)]
-fn forget_assured(k: &CtKey4, e: &CtValue4) {
+fn forget_assured<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        forget_assured_of(k, e)
+    } else {
+        forget_assured_outlined(k, e)
+    }
+}
+
+/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
+/// 512-byte stack.
+#[inline(never)]
+fn forget_assured_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
+    forget_assured_of(k, e)
+}
+
+#[inline(always)]
+fn forget_assured_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     let (pk, _) = ct_peer(k, e);
-    let _ = LB_CT4.remove(k);
-    let _ = LB_CT4.remove(&pk);
+    let _ = A::ct().remove(k);
+    let _ = A::ct().remove(&pk);
+}
+
+/// Removes an entry from whichever table holds it.
+#[inline(always)]
+fn forget<A: Addr>(k: &CtKey<A>) {
+    let _ = A::ct().remove(k);
+    let _ = A::ct_new().remove(k);
 }
 
 /// Keeps the other direction alive too while only one direction sends (a one-way UDP
 /// stream); re-creates it if the LRU evicted it.
 #[inline(always)]
-fn refresh_peer(k: &CtKey4, e: &CtValue4, assured: bool, now: u32) {
+fn refresh_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        refresh_peer_of(k, e, assured, now)
+    } else {
+        refresh_peer_outlined(k, e, assured, now)
+    }
+}
+
+/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
+/// 512-byte stack.
+#[inline(never)]
+fn refresh_peer_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
+    refresh_peer_of(k, e, assured, now)
+}
+
+#[inline(always)]
+fn refresh_peer_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
     let (pk, pv) = ct_peer(k, e);
-    let found = if assured { LB_CT4.get_ptr_mut(&pk) } else { LB_CT4_NEW.get_ptr_mut(&pk) };
+    let found = if assured { A::ct().get_ptr_mut(&pk) } else { A::ct_new().get_ptr_mut(&pk) };
     match found {
         // SAFETY: map values stay valid while the program runs; a racing CPU only writes
         // the same timestamp.
         Some(p) => unsafe { (*p).last_seen = now },
         None => {
-            let _ = if assured { LB_CT4.insert(&pk, &pv, 0) } else { LB_CT4_NEW.insert(&pk, &pv, 0) };
+            let _ = if assured { A::ct().insert(&pk, &pv, 0) } else { A::ct_new().insert(&pk, &pv, 0) };
         }
     }
 }
 
-/// Looks up a client packet's flow and moves its state on.
+/// Looks up a client packet's flow and moves its state on. Inlined for IPv4, the hot path; a
+/// subprogram for IPv6, whose 40-byte keys would overflow the pipeline's 512-byte stack frame.
 #[inline(always)]
-pub fn forward(flow: &Flow, tcp_flags: u8, now: u32, hook: u32) -> Forward {
+pub fn forward<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Forward<A> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        forward_of(flow, tcp_flags, now, hook)
+    } else {
+        let mut t = Translation::<A>::default();
+        if forward_outlined(flow, tcp_flags, now, hook, &mut t) {
+            Forward::Tracked(t)
+        } else {
+            Forward::New
+        }
+    }
+}
+
+/// Subprograms take and return plain structs: a Rust enum in a subprogram's signature puts
+/// its layout (a union whose discriminant sits at an offset) into the object's BTF, which the
+/// kernel refuses, and with it every program's BTF function info.
+#[inline(never)]
+fn forward_outlined<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32, out: &mut Translation<A>) -> bool {
+    match forward_of(flow, tcp_flags, now, hook) {
+        Forward::Tracked(t) => {
+            *out = t;
+            true
+        }
+        Forward::New => false,
+    }
+}
+
+#[inline(always)]
+fn forward_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Forward<A> {
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
     let Some((e, assured)) = find(&k) else {
         return Forward::New;
@@ -284,10 +382,36 @@ pub fn forward(flow: &Flow, tcp_flags: u8, now: u32, hook: u32) -> Forward {
 /// Records a new flow, both entries, in the LRU table. `reply_route`: replies will come from
 /// a node address (a node port). Fails only if the kernel refuses the insert.
 #[inline(always)]
-pub fn create(
-    flow: &Flow,
+pub fn create<A: Addr>(
+    flow: &Flow<A>,
     tcp_flags: u8,
-    t: &Translation,
+    t: &Translation<A>,
+    service_id: u32,
+    now: u32,
+    reply_route: bool,
+) -> Result<(), ()> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        create_of(flow, tcp_flags, t, service_id, now, reply_route)
+    } else if create_outlined(flow, t, service_id, now, tcp_flags as u32 | (reply_route as u32) << 8) {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// IPv6: a subprogram (two keys and two values, 184 bytes); no enum in its signature, and at
+/// most five arguments (BPF passes no more in registers): the TCP flags and `reply_route`
+/// share one.
+#[inline(never)]
+fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, flags_route: u32) -> bool {
+    create_of(flow, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0).is_ok()
+}
+
+#[inline(always)]
+fn create_of<A: Addr>(
+    flow: &Flow<A>,
+    tcp_flags: u8,
+    t: &Translation<A>,
     service_id: u32,
     now: u32,
     reply_route: bool,
@@ -302,9 +426,9 @@ pub fn create(
     };
     let snat_flag = if t.snat { CT_FLAG_SNAT } else { 0 };
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
-    let e = CtValue4 {
+    let e = CtValue::<A> {
         nat_addr: t.backend_addr,
-        snat_addr: if t.snat { t.snat_addr } else { 0 },
+        snat_addr: if t.snat { t.snat_addr } else { A::default() },
         nat_port: t.backend_port,
         snat_port: if t.snat { t.snat_port } else { 0 },
         state,
@@ -318,29 +442,31 @@ pub fn create(
         created: now,
     };
     let (pk, pv) = ct_peer(&k, &e);
-    LB_CT4_NEW.insert(&k, &e, 0).map_err(|_| ())?;
-    LB_CT4_NEW.insert(&pk, &pv, 0).map_err(|_| ())
+    A::ct_new().insert(&k, &e, 0).map_err(|_| ())?;
+    A::ct_new().insert(&pk, &pv, 0).map_err(|_| ())
 }
 
 /// State of a SNAT port search, shared with `probe` through `bpf_loop`.
 #[repr(C)]
-struct PortSearch {
-    flow: Flow,
-    addr: u32,
-    backend_addr: u32,
+struct PortSearch<A> {
+    flow: Flow<A>,
+    addr: A,
+    backend_addr: A,
     backend_port: u16,
     /// A free port (network order), or 0.
     free: u16,
     /// A port whose flow finished, or 0.
     finished: u16,
+    /// The forward key of that finished flow, which goes when its port is taken.
+    finished_fwd: CtKey<A>,
     now: u32,
     seed: u32,
 }
 
 /// One probe of the SNAT port search: 1 stops the loop (a free port was found).
-extern "C" fn probe(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` hands back the pointer `free_snat_port` gave it, to its stack.
-    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+    let s = unsafe { &mut *(ctx as *mut PortSearch<A>) };
     let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let h = if i == 0 { s.seed } else { lb_common::flow_hash(s.seed, i, 0, 0, 0) };
     let port = ((SNAT_PORT_MIN as u32 + h % span) as u16).to_be();
@@ -357,6 +483,7 @@ extern "C" fn probe(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     }
     if s.finished == 0 && s.flow.proto == PROTO_TCP && (e.state == CT_TIME_WAIT || e.state == CT_CLOSE) {
         s.finished = port;
+        s.finished_fwd = ct_peer(&k, e).0;
     }
     0
 }
@@ -369,7 +496,22 @@ extern "C" fn probe(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
 /// held before (its entries were lost) is taken back. The probes run under `bpf_loop`, so the
 /// verifier checks one probe, not every path through 32 of them.
 #[inline(always)]
-pub fn free_snat_port(flow: &Flow, addr: u32, backend_addr: u32, backend_port: u16, now: u32) -> Option<u16> {
+pub fn free_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        return free_snat_port_of(flow, addr, backend_addr, backend_port, now);
+    }
+    let port = free_snat_port_outlined(flow, &addr, &backend_addr, backend_port, now);
+    (port != 0).then_some(port)
+}
+
+/// IPv6: a subprogram; 0 for "none" (ports are never 0), no enum in its signature.
+#[inline(never)]
+fn free_snat_port_outlined<A: Addr>(flow: &Flow<A>, addr: &A, backend_addr: &A, backend_port: u16, now: u32) -> u16 {
+    free_snat_port_of(flow, *addr, *backend_addr, backend_port, now).unwrap_or(0)
+}
+
+#[inline(always)]
+fn free_snat_port_of<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
     let mut s = PortSearch {
         flow: *flow,
         addr,
@@ -377,34 +519,65 @@ pub fn free_snat_port(flow: &Flow, addr: u32, backend_addr: u32, backend_port: u
         backend_port,
         free: 0,
         finished: 0,
+        finished_fwd: CtKey::default(),
         now,
-        seed: lb_common::flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto),
+        seed: lb_common::flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto),
     };
     // SAFETY: helper call; `probe` is a static function and `s` outlives the loop.
-    unsafe { bpf_loop(SNAT_PROBES, probe as *mut core::ffi::c_void, &mut s as *mut PortSearch as *mut _, 0) };
+    unsafe { bpf_loop(SNAT_PROBES, probe::<A> as *mut core::ffi::c_void, &mut s as *mut PortSearch<A> as *mut _, 0) };
     match (s.free, s.finished) {
         (0, 0) => None,
-        (0, f) => Some(f),
+        (0, f) => {
+            // The finished flow goes whole: its client's late packets (a last ACK, a
+            // retransmitted FIN) must not be translated into the new flow's connection, nor
+            // rewrite the new flow's reply entry with the old flow's state and route.
+            forget(&s.finished_fwd);
+            Some(f)
+        }
         (p, _) => Some(p),
     }
 }
 
 /// What a backend's reply must become: its source restored to the frontend, and with SNAT its
 /// destination restored to the original client. No `Option`, as for `Translation`.
-pub struct Reply {
-    pub src_addr: u32,
+#[derive(Clone, Copy, Default)]
+pub struct Reply<A> {
+    pub src_addr: A,
     pub src_port: u16,
     /// The destination is restored too, to `dst_addr:dst_port`.
     pub dst: bool,
-    pub dst_addr: u32,
+    pub dst_addr: A,
     pub dst_port: u16,
     /// The restored source is a node address: route it ourselves.
     pub route: bool,
 }
 
-/// Looks up a packet that may be a backend's reply, and moves its flow's state on.
+/// Looks up a packet that may be a backend's reply, and moves its flow's state on. Inlined
+/// for IPv4 only, as `forward`.
 #[inline(always)]
-pub fn reply(flow: &Flow, tcp_flags: u8, hook: u32) -> Option<Reply> {
+pub fn reply<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A>> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        reply_of(flow, tcp_flags, hook)
+    } else {
+        let mut r = Reply::<A>::default();
+        reply_outlined(flow, tcp_flags, hook, &mut r).then_some(r)
+    }
+}
+
+/// As `forward_outlined`: no enum in the signature.
+#[inline(never)]
+fn reply_outlined<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32, out: &mut Reply<A>) -> bool {
+    match reply_of(flow, tcp_flags, hook) {
+        Some(r) => {
+            *out = r;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A>> {
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_REPLY);
     let (e, assured) = find(&k)?;
     // SAFETY: as in `forward`.
@@ -423,7 +596,11 @@ pub fn reply(flow: &Flow, tcp_flags: u8, hook: u32) -> Option<Reply> {
         // A SYN-ACK on the tuple of a flow closed both ways answers a new connection that
         // reuses the client's port, e.g. straight to the backend: not ours to translate. The
         // finished flow's entry goes, or it would catch the rest of the new connection.
-        let _ = if assured { LB_CT4.remove(&k) } else { LB_CT4_NEW.remove(&k) };
+        // Both entries go: with the forward one left, the port would look free to a new SNATed
+        // flow while the old client's packets still took it.
+        let (pk, _) = ct_peer(&k, e);
+        forget(&k);
+        forget(&pk);
         return None;
     }
     // Read before `advance`, which may move the entry to the other table and free this one.
@@ -442,7 +619,7 @@ pub fn reply(flow: &Flow, tcp_flags: u8, hook: u32) -> Option<Reply> {
 /// Reads a flow's entry for an ICMP error quoting it (no state change: an error says nothing
 /// about the connection's state).
 #[inline(always)]
-pub fn peek(k: &CtKey4) -> Option<CtValue4> {
+pub fn peek<A: Addr>(k: &CtKey<A>) -> Option<CtValue<A>> {
     let (e, _) = find(k)?;
     // SAFETY: the value is copied out at once.
     let e = unsafe { *e };

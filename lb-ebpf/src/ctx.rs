@@ -11,7 +11,8 @@ use aya_ebpf::{
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_tail_call, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -19,7 +20,8 @@ use aya_ebpf::{
 use lb_common::Counter;
 
 use crate::{
-    nat::{fold, wsum_add},
+    addr::{wsum_add, Addr},
+    nat::fold,
     parse::{ptr_at, Frag, Headers},
     reject,
     stats::count,
@@ -32,27 +34,30 @@ pub struct Route {
     pub dmac: [u8; 6],
 }
 
-const AF_INET: u8 = 2;
-
 /// FIB lookup for `src -> dst` (protocol `proto`), as if it arrived on `ifindex`.
 #[inline(always)]
-fn fib(
+fn fib<A: Addr>(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
-    src: u32,
-    dst: u32,
+    src: A,
+    dst: A,
     proto: u8,
     tot_len: u16,
     flags: u32,
 ) -> Option<Route> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    p.family = A::AF;
     p.l4_protocol = proto;
     p.ifindex = ifindex;
     p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        p.__bindgen_anon_3.ipv4_src = src.words()[0];
+        p.__bindgen_anon_4.ipv4_dst = dst.words()[0];
+    } else {
+        p.__bindgen_anon_3.ipv6_src = src.words();
+        p.__bindgen_anon_4.ipv6_dst = dst.words();
+    }
     // SAFETY: helper call with a stack buffer of the size we pass.
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
@@ -61,13 +66,20 @@ fn fib(
     Some(Route { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac })
 }
 
-/// The IPv4 total length, for the FIB lookup's MTU check.
+/// The IP packet's length with its header (IPv4's total length, IPv6's payload length plus
+/// the fixed header), for the FIB lookup's MTU check and the pseudo-header.
 #[inline(always)]
-fn ip_tot_len(data: usize, data_end: usize) -> u16 {
-    ptr_at::<[u8; 4]>(data, data_end, crate::parse::ETH_LEN)
-        // SAFETY: bounds checked by ptr_at.
-        .map(|p| unsafe { u16::from_be_bytes([(*p)[2], (*p)[3]]) })
-        .unwrap_or(0)
+fn ip_tot_len<A: Addr>(data: usize, data_end: usize) -> u16 {
+    let Some(p) = ptr_at::<[u8; 6]>(data, data_end, crate::parse::ETH_LEN) else {
+        return 0;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let p = unsafe { &*p };
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        u16::from_be_bytes([p[2], p[3]])
+    } else {
+        u16::from_be_bytes([p[4], p[5]]).wrapping_add(A::IP_LEN as u16)
+    }
 }
 
 /// Set by the agent when the XDP program is attached in generic (skb) mode, where `XDP_TX`
@@ -82,6 +94,11 @@ const _: () = assert!(lb_common::HOOK_SOCK == 2);
 
 pub trait Packet {
     const HOOK: u32;
+    /// This hook's IPv6 stages in its tail-call table.
+    const TAIL_NEW6: u32;
+    const TAIL_ICMP6: u32;
+    const TAIL_FWD6: u32;
+    const TAIL_REPLY6: u32;
     /// Verdict for a packet we leave alone.
     const UNTOUCHED: i32;
     /// Verdict for a packet we translated: on to the stack.
@@ -97,12 +114,12 @@ pub trait Packet {
     fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64>;
 
     /// Refuses a new connection to a frontend without backends; returns the verdict.
-    fn refuse(&self, h: &Headers) -> i32;
+    fn refuse<A: Addr>(&self, h: &Headers<A>) -> i32;
 
     /// Looks up where a packet about to get source `src` and destination `dst` must go, for
     /// packets the stack would drop as martians. Called before any rewrite: `None` means this
     /// hook cannot route it.
-    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route>;
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route>;
 
     /// Sends the (rewritten) packet along `r`; returns the verdict.
     fn send(&self, r: &Route) -> i32;
@@ -124,7 +141,7 @@ pub trait Packet {
     /// The packet's L4 checksum may be a CHECKSUM_PARTIAL pseudo-header sum, which only an
     /// skb-aware update gets right: a hook that cannot tell leaves the packet to one that can.
     #[inline(always)]
-    fn csum_unsure(&self, _h: &Headers) -> bool {
+    fn csum_unsure<A: Addr>(&self, _h: &Headers<A>) -> bool {
         false
     }
 
@@ -138,10 +155,18 @@ pub trait Packet {
     fn count(&self, c: Counter) {
         count(Self::HOOK, c);
     }
+
+    /// Tail-calls this hook's program `index` (`lb_common::TAIL_*`); returns only if the
+    /// table has no program there.
+    fn tail_call(&self, index: u32);
 }
 
 impl Packet for TcContext {
     const HOOK: u32 = HOOK_TC;
+    const TAIL_NEW6: u32 = lb_common::TAIL_TC_NEW6;
+    const TAIL_ICMP6: u32 = lb_common::TAIL_TC_ICMP6;
+    const TAIL_FWD6: u32 = lb_common::TAIL_TC_FWD6;
+    const TAIL_REPLY6: u32 = lb_common::TAIL_TC_REPLY6;
     /// TC_ACT_UNSPEC: "no opinion", so later programs in a TCX chain still run.
     const UNTOUCHED: i32 = -1;
     const FORWARD: i32 = TC_ACT_OK as i32;
@@ -189,13 +214,13 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn refuse(&self, h: &Headers) -> i32 {
+    fn refuse<A: Addr>(&self, h: &Headers<A>) -> i32 {
         self.count(Counter::RejectNoBackend);
         reject::port_unreachable(self, h)
     }
 
     #[inline(always)]
-    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route> {
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route> {
         // SAFETY: reading the arrival interface of our own skb.
         let ifindex = unsafe { (*self.skb.skb).ifindex };
         // The neighbour is resolved by bpf_redirect_neigh, which also queues the packet while
@@ -217,10 +242,25 @@ impl Packet for TcContext {
         self.count(Counter::DropNoRoute);
         Self::DROP
     }
+
+    #[inline(always)]
+    fn tail_call(&self, index: u32) {
+        // The helper directly: aya's `ProgramArray::tail_call` is not inlined, and a tail call
+        // inside a subprogram needs BTF function info the loader does not pass.
+        // SAFETY: the context is this program's own; a ProgramArray is its map definition
+        // (repr(transparent)).
+        unsafe {
+            bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS_TC) as *mut _, index);
+        }
+    }
 }
 
 impl Packet for XdpContext {
     const HOOK: u32 = HOOK_XDP;
+    const TAIL_NEW6: u32 = lb_common::TAIL_XDP_NEW6;
+    const TAIL_ICMP6: u32 = lb_common::TAIL_XDP_ICMP6;
+    const TAIL_FWD6: u32 = 0;
+    const TAIL_REPLY6: u32 = 0;
     const UNTOUCHED: i32 = xdp_action::XDP_PASS as i32;
     const FORWARD: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
@@ -277,7 +317,7 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn refuse(&self, _h: &Headers) -> i32 {
+    fn refuse<A: Addr>(&self, _h: &Headers<A>) -> i32 {
         // The tc program on this interface sees the untouched packet next and refuses it.
         Self::UNTOUCHED
     }
@@ -290,7 +330,7 @@ impl Packet for XdpContext {
     /// `bpf_l4_csum_replace` knows. A complete checksum has that value once in 65,536 packets,
     /// which then merely takes the tc path.
     #[inline(always)]
-    fn csum_unsure(&self, h: &Headers) -> bool {
+    fn csum_unsure<A: Addr>(&self, h: &Headers<A>) -> bool {
         let udp = h.flow.proto != lb_common::PROTO_TCP;
         if h.frag == Frag::Later || (udp && h.udp_csum_zero) {
             return false;
@@ -300,9 +340,16 @@ impl Packet for XdpContext {
         let Some(field) = ptr_at::<u16>(data, data_end, off) else {
             return false;
         };
-        let l4_len = ip_tot_len(data, data_end).wrapping_sub((h.l4_off - crate::parse::ETH_LEN) as u16);
-        let (src, dst) = (h.flow.src, h.flow.dst);
-        let mut sum = (src & 0xffff) + (src >> 16) + (dst & 0xffff) + (dst >> 16);
+        let l4_len = ip_tot_len::<A>(data, data_end).wrapping_sub((h.l4_off - crate::parse::ETH_LEN) as u16);
+        let (src, dst) = (h.flow.src.words(), h.flow.dst.words());
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 4 {
+            sum += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
+            i += 1;
+        }
+        // The pseudo-header's length and protocol: 16 bits each in IPv4's, 32 in IPv6's,
+        // whose upper halves are zero here; the sum is the same.
         sum += u16::from_ne_bytes([0, h.flow.proto]) as u32 + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
@@ -317,8 +364,8 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn route(&self, src: u32, dst: u32, proto: u8) -> Option<Route> {
-        let tot_len = ip_tot_len(self.data(), self.data_end());
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route> {
+        let tot_len = ip_tot_len::<A>(self.data(), self.data_end());
         // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over.
         let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)?;
         // A native XDP frame sent to a device without `ndo_xdp_xmit` is dropped by the kernel
@@ -357,4 +404,10 @@ impl Packet for XdpContext {
         self.count(Counter::DeferredToTc);
         Self::UNTOUCHED
     }
+
+    /// No tail calls at XDP: the XDP program has subprograms (the compiler's memset and
+    /// memcpy), and the kernel refuses a tail call beside subprograms without BTF function
+    /// info, which the loader does not pass. IPv6 frames go on to tc's IPv6 program.
+    #[inline(always)]
+    fn tail_call(&self, _index: u32) {}
 }

@@ -5,38 +5,62 @@
 //! view: the quoted addresses and ports, the quoted IP and L4 checksums, the ICMP checksum,
 //! and the outer addresses where they are ours (the backend or the SNAT address).
 //!
-use lb_common::{CtValue4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, PROTO_TCP};
+use lb_common::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ROUTE, CT_FLAG_SNAT, FAMILY_IPV4, PROTO_TCP};
 
 use crate::{
+    addr::{wsum_add, Addr},
     conntrack::{self, key},
     ctx::Packet,
-    nat::{csum_replace2, csum_replace4, decrement_ttl, ttl_ok},
-    parse::{IcmpError, ETH_LEN, IPV4_LEN},
+    nat::{csum_replace2, csum_replace4, decrement_ttl, fold, ttl_ok},
+    parse::{IcmpError, ETH_LEN, IPV4_LEN, PROTO_ICMP, PROTO_ICMPV6},
 };
 use lb_common::Counter;
 
 /// What the packet becomes. Every field is set (unchanged ones to their current value, which
 /// rewrites as a no-op): `Option`s here let LLVM read an uninitialised register on the `None`
 /// path, which the verifier rejects ("!read_ok").
-#[derive(Clone, Copy)]
-struct Rewrite {
-    outer_src: u32,
-    outer_dst: u32,
-    inner_src: u32,
+#[derive(Clone, Copy, Default)]
+struct Rewrite<A> {
+    outer_src: A,
+    outer_dst: A,
+    inner_src: A,
     inner_sport: u16,
-    inner_dst: u32,
+    inner_dst: A,
     inner_dport: u16,
     route: bool,
 }
 
 #[inline(always)]
-fn entry(k: &lb_common::CtKey4) -> Option<CtValue4> {
+fn entry<A: Addr>(k: &CtKey<A>) -> Option<CtValue<A>> {
     conntrack::peek(k)
 }
 
 /// Matches the quote against conntrack and says what to rewrite.
 #[inline(always)]
-fn plan(e: &IcmpError) -> Option<Rewrite> {
+fn plan<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
+    if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        plan_of(e)
+    } else {
+        let mut w = Rewrite::<A>::default();
+        plan_outlined(e, &mut w).then_some(w)
+    }
+}
+
+/// IPv6: a subprogram, for the stack's sake (its conntrack entries are 52 bytes each). No
+/// enum in its signature (see `conntrack::forward_outlined`).
+#[inline(never)]
+fn plan_outlined<A: Addr>(e: &IcmpError<A>, out: &mut Rewrite<A>) -> bool {
+    match plan_of(e) {
+        Some(w) => {
+            *out = w;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
     let q = &e.inner;
     let mut w = Rewrite {
         outer_src: e.outer.src,
@@ -84,16 +108,32 @@ fn plan(e: &IcmpError) -> Option<Rewrite> {
 
 /// Translates an ICMP error about a tracked flow; other ICMP errors pass.
 #[inline(always)]
-pub fn translate<P: Packet>(ctx: &P, e: &IcmpError) -> i32 {
+pub fn translate<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
+    if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        translate_of(ctx, e)
+    } else {
+        translate_outlined(ctx, e)
+    }
+}
+
+/// IPv6: a subprogram; its buffers would otherwise share the pipeline's 512-byte frame.
+#[inline(never)]
+fn translate_outlined<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
+    translate_of(ctx, e)
+}
+
+#[inline(always)]
+fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
     let Some(w) = plan(e) else {
         ctx.count(Counter::PassNotService);
         return P::UNTOUCHED;
     };
     let route = if w.route {
-        let Some(r) = ctx.route(w.outer_src, w.outer_dst, crate::parse::PROTO_ICMP) else {
+        let proto = if A::FAMILY == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
+        let Some(r) = ctx.route(w.outer_src, w.outer_dst, proto) else {
             return ctx.unroutable();
         };
-        if !ttl_ok(ctx) {
+        if !ttl_ok::<A, P>(ctx) {
             ctx.count(Counter::DropTtlExpired);
             return P::DROP;
         }
@@ -101,14 +141,15 @@ pub fn translate<P: Packet>(ctx: &P, e: &IcmpError) -> i32 {
     } else {
         None
     };
-    if apply(ctx, e, &w).is_none() {
+    let applied = if A::FAMILY == FAMILY_IPV4 { apply(ctx, e, &w) } else { apply6(ctx, e, &w) };
+    if applied.is_none() {
         ctx.count(Counter::DropRewrite);
         return P::DROP;
     }
     ctx.count(Counter::IcmpTranslated);
     match route {
         Some(r) => {
-            decrement_ttl(ctx);
+            decrement_ttl::<A, P>(ctx);
             ctx.send(&r)
         }
         None => P::FORWARD,
@@ -141,7 +182,16 @@ fn set16(b: &mut [u8; IPV4_LEN], off: usize, v: u16) {
 /// read and written with the load/store helpers (ICMP errors are rare; the verifier needs no
 /// bounds for a helper's offset).
 #[inline(always)]
-fn apply<P: Packet>(ctx: &P, e: &IcmpError, w: &Rewrite) -> Option<()> {
+fn apply<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Option<()> {
+    let w = Rewrite::<u32> {
+        outer_src: w.outer_src.words()[0],
+        outer_dst: w.outer_dst.words()[0],
+        inner_src: w.inner_src.words()[0],
+        inner_sport: w.inner_sport,
+        inner_dst: w.inner_dst.words()[0],
+        inner_dport: w.inner_dport,
+        route: w.route,
+    };
     let mut outer: [u8; IPV4_LEN] = ctx.load(ETH_LEN)?;
     let mut inner: [u8; IPV4_LEN] = ctx.load(e.inner_ip_off)?;
     let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
@@ -185,6 +235,70 @@ fn apply<P: Packet>(ctx: &P, e: &IcmpError, w: &Rewrite) -> Option<()> {
     ctx.store(e.inner_ip_off, &inner)?;
     ctx.store(e.inner_l4_off, &new_ports)?;
     if update_l4 {
+        let new = if l4 == 0 && e.inner.proto != PROTO_TCP { 0xffff } else { l4 };
+        icmp_csum = csum_replace2(icmp_csum, old_l4, new);
+        ctx.store(inner_l4_csum_off, &new.to_ne_bytes())?;
+    }
+    ctx.store(icmp_csum_off, &icmp_csum.to_ne_bytes())
+}
+
+/// Checksum update for an address change (either family), RFC 1624.
+#[inline(always)]
+fn csum_replace_addr<A: Addr>(check: u16, old: A, new: A) -> u16 {
+    !fold(wsum_add(!check as u32, A::csum_diff(old, new)))
+}
+
+/// `apply` for ICMPv6: no IP header checksums, but the ICMPv6 checksum covers a pseudo-header
+/// with the outer addresses, so a change of those moves it too. The quote is a fixed IPv6
+/// header (the parser took only quotes without extension headers).
+#[inline(never)]
+fn apply6<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Option<()> {
+    let outer_addrs: [u8; 32] = ctx.load(ETH_LEN + 8)?;
+    let inner_addrs: [u8; 32] = ctx.load(e.inner_ip_off + 8)?;
+    let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
+    let icmp_csum_off = e.icmp_off + 2;
+    let mut icmp_csum = u16::from_ne_bytes(ctx.load(icmp_csum_off)?);
+    let inner_l4_csum_off = e.inner_l4_off + if e.inner.proto == PROTO_TCP { 16 } else { 6 };
+    let old_l4 = if e.inner_csum { u16::from_ne_bytes(ctx.load(inner_l4_csum_off)?) } else { 0 };
+    let update_l4 = old_l4 != 0 || (e.inner_csum && e.inner.proto == PROTO_TCP);
+    let mut l4 = old_l4;
+    // SAFETY: each array holds two 16-byte addresses.
+    let (o_src, o_dst, i_src, i_dst) = unsafe {
+        (
+            A::read(outer_addrs.as_ptr()),
+            A::read(outer_addrs.as_ptr().add(16)),
+            A::read(inner_addrs.as_ptr()),
+            A::read(inner_addrs.as_ptr().add(16)),
+        )
+    };
+    let old_sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    let old_dport = u16::from_ne_bytes([ports[2], ports[3]]);
+
+    icmp_csum = csum_replace_addr(icmp_csum, o_src, w.outer_src);
+    icmp_csum = csum_replace_addr(icmp_csum, o_dst, w.outer_dst);
+    icmp_csum = csum_replace_addr(icmp_csum, i_src, w.inner_src);
+    icmp_csum = csum_replace_addr(icmp_csum, i_dst, w.inner_dst);
+    icmp_csum = csum_replace2(csum_replace2(icmp_csum, old_sport, w.inner_sport), old_dport, w.inner_dport);
+    l4 = csum_replace_addr(csum_replace_addr(l4, i_src, w.inner_src), i_dst, w.inner_dst);
+    l4 = csum_replace2(csum_replace2(l4, old_sport, w.inner_sport), old_dport, w.inner_dport);
+
+    let mut outer = [0u8; 32];
+    let mut inner = [0u8; 32];
+    // SAFETY: each array holds two 16-byte addresses.
+    unsafe {
+        w.outer_src.write(outer.as_mut_ptr());
+        w.outer_dst.write(outer.as_mut_ptr().add(16));
+        w.inner_src.write(inner.as_mut_ptr());
+        w.inner_dst.write(inner.as_mut_ptr().add(16));
+    }
+    let mut new_ports = [0u8; 4];
+    new_ports[..2].copy_from_slice(&w.inner_sport.to_ne_bytes());
+    new_ports[2..].copy_from_slice(&w.inner_dport.to_ne_bytes());
+    ctx.store(ETH_LEN + 8, &outer)?;
+    ctx.store(e.inner_ip_off + 8, &inner)?;
+    ctx.store(e.inner_l4_off, &new_ports)?;
+    if update_l4 {
+        // IPv6 UDP checksums are mandatory: a computed zero is sent as all ones.
         let new = if l4 == 0 && e.inner.proto != PROTO_TCP { 0xffff } else { l4 };
         icmp_csum = csum_replace2(icmp_csum, old_l4, new);
         ctx.store(inner_l4_csum_off, &new.to_ne_bytes())?;

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod conntrack;
 mod ctx;
 mod frag;
@@ -28,47 +29,119 @@ use aya_ebpf::{
 use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
+    addr::Addr,
     conntrack::{Forward, Translation},
     ctx::Packet,
     nat::Snat,
-    parse::{Frag, Headers, Parsed},
+    parse::{Frag, Headers, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
 };
 
 #[classifier]
+// Inlined into the entry the macro generates: a tail call must sit in the main program,
+// not a subprogram (which would need BTF function info the loader does not pass).
+#[inline(always)]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    pipeline(&ctx)
+    pipeline(&ctx, lb_common::TAIL_TC_INGRESS6)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_ingress6(ctx: TcContext) -> i32 {
+    family::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_fwd6(ctx: TcContext) -> i32 {
+    forward_stage::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_reply6(ctx: TcContext) -> i32 {
+    reply_stage::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_new6(ctx: TcContext) -> i32 {
+    new_flow_stage::<[u32; 4], TcContext>(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_icmp6(ctx: TcContext) -> i32 {
+    icmp_stage::<[u32; 4], TcContext>(&ctx)
 }
 
 /// tc egress: replies of this node's own processes (host-network endpoints) to pods and
 /// clients. They leave through the output path and never pass a tc ingress hook.
 #[classifier]
+// Inlined into the entry the macro generates: a tail call must sit in the main program,
+// not a subprogram (which would need BTF function info the loader does not pass).
+#[inline(always)]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    host_reply(&ctx)
+    match parse::ethertype(ctx.data(), ctx.data_end()) {
+        Some(ETH_P_IP_BE) => host_reply_of::<u32>(&ctx),
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(lb_common::TAIL_TC_EGRESS6);
+            <TcContext as Packet>::UNTOUCHED
+        }
+        _ => <TcContext as Packet>::UNTOUCHED,
+    }
 }
 
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
+    host_reply_of::<[u32; 4]>(&ctx)
+}
+
+/// XDP: IPv4 only for now (no tail calls at XDP, ctx.rs); IPv6 goes on to tc.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    pipeline(&ctx) as u32
+    pipeline(&ctx, lb_common::TAIL_XDP6) as u32
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend::<u32>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend::<[u32; 4]>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend::<u32>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend::<[u32; 4]>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_frontend(&ctx)
+    sock::to_frontend::<u32>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend::<[u32; 4]>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::to_frontend(&ctx)
+    sock::to_frontend::<u32>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend::<[u32; 4]>(&ctx)
 }
 
 /// The floor for `lb-bench`: an XDP program that does nothing. Never attached by the agent.
@@ -83,9 +156,26 @@ pub fn lb_bench_empty_tc(_ctx: TcContext) -> i32 {
     -1
 }
 
+/// IPv4 runs here; IPv6 in a program of its own, reached by a tail call (as Cilium splits its
+/// families): the verifier then checks each family's paths apart, and each gets the whole
+/// 512-byte stack. A missing tail (an agent that did not fill the table) passes the packet.
 #[inline(always)]
-fn pipeline<P: Packet>(ctx: &P) -> i32 {
-    let h = match parse::parse(ctx.data(), ctx.data_end()) {
+fn pipeline<P: Packet>(ctx: &P, tail: u32) -> i32 {
+    match parse::ethertype(ctx.data(), ctx.data_end()) {
+        Some(ETH_P_IP_BE) => family::<u32, P>(ctx),
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(tail);
+            pass(ctx, Counter::PassNotIp)
+        }
+        Some(_) => pass(ctx, Counter::PassNotIp),
+        None => pass(ctx, Counter::PassMalformed),
+    }
+}
+
+/// The pipeline for one address family.
+#[inline(always)]
+fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let h = match A::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(h) => {
             if h.frag == Frag::First {
                 frag::record_first(&h);
@@ -98,11 +188,26 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
             }
             h
         }
-        Parsed::Icmp(e) => return icmp::translate(ctx, &e),
-        Parsed::NotIp => return pass(ctx, Counter::PassNotIp),
+        Parsed::Icmp(e) => {
+            if A::FAMILY == lb_common::FAMILY_IPV4 {
+                return icmp::translate(ctx, &e);
+            }
+            ctx.tail_call(P::TAIL_ICMP6);
+            return pass(ctx, Counter::PassOtherProto);
+        }
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
+        Parsed::ExtHeaders => return pass(ctx, Counter::PassExtHeaders),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
     };
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        // IPv6 goes on in stage programs, each with a stack frame of its own.
+        if service::maybe_frontend(&h.flow) {
+            ctx.tail_call(P::TAIL_FWD6);
+        } else if service::maybe_backend(&h.flow) {
+            ctx.tail_call(P::TAIL_REPLY6);
+        }
+        return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
+    }
     if service::maybe_frontend(&h.flow) {
         // A packet of a tracked flow needs its entry and nothing else: conntrack before the
         // service lookup, which only a new flow needs.
@@ -114,7 +219,12 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
                 if let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) {
-                    return to_service(ctx, &h, &svc, node_frontend, now);
+                    if A::FAMILY == lb_common::FAMILY_IPV4 {
+                        return to_service(ctx, &h, &svc, node_frontend, now);
+                    }
+                    // IPv6: the new-flow stage is a program of its own (`new_flow_stage`).
+                    ctx.tail_call(P::TAIL_NEW6);
+                    return pass(ctx, Counter::PassNotService);
                 }
             }
         }
@@ -125,9 +235,78 @@ fn pipeline<P: Packet>(ctx: &P) -> i32 {
     maybe_reply(ctx, &h)
 }
 
+/// The headers of a TCP or UDP packet (a later fragment given its datagram's ports), for the
+/// IPv6 stages after a tail call, which parse the packet again.
+#[inline(always)]
+fn reparse<A: Parse>(data: usize, data_end: usize) -> Option<Headers<A>> {
+    match A::parse(data, data_end) {
+        Parsed::L4(h) => Some(h),
+        Parsed::LaterFragment(mut h) => frag::follow_first(&mut h).then_some(h),
+        _ => None,
+    }
+}
+
+/// IPv6's new-flow stage, tail-called by `family` for a packet that found no flow but a
+/// frontend: the stack frame of IPv6's pipeline would not hold both, so each stage is a
+/// program with its own (as Cilium splits its datapath into tail calls).
+#[inline(always)]
+fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) else {
+        return pass(ctx, Counter::PassNotService);
+    };
+    to_service(ctx, &h, &svc, node_frontend, conntrack::now())
+}
+
+/// IPv6's stage for a packet to a possible frontend: its flow, or the new-flow stage, or (not
+/// a frontend after all) the reply stage.
+#[inline(always)]
+fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    if ctx.csum_unsure(&h) {
+        return ctx.defer();
+    }
+    let now = conntrack::now();
+    match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
+        Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
+        Forward::New => {
+            if service::lookup(&h.flow, service::from_cluster).is_some() {
+                ctx.tail_call(P::TAIL_NEW6);
+                return pass(ctx, Counter::PassNotService);
+            }
+        }
+    }
+    if service::maybe_backend(&h.flow) {
+        ctx.tail_call(P::TAIL_REPLY6);
+    }
+    pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment })
+}
+
+/// IPv6's stage for a packet that may be a backend's reply.
+#[inline(always)]
+fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    maybe_reply(ctx, &h)
+}
+
+/// IPv6's ICMP error stage, tail-called by `family`.
+#[inline(always)]
+fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    match A::parse(ctx.data(), ctx.data_end()) {
+        Parsed::Icmp(e) => icmp::translate(ctx, &e),
+        _ => pass(ctx, Counter::PassOtherProto),
+    }
+}
+
 /// Counts a translated packet; a later fragment also as such.
 #[inline(always)]
-fn count_translated<P: Packet>(ctx: &P, h: &Headers, counter: Counter) {
+fn count_translated<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, counter: Counter) {
     ctx.count(counter);
     if h.frag == Frag::Later {
         ctx.count(Counter::FragTranslated);
@@ -136,8 +315,8 @@ fn count_translated<P: Packet>(ctx: &P, h: &Headers, counter: Counter) {
 
 /// Checks, before any rewrite, that a packet the datapath forwards itself may be forwarded.
 #[inline(always)]
-fn forwardable<P: Packet>(ctx: &P) -> Result<(), i32> {
-    if nat::ttl_ok(ctx) {
+fn forwardable<A: Addr, P: Packet>(ctx: &P) -> Result<(), i32> {
+    if nat::ttl_ok::<A, P>(ctx) {
         Ok(())
     } else {
         Err(drop(ctx, Counter::DropTtlExpired))
@@ -159,7 +338,34 @@ fn drop<P: Packet>(ctx: &P, counter: Counter) -> i32 {
 /// A new flow to a service frontend (`node_frontend`: a node port, so on one of this node's
 /// addresses).
 #[inline(always)]
-fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend: bool, now: u32) -> i32 {
+fn to_service<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, node_frontend: bool, now: u32) -> i32 {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        to_service_of(ctx, h, svc, node_frontend, now)
+    } else {
+        to_service_outlined(ctx, h, svc, node_frontend, now)
+    }
+}
+
+/// As `forward_outlined`: the SNAT port search and both new conntrack entries.
+#[inline(never)]
+fn to_service_outlined<A: Addr, P: Packet>(
+    ctx: &P,
+    h: &Headers<A>,
+    svc: &ServiceValue,
+    node_frontend: bool,
+    now: u32,
+) -> i32 {
+    to_service_of(ctx, h, svc, node_frontend, now)
+}
+
+#[inline(always)]
+fn to_service_of<A: Addr, P: Packet>(
+    ctx: &P,
+    h: &Headers<A>,
+    svc: &ServiceValue,
+    node_frontend: bool,
+    now: u32,
+) -> i32 {
     if !service::source_allowed(svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
@@ -172,13 +378,29 @@ fn to_service<P: Packet>(ctx: &P, h: &Headers, svc: &ServiceValue, node_frontend
 /// Sends a client's packet on to its backend: routed by the datapath when its new source is
 /// a node address, else on to the stack.
 #[inline(always)]
-fn forward<P: Packet>(ctx: &P, h: &Headers, t: &Translation, counter: Counter) -> i32 {
+fn forward<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, counter: Counter) -> i32 {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        forward_of(ctx, h, t, counter)
+    } else {
+        forward_outlined(ctx, h, t, counter)
+    }
+}
+
+/// IPv6 stages are subprograms where IPv4's are inlined: their 16-byte addresses would take
+/// the pipeline's frame past the 512-byte stack.
+#[inline(never)]
+fn forward_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, counter: Counter) -> i32 {
+    forward_of(ctx, h, t, counter)
+}
+
+#[inline(always)]
+fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, counter: Counter) -> i32 {
     let src = if t.snat { (t.snat_addr, t.snat_port) } else { (h.flow.src, h.flow.sport) };
     let route = if t.route {
         let Some(r) = ctx.route(src.0, t.backend_addr, h.flow.proto) else {
             return ctx.unroutable();
         };
-        if let Err(verdict) = forwardable(ctx) {
+        if let Err(verdict) = forwardable::<A, P>(ctx) {
             return verdict;
         }
         Some(r)
@@ -192,7 +414,7 @@ fn forward<P: Packet>(ctx: &P, h: &Headers, t: &Translation, counter: Counter) -
     stats::count_service(t.service_id, ctx.packet_len());
     match route {
         Some(r) => {
-            nat::decrement_ttl(ctx);
+            nat::decrement_ttl::<A, P>(ctx);
             ctx.send(&r)
         }
         None => P::FORWARD,
@@ -202,13 +424,13 @@ fn forward<P: Packet>(ctx: &P, h: &Headers, t: &Translation, counter: Counter) -
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow
 /// that must not be forwarded.
 #[inline(always)]
-fn new_flow<P: Packet>(
+fn new_flow<A: Addr, P: Packet>(
     ctx: &P,
-    h: &Headers,
+    h: &Headers<A>,
     svc: &ServiceValue,
     now: u32,
     node_frontend: bool,
-) -> Result<Translation, i32> {
+) -> Result<Translation<A>, i32> {
     if svc.backend_count == 0 {
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
@@ -225,10 +447,10 @@ fn new_flow<P: Packet>(
         return Err(drop(ctx, Counter::DropSlotMissing));
     };
     let mut t = Translation {
-        backend_addr: backend.addr[0],
+        backend_addr: A::from_words(backend.addr),
         backend_port: backend.port,
         snat: false,
-        snat_addr: 0,
+        snat_addr: A::default(),
         snat_port: 0,
         route: false,
         service_id: svc.id,
@@ -251,9 +473,9 @@ fn new_flow<P: Packet>(
 /// (and, for SNATed flows, the client). It is on its way out already, so it is never routed
 /// here, and a later fragment without its first is left alone (it is the node's own).
 #[inline(always)]
-fn host_reply(ctx: &TcContext) -> i32 {
+fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
     const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
-    let h = match parse::parse(ctx.data(), ctx.data_end()) {
+    let h = match A::parse(ctx.data(), ctx.data_end()) {
         Parsed::L4(h) => {
             if h.frag == Frag::First && service::maybe_backend(&h.flow) {
                 frag::record_first(&h);
@@ -284,7 +506,7 @@ fn host_reply(ctx: &TcContext) -> i32 {
 
 /// Rewrites a reply back to what the client expects.
 #[inline(always)]
-fn restore<P: Packet>(ctx: &P, h: &Headers, r: &conntrack::Reply) -> Result<(), i64> {
+fn restore<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, r: &conntrack::Reply<A>) -> Result<(), i64> {
     let dst = if r.dst { (r.dst_addr, r.dst_port) } else { (h.flow.dst, h.flow.dport) };
     nat::rewrite(ctx, h, (r.src_addr, r.src_port), dst)
 }
@@ -292,7 +514,22 @@ fn restore<P: Packet>(ctx: &P, h: &Headers, r: &conntrack::Reply) -> Result<(), 
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
 /// was SNATed, its destination) restored.
 #[inline(always)]
-fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
+fn maybe_reply<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+        maybe_reply_of(ctx, h)
+    } else {
+        maybe_reply_outlined(ctx, h)
+    }
+}
+
+/// As `forward_outlined`.
+#[inline(never)]
+fn maybe_reply_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
+    maybe_reply_of(ctx, h)
+}
+
+#[inline(always)]
+fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
     let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, P::HOOK) else {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     };
@@ -303,7 +540,7 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
         let Some(route) = ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) else {
             return ctx.unroutable();
         };
-        if let Err(verdict) = forwardable(ctx) {
+        if let Err(verdict) = forwardable::<A, P>(ctx) {
             return verdict;
         }
         Some(route)
@@ -317,7 +554,7 @@ fn maybe_reply<P: Packet>(ctx: &P, h: &Headers) -> i32 {
     count_translated(ctx, h, Counter::ReplyTranslated);
     match route {
         Some(r) => {
-            nat::decrement_ttl(ctx);
+            nat::decrement_ttl::<A, P>(ctx);
             ctx.send(&r)
         }
         None => P::FORWARD,

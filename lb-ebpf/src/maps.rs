@@ -3,12 +3,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue, LocalSourceData,
-    NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue, SourceRangeData,
-    AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue,
+    LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue,
+    SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
     CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES, MAGLEV_MAX_ENTRIES,
     NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
     SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
@@ -122,3 +122,11 @@ pub static LB_XDP_TARGETS: HashMap<u32, u32> = HashMap::pinned(XDP_TARGETS_MAX_E
 /// leaves an entry that ages out.
 #[map(name = "LB_FRAGMENTS")]
 pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRAGMENTS_MAX_ENTRIES, 0);
+
+/// The IPv6 programs, tail-called by the IPv4 ones for IPv6 frames (`lb_common::TAIL_*`). A
+/// program array serves one program type; XDP has none (ctx.rs). Filled by the agent
+/// when it loads the programs. Pinned: the kernel empties a program array once no file
+/// descriptor or pin holds it (breaking program/map cycles), and the programs must keep their
+/// IPv6 half after the agent exits.
+#[map(name = "LB_TAILS_TC")]
+pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);

@@ -9,42 +9,28 @@
 use lb_common::{Backend, ServiceValue, BACKEND_FLAG_LOCAL, PROTO_TCP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
+    addr::{wsum_add, Addr},
     conntrack,
     ctx::Packet,
     parse::{ptr_at, Flow, Frag, Headers, ETH_LEN},
 };
 
-/// The node's address (network order) that external flows to remote backends are SNATed to,
-/// so the backend's node sends replies back through us. Set by the agent at load time; zero
-/// means unknown, and such flows then keep the client's address.
-#[no_mangle]
-static NODE_IP: u32 = 0;
-/// Source given to hairpin flows (a pod reaching itself through a Service): the pod must see
-/// another address than its own, or its reply never leaves it. 169.254.42.1, as Cilium uses.
-#[no_mangle]
-static HAIRPIN_IP: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
-
-#[inline(always)]
-fn global(v: &'static u32) -> u32 {
-    // SAFETY: reading a static; volatile so the compiler keeps the load the loader patches.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
 /// Whether a new flow to `backend` needs its source rewritten too.
-pub enum Snat {
+pub enum Snat<A> {
     No,
     /// To this address and port; `true` when that address is the node's own.
-    To(u32, u16, bool),
+    To(A, u16, bool),
     /// It needs SNAT but no port is free.
     Exhausted,
 }
 
 #[inline(always)]
-pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u32) -> Snat {
-    if backend.addr[0] == flow.src {
+pub fn snat_for<A: Addr>(svc: &ServiceValue, backend: &Backend, flow: &Flow<A>, now: u32) -> Snat<A> {
+    let backend_addr = A::from_words(backend.addr);
+    if backend_addr == flow.src {
         // Hairpin: the client's own port keeps reply keys unique, as the backend is the
         // client itself.
-        return Snat::To(global(&HAIRPIN_IP), flow.sport, false);
+        return Snat::To(A::hairpin_ip(), flow.sport, false);
     }
     let external_to_remote = svc.flags & SVC_FLAG_EXTERNAL != 0
         && svc.flags & SVC_FLAG_LOCAL_ONLY == 0
@@ -52,18 +38,17 @@ pub fn snat_for(svc: &ServiceValue, backend: &Backend, flow: &Flow, now: u32) ->
     if !external_to_remote {
         return Snat::No;
     }
-    let node_ip = global(&NODE_IP);
-    if node_ip == 0 {
+    let node_ip = A::node_ip();
+    if node_ip.is_zero() {
         return Snat::No;
     }
-    match conntrack::free_snat_port(flow, node_ip, backend.addr[0], backend.port, now) {
+    match conntrack::free_snat_port(flow, node_ip, backend_addr, backend.port, now) {
         Some(port) => Snat::To(node_ip, port, true),
         None => Snat::Exhausted,
     }
 }
 
-const IP_SRC_OFF: usize = ETH_LEN + 12;
-const IP_DST_OFF: usize = ETH_LEN + 16;
+/// The IPv4 header checksum (IPv6 has none).
 const IP_CSUM_OFF: usize = ETH_LEN + 10;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
@@ -88,19 +73,6 @@ pub fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Ones' complement addition of 32-bit partial sums (the kernel's `csum_add`).
-#[inline(always)]
-pub fn wsum_add(a: u32, b: u32) -> u32 {
-    let (s, carry) = a.overflowing_add(b);
-    s.wrapping_add(carry as u32)
-}
-
-/// What replacing `old` by `new` adds to a checksum, as a 32-bit partial sum.
-#[inline(always)]
-fn diff32(old: u32, new: u32) -> u32 {
-    wsum_add(!old, new)
-}
-
 #[inline(always)]
 fn diff16(old: u16, new: u16) -> u32 {
     (!old) as u32 + new as u32
@@ -122,24 +94,30 @@ pub fn fold(mut s: u32) -> u16 {
 /// fragment has no L4 header: only its IP header changes (the first fragment's L4 checksum
 /// covers the whole datagram and was updated with it).
 #[inline(always)]
-pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, src: (u32, u16), dst: (u32, u16)) -> Result<(), i64> {
+pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: (A, u16)) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (old_src, old_dst) = (h.flow.src, h.flow.dst);
-    let (Some(ip_src), Some(ip_dst), Some(ip_csum)) = (
-        ptr_at::<u32>(data, data_end, IP_SRC_OFF),
-        ptr_at::<u32>(data, data_end, IP_DST_OFF),
-        ptr_at::<u16>(data, data_end, IP_CSUM_OFF),
-    ) else {
+    let (Some(ip_src), Some(ip_dst)) =
+        (ptr_at::<A>(data, data_end, ETH_LEN + A::SRC_OFF), ptr_at::<A>(data, data_end, ETH_LEN + A::DST_OFF))
+    else {
         return Err(-1);
     };
-    let addr_diff = wsum_add(diff32(old_src, src.0), diff32(old_dst, dst.0));
+    let addr_diff = wsum_add(A::csum_diff(old_src, src.0), A::csum_diff(old_dst, dst.0));
     // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
     // could move packet data.
     unsafe {
-        ip_src.write_unaligned(src.0);
-        ip_dst.write_unaligned(dst.0);
-        let c = ip_csum.read_unaligned();
-        ip_csum.write_unaligned(!fold(wsum_add(!c as u32, addr_diff)));
+        src.0.write(ip_src as *mut u8);
+        dst.0.write(ip_dst as *mut u8);
+    }
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        let Some(ip_csum) = ptr_at::<u16>(data, data_end, IP_CSUM_OFF) else {
+            return Err(-1);
+        };
+        // SAFETY: bounds-checked above.
+        unsafe {
+            let c = ip_csum.read_unaligned();
+            ip_csum.write_unaligned(!fold(wsum_add(!c as u32, addr_diff)));
+        }
     }
     if h.frag == Frag::Later {
         return Ok(());
@@ -159,12 +137,11 @@ pub fn rewrite<P: Packet>(ctx: &P, h: &Headers, src: (u32, u16), dst: (u32, u16)
     ctx.l4_csum(csum_off, addr_diff, port_diff, udp)
 }
 
-const IP_TTL_OFF: usize = ETH_LEN + 8;
-
-/// Whether a packet may be forwarded by the datapath itself (a router's rule: TTL above 1).
+/// Whether a packet may be forwarded by the datapath itself (a router's rule: TTL, or IPv6's
+/// hop limit, above 1).
 #[inline(always)]
-pub fn ttl_ok<P: Packet>(ctx: &P) -> bool {
-    match ptr_at::<u8>(ctx.data(), ctx.data_end(), IP_TTL_OFF) {
+pub fn ttl_ok<A: Addr, P: Packet>(ctx: &P) -> bool {
+    match ptr_at::<u8>(ctx.data(), ctx.data_end(), ETH_LEN + A::TTL_OFF) {
         // SAFETY: bounds checked by ptr_at.
         Some(ttl) => (unsafe { *ttl }) > 1,
         None => false,
@@ -174,10 +151,18 @@ pub fn ttl_ok<P: Packet>(ctx: &P) -> bool {
 /// Decrements the TTL of a packet the datapath forwards itself, as the stack's `ip_forward`
 /// would have (it never sees these packets), with the header checksum (RFC 1624).
 #[inline(always)]
-pub fn decrement_ttl<P: Packet>(ctx: &P) {
+pub fn decrement_ttl<A: Addr, P: Packet>(ctx: &P) {
     let (data, data_end) = (ctx.data(), ctx.data_end());
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        // IPv6: the hop limit, and no header checksum.
+        if let Some(hop) = ptr_at::<u8>(data, data_end, ETH_LEN + A::TTL_OFF) {
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *hop = (*hop).wrapping_sub(1) };
+        }
+        return;
+    }
     let (Some(word), Some(ip_csum)) =
-        (ptr_at::<u16>(data, data_end, IP_TTL_OFF), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
+        (ptr_at::<u16>(data, data_end, ETH_LEN + A::TTL_OFF), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
     else {
         return;
     };

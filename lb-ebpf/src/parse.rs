@@ -1,4 +1,5 @@
-//! Stage 1: find the IPv4 and L4 headers. Reads only; never changes the packet.
+//! Stage 1: find the IP (IPv4, or IPv6 behind its extension headers) and L4 headers. Reads
+//! only; never changes the packet.
 //!
 //! Fragments: the first fragment of a datagram carries the L4 header and is parsed as any
 //! packet; a later one carries none, so it comes back as `LaterFragment` for the pipeline to
@@ -9,21 +10,26 @@ use core::mem::size_of;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
+use crate::addr::Addr;
+
 pub const ETH_LEN: usize = size_of::<EthHdr>();
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// More-fragments flag and fragment offset, in network order as they sit in the header.
 const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
 /// Fragment offset alone.
 const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 pub const IPV4_LEN: usize = 20;
 pub const ICMP_LEN: usize = 8;
 
-/// The 5-tuple of a packet, every field in network byte order as it sits in the packet.
+/// The 5-tuple of a packet, every field in network byte order as it sits in the packet; `A`
+/// the address family (`addr::Addr`).
 #[derive(Clone, Copy)]
-pub struct Flow {
-    pub src: u32,
-    pub dst: u32,
+pub struct Flow<A> {
+    pub src: A,
+    pub dst: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -40,8 +46,8 @@ pub enum Frag {
     Later,
 }
 
-pub struct Headers {
-    pub flow: Flow,
+pub struct Headers<A> {
+    pub flow: Flow<A>,
     /// Offset of the L4 header from the start of the frame (of the IP payload for `Later`).
     pub l4_off: usize,
     /// TCP flags byte (zero for UDP and for later fragments).
@@ -49,18 +55,19 @@ pub struct Headers {
     /// The UDP checksum is zero ("none"), which must stay zero after rewriting.
     pub udp_csum_zero: bool,
     pub frag: Frag,
-    /// The IP identification, network order: names the datagram of a fragment.
-    pub ip_id: u16,
+    /// The IP identification, network order (16 bits in IPv4, 32 in IPv6's fragment header):
+    /// names the datagram of a fragment.
+    pub ip_id: u32,
 }
 
 /// An ICMP error (destination unreachable, time exceeded, parameter problem) and the flow of
 /// the packet it quotes: that packet went the other way, so its source is our destination.
 /// Either IP header may carry options, so the offsets are the packet's own.
-pub struct IcmpError {
+pub struct IcmpError<A> {
     /// The outer packet: its addresses (ports unused).
-    pub outer: Flow,
+    pub outer: Flow<A>,
     /// The quoted packet's 5-tuple, as it sits in the quote.
-    pub inner: Flow,
+    pub inner: Flow<A>,
     /// The quoted L4 header holds its checksum (UDP always, TCP when 18 bytes are quoted).
     pub inner_csum: bool,
     /// Offsets from the start of the frame: the ICMP header, the quoted IP header, the quoted
@@ -70,14 +77,42 @@ pub struct IcmpError {
     pub inner_l4_off: usize,
 }
 
-pub enum Parsed {
-    NotIp,
+pub enum Parsed<A> {
     Malformed,
     OtherProto,
-    L4(Headers),
+    /// IPv6 extension headers beyond the walk's bound (`MAX_EXT_HEADERS`).
+    ExtHeaders,
+    L4(Headers<A>),
     /// A later fragment; `flow` has no ports yet.
-    LaterFragment(Headers),
-    Icmp(IcmpError),
+    LaterFragment(Headers<A>),
+    Icmp(IcmpError<A>),
+}
+
+/// The frame's ethertype (network order), `None` when it is too short for an Ethernet header.
+#[inline(always)]
+pub fn ethertype(data: usize, data_end: usize) -> Option<u16> {
+    let eth = ptr_at::<EthHdr>(data, data_end, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { (*eth).ether_type })
+}
+
+/// The family-specific parser, so the pipeline can be written once.
+pub trait Parse: Addr {
+    fn parse(data: usize, data_end: usize) -> Parsed<Self>;
+}
+
+impl Parse for u32 {
+    #[inline(always)]
+    fn parse(data: usize, data_end: usize) -> Parsed<u32> {
+        parse4(data, data_end)
+    }
+}
+
+impl Parse for [u32; 4] {
+    #[inline(always)]
+    fn parse(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
+        parse6(data, data_end)
+    }
 }
 
 /// Bounds-checked pointer into the packet, in the form the verifier accepts.
@@ -89,15 +124,9 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
     Some((data + off) as *mut T)
 }
 
+/// An IPv4 packet (the ethertype was checked).
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
-        return Parsed::Malformed;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return Parsed::NotIp;
-    }
+pub fn parse4(data: usize, data_end: usize) -> Parsed<u32> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
         return Parsed::Malformed;
     };
@@ -111,7 +140,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let proto = ip.proto;
     let l4_off = ETH_LEN + ihl * 4;
-    let ip_id = u16::from_ne_bytes(ip.id);
+    let ip_id = u16::from_ne_bytes(ip.id) as u32;
     let frags = u16::from_ne_bytes(ip.frags);
     let frag = if frags & IP_MF_OFFSET_MASK_BE == 0 {
         Frag::Whole
@@ -133,6 +162,26 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
             ip_id,
         });
     }
+    match proto {
+        PROTO_TCP | PROTO_UDP => l4(data, data_end, src, dst, proto, l4_off, frag, ip_id),
+        PROTO_ICMP if frag == Frag::Whole => icmp_error(data, data_end, src, dst, l4_off),
+        _ => Parsed::OtherProto,
+    }
+}
+
+/// The TCP or UDP header at `l4_off`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn l4<A: Addr>(
+    data: usize,
+    data_end: usize,
+    src: A,
+    dst: A,
+    proto: u8,
+    l4_off: usize,
+    frag: Frag,
+    ip_id: u32,
+) -> Parsed<A> {
     match proto {
         PROTO_TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(data, data_end, l4_off) else {
@@ -173,7 +222,6 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
                 ip_id,
             })
         }
-        PROTO_ICMP if frag == Frag::Whole => icmp_error(data, data_end, src, dst, l4_off),
         _ => Parsed::OtherProto,
     }
 }
@@ -185,7 +233,7 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// An ICMP error quoting a TCP or UDP packet, else `OtherProto` (echo, and errors we cannot
 /// match, pass untouched). `icmp_off`: where the ICMP header starts, behind any IP options.
 #[inline(always)]
-fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32, icmp_off: usize) -> Parsed {
+fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32, icmp_off: usize) -> Parsed<u32> {
     // The ICMP header and the quoted IP header without its options.
     let Some(b) = ptr_at::<[u8; ICMP_LEN + IPV4_LEN]>(data, data_end, icmp_off) else {
         return Parsed::OtherProto;
@@ -219,6 +267,152 @@ fn icmp_error(data: usize, data_end: usize, src: u32, dst: u32, icmp_off: usize)
         inner: Flow {
             src: u32::from_ne_bytes([b[ip + 12], b[ip + 13], b[ip + 14], b[ip + 15]]),
             dst: u32::from_ne_bytes([b[ip + 16], b[ip + 17], b[ip + 18], b[ip + 19]]),
+            sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            proto,
+        },
+        inner_csum,
+        icmp_off,
+        inner_ip_off,
+        inner_l4_off,
+    })
+}
+
+pub const IPV6_LEN: usize = 40;
+/// Extension headers walked before the L4 header: hop-by-hop, routing, destination options
+/// and fragment, each at most once in order (RFC 8200 4.1) but for a second destination
+/// options header. A chain longer than this is passed and counted, never misparsed.
+pub const MAX_EXT_HEADERS: usize = 4;
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_DEST_OPTS: u8 = 60;
+/// Largest extension header (an 8-bit length in 8-octet units, plus the first 8).
+const EXT_MAX_LEN: usize = 256 * 8;
+
+/// An IPv6 packet (the ethertype was checked): the fixed header, then a bounded walk of the
+/// extension headers to the upper-layer header.
+#[inline(always)]
+pub fn parse6(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
+    let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(data, data_end, ETH_LEN) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    // SAFETY: the address fields lie within the header checked above.
+    let (src, dst) = unsafe { (<[u32; 4]>::read(ip.as_ptr().add(8)), <[u32; 4]>::read(ip.as_ptr().add(24))) };
+    let mut next = ip[6];
+    let mut off = ETH_LEN + IPV6_LEN;
+    let mut frag = Frag::Whole;
+    let mut ip_id = 0u32;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => {
+                let Some(h) = ptr_at::<[u8; 2]>(data, data_end, off) else {
+                    return Parsed::Malformed;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { *h };
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            NEXT_FRAGMENT => {
+                let Some(h) = ptr_at::<[u8; 8]>(data, data_end, off) else {
+                    return Parsed::Malformed;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let h = unsafe { *h };
+                next = h[0];
+                // Offset (13 bits, in 8-octet units) and the M flag in the low bit.
+                let offset_m = u16::from_be_bytes([h[2], h[3]]);
+                frag = if offset_m & 0xfff8 != 0 {
+                    Frag::Later
+                } else if offset_m & 1 != 0 {
+                    Frag::First
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    frag
+                };
+                ip_id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                off += 8;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    if matches!(next, NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS | NEXT_FRAGMENT) {
+        return Parsed::ExtHeaders;
+    }
+    // Tells the verifier the offset's range (each step adds at most EXT_MAX_LEN).
+    if off > ETH_LEN + IPV6_LEN + MAX_EXT_HEADERS * EXT_MAX_LEN {
+        return Parsed::ExtHeaders;
+    }
+    if frag == Frag::Later {
+        if next != PROTO_TCP && next != PROTO_UDP {
+            return Parsed::OtherProto;
+        }
+        return Parsed::LaterFragment(Headers {
+            flow: Flow { src, dst, sport: 0, dport: 0, proto: next },
+            l4_off: off,
+            tcp_flags: 0,
+            udp_csum_zero: false,
+            frag,
+            ip_id,
+        });
+    }
+    match next {
+        PROTO_TCP | PROTO_UDP => l4(data, data_end, src, dst, next, off, frag, ip_id),
+        PROTO_ICMPV6 if frag == Frag::Whole => icmp6_error(data, data_end, src, dst, off),
+        _ => Parsed::OtherProto,
+    }
+}
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+
+/// An ICMPv6 error (destination unreachable, packet too big, time exceeded, parameter
+/// problem) quoting a TCP or UDP packet, else `OtherProto`: neighbour discovery, echo and
+/// every informational message pass untouched, as do quotes with extension headers (the
+/// kernel sends none for the TCP and UDP it quotes unless the original carried them).
+#[inline(always)]
+fn icmp6_error(data: usize, data_end: usize, src: [u32; 4], dst: [u32; 4], icmp_off: usize) -> Parsed<[u32; 4]> {
+    let Some(b) = ptr_at::<[u8; ICMP_LEN + IPV6_LEN]>(data, data_end, icmp_off) else {
+        return Parsed::OtherProto;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let b = unsafe { &*b };
+    if !matches!(b[0], ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB) {
+        return Parsed::OtherProto;
+    }
+    let ip = ICMP_LEN;
+    let proto = b[ip + 6];
+    if b[ip] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return Parsed::OtherProto;
+    }
+    let inner_ip_off = icmp_off + ICMP_LEN;
+    let inner_l4_off = inner_ip_off + IPV6_LEN;
+    let Some(ports) = ptr_at::<[u8; 4]>(data, data_end, inner_l4_off) else {
+        return Parsed::OtherProto;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
+    let inner_csum = match proto {
+        PROTO_UDP => ptr_at::<[u8; 8]>(data, data_end, inner_l4_off).is_some(),
+        _ => ptr_at::<[u8; 18]>(data, data_end, inner_l4_off).is_some(),
+    };
+    // SAFETY: the address fields lie within the quote checked above.
+    let (qsrc, qdst) = unsafe { (<[u32; 4]>::read(b.as_ptr().add(ip + 8)), <[u32; 4]>::read(b.as_ptr().add(ip + 24))) };
+    Parsed::Icmp(IcmpError {
+        outer: Flow { src, dst, sport: 0, dport: 0, proto: PROTO_ICMPV6 },
+        inner: Flow {
+            src: qsrc,
+            dst: qdst,
             sport: u16::from_ne_bytes([ports[0], ports[1]]),
             dport: u16::from_ne_bytes([ports[2], ports[3]]),
             proto,

@@ -11,7 +11,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parse::{ptr_at, Headers, ETH_LEN, IPV4_LEN};
+use crate::{
+    addr::Addr,
+    parse::{ptr_at, Headers, ETH_LEN, IPV4_LEN, IPV6_LEN},
+};
 
 const ICMP_LEN: usize = 8;
 const GROW: usize = IPV4_LEN + ICMP_LEN;
@@ -35,8 +38,11 @@ fn fold(mut sum: u32) -> u16 {
 /// Turns the packet into an ICMP port unreachable to its sender and returns the tc verdict
 /// that sends it.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
-    if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h).is_none() {
+pub fn port_unreachable<A: Addr>(ctx: &TcContext, h: &Headers<A>) -> i32 {
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        return port_unreachable6(ctx, h.l4_off, h.flow.proto);
+    }
+    if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h.l4_off).is_none() {
         return TC_ACT_SHOT as i32;
     }
     if h.flow.proto == lb_common::PROTO_TCP {
@@ -53,8 +59,8 @@ pub fn port_unreachable(ctx: &TcContext, h: &Headers) -> i32 {
 /// error by the quoted addresses and ports (`tcp_v4_err`, `__udp4_lib_err` read the quoted IHL),
 /// which are unchanged.
 #[inline(always)]
-fn strip_options(ctx: &TcContext, h: &Headers) -> Option<()> {
-    let opt_len = h.l4_off.checked_sub(ETH_LEN + IPV4_LEN)?;
+fn strip_options(ctx: &TcContext, l4_off: usize) -> Option<()> {
+    let opt_len = l4_off.checked_sub(ETH_LEN + IPV4_LEN)?;
     // IHL is at most 15: 40 bytes of options.
     if opt_len == 0 || opt_len > 40 {
         return None;
@@ -156,6 +162,87 @@ fn build<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i < ICMP_LEN + quote_len {
+        sum += u16::from_ne_bytes([f[icmp + i], f[icmp + i + 1]]) as u32;
+        i += 2;
+    }
+    f[icmp + 2..icmp + 4].copy_from_slice(&fold(sum).to_ne_bytes());
+
+    // SAFETY: reading the ifindex the skb arrived on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call; egress of the arrival device delivers to the sender.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+const GROW6: usize = IPV6_LEN + ICMP_LEN;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const PROTO_ICMPV6: u8 = 58;
+
+/// IPv6: an ICMPv6 destination unreachable (port unreachable), what ip6tables' REJECT sends
+/// (`icmp6-port-unreachable`); the client's kernel reports ECONNREFUSED for it as for IPv4
+/// (`tcp_v6_err` via `icmpv6_err_convert`). A packet with extension headers is dropped
+/// instead: its quote would have no fixed length.
+#[inline(never)]
+fn port_unreachable6(ctx: &TcContext, l4_off: usize, proto: u8) -> i32 {
+    if l4_off != ETH_LEN + IPV6_LEN {
+        return TC_ACT_SHOT as i32;
+    }
+    if proto == lb_common::PROTO_TCP {
+        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_TCP }>(ctx)
+    } else {
+        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_UDP }>(ctx)
+    }
+}
+
+/// Builds the ICMPv6 reply in a frame of exactly `REPLY_LEN` bytes, as `build` does for IPv4.
+#[inline(always)]
+fn build6<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
+    const { assert!(REPLY_LEN >= ETH_LEN + GROW6 + IPV6_LEN + 8) };
+    let icmp_len = REPLY_LEN - ETH_LEN - IPV6_LEN;
+    if ctx.adjust_room(GROW6 as i32, BPF_ADJ_ROOM_MAC, 0).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: plain helper call on our own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) } != 0 {
+        return TC_ACT_SHOT as i32;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(frame) = ptr_at::<[u8; REPLY_LEN]>(data, data_end, 0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; the frame is ours to rewrite.
+    let f = unsafe { &mut *frame };
+
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&f[0..6]);
+    f.copy_within(6..12, 0);
+    f[6..12].copy_from_slice(&mac);
+
+    // New IPv6 header from the service address (the quote's destination) to the client.
+    let quote = ETH_LEN + GROW6;
+    let ip = ETH_LEN;
+    f[ip..ip + 4].copy_from_slice(&[0x60, 0, 0, 0]);
+    f[ip + 4..ip + 6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
+    f[ip + 6] = PROTO_ICMPV6;
+    f[ip + 7] = 64;
+    f.copy_within(quote + 24..quote + 40, ip + 8);
+    f.copy_within(quote + 8..quote + 24, ip + 24);
+
+    // ICMPv6 port unreachable; the checksum covers the pseudo-header (addresses, length,
+    // next header) as well as the message.
+    let icmp = ETH_LEN + IPV6_LEN;
+    f[icmp..icmp + ICMP_LEN].copy_from_slice(&[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+    // Everything is summed in memory order (ones' complement sums do not care), so the
+    // length and next header enter as they would sit in the pseudo-header.
+    let mut sum =
+        u16::from_ne_bytes((icmp_len as u16).to_be_bytes()) as u32 + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
+    let mut i = 0;
+    while i < 32 {
+        sum += u16::from_ne_bytes([f[ip + 8 + i], f[ip + 8 + i + 1]]) as u32;
+        i += 2;
+    }
+    let mut i = 0;
+    while i < icmp_len {
         sum += u16::from_ne_bytes([f[icmp + i], f[icmp + i + 1]]) as u32;
         i += 2;
     }

@@ -8,11 +8,12 @@
 //! --seconds T` then `--set`), only new connections read and refresh the pin.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, Counter, ServiceValue, FAMILY_IPV4,
+    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, Counter, ServiceValue,
     SVC_FLAG_AFFINITY,
 };
 
 use crate::{
+    addr::Addr,
     maps::{LB_AFFINITY, LB_BACKENDS, LB_BACKEND_MEMBERS, LB_MAGLEV},
     parse::Flow,
     stats::count,
@@ -21,14 +22,14 @@ use crate::{
 /// `svc.backend_count` must be non-zero. `None` means the slot the service points at is gone,
 /// which only happens if the agent broke its own write ordering.
 #[inline(always)]
-pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
+pub fn select<A: Addr>(hook: u32, svc: &ServiceValue, flow: &Flow<A>) -> Option<Backend> {
     if svc.flags & SVC_FLAG_AFFINITY == 0 {
         return by_hash(svc, flow);
     }
     // Only affinity reads the fine clock: its timeouts are in seconds, set by users.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = AffinityKey { client: [flow.src, 0, 0, 0], service_id: svc.id, family: FAMILY_IPV4, _pad: [0; 3] };
+    let key = AffinityKey { client: flow.src.words(), service_id: svc.id, family: A::FAMILY, _pad: [0; 3] };
     if let Some(pin) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: LRU values stay valid while the program runs; a concurrent update from
         // another CPU can only make us use a pin a few nanoseconds old.
@@ -50,8 +51,8 @@ pub fn select(hook: u32, svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
 /// The slot of the frontend's Maglev table the flow hashes to: a flow whose conntrack entry
 /// was lost comes back to the same backend while that backend stays.
 #[inline(always)]
-fn by_hash(svc: &ServiceValue, flow: &Flow) -> Option<Backend> {
-    let hash = flow_hash(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+fn by_hash<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> Option<Backend> {
+    let hash = flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto);
     let slot = svc.table_off.wrapping_add(select_slot(hash, svc.table_size));
     let pair = *LB_MAGLEV.get(slot >> 1)?;
     LB_BACKENDS.get((pair >> ((slot & 1) * 32)) as u32).copied()

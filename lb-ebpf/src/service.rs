@@ -6,11 +6,12 @@
 //! the node's own addresses, as a node port; the pipeline asks only for new flows, after
 //! conntrack.
 use lb_common::{
-    filter_bit, LocalSourceData, NodeAddrKey, ServiceKey, ServiceValue, FAMILY_IPV4, FILTER_BACKENDS, FILTER_FRONTENDS,
-    SCOPE_EXACT, SCOPE_FROM_CLUSTER, SCOPE_NODEPORT, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
+    filter_bit, LocalSourceData, NodeAddrKey, ServiceKey, ServiceValue, FILTER_BACKENDS, FILTER_FRONTENDS, SCOPE_EXACT,
+    SCOPE_FROM_CLUSTER, SCOPE_NODEPORT, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
+    addr::Addr,
     maps::{LocalSourceKey, SourceRangeKey, LB_FILTER, LB_LOCAL_SOURCES, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
     parse::Flow,
 };
@@ -26,26 +27,20 @@ fn filter_hit(base: u32, addr: u32, port: u16, proto: u8) -> bool {
 
 /// Whether the packet's destination may be a frontend.
 #[inline(always)]
-pub fn maybe_frontend(flow: &Flow) -> bool {
-    filter_hit(FILTER_FRONTENDS, flow.dst, flow.dport, flow.proto)
+pub fn maybe_frontend<A: Addr>(flow: &Flow<A>) -> bool {
+    filter_hit(FILTER_FRONTENDS, flow.dst.fold(), flow.dport, flow.proto)
 }
 
 /// Whether the packet's source may be a backend (so the packet a reply to translate).
 #[inline(always)]
-pub fn maybe_backend(flow: &Flow) -> bool {
-    filter_hit(FILTER_BACKENDS, flow.src, flow.sport, flow.proto)
+pub fn maybe_backend<A: Addr>(flow: &Flow<A>) -> bool {
+    filter_hit(FILTER_BACKENDS, flow.src.fold(), flow.sport, flow.proto)
 }
 
 #[inline(always)]
-fn get(addr: u32, flow: &Flow, scope: u8) -> Option<ServiceValue> {
-    let key = ServiceKey {
-        addr: [addr, 0, 0, 0],
-        port: flow.dport,
-        proto: flow.proto,
-        family: FAMILY_IPV4,
-        scope,
-        _pad: [0; 3],
-    };
+fn get<A: Addr>(addr: A, flow: &Flow<A>, scope: u8) -> Option<ServiceValue> {
+    let key =
+        ServiceKey { addr: addr.words(), port: flow.dport, proto: flow.proto, family: A::FAMILY, scope, _pad: [0; 3] };
     // SAFETY: the value is copied out at once: the agent may replace the entry while we run,
     // and a copy keeps count and generation consistent with each other.
     unsafe { LB_SERVICES.get(&key).copied() }
@@ -56,13 +51,13 @@ fn get(addr: u32, flow: &Flow, scope: u8) -> Option<ServiceValue> {
 /// the cluster's own (asked only at an `externalTrafficPolicy: Local` external frontend, which
 /// then gives such sources its cluster-wide companion entry, kube-proxy's short-circuit).
 #[inline(always)]
-pub fn lookup(flow: &Flow, from_cluster: impl Fn(&Flow) -> bool) -> Option<(ServiceValue, bool)> {
+pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool)> {
     let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
         Some(svc) => (svc, flow.dst, SCOPE_EXACT),
         None => {
-            let node = NodeAddrKey { addr: [flow.dst, 0, 0, 0], family: FAMILY_IPV4, _pad: [0; 3] };
+            let node = NodeAddrKey { addr: flow.dst.words(), family: A::FAMILY, _pad: [0; 3] };
             LB_NODE_ADDRS.get_ptr(&node)?;
-            (get(0, flow, SCOPE_NODEPORT)?, 0, SCOPE_NODEPORT)
+            (get(A::default(), flow, SCOPE_NODEPORT)?, A::default(), SCOPE_NODEPORT)
         }
     };
     let node_frontend = scope == SCOPE_NODEPORT;
@@ -77,21 +72,19 @@ pub fn lookup(flow: &Flow, from_cluster: impl Fn(&Flow) -> bool) -> Option<(Serv
 
 /// Whether a packet's source is the cluster's own (`LB_LOCAL_SOURCES`).
 #[inline(always)]
-pub fn from_cluster(flow: &Flow) -> bool {
+pub fn from_cluster<A: Addr>(flow: &Flow<A>) -> bool {
     let key =
-        LocalSourceKey::new(64, LocalSourceData { family_be: (FAMILY_IPV4 as u32).to_be(), addr: [flow.src, 0, 0, 0] });
+        LocalSourceKey::new(64, LocalSourceData { family_be: (A::FAMILY as u32).to_be(), addr: flow.src.words() });
     LB_LOCAL_SOURCES.get(&key).is_some()
 }
 
 /// `loadBalancerSourceRanges`: whether the client may use this frontend.
 #[inline(always)]
-pub fn source_allowed(svc: &ServiceValue, flow: &Flow) -> bool {
+pub fn source_allowed<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> bool {
     if svc.flags & SVC_FLAG_SOURCE_RANGES == 0 {
         return true;
     }
-    let key = SourceRangeKey::new(
-        64,
-        lb_common::SourceRangeData { service_id_be: svc.id.to_be(), addr: [flow.src, 0, 0, 0] },
-    );
+    let key =
+        SourceRangeKey::new(64, lb_common::SourceRangeData { service_id_be: svc.id.to_be(), addr: flow.src.words() });
     LB_SOURCE_RANGES.get(&key).is_some()
 }

@@ -6,7 +6,7 @@
 //! sync. `main.rs` only turns the command line into [`Options`].
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{mpsc, Arc},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -142,6 +142,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let config = opts.dataplane;
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
+    }
+    if config.node_ip6.is_none() {
+        info!(
+            "no --node-ip6 and no global IPv6 address on the default route's interface: external IPv6 traffic to \
+             backends on other nodes is not SNATed"
+        );
     }
     let status: metrics::SharedStatus = Default::default();
     let (tx, rx) = mpsc::channel();
@@ -371,7 +377,7 @@ struct Proxier {
     synced: bool,
     attached: bool,
     links_dirty: bool,
-    node_addrs: Vec<Ipv4Addr>,
+    node_addrs: Vec<IpAddr>,
     /// Frontends whose map writes failed, retried with back-off.
     failed: BTreeSet<Frontend>,
     retry_delay: Duration,
@@ -728,4 +734,58 @@ pub fn default_route_interface() -> Option<String> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
     })
+}
+
+/// The node's IPv6 address for SNAT when `--node-ip6` is not given: the first global address
+/// (not loopback, not link-local) of the interface holding the IPv6 default route, else of the
+/// IPv4 default route's interface (a node whose IPv6 has no default route yet).
+pub fn default_route_address6() -> Option<std::net::Ipv6Addr> {
+    let routes = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    let addrs = dataplane::local_ipv6_by_interface().ok()?;
+    let global = |iface: &str| {
+        addrs.iter().find(|(i, ip)| i == iface && dataplane::node_port_address((*ip).into())).map(|(_, ip)| *ip)
+    };
+    default_route_interface6(&routes).and_then(|i| global(&i)).or_else(|| global(&default_route_interface()?))
+}
+
+/// The interface of the IPv6 default route in `/proc/net/ipv6_route` text: destination `::/0`,
+/// up (`RTF_UP`), not a reject route (`RTF_REJECT`, the kernel's unreachable default on `lo`).
+fn default_route_interface6(routes: &str) -> Option<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    routes.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+        let default = f[0].bytes().all(|b| b == b'0') && f.get(1) == Some(&"00");
+        (default && flags & RTF_UP != 0 && flags & RTF_REJECT == 0 && f.get(9) != Some(&"lo"))
+            .then(|| f.get(9).map(|s| s.to_string()))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_default_route_is_found_and_reject_routes_are_not() {
+        let routes = "\
+fd000049000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000049000000000000000000000001 00000400 00000001 00000000 00450003     eth1
+";
+        assert_eq!(default_route_interface6(routes).as_deref(), Some("eth1"));
+        assert_eq!(default_route_interface6(&routes.lines().take(2).collect::<Vec<_>>().join("\n")), None);
+    }
+
+    #[test]
+    fn node_pod_cidrs_of_both_families() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"]}
+        }))
+        .unwrap();
+        let cidrs: Vec<String> = node_pod_cidrs(&node).iter().map(|c| c.to_string()).collect();
+        assert_eq!(cidrs, ["10.244.1.0/24", "fd00:244:1::/64"]);
+    }
 }

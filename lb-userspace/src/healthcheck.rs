@@ -1,20 +1,27 @@
 //! `healthCheckNodePort` servers for `externalTrafficPolicy: Local` LoadBalancers, as kube-proxy
 //! runs them: an external load balancer probes every node, and only nodes with a local endpoint
 //! and a healthy proxy answer 200, so traffic goes only where it will be served.
+//!
+//! As kube-proxy's per-family proxiers each run their own server, a port listens once per
+//! family the Service has (`0.0.0.0`, and `[::]` as an IPv6-only socket beside it), and a
+//! probe is answered with the local endpoint count of the family it arrived over.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{metrics::SharedStatus, model::HealthCheck};
+use crate::{
+    metrics::SharedStatus,
+    model::{HealthCheck, IpFamily},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthCheckError {
-    #[error("health check node port {port}: binding: {source}")]
-    Bind { port: u16, source: std::io::Error },
+    #[error("health check node port {port} ({family}): binding: {source}")]
+    Bind { port: u16, family: IpFamily, source: std::io::Error },
 }
 
 type Shared = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
@@ -23,20 +30,39 @@ type Shared = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
 pub struct HealthChecks {
     state: Shared,
     status: SharedStatus,
-    servers: BTreeMap<u16, JoinHandle<()>>,
+    servers: BTreeMap<(u16, IpFamily), JoinHandle<()>>,
 }
 
-/// kube-proxy's status, JSON body and endpoint count header for one service: 200 only with a
-/// local endpoint and a healthy proxy.
-pub fn response(hc: &HealthCheck, proxy_healthy: bool) -> (u16, String) {
+/// kube-proxy's status, JSON body and endpoint count header for one service, probed over
+/// `family`: 200 only with a local endpoint of that family and a healthy proxy.
+pub fn response(hc: &HealthCheck, family: IpFamily, proxy_healthy: bool) -> (u16, String) {
     let (ns, name) = hc.service.split_once('/').unwrap_or(("default", &hc.service));
+    let local = hc.local_endpoints_of(family);
     let body = serde_json::json!({
         "service": {"namespace": ns, "name": name},
-        "localEndpoints": hc.local_endpoints,
+        "localEndpoints": local,
         "serviceProxyHealthy": proxy_healthy,
     })
     .to_string();
-    (if hc.local_endpoints > 0 && proxy_healthy { 200 } else { 503 }, body)
+    (if local > 0 && proxy_healthy { 200 } else { 503 }, body)
+}
+
+/// A listener on every address of `family`: for IPv6 an IPv6-only socket, so the IPv4
+/// listener on the same port can exist beside it.
+fn listen(family: IpFamily, port: u16) -> std::io::Result<TcpListener> {
+    let addr = match family {
+        IpFamily::V4 => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        IpFamily::V6 => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    if family == IpFamily::V6 {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// The proxy health a health check port reports: the first state programmed and attached, and
@@ -47,12 +73,12 @@ fn proxy_healthy(status: &SharedStatus) -> bool {
 }
 
 async fn answer(
-    axum::extract::State((state, status, port)): axum::extract::State<(Shared, SharedStatus, u16)>,
+    axum::extract::State((state, status, port, family)): axum::extract::State<(Shared, SharedStatus, u16, IpFamily)>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let hc = state.lock().expect("health check state poisoned").get(&port).cloned();
     let Some(hc) = hc else { return axum::http::StatusCode::NOT_FOUND.into_response() };
-    let (code, body) = response(&hc, proxy_healthy(&status));
+    let (code, body) = response(&hc, family, proxy_healthy(&status));
     let code = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE);
     (
         code,
@@ -60,7 +86,7 @@ async fn answer(
             ("content-type", "application/json".to_string()),
             ("x-content-type-options", "nosniff".to_string()),
             // Weighted load balancers read the local endpoint count from this header.
-            ("x-load-balancing-endpoint-weight", hc.local_endpoints.to_string()),
+            ("x-load-balancing-endpoint-weight", hc.local_endpoints_of(family).to_string()),
         ],
         body,
     )
@@ -72,41 +98,47 @@ impl HealthChecks {
         Self { state: Shared::default(), status, servers: BTreeMap::new() }
     }
 
-    /// Serves exactly the ports of `want`, with its counts. Must run inside a tokio runtime.
+    /// Serves exactly the ports of `want`, each on the families it counts, with its counts.
+    /// Must run inside a tokio runtime.
     pub async fn update(&mut self, want: &BTreeMap<u16, HealthCheck>) -> Vec<HealthCheckError> {
         *self.state.lock().expect("health check state poisoned") = want.clone();
-        let gone: Vec<u16> = self.servers.keys().filter(|p| !want.contains_key(p)).copied().collect();
-        for port in gone {
-            if let Some(task) = self.servers.remove(&port) {
+        let wanted =
+            |(port, family): &(u16, IpFamily)| want.get(port).is_some_and(|hc| hc.local_endpoints.contains_key(family));
+        let gone: Vec<(u16, IpFamily)> = self.servers.keys().filter(|k| !wanted(k)).copied().collect();
+        for k in gone {
+            if let Some(task) = self.servers.remove(&k) {
                 task.abort();
-                tracing::info!(port, "health check server stopped");
+                tracing::info!(port = k.0, family = %k.1, "health check server stopped");
             }
         }
         let mut errors = Vec::new();
-        for port in want.keys() {
-            if self.servers.contains_key(port) {
-                continue;
-            }
-            match TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port))).await {
-                Ok(listener) => {
-                    tracing::info!(port, "health check server started");
-                    // Any path gets the answer, as kube-proxy's.
-                    let app = axum::Router::new().fallback(answer).with_state((
-                        self.state.clone(),
-                        self.status.clone(),
-                        *port,
-                    ));
-                    let port = *port;
-                    self.servers.insert(
-                        port,
-                        tokio::spawn(async move {
-                            if let Err(e) = axum::serve(listener, app).await {
-                                tracing::warn!(port, error = %e, "health check server stopped");
-                            }
-                        }),
-                    );
+        for (port, hc) in want {
+            for family in hc.local_endpoints.keys().copied() {
+                let (port, k) = (*port, (*port, family));
+                if self.servers.contains_key(&k) {
+                    continue;
                 }
-                Err(source) => errors.push(HealthCheckError::Bind { port: *port, source }),
+                match listen(family, port) {
+                    Ok(listener) => {
+                        tracing::info!(port, %family, "health check server started");
+                        // Any path gets the answer, as kube-proxy's.
+                        let app = axum::Router::new().fallback(answer).with_state((
+                            self.state.clone(),
+                            self.status.clone(),
+                            port,
+                            family,
+                        ));
+                        self.servers.insert(
+                            k,
+                            tokio::spawn(async move {
+                                if let Err(e) = axum::serve(listener, app).await {
+                                    tracing::warn!(port, %family, error = %e, "health check server stopped");
+                                }
+                            }),
+                        );
+                    }
+                    Err(source) => errors.push(HealthCheckError::Bind { port, family, source }),
+                }
             }
         }
         errors
@@ -117,20 +149,89 @@ impl HealthChecks {
 mod tests {
     use super::*;
 
+    fn check(service: &str, v4: usize) -> HealthCheck {
+        HealthCheck { service: service.into(), local_endpoints: BTreeMap::from([(IpFamily::V4, v4)]) }
+    }
+
     #[test]
     fn kube_proxy_style_body_and_status() {
-        let hc = HealthCheck { service: "default/load-bal".into(), local_endpoints: 2 };
-        let (status, body) = response(&hc, true);
+        let hc = check("default/load-bal", 2);
+        let (status, body) = response(&hc, IpFamily::V4, true);
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["service"]["name"], "load-bal");
         assert_eq!(v["service"]["namespace"], "default");
         assert_eq!(v["localEndpoints"], 2);
         assert_eq!(v["serviceProxyHealthy"], true);
-        assert_eq!(response(&HealthCheck { service: "a/b".into(), local_endpoints: 0 }, true).0, 503);
+        assert_eq!(response(&check("a/b", 0), IpFamily::V4, true).0, 503);
         // An unhealthy proxy fails the check even with local endpoints.
-        let (status, body) = response(&hc, false);
+        let (status, body) = response(&hc, IpFamily::V4, false);
         assert_eq!(status, 503);
         assert!(body.contains("\"serviceProxyHealthy\":false"), "{body}");
+    }
+
+    #[test]
+    fn each_family_is_answered_with_its_own_count() {
+        let hc = HealthCheck {
+            service: "default/dual".into(),
+            local_endpoints: BTreeMap::from([(IpFamily::V4, 0), (IpFamily::V6, 3)]),
+        };
+        assert_eq!(response(&hc, IpFamily::V4, true).0, 503, "no local IPv4 endpoint");
+        let (status, body) = response(&hc, IpFamily::V6, true);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["localEndpoints"], 3);
+    }
+
+    /// The IPv4 and the IPv6 listener of one port bind side by side, and each answers with its
+    /// family's count.
+    #[tokio::test]
+    async fn a_port_listens_on_both_families_side_by_side() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            // No IPv6 on this machine (the kernel's ipv6 disabled); nothing to check.
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have IPv6");
+            return;
+        }
+        let status: SharedStatus = Default::default();
+        {
+            let mut st = status.lock().unwrap();
+            st.synced = true;
+            st.attached = true;
+        }
+        let port = {
+            // A free port on both families.
+            let l = std::net::TcpListener::bind("[::]:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut checks = HealthChecks::new(status);
+        let want = BTreeMap::from([(
+            port,
+            HealthCheck {
+                service: "default/dual".into(),
+                local_endpoints: BTreeMap::from([(IpFamily::V4, 0), (IpFamily::V6, 2)]),
+            },
+        )]);
+        let errors = checks.update(&want).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let get = |addr: SocketAddr| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let v4 = get(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
+        assert!(v4.starts_with("HTTP/1.1 503"), "{v4}");
+        let v6 = get(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await;
+        assert!(v6.starts_with("HTTP/1.1 200"), "{v6}");
+        assert!(v6.contains("\"localEndpoints\":2"), "{v6}");
+        // The Service loses its IPv4 family: that listener goes, the other stays.
+        let want = BTreeMap::from([(
+            port,
+            HealthCheck { service: "default/dual".into(), local_endpoints: BTreeMap::from([(IpFamily::V6, 2)]) },
+        )]);
+        assert!(checks.update(&want).await.is_empty());
+        assert_eq!(checks.servers.keys().copied().collect::<Vec<_>>(), vec![(port, IpFamily::V6)]);
     }
 }

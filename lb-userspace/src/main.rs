@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{Counter, CT_DIR_FORWARD};
 use lb_userspace::{
     agent,
-    dataplane::{self, decode_name, endpoint_of, frontend_of, ipv4, Config, MapSizes, Maps, Timeouts},
+    dataplane::{self, decode_name, endpoint_of, frontend_of, ip_of, Config, MapSizes, Maps, Timeouts},
     model::{self, Protocol},
 };
 use tracing::warn;
@@ -66,6 +66,10 @@ struct RunArgs {
     /// Per-frontend packet and byte series in /metrics (two series per frontend).
     #[arg(long)]
     metrics_per_frontend: bool,
+    /// Load the IPv6 programs (experimental: they do not yet pass the verifier's stack limit,
+    /// and without them IPv6 traffic passes untranslated).
+    #[arg(long)]
+    experimental_ipv6: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -128,11 +132,16 @@ struct RunArgs {
     /// return through this node). Default: the IPv4 address of the default route's interface.
     #[arg(long)]
     node_ip: Option<std::net::Ipv4Addr>,
-    /// Node ports answer only on node addresses inside these CIDRs (comma-separated or
-    /// repeated). Default: every address of the node but loopback.
+    /// The same for IPv6 traffic. Default: the first global IPv6 address of the IPv6 default
+    /// route's interface (else of the IPv4 default route's).
+    #[arg(long)]
+    node_ip6: Option<std::net::Ipv6Addr>,
+    /// Node ports answer only on node addresses inside these CIDRs, IPv4 or IPv6
+    /// (comma-separated or repeated). Default: every address of the node but loopback and
+    /// IPv6 link-local ones.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
-    /// The cluster's pod CIDRs (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
+    /// The cluster's pod CIDRs, IPv4 or IPv6 (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
     /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
     /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
     /// endpoints; only traffic from outside stays on this node's.
@@ -311,7 +320,9 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
                 affinity: args.map_affinity,
             },
             node_ip: args.node_ip.or_else(agent::default_route_address),
+            node_ip6: args.node_ip6.or_else(agent::default_route_address6),
             count_per_frontend: args.metrics_per_frontend,
+            ipv6: args.experimental_ipv6,
             xdp_mode: args.xdp_mode,
         },
     })
@@ -333,16 +344,21 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         ListWhat::Services => {
             let mut rows: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
             rows.sort_by_key(|(k, v)| frontend_of(k, v.flags));
-            println!("{:<6} {:<24} {:<8} {:<5} {:<16} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN", "AFFINITY");
+            let shown = |k: &lb_common::ServiceKey, flags: u32| {
+                frontend_of(k, flags).map(|f| f.to_string()).unwrap_or_else(|| "?".into())
+            };
+            // IPv6 frontends are wider than IPv4 ones.
+            let w = rows.iter().map(|(k, v)| shown(k, v.flags).len()).max().unwrap_or(0).max(24);
+            println!("{:<6} {:<w$} {:<8} {:<5} {:<16} SERVICE", "ID", "FRONTEND", "BACKENDS", "GEN", "AFFINITY");
             for (k, v) in rows {
-                let f = frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_else(|| "?".into());
+                let f = shown(&k, v.flags);
                 let affinity = if v.flags & lb_common::SVC_FLAG_AFFINITY != 0 {
                     format!("ClientIP/{}s", v.affinity_timeout_s)
                 } else {
                     "None".to_string()
                 };
                 println!(
-                    "{:<6} {:<24} {:<8} {:<5} {:<16} {}",
+                    "{:<6} {:<w$} {:<8} {:<5} {:<16} {}",
                     v.id,
                     f,
                     v.backend_count,
@@ -354,7 +370,6 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
         ListWhat::Backends => {
             let services: Vec<_> = maps.services.iter().filter_map(Result::ok).collect();
-            println!("{:<24} {:<12} {:<22} SERVICE", "FRONTEND", "SLOTS", "BACKEND");
             let mut rows = Vec::new();
             for (k, v) in &services {
                 // Each backend and how many of the table's slots it owns.
@@ -372,36 +387,42 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
                 }
             }
             rows.sort();
+            let rows: Vec<_> = rows
+                .into_iter()
+                .map(|(f, slots, b, n)| (f.map(|f| f.to_string()).unwrap_or_else(|| "?".into()), slots, b, n))
+                .collect();
+            let wf = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(24);
+            let wb = rows.iter().map(|r| r.2.len()).max().unwrap_or(0).max(22);
+            println!("{:<wf$} {:<12} {:<wb$} SERVICE", "FRONTEND", "SLOTS", "BACKEND");
             for (f, slots, b, n) in rows {
-                let f = f.map(|f| f.to_string()).unwrap_or_else(|| "?".into());
-                println!("{f:<24} {slots:<12} {b:<22} {n}");
+                println!("{f:<wf$} {slots:<12} {b:<wb$} {n}");
             }
         }
         ListWhat::Conntrack => {
             let clock = dataplane::clock::Clock::new()?;
             let now = clock.jiffies()?;
+            let age = |then: u32| clock.to_secs(now.wrapping_sub(then));
+            let mut rows = flow_rows(&dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new), age);
+            rows.extend(flow_rows(&dataplane::conntrack::entries(&maps.conntrack6, &maps.conntrack6_new), age));
+            let w = |i: usize, min: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(min);
+            let (ws, wd, wn) = (w(2, 22), w(3, 22), w(4, 26));
             println!(
-                "{:<7} {:<5} {:<22} {:<22} {:<26} {:>7} {:>7} {:<11} {:<7} SERVICE",
+                "{:<7} {:<5} {:<ws$} {:<wd$} {:<wn$} {:>7} {:>7} {:<11} {:<7} SERVICE",
                 "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "AGE(s)", "IDLE(s)", "STATE", "TABLE"
             );
-            let flows = dataplane::conntrack::entries(&maps.conntrack, &maps.conntrack_new);
-            for (k, v, assured) in flows {
-                let proto =
-                    Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
-                let at = |a: u32, p: u16| format!("{}:{}", std::net::Ipv4Addr::from(u32::from_be(a)), u16::from_be(p));
-                let (src, dst, nat) = (at(k.src, k.sport), at(k.dst, k.dport), at(v.nat_addr, v.nat_port));
-                let (dir, nat) = if k.dir == CT_DIR_FORWARD {
-                    ("forward", format!("dst {nat}"))
-                } else {
-                    ("reply", format!("src {nat}"))
-                };
+            for r in rows {
                 println!(
-                    "{dir:<7} {proto:<5} {src:<22} {dst:<22} {nat:<26} {:>7} {:>7} {:<11} {:<7} {}",
-                    clock.to_secs(now.wrapping_sub(v.created)),
-                    clock.to_secs(now.wrapping_sub(v.last_seen)),
-                    lb_common::ct_state_name(v.state),
-                    if assured { "assured" } else { "new" },
-                    name_of(v.service_id)
+                    "{:<7} {:<5} {:<ws$} {:<wd$} {:<wn$} {:>7} {:>7} {:<11} {:<7} {}",
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    r[6],
+                    r[7],
+                    r[8],
+                    name_of(r[9].parse().unwrap_or(0))
                 );
             }
         }
@@ -415,19 +436,22 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
                     (v.id, (frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_default(), v.affinity_timeout_s))
                 })
                 .collect();
+            let mut rows: Vec<_> = maps.affinity.iter().filter_map(Result::ok).collect();
+            rows.sort_by_key(|(k, _)| (k.service_id, ip_of(k.family, k.client)));
+            let wc = rows.iter().map(|(k, _)| ip_of(k.family, k.client).to_string().len()).max().unwrap_or(0).max(16);
+            let wf = services.values().map(|(f, _)| f.len()).max().unwrap_or(0).max(24);
+            let wb = rows.iter().map(|(_, v)| endpoint_of(&v.backend).to_string().len()).max().unwrap_or(0).max(22);
             println!(
-                "{:<16} {:<24} {:<22} {:>9} {:>11} SERVICE",
+                "{:<wc$} {:<wf$} {:<wb$} {:>9} {:>11} SERVICE",
                 "CLIENT", "FRONTEND", "BACKEND", "IDLE(s)", "EXPIRES(s)"
             );
-            let mut rows: Vec<_> = maps.affinity.iter().filter_map(Result::ok).collect();
-            rows.sort_by_key(|(k, _)| (k.service_id, ipv4(k.client)));
             for (k, v) in rows {
                 let (frontend, timeout) = services.get(&k.service_id).cloned().unwrap_or_default();
                 let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;
                 let left = (timeout as u64).checked_sub(idle).map_or_else(|| "expired".to_string(), |l| l.to_string());
                 println!(
-                    "{:<16} {:<24} {:<22} {:>9} {:>11} {}",
-                    ipv4(k.client),
+                    "{:<wc$} {:<wf$} {:<wb$} {:>9} {:>11} {}",
+                    ip_of(k.family, k.client).to_string(),
                     frontend,
                     endpoint_of(&v.backend).to_string(),
                     idle,
@@ -447,6 +471,39 @@ fn list(what: ListWhat, pin_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The columns of `lb list conntrack` for the flows of one family (the service id last);
+/// `age` turns a jiffies stamp into seconds ago.
+fn flow_rows<A: dataplane::conntrack::CtAddr>(
+    flows: &[dataplane::conntrack::CtEntry<A>],
+    age: impl Fn(u32) -> u64,
+) -> Vec<[String; 10]> {
+    flows
+        .iter()
+        .map(|(k, v, assured)| {
+            let proto = Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string());
+            let at = |a: A, p: u16| std::net::SocketAddr::new(a.ip(), u16::from_be(p)).to_string();
+            let (src, dst, nat) = (at(k.src, k.sport), at(k.dst, k.dport), at(v.nat_addr, v.nat_port));
+            let (dir, nat) = if k.dir == CT_DIR_FORWARD {
+                ("forward", format!("dst {nat}"))
+            } else {
+                ("reply", format!("src {nat}"))
+            };
+            [
+                dir.to_string(),
+                proto,
+                src,
+                dst,
+                nat,
+                age(v.created).to_string(),
+                age(v.last_seen).to_string(),
+                lb_common::ct_state_name(v.state).to_string(),
+                if *assured { "assured" } else { "new" }.to_string(),
+                v.service_id.to_string(),
+            ]
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -481,6 +538,65 @@ mod tests {
         assert_eq!(args.manifests.as_deref(), Some(Path::new("/etc/lb/objects")));
         // Flags not in the file keep their defaults.
         assert_eq!(args.map_services, MapSizes::default().services);
+    }
+
+    /// `lb list conntrack` rows of an IPv6 flow, both entries, as `ct_peer` builds the reply.
+    #[test]
+    fn ipv6_flows_are_listed_with_bracketed_addresses() {
+        let w = |s: &str| dataplane::addr_words(s.parse().unwrap());
+        let k = lb_common::CtKey6 {
+            src: w("fd00:af4:1::5"),
+            dst: w("fd00:96::10"),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            ..Default::default()
+        };
+        let v = lb_common::CtValue6 {
+            nat_addr: w("fd00:af4:2::15"),
+            nat_port: 8080u16.to_be(),
+            state: lb_common::CT_ESTABLISHED,
+            service_id: 7,
+            created: 100,
+            last_seen: 900,
+            ..Default::default()
+        };
+        let (pk, pv) = lb_common::ct_peer(&k, &v);
+        let rows = flow_rows(&[(k, v, true), (pk, pv, false)], |then| (1000 - then as u64) / 100);
+        assert_eq!(
+            rows[0],
+            [
+                "forward",
+                "TCP",
+                "[fd00:af4:1::5]:40000",
+                "[fd00:96::10]:80",
+                "dst [fd00:af4:2::15]:8080",
+                "9",
+                "1",
+                "ESTABLISHED",
+                "assured",
+                "7"
+            ]
+        );
+        assert_eq!(
+            &rows[1][..5],
+            ["reply", "TCP", "[fd00:af4:2::15]:8080", "[fd00:af4:1::5]:40000", "src [fd00:96::10]:80"]
+        );
+    }
+
+    /// Prefixes of both families, as a comma list or repeated, in flags and in the file.
+    #[test]
+    fn cidr_flags_take_both_families() {
+        let args = run_args(
+            "node-name: n\ncluster-cidr: [10.244.0.0/16, \"fd00:244::/56\"]\n",
+            &["--nodeport-addresses", "192.168.49.0/24,fd00:49::/64", "--node-ip6", "fd00:49::2"],
+        )
+        .unwrap();
+        let show = |v: &[model::Cidr]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(show(&args.cluster_cidr), ["10.244.0.0/16", "fd00:244::/56"]);
+        assert_eq!(show(&args.nodeport_addresses), ["192.168.49.0/24", "fd00:49::/64"]);
+        assert_eq!(args.node_ip6, Some("fd00:49::2".parse().unwrap()));
+        assert!(run_args("node-name: n\n", &["--cluster-cidr", "fd00:244::/129"]).is_err());
     }
 
     #[test]

@@ -224,8 +224,8 @@ struct Datapath {
     conntrack: usize,
     conntrack_new: usize,
     affinity: usize,
-    /// (service, frontend, packets, bytes), with `--metrics-per-frontend` only.
-    frontends: Vec<(String, String, u64, u64)>,
+    /// (service, frontend, family, packets, bytes), with `--metrics-per-frontend` only.
+    frontends: Vec<(String, String, &'static str, u64, u64)>,
 }
 
 /// Reads the datapath's counters (blocking syscalls: run off the async runtime).
@@ -243,8 +243,11 @@ fn read_datapath(maps: &Maps, cache: &mut CountCache, per_frontend: bool) -> Dat
     }
     if cache.at.is_none_or(|t| t.elapsed() > cache.cost * 20) {
         let started = Instant::now();
-        cache.conntrack = maps.conntrack.keys().filter(Result::is_ok).count();
-        cache.conntrack_new = maps.conntrack_new.keys().filter(Result::is_ok).count();
+        // Both families' tables.
+        cache.conntrack =
+            maps.conntrack.keys().filter(Result::is_ok).count() + maps.conntrack6.keys().filter(Result::is_ok).count();
+        cache.conntrack_new = maps.conntrack_new.keys().filter(Result::is_ok).count()
+            + maps.conntrack6_new.keys().filter(Result::is_ok).count();
         cache.affinity = maps.affinity.keys().filter(Result::is_ok).count();
         cache.cost = started.elapsed();
         cache.at = Some(Instant::now());
@@ -254,7 +257,9 @@ fn read_datapath(maps: &Maps, cache: &mut CountCache, per_frontend: bool) -> Dat
         let names: BTreeMap<u32, String> =
             maps.names.iter().filter_map(Result::ok).map(|(id, n)| (id, decode_name(&n))).collect();
         for (k, v) in maps.services.iter().filter_map(Result::ok) {
-            let frontend = frontend_of(&k, v.flags).map(|f| f.to_string()).unwrap_or_default();
+            let f = frontend_of(&k, v.flags);
+            let frontend = f.map(|f| f.to_string()).unwrap_or_default();
+            let family = f.map_or("", |f| f.family().name());
             let (mut packets, mut bytes) = (0, 0);
             if let Ok(per_cpu) = maps.service_stats.get(&v.id, 0) {
                 for s in per_cpu.iter() {
@@ -262,7 +267,7 @@ fn read_datapath(maps: &Maps, cache: &mut CountCache, per_frontend: bool) -> Dat
                     bytes += s.bytes;
                 }
             }
-            d.frontends.push((names.get(&v.id).cloned().unwrap_or_default(), frontend, packets, bytes));
+            d.frontends.push((names.get(&v.id).cloned().unwrap_or_default(), frontend, family, packets, bytes));
         }
         d.frontends.sort();
     }
@@ -497,19 +502,19 @@ impl Collector for Scrape {
         gauge(
             &mut e,
             "lb_conntrack_entries",
-            "Conntrack entries in use, both tables (two per flow).",
+            "Conntrack entries in use, both tables of both families (two per flow).",
             (dp.conntrack + dp.conntrack_new) as f64,
         )?;
         gauge(
             &mut e,
             "lb_conntrack_assured_entries",
-            "Entries of live connections (the assured table).",
+            "Entries of live connections (the assured tables of both families).",
             dp.conntrack as f64,
         )?;
         gauge(
             &mut e,
             "lb_conntrack_capacity",
-            "Capacity of the assured table (never evicted; new flows have an LRU of their own).",
+            "Capacity of each family's assured table (never evicted; new flows have an LRU of their own).",
             st.conntrack_capacity as f64,
         )?;
         counter(
@@ -521,10 +526,14 @@ impl Collector for Scrape {
         gauge(&mut e, "lb_affinity_entries", "Session affinity pins in use.", dp.affinity as f64)?;
         gauge(&mut e, "lb_affinity_capacity", "Session affinity map capacity (LRU).", st.affinity_capacity as f64)?;
         if !dp.frontends.is_empty() {
-            let label = |s: &str, f: &str| -> Labels { vec![("service", s.to_string()), ("frontend", f.to_string())] };
-            let packets: Vec<(Labels, u64)> = dp.frontends.iter().map(|(s, f, p, _)| (label(s, f), *p)).collect();
+            let label = |s: &str, f: &str, fam: &str| -> Labels {
+                vec![("service", s.to_string()), ("frontend", f.to_string()), ("family", fam.to_string())]
+            };
+            let packets: Vec<(Labels, u64)> =
+                dp.frontends.iter().map(|(s, f, fam, p, _)| (label(s, f, fam), *p)).collect();
             counters(&mut e, "lb_service_packets", "Packets clients sent to a Service frontend.", &packets)?;
-            let bytes: Vec<(Labels, u64)> = dp.frontends.iter().map(|(s, f, _, b)| (label(s, f), *b)).collect();
+            let bytes: Vec<(Labels, u64)> =
+                dp.frontends.iter().map(|(s, f, fam, _, b)| (label(s, f, fam), *b)).collect();
             counters(&mut e, "lb_service_bytes", "Bytes clients sent to a Service frontend.", &bytes)?;
         }
         Ok(())

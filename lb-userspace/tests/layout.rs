@@ -6,8 +6,8 @@ use aya::maps::{HashMap, Map, MapData};
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    AffinityKey, AffinityValue, CtKey4, CtValue4, CT_DIR_FORWARD, CT_ESTABLISHED, FAMILY_IPV4, MAP_CONNTRACK_V4,
-    MAP_CT4, PROTO_TCP, PROTO_UDP,
+    AffinityKey, AffinityValue, CtKey4, CtKey6, CtValue4, CtValue6, CT_DIR_FORWARD, CT_ESTABLISHED, FAMILY_IPV4,
+    MAP_CONNTRACK_V4, MAP_CT4, MAP_CT6, MAP_CT6_NEW, PROTO_TCP, PROTO_UDP,
 };
 use lb_userspace::{
     dataplane::{
@@ -92,6 +92,42 @@ fn a_flow_map_of_another_capacity_is_migrated_with_its_entries() {
     assert!(entries.iter().all(|(k, v)| k.dst == 7 && v.created == 1000 + k.src));
 }
 
+/// The IPv6 tables are flow maps like the IPv4 ones: another capacity is migrated with its
+/// flows, another layout refused naming the map.
+#[test]
+fn ipv6_conntrack_tables_are_migrated_and_checked_like_ipv4_ones() {
+    let Some(dir) = PinDir::new("migrate6") else { return };
+    let key_size = std::mem::size_of::<CtKey6>() as u32;
+    let value_size = std::mem::size_of::<CtValue6>() as u32;
+    let mut old = pin_map(&dir, MAP_CT6_NEW, LRU_HASH, key_size, value_size, 1024);
+    let mut flows: HashMap<&mut MapData, CtKey6, CtValue6> = HashMap::try_from(&mut old).unwrap();
+    for i in 0..50u32 {
+        let k =
+            CtKey6 { src: [0xfd, 0, 0, i], dst: [0xfd, 0, 0, 7], sport: 1, dport: 2, proto: 17, ..Default::default() };
+        let v = CtValue6 { created: 1000 + i, state: lb_common::CT_UDP, ..Default::default() };
+        flows.insert(k, v, 0).unwrap();
+    }
+    drop(old);
+    let sizes = MapSizes { conntrack_new: 4096, ..MapSizes::default() };
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
+    let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT6_NEW)).unwrap();
+    assert_eq!(info.max_entries(), 4096);
+    assert_eq!(info.map_type().unwrap(), aya::maps::MapType::LruHash);
+    let entries: Vec<_> = dp.maps().conntrack6_new.iter().filter_map(Result::ok).collect();
+    assert_eq!(entries.len(), 50);
+    assert!(entries.iter().all(|(k, v)| k.dst == [0xfd, 0, 0, 7] && v.created == 1000 + k.src[3]));
+    // Both IPv6 tables were created with the configured capacities beside the IPv4 ones.
+    let assured = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT6)).unwrap();
+    assert_eq!((assured.key_size(), assured.max_entries()), (key_size, sizes.conntrack));
+    drop(dp);
+
+    let Some(dir) = PinDir::new("refuse6") else { return };
+    pin_map(&dir, MAP_CT6, HASH, key_size, value_size + 4, 1024);
+    let err = Dataplane::load(&dir.0, &Config::default()).err().expect("must refuse");
+    let msg = err.to_string();
+    assert!(matches!(err, DataplaneError::FlowLayout { .. }) && msg.contains("LB_CT6"), "{msg}");
+}
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of layout version 4's conntrack entries.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -166,7 +202,7 @@ fn one_affinity_service() -> DesiredState {
         Frontend::cluster_ip(Ipv4Addr::new(10, 96, 0, 10), 80, Protocol::Tcp),
         ServicePort {
             name: "default/web".into(),
-            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 80, local: false }],
+            backends: vec![Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11).into(), port: 80, local: false }],
             affinity_timeout_s: Some(60),
             ..Default::default()
         },

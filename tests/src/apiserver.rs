@@ -6,7 +6,13 @@
 //! asked for; `410 Gone` (an ERROR event with an Expired Status) for a version older than the
 //! compacted history, which tells the client to list again; label selectors of the forms
 //! `key`, `!key`, `key=value`, `key!=value`, and `metadata.name` / `metadata.namespace` field
-//! selectors. Tests drive creates, updates and deletes through its methods, can stop it (an
+//! selectors. As kube-apiserver does, lists are paginated (`limit` / `continue`, every page from
+//! the first page's snapshot, a continue token older than the compacted history is 410 Gone),
+//! and a selecting watch sees an object that stops matching as DELETED (its last matching
+//! content at the new version) and one that starts matching as ADDED.
+//!
+//! The agent's tests run against the real control plane (`control_plane.rs`); this server is
+//! kept for faults a real one cannot be made to produce on demand (a list that hangs). Tests drive creates, updates and deletes through its methods, can stop it (an
 //! outage), hold lists back, and compact history. `start_tls` serves HTTPS with a certificate
 //! from a CA of its own and requires a bearer token, which is what a pod's in-cluster client
 //! (service account token and CA) talks to.
@@ -80,12 +86,22 @@ struct Event {
     kind: Kind,
     typ: &'static str,
     object: Value,
+    /// The object before this change (MODIFIED and DELETED), for selector transitions.
+    prev: Option<Value>,
+    key: ObjKey,
 }
 
 #[derive(Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<ObjKey, Value>,
+    /// Shared with list snapshots: a write copies the map only while a snapshot holds it.
+    objects: Arc<BTreeMap<ObjKey, Value>>,
+    /// Lists' snapshots by version, the latest few, so every page of a paginated list comes
+    /// from the state its first page saw.
+    snapshots: Vec<(u64, Arc<BTreeMap<ObjKey, Value>>)>,
+    /// The objects as they were when history was last compacted; with `log`, every state
+    /// since can be rebuilt (continued lists are served from their first page's snapshot).
+    base: Arc<BTreeMap<ObjKey, Value>>,
     log: Vec<Event>,
     /// Watches resuming from a version below this get 410 Gone.
     compacted_below: u64,
@@ -238,6 +254,8 @@ impl TestApiServer {
         let mut st = self.shared.state.lock().unwrap();
         st.rv += 1;
         st.compacted_below = st.rv;
+        st.base = st.objects.clone();
+        st.snapshots.clear();
         st.log.clear();
     }
 
@@ -296,9 +314,9 @@ impl TestApiServer {
             obj["metadata"]["uid"] = json!(format!("uid-{}-{namespace}-{name}", kind.name()));
         }
         let key = (kind, namespace, name);
-        let typ = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
-        st.objects.insert(key, obj.clone());
-        st.log.push(Event { rv, kind, typ, object: obj });
+        let prev = Arc::make_mut(&mut st.objects).insert(key.clone(), obj.clone());
+        let typ = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+        st.log.push(Event { rv, kind, typ, object: obj, prev, key });
         drop(st);
         self.shared.changed.notify_waiters();
         Ok(())
@@ -307,11 +325,14 @@ impl TestApiServer {
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<()> {
         let mut st = self.shared.state.lock().unwrap();
         let key = (kind, if kind == Kind::Node { String::new() } else { namespace.to_string() }, name.to_string());
-        let Some(mut obj) = st.objects.remove(&key) else { bail!("{kind:?} {namespace}/{name} does not exist") };
+        let Some(mut obj) = Arc::make_mut(&mut st.objects).remove(&key) else {
+            bail!("{kind:?} {namespace}/{name} does not exist")
+        };
+        let prev = Some(obj.clone());
         st.rv += 1;
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.log.push(Event { rv, kind, typ: "DELETED", object: obj });
+        st.log.push(Event { rv, kind, typ: "DELETED", object: obj, prev, key });
         drop(st);
         self.shared.changed.notify_waiters();
         Ok(())
@@ -322,6 +343,35 @@ impl Drop for TestApiServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+impl State {
+    /// The objects as of version `rv` (at or after the last compaction).
+    fn at(&self, rv: u64) -> BTreeMap<ObjKey, Value> {
+        let mut objects = (*self.base).clone();
+        for e in self.log.iter().take_while(|e| e.rv <= rv) {
+            if e.typ == "DELETED" {
+                objects.remove(&e.key);
+            } else {
+                objects.insert(e.key.clone(), e.object.clone());
+            }
+        }
+        objects
+    }
+}
+
+/// A continue token: the list's version and the last key served, hex-encoded so it needs no
+/// escaping in a URL.
+fn continue_token(rv: u64, key: &ObjKey) -> String {
+    format!("{rv}\u{0}{}\u{0}{}", key.1, key.2).bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_continue(token: &str) -> Option<(u64, String, String)> {
+    let bytes: Option<Vec<u8>> =
+        (0..token.len()).step_by(2).map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let mut parts = text.split('\u{0}');
+    Some((parts.next()?.parse().ok()?, parts.next()?.to_string(), parts.next()?.to_string()))
 }
 
 /// A parsed `labelSelector` / `fieldSelector` term.
@@ -359,6 +409,8 @@ fn matches(terms: &[Term], get: impl Fn(&str) -> Option<String>) -> bool {
 }
 
 struct Query {
+    limit: Option<usize>,
+    continue_from: Option<String>,
     watch: bool,
     resource_version: Option<u64>,
     bookmarks: bool,
@@ -461,6 +513,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
         return respond(&mut conn, 404, &body).await;
     };
     let q = Query {
+        limit: params.get("limit").and_then(|v| v.parse().ok()).filter(|n| *n > 0),
+        continue_from: params.get("continue").filter(|c| !c.is_empty()).cloned(),
         watch: params.get("watch").is_some_and(|v| v == "true" || v == "1"),
         resource_version: params.get("resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v != 0),
         bookmarks: params.get("allowWatchBookmarks").is_some_and(|v| v == "true"),
@@ -478,15 +532,67 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
-        let (items, rv) = {
-            let st = shared.state.lock().unwrap();
-            let items: Vec<Value> =
-                st.objects.iter().filter(|((k, _, _), o)| *k == kind && q.selects(o)).map(|(_, o)| o.clone()).collect();
-            (items, st.rv)
+        // A continued list is served from the first page's snapshot; one older than the
+        // compacted history is gone, as etcd's revision is.
+        let page = {
+            let mut st = shared.state.lock().unwrap();
+            match q.continue_from.as_deref().map(parse_continue) {
+                Some(None) => Err((400, "BadRequest", "invalid continue token".to_string())),
+                Some(Some((rv, _, _))) if rv < st.compacted_below => Err((
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".to_string(),
+                )),
+                cont => {
+                    let (rv, after) = match cont.flatten() {
+                        Some((rv, ns, name)) => (rv, Some((kind, ns, name))),
+                        None => (st.rv, None),
+                    };
+                    let snapshot = match st.snapshots.iter().find(|(v, _)| *v == rv) {
+                        Some((_, snap)) => snap.clone(),
+                        None => {
+                            let snap = if rv == st.rv { st.objects.clone() } else { Arc::new(st.at(rv)) };
+                            st.snapshots.push((rv, snap.clone()));
+                            if st.snapshots.len() > 8 {
+                                st.snapshots.remove(0);
+                            }
+                            snap
+                        }
+                    };
+                    drop(st);
+                    // Keys sort by kind first: a page is a range scan from the last key served.
+                    let start = match &after {
+                        Some(a) => std::ops::Bound::Excluded(a.clone()),
+                        None => std::ops::Bound::Included((kind, String::new(), String::new())),
+                    };
+                    let mut matching = snapshot
+                        .range((start, std::ops::Bound::Unbounded))
+                        .take_while(|(k, _)| k.0 == kind)
+                        .filter(|(_, o)| q.selects(o));
+                    let limit = q.limit.unwrap_or(usize::MAX);
+                    let items: Vec<(ObjKey, Value)> =
+                        matching.by_ref().take(limit).map(|(k, o)| (k.clone(), o.clone())).collect();
+                    // Whether more follow (kube-apiserver's remainingItemCount is optional too).
+                    let more = matching.next().is_some();
+                    Ok((items, rv, more))
+                }
+            }
         };
+        let (items, rv, more) = match page {
+            Ok(p) => p,
+            Err((code, reason, message)) => {
+                let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "code": code, "message": message}).to_string();
+                return respond(&mut conn, code, &body).await;
+            }
+        };
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if more {
+            let last = &items.last().expect("a full page").0;
+            metadata["continue"] = json!(continue_token(rv, last));
+        }
         let items: Vec<Value> = items
             .into_iter()
-            .map(|mut o| {
+            .map(|(_, mut o)| {
                 o["kind"] = json!(kind.name());
                 o
             })
@@ -494,7 +600,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
         let body = json!({
             "kind": format!("{}List", kind.name()),
             "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": rv.to_string()},
+            "metadata": metadata,
             "items": items,
         })
         .to_string();
@@ -506,7 +612,9 @@ async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, code: u16, body: &str) -> 
     let reason = match code {
         200 => "OK",
         201 => "Created",
+        400 => "Bad Request",
         401 => "Unauthorized",
+        410 => "Gone",
         _ => "Not Found",
     };
     let head = format!(
@@ -569,11 +677,24 @@ async fn watch<S: AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shared>, kind: Ki
             let evs = st
                 .log
                 .iter()
-                .filter(|e| e.rv > from && e.kind == kind && q.selects(&e.object))
-                .map(|e| {
-                    let mut o = e.object.clone();
+                .filter(|e| e.rv > from && e.kind == kind)
+                .filter_map(|e| {
+                    // As kube-apiserver filters: by the object before and after the change.
+                    let now = e.typ != "DELETED" && q.selects(&e.object);
+                    let before = e.prev.as_ref().is_some_and(|p| q.selects(p));
+                    let (typ, mut o) = match (before, now) {
+                        (false, true) => ("ADDED", e.object.clone()),
+                        (true, true) => (e.typ, e.object.clone()),
+                        (true, false) => {
+                            // The last content that matched, at the new version.
+                            let mut o = e.prev.clone().expect("matched before");
+                            o["metadata"]["resourceVersion"] = json!(e.rv.to_string());
+                            ("DELETED", o)
+                        }
+                        (false, false) => return None,
+                    };
                     o["kind"] = json!(kind.name());
-                    json!({"type": e.typ, "object": o})
+                    Some(json!({"type": typ, "object": o}))
                 })
                 .collect();
             (evs, st.rv)

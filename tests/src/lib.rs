@@ -5,10 +5,16 @@
 //! Everything a `Lab` creates is removed when it is dropped, also when a test panics:
 //! processes are killed, pin directories (and so the attached programs) removed, namespaces
 //! deleted. Only addresses inside these namespaces are used.
+//!
+//! A dual-stack lab (`Lab::dual_stack`) gives every node, pod, underlay port and outside
+//! client an IPv6 address beside its IPv4 one: the IPv4 address's twin in the ULA prefix
+//! `fd00::/16` ([`twin6`]: `10.244.1.11` is `fd00:af4:1::b`, each IPv4 /24 a /64), with
+//! duplicate address detection off so addresses are usable at once, and IPv6 forwarding on in
+//! the nodes.
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -19,8 +25,11 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod apiserver;
+pub mod control_plane;
 pub mod fuzz;
+pub mod kubelet;
 pub mod packet;
+pub mod packet6;
 
 /// True when privileged tests can run. Not root: skip, unless CI=true, where that is a failure.
 pub fn privileged() -> bool {
@@ -81,12 +90,22 @@ pub fn sh(cmd: &[&str]) -> Result<String> {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The IPv6 twin of an IPv4 address in a dual-stack lab: `a.b.c.d` is
+/// `fd00:{a}{b}:{c}::{d}` (hexadecimal), so an IPv4 /24 maps to an IPv6 /64 and the host part
+/// stays the last byte.
+pub fn twin6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::new(0xfd00, u16::from_be_bytes([a, b]), c as u16, 0, 0, 0, 0, d as u16)
+}
+
 /// A node namespace: its name, pod gateway and the pod CIDR prefix `10.244.N`.
 #[derive(Clone, Debug)]
 pub struct Node {
     pub ns: String,
     pub name: String,
     pub gateway: Ipv4Addr,
+    /// The pod gateway's IPv6 twin in a dual-stack lab (pod CIDR `twin6(10.244.N.0)/64`).
+    pub gateway6: Option<Ipv6Addr>,
     pub pod_net: u8,
     pub pin_dir: PathBuf,
     pub manifests: PathBuf,
@@ -102,6 +121,8 @@ pub struct Pod {
     pub ns: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (`twin6(ip)`) in a dual-stack lab.
+    pub ip6: Option<Ipv6Addr>,
     pub node: String,
     /// The pod's veth in its node's namespace (empty outside the cluster).
     pub host_if: String,
@@ -120,6 +141,8 @@ pub struct Lab {
     pub agent_wrapper: Vec<String>,
     /// Extra environment of the agent.
     pub agent_env: Vec<(String, String)>,
+    /// Every namespace gets IPv6 addresses too (`dual_stack`).
+    ipv6: bool,
 }
 
 impl Lab {
@@ -137,15 +160,46 @@ impl Lab {
             veth_seq: 0,
             agent_wrapper: Vec::new(),
             agent_env: Vec::new(),
+            ipv6: false,
         })
+    }
+
+    /// A lab whose nodes, pods, underlay ports and outside clients all have an IPv6 address
+    /// (the twin of their IPv4 one, [`twin6`]) beside their IPv4 one.
+    pub fn dual_stack() -> Result<Self> {
+        let mut lab = Self::new()?;
+        lab.ipv6 = true;
+        Ok(lab)
+    }
+
+    pub fn is_dual_stack(&self) -> bool {
+        self.ipv6
     }
 
     fn add_ns(&mut self, short: &str) -> Result<String> {
         let ns = format!("{}-{short}", self.prefix);
         sh(&["ip", "netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
+        if self.ipv6 {
+            // Before any device exists, so every interface inherits them: no duplicate address
+            // detection (an address is usable the moment it is added, link-local ones too), and
+            // no redirects taken, which could teach a pod a path around the translation.
+            for kv in [
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_redirects=0",
+                "net.ipv6.conf.default.accept_redirects=0",
+            ] {
+                self.sysctl(&ns, kv)?;
+            }
+        }
         self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Adds `ip`/64 to `dev` in `ns`, usable at once (no duplicate address detection).
+    fn add_addr6(&self, ns: &str, ip: Ipv6Addr, dev: &str) -> Result<()> {
+        self.exec(ns, &["ip", "-6", "addr", "add", &format!("{ip}/64"), "dev", dev, "nodad"]).map(|_| ())
     }
 
     /// Runs a command in a namespace and returns its stdout.
@@ -175,11 +229,19 @@ impl Lab {
         // it would teach the client a route that bypasses nothing and only confuses.
         self.sysctl(&ns, "net.ipv4.conf.all.send_redirects=0")?;
         self.sysctl(&ns, "net.ipv4.conf.cbr0.send_redirects=0")?;
+        let gateway6 = if self.ipv6 {
+            let gw6 = twin6(gw);
+            self.add_addr6(&ns, gw6, "cbr0")?;
+            self.sysctl(&ns, "net.ipv6.conf.all.forwarding=1")?;
+            Some(gw6)
+        } else {
+            None
+        };
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}-{name}", self.prefix));
         self.pin_dirs.push(pin_dir.clone());
         let manifests = self.dir.join(format!("{name}-manifests"));
         fs::create_dir_all(&manifests)?;
-        Ok(Node { ns, name: name.to_string(), gateway: gw, pod_net, pin_dir, manifests })
+        Ok(Node { ns, name: name.to_string(), gateway: gw, gateway6, pod_net, pin_dir, manifests })
     }
 
     /// A pod namespace on `node` with address 10.244.N.`host`, default route via the node.
@@ -194,7 +256,16 @@ impl Lab {
         self.exec(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         self.exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
         self.exec(&ns, &["ip", "route", "add", "default", "via", &node.gateway.to_string()])?;
-        Ok(Pod { ns, name: name.to_string(), ip, node: node.name.clone(), host_if })
+        let ip6 = match node.gateway6 {
+            Some(gw6) => {
+                let ip6 = twin6(ip);
+                self.add_addr6(&ns, ip6, "eth0")?;
+                self.exec(&ns, &["ip", "-6", "route", "add", "default", "via", &gw6.to_string()])?;
+                Some(ip6)
+            }
+            None => None,
+        };
+        Ok(Pod { ns, name: name.to_string(), ip, ip6, node: node.name.clone(), host_if })
     }
 
     /// A switch: a namespace with bridge `br0` that nodes and outside clients join.
@@ -205,7 +276,8 @@ impl Lab {
         Ok(Underlay { ns })
     }
 
-    /// Plugs `ns` into the switch as `eth0` with `ip`/24. Offloads stay as Linux sets them on a
+    /// Plugs `ns` into the switch as `eth0` with `ip`/24 (and `twin6(ip)`/64 in a dual-stack
+    /// lab). Offloads stay as Linux sets them on a
     /// veth (tx checksum offload on, GRO off), as on every kind node: packets on this "wire"
     /// may be CHECKSUM_PARTIAL, and the datapath must cope.
     pub fn plug(&mut self, ul: &Underlay, ns: &str, ip: Ipv4Addr) -> Result<()> {
@@ -214,6 +286,9 @@ impl Lab {
         sh(&["ip", "link", "add", &port, "netns", &ul.ns, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
         self.exec(&ul.ns, &["ip", "link", "set", &port, "master", "br0", "up"])?;
         self.exec(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        if self.ipv6 {
+            self.add_addr6(ns, twin6(ip), "eth0")?;
+        }
         self.exec(ns, &["ip", "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -222,7 +297,8 @@ impl Lab {
     pub fn add_outside(&mut self, ul: &Underlay, name: &str, ip: Ipv4Addr) -> Result<Pod> {
         let ns = self.add_ns(name)?;
         self.plug(ul, &ns, ip)?;
-        Ok(Pod { ns, name: name.to_string(), ip, node: String::new(), host_if: String::new() })
+        let ip6 = self.ipv6.then(|| twin6(ip));
+        Ok(Pod { ns, name: name.to_string(), ip, ip6, node: String::new(), host_if: String::new() })
     }
 
     /// Plugs every node into the switch with its address, and routes each node's pod network
@@ -245,6 +321,11 @@ impl Lab {
                             &other_ip.to_string(),
                         ],
                     )?;
+                    if self.ipv6 {
+                        let net6 = twin6(Ipv4Addr::new(10, 244, other.pod_net, 0));
+                        let via6 = twin6(*other_ip).to_string();
+                        self.exec(&n.ns, &["ip", "-6", "route", "add", &format!("{net6}/64"), "via", &via6])?;
+                    }
                 }
             }
         }
@@ -257,8 +338,16 @@ impl Lab {
         sh(&["ip", "link", "add", "ul0", "netns", &a.ns, "type", "veth", "peer", "name", "ul0", "netns", &b.ns])?;
         for (n, other, ip, peer) in [(a, b, "10.100.0.1", "10.100.0.2"), (b, a, "10.100.0.2", "10.100.0.1")] {
             self.exec(&n.ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "ul0"])?;
+            if self.ipv6 {
+                self.add_addr6(&n.ns, twin6(ip.parse()?), "ul0")?;
+            }
             self.exec(&n.ns, &["ip", "link", "set", "ul0", "up"])?;
             self.exec(&n.ns, &["ip", "route", "add", &format!("10.244.{}.0/24", other.pod_net), "via", peer])?;
+            if self.ipv6 {
+                let net6 = twin6(Ipv4Addr::new(10, 244, other.pod_net, 0));
+                let via6 = twin6(peer.parse()?).to_string();
+                self.exec(&n.ns, &["ip", "-6", "route", "add", &format!("{net6}/64"), "via", &via6])?;
+            }
         }
         Ok(())
     }
@@ -292,6 +381,10 @@ impl Lab {
         let bin = podserver_bin()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.ns]).arg(bin).args(["--name", &pod.name]).args(extra);
+        if self.ipv6 && !extra.contains(&"--bind") {
+            // One socket per port for both families (IPv4 clients as IPv4-mapped addresses).
+            cmd.args(["--bind", "::"]);
+        }
         for p in http {
             cmd.args(["--http", &p.to_string()]);
         }
@@ -498,12 +591,20 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
 /// One HTTP/1.0 GET from inside `ns`; returns the body of a 2xx answer, and fails on any
 /// other status (a 503 is not a success).
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<String> {
-    http_get_from(ns, SocketAddr::from(([0, 0, 0, 0], 0)), addr, path)
+    http_get_from(ns, any_of(addr), addr, path)
+}
+
+/// The wildcard address, port 0, of `addr`'s family: where a client socket binds.
+pub fn any_of(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
 }
 
 /// One HTTP/1.0 GET from inside `ns`; returns the status code and the body, whatever the code.
 pub fn http_status(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_exchange(ns, SocketAddr::from(([0, 0, 0, 0], 0)), addr, path)
+    http_exchange(ns, any_of(addr), addr, path)
 }
 
 /// Polls `f` every 100 ms until it returns true or `within` passes; the last answer counts.
@@ -557,7 +658,7 @@ pub fn http_get_from(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) ->
 
 fn http_exchange(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     in_ns(ns, || -> Result<(u16, String)> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
         sock.set_reuse_address(true)?;
         sock.bind(&src.into())?;
         sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
@@ -580,6 +681,14 @@ fn http_exchange(ns: &str, src: SocketAddr, addr: SocketAddr, path: &str) -> Res
 pub fn add_addresses(lab: &Lab, pod: &Pod, ips: &[Ipv4Addr]) -> Result<()> {
     for ip in ips {
         lab.exec(&pod.ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    }
+    Ok(())
+}
+
+/// Adds secondary IPv6 addresses (/64, usable at once) to a pod's eth0.
+pub fn add_addresses6(lab: &Lab, pod: &Pod, ips: &[Ipv6Addr]) -> Result<()> {
+    for ip in ips {
+        lab.add_addr6(&pod.ns, *ip, "eth0")?;
     }
     Ok(())
 }
@@ -618,6 +727,57 @@ pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr], p
     Ipv4Addr::from(table[lb_common::select_slot(h, table.len() as u32) as usize].addr[0].to_ne_bytes())
 }
 
+/// A Service `name` on `cluster_ips` (one per family, the primary first, with the
+/// `ipFamilies` and `ipFamilyPolicy` the API server would write), `spec_extra` lines (two
+/// spaces in: `type: NodePort`, policies...) and `ports` (name, port, protocol, target port,
+/// node port); and, per family, the EndpointSlice the controller would write with `pods`'
+/// addresses of that family (ready).
+pub fn dual_stack_service(
+    name: &str,
+    cluster_ips: &[IpAddr],
+    spec_extra: &str,
+    ports: &[(&str, u16, &str, u16, Option<u16>)],
+    pods: &[&Pod],
+) -> String {
+    let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let quoted = |v: Vec<String>| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let ips = quoted(cluster_ips.iter().map(|ip| ip.to_string()).collect());
+    let families = cluster_ips.iter().map(family).collect::<Vec<_>>().join(", ");
+    let policy = if cluster_ips.len() > 1 { "RequireDualStack" } else { "SingleStack" };
+    let svc_ports: String = ports
+        .iter()
+        .map(|(n, p, proto, t, np)| {
+            let np = np.map(|np| format!(", nodePort: {np}")).unwrap_or_default();
+            format!("  - {{name: {n}, port: {p}, protocol: {proto}, targetPort: {t}{np}}}\n")
+        })
+        .collect();
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: \"{}\"\n  clusterIPs: [{ips}]\n  ipFamilies: [{families}]\n  ipFamilyPolicy: {policy}\n{spec_extra}  ports:\n{svc_ports}",
+        cluster_ips[0]
+    );
+    let slice_ports: String = ports
+        .iter()
+        .map(|(n, _, proto, t, _)| format!("{{name: {n}, port: {t}, protocol: {proto}}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for ip in cluster_ips {
+        let fam = family(ip);
+        let endpoints: String = pods
+            .iter()
+            .filter_map(|p| {
+                let a: IpAddr = if ip.is_ipv4() { p.ip.into() } else { p.ip6?.into() };
+                Some(format!("- {{addresses: [\"{a}\"], nodeName: {}, conditions: {{ready: true}}}}\n", p.node))
+            })
+            .collect();
+        let endpoints = if endpoints.is_empty() { " []\n".to_string() } else { format!("\n{endpoints}") };
+        y += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {fam}\nports: [{slice_ports}]\nendpoints:{endpoints}",
+            fam.to_lowercase()
+        );
+    }
+    y
+}
+
 /// Connects from inside `ns`; the error kind tells refused from unreachable.
 pub fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<std::io::Result<TcpStream>> {
     in_ns(ns, || TcpStream::connect_timeout(&addr, timeout))
@@ -627,7 +787,7 @@ pub fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<std:
 /// is exactly `addr`: a reply that was not reverse-translated is never seen.
 pub fn udp_socket(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
     in_ns(ns, || -> Result<UdpSocket> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(any_of(addr))?;
         s.connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(s)

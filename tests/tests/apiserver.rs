@@ -137,3 +137,94 @@ fn lists_watches_bookmarks_410_selectors_and_holds() -> Result<()> {
     assert_eq!(nodes["items"].as_array().unwrap().len(), 2);
     Ok(())
 }
+
+#[test]
+fn lists_paginate_from_one_snapshot_and_watches_see_selector_transitions() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let node = lab.add_node("api", 9)?;
+    let addr: SocketAddr = "127.0.0.1:6443".parse()?;
+    let api = TestApiServer::start(&node.ns, addr, &lab.dir)?;
+    for i in 0..5 {
+        api.apply(svc(&format!("s{i}"), json!({"app": "web"})))?;
+    }
+    let list = |query: &str| -> Result<Value> {
+        Ok(serde_json::from_str(&get(&node.ns, addr, &format!("/api/v1/services?{query}"))?)?)
+    };
+    let names = |l: &Value| -> Vec<String> {
+        l["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap().to_string()).collect()
+    };
+
+    // Pages of two, each carrying the first page's version; a change between pages is not
+    // seen by the continued list.
+    let first = list("limit=2")?;
+    assert_eq!(names(&first), ["s0", "s1"]);
+    assert!(first["metadata"]["continue"].is_string(), "{first}");
+    let rv = first["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    api.delete(lb_tests::apiserver::Kind::Service, "default", "s3")?;
+    api.apply(svc("s5", json!({"app": "web"})))?;
+    let mut all = names(&first);
+    let mut token = first["metadata"]["continue"].as_str().unwrap().to_string();
+    loop {
+        let page = list(&format!("limit=2&continue={token}"))?;
+        assert_eq!(page["metadata"]["resourceVersion"].as_str().unwrap(), rv, "a page from another snapshot");
+        all.extend(names(&page));
+        match page["metadata"]["continue"].as_str() {
+            Some(t) => token = t.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(all, ["s0", "s1", "s2", "s3", "s4"], "the continued list is the first page's snapshot");
+    let fresh = list("limit=10")?;
+    assert_eq!(names(&fresh), ["s0", "s1", "s2", "s4", "s5"]);
+    assert!(fresh["metadata"]["continue"].is_null(), "{fresh}");
+
+    // A continue token older than the compacted history is 410 Gone.
+    let first = list("limit=2")?;
+    let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+    api.compact();
+    let gone = list(&format!("limit=2&continue={token}"))?;
+    assert_eq!(gone["code"], 410, "{gone}");
+    assert_eq!(gone["reason"], "Expired", "{gone}");
+
+    // A selecting watch: leaving the selector is DELETED (with the last matching content at
+    // the new version), entering it is ADDED, changes outside it are not seen.
+    let rv: u64 = list("")?["metadata"]["resourceVersion"].as_str().unwrap().parse()?;
+    let watcher = std::thread::spawn({
+        let ns = node.ns.clone();
+        move || {
+            get(
+                &ns,
+                addr,
+                &format!("/api/v1/services?watch=true&resourceVersion={rv}&labelSelector=app%3Dweb&timeoutSeconds=3"),
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    api.apply(svc("s0", json!({"app": "other"})))?;
+    api.apply(svc("s0", json!({"app": "other", "x": "1"})))?;
+    api.apply(svc("s0", json!({"app": "web"})))?;
+    api.apply(svc("s1", json!({"app": "web", "y": "2"})))?;
+    let evs = events(&watcher.join().unwrap()?);
+    let seen: Vec<(String, String, String)> = evs
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["object"]["metadata"]["name"].as_str().unwrap().to_string(),
+                e["object"]["metadata"]["labels"]["app"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, String)> =
+        [("DELETED", "s0", "web"), ("ADDED", "s0", "web"), ("MODIFIED", "s1", "web")]
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+    assert_eq!(seen, want, "{evs:?}");
+    let v = |e: &Value| -> u64 { e["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap() };
+    assert!(v(&evs[0]) > rv && v(&evs[1]) > v(&evs[0]), "the DELETED event carries the change's version: {evs:?}");
+    Ok(())
+}

@@ -1,6 +1,11 @@
-//! The agent as a Kubernetes client: `lb run --kubeconfig` against the test API server (an
-//! in-process HTTP server speaking the list/watch protocol; see `lb_tests::apiserver`), with
-//! real traffic between network namespaces and the pinned maps checked through `lb list`.
+//! The agent as a Kubernetes client, against a real control plane: etcd, kube-apiserver,
+//! kube-controller-manager and kube-scheduler built from source (`cargo xtask k8s`), the netns
+//! kubelet running the pods, and the real EndpointSlice controller writing the slices the agent
+//! reads. Real traffic between network namespaces; the pinned maps checked through `lb list`.
+//! Changes go through the API as any client makes them (labels that move a pod in or out of a
+//! Service's selector, Services and EndpointSlices applied with kubectl). Only faults a real
+//! server cannot be made to produce on demand (a list that hangs) use the test API server
+//! (`lb_tests::apiserver`).
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
@@ -13,66 +18,161 @@ use std::{
 };
 
 use anyhow::{bail, Result};
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use kube::{
+    api::{Patch, PatchParams},
+    Api,
+};
 use lb_tests::{
     apiserver::{Kind, TestApiServer},
-    eventually, http_get, http_status, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab,
-    Node, Pod,
+    control_plane::{ControlPlane, Options, API_ADDR, API_PORT},
+    eventually, http_get, http_status,
+    kubelet::{Kubelet, KubeletConfig},
+    lab_manifests, privileged, tcp_connect, udp_request, udp_socket, EchoConn, Lab, Node, Pod,
 };
 use serde_json::json;
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
-const API: &str = "127.0.0.1:6443";
 const EXTRA_PORTS: [(&str, u16, &str, u16); 2] = [("echo", 9000, "TCP", 9000), ("dns", 53, "UDP", 5353)];
 
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::from((CLUSTER_IP, port))
 }
 
-/// One node, four web pods (HTTP 80, echo 9000, UDP 5353) of which the first three are in
-/// the Service's EndpointSlice, a client pod, the test API server in the node's namespace
-/// (where the agent reaches it on loopback), and the agent watching it.
+/// The seed lab's web-service with the tests' extra ports: HTTP 80, echo 9000, DNS-like UDP
+/// 53 to 5353; with `selector`, the EndpointSlice controller keeps its slice.
+fn web_service(selector: bool) -> serde_json::Value {
+    let mut svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-service", "namespace": "default"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [
+            {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80},
+            {"name": "echo", "port": 9000, "protocol": "TCP", "targetPort": 9000},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        ]}
+    });
+    if selector {
+        svc["spec"]["selector"] = json!({"app": "web"});
+    }
+    svc
+}
+
+/// A web pod bound to `node`: HTTP on 80, echo on 9000 (`echo-port`), UDP on 5353. `in_service`
+/// gives it the label web-service selects.
+fn web_pod(i: usize, node: &str, in_service: bool) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("web-{i}"), "namespace": "default",
+                     "labels": {"app": if in_service { "web" } else { "off" }, "idx": i.to_string()}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 5, "containers": [{
+            "name": "web", "image": "nginx",
+            "ports": [{"name": "http", "containerPort": 80}, {"name": "echo-port", "containerPort": 9000},
+                      {"name": "dns", "containerPort": 5353, "protocol": "UDP"}],
+        }]}
+    })
+}
+
+/// One node (`node1`) attached to a real control plane, its kubelet running four web pods of
+/// which the first three are in web-service, a client pod, and the agent.
 struct Cluster {
-    // Dropped first: the server, then the lab (agent, namespaces, pins).
-    api: TestApiServer,
+    // Dropped in this order: the kubelet (pods), the lab (agent, namespaces, pins), the
+    // control plane.
+    _kubelet: Kubelet,
     lab: Lab,
+    cp: ControlPlane,
     node: Node,
     web: Vec<Pod>,
     client: Pod,
     ifaces: Vec<String>,
 }
 
+/// How a test wants its cluster.
+#[derive(Default)]
+struct Setup {
+    options: Options,
+    node_labels: BTreeMap<String, String>,
+    /// web-service without a selector: the test writes its EndpointSlices itself.
+    selectorless: bool,
+}
+
 impl Cluster {
     fn new() -> Result<Self> {
-        Self::with_server(|ns, dir| TestApiServer::start(ns, API.parse()?, dir))
+        Self::with(Setup::default())
     }
 
-    fn with_server(server: impl FnOnce(&str, &std::path::Path) -> Result<TestApiServer>) -> Result<Self> {
+    fn with(setup: Setup) -> Result<Self> {
+        let mut cp = ControlPlane::start_with(setup.options)?;
         let mut lab = Lab::new()?;
         let node = lab.add_node("node1", 1)?;
-        let mut web = Vec::new();
-        for i in 0..4u8 {
-            let pod = lab.add_pod(&node, &format!("web-{i}"), 11 + i)?;
-            lab.serve(&pod, &[80], &[9000], &[5353])?;
-            web.push(pod);
-        }
-        let client = lab.add_pod(&node, "busybox", 100)?;
+        let node_ip = cp.attach(&node.ns)?;
+        let mut config = KubeletConfig::new(node_ip);
+        config.labels = setup.node_labels;
+        // Lab pods (the client) take low host numbers; the kubelet's start at .11.
+        config.first_host = 11;
+        let kubelet = Kubelet::start(&cp, &node, config)?;
+        let client = lab.add_pod(&node, "busybox", 5)?;
+        let mut objects: Vec<serde_json::Value> = (0..4).map(|i| web_pod(i, "node1", i < 3)).collect();
+        objects.push(web_service(!setup.selectorless));
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+        cp.kubectl_stdin(&["apply", "-f", "-"], &list.to_string())?;
+        let web = (0..4)
+            .map(|i| kubelet.wait_pod("default", &format!("web-{i}"), Duration::from_secs(60)))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut ifaces: Vec<String> = web.iter().chain([&client]).map(|p| p.host_if.clone()).collect();
         ifaces.push("cbr0".into());
-        let api = server(&node.ns, &lab.dir)?;
-        let c = Cluster { api, lab, node, web, client, ifaces };
-        c.set_endpoints(&[0, 1, 2])?;
+        let c = Cluster { _kubelet: kubelet, lab, cp, node, web, client, ifaces };
+        if !setup.selectorless {
+            c.wait_slice(&[0, 1, 2])?;
+        }
         Ok(c)
     }
 
-    /// Writes the lab's Service and an EndpointSlice listing the web pods `idx`.
+    /// Moves web pods in and out of web-service: `idx` get the label its selector matches,
+    /// the others lose it (the EndpointSlice controller follows).
     fn set_endpoints(&self, idx: &[usize]) -> Result<()> {
-        let pods: Vec<(&Pod, bool)> = idx.iter().map(|&i| (&self.web[i], true)).collect();
-        self.api.apply_yaml(&lab_manifests(CLUSTER_IP, &pods, &EXTRA_PORTS))
+        let pods: Api<KubePod> = Api::namespaced(self.cp.client(), "default");
+        let idx = idx.to_vec();
+        self.cp.run(async move {
+            for i in 0..4 {
+                let app = if idx.contains(&i) { "web" } else { "off" };
+                let patch = json!({"metadata": {"labels": {"app": app}}});
+                pods.patch(&format!("web-{i}"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+            Ok::<_, kube::Error>(())
+        })?;
+        Ok(())
+    }
+
+    /// Waits until web-service's slice lists exactly the web pods `idx`, ready.
+    fn wait_slice(&self, idx: &[usize]) -> Result<()> {
+        let mut want: Vec<String> = idx.iter().map(|&i| self.web[i].ip.to_string()).collect();
+        want.sort();
+        let jsonpath = "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]} {end}";
+        let mut last = String::new();
+        let ok = eventually(Duration::from_secs(30), || {
+            last = self
+                .cp
+                .kubectl(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web-service", "-o", jsonpath])
+                .unwrap_or_default();
+            let mut got: Vec<String> = last.split_whitespace().map(str::to_string).collect();
+            got.sort();
+            got == want
+        });
+        if !ok {
+            bail!("web-service's slice lists {last:?}, not {want:?}");
+        }
+        Ok(())
+    }
+
+    /// `kubectl apply` of one object.
+    fn apply(&self, obj: serde_json::Value) -> Result<()> {
+        self.cp.kubectl_stdin(&["apply", "-f", "-"], &obj.to_string())?;
+        Ok(())
     }
 
     /// Starts the agent as a client finds its API server: here through `KUBECONFIG`.
     fn start_agent(&mut self) -> Result<()> {
-        let kc = self.api.kubeconfig().to_str().expect("utf-8 path").to_string();
+        let kc = self.cp.kubeconfig.to_str().expect("utf-8 path").to_string();
         self.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
         self.lab.spawn_agent(&self.node, &[], &[])?;
         self.wait_agent()
@@ -160,7 +260,12 @@ fn agent_follows_creates_updates_and_deletes_from_the_api_server() -> Result<()>
     if !privileged() {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
+    // Without the watch cache every watch is served by etcd, so compacting etcd's history is
+    // what a resuming watch runs into (with the cache, its own window decides).
+    let mut c = Cluster::with(Setup {
+        options: Options { apiserver_args: vec!["--watch-cache=false".into()] },
+        ..Default::default()
+    })?;
     c.start_agent()?;
     let log = c.lab.agent_log(&c.node);
     assert!(log.contains("Kubernetes API client configured"), "{log}");
@@ -172,60 +277,58 @@ fn agent_follows_creates_updates_and_deletes_from_the_api_server() -> Result<()>
     }
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), vec!["web-0", "web-1", "web-2"], "{seen:?}");
 
-    // Create: a second Service whose named targetPort resolves through its slice's port name.
-    c.api.apply(json!({
+    // Create: a second Service whose named targetPort the EndpointSlice controller resolves
+    // through the pod's container port of that name.
+    c.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "echo-two", "namespace": "default"},
-        "spec": {"clusterIP": "10.96.50.50", "ports": [{"name": "echo", "port": 7000, "targetPort": "echo-port"}]}
-    }))?;
-    c.api.apply(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "echo-two-abc", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo-two"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "echo", "port": 9000, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [c.web[3].ip.to_string()], "conditions": {"ready": true}, "nodeName": "node1"}]
+        "spec": {"clusterIP": "10.96.50.50", "selector": {"idx": "3"}, "ports": [{"name": "echo", "port": 7000, "targetPort": "echo-port"}]}
     }))?;
     let echo2: SocketAddr = "10.96.50.50:7000".parse()?;
     assert!(
-        eventually(Duration::from_secs(10), || EchoConn::open(&c.client.ns, echo2)
+        eventually(Duration::from_secs(20), || EchoConn::open(&c.client.ns, echo2)
             .and_then(|mut e| e.pod())
             .is_ok_and(|p| p == "web-3")),
         "new Service not served; log:\n{}",
         c.lab.agent_log(&c.node)
     );
     // A Service owned by another proxy is never programmed.
-    c.api.apply(json!({
+    c.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "not-ours", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
-        "spec": {"clusterIP": "10.96.60.60", "ports": [{"port": 80}]}
+        "spec": {"clusterIP": "10.96.60.60", "selector": {"app": "web"}, "ports": [{"port": 80}]}
     }))?;
 
-    // Update: web-2 leaves the slice.
+    // Update: web-2 leaves the Service (its label no longer matches the selector).
     c.set_endpoints(&[0, 1])?;
-    assert!(eventually(Duration::from_secs(10), || !c.has_backend(2, 80)), "{}", c.backends());
+    assert!(eventually(Duration::from_secs(20), || !c.has_backend(2, 80)), "{}", c.backends());
     for _ in 0..20 {
         let pod = http_get(&c.client.ns, vip(80), "/")?;
         assert!(pod == "web-0" || pod == "web-1", "{pod}");
     }
     assert!(!c.lab.list(&c.node, "services")?.contains("10.96.60.60"));
 
-    // History compacted while the agent cannot watch (the server is briefly down, so it cannot
-    // have seen any later version): its resume gets 410 Gone, it lists again, and sees a change
-    // made meanwhile.
-    let lists = |c: &Cluster| {
-        c.api.requests().iter().filter(|r| r.contains("/endpointslices?") && !r.contains("watch=")).count()
-    };
-    let lists_before = lists(&c);
-    c.api.stop();
-    c.api.compact();
+    // History compacted while the agent cannot watch: its link to the control plane goes
+    // down and its connections are aborted; web-2 comes back meanwhile and etcd compacts past
+    // that change. When the link returns, the agent's resume gets 410 Gone, it lists again,
+    // and sees the change.
+    let relists = |c: &Cluster| c.metrics().map(|m| sample(&m, "lb_watch_relists_total")).unwrap_or(f64::NAN);
+    let relists_before = relists(&c);
+    c.cp.disconnect(&c.node.ns)?;
     c.set_endpoints(&[0, 1, 2])?;
-    c.api.resume()?;
-    assert!(eventually(Duration::from_secs(15), || c.has_backend(2, 80)), "{}", c.backends());
-    let lists_after = lists(&c);
-    assert!(lists_after > lists_before, "no relist after 410: {:?}", c.api.requests());
+    c.wait_slice(&[0, 1, 2])?;
+    let compacted = c.cp.compact_etcd()?;
+    c.cp.reconnect(&c.node.ns)?;
+    assert!(eventually(Duration::from_secs(30), || c.has_backend(2, 80)), "{}", c.backends());
+    let relists_after = relists(&c);
+    assert!(
+        relists_after > relists_before,
+        "no relist after etcd compacted to revision {compacted} ({relists_before} -> {relists_after}); log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
 
     // Delete: the Service goes, and its address is no longer translated.
-    c.api.delete(Kind::Service, "default", "echo-two")?;
+    c.cp.kubectl(&["delete", "service", "echo-two"])?;
     assert!(
         eventually(Duration::from_secs(10), || !c
             .lab
@@ -251,43 +354,100 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     let load = Load::start(&c.client.ns);
     thread::sleep(Duration::from_secs(1));
 
-    // First kill, with a Service change (web-3 joins) made while no agent runs.
+    // Killed, with a Service change (web-3 joins) made while no agent runs.
     c.lab.kill_agent(&c.node);
     c.set_endpoints(&[0, 1, 2, 3])?;
-    thread::sleep(Duration::from_secs(1));
+    c.wait_slice(&[0, 1, 2, 3])?;
     assert!(!c.has_backend(3, 80), "nobody should have programmed web-3 yet");
     c.start_agent()?;
     assert!(eventually(Duration::from_secs(10), || c.has_backend(3, 80)), "{}", c.backends());
     thread::sleep(Duration::from_secs(1));
 
-    // Second kill; the restarted agent finds the API server slow to list EndpointSlices. It
-    // must keep the pinned state (not program Services without endpoints) until the list.
+    let (ok, failures, seen) = load.finish();
+    assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
+    assert!(ok > 50, "only {ok} requests");
+    assert!(seen.contains_key("web-3"), "the change made while down was not applied: {seen:?}");
+    assert_eq!(long_lived.pod()?, long_pod, "the long-lived connection moved or broke");
+    Ok(())
+}
+
+/// The test API server in the node's namespace, for faults the real API server cannot be made
+/// to produce on demand: one node, four web pods of the lab (the first three in the lab's
+/// hand-written EndpointSlice), a client pod, the agent.
+struct FaultCluster {
+    // Dropped first: the server, then the lab (agent, namespaces, pins).
+    api: TestApiServer,
+    lab: Lab,
+    node: Node,
+    web: Vec<Pod>,
+    client: Pod,
+    ifaces: Vec<String>,
+}
+
+impl FaultCluster {
+    fn start() -> Result<Self> {
+        let mut lab = Lab::new()?;
+        let node = lab.add_node("node1", 1)?;
+        let mut web = Vec::new();
+        for i in 0..4u8 {
+            let pod = lab.add_pod(&node, &format!("web-{i}"), 11 + i)?;
+            lab.serve(&pod, &[80], &[9000], &[5353])?;
+            web.push(pod);
+        }
+        let client = lab.add_pod(&node, "busybox", 100)?;
+        let api = TestApiServer::start(&node.ns, "127.0.0.1:6443".parse()?, &lab.dir)?;
+        let pods: Vec<(&Pod, bool)> = web[..3].iter().map(|p| (p, true)).collect();
+        api.apply_yaml(&lab_manifests(CLUSTER_IP, &pods, &EXTRA_PORTS))?;
+        let mut ifaces: Vec<String> = web.iter().chain([&client]).map(|p| p.host_if.clone()).collect();
+        ifaces.push("cbr0".into());
+        let mut c = FaultCluster { api, lab, node, web, client, ifaces };
+        let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+        c.lab.start_agent_kube(&c.node, &ifaces, 3, c.api.kubeconfig(), &[])?;
+        Ok(c)
+    }
+
+    fn has_backend(&self, pod: usize, port: u16) -> bool {
+        self.lab.list(&self.node, "backends").unwrap_or_default().contains(&format!("{}:{port}", self.web[pod].ip))
+    }
+}
+
+/// A restarted agent finds its EndpointSlice list hanging (the test API server holds it back).
+/// It must keep the pinned state (not program Services without endpoints) until the list
+/// arrives, report itself unready meanwhile and alive, and lose no request.
+#[test]
+fn restarted_agent_keeps_pinned_state_while_its_first_list_hangs() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut c = FaultCluster::start()?;
+    assert!(c.has_backend(2, 80));
+    let load = Load::start(&c.client.ns);
+    thread::sleep(Duration::from_secs(1));
+
     c.lab.kill_agent(&c.node);
     c.api.hold_lists(Kind::EndpointSlice);
     c.lab.spawn_agent_kube(&c.node, c.api.kubeconfig(), &[])?;
     thread::sleep(Duration::from_secs(3));
     // On a loaded machine the agent may still be starting: its health server answers first.
-    let healthz: std::net::SocketAddr = "127.0.0.1:10256".parse()?;
+    let healthz: SocketAddr = "127.0.0.1:10256".parse()?;
     assert!(
         eventually(Duration::from_secs(10), || http_status(&c.node.ns, healthz, "/livez").is_ok()),
         "the restarted agent's health server never answered"
     );
     let log = c.lab.agent_log(&c.node);
     assert!(!log.contains("desired state applied"), "applied before the first full list:\n{log}");
-    assert!(c.has_backend(3, 80) && c.has_backend(0, 80), "pinned state flushed: {}", c.backends());
+    assert!(c.has_backend(2, 80) && c.has_backend(0, 80), "pinned state flushed");
     // Not healthy until the first full state is programmed, while the old state serves; alive.
-    let (code, healthz) = http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/healthz")?;
-    assert!(code == 503 && healthz.contains("\"synced\":false"), "{code} {healthz}");
-    assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
+    let (code, body) = http_status(&c.node.ns, healthz, "/healthz")?;
+    assert!(code == 503 && body.contains("\"synced\":false"), "{code} {body}");
+    assert_eq!(http_status(&c.node.ns, healthz, "/livez")?.0, 200);
     c.api.release_lists();
-    c.wait_agent()?;
+    let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
+    c.lab.wait_agent(&c.node, &ifaces, 3)?;
     thread::sleep(Duration::from_secs(1));
-
-    let (ok, failures, seen) = load.finish();
+    let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
-    assert!(ok > 100, "only {ok} requests");
-    assert!(seen.contains_key("web-3"), "the change made while down was not applied: {seen:?}");
-    assert_eq!(long_lived.pod()?, long_pod, "the long-lived connection moved or broke");
+    assert!(ok > 50, "only {ok} requests");
     Ok(())
 }
 
@@ -361,26 +521,32 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
     c.start_agent()?;
     let load = Load::start(&c.client.ns);
     thread::sleep(Duration::from_millis(500));
-    c.api.stop();
+    // kube-apiserver is killed: the agent's watches break and reconnecting is refused.
+    c.cp.stop_apiserver();
     let down = Instant::now();
-    thread::sleep(Duration::from_secs(2));
-    // A change while the API server is unreachable from the agent.
-    c.set_endpoints(&[0, 1])?;
-    thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
-    assert!(c.has_backend(2, 80), "state flushed or changed during the outage: {}", c.backends());
-    c.api.resume()?;
-    let back = Instant::now();
     assert!(
-        eventually(Duration::from_secs(20), || !c.has_backend(2, 80)),
-        "change made during the outage never arrived; log:\n{}",
+        eventually(Duration::from_secs(10), || c.lab.agent_log(&c.node).contains("watch failed")),
+        "{}",
         c.lab.agent_log(&c.node)
     );
-    eprintln!("caught up {:?} after the API server returned", back.elapsed());
+    thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
+    assert!(c.has_backend(2, 80), "state flushed or changed during the outage: {}", c.backends());
+    c.cp.start_apiserver()?;
+    let back = Instant::now();
+    // A change once it is back arrives (a resumed watch that sees no change says nothing, so
+    // the change is what shows the agent watches again).
+    c.set_endpoints(&[0, 1])?;
+    assert!(
+        eventually(Duration::from_secs(30), || !c.has_backend(2, 80)),
+        "change made after the outage never arrived; log:\n{}",
+        c.lab.agent_log(&c.node)
+    );
+    eprintln!("a change applied {:?} after the API server returned", back.elapsed());
+    let log = c.lab.agent_log(&c.node);
+    assert!(log.contains("watch re-established"), "{log}");
     thread::sleep(Duration::from_millis(500));
     let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
-    let log = c.lab.agent_log(&c.node);
-    assert!(log.contains("watch failed") && log.contains("watch re-established"), "{log}");
     Ok(())
 }
 
@@ -391,12 +557,12 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     }
     let mut c = Cluster::new()?;
     // A Service without endpoints, to be refused.
-    c.api.apply(json!({
+    c.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "empty", "namespace": "default"},
         "spec": {"clusterIP": "10.96.70.70", "ports": [{"port": 80}]}
     }))?;
-    let kc = c.api.kubeconfig().to_str().expect("utf-8 path").to_string();
+    let kc = c.cp.kubeconfig.to_str().expect("utf-8 path").to_string();
     c.lab.agent_env = vec![("KUBECONFIG".into(), kc)];
     c.lab.spawn_agent(&c.node, &[], &["--metrics-per-frontend"])?;
     c.wait_agent()?;
@@ -404,8 +570,8 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert!(code == 200 && healthz.contains("\"synced\":true") && healthz.contains("\"attached\":true"), "{healthz}");
     assert_eq!(http_status(&c.node.ns, "127.0.0.1:10256".parse()?, "/livez")?.0, 200);
 
-    let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
-    let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\"}";
+    let http = "lb_service_packets_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\",family=\"IPv4\"}";
+    let bytes = "lb_service_bytes_total{service=\"default/web-service:http\",frontend=\"10.104.123.59:80/TCP\",family=\"IPv4\"}";
     let new_flows = "lb_packets_total{hook=\"tc\",verdict=\"fwd_new_flow\"}";
     let before = c.metrics()?;
     for _ in 0..20 {
@@ -424,8 +590,9 @@ fn metrics_and_healthz_follow_the_traffic() -> Result<()> {
     assert_eq!(delta("lb_no_endpoint_rejects_total"), 1.0, "{after}");
     assert!(sample(&after, "lb_conntrack_entries") >= 2.0, "{after}");
     assert_eq!(sample(&after, "lb_conntrack_capacity"), lb_common::CONNTRACK_MAX_ENTRIES as f64, "{after}");
-    assert_eq!(sample(&after, "lb_programmed_frontends"), 4.0, "{after}");
-    assert_eq!(sample(&after, "lb_programmed_endpoints"), 9.0, "{after}");
+    // web-service's three ports, `empty`, and the `kubernetes` Service the API server keeps.
+    assert_eq!(sample(&after, "lb_programmed_frontends"), 5.0, "{after}");
+    assert_eq!(sample(&after, "lb_programmed_endpoints"), 10.0, "{after}");
     assert!(sample(&after, "lb_sync_total") >= 1.0 && sample(&after, "lb_last_sync_timestamp_seconds") > 1.7e9);
     assert!(sample(&after, "lb_sync_duration_seconds_count") >= 1.0, "{after}");
     assert!(sample(&after, "lb_watch_relists_total") >= 3.0, "{after}");
@@ -447,7 +614,7 @@ fn map_layout_changes_rebuild_service_maps_and_migrate_flow_maps() -> Result<()>
     let mut long_lived = EchoConn::open(&c.client.ns, vip(9000))?;
     let pod = long_lived.pod()?;
     let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
-    let kc = c.api.kubeconfig().to_owned();
+    let kc = c.cp.kubeconfig.clone();
 
     // Another services map size (as after an upgrade that changed a derived map): rebuilt and
     // refilled, and the established connection, tracked in the kept conntrack map, lives on.
@@ -508,9 +675,14 @@ fn zone_hints_follow_the_nodes_zone_label() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
-    let mut c = Cluster::new()?;
-    c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))?;
-    c.api.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, Some("zone-b"))]))?;
+    // web-service without a selector: the slices, hints included, are written here (the real
+    // controller would hint every endpoint of a one-node cluster with that node's zone).
+    let mut c = Cluster::with(Setup {
+        node_labels: [("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())].into(),
+        selectorless: true,
+        ..Default::default()
+    })?;
+    c.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, Some("zone-b"))]))?;
     c.start_agent()?;
     let answers = |c: &Cluster| -> Result<std::collections::BTreeSet<String>> {
         (0..15).map(|_| http_get(&c.client.ns, vip(80), "/")).collect()
@@ -521,12 +693,12 @@ fn zone_hints_follow_the_nodes_zone_label() -> Result<()> {
     assert_eq!(answers(&c)?, set(&["web-0"]));
 
     // The Node moves to zone-b (a label change seen through the Node watch).
-    c.api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-b"}}}))?;
+    c.cp.kubectl(&["label", "node", "node1", "topology.kubernetes.io/zone=zone-b", "--overwrite"])?;
     assert!(eventually(Duration::from_secs(10), || !c.has_backend(0, 80) && c.has_backend(1, 80)), "{}", c.backends());
     assert_eq!(answers(&c)?, set(&["web-1", "web-2"]));
 
     // One endpoint without hints: hints are ignored, every endpoint serves.
-    c.api.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, None)]))?;
+    c.apply(hinted_slice(&c, &[(0, Some("zone-a")), (1, Some("zone-b")), (2, None)]))?;
     assert!(eventually(Duration::from_secs(10), || c.has_backend(0, 80)), "{}", c.backends());
     let mut all = std::collections::BTreeSet::new();
     for _ in 0..4 {
@@ -596,7 +768,7 @@ fn run_as_daemonset(c: &mut Cluster, caps: &[&str]) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let kc = c.api.kubeconfig().to_owned();
+    let kc = c.cp.kubeconfig.clone();
     let cgroup = lb_tests::sh(&["findmnt", "-n", "-o", "TARGET", "-t", "cgroup2"])?;
     let cgroup = cgroup.lines().next().unwrap_or("/sys/fs/cgroup").to_string();
     let args = ["--config", path.to_str().unwrap(), "--cgroup", &cgroup];
@@ -656,18 +828,24 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
-    // What the DaemonSet's pod gets: a service account token and CA mounted by the kubelet, and
-    // KUBERNETES_SERVICE_HOST/PORT (set by deploy/daemonset.yaml to the API server itself). The
-    // server only answers HTTPS with that token.
-    let token = "lb-test-service-account-token";
-    let mut c = Cluster::with_server(|ns, dir| TestApiServer::start_tls(ns, API.parse()?, dir, token))?;
+    // What the DaemonSet's pod gets: its service account (deploy/rbac.yaml, applied to the real
+    // RBAC authorizer), a token the API server issued for it and the cluster CA, mounted where
+    // the kubelet mounts them, and KUBERNETES_SERVICE_HOST/PORT pointing at the API server (as
+    // deploy/daemonset.yaml sets them).
+    let mut c = Cluster::new()?;
+    let rbac = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    c.cp.kubectl(&["apply", "-f", rbac.to_str().unwrap()])?;
+    let token = c.cp.kubectl(&["create", "token", "lb", "-n", "kube-system"])?;
     let sa = c.lab.dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa)?;
+    std::fs::write(sa.join("token"), token.trim())?;
+    std::fs::copy(&c.cp.ca_file, sa.join("ca.crt"))?;
+    std::fs::write(sa.join("namespace"), "kube-system")?;
     let home = c.lab.dir.join("home");
     std::fs::create_dir_all(&home)?;
-    let api: SocketAddr = API.parse()?;
     c.lab.agent_env = vec![
-        ("KUBERNETES_SERVICE_HOST".into(), api.ip().to_string()),
-        ("KUBERNETES_SERVICE_PORT".into(), api.port().to_string()),
+        ("KUBERNETES_SERVICE_HOST".into(), API_ADDR.to_string()),
+        ("KUBERNETES_SERVICE_PORT".into(), API_PORT.to_string()),
         // No ~/.kube/config to find first.
         ("HOME".into(), home.to_str().unwrap().into()),
     ];
@@ -682,55 +860,84 @@ fn in_cluster_client_uses_its_service_account_over_tls() -> Result<()> {
     c.lab.spawn_agent(&c.node, &[], &[])?;
     c.wait_agent()?;
     let log = c.lab.agent_log(&c.node);
-    assert!(log.contains("server=https://127.0.0.1:6443"), "{log}");
+    assert!(log.contains(&format!("server=https://{API_ADDR}:{API_PORT}")), "{log}");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
         seen.insert(http_get(&c.client.ns, vip(80), "/")?);
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     c.set_endpoints(&[0])?;
-    assert!(eventually(Duration::from_secs(10), || !c.has_backend(1, 80)), "{}", c.backends());
+    assert!(eventually(Duration::from_secs(20), || !c.has_backend(1, 80)), "{}", c.backends());
+    // The API server knows who asked: the watches were the service account's, allowed by the
+    // ClusterRole (a forbidden list would have left the agent unready above).
+    assert!(!c.lab.agent_log(&c.node).contains("forbidden"), "{}", c.lab.agent_log(&c.node));
     Ok(())
 }
 
-/// A Service lb cannot serve gets a Warning Event, as `kubectl describe` shows: one whose
-/// ClusterIP another Service already has is rejected whole; one with an SCTP port is served on
-/// its other ports, with a Warning for that port; the lab Service keeps working.
+/// A Service lb cannot serve in full gets a Warning Event, as `kubectl describe` shows: one with
+/// an SCTP port is served on its other ports, with a Warning for that port, stored by the real
+/// API server (deploy/rbac.yaml grants the agent events create); the lab Service keeps working.
 #[test]
-fn rejected_services_get_warning_events() -> Result<()> {
+fn partly_served_services_get_warning_events() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
     let mut c = Cluster::new()?;
     c.start_agent()?;
-    c.api.apply(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "zz-clash", "namespace": "default"},
-        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [{"port": 80}]}
-    }))?;
-    c.api.apply(json!({
+    c.apply(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "mixed", "namespace": "default"},
         "spec": {"clusterIP": "10.96.71.71", "ports": [{"name": "s", "port": 80, "protocol": "SCTP"}, {"name": "t", "port": 80}]}
     }))?;
-    let event = |name: &str, reason: &str| {
-        c.api
-            .events()
-            .into_iter()
-            .find(|e| e["regarding"]["name"] == name && e["reason"] == reason && e["type"] == "Warning")
+    let event = |c: &Cluster| -> Option<serde_json::Value> {
+        let list = c.cp.kubectl(&["get", "events.v1.events.k8s.io", "-n", "default", "-o", "json"]).ok()?;
+        let list: serde_json::Value = serde_json::from_str(&list).ok()?;
+        list["items"]
+            .as_array()?
+            .iter()
+            .find(|e| e["regarding"]["name"] == "mixed" && e["reason"] == "PartlyProgrammed" && e["type"] == "Warning")
+            .cloned()
     };
     assert!(
-        eventually(Duration::from_secs(10), || event("zz-clash", "FailedToProgram").is_some()
-            && event("mixed", "PartlyProgrammed").is_some()),
-        "events: {:#?}\nlog:\n{}",
-        c.api.events(),
+        eventually(Duration::from_secs(20), || event(&c).is_some()),
+        "no Warning Event; log:\n{}",
         c.lab.agent_log(&c.node)
     );
-    let note = event("mixed", "PartlyProgrammed").unwrap()["note"].as_str().unwrap_or_default().to_string();
+    let note = event(&c).unwrap()["note"].as_str().unwrap_or_default().to_string();
     assert!(note.contains("spec.ports[0].protocol") && note.contains("SCTP"), "{note}");
     let pod = http_get(&c.client.ns, vip(80), "/")?;
     assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
     let services = c.lab.list(&c.node, "services")?;
     assert!(services.contains("10.96.71.71:80") && services.contains("default/mixed:t"), "{services}");
+    Ok(())
+}
+
+/// A Service whose ClusterIP another Service already has (which a real API server refuses to
+/// store, hence the test API server) is rejected whole, with a Warning Event; the lab Service
+/// keeps working.
+#[test]
+fn a_clusterip_clash_gets_a_warning_event() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let c = FaultCluster::start()?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zz-clash", "namespace": "default"},
+        "spec": {"clusterIP": CLUSTER_IP.to_string(), "ports": [{"port": 80}]}
+    }))?;
+    let event = || {
+        c.api.events().into_iter().find(|e| {
+            e["regarding"]["name"] == "zz-clash" && e["reason"] == "FailedToProgram" && e["type"] == "Warning"
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || event().is_some()),
+        "events: {:#?}\nlog:\n{}",
+        c.api.events(),
+        c.lab.agent_log(&c.node)
+    );
+    let pod = http_get(&c.client.ns, vip(80), "/")?;
+    assert!(c.web.iter().any(|p| p.name == pod), "the lab Service keeps working: {pod}");
     Ok(())
 }

@@ -161,7 +161,8 @@ fn net() -> Result<Net> {
     }
     // Host-network endpoints: servers in the nodes' own namespaces.
     for (n, name, ip) in [(&a, "host-a", NODE_A), (&b, "host-b", NODE_B)] {
-        let host = Pod { ns: n.ns.clone(), name: name.into(), ip, node: n.name.clone(), host_if: String::new() };
+        let host =
+            Pod { ns: n.ns.clone(), name: name.into(), ip, ip6: None, node: n.name.clone(), host_if: String::new() };
         let ip = ip.to_string();
         lab.serve_args(&host, &[18080], &[], &[], &[], &["--bind", &ip, "--udp-echo", "18053"])?;
     }

@@ -66,7 +66,7 @@ endpoints:
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
 const PODS: [&str; 3] = ["web-deploy-66fbbff65d-5lgpk", "web-deploy-66fbbff65d-d6xt6", "web-deploy-66fbbff65d-dwvk4"];
 
-fn step(title: &str) {
+pub(crate) fn step(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
 }
 
@@ -160,7 +160,7 @@ pub fn demo() -> Result<()> {
 }
 
 /// `curl URL` inside `pod`'s namespace: the body, or curl's error.
-fn curl(pod: &Pod, url: &str) -> Result<String> {
+pub(crate) fn curl(pod: &Pod, url: &str) -> Result<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", &pod.ns, "curl", "-sS", "--max-time", "3", url])
         .output()

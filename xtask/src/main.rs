@@ -1,7 +1,9 @@
-//! `cargo xtask setup|test|demo`: everything a fresh machine needs, from the README's two
+//! `cargo xtask setup|test|demo|k8s|lab`: everything a fresh machine needs, from the README's two
 //! commands. All of it needs root (BPF, network namespaces, apt).
 mod demo;
+mod k8s;
 mod kind;
+mod lab;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -29,9 +31,19 @@ enum Cmd {
     },
     /// Set up, build, and replay the seed lab on this machine with the real eBPF datapath.
     Demo,
+    /// Build the real control plane, kube-proxy, kubectl and etcd from source into target/k8s
+    /// (idempotent; about 16 minutes the first time on 2 cores).
+    K8s,
     /// lb as a DaemonSet on a kind cluster without kube-proxy (deploy/), then the seed lab on
     /// it. Needs docker with a running daemon, kind and kubectl.
     Kind,
+    /// The seed lab. With --real: against a real control plane built from source (cargo xtask
+    /// k8s), two nodes with the netns kubelet and lb as the DaemonSet runs it, the lab's YAML
+    /// applied with kubectl. Without: the same as `demo`.
+    Lab {
+        #[arg(long)]
+        real: bool,
+    },
     /// Set up, build (release), and run the benchmarks; results go to bench/results/.
     Bench {
         /// Short runs and small sizes (under two minutes), for CI: keeps the bench from rotting.
@@ -73,19 +85,30 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => {
             setup::setup()?;
+            // The agent's API tests run against a real kube-apiserver.
+            k8s::ensure()?;
             build()?;
             // The eBPF crates only build for the bpf target (through lb-userspace's and bench's
             // build.rs).
             run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "bench-ebpf"]).args(&args))
         }
         Cmd::Kind => kind::kind(),
-        Cmd::Demo => {
+        Cmd::K8s => k8s::ensure().map(|dir| println!("{}", dir.display())),
+        Cmd::Lab { real: true } => {
+            setup::setup()?;
+            k8s::ensure()?;
+            build()?;
+            lab::real()
+        }
+        Cmd::Demo | Cmd::Lab { real: false } => {
             setup::setup()?;
             build()?;
             demo::demo()
         }
         Cmd::Bench { quick } => {
             setup::setup()?;
+            // lb beside the real kube-proxy, on a real control plane.
+            k8s::ensure()?;
             // Release builds: the agent's YAML parsing and the load clients are timed too.
             run(cargo().args([
                 "build",

@@ -6,8 +6,18 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "iproute2", "procps", "util-linux", "curl", "ethtool", "iptables"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "procps",
+    "util-linux",
+    "curl",
+    "ethtool",
+    "iptables",
+    "nftables",
+    "conntrack",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn output(cmd: &mut Command) -> Option<String> {

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -14,11 +14,11 @@ use aya::programs::{
     xdp::XdpLink,
     CgroupSockAddr, SchedClassifier, Xdp, XdpMode,
 };
-use lb_common::{NodeAddrKey, FAMILY_IPV4, MAP_NODE_ADDRS, PROGS_SOCK, PROG_TC_INGRESS, PROG_XDP};
+use lb_common::{NodeAddrKey, MAP_NODE_ADDRS, PROGS_SOCK, PROG_TC_INGRESS, PROG_XDP};
 
 use super::{
-    maps::{insert_err, ipv4},
-    sys::{error_chain, interfaces, local_ipv4_addresses},
+    maps::{addr_words, family_tag, insert_err, ip_of, local_source_key},
+    sys::{error_chain, interfaces, local_addresses, node_port_address},
     Dataplane, DataplaneError, Result, XdpAttachMode, LINKS_DIR,
 };
 use crate::model::{Cidr, Frontend, Scope};
@@ -95,33 +95,25 @@ fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {
 }
 
 impl Dataplane {
-    /// Makes `LB_NODE_ADDRS` hold exactly the addresses of this network namespace that lie in
-    /// `cidrs` (all of them if `cidrs` is empty), except loopback. Node ports answer on these.
-    pub fn sync_node_addresses(&mut self, cidrs: &[Cidr]) -> Result<Vec<Ipv4Addr>> {
-        let want: Vec<Ipv4Addr> = local_ipv4_addresses()?
+    /// Makes `LB_NODE_ADDRS` hold exactly the addresses of this network namespace, of both
+    /// families, that lie in `cidrs` (all of them if `cidrs` is empty), except loopback and
+    /// IPv6 link-local ones. Node ports answer on these, each on the addresses of its family.
+    pub fn sync_node_addresses(&mut self, cidrs: &[Cidr]) -> Result<Vec<IpAddr>> {
+        let want: Vec<IpAddr> = local_addresses()?
             .into_iter()
-            .filter(|ip| !ip.is_loopback())
+            .map(|(_, ip)| ip)
+            .filter(|ip| node_port_address(*ip))
             .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
             .collect();
         self.set_node_addresses(&want)
     }
 
-    /// Makes `LB_LOCAL_SOURCES` hold exactly `cidrs`: sources that are the cluster's own (its
-    /// pod CIDRs, this node's), which an `externalTrafficPolicy: Local` frontend serves from
-    /// cluster-wide endpoints.
+    /// Makes `LB_LOCAL_SOURCES` hold exactly `cidrs` (either family): sources that are the
+    /// cluster's own (its pod CIDRs, this node's), which an `externalTrafficPolicy: Local`
+    /// frontend serves from cluster-wide endpoints.
     pub fn set_local_sources(&mut self, cidrs: &[Cidr]) -> Result<()> {
-        use aya::maps::lpm_trie::Key;
-        let key = |c: &Cidr| {
-            Key::new(
-                32 + c.len as u32,
-                lb_common::LocalSourceData {
-                    family_be: (FAMILY_IPV4 as u32).to_be(),
-                    addr: [u32::from_ne_bytes(c.addr.octets()), 0, 0, 0],
-                },
-            )
-        };
         let have: Vec<_> = self.maps.local_sources.keys().filter_map(|k| k.ok()).collect();
-        let want: Vec<_> = cidrs.iter().map(key).collect();
+        let want: Vec<_> = cidrs.iter().map(local_source_key).collect();
         for k in have.iter().filter(|k| !want.iter().any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data()))
         {
             let _ = self.maps.local_sources.remove(k);
@@ -136,17 +128,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Makes `LB_NODE_ADDRS` hold exactly `addrs`; returns what it holds.
-    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<Vec<Ipv4Addr>> {
-        let mut want: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();
-        let key = |ip: &Ipv4Addr| NodeAddrKey {
-            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
-            family: FAMILY_IPV4,
-            _pad: [0; 3],
-        };
+    /// Makes `LB_NODE_ADDRS` hold exactly `addrs` (either family); returns what it holds.
+    pub fn set_node_addresses<A: Into<IpAddr> + Copy>(&mut self, addrs: &[A]) -> Result<Vec<IpAddr>> {
+        let mut want: BTreeSet<IpAddr> = addrs.iter().map(|a| (*a).into()).collect();
+        let key = |ip: &IpAddr| NodeAddrKey { addr: addr_words(*ip), family: family_tag(*ip), _pad: [0; 3] };
         let have: Vec<NodeAddrKey> = self.maps.node_addrs.keys().filter_map(|k| k.ok()).collect();
         for k in have {
-            if !want.remove(&ipv4(k.addr)) {
+            if !want.remove(&ip_of(k.family, k.addr)) {
                 let _ = self.maps.node_addrs.remove(&k);
             }
         }
@@ -157,7 +145,8 @@ impl Dataplane {
                 format!("node address {ip}"),
             ))?;
         }
-        let now: Vec<Ipv4Addr> = self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ipv4(k.addr)).collect();
+        let now: Vec<IpAddr> =
+            self.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ip_of(k.family, k.addr)).collect();
         let node_ports: Vec<Frontend> =
             self.programmed.keys().filter(|f| f.scope == Scope::NodePort).copied().collect();
         self.filter.set_node_addrs(&now, node_ports.iter());

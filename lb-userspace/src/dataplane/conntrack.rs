@@ -1,12 +1,17 @@
-//! The conntrack tables from the agent's side: reading both as one, collecting assured flows
-//! that went idle, and carrying flows over from the conntrack map of layout version 4.
+//! The conntrack tables from the agent's side: reading both tables of a family as one,
+//! collecting assured flows that went idle, and carrying flows over from the conntrack map of
+//! layout version 4.
 //!
-//! The datapath keeps live connections in `LB_CT4`, which never evicts, and new and finished
-//! ones in `LB_CT4_NEW`, an LRU (see `lb-ebpf/src/conntrack.rs`). Only the assured table needs
+//! The datapath keeps live connections in `LB_CT4` (IPv6: `LB_CT6`), which never evicts, and
+//! new and finished ones in `LB_CT4_NEW` (`LB_CT6_NEW`), an LRU (see
+//! `lb-ebpf/src/conntrack.rs`); the two families share the code here, generic over the
+//! address type. Only the assured table needs
 //! collecting: the LRU makes room by itself. An assured flow is removed when both of its
 //! entries have been idle past their state's lifetime (a one-way stream refreshes only one),
 //! as netfilter's garbage collection removes expired conntracks.
 use std::{
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -16,20 +21,54 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ct_peer, CtKey4, CtValue4, CT_STATES, MAP_CT4, MAP_CT4_NEW};
+use lb_common::{ct_peer, CtKey, CtKey4, CtValue, CtValue4, CT_STATES, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW};
 
 use super::{clock::Clock, maps::map_err, Result};
 
-/// Both tables, typed.
+/// A conntrack address: `u32` in the IPv4 tables, `[u32; 4]` in the IPv6 ones, network order.
+pub trait CtAddr: Copy + Default + Eq + Hash + Send + 'static {
+    fn ip(self) -> IpAddr;
+}
+
+impl CtAddr for u32 {
+    fn ip(self) -> IpAddr {
+        Ipv4Addr::from(self.to_ne_bytes()).into()
+    }
+}
+
+impl CtAddr for [u32; 4] {
+    fn ip(self) -> IpAddr {
+        super::maps::ip_of(lb_common::FAMILY_IPV6, self)
+    }
+}
+
+/// One conntrack table of one family.
+pub type CtTable<A> = HashMap<MapData, CtKey<A>, CtValue<A>>;
+
+/// Both tables of one family, typed.
+pub struct CtPair<A>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    pub assured: CtTable<A>,
+    pub new: CtTable<A>,
+}
+
+/// Both tables of both families: `LB_CT4`/`LB_CT4_NEW` and `LB_CT6`/`LB_CT6_NEW`.
 pub struct CtTables {
-    pub assured: HashMap<MapData, CtKey4, CtValue4>,
-    pub new: HashMap<MapData, CtKey4, CtValue4>,
+    pub v4: CtPair<u32>,
+    pub v6: CtPair<[u32; 4]>,
 }
 
 /// A conntrack entry, and whether it is in the assured table.
-pub type CtEntry = (CtKey4, CtValue4, bool);
+pub type CtEntry<A = u32> = (CtKey<A>, CtValue<A>, bool);
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<HashMap<MapData, CtKey4, CtValue4>> {
+fn open<A>(pin_dir: &Path, name: &'static str) -> Result<CtTable<A>>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
     let map = Map::from_map_data(data).map_err(map_err(name))?;
     HashMap::try_from(map).map_err(map_err(name))
@@ -38,23 +77,35 @@ fn open(pin_dir: &Path, name: &'static str) -> Result<HashMap<MapData, CtKey4, C
 impl CtTables {
     /// Handles of their own on the pinned tables, for work on another thread.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Ok(Self { assured: open(pin_dir, MAP_CT4)?, new: open(pin_dir, MAP_CT4_NEW)? })
+        Ok(Self {
+            v4: CtPair { assured: open(pin_dir, MAP_CT4)?, new: open(pin_dir, MAP_CT4_NEW)? },
+            v6: CtPair { assured: open(pin_dir, MAP_CT6)?, new: open(pin_dir, MAP_CT6_NEW)? },
+        })
     }
 }
 
-/// Every entry of both tables. A flow is in one table at a time; should a key be in both (a
-/// packet racing a move on another CPU), the assured entry is the one lookups find.
-pub fn entries(assured: &HashMap<MapData, CtKey4, CtValue4>, new: &HashMap<MapData, CtKey4, CtValue4>) -> Vec<CtEntry> {
-    let mut out: Vec<CtEntry> = assured.iter().filter_map(std::result::Result::ok).map(|(k, v)| (k, v, true)).collect();
-    let live: std::collections::HashSet<CtKey4> = out.iter().map(|(k, _, _)| *k).collect();
+/// Every entry of both tables of a family. A flow is in one table at a time; should a key be
+/// in both (a packet racing a move on another CPU), the assured entry is the one lookups find.
+pub fn entries<A: CtAddr>(assured: &CtTable<A>, new: &CtTable<A>) -> Vec<CtEntry<A>>
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
+    let mut out: Vec<CtEntry<A>> =
+        assured.iter().filter_map(std::result::Result::ok).map(|(k, v)| (k, v, true)).collect();
+    let live: std::collections::HashSet<CtKey<A>> = out.iter().map(|(k, _, _)| *k).collect();
     out.extend(
         new.iter().filter_map(std::result::Result::ok).filter(|(k, _)| !live.contains(k)).map(|(k, v)| (k, v, false)),
     );
     out
 }
 
-/// Removes a flow, both entries, from both tables.
-pub fn remove_flow(tables: &mut CtTables, k: &CtKey4, v: &CtValue4) -> bool {
+/// Removes a flow, both entries, from both tables of its family.
+pub fn remove_flow<A: CtAddr>(tables: &mut CtPair<A>, k: &CtKey<A>, v: &CtValue<A>) -> bool
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
     let (pk, _) = ct_peer(k, v);
     let mut removed = false;
     for t in [&mut tables.assured, &mut tables.new] {
@@ -68,14 +119,18 @@ pub fn remove_flow(tables: &mut CtTables, k: &CtKey4, v: &CtValue4) -> bool {
 /// `now` is fresh: `now` is read before a walk that takes a while, and the datapath keeps
 /// refreshing entries meanwhile (wrapping, it would look 2^32 jiffies old and a busy flow
 /// would be collected).
-pub fn expired(v: &CtValue4, now: u32, timeouts: &[u32; CT_STATES]) -> bool {
+pub fn expired<A>(v: &CtValue<A>, now: u32, timeouts: &[u32; CT_STATES]) -> bool {
     let idle = now.wrapping_sub(v.last_seen);
     (idle as i32) >= 0 && idle > timeouts.get(v.state as usize).copied().unwrap_or(0)
 }
 
-/// One pass over the assured table: removes the flows whose entries are both expired.
-/// Returns (flows removed, entries left).
-pub fn collect(tables: &mut CtTables, now: u32, timeouts: &[u32; CT_STATES]) -> (usize, usize) {
+/// One pass over the assured table of a family: removes the flows whose entries are both
+/// expired. Returns (flows removed, entries left).
+pub fn collect<A: CtAddr>(tables: &mut CtPair<A>, now: u32, timeouts: &[u32; CT_STATES]) -> (usize, usize)
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
     let (idle, entries) = idle_flows(&tables.assured, now, timeouts);
     let removed = remove_idle(tables, &idle, now, timeouts);
     (removed, entries.saturating_sub(2 * removed))
@@ -83,18 +138,18 @@ pub fn collect(tables: &mut CtTables, now: u32, timeouts: &[u32; CT_STATES]) -> 
 
 /// An entry of the assured table the walk found idle, with its flow's other entry (`None`
 /// for a reply entry whose forward entry is gone).
-pub type Idle = (CtKey4, Option<CtKey4>);
+pub type Idle<A = u32> = (CtKey<A>, Option<CtKey<A>>);
 
 /// The walk of `collect`: the flows whose entries were both expired at `now` when it read
 /// them (forward keys with their peers), and reply entries expired without their forward
 /// entry (a crash between two writes). Also returns how many entries it read.
-pub fn idle_flows(
-    assured: &HashMap<MapData, CtKey4, CtValue4>,
-    now: u32,
-    timeouts: &[u32; CT_STATES],
-) -> (Vec<Idle>, usize) {
-    let all: Vec<(CtKey4, CtValue4)> = assured.iter().filter_map(std::result::Result::ok).collect();
-    let by_key: std::collections::HashMap<CtKey4, CtValue4> = all.iter().copied().collect();
+pub fn idle_flows<A: CtAddr>(assured: &CtTable<A>, now: u32, timeouts: &[u32; CT_STATES]) -> (Vec<Idle<A>>, usize)
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
+    let all: Vec<(CtKey<A>, CtValue<A>)> = assured.iter().filter_map(std::result::Result::ok).collect();
+    let by_key: std::collections::HashMap<CtKey<A>, CtValue<A>> = all.iter().copied().collect();
     let mut idle = Vec::new();
     for (k, v) in &all {
         if !expired(v, now, timeouts) {
@@ -119,15 +174,25 @@ pub fn idle_flows(
 /// read again just before it is deleted: gone or still expired at `now`, it goes; re-created
 /// (seen at or after `now`), the flow stays. A peer key that now holds another flow's entry
 /// (its SNAT port taken by a new flow) is that flow's, and stays. Returns the flows removed.
-pub fn remove_idle(tables: &mut CtTables, idle: &[Idle], now: u32, timeouts: &[u32; CT_STATES]) -> usize {
-    let mut removed = 0;
-    for (k, pk) in idle {
-        // None: a read that failed for another reason than absence; nothing is deleted then.
-        let read = |t: &HashMap<MapData, CtKey4, CtValue4>, key: &CtKey4| match t.get(key, 0) {
+pub fn remove_idle<A: CtAddr>(tables: &mut CtPair<A>, idle: &[Idle<A>], now: u32, timeouts: &[u32; CT_STATES]) -> usize
+where
+    CtKey<A>: aya::Pod + Eq,
+    CtValue<A>: aya::Pod,
+{
+    // None: a read that failed for another reason than absence; nothing is deleted then.
+    fn read<A>(t: &CtTable<A>, key: &CtKey<A>) -> Option<Option<CtValue<A>>>
+    where
+        CtKey<A>: aya::Pod,
+        CtValue<A>: aya::Pod,
+    {
+        match t.get(key, 0) {
             Ok(v) => Some(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Some(None),
             Err(_) => None,
-        };
+        }
+    }
+    let mut removed = 0;
+    for (k, pk) in idle {
         let Some(Some(v)) = read(&tables.assured, k) else { continue };
         if !expired(&v, now, timeouts) {
             continue;
@@ -182,12 +247,21 @@ pub fn spawn_collector(
                 break;
             }
             let Ok(now) = clock.jiffies() else { continue };
-            let (removed, left) = collect(&mut tables, now, &timeouts);
+            // Each family's assured table has the capacity; the busier one sets the pace.
+            let (r4, left4) = collect(&mut tables.v4, now, &timeouts);
+            let (r6, left6) = collect(&mut tables.v6, now, &timeouts);
+            let removed = r4 + r6;
             collected.fetch_add(removed as u64, Ordering::Relaxed);
             if removed > 0 {
-                tracing::debug!(flows = removed, entries = left, "collected idle conntrack flows");
+                tracing::debug!(
+                    flows = removed,
+                    ipv4_entries = left4,
+                    ipv6_entries = left6,
+                    "collected idle conntrack flows"
+                );
             }
-            let busy = removed * 2 * 10 > left || left as u64 * 4 > capacity as u64 * 3;
+            let busy = |removed: usize, left: usize| removed * 2 * 10 > left || left as u64 * 4 > capacity as u64 * 3;
+            let busy = busy(r4, left4) || busy(r6, left6);
             interval = if busy { (interval / 2).max(GC_MIN) } else { (interval * 2).min(GC_MAX) };
         }
     });
@@ -329,7 +403,8 @@ pub fn carry_over_legacy(old: &Map, tables: &mut CtTables, clock: &Clock, only_n
     for (k, v) in src.iter().filter_map(std::result::Result::ok) {
         let Some((fk, fv)) = convert_legacy(&k, &v, clock, now_j, now_ns) else { continue };
         let (pk, pv) = ct_peer(&fk, &fv);
-        let table = if fv.flags & lb_common::CT_FLAG_ASSURED != 0 { &mut tables.assured } else { &mut tables.new };
+        let table =
+            if fv.flags & lb_common::CT_FLAG_ASSURED != 0 { &mut tables.v4.assured } else { &mut tables.v4.new };
         if table.insert(fk, fv, flags).is_ok() && table.insert(pk, pv, flags).is_ok() {
             n += 1;
         }

@@ -3,20 +3,21 @@
 //! of ours costs two array loads and no hash lookup.
 //!
 //! Frontend bits are counted (several frontends may share one) and cleared when the last goes.
-//! A node port stands for every node address, so it sets a bit per address and follows the
-//! addresses as they change. Backend bits are never cleared: a connection to a backend that
+//! A node port stands for every node address of its family, so it sets a bit per such address
+//! and follows the addresses as they change. An IPv6 address is folded to 32 bits first
+//! (`lb_common::fold_v6`), as the datapath folds the packet's. Backend bits are never cleared: a connection to a backend that
 //! left may live on for hours and its replies must still be translated; a stale bit only costs
 //! the conntrack lookups a packet from there would have cost anyway.
 use std::{
     collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use aya::maps::{Array, MapData};
 use lb_common::{filter_bit, FILTER_BACKENDS, FILTER_FRONTENDS, FILTER_WORDS, MAP_FILTER};
 
-use super::{DataplaneError, Result};
-use crate::model::{Endpoint, Frontend, Protocol, Scope};
+use super::{maps::filter_addr as be, DataplaneError, Result};
+use crate::model::{Endpoint, Frontend, IpFamily, Protocol, Scope};
 
 #[derive(Debug, Default)]
 pub(super) struct Filter {
@@ -26,12 +27,8 @@ pub(super) struct Filter {
     dirty: BTreeSet<u32>,
     /// Frontend bit -> frontends (per node address, for node ports) hashing there.
     refs: HashMap<u32, u32>,
-    /// The addresses node ports answer on.
-    node_addrs: Vec<Ipv4Addr>,
-}
-
-fn be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+    /// The addresses node ports answer on (each on those of its family).
+    node_addrs: Vec<IpAddr>,
 }
 
 impl Filter {
@@ -48,7 +45,12 @@ impl Filter {
         let (port, proto) = (f.port.to_be(), f.protocol.number());
         match f.scope {
             Scope::ClusterIp | Scope::External => vec![(be(f.ip), port, proto)],
-            Scope::NodePort => self.node_addrs.iter().map(|a| (be(*a), port, proto)).collect(),
+            Scope::NodePort => self
+                .node_addrs
+                .iter()
+                .filter(|a| IpFamily::of(**a) == f.family())
+                .map(|a| (be(*a), port, proto))
+                .collect(),
             Scope::ExternalFromCluster | Scope::NodePortFromCluster => Vec::new(),
         }
     }
@@ -98,7 +100,7 @@ impl Filter {
     /// Node ports follow the node's addresses.
     pub(super) fn set_node_addrs<'a>(
         &mut self,
-        addrs: &[Ipv4Addr],
+        addrs: &[IpAddr],
         node_ports: impl Iterator<Item = &'a Frontend> + Clone,
     ) {
         for f in node_ports.clone() {
@@ -139,8 +141,10 @@ impl Filter {
 mod tests {
     use super::*;
 
-    fn has(f: &Filter, base: u32, addr: Ipv4Addr, port: u16, proto: Protocol) -> bool {
-        let bit = filter_bit(be(addr), port.to_be(), proto.number());
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn has(f: &Filter, base: u32, addr: impl Into<IpAddr>, port: u16, proto: Protocol) -> bool {
+        let bit = filter_bit(be(addr.into()), port.to_be(), proto.number());
         f.words[(base + (bit >> 6)) as usize] & (1 << (bit & 63)) != 0
     }
 
@@ -158,7 +162,7 @@ mod tests {
         assert!(!has(&f, FILTER_FRONTENDS, vip, 80, Protocol::Udp));
 
         let np = Frontend::node_port(30080, Protocol::Tcp);
-        let (n1, n2) = (Ipv4Addr::new(192, 168, 49, 2), Ipv4Addr::new(192, 168, 49, 3));
+        let (n1, n2): (IpAddr, IpAddr) = (Ipv4Addr::new(192, 168, 49, 2).into(), Ipv4Addr::new(192, 168, 49, 3).into());
         f.set_node_addrs(&[n1], [].iter());
         f.add_frontend(&np);
         assert!(has(&f, FILTER_FRONTENDS, n1, 30080, Protocol::Tcp));
@@ -170,11 +174,31 @@ mod tests {
         f.remove_frontend(&np);
         assert!(!has(&f, FILTER_FRONTENDS, n2, 30080, Protocol::Tcp));
 
-        let e = Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11), port: 8080, local: true };
+        let e = Endpoint { ip: Ipv4Addr::new(10, 244, 1, 11).into(), port: 8080, local: true };
         f.add_backend(&e, Protocol::Tcp);
         assert!(has(&f, FILTER_BACKENDS, e.ip, 8080, Protocol::Tcp));
         f.rebuild([a].iter());
         assert!(has(&f, FILTER_FRONTENDS, vip, 80, Protocol::Tcp));
         assert!(has(&f, FILTER_BACKENDS, e.ip, 8080, Protocol::Tcp), "backend bits stay");
+    }
+
+    #[test]
+    fn node_ports_of_each_family_take_that_familys_addresses() {
+        let mut f = Filter { words: vec![0; 2 * FILTER_WORDS as usize], ..Filter::default() };
+        let v4: IpAddr = Ipv4Addr::new(192, 168, 49, 2).into();
+        let v6: IpAddr = "fd00:49::2".parse::<Ipv6Addr>().unwrap().into();
+        f.set_node_addrs(&[v4, v6], [].iter());
+        f.add_frontend(&Frontend::node_port_v6(30080, Protocol::Tcp));
+        assert!(has(&f, FILTER_FRONTENDS, v6, 30080, Protocol::Tcp));
+        assert!(!has(&f, FILTER_FRONTENDS, v4, 30080, Protocol::Tcp), "an IPv6 node port is not on IPv4 addresses");
+        f.add_frontend(&Frontend::node_port(30081, Protocol::Tcp));
+        assert!(has(&f, FILTER_FRONTENDS, v4, 30081, Protocol::Tcp));
+        assert!(!has(&f, FILTER_FRONTENDS, v6, 30081, Protocol::Tcp));
+        // An IPv6 ClusterIP and backend hash their folded address, as the datapath does.
+        let vip: IpAddr = "fd00:96::10".parse::<Ipv6Addr>().unwrap().into();
+        f.add_frontend(&Frontend::cluster_ip(vip, 80, Protocol::Tcp));
+        let words = crate::dataplane::maps::addr_words(vip);
+        let bit = filter_bit(lb_common::fold_v6(words), 80u16.to_be(), Protocol::Tcp.number());
+        assert!(f.words[(FILTER_FRONTENDS + (bit >> 6)) as usize] & (1 << (bit & 63)) != 0);
     }
 }

@@ -7,9 +7,10 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey, ServiceName,
-    ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_NODE_ADDRS,
-    MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_CT6,
+    MAP_CT6_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
+    MAP_STATS,
 };
 
 use super::{
@@ -51,6 +52,8 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_FILTER, 4, 8, false),
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_CT4_NEW, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
+        s(MAP_CT6, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
+        s(MAP_CT6_NEW, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
         s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
         s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
@@ -97,6 +100,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
 fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
     match name {
         MAP_CT4 | MAP_CT4_NEW => copy_entries::<CtKey4, CtValue4>(from, to, only_new),
+        MAP_CT6 | MAP_CT6_NEW => copy_entries::<CtKey6, CtValue6>(from, to, only_new),
         MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
         _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
     }

@@ -11,9 +11,9 @@ use aya::{
     EbpfLoader,
 };
 use lb_common::{
-    BackendMemberKey, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_MAGLEV, MAP_SERVICES,
-    MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, PROGS_SOCK, PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS,
-    PROG_XDP, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+    BackendMemberKey, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW,
+    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOURCE_RANGES, PROGS_SOCK, PROG_BENCH_EMPTY_TC,
+    PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG_XDP, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
 };
 
 use super::{
@@ -21,7 +21,7 @@ use super::{
     clock::Clock,
     conntrack::spawn_collector,
     layout::check_pinned_layout,
-    maps::{decode_name, endpoint_of, frontend_of, insert_err, ipv4, map_err, member_key},
+    maps::{addr_words, decode_name, endpoint_of, frontend_of, insert_err, ip_of, map_err, member_key},
     stale_udp,
     sys::{is_bpffs, mount_bpffs, netns_cookie},
     Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
@@ -53,6 +53,8 @@ impl Dataplane {
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
         let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        // The node's IPv6 address for SNAT, in the maps' word order (all zero: none).
+        let node_ip6: [u32; 4] = config.node_ip6.map_or([0; 4], |ip| addr_words(ip.into()));
         let clock = Arc::new(Clock::new()?);
         let ct_timeouts = config.timeouts.in_jiffies(&clock);
         let (refresh, udp_stream) = (clock.to_jiffies(1), clock.to_jiffies(lb_common::CT_UDP_STREAM_S as u64));
@@ -62,6 +64,7 @@ impl Dataplane {
             .override_global("CT_REFRESH", &refresh, true)
             .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("NODE_IP", &node_ip, true)
+            .override_global("NODE_IP6", &node_ip6, true)
             .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
@@ -73,6 +76,8 @@ impl Dataplane {
             .map_max_entries(MAP_BACKEND_MEMBERS, sizes.of(MAP_BACKEND_MEMBERS))
             .map_max_entries(MAP_CT4, sizes.conntrack)
             .map_max_entries(MAP_CT4_NEW, sizes.conntrack_new)
+            .map_max_entries(MAP_CT6, sizes.conntrack)
+            .map_max_entries(MAP_CT6_NEW, sizes.conntrack_new)
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
@@ -88,6 +93,11 @@ impl Dataplane {
         let xdp: &mut Xdp =
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
+        // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
+        // untranslated; asked for, they must load.
+        if config.ipv6 {
+            fill_tails(&mut ebpf)?;
+        }
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
@@ -140,8 +150,8 @@ impl Dataplane {
         dp.adopt()?;
         // Counts for what is programmed; bits nothing counts are cleared at the first full
         // apply, which an agent always makes before it reports itself synced.
-        let node_addrs: Vec<std::net::Ipv4Addr> =
-            dp.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| super::maps::ipv4(k.addr)).collect();
+        let node_addrs: Vec<std::net::IpAddr> =
+            dp.maps.node_addrs.keys().filter_map(|k| k.ok()).map(|k| ip_of(k.family, k.addr)).collect();
         dp.filter.set_node_addrs(&node_addrs, [].iter());
         let programmed: Vec<_> = dp.programmed.keys().copied().collect();
         for f in &programmed {
@@ -165,12 +175,13 @@ impl Dataplane {
     /// long done by the time an agent has loaded. The live tables are read back slot by slot,
     /// so the next change of a backend set starts from them (`maglev::update`).
     fn adopt(&mut self) -> Result<()> {
-        let mut live: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+        // Service id -> its frontend's family: a source range key holds no family of its own.
+        let mut live: BTreeMap<u32, u8> = BTreeMap::new();
         let mut entries = Vec::new();
         for item in self.maps.services.iter() {
             let (k, v) = item.map_err(map_err(MAP_SERVICES))?;
             entries.push((k, v));
-            live.insert(v.id, (v.generation, v.backend_count));
+            live.insert(v.id, k.family);
         }
         let ranges_live: Vec<(u32, u32)> = entries.iter().map(|(_, v)| (v.table_off, v.table_size)).collect();
         let mut tables = self.tables.adopt(&ranges_live, &self.maps.backends)?.into_iter();
@@ -189,9 +200,9 @@ impl Dataplane {
         for item in self.maps.source_ranges.keys() {
             let k = item.map_err(map_err(MAP_SOURCE_RANGES))?;
             let id = u32::from_be(k.data().service_id_be);
-            if live.contains_key(&id) {
+            if let Some(family) = live.get(&id) {
                 let len = (k.prefix_len() - 32) as u8;
-                ranges.entry(id).or_default().push(Cidr { addr: ipv4(k.data().addr), len });
+                ranges.entry(id).or_default().push(Cidr { addr: ip_of(*family, k.data().addr), len });
             } else {
                 stale_ranges.push(k);
             }
@@ -250,4 +261,37 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Loads the IPv6 programs and puts them where the IPv4 ones tail-call them for IPv6 frames
+/// (`lb_common::TAIL_*`). The tables are pinned, so the entries outlive this process.
+fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::maps::ProgramArray;
+    use lb_common::*;
+    let dup = |name: &'static str, fd: &aya::programs::ProgramFd| {
+        fd.try_clone().map_err(|source| DataplaneError::Io {
+            what: "duplicating a program fd",
+            path: name.into(),
+            source,
+        })
+    };
+    let mut fds = Vec::new();
+    for (name, index) in [
+        (PROG_TC_INGRESS6, TAIL_TC_INGRESS6),
+        (PROG_TC_EGRESS6, TAIL_TC_EGRESS6),
+        (PROG_TC_NEW6, TAIL_TC_NEW6),
+        (PROG_TC_ICMP6, TAIL_TC_ICMP6),
+        (PROG_TC_FWD6, TAIL_TC_FWD6),
+        (PROG_TC_REPLY6, TAIL_TC_REPLY6),
+    ] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+        p.load()?;
+        fds.push((MAP_TAILS_TC, index, dup(name, p.fd()?)?));
+    }
+    for (table, index, fd) in &fds {
+        let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
+        let mut tails = ProgramArray::try_from(map).map_err(super::maps::map_err(table))?;
+        tails.set(*index, fd, 0).map_err(super::maps::map_err(table))?;
+    }
+    Ok(())
 }

@@ -1,33 +1,79 @@
 //! The pinned maps, typed, and how model values are encoded into their keys and values.
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{
     maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtValue4, NodeAddrKey, ServiceKey, ServiceName,
-    ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV4, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKEND_MEMBERS,
-    MAP_CT4, MAP_CT4_NEW, MAP_FILTER, MAP_MAGLEV, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, NodeAddrKey, ServiceKey,
+    ServiceName, ServiceValue, SourceRangeData, BACKEND_FLAG_LOCAL, FAMILY_IPV6, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW, MAP_FILTER, MAP_MAGLEV, MAP_NODE_ADDRS,
+    MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, SCOPE_EXACT, SCOPE_NODEPORT,
+    SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_SOURCE_RANGES,
 };
 
 pub use lb_common::SCOPE_FROM_CLUSTER;
 
 use super::{DataplaneError, MapSizes, Result};
-use crate::model::{Cidr, Endpoint, Frontend, Protocol, Scope, ServicePort};
+use crate::model::{Cidr, Endpoint, Frontend, IpFamily, Protocol, Scope, ServicePort};
 
 pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
+/// An address as the maps hold it, in network order as in the packet: IPv4 in the first word
+/// (the others zero), IPv6 in all four.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    match ip {
+        IpAddr::V4(a) => w[0] = u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(a) => {
+            for (i, c) in a.octets().chunks_exact(4).enumerate() {
+                w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    w
+}
+
+/// The address of a map entry with family tag `family` (`FAMILY_IPV4` or `FAMILY_IPV6`; any
+/// other tag reads as IPv4, as entries written before the tag meant something did).
+pub fn ip_of(family: u8, addr: [u32; 4]) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ipv6Addr::from(o).into()
+    } else {
+        ipv4(addr).into()
+    }
+}
+
+/// The family tag of an address.
+pub fn family_tag(ip: IpAddr) -> u8 {
+    IpFamily::of(ip).tag()
+}
+
+/// The 32 bits the pre-filter hashes for an address: IPv4 as is, IPv6 folded
+/// (`lb_common::fold_v6`), as the datapath does.
+pub fn filter_addr(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(_) => lb_common::fold_v6(addr_words(ip)),
+    }
+}
+
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
-        addr: [u32::from_ne_bytes(f.ip.octets()), 0, 0, 0],
+        addr: addr_words(f.ip),
         port: f.port.to_be(),
         proto: f.protocol.number(),
-        family: FAMILY_IPV4,
+        family: family_tag(f.ip),
         scope: match f.scope {
             Scope::NodePort => SCOPE_NODEPORT,
             Scope::NodePortFromCluster => SCOPE_NODEPORT | SCOPE_FROM_CLUSTER,
@@ -41,12 +87,12 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 /// The frontend a service key stands for. Exact-address keys of external frontends look like
 /// ClusterIP keys; `flags` (the value's) tells them apart.
 pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
-    let (ip, port, protocol) = (ipv4(k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
+    let (ip, port, protocol) = (ip_of(k.family, k.addr), u16::from_be(k.port), Protocol::from_number(k.proto)?);
     // A companion's entry is no external frontend of its own (no SNAT for the cluster's own
     // sources), but its key is one's.
     let companion = k.scope & SCOPE_FROM_CLUSTER != 0;
     let primary = match (k.scope & !SCOPE_FROM_CLUSTER, flags & SVC_FLAG_EXTERNAL != 0 || companion) {
-        (SCOPE_NODEPORT, _) => Frontend::node_port(port, protocol),
+        (SCOPE_NODEPORT, _) => Frontend::node_port_of(IpFamily::of(ip), port, protocol),
         (_, true) => Frontend::external(ip, port, protocol),
         (_, false) => Frontend::cluster_ip(ip, port, protocol),
     };
@@ -59,9 +105,9 @@ pub fn frontend_of(k: &ServiceKey, flags: u32) -> Option<Frontend> {
 
 pub fn backend_value(e: &Endpoint) -> Backend {
     Backend {
-        addr: [u32::from_ne_bytes(e.ip.octets()), 0, 0, 0],
+        addr: addr_words(e.ip),
         port: e.port.to_be(),
-        family: FAMILY_IPV4,
+        family: family_tag(e.ip),
         flags: if e.local { BACKEND_FLAG_LOCAL } else { 0 },
         _pad: 0,
     }
@@ -73,13 +119,20 @@ pub(super) fn member_key(service_id: u32, e: &Endpoint) -> BackendMemberKey {
 }
 
 pub fn endpoint_of(b: &Backend) -> Endpoint {
-    Endpoint { ip: ipv4(b.addr), port: u16::from_be(b.port), local: b.flags & BACKEND_FLAG_LOCAL != 0 }
+    Endpoint { ip: ip_of(b.family, b.addr), port: u16::from_be(b.port), local: b.flags & BACKEND_FLAG_LOCAL != 0 }
 }
 
+/// A source range of a frontend: the service id, then the client prefix of the frontend's
+/// family (a service id has one family, so the trie needs no tag).
 pub(super) fn source_range_key(service_id: u32, c: &Cidr) -> LpmKey<SourceRangeData> {
+    LpmKey::new(32 + c.len as u32, SourceRangeData { service_id_be: service_id.to_be(), addr: addr_words(c.addr) })
+}
+
+/// An `LB_LOCAL_SOURCES` prefix: the family, then the address.
+pub(super) fn local_source_key(c: &Cidr) -> LpmKey<lb_common::LocalSourceData> {
     LpmKey::new(
         32 + c.len as u32,
-        SourceRangeData { service_id_be: service_id.to_be(), addr: [u32::from_ne_bytes(c.addr.octets()), 0, 0, 0] },
+        lb_common::LocalSourceData { family_be: (c.family().tag() as u32).to_be(), addr: addr_words(c.addr) },
     )
 }
 
@@ -146,6 +199,9 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey4, CtValue4>,
     /// New and finished flows (`LB_CT4_NEW`, an LRU).
     pub conntrack_new: HashMap<MapData, CtKey4, CtValue4>,
+    /// The same for IPv6 flows (`LB_CT6`, `LB_CT6_NEW`).
+    pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub conntrack6_new: HashMap<MapData, CtKey6, CtValue6>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
@@ -176,6 +232,8 @@ impl Maps {
             maglev: Array::try_from(take(ebpf, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             conntrack: HashMap::try_from(take(ebpf, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
             conntrack_new: HashMap::try_from(take(ebpf, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
+            conntrack6: HashMap::try_from(take(ebpf, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
+            conntrack6_new: HashMap::try_from(take(ebpf, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
@@ -205,6 +263,8 @@ impl Maps {
             maglev: Array::try_from(open(pin_dir, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             conntrack: HashMap::try_from(open(pin_dir, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
             conntrack_new: HashMap::try_from(open(pin_dir, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
+            conntrack6: HashMap::try_from(open(pin_dir, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
+            conntrack6_new: HashMap::try_from(open(pin_dir, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
@@ -230,8 +290,8 @@ impl MapSizes {
             MAP_BACKENDS => self.backends,
             MAP_MAGLEV => self.maglev.div_ceil(2),
             MAP_BACKEND_MEMBERS => lb_common::BACKEND_MEMBERS_MAX_ENTRIES,
-            MAP_CT4 => self.conntrack,
-            MAP_CT4_NEW => self.conntrack_new,
+            MAP_CT4 | MAP_CT6 => self.conntrack,
+            MAP_CT4_NEW | MAP_CT6_NEW => self.conntrack_new,
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,

@@ -26,7 +26,7 @@ mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{atomic::AtomicU64, Arc},
 };
@@ -41,8 +41,14 @@ use lb_common::{PROG_BENCH_EMPTY_TC, PROG_BENCH_EMPTY_XDP, PROG_TC_INGRESS, PROG
 pub use apply::{ApplyReport, SLOT_GRACE};
 pub use attach::{cgroup2_mount, interface_wanted, link_pin_name, Hook};
 pub use load::ensure_pin_dir;
-pub use maps::{backend_value, decode_name, endpoint_of, frontend_of, ipv4, service_key, Maps, SCOPE_FROM_CLUSTER};
-pub use sys::{cleanup, error_chain, interfaces, local_ipv4_addresses, local_ipv4_by_interface};
+pub use maps::{
+    addr_words, backend_value, decode_name, endpoint_of, frontend_of, ip_of, ipv4, service_key, Maps,
+    SCOPE_FROM_CLUSTER,
+};
+pub use sys::{
+    cleanup, error_chain, interfaces, local_addresses, local_ipv4_addresses, local_ipv4_by_interface,
+    local_ipv6_by_interface, node_port_address,
+};
 
 use crate::model::Frontend;
 use apply::{Programmed, Retired};
@@ -138,9 +144,14 @@ pub struct Config {
     /// The address external flows to remote backends are SNATed to; `None` disables that SNAT
     /// (replies from other nodes would then bypass this one).
     pub node_ip: Option<Ipv4Addr>,
+    /// The same for IPv6 flows (the datapath's `NODE_IP6`); `None` disables that SNAT.
+    pub node_ip6: Option<Ipv6Addr>,
     /// Count packets and bytes per frontend in the datapath (`LB_SERVICE_STATS`); off, the
     /// established path skips that per-CPU array update.
     pub count_per_frontend: bool,
+    /// Load the IPv6 programs (tail-called by the IPv4 ones for IPv6 frames). Off by default
+    /// while they do not yet pass the verifier's stack limit; IPv6 frames then pass untouched.
+    pub ipv6: bool,
 }
 
 /// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.

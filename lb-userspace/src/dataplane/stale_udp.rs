@@ -2,18 +2,19 @@
 //! node's own connected sockets to it are removed, as kube-proxy's conntrack cleanup does.
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
-    net::Ipv4Addr,
+    hash::Hash,
+    net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use lb_common::{CtKey4, CtValue4};
+use lb_common::{CtKey, CtValue};
 
 use super::{
-    conntrack::{entries, remove_flow, CtTables},
-    maps::ipv4,
+    conntrack::{entries, remove_flow, CtAddr, CtPair, CtTables},
+    maps::ip_of,
     Dataplane,
 };
-use crate::model::{Endpoint, Frontend, Protocol, Scope};
+use crate::model::{Endpoint, Frontend, IpFamily, Protocol, Scope};
 
 /// Service id -> the backends whose UDP flows must go (`None`: every flow of the frontend).
 pub(super) type StaleUdp = StdHashMap<u32, Option<BTreeSet<Endpoint>>>;
@@ -28,15 +29,28 @@ pub(super) type StaleUdp = StdHashMap<u32, Option<BTreeSet<Endpoint>>>;
 /// with its own map handle: the backend sets are already flipped, so no new flow can pick a
 /// departed backend meanwhile, and other updates need not wait for the walk.
 pub(super) fn sweep_stale_udp(tables: &mut CtTables, stale: &StaleUdp, removed: &AtomicU64) {
+    let n = sweep_family(&mut tables.v4, stale, removed) + sweep_family(&mut tables.v6, stale, removed);
+    if n > 0 {
+        tracing::info!(flows = n, "removed UDP flows to departed backends");
+    }
+}
+
+/// The sweep over one family's tables (a service id has one family, so each request matches
+/// flows in one of them); returns the flows removed.
+fn sweep_family<A: CtAddr>(tables: &mut CtPair<A>, stale: &StaleUdp, removed: &AtomicU64) -> usize
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
     let proto = Protocol::Udp.number();
-    let doomed: Vec<(CtKey4, CtValue4)> = entries(&tables.assured, &tables.new)
+    let doomed: Vec<(CtKey<A>, CtValue<A>)> = entries(&tables.assured, &tables.new)
         .into_iter()
         .filter(|(k, v, _)| {
             if k.dir != lb_common::CT_DIR_FORWARD || k.proto != proto {
                 return false;
             }
             let Some(which) = stale.get(&v.service_id) else { return false };
-            let backend = (Ipv4Addr::from(u32::from_be(v.nat_addr)), u16::from_be(v.nat_port));
+            let backend = (v.nat_addr.ip(), u16::from_be(v.nat_port));
             which.as_ref().is_none_or(|set| set.iter().any(|e| (e.ip, e.port) == backend))
         })
         .map(|(k, v, _)| (k, v))
@@ -48,9 +62,7 @@ pub(super) fn sweep_stale_udp(tables: &mut CtTables, stale: &StaleUdp, removed: 
             n += 1;
         }
     }
-    if n > 0 {
-        tracing::info!(flows = n, "removed UDP flows to departed backends");
-    }
+    n
 }
 
 impl Dataplane {
@@ -62,13 +74,15 @@ impl Dataplane {
         &mut self,
         stale: &[(Frontend, BTreeSet<Endpoint>)],
     ) -> std::result::Result<usize, crate::sockdiag::SockDiagError> {
-        let mut doomed: StdHashMap<u64, (Ipv4Addr, u16)> = StdHashMap::new();
+        let mut doomed: StdHashMap<u64, (IpAddr, u16)> = StdHashMap::new();
         let mut entries = Vec::new();
         for (k, v) in self.maps.sock_revnat.iter().filter_map(std::result::Result::ok) {
-            let backend = (ipv4(k.addr), u16::from_be(k.port));
-            let (fe_ip, fe_port) = (ipv4(v.addr), u16::from_be(v.port));
+            // The frontend has the backend's family: the socket programs translate within one.
+            let backend = (ip_of(k.family, k.addr), u16::from_be(k.port));
+            let (fe_ip, fe_port) = (ip_of(k.family, v.addr), u16::from_be(v.port));
             let hit = stale.iter().any(|(f, left)| {
-                let same_frontend = fe_port == f.port && (f.scope == Scope::NodePort || fe_ip == f.ip);
+                let same_frontend = fe_port == f.port
+                    && (if f.scope == Scope::NodePort { f.family() == IpFamily::of(fe_ip) } else { fe_ip == f.ip });
                 same_frontend && left.iter().any(|e| (e.ip, e.port) == backend)
             });
             if hit {
@@ -81,7 +95,7 @@ impl Dataplane {
         }
         let mut closed = 0;
         for s in crate::sockdiag::udp_sockets()? {
-            if doomed.get(&s.cookie).is_some_and(|b| *b == (*s.remote.ip(), s.remote.port()))
+            if doomed.get(&s.cookie).is_some_and(|b| *b == (s.remote.ip(), s.remote.port()))
                 && crate::sockdiag::destroy(&s)?
             {
                 closed += 1;
@@ -158,7 +172,7 @@ mod tests {
 
     #[test]
     fn requests_merge_with_every_flow_absorbing_backend_sets() {
-        let e = |p: u16| Endpoint { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), port: p, local: false };
+        let e = |p: u16| Endpoint { ip: std::net::Ipv4Addr::new(10, 0, 0, 1).into(), port: p, local: false };
         let mut a: StaleUdp = [(1, Some(BTreeSet::from([e(1)]))), (2, None)].into();
         merge(&mut a, [(1, Some(BTreeSet::from([e(2)]))), (2, Some(BTreeSet::from([e(3)]))), (3, None)].into());
         assert_eq!(a[&1], Some(BTreeSet::from([e(1), e(2)])));

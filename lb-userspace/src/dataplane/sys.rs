@@ -2,7 +2,7 @@
 //! cookie, addresses and interfaces (through nix, except `SO_NETNS_COOKIE`, which it lacks).
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -71,6 +71,28 @@ pub fn local_ipv4_addresses() -> Result<Vec<Ipv4Addr>> {
 
 /// (interface, IPv4 address) pairs of the current network namespace.
 pub fn local_ipv4_by_interface() -> Result<Vec<(String, Ipv4Addr)>> {
+    Ok(local_addresses()?
+        .into_iter()
+        .filter_map(|(i, ip)| match ip {
+            IpAddr::V4(a) => Some((i, a)),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
+}
+
+/// (interface, IPv6 address) pairs of the current network namespace.
+pub fn local_ipv6_by_interface() -> Result<Vec<(String, Ipv6Addr)>> {
+    Ok(local_addresses()?
+        .into_iter()
+        .filter_map(|(i, ip)| match ip {
+            IpAddr::V6(a) => Some((i, a)),
+            IpAddr::V4(_) => None,
+        })
+        .collect())
+}
+
+/// (interface, address) pairs of the current network namespace, both families.
+pub fn local_addresses() -> Result<Vec<(String, IpAddr)>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| DataplaneError::Io {
         what: "listing addresses of",
         path: PathBuf::from("this network namespace"),
@@ -78,10 +100,25 @@ pub fn local_ipv4_by_interface() -> Result<Vec<(String, Ipv4Addr)>> {
     })?;
     Ok(addrs
         .filter_map(|a| {
-            let ip = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            let sa = a.address.as_ref()?;
+            let ip: IpAddr = match (sa.as_sockaddr_in(), sa.as_sockaddr_in6()) {
+                (Some(v4), _) => v4.ip().into(),
+                (_, Some(v6)) => v6.ip().into(),
+                _ => return None,
+            };
             Some((a.interface_name, ip))
         })
         .collect())
+}
+
+/// Whether node ports may answer on `ip`: not loopback, and not an IPv6 link-local address
+/// (scoped to one link, so the same address may be on several interfaces; kube-proxy's node
+/// port addresses leave them out too).
+pub fn node_port_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !a.is_loopback(),
+        IpAddr::V6(a) => !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified(),
+    }
 }
 
 /// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which

@@ -1,18 +1,19 @@
-//! An EndpointSlice validated: its ports and IPv4 endpoints, with the conditions and hints
-//! endpoint choice needs (kube-proxy's `endpointslicecache.go` reads the same fields).
-use std::net::Ipv4Addr;
+//! An EndpointSlice validated: its ports and endpoints of its address family, with the
+//! conditions and hints endpoint choice needs (kube-proxy's `endpointslicecache.go` reads the
+//! same fields).
+use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    has_label, object_name, service::port_number, Protocol, TranslateError, LABEL_HEADLESS, LABEL_SERVICE_NAME,
-    LABEL_SERVICE_PROXY_NAME,
+    has_label, object_name, service::port_number, IpFamily, Protocol, TranslateError, LABEL_HEADLESS,
+    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };
 
 /// One endpoint of a slice, with the conditions and hints endpoint choice needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceEndpoint {
-    pub(super) ip: Ipv4Addr,
+    pub(super) ip: IpAddr,
     /// `nodeName` is this node.
     pub(super) local: bool,
     pub(super) ready: bool,
@@ -22,12 +23,14 @@ pub(super) struct SliceEndpoint {
     pub(super) node_hints: Vec<String>,
 }
 
-/// One slice as lb uses it: the Service it belongs to, its usable ports and IPv4 endpoints,
-/// and what was left out of it.
+/// One slice as lb uses it: the Service it belongs to, its family, its usable ports and
+/// endpoints, and what was left out of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceSpec {
     /// `namespace/name` of the Service (the `kubernetes.io/service-name` label).
     pub(super) service: String,
+    /// `addressType`: the slice feeds only the Service's frontends of this family.
+    pub(super) family: IpFamily,
     pub(super) ports: Vec<(String, Protocol, u16)>,
     pub(super) endpoints: Vec<SliceEndpoint>,
     /// Ports and endpoints skipped, each named.
@@ -35,14 +38,12 @@ pub(super) struct SliceSpec {
 }
 
 /// Reads one EndpointSlice as kube-proxy's endpoint slice cache does. `None`: it carries
-/// nothing for this proxier (no Service label, IPv6 or FQDN, a headless or foreign Service's
+/// nothing for this proxier (no Service label, an FQDN slice, a headless or foreign Service's
 /// slice). A bad port or endpoint skips only itself: the rest of the slice still serves.
 pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Option<SliceSpec> {
     let svc_name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    if slice.address_type != "IPv4"
-        || has_label(&slice.metadata, LABEL_HEADLESS)
-        || has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME)
-    {
+    let family = IpFamily::parse(&slice.address_type)?;
+    if has_label(&slice.metadata, LABEL_HEADLESS) || has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME) {
         return None;
     }
     let object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
@@ -76,8 +77,8 @@ pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Option<Slice
             skipped.push(err(format!("endpoints[{i}].addresses"), "empty".into()));
             continue;
         };
-        let Ok(ip) = a.parse::<Ipv4Addr>() else {
-            skipped.push(err(format!("endpoints[{i}].addresses[0]"), format!("{a:?} is not an IPv4 address")));
+        let Some(ip) = a.parse::<IpAddr>().ok().filter(|ip| IpFamily::of(*ip) == family) else {
+            skipped.push(err(format!("endpoints[{i}].addresses[0]"), format!("{a:?} is not an {family} address")));
             continue;
         };
         let hints = ep.hints.as_ref();
@@ -94,5 +95,5 @@ pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Option<Slice
         });
     }
     let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-    Some(SliceSpec { service: format!("{namespace}/{svc_name}"), ports, endpoints, skipped })
+    Some(SliceSpec { service: format!("{namespace}/{svc_name}"), family, ports, endpoints, skipped })
 }

@@ -25,7 +25,12 @@ mod service;
 mod topology;
 mod translate;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+};
 
 pub use incremental::{Changes, Translator};
 pub use translate::translate;
@@ -116,7 +121,7 @@ pub enum Scope {
     ClusterIp,
     /// A LoadBalancer ingress IP or an external IP, from outside.
     External,
-    /// A node port, on every node address; `ip` is unspecified.
+    /// A node port, on every node address of its family; `ip` is that family's unspecified address.
     NodePort,
     /// What pods and the node itself get at an `External` frontend of an
     /// `externalTrafficPolicy: Local` Service: cluster-wide endpoints (kube-proxy's
@@ -126,26 +131,108 @@ pub enum Scope {
     NodePortFromCluster,
 }
 
+/// An address family. A Service is served on each family it has a ClusterIP of, as
+/// kube-proxy runs one proxier per family: the IPv4 frontends get the IPv4 slices' endpoints,
+/// the IPv6 ones the IPv6 slices', and neither knows of the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    /// `0.0.0.0` or `::`: the address of a node port frontend of this family.
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
+            IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// Address bits: a prefix of this family is at most this long.
+    pub fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
+    /// `lb_common::FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub fn tag(self) -> u8 {
+        match self {
+            IpFamily::V4 => lb_common::FAMILY_IPV4,
+            IpFamily::V6 => lb_common::FAMILY_IPV6,
+        }
+    }
+
+    /// The Kubernetes name (`ipFamilies`, EndpointSlice `addressType`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where clients connect: an address, port and protocol, and how it is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    /// The unspecified address of its family for a node port.
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub scope: Scope,
 }
 
 impl Frontend {
-    pub fn cluster_ip(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
-        Self { ip, port, protocol, scope: Scope::ClusterIp }
+    pub fn cluster_ip(ip: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Self {
+        Self { ip: ip.into(), port, protocol, scope: Scope::ClusterIp }
     }
 
+    /// A node port on the node's IPv4 addresses.
     pub fn node_port(port: u16, protocol: Protocol) -> Self {
-        Self { ip: Ipv4Addr::UNSPECIFIED, port, protocol, scope: Scope::NodePort }
+        Self::node_port_of(IpFamily::V4, port, protocol)
     }
 
-    pub fn external(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
-        Self { ip, port, protocol, scope: Scope::External }
+    /// A node port on the node's IPv6 addresses.
+    pub fn node_port_v6(port: u16, protocol: Protocol) -> Self {
+        Self::node_port_of(IpFamily::V6, port, protocol)
+    }
+
+    /// A node port on the node's addresses of `family`: one datapath key per family, as each
+    /// family's proxier of kube-proxy opens the port on its own family's addresses.
+    pub fn node_port_of(family: IpFamily, port: u16, protocol: Protocol) -> Self {
+        Self { ip: family.unspecified(), port, protocol, scope: Scope::NodePort }
+    }
+
+    pub fn external(ip: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Self {
+        Self { ip: ip.into(), port, protocol, scope: Scope::External }
+    }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.ip)
     }
 
     /// The short-circuit companion of an external frontend (`None` for a ClusterIP).
@@ -167,13 +254,14 @@ impl Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A node port of IPv6 shows as `[*]:PORT`, an IPv6 address in brackets, as in a URL.
+        let any = if self.family() == IpFamily::V6 { "[*]" } else { "*" };
+        let at = SocketAddr::new(self.ip, self.port);
         match self.scope {
-            Scope::NodePort => write!(f, "*:{}/{}", self.port, self.protocol),
-            Scope::NodePortFromCluster => write!(f, "*:{}/{} (from pods and node)", self.port, self.protocol),
-            Scope::ExternalFromCluster => {
-                write!(f, "{}:{}/{} (from pods and node)", self.ip, self.port, self.protocol)
-            }
-            _ => write!(f, "{}:{}/{}", self.ip, self.port, self.protocol),
+            Scope::NodePort => write!(f, "{any}:{}/{}", self.port, self.protocol),
+            Scope::NodePortFromCluster => write!(f, "{any}:{}/{} (from pods and node)", self.port, self.protocol),
+            Scope::ExternalFromCluster => write!(f, "{at}/{} (from pods and node)", self.protocol),
+            _ => write!(f, "{at}/{}", self.protocol),
         }
     }
 }
@@ -181,7 +269,7 @@ impl fmt::Display for Frontend {
 /// A backend pod address and the port it listens on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
@@ -189,21 +277,39 @@ pub struct Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        write!(f, "{}", SocketAddr::new(self.ip, self.port))
     }
 }
 
-/// An IPv4 prefix, as in `loadBalancerSourceRanges`.
+/// An IPv4 or IPv6 prefix, as in `loadBalancerSourceRanges`, `--cluster-cidr` or
+/// `--nodeport-addresses`; the address is kept with its host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
+fn masked(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Ipv4Addr::from(u32::from(a) & mask).into()
+        }
+        IpAddr::V6(a) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            Ipv6Addr::from(u128::from(a) & mask).into()
+        }
+    }
+}
+
 impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - self.len) };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
+
+    /// Whether `ip` is inside; an address of the other family never is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        IpFamily::of(ip) == self.family() && masked(ip, self.len) == self.addr
     }
 }
 
@@ -211,11 +317,18 @@ impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
-        let len: u8 = l.parse().ok().filter(|&l| l <= 32).ok_or_else(|| format!("{s:?} has a bad prefix length"))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), len })
+        let t = s.trim();
+        let (a, l) = match t.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (t, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 or IPv6 CIDR"))?;
+        let bits = IpFamily::of(addr).bits();
+        let len = match l {
+            None => bits,
+            Some(l) => l.parse().ok().filter(|&l| l <= bits).ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+        };
+        Ok(Cidr { addr: masked(addr, len), len })
     }
 }
 
@@ -250,7 +363,17 @@ pub struct ServicePort {
 pub struct HealthCheck {
     /// `namespace/name`.
     pub service: String,
-    pub local_endpoints: usize,
+    /// Local ready endpoints per family the Service has. The port is opened on each of these
+    /// families, and a probe is answered with its own family's count, as each of
+    /// kube-proxy's per-family proxiers counts only its family's endpoints.
+    pub local_endpoints: BTreeMap<IpFamily, usize>,
+}
+
+impl HealthCheck {
+    /// The count a probe arriving over `family` is answered with.
+    pub fn local_endpoints_of(&self, family: IpFamily) -> usize {
+        self.local_endpoints.get(&family).copied().unwrap_or(0)
+    }
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).

@@ -1,14 +1,11 @@
 //! A Service validated: its frontends' addresses and ports, policies and affinity, before any
 //! endpoint is known. Invalid fields are named in the error.
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    has_label, object_name, Cidr, Protocol, TranslateError, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS,
+    has_label, object_name, Cidr, IpFamily, Protocol, TranslateError, DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_S,
 };
 
@@ -21,20 +18,30 @@ pub(super) struct PortSpec {
     pub(super) node_port: Option<u16>,
 }
 
+/// What a Service asks of one address family: kube-proxy's per-family proxier sees a Service
+/// only if it has a ClusterIP of its family, and then only its family's external IPs,
+/// LoadBalancer ingress IPs and source ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct FamilySpec {
+    pub(super) family: IpFamily,
+    pub(super) cluster_ip: IpAddr,
+    pub(super) external_ips: Vec<IpAddr>,
+    pub(super) lb_ips: Vec<IpAddr>,
+    pub(super) source_ranges: Vec<Cidr>,
+}
+
 /// A Service after validation: what it asks the datapath for, before endpoints are known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceSpec {
     pub(super) object: String,
     pub(super) namespace: String,
     pub(super) name: String,
-    pub(super) cluster_ip: Ipv4Addr,
+    /// One per family the Service has a ClusterIP of, the primary (`clusterIPs[0]`) first.
+    pub(super) families: Vec<FamilySpec>,
     pub(super) ports: Vec<PortSpec>,
     pub(super) affinity_timeout_s: Option<u32>,
     pub(super) external_local: bool,
     pub(super) internal_local: bool,
-    pub(super) external_ips: Vec<Ipv4Addr>,
-    pub(super) lb_ips: Vec<Ipv4Addr>,
-    pub(super) source_ranges: Vec<Cidr>,
     pub(super) health_check_node_port: Option<u16>,
     /// `publishNotReadyAddresses`: every endpoint counts as ready.
     pub(super) publish_not_ready: bool,
@@ -46,19 +53,88 @@ pub(super) fn port_number(v: i32) -> Option<u16> {
     u16::try_from(v).ok().filter(|&p| p != 0)
 }
 
-/// An address of a dual-stack list: `Some` for IPv4, `None` for IPv6 (another family's
-/// proxier's business, as kube-proxy filters `externalIPs`, ingress IPs and source ranges by
-/// family), an error for anything else.
-pub(super) fn ip_of_family(
-    ip: &str,
-    field: &str,
+/// An address of a Service field, of either family.
+fn ip_field(ip: &str, field: &str, err: &dyn Fn(&str, String) -> TranslateError) -> Result<IpAddr, TranslateError> {
+    ip.trim().parse::<IpAddr>().map_err(|_| err(field, format!("{ip:?} is not an IP address")))
+}
+
+/// The Service's ClusterIPs, one per family, the primary first: `clusterIPs` (or `clusterIP`
+/// alone), checked against `ipFamilies` and `ipFamilyPolicy` as the API server would have.
+/// The API server always writes them consistently; a YAML file may not, and without an
+/// allocator every address must be given.
+fn cluster_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
     err: &dyn Fn(&str, String) -> TranslateError,
-) -> Result<Option<Ipv4Addr>, TranslateError> {
-    match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
-        Ok(IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(err(field, format!("{ip:?} is not an IP address"))),
+) -> Result<Vec<IpAddr>, TranslateError> {
+    let listed = spec.cluster_ips.as_deref().filter(|ips| !ips.is_empty());
+    let single = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty());
+    let mut ips = Vec::new();
+    match listed {
+        Some(list) => {
+            for (i, ip) in list.iter().enumerate() {
+                ips.push(ip_field(ip, &format!("spec.clusterIPs[{i}]"), err)?);
+            }
+            if let Some(primary) = single {
+                if ip_field(primary, "spec.clusterIP", err)? != ips[0] {
+                    return Err(err("spec.clusterIP", format!("{primary:?} is not spec.clusterIPs[0] ({})", ips[0])));
+                }
+            }
+        }
+        None => ips.extend(single.map(|ip| ip_field(ip, "spec.clusterIP", err)).transpose()?),
     }
+    if ips.is_empty() {
+        return Err(err(
+            "spec.clusterIP",
+            "required: without an API server there is no allocator, so set it explicitly".into(),
+        ));
+    }
+    if ips.len() > 2 || (ips.len() == 2 && IpFamily::of(ips[0]) == IpFamily::of(ips[1])) {
+        return Err(err("spec.clusterIPs", "at most one address of each family (IPv4, IPv6)".into()));
+    }
+    if let Some(families) = spec.ip_families.as_deref().filter(|f| !f.is_empty()) {
+        let mut parsed = Vec::new();
+        for (i, f) in families.iter().enumerate() {
+            parsed.push(IpFamily::parse(f).ok_or_else(|| {
+                err(&format!("spec.ipFamilies[{i}]"), format!("{f:?} is not one of \"IPv4\", \"IPv6\""))
+            })?);
+        }
+        let of_ips: Vec<IpFamily> = ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+        if parsed != of_ips {
+            let names = |v: &[IpFamily]| v.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ");
+            return Err(err(
+                "spec.ipFamilies",
+                format!(
+                    "[{}] does not match the families of the ClusterIPs ([{}]); without an API server there is no \
+                     allocator, so give one address per family in spec.clusterIPs",
+                    names(&parsed),
+                    names(&of_ips)
+                ),
+            ));
+        }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") => {}
+        Some("SingleStack") if ips.len() == 1 => {}
+        Some("SingleStack") => {
+            return Err(err("spec.ipFamilyPolicy", "SingleStack with two ClusterIPs".into()));
+        }
+        Some("RequireDualStack") if ips.len() == 2 => {}
+        Some("RequireDualStack") => {
+            return Err(err(
+                "spec.ipFamilyPolicy",
+                "RequireDualStack with one ClusterIP: without an API server there is no allocator, so give both \
+                 in spec.clusterIPs"
+                    .into(),
+            ));
+        }
+        Some(other) => {
+            return Err(err(
+                "spec.ipFamilyPolicy",
+                format!("{other:?} is not one of \"SingleStack\", \"PreferDualStack\", \"RequireDualStack\""),
+            ));
+        }
+    }
+    Ok(ips)
 }
 
 /// Validates one Service. `Ok(None)` means the Service is valid but programs nothing
@@ -85,30 +161,11 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
         other => return Err(err("spec.type", format!("unknown type {other:?}"))),
     }
-    if spec.cluster_ip.as_deref() == Some("None") {
+    let headless = |ip: Option<&str>| ip.is_some_and(|ip| ip == "None");
+    if headless(spec.cluster_ip.as_deref()) || headless(spec.cluster_ips.iter().flatten().next().map(String::as_str)) {
         return Ok(None);
     }
-    // Dual stack: `clusterIPs` holds one address per family, the primary first (equal to
-    // `clusterIP`). lb serves IPv4, so it takes the IPv4 one whichever is primary, and leaves a
-    // Service with none to an IPv6 proxy, as kube-proxy's IPv4 proxier does.
-    let (field, ips): (&str, Vec<&str>) = match spec.cluster_ips.as_deref().filter(|ips| !ips.is_empty()) {
-        Some(ips) => ("spec.clusterIPs", ips.iter().map(String::as_str).collect()),
-        None => ("spec.clusterIP", spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()).into_iter().collect()),
-    };
-    if ips.is_empty() {
-        return Err(err(
-            "spec.clusterIP",
-            "required: without an API server there is no allocator, so set it explicitly".into(),
-        ));
-    }
-    let mut cluster_ip = None;
-    for (i, ip) in ips.iter().enumerate() {
-        let f = if field == "spec.clusterIP" { field.to_string() } else { format!("{field}[{i}]") };
-        if let Some(v4) = ip_of_family(ip, &f, &err)? {
-            cluster_ip = cluster_ip.or(Some(v4));
-        }
-    }
-    let Some(cluster_ip) = cluster_ip else { return Ok(None) };
+    let cluster_ips = cluster_ips(spec, &err)?;
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -191,12 +248,13 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
             Err(e) => skipped_ports.push(e),
         }
     }
+    // Every address of every family is checked; each family then gets its own.
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        external_ips.extend(ip_of_family(ip, &format!("spec.externalIPs[{i}]"), &err)?);
+        external_ips.push(ip_field(ip, &format!("spec.externalIPs[{i}]"), &err)?);
     }
     let mut lb_ips = Vec::new();
-    let mut source_ranges = Vec::new();
+    let mut source_ranges: Vec<Cidr> = Vec::new();
     if is_lb {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
@@ -206,22 +264,34 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
                 continue;
             }
             if let Some(ip) = &ing.ip {
-                lb_ips.extend(ip_of_family(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
+                lb_ips.push(ip_field(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
             }
         }
         for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
             let field = format!("spec.loadBalancerSourceRanges[{i}]");
-            // An IPv6 prefix restricts IPv6 clients only (kube-proxy splits the list by family).
-            if let Some((addr, _)) = r.trim().split_once('/') {
-                if addr.parse::<std::net::Ipv6Addr>().is_ok() {
-                    continue;
-                }
-            }
             source_ranges.push(r.parse().map_err(|e| err(&field, e))?);
         }
         source_ranges.sort();
         source_ranges.dedup();
     }
+    // As kube-proxy splits these lists by family: an IPv6 external IP, ingress IP or source
+    // range concerns the IPv6 frontends only, and the lists of a family the Service has no
+    // ClusterIP of are not served at all. A family without source ranges of its own admits
+    // every client of that family, as kube-proxy's proxier of that family does.
+    let families = cluster_ips
+        .iter()
+        .map(|&cluster_ip| {
+            let family = IpFamily::of(cluster_ip);
+            let mine = |v: &[IpAddr]| v.iter().copied().filter(|ip| IpFamily::of(*ip) == family).collect();
+            FamilySpec {
+                family,
+                cluster_ip,
+                external_ips: mine(&external_ips),
+                lb_ips: mine(&lb_ips),
+                source_ranges: source_ranges.iter().copied().filter(|c| c.family() == family).collect(),
+            }
+        })
+        .collect();
     let health_check_node_port = if is_lb && external_local {
         let n = spec.health_check_node_port.ok_or_else(|| {
             err(
@@ -237,14 +307,11 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         object,
         namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         name,
-        cluster_ip,
+        families,
         ports: out,
         affinity_timeout_s,
         external_local,
         internal_local,
-        external_ips,
-        lb_ips,
-        source_ranges,
         health_check_node_port,
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
         skipped_ports,

@@ -1,5 +1,9 @@
 //! Translation tables: Services and EndpointSlices in, frontends and backends out.
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
 
 use super::*;
 use crate::manifests;
@@ -16,7 +20,11 @@ fn run_on(yaml: &str, node: &str) -> Translation {
 }
 
 fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend::cluster_ip(ip.parse().unwrap(), port, protocol)
+    Frontend::cluster_ip(ip.parse::<IpAddr>().unwrap(), port, protocol)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
 }
 
 fn ep(ip: &str, port: u16) -> Endpoint {
@@ -290,7 +298,7 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.41}]}}
     let s = &t.state.services;
     assert_eq!(s.len(), 4, "{:?}", s.keys());
     // The LoadBalancer IP is listed first, with its source ranges.
-    let lb = &s[&Frontend::external("192.0.2.41".parse().unwrap(), 80, Protocol::Tcp)];
+    let lb = &s[&Frontend::external(ip("192.0.2.41"), 80, Protocol::Tcp)];
     assert_eq!(lb.source_ranges.len(), 1);
 }
 
@@ -452,14 +460,14 @@ fn load_balancer_ingress_ips_external_ips_and_source_ranges() {
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     let s = &t.state.services;
     let all = vec![local_ep("10.244.1.5", 80), ep("10.244.2.5", 80)];
-    let lb = &s[&Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp)];
+    let lb = &s[&Frontend::external(ip("192.168.49.200"), 8080, Protocol::Tcp)];
     assert_eq!(lb.backends, all);
     assert!(lb.external);
     assert_eq!(lb.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["10.0.0.7/32", "192.168.49.0/28"]);
     // ipMode: Proxy and hostname-only ingress entries are not served.
-    assert!(!s.contains_key(&Frontend::external("192.168.49.201".parse().unwrap(), 8080, Protocol::Tcp)));
+    assert!(!s.contains_key(&Frontend::external(ip("192.168.49.201"), 8080, Protocol::Tcp)));
     // External IPs: served, without the source ranges (they are for LoadBalancer IPs).
-    let ext = &s[&Frontend::external("192.168.49.50".parse().unwrap(), 8080, Protocol::Tcp)];
+    let ext = &s[&Frontend::external(ip("192.168.49.50"), 8080, Protocol::Tcp)];
     assert!(ext.external && ext.source_ranges.is_empty());
     // Node port: no source ranges either.
     assert!(s[&Frontend::node_port(30088, Protocol::Tcp)].source_ranges.is_empty());
@@ -477,21 +485,22 @@ fn traffic_policies_narrow_backends_per_kind_of_frontend() {
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     let s = &t.state.services;
     // External frontends: local endpoints only, and marked local-only (drop when empty).
-    for f in [
-        Frontend::node_port(30088, Protocol::Tcp),
-        Frontend::external("192.168.49.200".parse().unwrap(), 8080, Protocol::Tcp),
-    ] {
+    for f in [Frontend::node_port(30088, Protocol::Tcp), Frontend::external(ip("192.168.49.200"), 8080, Protocol::Tcp)]
+    {
         assert_eq!(s[&f].backends, vec![local_ep("10.244.1.5", 80)], "{f}");
         assert!(s[&f].local_only);
     }
     // The ClusterIP keeps every endpoint (internalTrafficPolicy is Cluster).
     assert_eq!(s[&fe("10.101.245.108", 8080, Protocol::Tcp)].backends.len(), 2);
-    assert_eq!(t.state.health_checks[&32000], HealthCheck { service: "default/load-bal".into(), local_endpoints: 1 });
+    assert_eq!(
+        t.state.health_checks[&32000],
+        HealthCheck { service: "default/load-bal".into(), local_endpoints: BTreeMap::from([(IpFamily::V4, 1)]) }
+    );
 
     // On a node without local endpoints the external frontends are empty but present.
     let t = run_on(&local_ext, "node-c");
     assert!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.is_empty());
-    assert_eq!(t.state.health_checks[&32000].local_endpoints, 0);
+    assert_eq!(t.state.health_checks[&32000].local_endpoints_of(IpFamily::V4), 0);
 
     let local_int = LB.replace("  type: LoadBalancer\n", "  type: LoadBalancer\n  internalTrafficPolicy: Local\n");
     let t = run_on(&local_int, "node-b");
@@ -564,7 +573,7 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
         format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n")
     };
     let key = fe("10.96.0.50", 80, Protocol::Tcp);
-    let ext = Frontend::external("10.96.0.50".parse().unwrap(), 80, Protocol::Tcp);
+    let ext = Frontend::external(ip("10.96.0.50"), 80, Protocol::Tcp);
     // The Service owning the ClusterIP sorts first, then last.
     for (cip_name, ext_name) in [("a-cip", "z-ext"), ("z-cip", "a-ext")] {
         let cip_svc = svc(cip_name, "{clusterIP: 10.96.0.50, ports: [{port: 80}]}") + &slice(cip_name, "10.244.1.1");
@@ -622,8 +631,15 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
     assert!(t.errors.is_empty(), "{:?}", t.errors);
     keys_unique(&t.state);
     assert!(!t.state.services[&key].external);
-    assert!(t.state.services[&Frontend::external("192.0.2.1".parse().unwrap(), 80, Protocol::Tcp)].external);
+    assert!(t.state.services[&Frontend::external(ip("192.0.2.1"), 80, Protocol::Tcp)].external);
     assert_eq!(t.state.services.len(), 2);
+}
+
+fn ipv4_last(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(_) => panic!("{ip} is not IPv4"),
+    }
 }
 
 /// One endpoint row of the semantics table: address suffix, node, ready, serving,
@@ -656,8 +672,7 @@ fn semantics(spec_extra: &str, rows: &[Row], node: &NodeInfo) -> (Vec<u8>, Vec<u
     assert!(errors.is_empty(), "{errors:?}");
     let t = translate(&objects.services, &objects.slices, node);
     assert!(t.errors.is_empty(), "{:?}", t.errors);
-    let suffixes =
-        |f: Frontend| -> Vec<u8> { t.state.services[&f].backends.iter().map(|e| e.ip.octets()[3]).collect() };
+    let suffixes = |f: Frontend| -> Vec<u8> { t.state.services[&f].backends.iter().map(|e| ipv4_last(e.ip)).collect() };
     (suffixes(fe("10.96.7.7", 80, Protocol::Tcp)), suffixes(Frontend::node_port(30007, Protocol::Tcp)))
 }
 
@@ -807,7 +822,7 @@ fn local_policies_drop_only_when_endpoints_exist_elsewhere() {
         for f in [
             fe("10.96.8.8", 80, Protocol::Tcp),
             Frontend::node_port(30008, Protocol::Tcp),
-            Frontend::external("192.0.2.8".parse().unwrap(), 80, Protocol::Tcp),
+            Frontend::external(ip("192.0.2.8"), 80, Protocol::Tcp),
         ] {
             let sp = &t.state.services[&f];
             assert!(sp.backends.is_empty(), "{what}: {f}");
@@ -836,9 +851,10 @@ fn proxy_name_and_headless_labels_exclude_services_and_slices() {
     assert_eq!(count("app: x", "service.kubernetes.io/service-proxy-name: other"), vec![0]);
 }
 
-#[test]
-fn dual_stack_services_are_served_on_their_ipv4_addresses() {
-    let t = run(r#"
+/// A dual-stack LoadBalancer (IPv6 primary), an IPv6-only Service and a malformed one: every
+/// family a Service has a ClusterIP of is served, each from its own family's slices, with its
+/// own family's external IPs, ingress IPs and source ranges, as kube-proxy's two proxiers do.
+const DUAL: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: dual, namespace: t}
@@ -850,10 +866,35 @@ spec:
   ipFamilyPolicy: PreferDualStack
   externalIPs: [2001:db8::1, 192.0.2.7]
   loadBalancerSourceRanges: [2001:db8::/32, 198.51.100.0/24]
-  ports: [{port: 80, nodePort: 30090}]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30090}]
 status:
   loadBalancer:
     ingress: [{ip: "2001:db8::99"}, {ip: 192.0.2.99}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v4, namespace: t, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.2.5], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-v6, namespace: t, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:244:2::5"], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dual-fqdn, namespace: t, labels: {kubernetes.io/service-name: dual}}
+addressType: FQDN
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [web.example.com]}
 ---
 apiVersion: v1
 kind: Service
@@ -861,7 +902,25 @@ metadata: {name: v6-only, namespace: t}
 spec:
   clusterIP: fd00:10:96::b
   clusterIPs: [fd00:10:96::b]
-  ports: [{port: 80}]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports: [{port: 53, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-only-1, namespace: t, labels: {kubernetes.io/service-name: v6-only}}
+addressType: IPv6
+ports: [{port: 53, protocol: UDP}]
+endpoints:
+- {addresses: ["fd00:244:1::53"], nodeName: node-a}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-only-v4, namespace: t, labels: {kubernetes.io/service-name: v6-only}}
+addressType: IPv4
+ports: [{port: 53, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.53], nodeName: node-a}
 ---
 apiVersion: v1
 kind: Service
@@ -870,20 +929,186 @@ spec:
   clusterIP: 10.96.9.10
   clusterIPs: [10.96.9.10, not-an-ip]
   ports: [{port: 80}]
-"#);
+"#;
+
+#[test]
+fn dual_stack_services_are_served_on_both_families_from_their_own_slices() {
+    let t = run_on(DUAL, "node-a");
     assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
     assert!(t.errors[0].to_string().contains("Service t/bad: field spec.clusterIPs[1]"), "{}", t.errors[0]);
     let s = &t.state.services;
-    assert!(s.contains_key(&fe("10.96.9.9", 80, Protocol::Tcp)));
-    assert!(s.contains_key(&Frontend::node_port(30090, Protocol::Tcp)));
-    assert!(s.contains_key(&Frontend::external("192.0.2.7".parse().unwrap(), 80, Protocol::Tcp)));
-    let lb = &s[&Frontend::external("192.0.2.99".parse().unwrap(), 80, Protocol::Tcp)];
-    assert_eq!(lb.source_ranges, vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
-    assert_eq!(s.len(), 4, "the IPv6-only Service is left to an IPv6 proxy: {:?}", s.keys());
+    let v4 = vec![local_ep("10.244.1.5", 8080), ep("10.244.2.5", 8080)];
+    let v6 = vec![ep("fd00:244:2::5", 8080)];
+    // Each family's frontends get that family's slices only (the FQDN slice feeds none).
+    assert_eq!(s[&fe("10.96.9.9", 80, Protocol::Tcp)].backends, v4);
+    assert_eq!(s[&fe("fd00:10:96::a", 80, Protocol::Tcp)].backends, v6);
+    assert_eq!(s[&Frontend::node_port(30090, Protocol::Tcp)].backends, v4);
+    assert_eq!(s[&Frontend::node_port_v6(30090, Protocol::Tcp)].backends, v6);
+    for (ext, want) in [("192.0.2.7", &v4), ("2001:db8::1", &v6), ("192.0.2.99", &v4), ("2001:db8::99", &v6)] {
+        let f = Frontend::external(ip(ext), 80, Protocol::Tcp);
+        assert_eq!(&s[&f].backends, want, "{f}");
+        assert!(s[&f].external, "{f}");
+    }
+    // Source ranges apply to the LoadBalancer IP of their own family only.
+    let ranges = |a: &str| s[&Frontend::external(ip(a), 80, Protocol::Tcp)].source_ranges.clone();
+    assert_eq!(ranges("192.0.2.99"), vec!["198.51.100.0/24".parse::<Cidr>().unwrap()]);
+    assert_eq!(ranges("2001:db8::99"), vec!["2001:db8::/32".parse::<Cidr>().unwrap()]);
+    assert!(ranges("2001:db8::1").is_empty(), "external IPs have no source ranges");
+    // The IPv6-only Service is served on IPv6 alone; its IPv4 slice feeds nothing.
+    assert_eq!(s[&fe("fd00:10:96::b", 53, Protocol::Udp)].backends, vec![local_ep("fd00:244:1::53", 53)]);
+    assert!(s.keys().filter(|f| f.port == 53).all(|f| f.family() == IpFamily::V6));
+    assert_eq!(s.len(), 9, "{:?}", s.keys());
+    // Frontends show IPv6 addresses in brackets.
+    assert_eq!(fe("fd00:10:96::a", 80, Protocol::Tcp).to_string(), "[fd00:10:96::a]:80/TCP");
+    assert_eq!(Frontend::node_port_v6(30090, Protocol::Tcp).to_string(), "[*]:30090/TCP");
+    assert_eq!(ep("fd00:244:2::5", 8080).to_string(), "[fd00:244:2::5]:8080");
+}
+
+/// `clusterIPs` holds one address per family, the primary first, as `ipFamilies` orders the
+/// families; whatever the order, each address is served as its family's ClusterIP. Fields
+/// an API server keeps consistent are checked, since a YAML file may not be.
+#[test]
+fn cluster_ips_families_and_policies_are_checked() {
+    let svc = |name: &str, spec: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec: {spec}\n")
+    };
+    let ok = [
+        // IPv4 primary, then IPv6.
+        ("v4-first", "{clusterIPs: [10.96.1.1, 'fd00::1'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80}]}"),
+        // IPv6 primary; clusterIP repeats clusterIPs[0].
+        ("v6-first", "{clusterIP: 'fd00::2', clusterIPs: ['fd00::2', 10.96.1.2], ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}"),
+        // clusterIP alone, of IPv6, without ipFamilies (an older API server).
+        ("v6-single", "{clusterIP: 'fd00::3', ports: [{port: 80}]}"),
+        // PreferDualStack on a single-stack cluster: one address.
+        ("prefer", "{clusterIPs: [10.96.1.4], ipFamilies: [IPv4], ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}"),
+    ];
+    let bad = [
+        (
+            "fam-order",
+            "{clusterIPs: [10.96.2.1, 'fd00::21'], ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}",
+            "spec.ipFamilies",
+        ),
+        ("fam-name", "{clusterIPs: [10.96.2.2], ipFamilies: [IPv5], ports: [{port: 80}]}", "spec.ipFamilies[0]"),
+        ("two-v4", "{clusterIPs: [10.96.2.3, 10.96.2.4], ports: [{port: 80}]}", "spec.clusterIPs"),
+        (
+            "single-two",
+            "{clusterIPs: [10.96.2.5, 'fd00::25'], ipFamilyPolicy: SingleStack, ports: [{port: 80}]}",
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            "require-one",
+            "{clusterIPs: [10.96.2.6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80}]}",
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            "policy-name",
+            "{clusterIPs: [10.96.2.7], ipFamilyPolicy: Sometimes, ports: [{port: 80}]}",
+            "spec.ipFamilyPolicy",
+        ),
+        (
+            "primary",
+            "{clusterIP: 10.96.2.8, clusterIPs: [10.96.2.9, 'fd00::29'], ports: [{port: 80}]}",
+            "spec.clusterIP",
+        ),
+    ];
+    let yaml: String = ok.iter().map(|(n, s)| svc(n, s)).chain(bad.iter().map(|(n, s, _)| svc(n, s))).collect();
+    let t = run(&yaml);
+    let s = &t.state.services;
+    for a in ["10.96.1.1", "fd00::1", "fd00::2", "10.96.1.2", "fd00::3", "10.96.1.4"] {
+        assert!(s.contains_key(&fe(a, 80, Protocol::Tcp)), "{a}: {:?}", s.keys());
+    }
+    assert_eq!(s.len(), 6, "{:?}", s.keys());
+    assert_eq!(t.errors.len(), bad.len(), "{:?}", t.errors);
+    for (name, _, field) in bad {
+        let e = t.errors.iter().find(|e| e.service() == Some(&format!("t/{name}"))).unwrap_or_else(|| panic!("{name}"));
+        assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
+        assert!(e.rejects_object(), "{e}");
+    }
+}
+
+/// EndpointSlices are paired with the Service's families by `addressType`; an address of the
+/// other family inside a slice skips that endpoint alone, with an error naming it.
+#[test]
+fn slices_feed_only_their_familys_frontends() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v4, namespace: t}
+spec: {clusterIP: 10.96.3.1, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v4-6, namespace: t, labels: {kubernetes.io/service-name: v4}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00:244::1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v4-4, namespace: t, labels: {kubernetes.io/service-name: v4}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.0.1]}, {addresses: ["fd00:244::2"]}]
+"#;
+    let t = run(yaml);
+    assert_eq!(t.state.services[&fe("10.96.3.1", 80, Protocol::Tcp)].backends, vec![ep("10.244.0.1", 80)]);
+    assert_eq!(t.state.services.len(), 1);
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    let e = t.errors[0].to_string();
+    assert!(
+        e.contains("EndpointSlice t/v4-4: field endpoints[1].addresses[0]") && e.contains("not an IPv4 address"),
+        "{e}"
+    );
+}
+
+/// Traffic policies on a dual-stack Service: each family chooses its own local endpoints, the
+/// health check counts each family's, and the no-local-endpoint counts are per family.
+#[test]
+fn dual_stack_traffic_policies_choose_per_family() {
+    let local = DUAL.replace(
+        "  type: LoadBalancer\n  clusterIP: fd00:10:96::a\n",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  healthCheckNodePort: 32090\n  clusterIP: fd00:10:96::a\n",
+    );
+    let t = run_on(&local, "node-a");
+    let s = &t.state.services;
+    // node-a has an IPv4 endpoint of `dual` and no IPv6 one.
+    assert_eq!(s[&Frontend::node_port(30090, Protocol::Tcp)].backends, vec![local_ep("10.244.1.5", 8080)]);
+    let np6 = &s[&Frontend::node_port_v6(30090, Protocol::Tcp)];
+    assert!(np6.backends.is_empty() && np6.local_only, "dropped, not rejected: endpoints exist elsewhere");
+    // The short-circuit companions carry each family's cluster-wide endpoints.
+    let np6_inside = &s[&Frontend::node_port_v6(30090, Protocol::Tcp).from_cluster().unwrap()];
+    assert_eq!(np6_inside.backends, vec![ep("fd00:244:2::5", 8080)]);
+    assert!(s[&fe("fd00:10:96::a", 80, Protocol::Tcp)].backends.is_empty());
+    assert_eq!(s[&fe("10.96.9.9", 80, Protocol::Tcp)].backends, vec![local_ep("10.244.1.5", 8080)]);
+    let hc = &t.state.health_checks[&32090];
+    assert_eq!(hc.local_endpoints, BTreeMap::from([(IpFamily::V4, 1), (IpFamily::V6, 0)]));
+    // One port per family: IPv6 lacks a local endpoint for both policies.
+    let mut tr = Translator::new(NodeInfo::named("node-a"));
+    let (objects, _) = manifests::parse(&[(PathBuf::from("t.yaml"), local.clone())]);
+    tr.relist_services(objects.services.iter());
+    tr.relist_slices(objects.slices.iter());
+    tr.sync();
+    assert_eq!(tr.no_local_endpoints(), (1, 1));
+    // On node-b it is the other way round.
+    let t = run_on(&local, "node-b");
+    assert_eq!(t.state.health_checks[&32090].local_endpoints, BTreeMap::from([(IpFamily::V4, 1), (IpFamily::V6, 1)]));
+    assert_eq!(
+        t.state.services[&fe("fd00:10:96::a", 80, Protocol::Tcp)].backends,
+        vec![local_ep("fd00:244:2::5", 8080)]
+    );
 }
 
 #[test]
 fn cidr_parsing_and_matching() {
+    let v6: Cidr = "fd00:10:244:1::7/64".parse().unwrap();
+    assert_eq!(v6.to_string(), "fd00:10:244:1::/64");
+    assert!(v6.contains(ip("fd00:10:244:1::ffff")));
+    assert!(!v6.contains(ip("fd00:10:244:2::1")));
+    assert!(!v6.contains(ip("10.244.1.1")), "never an address of the other family");
+    assert!(!"0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("::1")));
+    assert_eq!("fd00::1".parse::<Cidr>().unwrap().len, 128);
+    assert!("fd00::/129".parse::<Cidr>().is_err());
+    assert!("::/0".parse::<Cidr>().unwrap().contains(ip("2001:db8::1")));
     let c: Cidr = "192.168.49.7/28".parse().unwrap();
     assert_eq!(c.to_string(), "192.168.49.0/28");
     assert!(c.contains("192.168.49.15".parse().unwrap()));
@@ -904,8 +1129,8 @@ fn external_local_short_circuits_traffic_from_pods_and_the_node() {
     let both = vec![local_ep("10.244.1.1", 80), ep("10.244.2.1", 80)];
     for f in [
         Frontend::node_port(30020, Protocol::Tcp),
-        Frontend::external("192.0.2.20".parse().unwrap(), 80, Protocol::Tcp),
-        Frontend::external("192.0.2.21".parse().unwrap(), 80, Protocol::Tcp),
+        Frontend::external(ip("192.0.2.20"), 80, Protocol::Tcp),
+        Frontend::external(ip("192.0.2.21"), 80, Protocol::Tcp),
     ] {
         let outside = &t.state.services[&f];
         assert_eq!(outside.backends, vec![local_ep("10.244.1.1", 80)], "{f}");
@@ -942,7 +1167,7 @@ fn endpoint_cut_comes_after_selection_and_health_counts_agree() {
     assert_eq!(np.backends.len(), max);
     assert!(np.backends.iter().all(|e| e.local), "the local set is cut, not the candidates");
     assert_eq!(t.state.services[&fe("10.96.8.30", 80, Protocol::Tcp)].backends.len(), max);
-    assert_eq!(t.state.health_checks[&32002].local_endpoints, max);
+    assert_eq!(t.state.health_checks[&32002].local_endpoints_of(IpFamily::V4), max);
     assert_eq!(t.errors.iter().filter(|e| matches!(e, TranslateError::TooManyEndpoints { .. })).count(), 2);
 }
 
@@ -973,8 +1198,12 @@ impl Rng {
 /// A random Service from small pools of addresses and ports, so that Services often claim
 /// the same frontends (ClusterIP against ClusterIP, external IP against ClusterIP, node
 /// ports, health check ports) and conflicts come and go.
-fn random_service(r: &mut Rng, name: &str) -> k8s_openapi::api::core::v1::Service {
+///
+/// With `dual`, Services are of either family or both (either primary), from pools of both
+/// families, and now and then inconsistent (families against addresses, policy against count).
+fn random_service(r: &mut Rng, name: &str, dual: bool) -> k8s_openapi::api::core::v1::Service {
     let ips = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4", "10.96.0.5"];
+    let ips6 = ["fd00:96::1", "fd00:96::2", "fd00:96::3", "fd00:96::4", "fd00:96::5"];
     let types = ["ClusterIP", "NodePort", "LoadBalancer"];
     let t = *r.pick(&types);
     let mut ports = Vec::new();
@@ -1012,15 +1241,57 @@ fn random_service(r: &mut Rng, name: &str) -> k8s_openapi::api::core::v1::Servic
     if r.chance(3) {
         spec["clusterIP"] = serde_json::json!("not-an-ip");
     }
+    if dual {
+        let (v4, v6) = (*r.pick(&ips), *r.pick(&ips6));
+        let (list, families): (Vec<&str>, Vec<&str>) = match r.below(4) {
+            0 => (vec![v4], vec!["IPv4"]),
+            1 => (vec![v6], vec!["IPv6"]),
+            2 => (vec![v4, v6], vec!["IPv4", "IPv6"]),
+            _ => (vec![v6, v4], vec!["IPv6", "IPv4"]),
+        };
+        spec["clusterIP"] = serde_json::json!(list[0]);
+        spec["clusterIPs"] = serde_json::json!(list);
+        spec["ipFamilies"] = serde_json::json!(families);
+        let policy = if list.len() == 2 { r.pick(&["PreferDualStack", "RequireDualStack"]) } else { &"SingleStack" };
+        spec["ipFamilyPolicy"] = serde_json::json!(policy);
+        if r.chance(3) {
+            // The API server never writes this; a YAML file may.
+            spec["ipFamilies"] = serde_json::json!(["IPv6", "IPv4"]);
+        }
+        if r.chance(40) {
+            let pool: Vec<&str> = ips.iter().chain(ips6.iter()).copied().collect();
+            spec["externalIPs"] = serde_json::json!((0..1 + r.below(3)).map(|_| *r.pick(&pool)).collect::<Vec<_>>());
+        }
+        if t == "LoadBalancer" && r.chance(50) {
+            spec["loadBalancerSourceRanges"] =
+                serde_json::json!([r.pick(&["192.0.2.0/24", "10.0.0.0/8"]), r.pick(&["fd00::/8", "2001:db8::/32"])]);
+        }
+    }
     let mut svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "ns"}, "spec": spec});
     if t == "LoadBalancer" && r.chance(70) {
-        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}]}});
+        let ingress = if dual {
+            serde_json::json!([{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}, {"ip": r.pick(&["2001:db8::1", "fd00:96::3"])}])
+        } else {
+            serde_json::json!([{"ip": r.pick(&["192.0.2.1", "10.96.0.3"])}])
+        };
+        svc["status"] = serde_json::json!({"loadBalancer": {"ingress": ingress}});
     }
     serde_json::from_value(svc).expect("a Service")
 }
 
-fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+/// A random slice; with `dual`, of either family (now and then FQDN, or with an address of
+/// the other family).
+fn random_slice(r: &mut Rng, name: &str, service: &str, dual: bool) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let family = if !dual {
+        "IPv4"
+    } else {
+        match r.below(10) {
+            0 => "FQDN",
+            1..=4 => "IPv4",
+            _ => "IPv6",
+        }
+    };
     let flag = |r: &mut Rng| -> serde_json::Value {
         match r.below(3) {
             0 => serde_json::Value::Null,
@@ -1039,7 +1310,13 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
                     conditions.insert(c.into(), v);
                 }
             }
-            let mut e = serde_json::json!({"addresses": [format!("10.244.{}.{}", r.below(2), 1 + r.below(6))],
+            let v6 = family == "IPv6" && !r.chance(5) || family != "IPv6" && dual && r.chance(5);
+            let a = if v6 {
+                format!("fd00:244:{}::{}", r.below(2), 1 + r.below(6))
+            } else {
+                format!("10.244.{}.{}", r.below(2), 1 + r.below(6))
+            };
+            let mut e = serde_json::json!({"addresses": [a],
                 "nodeName": r.pick(&["node-a", "node-b"]), "conditions": conditions});
             if all_hinted || r.chance(20) {
                 e["hints"] = serde_json::json!({"forZones": [{"name": r.pick(&zones)}]});
@@ -1053,7 +1330,7 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
         .collect();
     serde_json::from_value(serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4", "ports": ports, "endpoints": endpoints}))
+        "addressType": family, "ports": ports, "endpoints": endpoints}))
     .expect("a slice")
 }
 
@@ -1062,8 +1339,22 @@ fn random_slice(r: &mut Rng, name: &str, service: &str) -> k8s_openapi::api::dis
 /// few frontends, so conflicts and their resolution move all the time).
 #[test]
 fn incremental_translation_equals_the_full_one_on_random_changes() {
+    incremental_equals_full(1..=40, false);
+}
+
+/// The same with Services of either family or both, slices of either family, and external
+/// IPs, ingress IPs and source ranges of both (IPv4 and IPv6 frontends and node ports of one
+/// number conflict only within their family).
+#[test]
+fn incremental_translation_equals_the_full_one_on_random_dual_stack_changes() {
+    incremental_equals_full(1001..=1030, true);
+}
+
+fn incremental_equals_full(seeds: std::ops::RangeInclusive<u64>, dual: bool) {
     use std::collections::BTreeMap as Map;
-    for seed in 1..=40u64 {
+    // Frontends of each family seen, so the dual-stack run cannot pass without IPv6 ones.
+    let mut seen: Map<IpFamily, usize> = Map::new();
+    for seed in seeds {
         let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut node = NodeInfo { name: "node-a".into(), zone: Some("z1".into()) };
         let mut t = Translator::new(node.clone());
@@ -1076,7 +1367,7 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
                 match r.below(20) {
                     0..=6 => {
                         let n = *r.pick(&names);
-                        let s = random_service(&mut r, n);
+                        let s = random_service(&mut r, n, dual);
                         t.upsert_service(&s);
                         services.insert(n.into(), s);
                     }
@@ -1089,7 +1380,7 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
                         let n = format!("{}-{}", r.pick(&names), r.below(2));
                         // Now and then a slice moves to another Service.
                         let owner = if r.chance(10) { *r.pick(&names) } else { &n[..2] };
-                        let s = random_slice(&mut r, &n, owner);
+                        let s = random_slice(&mut r, &n, owner, dual);
                         t.upsert_slice(&s);
                         slices.insert(n, s);
                     }
@@ -1118,6 +1409,9 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
             let full = translate(services.values(), slices.values(), &node);
             assert_eq!(t.state(), &full.state, "seed {seed} step {step}: incremental differs from full");
             assert_eq!(t.errors(), full.errors, "seed {seed} step {step}: errors differ");
+            for f in full.state.services.keys() {
+                *seen.entry(f.family()).or_default() += 1;
+            }
             // What the sync says changed is exactly what changed.
             let mut moved: BTreeSet<Frontend> = BTreeSet::new();
             for (f, sp) in &full.state.services {
@@ -1134,6 +1428,8 @@ fn incremental_translation_equals_the_full_one_on_random_changes() {
             );
         }
     }
+    assert!(seen.get(&IpFamily::V4).is_some_and(|n| *n > 0), "{seen:?}");
+    assert_eq!(seen.get(&IpFamily::V6).is_some_and(|n| *n > 0), dual, "{seen:?}");
 }
 
 /// Cost of a first sync and of one change at `n` Services (run by hand:

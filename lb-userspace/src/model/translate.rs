@@ -6,7 +6,7 @@
 //! Services whose claims touch theirs, and must always agree with [`translate`].
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -14,9 +14,9 @@ use lb_common::MAX_BACKENDS_PER_SERVICE;
 
 use super::{
     endpoints::{slice_spec, SliceEndpoint, SliceSpec},
-    service::{service_spec, ServiceSpec},
+    service::{service_spec, FamilySpec, ServiceSpec},
     topology::categorize,
-    Endpoint, Frontend, HealthCheck, NodeInfo, Protocol, Scope, ServicePort, TranslateError, Translation,
+    Endpoint, Frontend, HealthCheck, IpFamily, NodeInfo, Protocol, Scope, ServicePort, TranslateError, Translation,
 };
 
 /// What one Service asks for, before other Services are considered.
@@ -32,11 +32,12 @@ pub(super) struct ServiceOutput {
 }
 
 /// What a Service competes with others for: datapath keys (a ClusterIP and an external IP
-/// with the same address, port and protocol are one key) and health check node ports.
+/// with the same address, port and protocol are one key; a node port has a key per family)
+/// and health check node ports (a socket port, whatever the families).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Claim {
-    Exact(Ipv4Addr, u16, Protocol),
-    NodePort(u16, Protocol),
+    Exact(IpAddr, u16, Protocol),
+    NodePort(IpFamily, u16, Protocol),
     HealthPort(u16),
 }
 
@@ -51,7 +52,7 @@ impl ServiceOutput {
 fn claim_of(f: &Frontend) -> Option<Claim> {
     match f.scope {
         Scope::ClusterIp | Scope::External => Some(Claim::Exact(f.ip, f.port, f.protocol)),
-        Scope::NodePort => Some(Claim::NodePort(f.port, f.protocol)),
+        Scope::NodePort => Some(Claim::NodePort(f.family(), f.port, f.protocol)),
         Scope::ExternalFromCluster | Scope::NodePortFromCluster => None,
     }
 }
@@ -72,10 +73,33 @@ fn cut(mut v: Vec<Endpoint>, spec: &ServiceSpec, what: &str, notes: &mut Vec<Tra
     v
 }
 
-/// One Service's frontends and backends, from its own slices (in slice name order).
+/// One Service's frontends and backends, from its own slices (in slice name order): for each
+/// family it has a ClusterIP of, that family's frontends from that family's slices.
 pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &NodeInfo) -> ServiceOutput {
     let mut out = ServiceOutput { notes: spec.skipped_ports.clone(), ..Default::default() };
     let mut seen = BTreeSet::new();
+    let mut health = BTreeMap::new();
+    for fam in &spec.families {
+        let mine: Vec<&SliceSpec> = slices.iter().copied().filter(|s| s.family == fam.family).collect();
+        let local = family_output(spec, fam, &mine, node, &mut seen, &mut out);
+        health.insert(fam.family, local);
+    }
+    if let Some(hc) = spec.health_check_node_port {
+        out.health = Some((hc, HealthCheck { service: spec.object.clone(), local_endpoints: health }));
+    }
+    out
+}
+
+/// The frontends of one family of a Service (pushed to `out`); returns the local ready
+/// endpoint count its health check reports for the family.
+fn family_output(
+    spec: &ServiceSpec,
+    fam: &FamilySpec,
+    slices: &[&SliceSpec],
+    node: &NodeInfo,
+    seen: &mut BTreeSet<Claim>,
+    out: &mut ServiceOutput,
+) -> usize {
     let mut push = |entries: &mut Vec<(Frontend, ServicePort)>, f: Frontend, sp: ServicePort| {
         // A frontend listed twice in one Service (an external IP given twice, or equal to a
         // LoadBalancer IP, or to the Service's own ClusterIP) is served once, by its first
@@ -96,11 +120,13 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
             }
         }
     }
+    // With two families, the notes of the second name it (the first is the primary).
+    let suffix = if spec.families.len() > 1 { format!(" ({})", fam.family) } else { String::new() };
     let mut health_cut = false;
     for port in &spec.ports {
         // Every address once, ready copies preferred (a pod may be listed by two slices while
         // the controller moves it).
-        let mut merged: BTreeMap<(Ipv4Addr, u16), (Endpoint, SliceEndpoint)> = BTreeMap::new();
+        let mut merged: BTreeMap<(IpAddr, u16), (Endpoint, SliceEndpoint)> = BTreeMap::new();
         for slice in slices {
             for (pname, proto, target) in &slice.ports {
                 if *pname != port.name || *proto != port.protocol {
@@ -128,6 +154,7 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
         let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
         let (all, local) = categorize(&candidates, node);
         let label = if port.name.is_empty() { format!("port {}", port.port) } else { format!("port {:?}", port.name) };
+        let label = format!("{label}{suffix}");
         let all = cut(all, spec, &label, &mut out.notes);
         let local_len = local.len();
         let local = cut(local, spec, &format!("{label} on this node"), &mut out.notes);
@@ -135,7 +162,7 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
         if spec.internal_local && local.is_empty() {
             out.no_local.0 += 1;
         }
-        let has_external = port.node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
+        let has_external = port.node_port.is_some() || !fam.lb_ips.is_empty() || !fam.external_ips.is_empty();
         if spec.external_local && has_external && local.is_empty() {
             out.no_local.1 += 1;
         }
@@ -160,16 +187,16 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
         let from_cluster = spec.external_local.then_some(ServicePort { backends: all, external: false, ..base });
         let mut externals: Vec<(Frontend, ServicePort)> = Vec::new();
         if let Some(np) = port.node_port {
-            externals.push((Frontend::node_port(np, port.protocol), external.clone()));
+            externals.push((Frontend::node_port_of(fam.family, np, port.protocol), external.clone()));
         }
-        for ip in &spec.lb_ips {
-            let with_ranges = ServicePort { source_ranges: spec.source_ranges.clone(), ..external.clone() };
+        for ip in &fam.lb_ips {
+            let with_ranges = ServicePort { source_ranges: fam.source_ranges.clone(), ..external.clone() };
             externals.push((Frontend::external(*ip, port.port, port.protocol), with_ranges));
         }
-        for ip in &spec.external_ips {
+        for ip in &fam.external_ips {
             externals.push((Frontend::external(*ip, port.port, port.protocol), external.clone()));
         }
-        push(&mut out.entries, Frontend::cluster_ip(spec.cluster_ip, port.port, port.protocol), internal);
+        push(&mut out.entries, Frontend::cluster_ip(fam.cluster_ip, port.port, port.protocol), internal);
         for (f, sp) in externals {
             let before = out.entries.len();
             push(&mut out.entries, f, sp.clone());
@@ -181,17 +208,14 @@ pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &N
             }
         }
     }
-    if let Some(hc) = spec.health_check_node_port {
-        // kube-proxy reports local *ready* endpoints (distinct addresses), so a node whose pods
-        // are all terminating fails the check and the load balancer drains it; never more
-        // than the datapath holds.
-        let mut n = local_ready_ips.len();
-        if health_cut {
-            n = n.min(MAX_BACKENDS_PER_SERVICE as usize);
-        }
-        out.health = Some((hc, HealthCheck { service: spec.object.clone(), local_endpoints: n }));
+    // kube-proxy reports local *ready* endpoints (distinct addresses), so a node whose pods
+    // are all terminating fails the check and the load balancer drains it; never more than
+    // the datapath holds.
+    let mut n = local_ready_ips.len();
+    if health_cut {
+        n = n.min(MAX_BACKENDS_PER_SERVICE as usize);
     }
-    out
+    n
 }
 
 /// Which of `services` (in name order, all sharing claims only among themselves) keep their

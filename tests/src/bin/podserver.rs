@@ -7,10 +7,11 @@
 //! - udp: every datagram is answered with `NAME PEER`;
 //! - sink: everything received is read and thrown away (bulk throughput).
 //!
-//! Prints `ready` on stdout once every socket is bound.
+//! Prints `ready` on stdout once every socket is bound. `--bind ::` serves both families on
+//! one socket per port; an IPv4 peer is then shown as IPv4, not IPv4-mapped.
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::Duration,
 };
@@ -60,7 +61,7 @@ fn main() {
         handles.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((_, peer)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(format!("{name} {peer}").as_bytes(), peer);
+                let _ = s.send_to(format!("{name} {}", shown(peer)).as_bytes(), peer);
             }
         }));
     }
@@ -100,7 +101,7 @@ fn serve_tcp(l: TcpListener, name: String, f: fn(TcpStream, &str)) {
 
 fn http_conn(mut c: TcpStream, name: &str) {
     let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-    let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let peer = c.peer_addr().map(|p| shown(p).to_string()).unwrap_or_default();
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -163,6 +164,11 @@ fn source_conn(c: TcpStream, _name: &str) {
         }
         sent += k;
     }
+}
+
+/// A peer as the client knows itself: an IPv4 client of a dual-stack socket is IPv4-mapped.
+fn shown(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 /// The byte at offset `i` (within a 64 KiB block) of what `--source` sends.

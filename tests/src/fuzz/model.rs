@@ -102,9 +102,10 @@ struct Flow {
     fin_rep: bool,
     rst: bool,
     /// A finished flow whose tuple a new connection took over (a SYN-ACK ended its reply
-    /// entry, or a new flow took its SNAT port): its forward entry may live on (the known bug
-    /// of `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`) or be gone (that
-    /// bug fixed), so its next packet may be tracked or start it anew.
+    /// entry, or a new flow took its SNAT port): the datapath forgets it, both entries (the fix
+    /// of `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`). The model does not
+    /// see every such takeover as the datapath does (at XDP, say), so its next packet may be
+    /// tracked or start it anew.
     orphaned: bool,
 }
 
@@ -211,11 +212,11 @@ pub struct Stats {
     /// Two live flows that share a reply key: one client port used for two frontends with a
     /// common backend (see `Model::clash`).
     pub reply_clashes: u64,
-    /// Replies of a reply key two flows wrote whose routing the older flow changed (a known
-    /// bug: `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`).
+    /// Replies of a reply key two flows wrote whose routing the older flow changed (the
+    /// reply-key limit of the README; the SNAT takeover bug did it too before its fix).
     pub clobbered_replies: u64,
     /// SNAT ports handed out while a live flow held them, on a reply key an older flow still
-    /// writes (the same known bug).
+    /// writes: what the SNAT takeover bug did; `Report::fixed_bugs_absent` requires none.
     pub ports_taken_over: u64,
     pub epochs: u64,
     /// New flows of the cluster's own sources at an `externalTrafficPolicy: Local` frontend,
@@ -784,8 +785,7 @@ impl Model {
 
     /// The flow may be finished in the datapath: it is (see `Flow::finished`), or its reply key
     /// is shared with another flow, whose packets write their state into it and through it
-    /// into this flow's forward entry (the known bug of
-    /// `a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`).
+    /// into this flow's forward entry (the reply-key limit of the README, see `Model::clash`).
     fn maybe_finished(&self, t: &Tuple) -> bool {
         let Some(fl) = self.flows.get(t) else { return false };
         fl.finished() || fl.nat.is_some_and(|nat| self.replies.get(&reply_key(*t, nat)).is_some_and(|l| l.len() > 1))
@@ -873,12 +873,12 @@ impl Model {
         list.push(RevEntry { fwd: t, stale: false });
         if let Some(other) = clash {
             if contested && nat.snat.is_some() {
-                // The known bug (`a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`):
-                // a flow whose reply entry a SYN-ACK removed keeps its forward entry; once a
-                // new flow took its port, its packets write their state into the new flow's
-                // reply entry (a CLOSE that the next SYN-ACK removes, freeing the port while
-                // the new flow lives) or re-create their own (naming their client, so a restart
-                // takes the port back). Either way the port goes to a flow while another lives.
+                // What the SNAT takeover bug did (`a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`,
+                // fixed): a flow whose reply entry a SYN-ACK removed kept its forward entry; once
+                // a new flow took its port, its packets wrote their state into the new flow's
+                // reply entry (a CLOSE that the next SYN-ACK removed, freeing the port while the
+                // new flow lived) or re-created their own (naming their client, so a restart
+                // took the port back). Counted, and `Report::fixed_bugs_absent` fails the run.
                 self.stats.ports_taken_over += 1;
                 return Ok(());
             }
@@ -946,9 +946,9 @@ impl Model {
             };
             cands.push((e.fwd, w, !e.stale && !flow.finished() && entries.len() == 1));
         }
-        // A key two flows wrote: the older one's packets still write their state and flags
-        // into it (`a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows`), so
-        // whether it is routed, or there at all, is not known.
+        // A key two flows wrote (the reply-key limit, see `Model::clash`): the older one's
+        // packets still write their state and flags into it, so whether it is routed, or
+        // there at all, is not known.
         let shared = entries.len() > 1;
         // Flows created unseen may own this reply key too.
         for p in &self.pending {
@@ -994,8 +994,7 @@ impl Model {
                 }
                 Hook::Xdp => self.expect(hook, &[&[pass_c], &[Counter::DeferredToTc]]),
             }
-            // A SYN-ACK of a finished flow ends its reply entry (and its forward entry, once the
-            // known bug is fixed).
+            // A SYN-ACK of a finished flow ends it, both entries.
             for e in &entries {
                 if self.flows.get(&e.fwd).is_some_and(|fl| fl.finished()) {
                     self.mark_stale(&t, e.fwd);

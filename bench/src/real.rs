@@ -1,0 +1,464 @@
+//! lb beside the real kube-proxy (iptables and nftables modes), against the same real control
+//! plane (`lb_tests::control_plane`, built by `cargo xtask k8s`) and the same lab: a client pod on
+//! node `bench-a`, where the proxy under test runs, and three backend pods (the netns kubelet's)
+//! on node `bench-b`. One proxy at a time; the other is stopped and its rules or maps removed
+//! (`kube-proxy --cleanup`, `lb cleanup`).
+//!
+//! The Services are selectorless with EndpointSlices written here (three ready endpoints, an HTTP
+//! and a sink port): the EndpointSlice controller would write the same slices, but at its default
+//! 20 requests/s it would take eight minutes for 10,000 Services.
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_tests::{
+    control_plane::{k8s_bin, ControlPlane, CLUSTER_CIDR},
+    http_get,
+    kubelet::{Kubelet, KubeletConfig},
+    Lab, Node, Pod,
+};
+use serde_json::json;
+
+use crate::{bulk, conn_rate, progress, wait_serving};
+
+/// True when `cargo xtask k8s` has built what this needs.
+pub fn available() -> bool {
+    ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl", "etcd"]
+        .iter()
+        .all(|b| k8s_bin(b).is_ok())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proxy {
+    Lb,
+    Nftables,
+    Iptables,
+}
+
+impl Proxy {
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::Lb => "lb",
+            Proxy::Nftables => "kube-proxy nftables",
+            Proxy::Iptables => "kube-proxy iptables",
+        }
+    }
+}
+
+struct Bench {
+    // Dropped in this order: kubelets (pods), the lab, the control plane.
+    _kubelets: Vec<Kubelet>,
+    lab: Lab,
+    cp: ControlPlane,
+    a: Node,
+    client: Pod,
+    backends: Vec<Pod>,
+    /// ClusterIP of svc-i, in creation order.
+    vips: Vec<Ipv4Addr>,
+    kube_proxy: Option<Child>,
+    kube_proxy_log: PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.stop_kube_proxy();
+    }
+}
+
+fn service(i: usize) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+           "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 80}, {"name": "sink", "port": 9000, "targetPort": 9000}]}})
+}
+
+fn slice(i: usize, backends: &[Pod]) -> serde_json::Value {
+    let eps: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "nodeName": p.node}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("svc-{i}-1"), "namespace": "default", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "sink", "port": 9000, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// (count, sum) of `kubeproxy_sync_proxy_rules_duration_seconds`, which kube-proxy and lb both
+/// export.
+#[derive(Clone, Copy)]
+struct Syncs {
+    count: f64,
+    sum: f64,
+}
+
+impl Bench {
+    fn start() -> Result<Self> {
+        let t = Instant::now();
+        let mut cp = ControlPlane::start()?;
+        progress(&format!("  control plane serving after {:.1} s", t.elapsed().as_secs_f64()));
+        let mut lab = Lab::new()?;
+        let a = lab.add_node("bench-a", 1)?;
+        let b = lab.add_node("bench-b", 2)?;
+        lab.link_nodes(&a, &b)?;
+        let mut kubelets = Vec::new();
+        for n in [&a, &b] {
+            let ip = cp.attach(&n.ns)?;
+            let mut config = KubeletConfig::new(ip);
+            config.first_host = 11;
+            kubelets.push(Kubelet::start(&cp, n, config)?);
+        }
+        let client = lab.add_pod(&a, "client", 100)?;
+        let pods: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": format!("backend-{i}"), "namespace": "default"},
+                       "spec": {"nodeName": "bench-b", "containers": [{"name": "server", "image": "podserver",
+                                "ports": [{"name": "http", "containerPort": 80}, {"name": "sink", "containerPort": 9000}]}]}})
+            })
+            .collect();
+        cp.create_many(pods, 3)?;
+        let backends = (0..3)
+            .map(|i| kubelets[1].wait_pod("default", &format!("backend-{i}"), Duration::from_secs(60)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kube_proxy_log = lab.dir.join("kube-proxy.log");
+        Ok(Bench {
+            _kubelets: kubelets,
+            lab,
+            cp,
+            a,
+            client,
+            backends,
+            vips: Vec::new(),
+            kube_proxy: None,
+            kube_proxy_log,
+        })
+    }
+
+    /// Creates Services (and slices) until there are `n`.
+    fn grow(&mut self, n: usize) -> Result<()> {
+        let from = self.vips.len();
+        if n <= from {
+            return Ok(());
+        }
+        let t = Instant::now();
+        // Services first (their ClusterIPs), then the slices; in chunks, so progress shows.
+        for chunk in (from..n).collect::<Vec<_>>().chunks(5_000) {
+            let created = self.cp.create_many(chunk.iter().map(|&i| service(i)).collect(), 16)?;
+            for svc in created {
+                let ip = svc["spec"]["clusterIP"].as_str().context("a ClusterIP")?;
+                self.vips.push(ip.parse().with_context(|| format!("ClusterIP {ip}"))?);
+            }
+            self.cp.create_many(chunk.iter().map(|&i| slice(i, &self.backends)).collect(), 16)?;
+        }
+        progress(&format!(
+            "  {} Services and slices created through the API server in {:.1} s",
+            n - from,
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    fn metrics(&self) -> Result<String> {
+        http_get(&self.a.ns, "127.0.0.1:10249".parse()?, "/metrics")
+    }
+
+    fn syncs(&self) -> Result<Syncs> {
+        let m = self.metrics()?;
+        Ok(Syncs {
+            count: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            sum: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_sum"),
+        })
+    }
+
+    fn start_proxy(&mut self, proxy: Proxy) -> Result<()> {
+        match proxy {
+            Proxy::Lb => {
+                let kc = self.cp.kubeconfig.to_str().context("utf-8 path")?.to_string();
+                // tc only, as in the other sections (no XDP program anywhere, so GSO is alike).
+                self.lab.spawn_agent(&self.a, &["--kubeconfig", &kc], &["--no-xdp", "--no-socket-lb"])
+            }
+            Proxy::Nftables | Proxy::Iptables => {
+                let mode = if proxy == Proxy::Nftables { "nftables" } else { "iptables" };
+                let log = std::fs::File::create(&self.kube_proxy_log)?;
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &self.a.ns])
+                    .arg(k8s_bin("kube-proxy")?)
+                    .arg("--kubeconfig")
+                    .arg(&self.cp.kubeconfig)
+                    .args(["--proxy-mode", mode, "--hostname-override", "bench-a", "--cluster-cidr", CLUSTER_CIDR])
+                    .args(["--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "127.0.0.1:10256"])
+                    // Leave the host's conntrack table size and this namespace's timeouts alone.
+                    .args(["--conntrack-max-per-core", "0"])
+                    .args(["--conntrack-tcp-timeout-established", "0s", "--conntrack-tcp-timeout-close-wait", "0s"])
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .context("starting kube-proxy")?;
+                self.kube_proxy = Some(child);
+                Ok(())
+            }
+        }
+    }
+
+    fn stop_kube_proxy(&mut self) {
+        if let Some(mut c) = self.kube_proxy.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            // Its rules stay behind a killed kube-proxy; --cleanup removes both modes' rules.
+            if let Ok(bin) = k8s_bin("kube-proxy") {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &self.a.ns])
+                    .arg(bin)
+                    .arg("--cleanup")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+
+    fn stop_proxy(&mut self, proxy: Proxy) -> Result<()> {
+        self.stop_proxy_only(proxy)?;
+        // The benchmark's clients reuse source ports within seconds (they close with RST). A
+        // netfilter entry left from the last proxy's flows (lb's translated flows are tracked
+        // too, once any netfilter NAT is loaded in the namespace) would clash with the next
+        // proxy's DNAT of the same client port, and that SYN is dropped: start from an empty
+        // table, as a node that switched proxies and waited would have.
+        self.lab.exec(&self.a.ns, &["conntrack", "-F"]).context("conntrack -F (is conntrack installed?)")?;
+        Ok(())
+    }
+
+    fn stop_proxy_only(&mut self, proxy: Proxy) -> Result<()> {
+        match proxy {
+            Proxy::Lb => {
+                self.lab.kill_agent(&self.a);
+                lb_tests::sh(&[
+                    lb_tests::lb_bin()?.to_str().context("utf-8 path")?,
+                    "cleanup",
+                    "--pin-dir",
+                    self.a.pin_dir.to_str().context("utf-8 path")?,
+                ])?;
+            }
+            _ => self.stop_kube_proxy(),
+        }
+        Ok(())
+    }
+
+    fn proxy_log(&self, proxy: Proxy) -> String {
+        match proxy {
+            Proxy::Lb => self.lab.agent_log(&self.a),
+            _ => std::fs::read_to_string(&self.kube_proxy_log).unwrap_or_default(),
+        }
+    }
+
+    /// Waits until every one of `vips` (port 80) accepts connections.
+    fn wait_all(&self, proxy: Proxy, vips: &[Ipv4Addr], since: Instant, limit: Duration) -> Result<Duration> {
+        for vip in vips {
+            if let Err(e) = wait_serving(&self.client.ns, SocketAddr::from((*vip, 80)), since, limit) {
+                let log = self.proxy_log(proxy);
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                bail!(
+                    "{}: {e:#}; its log ends:\n{}",
+                    proxy.name(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        Ok(since.elapsed())
+    }
+}
+
+struct TrafficRow {
+    size: usize,
+    path: String,
+    conns: f64,
+    gbps: f64,
+}
+
+struct ControlRow {
+    size: usize,
+    proxy: Proxy,
+    /// None: not serving within the limit.
+    start: Option<Duration>,
+    first_sync: f64,
+    change: Duration,
+    change_sync: f64,
+    change_syncs: f64,
+}
+
+/// How long a proxy may take to serve every Service at first.
+const START_LIMIT: Duration = Duration::from_secs(600);
+
+/// Sections 3 and 4 of the report, on the real control plane.
+pub fn run(quick: bool) -> Result<String> {
+    let traffic_sizes: &[usize] = if quick { &[1] } else { &[1, 1_000, 10_000] };
+    let secs = if quick { 0.5 } else { 3.0 };
+    let proxies = [Proxy::Lb, Proxy::Nftables, Proxy::Iptables];
+    let mut b = Bench::start()?;
+    let mut traffic = Vec::new();
+    let mut control = Vec::new();
+    let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    for &n in traffic_sizes {
+        b.grow(n)?;
+        let with_traffic = true;
+        let positions: Vec<(&str, usize)> =
+            if n == 1 { vec![("only", 0)] } else { vec![("first", 0), ("middle", n / 2), ("last", n - 1)] };
+        let direct: Vec<SocketAddr> = b.backends.iter().map(|p| at(p.ip, 80)).collect();
+        let mut measure = |b: &Bench, path: String, http: &[SocketAddr], sink: SocketAddr| -> Result<()> {
+            progress(&format!("  {n} services: {path}"));
+            let conns = conn_rate(&b.client.ns, http, secs, 2)?;
+            let gbps = bulk(&b.client.ns, sink, secs)?;
+            traffic.push(TrafficRow { size: n, path, conns, gbps });
+            Ok(())
+        };
+        if with_traffic {
+            measure(&b, "direct to the backends (the limit)".into(), &direct, at(b.backends[0].ip, 9000))?;
+        }
+        for proxy in proxies {
+            progress(&format!("  {n} services: {} starting", proxy.name()));
+            let t = Instant::now();
+            b.start_proxy(proxy)?;
+            let watched: Vec<Ipv4Addr> = positions.iter().map(|(_, i)| b.vips[*i]).collect();
+            let start = match b.wait_all(proxy, &watched, t, START_LIMIT) {
+                Ok(d) => d,
+                Err(e) => {
+                    // A result, not a failure of the benchmark: reported as such, and the
+                    // proxy's other rows at this size are left out.
+                    progress(&format!("  {e:#}"));
+                    control.push(ControlRow {
+                        size: n,
+                        proxy,
+                        start: None,
+                        first_sync: f64::NAN,
+                        change: Duration::ZERO,
+                        change_sync: f64::NAN,
+                        change_syncs: f64::NAN,
+                    });
+                    b.stop_proxy(proxy)?;
+                    continue;
+                }
+            };
+            let first = b.syncs()?;
+            if with_traffic {
+                for (pos, i) in &positions {
+                    let vip = b.vips[*i];
+                    // Positions are by creation order (see the section's header).
+                    let label = format!("{}, Service {pos}", proxy.name());
+                    measure(&b, label, &[at(vip, 80)], at(vip, 9000))?;
+                }
+            }
+            // One change: a new Service and its slice, until it serves.
+            let extra = b.vips.len();
+            let t = Instant::now();
+            let svc = b.cp.create_many(vec![service(extra)], 1)?;
+            b.cp.create_many(vec![slice(extra, &b.backends)], 1)?;
+            let vip: Ipv4Addr = svc[0]["spec"]["clusterIP"].as_str().context("a ClusterIP")?.parse()?;
+            let change = b.wait_all(proxy, &[vip], t, Duration::from_secs(300))?;
+            // Both proxies may sync once for the Service and once for its slice; the sync that
+            // made it serve is done, later ones are in flight: let them finish and count them.
+            std::thread::sleep(Duration::from_secs(2));
+            let after = b.syncs()?;
+            control.push(ControlRow {
+                size: n,
+                proxy,
+                start: Some(start),
+                first_sync: first.sum / first.count,
+                change,
+                change_sync: (after.sum - first.sum) / (after.count - first.count),
+                change_syncs: after.count - first.count,
+            });
+            b.stop_proxy(proxy)?;
+            b.cp.kubectl(&["delete", "service", &format!("svc-{extra}")])?;
+            b.cp.kubectl(&["delete", "endpointslice", &format!("svc-{extra}-1")])?;
+        }
+        if with_traffic {
+            // The limit again: a baseline at both ends of the round is less at the mercy of one
+            // moment on a shared 2-core machine.
+            measure(&b, "direct to the backends (the limit)".into(), &direct, at(b.backends[0].ip, 9000))?;
+        }
+    }
+
+    let mut md = format!(
+        "## 3. Real TCP through a Service: lb beside the real kube-proxy\n\n\
+         A real control plane (kube-apiserver, controller manager, scheduler and kube-proxy {}, built from source), a client pod on node bench-a, three backend pods on node bench-b (the netns kubelet's), joined by an underlay veth. Each Service has an HTTP port (one request per connection, {secs} s, 2 client threads) and a sink port (one bulk stream, {secs} s). On bench-a one proxy at a time: lb (API mode, tc only: no XDP anywhere, so GSO is alike), kube-proxy in nftables mode, kube-proxy in iptables mode (each stopped and its rules or maps removed before the next). kube-proxy orders its iptables KUBE-SERVICES chain by Go map iteration, so a Service's place in it is random: \"first/middle/last\" (by creation) are three Services, not three places in its chain (lb and nftables look Services up in maps).\n\n\
+         | services | path | connections/s | vs direct | bulk Gbit/s | vs direct |\n|---:|---|---:|---:|---:|---:|\n",
+        kube_version(),
+    );
+    let mut shown: Vec<TrafficRow> = Vec::new();
+    for r in traffic {
+        match shown.iter_mut().find(|d| d.size == r.size && d.path.starts_with(&r.path)) {
+            Some(d) => {
+                d.conns = (d.conns + r.conns) / 2.0;
+                d.gbps = (d.gbps + r.gbps) / 2.0;
+                d.path = format!("{}, mean of runs before and after the others", r.path);
+            }
+            None => shown.push(r),
+        }
+    }
+    for r in &shown {
+        let direct = shown.iter().find(|d| d.size == r.size && d.path.starts_with("direct")).expect("measured first");
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2}x | {:.2} | {:.2}x |",
+            r.size,
+            r.path,
+            r.conns,
+            r.conns / direct.conns,
+            r.gbps,
+            r.gbps / direct.gbps
+        )?;
+    }
+    md.push_str(
+        "\n## 4. Control plane through the real API server\n\n\
+         `start`: the proxy started to the first, middle and last Service serving. `change`: one new Service and its EndpointSlice created to it serving. `sync`: `kubeproxy_sync_proxy_rules_duration_seconds` (both export it): the first sync, and the mean of the syncs the change caused (how many in brackets). kube-proxy runs with its defaults (at most one sync per second, `--*-min-sync-period`). 100,000 Services are not created through this API server: kube-apiserver v1.37.2 allocates a ClusterIP in time proportional to the ClusterIPs already allocated (its allocator counts every IPAddress object, twice, for a metric after each allocation: 71% of its CPU in a profile at 5,000 Services), so creating 100,000 would take hours on 2 cores; section 4b has them through the test API server.\n\n\
+         | services | proxy | start to serving | first sync | one new Service to serving | sync for the change |\n|---:|---|---:|---:|---:|---:|\n",
+    );
+    for r in &control {
+        match r.start {
+            Some(start) => writeln!(
+                md,
+                "| {} | {} | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms ({:.0}) |",
+                r.size,
+                r.proxy.name(),
+                start.as_secs_f64(),
+                r.first_sync * 1e3,
+                r.change.as_secs_f64(),
+                r.change_sync * 1e3,
+                r.change_syncs
+            )?,
+            None => writeln!(
+                md,
+                "| {} | {} | not serving after {} s | | | |",
+                r.size,
+                r.proxy.name(),
+                START_LIMIT.as_secs()
+            )?,
+        }
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+fn kube_version() -> String {
+    k8s_bin("kube-proxy")
+        .ok()
+        .and_then(|b| Command::new(b).arg("--version").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("Kubernetes ").to_string())
+        .unwrap_or_default()
+}
