@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod fuzz;
+
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_tests::{
@@ -127,6 +129,10 @@ fn main() -> Result<()> {
     if opts.runs("verifier") {
         progress("5/5 verifier");
         md.push_str(&verifier()?);
+    }
+    if opts.runs("fuzz") {
+        progress("fuzz: random, truncated and mutated frames through both programs, judged by the model");
+        md.push_str(&fuzz::run(opts.quick)?);
     }
 
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;

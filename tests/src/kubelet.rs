@@ -440,6 +440,7 @@ async fn start_pod(s: &Arc<Shared>, key: &str, pod: &KubePod) -> Result<()> {
         ns: format!("{}-k{seq}", s.node.ns),
         name: name.clone(),
         ip,
+        ip6: None,
         node: s.node.name.clone(),
         host_if: format!("kv{seq}"),
     };

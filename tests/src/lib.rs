@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod apiserver;
 pub mod control_plane;
+pub mod fuzz;
 pub mod kubelet;
 pub mod packet;
 pub mod packet6;

@@ -92,19 +92,28 @@ pub struct Parsed {
 
 /// Parses a frame and checks both checksums from scratch; panics with a reason if invalid.
 pub fn parse_checked(f: &[u8]) -> Parsed {
-    assert!(f.len() >= 34, "frame too short: {}", f.len());
-    assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
-    assert_eq!(f[14] >> 4, 4, "IP version");
+    try_parse_checked(f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `parse_checked` that says what is wrong instead of panicking (for the fuzzer, which reports
+/// the frame and its seed).
+pub fn try_parse_checked(f: &[u8]) -> Result<Parsed, String> {
+    let check = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
+    check(f.len() >= 34, format!("frame too short: {}", f.len()))?;
+    check(f[12..14] == [0x08, 0x00], "not IPv4".into())?;
+    check(f[14] >> 4 == 4, "IP version".into())?;
     let ihl = (f[14] & 0x0f) as usize * 4;
-    assert!(ihl >= 20, "IHL {ihl}");
+    check(ihl >= 20 && f.len() >= 14 + ihl, format!("IHL {ihl}"))?;
     let ip = &f[14..14 + ihl];
-    assert_eq!(fold(sum16(ip)), 0, "IPv4 header checksum invalid");
+    check(fold(sum16(ip)) == 0, "IPv4 header checksum invalid".into())?;
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    check(tot >= ihl && 14 + tot <= f.len(), format!("IP total length {tot} for a frame of {}", f.len()))?;
     let l4 = &f[14 + ihl..14 + tot];
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let proto = ip[9];
     let csum_off = if proto == 6 { 16 } else { 6 };
+    check(l4.len() >= csum_off + 2, format!("L4 header cut at {} bytes", l4.len()))?;
     let l4_csum = u16::from_be_bytes([l4[csum_off], l4[csum_off + 1]]);
     if !(proto == 17 && l4_csum == 0) {
         let mut pseudo = Vec::new();
@@ -112,14 +121,14 @@ pub fn parse_checked(f: &[u8]) -> Parsed {
         pseudo.extend_from_slice(&dst.octets());
         pseudo.extend_from_slice(&[0, proto]);
         pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        assert_eq!(fold(sum16(&pseudo) + sum16(l4)), 0, "L4 checksum invalid");
+        check(fold(sum16(&pseudo) + sum16(l4)) == 0, "L4 checksum invalid".into())?;
     }
-    Parsed {
+    Ok(Parsed {
         src: (src, u16::from_be_bytes([l4[0], l4[1]])),
         dst: (dst, u16::from_be_bytes([l4[2], l4[3]])),
         proto,
         l4_csum,
-    }
+    })
 }
 
 /// Splits an unfragmented IPv4 frame into fragments of at most `payload` IP payload bytes
@@ -207,18 +216,28 @@ pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4
 /// quoted IP header's checksum (either header may carry options). Returns (outer source, outer
 /// destination, the quote).
 pub fn parse_icmp_checked(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
-    assert_eq!(&f[12..14], &[0x08, 0x00], "not IPv4");
+    try_parse_icmp_checked(f).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `parse_icmp_checked` that says what is wrong instead of panicking.
+pub fn try_parse_icmp_checked(f: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, Vec<u8>), String> {
+    let check = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
+    check(f.len() >= 34 && f[12..14] == [0x08, 0x00], "not IPv4".into())?;
     let ihl = (f[14] & 0x0f) as usize * 4;
+    check(ihl >= 20 && f.len() >= 14 + ihl, format!("IHL {ihl}"))?;
     let ip = &f[14..14 + ihl];
-    assert_eq!(fold(sum16(ip)), 0, "outer IPv4 header checksum invalid");
-    assert_eq!(ip[9], 1, "not ICMP");
+    check(fold(sum16(ip)) == 0, "outer IPv4 header checksum invalid".into())?;
+    check(ip[9] == 1, "not ICMP".into())?;
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    check(tot >= ihl + 8 && 14 + tot <= f.len(), format!("IP total length {tot} for a frame of {}", f.len()))?;
     let icmp = &f[14 + ihl..14 + tot];
-    assert_eq!(fold(sum16(icmp)), 0, "ICMP checksum invalid");
+    check(fold(sum16(icmp)) == 0, "ICMP checksum invalid".into())?;
     let quote = icmp[8..].to_vec();
+    check(!quote.is_empty(), "nothing quoted".into())?;
     let quoted_ihl = (quote[0] & 0x0f) as usize * 4;
-    assert_eq!(fold(sum16(&quote[..quoted_ihl])), 0, "quoted IPv4 header checksum invalid");
-    (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), quote)
+    check(quoted_ihl >= 20 && quote.len() >= quoted_ihl, format!("quoted IHL {quoted_ihl}"))?;
+    check(fold(sum16(&quote[..quoted_ihl])) == 0, "quoted IPv4 header checksum invalid".into())?;
+    Ok((Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]), quote))
 }
 
 /// `f` with `n` 4-byte words of IP options (NOPs ending in End of Options) after its header,

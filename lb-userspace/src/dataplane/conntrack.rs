@@ -131,29 +131,86 @@ where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    let all: Vec<(CtKey<A>, CtValue<A>)> = tables.assured.iter().filter_map(std::result::Result::ok).collect();
+    let (idle, entries) = idle_flows(&tables.assured, now, timeouts);
+    let removed = remove_idle(tables, &idle, now, timeouts);
+    (removed, entries.saturating_sub(2 * removed))
+}
+
+/// An entry of the assured table the walk found idle, with its flow's other entry (`None`
+/// for a reply entry whose forward entry is gone).
+pub type Idle<A> = (CtKey<A>, Option<CtKey<A>>);
+
+/// The walk of `collect`: the flows whose entries were both expired at `now` when it read
+/// them (forward keys with their peers), and reply entries expired without their forward
+/// entry (a crash between two writes). Also returns how many entries it read.
+pub fn idle_flows<A: CtAddr>(assured: &CtTable<A>, now: u32, timeouts: &[u32; CT_STATES]) -> (Vec<Idle<A>>, usize)
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
+    let all: Vec<(CtKey<A>, CtValue<A>)> = assured.iter().filter_map(std::result::Result::ok).collect();
     let by_key: std::collections::HashMap<CtKey<A>, CtValue<A>> = all.iter().copied().collect();
-    let mut removed = 0;
+    let mut idle = Vec::new();
     for (k, v) in &all {
-        if k.dir != lb_common::CT_DIR_FORWARD || !expired(v, now, timeouts) {
+        if !expired(v, now, timeouts) {
             continue;
         }
         let (pk, _) = ct_peer(k, v);
-        if by_key.get(&pk).is_some_and(|p| !expired(p, now, timeouts)) {
+        if k.dir == lb_common::CT_DIR_FORWARD {
+            if by_key.get(&pk).is_none_or(|p| expired(p, now, timeouts)) {
+                idle.push((*k, Some(pk)));
+            }
+        } else if !by_key.contains_key(&pk) {
+            idle.push((*k, None));
+        }
+    }
+    (idle, all.len())
+}
+
+/// Removes what the walk found idle, each entry only if it still is. The walk of a large
+/// table takes a while, and the datapath does not stop meanwhile: a packet that finds an
+/// expired entry forgets it and starts its flow anew under the same keys, and a flow that
+/// completes its handshake is written back into the assured table, fresh. So every entry is
+/// read again just before it is deleted: gone or still expired at `now`, it goes; re-created
+/// (seen at or after `now`), the flow stays. A peer key that now holds another flow's entry
+/// (its SNAT port taken by a new flow) is that flow's, and stays. Returns the flows removed.
+pub fn remove_idle<A: CtAddr>(tables: &mut CtPair<A>, idle: &[Idle<A>], now: u32, timeouts: &[u32; CT_STATES]) -> usize
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
+    let mut removed = 0;
+    for (k, pk) in idle {
+        // None: a read that failed for another reason than absence; nothing is deleted then.
+        let read = |t: &CtTable<A>, key: &CtKey<A>| match t.get(key, 0) {
+            Ok(v) => Some(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Some(None),
+            Err(_) => None,
+        };
+        let Some(Some(v)) = read(&tables.assured, k) else { continue };
+        if !expired(&v, now, timeouts) {
             continue;
         }
-        let _ = tables.assured.remove(&pk);
+        let Some(pk) = pk else {
+            let _ = tables.assured.remove(k);
+            continue;
+        };
+        match read(&tables.assured, pk) {
+            None => continue,
+            Some(Some(pv)) if ct_peer(pk, &pv).0 == *k => {
+                if !expired(&pv, now, timeouts) {
+                    continue;
+                }
+                let _ = tables.assured.remove(pk);
+            }
+            // Gone, or another flow's entry now.
+            Some(_) => {}
+        }
         if tables.assured.remove(k).is_ok() {
             removed += 1;
         }
     }
-    // Reply entries whose forward entry is gone (a crash between two writes) go too.
-    for (k, v) in &all {
-        if k.dir == lb_common::CT_DIR_REPLY && expired(v, now, timeouts) && !by_key.contains_key(&ct_peer(k, v).0) {
-            let _ = tables.assured.remove(k);
-        }
-    }
-    (removed, all.len().saturating_sub(2 * removed))
+    removed
 }
 
 /// Collection runs at least this often, and as often as `GC_MIN` while it finds much to do or

@@ -269,6 +269,12 @@ impl Dataplane {
         self.ct_collected.clone()
     }
 
+    /// Stops the collector thread (within 100 ms), for tests that judge every map change by
+    /// the packets they send.
+    pub fn stop_ct_collector(&self) {
+        self.ct_gc_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The conntrack clock (jiffies) and the lifetime of each state in jiffies.
     pub fn ct_clock(&self) -> (Arc<clock::Clock>, [u32; lb_common::CT_STATES]) {
         (self.clock.clone(), self.ct_timeouts)
