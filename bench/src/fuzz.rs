@@ -62,7 +62,7 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
     let frontends = state
         .services
         .iter()
-        .filter(|(f, _)| !f.is_from_cluster() && f.ip.is_ipv4())
+        .filter(|(f, _)| !f.is_from_cluster())
         .map(|(f, sp)| {
             let companion = f.from_cluster().and_then(|c| state.services.get(&c));
             Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
@@ -82,17 +82,9 @@ fn load(ns: &NodeNs) -> Result<(Loaded, World)> {
     let node_addrs: Vec<Ipv4Addr> = world.node_addrs.clone();
     loaded.dp.set_node_addresses(&node_addrs)?;
     let (addr, len) = world::CLUSTER_CIDR;
-    loaded.dp.set_local_sources(&[Cidr { addr: addr.into(), len }])?;
+    loaded.dp.set_local_sources(&[Cidr { addr: std::net::IpAddr::V4(addr), len }])?;
     loaded.maps.xdp_targets.insert(ns.ifindex("ext0").map_err(|e| anyhow!(e))?, 1, 0)?;
     Ok((loaded, world))
-}
-
-/// The fuzz world is IPv4 (its YAML has no IPv6 address).
-fn v4(ip: std::net::IpAddr) -> Ipv4Addr {
-    match ip {
-        std::net::IpAddr::V4(a) => a,
-        std::net::IpAddr::V6(a) => panic!("the fuzz world has no IPv6 address, got {a}"),
-    }
 }
 
 /// The model's view of one frontend the translation produced.
@@ -176,4 +168,12 @@ pub fn run(quick: bool) -> Result<String> {
         report.summary()
     )?;
     Ok(md)
+}
+
+/// The fuzz world is IPv4 only (the IPv6 datapath is not loaded by default).
+fn v4(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("the fuzz world has no IPv6 address, got {a}"),
+    }
 }

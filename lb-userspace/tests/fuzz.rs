@@ -79,7 +79,7 @@ fn desired() -> DesiredState {
     t.state
 }
 
-/// The fuzz world is IPv4 (its YAML has no IPv6 address).
+/// The fuzz world is IPv4 only (the IPv6 datapath is not loaded by default).
 fn v4(ip: std::net::IpAddr) -> Ipv4Addr {
     match ip {
         std::net::IpAddr::V4(a) => a,
@@ -108,7 +108,7 @@ fn world_of(state: &DesiredState) -> World {
     let frontends = state
         .services
         .iter()
-        .filter(|(f, _)| !f.is_from_cluster() && f.ip.is_ipv4())
+        .filter(|(f, _)| !f.is_from_cluster())
         .map(|(f, sp)| {
             let companion = f.from_cluster().and_then(|c| state.services.get(&c));
             Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
@@ -136,7 +136,7 @@ fn load(ns: &NodeNs) -> (Loaded, World) {
     let node_addrs: Vec<Ipv4Addr> = World::new(Vec::new()).node_addrs;
     dp.set_node_addresses(&node_addrs).expect("node addresses");
     let (addr, len) = world::CLUSTER_CIDR;
-    dp.set_local_sources(&[Cidr { addr: addr.into(), len }]).expect("LB_LOCAL_SOURCES");
+    dp.set_local_sources(&[Cidr { addr: std::net::IpAddr::V4(addr), len }]).expect("LB_LOCAL_SOURCES");
     let mut maps = Maps::open_pinned(&pin).expect("opening pinned maps");
     // ext0 takes native XDP frames, as the agent lists a driver with ndo_xdp_xmit.
     maps.xdp_targets.insert(ns.ifindex("ext0").expect("ext0"), 1, 0).expect("LB_XDP_TARGETS");
@@ -364,7 +364,7 @@ fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
     // This test walks and collects itself, step by step.
     dp.dp.stop_ct_collector();
     let (clock, timeouts) = dp.dp.ct_clock();
-    let mut tables = CtTables::open_pinned(&dp.pin).expect("conntrack tables").v4;
+    let mut tables = CtTables::open_pinned(&dp.pin).expect("conntrack tables");
     let (client, vip) = ((Ipv4Addr::new(10, 244, 1, 5), 40000), (Ipv4Addr::new(10, 96, 0, 10), 80));
     type Addr = (Ipv4Addr, u16);
     type Run<'a> = dyn FnMut(&[u8]) -> (u32, Vec<u8>) + 'a;
@@ -395,21 +395,21 @@ fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let backend = connect(&mut run, client, vip, 1);
-    assert_eq!(tables.assured.keys().count(), 2, "the established flow is assured");
-    let (removed, _) = collect(&mut tables, walk_started, &timeouts);
+    assert_eq!(tables.v4.assured.keys().count(), 2, "the established flow is assured");
+    let (removed, _) = collect(&mut tables.v4, walk_started, &timeouts);
     assert_eq!(removed, 0, "a flow active after the collector read its clock is not idle");
     assert!(reply_translated(&mut run, backend, client, vip), "the reply is still translated");
 
     // (2) The flow goes idle past its lifetime (both entries aged in the pinned table)...
-    let keys: Vec<_> = tables.assured.keys().filter_map(Result::ok).collect();
+    let keys: Vec<_> = tables.v4.assured.keys().filter_map(Result::ok).collect();
     for k in &keys {
-        let mut v = tables.assured.get(k, 0).expect("entry");
+        let mut v = tables.v4.assured.get(k, 0).expect("entry");
         v.last_seen = v.last_seen.wrapping_sub(timeouts[v.state as usize] + clock.to_jiffies(60));
-        tables.assured.insert(k, v, 0).expect("aging the entry");
+        tables.v4.assured.insert(k, v, 0).expect("aging the entry");
     }
     // ...the collector's walk finds it so...
     let now = clock.jiffies().expect("jiffies");
-    let (idle, _) = idle_flows(&tables.assured, now, &timeouts);
+    let (idle, _) = idle_flows(&tables.v4.assured, now, &timeouts);
     assert_eq!(idle.len(), 1, "the walk finds the idle flow: {idle:?}");
     // ...and before it deletes it, the client connects again from the same port: the datapath
     // forgets the expired entries and tracks the new connection, assured once answered.
@@ -417,29 +417,28 @@ fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let backend = connect(&mut run, client, vip, 10);
-    assert_eq!(tables.assured.keys().count(), 2, "the new connection is assured");
-    let removed = remove_idle(&mut tables, &idle, now, &timeouts);
+    assert_eq!(tables.v4.assured.keys().count(), 2, "the new connection is assured");
+    let removed = remove_idle(&mut tables.v4, &idle, now, &timeouts);
     assert_eq!(removed, 0, "a flow started anew after the walk read it is not idle");
-    assert_eq!(tables.assured.keys().count(), 2, "both of its entries stay");
+    assert_eq!(tables.v4.assured.keys().count(), 2, "both of its entries stay");
     assert!(reply_translated(&mut run, backend, client, vip), "the new connection's reply is translated");
 
     // And an idle flow still goes: the collector is not a no-op.
     let later = clock.jiffies().expect("jiffies").wrapping_add(timeouts.iter().max().copied().unwrap_or(0) + 1);
-    let (removed, left) = collect(&mut tables, later, &timeouts);
+    let (removed, left) = collect(&mut tables.v4, later, &timeouts);
     assert_eq!((removed, left), (1, 0), "an idle flow is collected, both entries");
 }
 
 /// Found by this fuzzer (seed 4: a node port's reply translated but not routed). A finished
-/// SNATed flow whose reply entry a SYN-ACK removed (the port-reuse rule) left its SNAT port
-/// free, and a new flow to the same backend could take it while the old flow's forward entry
-/// lived on (CLOSE) and still owned that reply key: its next packet was translated onto the
-/// new flow's 4-tuple at the backend, and `mirror` wrote its state and flags over the new
-/// flow's reply entry (dropping `CT_FLAG_ROUTE`), so the new flow's replies from a node port
-/// were no longer routed (the stack drops them as martians); a SYN-ACK then found that entry
-/// CLOSE and removed it, so the live flow's port could go to a third flow. Fixed in
-/// `lb-ebpf/src/conntrack.rs` as netfilter does it (the old conntrack dies when its tuple is
-/// reused): the port-reuse rule and a SNAT port search that takes a finished flow's port forget
-/// that flow, both entries.
+/// SNATed flow whose reply entry a SYN-ACK removed (the port-reuse rule) leaves its SNAT port
+/// free, and a new flow to the same backend may take it; the old flow's forward entry lives
+/// on (CLOSE) and still owns that reply key: its next packet is translated onto the new
+/// flow's 4-tuple at the backend, and `mirror` writes its state and flags over the new flow's
+/// reply entry (dropping `CT_FLAG_ROUTE`), so the new flow's replies from a node port are no
+/// longer routed (the stack drops them as martians); a SYN-ACK then finds that entry CLOSE
+/// and removes it, so the live flow's port can go to a third flow. netfilter deletes the old
+/// conntrack, both tuples, when its tuple is reused; so now do `reply`'s port-reuse rule and
+/// `free_snat_port` when it takes a finished flow's port (lb-ebpf/src/conntrack.rs).
 #[test]
 fn a_snat_port_taken_over_from_a_finished_flow_stays_the_new_flows() {
     use lb_tests::fuzz::gen::packet;

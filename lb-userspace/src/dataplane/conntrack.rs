@@ -138,7 +138,7 @@ where
 
 /// An entry of the assured table the walk found idle, with its flow's other entry (`None`
 /// for a reply entry whose forward entry is gone).
-pub type Idle<A = u32> = (CtKey<A>, Option<CtKey<A>>);
+pub type Idle<A> = (CtKey<A>, Option<CtKey<A>>);
 
 /// The walk of `collect`: the flows whose entries were both expired at `now` when it read
 /// them (forward keys with their peers), and reply entries expired without their forward
@@ -176,23 +176,17 @@ where
 /// (its SNAT port taken by a new flow) is that flow's, and stays. Returns the flows removed.
 pub fn remove_idle<A: CtAddr>(tables: &mut CtPair<A>, idle: &[Idle<A>], now: u32, timeouts: &[u32; CT_STATES]) -> usize
 where
-    CtKey<A>: aya::Pod + Eq,
+    CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    // None: a read that failed for another reason than absence; nothing is deleted then.
-    fn read<A>(t: &CtTable<A>, key: &CtKey<A>) -> Option<Option<CtValue<A>>>
-    where
-        CtKey<A>: aya::Pod,
-        CtValue<A>: aya::Pod,
-    {
-        match t.get(key, 0) {
+    let mut removed = 0;
+    for (k, pk) in idle {
+        // None: a read that failed for another reason than absence; nothing is deleted then.
+        let read = |t: &CtTable<A>, key: &CtKey<A>| match t.get(key, 0) {
             Ok(v) => Some(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Some(None),
             Err(_) => None,
-        }
-    }
-    let mut removed = 0;
-    for (k, pk) in idle {
+        };
         let Some(Some(v)) = read(&tables.assured, k) else { continue };
         if !expired(&v, now, timeouts) {
             continue;
