@@ -1008,15 +1008,39 @@ fn verifier() -> Result<String> {
             .override_global("NODE_IP", &node_ip, true)
             .load(lb_userspace::EBPF_OBJECT)?;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        // The IPv6 tc stages do not pass the verifier yet (README, Known limits): reported as
+        // refused, not a failed run; any other program must load.
+        let ipv6_stages = [
+            lb_common::PROG_TC_INGRESS6,
+            lb_common::PROG_TC_EGRESS6,
+            lb_common::PROG_TC_NEW6,
+            lb_common::PROG_TC_ICMP6,
+            lb_common::PROG_TC_FWD6,
+            lb_common::PROG_TC_REPLY6,
+        ];
         let mut rows = Vec::new();
+        let mut refused = Vec::new();
         for name in names {
             let prog = ebpf.program_mut(&name).context("program listed above")?;
             let t = Instant::now();
-            match prog {
-                aya::programs::Program::SchedClassifier(p) => p.load()?,
-                aya::programs::Program::Xdp(p) => p.load()?,
-                aya::programs::Program::CgroupSockAddr(p) => p.load()?,
+            let loaded = match prog {
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 _ => bail!("{name}: unexpected program type"),
+            };
+            if let Err(e) = loaded {
+                if !ipv6_stages.contains(&name.as_str()) {
+                    return Err(e.into());
+                }
+                let why = match &e {
+                    aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+                        verifier_log.to_string().lines().next().unwrap_or_default().to_string()
+                    }
+                    other => other.to_string(),
+                };
+                refused.push(format!("{name}: {why}"));
+                continue;
             }
             let took = t.elapsed();
             let info = prog.info().with_context(|| format!("info of {name}"))?;
@@ -1032,6 +1056,12 @@ fn verifier() -> Result<String> {
         let mut md = String::from("## 5. Verifier\n\nEach program loaded on its own from a fresh copy of the object.\n\n| program | instructions verified | load and verification time | translated bytes | JIT bytes |\n|---|---:|---:|---:|---:|\n");
         for (name, insns, xlated, jited, took) in rows {
             writeln!(md, "| {name} | {insns} | {:.1} ms | {xlated} | {jited} |", took.as_secs_f64() * 1e3)?;
+        }
+        if !refused.is_empty() {
+            md.push_str("\nRefused by the verifier (the IPv6 stages, not loaded by default):\n\n");
+            for r in refused {
+                writeln!(md, "- {r}")?;
+            }
         }
         md.push('\n');
         Ok(md)
