@@ -83,52 +83,12 @@ fn main() -> Result<()> {
     }
 
     let mut svg = String::new();
-    if opts.runs("packet") {
-        progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
-        let per_packet = per_packet(&opts)?;
-        md.push_str(&per_packet.markdown);
-        svg = per_packet.svg;
-    }
-    if opts.runs("warm") {
-        progress("1b/5 per-packet cost, warm method, minimal DNAT references");
-        md.push_str(&warm::per_packet_warm(opts.quick)?);
-    }
-    if opts.runs("scale") {
-        progress("2/5 cost at scale");
-        md.push_str(&scale(&opts)?);
-    }
-    if real::available() {
-        // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
-        if opts.runs("real") {
-            progress("3-4/5 beside the real kube-proxy, through a real control plane");
-            md.push_str(&real::run(opts.quick)?);
-        }
-        if opts.runs("api") && !opts.quick {
-            // 100,000 Services cannot be created through kube-apiserver in reasonable time here
-            // (see section 4).
-            progress("4b/5 100,000 Services through the test API server");
-            md.push_str(&api_control_plane(&opts, &[100_000])?);
-        }
-    } else {
-        // Without the Kubernetes binaries: kube-proxy-style iptables rules written here, and the
-        // test API server.
-        if opts.runs("e2e") {
-            progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
-            md.push_str(&end_to_end(&opts)?);
-        }
-        if opts.runs("api") {
-            progress("4/5 control plane through the test API server");
-            let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
-            md.push_str(&api_control_plane(&opts, sizes)?);
-        }
-    }
-    if opts.runs("yaml") {
-        progress("4/5 control plane from YAML files");
-        md.push_str(&yaml_control_plane(&opts)?);
-    }
-    if opts.runs("verifier") {
-        progress("5/5 verifier");
-        md.push_str(&verifier()?);
+    if let Err(e) = sections(&opts, &mut md, &mut svg) {
+        // A long run's finished sections are kept, not lost with the one that failed.
+        std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+        let path = opts.out.join("failed.md");
+        std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+        return Err(e.context(format!("a section failed; the sections before it are in {}", path.display())));
     }
     if opts.runs("fuzz") {
         progress("fuzz: random, truncated and mutated frames through both programs, judged by the model");
@@ -150,6 +110,58 @@ fn main() -> Result<()> {
     }
     println!("{md}");
     progress(&format!("written: {} and {}", md_path.display(), svg_path.display()));
+    Ok(())
+}
+
+/// The sections `opts` selects, in order, appended to `md` (and the per-packet chart to `svg`).
+fn sections(opts: &Opts, md: &mut String, svg: &mut String) -> Result<()> {
+    if opts.runs("packet") {
+        progress("1/5 per-packet cost (BPF_PROG_TEST_RUN)");
+        let per_packet = per_packet(opts)?;
+        md.push_str(&per_packet.markdown);
+        *svg = per_packet.svg;
+    }
+    if opts.runs("warm") {
+        progress("1b/5 per-packet cost, warm method, minimal DNAT references");
+        md.push_str(&warm::per_packet_warm(opts.quick)?);
+    }
+    if opts.runs("scale") {
+        progress("2/5 cost at scale");
+        md.push_str(&scale(opts)?);
+    }
+    if real::available() {
+        // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
+        if opts.runs("real") {
+            progress("3-4/5 beside the real kube-proxy, through a real control plane");
+            md.push_str(&real::run(opts.quick)?);
+        }
+        if opts.runs("api") && !opts.quick {
+            // 100,000 Services cannot be created through kube-apiserver in reasonable time here
+            // (see section 4).
+            progress("4b/5 100,000 Services through the test API server");
+            md.push_str(&api_control_plane(opts, &[100_000])?);
+        }
+    } else {
+        // Without the Kubernetes binaries: kube-proxy-style iptables rules written here, and the
+        // test API server.
+        if opts.runs("e2e") {
+            progress("3/5 real TCP through network namespaces (no Kubernetes binaries: run `cargo xtask k8s`)");
+            md.push_str(&end_to_end(opts)?);
+        }
+        if opts.runs("api") {
+            progress("4/5 control plane through the test API server");
+            let sizes: &[usize] = if opts.quick { &[100] } else { &[1_000, 10_000, 100_000] };
+            md.push_str(&api_control_plane(opts, sizes)?);
+        }
+    }
+    if opts.runs("yaml") {
+        progress("4/5 control plane from YAML files");
+        md.push_str(&yaml_control_plane(opts)?);
+    }
+    if opts.runs("verifier") {
+        progress("5/5 verifier");
+        md.push_str(&verifier()?);
+    }
     Ok(())
 }
 
@@ -942,7 +954,21 @@ The agent with `--manifests DIR`: `n` Services of two ports each over three pods
         }
         let t = Instant::now();
         let dir_arg = dir.to_str().context("utf-8 path")?.to_string();
-        lab.spawn_agent(&node, &["--manifests", &dir_arg], &["--no-xdp", "--no-socket-lb", "--metrics-addr", ""])?;
+        // Maps sized for 100,000 Services of two ports over three pods, as in section 4b.
+        lab.spawn_agent(
+            &node,
+            &["--manifests", &dir_arg],
+            &[
+                "--no-xdp",
+                "--no-socket-lb",
+                "--metrics-addr",
+                "",
+                "--map-maglev",
+                "16777216",
+                "--map-backends",
+                "1048576",
+            ],
+        )?;
         while !lab.agent_log(&node).contains("agent ready") {
             if t.elapsed() > Duration::from_secs(600) {
                 bail!("agent not ready after 600 s:\n{}", lab.agent_log(&node));

@@ -88,14 +88,26 @@ fn slice(i: usize, backends: &[Pod]) -> serde_json::Value {
            "endpoints": eps})
 }
 
-/// The value of the first sample line starting with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> f64 {
+/// The value of the sample `name`: unlabelled (lb's), or kube-proxy's IPv4 series (it runs
+/// an IPv4 and an IPv6 proxier, each with its own `ip_family` series; these Services are IPv4).
+fn sample(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
-        .find(|l| l.starts_with(prefix))
+        .find(|l| {
+            l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with("{ip_family=\"IPv4\"}"))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// A figure in ms, or "n/a" where the metric was not there to read.
+fn ms(seconds: f64) -> String {
+    if seconds.is_finite() {
+        format!("{:.1} ms", seconds * 1e3)
+    } else {
+        "n/a".into()
+    }
 }
 
 /// (count, sum) of `kubeproxy_sync_proxy_rules_duration_seconds`, which kube-proxy and lb both
@@ -177,12 +189,23 @@ impl Bench {
         http_get(&self.a.ns, "127.0.0.1:10249".parse()?, "/metrics")
     }
 
-    fn syncs(&self) -> Result<Syncs> {
-        let m = self.metrics()?;
-        Ok(Syncs {
-            count: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
-            sum: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_sum"),
-        })
+    /// The sync figures once more than `after` syncs are counted: a proxy serves a Service once
+    /// its rules are in, and records the sync's duration only when the sync returns, so a read
+    /// right after the Service serves can come too early (kube-proxy has no series at all before
+    /// its first sync). After 30 s the figures are returned as they are.
+    fn syncs(&self, after: f64) -> Result<Syncs> {
+        let t = Instant::now();
+        loop {
+            let m = self.metrics()?;
+            let s = Syncs {
+                count: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+                sum: sample(&m, "kubeproxy_sync_proxy_rules_duration_seconds_sum"),
+            };
+            if s.count > after || t.elapsed() > Duration::from_secs(30) {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn start_proxy(&mut self, proxy: Proxy) -> Result<()> {
@@ -354,7 +377,7 @@ pub fn run(quick: bool) -> Result<String> {
                     continue;
                 }
             };
-            let first = b.syncs()?;
+            let first = b.syncs(0.0)?;
             if with_traffic {
                 for (pos, i) in &positions {
                     let vip = b.vips[*i];
@@ -373,7 +396,7 @@ pub fn run(quick: bool) -> Result<String> {
             // Both proxies may sync once for the Service and once for its slice; the sync that
             // made it serve is done, later ones are in flight: let them finish and count them.
             std::thread::sleep(Duration::from_secs(2));
-            let after = b.syncs()?;
+            let after = b.syncs(first.count)?;
             control.push(ControlRow {
                 size: n,
                 proxy,
@@ -433,13 +456,13 @@ pub fn run(quick: bool) -> Result<String> {
         match r.start {
             Some(start) => writeln!(
                 md,
-                "| {} | {} | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms ({:.0}) |",
+                "| {} | {} | {:.2} s | {} | {:.2} s | {} ({:.0}) |",
                 r.size,
                 r.proxy.name(),
                 start.as_secs_f64(),
-                r.first_sync * 1e3,
+                ms(r.first_sync),
                 r.change.as_secs_f64(),
-                r.change_sync * 1e3,
+                ms(r.change_sync),
                 r.change_syncs
             )?,
             None => writeln!(
