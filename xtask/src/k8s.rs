@@ -1,8 +1,11 @@
 //! `cargo xtask k8s`: the real control plane (kube-apiserver, kube-controller-manager,
 //! kube-scheduler), kube-proxy, kubectl and etcd, built from the Go modules in `xtask/k8s/`
 //! (see its README for the recipe) into `target/k8s/bin`. Idempotent: a binary whose version
-//! already names the pinned release is kept, and the Go caches live beside the binaries, so only
-//! a fresh machine pays the build (about 16 minutes on 2 cores).
+//! already names the pinned release is kept, so only a fresh machine pays the build (about 16
+//! minutes on 2 cores). The Go caches (module sources, build cache, the compiler's scratch
+//! files: about 5 GB at their peak) live under `target/k8s` and are removed once the binaries
+//! are built: CI runs on a disk shared with other machines' work, and a first CI run once ran
+//! out of space in the compiler's default scratch directory `/tmp` half-way through the build.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -52,10 +55,31 @@ fn go_command(dir: &Path) -> Command {
     c.current_dir(dir)
         .env("GOMODCACHE", cache.join("gomod"))
         .env("GOCACHE", cache.join("gocache"))
+        // `go build`'s scratch files (several GB for kube-apiserver) beside the caches, removed
+        // with them, instead of the machine's /tmp.
+        .env("GOTMPDIR", cache.join("tmp"))
         // The toolchain on the machine builds it; never a silent toolchain download.
         .env("GOTOOLCHAIN", "local")
         .env("GOFLAGS", "-mod=readonly -buildvcs=false");
     c
+}
+
+/// Removes the Go caches once the binaries are built: the binaries are what later runs reuse,
+/// and the caches are most of the build's disk. `go clean` because the module cache is
+/// read-only by design (a plain remove fails on it).
+fn remove_caches() -> Result<()> {
+    let cache = target_dir().join("k8s");
+    // Run outside the module: `go clean` in it would load its packages first.
+    run(go_command(&cache).args(["clean", "-cache", "-modcache"]))
+        .context("removing the Go build and module caches")?;
+    for dir in ["gocache", "gomod", "tmp"] {
+        let path = cache.join(dir);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    eprintln!("k8s: removed the Go caches under {}", cache.display());
+    Ok(())
 }
 
 /// Builds what is missing; sets `LB_K8S_BIN_DIR` for the tests and returns the directory.
@@ -93,6 +117,8 @@ pub fn ensure() -> Result<PathBuf> {
             "-s -w -X k8s.io/component-base/version.gitVersion={kube} -X k8s.io/component-base/version.gitMajor={major} \
              -X k8s.io/component-base/version.gitMinor={minor} -X k8s.io/component-base/version.gitTreeState=clean"
         );
+        let scratch = target_dir().join("k8s/tmp");
+        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         for cmd in &todo {
             let started = Instant::now();
             run(go_command(&module)
@@ -119,6 +145,7 @@ pub fn ensure() -> Result<PathBuf> {
                 bail!("{cmd} was built but does not report {kube}");
             }
         }
+        remove_caches()?;
     }
     std::env::set_var("LB_K8S_BIN_DIR", &bin);
     Ok(bin)
