@@ -461,29 +461,39 @@ pub fn ct_assured(state: u8, flags: u8, udp_stream: bool) -> bool {
 /// shared; the `ROUTE` bits swap.
 #[inline(always)]
 pub fn ct_peer<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>) -> (CtKey<A>, CtValue<A>) {
+    let (mut pk, mut pv) = (CtKey::default(), *e);
+    ct_peer_into(k, e, &mut pk, &mut pv);
+    (pk, pv)
+}
+
+/// `ct_peer` written into the caller's `pk` and `pv`, every field, so that the kernel side can
+/// have it built in a per-CPU scratch map instead of its 512-byte stack.
+#[inline(always)]
+pub fn ct_peer_into<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>, pk: &mut CtKey<A>, pv: &mut CtValue<A>) {
     let snat = e.flags & CT_FLAG_SNAT != 0;
     let flags = (e.flags & !(CT_FLAG_ROUTE | CT_FLAG_PEER_ROUTE))
         | if e.flags & CT_FLAG_ROUTE != 0 { CT_FLAG_PEER_ROUTE } else { 0 }
         | if e.flags & CT_FLAG_PEER_ROUTE != 0 { CT_FLAG_ROUTE } else { 0 };
-    let mut v = *e;
-    v.flags = flags;
-    let key = |src: A, dst: A, sport, dport, dir| CtKey::<A> { src, dst, sport, dport, proto: k.proto, dir, _pad: 0 };
+    pv.state = e.state;
+    pv.flags = flags;
+    pv._pad = 0;
+    pv.service_id = e.service_id;
+    pv.last_seen = e.last_seen;
+    pv.created = e.created;
+    pk.proto = k.proto;
+    pk._pad = 0;
     if k.dir == CT_DIR_FORWARD {
         // Replies come from the backend to the SNAT source, or to the client.
         let (dst, dport) = if snat { (e.snat_addr, e.snat_port) } else { (k.src, k.sport) };
-        v.nat_addr = k.dst;
-        v.nat_port = k.dport;
-        v.snat_addr = k.src;
-        v.snat_port = k.sport;
-        (key(e.nat_addr, dst, e.nat_port, dport, CT_DIR_REPLY), v)
+        (pk.src, pk.dst, pk.sport, pk.dport, pk.dir) = (e.nat_addr, dst, e.nat_port, dport, CT_DIR_REPLY);
+        (pv.nat_addr, pv.nat_port, pv.snat_addr, pv.snat_port) = (k.dst, k.dport, k.src, k.sport);
     } else {
         // The client's packets go to the frontend; the backend is the reply's source, the
         // SNAT source its destination.
-        v.nat_addr = k.src;
-        v.nat_port = k.sport;
-        v.snat_addr = if snat { k.dst } else { A::default() };
-        v.snat_port = if snat { k.dport } else { 0 };
-        (key(e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD), v)
+        (pk.src, pk.dst, pk.sport, pk.dport, pk.dir) =
+            (e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD);
+        let (snat_addr, snat_port) = if snat { (k.dst, k.dport) } else { (A::default(), 0) };
+        (pv.nat_addr, pv.nat_port, pv.snat_addr, pv.snat_port) = (k.src, k.sport, snat_addr, snat_port);
     }
 }
 

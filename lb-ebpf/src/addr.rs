@@ -6,7 +6,7 @@
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use lb_common::{fold_v6, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6};
 
-use crate::maps::{LB_CT4, LB_CT4_NEW, LB_CT6, LB_CT6_NEW};
+use crate::maps::{Scratch, LB_CT4, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
 
 /// The node's address (network order) that external flows to remote backends are SNATed to,
 /// so the backend's node sends replies back through us. Set by the agent at load time; zero
@@ -30,8 +30,9 @@ static HAIRPIN_IP6: [u32; 4] = [u32::from_ne_bytes([0xfd, 0x00, 0x6c, 0x62]), 0,
 /// programs instead (main.rs), each inlined whole, since a chain of subprogram frames must fit
 /// the 512-byte stack together.
 pub const OUTLINE_V6: bool = false;
-/// The conntrack table moves (state changes) do run as subprograms for IPv6: their key and
-/// value copies (92 bytes a pair) would not fit beside the rest of a stage.
+/// The conntrack table moves (state changes) do run as subprograms for IPv6, with their key
+/// and value copies (92 bytes a pair) in `maps::LB_SCRATCH6`: they would not fit beside the
+/// rest of a stage.
 pub const OUTLINE_V6_CT: bool = true;
 
 pub type Ct<A> = HashMap<CtKey<A>, CtValue<A>>;
@@ -43,6 +44,8 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     const AF: u8;
     /// Length of the fixed IP header.
     const IP_LEN: usize;
+    /// Length of an address.
+    const ADDR_LEN: usize;
     /// Offsets of the source and destination address in the IP header.
     const SRC_OFF: usize;
     const DST_OFF: usize;
@@ -71,6 +74,10 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     fn ct_new() -> &'static CtNew<Self>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
+    /// This CPU's scratch slot for conntrack temporaries (`maps::LB_SCRATCH6`); IPv6 only,
+    /// IPv4's fit its stack. `None` never happens for IPv6 (a per-CPU array's slot 0 exists),
+    /// but the verifier wants the check.
+    fn scratch() -> Option<&'static mut Scratch<Self>>;
 }
 
 /// Ones' complement addition of 32-bit partial sums (the kernel's `csum_add`).
@@ -84,6 +91,7 @@ impl Addr for u32 {
     const FAMILY: u8 = FAMILY_IPV4;
     const AF: u8 = 2;
     const IP_LEN: usize = 20;
+    const ADDR_LEN: usize = 4;
     const SRC_OFF: usize = 12;
     const DST_OFF: usize = 16;
     const TTL_OFF: usize = 8;
@@ -134,12 +142,17 @@ impl Addr for u32 {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&HAIRPIN_IP) }
     }
+    #[inline(always)]
+    fn scratch() -> Option<&'static mut Scratch<Self>> {
+        None
+    }
 }
 
 impl Addr for [u32; 4] {
     const FAMILY: u8 = FAMILY_IPV6;
     const AF: u8 = 10;
     const IP_LEN: usize = 40;
+    const ADDR_LEN: usize = 16;
     const SRC_OFF: usize = 8;
     const DST_OFF: usize = 24;
     const TTL_OFF: usize = 7;
@@ -195,5 +208,10 @@ impl Addr for [u32; 4] {
     fn hairpin_ip() -> Self {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&HAIRPIN_IP6) }
+    }
+    #[inline(always)]
+    fn scratch() -> Option<&'static mut Scratch<Self>> {
+        // SAFETY: a map value stays valid while the program runs; one use at a time per CPU.
+        LB_SCRATCH6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }
 }

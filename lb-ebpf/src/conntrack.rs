@@ -16,10 +16,10 @@
 //! per refresh interval, so an established flow costs one lookup and no write per packet.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_loop};
 use lb_common::{
-    ct_assured, ct_peer, tcp_step, Counter, CtKey, CtStep, CtValue, CT_CLOSE, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT, CT_LAST_ACK,
-    CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN,
+    ct_assured, ct_peer, ct_peer_into, tcp_step, Counter, CtKey, CtStep, CtValue, CT_CLOSE, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT,
+    CT_LAST_ACK, CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
 };
 
 use crate::{addr::Addr, parse::Flow, stats::count};
@@ -126,6 +126,24 @@ fn find<A: Addr>(k: &CtKey<A>) -> Option<(*mut CtValue<A>, bool)> {
     A::ct_new().get_ptr_mut(k).map(|e| (e, false))
 }
 
+/// Runs `f` on the peer entry of `k`'s entry `e` (`ct_peer`): built on the stack for IPv4,
+/// in this CPU's scratch slot for IPv6, whose 92-byte pair the stack has no room for.
+#[inline(always)]
+fn with_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, f: impl FnOnce(&CtKey<A>, &mut CtValue<A>)) {
+    let mut on_stack;
+    let (pk, pv) = if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        on_stack = ct_peer(k, e);
+        (&on_stack.0, &mut on_stack.1)
+    } else if let Some(s) = A::scratch() {
+        ct_peer_into(k, e, &mut s.peer_key, &mut s.peer_value);
+        (&s.peer_key, &mut s.peer_value)
+    } else {
+        return;
+    };
+    // One call site, or LLVM may keep a large `f` out of line, a subprogram in IPv4's path.
+    f(pk, pv)
+}
+
 /// Writes both entries of a flow into the table its state says (`CT_FLAG_ASSURED`) and out of
 /// the other. When the assured table is full the flow stays in the LRU, where it works but
 /// can be evicted, and `ct_assured_full` counts it.
@@ -138,8 +156,7 @@ fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
     }
 }
 
-/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
-/// 512-byte stack.
+/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
 #[inline(never)]
 fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
     store_of(k, e, was_assured, hook)
@@ -147,32 +164,48 @@ fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook
 
 #[inline(always)]
 fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
-    let (pk, pv) = ct_peer(k, e);
+    // As `with_peer`, spelled out: LLVM left that closure a subprogram of IPv4's pipeline.
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        let (pk, mut pv) = ct_peer(k, e);
+        store_with(k, e, &pk, &mut pv, was_assured, hook);
+    } else if let Some(s) = A::scratch() {
+        ct_peer_into(k, e, &mut s.peer_key, &mut s.peer_value);
+        store_with(k, e, &s.peer_key, &mut s.peer_value, was_assured, hook);
+    }
+}
+
+/// `store_of` given the peer entry.
+#[inline(always)]
+fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtValue<A>, was_assured: bool, hook: u32) {
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
-        if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(&pk, &pv, 0).is_ok() {
+        if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
             // No copy stays behind in the LRU: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
             let _ = A::ct_new().remove(k);
-            let _ = A::ct_new().remove(&pk);
+            let _ = A::ct_new().remove(pk);
             return;
         }
         // Full: keep the flow working from the LRU, where it can be evicted. The agent's
         // collection makes room; the counter says it happened.
         count(hook, Counter::CtAssuredFull);
         let _ = A::ct().remove(k);
-        let (mut e, mut pv) = (*e, pv);
-        e.flags &= !CT_FLAG_ASSURED;
         pv.flags &= !CT_FLAG_ASSURED;
-        let _ = A::ct_new().insert(k, &e, 0);
-        let _ = A::ct_new().insert(&pk, &pv, 0);
+        let _ = A::ct_new().insert(k, e, 0);
+        // Demoted where it lands: a copy with the flag cleared would take the stack IPv6
+        // has no room for, and a full table is rare.
+        if let Some(p) = A::ct_new().get_ptr_mut(k) {
+            // SAFETY: map values stay valid while the program runs.
+            unsafe { (*p).flags &= !CT_FLAG_ASSURED };
+        }
+        let _ = A::ct_new().insert(pk, &*pv, 0);
         return;
     }
     let _ = A::ct_new().insert(k, e, 0);
-    let _ = A::ct_new().insert(&pk, &pv, 0);
+    let _ = A::ct_new().insert(pk, &*pv, 0);
     if was_assured {
         let _ = A::ct().remove(k);
-        let _ = A::ct().remove(&pk);
+        let _ = A::ct().remove(pk);
     }
 }
 
@@ -235,8 +268,7 @@ fn mirror<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
     }
 }
 
-/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
-/// 512-byte stack.
+/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
 #[inline(never)]
 fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
     mirror_of(k, e, assured)
@@ -244,8 +276,11 @@ fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
 
 #[inline(always)]
 fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
-    let (pk, pv) = ct_peer(k, e);
-    let (pk, pv) = (&pk, &pv);
+    with_peer(k, e, |pk, pv| mirror_into(pk, pv, assured))
+}
+
+#[inline(always)]
+fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
     let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
     match found {
         Some(p) => {
@@ -273,8 +308,7 @@ fn forget_assured<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     }
 }
 
-/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
-/// 512-byte stack.
+/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
 #[inline(never)]
 fn forget_assured_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     forget_assured_of(k, e)
@@ -282,9 +316,10 @@ fn forget_assured_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
 
 #[inline(always)]
 fn forget_assured_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
-    let (pk, _) = ct_peer(k, e);
-    let _ = A::ct().remove(k);
-    let _ = A::ct().remove(&pk);
+    with_peer(k, e, |pk, _| {
+        let _ = A::ct().remove(k);
+        let _ = A::ct().remove(pk);
+    })
 }
 
 /// Removes an entry from whichever table holds it.
@@ -305,8 +340,7 @@ fn refresh_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) 
     }
 }
 
-/// IPv6: a subprogram, or its 40-byte keys and 52-byte values would take the caller past the
-/// 512-byte stack.
+/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
 #[inline(never)]
 fn refresh_peer_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
     refresh_peer_of(k, e, assured, now)
@@ -314,14 +348,18 @@ fn refresh_peer_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, n
 
 #[inline(always)]
 fn refresh_peer_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
-    let (pk, pv) = ct_peer(k, e);
-    let found = if assured { A::ct().get_ptr_mut(&pk) } else { A::ct_new().get_ptr_mut(&pk) };
+    with_peer(k, e, |pk, pv| refresh_into(pk, pv, assured, now))
+}
+
+#[inline(always)]
+fn refresh_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool, now: u32) {
+    let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
     match found {
         // SAFETY: map values stay valid while the program runs; a racing CPU only writes
         // the same timestamp.
         Some(p) => unsafe { (*p).last_seen = now },
         None => {
-            let _ = if assured { A::ct().insert(&pk, &pv, 0) } else { A::ct_new().insert(&pk, &pv, 0) };
+            let _ = if assured { A::ct().insert(pk, pv, 0) } else { A::ct_new().insert(pk, pv, 0) };
         }
     }
 }
@@ -399,12 +437,18 @@ pub fn create<A: Addr>(
     }
 }
 
-/// IPv6: a subprogram (two keys and two values, 184 bytes); no enum in its signature, and at
-/// most five arguments (BPF passes no more in registers): the TCP flags and `reply_route`
-/// share one.
+/// IPv6: a subprogram, its two keys and two values (184 bytes) built in the scratch slot; no
+/// enum in its signature, and at most five arguments (BPF passes no more in registers): the
+/// TCP flags and `reply_route` share one.
 #[inline(never)]
 fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, flags_route: u32) -> bool {
-    create_of(flow, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0).is_ok()
+    let Some(s) = A::scratch() else {
+        return false;
+    };
+    s.key = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
+    new_entry(flow.proto, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0, &mut s.value);
+    ct_peer_into(&s.key, &s.value, &mut s.peer_key, &mut s.peer_value);
+    A::ct_new().insert(&s.key, &s.value, 0).is_ok() && A::ct_new().insert(&s.peer_key, &s.peer_value, 0).is_ok()
 }
 
 #[inline(always)]
@@ -416,7 +460,26 @@ fn create_of<A: Addr>(
     now: u32,
     reply_route: bool,
 ) -> Result<(), ()> {
-    let (state, flags) = if flow.proto == PROTO_TCP {
+    let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
+    let mut e = CtValue::<A>::default();
+    new_entry(flow.proto, tcp_flags, t, service_id, now, reply_route, &mut e);
+    let (pk, pv) = ct_peer(&k, &e);
+    A::ct_new().insert(&k, &e, 0).map_err(|_| ())?;
+    A::ct_new().insert(&pk, &pv, 0).map_err(|_| ())
+}
+
+/// A new flow's forward entry, written whole into `e`.
+#[inline(always)]
+fn new_entry<A: Addr>(
+    proto: u8,
+    tcp_flags: u8,
+    t: &Translation<A>,
+    service_id: u32,
+    now: u32,
+    reply_route: bool,
+    e: &mut CtValue<A>,
+) {
+    let (state, flags) = if proto == PROTO_TCP {
         match tcp_step(CT_NONE, 0, CT_DIR_FORWARD, tcp_flags) {
             CtStep::To(s, f) => (s, f),
             CtStep::Restart => (CT_CLOSE, 0),
@@ -425,31 +488,27 @@ fn create_of<A: Addr>(
         (CT_UDP, 0)
     };
     let snat_flag = if t.snat { CT_FLAG_SNAT } else { 0 };
-    let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
-    let e = CtValue::<A> {
-        nat_addr: t.backend_addr,
-        snat_addr: if t.snat { t.snat_addr } else { A::default() },
-        nat_port: t.backend_port,
-        snat_port: if t.snat { t.snat_port } else { 0 },
-        state,
-        flags: flags
-            | snat_flag
-            | if t.route { CT_FLAG_ROUTE } else { 0 }
-            | if reply_route { CT_FLAG_PEER_ROUTE } else { 0 },
-        _pad: 0,
-        service_id,
-        last_seen: now,
-        created: now,
-    };
-    let (pk, pv) = ct_peer(&k, &e);
-    A::ct_new().insert(&k, &e, 0).map_err(|_| ())?;
-    A::ct_new().insert(&pk, &pv, 0).map_err(|_| ())
+    e.nat_addr = t.backend_addr;
+    e.snat_addr = if t.snat { t.snat_addr } else { A::default() };
+    e.nat_port = t.backend_port;
+    e.snat_port = if t.snat { t.snat_port } else { 0 };
+    e.state = state;
+    e.flags =
+        flags | snat_flag | if t.route { CT_FLAG_ROUTE } else { 0 } | if reply_route { CT_FLAG_PEER_ROUTE } else { 0 };
+    e._pad = 0;
+    e.service_id = service_id;
+    e.last_seen = now;
+    e.created = now;
 }
 
 /// State of a SNAT port search, shared with `probe` through `bpf_loop`.
 #[repr(C)]
 struct PortSearch<A> {
-    flow: Flow<A>,
+    /// The flow's client, and its protocol: all of the flow a probe needs (kept small, as
+    /// this sits on the stack beside a stage's frame).
+    client: A,
+    client_port: u16,
+    proto: u8,
     addr: A,
     backend_addr: A,
     backend_port: u16,
@@ -457,8 +516,6 @@ struct PortSearch<A> {
     free: u16,
     /// A port whose flow finished, or 0.
     finished: u16,
-    /// The forward key of that finished flow, which goes when its port is taken.
-    finished_fwd: CtKey<A>,
     now: u32,
     seed: u32,
 }
@@ -470,20 +527,19 @@ extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let h = if i == 0 { s.seed } else { lb_common::flow_hash(s.seed, i, 0, 0, 0) };
     let port = ((SNAT_PORT_MIN as u32 + h % span) as u16).to_be();
-    let k = key(s.backend_addr, s.addr, s.backend_port, port, s.flow.proto, CT_DIR_REPLY);
+    let k = key(s.backend_addr, s.addr, s.backend_port, port, s.proto, CT_DIR_REPLY);
     let Some((e, _)) = find(&k) else {
         s.free = port;
         return 1;
     };
     // SAFETY: read of a map value while the program runs.
     let e = unsafe { &*e };
-    if expired(e, s.now) || (e.snat_addr == s.flow.src && e.snat_port == s.flow.sport) {
+    if expired(e, s.now) || (e.snat_addr == s.client && e.snat_port == s.client_port) {
         s.free = port;
         return 1;
     }
-    if s.finished == 0 && s.flow.proto == PROTO_TCP && (e.state == CT_TIME_WAIT || e.state == CT_CLOSE) {
+    if s.finished == 0 && s.proto == PROTO_TCP && (e.state == CT_TIME_WAIT || e.state == CT_CLOSE) {
         s.finished = port;
-        s.finished_fwd = ct_peer(&k, e).0;
     }
     0
 }
@@ -497,44 +553,78 @@ extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
 /// verifier checks one probe, not every path through 32 of them.
 #[inline(always)]
 pub fn free_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
-    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        return free_snat_port_of(flow, addr, backend_addr, backend_port, now);
+    let seed = lb_common::flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto);
+    let found = if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        search_snat_port(flow, addr, backend_addr, backend_port, now, seed)
+    } else {
+        // Five arguments at most: the subprogram reads the clock itself.
+        search_snat_port_outlined(flow, &addr, &backend_addr, backend_port, seed)
+    };
+    let port = found as u16;
+    if port == 0 {
+        return None;
     }
-    let port = free_snat_port_outlined(flow, &addr, &backend_addr, backend_port, now);
-    (port != 0).then_some(port)
+    if found & TAKEN_OVER != 0 {
+        // The finished flow goes whole: its client's late packets (a last ACK, a
+        // retransmitted FIN) must not be translated into the new flow's connection, nor
+        // rewrite the new flow's reply entry with the old flow's state and route.
+        if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+            forget_finished(&addr, &backend_addr, backend_port, port, flow.proto);
+        } else {
+            forget_finished_outlined(&addr, &backend_addr, backend_port, port, flow.proto);
+        }
+    }
+    Some(port)
 }
 
-/// IPv6: a subprogram; 0 for "none" (ports are never 0), no enum in its signature.
+/// `search_snat_port`'s mark on a port whose finished flow must go.
+const TAKEN_OVER: u32 = 1 << 16;
+
+/// IPv6: a subprogram, and the takeover's cleanup another, each frame small enough to sit on
+/// the new-flow stage's (the seed is hashed by the caller for the same reason).
 #[inline(never)]
-fn free_snat_port_outlined<A: Addr>(flow: &Flow<A>, addr: &A, backend_addr: &A, backend_port: u16, now: u32) -> u16 {
-    free_snat_port_of(flow, *addr, *backend_addr, backend_port, now).unwrap_or(0)
+fn search_snat_port_outlined<A: Addr>(flow: &Flow<A>, addr: &A, backend_addr: &A, backend_port: u16, seed: u32) -> u32 {
+    search_snat_port(flow, *addr, *backend_addr, backend_port, now(), seed)
 }
 
+#[inline(never)]
+fn forget_finished_outlined<A: Addr>(addr: &A, backend_addr: &A, backend_port: u16, port: u16, proto: u8) {
+    forget_finished(addr, backend_addr, backend_port, port, proto)
+}
+
+/// Forgets the finished flow whose SNAT port a new flow takes: its forward key is rebuilt
+/// from its reply entry (the new flow's create overwrites that one), not kept by the search,
+/// so the search's state stays small for one more lookup on the rare takeover.
 #[inline(always)]
-fn free_snat_port_of<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
+fn forget_finished<A: Addr>(addr: &A, backend_addr: &A, backend_port: u16, port: u16, proto: u8) {
+    let k = key(*backend_addr, *addr, backend_port, port, proto, CT_DIR_REPLY);
+    if let Some((e, _)) = find(&k) {
+        // SAFETY: map values stay valid while the program runs.
+        with_peer(&k, unsafe { &*e }, |pk, _| forget(pk));
+    }
+}
+
+/// The port found (network order) in the low 16 bits, 0 for none, and `TAKEN_OVER` if it
+/// was a finished flow's. A plain integer: no enum in a subprogram's signature.
+#[inline(always)]
+fn search_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32, seed: u32) -> u32 {
     let mut s = PortSearch {
-        flow: *flow,
+        client: flow.src,
+        client_port: flow.sport,
+        proto: flow.proto,
         addr,
         backend_addr,
         backend_port,
         free: 0,
         finished: 0,
-        finished_fwd: CtKey::default(),
         now,
-        seed: lb_common::flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto),
+        seed,
     };
     // SAFETY: helper call; `probe` is a static function and `s` outlives the loop.
     unsafe { bpf_loop(SNAT_PROBES, probe::<A> as *mut core::ffi::c_void, &mut s as *mut PortSearch<A> as *mut _, 0) };
     match (s.free, s.finished) {
-        (0, 0) => None,
-        (0, f) => {
-            // The finished flow goes whole: its client's late packets (a last ACK, a
-            // retransmitted FIN) must not be translated into the new flow's connection, nor
-            // rewrite the new flow's reply entry with the old flow's state and route.
-            forget(&s.finished_fwd);
-            Some(f)
-        }
-        (p, _) => Some(p),
+        (0, f) if f != 0 => f as u32 | TAKEN_OVER,
+        (p, _) => p as u32,
     }
 }
 
@@ -598,9 +688,10 @@ fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A
         // finished flow's entry goes, or it would catch the rest of the new connection.
         // Both entries go: with the forward one left, the port would look free to a new SNATed
         // flow while the old client's packets still took it.
-        let (pk, _) = ct_peer(&k, e);
-        forget(&k);
-        forget(&pk);
+        with_peer(&k, e, |pk, _| {
+            forget(&k);
+            forget(pk);
+        });
         return None;
     }
     // Read before `advance`, which may move the entry to the other table and free this one.
@@ -616,14 +707,16 @@ fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A
     Some(r)
 }
 
-/// Reads a flow's entry for an ICMP error quoting it (no state change: an error says nothing
-/// about the connection's state).
+/// Finds a flow's entry for an ICMP error quoting it (no state change: an error says nothing
+/// about the connection's state). A pointer, not a copy: the fields an error needs (the
+/// translation) never change while the entry lives, and IPv6's 52 bytes would not fit on
+/// the stack beside the ICMP stage.
 #[inline(always)]
-pub fn peek<A: Addr>(k: &CtKey<A>) -> Option<CtValue<A>> {
+pub fn peek<A: Addr>(k: &CtKey<A>) -> Option<&'static CtValue<A>> {
     let (e, _) = find(k)?;
-    // SAFETY: the value is copied out at once.
-    let e = unsafe { *e };
-    if expired(&e, now()) {
+    // SAFETY: map values stay valid while the program runs.
+    let e = unsafe { &*e };
+    if expired(e, now()) {
         return None;
     }
     Some(e)

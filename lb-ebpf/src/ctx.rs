@@ -138,6 +138,11 @@ pub trait Packet {
     /// them by hand). Packet pointers taken before are invalid afterwards.
     fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()>;
 
+    /// `load` and `store` of an IPv6 address, through a word-aligned buffer: a byte array
+    /// read as words is copied byte by byte on BPF, which has no unaligned loads.
+    fn load_words(&self, off: usize) -> Option<[u32; 4]>;
+    fn store_words(&self, off: usize, w: &[u32; 4]) -> Option<()>;
+
     /// The packet's L4 checksum may be a CHECKSUM_PARTIAL pseudo-header sum, which only an
     /// skb-aware update gets right: a hook that cannot tell leaves the packet to one that can.
     #[inline(always)]
@@ -159,6 +164,11 @@ pub trait Packet {
     /// Tail-calls this hook's program `index` (`lb_common::TAIL_*`); returns only if the
     /// table has no program there.
     fn tail_call(&self, index: u32);
+    /// A word that the IPv6 stages of one packet pass along their tail calls (`skb->cb[0]`,
+    /// the control block tc programs may use; tc leaves it as it finds it, so the first stage
+    /// clears it). XDP has no tail calls, and no such word.
+    fn note(&self) -> u32;
+    fn set_note(&self, v: u32);
 }
 
 impl Packet for TcContext {
@@ -195,6 +205,16 @@ impl Packet for TcContext {
     #[inline(always)]
     fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
         TcContext::store(self, off, bytes, 0).ok()
+    }
+
+    #[inline(always)]
+    fn load_words(&self, off: usize) -> Option<[u32; 4]> {
+        TcContext::load::<[u32; 4]>(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store_words(&self, off: usize, w: &[u32; 4]) -> Option<()> {
+        TcContext::store(self, off, w, 0).ok()
     }
 
     /// One `bpf_l4_csum_replace` per kind of change, each given its precomputed difference
@@ -253,6 +273,16 @@ impl Packet for TcContext {
             bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS_TC) as *mut _, index);
         }
     }
+    #[inline(always)]
+    fn note(&self) -> u32 {
+        // SAFETY: the context's own skb; cb[0] is readable by tc programs.
+        unsafe { (*self.skb.skb).cb[0] }
+    }
+    #[inline(always)]
+    fn set_note(&self, v: u32) {
+        // SAFETY: as above, and writable.
+        unsafe { (*self.skb.skb).cb[0] = v }
+    }
 }
 
 impl Packet for XdpContext {
@@ -293,6 +323,21 @@ impl Packet for XdpContext {
         // SAFETY: helper call with a stack buffer of the size we pass.
         let rc =
             unsafe { bpf_xdp_store_bytes(self.as_ptr() as *mut _, off as u32, bytes.as_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn load_words(&self, off: usize) -> Option<[u32; 4]> {
+        let mut w = [0u32; 4];
+        // SAFETY: helper call with a stack buffer of the size we pass.
+        let rc = unsafe { bpf_xdp_load_bytes(self.as_ptr() as *mut _, off as u32, w.as_mut_ptr() as *mut _, 16) };
+        (rc == 0).then_some(w)
+    }
+
+    #[inline(always)]
+    fn store_words(&self, off: usize, w: &[u32; 4]) -> Option<()> {
+        // SAFETY: helper call with a buffer of the size we pass.
+        let rc = unsafe { bpf_xdp_store_bytes(self.as_ptr() as *mut _, off as u32, w.as_ptr() as *mut _, 16) };
         (rc == 0).then_some(())
     }
 
@@ -410,4 +455,10 @@ impl Packet for XdpContext {
     /// info, which the loader does not pass. IPv6 frames go on to tc's IPv6 program.
     #[inline(always)]
     fn tail_call(&self, _index: u32) {}
+    #[inline(always)]
+    fn note(&self) -> u32 {
+        0
+    }
+    #[inline(always)]
+    fn set_note(&self, _v: u32) {}
 }

@@ -31,7 +31,7 @@ struct Rewrite<A> {
 }
 
 #[inline(always)]
-fn entry<A: Addr>(k: &CtKey<A>) -> Option<CtValue<A>> {
+fn entry<A: Addr>(k: &CtKey<A>) -> Option<&'static CtValue<A>> {
     conntrack::peek(k)
 }
 
@@ -109,14 +109,15 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
 /// Translates an ICMP error about a tracked flow; other ICMP errors pass.
 #[inline(always)]
 pub fn translate<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
-    if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
+    if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         translate_of(ctx, e)
     } else {
         translate_outlined(ctx, e)
     }
 }
 
-/// IPv6: a subprogram; its buffers would otherwise share the pipeline's 512-byte frame.
+/// IPv6: a subprogram, so that the route lookup's buffers and the plan's do not share one
+/// frame.
 #[inline(never)]
 fn translate_outlined<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
     translate_of(ctx, e)
@@ -242,60 +243,39 @@ fn apply<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Optio
     ctx.store(icmp_csum_off, &icmp_csum.to_ne_bytes())
 }
 
-/// Checksum update for an address change (either family), RFC 1624.
-#[inline(always)]
-fn csum_replace_addr<A: Addr>(check: u16, old: A, new: A) -> u16 {
-    !fold(wsum_add(!check as u32, A::csum_diff(old, new)))
-}
-
 /// `apply` for ICMPv6: no IP header checksums, but the ICMPv6 checksum covers a pseudo-header
 /// with the outer addresses, so a change of those moves it too. The quote is a fixed IPv6
-/// header (the parser took only quotes without extension headers).
+/// header (the parser took only quotes without extension headers). The addresses are read one
+/// at a time into two running sums and written from `w` as they are: holding all four old
+/// and four new addresses at once took 400 bytes of spills, beside a stage's frame.
 #[inline(never)]
 fn apply6<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Option<()> {
-    let outer_addrs: [u8; 32] = ctx.load(ETH_LEN + 8)?;
-    let inner_addrs: [u8; 32] = ctx.load(e.inner_ip_off + 8)?;
-    let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
     let icmp_csum_off = e.icmp_off + 2;
-    let mut icmp_csum = u16::from_ne_bytes(ctx.load(icmp_csum_off)?);
     let inner_l4_csum_off = e.inner_l4_off + if e.inner.proto == PROTO_TCP { 16 } else { 6 };
     let old_l4 = if e.inner_csum { u16::from_ne_bytes(ctx.load(inner_l4_csum_off)?) } else { 0 };
     let update_l4 = old_l4 != 0 || (e.inner_csum && e.inner.proto == PROTO_TCP);
-    let mut l4 = old_l4;
-    // SAFETY: each array holds two 16-byte addresses.
-    let (o_src, o_dst, i_src, i_dst) = unsafe {
-        (
-            A::read(outer_addrs.as_ptr()),
-            A::read(outer_addrs.as_ptr().add(16)),
-            A::read(inner_addrs.as_ptr()),
-            A::read(inner_addrs.as_ptr().add(16)),
-        )
-    };
+    let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
     let old_sport = u16::from_ne_bytes([ports[0], ports[1]]);
     let old_dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    // What changes inside the quote, which both the quoted L4 checksum and the ICMPv6
+    // checksum cover; then the outer addresses, which only the ICMPv6 one does.
+    let mut quote =
+        wsum_add(wsum_add(!old_sport as u32, w.inner_sport as u32), wsum_add(!old_dport as u32, w.inner_dport as u32));
+    quote = wsum_add(quote, A::csum_diff(load_addr(ctx, e.inner_ip_off + 8)?, w.inner_src));
+    quote = wsum_add(quote, A::csum_diff(load_addr(ctx, e.inner_ip_off + 24)?, w.inner_dst));
+    let mut outer = A::csum_diff(load_addr(ctx, ETH_LEN + 8)?, w.outer_src);
+    outer = wsum_add(outer, A::csum_diff(load_addr(ctx, ETH_LEN + 24)?, w.outer_dst));
+    let mut icmp_csum = u16::from_ne_bytes(ctx.load(icmp_csum_off)?);
+    icmp_csum = !fold(wsum_add(wsum_add(!icmp_csum as u32, quote), outer));
+    let l4 = !fold(wsum_add(!old_l4 as u32, quote));
 
-    icmp_csum = csum_replace_addr(icmp_csum, o_src, w.outer_src);
-    icmp_csum = csum_replace_addr(icmp_csum, o_dst, w.outer_dst);
-    icmp_csum = csum_replace_addr(icmp_csum, i_src, w.inner_src);
-    icmp_csum = csum_replace_addr(icmp_csum, i_dst, w.inner_dst);
-    icmp_csum = csum_replace2(csum_replace2(icmp_csum, old_sport, w.inner_sport), old_dport, w.inner_dport);
-    l4 = csum_replace_addr(csum_replace_addr(l4, i_src, w.inner_src), i_dst, w.inner_dst);
-    l4 = csum_replace2(csum_replace2(l4, old_sport, w.inner_sport), old_dport, w.inner_dport);
-
-    let mut outer = [0u8; 32];
-    let mut inner = [0u8; 32];
-    // SAFETY: each array holds two 16-byte addresses.
-    unsafe {
-        w.outer_src.write(outer.as_mut_ptr());
-        w.outer_dst.write(outer.as_mut_ptr().add(16));
-        w.inner_src.write(inner.as_mut_ptr());
-        w.inner_dst.write(inner.as_mut_ptr().add(16));
-    }
+    store_addr(ctx, ETH_LEN + 8, w.outer_src)?;
+    store_addr(ctx, ETH_LEN + 24, w.outer_dst)?;
+    store_addr(ctx, e.inner_ip_off + 8, w.inner_src)?;
+    store_addr(ctx, e.inner_ip_off + 24, w.inner_dst)?;
     let mut new_ports = [0u8; 4];
     new_ports[..2].copy_from_slice(&w.inner_sport.to_ne_bytes());
     new_ports[2..].copy_from_slice(&w.inner_dport.to_ne_bytes());
-    ctx.store(ETH_LEN + 8, &outer)?;
-    ctx.store(e.inner_ip_off + 8, &inner)?;
     ctx.store(e.inner_l4_off, &new_ports)?;
     if update_l4 {
         // IPv6 UDP checksums are mandatory: a computed zero is sent as all ones.
@@ -304,4 +284,15 @@ fn apply6<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Opti
         ctx.store(inner_l4_csum_off, &new.to_ne_bytes())?;
     }
     ctx.store(icmp_csum_off, &icmp_csum.to_ne_bytes())
+}
+
+/// An IPv6 address at `off` (IPv6 only: an IPv4 one is not 16 bytes).
+#[inline(always)]
+fn load_addr<A: Addr, P: Packet>(ctx: &P, off: usize) -> Option<A> {
+    ctx.load_words(off).map(A::from_words)
+}
+
+#[inline(always)]
+fn store_addr<A: Addr, P: Packet>(ctx: &P, off: usize, a: A) -> Option<()> {
+    ctx.store_words(off, &a.words())
 }

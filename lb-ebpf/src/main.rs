@@ -192,7 +192,12 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
             if A::FAMILY == lb_common::FAMILY_IPV4 {
                 return icmp::translate(ctx, &e);
             }
-            ctx.tail_call(P::TAIL_ICMP6);
+            // The ICMP stage takes the parse from the scratch slot: parsing again would put
+            // the quote's addresses on its stack a second time.
+            if let Some(s) = A::scratch() {
+                s.icmp = e;
+                ctx.tail_call(P::TAIL_ICMP6);
+            }
             return pass(ctx, Counter::PassOtherProto);
         }
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
@@ -201,6 +206,7 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
     };
     if A::FAMILY != lb_common::FAMILY_IPV4 {
         // IPv6 goes on in stage programs, each with a stack frame of its own.
+        ctx.set_note(0);
         if service::maybe_frontend(&h.flow) {
             ctx.tail_call(P::TAIL_FWD6);
         } else if service::maybe_backend(&h.flow) {
@@ -246,9 +252,15 @@ fn reparse<A: Parse>(data: usize, data_end: usize) -> Option<Headers<A>> {
     }
 }
 
-/// IPv6's new-flow stage, tail-called by `family` for a packet that found no flow but a
-/// frontend: the stack frame of IPv6's pipeline would not hold both, so each stage is a
-/// program with its own (as Cilium splits its datapath into tail calls).
+/// `Packet::note` of an IPv6 packet whose flow the new-flow stage just created, so that the
+/// forward stage counts it as a new flow.
+const NOTE_NEW_FLOW: u32 = 1;
+
+/// IPv6's new-flow stage, tail-called by the forward stage for a packet that found no flow
+/// but a frontend: it chooses the backend and records the flow, then hands the packet back
+/// to the forward stage, which now finds it tracked. The stack frame of IPv6's pipeline would
+/// not hold all of it, so each stage is a program with its own (as Cilium splits its
+/// datapath into tail calls); a new IPv6 flow pays one more conntrack lookup for it.
 #[inline(always)]
 fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
@@ -257,7 +269,15 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) else {
         return pass(ctx, Counter::PassNotService);
     };
-    to_service(ctx, &h, &svc, node_frontend, conntrack::now())
+    if !service::source_allowed(&svc, &h.flow) {
+        return drop(ctx, Counter::DropSourceRange);
+    }
+    if let Err(verdict) = new_flow(ctx, &h, &svc, conntrack::now(), node_frontend) {
+        return verdict;
+    }
+    ctx.set_note(NOTE_NEW_FLOW);
+    ctx.tail_call(P::TAIL_FWD6);
+    pass(ctx, Counter::PassNotService)
 }
 
 /// IPv6's stage for a packet to a possible frontend: its flow, or the new-flow stage, or (not
@@ -272,8 +292,15 @@ fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     }
     let now = conntrack::now();
     match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
-        Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
+        Forward::Tracked(t) => {
+            let counter = if ctx.note() == NOTE_NEW_FLOW { Counter::FwdNewFlow } else { Counter::FwdTracked };
+            return forward(ctx, &h, &t, counter);
+        }
         Forward::New => {
+            if ctx.note() == NOTE_NEW_FLOW {
+                // Created and gone at once (the LRU evicted it): no second round.
+                return drop(ctx, Counter::DropCtInsert);
+            }
             if service::lookup(&h.flow, service::from_cluster).is_some() {
                 ctx.tail_call(P::TAIL_NEW6);
                 return pass(ctx, Counter::PassNotService);
@@ -295,12 +322,13 @@ fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     maybe_reply(ctx, &h)
 }
 
-/// IPv6's ICMP error stage, tail-called by `family`.
+/// IPv6's ICMP error stage, tail-called by `family` with the error's parse in the scratch
+/// slot (only `family` calls it, right after writing it there).
 #[inline(always)]
 fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    match A::parse(ctx.data(), ctx.data_end()) {
-        Parsed::Icmp(e) => icmp::translate(ctx, &e),
-        _ => pass(ctx, Counter::PassOtherProto),
+    match A::scratch() {
+        Some(s) => icmp::translate(ctx, &s.icmp),
+        None => pass(ctx, Counter::PassOtherProto),
     }
 }
 

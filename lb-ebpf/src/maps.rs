@@ -130,3 +130,24 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 /// IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]
 pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
+
+/// Room for IPv6's large temporaries: a flow's conntrack key and entry and its peer's (184
+/// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage. The
+/// verifier's 512-byte stack, shared by a stage and the subprograms it calls, cannot hold
+/// them beside the rest of a stage. One slot per CPU: a program runs to its end on its CPU
+/// (tc and XDP in softirq, or with bottom halves off on the output path), and a tail call
+/// stays on it, so no two uses of a slot overlap. Cilium keeps its large temporaries in
+/// per-CPU maps for the same reason. Not pinned: it carries nothing from one packet to the
+/// next.
+#[map(name = "LB_SCRATCH6")]
+pub static LB_SCRATCH6: PerCpuArray<Scratch<[u32; 4]>> = PerCpuArray::with_max_entries(1, 0);
+
+/// See `LB_SCRATCH6`.
+#[repr(C)]
+pub struct Scratch<A> {
+    pub key: lb_common::CtKey<A>,
+    pub value: lb_common::CtValue<A>,
+    pub peer_key: lb_common::CtKey<A>,
+    pub peer_value: lb_common::CtValue<A>,
+    pub icmp: crate::parse::IcmpError<A>,
+}

@@ -7,7 +7,7 @@
 //! out of the interface it came in on.
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 
@@ -213,39 +213,48 @@ fn build6<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
     // SAFETY: bounds checked by ptr_at; the frame is ours to rewrite.
     let f = unsafe { &mut *frame };
 
-    let mut mac = [0u8; 6];
-    mac.copy_from_slice(&f[0..6]);
-    f.copy_within(6..12, 0);
-    f[6..12].copy_from_slice(&mac);
-
-    // New IPv6 header from the service address (the quote's destination) to the client.
-    let quote = ETH_LEN + GROW6;
+    // Words through registers, not `copy_within`: LLVM lowers that memmove through a stack
+    // buffer, and this runs beside a whole stage's frame.
+    // SAFETY: every offset below is inside the REPLY_LEN bytes checked above.
+    unsafe {
+        let p = f.as_mut_ptr();
+        let (dst_mac, src_mac) =
+            ((p as *const [u8; 6]).read_unaligned(), (p.add(6) as *const [u8; 6]).read_unaligned());
+        (p as *mut [u8; 6]).write_unaligned(src_mac);
+        (p.add(6) as *mut [u8; 6]).write_unaligned(dst_mac);
+        // New IPv6 header from the service address (the quote's destination) to the client.
+        let quote = ETH_LEN + GROW6;
+        let (client, service) =
+            (<[u32; 4] as Addr>::read(p.add(quote + 8)), <[u32; 4] as Addr>::read(p.add(quote + 24)));
+        service.write(p.add(ETH_LEN + 8));
+        client.write(p.add(ETH_LEN + 24));
+    }
     let ip = ETH_LEN;
     f[ip..ip + 4].copy_from_slice(&[0x60, 0, 0, 0]);
     f[ip + 4..ip + 6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
     f[ip + 6] = PROTO_ICMPV6;
     f[ip + 7] = 64;
-    f.copy_within(quote + 24..quote + 40, ip + 8);
-    f.copy_within(quote + 8..quote + 24, ip + 24);
 
     // ICMPv6 port unreachable; the checksum covers the pseudo-header (addresses, length,
     // next header) as well as the message.
     let icmp = ETH_LEN + IPV6_LEN;
     f[icmp..icmp + ICMP_LEN].copy_from_slice(&[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
     // Everything is summed in memory order (ones' complement sums do not care), so the
-    // length and next header enter as they would sit in the pseudo-header.
-    let mut sum =
+    // length and next header enter as they would sit in the pseudo-header. The kernel sums
+    // the addresses and the message (`bpf_csum_diff`): an unrolled loop here spills most of
+    // its loads to the stack, which a stage's frame leaves no room for; rejects are rare.
+    let seed =
         u16::from_ne_bytes((icmp_len as u16).to_be_bytes()) as u32 + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
-    let mut i = 0;
-    while i < 32 {
-        sum += u16::from_ne_bytes([f[ip + 8 + i], f[ip + 8 + i + 1]]) as u32;
-        i += 2;
+    // SAFETY: both ranges lie in the frame checked above; their lengths are multiples of 4.
+    let sum = unsafe {
+        let p = f.as_mut_ptr();
+        let s = bpf_csum_diff(core::ptr::null_mut(), 0, p.add(ip + 8) as *mut u32, 32, seed);
+        bpf_csum_diff(core::ptr::null_mut(), 0, p.add(icmp) as *mut u32, icmp_len as u32, s as u32)
+    };
+    if sum < 0 {
+        return TC_ACT_SHOT as i32;
     }
-    let mut i = 0;
-    while i < icmp_len {
-        sum += u16::from_ne_bytes([f[icmp + i], f[icmp + i + 1]]) as u32;
-        i += 2;
-    }
+    let sum = sum as u32;
     f[icmp + 2..icmp + 4].copy_from_slice(&fold(sum).to_ne_bytes());
 
     // SAFETY: reading the ifindex the skb arrived on.

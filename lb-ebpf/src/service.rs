@@ -73,8 +73,12 @@ pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) 
 /// Whether a packet's source is the cluster's own (`LB_LOCAL_SOURCES`).
 #[inline(always)]
 pub fn from_cluster<A: Addr>(flow: &Flow<A>) -> bool {
-    let key =
-        LocalSourceKey::new(64, LocalSourceData { family_be: (A::FAMILY as u32).to_be(), addr: flow.src.words() });
+    // The whole key is looked up: the family word and every bit of the address (a lookup
+    // with fewer bits would miss every longer prefix stored, IPv6's /64s among them).
+    let key = LocalSourceKey::new(
+        32 + 8 * A::ADDR_LEN as u32,
+        LocalSourceData { family_be: (A::FAMILY as u32).to_be(), addr: flow.src.words() },
+    );
     LB_LOCAL_SOURCES.get(&key).is_some()
 }
 
@@ -84,7 +88,10 @@ pub fn source_allowed<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> bool {
     if svc.flags & SVC_FLAG_SOURCE_RANGES == 0 {
         return true;
     }
-    let key =
-        SourceRangeKey::new(64, lb_common::SourceRangeData { service_id_be: svc.id.to_be(), addr: flow.src.words() });
+    // As in `from_cluster`: the service word and every bit of the address.
+    let key = SourceRangeKey::new(
+        32 + 8 * A::ADDR_LEN as u32,
+        lb_common::SourceRangeData { service_id_be: svc.id.to_be(), addr: flow.src.words() },
+    );
     LB_SOURCE_RANGES.get(&key).is_some()
 }

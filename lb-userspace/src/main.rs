@@ -66,10 +66,10 @@ struct RunArgs {
     /// Per-frontend packet and byte series in /metrics (two series per frontend).
     #[arg(long)]
     metrics_per_frontend: bool,
-    /// Load the IPv6 programs (experimental: they do not yet pass the verifier's stack limit,
-    /// and without them IPv6 traffic passes untranslated).
-    #[arg(long)]
-    experimental_ipv6: bool,
+    /// Translate IPv6 Services (the IPv6 programs, tail-called by the IPv4 ones for IPv6
+    /// frames at tc). `--ipv6 false` leaves IPv6 traffic untranslated.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ipv6: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -322,7 +322,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
             node_ip: args.node_ip.or_else(agent::default_route_address),
             node_ip6: args.node_ip6.or_else(agent::default_route_address6),
             count_per_frontend: args.metrics_per_frontend,
-            ipv6: args.experimental_ipv6,
+            ipv6: args.ipv6,
             xdp_mode: args.xdp_mode,
         },
     })

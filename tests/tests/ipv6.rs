@@ -2,10 +2,10 @@
 //! (`Lab::dual_stack`: every IPv4 address has its IPv6 twin, `lb_tests::twin6`), two nodes
 //! and an outside client on one switch, real TCP and UDP.
 //!
-//! The first test runs today: the dual-stack lab itself (IPv6 routed between pods and nodes),
-//! the agent programming IPv6 and dual-stack Services beside IPv4 ones that keep working, and
-//! the health check node port answering per family. The others need the IPv6 datapath and are
-//! ignored until it lands.
+//! The first test is the dual-stack lab itself (IPv6 routed between pods and nodes), the agent
+//! programming IPv6 and dual-stack Services beside IPv4 ones that keep working, and the health
+//! check node port answering per family; the others send real IPv6 traffic through the
+//! datapath with the agent's default flags.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -87,7 +87,19 @@ impl Cluster {
                 &n,
                 &ifaces,
                 frontends,
-                &["--node-ip", &v4, "--node-ip6", &v6, "--xdp-iface", "eth0"],
+                // The pod networks of both families (`twin6` maps 10.244.N.x into fd00:af4::/32),
+                // as kube-proxy's --cluster-cidr: pods reaching an eTP Local node port are the
+                // cluster's own traffic.
+                &[
+                    "--node-ip",
+                    &v4,
+                    "--node-ip6",
+                    &v6,
+                    "--xdp-iface",
+                    "eth0",
+                    "--cluster-cidr",
+                    "10.244.0.0/16,fd00:af4::/32",
+                ],
             )?;
         }
         Ok(())
@@ -212,7 +224,6 @@ endpoints: [{{addresses: ["{}"], nodeName: node-b}}]
 
 /// An IPv6-only ClusterIP over the three web pods (two on this node, one on the other).
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_cluster_ip_spreads_over_local_and_remote_pods() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -248,7 +259,6 @@ fn ipv6_cluster_ip_spreads_over_local_and_remote_pods() -> Result<()> {
 /// `sessionAffinity: ClientIP` keyed on the IPv6 client address: one client stays on one pod,
 /// ten clients spread; `lb list affinity` shows the IPv6 pins.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_session_affinity_pins_each_client_and_spreads_clients() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -288,7 +298,6 @@ fn ipv6_session_affinity_pins_each_client_and_spreads_clients() -> Result<()> {
 /// A node port over IPv6 from a client outside the cluster: to a local backend the client's
 /// address is kept; to a remote one (Cluster policy) the flow is SNATed to `--node-ip6`.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_node_port_from_outside_to_local_and_remote_backends() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -331,7 +340,6 @@ fn ipv6_node_port_from_outside_to_local_and_remote_backends() -> Result<()> {
 /// node's endpoints (client address kept, dropped where there is none) while pods reaching
 /// the same node port get every endpoint; `internalTrafficPolicy: Local` narrows the ClusterIP.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_local_traffic_policies() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -354,13 +362,17 @@ fn ipv6_local_traffic_policies() -> Result<()> {
     c.start(&yaml, 4)?;
     let out = &c.outside;
     let (a6, b6, me) = (twin6(NODE_A), twin6(NODE_B), IpAddr::from(out.ip6.unwrap()));
-    assert_eq!(peer_ip(&http_get(&out.ns, at(b6, 30100), "/peer")?), me, "eTP Local: the client's own address");
+    let peer = http_get(&out.ns, at(b6, 30100), "/peer").context("eTP Local, node-b from outside")?;
+    assert_eq!(peer_ip(&peer), me, "eTP Local: the client's own address");
     assert!(dropped(&out.ns, at(a6, 30100))?, "eTP Local without a local endpoint: dropped, not refused");
     // From a pod (the cluster's own source), node-a's node port reaches node-b's endpoint.
-    assert_eq!(http_get(&c.client.ns, at(a6, 30100), "/")?, "web-b1");
+    assert_eq!(
+        http_get(&c.client.ns, at(a6, 30100), "/").context("eTP Local, node-a's node port from a pod")?,
+        "web-b1"
+    );
     // iTP Local: from node-a, only node-a's endpoint.
     for _ in 0..10 {
-        assert_eq!(http_get(&c.client.ns, at(cip6(0x51), 80), "/")?, "web-a1");
+        assert_eq!(http_get(&c.client.ns, at(cip6(0x51), 80), "/").context("iTP Local")?, "web-a1");
     }
     Ok(())
 }
@@ -368,7 +380,6 @@ fn ipv6_local_traffic_policies() -> Result<()> {
 /// The node's own processes over IPv6 (connect6, sendmsg6, recvmsg6, getpeername6): TCP to a
 /// ClusterIP and a node port, unconnected UDP whose reply shows the ClusterIP.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_node_processes_reach_cluster_ips() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -406,7 +417,6 @@ fn ipv6_node_processes_reach_cluster_ips() -> Result<()> {
 /// A dual-stack Service answers on both its addresses at once: long-lived connections over
 /// each family stay up side by side, and each family's requests reach that family's pods.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn dual_stack_service_answers_on_both_addresses_at_once() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -495,7 +505,6 @@ fn download(ns: &str, addr: SocketAddr, len: usize) -> Result<()> {
 /// upload completes only if that error is translated back (quoting the ClusterIP) and reaches
 /// the client's socket, which then sends smaller segments.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_bulk_transfer_with_path_mtu_below_the_link_mtu() -> Result<()> {
     if !privileged() {
         return Ok(());
@@ -532,7 +541,6 @@ fn ipv6_bulk_transfer_with_path_mtu_below_the_link_mtu() -> Result<()> {
 /// retransmit, about a second later, see TOOLCHAIN.md), and its UDP clients get
 /// `ECONNREFUSED`.
 #[test]
-#[ignore = "needs the IPv6 datapath"]
 fn ipv6_service_without_endpoints_is_refused() -> Result<()> {
     if !privileged() {
         return Ok(());
