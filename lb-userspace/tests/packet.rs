@@ -114,6 +114,8 @@ impl Harness {
 
 #[path = "packet/conntrack.rs"]
 mod conntrack;
+#[path = "packet/ipv6.rs"]
+mod ipv6;
 
 // ---------- fixtures ----------
 

@@ -149,8 +149,9 @@ pub struct Config {
     /// Count packets and bytes per frontend in the datapath (`LB_SERVICE_STATS`); off, the
     /// established path skips that per-CPU array update.
     pub count_per_frontend: bool,
-    /// Load the IPv6 programs (tail-called by the IPv4 ones for IPv6 frames). Off by default
-    /// while they do not yet pass the verifier's stack limit; IPv6 frames then pass untouched.
+    /// Load the IPv6 programs (tail-called by the IPv4 ones for IPv6 frames); off, IPv6
+    /// frames pass untouched. `lb run` turns it on unless `--ipv6 false`; off in the derived
+    /// default, which the packet tests of IPv4 use (the IPv6 stages take seconds to verify).
     pub ipv6: bool,
 }
 

@@ -1,0 +1,255 @@
+//! IPv6 through the real programs (tc ingress, which tail-calls its IPv6 stages): every
+//! output frame is checked by `lb_tests::packet6`'s independent parser, which recomputes the
+//! L4 and ICMPv6 checksums over the 40-byte pseudo-header.
+use std::net::Ipv6Addr;
+
+use lb_tests::packet6::{
+    fragment6, frame6, frame6_ext, icmp6_error, ip6_frame, l4_checksum6, parse6_checked, parse_icmp6_checked,
+    reassemble6, NEXT_DEST_OPTS, NEXT_HOP_BY_HOP, NEXT_ROUTING, PROTO_ICMPV6,
+};
+
+use super::*;
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaf4, 1, 0, 0, 0, 0, 5);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc0a8, 0x31, 0, 0, 0, 0, 0x99);
+const BACKENDS6: [&str; 3] = ["fd00:af4:1::b", "fd00:af4:1::c", "fd00:af4:1::d"];
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// The lab's Services on IPv6 only: `web` over three pods, `empty` without endpoints.
+fn yaml6() -> String {
+    let eps: String =
+        BACKENDS6.iter().map(|ip| format!("- {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n")).collect();
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web6, namespace: default}}
+spec:
+  clusterIP: "{VIP6}"
+  clusterIPs: ["{VIP6}"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty6, namespace: default}}
+spec:
+  clusterIP: "{EMPTY6}"
+  clusterIPs: ["{EMPTY6}"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, protocol: TCP, port: 80}}
+  - {{name: udp, protocol: UDP, port: 53}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web6-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: web6}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+{eps}"#
+    )
+}
+
+fn harness6() -> Harness {
+    Harness::with_config(&yaml6(), Config { ipv6: true, ..Config::default() })
+}
+
+fn backends6(port: u16) -> BTreeSet<(Ipv6Addr, u16)> {
+    BACKENDS6.iter().map(|ip| (ip.parse().unwrap(), port)).collect()
+}
+
+#[test]
+fn ipv6_syn_ack_and_reply_are_translated_with_valid_checksums() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse6_checked(&out);
+    assert_eq!(p.src, (CLIENT6, 40000), "source untouched");
+    assert!(backends6(8080).contains(&p.dst), "DNAT to a backend's target port: {:?}", p.dst);
+    assert_eq!(p.hop_limit, 64, "not routed by the datapath: the stack decrements it");
+    assert_eq!(out.len(), syn.len());
+
+    let ack = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: ACK }, b"GET / HTTP/1.0\r\n\r\n");
+    let (verdict, out2) = h.run(&ack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(parse6_checked(&out2).dst, p.dst, "the flow stays on its backend");
+
+    let reply = frame6(p.dst, (CLIENT6, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
+    let (verdict, out3) = h.run(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let r = parse6_checked(&out3);
+    assert_eq!((r.src, r.dst), ((VIP6, 80), (CLIENT6, 40000)), "the reply comes from the ClusterIP");
+
+    assert_eq!(h.counter(Counter::FwdNewFlow), 1, "the first packet counts as a new flow once");
+    assert_eq!(h.counter(Counter::FwdTracked), 1);
+    assert_eq!(h.counter(Counter::ReplyTranslated), 1);
+}
+
+#[test]
+fn ipv6_udp_is_translated_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let q = frame6((CLIENT6, 5000), (VIP6, 53), L4::Udp { zero_csum: false }, b"query");
+    let (verdict, out) = h.run(&q);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse6_checked(&out);
+    assert!(backends6(5353).contains(&p.dst), "{:?}", p.dst);
+    let a = frame6(p.dst, (CLIENT6, 5000), L4::Udp { zero_csum: false }, b"answer");
+    let (verdict, out) = h.run(&a);
+    assert_eq!(verdict, TC_ACT_OK);
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((VIP6, 53), (CLIENT6, 5000)));
+    assert_eq!(&out[out.len() - 6..], b"answer");
+}
+
+/// As ip6tables' REJECT: ICMPv6 port unreachable from the service address, quoting the packet.
+#[test]
+fn ipv6_service_without_endpoints_is_refused_with_icmp6_port_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    for (l4, quote_l4) in [(L4::Tcp { flags: SYN }, 20), (L4::Udp { zero_csum: false }, 8)] {
+        let port = if quote_l4 == 20 { 80 } else { 53 };
+        let pkt = frame6((CLIENT6, 40000), (EMPTY6, port), l4, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let (verdict, out) = h.run(&pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the arrival interface");
+        assert_eq!(&out[0..6], &pkt[6..12], "to the client's MAC");
+        let (src, dst, kind, code, quote) = parse_icmp6_checked(&out);
+        assert_eq!((src, dst), (EMPTY6, CLIENT6));
+        assert_eq!((kind, code), (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH));
+        assert_eq!(&quote[..], &pkt[14..14 + 40 + quote_l4], "quotes the IPv6 header and the L4 header");
+    }
+    assert_eq!(h.counter(Counter::RejectNoBackend), 2);
+}
+
+/// Packet Too Big from a router between this node and the backend, about a translated flow:
+/// the quote is put back into the client's view (the ClusterIP), every checksum with it, or
+/// the client's PMTU discovery never matches it to its socket.
+#[test]
+fn ipv6_packet_too_big_about_a_translated_flow_is_translated() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, b"data");
+    let (_, sent) = h.run(&syn);
+    let backend = parse6_checked(&sent).dst;
+    let mtu = 1280u32.to_be_bytes();
+    let ptb = icmp6_error(ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0, mtu, &sent[14..]);
+    let (verdict, out) = h.run(&ptb);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, kind, code, quote) = parse_icmp6_checked(&out);
+    assert_eq!((src, dst, kind, code), (ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0), "outer addresses are the router's");
+    assert_eq!(&out[14 + 40 + 4..14 + 40 + 8], &mtu, "the MTU is kept");
+    // The quote as the client sent it: to the ClusterIP, with a valid TCP checksum.
+    assert_eq!(&quote[..], &syn[14..], "the quote is the client's own packet again, byte for byte");
+    assert_eq!(l4_checksum6(CLIENT6, VIP6, 6, &quote[40..]), 0, "quoted TCP checksum");
+    assert_ne!(backend.0, VIP6);
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+
+    // Neighbour discovery and other informational ICMPv6 pass untouched.
+    let ns = ip6_frame(CLIENT6, ROUTER6, &[], PROTO_ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]);
+    let (verdict, o) = h.run(&ns);
+    assert_eq!((verdict, &o), (TC_ACT_UNSPEC, &ns));
+}
+
+/// A bounded walk over extension headers: within the bound the L4 header is found and
+/// translated; beyond it the packet passes untouched and is counted, never misparsed.
+#[test]
+fn ipv6_extension_headers_are_walked_within_a_bound() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let ext = [(NEXT_HOP_BY_HOP, 8), (NEXT_DEST_OPTS, 16)];
+    let syn = frame6_ext((CLIENT6, 40000), (VIP6, 80), &ext, L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse6_checked(&out);
+    assert!(backends6(8080).contains(&p.dst), "{:?}", p.dst);
+    assert_eq!(&out[14 + 40..14 + 40 + 24], &syn[14 + 40..14 + 40 + 24], "extension headers untouched");
+
+    let long = [(NEXT_HOP_BY_HOP, 8), (NEXT_DEST_OPTS, 8), (NEXT_ROUTING, 8), (NEXT_DEST_OPTS, 8), (NEXT_DEST_OPTS, 8)];
+    let syn = frame6_ext((CLIENT6, 40001), (VIP6, 80), &long, L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &syn));
+    assert_eq!(h.counter(Counter::PassExtHeaders), 1);
+}
+
+/// A large UDP datagram in IPv6 fragments: every fragment goes to the backend its first one
+/// chose, both ways.
+#[test]
+fn ipv6_fragments_follow_their_first_fragment_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let payload = big_payload();
+    let q = frame6((CLIENT6, 5000), (VIP6, 53), L4::Udp { zero_csum: false }, &payload);
+    let frags = fragment6(&q, 1232, 0x1234_5678);
+    assert!(frags.len() >= 3);
+    let mut out = Vec::new();
+    for (i, f) in frags.iter().enumerate() {
+        let (verdict, o) = h.run(f);
+        assert_eq!(verdict, TC_ACT_OK, "fragment {i}");
+        out.push(o);
+    }
+    let whole = reassemble6(&out);
+    let p = parse6_checked(&whole);
+    assert!(backends6(5353).contains(&p.dst), "{:?}", p.dst);
+    assert_eq!(p.src, (CLIENT6, 5000));
+    assert_eq!(h.counter(Counter::FragTranslated), frags.len() as u64 - 1);
+
+    let answer = frame6(p.dst, (CLIENT6, 5000), L4::Udp { zero_csum: false }, &payload);
+    let mut out = Vec::new();
+    for f in fragment6(&answer, 1232, 0x0bad_cafe) {
+        let (verdict, o) = h.run(&f);
+        assert_eq!(verdict, TC_ACT_OK);
+        out.push(o);
+    }
+    let r = parse6_checked(&reassemble6(&out));
+    assert_eq!((r.src, r.dst), ((VIP6, 53), (CLIENT6, 5000)));
+}
+
+/// Truncated IPv6 frames, at every length from a whole IPv6 header up to a whole SYN, pass
+/// unharmed and counted. (A payload length beyond the frame is not checked: GSO packets carry
+/// one that does not describe them, and the stack drops a real liar after tc.)
+/// (BPF_PROG_TEST_RUN refuses frames shorter than Ethernet + the 40-byte IPv6 header, as the
+/// stack would never hand them to tc.)
+#[test]
+fn truncated_ipv6_frames_pass_unharmed() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let cases: Vec<Vec<u8>> = (14 + 40..syn.len()).map(|len| syn[..len].to_vec()).collect();
+    for f in &cases {
+        let before = h.counter(Counter::PassMalformed);
+        let (verdict, out) = h.run(f);
+        assert_eq!((verdict, &out), (TC_ACT_UNSPEC, f), "{} bytes", f.len());
+        assert_eq!(h.counter(Counter::PassMalformed), before + 1, "{} bytes: counted as malformed", f.len());
+    }
+    assert_eq!(h.counter(Counter::FwdNewFlow), 0);
+}
