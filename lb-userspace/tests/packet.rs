@@ -1560,8 +1560,9 @@ fn ipv6_programs_pass_the_verifier() {
     let (cookie, node_ip) = (1u64, u32::from_ne_bytes([192, 168, 49, 2]));
     // A node address of each family, as the agent sets them: with zeros the verifier prunes
     // the SNAT paths as dead code.
+    let o = "fd00:c0a8:31::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
     let node_ip6: [u32; 4] =
-        unsafe { core::mem::transmute("fd00:c0a8:31::2".parse::<std::net::Ipv6Addr>().unwrap().octets()) };
+        std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
     let mut ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(&pin_dir)
         .override_global("NETNS_COOKIE", &cookie, true)
