@@ -15,7 +15,7 @@
 use std::{
     fmt::Write as _,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -26,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_tests::{
     packet::{frame, L4},
+    packet6::frame6,
     Lab, Node, Pod,
 };
 use lb_userspace::{
@@ -226,6 +227,24 @@ fn services(n: usize, affinity: bool) -> DesiredState {
     state
 }
 
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc0a8, 0x31, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaf4, 1, 0, 0, 0, 0, 5);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaf4, 1, 0, 0, 0, 0, 6);
+
+/// `syn` for IPv6: clients in fd00:80::/96.
+fn syn6(i: u32, dst: (Ipv6Addr, u16)) -> Vec<u8> {
+    let mut f = frame6((Ipv6Addr::new(0xfd00, 0x80, 0, 0, 0, 0, 0, 0), 10_000), dst, L4::Tcp { flags: 0x02 }, &[]);
+    set_flow6(&mut f, i);
+    f
+}
+
+/// `set_flow` for IPv6: the source address's last word and the source port.
+fn set_flow6(f: &mut [u8], i: u32) {
+    f[14 + 8 + 12..14 + 24].copy_from_slice(&(i >> 14).to_be_bytes());
+    f[54..56].copy_from_slice(&(10_000 + (i & 0x3fff) as u16).to_be_bytes());
+}
+
 /// The frame of a new flow `i` (a fresh client address and port for each i).
 fn syn(i: u32, dst: (Ipv4Addr, u16)) -> Vec<u8> {
     let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i >> 14));
@@ -307,8 +326,37 @@ struct Row {
 fn per_packet(opts: &Opts) -> Result<PerPacket> {
     let (repeat, singles, rounds) = if opts.quick { (100_000, 20_000, 3) } else { (1_000_000, 1_000_000, 5) };
     let node_ip = Ipv4Addr::new(192, 168, 49, 2);
-    let mut loaded = load("pp", Config { node_ip: Some(node_ip), ..Config::default() })?;
+    let mut loaded =
+        load("pp", Config { node_ip: Some(node_ip), node_ip6: Some(NODE_IP6), ipv6: true, ..Config::default() })?;
     let mut state = services(2, false);
+    // The IPv6 twins: a ClusterIP over three backends, a node port with a local backend.
+    state.services.insert(
+        Frontend::cluster_ip(VIP6, 80, Protocol::Tcp),
+        ServicePort {
+            name: "bench/svc6".into(),
+            backends: (0..3u16)
+                .map(|j| Endpoint {
+                    ip: Ipv6Addr::new(0xfd00, 0xaf4, 0, 0, 0, 0, 0, 2 + j).into(),
+                    port: 8080,
+                    local: j == 0,
+                })
+                .collect(),
+            ..Default::default()
+        },
+    );
+    state.services.insert(
+        Frontend::node_port_v6(30080, Protocol::Tcp),
+        ServicePort {
+            name: "bench/np6".into(),
+            backends: vec![Endpoint {
+                ip: Ipv6Addr::new(0xfd00, 0xaf4, 1, 0, 0, 0, 0, 11).into(),
+                port: 80,
+                local: true,
+            }],
+            external: true,
+            ..Default::default()
+        },
+    );
     // Service 1 with affinity; a node port whose only backend is local (no routing needed).
     let affinity_frontend = Frontend::cluster_ip(Ipv4Addr::new(10, 96, 0, 11), 80, Protocol::Tcp);
     state.services.get_mut(&affinity_frontend).expect("built above").affinity_timeout_s = Some(10_800);
@@ -325,7 +373,7 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
     if !report.errors.is_empty() {
         bail!("programming: {:?}", report.errors);
     }
-    loaded.dp.set_node_addresses(&[node_ip])?;
+    loaded.dp.set_node_addresses(&[IpAddr::from(node_ip), IpAddr::from(NODE_IP6)])?;
     let dp = &loaded.dp;
     let (empty_xdp, empty_tc) = dp.floor_programs();
     let (tc, xdp) = (dp.tc_program(), dp.xdp_program());
@@ -442,6 +490,64 @@ fn per_packet(opts: &Opts) -> Result<PerPacket> {
         what: "NodePort established flow",
         method: "single",
         ns: single(xdp, &np_ack, false, &mut off, single_empty_xdp, floor_xdp)?,
+        floor: floor_xdp,
+    });
+
+    // IPv6, the same packets: the IPv4 programs tail-call the IPv6 stages (a new flow passes
+    // the forward stage twice, around the new-flow stage).
+    let other6 = frame6((CLIENT6, 40000), (OTHER6, 80), L4::Tcp { flags: 0x10 }, b"x");
+    rows.push(Row {
+        hook: "tc",
+        what: "IPv6 pass-through, Service port, other address",
+        method: "repeat",
+        ns: by_repeat(tc, &other6, repeat, rounds)?,
+        floor: floor_tc,
+    });
+    let single6 = |p: &dyn Runnable, f: &[u8], fresh: bool, off: &mut u32, empty: f64, floor: f64| -> Result<f64> {
+        let mut buf_off = *off;
+        let ns = by_single_with(p, f, singles, rounds, &mut |buf| {
+            if fresh {
+                buf_off += 1;
+                set_flow6(buf, buf_off);
+            }
+        })?;
+        *off = buf_off;
+        Ok(floor + (ns - empty).max(0.0))
+    };
+    rows.push(Row {
+        hook: "tc",
+        what: "IPv6 new flow (SYN to a ClusterIP)",
+        method: "single",
+        ns: single6(tc, &syn6(0, (VIP6, 80)), true, &mut off, single_empty_tc, floor_tc)?,
+        floor: floor_tc,
+    });
+    let est6 = syn6(u32::MAX >> 2, (VIP6, 80));
+    tc.run(&est6, 1)?;
+    let mut est6_ack = est6.clone();
+    est6_ack[14 + 40 + 13] = 0x10;
+    rows.push(Row {
+        hook: "tc",
+        what: "IPv6 established flow (conntrack hit)",
+        method: "single",
+        ns: single6(tc, &est6_ack, false, &mut off, single_empty_tc, floor_tc)?,
+        floor: floor_tc,
+    });
+    rows.push(Row {
+        hook: "xdp",
+        what: "IPv6 NodePort new flow (local backend)",
+        method: "single",
+        ns: single6(xdp, &syn6(0, (NODE_IP6, 30080)), true, &mut off, single_empty_xdp, floor_xdp)?,
+        floor: floor_xdp,
+    });
+    let np6_est = syn6(u32::MAX >> 3, (NODE_IP6, 30080));
+    xdp.run(&np6_est, 1)?;
+    let mut np6_ack = np6_est.clone();
+    np6_ack[14 + 40 + 13] = 0x10;
+    rows.push(Row {
+        hook: "xdp",
+        what: "IPv6 NodePort established flow",
+        method: "single",
+        ns: single6(xdp, &np6_ack, false, &mut off, single_empty_xdp, floor_xdp)?,
         floor: floor_xdp,
     });
 

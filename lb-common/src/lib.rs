@@ -136,10 +136,19 @@ pub const TAIL_TC_NEW6: u32 = 2;
 pub const TAIL_TC_ICMP6: u32 = 3;
 pub const TAIL_TC_FWD6: u32 = 4;
 pub const TAIL_TC_REPLY6: u32 = 5;
-/// XDP has no tail calls (lb-ebpf ctx.rs); its constants only fill `Packet`'s.
+/// The XDP program's IPv6 stages, through `MAP_TAILS_XDP` (a program array serves one
+/// program type, so XDP has its own).
+pub const PROG_XDP6: &str = "lb_xdp6";
+pub const PROG_XDP_NEW6: &str = "lb_xdp_new6";
+pub const PROG_XDP_ICMP6: &str = "lb_xdp_icmp6";
+pub const PROG_XDP_FWD6: &str = "lb_xdp_fwd6";
+pub const PROG_XDP_REPLY6: &str = "lb_xdp_reply6";
+pub const MAP_TAILS_XDP: &str = "LB_TAILS_XDP";
 pub const TAIL_XDP6: u32 = 0;
-pub const TAIL_XDP_NEW6: u32 = 0;
-pub const TAIL_XDP_ICMP6: u32 = 0;
+pub const TAIL_XDP_NEW6: u32 = 1;
+pub const TAIL_XDP_ICMP6: u32 = 2;
+pub const TAIL_XDP_FWD6: u32 = 3;
+pub const TAIL_XDP_REPLY6: u32 = 4;
 
 pub const PROGS_SOCK: [&str; 8] = [
     "lb_sock_connect4",

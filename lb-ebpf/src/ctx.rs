@@ -164,9 +164,9 @@ pub trait Packet {
     /// Tail-calls this hook's program `index` (`lb_common::TAIL_*`); returns only if the
     /// table has no program there.
     fn tail_call(&self, index: u32);
-    /// A word that the IPv6 stages of one packet pass along their tail calls (`skb->cb[0]`,
-    /// the control block tc programs may use; tc leaves it as it finds it, so the first stage
-    /// clears it). XDP has no tail calls, and no such word.
+    /// A word that the IPv6 stages of one packet pass along their tail calls (at tc
+    /// `skb->cb[0]`, the control block tc programs may use; tc leaves it as it finds it, so the
+    /// first stage clears it).
     fn note(&self) -> u32;
     fn set_note(&self, v: u32);
 }
@@ -289,8 +289,8 @@ impl Packet for XdpContext {
     const HOOK: u32 = HOOK_XDP;
     const TAIL_NEW6: u32 = lb_common::TAIL_XDP_NEW6;
     const TAIL_ICMP6: u32 = lb_common::TAIL_XDP_ICMP6;
-    const TAIL_FWD6: u32 = 0;
-    const TAIL_REPLY6: u32 = 0;
+    const TAIL_FWD6: u32 = lb_common::TAIL_XDP_FWD6;
+    const TAIL_REPLY6: u32 = lb_common::TAIL_XDP_REPLY6;
     const UNTOUCHED: i32 = xdp_action::XDP_PASS as i32;
     const FORWARD: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
@@ -450,15 +450,26 @@ impl Packet for XdpContext {
         Self::UNTOUCHED
     }
 
-    /// No tail calls at XDP: the XDP program has subprograms (the compiler's memset and
-    /// memcpy), and the kernel refuses a tail call beside subprograms without BTF function
-    /// info, which the loader does not pass. IPv6 frames go on to tc's IPv6 program.
     #[inline(always)]
-    fn tail_call(&self, _index: u32) {}
+    fn tail_call(&self, index: u32) {
+        // SAFETY: as for tc, with XDP's own program array.
+        unsafe {
+            bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS_XDP) as *mut _, index);
+        }
+    }
+    /// XDP has no control block: the note lives in this CPU's scratch slot, which the stages
+    /// of one packet share (a tail call stays on its CPU). IPv6 stages only.
     #[inline(always)]
     fn note(&self) -> u32 {
-        0
+        match <[u32; 4] as crate::addr::Addr>::scratch() {
+            Some(s) => s.note,
+            None => 0,
+        }
     }
     #[inline(always)]
-    fn set_note(&self, _v: u32) {}
+    fn set_note(&self, v: u32) {
+        if let Some(s) = <[u32; 4] as crate::addr::Addr>::scratch() {
+            s.note = v;
+        }
+    }
 }

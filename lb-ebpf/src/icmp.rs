@@ -129,6 +129,12 @@ fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
         ctx.count(Counter::PassNotService);
         return P::UNTOUCHED;
     };
+    if w.route && A::FAMILY != FAMILY_IPV4 && P::HOOK == crate::ctx::HOOK_XDP {
+        // An IPv6 error that must be routed (from a remote backend of a SNATed node port)
+        // goes on to tc's ICMP stage, which routes it: compiled for XDP, LLVM spilled half of
+        // the route's stack address here, which the verifier refuses. Such errors are rare.
+        return ctx.defer();
+    }
     let route = if w.route {
         let proto = if A::FAMILY == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
         let Some(r) = ctx.route(w.outer_src, w.outer_dst, proto) else {

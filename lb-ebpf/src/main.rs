@@ -97,11 +97,41 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
     host_reply_of::<[u32; 4]>(&ctx)
 }
 
-/// XDP: IPv4 only for now (no tail calls at XDP, ctx.rs); IPv6 goes on to tc.
+/// XDP: IPv4 here, IPv6 in the stages below, reached by tail calls as at tc.
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     pipeline(&ctx, lb_common::TAIL_XDP6) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6(ctx: XdpContext) -> u32 {
+    family::<[u32; 4], XdpContext>(&ctx) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_fwd6(ctx: XdpContext) -> u32 {
+    forward_stage::<[u32; 4], XdpContext>(&ctx) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_reply6(ctx: XdpContext) -> u32 {
+    reply_stage::<[u32; 4], XdpContext>(&ctx) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_new6(ctx: XdpContext) -> u32 {
+    new_flow_stage::<[u32; 4], XdpContext>(&ctx) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_icmp6(ctx: XdpContext) -> u32 {
+    icmp_stage::<[u32; 4], XdpContext>(&ctx) as u32
 }
 
 #[cgroup_sock_addr(connect4)]

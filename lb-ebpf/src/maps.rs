@@ -131,8 +131,13 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 #[map(name = "LB_TAILS_TC")]
 pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
 
+/// The XDP program's IPv6 stages (`lb_common::TAIL_XDP*`), as `LB_TAILS_TC`.
+#[map(name = "LB_TAILS_XDP")]
+pub static LB_TAILS_XDP: ProgramArray = ProgramArray::pinned(5, 0);
+
 /// Room for IPv6's large temporaries: a flow's conntrack key and entry and its peer's (184
-/// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage. The
+/// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage; and at
+/// XDP, which has no control block, the note the stages of one packet pass along. The
 /// verifier's 512-byte stack, shared by a stage and the subprograms it calls, cannot hold
 /// them beside the rest of a stage. One slot per CPU: a program runs to its end on its CPU
 /// (tc and XDP in softirq, or with bottom halves off on the output path), and a tail call
@@ -150,4 +155,6 @@ pub struct Scratch<A> {
     pub peer_key: lb_common::CtKey<A>,
     pub peer_value: lb_common::CtValue<A>,
     pub icmp: crate::parse::IcmpError<A>,
+    /// `ctx::Packet::note` at XDP.
+    pub note: u32,
 }

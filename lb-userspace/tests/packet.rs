@@ -852,7 +852,8 @@ struct NetNsGuard {
 impl NetNsGuard {
     /// A namespace like a node's: `ext0` (192.168.49.2/24) towards the other node
     /// (192.168.49.3, which routes 10.244.2.0/24) and the outside client 192.168.49.100, both
-    /// with static neighbour entries; forwarding on.
+    /// with static neighbour entries; forwarding on; the same in IPv6 (`fd00:c0a8:31::2/64`,
+    /// `::3` routing `fd00:af4:2::/64`, the client `::64`).
     fn node() -> Self {
         let name = format!("lbpt{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let sh = |args: &[&str]| {
@@ -876,6 +877,37 @@ impl NetNsGuard {
         x(&["ip", "neigh", "add", "192.168.49.3", "lladdr", "02:00:00:00:00:03", "dev", "ext0", "nud", "permanent"]);
         x(&["ip", "neigh", "add", "192.168.49.100", "lladdr", "02:00:00:00:01:00", "dev", "ext0", "nud", "permanent"]);
         x(&["ip", "route", "add", "10.244.2.0/24", "via", "192.168.49.3"]);
+        // The IPv6 twins (`lb_tests::twin6`), without duplicate address detection so that the
+        // address is usable at once.
+        x(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        x(&["ip", "-6", "addr", "add", "fd00:c0a8:31::2/64", "dev", "ext0", "nodad"]);
+        x(&[
+            "ip",
+            "-6",
+            "neigh",
+            "add",
+            "fd00:c0a8:31::3",
+            "lladdr",
+            "02:00:00:00:00:03",
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ]);
+        x(&[
+            "ip",
+            "-6",
+            "neigh",
+            "add",
+            "fd00:c0a8:31::64",
+            "lladdr",
+            "02:00:00:00:01:00",
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ]);
+        x(&["ip", "-6", "route", "add", "fd00:af4:2::/64", "via", "fd00:c0a8:31::3"]);
         let original = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
         let target = std::fs::File::open(format!("/run/netns/{name}")).expect("new netns");
         use std::os::fd::AsRawFd;
@@ -1545,7 +1577,7 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
 }
 
-/// The IPv6 programs load (they are tail-called by the IPv4 ones for IPv6 frames).
+/// The IPv6 programs of both hooks load (they are tail-called by the IPv4 ones for IPv6 frames).
 #[test]
 fn ipv6_programs_pass_the_verifier() {
     if !privileged() {
@@ -1578,10 +1610,18 @@ fn ipv6_programs_pass_the_verifier() {
         lb_common::PROG_TC_ICMP6,
         lb_common::PROG_TC_FWD6,
         lb_common::PROG_TC_REPLY6,
+        lb_common::PROG_XDP6,
+        lb_common::PROG_XDP_NEW6,
+        lb_common::PROG_XDP_ICMP6,
+        lb_common::PROG_XDP_FWD6,
+        lb_common::PROG_XDP_REPLY6,
     ] {
-        let prog: &mut aya::programs::SchedClassifier =
-            ebpf.program_mut(name).expect(name).try_into().expect("a tc program");
-        if let Err(aya::programs::ProgramError::LoadError { verifier_log, .. }) = prog.load() {
+        let loaded = match ebpf.program_mut(name).expect(name) {
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            aya::programs::Program::Xdp(p) => p.load(),
+            _ => panic!("{name}: neither tc nor XDP"),
+        };
+        if let Err(aya::programs::ProgramError::LoadError { verifier_log, .. }) = loaded {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(12).collect();
             refused.push(format!("{name}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));

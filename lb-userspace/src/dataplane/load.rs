@@ -288,6 +288,17 @@ fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
         p.load()?;
         fds.push((MAP_TAILS_TC, index, dup(name, p.fd()?)?));
     }
+    for (name, index) in [
+        (PROG_XDP6, TAIL_XDP6),
+        (PROG_XDP_NEW6, TAIL_XDP_NEW6),
+        (PROG_XDP_ICMP6, TAIL_XDP_ICMP6),
+        (PROG_XDP_FWD6, TAIL_XDP_FWD6),
+        (PROG_XDP_REPLY6, TAIL_XDP_REPLY6),
+    ] {
+        let p: &mut Xdp = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+        p.load()?;
+        fds.push((MAP_TAILS_XDP, index, dup(name, p.fd()?)?));
+    }
     for (table, index, fd) in &fds {
         let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
         let mut tails = ProgramArray::try_from(map).map_err(super::maps::map_err(table))?;

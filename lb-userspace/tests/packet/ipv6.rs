@@ -253,3 +253,104 @@ fn truncated_ipv6_frames_pass_unharmed() {
     }
     assert_eq!(h.counter(Counter::FwdNewFlow), 0);
 }
+
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc0a8, 0x31, 0, 0, 0, 0, 2);
+const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xc0a8, 0x31, 0, 0, 0, 0, 0x64);
+const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaf4, 1, 0, 0, 0, 0, 0xb);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaf4, 2, 0, 0, 0, 0, 0x15);
+
+/// IPv6 node ports of this node (node-a): one to a local pod, one to a pod of node-b.
+const EDGE6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np6-local}
+spec: {type: NodePort, clusterIP: "fd00:96::1:1", clusterIPs: ["fd00:96::1:1"], ipFamilies: [IPv6], ports: [{port: 8080, targetPort: 80, nodePort: 30080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np6-local-1, labels: {kubernetes.io/service-name: np6-local}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00:af4:1::b"], nodeName: node-a}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np6-remote}
+spec: {type: NodePort, clusterIP: "fd00:96::1:2", clusterIPs: ["fd00:96::1:2"], ipFamilies: [IPv6], ports: [{port: 8080, targetPort: 80, nodePort: 30081}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np6-remote-1, labels: {kubernetes.io/service-name: np6-remote}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00:af4:2::15"], nodeName: node-b}]
+"#;
+
+/// `edge` for IPv6: the node's datapath with its IPv6 stages, in a node-like namespace.
+fn edge6() -> (Harness, NetNsGuard) {
+    let ns = NetNsGuard::node();
+    let config = Config { node_ip: Some(NODE_IP), node_ip6: Some(NODE_IP6), ipv6: true, ..Config::default() };
+    let mut h = Harness::with_config(EDGE6, config);
+    h.dp.set_node_addresses(&[std::net::IpAddr::from(NODE_IP), NODE_IP6.into()]).unwrap();
+    h.allow_xdp_send("ext0");
+    (h, ns)
+}
+
+/// XDP's IPv6 stages: a node port from outside to a local pod is translated ahead of the stack
+/// (DNAT only, the client's address kept), and the pod's reply is restored at tc.
+#[test]
+fn xdp_ipv6_node_port_to_a_local_backend_is_dnat_only() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge6();
+    let syn = frame6((OUTSIDE6, 40000), (NODE_IP6, 30080), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_xdp(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    let p = parse6_checked(&out);
+    assert_eq!((p.src, p.dst), ((OUTSIDE6, 40000), (LOCAL_POD6, 80)));
+    assert_eq!(h.xdp_counter(Counter::FwdNewFlow), 1);
+    assert_eq!(h.xdp_counter(Counter::FwdSnat), 0);
+    // The next packet finds the flow at XDP.
+    let (verdict, out) = h.run_xdp(&frame6((OUTSIDE6, 40000), (NODE_IP6, 30080), L4::Tcp { flags: ACK }, b"x"));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(parse6_checked(&out).dst, (LOCAL_POD6, 80));
+    assert_eq!(h.xdp_counter(Counter::FwdTracked), 1);
+
+    // The pod's reply, at tc on its veth, leaves from the node port, routed by tc (its source
+    // is a node address now).
+    let (verdict, out) = h.run(&frame6((LOCAL_POD6, 80), (OUTSIDE6, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((NODE_IP6, 30080), (OUTSIDE6, 40000)));
+}
+
+/// A node port from outside to a pod of another node: SNATed to the node's IPv6 address and
+/// sent on from XDP, hop limit decremented; the backend's reply is restored and sent back out
+/// from XDP as well.
+#[test]
+fn xdp_ipv6_node_port_to_a_remote_backend_is_snated_and_replies_are_restored() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge6();
+    let syn = frame6((OUTSIDE6, 40000), (NODE_IP6, 30081), L4::Tcp { flags: SYN }, b"payload");
+    let (verdict, out) = h.run_xdp(&syn);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "sent straight on to the backend's node: {verdict}");
+    assert_eq!(&out[..6], &REMOTE_NODE_MAC, "to the next hop's MAC");
+    assert_eq!(&out[6..12], &EXT0_MAC, "from the egress interface's MAC");
+    let p = parse6_checked(&out);
+    assert_eq!(p.dst, (REMOTE_POD6, 80));
+    assert_eq!(p.src.0, NODE_IP6, "SNAT to the node so the reply comes back here");
+    assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&p.src.1), "{}", p.src.1);
+    assert_eq!(p.hop_limit, 63, "routed here: the hop limit goes down by one");
+    assert_eq!(h.xdp_counter(Counter::FwdSnat), 1);
+
+    let reply = frame6(p.dst, p.src, L4::Tcp { flags: SYN_ACK }, &[]);
+    let (verdict, out) = h.run_xdp(&reply);
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+    assert_eq!(&out[..6], &CLIENT_MAC_ON_WIRE);
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((NODE_IP6, 30081), (OUTSIDE6, 40000)));
+    assert_eq!(h.xdp_counter(Counter::ReplyTranslated), 1);
+}
