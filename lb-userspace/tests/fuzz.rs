@@ -12,17 +12,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{ProgramError, TestRun, TestRunOptions},
-};
-use lb_common::{FragKey, FragValue, COUNTER_MAX, MAP_FRAGMENTS};
-use lb_tests::fuzz::{self, world, Backend, Counters, Datapath, Frontend, Hook, NodeNs, RunError, World};
-use lb_userspace::{
-    dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
-    manifests,
-    model::{translate, Cidr, DesiredState, NodeInfo, Scope, ServicePort},
-};
+use lb_tests::fuzz::{self, world, Counters, Datapath, Hook, NodeNs, RunError, World};
 
 const FRAMES: u64 = 1_000_000;
 
@@ -36,86 +26,9 @@ fn privileged() -> bool {
     false
 }
 
-/// The datapath under test, under its own pin directory (removed on drop).
-struct Loaded {
-    dp: Dataplane,
-    pin: PathBuf,
-    maps: Maps,
-    frags: HashMap<MapData, FragKey, FragValue>,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin);
-    }
-}
-
-/// Lifetimes far beyond the test's duration and a conntrack LRU with room for an epoch of
-/// flows: nothing the model relies on expires or is evicted.
-fn config() -> Config {
-    let day = 86_400;
-    let timeouts = Timeouts {
-        tcp_syn_s: day,
-        tcp_established_s: day,
-        tcp_fin_wait_s: day,
-        tcp_last_ack_s: day,
-        tcp_time_wait_s: day,
-        tcp_close_s: day,
-        udp_s: day,
-    };
-    Config {
-        timeouts,
-        sizes: MapSizes { conntrack_new: 262_144, ..MapSizes::default() },
-        node_ip: Some(world::NODE_IP),
-        ..Config::default()
-    }
-}
-
-fn desired() -> DesiredState {
-    let (objects, errors) = manifests::parse(&[(PathBuf::from("fuzz.yaml"), world::WORLD_YAML.to_string())]);
-    assert!(errors.is_empty(), "{errors:?}");
-    let t = translate(&objects.services, &objects.slices, &NodeInfo::named(world::NODE_NAME));
-    assert!(t.errors.is_empty(), "{:?}", t.errors);
-    t.state
-}
-
-/// The fuzz world is IPv4 only (the IPv6 datapath is not loaded by default).
-fn v4(ip: std::net::IpAddr) -> Ipv4Addr {
-    match ip {
-        std::net::IpAddr::V4(a) => a,
-        std::net::IpAddr::V6(a) => panic!("the fuzz world has no IPv6 address, got {a}"),
-    }
-}
-
-/// The model's view of one frontend the translation produced.
-fn frontend(f: &lb_userspace::model::Frontend, sp: &ServicePort) -> Frontend {
-    Frontend {
-        ip: (f.scope != Scope::NodePort).then_some(v4(f.ip)),
-        port: f.port,
-        proto: f.protocol.number(),
-        backends: sp.backends.iter().map(|e| Backend { ip: v4(e.ip), port: e.port, local: e.local }).collect(),
-        external: sp.external,
-        local_only: sp.local_only,
-        source_ranges: sp.source_ranges.iter().map(|c| (v4(c.addr), c.len)).collect(),
-        affinity: sp.affinity_timeout_s.is_some(),
-        name: sp.name.clone(),
-        from_cluster: None,
-    }
-}
-
-/// The model's view of what was applied: every frontend the datapath has a key for.
-fn world_of(state: &DesiredState) -> World {
-    let frontends = state
-        .services
-        .iter()
-        .filter(|(f, _)| !f.is_from_cluster())
-        .map(|(f, sp)| {
-            let companion = f.from_cluster().and_then(|c| state.services.get(&c));
-            Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
-        })
-        .collect();
-    World::new(frontends)
-}
+#[path = "fuzz/harness.rs"]
+mod harness;
+use harness::{config, Loaded};
 
 fn load(ns: &NodeNs) -> (Loaded, World) {
     // Tests of this file run in parallel threads of one process: a pin directory each.
@@ -125,32 +38,7 @@ fn load(ns: &NodeNs) -> (Loaded, World) {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_dir_all(&pin);
-    let config = config();
-    let mut dp = Dataplane::load(&pin, &config).expect("loading the datapath");
-    // The agent's collector keeps walking the assured table on its own thread, as on a node:
-    // with lifetimes of a day it must find nothing to collect while the packets run.
-    let state = desired();
-    let report = dp.apply(&state);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    let node_addrs: Vec<Ipv4Addr> = World::new(Vec::new()).node_addrs;
-    dp.set_node_addresses(&node_addrs).expect("node addresses");
-    let (addr, len) = world::CLUSTER_CIDR;
-    dp.set_local_sources(&[Cidr { addr: std::net::IpAddr::V4(addr), len }]).expect("LB_LOCAL_SOURCES");
-    let mut maps = Maps::open_pinned(&pin).expect("opening pinned maps");
-    // ext0 takes native XDP frames, as the agent lists a driver with ndo_xdp_xmit.
-    maps.xdp_targets.insert(ns.ifindex("ext0").expect("ext0"), 1, 0).expect("LB_XDP_TARGETS");
-    let data = MapData::from_pin(pin.join(MAP_FRAGMENTS)).expect("LB_FRAGMENTS");
-    let frags = HashMap::try_from(Map::from_map_data(data).expect("LB_FRAGMENTS")).expect("LB_FRAGMENTS");
-    (Loaded { dp, pin, maps, frags }, world_of(&state))
-}
-
-fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(), String> {
-    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
-    for k in keys {
-        map.remove(&k).map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    harness::load(ns, pin).unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Loaded {
@@ -193,39 +81,6 @@ impl Loaded {
             self.maps.conntrack_new.keys().count(),
             lines.join("\n")
         )
-    }
-}
-
-impl Datapath for Loaded {
-    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
-        let res = match hook {
-            Hook::Tc => self.dp.tc_program().test_run(opts),
-            Hook::Xdp => self.dp.xdp_program().test_run(opts),
-        };
-        match res {
-            Ok(r) => Ok((r.return_value, r.data_size_out as usize)),
-            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
-            Err(e) => Err(RunError::Failed(e.to_string())),
-        }
-    }
-
-    fn counters(&mut self) -> Result<Counters, String> {
-        let mut c = [[0u64; COUNTER_MAX as usize]; 2];
-        for (h, hook) in c.iter_mut().enumerate() {
-            for (i, v) in hook.iter_mut().enumerate() {
-                let index = h as u32 * COUNTER_MAX + i as u32;
-                *v = self.maps.stats.get(&index, 0).map_err(|e| e.to_string())?.iter().sum();
-            }
-        }
-        Ok(c)
-    }
-
-    fn clear_flows(&mut self) -> Result<(), String> {
-        clear(&mut self.maps.conntrack)?;
-        clear(&mut self.maps.conntrack_new)?;
-        clear(&mut self.maps.affinity)?;
-        clear(&mut self.frags)
     }
 }
 

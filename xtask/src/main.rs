@@ -1,5 +1,6 @@
 //! `cargo xtask setup|test|demo|k8s|lab`: everything a fresh machine needs, from the README's two
 //! commands. All of it needs root (BPF, network namespaces, apt).
+mod baseline;
 mod demo;
 mod k8s;
 mod kind;
@@ -49,6 +50,15 @@ enum Cmd {
         /// Short runs and small sizes (under two minutes), for CI: keeps the bench from rotting.
         #[arg(long)]
         quick: bool,
+    },
+    /// The per-packet section of this tree and of an older revision, built side by side and
+    /// run alternately: a same-run comparison (bench/results/baseline.md).
+    BenchBaseline {
+        /// The revision to compare with (a commit, tag or branch).
+        rev: String,
+        /// Alternating runs of each side.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
 }
 
@@ -104,6 +114,10 @@ fn main() -> Result<()> {
             setup::setup()?;
             build()?;
             demo::demo()
+        }
+        Cmd::BenchBaseline { rev, runs } => {
+            setup::setup()?;
+            baseline::baseline(&rev, runs)
         }
         Cmd::Bench { quick } => {
             setup::setup()?;

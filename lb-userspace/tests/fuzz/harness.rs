@@ -1,0 +1,169 @@
+//! The datapath side of the fuzz runs: the real programs loaded under a pin directory of their
+//! own, maps filled by the real translation of `lb_tests::fuzz::world::WORLD_YAML`, and the
+//! `Datapath` the fuzzer of `lb_tests::fuzz` drives. One file for the fuzz test
+//! (`lb-userspace/tests/fuzz.rs`) and the bench's fuzz section (`bench/src/fuzz.rs`), which
+//! both include it by path: the fuzzer lives in `lb-tests`, which cannot depend on
+//! `lb-userspace` (whose tests depend on it).
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{ProgramError, TestRun, TestRunOptions},
+};
+use lb_common::{FragKey, FragValue, COUNTER_MAX, MAP_FRAGMENTS};
+use lb_tests::fuzz::{world, Backend, Counters, Datapath, Frontend, Hook, NodeNs, RunError, World};
+use lb_userspace::{
+    dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
+    manifests,
+    model::{translate, Cidr, DesiredState, NodeInfo, Scope, ServicePort},
+};
+
+/// The datapath under test, under its own pin directory (removed on drop).
+pub struct Loaded {
+    pub dp: Dataplane,
+    pub pin: PathBuf,
+    pub maps: Maps,
+    pub frags: HashMap<MapData, FragKey, FragValue>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+/// Lifetimes far beyond a run's duration and a conntrack LRU with room for an epoch of
+/// flows: nothing the model relies on expires or is evicted.
+pub fn config() -> Config {
+    let day = 86_400;
+    let timeouts = Timeouts {
+        tcp_syn_s: day,
+        tcp_established_s: day,
+        tcp_fin_wait_s: day,
+        tcp_last_ack_s: day,
+        tcp_time_wait_s: day,
+        tcp_close_s: day,
+        udp_s: day,
+    };
+    Config {
+        timeouts,
+        sizes: MapSizes { conntrack_new: 262_144, ..MapSizes::default() },
+        node_ip: Some(world::NODE_IP),
+        ..Config::default()
+    }
+}
+
+fn desired() -> Result<DesiredState, String> {
+    let (objects, errors) = manifests::parse(&[(PathBuf::from("fuzz.yaml"), world::WORLD_YAML.to_string())]);
+    if !errors.is_empty() {
+        return Err(format!("the fuzz world's YAML: {errors:?}"));
+    }
+    let t = translate(&objects.services, &objects.slices, &NodeInfo::named(world::NODE_NAME));
+    if !t.errors.is_empty() {
+        return Err(format!("translating the fuzz world: {:?}", t.errors));
+    }
+    Ok(t.state)
+}
+
+/// The fuzz world is IPv4 only (its datapath is loaded without the IPv6 programs).
+fn v4(ip: std::net::IpAddr) -> Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("the fuzz world has no IPv6 address, got {a}"),
+    }
+}
+
+/// The model's view of one frontend the translation produced.
+fn frontend(f: &lb_userspace::model::Frontend, sp: &ServicePort) -> Frontend {
+    Frontend {
+        ip: (f.scope != Scope::NodePort).then_some(v4(f.ip)),
+        port: f.port,
+        proto: f.protocol.number(),
+        backends: sp.backends.iter().map(|e| Backend { ip: v4(e.ip), port: e.port, local: e.local }).collect(),
+        external: sp.external,
+        local_only: sp.local_only,
+        source_ranges: sp.source_ranges.iter().map(|c| (v4(c.addr), c.len)).collect(),
+        affinity: sp.affinity_timeout_s.is_some(),
+        name: sp.name.clone(),
+        from_cluster: None,
+    }
+}
+
+/// The model's view of what was applied: every frontend the datapath has a key for.
+fn world_of(state: &DesiredState) -> World {
+    let frontends = state
+        .services
+        .iter()
+        .filter(|(f, _)| !f.is_from_cluster())
+        .map(|(f, sp)| {
+            let companion = f.from_cluster().and_then(|c| state.services.get(&c));
+            Frontend { from_cluster: companion.map(|c| Box::new(frontend(f, c))), ..frontend(f, sp) }
+        })
+        .collect();
+    World::new(frontends)
+}
+
+/// Loads the datapath under `pin` (inside `ns`, the fuzzer's node namespace) and programs the
+/// fuzz world. The agent's collector keeps walking the assured table on its own thread, as on
+/// a node: with lifetimes of a day it must find nothing to collect while the packets run.
+pub fn load(ns: &NodeNs, pin: PathBuf) -> Result<(Loaded, World), String> {
+    let _ = std::fs::remove_dir_all(&pin);
+    let mut dp = Dataplane::load(&pin, &config()).map_err(|e| format!("loading the datapath: {e}"))?;
+    let state = desired()?;
+    let report = dp.apply(&state);
+    if !report.errors.is_empty() {
+        return Err(format!("applying the fuzz world: {:?}", report.errors));
+    }
+    let node_addrs: Vec<Ipv4Addr> = World::new(Vec::new()).node_addrs;
+    dp.set_node_addresses(&node_addrs).map_err(|e| format!("node addresses: {e}"))?;
+    let (addr, len) = world::CLUSTER_CIDR;
+    dp.set_local_sources(&[Cidr { addr: std::net::IpAddr::V4(addr), len }])
+        .map_err(|e| format!("LB_LOCAL_SOURCES: {e}"))?;
+    let mut maps = Maps::open_pinned(&pin).map_err(|e| format!("opening pinned maps: {e}"))?;
+    // ext0 takes native XDP frames, as the agent lists a driver with ndo_xdp_xmit.
+    maps.xdp_targets.insert(ns.ifindex("ext0")?, 1, 0).map_err(|e| format!("LB_XDP_TARGETS: {e}"))?;
+    let frags = MapData::from_pin(pin.join(MAP_FRAGMENTS))
+        .map_err(|e| e.to_string())
+        .and_then(|d| Map::from_map_data(d).map_err(|e| e.to_string()))
+        .and_then(|m| HashMap::try_from(m).map_err(|e| e.to_string()))
+        .map_err(|e| format!("LB_FRAGMENTS: {e}"))?;
+    Ok((Loaded { dp, pin, maps, frags }, world_of(&state)))
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(), String> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    keys.iter().try_for_each(|k| map.remove(k).map_err(|e| e.to_string()))
+}
+
+impl Datapath for Loaded {
+    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
+        let res = match hook {
+            Hook::Tc => self.dp.tc_program().test_run(opts),
+            Hook::Xdp => self.dp.xdp_program().test_run(opts),
+        };
+        match res {
+            Ok(r) => Ok((r.return_value, r.data_size_out as usize)),
+            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
+            Err(e) => Err(RunError::Failed(e.to_string())),
+        }
+    }
+
+    fn counters(&mut self) -> Result<Counters, String> {
+        let mut c = [[0u64; COUNTER_MAX as usize]; 2];
+        for (h, hook) in c.iter_mut().enumerate() {
+            for (i, v) in hook.iter_mut().enumerate() {
+                let index = h as u32 * COUNTER_MAX + i as u32;
+                *v = self.maps.stats.get(&index, 0).map_err(|e| e.to_string())?.iter().sum();
+            }
+        }
+        Ok(c)
+    }
+
+    fn clear_flows(&mut self) -> Result<(), String> {
+        clear(&mut self.maps.conntrack)?;
+        clear(&mut self.maps.conntrack_new)?;
+        clear(&mut self.maps.affinity)?;
+        clear(&mut self.frags)
+    }
+}

@@ -1,0 +1,112 @@
+//! `cargo xtask bench-baseline REV`: lb-bench's per-packet section (section 1) for this tree
+//! and for an older revision, built side by side and run alternately on this machine, so that
+//! what a change costs the rows that were there before is a same-run comparison (issue 12:
+//! IPv4's figures within 5% of what they were before IPv6). The revision is checked out as a
+//! git worktree under `target/baseline/` and built there with its own target directory.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{k8s::target_dir, run, workspace_root};
+
+/// Builds `lb-bench` of `rev` and of this tree, runs both `runs` times alternately and writes
+/// `bench/results/baseline.md`.
+pub fn baseline(rev: &str, runs: usize) -> Result<()> {
+    let root = workspace_root();
+    let base_dir = target_dir().join("baseline");
+    let tree = base_dir.join("tree");
+    if tree.exists() {
+        run(Command::new("git").current_dir(&root).args(["worktree", "remove", "--force"]).arg(&tree))
+            .context("removing the previous baseline worktree")?;
+    }
+    std::fs::create_dir_all(&base_dir).with_context(|| format!("creating {}", base_dir.display()))?;
+    run(Command::new("git").current_dir(&root).args(["worktree", "add", "--detach"]).arg(&tree).arg(rev))
+        .with_context(|| format!("checking out {rev}"))?;
+    let commit = String::from_utf8(
+        Command::new("git").current_dir(&tree).args(["rev-parse", "--short", "HEAD"]).output()?.stdout,
+    )?
+    .trim()
+    .to_string();
+    let build = |dir: &Path, target: &Path| {
+        run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(dir)
+            .env("CARGO_TARGET_DIR", target)
+            .args(["build", "--release", "-p", "lb-bench", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))
+    };
+    build(&tree, &base_dir.join("target")).with_context(|| format!("building {rev}"))?;
+    build(&root, &target_dir()).context("building this tree")?;
+
+    // (hook, packet) -> ns per run, for each side.
+    let mut rows: BTreeMap<(String, String), [Vec<f64>; 2]> = BTreeMap::new();
+    for i in 0..runs {
+        for (side, target) in [(0, base_dir.join("target")), (1, target_dir())] {
+            let out = base_dir.join(format!("out-{side}-{i}"));
+            let _ = std::fs::remove_dir_all(&out);
+            let bin = target.join("release");
+            run(Command::new(bin.join("lb-bench"))
+                .current_dir(if side == 0 { &tree } else { &root })
+                .env("LB_BIN", bin.join("lb"))
+                .env("PODSERVER_BIN", bin.join("podserver"))
+                .args(["--only", "packet", "--out"])
+                .arg(&out))
+            .with_context(|| format!("lb-bench run {i} of {}", if side == 0 { rev } else { "this tree" }))?;
+            for (key, ns) in section_one(&out)? {
+                rows.entry(key).or_default()[side].push(ns);
+            }
+        }
+    }
+
+    let mut md = format!(
+        "# Same-run comparison with {rev} ({commit})\n\nlb-bench section 1 (per-packet cost, BPF_PROG_TEST_RUN) of {rev} and of this tree, built side by side and run alternately {runs} times on this machine; medians of the runs. Rows only one side has are listed with the other side empty.\n\n| hook | packet | {rev} ns | this tree ns | change |\n|---|---|---:|---:|---:|\n"
+    );
+    let mut worst: f64 = 0.0;
+    for ((hook, what), [base, head]) in &rows {
+        let (b, h) = (median(base), median(head));
+        let change = match (b, h) {
+            (Some(b), Some(h)) if !what.contains("floor") => {
+                let c = h / b - 1.0;
+                worst = worst.max(c);
+                format!("{:+.1}%", c * 100.0)
+            }
+            _ => String::new(),
+        };
+        let show = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1}"));
+        writeln!(md, "| {hook} | {what} | {} | {} | {change} |", show(b), show(h))?;
+    }
+    writeln!(md, "\nLargest increase over {rev} on a row both sides have: {:+.1}%.", worst * 100.0)?;
+    let path = root.join("bench/results/baseline.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("bench-baseline: written {}", path.display());
+    run(Command::new("git").current_dir(&root).args(["worktree", "remove", "--force"]).arg(&tree))
+        .context("removing the baseline worktree")?;
+    Ok(())
+}
+
+/// The rows of section 1 in the markdown lb-bench wrote to `out`: (hook, packet) -> ns/packet.
+fn section_one(out: &Path) -> Result<Vec<((String, String), f64)>> {
+    let md = std::fs::read_dir(out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .with_context(|| format!("no results in {}", out.display()))?;
+    let text = std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?;
+    let Some(start) = text.find("## 1.") else {
+        bail!("{}: no section 1", md.display());
+    };
+    let mut rows = Vec::new();
+    for line in text[start..].lines().skip(1).take_while(|l| !l.starts_with("## ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | hook | packet | method | ns/packet | ...
+        if cells.len() > 5 && (cells[1] == "tc" || cells[1] == "xdp") {
+            if let Ok(ns) = cells[4].parse::<f64>() {
+                rows.push(((cells[1].to_string(), cells[2].to_string()), ns));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| v[v.len() / 2])
+}
