@@ -284,6 +284,25 @@ metadata: {name: np6-remote-1, labels: {kubernetes.io/service-name: np6-remote}}
 addressType: IPv6
 ports: [{port: 80}]
 endpoints: [{addresses: ["fd00:af4:2::15"], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb6}
+spec:
+  type: LoadBalancer
+  clusterIP: "fd00:96::1:5"
+  clusterIPs: ["fd00:96::1:5"]
+  ipFamilies: [IPv6]
+  loadBalancerSourceRanges: ["fd00:c0a8:31::60/124"]
+  ports: [{port: 8080, targetPort: 80, nodePort: 30088}]
+status: {loadBalancer: {ingress: [{ip: "fd00:c0a8:31::c8"}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb6-1, labels: {kubernetes.io/service-name: lb6}}
+addressType: IPv6
+ports: [{port: 80}]
+endpoints: [{addresses: ["fd00:af4:2::15"], nodeName: node-b}]
 "#;
 
 /// `edge` for IPv6: the node's datapath with its IPv6 stages, in a node-like namespace.
@@ -353,4 +372,51 @@ fn xdp_ipv6_node_port_to_a_remote_backend_is_snated_and_replies_are_restored() {
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((NODE_IP6, 30081), (OUTSIDE6, 40000)));
     assert_eq!(h.xdp_counter(Counter::ReplyTranslated), 1);
+}
+
+/// `loadBalancerSourceRanges` with an IPv6 CIDR: a client inside it reaches the LoadBalancer
+/// IP, one outside is dropped, and the node port stays open to both (every bit of the IPv6
+/// source takes part in the range lookup).
+#[test]
+fn xdp_ipv6_load_balancer_ip_admits_only_its_source_ranges() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge6();
+    let lb_ip: Ipv6Addr = "fd00:c0a8:31::c8".parse().unwrap();
+    let (verdict, out) = h.run_xdp(&frame6((OUTSIDE6, 40000), (lb_ip, 8080), L4::Tcp { flags: SYN }, &[]));
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "{verdict}");
+    assert_eq!(parse6_checked(&out).dst, (REMOTE_POD6, 80));
+
+    let outsider: Ipv6Addr = "fd00:c0a8:31::96".parse().unwrap();
+    let (verdict, _) = h.run_xdp(&frame6((outsider, 40000), (lb_ip, 8080), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.xdp_counter(Counter::DropSourceRange), 1);
+    let (verdict, out) = h.run_xdp(&frame6((outsider, 40000), (NODE_IP6, 30088), L4::Tcp { flags: SYN }, &[]));
+    assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "the node port ignores the ranges: {verdict}");
+    assert_eq!(parse6_checked(&out).dst, (REMOTE_POD6, 80));
+}
+
+/// A pod reaching itself through an IPv6 ClusterIP is SNATed to the IPv6 hairpin address
+/// (fd00:6c62::1), or its reply would never leave it.
+#[test]
+fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let me: Ipv6Addr = BACKENDS6[0].parse().unwrap();
+    let hairpin: Ipv6Addr = "fd00:6c62::1".parse().unwrap();
+    // The hash picks among three backends: a few source ports until one lands on this pod.
+    let Some((port, p)) = (40000..40100).find_map(|port| {
+        let (_, out) = h.run(&frame6((me, port), (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+        let p = parse6_checked(&out);
+        (p.dst == (me, 8080)).then_some((port, p))
+    }) else {
+        panic!("no source port of 100 chose the pod itself");
+    };
+    assert_eq!(p.src, (hairpin, port), "the pod must see another address than its own");
+    let (_, out) = h.run(&frame6((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((VIP6, 80), (me, port)));
 }
