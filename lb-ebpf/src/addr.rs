@@ -74,10 +74,11 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     fn ct_new() -> &'static CtNew<Self>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
-    /// This CPU's scratch slot for conntrack temporaries (`maps::LB_SCRATCH6`); IPv6 only,
-    /// IPv4's fit its stack. `None` never happens for IPv6 (a per-CPU array's slot 0 exists),
-    /// but the verifier wants the check.
-    fn scratch() -> Option<&'static mut Scratch<Self>>;
+    /// This CPU's scratch slot (`maps::LB_SCRATCH6`); IPv6 only, IPv4's temporaries fit its
+    /// stack. Null for IPv4, and never for IPv6 (a per-CPU array's slot 0 exists), but the
+    /// verifier wants the check. A raw pointer: its users borrow one field each, never the
+    /// whole slot, so that two of them may hold different fields at once.
+    fn scratch() -> *mut Scratch<Self>;
 }
 
 /// Ones' complement addition of 32-bit partial sums (the kernel's `csum_add`).
@@ -143,8 +144,8 @@ impl Addr for u32 {
         unsafe { core::ptr::read_volatile(&HAIRPIN_IP) }
     }
     #[inline(always)]
-    fn scratch() -> Option<&'static mut Scratch<Self>> {
-        None
+    fn scratch() -> *mut Scratch<Self> {
+        core::ptr::null_mut()
     }
 }
 
@@ -210,8 +211,7 @@ impl Addr for [u32; 4] {
         unsafe { core::ptr::read_volatile(&HAIRPIN_IP6) }
     }
     #[inline(always)]
-    fn scratch() -> Option<&'static mut Scratch<Self>> {
-        // SAFETY: a map value stays valid while the program runs; one use at a time per CPU.
-        LB_SCRATCH6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    fn scratch() -> *mut Scratch<Self> {
+        LB_SCRATCH6.get_ptr_mut(0).unwrap_or(core::ptr::null_mut())
     }
 }

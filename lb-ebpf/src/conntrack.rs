@@ -134,14 +134,27 @@ fn with_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, f: impl FnOnce(&CtKey<A>, &m
     let (pk, pv) = if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         on_stack = ct_peer(k, e);
         (&on_stack.0, &mut on_stack.1)
-    } else if let Some(s) = A::scratch() {
-        ct_peer_into(k, e, &mut s.peer_key, &mut s.peer_value);
-        (&s.peer_key, &mut s.peer_value)
     } else {
-        return;
+        let Some((pk, pv)) = scratch_peer::<A>() else {
+            return;
+        };
+        ct_peer_into(k, e, pk, pv);
+        (&*pk, pv)
     };
     // One call site, or LLVM may keep a large `f` out of line, a subprogram in IPv4's path.
     f(pk, pv)
+}
+
+/// The peer fields of this CPU's scratch slot (IPv6).
+#[inline(always)]
+fn scratch_peer<A: Addr>() -> Option<(&'static mut CtKey<A>, &'static mut CtValue<A>)> {
+    let s = A::scratch();
+    if s.is_null() {
+        return None;
+    }
+    // SAFETY: this CPU's slot, valid while the program runs; only these two fields are
+    // borrowed, and one packet's stages use them one after another, never nested.
+    unsafe { Some((&mut (*s).peer_key, &mut (*s).peer_value)) }
 }
 
 /// Writes both entries of a flow into the table its state says (`CT_FLAG_ASSURED`) and out of
@@ -168,9 +181,9 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
         store_with(k, e, &pk, &mut pv, was_assured, hook);
-    } else if let Some(s) = A::scratch() {
-        ct_peer_into(k, e, &mut s.peer_key, &mut s.peer_value);
-        store_with(k, e, &s.peer_key, &mut s.peer_value, was_assured, hook);
+    } else if let Some((pk, pv)) = scratch_peer::<A>() {
+        ct_peer_into(k, e, pk, pv);
+        store_with(k, e, pk, pv, was_assured, hook);
     }
 }
 
@@ -191,12 +204,22 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
         count(hook, Counter::CtAssuredFull);
         let _ = A::ct().remove(k);
         pv.flags &= !CT_FLAG_ASSURED;
-        let _ = A::ct_new().insert(k, e, 0);
-        // Demoted where it lands: a copy with the flag cleared would take the stack IPv6
-        // has no room for, and a full table is rare.
-        if let Some(p) = A::ct_new().get_ptr_mut(k) {
-            // SAFETY: map values stay valid while the program runs.
-            unsafe { (*p).flags &= !CT_FLAG_ASSURED };
+        // Both entries go in already demoted (another CPU must never see an LRU entry marked
+        // assured): a copy on the stack for IPv4, in the scratch slot's own entry for IPv6.
+        if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+            let mut d = *e;
+            d.flags &= !CT_FLAG_ASSURED;
+            let _ = A::ct_new().insert(k, &d, 0);
+        } else {
+            let s = A::scratch();
+            if !s.is_null() {
+                // SAFETY: this CPU's slot; its `value` field is borrowed nowhere else here
+                // (the peer fields are).
+                let d = unsafe { &mut (*s).value };
+                *d = *e;
+                d.flags &= !CT_FLAG_ASSURED;
+                let _ = A::ct_new().insert(k, d, 0);
+            }
         }
         let _ = A::ct_new().insert(pk, &*pv, 0);
         return;
@@ -442,13 +465,16 @@ pub fn create<A: Addr>(
 /// TCP flags and `reply_route` share one.
 #[inline(never)]
 fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, flags_route: u32) -> bool {
-    let Some(s) = A::scratch() else {
+    let s = A::scratch();
+    if s.is_null() {
         return false;
-    };
-    s.key = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
-    new_entry(flow.proto, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0, &mut s.value);
-    ct_peer_into(&s.key, &s.value, &mut s.peer_key, &mut s.peer_value);
-    A::ct_new().insert(&s.key, &s.value, 0).is_ok() && A::ct_new().insert(&s.peer_key, &s.peer_value, 0).is_ok()
+    }
+    // SAFETY: this CPU's slot; its four entry fields, borrowed apart.
+    let (k, e, pk, pv) = unsafe { (&mut (*s).key, &mut (*s).value, &mut (*s).peer_key, &mut (*s).peer_value) };
+    *k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
+    new_entry(flow.proto, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0, e);
+    ct_peer_into(k, e, pk, pv);
+    A::ct_new().insert(k, e, 0).is_ok() && A::ct_new().insert(pk, pv, 0).is_ok()
 }
 
 #[inline(always)]
@@ -522,7 +548,7 @@ struct PortSearch<A> {
 
 /// One probe of the SNAT port search: 1 stops the loop (a free port was found).
 extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `bpf_loop` hands back the pointer `free_snat_port` gave it, to its stack.
+    // SAFETY: `bpf_loop` hands back the pointer `search_snat_port` gave it, to its stack.
     let s = unsafe { &mut *(ctx as *mut PortSearch<A>) };
     let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let h = if i == 0 { s.seed } else { lb_common::flow_hash(s.seed, i, 0, 0, 0) };

@@ -461,15 +461,20 @@ impl Packet for XdpContext {
     /// of one packet share (a tail call stays on its CPU). IPv6 stages only.
     #[inline(always)]
     fn note(&self) -> u32 {
-        match <[u32; 4] as crate::addr::Addr>::scratch() {
-            Some(s) => s.note,
-            None => 0,
+        let s = <[u32; 4] as crate::addr::Addr>::scratch();
+        // SAFETY: this CPU's slot; its `note` field only.
+        if s.is_null() {
+            0
+        } else {
+            unsafe { (*s).note }
         }
     }
     #[inline(always)]
     fn set_note(&self, v: u32) {
-        if let Some(s) = <[u32; 4] as crate::addr::Addr>::scratch() {
-            s.note = v;
+        let s = <[u32; 4] as crate::addr::Addr>::scratch();
+        if !s.is_null() {
+            // SAFETY: as in `note`.
+            unsafe { (*s).note = v };
         }
     }
 }

@@ -46,8 +46,8 @@ fn plan<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
     }
 }
 
-/// IPv6: a subprogram, for the stack's sake (its conntrack entries are 52 bytes each). No
-/// enum in its signature (see `conntrack::forward_outlined`).
+/// IPv6: a subprogram, for the stack's sake (two 40-byte keys and the rewrite beside a stage's
+/// frame). No enum in its signature (see `conntrack::forward_outlined`).
 #[inline(never)]
 fn plan_outlined<A: Addr>(e: &IcmpError<A>, out: &mut Rewrite<A>) -> bool {
     match plan_of(e) {

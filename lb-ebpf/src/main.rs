@@ -224,8 +224,10 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
             }
             // The ICMP stage takes the parse from the scratch slot: parsing again would put
             // the quote's addresses on its stack a second time.
-            if let Some(s) = A::scratch() {
-                s.icmp = e;
+            let s = A::scratch();
+            if !s.is_null() {
+                // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
+                unsafe { (*s).icmp = e };
                 ctx.tail_call(P::TAIL_ICMP6);
             }
             return pass(ctx, Counter::PassOtherProto);
@@ -356,10 +358,13 @@ fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
 /// slot (only `family` calls it, right after writing it there).
 #[inline(always)]
 fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    match A::scratch() {
-        Some(s) => icmp::translate(ctx, &s.icmp),
-        None => pass(ctx, Counter::PassOtherProto),
+    let s = A::scratch();
+    if s.is_null() {
+        return pass(ctx, Counter::PassOtherProto);
     }
+    // SAFETY: this CPU's slot; `icmp` is written by `family` just before the tail call and
+    // by nothing else while this stage runs (the conntrack code uses the other fields).
+    icmp::translate(ctx, unsafe { &(*s).icmp })
 }
 
 /// Counts a translated packet; a later fragment also as such.

@@ -123,9 +123,9 @@ pub static LB_XDP_TARGETS: HashMap<u32, u32> = HashMap::pinned(XDP_TARGETS_MAX_E
 #[map(name = "LB_FRAGMENTS")]
 pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRAGMENTS_MAX_ENTRIES, 0);
 
-/// The IPv6 programs, tail-called by the IPv4 ones for IPv6 frames (`lb_common::TAIL_*`). A
-/// program array serves one program type; XDP has none (ctx.rs). Filled by the agent
-/// when it loads the programs. Pinned: the kernel empties a program array once no file
+/// The tc IPv6 programs, tail-called by the IPv4 ones for IPv6 frames (`lb_common::TAIL_TC_*`).
+/// A program array serves one program type, so XDP has its own (`LB_TAILS_XDP`). Filled by
+/// the agent when it loads the programs, emptied when it runs without IPv6. Pinned: the kernel empties a program array once no file
 /// descriptor or pin holds it (breaking program/map cycles), and the programs must keep their
 /// IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]

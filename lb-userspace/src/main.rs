@@ -67,7 +67,7 @@ struct RunArgs {
     #[arg(long)]
     metrics_per_frontend: bool,
     /// Translate IPv6 Services (the IPv6 programs, tail-called by the IPv4 ones for IPv6
-    /// frames at tc). `--ipv6 false` leaves IPv6 traffic untranslated.
+    /// frames at tc and XDP). `--ipv6 false` leaves IPv6 traffic untranslated.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ipv6: bool,
     /// Prometheus metrics (and /healthz) address; empty string disables.

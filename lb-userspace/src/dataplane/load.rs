@@ -94,9 +94,12 @@ impl Dataplane {
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
         // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
-        // untranslated; asked for, they must load.
+        // untranslated; asked for, they must load. The tables are pinned, so a run without
+        // IPv6 empties what an earlier run with it left there.
         if config.ipv6 {
             fill_tails(&mut ebpf)?;
+        } else {
+            clear_tails(&mut ebpf)?;
         }
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
@@ -265,6 +268,20 @@ impl Dataplane {
 
 /// Loads the IPv6 programs and puts them where the IPv4 ones tail-call them for IPv6 frames
 /// (`lb_common::TAIL_*`). The tables are pinned, so the entries outlive this process.
+/// Empties both tail-call tables (`--ipv6 false`).
+fn clear_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::maps::ProgramArray;
+    for (table, len) in [(lb_common::MAP_TAILS_TC, 6), (lb_common::MAP_TAILS_XDP, 5)] {
+        let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
+        let mut tails = ProgramArray::try_from(map).map_err(super::maps::map_err(table))?;
+        for index in 0..len {
+            // An empty slot answers ENOENT: nothing to clear.
+            let _ = tails.clear_index(&index);
+        }
+    }
+    Ok(())
+}
+
 fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
     use aya::maps::ProgramArray;
     use lb_common::*;

@@ -420,3 +420,35 @@ fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((VIP6, 80), (me, port)));
 }
+
+/// `--ipv6 false` after a run with IPv6 on the same pins: the pinned tail-call tables are
+/// emptied, so IPv6 frames pass untranslated, as the flag says, instead of running the
+/// earlier run's IPv6 stages.
+#[test]
+fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert!(backends6(8080).contains(&parse6_checked(&out).dst));
+
+    let off = Dataplane::load(&h.pin_dir, &Config::default()).expect("loading without IPv6 on the same pins");
+    let syn = frame6((CLIENT6, 40001), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let mut buf = vec![0u8; 1600];
+    let res = off
+        .tc_program()
+        .test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut buf), ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    buf.truncate(res.data_size_out as usize);
+    assert_eq!((res.return_value, &buf), (TC_ACT_UNSPEC, &syn), "tc: untouched");
+    let mut buf = vec![0u8; 1600];
+    let res = off
+        .xdp_program()
+        .test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut buf), ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    buf.truncate(res.data_size_out as usize);
+    assert_eq!((res.return_value, &buf), (XDP_PASS, &syn), "XDP: untouched");
+}
