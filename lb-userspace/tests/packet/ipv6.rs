@@ -437,18 +437,14 @@ fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
 
     let off = Dataplane::load(&h.pin_dir, &Config::default()).expect("loading without IPv6 on the same pins");
     let syn = frame6((CLIENT6, 40001), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
-    let mut buf = vec![0u8; 1600];
-    let res = off
-        .tc_program()
-        .test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut buf), ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    buf.truncate(res.data_size_out as usize);
-    assert_eq!((res.return_value, &buf), (TC_ACT_UNSPEC, &syn), "tc: untouched");
-    let mut buf = vec![0u8; 1600];
-    let res = off
-        .xdp_program()
-        .test_run(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut buf), ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    buf.truncate(res.data_size_out as usize);
-    assert_eq!((res.return_value, &buf), (XDP_PASS, &syn), "XDP: untouched");
+    let run = |p: &dyn Fn(TestRunOptions) -> aya::programs::TestRunResult| {
+        let mut buf = vec![0u8; 1600];
+        let res = p(TestRunOptions { data_in: Some(&syn), data_out: Some(&mut buf), ..Default::default() });
+        buf.truncate(res.data_size_out as usize);
+        (res.return_value, buf)
+    };
+    let tc = run(&|o| off.tc_program().test_run(o).expect("BPF_PROG_TEST_RUN"));
+    assert_eq!(tc, (TC_ACT_UNSPEC, syn.clone()), "tc: untouched");
+    let xdp = run(&|o| off.xdp_program().test_run(o).expect("BPF_PROG_TEST_RUN"));
+    assert_eq!(xdp, (XDP_PASS, syn.clone()), "XDP: untouched");
 }
