@@ -11,7 +11,7 @@ use super::{
     endpoints::{slice_spec, SliceSpec},
     object_name,
     service::{service_spec, ServiceSpec},
-    translate::{resolve, service_output, Claim, ServiceOutput},
+    translate::{resolve, service_output, Claim, Lost, ServiceOutput},
     DesiredState, Frontend, NodeInfo, TranslateError,
 };
 
@@ -59,8 +59,8 @@ pub struct Translator {
     outputs: HashMap<String, ServiceOutput>,
     /// Who asks for each claim.
     claims: HashMap<Claim, BTreeSet<String>>,
-    /// Services rejected because of another one's claim.
-    conflicts: HashMap<String, TranslateError>,
+    /// What Services lost to other ones' claims (only those that lost something).
+    conflicts: HashMap<String, Lost>,
     /// Services that are not valid.
     invalid: HashSet<String>,
     state: DesiredState,
@@ -124,7 +124,7 @@ impl Translator {
         for s in self.slices.values().filter_map(|s| s.spec.as_ref()) {
             out.extend(s.skipped.iter().cloned());
         }
-        out.extend(self.conflicts.values().cloned());
+        out.extend(self.conflicts.values().flat_map(|l| l.errors.iter().cloned()));
         out.sort();
         out
     }
@@ -139,7 +139,7 @@ impl Translator {
         if let Some(o) = self.outputs.get(name) {
             out.extend(o.notes.iter().cloned());
         }
-        out.extend(self.conflicts.get(name).cloned());
+        out.extend(self.conflicts.get(name).into_iter().flat_map(|l| l.errors.iter().cloned()));
         for s in self.slices_of.get(name).into_iter().flatten() {
             if let Some(spec) = self.slices.get(s).and_then(|e| e.spec.as_ref()) {
                 out.extend(spec.skipped.iter().cloned());
@@ -149,20 +149,15 @@ impl Translator {
         out
     }
 
-    /// How many Services are rejected as a whole.
+    /// How many Services are left out as a whole: invalid ones, and valid ones that lost every
+    /// frontend they ask for to other Services.
     pub fn rejected_count(&self) -> usize {
-        self.invalid.len() + self.conflicts.len()
-    }
-
-    /// Services rejected as a whole, by name.
-    pub fn rejected(&self) -> BTreeMap<String, TranslateError> {
-        let mut out: BTreeMap<String, TranslateError> = self.conflicts.clone().into_iter().collect();
-        for (name, e) in &self.services {
-            if let Err(err) = &e.spec {
-                out.insert(name.clone(), err.clone());
-            }
-        }
-        out
+        let crowded_out = self
+            .conflicts
+            .iter()
+            .filter(|(name, lost)| self.outputs.get(*name).is_some_and(|o| o.kept(Some(lost)).next().is_none()))
+            .count();
+        self.invalid.len() + crowded_out
     }
 
     /// Ports with a Local policy and no endpoint on this node: (internal, external).
@@ -294,33 +289,28 @@ impl Translator {
         Some(service_output(spec, &slices, &self.node))
     }
 
-    fn accepted(&self, name: &str) -> bool {
-        self.outputs.contains_key(name) && !self.conflicts.contains_key(name)
-    }
-
     /// Takes a Service's frontends and health check out of the state, remembering what was
     /// there.
     fn withdraw(&mut self, name: &str, before: &mut BTreeMap<Frontend, Option<crate::model::ServicePort>>) {
         let Some(out) = self.outputs.get(name) else { return };
-        if self.conflicts.contains_key(name) {
-            return;
-        }
-        for (f, _) in &out.entries {
+        let lost = self.conflicts.get(name);
+        for (f, _) in out.kept(lost) {
             let old = self.state.services.remove(f);
             before.entry(*f).or_insert(old);
         }
-        if let Some((port, _)) = &out.health {
+        if let Some((port, _)) = out.kept_health(lost) {
             self.state.health_checks.remove(port);
         }
     }
 
     fn publish(&mut self, name: &str, before: &mut BTreeMap<Frontend, Option<crate::model::ServicePort>>) {
         let Some(out) = self.outputs.get(name) else { return };
-        for (f, sp) in &out.entries {
+        let lost = self.conflicts.get(name);
+        for (f, sp) in out.kept(lost) {
             before.entry(*f).or_insert_with(|| self.state.services.get(f).cloned());
             self.state.services.insert(*f, sp.clone());
         }
-        if let Some((port, hc)) = &out.health {
+        if let Some((port, hc)) = out.kept_health(lost) {
             self.state.health_checks.insert(*port, hc.clone());
         }
     }
@@ -353,17 +343,13 @@ impl Translator {
             let old_health = self.outputs.get(&name).and_then(|o| o.health.as_ref().map(|h| h.0));
             let new_health = new.as_ref().and_then(|o| o.health.as_ref().map(|h| h.0));
             if old_frontends == new_frontends && old_health == new_health {
-                // Same claims, so who wins is unchanged: only values move.
-                let accepted = self.accepted(&name);
+                // Same claims, so who wins is unchanged: only values move (on the claims the
+                // Service holds; withdraw and publish leave the ones it lost alone).
                 match new {
                     Some(o) => {
-                        if accepted {
-                            self.withdraw(&name, &mut before);
-                            self.outputs.insert(name.clone(), o);
-                            self.publish(&name, &mut before);
-                        } else {
-                            self.outputs.insert(name.clone(), o);
-                        }
+                        self.withdraw(&name, &mut before);
+                        self.outputs.insert(name.clone(), o);
+                        self.publish(&name, &mut before);
                     }
                     None => {
                         self.outputs.remove(&name);
@@ -450,16 +436,13 @@ impl Translator {
     fn settle(&mut self, group: &BTreeSet<String>, before: &mut BTreeMap<Frontend, Option<crate::model::ServicePort>>) {
         let ordered: Vec<(&str, &ServiceOutput)> =
             group.iter().filter_map(|n| Some((n.as_str(), self.outputs.get(n)?))).collect();
-        let rejected: Vec<(String, TranslateError)> =
-            resolve(&ordered).into_iter().map(|(n, e)| (n.to_string(), e)).collect();
+        let lost: Vec<(String, Lost)> = resolve(&ordered).into_iter().map(|(n, l)| (n.to_string(), l)).collect();
         for name in group {
             self.conflicts.remove(name);
         }
-        self.conflicts.extend(rejected);
+        self.conflicts.extend(lost);
         for name in group {
-            if self.outputs.contains_key(name) && !self.conflicts.contains_key(name) {
-                self.publish(name, before);
-            }
+            self.publish(name, before);
         }
     }
 
@@ -484,16 +467,13 @@ impl Translator {
         let mut sorted: Vec<&String> = self.outputs.keys().collect();
         sorted.sort();
         let ordered: Vec<(&str, &ServiceOutput)> = sorted.iter().map(|n| (n.as_str(), &self.outputs[*n])).collect();
-        let rejected: Vec<(String, TranslateError)> =
-            resolve(&ordered).into_iter().map(|(n, e)| (n.to_string(), e)).collect();
-        self.conflicts.extend(rejected);
+        let lost: Vec<(String, Lost)> = resolve(&ordered).into_iter().map(|(n, l)| (n.to_string(), l)).collect();
+        self.conflicts.extend(lost);
         let mut state = DesiredState::default();
         for (name, o) in &self.outputs {
-            if self.conflicts.contains_key(name) {
-                continue;
-            }
-            state.services.extend(o.entries.iter().cloned());
-            if let Some((port, hc)) = &o.health {
+            let lost = self.conflicts.get(name);
+            state.services.extend(o.kept(lost).cloned());
+            if let Some((port, hc)) = o.kept_health(lost) {
                 state.health_checks.insert(*port, hc.clone());
             }
         }

@@ -13,7 +13,8 @@
 //! Traffic policies pick which set each kind of frontend gets: `internalTrafficPolicy` for the
 //! ClusterIP, `externalTrafficPolicy` for node ports, LoadBalancer IPs and external IPs.
 //! Frontends that would share a datapath key conflict: the first Service by name keeps it,
-//! except that a ClusterIP always beats another Service's external or LoadBalancer IP.
+//! except that a ClusterIP always beats another Service's external or LoadBalancer IP; the
+//! losing Service keeps every other frontend it has.
 //!
 //! - `service`: a Service validated into what it asks of the datapath;
 //! - `endpoints`: an EndpointSlice validated into endpoints with conditions and hints;
@@ -390,7 +391,7 @@ pub struct DesiredState {
 }
 
 /// What was left out of the translation, and why; everything else is still programmed.
-/// `Service` and `Conflict` leave a whole Service out; the others only the part they name.
+/// `Service` leaves a whole Service out; the others only the part they name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 pub enum TranslateError {
     #[error("Service {object}: field {field}: {reason}")]
@@ -399,8 +400,10 @@ pub enum TranslateError {
     ServicePort { object: String, field: String, reason: String },
     #[error("EndpointSlice {object}: field {field}: {reason}; skipped")]
     Slice { object: String, field: String, reason: String },
-    #[error("Service {object}: frontend {frontend} is already served by Service {owner}")]
+    #[error("Service {object}: frontend {frontend} is already served by Service {owner}; this frontend is skipped, the others are served")]
     Conflict { object: String, frontend: Frontend, owner: String },
+    #[error("Service {object}: field spec.healthCheckNodePort: {port} is already used by Service {owner}; no health check is served for this Service")]
+    HealthCheckConflict { object: String, port: u16, owner: String },
     #[error("Service {object}: {count} endpoints for {what}; only the first {max} are used")]
     TooManyEndpoints { object: String, what: String, count: usize, max: usize },
 }
@@ -408,7 +411,7 @@ pub enum TranslateError {
 impl TranslateError {
     /// Whether the whole object is left out (not only a port or an endpoint of it).
     pub fn rejects_object(&self) -> bool {
-        matches!(self, TranslateError::Service { .. } | TranslateError::Conflict { .. })
+        matches!(self, TranslateError::Service { .. })
     }
 
     /// The Service this is about (`namespace/name`), if any.
@@ -417,6 +420,7 @@ impl TranslateError {
             TranslateError::Service { object, .. }
             | TranslateError::ServicePort { object, .. }
             | TranslateError::Conflict { object, .. }
+            | TranslateError::HealthCheckConflict { object, .. }
             | TranslateError::TooManyEndpoints { object, .. } => Some(object),
             TranslateError::Slice { .. } => None,
         }

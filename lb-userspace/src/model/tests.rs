@@ -548,7 +548,11 @@ metadata: {name: b}
 spec: {type: NodePort, clusterIP: 10.96.0.2, ports: [{port: 80, nodePort: 30080}]}
 "#);
     assert!(matches!(&t.errors[..], [TranslateError::Conflict { object, .. }] if object == "default/b"));
-    assert!(!t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b is rejected whole");
+    // kube-proxy programs both and the first rule wins; b keeps what nobody else holds.
+    assert!(t.state.services.contains_key(&fe("10.96.0.2", 80, Protocol::Tcp)), "b's ClusterIP is served");
+    let node_ports: Vec<&str> =
+        t.state.services.iter().filter(|(f, _)| f.scope == Scope::NodePort).map(|(_, sp)| sp.name.as_str()).collect();
+    assert!(!node_ports.is_empty() && node_ports.iter().all(|n| *n == "default/a"), "{node_ports:?}");
 }
 
 /// No two frontends of a translation share a datapath key (exact address frontends of
@@ -563,7 +567,8 @@ fn keys_unique(state: &DesiredState) {
 
 /// An external IP equal to another Service's ClusterIP (same port and protocol): the
 /// ClusterIP wins whatever the names or the order of the objects, and the other Service
-/// is rejected (reported as a conflict naming both).
+/// loses that frontend only (reported as a conflict naming both); its own ClusterIP and
+/// other external IPs are still served, as kube-proxy serves them.
 #[test]
 fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
     let svc = |name: &str, spec: &str| {
@@ -577,19 +582,20 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
     // The Service owning the ClusterIP sorts first, then last.
     for (cip_name, ext_name) in [("a-cip", "z-ext"), ("z-cip", "a-ext")] {
         let cip_svc = svc(cip_name, "{clusterIP: 10.96.0.50, ports: [{port: 80}]}") + &slice(cip_name, "10.244.1.1");
-        let ext_svc = svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50], ports: [{port: 80}]}")
+        let ext_svc = svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50, 192.0.2.9], ports: [{port: 80}]}")
             + &slice(ext_name, "10.244.1.2");
         let alone = run(&cip_svc);
+        let loser_alone = run(&ext_svc);
         for yaml in [cip_svc.clone() + &ext_svc, ext_svc.clone() + &cip_svc] {
             let t = run(&yaml);
             keys_unique(&t.state);
             assert_eq!(t.state.services[&key].name, format!("default/{cip_name}"));
             assert_eq!(t.state.services[&key].backends, vec![ep("10.244.1.1", 80)]);
             assert!(!t.state.services.contains_key(&ext));
-            assert!(
-                !t.state.services.contains_key(&fe("10.96.0.60", 80, Protocol::Tcp)),
-                "the hijacking Service is rejected whole"
-            );
+            for kept in [fe("10.96.0.60", 80, Protocol::Tcp), Frontend::external(ip("192.0.2.9"), 80, Protocol::Tcp)] {
+                assert_eq!(t.state.services[&kept].name, format!("default/{ext_name}"), "{kept}");
+                assert_eq!(t.state.services[&kept].backends, vec![ep("10.244.1.2", 80)], "{kept}");
+            }
             match &t.errors[..] {
                 [e @ TranslateError::Conflict { object, frontend, owner }] => {
                     assert_eq!(
@@ -601,11 +607,13 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
                 }
                 other => panic!("{other:?}"),
             }
-            // Deleting the loser leaves the winner exactly as it was.
-            assert_eq!(alone.state, t.state);
+            // Each Service's frontends are exactly what it has alone, less the lost one.
+            let mut both = alone.state.clone();
+            both.services.extend(loser_alone.state.services.iter().filter(|(f, _)| **f != ext).map(|(f, sp)| (*f, sp.clone())));
+            assert_eq!(both, t.state);
         }
         // Deleting the winner lets the loser take the key.
-        let t = run(&ext_svc);
+        let t = loser_alone;
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         assert_eq!(t.state.services[&ext].name, format!("default/{ext_name}"));
         assert_eq!(t.state.services[&ext].backends, vec![ep("10.244.1.2", 80)]);
@@ -1480,4 +1488,25 @@ fn translator_cost() {
     let started = std::time::Instant::now();
     let full = translate(services.iter(), slices.iter(), &NodeInfo::named("node-a"));
     println!("full translate: {:?} ({} frontends)", started.elapsed(), full.state.services.len());
+}
+
+/// Two Services asking for one health check node port: the first by name keeps it, the
+/// other is served without a health check, and the error names the field and the owner.
+#[test]
+fn a_health_check_node_port_held_by_another_service_leaves_only_the_check_out() {
+    let svc = |name: &str, cip: &str, np: u16| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32500, clusterIP: {cip}, ports: [{{port: 80, nodePort: {np}}}]}}\n")
+    };
+    let t = run(&(svc("b", "10.96.5.2", 30502) + &svc("a", "10.96.5.1", 30501)));
+    assert_eq!(t.state.health_checks.len(), 1);
+    assert!(t.state.services.contains_key(&fe("10.96.5.2", 80, Protocol::Tcp)), "b is served");
+    assert!(t.state.services.iter().any(|(f, sp)| f.scope == Scope::NodePort && f.port == 30502 && sp.name == "default/b"));
+    match &t.errors[..] {
+        [e @ TranslateError::HealthCheckConflict { object, port: 32500, owner }] => {
+            assert_eq!((object.as_str(), owner.as_str()), ("default/b", "default/a"));
+            assert!(e.to_string().contains("spec.healthCheckNodePort"), "{e}");
+            assert!(!e.rejects_object());
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -47,13 +47,39 @@ impl ServiceOutput {
         out.extend(self.health.as_ref().map(|(p, _)| Claim::HealthPort(*p)));
         out
     }
+
+    /// The frontends still served once the claims in `lost` went to other Services: a lost
+    /// claim takes every frontend on it (a node port on each node address, and the
+    /// short-circuit companions), nothing else.
+    pub(super) fn kept<'a>(&'a self, lost: Option<&'a Lost>) -> impl Iterator<Item = &'a (Frontend, ServicePort)> + 'a {
+        self.entries.iter().filter(move |(f, _)| lost.is_none_or(|l| !l.claims.contains(&owning_claim(f))))
+    }
+
+    /// The health check node port, unless another Service holds it.
+    pub(super) fn kept_health<'a>(&'a self, lost: Option<&'a Lost>) -> Option<&'a (u16, HealthCheck)> {
+        self.health.as_ref().filter(|(p, _)| lost.is_none_or(|l| !l.claims.contains(&Claim::HealthPort(*p))))
+    }
+}
+
+/// What a Service lost to others, and the errors that say so. kube-proxy programs every
+/// Service's rules and lets the first match win, so a clash never takes down the rest of a
+/// Service: only the frontends on a claim another Service holds are left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Lost {
+    pub(super) claims: BTreeSet<Claim>,
+    pub(super) errors: Vec<TranslateError>,
 }
 
 fn claim_of(f: &Frontend) -> Option<Claim> {
+    (!f.is_from_cluster()).then(|| owning_claim(f))
+}
+
+/// The claim a frontend lives on: its own, or for a short-circuit companion (which claims
+/// nothing itself) its external frontend's.
+fn owning_claim(f: &Frontend) -> Claim {
     match f.scope {
-        Scope::ClusterIp | Scope::External => Some(Claim::Exact(f.ip, f.port, f.protocol)),
-        Scope::NodePort => Some(Claim::NodePort(f.family(), f.port, f.protocol)),
-        Scope::ExternalFromCluster | Scope::NodePortFromCluster => None,
+        Scope::ClusterIp | Scope::External | Scope::ExternalFromCluster => Claim::Exact(f.ip, f.port, f.protocol),
+        Scope::NodePort | Scope::NodePortFromCluster => Claim::NodePort(f.family(), f.port, f.protocol),
     }
 }
 
@@ -218,60 +244,76 @@ fn family_output(
     n
 }
 
-/// Which of `services` (in name order, all sharing claims only among themselves) keep their
-/// frontends: the ClusterIPs claim their keys first (CVE-2020-8554: an external IP never takes a
-/// ClusterIP's traffic), then each Service in order takes all it asks for or is rejected whole.
-/// Returns the rejected ones with the reason.
-pub(super) fn resolve<'a>(services: &[(&'a str, &'a ServiceOutput)]) -> BTreeMap<&'a str, TranslateError> {
+/// What each of `services` (in name order, all sharing claims only among themselves) loses to
+/// the others: the ClusterIPs claim their keys first (CVE-2020-8554: an external IP never
+/// takes a ClusterIP's traffic), then each Service in order takes every claim no earlier one
+/// holds. Only Services that lost something are returned.
+pub(super) fn resolve<'a>(services: &[(&'a str, &'a ServiceOutput)]) -> BTreeMap<&'a str, Lost> {
     let mut cluster_ips: BTreeMap<Claim, &str> = BTreeMap::new();
     for (name, out) in services {
         for (f, _) in &out.entries {
             if f.scope == Scope::ClusterIp {
-                cluster_ips.entry(claim_of(f).expect("a ClusterIP claims")).or_insert(name);
+                cluster_ips.entry(owning_claim(f)).or_insert(name);
             }
         }
     }
     let mut owners: BTreeMap<Claim, &str> = BTreeMap::new();
-    let mut rejected = BTreeMap::new();
-    'services: for (name, out) in services {
+    let mut lost: BTreeMap<&str, Lost> = BTreeMap::new();
+    for (name, out) in services {
+        let mut taken: BTreeSet<Claim> = BTreeSet::new();
+        let mut mine = Lost::default();
         for (f, _) in &out.entries {
             let Some(c) = claim_of(f) else { continue };
-            if f.scope == Scope::External {
-                if let Some(owner) = cluster_ips.get(&c).filter(|o| **o != *name) {
-                    tracing::warn!(
-                        service = %name,
-                        cluster_ip_of = %owner,
-                        frontend = %f,
-                        "an external IP of this Service is another Service's ClusterIP; the ClusterIP wins and this Service is not served"
-                    );
-                    let e =
-                        TranslateError::Conflict { object: name.to_string(), frontend: *f, owner: owner.to_string() };
-                    rejected.insert(*name, e);
-                    continue 'services;
-                }
+            if taken.contains(&c) || mine.claims.contains(&c) {
+                continue;
             }
-            if let Some(owner) = owners.get(&c) {
-                let e = TranslateError::Conflict { object: name.to_string(), frontend: *f, owner: owner.to_string() };
-                rejected.insert(*name, e);
-                continue 'services;
+            let hijack = if f.scope == Scope::External { cluster_ips.get(&c).filter(|o| **o != *name) } else { None };
+            if let Some(owner) = hijack {
+                tracing::warn!(
+                    service = %name,
+                    cluster_ip_of = %owner,
+                    frontend = %f,
+                    "an external IP of this Service is another Service's ClusterIP; the ClusterIP wins and this frontend is not served"
+                );
+            }
+            match hijack.or(owners.get(&c)) {
+                Some(owner) => {
+                    mine.claims.insert(c);
+                    mine.errors.push(TranslateError::Conflict {
+                        object: name.to_string(),
+                        frontend: *f,
+                        owner: owner.to_string(),
+                    });
+                }
+                None => {
+                    taken.insert(c);
+                }
             }
         }
         if let Some((hc, _)) = &out.health {
-            if let Some(owner) = owners.get(&Claim::HealthPort(*hc)) {
-                let e = TranslateError::Service {
-                    object: name.to_string(),
-                    field: "spec.healthCheckNodePort".into(),
-                    reason: format!("{hc} is already used by Service {owner}"),
-                };
-                rejected.insert(*name, e);
-                continue 'services;
+            let c = Claim::HealthPort(*hc);
+            match owners.get(&c) {
+                Some(owner) => {
+                    mine.claims.insert(c);
+                    mine.errors.push(TranslateError::HealthCheckConflict {
+                        object: name.to_string(),
+                        port: *hc,
+                        owner: owner.to_string(),
+                    });
+                }
+                None => {
+                    taken.insert(c);
+                }
             }
         }
-        for c in out.claims() {
+        for c in taken {
             owners.insert(c, name);
         }
+        if !mine.claims.is_empty() {
+            lost.insert(*name, mine);
+        }
     }
-    rejected
+    lost
 }
 
 /// Translates the whole object set as seen by node `node`. Invalid objects (and invalid parts
@@ -316,15 +358,13 @@ pub fn translate<'a>(
         })
         .collect();
     let ordered: Vec<(&str, &ServiceOutput)> = outputs.iter().map(|(n, o)| (*n, o)).collect();
-    let rejected = resolve(&ordered);
+    let lost = resolve(&ordered);
     for (name, o) in &outputs {
         out.errors.extend(o.notes.iter().cloned());
-        if let Some(e) = rejected.get(name) {
-            out.errors.push(e.clone());
-            continue;
-        }
-        out.state.services.extend(o.entries.iter().cloned());
-        if let Some((port, hc)) = &o.health {
+        let lost = lost.get(name);
+        out.errors.extend(lost.iter().flat_map(|l| l.errors.iter().cloned()));
+        out.state.services.extend(o.kept(lost).cloned());
+        if let Some((port, hc)) = o.kept_health(lost) {
             out.state.health_checks.insert(*port, hc.clone());
         }
     }
