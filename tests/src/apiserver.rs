@@ -1,27 +1,31 @@
-//! A test API server: no kube-apiserver binary can be had here, so the agent's end-to-end
-//! tests talk to this in-process HTTP server instead. It is not Kubernetes; it serves only what
-//! a kube-proxy-like client uses, for Services, EndpointSlices and Nodes, with the real wire
-//! protocol: JSON lists carrying a `resourceVersion`; `?watch=true` streams of ADDED /
-//! MODIFIED / DELETED events (chunked) resuming from a `resourceVersion`; BOOKMARK events when
-//! asked for; `410 Gone` (an ERROR event with an Expired Status) for a version older than the
-//! compacted history, which tells the client to list again; label selectors of the forms
-//! `key`, `!key`, `key=value`, `key!=value`, and `metadata.name` / `metadata.namespace` field
-//! selectors. As kube-apiserver does, lists are paginated (`limit` / `continue`, every page from
-//! the first page's snapshot, a continue token older than the compacted history is 410 Gone),
-//! and a selecting watch sees an object that stops matching as DELETED (its last matching
-//! content at the new version) and one that starts matching as ADDED.
+//! A test API server, kept for the fault the real kube-apiserver (`control_plane.rs`, which the
+//! agent's other tests run against) cannot be made to produce on demand: a list that hangs
+//! while the client waits. It is not Kubernetes; it serves only what a kube-proxy-like client
+//! uses, for Services, EndpointSlices and Nodes, with the real wire protocol: JSON lists
+//! carrying a `resourceVersion`; `?watch=true` streams of ADDED / MODIFIED / DELETED events
+//! (chunked) resuming from a `resourceVersion`; BOOKMARK events when asked for; `410 Gone` (an
+//! ERROR event with an Expired Status) for a version older than the compacted history, which
+//! tells the client to list again; label selectors of the forms `key`, `!key`, `key=value`,
+//! `key!=value`, and `metadata.name` / `metadata.namespace` field selectors. As kube-apiserver
+//! does, lists are paginated (`limit` / `continue`, every page from the first page's snapshot, a
+//! continue token older than the compacted history is 410 Gone), and a selecting watch sees an
+//! object that stops matching as DELETED (its last matching content at the new version) and one
+//! that starts matching as ADDED.
 //!
-//! The agent's tests run against the real control plane (`control_plane.rs`); this server is
-//! kept for faults a real one cannot be made to produce on demand (a list that hangs). Tests drive creates, updates and deletes through its methods, can stop it (an
-//! outage), hold lists back, and compact history. `start_tls` serves HTTPS with a certificate
-//! from a CA of its own and requires a bearer token, which is what a pod's in-cluster client
-//! (service account token and CA) talks to.
+//! Tests drive creates, updates and deletes through its methods, can stop it (an outage), hold
+//! lists back, and compact history; they can see how many watches are open and how many lists
+//! are held, so they wait for a client to be where they want it rather than for a while.
+//! `start_tls` serves HTTPS with a certificate from a CA of its own and requires a bearer
+//! token, which is what a pod's in-cluster client (service account token and CA) talks to.
 use std::{
     collections::BTreeMap,
     io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -120,6 +124,26 @@ struct Shared {
     changed: Notify,
     /// Open connections, aborted by `stop`.
     conns: Mutex<Vec<AbortHandle>>,
+    /// Watches past their start (later changes reach them).
+    open_watches: AtomicUsize,
+    /// Lists waiting on `hold_lists`.
+    lists_waiting: AtomicUsize,
+}
+
+/// One in a count for as long as it lives (a request task that is aborted drops it too).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct TestApiServer {
@@ -189,6 +213,8 @@ impl TestApiServer {
             state: Mutex::new(State { rv: 100, ..Default::default() }),
             changed: Notify::new(),
             conns: Mutex::new(Vec::new()),
+            open_watches: AtomicUsize::new(0),
+            lists_waiting: AtomicUsize::new(0),
         });
         let mut s = Self { rt, shared, tls, ns: ns.to_string(), addr, acceptor: None, kubeconfig };
         s.resume()?;
@@ -269,18 +295,28 @@ impl TestApiServer {
         self.shared.changed.notify_waiters();
     }
 
+    /// Watches open now that have started: any change made from here on reaches them.
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    /// Lists waiting now because their kind is held (`hold_lists`).
+    pub fn lists_waiting(&self) -> usize {
+        self.shared.lists_waiting.load(Ordering::SeqCst)
+    }
+
     /// Request lines served so far (`GET /api/v1/services?...`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.state.lock().unwrap().requests.clone()
     }
 
-    /// Creates or replaces every Service, EndpointSlice and Node in a YAML stream; other kinds
-    /// (the lab's Deployment) are ignored, as the agent would never see them.
     /// The Events clients created so far.
     pub fn events(&self) -> Vec<Value> {
         self.shared.state.lock().unwrap().events.clone()
     }
 
+    /// Creates or replaces every Service, EndpointSlice and Node in a YAML stream; other kinds
+    /// (the lab's Deployment) are ignored, as the agent would never see them.
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
         for doc in serde_yaml::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc).context("YAML document")?;
@@ -525,13 +561,16 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shar
     if q.watch {
         watch(conn, shared, kind, q).await
     } else {
+        let mut waiting = None;
         loop {
             let notified = shared.changed.notified();
             if !shared.state.lock().unwrap().held.contains(&kind) {
                 break;
             }
+            waiting.get_or_insert_with(|| Counted::new(&shared.lists_waiting));
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
+        drop(waiting);
         // A continued list is served from the first page's snapshot; one older than the
         // compacted history is gone, as etcd's revision is.
         let page = {
@@ -669,6 +708,8 @@ async fn watch<S: AsyncWrite + Unpin>(mut conn: S, shared: Arc<Shared>, kind: Ki
             rv
         }
     };
+    // From here every change after `from` is sent, whenever it is made.
+    let _open = Counted::new(&shared.open_watches);
     let mut last_bookmark = tokio::time::Instant::now();
     loop {
         let notified = shared.changed.notified();

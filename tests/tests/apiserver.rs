@@ -4,11 +4,11 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{anyhow, Result};
-use lb_tests::{apiserver::TestApiServer, in_ns, privileged, Lab};
+use lb_tests::{apiserver::TestApiServer, eventually, in_ns, privileged, Lab};
 use serde_json::{json, Value};
 
 /// One GET from inside `ns`; the body, de-chunked when the server streamed it.
@@ -82,7 +82,9 @@ fn lists_watches_bookmarks_410_selectors_and_holds() -> Result<()> {
             )
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Changed only once the watch runs, so the events are streamed live, not replayed from the
+    // history a resuming watch would also read.
+    assert!(eventually(Duration::from_secs(10), || api.open_watches() == 1), "the watch never started");
     api.apply(svc("a", json!({"changed": "yes"})))?;
     api.delete(lb_tests::apiserver::Kind::Service, "default", "a")?;
     let evs = events(&watcher.join().unwrap()?);
@@ -116,17 +118,18 @@ fn lists_watches_bookmarks_410_selectors_and_holds() -> Result<()> {
 
     // A held list answers only after release.
     api.hold_lists(lb_tests::apiserver::Kind::EndpointSlice);
-    let started = Instant::now();
     let lister = std::thread::spawn({
         let ns = node.ns.clone();
         move || get(&ns, addr, "/apis/discovery.k8s.io/v1/endpointslices")
     });
+    assert!(eventually(Duration::from_secs(10), || api.lists_waiting() == 1), "the list was never held");
+    // Time-based: that a held list stays unanswered can only be shown by waiting.
     std::thread::sleep(Duration::from_millis(800));
     assert!(!lister.is_finished());
     api.release_lists();
     let slices: Value = serde_json::from_str(&lister.join().unwrap()?)?;
     assert_eq!(slices["kind"], "EndpointSliceList");
-    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert_eq!(api.lists_waiting(), 0);
 
     // An outage refuses connections; resuming serves the same objects.
     let mut api = api;
@@ -202,7 +205,8 @@ fn lists_paginate_from_one_snapshot_and_watches_see_selector_transitions() -> Re
             )
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Changed only once the watch runs: the selector transitions are the live path's.
+    assert!(eventually(Duration::from_secs(10), || api.open_watches() == 1), "the watch never started");
     api.apply(svc("s0", json!({"app": "other"})))?;
     api.apply(svc("s0", json!({"app": "other", "x": "1"})))?;
     api.apply(svc("s0", json!({"app": "web"})))?;

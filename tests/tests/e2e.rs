@@ -242,8 +242,9 @@ fn iface_flag_narrows_attachment() -> Result<()> {
     lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &[(&pod, true)], &[]))?;
     // Only the backend's veth: replies are translated there, but the client's veth carries no
     // program, so its packets to the ClusterIP are never translated.
+    // The agent attaches to every interface it wants in the sync before it says it is ready,
+    // which start_agent waits for; no interface appears later.
     lab.start_agent(&node, &["veth1"], 1, &["--iface", "veth1"])?;
-    std::thread::sleep(Duration::from_millis(1500));
     let mut links: Vec<String> = std::fs::read_dir(node.pin_dir.join("links"))?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with("lb_sock_"))
@@ -409,6 +410,7 @@ fn session_affinity_expires_after_the_idle_timeout() -> Result<()> {
         (45001..46000).filter(|&p| lb_tests::hash_choice(from(p), vip(80), &ips, 80) != pinned_ip).take(2).collect();
     assert_eq!(lb_tests::http_get_from(&s.client.ns, from(other_ports[0]), vip(80), "/")?, first, "pinned");
 
+    // Time-based: the pin's 2 s idle timeout has to run out.
     std::thread::sleep(Duration::from_millis(3000));
     let expected = name_of(lb_tests::hash_choice(from(other_ports[1]), vip(80), &ips, 80));
     let after = lb_tests::http_get_from(&s.client.ns, from(other_ports[1]), vip(80), "/")?;

@@ -352,6 +352,7 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     let mut long_lived = EchoConn::open(&c.client.ns, vip(9000))?;
     let long_pod = long_lived.pod()?;
     let load = Load::start(&c.client.ns);
+    // Time-based warm-up: requests against the healthy agent before the fault.
     thread::sleep(Duration::from_secs(1));
 
     // Killed, with a Service change (web-3 joins) made while no agent runs.
@@ -361,6 +362,7 @@ fn restart_under_load_loses_no_request() -> Result<()> {
     assert!(!c.has_backend(3, 80), "nobody should have programmed web-3 yet");
     c.start_agent()?;
     assert!(eventually(Duration::from_secs(10), || c.has_backend(3, 80)), "{}", c.backends());
+    // Time-based: requests keep running against the restarted agent.
     thread::sleep(Duration::from_secs(1));
 
     let (ok, failures, seen) = load.finish();
@@ -422,13 +424,27 @@ fn restarted_agent_keeps_pinned_state_while_its_first_list_hangs() -> Result<()>
     let mut c = FaultCluster::start()?;
     assert!(c.has_backend(2, 80));
     let load = Load::start(&c.client.ns);
+    // Time-based warm-up: requests against the healthy agent before the fault.
     thread::sleep(Duration::from_secs(1));
 
     c.lab.kill_agent(&c.node);
     c.api.hold_lists(Kind::EndpointSlice);
+    let before = c.api.requests().len();
     c.lab.spawn_agent_kube(&c.node, c.api.kubeconfig(), &[])?;
-    thread::sleep(Duration::from_secs(3));
-    // On a loaded machine the agent may still be starting: its health server answers first.
+    // Where the fault is meant to catch it: the Services list answered (the agent watches
+    // them now), the EndpointSlice list hanging.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let watching = c.api.requests()[before..]
+                .iter()
+                .any(|r| r.starts_with("GET /api/v1/services?") && r.contains("watch=true"));
+            watching && c.api.lists_waiting() > 0
+        }),
+        "the restarted agent never got to its held list; requests: {:?}\n{}",
+        &c.api.requests()[before..],
+        c.lab.agent_log(&c.node)
+    );
+    // The watches start before the datapath is loaded, the health server after it.
     let healthz: SocketAddr = "127.0.0.1:10256".parse()?;
     assert!(
         eventually(Duration::from_secs(10), || http_status(&c.node.ns, healthz, "/livez").is_ok()),
@@ -444,6 +460,7 @@ fn restarted_agent_keeps_pinned_state_while_its_first_list_hangs() -> Result<()>
     c.api.release_lists();
     let ifaces: Vec<&str> = c.ifaces.iter().map(String::as_str).collect();
     c.lab.wait_agent(&c.node, &ifaces, 3)?;
+    // Time-based: requests keep running against the recovered agent.
     thread::sleep(Duration::from_secs(1));
     let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
@@ -520,6 +537,7 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
     let mut c = Cluster::new()?;
     c.start_agent()?;
     let load = Load::start(&c.client.ns);
+    // Time-based warm-up: requests against the healthy agent before the outage.
     thread::sleep(Duration::from_millis(500));
     // kube-apiserver is killed: the agent's watches break and reconnecting is refused.
     c.cp.stop_apiserver();
@@ -529,6 +547,7 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
         "{}",
         c.lab.agent_log(&c.node)
     );
+    // Time-based: the outage lasts 10 s while requests run.
     thread::sleep(Duration::from_secs(10).saturating_sub(down.elapsed()));
     assert!(c.has_backend(2, 80), "state flushed or changed during the outage: {}", c.backends());
     c.cp.start_apiserver()?;
@@ -544,6 +563,7 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
     eprintln!("a change applied {:?} after the API server returned", back.elapsed());
     let log = c.lab.agent_log(&c.node);
     assert!(log.contains("watch re-established"), "{log}");
+    // Time-based: requests keep running after the catch-up.
     thread::sleep(Duration::from_millis(500));
     let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:?}", failures.len(), ok + failures.len());
@@ -628,6 +648,7 @@ fn map_layout_changes_rebuild_service_maps_and_migrate_flow_maps() -> Result<()>
     // Another conntrack size (a user raising --map-conntrack): the flow map is migrated with
     // its entries. The long-lived connection's entry keeps its creation time, so it was carried
     // over, not re-created by a later packet.
+    // Time-based: the entry must be old enough that a re-created one would show (age >= 2).
     thread::sleep(Duration::from_secs(2));
     c.lab.kill_agent(&c.node);
     c.lab.start_agent_kube(&c.node, &ifaces, 3, &kc, &["--map-services", "4096", "--map-conntrack", "8192"])?;

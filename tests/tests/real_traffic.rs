@@ -427,6 +427,7 @@ fn rolling_update_under_load_through_a_node_port_fails_no_request() -> Result<()
                 }
                 (ok, failed, seen)
             });
+            // Time-based: each stage of the rollout runs under load for a while.
             let step = Duration::from_millis(1500);
             std::thread::sleep(step);
             step_no.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -504,6 +505,22 @@ fn stat_at(lab: &Lab, node: &Node, name: &str, column: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// Returns once `node`'s agent has synced its interfaces after this call (every sync reads the
+/// devices' state afresh): a veth pair added now gets attached; it is removed again after.
+fn wait_links_synced(lab: &Lab, node: &Node) -> Result<()> {
+    lab.exec(&node.ns, &["ip", "link", "add", "lbsync0", "type", "veth", "peer", "name", "lbsync1"])?;
+    let pin = node.pin_dir.join("links/tc_ingress_lbsync0");
+    let attached = lb_tests::eventually(Duration::from_secs(10), || pin.exists());
+    lab.exec(&node.ns, &["ip", "link", "del", "lbsync0"])?;
+    if !attached {
+        bail!("{}: the agent did not sync its interfaces within 10 s:\n{}", node.name, lab.agent_log(node));
+    }
+    if !lb_tests::eventually(Duration::from_secs(10), || !pin.exists()) {
+        bail!("{}: the agent kept the link of a removed interface:\n{}", node.name, lab.agent_log(node));
+    }
+    Ok(())
+}
+
 #[test]
 fn default_xdp_mode_leaves_virtual_interfaces_to_tc_and_generic_is_an_override() -> Result<()> {
     if !privileged() {
@@ -518,7 +535,9 @@ fn default_xdp_mode_leaves_virtual_interfaces_to_tc_and_generic_is_an_override()
         let name = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("").to_string();
         n.lab.exec(&n.ul_ns, &["ethtool", "-K", &name, "gro", "on"])?;
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    for node in [&n.a, &n.b] {
+        wait_links_synced(&n.lab, node)?;
+    }
     for node in [&n.a, &n.b] {
         assert!(!node.pin_dir.join("links/xdp_eth0").exists(), "{}: no XDP on a veth by default", node.name);
         assert!(n.lab.agent_log(node).contains("tc handles this interface alone"), "{}", n.lab.agent_log(node));
