@@ -29,6 +29,11 @@ struct SingleNode {
 const EXTRA_PORTS: [(&str, u16, &str, u16); 2] = [("echo", 9000, "TCP", 9000), ("dns", 53, "UDP", 5353)];
 
 fn single_node() -> Result<SingleNode> {
+    single_node_with(&[])
+}
+
+/// `single_node` with extra agent flags.
+fn single_node_with(agent_flags: &[&str]) -> Result<SingleNode> {
     let mut lab = Lab::new()?;
     let node = lab.add_node("node1", 1)?;
     let mut web = Vec::new();
@@ -40,7 +45,7 @@ fn single_node() -> Result<SingleNode> {
     let client = lab.add_pod(&node, "busybox", 100)?;
     let all: Vec<(&Pod, bool)> = web.iter().map(|p| (p, true)).collect();
     lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS))?;
-    lab.start_agent(&node, &["cbr0", "veth1", "veth2", "veth3", "veth4"], 3, &[])?;
+    lab.start_agent(&node, &["cbr0", "veth1", "veth2", "veth3", "veth4"], 3, agent_flags)?;
     Ok(SingleNode { lab, node, web, client })
 }
 
@@ -496,5 +501,84 @@ fn a_frontend_that_did_not_fit_is_retried_when_room_appears() -> Result<()> {
         lab.agent_log(&node)
     );
     assert!(lab.agent_log(&node).contains("frontends that had failed are programmed now"));
+    Ok(())
+}
+
+/// With a full resync every second, each change (endpoints leaving, turning not ready, session
+/// affinity, a Service added, another removed with a port renamed) is followed by resyncs
+/// that find the incremental translation right and nothing to rewrite in the maps, and traffic
+/// follows every change.
+#[test]
+fn full_resyncs_agree_with_the_incremental_path_through_changes() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node_with(&["--full-sync-period", "1"])?;
+    let (a, b, c) = (&s.web[0], &s.web[1], &s.web[2]);
+    let second: SocketAddr = "10.104.123.60:80".parse()?;
+    let second_yaml = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: second}}\nspec: {{clusterIP: {}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: second-1, labels: {{kubernetes.io/service-name: second}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]\n",
+        second.ip(),
+        a.ip
+    );
+    let all = [(a, true), (b, true), (c, true)];
+    // (what, manifests, the pods web-service's port 80 answers from, whether `second` serves).
+    let steps = [
+        ("a pod leaves", lab_manifests(CLUSTER_IP, &[(b, true), (c, true)], &EXTRA_PORTS), vec![b, c], false),
+        ("a pod is not ready", lab_manifests(CLUSTER_IP, &[(b, false), (c, true)], &EXTRA_PORTS), vec![c], false),
+        (
+            "all back, with session affinity",
+            lb_tests::with_session_affinity(&lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS), 60),
+            vec![a, b, c],
+            false,
+        ),
+        ("a second Service", lab_manifests(CLUSTER_IP, &all, &EXTRA_PORTS) + &second_yaml, vec![a, b, c], true),
+        ("it goes, and web-service keeps one unnamed port", lab_manifests(CLUSTER_IP, &all, &[]), vec![a, b, c], false),
+    ];
+    let count = |what: &str| s.lab.agent_log(&s.node).matches(what).count();
+    for (what, yaml, expected, second_serves) in steps {
+        let applied = count("desired state applied");
+        s.lab.write_manifests(&s.node, &yaml)?;
+        assert!(
+            eventually(Duration::from_secs(10), || count("desired state applied") > applied),
+            "{what}: never applied\n{}",
+            s.lab.agent_log(&s.node)
+        );
+        let expected: std::collections::BTreeSet<&str> = expected.iter().map(|p| p.name.as_str()).collect();
+        let mut answered = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            answered.insert(http_get(&s.client.ns, vip(80), "/")?);
+        }
+        let answered: std::collections::BTreeSet<&str> = answered.iter().map(String::as_str).collect();
+        if what.contains("affinity") {
+            assert!(answered.len() == 1 && expected.is_superset(&answered), "{what}: {answered:?}");
+        } else {
+            assert_eq!(answered, expected, "{what}");
+        }
+        if second_serves {
+            assert_eq!(http_get(&s.client.ns, second, "/")?, a.name, "{what}");
+        } else {
+            let conn = tcp_connect(&s.client.ns, second, Duration::from_millis(500))?;
+            assert!(conn.is_err(), "{what}: the second Service answers");
+        }
+        // The proxier logs a change as applied before any resync that sees it starts, so a
+        // resync counted from here on compared the state after this change.
+        let resyncs = count("full resync done");
+        assert!(
+            eventually(Duration::from_secs(10), || count("full resync done") > resyncs),
+            "{what}: no full resync within 10 s\n{}",
+            s.lab.agent_log(&s.node)
+        );
+    }
+    let log = s.lab.agent_log(&s.node);
+    assert!(!log.contains("the incremental translation had wrong"), "{log}");
+    let resyncs: Vec<&str> = log.lines().filter(|l| l.contains("full resync done")).collect();
+    assert!(resyncs.len() >= 5, "{log}");
+    for l in resyncs {
+        assert!(
+            l.contains(" added=0 ") && l.contains(" updated=0 ") && l.contains(" removed=0 "),
+            "a full resync rewrote the maps the incremental path had left: {l}\n{log}"
+        );
+    }
     Ok(())
 }
