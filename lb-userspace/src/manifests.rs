@@ -28,9 +28,9 @@ pub enum ManifestError {
     Object(Box<ObjectError>),
 }
 
-/// A document that is YAML but not a valid object of its kind.
+/// A document that is YAML but not a valid object of its kind, or one entry of it that is not.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: document {doc}: {kind} {object}: field {field}: {reason}")]
+#[error("{path}: document {doc}: {kind} {object}: field {field}: {reason}{}", skip_note(*.skipped))]
 pub struct ObjectError {
     pub path: PathBuf,
     pub doc: usize,
@@ -38,6 +38,13 @@ pub struct ObjectError {
     pub object: String,
     pub field: String,
     pub reason: String,
+    /// The entry left out ("port", "endpoint") when the rest of the object is still used;
+    /// `None` when the whole object is rejected.
+    pub skipped: Option<&'static str>,
+}
+
+fn skip_note(skipped: Option<&'static str>) -> String {
+    skipped.map(|entry| format!("; this {entry} is skipped, the others are served")).unwrap_or_default()
 }
 
 /// Files to read for `path`: the file itself, or the YAML/JSON files of a directory (not
@@ -115,38 +122,117 @@ fn add_value(path: &Path, doc: usize, value: Value, objects: &mut Objects, error
                 }
             }
         }
-        ("v1", "Service") => match typed::<Service>(path, doc, &kind, value) {
-            Ok(s) => objects.services.push(s),
-            Err(e) => errors.push(e),
-        },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(path, doc, &kind, value) {
-            Ok(s) => objects.slices.push(s),
-            Err(e) => errors.push(e),
-        },
+        ("v1", "Service") => objects.services.extend(typed::<Service>(path, doc, &kind, SERVICE_LISTS, value, errors)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            objects.slices.extend(typed::<EndpointSlice>(path, doc, &kind, SLICE_LISTS, value, errors))
+        }
         _ => {
             tracing::debug!(path = %path.display(), doc, %api_version, %kind, "ignoring object of a kind lb does not use")
         }
     }
 }
 
-/// Deserializes into a k8s-openapi type, naming the field that failed.
-fn typed<T: DeserializeOwned>(path: &Path, doc: usize, kind: &str, value: Value) -> Result<T, ManifestError> {
+/// A list of an object whose entries stand alone: an entry of the wrong type or shape is left
+/// out by itself, as the translation leaves out a well-typed entry that is invalid (a port out
+/// of range, an address that is not one), so one typo in a manifest does not take down the
+/// object's other ports or endpoints.
+struct EntryList {
+    /// Map keys from the object's root to the list.
+    path: &'static [&'static str],
+    /// What one entry is, for the error message.
+    entry: &'static str,
+    check: fn(&Value) -> Result<(), serde_path_to_error::Error<serde_yaml::Error>>,
+}
+
+const SERVICE_LISTS: &[EntryList] =
+    &[EntryList { path: &["spec", "ports"], entry: "port", check: check::<k8s_openapi::api::core::v1::ServicePort> }];
+
+const SLICE_LISTS: &[EntryList] = &[
+    EntryList { path: &["ports"], entry: "port", check: check::<k8s_openapi::api::discovery::v1::EndpointPort> },
+    EntryList { path: &["endpoints"], entry: "endpoint", check: check::<k8s_openapi::api::discovery::v1::Endpoint> },
+];
+
+fn check<E: DeserializeOwned>(v: &Value) -> Result<(), serde_path_to_error::Error<serde_yaml::Error>> {
+    serde_path_to_error::deserialize::<_, E>(v).map(drop)
+}
+
+/// Whether `failed` lies inside an entry of `list` (not at the list itself: a list that is not
+/// a list cannot be mended by leaving entries out).
+fn within(failed: &serde_path_to_error::Path, list: &[&str]) -> bool {
+    let mut segments = failed.iter();
+    list.iter().all(|key| matches!(segments.next(), Some(serde_path_to_error::Segment::Map { key: k }) if k == key))
+        && matches!(segments.next(), Some(serde_path_to_error::Segment::Seq { .. }))
+}
+
+/// Deserializes into a k8s-openapi type, naming the field that failed. When the failure is
+/// inside an entry of one of `lists`, every malformed entry of those lists is left out, each
+/// with its own error, and the rest of the object is returned.
+fn typed<T: DeserializeOwned>(
+    path: &Path,
+    doc: usize,
+    kind: &str,
+    lists: &[EntryList],
+    mut value: Value,
+    errors: &mut Vec<ManifestError>,
+) -> Option<T> {
     let meta = value.get("metadata");
     let object = format!(
         "{}/{}",
         meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default"),
         meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>")
     );
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    let error = |field: String, reason: String, skipped: Option<&'static str>| {
         ManifestError::Object(Box::new(ObjectError {
             path: path.to_owned(),
             doc,
             kind: kind.to_string(),
-            object,
-            field: e.path().to_string(),
-            reason: e.inner().to_string(),
+            object: object.clone(),
+            field,
+            reason,
+            skipped,
         }))
-    })
+    };
+    // Deserializing from a reference keeps the value for a second attempt without a copy.
+    let failed = match serde_path_to_error::deserialize::<_, T>(&value) {
+        Ok(t) => return Some(t),
+        Err(e) => e,
+    };
+    if !lists.iter().any(|l| within(failed.path(), l.path)) {
+        errors.push(error(failed.path().to_string(), failed.inner().to_string(), None));
+        return None;
+    }
+    // (list, index in the file, field, reason) of each entry left out.
+    let mut bad = Vec::new();
+    for list in lists {
+        let Some(Value::Sequence(entries)) = list.path.iter().try_fold(&mut value, |v, key| v.get_mut(*key)) else {
+            continue;
+        };
+        let mut index = 0;
+        entries.retain(|entry| {
+            let i = index;
+            index += 1;
+            let Err(e) = (list.check)(entry) else { return true };
+            let field = match e.path().to_string().as_str() {
+                // The entry itself is of the wrong type (a scalar where a mapping belongs).
+                "." => format!("{}[{i}]", list.path.join(".")),
+                inner => format!("{}[{i}].{inner}", list.path.join(".")),
+            };
+            bad.push((list.entry, field, e.inner().to_string()));
+            false
+        });
+    }
+    let result = serde_path_to_error::deserialize::<_, T>(&value);
+    // If the object still fails (elsewhere), nothing of it is used: its bad entries are named
+    // as errors of a rejected object, not as skipped ones.
+    let used = result.is_ok();
+    errors.extend(bad.into_iter().map(|(entry, field, reason)| error(field, reason, used.then_some(entry))));
+    match result {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(error(e.path().to_string(), e.inner().to_string(), None));
+            None
+        }
+    }
 }
 
 /// An object kind this source reads.
@@ -333,14 +419,66 @@ mod tests {
         assert_eq!((o.services.len(), o.slices.len()), (1, 1));
     }
 
+    fn port_numbers(s: &Service) -> Vec<i32> {
+        s.spec.as_ref().and_then(|s| s.ports.as_ref()).map(|p| p.iter().map(|p| p.port).collect()).unwrap_or_default()
+    }
+
+    /// A mistyped port costs only that port: the Service is kept with its other ports, and the
+    /// error names the document, the object and the field.
     #[test]
-    fn a_mistyped_field_names_the_object_and_the_field() {
+    fn a_mistyped_port_is_skipped_alone_and_named() {
         let (o, e) = parse_one(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports:\n  - port: eighty\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ok}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n  - {name: https, port: eighty}\n  - eighty-one\n  - {name: dns, port: 53, protocol: UDP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ok}\n",
         );
-        assert_eq!(o.services.len(), 1, "the good document still parses");
-        let msg = e[0].to_string();
-        assert!(msg.contains("document 1: Service shop/web: field spec.ports[0].port:"), "{msg}");
+        let names: Vec<_> = o.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["web", "ok"]);
+        assert_eq!(port_numbers(&o.services[0]), [80, 53], "the well-typed ports are kept, in order");
+        let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(msgs[0].starts_with("m.yaml: document 1: Service shop/web: field spec.ports[1].port: "), "{msgs:#?}");
+        assert!(msgs[0].ends_with("; this port is skipped, the others are served"), "{msgs:#?}");
+        assert!(msgs[1].starts_with("m.yaml: document 1: Service shop/web: field spec.ports[2]: "), "{msgs:#?}");
+    }
+
+    /// A mistyped field outside the entry lists rejects the whole object, naming the field; a
+    /// mistyped port of such an object is named too, but not as skipped (nothing is served).
+    #[test]
+    fn a_mistyped_field_outside_the_ports_rejects_the_object() {
+        let (o, e) = parse_one(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: [10.96.0.10]\n  ports: [{port: 80}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: both}\nspec:\n  ports: [{port: eighty}, {port: 81}]\n  sessionAffinity: [ClientIP]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: list}\nspec: {ports: 80}\n",
+        );
+        assert!(o.services.is_empty(), "{:?}", o.services);
+        let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 4, "{msgs:#?}");
+        assert!(msgs[0].contains("document 1: Service default/web: field spec.clusterIP: "), "{msgs:#?}");
+        assert!(msgs[1].contains("document 2: Service default/both: field spec.ports[0].port: "), "{msgs:#?}");
+        assert!(msgs[2].contains("document 2: Service default/both: field spec.sessionAffinity: "), "{msgs:#?}");
+        assert!(msgs[3].contains("document 3: Service default/list: field spec.ports: "), "{msgs:#?}");
+        assert!(msgs.iter().all(|m| !m.contains("skipped")), "{msgs:#?}");
+    }
+
+    /// A mistyped port or endpoint of an EndpointSlice is left out alone; the slice keeps the rest.
+    #[test]
+    fn a_mistyped_slice_port_or_endpoint_is_skipped_alone() {
+        let (o, e) = parse_one(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata: {name: web-1, namespace: shop}\n  addressType: IPv4\n  ports: [{name: http, port: http}, {name: https, port: 8443}]\n  endpoints:\n  - addresses: [10.244.1.1]\n  - {addresses: 10.244.1.2}\n  - addresses: [10.244.1.3]\n    conditions: {ready: maybe}\n  - addresses: [10.244.1.4]\n",
+        );
+        assert_eq!(o.slices.len(), 1, "{e:?}");
+        let s = &o.slices[0];
+        let ports: Vec<_> = s.ports.iter().flatten().map(|p| p.port).collect();
+        assert_eq!(ports, [Some(8443)]);
+        let addresses: Vec<_> = s.endpoints.iter().flatten().map(|e| e.addresses[0].as_str()).collect();
+        assert_eq!(addresses, ["10.244.1.1", "10.244.1.4"]);
+        let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(msgs.len(), 3, "{msgs:#?}");
+        for (m, field, entry) in msgs.iter().zip(
+            [("ports[0].port", "port"), ("endpoints[1].addresses", "endpoint"), ("endpoints[2].conditions.ready", "endpoint")],
+        )
+        .map(|(m, (f, e))| (m, f, e))
+        {
+            assert!(m.starts_with(&format!("m.yaml: document 1: EndpointSlice shop/web-1: field {field}: ")), "{m}");
+            assert!(m.ends_with(&format!("; this {entry} is skipped, the others are served")), "{m}");
+        }
     }
 
     #[test]
