@@ -14,10 +14,11 @@ pub enum LinksError {
     Socket(io::Error),
 }
 
-/// `RTMGRP_LINK` and `RTMGRP_IPV4_IFADDR` (linux/rtnetlink.h).
-const GROUPS: u32 = 0x1 | 0x10;
+/// Links and the addresses of both families: an IPv6 node address serves IPv6 node ports, so
+/// it must not wait for the periodic look either.
+const GROUPS: u32 = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
 
-/// A subscription to link and IPv4 address changes.
+/// A subscription to link and address changes.
 pub struct LinkEvents {
     socket: Socket,
     buf: Vec<u8>,
@@ -75,34 +76,77 @@ fn relevant(mut buf: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn ip(args: &[&str]) -> bool {
+        std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success())
+    }
+
+    /// Runs `f` on a thread inside a network namespace of the test's own (named after `name`),
+    /// so the events it sees are only those the test causes; `None` when not root (outside CI).
+    fn in_new_namespace<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> Option<R> {
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var("CI").is_err(), "privileged test skipped under CI");
+            return None;
+        }
+        let ns = format!("lb-{name}-{}", std::process::id());
+        assert!(ip(&["netns", "add", &ns]));
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let f_ns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                // Only this thread moves, and the commands it starts inherit its namespace.
+                nix::sched::setns(&f_ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+        });
+        assert!(ip(&["netns", "del", &ns]));
+        Some(result.unwrap())
+    }
+
     /// A veth pair added in a namespace of the test's own is reported.
     #[test]
     fn link_added_in_this_namespace_is_reported() {
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var("CI").is_err(), "privileged test skipped under CI");
+        let Some(result) = in_new_namespace("links", || {
+            let mut events = LinkEvents::subscribe().unwrap();
+            ip(&["link", "add", "lbtest0", "type", "veth", "peer", "name", "lbtest1"]) && events.wait().unwrap()
+        }) else {
             return;
-        }
-        let ns = format!("lb-links-{}", std::process::id());
-        let run = |args: &[&str]| std::process::Command::new("ip").args(args).status().map(|s| s.success());
-        assert!(run(&["netns", "add", &ns]).unwrap());
-        let result = std::thread::scope(|s| {
-            s.spawn(|| -> bool {
-                let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-                // SAFETY: setns on this thread only, with a valid namespace fd.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-                    return false;
-                }
-                let mut events = LinkEvents::subscribe().unwrap();
-                let added = std::process::Command::new("ip")
-                    .args(["link", "add", "lbtest0", "type", "veth", "peer", "name", "lbtest1"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-                added && events.wait().unwrap()
-            })
-            .join()
-            .unwrap()
-        });
-        let _ = run(&["netns", "del", &ns]);
+        };
         assert!(result, "no link event");
+    }
+
+    /// An IPv6 address added is reported (an IPv6 node address serves node ports at once).
+    #[test]
+    fn ipv6_address_added_in_this_namespace_is_reported() {
+        let Some(found) = in_new_namespace("links6", || {
+            // Loopback up first: that brings its own address events, before the subscription.
+            assert!(ip(&["link", "set", "lo", "up"]));
+            let mut events = LinkEvents::subscribe().unwrap();
+            assert!(ip(&["-6", "addr", "add", "fd00:6c62::7/128", "dev", "lo"]));
+            // Polled, so a missing subscription fails the test rather than hanging it.
+            events.socket.set_non_blocking(true).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                events.buf.clear();
+                let Ok(n) = events.socket.recv(&mut events.buf, 0) else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                let batch = &events.buf[..n];
+                let ipv6_added = NetlinkMessage::<RouteNetlinkMessage>::deserialize(batch).is_ok_and(|m| {
+                    matches!(
+                        m.payload,
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a))
+                            if a.header.family == netlink_packet_route::AddressFamily::Inet6
+                    )
+                });
+                if ipv6_added {
+                    return relevant(batch);
+                }
+            }
+            false
+        }) else {
+            return;
+        };
+        assert!(found, "no IPv6 address event within 5 s");
     }
 }
