@@ -737,7 +737,8 @@ fn service_ids_stay_within_the_capacity_while_removed_ones_wait() {
 }
 
 /// An external IP on another Service's ClusterIP: one map key. The ClusterIP's Service holds
-/// it; deleting that Service hands the key to the other, deleting the other leaves it alone.
+/// it and the other keeps its own ClusterIP; deleting the first hands the key to the other,
+/// deleting the other leaves the first alone.
 #[test]
 fn a_cluster_ip_keeps_its_key_from_another_services_external_ip_until_deleted() {
     if !privileged() {
@@ -751,21 +752,26 @@ fn a_cluster_ip_keeps_its_key_from_another_services_external_ip_until_deleted() 
         translate(&objects.services, &objects.slices, &lb_userspace::model::NodeInfo::named("node-a")).state
     };
     let mut h = Harness::new("");
-    let to = |h: &Harness, port: u16| {
-        let (verdict, out) =
-            h.run(&frame((CLIENT, port), (Ipv4Addr::new(10, 96, 0, 50), 80), L4::Tcp { flags: SYN }, &[]));
+    let to_vip = |h: &Harness, vip: Ipv4Addr, port: u16| {
+        let (verdict, out) = h.run(&frame((CLIENT, port), (vip, 80), L4::Tcp { flags: SYN }, &[]));
         assert_eq!(verdict, TC_ACT_OK);
         parse_checked(&out).dst.0.to_string()
     };
+    let to = |h: &Harness, port: u16| to_vip(h, Ipv4Addr::new(10, 96, 0, 50), port);
     let apply = |h: &mut Harness, yaml: &str| assert!(h.dp.apply(&state(yaml)).errors.is_empty());
     apply(&mut h, &format!("{winner}---\n{loser}"));
     assert_eq!(to(&h, 40000), "10.244.1.11");
+    // The loser loses the clashing frontend only, as kube-proxy would still serve its ClusterIP.
+    assert_eq!(to_vip(&h, Ipv4Addr::new(10, 96, 0, 60), 40010), "10.244.1.66");
     apply(&mut h, loser);
     assert_eq!(to(&h, 40001), "10.244.1.66", "the winner deleted: the other Service takes the key");
     apply(&mut h, &format!("{loser}---\n{winner}"));
     assert_eq!(to(&h, 40002), "10.244.1.11", "the ClusterIP takes it back");
     apply(&mut h, winner);
     assert_eq!(to(&h, 40003), "10.244.1.11", "the loser deleted: the winner intact");
+    let gone = frame((CLIENT, 40011), (Ipv4Addr::new(10, 96, 0, 60), 80), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run(&gone);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, gone), "the loser's ClusterIP went with it");
     assert_eq!(h.dp.programmed().0, 1);
 }
 
