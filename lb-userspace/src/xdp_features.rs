@@ -238,26 +238,25 @@ const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GDRVINFO: u32 = 0x3;
 
 /// The device's driver and bus address (`ethtool -i`), in the caller's network namespace. A
-/// virtual device (veth, bridge, tunnel) has no bus address. One ioctl: neither nix nor rustix
-/// wraps the ethtool ioctl, and the ethtool netlink family has no driver-info request.
+/// virtual device (veth, bridge, tunnel) has no bus address. One ioctl, still through libc:
+/// neither nix nor rustix wraps the ethtool ioctl, and the ethtool netlink family has no
+/// driver-info request.
 pub fn driver_info(iface: &str) -> Option<(String, String)> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd as _;
     if iface.len() >= 16 {
         return None;
     }
-    // SAFETY: plain socket call; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
+    // Any socket will do: the ioctl only needs one to reach the device's driver. Closed on drop.
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
     // SAFETY: all-zero is a valid value of these plain structs.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
     let mut req = IfReq { name: [0; 16], data: &mut info, _pad: [0; 16] };
     req.name[..iface.len()].copy_from_slice(iface.as_bytes());
     // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a drvinfo we own.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
-    // SAFETY: closing the fd we opened.
-    unsafe { libc::close(fd) };
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
+    drop(sock);
     if rc != 0 {
         return None;
     }

@@ -9,7 +9,9 @@
 //! ever sees complete tables; a replaced range is freed after the grace period (`apply.rs`).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    os::fd::{AsFd, AsRawFd},
+    num::NonZeroUsize,
+    os::fd::AsFd,
+    ptr::NonNull,
 };
 
 use aya::maps::{Array, MapData};
@@ -22,7 +24,7 @@ const NO_BACKEND: u32 = u32::MAX;
 
 /// The mmapped `LB_MAGLEV`.
 struct Slots {
-    ptr: *mut u32,
+    ptr: NonNull<u32>,
     len: u32,
 }
 
@@ -31,8 +33,9 @@ unsafe impl Send for Slots {}
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        // SAFETY: unmapping what `map_slots` mapped, once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len as usize * 4) };
+        // SAFETY: unmapping what `map_slots` mapped, once. A failure could only mean a bad
+        // address or length, neither of which this value lets change.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len as usize * 4) };
     }
 }
 
@@ -40,19 +43,27 @@ impl Drop for Slots {
 compile_error!("LB_MAGLEV's packing of two slots per u64 element assumes a little-endian host");
 
 fn map_slots(map: &MapData, len: u32) -> Result<Slots> {
-    let fd = map.fd().as_fd().as_raw_fd();
+    use nix::sys::mman::{MapFlags, ProtFlags};
+    let error = |errno: nix::errno::Errno| DataplaneError::Io {
+        what: "mapping LB_MAGLEV into memory",
+        path: MAP_MAGLEV.into(),
+        source: errno.into(),
+    };
+    // An empty mapping is what mmap(2) refuses with EINVAL.
+    let bytes = NonZeroUsize::new(len as usize * 4).ok_or_else(|| error(nix::errno::Errno::EINVAL))?;
     // SAFETY: mapping the array's values, which the kernel lays out contiguously for an
     // mmapable array; the length is the map's capacity times the value size.
     let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len as usize * 4, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(DataplaneError::Io {
-            what: "mapping LB_MAGLEV into memory",
-            path: MAP_MAGLEV.into(),
-            source: std::io::Error::last_os_error(),
-        });
+        nix::sys::mman::mmap(
+            None,
+            bytes,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            map.fd().as_fd(),
+            0,
+        )
     }
+    .map_err(error)?;
     Ok(Slots { ptr: ptr.cast(), len })
 }
 
@@ -156,13 +167,13 @@ impl Tables {
         assert!(off as usize + ids.len() <= self.slots.len as usize, "range inside the array");
         // SAFETY: in bounds of the mapping (checked above); the datapath reads these slots
         // only after the service entry pointing at them is written, a syscall later.
-        unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), self.slots.ptr.add(off as usize), ids.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), self.slots.ptr.as_ptr().add(off as usize), ids.len()) };
     }
 
     pub(super) fn read(&self, off: u32, n: u32) -> Vec<u32> {
         let n = n.min(self.slots.len.saturating_sub(off));
         // SAFETY: in bounds of the mapping.
-        unsafe { std::slice::from_raw_parts(self.slots.ptr.add(off as usize), n as usize).to_vec() }
+        unsafe { std::slice::from_raw_parts(self.slots.ptr.as_ptr().add(off as usize), n as usize).to_vec() }
     }
 
     /// The id of `b` for one more table, written into `LB_BACKENDS` when new.
