@@ -11,8 +11,8 @@ use std::{
 use lb_common::{Counter, COUNTER_MAX};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, histogram::Histogram, MetricType},
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -28,32 +28,8 @@ pub enum MetricsError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// Upper bounds (seconds) of the sync duration histogram's buckets.
+/// Upper bounds (seconds) of the sync duration histogram's buckets (`+Inf` is implicit).
 const SYNC_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
-
-/// A histogram with fixed buckets.
-#[derive(Clone, Debug)]
-pub struct Histogram {
-    pub bounds: Vec<f64>,
-    /// Per bucket (not cumulative).
-    pub counts: Vec<u64>,
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn new(bounds: Vec<f64>) -> Self {
-        Self { counts: vec![0; bounds.len()], bounds, sum: 0.0, count: 0 }
-    }
-
-    pub fn observe(&mut self, v: f64) {
-        self.sum += v;
-        self.count += 1;
-        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
-            self.counts[i] += 1;
-        }
-    }
-}
 
 /// kube-proxy's buckets for `kubeproxy_network_programming_duration_seconds`: 0.25 s steps to
 /// 0.5 s, 1 s steps to 59 s, then 5 s to 115 s, then 30 s to 300 s.
@@ -65,7 +41,8 @@ fn network_programming_buckets() -> Vec<f64> {
     b
 }
 
-/// What the agent reports about itself.
+/// What the agent reports about itself. Its histograms are shared handles with locks of their
+/// own: a copy of the status reads the same ones, as they are at encoding time.
 #[derive(Clone, Debug)]
 pub struct AgentStatus {
     /// The first full state has been programmed.
@@ -75,8 +52,8 @@ pub struct AgentStatus {
     pub syncs: u64,
     pub sync_failures: u64,
     pub last_sync_unix_s: f64,
-    pub sync_duration_sum_s: f64,
-    pub sync_buckets: [u64; SYNC_BUCKETS.len()],
+    /// Every sync, full or partial.
+    pub all_syncs: Histogram,
     pub full_syncs: Histogram,
     pub partial_syncs: Histogram,
     pub programmed_frontends: usize,
@@ -118,10 +95,9 @@ impl Default for AgentStatus {
             syncs: 0,
             sync_failures: 0,
             last_sync_unix_s: 0.0,
-            sync_duration_sum_s: 0.0,
-            sync_buckets: [0; SYNC_BUCKETS.len()],
-            full_syncs: Histogram::new(SYNC_BUCKETS.to_vec()),
-            partial_syncs: Histogram::new(SYNC_BUCKETS.to_vec()),
+            all_syncs: Histogram::new(SYNC_BUCKETS),
+            full_syncs: Histogram::new(SYNC_BUCKETS),
+            partial_syncs: Histogram::new(SYNC_BUCKETS),
             programmed_frontends: 0,
             programmed_endpoints: 0,
             rejected_objects: 0,
@@ -155,12 +131,7 @@ impl AgentStatus {
             self.sync_failures += 1;
         }
         let s = took.as_secs_f64();
-        self.sync_duration_sum_s += s;
-        for (i, b) in SYNC_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.sync_buckets[i] += 1;
-            }
-        }
+        self.all_syncs.observe(s);
         if full {
             self.full_syncs.observe(s);
         } else {
@@ -170,7 +141,7 @@ impl AgentStatus {
         self.updated();
     }
 
-    pub fn record_full_sync(&mut self, took: Duration) {
+    pub fn record_full_sync(&self, took: Duration) {
         self.full_syncs.observe(took.as_secs_f64());
     }
 
@@ -340,11 +311,7 @@ fn counters(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, 
 }
 
 fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
-    let mut buckets: Vec<(f64, u64)> = h.bounds.iter().copied().zip(h.counts.iter().copied()).collect();
-    // The last bucket is +Inf (the encoder's name for f64::MAX).
-    buckets.push((f64::MAX, h.count - h.counts.iter().sum::<u64>()));
-    e.encode_descriptor(name, help, None, MetricType::Histogram)?
-        .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets, None)
+    h.encode(e.encode_descriptor(name, help, None, h.metric_type())?)
 }
 
 impl Collector for Scrape {
@@ -353,18 +320,12 @@ impl Collector for Scrape {
         counter(&mut e, "lb_sync", "Syncs of the desired state to the maps.", st.syncs)?;
         counter(&mut e, "lb_sync_failures", "Syncs in which some frontend failed to program.", st.sync_failures)?;
         // Also under kube-proxy's names, so dashboards and alerts written for it keep working.
-        let mut all = Histogram::new(SYNC_BUCKETS.to_vec());
-        for (i, c) in st.sync_buckets.iter().enumerate() {
-            // `sync_buckets` are cumulative.
-            all.counts[i] = c - if i > 0 { st.sync_buckets[i - 1] } else { 0 };
-        }
-        (all.sum, all.count) = (st.sync_duration_sum_s, st.syncs);
-        histogram(&mut e, "lb_sync_duration_seconds", "Time to translate and apply one sync.", &all)?;
+        histogram(&mut e, "lb_sync_duration_seconds", "Time to translate and apply one sync.", &st.all_syncs)?;
         histogram(
             &mut e,
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "kube-proxy's name for lb_sync_duration_seconds.",
-            &all,
+            &st.all_syncs,
         )?;
         histogram(
             &mut e,
@@ -716,6 +677,47 @@ mod tests {
         assert!(!text.contains("lb_service_packets_total"), "per-frontend series only behind the flag");
     }
 
+    /// The lines of one metric family in an exposition.
+    fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.split([' ', '{']).next().is_some_and(|n| n.starts_with(name))).collect()
+    }
+
+    /// The exact exposition kube-proxy's scrapers read: every bucket bound, cumulative counts,
+    /// an observation past the last bound only in `+Inf`, `_sum` and `_count`.
+    #[test]
+    fn histogram_exposition_is_kube_proxy_s() {
+        let mut st = AgentStatus::default();
+        for ms in [3, 200, 200, 40_000] {
+            st.record_sync(Duration::from_millis(ms), false, ms == 3);
+        }
+        let text = render(&st, None, None, &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 }, false);
+        assert!(text.contains("\n# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n"), "{text}");
+        // Bounds printed as Go prints them (`1`, not `1.0`), as kube-proxy's are.
+        let want = [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"} 0",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.005\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.01\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.05\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.1\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.25\"} 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.5\"} 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"1\"} 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"5\"} 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"30\"} 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 4",
+            "kubeproxy_sync_proxy_rules_duration_seconds_sum 40.403",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 4",
+        ];
+        assert_eq!(family(&text, "kubeproxy_sync_proxy_rules_duration_seconds"), want, "{text}");
+        let partial = family(&text, "kubeproxy_sync_partial_proxy_rules_duration_seconds_");
+        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_count 3"), "{partial:#?}");
+        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.1\"} 0"), "{partial:#?}");
+        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"30\"} 2"), "{partial:#?}");
+        assert_eq!(family(&text, "lb_sync_duration_seconds_bucket").len(), 11, "{text}");
+        let lb: Vec<String> = family(&text, "lb_sync_duration_seconds_").iter().map(|l| l.replace("lb_sync", "kubeproxy_sync_proxy_rules")).collect();
+        assert_eq!(lb, want, "lb's own name, the same series");
+    }
+
     /// kube-proxy's rules: a change waiting longer than the health timeout makes `/healthz`
     /// and `/livez` fail; applying it heals both; a Node being deleted (or tainted for it)
     /// fails `/healthz` only.
@@ -741,9 +743,21 @@ mod tests {
         assert_eq!((healthz(&st).0, livez(&st).0), (200, 200));
         st.node_eligible = false;
         assert_eq!((healthz(&st).0, livez(&st).0), (503, 200));
-        let mut h = Histogram::new(network_programming_buckets());
-        h.observe(0.3);
-        h.observe(70.0);
-        assert_eq!((h.count, h.counts[1], h.counts.iter().sum::<u64>()), (2, 1, 2));
+        st.network_programming.observe(0.3);
+        st.network_programming.observe(70.0);
+        let text = render(
+            &st,
+            None,
+            None,
+            &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 },
+            false,
+        );
+        let h = family(&text, "kubeproxy_network_programming_duration_seconds_");
+        assert_eq!(h.len(), 61 + 12 + 7 + 1 + 2, "kube-proxy's bounds, +Inf, _sum, _count: {h:#?}");
+        for (le, n) in [("0.25", 0), ("0.5", 1), ("59", 1), ("65", 1), ("70", 2), ("300", 2), ("+Inf", 2)] {
+            let line = format!("kubeproxy_network_programming_duration_seconds_bucket{{le=\"{le}\"}} {n}");
+            assert!(h.contains(&line.as_str()), "{line} in {h:#?}");
+        }
+        assert!(h.contains(&"kubeproxy_network_programming_duration_seconds_count 2"), "{h:#?}");
     }
 }
