@@ -335,9 +335,7 @@ fn trigger_time(slice: &EndpointSlice) -> Option<f64> {
     Some(ts.as_millisecond() as f64 / 1000.0)
 }
 
-/// Why the Node makes this proxy unhealthy for load balancers (kube-proxy's `nodeEligible`):
-/// being deleted, or tainted for deletion by the cluster autoscaler.
-/// A Node's IPv4 pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`).
+/// A Node's pod CIDRs of both families (`spec.podCIDRs`, else `spec.podCIDR`).
 fn node_pod_cidrs(node: &Node) -> Vec<Cidr> {
     let spec = node.spec.as_ref();
     let mut list: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
@@ -347,6 +345,9 @@ fn node_pod_cidrs(node: &Node) -> Vec<Cidr> {
     list.iter().filter_map(|c| c.parse().ok()).collect()
 }
 
+/// Whether the Node leaves this proxy healthy for load balancers (kube-proxy's
+/// `nodeEligible`): not when it is being deleted, or tainted for deletion by the cluster
+/// autoscaler, so load balancers drain it before it goes.
 fn node_eligible(node: &Node) -> bool {
     const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
     node.metadata.deletion_timestamp.is_none()
@@ -369,7 +370,7 @@ struct Proxier {
     xdp_globs: Vec<String>,
     nodeport_addresses: Vec<Cidr>,
     cluster_cidrs: Vec<Cidr>,
-    /// This node's `spec.podCIDRs` (IPv4), from its Node object.
+    /// This node's `spec.podCIDRs` (both families), from its Node object.
     node_pod_cidrs: Vec<Cidr>,
     full_sync_period: Duration,
     services_listed: bool,
@@ -776,6 +777,49 @@ fd000049000000000000000000000000 40 00000000000000000000000000000000 00 00000000
 ";
         assert_eq!(default_route_interface6(routes).as_deref(), Some("eth1"));
         assert_eq!(default_route_interface6(&routes.lines().take(2).collect::<Vec<_>>().join("\n")), None);
+    }
+
+    /// kube-proxy's node eligibility: a Node being deleted, or carrying the cluster
+    /// autoscaler's deletion taint (whatever its effect), fails `/healthz`; any other Node,
+    /// tainted or not, leaves it passing.
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        let node = |extra: serde_json::Value| -> Node {
+            let mut v = serde_json::json!({"metadata": {"name": "n1"}, "spec": {}});
+            for (k, e) in extra.as_object().unwrap() {
+                v[k].as_object_mut().unwrap().extend(e.as_object().unwrap().clone());
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let cases = [
+            ("plain", serde_json::json!({}), true),
+            (
+                "other taint",
+                serde_json::json!({"spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}),
+                true,
+            ),
+            ("deleted", serde_json::json!({"metadata": {"deletionTimestamp": "2026-12-03T10:00:00Z"}}), false),
+            (
+                "autoscaler",
+                serde_json::json!({"spec": {"taints": [
+                    {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+                    {"key": "ToBeDeletedByClusterAutoscaler", "value": "1764756000", "effect": "NoSchedule"}
+                ]}}),
+                false,
+            ),
+            (
+                "autoscaler, other effect",
+                serde_json::json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "PreferNoSchedule"}]}}),
+                false,
+            ),
+        ];
+        for (name, extra, want) in cases {
+            let eligible = node_eligible(&node(extra));
+            assert_eq!(eligible, want, "{name}");
+            // What /healthz answers for it, all else healthy.
+            let st = metrics::AgentStatus { synced: true, attached: true, node_eligible: eligible, ..Default::default() };
+            assert_eq!(metrics::healthz(&st).0, if want { 200 } else { 503 }, "{name}");
+        }
     }
 
     #[test]

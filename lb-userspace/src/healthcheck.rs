@@ -183,11 +183,62 @@ mod tests {
         assert_eq!(v["localEndpoints"], 3);
     }
 
+    /// One HTTP/1.1 GET, the whole response as text.
+    async fn get(addr: SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /any/path HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// The value of header `name` (case-insensitive) in a raw HTTP response.
+    fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+        let head = response.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// kube-proxy's `X-Load-Balancing-Endpoint-Weight` carries the local endpoint count on every
+    /// answer, 503s included (a weighted load balancer reads it whatever the status), and
+    /// follows the count as it changes.
+    #[tokio::test]
+    async fn the_endpoint_weight_header_carries_the_local_count() {
+        let status: SharedStatus = Default::default();
+        {
+            let mut st = status.lock().unwrap();
+            st.synced = true;
+            st.attached = true;
+        }
+        let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut checks = HealthChecks::new(status.clone());
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 3))])).await.is_empty());
+        let r = get(addr).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert_eq!(header(&r, "X-Load-Balancing-Endpoint-Weight"), Some("3"), "{r}");
+        assert_eq!(header(&r, "content-type"), Some("application/json"), "{r}");
+        assert!(r.contains("\"localEndpoints\":3"), "{r}");
+        // The count changes without the server restarting.
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 0))])).await.is_empty());
+        let r = get(addr).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert_eq!(header(&r, "x-load-balancing-endpoint-weight"), Some("0"), "{r}");
+        // An unhealthy proxy answers 503 but still reports its local endpoints.
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 5))])).await.is_empty());
+        status.lock().unwrap().attached = false;
+        let r = get(addr).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert_eq!(header(&r, "x-load-balancing-endpoint-weight"), Some("5"), "{r}");
+    }
+
     /// The IPv4 and the IPv6 listener of one port bind side by side, and each answers with its
     /// family's count.
     #[tokio::test]
     async fn a_port_listens_on_both_families_side_by_side() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         if std::net::TcpListener::bind("[::1]:0").is_err() {
             // No IPv6 on this machine (the kernel's ipv6 disabled); nothing to check.
             assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have IPv6");
@@ -214,18 +265,13 @@ mod tests {
         )]);
         let errors = checks.update(&want).await;
         assert!(errors.is_empty(), "{errors:?}");
-        let get = |addr: SocketAddr| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
         let v4 = get(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
         assert!(v4.starts_with("HTTP/1.1 503"), "{v4}");
+        assert_eq!(header(&v4, "x-load-balancing-endpoint-weight"), Some("0"), "{v4}");
         let v6 = get(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await;
         assert!(v6.starts_with("HTTP/1.1 200"), "{v6}");
         assert!(v6.contains("\"localEndpoints\":2"), "{v6}");
+        assert_eq!(header(&v6, "x-load-balancing-endpoint-weight"), Some("2"), "{v6}");
         // The Service loses its IPv4 family: that listener goes, the other stays.
         let want = BTreeMap::from([(
             port,

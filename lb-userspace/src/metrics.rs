@@ -529,7 +529,7 @@ fn render(
 /// change has waited longer than the health timeout without being applied, or when the Node
 /// is being deleted or tainted for deletion by the cluster autoscaler; a JSON body with the
 /// last update time.
-fn healthz(status: &AgentStatus) -> (u16, String) {
+pub(crate) fn healthz(status: &AgentStatus) -> (u16, String) {
     let healthy = status.synced && status.attached && status.proxy_healthy() && status.node_eligible;
     let now = SystemTime::now();
     let last = if healthy { Some(now) } else { status.last_updated };
