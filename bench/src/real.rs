@@ -326,10 +326,11 @@ struct ControlRow {
 }
 
 /// How long a proxy may take to serve every Service at first.
-const START_LIMIT: Duration = Duration::from_secs(600);
+pub const START_LIMIT: Duration = Duration::from_secs(600);
 
 /// Sections 3 and 4 of the report, on the real control plane.
-pub fn run(quick: bool) -> Result<String> {
+/// Returns the sections, and the sizes at which kube-proxy in iptables mode never served.
+pub fn run(quick: bool) -> Result<(String, Vec<usize>)> {
     let traffic_sizes: &[usize] = if quick { &[1] } else { &[1, 1_000, 10_000] };
     let secs = if quick { 0.5 } else { 3.0 };
     let proxies = [Proxy::Lb, Proxy::Nftables, Proxy::Iptables];
@@ -475,7 +476,12 @@ pub fn run(quick: bool) -> Result<String> {
         }
     }
     md.push('\n');
-    Ok(md)
+    let unserved: Vec<usize> = control
+        .iter()
+        .filter(|r| r.start.is_none() && matches!(r.proxy, Proxy::Iptables))
+        .map(|r| r.size)
+        .collect();
+    Ok((md, unserved))
 }
 
 fn kube_version() -> String {
