@@ -471,10 +471,14 @@ mod tests {
         assert_eq!(addresses, ["10.244.1.1", "10.244.1.4"]);
         let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
         assert_eq!(msgs.len(), 3, "{msgs:#?}");
-        for (m, field, entry) in msgs.iter().zip(
-            [("ports[0].port", "port"), ("endpoints[1].addresses", "endpoint"), ("endpoints[2].conditions.ready", "endpoint")],
-        )
-        .map(|(m, (f, e))| (m, f, e))
+        for (m, field, entry) in msgs
+            .iter()
+            .zip([
+                ("ports[0].port", "port"),
+                ("endpoints[1].addresses", "endpoint"),
+                ("endpoints[2].conditions.ready", "endpoint"),
+            ])
+            .map(|(m, (f, e))| (m, f, e))
         {
             assert!(m.starts_with(&format!("m.yaml: document 1: EndpointSlice shop/web-1: field {field}: ")), "{m}");
             assert!(m.ends_with(&format!("; this {entry} is skipped, the others are served")), "{m}");

@@ -690,7 +690,13 @@ mod tests {
         for ms in [3, 200, 200, 40_000] {
             st.record_sync(Duration::from_millis(ms), false, ms == 3);
         }
-        let text = render(&st, None, None, &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 }, false);
+        let text = render(
+            &st,
+            None,
+            None,
+            &mut CountCache { at: None, cost: Duration::ZERO, conntrack: 0, conntrack_new: 0, affinity: 0 },
+            false,
+        );
         assert!(text.contains("\n# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n"), "{text}");
         // Bounds printed as Go prints them (`1`, not `1.0`), as kube-proxy's are.
         let want = [
@@ -711,10 +717,19 @@ mod tests {
         assert_eq!(family(&text, "kubeproxy_sync_proxy_rules_duration_seconds"), want, "{text}");
         let partial = family(&text, "kubeproxy_sync_partial_proxy_rules_duration_seconds_");
         assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_count 3"), "{partial:#?}");
-        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.1\"} 0"), "{partial:#?}");
-        assert!(partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"30\"} 2"), "{partial:#?}");
+        assert!(
+            partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"0.1\"} 0"),
+            "{partial:#?}"
+        );
+        assert!(
+            partial.contains(&"kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{le=\"30\"} 2"),
+            "{partial:#?}"
+        );
         assert_eq!(family(&text, "lb_sync_duration_seconds_bucket").len(), 11, "{text}");
-        let lb: Vec<String> = family(&text, "lb_sync_duration_seconds_").iter().map(|l| l.replace("lb_sync", "kubeproxy_sync_proxy_rules")).collect();
+        let lb: Vec<String> = family(&text, "lb_sync_duration_seconds_")
+            .iter()
+            .map(|l| l.replace("lb_sync", "kubeproxy_sync_proxy_rules"))
+            .collect();
         assert_eq!(lb, want, "lb's own name, the same series");
     }
 

@@ -311,7 +311,8 @@ pub mod legacy {
 /// CLOCK_MONOTONIC in nanoseconds: `bpf_ktime_get_ns`, the legacy entries' clock.
 fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC cannot fail on Linux; zero (as the libc call left its timespec) if it did.
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
