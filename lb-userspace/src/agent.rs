@@ -568,15 +568,20 @@ impl Proxier {
             "desired state applied"
         );
         let now = unix_now();
+        // These walk every frontend and Service: counted before the status lock is taken, so
+        // /healthz, /metrics and the health check ports never wait on the walk.
+        let programmed = self.dp.programmed();
+        let rejected = self.translator.rejected_count();
+        let no_local = self.translator.no_local_endpoints();
         let mut st = self.status.lock().expect("status poisoned");
         st.record_sync(took, !report.errors.is_empty(), first);
         for t in self.triggers.drain(..) {
             st.network_programming.observe((now - t).max(0.0));
         }
-        (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
-        st.rejected_objects = self.translator.rejected_count();
+        (st.programmed_frontends, st.programmed_endpoints) = programmed;
+        st.rejected_objects = rejected;
         st.stale_udp_sockets_closed += report.stale_udp_sockets as u64;
-        st.no_local_endpoints = self.translator.no_local_endpoints();
+        st.no_local_endpoints = no_local;
         st.synced = true;
         drop(st);
         self.synced = true;
@@ -610,8 +615,9 @@ impl Proxier {
             self.retry_at = Some(Instant::now() + self.retry_delay);
             debug!(frontends = self.failed.len(), next_in = ?self.retry_delay, "frontends still failing");
         }
+        let programmed = self.dp.programmed();
         let mut st = self.status.lock().expect("status poisoned");
-        (st.programmed_frontends, st.programmed_endpoints) = self.dp.programmed();
+        (st.programmed_frontends, st.programmed_endpoints) = programmed;
     }
 
     /// Logs each newly rejected Service (or part of one) once, and asks for a Warning Event on
@@ -817,7 +823,8 @@ fd000049000000000000000000000000 40 00000000000000000000000000000000 00 00000000
             let eligible = node_eligible(&node(extra));
             assert_eq!(eligible, want, "{name}");
             // What /healthz answers for it, all else healthy.
-            let st = metrics::AgentStatus { synced: true, attached: true, node_eligible: eligible, ..Default::default() };
+            let st =
+                metrics::AgentStatus { synced: true, attached: true, node_eligible: eligible, ..Default::default() };
             assert_eq!(metrics::healthz(&st).0, if want { 200 } else { 503 }, "{name}");
         }
     }
