@@ -631,7 +631,10 @@ impl Proxier {
                     continue;
                 }
                 error!(error = %e, "object rejected");
-                let reason = if e.rejects_object() { "FailedToProgram" } else { "PartlyProgrammed" };
+                // A clash leaves out only the frontends another Service holds; when that is all
+                // of them, nothing of this Service is programmed.
+                let whole = e.rejects_object() || self.translator.crowded_out(name);
+                let reason = if whole { "FailedToProgram" } else { "PartlyProgrammed" };
                 let _ = self.events.send(Rejection { service: name.clone(), reason, message: text.clone() });
             }
             if !errors.is_empty() {

@@ -149,14 +149,18 @@ impl Translator {
         out
     }
 
+    /// Whether Service `name` asks for frontends and other Services hold every one of them.
+    pub fn crowded_out(&self, name: &str) -> bool {
+        match (self.outputs.get(name), self.conflicts.get(name)) {
+            (Some(o), Some(lost)) => !o.entries.is_empty() && o.kept(Some(lost)).next().is_none(),
+            _ => false,
+        }
+    }
+
     /// How many Services are left out as a whole: invalid ones, and valid ones that lost every
     /// frontend they ask for to other Services.
     pub fn rejected_count(&self) -> usize {
-        let crowded_out = self
-            .conflicts
-            .iter()
-            .filter(|(name, lost)| self.outputs.get(*name).is_some_and(|o| o.kept(Some(lost)).next().is_none()))
-            .count();
+        let crowded_out = self.conflicts.keys().filter(|name| self.crowded_out(name)).count();
         self.invalid.len() + crowded_out
     }
 
