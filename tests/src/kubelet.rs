@@ -81,6 +81,8 @@ struct Running {
     server: Option<Child>,
     ready: bool,
     terminating: bool,
+    /// Readiness probes run so far, each counted once its result is in the pod's status.
+    probes: u32,
 }
 
 struct Shared {
@@ -173,6 +175,12 @@ impl Kubelet {
     /// Every pod this kubelet runs, `namespace/name` → pod.
     pub fn pods(&self) -> BTreeMap<String, Pod> {
         self.shared.pods.lock().unwrap().iter().map(|(k, r)| (k.clone(), r.pod.clone())).collect()
+    }
+
+    /// How many readiness probes of pod `namespace/name` have run here, each with its result
+    /// already written to the pod's status (0 for a pod without a `readinessProbe`).
+    pub fn probes_run(&self, namespace: &str, name: &str) -> u32 {
+        self.shared.pods.lock().unwrap().get(&format!("{namespace}/{name}")).map_or(0, |r| r.probes)
     }
 
     /// Waits until pod `namespace/name` runs here and is ready.
@@ -453,6 +461,7 @@ async fn start_pod(s: &Arc<Shared>, key: &str, pod: &KubePod) -> Result<()> {
             server: None,
             ready: false,
             terminating: false,
+            probes: 0,
         },
     );
     let (node, p2, a2) = (s.node.clone(), lab_pod.clone(), args.clone());
@@ -636,13 +645,17 @@ async fn probe_loop(
         let next = if ready { failures < failure_needed } else { successes >= success_needed };
         if next != ready {
             ready = next;
-            if let Some(r) = s.pods.lock().unwrap().get_mut(&key) {
+            // Not a new pod's of the same name.
+            if let Some(r) = s.pods.lock().unwrap().get_mut(&key).filter(|r| r.pod.ns == pod.ns) {
                 r.ready = ready;
             }
             let name = pod.name.clone();
             if let Err(e) = set_status(&pods, &name, &pod, s.internal_ip, &containers, ready, &started).await {
                 tracing::warn!(pod = %key, error = %e, "readiness status");
             }
+        }
+        if let Some(r) = s.pods.lock().unwrap().get_mut(&key).filter(|r| r.pod.ns == pod.ns) {
+            r.probes += 1;
         }
         tokio::time::sleep(period).await;
     }

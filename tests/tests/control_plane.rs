@@ -2,14 +2,19 @@
 //! them: a Deployment's pods run as namespaces answering with their names, the real
 //! EndpointSlice controller lists them ready, a deleted pod is `terminating` (still serving)
 //! while its preStop sleep runs and then leaves the slice, and everything is gone afterwards.
-use std::time::{Duration, Instant};
+//! A pod whose readiness probe fails is Running but not Ready, and its endpoint not ready,
+//! until the probe passes; when it fails again, the pod is taken out again.
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Result};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{api::ListParams, Api};
 use lb_tests::{
     control_plane::ControlPlane,
-    http_get,
+    http_get, in_ns,
     kubelet::{Kubelet, KubeletConfig},
     privileged, Lab,
 };
@@ -133,5 +138,72 @@ fn deployment_pods_run_and_the_endpointslice_controller_follows_them() -> Result
     let left = lb_tests::sh(&["ip", "netns", "list"])?;
     assert!(!left.contains(&ns_of_victim), "{left}");
     let _ = client;
+    Ok(())
+}
+
+/// A pod whose readiness probe asks a port its server does not listen on (the server answers
+/// on 80 all along: only the probe decides), and a Service selecting it.
+const PROBED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: probed
+  labels: {app: probed}
+spec:
+  nodeName: node1
+  containers:
+  - name: web
+    image: nginx
+    ports: [{containerPort: 80, name: http}]
+    readinessProbe:
+      tcpSocket: {port: 8081}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: probed
+spec:
+  selector: {app: probed}
+  ports: [{port: 80, targetPort: http}]
+"#;
+
+/// The pod's phase and its `Ready` condition's status, as the API server has them.
+fn phase_and_ready(cp: &ControlPlane, pod: &str) -> String {
+    cp.kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.phase} {.status.conditions[?(@.type==\"Ready\")].status}"])
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_failing_readiness_probe_keeps_the_pod_and_its_endpoint_not_ready() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut cp = ControlPlane::start()?;
+    let mut lab = Lab::new()?;
+    let node = lab.add_node("node1", 1)?;
+    let node_ip = cp.attach(&node.ns)?;
+    let kubelet = Kubelet::start(&cp, &node, KubeletConfig::new(node_ip))?;
+    cp.kubectl_stdin(&["apply", "-f", "-"], PROBED)?;
+
+    // Three probes failed, each one's result already in the pod's status.
+    wait("three readiness probes", Duration::from_secs(60), || kubelet.probes_run("default", "probed") >= 3)?;
+    let pod = kubelet.pod("default", "probed").expect("the kubelet runs the pod");
+    assert_eq!(phase_and_ready(&cp, "probed"), "Running False");
+    let ip = pod.ip.to_string();
+    let not_ready = vec![(ip.clone(), false, false, false)];
+    wait("the endpoint listed, not ready", Duration::from_secs(30), || endpoints(&cp, "probed") == not_ready)?;
+
+    // Something listens on the probed port now: ready, and so is the endpoint.
+    let listener = in_ns(&pod.ns, || TcpListener::bind("0.0.0.0:8081"))??;
+    wait("the pod ready", Duration::from_secs(30), || phase_and_ready(&cp, "probed") == "Running True")?;
+    let ready = vec![(ip.clone(), true, true, false)];
+    wait("the endpoint ready", Duration::from_secs(30), || endpoints(&cp, "probed") == ready)?;
+
+    // It stops listening: after two failed probes, not ready again.
+    drop(listener);
+    wait("the pod not ready again", Duration::from_secs(30), || phase_and_ready(&cp, "probed") == "Running False")?;
+    wait("the endpoint not ready again", Duration::from_secs(30), || endpoints(&cp, "probed") == not_ready)?;
     Ok(())
 }
