@@ -125,8 +125,8 @@ spec: {{clusterIP: {HOST_REMOTE_CIP}, ports: [{{name: http, port: 80, targetPort
     y
 }
 
-/// Turns tx checksum offload back on for every veth of a namespace (`Lab::plug` turns it off
-/// on the wire): the case users have.
+/// Makes sure tx checksum offload is on for every veth of a namespace, as Linux sets it and as
+/// `Lab::plug` leaves it: this file tests the case users have even if the lab's links change.
 fn offloads_on(lab: &Lab, ns: &str) -> Result<()> {
     let links = lab.exec(ns, &["ip", "-o", "link", "show", "type", "veth"])?;
     for l in links.lines() {
