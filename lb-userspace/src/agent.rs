@@ -23,7 +23,7 @@ use crate::{
     kube_source::{self, KubeSourceError},
     manifests::{self, ManifestWatcher, ObjectChange},
     metrics,
-    model::{Cidr, Frontend, HealthCheck, NodeInfo, Translator},
+    model::{Cidr, Frontend, HealthCheck, NodeInfo, TranslateError, Translator},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -633,7 +633,8 @@ impl Proxier {
                 error!(error = %e, "object rejected");
                 // A clash leaves out only the frontends another Service holds; when that is all
                 // of them, nothing of this Service is programmed.
-                let whole = e.rejects_object() || self.translator.crowded_out(name);
+                let clash = matches!(e, TranslateError::Conflict { .. } | TranslateError::HealthCheckConflict { .. });
+                let whole = e.rejects_object() || (clash && self.translator.crowded_out(name));
                 let reason = if whole { "FailedToProgram" } else { "PartlyProgrammed" };
                 let _ = self.events.send(Rejection { service: name.clone(), reason, message: text.clone() });
             }

@@ -651,7 +651,15 @@ async fn probe_loop(
             }
             let name = pod.name.clone();
             if let Err(e) = set_status(&pods, &name, &pod, s.internal_ip, &containers, ready, &started).await {
+                // Not counted (a probe counts once its result is in the pod's status), and the
+                // change is tried again after the next probe.
                 tracing::warn!(pod = %key, error = %e, "readiness status");
+                ready = !ready;
+                if let Some(r) = s.pods.lock().unwrap().get_mut(&key).filter(|r| r.pod.ns == pod.ns) {
+                    r.ready = ready;
+                }
+                tokio::time::sleep(period).await;
+                continue;
             }
         }
         if let Some(r) = s.pods.lock().unwrap().get_mut(&key).filter(|r| r.pod.ns == pod.ns) {

@@ -152,7 +152,9 @@ impl Translator {
     /// Whether Service `name` asks for frontends and other Services hold every one of them.
     pub fn crowded_out(&self, name: &str) -> bool {
         match (self.outputs.get(name), self.conflicts.get(name)) {
-            (Some(o), Some(lost)) => !o.entries.is_empty() && o.kept(Some(lost)).next().is_none(),
+            (Some(o), Some(lost)) => {
+                !o.entries.is_empty() && o.kept(Some(lost)).next().is_none() && o.kept_health(Some(lost)).is_none()
+            }
             _ => false,
         }
     }
