@@ -582,8 +582,9 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
     // The Service owning the ClusterIP sorts first, then last.
     for (cip_name, ext_name) in [("a-cip", "z-ext"), ("z-cip", "a-ext")] {
         let cip_svc = svc(cip_name, "{clusterIP: 10.96.0.50, ports: [{port: 80}]}") + &slice(cip_name, "10.244.1.1");
-        let ext_svc = svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50, 192.0.2.9], ports: [{port: 80}]}")
-            + &slice(ext_name, "10.244.1.2");
+        let ext_svc =
+            svc(ext_name, "{clusterIP: 10.96.0.60, externalIPs: [10.96.0.50, 192.0.2.9], ports: [{port: 80}]}")
+                + &slice(ext_name, "10.244.1.2");
         let alone = run(&cip_svc);
         let loser_alone = run(&ext_svc);
         for yaml in [cip_svc.clone() + &ext_svc, ext_svc.clone() + &cip_svc] {
@@ -609,7 +610,8 @@ fn an_external_ip_on_another_services_cluster_ip_loses_to_the_cluster_ip() {
             }
             // Each Service's frontends are exactly what it has alone, less the lost one.
             let mut both = alone.state.clone();
-            both.services.extend(loser_alone.state.services.iter().filter(|(f, _)| **f != ext).map(|(f, sp)| (*f, sp.clone())));
+            both.services
+                .extend(loser_alone.state.services.iter().filter(|(f, _)| **f != ext).map(|(f, sp)| (*f, sp.clone())));
             assert_eq!(both, t.state);
         }
         // Deleting the winner lets the loser take the key.
@@ -1500,7 +1502,11 @@ fn a_health_check_node_port_held_by_another_service_leaves_only_the_check_out() 
     let t = run(&(svc("b", "10.96.5.2", 30502) + &svc("a", "10.96.5.1", 30501)));
     assert_eq!(t.state.health_checks.len(), 1);
     assert!(t.state.services.contains_key(&fe("10.96.5.2", 80, Protocol::Tcp)), "b is served");
-    assert!(t.state.services.iter().any(|(f, sp)| f.scope == Scope::NodePort && f.port == 30502 && sp.name == "default/b"));
+    assert!(t
+        .state
+        .services
+        .iter()
+        .any(|(f, sp)| f.scope == Scope::NodePort && f.port == 30502 && sp.name == "default/b"));
     match &t.errors[..] {
         [e @ TranslateError::HealthCheckConflict { object, port: 32500, owner }] => {
             assert_eq!((object.as_str(), owner.as_str()), ("default/b", "default/a"));
