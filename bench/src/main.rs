@@ -79,8 +79,11 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     writeln!(md, "# lb benchmark{}\n", if opts.quick { " (quick mode: short runs, small sizes)" } else { "" })?;
     writeln!(md, "- date: {date}\n- kernel: {kernel}\n- CPUs: {cpus} ({cpu_model})\n")?;
-    if opts.only.iter().any(|s| s == "real") && !real::available() {
-        bail!("section real needs the Kubernetes binaries: run `cargo xtask k8s` first");
+    if opts.only.iter().any(|s| s == "real" || s == "real-100k") && !real::available() {
+        bail!("sections real and real-100k need the Kubernetes binaries: run `cargo xtask k8s` first");
+    }
+    if opts.quick && opts.only.iter().any(|s| s == "real-100k") {
+        bail!("section real-100k does not run with --quick");
     }
 
     let mut svg = String::new();
@@ -132,9 +135,12 @@ fn sections(opts: &Opts, md: &mut String, svg: &mut String) -> Result<()> {
     }
     if real::available() {
         // The reference: the real kube-proxy against a real control plane (`cargo xtask k8s`).
-        if opts.runs("real") {
+        // `--only real-100k`: the 100,000-Service control plane row alone (the API server
+        // through etcd; a few minutes instead of the whole section's half hour).
+        let huge = !opts.quick && (opts.runs("real") || opts.runs("real-100k"));
+        if opts.runs("real") || huge {
             progress("3-4/5 beside the real kube-proxy, through a real control plane");
-            let (real, unserved) = real::run(opts.quick)?;
+            let (real, unserved) = real::run(opts.quick, opts.runs("real"), huge)?;
             md.push_str(&real);
             // Where the real kube-proxy in iptables mode never served, the reference is the
             // iptables rules it would write, restored by the bench in one go.
@@ -144,8 +150,8 @@ fn sections(opts: &Opts, md: &mut String, svg: &mut String) -> Result<()> {
             }
         }
         if opts.runs("api") && !opts.quick {
-            // 100,000 Services cannot be created through kube-apiserver in reasonable time here
-            // (see section 4).
+            // The same 100,000 Services through the test API server, for comparison with the
+            // real one (section 4).
             progress("4b/5 100,000 Services through the test API server");
             md.push_str(&api_control_plane(opts, &[100_000])?);
         }
@@ -932,7 +938,11 @@ fn end_to_end(opts: &Opts, fallback_for: Option<&[usize]>) -> Result<String> {
             r.gbps / direct.gbps
         )?;
     }
-    let heading = if fallback_for.is_some() { "4c. Control plane beside the rules kube-proxy in iptables mode would write" } else { "4. Control plane" };
+    let heading = if fallback_for.is_some() {
+        "4c. Control plane beside the rules kube-proxy in iptables mode would write"
+    } else {
+        "4. Control plane"
+    };
     md.push_str(&format!("\n## {heading}\n\n| services | iptables-restore of the same rules | lb: start to serving every Service | lb: manifest change to new Service serving |\n|---:|---:|---:|---:|\n"));
     md.push_str(&control);
     md.push_str("\nProgramming time of the maps alone is in section 2.\n\n");
