@@ -1017,10 +1017,13 @@ The agent against the test API server (`tests/src/apiserver.rs`, the real list/w
         let ready = t.elapsed();
         // The test API server shares its object map with the agent's list snapshot, so its
         // first write after that list copies all 2n objects (copy on write, under its lock):
-        // a cost of this test server, not of the agent. One untimed write (the last slice
-        // again, a MODIFIED event the agent applies) takes that copy out of the timed change.
+        // a cost of this test server, not of the agent. One untimed change (another Service)
+        // takes that copy out of the timed one.
         let settled = lab.agent_log(&node).matches("desired state applied").count();
-        api.apply(objects(n - 1).1)?;
+        // A real change (an unchanged object is not one: the agent skips it).
+        let (warm_svc, warm_slice) = objects(n + 1);
+        api.apply(warm_svc)?;
+        api.apply(warm_slice)?;
         let waited = Instant::now();
         while lab.agent_log(&node).matches("desired state applied").count() == settled {
             if waited.elapsed() > Duration::from_secs(30) {
