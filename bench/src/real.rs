@@ -427,6 +427,37 @@ struct ControlRow {
     change_syncs: f64,
 }
 
+impl ControlRow {
+    /// A proxy that served: its start, and the change made after.
+    fn served(size: usize, proxy: Proxy, start: Duration, first: &Syncs, change: (Duration, Duration, Syncs)) -> Self {
+        let (change, change_committed, after) = change;
+        ControlRow {
+            size,
+            proxy,
+            start: Some(start),
+            first_sync: first.sum / first.count,
+            change,
+            change_committed,
+            change_sync: (after.sum - first.sum) / (after.count - first.count),
+            change_syncs: after.count - first.count,
+        }
+    }
+
+    /// A proxy that did not serve within the limit: a result, reported as such.
+    fn unserved(size: usize, proxy: Proxy) -> Self {
+        ControlRow {
+            size,
+            proxy,
+            start: None,
+            first_sync: f64::NAN,
+            change: Duration::ZERO,
+            change_committed: Duration::ZERO,
+            change_sync: f64::NAN,
+            change_syncs: f64::NAN,
+        }
+    }
+}
+
 /// How long a proxy may take to serve every Service at first.
 pub const START_LIMIT: Duration = Duration::from_secs(600);
 
@@ -473,16 +504,7 @@ pub fn run(quick: bool, sizes: bool, huge: bool) -> Result<(String, Vec<usize>)>
                     // A result, not a failure of the benchmark: reported as such, and the
                     // proxy's other rows at this size are left out.
                     progress(&format!("  {e:#}"));
-                    control.push(ControlRow {
-                        size: n,
-                        proxy,
-                        start: None,
-                        first_sync: f64::NAN,
-                        change: Duration::ZERO,
-                        change_committed: Duration::ZERO,
-                        change_sync: f64::NAN,
-                        change_syncs: f64::NAN,
-                    });
+                    control.push(ControlRow::unserved(n, proxy));
                     b.stop_proxy(proxy)?;
                     continue;
                 }
@@ -496,17 +518,8 @@ pub fn run(quick: bool, sizes: bool, huge: bool) -> Result<(String, Vec<usize>)>
                     measure(&b, label, &[at(vip, 80)], at(vip, 9000))?;
                 }
             }
-            let (change, change_committed, after) = b.one_change(proxy, &first)?;
-            control.push(ControlRow {
-                size: n,
-                proxy,
-                start: Some(start),
-                first_sync: first.sum / first.count,
-                change,
-                change_committed,
-                change_sync: (after.sum - first.sum) / (after.count - first.count),
-                change_syncs: after.count - first.count,
-            });
+            let change = b.one_change(proxy, &first)?;
+            control.push(ControlRow::served(n, proxy, start, &first, change));
         }
         if with_traffic {
             // The limit again: a baseline at both ends of the round is less at the mercy of one
@@ -529,33 +542,15 @@ pub fn run(quick: bool, sizes: bool, huge: bool) -> Result<(String, Vec<usize>)>
             let watched = [b.vips[0], b.vips[n / 2], b.vips[n - 1]];
             let start = b.wait_all(proxy, &watched, t, START_LIMIT)?;
             let first = b.syncs(0.0)?;
-            let (change, change_committed, after) = b.one_change(proxy, &first)?;
-            Ok(ControlRow {
-                size: n,
-                proxy,
-                start: Some(start),
-                first_sync: first.sum / first.count,
-                change,
-                change_committed,
-                change_sync: (after.sum - first.sum) / (after.count - first.count),
-                change_syncs: after.count - first.count,
-            })
+            let change = b.one_change(proxy, &first)?;
+            Ok(ControlRow::served(n, proxy, start, &first, change))
         })();
         match row {
             Ok(row) => control.push(row),
             Err(e) => {
                 progress(&format!("  {n} services: {e:#}"));
                 let _ = b.stop_proxy(proxy);
-                control.push(ControlRow {
-                    size: n,
-                    proxy,
-                    start: None,
-                    first_sync: f64::NAN,
-                    change: Duration::ZERO,
-                    change_committed: Duration::ZERO,
-                    change_sync: f64::NAN,
-                    change_syncs: f64::NAN,
-                });
+                control.push(ControlRow::unserved(n, proxy));
             }
         }
     }
