@@ -145,11 +145,15 @@ impl Cluster {
 
     /// Waits until web-service's slice lists exactly the web pods `idx`, ready.
     fn wait_slice(&self, idx: &[usize]) -> Result<()> {
+        self.wait_slice_for(idx, Duration::from_secs(30))
+    }
+
+    fn wait_slice_for(&self, idx: &[usize], limit: Duration) -> Result<()> {
         let mut want: Vec<String> = idx.iter().map(|&i| self.web[i].ip.to_string()).collect();
         want.sort();
         let jsonpath = "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]} {end}";
         let mut last = String::new();
-        let ok = eventually(Duration::from_secs(30), || {
+        let ok = eventually(limit, || {
             last = self
                 .cp
                 .kubectl(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web-service", "-o", jsonpath])
@@ -555,12 +559,23 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
     // A change once it is back arrives (a resumed watch that sees no change says nothing, so
     // the change is what shows the agent watches again).
     c.set_endpoints(&[0, 1])?;
+    // The change reaches the slice only once kube-controller-manager's own watches are back:
+    // client-go's reflector backs off exponentially to 30 s with a jitter of up to as much
+    // again, so this wait is long; it is not what the test measures.
+    c.wait_slice_for(&[0, 1], Duration::from_secs(90))?;
+    let sliced = Instant::now();
+    // The agent's watch backs off the same way (kube-runtime's default: 0.8 s to 30 s, with
+    // jitter), so a change made just after the API server returned may wait that long.
     assert!(
-        eventually(Duration::from_secs(30), || !c.has_backend(2, 80)),
+        eventually(Duration::from_secs(45), || !c.has_backend(2, 80)),
         "change made after the outage never arrived; log:\n{}",
         c.lab.agent_log(&c.node)
     );
-    eprintln!("a change applied {:?} after the API server returned", back.elapsed());
+    eprintln!(
+        "a change applied {:?} after the API server returned, {:?} after the slice showed it",
+        back.elapsed(),
+        sliced.elapsed()
+    );
     let log = c.lab.agent_log(&c.node);
     assert!(log.contains("watch re-established"), "{log}");
     // Time-based: requests keep running after the catch-up.
