@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod dataplane;
 pub mod events;
+pub mod file_events;
 pub mod healthcheck;
 pub mod kube_source;
 pub mod links;
