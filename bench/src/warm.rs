@@ -722,15 +722,76 @@ fn state() -> DesiredState {
     s
 }
 
-/// Section 1b: runs in a namespace of its own and returns its markdown.
+/// Passes of the whole section in a full run. Ratios of a few tens of nanoseconds move from
+/// one pass to the next on a shared machine (a neighbour's work evicts caches between rows),
+/// so a target is reported as met in k of the passes rather than from one of them.
+const PASSES: usize = 3;
+
+/// Section 1b: runs in a namespace of its own and returns its markdown: the first pass's
+/// table, the targets of every pass, and the other passes' tables.
 pub fn per_packet_warm(quick: bool) -> Result<String> {
     let ns = NodeNs::new()?;
-    let md = lb_tests::in_ns(&ns.name, || measure(quick))??;
+    let passes = if quick { 1 } else { PASSES };
+    let mut done = Vec::new();
+    for pass in 0..passes {
+        if passes > 1 {
+            crate::progress(&format!("  pass {} of {passes}", pass + 1));
+        }
+        done.push(lb_tests::in_ns(&ns.name, || measure(quick))??);
+    }
     drop(ns);
+    if passes == 1 {
+        return Ok(done.pop().map(|(md, _)| md).unwrap_or_default());
+    }
+    let mut md = done[0].0.clone();
+    md.push_str(&passes_summary(&done.iter().map(|(_, t)| t.as_slice()).collect::<Vec<_>>())?);
+    for (i, (table, _)) in done.iter().enumerate().skip(1) {
+        md.push_str(&table.replacen("## 1b. ", &format!("### 1b, pass {} of {passes}: ", i + 1), 1));
+    }
     Ok(md)
 }
 
-fn measure(quick: bool) -> Result<String> {
+/// One target of one pass: lb's figure over the floor and the limit, both in ns.
+struct TargetFigure {
+    what: &'static str,
+    hook: Hook,
+    lb: f64,
+    limit: f64,
+}
+
+impl TargetFigure {
+    fn met(&self) -> bool {
+        self.lb <= self.limit
+    }
+}
+
+fn passes_summary(passes: &[&[TargetFigure]]) -> Result<String> {
+    let mut md = format!(
+        "Targets over the {} passes of this section (each pass measures every row, references \
+         and floors again; lb's figure / the limit, ns over the floor):\n\n| target | hook |",
+        passes.len()
+    );
+    for i in 0..passes.len() {
+        write!(md, " pass {} |", i + 1)?;
+    }
+    md.push_str(" met in |\n|---|---|");
+    md.push_str(&"---:|".repeat(passes.len()));
+    md.push_str("---|\n");
+    for (i, first) in passes[0].iter().enumerate() {
+        write!(md, "| {} | {} |", first.what, first.hook.name())?;
+        let mut met = 0;
+        for p in passes {
+            let t = &p[i];
+            write!(md, " {:+.0} / {:+.0} |", t.lb, t.limit)?;
+            met += usize::from(t.met());
+        }
+        writeln!(md, " {met} of {} |", passes.len())?;
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
     // Other work on this machine shares its caches and cores: say how busy it was.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
@@ -1031,9 +1092,10 @@ fn measure(quick: bool) -> Result<String> {
     let (repeat, rounds, batch, batch_rounds, share) = (s.repeat, s.rounds, s.batch, s.batch_rounds, s.share);
     drop(s);
     drop(dp);
-    render(
+    let sum = Summary { reference, new_full, established, pass_service_port, notes };
+    let md = render(
         &rows,
-        &Summary { reference, new_full, established, pass_service_port, notes },
+        &sum,
         &format!(
             "`repeat` = {repeat}, median of {rounds} rounds; the empty and half-full new-flow rows \
              run batches of {batch} new flows (the LRU reset to its level before each), median of \
@@ -1042,7 +1104,8 @@ fn measure(quick: bool) -> Result<String> {
              average (1, 5, 15 min) when the section started: {load}.",
             sizes.conntrack_new, sizes.conntrack
         ),
-    )
+    )?;
+    Ok((md, targets(&sum)))
 }
 
 /// Over-the-floor figures the targets compare.
@@ -1053,6 +1116,34 @@ struct Summary {
     pass_service_port: BTreeMap<Hook, f64>,
     /// Anything in the set-up that did not go as planned.
     notes: Vec<String>,
+}
+
+/// The issue-11 targets of one pass.
+fn targets(sum: &Summary) -> Vec<TargetFigure> {
+    let mut out = Vec::new();
+    for hook in [Hook::Tc, Hook::Xdp] {
+        let reference = sum.reference.get(&hook).copied().unwrap_or(f64::NAN);
+        let figure = |m: &BTreeMap<Hook, f64>| m.get(&hook).copied().unwrap_or(f64::NAN);
+        out.push(TargetFigure {
+            what: "new flow, full conntrack <= 2.5x minimal DNAT",
+            hook,
+            lb: figure(&sum.new_full),
+            limit: 2.5 * reference,
+        });
+        out.push(TargetFigure {
+            what: "established flow <= 1.2x minimal DNAT",
+            hook,
+            lb: figure(&sum.established),
+            limit: 1.2 * reference,
+        });
+        out.push(TargetFigure {
+            what: "pass-through, a Service's port <= +25 ns",
+            hook,
+            lb: figure(&sum.pass_service_port),
+            limit: 25.0,
+        });
+    }
+    out
 }
 
 fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
@@ -1087,22 +1178,17 @@ fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
             r.on_path.map_or(String::new(), |p| format!("{:.2}%", (p * 10_000.0).floor() / 100.0)),
         )?;
     }
-    md.push_str("\nTargets (issue 11), over-the-floor figures of this run:\n\n| target | hook | lb | limit | met |\n|---|---|---:|---:|---|\n");
-    for hook in [Hook::Tc, Hook::Xdp] {
-        let reference = sum.reference.get(&hook).copied().unwrap_or(f64::NAN);
-        let mut target = |what: &str, lb: Option<f64>, limit: f64| -> Result<()> {
-            let lb = lb.unwrap_or(f64::NAN);
-            writeln!(
-                md,
-                "| {what} | {} | {lb:+.1} ns | {limit:+.1} ns | {} |",
-                hook.name(),
-                if lb <= limit { "yes" } else { "**no**" }
-            )?;
-            Ok(())
-        };
-        target("new flow, full conntrack <= 2.5x minimal DNAT", sum.new_full.get(&hook).copied(), 2.5 * reference)?;
-        target("established flow <= 1.2x minimal DNAT", sum.established.get(&hook).copied(), 1.2 * reference)?;
-        target("pass-through, a Service's port <= +25 ns", sum.pass_service_port.get(&hook).copied(), 25.0)?;
+    md.push_str("\nTargets (issue 11), over-the-floor figures of this pass:\n\n| target | hook | lb | limit | met |\n|---|---|---:|---:|---|\n");
+    for t in targets(sum) {
+        writeln!(
+            md,
+            "| {} | {} | {:+.1} ns | {:+.1} ns | {} |",
+            t.what,
+            t.hook.name(),
+            t.lb,
+            t.limit,
+            if t.met() { "yes" } else { "**no**" }
+        )?;
     }
     for n in &sum.notes {
         writeln!(md, "\nNote: {n}")?;
