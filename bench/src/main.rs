@@ -1153,15 +1153,17 @@ The agent with `--manifests DIR`: `n` Services of two ports each over three pods
 
 /// Waits until a connection from `ns` to `vip` is accepted, at most `limit` after `since`.
 /// Short connect timeouts: a SYN sent before the Service exists is lost, and waiting for its
-/// retransmission would measure TCP's 1 s timer, not lb.
+/// retransmission would measure TCP's 1 s timer, not lb; the timeout is also the figure's
+/// resolution (a handshake through these veths takes well under a millisecond), so it is
+/// 10 ms (it was 50 ms, which put a lost first SYN's 50 ms into a 20 ms change).
 fn wait_serving(ns: &str, vip: SocketAddr, since: Instant, limit: Duration) -> Result<()> {
     let serving =
-        || lb_tests::in_ns(ns, || TcpStream::connect_timeout(&vip, Duration::from_millis(50)).is_ok()).unwrap_or(false);
+        || lb_tests::in_ns(ns, || TcpStream::connect_timeout(&vip, Duration::from_millis(10)).is_ok()).unwrap_or(false);
     while !serving() {
         if since.elapsed() > limit {
             bail!("the new Service at {vip} was not served within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
 }

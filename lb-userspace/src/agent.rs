@@ -268,6 +268,7 @@ fn spawn_manifest_watcher(path: PathBuf, updates: Updates) -> Result<(), AgentEr
     let run = move || {
         let mut first = true;
         let mut failing = false;
+        let mut events_failing = false;
         loop {
             match watcher.poll() {
                 Ok(changes) => {
@@ -285,14 +286,14 @@ fn spawn_manifest_watcher(path: PathBuf, updates: Updates) -> Result<(), AgentEr
                 }
                 Err(_) => {}
             }
-            let woken = events.as_ref().map(|e| e.wait(MANIFEST_POLL));
-            match woken {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    warn!(error = %e, "file events failed; a manifest change is seen within 0.5 s (file stamps)");
-                    events = None;
-                    std::thread::sleep(MANIFEST_POLL);
+            match events.as_mut().map(|e| e.wait(MANIFEST_POLL)) {
+                Some(Ok(_)) => events_failing = false,
+                // The wait slept; the watch is tried again at the next one.
+                Some(Err(e)) if !events_failing => {
+                    warn!(error = %e, "no file events for now; a manifest change is seen within 0.5 s (file stamps)");
+                    events_failing = true;
                 }
+                Some(Err(_)) => {}
                 None => std::thread::sleep(MANIFEST_POLL),
             }
         }

@@ -274,8 +274,11 @@ pub struct ManifestWatcher {
     /// is too recent to trust (below) is parsed again only if its bytes differ. Parsing is
     /// the expensive part (seconds for 100,000 Services); reading is not.
     content: BTreeMap<PathBuf, u64>,
-    /// Files parsed so far (for the tests: what was parsed, not merely read).
-    parsed: u64,
+    /// How long after its stamp a file's stamp is trusted (below).
+    settle: std::time::Duration,
+    /// Files read and parsed so far, for the tests.
+    #[cfg(test)]
+    counts: (u64, u64),
     /// Per object (kind, namespace/name): the files defining it; the last path wins.
     objects: BTreeMap<(Kind, String), BTreeMap<PathBuf, ObjectRef>>,
 }
@@ -313,14 +316,11 @@ impl ManifestWatcher {
             files: BTreeMap::new(),
             read: BTreeMap::new(),
             content: BTreeMap::new(),
-            parsed: 0,
+            settle: std::time::Duration::from_secs(2),
+            #[cfg(test)]
+            counts: (0, 0),
             objects: BTreeMap::new(),
         }
-    }
-
-    /// How many file contents have been parsed.
-    pub fn parsed(&self) -> u64 {
-        self.parsed
     }
 
     /// Reads what changed since the last poll. `Err` when the path itself cannot be listed
@@ -343,19 +343,26 @@ impl ManifestWatcher {
             // it (coarse: a few ms): two writes of the same size within one tick share a stamp
             // (git's "racy" files). A recent file is read again until then.
             let settled = |(mtime, _, _): (std::time::SystemTime, u64, u64), read_at: std::time::SystemTime| {
-                mtime + std::time::Duration::from_secs(2) < read_at
+                mtime + self.settle < read_at
             };
             if self.read.get(p).is_some_and(|(s, at)| *s == now && settled(*s, *at)) {
                 continue;
             }
-            self.read.insert(p.clone(), (now, std::time::SystemTime::now()));
+            let read_at = std::time::SystemTime::now();
             let text = match fs::read_to_string(p) {
                 Ok(t) => t,
                 Err(source) => {
+                    // No stamp recorded: a file that cannot be read now (its mode, say, which
+                    // a fix leaves the stamp alone for) is tried again at the next look.
                     changes.errors.push(ManifestError::Io { path: p.clone(), source });
                     continue;
                 }
             };
+            self.read.insert(p.clone(), (now, read_at));
+            #[cfg(test)]
+            {
+                self.counts.0 += 1;
+            }
             let hash = {
                 use std::hash::{BuildHasher as _, BuildHasherDefault};
                 BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(&text)
@@ -363,7 +370,10 @@ impl ManifestWatcher {
             if self.content.insert(p.clone(), hash) == Some(hash) {
                 continue;
             }
-            self.parsed += 1;
+            #[cfg(test)]
+            {
+                self.counts.1 += 1;
+            }
             let (objects, errors) = parse(&[(p.clone(), text)]);
             let syntax = errors.iter().any(|e| matches!(e, ManifestError::Yaml { .. }));
             changes.errors.extend(errors);
@@ -569,6 +579,33 @@ mod watcher_tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// A file that cannot be read is tried again at each look, even when what fixes it leaves
+    /// its stamp as it was.
+    #[test]
+    fn an_unreadable_file_is_read_once_it_can_be() {
+        let dir = std::env::temp_dir().join(format!("lb-manifest-unreadable-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.yaml");
+        let good = svc("one", "10.96.0.1");
+        // Not UTF-8, so not readable as text (root reads any file whatever its mode).
+        let mut bad = good.clone().into_bytes();
+        bad[0] = 0xff;
+        fs::write(&a, &bad).unwrap();
+        let stamp_before = stamp(&a).unwrap();
+        let mut w = ManifestWatcher::new(&dir);
+        w.settle = std::time::Duration::ZERO;
+        let c = w.poll().unwrap();
+        assert!(names(&c).is_empty());
+        assert!(matches!(c.errors[..], [ManifestError::Io { .. }]), "{:?}", c.errors);
+        // Fixed in place: same size, and its modification time put back.
+        fs::write(&a, &good).unwrap();
+        fs::File::options().write(true).open(&a).unwrap().set_modified(stamp_before.0).unwrap();
+        assert_eq!(stamp(&a).unwrap(), stamp_before);
+        assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// A file written just now is read again on every poll until its stamp can be trusted,
     /// but parsed again only when its bytes changed.
     #[test]
@@ -579,19 +616,21 @@ mod watcher_tests {
         let a = dir.join("a.yaml");
         fs::write(&a, svc("one", "10.96.0.1")).unwrap();
         let mut w = ManifestWatcher::new(&dir);
+        // No stamp is trusted here, however slow the machine: every look reads every file.
+        w.settle = std::time::Duration::from_secs(3600);
         assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
-        assert_eq!(w.parsed(), 1);
+        assert_eq!(w.counts, (1, 1), "(reads, parses)");
         assert!(names(&w.poll().unwrap()).is_empty());
-        assert_eq!(w.parsed(), 1, "unchanged bytes are not parsed again");
+        assert_eq!(w.counts, (2, 1), "read again, but unchanged bytes are not parsed again");
         fs::write(&a, svc("one", "10.96.0.2")).unwrap();
         assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
-        assert_eq!(w.parsed(), 2);
+        assert_eq!(w.counts, (3, 2));
         // Removed and written again with the same bytes: a new file, parsed.
         fs::remove_file(&a).unwrap();
         assert_eq!(names(&w.poll().unwrap()), vec!["delete one"]);
         fs::write(&a, svc("one", "10.96.0.2")).unwrap();
         assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
-        assert_eq!(w.parsed(), 3);
+        assert_eq!(w.counts, (4, 3));
         let _ = fs::remove_dir_all(&dir);
     }
 }

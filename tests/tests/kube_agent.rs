@@ -564,8 +564,9 @@ fn api_server_outage_keeps_traffic_and_catches_up() -> Result<()> {
     // again, so this wait is long; it is not what the test measures.
     c.wait_slice_for(&[0, 1], Duration::from_secs(90))?;
     let sliced = Instant::now();
-    // The agent's watch backs off the same way (kube-runtime's default: 0.8 s to 30 s, with
-    // jitter), so a change made just after the API server returned may wait that long.
+    // The agent's watch backs off the same way (kube-runtime's default: 0.8 s doubling to
+    // 30 s, each step with up to as much again of jitter); after a 10 s outage its steps are
+    // still short of that, so 45 s is ample.
     assert!(
         eventually(Duration::from_secs(45), || !c.has_backend(2, 80)),
         "change made after the outage never arrived; log:\n{}",
