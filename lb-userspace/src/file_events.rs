@@ -158,11 +158,10 @@ mod tests {
 
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lb-file-events-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
-        dir
+    use crate::scratch::Scratch;
+
+    fn scratch(name: &str) -> Scratch {
+        Scratch::new(&format!("file-events-{name}"))
     }
 
     #[test]
@@ -177,7 +176,6 @@ mod tests {
         assert_eq!(events.wait(Duration::from_millis(50)).expect("wait"), Wake::Timeout);
         fs::remove_file(dir.join("a.yaml")).expect("remove");
         assert_eq!(events.wait(Duration::from_secs(10)).expect("wait"), Wake::Changed);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A file removed and written again at once (as `git checkout` does) is one wake-up,
@@ -201,7 +199,6 @@ mod tests {
         writer.join().expect("writer");
         assert!(file.exists());
         assert_eq!(events.wait(Duration::from_millis(50)).expect("wait"), Wake::Timeout);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -214,7 +211,6 @@ mod tests {
         let _ = events.wait(Duration::from_secs(10)).expect("wait");
         fs::rename(dir.join(".services.yaml.tmp"), &file).expect("rename");
         assert_eq!(events.wait(Duration::from_secs(10)).expect("wait"), Wake::Changed);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A ConfigMap volume: the files are symlinks through `..data`, a link the kubelet swaps
@@ -234,7 +230,6 @@ mod tests {
         fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
         assert_eq!(events.wait(Duration::from_secs(10)).expect("wait"), Wake::Changed);
         assert_eq!(fs::read_to_string(dir.join("services.yaml")).expect("read"), "kind: List\n");
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// The watched directory deleted and made again: the watch follows the new one (a file
@@ -251,15 +246,13 @@ mod tests {
         let _ = events.wait(Duration::from_millis(50)).expect("wait");
         fs::write(dir.join("a.yaml"), "kind: Service\n").expect("write");
         assert_eq!(events.wait(Duration::from_secs(10)).expect("wait"), Wake::Changed);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A directory that does not exist is an error of each wait, naming it; once it
     /// exists, it is watched.
     #[test]
     fn a_missing_directory_is_an_error_naming_it_until_it_appears() {
-        let dir = std::env::temp_dir().join(format!("lb-file-events-missing-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = Scratch::missing("file-events-missing");
         let mut events = FileEvents::new(&dir.join("x.yaml")).expect("inotify");
         let e = events.wait(Duration::from_millis(10)).expect_err("no such directory");
         assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
@@ -267,6 +260,5 @@ mod tests {
         assert_eq!(events.wait(Duration::from_millis(50)).expect("wait"), Wake::Timeout);
         fs::write(dir.join("x.yaml"), "kind: Service\n").expect("write");
         assert_eq!(events.wait(Duration::from_secs(10)).expect("wait"), Wake::Changed);
-        let _ = fs::remove_dir_all(&dir);
     }
 }

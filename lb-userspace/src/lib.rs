@@ -12,5 +12,8 @@ pub mod model;
 pub mod sockdiag;
 pub mod xdp_features;
 
+#[cfg(test)]
+mod scratch;
+
 /// The kernel programs, built by `build.rs` and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

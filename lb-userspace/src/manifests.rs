@@ -552,9 +552,7 @@ mod watcher_tests {
     /// objects; a removed file removes its objects; an unchanged rewrite changes nothing.
     #[test]
     fn follows_files_one_by_one_and_keeps_the_last_good_state_of_a_broken_file() {
-        let dir = std::env::temp_dir().join(format!("lb-manifest-watch-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch::Scratch::new("manifest-watch");
         let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
         fs::write(&a, svc("one", "10.96.0.1")).unwrap();
         fs::write(&b, svc("two", "10.96.0.2")).unwrap();
@@ -576,16 +574,13 @@ mod watcher_tests {
         assert_eq!(names(&w.poll().unwrap()), vec!["apply three", "delete two"]);
         fs::remove_file(&b).unwrap();
         assert_eq!(names(&w.poll().unwrap()), vec!["delete three"]);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A file that cannot be read is tried again at each look, even when what fixes it leaves
     /// its stamp as it was.
     #[test]
     fn an_unreadable_file_is_read_once_it_can_be() {
-        let dir = std::env::temp_dir().join(format!("lb-manifest-unreadable-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch::Scratch::new("manifest-unreadable");
         let a = dir.join("a.yaml");
         let good = svc("one", "10.96.0.1");
         // Not UTF-8, so not readable as text (root reads any file whatever its mode).
@@ -603,16 +598,13 @@ mod watcher_tests {
         fs::File::options().write(true).open(&a).unwrap().set_modified(stamp_before.0).unwrap();
         assert_eq!(stamp(&a).unwrap(), stamp_before);
         assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A file written just now is read again on every poll until its stamp can be trusted,
     /// but parsed again only when its bytes changed.
     #[test]
     fn a_recent_file_read_again_is_parsed_only_when_it_changed() {
-        let dir = std::env::temp_dir().join(format!("lb-manifest-parse-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch::Scratch::new("manifest-parse");
         let a = dir.join("a.yaml");
         fs::write(&a, svc("one", "10.96.0.1")).unwrap();
         let mut w = ManifestWatcher::new(&dir);
@@ -631,6 +623,5 @@ mod watcher_tests {
         fs::write(&a, svc("one", "10.96.0.2")).unwrap();
         assert_eq!(names(&w.poll().unwrap()), vec!["apply one"]);
         assert_eq!(w.counts, (4, 3));
-        let _ = fs::remove_dir_all(&dir);
     }
 }
