@@ -5,14 +5,14 @@
 //! here restore a saved frame into the packet on every run, optionally give it a new 5-tuple,
 //! and then tail-call the program under test (slot 0 of the hook's program array), which may
 //! live in another object: `lb`'s programs, the empty programs that give the floor, or the
-//! minimal DNAT references below.
+//! minimal DNAT references below (stateless, and with a flow table).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_UNSPEC},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, ProgramArray},
     programs::{TcContext, XdpContext},
 };
 
@@ -47,6 +47,14 @@ static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// network order as they sit in the packet (ports widened to u32).
 #[map(name = "BENCH_REF_SERVICES")]
 static REF_SERVICES: HashMap<[u32; 2], [u32; 2]> = HashMap::with_max_entries(1024, 0);
+
+/// The stateful references' flow table: (source, destination, ports, protocol) -> backend,
+/// as Katran keeps it: an LRU with per-CPU lists, sized by `lb-bench` at load time like lb's
+/// `LB_CT4_NEW` (same key size, same per-CPU share), so that the two tables fill, evict and
+/// miss in the caches alike.
+#[map(name = "BENCH_REF_FLOWS")]
+static REF_FLOWS: LruHashMap<[u32; 4], [u32; 2]> =
+    LruHashMap::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
 
 /// Frame offsets (Ethernet + IPv4 without options + TCP).
 const IP_ID: usize = 18;
@@ -218,15 +226,51 @@ fn ref_lookup(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
     }
 }
 
-/// Reference: a minimal DNAT at tc. One lookup, then the checksums updated the way a tc
-/// program must for packets whose L4 checksum the stack completes later (CHECKSUM_PARTIAL):
-/// through the helpers that know the skb's checksum state, one per kind of change (the address
-/// is in the pseudo-header, the port is not); then the new address and port written directly.
+/// Reference: a minimal DNAT at tc. One lookup, then the rewrite (`dnat_tc`).
 #[classifier]
 pub fn bench_ref_dnat_tc(ctx: TcContext) -> i32 {
-    let Some((daddr, dport, [addr, port])) = ref_lookup(ctx.data(), ctx.data_end()) else {
+    let Some((daddr, dport, backend)) = ref_lookup(ctx.data(), ctx.data_end()) else {
         return TC_ACT_UNSPEC;
     };
+    dnat_tc(&ctx, daddr, dport, backend)
+}
+
+/// Reference: the least a load balancer that keeps per-flow state does for a packet (Katran's
+/// `process_packet` reduced to it): the service lookup, the flow's lookup in the flow table,
+/// and for a new flow one insert; then the rewrite. lb must keep the reply direction too
+/// (reverse NAT), which Katran, returning replies directly from the backend, does not.
+#[classifier]
+pub fn bench_ref_flow_dnat_tc(ctx: TcContext) -> i32 {
+    let Some((daddr, dport, backend)) = ref_flow(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_UNSPEC;
+    };
+    dnat_tc(&ctx, daddr, dport, backend)
+}
+
+/// The service's backend, or the flow's if the flow table has it; a new flow is recorded.
+#[inline(always)]
+fn ref_flow(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
+    let (daddr, dport, backend) = ref_lookup(data, data_end)?;
+    // SAFETY: `ref_lookup` checked that the TCP header lies inside the packet.
+    let (saddr, ports) = unsafe {
+        (((data + IP_SRC) as *const u32).read_unaligned(), ((data + TCP_SPORT) as *const u32).read_unaligned())
+    };
+    let key = [saddr, daddr, ports, 6];
+    if let Some(b) = REF_FLOWS.get_ptr(&key) {
+        // SAFETY: a map value, valid while the program runs.
+        return Some((daddr, dport, unsafe { *b }));
+    }
+    // A full table evicts; a failed insert only loses the flow's stickiness.
+    let _ = REF_FLOWS.insert(&key, &backend, 0);
+    Some((daddr, dport, backend))
+}
+
+/// The rewrite of a tc reference: the checksums updated the way a tc program must for
+/// packets whose L4 checksum the stack completes later (CHECKSUM_PARTIAL): through the
+/// helpers that know the skb's checksum state, one per kind of change (the address is in the
+/// pseudo-header, the port is not); then the new address and port written directly.
+#[inline(always)]
+fn dnat_tc(ctx: &TcContext, daddr: u32, dport: u16, [addr, port]: [u32; 2]) -> i32 {
     let port = port as u16;
     let done = ctx
         .l4_csum_replace(TCP_CSUM, daddr as u64, addr as u64, BPF_F_PSEUDO_HDR as u64 | 4)
@@ -252,14 +296,30 @@ fn csum_update(check: u16, old: u16, new: u16) -> u16 {
     !fold((!check) as u32 + (!old) as u32 + new as u32)
 }
 
-/// Reference: a minimal DNAT at XDP. One lookup, then the rewrite with checksums updated by
-/// hand, as XDP must (no skb): right for frames from a wire, whose checksums are complete.
+/// Reference: a minimal DNAT at XDP. One lookup, then the rewrite (`dnat_xdp`).
 #[xdp]
 pub fn bench_ref_dnat_xdp(ctx: XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Some((daddr, dport, [addr, port])) = ref_lookup(data, data_end) else {
+    let Some((daddr, dport, backend)) = ref_lookup(data, data_end) else {
         return xdp_action::XDP_PASS;
     };
+    dnat_xdp(data, data_end, daddr, dport, backend)
+}
+
+/// Reference: `bench_ref_flow_dnat_tc` at XDP.
+#[xdp]
+pub fn bench_ref_flow_dnat_xdp(ctx: XdpContext) -> u32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some((daddr, dport, backend)) = ref_flow(data, data_end) else {
+        return xdp_action::XDP_PASS;
+    };
+    dnat_xdp(data, data_end, daddr, dport, backend)
+}
+
+/// The rewrite of an XDP reference, with checksums updated by hand, as XDP must (no skb):
+/// right for frames from a wire, whose checksums are complete.
+#[inline(always)]
+fn dnat_xdp(data: usize, data_end: usize, daddr: u32, dport: u16, [addr, port]: [u32; 2]) -> u32 {
     let port = port as u16;
     if data + TCP_CSUM + 2 > data_end {
         return xdp_action::XDP_PASS;

@@ -1,6 +1,8 @@
 //! Section 1b of `lb-bench`: the `warm` per-packet method. lb's paths at tc and XDP, the floor of
-//! each hook and two minimal DNAT references, all measured the same way in one run, so the
-//! figures read as ratios to the cheapest possible program of each hook.
+//! each hook and minimal DNAT references, all measured the same way in one run, so the figures
+//! read as ratios to the cheapest possible program of each hook. A second pair of references
+//! keeps a flow table (one lookup, and one insert for a new flow: Katran's least work), so a
+//! new flow's cost can be read against what any per-flow state costs on this machine.
 //!
 //! `warm`: one BPF_PROG_TEST_RUN with `repeat` = R of a wrapper (`bench-ebpf`) that restores a
 //! saved 64-byte frame (Ethernet, IPv4, TCP, 10 bytes of payload) into the packet on every run
@@ -24,7 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, ProgramArray},
     programs::{ProgramFd, SchedClassifier, TestRun, TestRunOptions, Xdp},
-    Ebpf,
+    EbpfLoader,
 };
 use lb_common::Counter;
 use lb_tests::packet::{frame, parse_checked, Parsed, L4};
@@ -153,6 +155,8 @@ enum Target {
     Lb,
     Empty,
     Reference,
+    /// The minimal DNAT with a flow table.
+    FlowReference,
 }
 
 struct Outcome {
@@ -163,7 +167,7 @@ struct Outcome {
 
 /// The wrappers, their maps, and the counter ranges handed out so far.
 struct Wrappers {
-    ebpf: Ebpf,
+    ebpf: aya::Ebpf,
     jump_tc: ProgramArray<MapData>,
     jump_xdp: ProgramArray<MapData>,
     frame: Array<MapData, [u64; PREFIX / 8]>,
@@ -173,19 +177,30 @@ struct Wrappers {
     next: [u64; 2],
 }
 
-const TC_PROGRAMS: [&str; 5] =
-    ["bench_warm_tc", "bench_warm_tc_new_src", "bench_warm_tc_new_dst", "bench_warm_tc_new_conn", "bench_ref_dnat_tc"];
-const XDP_PROGRAMS: [&str; 5] = [
+const TC_PROGRAMS: [&str; 6] = [
+    "bench_warm_tc",
+    "bench_warm_tc_new_src",
+    "bench_warm_tc_new_dst",
+    "bench_warm_tc_new_conn",
+    "bench_ref_dnat_tc",
+    "bench_ref_flow_dnat_tc",
+];
+const XDP_PROGRAMS: [&str; 6] = [
     "bench_warm_xdp",
     "bench_warm_xdp_new_src",
     "bench_warm_xdp_new_dst",
     "bench_warm_xdp_new_conn",
     "bench_ref_dnat_xdp",
+    "bench_ref_flow_dnat_xdp",
 ];
 
 impl Wrappers {
-    fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the bench's eBPF object")?;
+    /// `flows`: capacity of the stateful references' flow table (lb's `LB_CT4_NEW`'s).
+    fn load(flows: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("BENCH_REF_FLOWS", flows)
+            .load(OBJECT)
+            .context("loading the bench's eBPF object")?;
         for name in TC_PROGRAMS {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
@@ -368,6 +383,8 @@ impl Session<'_> {
             }
             (Target::Reference, Hook::Tc) => (self.w.fd("bench_ref_dnat_tc")?, "bench_ref_dnat_tc"),
             (Target::Reference, Hook::Xdp) => (self.w.fd("bench_ref_dnat_xdp")?, "bench_ref_dnat_xdp"),
+            (Target::FlowReference, Hook::Tc) => (self.w.fd("bench_ref_flow_dnat_tc")?, "bench_ref_flow_dnat_tc"),
+            (Target::FlowReference, Hook::Xdp) => (self.w.fd("bench_ref_flow_dnat_xdp")?, "bench_ref_flow_dnat_xdp"),
         })
     }
 
@@ -428,6 +445,14 @@ impl Session<'_> {
         ensure!((r.src, r.dst) == (frontend, client), "the SYN-ACK was not restored: {r:?}");
         self.direct(hook, &tcp(client, frontend, ACK))?;
         Ok((p.src, p.dst))
+    }
+
+    /// Fill of the stateful references' flow table, against this CPU's share as `LB_CT4_NEW`'s.
+    fn ref_flow_fill(&self) -> Result<String> {
+        let flows: HashMap<&MapData, [u32; 4], [u32; 2]> =
+            HashMap::try_from(self.w.ebpf.map("BENCH_REF_FLOWS").context("map BENCH_REF_FLOWS missing")?)?;
+        let n = flows.keys().filter(|k| k.is_ok()).count() as u64;
+        Ok(format!("BENCH_REF_FLOWS {}%", pct(n, self.share)))
     }
 
     /// Removes every entry of `LB_CT4_NEW`.
@@ -533,7 +558,7 @@ impl Session<'_> {
         let tables;
         match runs {
             Runs::Repeat => {
-                tables = self.tables();
+                tables = if target == Target::FlowReference { self.ref_flow_fill()? } else { self.tables() };
                 // Untimed, so the first round does not pay for cold caches alone.
                 let warmup = (self.repeat / 10).max(1);
                 let start = fresh(self, warmup)?;
@@ -741,11 +766,12 @@ pub fn per_packet_warm(quick: bool) -> Result<String> {
     }
     drop(ns);
     if passes == 1 {
-        return Ok(done.pop().map(|(md, _)| md).unwrap_or_default());
+        return Ok(done.pop().map(|(md, _, _)| md).unwrap_or_default());
     }
     let mut md = done[0].0.clone();
-    md.push_str(&passes_summary(&done.iter().map(|(_, t)| t.as_slice()).collect::<Vec<_>>())?);
-    for (i, (table, _)) in done.iter().enumerate().skip(1) {
+    md.push_str(&passes_summary(&done.iter().map(|(_, t, _)| t.as_slice()).collect::<Vec<_>>())?);
+    md.push_str(&against_flow_reference(&done.iter().map(|(_, _, f)| f.as_slice()).collect::<Vec<_>>())?);
+    for (i, (table, _, _)) in done.iter().enumerate().skip(1) {
         md.push_str(&table.replacen("## 1b. ", &format!("### 1b, pass {} of {passes}: ", i + 1), 1));
     }
     Ok(md)
@@ -763,6 +789,38 @@ impl TargetFigure {
     fn met(&self) -> bool {
         self.lb <= self.limit
     }
+}
+
+/// A new flow with full tables, lb's and the reference with a flow table's (ns over the
+/// floor), of one pass.
+struct FlowRefFigure {
+    hook: Hook,
+    lb: f64,
+    reference: f64,
+}
+
+/// The ratio of lb's new flow to the reference with a flow table, in every pass.
+fn against_flow_reference(passes: &[&[FlowRefFigure]]) -> Result<String> {
+    let mut md = String::from(
+        "New flow with full tables against the reference with a flow table, over the passes (lb / \
+         reference, ns over the floor, and the ratio):\n\n| hook |",
+    );
+    for i in 0..passes.len() {
+        write!(md, " pass {} |", i + 1)?;
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(passes.len()));
+    md.push('\n');
+    for (i, first) in passes[0].iter().enumerate() {
+        write!(md, "| {} |", first.hook.name())?;
+        for p in passes {
+            let f = &p[i];
+            write!(md, " {:+.0} / {:+.0} = {:.2}x |", f.lb, f.reference, f.lb / f.reference)?;
+        }
+        md.push('\n');
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 fn passes_summary(passes: &[&[TargetFigure]]) -> Result<String> {
@@ -791,7 +849,7 @@ fn passes_summary(passes: &[&[TargetFigure]]) -> Result<String> {
     Ok(md)
 }
 
-fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
+fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>)> {
     // Other work on this machine shares its caches and cores: say how busy it was.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
@@ -820,7 +878,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
     let cpu = pin_to_current_cpu()?;
     let cpus = possible_cpus()?;
     let mut s = Session {
-        w: Wrappers::load()?,
+        w: Wrappers::load(sizes.conntrack_new)?,
         dp: &dp,
         ct: CtTables::open_pinned(&pin)?,
         assured_cap: u64::from(sizes.conntrack),
@@ -949,6 +1007,34 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
                 new_full.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
             }
         }
+    }
+
+    // The stateful references, their flow table full as lb's LRU is in the row above: filled
+    // with twice this CPU's share of new flows, so every insert evicts.
+    let mut flow_reference = BTreeMap::new();
+    for hook in hooks {
+        s.aim(hook, Target::FlowReference)?;
+        s.w.set_frame(&new_flow)?;
+        let start = s.w.reserve(Mode::NewSrc, 2 * s.share)?;
+        s.w.run(hook, Mode::NewSrc, &new_flow, 2 * s.share as u32, start)?;
+        let expect = fwd(hook);
+        let check = move |v: u32, out: &[u8]| {
+            expect_verdict(v, &expect)?;
+            let p = parsed(out)?;
+            ensure!(p.dst == REF_BACKEND, "not translated: {p:?}");
+            Ok(())
+        };
+        let ns = s.row(
+            hook,
+            "new flow, minimal DNAT with a flow table (reference: one lookup, one insert)",
+            Mode::NewSrc,
+            Target::FlowReference,
+            &new_flow,
+            None,
+            &check,
+            Runs::Repeat,
+        )?;
+        flow_reference.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
     }
 
     // Affinity: 1024 clients pinned first, then every run a new connection of one of them.
@@ -1092,7 +1178,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
     let (repeat, rounds, batch, batch_rounds, share) = (s.repeat, s.rounds, s.batch, s.batch_rounds, s.share);
     drop(s);
     drop(dp);
-    let sum = Summary { reference, new_full, established, pass_service_port, notes };
+    let sum = Summary { reference, flow_reference, new_full, established, pass_service_port, notes };
     let md = render(
         &rows,
         &sum,
@@ -1105,12 +1191,20 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>)> {
             sizes.conntrack_new, sizes.conntrack
         ),
     )?;
-    Ok((md, targets(&sum)))
+    let against = [Hook::Tc, Hook::Xdp]
+        .into_iter()
+        .filter_map(|hook| {
+            Some(FlowRefFigure { hook, lb: *sum.new_full.get(&hook)?, reference: *sum.flow_reference.get(&hook)? })
+        })
+        .collect();
+    Ok((md, targets(&sum), against))
 }
 
 /// Over-the-floor figures the targets compare.
 struct Summary {
     reference: BTreeMap<Hook, f64>,
+    /// The minimal DNAT with a flow table, new flows, the table full.
+    flow_reference: BTreeMap<Hook, f64>,
     new_full: BTreeMap<Hook, f64>,
     established: BTreeMap<Hook, f64>,
     pass_service_port: BTreeMap<Hook, f64>,
@@ -1189,6 +1283,17 @@ fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
             t.limit,
             if t.met() { "yes" } else { "**no**" }
         )?;
+    }
+    md.push_str(
+        "\nA new flow against the least any per-flow state costs here: the minimal DNAT with a flow table, \
+         one lookup and one insert into an LRU like lb's, full (lb keeps both directions, so it inserts \
+         twice):\n\n| hook | lb, new flow, full | reference with a flow table, full | lb / reference |\n|---|---:|---:|---:|\n",
+    );
+    for hook in [Hook::Tc, Hook::Xdp] {
+        let (lb, reference) = (sum.new_full.get(&hook), sum.flow_reference.get(&hook));
+        if let (Some(lb), Some(reference)) = (lb, reference) {
+            writeln!(md, "| {} | {lb:+.1} ns | {reference:+.1} ns | {:.2}x |", hook.name(), lb / reference)?;
+        }
     }
     for n in &sum.notes {
         writeln!(md, "\nNote: {n}")?;
