@@ -756,7 +756,13 @@ const PASSES: usize = 3;
 /// table, the targets of every pass, and the other passes' tables.
 pub fn per_packet_warm(quick: bool) -> Result<String> {
     let ns = NodeNs::new()?;
-    let passes = if quick { 1 } else { PASSES };
+    // `LB_BENCH_WARM_PASSES`: fewer (or more) passes, for `cargo xtask bench-baseline
+    // --section warm`, which alternates single passes of two builds.
+    let passes = if quick {
+        1
+    } else {
+        std::env::var("LB_BENCH_WARM_PASSES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(PASSES)
+    };
     let mut done = Vec::new();
     for pass in 0..passes {
         if passes > 1 {

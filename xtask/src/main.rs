@@ -59,6 +59,10 @@ enum Cmd {
         /// Alternating runs of each side.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// The section compared: `packet` (section 1) or `warm` (section 1b, one pass per run,
+        /// over-the-floor figures; bench/results/baseline-warm.md).
+        #[arg(long, default_value = "packet")]
+        section: String,
     },
 }
 
@@ -115,9 +119,9 @@ fn main() -> Result<()> {
             build()?;
             demo::demo()
         }
-        Cmd::BenchBaseline { rev, runs } => {
+        Cmd::BenchBaseline { rev, runs, section } => {
             setup::setup()?;
-            baseline::baseline(&rev, runs)
+            baseline::baseline(&rev, runs, &section)
         }
         Cmd::Bench { quick } => {
             setup::setup()?;
