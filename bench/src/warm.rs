@@ -617,6 +617,16 @@ fn pct(n: u64, of: u64) -> String {
     format!("{:.0}", n as f64 * 100.0 / of as f64)
 }
 
+/// A reference's check: `expect`ed verdict, destination rewritten to the references' backend.
+fn to_ref_backend(expect: Vec<u32>) -> impl Fn(u32, &[u8]) -> Result<()> {
+    move |v: u32, out: &[u8]| {
+        expect_verdict(v, &expect)?;
+        let p = parsed(out)?;
+        ensure!(p.dst == REF_BACKEND, "not translated: {p:?}");
+        Ok(())
+    }
+}
+
 fn expect_verdict(v: u32, allowed: &[u32]) -> Result<()> {
     ensure!(allowed.contains(&v), "verdict {v}, expected one of {allowed:?}");
     Ok(())
@@ -797,6 +807,11 @@ impl TargetFigure {
     }
 }
 
+/// " pass 1 | pass 2 | ..." for a table with a column per pass.
+fn pass_headers(passes: usize) -> String {
+    (1..=passes).map(|i| format!(" pass {i} |")).collect()
+}
+
 /// A new flow with full tables, lb's and the reference with a flow table's (ns over the
 /// floor), of one pass.
 struct FlowRefFigure {
@@ -811,9 +826,7 @@ fn against_flow_reference(passes: &[&[FlowRefFigure]]) -> Result<String> {
         "New flow with full tables against the reference with a flow table, over the passes (lb / \
          reference, ns over the floor, and the ratio):\n\n| hook |",
     );
-    for i in 0..passes.len() {
-        write!(md, " pass {} |", i + 1)?;
-    }
+    md.push_str(&pass_headers(passes.len()));
     md.push_str("\n|---|");
     md.push_str(&"---:|".repeat(passes.len()));
     md.push('\n');
@@ -835,9 +848,7 @@ fn passes_summary(passes: &[&[TargetFigure]]) -> Result<String> {
          and floors again; lb's figure / the limit, ns over the floor):\n\n| target | hook |",
         passes.len()
     );
-    for i in 0..passes.len() {
-        write!(md, " pass {} |", i + 1)?;
-    }
+    md.push_str(&pass_headers(passes.len()));
     md.push_str(" met in |\n|---|---|");
     md.push_str(&"---:|".repeat(passes.len()));
     md.push_str("---|\n");
@@ -929,12 +940,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     let mut reference = BTreeMap::new();
     for hook in hooks {
         let expect = if hook == Hook::Tc { vec![TC_ACT_OK] } else { vec![XDP_PASS] };
-        let check = move |v: u32, out: &[u8]| {
-            expect_verdict(v, &expect)?;
-            let p = parsed(out)?;
-            ensure!(p.dst == REF_BACKEND, "not translated: {p:?}");
-            Ok(())
-        };
+        let check = to_ref_backend(expect);
         let ns = s.row(
             hook,
             "minimal DNAT (reference)",
@@ -1024,12 +1030,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         let start = s.w.reserve(Mode::NewSrc, 2 * s.share)?;
         s.w.run(hook, Mode::NewSrc, &new_flow, 2 * s.share as u32, start)?;
         let expect = fwd(hook);
-        let check = move |v: u32, out: &[u8]| {
-            expect_verdict(v, &expect)?;
-            let p = parsed(out)?;
-            ensure!(p.dst == REF_BACKEND, "not translated: {p:?}");
-            Ok(())
-        };
+        let check = to_ref_backend(expect);
         let ns = s.row(
             hook,
             "new flow, minimal DNAT with a flow table (reference: one lookup, one insert)",

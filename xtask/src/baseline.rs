@@ -9,7 +9,12 @@
 //! over-the-floor figure of each row, so that a floor that moved between runs does not count.
 //! A revision whose lb-bench predates `LB_BENCH_WARM_PASSES` runs its three passes, each a
 //! sample.
-use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -105,13 +110,19 @@ pub fn baseline(rev: &str, runs: usize, section: &str) -> Result<()> {
     Ok(())
 }
 
-/// The rows of section 1 in the markdown lb-bench wrote to `out`: (hook, packet) -> ns/packet.
-fn section_one(out: &Path) -> Result<Vec<((String, String), f64)>> {
+/// The markdown lb-bench wrote to `out`: its path and text.
+fn results(out: &Path) -> Result<(PathBuf, String)> {
     let md = std::fs::read_dir(out)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "md"))
         .with_context(|| format!("no results in {}", out.display()))?;
     let text = std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?;
+    Ok((md, text))
+}
+
+/// The rows of section 1 in the markdown lb-bench wrote to `out`: (hook, packet) -> ns/packet.
+fn section_one(out: &Path) -> Result<Vec<((String, String), f64)>> {
+    let (md, text) = results(out)?;
     let Some(start) = text.find("## 1.") else {
         bail!("{}: no section 1", md.display());
     };
@@ -131,11 +142,7 @@ fn section_one(out: &Path) -> Result<Vec<((String, String), f64)>> {
 /// The rows of every pass of section 1b in the markdown lb-bench wrote to `out`: (hook,
 /// packet and conntrack fill) -> ns over the floor, one value per pass.
 fn section_warm(out: &Path) -> Result<Vec<((String, String), f64)>> {
-    let md = std::fs::read_dir(out)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "md"))
-        .with_context(|| format!("no results in {}", out.display()))?;
-    let text = std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?;
+    let (md, text) = results(out)?;
     let mut rows = Vec::new();
     let mut inside = false;
     for line in text.lines() {
