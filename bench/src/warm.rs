@@ -1198,13 +1198,17 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             sizes.conntrack_new, sizes.conntrack
         ),
     )?;
-    let against = [Hook::Tc, Hook::Xdp]
+    Ok((md, targets(&sum), flow_ref_figures(&sum)))
+}
+
+/// lb's full-table new flow beside the reference with a flow table, for each hook that has both.
+fn flow_ref_figures(sum: &Summary) -> Vec<FlowRefFigure> {
+    [Hook::Tc, Hook::Xdp]
         .into_iter()
         .filter_map(|hook| {
             Some(FlowRefFigure { hook, lb: *sum.new_full.get(&hook)?, reference: *sum.flow_reference.get(&hook)? })
         })
-        .collect();
-    Ok((md, targets(&sum), against))
+        .collect()
 }
 
 /// Over-the-floor figures the targets compare.
@@ -1296,11 +1300,8 @@ fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
          one lookup and one insert into an LRU like lb's, full (lb keeps both directions, so it inserts \
          twice):\n\n| hook | lb, new flow, full | reference with a flow table, full | lb / reference |\n|---|---:|---:|---:|\n",
     );
-    for hook in [Hook::Tc, Hook::Xdp] {
-        let (lb, reference) = (sum.new_full.get(&hook), sum.flow_reference.get(&hook));
-        if let (Some(lb), Some(reference)) = (lb, reference) {
-            writeln!(md, "| {} | {lb:+.1} ns | {reference:+.1} ns | {:.2}x |", hook.name(), lb / reference)?;
-        }
+    for FlowRefFigure { hook, lb, reference } in flow_ref_figures(sum) {
+        writeln!(md, "| {} | {lb:+.1} ns | {reference:+.1} ns | {:.2}x |", hook.name(), lb / reference)?;
     }
     for n in &sum.notes {
         writeln!(md, "\nNote: {n}")?;

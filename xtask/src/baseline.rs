@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use crate::{k8s::target_dir, run, workspace_root};
 
 /// Builds `lb-bench` of `rev` and of this tree, runs both `runs` times alternately and writes
-/// `bench/results/baseline.md`.
+/// `bench/results/baseline.md` (`section` "warm": `baseline-warm.md`).
 pub fn baseline(rev: &str, runs: usize, section: &str) -> Result<()> {
     let warm = match section {
         "packet" => false,
@@ -143,6 +143,15 @@ fn section_one(out: &Path) -> Result<Vec<((String, String), f64)>> {
 /// packet and conntrack fill) -> ns over the floor, one value per pass.
 fn section_warm(out: &Path) -> Result<Vec<((String, String), f64)>> {
     let (md, text) = results(out)?;
+    let rows = warm_rows(&text);
+    if rows.is_empty() {
+        bail!("{}: no rows of section 1b", md.display());
+    }
+    Ok(rows)
+}
+
+/// `section_warm` on the markdown's text.
+fn warm_rows(text: &str) -> Vec<((String, String), f64)> {
     let mut rows = Vec::new();
     let mut inside = false;
     for line in text.lines() {
@@ -160,14 +169,36 @@ fn section_warm(out: &Path) -> Result<Vec<((String, String), f64)>> {
             }
         }
     }
-    if rows.is_empty() {
-        bail!("{}: no rows of section 1b", md.display());
-    }
-    Ok(rows)
+    rows
 }
 
 fn median(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     (!v.is_empty()).then(|| v[v.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_rows_are_read_from_every_pass_of_section_1b_only() {
+        let md = "## 1. Per-packet\n\n| tc | new flow | single | 900.0 | +800.0 | 9.0x |\n\n\
+                  ## 1b. Warm\n\n| hook | packet | wrapper | conntrack fill | ns/packet | over floor | x | on path |\n\
+                  | tc | new flow, conntrack full | restore | LB_CT4 100% | 2000.0 | +1950.0 | 9.00x | 100.00% |\n\
+                  | xdp | established flow | restore | LB_CT4 100% | 150.0 | -2.0 | 1.00x | 100.00% |\n\n\
+                  ### 1b, pass 2 of 2: Warm\n\n\
+                  | tc | new flow, conntrack full | restore | LB_CT4 100% | 2100.0 | +2050.0 | 9.00x | 100.00% |\n\n\
+                  ## 2. Cost at scale\n\n| tc | x | y | z | 1.0 | +1.0 | 1 | 1 |\n";
+        let key = |h: &str, p: &str| (h.to_string(), p.to_string());
+        assert_eq!(
+            warm_rows(md),
+            vec![
+                (key("tc", "new flow, conntrack full"), 1950.0),
+                (key("xdp", "established flow"), -2.0),
+                (key("tc", "new flow, conntrack full"), 2050.0),
+            ]
+        );
+    }
 }
