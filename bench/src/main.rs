@@ -685,7 +685,7 @@ fn scale(opts: &Opts) -> Result<String> {
             let endpoints: usize = state.services.values().map(|s| s.backends.len()).sum();
             writeln!(
                 mem_rows,
-                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, Maglev tables and backends (preallocated arrays: their share at this size), memberships, names). Conntrack is preallocated: the assured table's {} entries take {:.1} MiB, the LRU's {} entries {:.1} MiB; {:.0} bytes per flow (two entries, key and value {} bytes each, with the kernel's element header).\n",
+                "\nMap memory (kernel `memlock` accounting) with {n} services and {endpoints} endpoints: {:.0} bytes per service (services, Maglev tables and backends (preallocated arrays: their share at this size), memberships, names). Conntrack is preallocated: the assured table's {} entries take {:.1} MiB, the new-flow table's {} entries {:.1} MiB; {:.0} bytes per flow (two entries, key and value {} bytes each, with the kernel's element header).\n",
                 service_bytes as f64 / n as f64,
                 lb_common::CONNTRACK_MAX_ENTRIES,
                 ct as f64 / (1 << 20) as f64,

@@ -15,8 +15,9 @@
 //! the program under test adds to it.
 //!
 //! Everything runs on one pinned CPU inside a node-like network namespace of its own (the
-//! routed SNAT path looks up routes and neighbours there). The conntrack LRU (`LB_CT4_NEW`) has
-//! per-CPU lists, so its fill level is given against this CPU's share of it.
+//! routed SNAT path looks up routes and neighbours there). lb's new-flow table (`LB_CT4_NEW`)
+//! is one array for every CPU; the references' flow table is a per-CPU LRU, so its fill level
+//! is given against this CPU's share of it.
 //!
 //! Only lb's program names, map names, counters (`lb_common::Counter`) and the `Dataplane` API
 //! are used, so the harness keeps working while the datapath changes underneath it.
@@ -338,7 +339,7 @@ impl Level {
 enum Runs {
     /// `rounds` runs of `repeat`.
     Repeat,
-    /// Small batches of new flows, the LRU reset to `entries` before each (empty, half full):
+    /// Small batches of new flows, the new-flow table reset to `entries` before each (empty, half full):
     /// a million new flows would fill it.
     Batches { entries: u64 },
 }
@@ -347,8 +348,10 @@ struct Session<'a> {
     w: Wrappers,
     dp: &'a Dataplane,
     ct: CtTables,
-    /// `LB_CT4` capacity, and this CPU's share of `LB_CT4_NEW` (entries).
+    /// `LB_CT4` and `LB_CT4_NEW` capacity (entries), and this CPU's share of the references'
+    /// per-CPU LRU of `LB_CT4_NEW`'s size.
     assured_cap: u64,
+    new_cap: u64,
     share: u64,
     repeat: u32,
     rounds: usize,
@@ -413,7 +416,7 @@ impl Session<'_> {
 
     fn tables(&self) -> String {
         let a = self.assured_entries();
-        format!("LB_CT4 {}%, LB_CT4_NEW {}%", pct(a, self.assured_cap), pct(self.new_entries(), self.share))
+        format!("LB_CT4 {}%, LB_CT4_NEW {}%", pct(a, self.assured_cap), pct(self.new_entries(), self.new_cap))
     }
 
     /// Runs lb's program of `hook` once on `f`, without a wrapper (setting up flows).
@@ -447,7 +450,7 @@ impl Session<'_> {
         Ok((p.src, p.dst))
     }
 
-    /// Fill of the stateful references' flow table, against this CPU's share as `LB_CT4_NEW`'s.
+    /// Fill of the stateful references' flow table, against this CPU's share of it.
     fn ref_flow_fill(&self) -> Result<String> {
         let flows: HashMap<&MapData, [u32; 4], [u32; 2]> =
             HashMap::try_from(self.w.ebpf.map("BENCH_REF_FLOWS").context("map BENCH_REF_FLOWS missing")?)?;
@@ -457,11 +460,7 @@ impl Session<'_> {
 
     /// Removes every entry of `LB_CT4_NEW`.
     fn clear_new(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.ct.v4.new.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.ct.v4.new.remove(&k);
-        }
-        Ok(())
+        self.ct.v4.new.clear().context("emptying LB_CT4_NEW")
     }
 
     /// Adds `flows` new flows of the fill Service (two `LB_CT4_NEW` entries each), at tc.
@@ -477,7 +476,7 @@ impl Session<'_> {
     }
 
     /// Fills `LB_CT4` with assured flows of the fill Service up to `entries`, by handshakes
-    /// through lb at tc in chunks that fit this CPU's LRU share (a flow is assured once its
+    /// through lb at tc in chunks that no set of `LB_CT4_NEW` overflows (a flow is assured once its
     /// SYN was answered and its ACK seen).
     fn fill_assured(&mut self, entries: u64) -> Result<()> {
         let t = std::time::Instant::now();
@@ -487,7 +486,7 @@ impl Session<'_> {
     }
 
     fn fill_assured_inner(&mut self, entries: u64) -> Result<()> {
-        let chunk = (self.share / 4).max(1);
+        let chunk = (self.new_cap / 32).max(1);
         let syn = tcp((FILL_CLIENTS, BASE_PORT), FILL_VIP, SYN);
         let syn_ack = tcp(FILL_BACKEND, (FILL_CLIENTS, BASE_PORT), SYN_ACK);
         let ack = tcp((FILL_CLIENTS, BASE_PORT), FILL_VIP, ACK);
@@ -581,8 +580,8 @@ impl Session<'_> {
                 tables = format!(
                     "LB_CT4 {}%, LB_CT4_NEW {}% to {}%",
                     pct(self.assured_entries(), self.assured_cap),
-                    pct(from, self.share),
-                    pct(to, self.share)
+                    pct(from, self.new_cap),
+                    pct(to, self.new_cap)
                 );
             }
         }
@@ -899,6 +898,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         dp: &dp,
         ct: CtTables::open_pinned(&pin)?,
         assured_cap: u64::from(sizes.conntrack),
+        new_cap: u64::from(sizes.conntrack_new),
         share: u64::from(sizes.conntrack_new) / cpus,
         repeat: if quick { 20_000 } else { 1_000_000 },
         rounds: if quick { 3 } else { 5 },
@@ -908,9 +908,9 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         rows: Vec::new(),
         notes: Vec::new(),
     };
-    // A batch of new flows takes an eighth of this CPU's LRU share: empty stays nearly empty,
+    // A batch of new flows takes an eighth of the new-flow table: empty stays nearly empty,
     // half nearly half.
-    s.batch = (s.share / 16).max(1) as u32;
+    s.batch = (s.new_cap / 16).max(1) as u32;
     let hooks = [Hook::Tc, Hook::Xdp];
     let fwd = |h: Hook| if h == Hook::Tc { vec![TC_ACT_OK] } else { vec![XDP_PASS] };
     let untouched = |h: Hook| if h == Hook::Tc { vec![TC_ACT_UNSPEC] } else { vec![XDP_PASS] };
@@ -990,12 +990,12 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             Level::Empty => Runs::Batches { entries: 0 },
             Level::Half => {
                 s.fill_assured(s.assured_cap / 2)?;
-                Runs::Batches { entries: s.share / 2 }
+                Runs::Batches { entries: s.new_cap / 2 }
             }
             Level::Full => {
                 s.fill_assured(s.assured_cap)?;
-                // Twice the share: every entry of this CPU's list has been evicted once.
-                s.fill_new(s.share)?;
+                // Twice its entries: the table is full and most ways were replaced once.
+                s.fill_new(s.new_cap)?;
                 Runs::Repeat
             }
         };
@@ -1021,7 +1021,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         }
     }
 
-    // The stateful references, their flow table full as lb's LRU is in the row above: filled
+    // The stateful references, their flow table full as lb's is in the row above: filled
     // with twice this CPU's share of new flows, so every insert evicts.
     let mut flow_reference = BTreeMap::new();
     for hook in hooks {
@@ -1191,9 +1191,10 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         &sum,
         &format!(
             "`repeat` = {repeat}, median of {rounds} rounds; the empty and half-full new-flow rows \
-             run batches of {batch} new flows (the LRU reset to its level before each), median of \
-             {batch_rounds}. One CPU (CPU {cpu}); `LB_CT4_NEW` has per-CPU lists, so its fill is \
-             given against this CPU's share ({share} of {} entries); `LB_CT4` holds {} entries. Load \
+             run batches of {batch} new flows (the table reset to its level before each), median of \
+             {batch_rounds}. One CPU (CPU {cpu}); `LB_CT4_NEW` is one array for all CPUs ({} entries), \
+             the references' flow table a per-CPU LRU of that size, whose fill is given against this \
+             CPU's share ({share} entries); `LB_CT4` holds {} entries. Load \
              average (1, 5, 15 min) when the section started: {load}.",
             sizes.conntrack_new, sizes.conntrack
         ),

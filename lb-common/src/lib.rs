@@ -36,8 +36,9 @@ pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
 pub const MAGLEV_MAX_ENTRIES: u32 = 4_194_304;
 /// Backend memberships (service, backend) over all frontends.
 pub const BACKEND_MEMBERS_MAX_ENTRIES: u32 = 1_048_576;
-/// Assured flows (two entries each); the LRU of new and finished flows has its own size.
+/// Assured flows (two entries each); the table of new and finished flows has its own size.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+/// Entries of the new-flow tables (sets of `CT_WAYS`, `CtWay`).
 pub const CONNTRACK_NEW_MAX_ENTRIES: u32 = 131_072;
 pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
@@ -50,7 +51,7 @@ pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Assured IPv4 flows: a preallocated hash that never evicts.
 pub const MAP_CT4: &str = "LB_CT4";
-/// New and finished IPv4 flows: an LRU with per-CPU lists.
+/// New and finished IPv4 flows: a set-associative array of `CtWay4` (`ct_set_hash`).
 pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";
@@ -174,7 +175,7 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -390,6 +391,110 @@ pub struct CtValue<A> {
 
 pub type CtValue4 = CtValue<u32>;
 pub type CtValue6 = CtValue<[u32; 4]>;
+
+/// Entries in a set of the new-flow tables (`LB_CT4_NEW`, `LB_CT6_NEW`).
+pub const CT_WAYS: usize = 4;
+
+/// One entry of a new-flow table (`LB_CT4_NEW`, `LB_CT6_NEW`): an array whose elements
+/// `CT_WAYS * s .. CT_WAYS * (s + 1)` are the ways of set `s`, the set a key's `ct_set_hash`
+/// selects. The new flows of a flood are written into it with plain stores: no hash insert,
+/// no LRU list, no lock, no allocation (the kernel LRU's eviction, `bpf_lru_pop_free`, was
+/// most of a new flow's cost with a full table). A full set gives up a live entry: every entry
+/// here is unassured or finished, the ones netfilter's `early_drop` may drop. Each way is an
+/// element of its own, not a set one element, so that a lookup's result is the same kind of
+/// pointer whichever way holds the key: the verifier then follows one path after a hit, not
+/// one per way. A way whose `key.proto` is 0 is empty (every tracked protocol is non-zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtWay<A> {
+    pub key: CtKey<A>,
+    pub value: CtValue<A>,
+}
+
+pub type CtWay4 = CtWay<u32>;
+pub type CtWay6 = CtWay<[u32; 4]>;
+
+/// The hash that places a key with these fields in a new-flow table (addresses folded to 32
+/// bits, as `fold_v6`; the direction is left out, the two keys of a flow differ in their
+/// addresses anyway): its set is `select_slot(hash, sets)`, from the high bits, and the low
+/// bits pick the ways a full set may give up (`ct_set_victim`). Seeded apart from the backend
+/// choice's hash, so flows sharing a set do not share a Maglev slot.
+#[inline(always)]
+pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    flow_hash(src ^ 0x2545_f491, dst, sport, dport, proto)
+}
+
+/// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks
+/// it up anew each time: a pointer in a register, no array of them on the 512-byte stack).
+#[inline(always)]
+pub fn ct_set_find<'a, A: 'a>(way: impl Fn(usize) -> Option<&'a CtWay<A>>, k: &CtKey<A>) -> Option<usize> {
+    let mut i = 0;
+    while i < CT_WAYS {
+        if ct_key_eq(&way(i)?.key, k) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether two keys are equal, compared as 32-bit words folded into one difference: one
+/// branch per way where a field-by-field comparison takes seven, each a path the verifier
+/// follows. Keys have no implicit padding (their size asserts below), and an emptied way
+/// (`proto` 0) never equals a lookup key.
+#[inline(always)]
+pub fn ct_key_eq<A>(a: &CtKey<A>, b: &CtKey<A>) -> bool {
+    let (pa, pb) = (a as *const CtKey<A> as *const u32, b as *const CtKey<A> as *const u32);
+    let mut diff = 0;
+    let mut i = 0;
+    while i < core::mem::size_of::<CtKey<A>>() / 4 {
+        // SAFETY: in bounds of both keys, whose alignment (their address fields') is at
+        // least a u32's.
+        diff |= unsafe { pa.add(i).read() ^ pb.add(i).read() };
+        i += 1;
+    }
+    diff == 0
+}
+
+/// The way a new entry for `k` (whose `ct_set_hash` is `hash`) takes in a set (`way` as for
+/// `ct_set_find`; `None` if a way cannot be read): its own, else
+/// the first one empty or that `stale` says has expired, else the less recently seen at `now`
+/// (jiffies) of two ways the hash picks; true in that last case, a live entry pushed out.
+/// Two candidates, not the oldest of all: the verifier follows every path through this code,
+/// and a running minimum over the ways multiplies the paths it must tell apart at each way.
+/// The choice of two is the "power of two choices": nearly as good as the oldest of four.
+#[inline(always)]
+pub fn ct_set_victim<'a, A: 'a>(
+    way: impl Fn(usize) -> Option<&'a CtWay<A>>,
+    k: &CtKey<A>,
+    hash: u32,
+    now: u32,
+    stale: impl Fn(&CtValue<A>) -> bool,
+) -> Option<(usize, bool)> {
+    if let Some(i) = ct_set_find(&way, k) {
+        return Some((i, false));
+    }
+    let mut i = 0;
+    while i < CT_WAYS {
+        let w = way(i)?;
+        if w.key.proto == 0 || stale(&w.value) {
+            return Some((i, false));
+        }
+        i += 1;
+    }
+    let a = hash as usize % CT_WAYS;
+    let b = (a + CT_WAYS / 2) % CT_WAYS;
+    // Seen after `now` (another CPU refreshed it meanwhile) reads as age 0.
+    let age = |w: &CtWay<A>| {
+        let age = now.wrapping_sub(w.value.last_seen);
+        if (age as i32) < 0 {
+            0
+        } else {
+            age
+        }
+    };
+    Some((if age(way(b)?) > age(way(a)?) { b } else { a }, true))
+}
 
 /// What a packet of a tracked flow does to its state, netfilter's TCP state table reduced to
 /// what a translator needs (no sequence-window tracking). Pure, so the datapath, the agent
@@ -678,13 +783,17 @@ pub enum Counter {
     /// An IPv6 packet whose extension header chain is longer than the parser walks
     /// (`MAX_EXT_HEADERS`, four): passed untouched, never misparsed.
     PassExtHeaders = 25,
+    /// A new flow's entry took the way of a live unassured one in a full set of the new-flow
+    /// table (`CtWay`): that flow is untracked until its next packet tracks it again (its
+    /// backend is chosen again by Maglev, the same while the backend set holds).
+    CtNewEvicted = 26,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
 pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 26;
+pub const COUNTER_MAX: u32 = 27;
 /// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
@@ -717,6 +826,7 @@ impl Counter {
         Counter::DropTtlExpired,
         Counter::CtAssuredFull,
         Counter::PassExtHeaders,
+        Counter::CtNewEvicted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -747,6 +857,7 @@ impl Counter {
             Counter::DropTtlExpired => "drop_ttl_expired",
             Counter::CtAssuredFull => "ct_assured_full",
             Counter::PassExtHeaders => "pass_ext_headers",
+            Counter::CtNewEvicted => "ct_new_evicted",
         }
     }
 }
@@ -794,6 +905,8 @@ const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
+const _: () = assert!(core::mem::size_of::<CtWay4>() == 44);
+const _: () = assert!(core::mem::size_of::<CtWay6>() == 92);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
@@ -821,6 +934,8 @@ mod pod {
     unsafe impl aya::Pod for CtValue4 {}
     unsafe impl aya::Pod for CtKey6 {}
     unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for CtWay4 {}
+    unsafe impl aya::Pod for CtWay6 {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -861,6 +976,77 @@ mod tests {
         for h in hits {
             assert!((900..1100).contains(&h), "{hits:?}");
         }
+    }
+
+    fn way(src: u32, last_seen: u32) -> CtWay<u32> {
+        CtWay {
+            key: CtKey { src, dst: 2, sport: 3, dport: 4, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 },
+            value: CtValue { last_seen, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn a_set_gives_its_own_way_then_an_empty_or_expired_one_then_the_older_of_two() {
+        let never = |_: &CtValue4| false;
+        let empty = [CtWay4::default(); CT_WAYS];
+        let victim = |w: &[CtWay4; CT_WAYS], k: &CtKey4, hash, stale: &dyn Fn(&CtValue4) -> bool| {
+            ct_set_victim(|i| w.get(i), k, hash, 100, stale).unwrap()
+        };
+        assert_eq!(victim(&empty, &way(1, 0).key, 0, &never), (0, false));
+        let mut set = [CtWay4::default(); CT_WAYS];
+        for (i, w) in set.iter_mut().enumerate() {
+            *w = way(10 + i as u32, 50 + i as u32);
+        }
+        let find = |w: &[CtWay4; CT_WAYS], k: &CtKey4| ct_set_find(|i| w.get(i), k);
+        assert_eq!(find(&set, &way(12, 0).key), Some(2));
+        assert_eq!(find(&set, &way(99, 0).key), None);
+        // A key already there keeps its way, even behind an expired one.
+        assert_eq!(victim(&set, &way(13, 0).key, 0, &|v| v.last_seen == 50), (3, false));
+        // An expired one is taken before any live one, and nothing live is lost.
+        assert_eq!(victim(&set, &way(99, 0).key, 0, &|v| v.last_seen == 52), (2, false));
+        // Full: of the two ways the hash picks (0 and 2, or 1 and 3), the less recently seen.
+        assert_eq!(victim(&set, &way(99, 0).key, 0, &never), (0, true));
+        assert_eq!(victim(&set, &way(99, 0).key, 2, &never), (0, true));
+        assert_eq!(victim(&set, &way(99, 0).key, 1, &never), (1, true));
+        // One seen after `now` (wrapping) counts as the newest, not the oldest.
+        set[0].value.last_seen = 101;
+        assert_eq!(victim(&set, &way(99, 0).key, 0, &never), (2, true));
+        // A removed entry (proto 0) is free again, and never matches its old key.
+        set[3].key.proto = 0;
+        assert_eq!(victim(&set, &way(99, 0).key, 0, &never), (3, false));
+        assert_eq!(find(&set, &way(13, 0).key), None);
+    }
+
+    #[test]
+    fn keys_are_equal_only_when_every_field_is() {
+        let k = way(1, 0).key;
+        assert!(ct_key_eq(&k, &k));
+        for other in [
+            CtKey4 { src: 9, ..k },
+            CtKey4 { dst: 9, ..k },
+            CtKey4 { sport: 9, ..k },
+            CtKey4 { dport: 9, ..k },
+            CtKey4 { proto: PROTO_UDP, ..k },
+            CtKey4 { dir: CT_DIR_REPLY, ..k },
+        ] {
+            assert!(!ct_key_eq(&k, &other), "{other:?}");
+        }
+        let k6 = CtKey6 { src: [1, 2, 3, 4], dst: [5, 6, 7, 8], sport: 1, dport: 2, proto: PROTO_TCP, dir: 0, _pad: 0 };
+        assert!(ct_key_eq(&k6, &k6.clone()));
+        assert!(!ct_key_eq(&k6, &CtKey6 { dst: [5, 6, 7, 9], ..k6 }));
+    }
+
+    #[test]
+    fn set_indexes_stay_in_range_and_spread() {
+        let sets = 1000;
+        let mut hits = vec![0u32; sets as usize];
+        for port in 0..100_000u32 {
+            let h = ct_set_hash(0x0a00_0001, 0x0a60_000a, (port as u16).to_be(), 80u16.to_be(), PROTO_TCP);
+            let i = select_slot(h, sets);
+            hits[i as usize] += 1;
+        }
+        // 100 per set on average; a fair spread keeps every set within a few deviations.
+        assert!(hits.iter().all(|h| (50..160).contains(h)), "{:?}", (hits.iter().min(), hits.iter().max()));
     }
 
     #[test]

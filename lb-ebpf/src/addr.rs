@@ -3,7 +3,7 @@
 //! sits in the packet (network order words). What differs between the families beyond the
 //! address width lives here: the conntrack tables, the node's own addresses, the IP header's
 //! layout, and how an address enters a hash or a map key.
-use aya_ebpf::maps::{HashMap, LruHashMap};
+use aya_ebpf::maps::HashMap;
 use lb_common::{fold_v6, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6};
 
 use crate::maps::{Scratch, LB_CT4, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
@@ -36,7 +36,10 @@ pub const OUTLINE_V6: bool = false;
 pub const OUTLINE_V6_CT: bool = true;
 
 pub type Ct<A> = HashMap<CtKey<A>, CtValue<A>>;
-pub type CtNew<A> = LruHashMap<CtKey<A>, CtValue<A>>;
+/// IPv4's new-flow table: an array of ways (`ct_table.rs`).
+pub type CtWays<A> = aya_ebpf::maps::Array<lb_common::CtWay<A>>;
+/// IPv6's new-flow table: an LRU hash with per-CPU lists (`ct_table.rs` says why).
+pub type CtLru<A> = aya_ebpf::maps::LruHashMap<CtKey<A>, CtValue<A>>;
 
 pub trait Addr: Copy + Default + PartialEq + 'static {
     const FAMILY: u8;
@@ -71,7 +74,9 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     unsafe fn write(self, p: *mut u8);
 
     fn ct() -> &'static Ct<Self>;
-    fn ct_new() -> &'static CtNew<Self>;
+    /// The new-flow table: IPv4's array of ways, or IPv6's LRU (one of the two is `Some`).
+    fn ct_ways() -> Option<&'static CtWays<Self>>;
+    fn ct_lru() -> Option<&'static CtLru<Self>>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
     /// This CPU's scratch slot (`maps::LB_SCRATCH6`); IPv6 only, IPv4's temporaries fit its
@@ -130,8 +135,12 @@ impl Addr for u32 {
         &LB_CT4
     }
     #[inline(always)]
-    fn ct_new() -> &'static CtNew<Self> {
-        &LB_CT4_NEW
+    fn ct_ways() -> Option<&'static CtWays<Self>> {
+        Some(&LB_CT4_NEW)
+    }
+    #[inline(always)]
+    fn ct_lru() -> Option<&'static CtLru<Self>> {
+        None
     }
     #[inline(always)]
     fn node_ip() -> Self {
@@ -197,8 +206,12 @@ impl Addr for [u32; 4] {
         &LB_CT6
     }
     #[inline(always)]
-    fn ct_new() -> &'static CtNew<Self> {
-        &LB_CT6_NEW
+    fn ct_ways() -> Option<&'static CtWays<Self>> {
+        None
+    }
+    #[inline(always)]
+    fn ct_lru() -> Option<&'static CtLru<Self>> {
+        Some(&LB_CT6_NEW)
     }
     #[inline(always)]
     fn node_ip() -> Self {

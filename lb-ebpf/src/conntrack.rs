@@ -5,10 +5,11 @@
 //! lifetime.
 //!
 //! Two tables, so that a flood of new flows cannot push out live connections (netfilter's
-//! `early_drop` evicts only unassured entries): a flow starts in `LB_CT4_NEW`, an LRU with
-//! per-CPU lists (no global lock on insert), and moves to `LB_CT4`, a preallocated hash that
+//! `early_drop` evicts only unassured entries): a flow starts in `LB_CT4_NEW`, a
+//! set-associative array where a new entry takes the least recently seen way of a full set
+//! (`ct_table.rs`: no lock, no helper call), and moves to `LB_CT4`, a preallocated hash that
 //! never evicts, once it is assured (handshake done and answered; a UDP flow answered for a
-//! while). When it finishes (TIME_WAIT, CLOSE) it moves back to the LRU, so the assured table
+//! while). When it finishes (TIME_WAIT, CLOSE) it moves back to the new-flow table, so the assured table
 //! only ever holds live flows; the agent collects the ones that went idle.
 //!
 //! Time is jiffies (`bpf_jiffies64`, which the verifier inlines into a load of the kernel's
@@ -22,7 +23,7 @@ use lb_common::{
     TCP_RST, TCP_SYN,
 };
 
-use crate::{addr::Addr, parse::Flow, stats::count};
+use crate::{addr::Addr, ct_table, parse::Flow, stats::count};
 
 /// Lifetime of each state in jiffies, indexed by state; the agent writes them at load time
 /// from its flags and the kernel's HZ. Placeholders for HZ=1000 until then.
@@ -68,7 +69,7 @@ pub fn now() -> u32 {
 /// Whether an entry is idle past its state's lifetime. An entry another CPU refreshed after
 /// this one read the clock is fresh: wrapping, its age would read as 2^32 jiffies.
 #[inline(always)]
-fn expired<A: Addr>(e: &CtValue<A>, now: u32) -> bool {
+pub fn expired<A: Addr>(e: &CtValue<A>, now: u32) -> bool {
     let idle = now.wrapping_sub(e.last_seen);
     (idle as i32) >= 0 && idle > timeout(e.state)
 }
@@ -123,26 +124,27 @@ fn find<A: Addr>(k: &CtKey<A>) -> Option<(*mut CtValue<A>, bool)> {
     if let Some(e) = A::ct().get_ptr_mut(k) {
         return Some((e, true));
     }
-    A::ct_new().get_ptr_mut(k).map(|e| (e, false))
+    ct_table::get(k).map(|e| (e, false))
 }
 
-/// Runs `f` on the peer entry of `k`'s entry `e` (`ct_peer`): built on the stack for IPv4,
-/// in this CPU's scratch slot for IPv6, whose 92-byte pair the stack has no room for.
+/// The peer entry of `k`'s entry `e` (`ct_peer`): built in `on_stack` for IPv4, in this
+/// CPU's scratch slot for IPv6, whose 92-byte pair the stack has no room for. Returned, not
+/// handed to a closure: LLVM keeps a large closure out of line, and a subprogram's frame on
+/// top of IPv4's pipeline overflows the 512-byte stack.
 #[inline(always)]
-fn with_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, f: impl FnOnce(&CtKey<A>, &mut CtValue<A>)) {
-    let mut on_stack;
-    let (pk, pv) = if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        on_stack = ct_peer(k, e);
-        (&on_stack.0, &mut on_stack.1)
+fn peer<'a, A: Addr>(
+    k: &CtKey<A>,
+    e: &CtValue<A>,
+    on_stack: &'a mut (CtKey<A>, CtValue<A>),
+) -> Option<(&'a CtKey<A>, &'a mut CtValue<A>)> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        *on_stack = ct_peer(k, e);
+        Some((&on_stack.0, &mut on_stack.1))
     } else {
-        let Some((pk, pv)) = scratch_peer::<A>() else {
-            return;
-        };
+        let (pk, pv) = scratch_peer::<A>()?;
         ct_peer_into(k, e, pk, pv);
-        (&*pk, pv)
-    };
-    // One call site, or LLVM may keep a large `f` out of line, a subprogram in IPv4's path.
-    f(pk, pv)
+        Some((pk, pv))
+    }
 }
 
 /// The peer fields of this CPU's scratch slot (IPv6).
@@ -158,7 +160,7 @@ fn scratch_peer<A: Addr>() -> Option<(&'static mut CtKey<A>, &'static mut CtValu
 }
 
 /// Writes both entries of a flow into the table its state says (`CT_FLAG_ASSURED`) and out of
-/// the other. When the assured table is full the flow stays in the LRU, where it works but
+/// the other. When the assured table is full the flow stays in the new-flow table, where it works but
 /// can be evicted, and `ct_assured_full` counts it.
 #[inline(always)]
 fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
@@ -177,7 +179,7 @@ fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook
 
 #[inline(always)]
 fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
-    // As `with_peer`, spelled out: LLVM left that closure a subprogram of IPv4's pipeline.
+    // As `peer`, spelled out, for the scratch slot's borrows.
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
         store_with(k, e, &pk, &mut pv, was_assured, hook);
@@ -193,23 +195,23 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
-            // No copy stays behind in the LRU: once the assured entries go (a SYN-ACK of a
+            // No copy stays behind in the new-flow table: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
-            let _ = A::ct_new().remove(k);
-            let _ = A::ct_new().remove(pk);
+            ct_table::remove(k);
+            ct_table::remove(pk);
             return;
         }
-        // Full: keep the flow working from the LRU, where it can be evicted. The agent's
+        // Full: keep the flow working from the new-flow table, where it can be evicted. The agent's
         // collection makes room; the counter says it happened.
         count(hook, Counter::CtAssuredFull);
         let _ = A::ct().remove(k);
         pv.flags &= !CT_FLAG_ASSURED;
-        // Both entries go in already demoted (another CPU must never see an LRU entry marked
+        // Both entries go in already demoted (another CPU must never see a new-flow table entry marked
         // assured): a copy on the stack for IPv4, in the scratch slot's own entry for IPv6.
         if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
             let mut d = *e;
             d.flags &= !CT_FLAG_ASSURED;
-            let _ = A::ct_new().insert(k, &d, 0);
+            new_insert(k, &d, hook);
         } else {
             let s = A::scratch();
             if !s.is_null() {
@@ -218,17 +220,25 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
                 let d = unsafe { &mut (*s).value };
                 *d = *e;
                 d.flags &= !CT_FLAG_ASSURED;
-                let _ = A::ct_new().insert(k, d, 0);
+                new_insert(k, d, hook);
             }
         }
-        let _ = A::ct_new().insert(pk, &*pv, 0);
+        new_insert(pk, pv, hook);
         return;
     }
-    let _ = A::ct_new().insert(k, e, 0);
-    let _ = A::ct_new().insert(pk, &*pv, 0);
+    new_insert(k, e, hook);
+    new_insert(pk, pv, hook);
     if was_assured {
         let _ = A::ct().remove(k);
         let _ = A::ct().remove(pk);
+    }
+}
+
+/// Writes an entry into the new-flow table, counting the live flow it may push out.
+#[inline(always)]
+fn new_insert<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, hook: u32) {
+    if ct_table::insert(k, e) {
+        count(hook, Counter::CtNewEvicted);
     }
 }
 
@@ -299,12 +309,15 @@ fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
 
 #[inline(always)]
 fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
-    with_peer(k, e, |pk, pv| mirror_into(pk, pv, assured))
+    let mut tmp = Default::default();
+    if let Some((pk, pv)) = peer(k, e, &mut tmp) {
+        mirror_into(pk, pv, assured)
+    }
 }
 
 #[inline(always)]
 fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
-    let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
+    let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         Some(p) => {
             // SAFETY: map values stay valid while the program runs.
@@ -313,14 +326,23 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
             p.flags = pv.flags;
             p.last_seen = pv.last_seen;
         }
-        None => {
-            let _ = if assured { A::ct().insert(pk, pv, 0) } else { A::ct_new().insert(pk, pv, 0) };
-        }
+        None => insert_either(pk, pv, assured),
+    }
+}
+
+/// Re-creates a lost peer entry in the table of its flow. A rare path (the new-flow table
+/// pushed the entry out): whatever it pushes out in turn goes uncounted.
+#[inline(always)]
+fn insert_either<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+    if assured {
+        let _ = A::ct().insert(pk, pv, 0);
+    } else {
+        ct_table::insert(pk, pv);
     }
 }
 
 /// Forgets a flow found expired in the assured table, both entries, so that a new flow on
-/// its tuple (created in the LRU) is not shadowed by it. The agent collects most of them
+/// its tuple (created in the new-flow table) is not shadowed by it. The agent collects most of them
 /// before a packet finds them.
 #[inline(always)]
 fn forget_assured<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
@@ -339,21 +361,22 @@ fn forget_assured_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
 
 #[inline(always)]
 fn forget_assured_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
-    with_peer(k, e, |pk, _| {
+    let mut tmp = Default::default();
+    if let Some((pk, _)) = peer(k, e, &mut tmp) {
         let _ = A::ct().remove(k);
         let _ = A::ct().remove(pk);
-    })
+    }
 }
 
 /// Removes an entry from whichever table holds it.
 #[inline(always)]
 fn forget<A: Addr>(k: &CtKey<A>) {
     let _ = A::ct().remove(k);
-    let _ = A::ct_new().remove(k);
+    ct_table::remove(k);
 }
 
 /// Keeps the other direction alive too while only one direction sends (a one-way UDP
-/// stream); re-creates it if the LRU evicted it.
+/// stream); re-creates it if the new-flow table pushed it out.
 #[inline(always)]
 fn refresh_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
@@ -371,19 +394,20 @@ fn refresh_peer_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, n
 
 #[inline(always)]
 fn refresh_peer_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
-    with_peer(k, e, |pk, pv| refresh_into(pk, pv, assured, now))
+    let mut tmp = Default::default();
+    if let Some((pk, pv)) = peer(k, e, &mut tmp) {
+        refresh_into(pk, pv, assured, now)
+    }
 }
 
 #[inline(always)]
 fn refresh_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool, now: u32) {
-    let found = if assured { A::ct().get_ptr_mut(pk) } else { A::ct_new().get_ptr_mut(pk) };
+    let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         // SAFETY: map values stay valid while the program runs; a racing CPU only writes
         // the same timestamp.
         Some(p) => unsafe { (*p).last_seen = now },
-        None => {
-            let _ = if assured { A::ct().insert(pk, pv, 0) } else { A::ct_new().insert(pk, pv, 0) };
-        }
+        None => insert_either(pk, pv, assured),
     }
 }
 
@@ -440,8 +464,9 @@ fn forward_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Fo
     Forward::Tracked(t)
 }
 
-/// Records a new flow, both entries, in the LRU table. `reply_route`: replies will come from
-/// a node address (a node port). Fails only if the kernel refuses the insert.
+/// Records a new flow, both entries, in the new-flow table (counting the live flows they push
+/// out at `hook`). `reply_route`: replies will come from a node address (a node port). Fails
+/// only if IPv6's scratch slot is missing.
 #[inline(always)]
 pub fn create<A: Addr>(
     flow: &Flow<A>,
@@ -450,10 +475,12 @@ pub fn create<A: Addr>(
     service_id: u32,
     now: u32,
     reply_route: bool,
+    hook: u32,
 ) -> Result<(), ()> {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        create_of(flow, tcp_flags, t, service_id, now, reply_route)
-    } else if create_outlined(flow, t, service_id, now, tcp_flags as u32 | (reply_route as u32) << 8) {
+        create_of(flow, tcp_flags, t, service_id, now, reply_route, hook);
+        Ok(())
+    } else if create_outlined(flow, t, service_id, now, tcp_flags as u32 | (reply_route as u32) << 8 | hook << 16) {
         Ok(())
     } else {
         Err(())
@@ -462,9 +489,9 @@ pub fn create<A: Addr>(
 
 /// IPv6: a subprogram, its two keys and two values (184 bytes) built in the scratch slot; no
 /// enum in its signature, and at most five arguments (BPF passes no more in registers): the
-/// TCP flags and `reply_route` share one.
+/// TCP flags, `reply_route` and the hook share one.
 #[inline(never)]
-fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, flags_route: u32) -> bool {
+fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32, now: u32, packed: u32) -> bool {
     let s = A::scratch();
     if s.is_null() {
         return false;
@@ -472,9 +499,11 @@ fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32,
     // SAFETY: this CPU's slot; its four entry fields, borrowed apart.
     let (k, e, pk, pv) = unsafe { (&mut (*s).key, &mut (*s).value, &mut (*s).peer_key, &mut (*s).peer_value) };
     *k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
-    new_entry(flow.proto, flags_route as u8, t, service_id, now, flags_route & 0x100 != 0, e);
+    new_entry(flow.proto, packed as u8, t, service_id, now, packed & 0x100 != 0, e);
     ct_peer_into(k, e, pk, pv);
-    A::ct_new().insert(k, e, 0).is_ok() && A::ct_new().insert(pk, pv, 0).is_ok()
+    new_insert(k, e, packed >> 16);
+    new_insert(pk, pv, packed >> 16);
+    true
 }
 
 #[inline(always)]
@@ -485,13 +514,14 @@ fn create_of<A: Addr>(
     service_id: u32,
     now: u32,
     reply_route: bool,
-) -> Result<(), ()> {
+    hook: u32,
+) {
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
     let mut e = CtValue::<A>::default();
     new_entry(flow.proto, tcp_flags, t, service_id, now, reply_route, &mut e);
     let (pk, pv) = ct_peer(&k, &e);
-    A::ct_new().insert(&k, &e, 0).map_err(|_| ())?;
-    A::ct_new().insert(&pk, &pv, 0).map_err(|_| ())
+    new_insert(&k, &e, hook);
+    new_insert(&pk, &pv, hook);
 }
 
 /// A new flow's forward entry, written whole into `e`.
@@ -626,7 +656,10 @@ fn forget_finished<A: Addr>(addr: &A, backend_addr: &A, backend_port: u16, port:
     let k = key(*backend_addr, *addr, backend_port, port, proto, CT_DIR_REPLY);
     if let Some((e, _)) = find(&k) {
         // SAFETY: map values stay valid while the program runs.
-        with_peer(&k, unsafe { &*e }, |pk, _| forget(pk));
+        let mut tmp = Default::default();
+        if let Some((pk, _)) = peer(&k, unsafe { &*e }, &mut tmp) {
+            forget(pk);
+        }
     }
 }
 
@@ -714,10 +747,11 @@ fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A
         // finished flow's entry goes, or it would catch the rest of the new connection.
         // Both entries go: with the forward one left, the port would look free to a new SNATed
         // flow while the old client's packets still took it.
-        with_peer(&k, e, |pk, _| {
+        let mut tmp = Default::default();
+        if let Some((pk, _)) = peer(&k, e, &mut tmp) {
             forget(&k);
             forget(pk);
-        });
+        }
         return None;
     }
     // Read before `advance`, which may move the entry to the other table and free this one.

@@ -10,6 +10,7 @@
 
 mod addr;
 mod conntrack;
+mod ct_table;
 mod ctx;
 mod frag;
 mod icmp;
@@ -330,7 +331,7 @@ fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
         }
         Forward::New => {
             if ctx.note() == NOTE_NEW_FLOW {
-                // Created and gone at once (the LRU evicted it): no second round.
+                // Created and gone at once (another CPU's new flow took its way): no second round.
                 return drop(ctx, Counter::DropCtInsert);
             }
             if service::lookup(&h.flow, service::from_cluster).is_some() {
@@ -526,7 +527,7 @@ fn new_flow<A: Addr, P: Packet>(
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
     }
-    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend).is_err() {
+    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend, P::HOOK).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
     Ok(t)

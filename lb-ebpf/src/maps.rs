@@ -6,12 +6,12 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, FragKey, FragValue,
-    LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey, SockRevValue,
-    SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES,
-    CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES, MAGLEV_MAX_ENTRIES,
-    NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
-    SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, CtWay4, FragKey,
+    FragValue, LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey,
+    SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES,
+    CONNTRACK_MAX_ENTRIES, CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES,
+    MAGLEV_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
+    SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
 };
 
 /// Service frontends (address, port, protocol) -> id, backend count and live slot generation.
@@ -49,18 +49,19 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "LB_CT4")]
 pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
-/// New and finished IPv4 flows, both directions. LRU with per-CPU lists: an insert evicts
-/// from this CPU's own list, with no global lock, and only flows not yet (or no longer)
-/// assured are ever evicted.
+/// New and finished IPv4 flows, both directions: a set-associative array (`ct_table.rs`),
+/// sized by the agent in whole sets of `CT_WAYS`. A new flow's entries take free ways, or push
+/// out a live entry of a full set: only flows not yet (or no longer) assured are ever pushed
+/// out. Mmapable, so the agent walks it in memory (`dataplane/ct_new.rs`).
 #[map(name = "LB_CT4_NEW")]
-pub static LB_CT4_NEW: LruHashMap<CtKey4, CtValue4> =
-    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_MMAPABLE);
 
 /// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
 #[map(name = "LB_CT6")]
 pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
-/// New and finished IPv6 flows, as `LB_CT4_NEW`.
+/// New and finished IPv6 flows: an LRU with per-CPU lists (an insert evicts from this CPU's
+/// own list, with no global lock), not `LB_CT4_NEW`'s array: see `ct_table.rs`.
 #[map(name = "LB_CT6_NEW")]
 pub static LB_CT6_NEW: LruHashMap<CtKey6, CtValue6> =
     LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);

@@ -158,10 +158,14 @@ struct RunArgs {
     #[arg(long, default_value_t = MapSizes::default().maglev)]
     map_maglev: u32,
     /// Capacity of the assured conntrack table: live connections, two entries each, never
-    /// evicted (a flow that finds it full stays in the LRU table, counted as ct_assured_full).
+    /// evicted (a flow that finds it full stays in the new-flow table, counted as
+    /// ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     map_conntrack: u32,
-    /// Capacity of the conntrack LRU table of new and finished flows (two entries each).
+    /// Capacity of the conntrack table of new and finished flows (two entries each): for IPv4
+    /// an array of sets of four ways (rounded up to whole sets), where a new flow pushes out a
+    /// live unassured one only when its set is full (counted as ct_new_evicted); for IPv6 an
+    /// LRU.
     #[arg(long, default_value_t = MapSizes::default().conntrack_new)]
     map_conntrack_new: u32,
     /// Capacity of the session affinity map (client, service) pins (LRU).

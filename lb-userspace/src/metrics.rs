@@ -475,7 +475,7 @@ impl Collector for Scrape {
         gauge(
             &mut e,
             "lb_conntrack_capacity",
-            "Capacity of each family's assured table (never evicted; new flows have an LRU of their own).",
+            "Capacity of each family's assured table (never evicted; new flows have a table of their own).",
             st.conntrack_capacity as f64,
         )?;
         counter(

@@ -53,8 +53,10 @@ impl Loaded {
             u32::from_ne_bytes(frame[30..34].try_into().expect("4 bytes")),
         ];
         let mut lines = Vec::new();
-        for (name, map) in [("assured", &self.maps.conntrack), ("new", &self.maps.conntrack_new)] {
-            for (k, v) in map.iter().filter_map(Result::ok) {
+        let assured = self.maps.conntrack.iter().filter_map(Result::ok).map(|e| ("assured", e));
+        let new = self.maps.conntrack_new.iter().filter_map(Result::ok).map(|e| ("new", e));
+        for (name, (k, v)) in assured.chain(new) {
+            {
                 if addrs.contains(&k.src) || addrs.contains(&k.dst) {
                     let ip = |a: u32| Ipv4Addr::from(a.to_ne_bytes());
                     lines.push(format!(

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     AffinityKey, AffinityValue, CtKey4, CtKey6, CtValue4, CtValue6, CT_DIR_FORWARD, CT_ESTABLISHED, FAMILY_IPV4,
-    MAP_CONNTRACK_V4, MAP_CT4, MAP_CT6, MAP_CT6_NEW, PROTO_TCP, PROTO_UDP,
+    MAP_CONNTRACK_V4, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW, PROTO_TCP, PROTO_UDP,
 };
 use lb_userspace::{
     dataplane::{
@@ -90,6 +90,43 @@ fn a_flow_map_of_another_capacity_is_migrated_with_its_entries() {
     let entries: Vec<_> = dp.maps().conntrack.iter().filter_map(Result::ok).collect();
     assert_eq!(entries.len(), 100);
     assert!(entries.iter().all(|(k, v)| k.dst == 7 && v.created == 1000 + k.src));
+}
+
+/// IPv4's new-flow table was an LRU hash of conntrack keys up to layout 6 and is an array of
+/// ways now: a node upgraded mid-handshake keeps its unassured flows, each moved into the way
+/// of its set where the datapath looks it up; and the array moves to another capacity with
+/// its flows too.
+#[test]
+fn the_new_flow_table_of_layout_6_moves_into_the_array_of_ways_with_its_flows() {
+    let Some(dir) = PinDir::new("ways") else { return };
+    let key_size = std::mem::size_of::<CtKey4>() as u32;
+    let value_size = std::mem::size_of::<CtValue4>() as u32;
+    let mut old = pin_map(&dir, MAP_CT4_NEW, LRU_HASH, key_size, value_size, 1024);
+    let mut flows: HashMap<&mut MapData, CtKey4, CtValue4> = HashMap::try_from(&mut old).unwrap();
+    for i in 0..100u32 {
+        let k = CtKey4 { src: i, dst: 7, sport: 1, dport: 2, proto: PROTO_TCP, ..Default::default() };
+        let v = CtValue4 { created: 1000 + i, state: lb_common::CT_SYN_SENT, ..Default::default() };
+        flows.insert(k, v, 0).unwrap();
+    }
+    drop(old);
+    let check = |dp: &Dataplane, entries: u32| {
+        let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT4_NEW)).unwrap();
+        assert_eq!((info.map_type().unwrap(), info.max_entries()), (aya::maps::MapType::Array, entries));
+        let table = &dp.maps().conntrack_new;
+        let all: Vec<_> = table.iter().filter_map(Result::ok).collect();
+        assert_eq!(all.len(), 100);
+        assert!(all.iter().all(|(k, v)| k.dst == 7 && v.created == 1000 + k.src));
+        // Each in its set: a lookup, the datapath's way, finds it.
+        assert!(all.iter().all(|(k, v)| table.get(k, 0).ok() == Some(*v)));
+    };
+    // 4,096 entries are 1,024 sets of four; 1,001 are rounded up to whole sets, 1,004.
+    let sizes = MapSizes { conntrack_new: 4096, ..MapSizes::default() };
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
+    check(&dp, 4096);
+    drop(dp);
+    let sizes = MapSizes { conntrack_new: 1001, ..MapSizes::default() };
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates again");
+    check(&dp, 1004);
 }
 
 /// The IPv6 tables are flow maps like the IPv4 ones: another capacity is migrated with its

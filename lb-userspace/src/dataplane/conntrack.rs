@@ -3,10 +3,10 @@
 //! layout version 4.
 //!
 //! The datapath keeps live connections in `LB_CT4` (IPv6: `LB_CT6`), which never evicts, and
-//! new and finished ones in `LB_CT4_NEW` (`LB_CT6_NEW`), an LRU (see
-//! `lb-ebpf/src/conntrack.rs`); the two families share the code here, generic over the
-//! address type. Only the assured table needs
-//! collecting: the LRU makes room by itself. An assured flow is removed when both of its
+//! new and finished ones in `LB_CT4_NEW`, an array of ways (`LB_CT6_NEW`, an LRU: see
+//! `lb-ebpf/src/ct_table.rs` and `ct_new.rs`); the two families share the code here, generic
+//! over the address type. Only the assured table needs collecting: a new flow takes an expired
+//! or the oldest entry's room in the new-flow tables by itself. An assured flow is removed when both of its
 //! entries have been idle past their state's lifetime (a one-way stream refreshes only one),
 //! as netfilter's garbage collection removes expired conntracks.
 use std::{
@@ -21,38 +21,65 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ct_peer, CtKey, CtKey4, CtValue, CtValue4, CT_STATES, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW};
+use lb_common::{
+    ct_peer, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, CT_STATES, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW,
+};
 
-use super::{clock::Clock, maps::map_err, Result};
+use super::{
+    clock::Clock,
+    ct_new::{CtNewTable, NewFlows},
+    maps::map_err,
+    Result,
+};
 
 /// A conntrack address: `u32` in the IPv4 tables, `[u32; 4]` in the IPv6 ones, network order.
 pub trait CtAddr: Copy + Default + Eq + Hash + Send + 'static {
+    /// The family's new-flow table.
+    type New: NewFlows<Self>;
     fn ip(self) -> IpAddr;
+    /// 32 bits of the address for the new-flow table's set index, as the datapath folds it.
+    fn fold(self) -> u32;
+    /// The family's new-flow table, typed.
+    fn new_table(map: Map, name: &'static str) -> Result<Self::New>;
 }
 
 impl CtAddr for u32 {
+    type New = CtNewTable<MapData, u32>;
     fn ip(self) -> IpAddr {
         Ipv4Addr::from(self.to_ne_bytes()).into()
+    }
+    fn fold(self) -> u32 {
+        self
+    }
+    fn new_table(map: Map, name: &'static str) -> Result<Self::New> {
+        CtNewTable::from_map(map).map_err(map_err(name))
     }
 }
 
 impl CtAddr for [u32; 4] {
+    type New = HashMap<MapData, CtKey6, CtValue6>;
     fn ip(self) -> IpAddr {
         super::maps::ip_of(lb_common::FAMILY_IPV6, self)
     }
+    fn fold(self) -> u32 {
+        lb_common::fold_v6(self)
+    }
+    fn new_table(map: Map, name: &'static str) -> Result<Self::New> {
+        HashMap::try_from(map).map_err(map_err(name))
+    }
 }
 
-/// One conntrack table of one family.
+/// The assured table of one family.
 pub type CtTable<A> = HashMap<MapData, CtKey<A>, CtValue<A>>;
 
 /// Both tables of one family, typed.
-pub struct CtPair<A>
+pub struct CtPair<A: CtAddr>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
     pub assured: CtTable<A>,
-    pub new: CtTable<A>,
+    pub new: A::New,
 }
 
 /// Both tables of both families: `LB_CT4`/`LB_CT4_NEW` and `LB_CT6`/`LB_CT6_NEW`.
@@ -64,29 +91,36 @@ pub struct CtTables {
 /// A conntrack entry, and whether it is in the assured table.
 pub type CtEntry<A = u32> = (CtKey<A>, CtValue<A>, bool);
 
+fn open_map(pin_dir: &Path, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
 fn open<A>(pin_dir: &Path, name: &'static str) -> Result<CtTable<A>>
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-    let map = Map::from_map_data(data).map_err(map_err(name))?;
-    HashMap::try_from(map).map_err(map_err(name))
+    HashMap::try_from(open_map(pin_dir, name)?).map_err(map_err(name))
+}
+
+fn open_new<A: CtAddr>(pin_dir: &Path, name: &'static str) -> Result<A::New> {
+    A::new_table(open_map(pin_dir, name)?, name)
 }
 
 impl CtTables {
     /// Handles of their own on the pinned tables, for work on another thread.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         Ok(Self {
-            v4: CtPair { assured: open(pin_dir, MAP_CT4)?, new: open(pin_dir, MAP_CT4_NEW)? },
-            v6: CtPair { assured: open(pin_dir, MAP_CT6)?, new: open(pin_dir, MAP_CT6_NEW)? },
+            v4: CtPair { assured: open(pin_dir, MAP_CT4)?, new: open_new::<u32>(pin_dir, MAP_CT4_NEW)? },
+            v6: CtPair { assured: open(pin_dir, MAP_CT6)?, new: open_new::<[u32; 4]>(pin_dir, MAP_CT6_NEW)? },
         })
     }
 }
 
 /// Every entry of both tables of a family. A flow is in one table at a time; should a key be
 /// in both (a packet racing a move on another CPU), the assured entry is the one lookups find.
-pub fn entries<A: CtAddr>(assured: &CtTable<A>, new: &CtTable<A>) -> Vec<CtEntry<A>>
+pub fn entries<A: CtAddr>(assured: &CtTable<A>, new: &A::New) -> Vec<CtEntry<A>>
 where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
@@ -94,9 +128,7 @@ where
     let mut out: Vec<CtEntry<A>> =
         assured.iter().filter_map(std::result::Result::ok).map(|(k, v)| (k, v, true)).collect();
     let live: std::collections::HashSet<CtKey<A>> = out.iter().map(|(k, _, _)| *k).collect();
-    out.extend(
-        new.iter().filter_map(std::result::Result::ok).filter(|(k, _)| !live.contains(k)).map(|(k, v)| (k, v, false)),
-    );
+    out.extend(new.all().into_iter().filter(|(k, _)| !live.contains(k)).map(|(k, v)| (k, v, false)));
     out
 }
 
@@ -107,11 +139,10 @@ where
     CtValue<A>: aya::Pod,
 {
     let (pk, _) = ct_peer(k, v);
-    let mut removed = false;
-    for t in [&mut tables.assured, &mut tables.new] {
-        removed |= t.remove(k).is_ok();
-        let _ = t.remove(&pk);
-    }
+    let mut removed = tables.assured.remove(k).is_ok();
+    let _ = tables.assured.remove(&pk);
+    removed |= tables.new.delete(k).is_ok();
+    let _ = tables.new.delete(&pk);
     removed
 }
 
@@ -397,9 +428,14 @@ pub fn carry_over_legacy(old: &Map, tables: &mut CtTables, clock: &Clock, only_n
     for (k, v) in src.iter().filter_map(std::result::Result::ok) {
         let Some((fk, fv)) = convert_legacy(&k, &v, clock, now_j, now_ns) else { continue };
         let (pk, pv) = ct_peer(&fk, &fv);
-        let table =
-            if fv.flags & lb_common::CT_FLAG_ASSURED != 0 { &mut tables.v4.assured } else { &mut tables.v4.new };
-        if table.insert(fk, fv, flags).is_ok() && table.insert(pk, pv, flags).is_ok() {
+        let written = if fv.flags & lb_common::CT_FLAG_ASSURED != 0 {
+            let t = &mut tables.v4.assured;
+            t.insert(fk, fv, flags).is_ok() && t.insert(pk, pv, flags).is_ok()
+        } else {
+            let t = &mut tables.v4.new;
+            t.insert(fk, fv, flags).is_ok() && t.insert(pk, pv, flags).is_ok()
+        };
+        if written {
             n += 1;
         }
     }

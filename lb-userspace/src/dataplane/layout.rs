@@ -5,16 +5,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, NodeAddrKey, ServiceKey,
-    ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_CT6,
-    MAP_CT6_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
-    MAP_STATS,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, CtWay,
+    CtWay4, NodeAddrKey, ServiceKey, ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
+    MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
 };
 
 use super::{
-    conntrack::{carry_over_legacy, legacy, CtTables},
+    conntrack::{carry_over_legacy, legacy, CtAddr, CtTables},
+    ct_new::CtNewTable,
     maps::map_err,
     Dataplane, DataplaneError, MapSizes, Result,
 };
@@ -51,7 +52,7 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(lb_common::MAP_LOCAL_SOURCES, 4 + size_of::<lb_common::LocalSourceData>(), 1, false),
         s(MAP_FILTER, 4, 8, false),
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
-        s(MAP_CT4_NEW, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
+        s(MAP_CT4_NEW, 4, size_of::<CtWay4>(), true),
         s(MAP_CT6, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
         s(MAP_CT6_NEW, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
@@ -97,10 +98,38 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
     Ok(n)
 }
 
+/// Copies every entry of a new-flow table into another: from an array of sets, of this or
+/// another size, or from the LRU hash of conntrack keys these tables were before layout 7.
+fn copy_new_flows<A: CtAddr>(from: &Map, to: &mut Map, only_new: bool) -> std::result::Result<usize, MapError>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+    CtWay<A>: aya::Pod,
+{
+    let entries: Vec<(CtKey<A>, CtValue<A>)> = match from {
+        Map::Array(_) => CtNewTable::new(Array::<&MapData, CtWay<A>>::try_from(from)?)
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .collect(),
+        _ => HashMap::<&MapData, CtKey<A>, CtValue<A>>::try_from(from)?
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .collect(),
+    };
+    let mut dst = CtNewTable::new(Array::<&mut MapData, CtWay<A>>::try_from(to)?);
+    let flags = if only_new {
+        1 /* BPF_NOEXIST */
+    } else {
+        0
+    };
+    Ok(entries.into_iter().filter(|(k, v)| dst.insert(*k, *v, flags).is_ok()).count())
+}
+
 fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
     match name {
-        MAP_CT4 | MAP_CT4_NEW => copy_entries::<CtKey4, CtValue4>(from, to, only_new),
+        MAP_CT4 => copy_entries::<CtKey4, CtValue4>(from, to, only_new),
         MAP_CT6 | MAP_CT6_NEW => copy_entries::<CtKey6, CtValue6>(from, to, only_new),
+        MAP_CT4_NEW => copy_new_flows::<u32>(from, to, only_new),
         MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
         _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
     }
@@ -109,11 +138,25 @@ fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -
 
 /// Gives a pinned flow map a new capacity without losing its flows: a new map is created,
 /// filled from the old, pinned beside it and renamed over the old pin, so the loader adopts it.
-fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Migration> {
+/// `to`: the new map's type, shape and flags, when they change too (a new-flow table of layout
+/// 6, an LRU hash, becomes an array of ways).
+fn migrate_flow_map(
+    name: &'static str,
+    path: &Path,
+    capacity: u32,
+    to: Option<(u32, Shape, u32)>,
+) -> Result<Migration> {
     let old = MapData::from_pin(path).map_err(map_err(name))?;
     let info = old.info().map_err(map_err(name))?;
-    let kind = info.map_type().map_err(map_err(name))? as u32;
-    let obj = aya_obj::Map::new_from_params(kind, info.key_size(), info.value_size(), capacity, info.map_flags());
+    let (kind, (key, value, capacity), flags) = match to {
+        Some(t) => t,
+        None => (
+            info.map_type().map_err(map_err(name))? as u32,
+            (info.key_size(), info.value_size(), capacity),
+            info.map_flags(),
+        ),
+    };
+    let obj = aya_obj::Map::new_from_params(kind, key, value, capacity, flags);
     let new = MapData::create(obj, name, None).map_err(map_err(name))?;
     let old = Map::from_map_data(old).map_err(map_err(name))?;
     let mut new = Map::from_map_data(new).map_err(map_err(name))?;
@@ -122,8 +165,8 @@ fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Mi
     let tmp = path.with_file_name(format!("{name}_migrating"));
     let _ = fs::remove_file(&tmp);
     let pinned = match &new {
-        Map::LruHashMap(d) | Map::HashMap(d) => d.pin(&tmp),
-        _ => unreachable!("created as a hash"),
+        Map::LruHashMap(d) | Map::HashMap(d) | Map::Array(d) => d.pin(&tmp),
+        _ => unreachable!("created as a hash or an array"),
     };
     pinned
         .map_err(|e| DataplaneError::Map { name, source: MapError::PinError { name: Some(name.into()), error: e } })?;
@@ -141,6 +184,17 @@ fn migrate_flow_map(name: &'static str, path: &Path, capacity: u32) -> Result<Mi
         "flow map moved to its new capacity with its flows"
     );
     Ok(Migration { name, old, path: path.to_owned(), legacy: false })
+}
+
+/// `BPF_MAP_TYPE_ARRAY`, and `BPF_F_MMAPABLE` (as `LB_CT4_NEW` is declared).
+const ARRAY: u32 = 2;
+const MMAPABLE: u32 = 1 << 10;
+
+/// The key and value size IPv4's new-flow table had while it was an LRU hash (layout 6 and
+/// before).
+fn lru_new_flow_table(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    (name == MAP_CT4_NEW).then_some((size_of::<CtKey4>() as u32, size_of::<CtValue4>() as u32))
 }
 
 /// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
@@ -182,6 +236,14 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         }
         if holds_flows {
             let same_layout = (found.0, found.1) == (wanted.0, wanted.1);
+            if !same_layout && lru_new_flow_table(name) == Some((found.0, found.1)) {
+                tracing::info!(
+                    map = name,
+                    "new-flow table of layout 6 (an LRU hash): moving its flows into the array of ways"
+                );
+                migrations.push(migrate_flow_map(name, &path, wanted.2, Some((ARRAY, wanted, MMAPABLE)))?);
+                continue;
+            }
             if !same_layout {
                 return Err(DataplaneError::FlowLayout {
                     path,
@@ -198,7 +260,7 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
                     "shrinking a flow map: the oldest flows may be evicted"
                 );
             }
-            migrations.push(migrate_flow_map(name, &path, wanted.2)?);
+            migrations.push(migrate_flow_map(name, &path, wanted.2, None)?);
             continue;
         }
         tracing::warn!(map = name, found = %show(found), wanted = %show(wanted), "rebuilding a pinned map of another shape");

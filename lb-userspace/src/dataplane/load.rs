@@ -63,6 +63,7 @@ impl Dataplane {
             .override_global("CT_TIMEOUTS", &ct_timeouts, true)
             .override_global("CT_REFRESH", &refresh, true)
             .override_global("CT_UDP_STREAM", &udp_stream, true)
+            .override_global("CT_NEW_SETS", &(sizes.of(MAP_CT4_NEW) / lb_common::CT_WAYS as u32), true)
             .override_global("NODE_IP", &node_ip, true)
             .override_global("NODE_IP6", &node_ip6, true)
             .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
@@ -75,9 +76,9 @@ impl Dataplane {
             .map_max_entries(MAP_MAGLEV, sizes.of(MAP_MAGLEV))
             .map_max_entries(MAP_BACKEND_MEMBERS, sizes.of(MAP_BACKEND_MEMBERS))
             .map_max_entries(MAP_CT4, sizes.conntrack)
-            .map_max_entries(MAP_CT4_NEW, sizes.conntrack_new)
+            .map_max_entries(MAP_CT4_NEW, sizes.of(MAP_CT4_NEW))
             .map_max_entries(MAP_CT6, sizes.conntrack)
-            .map_max_entries(MAP_CT6_NEW, sizes.conntrack_new)
+            .map_max_entries(MAP_CT6_NEW, sizes.of(MAP_CT6_NEW))
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf

@@ -18,7 +18,7 @@ use lb_common::{
 
 pub use lb_common::SCOPE_FROM_CLUSTER;
 
-use super::{DataplaneError, MapSizes, Result};
+use super::{conntrack::CtAddr, ct_new::CtNewTable, DataplaneError, MapSizes, Result};
 use crate::model::{Cidr, Endpoint, Frontend, IpFamily, Protocol, Scope, ServicePort};
 
 pub(super) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -197,8 +197,8 @@ pub struct Maps {
     pub maglev: Array<MapData, u64>,
     /// Assured flows (`LB_CT4`).
     pub conntrack: HashMap<MapData, CtKey4, CtValue4>,
-    /// New and finished flows (`LB_CT4_NEW`, an LRU).
-    pub conntrack_new: HashMap<MapData, CtKey4, CtValue4>,
+    /// New and finished flows (`LB_CT4_NEW`, a set-associative array).
+    pub conntrack_new: CtNewTable<MapData, u32>,
     /// The same for IPv6 flows (`LB_CT6`, `LB_CT6_NEW`).
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     pub conntrack6_new: HashMap<MapData, CtKey6, CtValue6>,
@@ -231,7 +231,7 @@ impl Maps {
             backends: Array::try_from(take(ebpf, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
             maglev: Array::try_from(take(ebpf, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             conntrack: HashMap::try_from(take(ebpf, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
-            conntrack_new: HashMap::try_from(take(ebpf, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
+            conntrack_new: u32::new_table(take(ebpf, MAP_CT4_NEW)?, MAP_CT4_NEW)?,
             conntrack6: HashMap::try_from(take(ebpf, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
             conntrack6_new: HashMap::try_from(take(ebpf, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
@@ -262,7 +262,7 @@ impl Maps {
             backends: Array::try_from(open(pin_dir, MAP_BACKENDS)?).map_err(map_err(MAP_BACKENDS))?,
             maglev: Array::try_from(open(pin_dir, MAP_MAGLEV)?).map_err(map_err(MAP_MAGLEV))?,
             conntrack: HashMap::try_from(open(pin_dir, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
-            conntrack_new: HashMap::try_from(open(pin_dir, MAP_CT4_NEW)?).map_err(map_err(MAP_CT4_NEW))?,
+            conntrack_new: u32::new_table(open(pin_dir, MAP_CT4_NEW)?, MAP_CT4_NEW)?,
             conntrack6: HashMap::try_from(open(pin_dir, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
             conntrack6_new: HashMap::try_from(open(pin_dir, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
@@ -291,7 +291,9 @@ impl MapSizes {
             MAP_MAGLEV => self.maglev.div_ceil(2),
             MAP_BACKEND_MEMBERS => lb_common::BACKEND_MEMBERS_MAX_ENTRIES,
             MAP_CT4 | MAP_CT6 => self.conntrack,
-            MAP_CT4_NEW | MAP_CT6_NEW => self.conntrack_new,
+            // Whole sets.
+            MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(1) * lb_common::CT_WAYS as u32,
+            MAP_CT6_NEW => self.conntrack_new,
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,

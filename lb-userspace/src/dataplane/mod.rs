@@ -16,6 +16,7 @@ mod apply;
 mod attach;
 pub mod clock;
 pub mod conntrack;
+pub mod ct_new;
 mod filter;
 mod layout;
 mod load;
@@ -98,7 +99,7 @@ pub struct MapSizes {
     pub maglev: u32,
     /// Assured conntrack entries (live connections; every flow takes two). Never evicted.
     pub conntrack: u32,
-    /// Entries of new and finished flows (an LRU).
+    /// Entries of new and finished flows (a set-associative array, `CT_WAYS` to a set).
     pub conntrack_new: u32,
     /// Session affinity pins.
     pub affinity: u32,

@@ -162,7 +162,7 @@ impl Datapath for Loaded {
 
     fn clear_flows(&mut self) -> Result<(), String> {
         clear(&mut self.maps.conntrack)?;
-        clear(&mut self.maps.conntrack_new)?;
+        self.maps.conntrack_new.clear().map_err(|e| e.to_string())?;
         clear(&mut self.maps.affinity)?;
         clear(&mut self.frags)
     }

@@ -68,16 +68,30 @@ impl Options {
     }
 }
 
-/// How many flows, first fragments and pins an epoch may create: a quarter of what one CPU's
-/// share of each LRU map holds (`BPF_F_NO_COMMON_LRU` splits a map's entries over the
-/// possible CPUs, and every flow takes two entries), so nothing is evicted.
+/// How many flows, first fragments and pins an epoch may create, so that nothing is evicted:
+/// a quarter of what one CPU's share of each LRU map holds (`BPF_F_NO_COMMON_LRU` splits a
+/// map's entries over the possible CPUs, and every flow takes two entries), and for IPv4's
+/// new-flow table, an array of sets of `CT_WAYS` ways, few enough entries that a set
+/// overflows in fewer than one epoch in 10^7 (`set_overflow_bound`).
 pub fn budget(conntrack_new: u32, affinity: u32) -> Budget {
     let cpus = possible_cpus().max(1);
+    let lru = conntrack_new as usize / cpus / 2 / 4;
+    let sets = conntrack_new as usize / lb_common::CT_WAYS;
     Budget {
-        flows: (conntrack_new as usize / cpus / 2 / 4).max(256),
+        flows: lru.min(set_overflow_bound(sets, 1e-7) / 2).max(64),
         first_fragments: lb_common::FRAGMENTS_MAX_ENTRIES as usize / 4,
         pins: (affinity as usize / cpus / 4).max(64),
     }
+}
+
+/// The most entries that can be put at random into `sets` sets of `CT_WAYS` ways while the
+/// expected number of sets given more than `CT_WAYS` stays below `p`: for `n` entries each set
+/// gets about Poisson(n / sets), so about `sets * (n / sets)^5 / 5!` sets overflow (four
+/// ways), i.e. `n <= (120 p)^(1/5) * sets^(4/5)`.
+pub fn set_overflow_bound(sets: usize, p: f64) -> usize {
+    let ways = lb_common::CT_WAYS as i32 + 1;
+    let factorial: f64 = (1..=ways).map(f64::from).product();
+    ((factorial * p).powf(1.0 / f64::from(ways)) * (sets as f64).powf(f64::from(ways - 1) / f64::from(ways))) as usize
 }
 
 /// The number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. "0-1").

@@ -1,0 +1,114 @@
+//! The new-flow tables as conntrack uses them: lookup, insert and remove of one entry. IPv4's
+//! (`LB_CT4_NEW`) is a set-associative array of `CtWay`s (`lb_common::ct_set_hash`,
+//! `ct_set_victim`); IPv6's (`LB_CT6_NEW`) an LRU hash with per-CPU lists.
+//!
+//! Why an array: a flood of new flows inserts into a full table on every packet, and the
+//! kernel LRU's eviction (`bpf_lru_pop_free`, which shrinks lists and deletes the victim under
+//! its bucket lock) was about half of a new flow's cost. Here an insert is plain stores into
+//! one array element, and the verifier inlines the element lookups: no helper call, lock or
+//! list.
+//!
+//! Why IPv6 keeps the LRU: its conntrack moves run as subprograms (`addr::OUTLINE_V6_CT`),
+//! and a set's four lookups with a 40-byte key to compare against each take more registers
+//! than BPF has across a lookup; the spills took those subprograms' frames past the 512 bytes
+//! they share with a stage's (the verifier refused every IPv6 stage). IPv4's code is inlined
+//! into its stage instead, where it fits.
+//!
+//! Concurrency: ways are written without a lock. Two CPUs inserting into one set at the same
+//! instant may pick the same free way, and one of the two flows goes untracked until its next
+//! packet (which tracks it again, to the same Maglev backend); a packet reading an entry that
+//! another CPU replaces at that instant may see a mix of both. The kernel LRU has the same
+//! window: it reuses an evicted element at once, without waiting for readers that still hold
+//! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
+//! map, and never meet either.
+use lb_common::{ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_WAYS};
+
+use crate::{addr::Addr, conntrack::expired};
+
+/// Sets in IPv4's new-flow table, written by the agent at load time (the map's capacity over
+/// `CT_WAYS`).
+#[no_mangle]
+static CT_NEW_SETS: u32 = lb_common::CONNTRACK_NEW_MAX_ENTRIES / CT_WAYS as u32;
+
+/// The index of the first way of `k`'s set, and `k`'s `ct_set_hash`.
+#[inline(always)]
+fn set_of<A: Addr>(k: &CtKey<A>) -> (u32, u32) {
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let sets = unsafe { core::ptr::read_volatile(&CT_NEW_SETS) };
+    let hash = ct_set_hash(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto);
+    (select_slot(hash, sets) * CT_WAYS as u32, hash)
+}
+
+/// Way `i` of the array. Each way is an element of its own, so a hit in any way is the same
+/// kind of pointer (offset 0 into an element): the verifier follows one path after a lookup,
+/// not one per way.
+#[inline(always)]
+fn way<A: Addr>(i: u32) -> Option<&'static mut CtWay<A>> {
+    // SAFETY: an array element, valid while the program runs.
+    A::ct_ways()?.get_ptr_mut(i).map(|p| unsafe { &mut *p })
+}
+
+/// The entry of `k`, in place.
+#[inline(always)]
+pub fn get<A: Addr>(k: &CtKey<A>) -> Option<*mut CtValue<A>> {
+    if let Some(lru) = A::ct_lru() {
+        return lru.get_ptr_mut(k);
+    }
+    let (first, _) = set_of(k);
+    let mut i = 0;
+    while i < CT_WAYS as u32 {
+        let w = way::<A>(first + i)?;
+        if ct_key_eq(&w.key, k) {
+            return Some(&mut w.value as *mut CtValue<A>);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Writes `k`'s entry. In the array: over its old one, into a free or expired way, or over
+/// the less recently seen of two entries of the set (`ct_set_victim`); true in that last case,
+/// a live flow lost its entry (the caller counts it, `Counter::CtNewEvicted`; the LRU's
+/// evictions are not visible to the program). `v.last_seen` is taken for now.
+#[inline(always)]
+pub fn insert<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
+    if let Some(lru) = A::ct_lru() {
+        let _ = lru.insert(k, v, 0);
+        return false;
+    }
+    let (first, hash) = set_of(k);
+    let now = v.last_seen;
+    let Some((i, evicted)) =
+        ct_set_victim(|i| way::<A>(first + i as u32).map(|w| &*w), k, hash, now, |e| expired(e, now))
+    else {
+        return false;
+    };
+    // Looked up again by index rather than kept from the choice: a pointer picked at a
+    // variable offset of the stack is one the verifier no longer knows.
+    let Some(w) = way::<A>(first + i as u32) else { return false };
+    // The key last: a reader matching it finds the value already there (stores are seen in
+    // order on x86; elsewhere the window above stays).
+    w.key.proto = 0;
+    w.value = *v;
+    w.key = *k;
+    evicted
+}
+
+/// Frees `k`'s entry.
+#[inline(always)]
+pub fn remove<A: Addr>(k: &CtKey<A>) {
+    if let Some(lru) = A::ct_lru() {
+        let _ = lru.remove(k);
+        return;
+    }
+    let (first, _) = set_of(k);
+    let mut i = 0;
+    while i < CT_WAYS as u32 {
+        let Some(w) = way::<A>(first + i) else { return };
+        if ct_key_eq(&w.key, k) {
+            w.key.proto = 0;
+            return;
+        }
+        i += 1;
+    }
+}
