@@ -6,8 +6,8 @@
 //!
 //! Two tables, so that a flood of new flows cannot push out live connections (netfilter's
 //! `early_drop` evicts only unassured entries): a flow starts in `LB_CT4_NEW`, a
-//! set-associative array where a new entry takes the least recently seen way of a full set
-//! (`ct_table.rs`: no lock, no helper call), and moves to `LB_CT4`, a preallocated hash that
+//! set-associative array where a new entry in a full set takes the less recently seen of two
+//! ways (`ct_table.rs`: no lock, no helper call; IPv6's is an LRU), and moves to `LB_CT4`, a preallocated hash that
 //! never evicts, once it is assured (handshake done and answered; a UDP flow answered for a
 //! while). When it finishes (TIME_WAIT, CLOSE) it moves back to the new-flow table, so the assured table
 //! only ever holds live flows; the agent collects the ones that went idle.

@@ -21,7 +21,10 @@
 //! window: it reuses an evicted element at once, without waiting for readers that still hold
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
 //! map, and never meet either.
-use lb_common::{ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_WAYS};
+use lb_common::{
+    ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_SNAT, CT_WAYS,
+};
 
 use crate::{addr::Addr, conntrack::expired};
 
@@ -86,6 +89,31 @@ pub fn insert<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
     // Looked up again by index rather than kept from the choice: a pointer picked at a
     // variable offset of the stack is one the verifier no longer knows.
     let Some(w) = way::<A>(first + i as u32) else { return false };
+    if ct_key_eq(&w.key, k) {
+        // Its own way (a state change): the key stays, or another CPU could miss the flow
+        // meanwhile and write it into a second way.
+        w.value = *v;
+        return false;
+    }
+    if evicted && w.key.dir == CT_DIR_REPLY && w.value.flags & CT_FLAG_SNAT != 0 {
+        // A SNATed flow that loses its reply entry would leave its SNAT port looking free
+        // (`conntrack::free_snat_port` probes reply keys) while its client's packets, through
+        // the forward entry, still take it: another client given the port would get the old
+        // flow's replies. So the flow goes whole; its next packet starts it again. (A forward
+        // entry pushed out alone is harmless: its next packet is a new flow that finds its
+        // own reply entry and takes its port back.)
+        let e = &w.value;
+        let fk = CtKey::<A> {
+            src: e.snat_addr,
+            dst: e.nat_addr,
+            sport: e.snat_port,
+            dport: e.nat_port,
+            proto: w.key.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        remove(&fk);
+    }
     // The key last: a reader matching it finds the value already there (stores are seen in
     // order on x86; elsewhere the window above stays).
     w.key.proto = 0;
@@ -103,11 +131,12 @@ pub fn remove<A: Addr>(k: &CtKey<A>) {
     }
     let (first, _) = set_of(k);
     let mut i = 0;
+    // Every way: should two CPUs ever have written the key twice, no copy stays behind to
+    // resurface with an old state.
     while i < CT_WAYS as u32 {
         let Some(w) = way::<A>(first + i) else { return };
         if ct_key_eq(&w.key, k) {
             w.key.proto = 0;
-            return;
         }
         i += 1;
     }

@@ -10,8 +10,6 @@
 //! take over, and when it removes flows.
 use std::{
     borrow::{Borrow, BorrowMut},
-    num::NonZeroUsize,
-    os::fd::AsFd,
     ptr::NonNull,
 };
 
@@ -39,25 +37,11 @@ unsafe impl Send for Mapped {}
 
 impl Mapped {
     fn new<A>(map: &MapData, ways: u32) -> Result<Self, MapError> {
-        use nix::sys::mman::{MapFlags, ProtFlags};
         let stride = std::mem::size_of::<CtWay<A>>().next_multiple_of(8);
-        let error =
-            |e: nix::errno::Errno| MapError::SyscallError(aya::sys::SyscallError { call: "mmap", io_error: e.into() });
-        let bytes = NonZeroUsize::new(stride * ways as usize).ok_or(error(nix::errno::Errno::EINVAL))?;
-        // SAFETY: mapping an mmapable array's values, laid out one element after another; the
-        // kernel refuses (EINVAL) an array created without `BPF_F_MMAPABLE`.
-        let ptr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                bytes,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                map.fd().as_fd(),
-                0,
-            )
-        }
-        .map_err(error)?;
-        Ok(Self { ptr: ptr.cast(), bytes: bytes.get(), stride, ways: ways as usize })
+        let bytes = stride * ways as usize;
+        let ptr = super::sys::mmap_array(map, bytes)
+            .map_err(|e| MapError::SyscallError(aya::sys::SyscallError { call: "mmap", io_error: e.into() }))?;
+        Ok(Self { ptr, bytes, stride, ways: ways as usize })
     }
 
     fn way<A>(&self, i: usize) -> *mut CtWay<A> {
@@ -146,28 +130,41 @@ where
     CtWay<A>: aya::Pod,
 {
     /// Writes `k`'s entry as the datapath would (its own way, a free one, else the less
-    /// recently seen of two at `v.last_seen`); with `BPF_NOEXIST` in `flags`, not over an entry
-    /// `k` already has (`MapError::SyscallError` with `EEXIST`, as a hash map's update).
+    /// recently seen of two at `v.last_seen`; the agent has no clock here, so an expired entry
+    /// counts as live). With `BPF_NOEXIST` in `flags` (the copy after a link swap, of flows the
+    /// old programs made meanwhile) it writes only into a free way: never over an entry `k`
+    /// already has (`EEXIST`, as a hash map's update) nor over another flow's (`ENOSPC`),
+    /// which the new programs may have written since.
     pub fn insert(&mut self, k: CtKey<A>, v: CtValue<A>, flags: u64) -> Result<(), MapError> {
+        let refused = |errno: nix::errno::Errno| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(errno as i32),
+            })
+        };
         let (first, ways) = self.set(&k)?;
         if flags & NOEXIST != 0 && ct_set_find(|i| ways.get(i), &k).is_some() {
-            return Err(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_elem",
-                io_error: std::io::Error::from_raw_os_error(nix::errno::Errno::EEXIST as i32),
-            }));
+            return Err(refused(nix::errno::Errno::EEXIST));
         }
-        let (w, _) = ct_set_victim(|i| ways.get(i), &k, Self::hash(&k), v.last_seen, |_| false)
+        let (w, evicted) = ct_set_victim(|i| ways.get(i), &k, Self::hash(&k), v.last_seen, |_| false)
             .expect("every way of the set was read");
+        if evicted && flags & NOEXIST != 0 {
+            return Err(refused(nix::errno::Errno::ENOSPC));
+        }
         self.ways.set(first + w as u32, CtWay { key: k, value: v }, 0)
     }
 
     /// Frees `k`'s way (`MapError::KeyNotFound` when absent).
     pub fn remove(&mut self, k: &CtKey<A>) -> Result<(), MapError> {
         let (first, ways) = self.set(k)?;
-        let w = ct_set_find(|i| ways.get(i), k).ok_or(MapError::KeyNotFound)?;
-        let mut freed = ways[w];
-        freed.key.proto = 0;
-        self.ways.set(first + w as u32, freed, 0)
+        ct_set_find(|i| ways.get(i), k).ok_or(MapError::KeyNotFound)?;
+        // Every way holding it, as the datapath's removal.
+        for (i, w) in ways.iter().enumerate().filter(|(_, w)| lb_common::ct_key_eq(&w.key, k)) {
+            let mut freed = *w;
+            freed.key.proto = 0;
+            self.ways.set(first + i as u32, freed, 0)?;
+        }
+        Ok(())
     }
 
     /// Empties the table.

@@ -291,8 +291,9 @@ impl MapSizes {
             MAP_MAGLEV => self.maglev.div_ceil(2),
             MAP_BACKEND_MEMBERS => lb_common::BACKEND_MEMBERS_MAX_ENTRIES,
             MAP_CT4 | MAP_CT6 => self.conntrack,
-            // Whole sets.
-            MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(1) * lb_common::CT_WAYS as u32,
+            // Whole sets, two at least: with one, every way's index is a constant, and the
+            // verifier, following each apart, ran past its million instructions.
+            MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2) * lb_common::CT_WAYS as u32,
             MAP_CT6_NEW => self.conntrack_new,
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.

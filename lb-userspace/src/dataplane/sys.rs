@@ -1,5 +1,6 @@
 //! System calls the dataplane needs that aya does not make: bpffs, the network namespace's
-//! cookie, addresses and interfaces (through nix, except `SO_NETNS_COOKIE`, which it lacks).
+//! cookie, addresses and interfaces, mappings of mmapable arrays (through nix, except
+//! `SO_NETNS_COOKIE`, which it lacks).
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -7,6 +8,29 @@ use std::{
 };
 
 use super::{DataplaneError, Result};
+
+/// Maps the first `bytes` of an mmapable array's values (`BPF_F_MMAPABLE`), shared and
+/// writable: the kernel lays the elements out one after another, each of the value's size
+/// rounded up to 8 bytes (`array_map_alloc`). An array created without the flag is refused
+/// (EINVAL), and so is an empty mapping.
+pub(super) fn mmap_array(map: &aya::maps::MapData, bytes: usize) -> nix::Result<std::ptr::NonNull<u8>> {
+    use nix::sys::mman::{MapFlags, ProtFlags};
+    use std::os::fd::AsFd;
+    let bytes = std::num::NonZeroUsize::new(bytes).ok_or(nix::errno::Errno::EINVAL)?;
+    // SAFETY: a new shared mapping of the map's file descriptor, placed by the kernel; the
+    // kernel checks the length against the array's size.
+    let ptr = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            bytes,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            map.fd().as_fd(),
+            0,
+        )
+    }?;
+    Ok(ptr.cast())
+}
 
 /// statfs magic of bpffs (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);

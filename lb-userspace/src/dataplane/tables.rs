@@ -9,8 +9,6 @@
 //! ever sees complete tables; a replaced range is freed after the grace period (`apply.rs`).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    num::NonZeroUsize,
-    os::fd::AsFd,
     ptr::NonNull,
 };
 
@@ -43,27 +41,12 @@ impl Drop for Slots {
 compile_error!("LB_MAGLEV's packing of two slots per u64 element assumes a little-endian host");
 
 fn map_slots(map: &MapData, len: u32) -> Result<Slots> {
-    use nix::sys::mman::{MapFlags, ProtFlags};
-    let error = |errno: nix::errno::Errno| DataplaneError::Io {
+    // The whole array: its capacity times the 8-byte element.
+    let ptr = super::sys::mmap_array(map, len as usize * 4).map_err(|errno| DataplaneError::Io {
         what: "mapping LB_MAGLEV into memory",
         path: MAP_MAGLEV.into(),
         source: errno.into(),
-    };
-    // An empty mapping is what mmap(2) refuses with EINVAL.
-    let bytes = NonZeroUsize::new(len as usize * 4).ok_or_else(|| error(nix::errno::Errno::EINVAL))?;
-    // SAFETY: mapping the array's values, which the kernel lays out contiguously for an
-    // mmapable array; the length is the map's capacity times the value size.
-    let ptr = unsafe {
-        nix::sys::mman::mmap(
-            None,
-            bytes,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            map.fd().as_fd(),
-            0,
-        )
-    }
-    .map_err(error)?;
+    })?;
     Ok(Slots { ptr: ptr.cast(), len })
 }
 

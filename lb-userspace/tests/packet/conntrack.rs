@@ -1,10 +1,10 @@
 //! Connection tracking through the real programs: netfilter's TCP states in both directions,
-//! the move between the LRU and the assured table, lifetimes per state, port reuse, and a
+//! the move between the new-flow table and the assured table, lifetimes per state, port reuse, and a
 //! flood of new flows against established ones.
 use super::*;
 use lb_common::{
     CtKey4, CtValue4, CT_CLOSE, CT_CLOSE_WAIT, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_WAIT,
-    CT_FLAG_ASSURED, CT_FLAG_REPLIED, CT_LAST_ACK, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, PROTO_TCP,
+    CT_FLAG_ASSURED, CT_FLAG_REPLIED, CT_FLAG_SNAT, CT_LAST_ACK, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, PROTO_TCP,
 };
 
 const FIN_ACK: u8 = 0x11;
@@ -275,6 +275,38 @@ fn a_flood_of_new_flows_never_evicts_established_ones() {
     }
     assert_eq!(h.dp.maps().conntrack.keys().count(), 20_200);
     assert!(h.counter(Counter::CtAssuredFull) >= 100, "{}", h.counter(Counter::CtAssuredFull));
+}
+
+/// A SNATed flow whose reply entry is pushed out of a full set of the new-flow table goes whole:
+/// left with its forward entry alone, its SNAT port would look free to the port search (which
+/// probes reply keys) while its client's packets still took it.
+#[test]
+fn a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole() {
+    if !privileged() {
+        return;
+    }
+    // Two sets of four ways: every entry competes for one of them.
+    let _ns = NetNsGuard::node();
+    let sizes = MapSizes { conntrack_new: 8, ..MapSizes::default() };
+    let mut h = Harness::with_config(EDGE, Config { node_ip: Some(NODE_IP), sizes, ..Config::default() });
+    h.dp.set_node_addresses(&[NODE_IP, Ipv4Addr::new(10, 244, 1, 1)]).unwrap();
+    for i in 0..200u16 {
+        // New connections to a node port whose backend is remote: SNATed to the node.
+        let syn = frame((Ipv4Addr::new(192, 168, 60, 1), 1024 + i), (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+        let (verdict, _) = h.run(&syn);
+        assert_ne!(verdict, TC_ACT_SHOT, "SYN {i}");
+        let all: Vec<(CtKey4, CtValue4)> = h.dp.maps().conntrack_new.iter().filter_map(Result::ok).collect();
+        assert!(all.len() <= 8);
+        for (k, v) in all.iter().filter(|(k, v)| k.dir == CT_DIR_FORWARD && v.flags & CT_FLAG_SNAT != 0) {
+            let (pk, _) = lb_common::ct_peer(k, v);
+            assert!(
+                all.iter().any(|(k2, _)| *k2 == pk),
+                "after SYN {i}: a SNATed forward entry without its reply: {k:?}"
+            );
+        }
+    }
+    // Nearly every SYN found its sets full.
+    assert!(h.counter(Counter::CtNewEvicted) >= 150, "{}", h.counter(Counter::CtNewEvicted));
 }
 
 #[test]
