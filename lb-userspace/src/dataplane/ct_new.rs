@@ -80,11 +80,6 @@ where
         Self { ways, mapped: None }
     }
 
-    /// Entries the table holds at most.
-    pub fn capacity(&self) -> u32 {
-        self.ways.len()
-    }
-
     fn hash(k: &CtKey<A>) -> u32 {
         ct_set_hash(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto)
     }
