@@ -54,6 +54,19 @@ fn pin_map(dir: &PinDir, name: &str, kind: u32, key: u32, value: u32, entries: u
 const HASH: u32 = 1;
 const LRU_HASH: u32 = 9;
 
+/// A first load that fails leaves no pins behind (a verifier refusal used to leave every
+/// test's maps pinned). Here the kernel refuses a map: a hash table of no entries.
+#[test]
+fn a_failed_first_load_removes_the_pin_directory_it_made() {
+    let Some(dir) = PinDir::new("failed-first") else { return };
+    std::fs::remove_dir(&dir.0).expect("starting without the directory");
+    let sizes = MapSizes { conntrack: 0, ..MapSizes::default() };
+    let err = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).err().expect("must fail");
+    // The failure is the map's, after the directory was made: not a refusal before it.
+    assert!(err.to_string().contains("LB_CT"), "{err}");
+    assert!(!dir.0.exists(), "{} left behind after: {err}", dir.0.display());
+}
+
 #[test]
 fn a_flow_map_of_another_layout_is_refused_naming_it() {
     let Some(dir) = PinDir::new("refuse") else { return };

@@ -48,7 +48,23 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
 
 impl Dataplane {
     /// Loads the programs, reusing maps pinned under `pin_dir` (and the flows in them).
+    ///
+    /// A first load that fails (a program the verifier refuses, a map the kernel will not
+    /// create) removes the directory it made, so a node or a test is not left with pinned
+    /// maps nothing uses. A load over pins a previous agent left keeps them whatever happens:
+    /// the programs still attached go on forwarding the flows in them.
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
+        let fresh = !pin_dir.exists();
+        let loaded = Self::load_pinned(pin_dir, config);
+        if let (Err(e), true) = (&loaded, fresh) {
+            if let Err(rm) = fs::remove_dir_all(pin_dir) {
+                tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
+            }
+        }
+        loaded
+    }
+
+    fn load_pinned(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
         let sizes = config.sizes;
