@@ -2,7 +2,8 @@
 //! and for an older revision, built side by side and run alternately on this machine, so that
 //! what a change costs the rows that were there before is a same-run comparison (issue 12:
 //! IPv4's figures within 5% of what they were before IPv6). The revision is checked out as a
-//! git worktree under `target/baseline/` and built there with its own target directory.
+//! git worktree outside this checkout (see `baseline`) and built with its own target directory
+//! under `target/baseline/`.
 //!
 //! `--section warm` compares section 1b instead (the warm method, whose figures move between
 //! passes by more than a datapath change of a tenth): one pass per run, alternating, and the
@@ -30,11 +31,17 @@ pub fn baseline(rev: &str, runs: usize, section: &str) -> Result<()> {
     };
     let root = workspace_root();
     let base_dir = target_dir().join("baseline");
-    let tree = base_dir.join("tree");
+    // Outside this checkout: cargo reads the `.cargo/config.toml` of every directory above the
+    // one it runs in, so a worktree under `target/` would be built with this tree's settings
+    // (a linker, flags) instead of its own, and the comparison would not be one.
+    let tree = std::env::temp_dir().join("lb-bench-baseline");
     if tree.exists() {
         run(Command::new("git").current_dir(&root).args(["worktree", "remove", "--force"]).arg(&tree))
             .context("removing the previous baseline worktree")?;
     }
+    // A worktree of an earlier run whose directory is gone (a reboot emptied /tmp) is still
+    // registered, and `git worktree add` refuses its path.
+    run(Command::new("git").current_dir(&root).args(["worktree", "prune"])).context("pruning worktrees")?;
     std::fs::create_dir_all(&base_dir).with_context(|| format!("creating {}", base_dir.display()))?;
     run(Command::new("git").current_dir(&root).args(["worktree", "add", "--detach"]).arg(&tree).arg(rev))
         .with_context(|| format!("checking out {rev}"))?;
