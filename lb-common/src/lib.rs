@@ -602,12 +602,25 @@ pub fn ct_peer_into<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>, pk: &mut Ct
         (pk.src, pk.dst, pk.sport, pk.dport, pk.dir) = (e.nat_addr, dst, e.nat_port, dport, CT_DIR_REPLY);
         (pv.nat_addr, pv.nat_port, pv.snat_addr, pv.snat_port) = (k.dst, k.dport, k.src, k.sport);
     } else {
-        // The client's packets go to the frontend; the backend is the reply's source, the
-        // SNAT source its destination.
-        (pk.src, pk.dst, pk.sport, pk.dport, pk.dir) =
-            (e.snat_addr, e.nat_addr, e.snat_port, e.nat_port, CT_DIR_FORWARD);
+        // The backend is the reply's source, the SNAT source its destination.
+        *pk = ct_forward_key(k, e);
         let (snat_addr, snat_port) = if snat { (k.dst, k.dport) } else { (A::default(), 0) };
         (pv.nat_addr, pv.nat_port, pv.snat_addr, pv.snat_port) = (k.src, k.sport, snat_addr, snat_port);
+    }
+}
+
+/// The forward key of the flow whose reply entry is `k`, `e`: the client's packets go to the
+/// frontend.
+#[inline(always)]
+pub fn ct_forward_key<A: Copy>(k: &CtKey<A>, e: &CtValue<A>) -> CtKey<A> {
+    CtKey {
+        src: e.snat_addr,
+        dst: e.nat_addr,
+        sport: e.snat_port,
+        dport: e.nat_port,
+        proto: k.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
     }
 }
 

@@ -22,7 +22,7 @@
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
 //! map, and never meet either.
 use lb_common::{
-    ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_DIR_FORWARD, CT_DIR_REPLY,
+    ct_forward_key, ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_DIR_REPLY,
     CT_FLAG_SNAT, CT_WAYS,
 };
 
@@ -102,17 +102,7 @@ pub fn insert<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
         // flow's replies. So the flow goes whole; its next packet starts it again. (A forward
         // entry pushed out alone is harmless: its next packet is a new flow that finds its
         // own reply entry and takes its port back.)
-        let e = &w.value;
-        let fk = CtKey::<A> {
-            src: e.snat_addr,
-            dst: e.nat_addr,
-            sport: e.snat_port,
-            dport: e.nat_port,
-            proto: w.key.proto,
-            dir: CT_DIR_FORWARD,
-            _pad: 0,
-        };
-        remove(&fk);
+        remove(&ct_forward_key(&w.key, &w.value));
     }
     // The key last: a reader matching it finds the value already there (stores are seen in
     // order on x86; elsewhere the window above stays).
