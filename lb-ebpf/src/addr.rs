@@ -124,11 +124,13 @@ impl Addr for u32 {
     }
     #[inline(always)]
     unsafe fn read(p: *const u8) -> Self {
-        (p as *const u32).read_unaligned()
+        // SAFETY: the caller's contract.
+        unsafe { crate::mem::load32::<0>(p as usize) }
     }
     #[inline(always)]
     unsafe fn write(self, p: *mut u8) {
-        (p as *mut u32).write_unaligned(self)
+        // SAFETY: the caller's contract.
+        unsafe { crate::mem::store32::<0>(p as usize, self) }
     }
     #[inline(always)]
     fn ct() -> &'static Ct<Self> {
@@ -195,11 +197,27 @@ impl Addr for [u32; 4] {
     }
     #[inline(always)]
     unsafe fn read(p: *const u8) -> Self {
-        (p as *const [u32; 4]).read_unaligned()
+        let p = p as usize;
+        // SAFETY: the caller's contract: 16 readable bytes.
+        unsafe {
+            [
+                crate::mem::load32::<0>(p),
+                crate::mem::load32::<4>(p),
+                crate::mem::load32::<8>(p),
+                crate::mem::load32::<12>(p),
+            ]
+        }
     }
     #[inline(always)]
     unsafe fn write(self, p: *mut u8) {
-        (p as *mut [u32; 4]).write_unaligned(self)
+        let p = p as usize;
+        // SAFETY: the caller's contract: 16 writable bytes.
+        unsafe {
+            crate::mem::store32::<0>(p, self[0]);
+            crate::mem::store32::<4>(p, self[1]);
+            crate::mem::store32::<8>(p, self[2]);
+            crate::mem::store32::<12>(p, self[3]);
+        }
     }
     #[inline(always)]
     fn ct() -> &'static Ct<Self> {

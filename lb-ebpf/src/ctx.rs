@@ -21,6 +21,7 @@ use lb_common::Counter;
 
 use crate::{
     addr::{wsum_add, Addr},
+    mem,
     nat::fold,
     parse::{ptr_at, Frag, Headers},
     reject,
@@ -73,12 +74,13 @@ fn ip_tot_len<A: Addr>(data: usize, data_end: usize) -> u16 {
     let Some(p) = ptr_at::<[u8; 6]>(data, data_end, crate::parse::ETH_LEN) else {
         return 0;
     };
-    // SAFETY: bounds checked by ptr_at.
-    let p = unsafe { &*p };
+    let p = p as usize;
     if A::FAMILY == lb_common::FAMILY_IPV4 {
-        u16::from_be_bytes([p[2], p[3]])
+        // SAFETY: bounds checked by ptr_at.
+        u16::from_be(unsafe { mem::load16::<2>(p) })
     } else {
-        u16::from_be_bytes([p[4], p[5]]).wrapping_add(A::IP_LEN as u16)
+        // SAFETY: bounds checked by ptr_at.
+        u16::from_be(unsafe { mem::load16::<4>(p) }).wrapping_add(A::IP_LEN as u16)
     }
 }
 
@@ -344,10 +346,10 @@ impl Packet for XdpContext {
     /// Frames from a wire carry complete checksums: one update by hand.
     #[inline(always)]
     fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
-        let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)?;
+        let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)? as usize;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
-            let old = field.read_unaligned();
+            let old = mem::load16::<0>(field);
             if udp && old == 0 {
                 return Ok(());
             }
@@ -356,7 +358,7 @@ impl Packet for XdpContext {
                 // RFC 768: a computed zero is sent as all ones.
                 c = 0xffff;
             }
-            field.write_unaligned(c);
+            mem::store16::<0>(field, c);
         }
         Ok(())
     }
@@ -399,7 +401,7 @@ impl Packet for XdpContext {
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
         // SAFETY: bounds checked by ptr_at.
-        unsafe { field.read_unaligned() == sum as u16 }
+        unsafe { mem::load16::<0>(field as usize) == sum as u16 }
     }
 
     #[inline(always)]

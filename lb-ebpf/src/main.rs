@@ -7,6 +7,8 @@
 //! replies. Both hooks run the same pipeline; `ctx::Packet` holds what differs between them.
 #![no_std]
 #![no_main]
+// Inline asm on BPF: `mem.rs`, the packet's word loads and stores.
+#![feature(asm_experimental_arch)]
 
 mod addr;
 mod conntrack;
@@ -15,6 +17,7 @@ mod ctx;
 mod frag;
 mod icmp;
 mod maps;
+mod mem;
 mod nat;
 mod parse;
 mod reject;

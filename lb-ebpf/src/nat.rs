@@ -12,6 +12,7 @@ use crate::{
     addr::{wsum_add, Addr},
     conntrack,
     ctx::Packet,
+    mem,
     parse::{ptr_at, Flow, Frag, Headers, ETH_LEN},
 };
 
@@ -115,8 +116,8 @@ pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: 
         };
         // SAFETY: bounds-checked above.
         unsafe {
-            let c = ip_csum.read_unaligned();
-            ip_csum.write_unaligned(!fold(wsum_add(!c as u32, addr_diff)));
+            let c = mem::load16::<0>(ip_csum as usize);
+            mem::store16::<0>(ip_csum as usize, !fold(wsum_add(!c as u32, addr_diff)));
         }
     }
     if h.frag == Frag::Later {
@@ -126,7 +127,7 @@ pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: 
         return Err(-1);
     };
     // SAFETY: bounds-checked above.
-    unsafe { ports.write_unaligned([src.1, dst.1]) };
+    unsafe { mem::store32::<0>(ports as usize, src.1 as u32 | (dst.1 as u32) << 16) };
     let udp = h.flow.proto != PROTO_TCP;
     if udp && h.udp_csum_zero {
         // RFC 768: zero means "no checksum"; it must stay zero.
@@ -169,11 +170,12 @@ pub fn decrement_ttl<A: Addr, P: Packet>(ctx: &P) {
     // SAFETY: bounds checked above. The TTL is the first byte of the word it shares with the
     // protocol, so in memory order decrementing it subtracts 1 from that byte.
     unsafe {
-        let old = word.read_unaligned();
+        let (word, ip_csum) = (word as usize, ip_csum as usize);
+        let old = mem::load16::<0>(word);
         let mut b = old.to_ne_bytes();
         b[0] = b[0].wrapping_sub(1);
         let new = u16::from_ne_bytes(b);
-        word.write_unaligned(new);
-        ip_csum.write_unaligned(csum_replace2(ip_csum.read_unaligned(), old, new));
+        mem::store16::<0>(word, new);
+        mem::store16::<0>(ip_csum, csum_replace2(mem::load16::<0>(ip_csum), old, new));
     }
 }

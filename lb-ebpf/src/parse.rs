@@ -10,7 +10,7 @@ use core::mem::size_of;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::addr::Addr;
+use crate::{addr::Addr, mem};
 
 pub const ETH_LEN: usize = size_of::<EthHdr>();
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -130,18 +130,18 @@ pub fn parse4(data: usize, data_end: usize) -> Parsed<u32> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
         return Parsed::Malformed;
     };
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
+    let p = ip as usize;
+    // SAFETY: bounds checked by ptr_at; the word loads stay inside the 20-byte header.
+    let (ip, src, dst, id_frags) = unsafe { (&*ip, mem::load32::<12>(p), mem::load32::<16>(p), mem::load32::<4>(p)) };
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
         return Parsed::Malformed;
     }
-    let src = u32::from_ne_bytes(ip.src_addr);
-    let dst = u32::from_ne_bytes(ip.dst_addr);
     let proto = ip.proto;
     let l4_off = ETH_LEN + ihl * 4;
-    let ip_id = u16::from_ne_bytes(ip.id) as u32;
-    let frags = u16::from_ne_bytes(ip.frags);
+    // The identification and the flags with the fragment offset, each in network order.
+    let ip_id = id_frags & 0xffff;
+    let frags = (id_frags >> 16) as u16;
     let frag = if frags & IP_MF_OFFSET_MASK_BE == 0 {
         Frag::Whole
     } else if frags & IP_OFFSET_MASK_BE == 0 {
@@ -187,19 +187,13 @@ fn l4<A: Addr>(
             let Some(tcp) = ptr_at::<TcpHdr>(data, data_end, l4_off) else {
                 return Parsed::Malformed;
             };
-            // SAFETY: bounds checked by ptr_at.
-            let tcp = unsafe { &*tcp };
-            // The flags byte is the 14th of the header (after data offset/reserved).
-            // SAFETY: within the TcpHdr checked above.
-            let flags = unsafe { *((tcp as *const TcpHdr as *const u8).add(13)) };
+            // SAFETY: bounds checked by ptr_at. The flags byte is the 14th of the header
+            // (after data offset/reserved).
+            let (sport, dport, flags) = unsafe {
+                (mem::load16::<0>(tcp as usize), mem::load16::<2>(tcp as usize), *((tcp as *const u8).add(13)))
+            };
             Parsed::L4(Headers {
-                flow: Flow {
-                    src,
-                    dst,
-                    sport: u16::from_ne_bytes(tcp.source),
-                    dport: u16::from_ne_bytes(tcp.dest),
-                    proto,
-                },
+                flow: Flow { src, dst, sport, dport, proto },
                 l4_off,
                 tcp_flags: flags,
                 udp_csum_zero: false,
@@ -212,12 +206,14 @@ fn l4<A: Addr>(
                 return Parsed::Malformed;
             };
             // SAFETY: bounds checked by ptr_at.
-            let udp = unsafe { &*udp };
+            let (sport, dport, check) = unsafe {
+                (mem::load16::<0>(udp as usize), mem::load16::<2>(udp as usize), mem::load16::<6>(udp as usize))
+            };
             Parsed::L4(Headers {
-                flow: Flow { src, dst, sport: u16::from_ne_bytes(udp.src), dport: u16::from_ne_bytes(udp.dst), proto },
+                flow: Flow { src, dst, sport, dport, proto },
                 l4_off,
                 tcp_flags: 0,
-                udp_csum_zero: udp.check == [0, 0],
+                udp_csum_zero: check == 0,
                 frag,
                 ip_id,
             })

@@ -1,0 +1,78 @@
+//! Word access to packet bytes.
+//!
+//! Header fields sit at offsets LLVM cannot prove aligned (an IPv4 address 26 bytes into a
+//! frame), and LLVM's BPF target assumes no unaligned access: `read_unaligned` of a `u32`
+//! becomes four byte loads, three shifts and three ors, a store four byte stores. The kernel
+//! itself has no such rule for packet data: the verifier checks packet pointer alignment only
+//! under strict alignment (`check_pkt_ptr_alignment`, off on x86-64 and arm64, which have
+//! efficient unaligned access), and even then counts the IP header as aligned (it adds
+//! `NET_IP_ALIGN`), which every field read here is at its natural alignment from. The JITs
+//! emit one machine load or store for each.
+//!
+//! LLVM's `allows-misaligned-mem-access` feature would give the same code without this
+//! module, but it applies to the stack too, where it merges stores into 8-byte stores at
+//! 4-byte aligned slots, and the verifier always refuses misaligned stack access. So the
+//! packet accesses alone are written as the single BPF instruction each is.
+//!
+//! The programs are built for little-endian BPF (`bpfel`): a word loaded from two 16-bit
+//! fields holds the first in its low half.
+//!
+//! Every function takes an address the caller has bounds-checked against `data_end` (for the
+//! access's full width), as the verifier requires of any packet access.
+
+/// The `u16` at `p + OFF`, in memory order (network order for a header field). The offset is
+/// the instruction's own, as LLVM would fold it into a plain load.
+///
+/// # Safety
+/// `p + OFF` must point at 2 readable bytes of the packet.
+#[inline(always)]
+pub unsafe fn load16<const OFF: i16>(p: usize) -> u16 {
+    let v: u32;
+    // SAFETY: the caller's contract; one 2-byte load, zero-extended.
+    unsafe {
+        core::arch::asm!("{v} = *(u16 *)({p} + {off})", p = in(reg) p, off = const OFF, v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags));
+    }
+    v as u16
+}
+
+/// The `u32` at `p + OFF`, in memory order.
+///
+/// # Safety
+/// `p + OFF` must point at 4 readable bytes of the packet.
+#[inline(always)]
+pub unsafe fn load32<const OFF: i16>(p: usize) -> u32 {
+    let v: u32;
+    // SAFETY: the caller's contract; one 4-byte load.
+    unsafe {
+        core::arch::asm!("{v} = *(u32 *)({p} + {off})", p = in(reg) p, off = const OFF, v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags));
+    }
+    v
+}
+
+/// Writes `v` (memory order) at `p + OFF`.
+///
+/// # Safety
+/// `p + OFF` must point at 2 writable bytes of the packet.
+#[inline(always)]
+pub unsafe fn store16<const OFF: i16>(p: usize, v: u16) {
+    // SAFETY: the caller's contract; one 2-byte store.
+    unsafe {
+        core::arch::asm!("*(u16 *)({p} + {off}) = {v}", p = in(reg) p, off = const OFF, v = in(reg) v as u32,
+            options(nostack, preserves_flags));
+    }
+}
+
+/// Writes `v` (memory order) at `p + OFF`.
+///
+/// # Safety
+/// `p + OFF` must point at 4 writable bytes of the packet.
+#[inline(always)]
+pub unsafe fn store32<const OFF: i16>(p: usize, v: u32) {
+    // SAFETY: the caller's contract; one 4-byte store.
+    unsafe {
+        core::arch::asm!("*(u32 *)({p} + {off}) = {v}", p = in(reg) p, off = const OFF, v = in(reg) v,
+            options(nostack, preserves_flags));
+    }
+}
