@@ -64,13 +64,14 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     /// ones' complement partial sum.
     fn csum_diff(old: Self, new: Self) -> u32;
     fn is_zero(self) -> bool;
-    /// The address read from an IP header at `p` (unaligned).
+    /// The address read from an IP header in the packet at `p`, a word at a time (`mem.rs`).
     ///
     /// # Safety
-    /// `p` must point at `size_of::<Self>()` readable bytes.
+    /// `p` must point at `size_of::<Self>()` readable bytes of the packet, bounds-checked: the
+    /// word loads are packet accesses, which may be unaligned (stack accesses may not).
     unsafe fn read(p: *const u8) -> Self;
     /// # Safety
-    /// `p` must point at `size_of::<Self>()` writable bytes.
+    /// `p` must point at `size_of::<Self>()` writable bytes of the packet, as for `read`.
     unsafe fn write(self, p: *mut u8);
 
     fn ct() -> &'static Ct<Self>;

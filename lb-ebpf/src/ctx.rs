@@ -141,7 +141,8 @@ pub trait Packet {
     fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()>;
 
     /// `load` and `store` of an IPv6 address, through a word-aligned buffer: a byte array
-    /// read as words is copied byte by byte on BPF, which has no unaligned loads.
+    /// read as words is copied byte by byte, as LLVM's BPF backend assumes no unaligned
+    /// access (`mem.rs`).
     fn load_words(&self, off: usize) -> Option<[u32; 4]>;
     fn store_words(&self, off: usize, w: &[u32; 4]) -> Option<()>;
 

@@ -5,9 +5,9 @@
 //! becomes four byte loads, three shifts and three ors, a store four byte stores. The kernel
 //! itself has no such rule for packet data: the verifier checks packet pointer alignment only
 //! under strict alignment (`check_pkt_ptr_alignment`, off on x86-64 and arm64, which have
-//! efficient unaligned access), and even then counts the IP header as aligned (it adds
-//! `NET_IP_ALIGN`), which every field read here is at its natural alignment from. The JITs
-//! emit one machine load or store for each.
+//! efficient unaligned access), and even then counts the IP header as aligned (it adds a fixed
+//! 2, the usual `NET_IP_ALIGN`, to the offset), and every field accessed here is at its natural
+//! alignment from the IP header. The JITs emit one machine load or store for each.
 //!
 //! LLVM's `allows-misaligned-mem-access` feature would give the same code without this
 //! module, but it applies to the stack too, where it merges stores into 8-byte stores at
