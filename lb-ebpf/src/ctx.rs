@@ -167,6 +167,8 @@ pub trait Packet {
     /// Tail-calls this hook's program `index` (`lb_common::TAIL_*`); returns only if the
     /// table has no program there.
     fn tail_call(&self, index: u32);
+    /// Tail-calls IPv4's new-flow stage at this hook; returns only if its table is empty.
+    fn tail_call_new4(&self);
     /// A word that the IPv6 stages of one packet pass along their tail calls (at tc
     /// `skb->cb[0]`, the control block tc programs may use; tc leaves it as it finds it, so the
     /// first stage clears it).
@@ -274,6 +276,13 @@ impl Packet for TcContext {
         // (repr(transparent)).
         unsafe {
             bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS_TC) as *mut _, index);
+        }
+    }
+    #[inline(always)]
+    fn tail_call_new4(&self) {
+        // SAFETY: as in `tail_call`.
+        unsafe {
+            bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS4_TC) as *mut _, 0);
         }
     }
     #[inline(always)]
@@ -458,6 +467,13 @@ impl Packet for XdpContext {
         // SAFETY: as for tc, with XDP's own program array.
         unsafe {
             bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS_XDP) as *mut _, index);
+        }
+    }
+    #[inline(always)]
+    fn tail_call_new4(&self) {
+        // SAFETY: as in `tail_call`.
+        unsafe {
+            bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS4_XDP) as *mut _, 0);
         }
     }
     /// XDP has no control block: the note lives in this CPU's scratch slot, which the stages

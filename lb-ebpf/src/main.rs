@@ -74,6 +74,12 @@ pub fn lb_tc_new6(ctx: TcContext) -> i32 {
 
 #[classifier]
 #[inline(always)]
+pub fn lb_tc_new4(ctx: TcContext) -> i32 {
+    new_flow4_stage(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
 pub fn lb_tc_icmp6(ctx: TcContext) -> i32 {
     icmp_stage::<[u32; 4], TcContext>(&ctx)
 }
@@ -130,6 +136,12 @@ pub fn lb_xdp_reply6(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn lb_xdp_new6(ctx: XdpContext) -> u32 {
     new_flow_stage::<[u32; 4], XdpContext>(&ctx) as u32
+}
+
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_new4(ctx: XdpContext) -> u32 {
+    new_flow4_stage(&ctx) as u32
 }
 
 #[xdp]
@@ -260,12 +272,14 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
-                if let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) {
+                if service::lookup(&h.flow, service::from_cluster).is_some() {
+                    // The new-flow stage is a program of its own in both families
+                    // (`new_flow4_stage`, `new_flow_stage`).
                     if A::FAMILY == lb_common::FAMILY_IPV4 {
-                        return to_service(ctx, &h, &svc, node_frontend, now);
+                        ctx.tail_call_new4();
+                    } else {
+                        ctx.tail_call(P::TAIL_NEW6);
                     }
-                    // IPv6: the new-flow stage is a program of its own (`new_flow_stage`).
-                    ctx.tail_call(P::TAIL_NEW6);
                     return pass(ctx, Counter::PassNotService);
                 }
             }
@@ -314,6 +328,24 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     ctx.set_note(NOTE_NEW_FLOW);
     ctx.tail_call(P::TAIL_FWD6);
     pass(ctx, Counter::PassNotService)
+}
+
+/// IPv4's new-flow stage, tail-called by `family` for a packet that found no flow but a
+/// frontend: it chooses the backend, records the flow and forwards the packet. A program of
+/// its own, as Cilium splits its datapath into tail calls, so that the verifier checks backend
+/// selection, the SNAT port search and the new-flow table apart from the tracked and reply
+/// paths: with all of them inlined into one program, small changes of code shape took the
+/// XDP program's count past the verifier's 1,000,000 instructions. The first packet of each
+/// flow pays for it with the tail call, a second parse and a second service lookup.
+#[inline(always)]
+fn new_flow4_stage<P: Packet>(ctx: &P) -> i32 {
+    let Some(h) = reparse::<u32>(ctx.data(), ctx.data_end()) else {
+        return pass(ctx, Counter::PassMalformed);
+    };
+    let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) else {
+        return pass(ctx, Counter::PassNotService);
+    };
+    to_service(ctx, &h, &svc, node_frontend, conntrack::now())
 }
 
 /// IPv6's stage for a packet to a possible frontend: its flow, or the new-flow stage, or (not

@@ -136,6 +136,15 @@ pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
 #[map(name = "LB_TAILS_XDP")]
 pub static LB_TAILS_XDP: ProgramArray = ProgramArray::pinned(5, 0);
 
+/// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), in slot 0; pinned as the arrays
+/// above, and filled whether or not IPv6 is.
+#[map(name = "LB_TAILS4_TC")]
+pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// IPv4's new-flow stage at XDP, as `LB_TAILS4_TC`.
+#[map(name = "LB_TAILS4_XDP")]
+pub static LB_TAILS4_XDP: ProgramArray = ProgramArray::pinned(1, 0);
+
 /// Room for IPv6's large temporaries: a flow's conntrack key and entry and its peer's (184
 /// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage; and at
 /// XDP, which has no control block, the note the stages of one packet pass along. The

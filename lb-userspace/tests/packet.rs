@@ -1583,9 +1583,10 @@ fn a_wrapped_slot_generation_does_not_revive_a_stale_affinity_pin() {
     assert_eq!(maps.affinity.get(&pin_key, 0).unwrap().generation, 0);
 }
 
-/// The IPv6 programs of both hooks load (they are tail-called by the IPv4 ones for IPv6 frames).
+/// The tail-called stages of both hooks load: IPv4's new-flow stages and the IPv6 programs
+/// (which the IPv4 ones tail-call for IPv6 frames).
 #[test]
-fn ipv6_programs_pass_the_verifier() {
+fn tail_called_stages_pass_the_verifier() {
     if !privileged() {
         return;
     }
@@ -1610,6 +1611,8 @@ fn ipv6_programs_pass_the_verifier() {
         .expect("object");
     let mut refused = Vec::new();
     for name in [
+        lb_common::PROG_TC_NEW4,
+        lb_common::PROG_XDP_NEW4,
         lb_common::PROG_TC_INGRESS6,
         lb_common::PROG_TC_EGRESS6,
         lb_common::PROG_TC_NEW6,

@@ -112,12 +112,12 @@ impl Dataplane {
         xdp.load()?;
         // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
         // untranslated; asked for, they must load. The tables are pinned, so a run without
-        // IPv6 empties what an earlier run with it left there.
-        if config.ipv6 {
-            fill_tails(&mut ebpf)?;
-        } else {
+        // IPv6 empties what an earlier run with it left there. IPv4's new-flow stages are
+        // always there.
+        if !config.ipv6 {
             clear_tails(&mut ebpf)?;
         }
+        fill_tails(&mut ebpf, config.ipv6)?;
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
@@ -299,7 +299,9 @@ fn clear_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
     Ok(())
 }
 
-fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
+/// Loads the stages the main programs tail-call and puts them in their tables: IPv4's
+/// new-flow stages, and with `ipv6` the IPv6 programs.
+fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
     use aya::maps::ProgramArray;
     use lb_common::*;
     let dup = |name: &'static str, fd: &aya::programs::ProgramFd| {
@@ -310,28 +312,32 @@ fn fill_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
         })
     };
     let mut fds = Vec::new();
-    for (name, index) in [
-        (PROG_TC_INGRESS6, TAIL_TC_INGRESS6),
-        (PROG_TC_EGRESS6, TAIL_TC_EGRESS6),
-        (PROG_TC_NEW6, TAIL_TC_NEW6),
-        (PROG_TC_ICMP6, TAIL_TC_ICMP6),
-        (PROG_TC_FWD6, TAIL_TC_FWD6),
-        (PROG_TC_REPLY6, TAIL_TC_REPLY6),
-    ] {
+    let tc_ipv6 = [
+        (PROG_TC_INGRESS6, MAP_TAILS_TC, TAIL_TC_INGRESS6),
+        (PROG_TC_EGRESS6, MAP_TAILS_TC, TAIL_TC_EGRESS6),
+        (PROG_TC_NEW6, MAP_TAILS_TC, TAIL_TC_NEW6),
+        (PROG_TC_ICMP6, MAP_TAILS_TC, TAIL_TC_ICMP6),
+        (PROG_TC_FWD6, MAP_TAILS_TC, TAIL_TC_FWD6),
+        (PROG_TC_REPLY6, MAP_TAILS_TC, TAIL_TC_REPLY6),
+    ];
+    let tc_ipv6 = if ipv6 { &tc_ipv6[..] } else { &[] };
+    for &(name, table, index) in [(PROG_TC_NEW4, MAP_TAILS4_TC, 0)].iter().chain(tc_ipv6) {
         let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
         p.load()?;
-        fds.push((MAP_TAILS_TC, index, dup(name, p.fd()?)?));
+        fds.push((table, index, dup(name, p.fd()?)?));
     }
-    for (name, index) in [
-        (PROG_XDP6, TAIL_XDP6),
-        (PROG_XDP_NEW6, TAIL_XDP_NEW6),
-        (PROG_XDP_ICMP6, TAIL_XDP_ICMP6),
-        (PROG_XDP_FWD6, TAIL_XDP_FWD6),
-        (PROG_XDP_REPLY6, TAIL_XDP_REPLY6),
-    ] {
+    let xdp_ipv6 = [
+        (PROG_XDP6, MAP_TAILS_XDP, TAIL_XDP6),
+        (PROG_XDP_NEW6, MAP_TAILS_XDP, TAIL_XDP_NEW6),
+        (PROG_XDP_ICMP6, MAP_TAILS_XDP, TAIL_XDP_ICMP6),
+        (PROG_XDP_FWD6, MAP_TAILS_XDP, TAIL_XDP_FWD6),
+        (PROG_XDP_REPLY6, MAP_TAILS_XDP, TAIL_XDP_REPLY6),
+    ];
+    let xdp_ipv6 = if ipv6 { &xdp_ipv6[..] } else { &[] };
+    for &(name, table, index) in [(PROG_XDP_NEW4, MAP_TAILS4_XDP, 0)].iter().chain(xdp_ipv6) {
         let p: &mut Xdp = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
         p.load()?;
-        fds.push((MAP_TAILS_XDP, index, dup(name, p.fd()?)?));
+        fds.push((table, index, dup(name, p.fd()?)?));
     }
     for (table, index, fd) in &fds {
         let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
