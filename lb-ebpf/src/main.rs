@@ -273,13 +273,9 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
                 if service::lookup(&h.flow, service::from_cluster).is_some() {
-                    // The new-flow stage is a program of its own in both families
-                    // (`new_flow4_stage`, `new_flow_stage`).
-                    if A::FAMILY == lb_common::FAMILY_IPV4 {
-                        ctx.tail_call_new4();
-                    } else {
-                        ctx.tail_call(P::TAIL_NEW6);
-                    }
+                    // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
+                    // of its own (`new_flow4_stage`).
+                    ctx.tail_call_new4();
                     return pass(ctx, Counter::PassNotService);
                 }
             }

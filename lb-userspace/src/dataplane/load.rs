@@ -67,6 +67,7 @@ impl Dataplane {
     fn load_pinned(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
+        let stage_pins = stage_table_pins(pin_dir);
         let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         // The node's IPv6 address for SNAT, in the maps' word order (all zero: none).
@@ -85,6 +86,8 @@ impl Dataplane {
             .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
+            .map_pin_path(lb_common::MAP_TAILS4_TC, stage_pins[0].as_path())
+            .map_pin_path(lb_common::MAP_TAILS4_XDP, stage_pins[1].as_path())
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
             .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
@@ -160,6 +163,7 @@ impl Dataplane {
             retired: VecDeque::new(),
             next_id: 1,
             migrations,
+            stage_pins,
             stale_udp_removed,
             clock,
             ct_timeouts,
@@ -283,9 +287,20 @@ impl Dataplane {
     }
 }
 
-/// Loads the IPv6 programs and puts them where the IPv4 ones tail-call them for IPv6 frames
-/// (`lb_common::TAIL_*`). The tables are pinned, so the entries outlive this process.
-/// Empties both tail-call tables (`--ipv6 false`).
+/// Where this load pins IPv4's new-flow stage tables (`LB_TAILS4_TC`, `LB_TAILS4_XDP`): under
+/// names of its own (`<name>-<nanoseconds since the epoch>`; bpffs refuses dots in names),
+/// never adopting an earlier
+/// agent's. Until the link swap the programs that agent left attached keep running, and a
+/// shared table would hand their new flows to this agent's stage, which may use rebuilt or
+/// migrated maps the old programs do not read (an empty services map, a conntrack table the
+/// old programs' reply lookups miss). The earlier tables go once this agent's programs are in
+/// every link (`Dataplane::retire_old_stages`).
+fn stage_table_pins(pin_dir: &Path) -> [std::path::PathBuf; 2] {
+    let load = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP].map(|name| pin_dir.join(format!("{name}-{load}")))
+}
+
+/// Empties both IPv6 tail-call tables (`--ipv6 false`).
 fn clear_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
     use aya::maps::ProgramArray;
     for (table, len) in [(lb_common::MAP_TAILS_TC, 6), (lb_common::MAP_TAILS_XDP, 5)] {
@@ -300,7 +315,8 @@ fn clear_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
 }
 
 /// Loads the stages the main programs tail-call and puts them in their tables: IPv4's
-/// new-flow stages, and with `ipv6` the IPv6 programs.
+/// new-flow stages, and with `ipv6` the IPv6 programs (`lb_common::TAIL_*`). The tables are
+/// pinned, so the entries outlive this process.
 fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
     use aya::maps::ProgramArray;
     use lb_common::*;
