@@ -744,8 +744,18 @@ impl Proxier {
         let xdp_globs = &self.xdp_globs;
         let tc = |name: &str| dataplane::interface_wanted(tc_globs, name);
         let xdp = |name: &str| !xdp_globs.is_empty() && dataplane::interface_wanted(xdp_globs, name);
-        for e in self.dp.sync_interfaces(&tc, &xdp) {
-            warn!(error = %e, "attach failed");
+        match self.dp.sync_interfaces(&tc, &xdp) {
+            Ok(failures) => {
+                for e in failures {
+                    warn!(error = %e, "attach failed");
+                }
+            }
+            Err(e) => {
+                // No link was taken over: a previous agent's programs still run in them, on
+                // their own stage tables and flow maps, which `finish_migrations` would let go.
+                warn!(error = %e, "cannot list the interfaces; links not synced");
+                return;
+            }
         }
         if !self.attached {
             self.dp.finish_migrations();

@@ -161,17 +161,15 @@ impl Dataplane {
     /// Attaches tc to every interface `tc_wanted` accepts and XDP to those `xdp_wanted`
     /// accepts, takes over links pinned by a previous agent (replacing their program
     /// atomically), and drops links of interfaces that went away or are no longer wanted.
-    /// Returns the per-interface failures; the others stay attached.
+    /// Returns the per-interface failures; the others stay attached. `Err` when the interfaces
+    /// could not be listed: then no link was attached or taken over.
     pub fn sync_interfaces(
         &mut self,
         tc_wanted: &dyn Fn(&str) -> bool,
         xdp_wanted: &dyn Fn(&str) -> bool,
-    ) -> Vec<DataplaneError> {
+    ) -> Result<Vec<DataplaneError>> {
         let mut errors = Vec::new();
-        let present: StdHashMap<String, u32> = match interfaces() {
-            Ok(list) => list.into_iter().collect(),
-            Err(e) => return vec![e],
-        };
+        let present: StdHashMap<String, u32> = interfaces()?.into_iter().collect();
         // Which devices take native XDP frames: the XDP program sends only to those, and `Auto`
         // attaches native XDP only on those. Without the netdev family (kernel < 6.3) none is
         // known to, so XDP leaves every packet it would send to tc.
@@ -262,7 +260,7 @@ impl Dataplane {
                 }
             }
         }
-        errors
+        Ok(errors)
     }
 
     /// Makes `LB_XDP_TARGETS` hold exactly `want`.
