@@ -136,8 +136,9 @@ pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
 #[map(name = "LB_TAILS_XDP")]
 pub static LB_TAILS_XDP: ProgramArray = ProgramArray::pinned(5, 0);
 
-/// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), in slot 0; pinned as the arrays
-/// above, and filled whether or not IPv6 is.
+/// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), in slot 0; filled whether or not
+/// IPv6 is, and pinned per load under a name of its own (the agent's `stage_table_pins` says
+/// why), not adopted from an earlier agent as the arrays above are.
 #[map(name = "LB_TAILS4_TC")]
 pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(1, 0);
 

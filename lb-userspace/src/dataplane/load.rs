@@ -289,8 +289,7 @@ impl Dataplane {
 
 /// Where this load pins IPv4's new-flow stage tables (`LB_TAILS4_TC`, `LB_TAILS4_XDP`): under
 /// names of its own (`<name>-<nanoseconds since the epoch>`; bpffs refuses dots in names),
-/// never adopting an earlier
-/// agent's. Until the link swap the programs that agent left attached keep running, and a
+/// never adopting an earlier agent's. Until the link swap the programs that agent left attached keep running, and a
 /// shared table would hand their new flows to this agent's stage, which may use rebuilt or
 /// migrated maps the old programs do not read (an empty services map, a conntrack table the
 /// old programs' reply lookups miss). The earlier tables go once this agent's programs are in
