@@ -985,101 +985,107 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         })
         .collect();
     let mut new_full = BTreeMap::new();
-    for level in [Level::Empty, Level::Half, Level::Full] {
-        let runs = match level {
-            Level::Empty => Runs::Batches { entries: 0 },
-            Level::Half => {
-                s.fill_assured(s.assured_cap / 2)?;
-                Runs::Batches { entries: s.new_cap / 2 }
+    let mut flow_reference = BTreeMap::new();
+    // `LB_BENCH_WARM_TRACKED_ONLY=1`: only floors, references and the tracked-flow and
+    // pass-through rows, with the tables nearly empty: a quick look at a change to the tracked
+    // path while developing, never a figure to quote (the full tables are part of the rows).
+    let tracked_only = std::env::var("LB_BENCH_WARM_TRACKED_ONLY").is_ok_and(|v| v == "1");
+    if !tracked_only {
+        for level in [Level::Empty, Level::Half, Level::Full] {
+            let runs = match level {
+                Level::Empty => Runs::Batches { entries: 0 },
+                Level::Half => {
+                    s.fill_assured(s.assured_cap / 2)?;
+                    Runs::Batches { entries: s.new_cap / 2 }
+                }
+                Level::Full => {
+                    s.fill_assured(s.assured_cap)?;
+                    // Twice its entries: the table is full and most ways were replaced once.
+                    s.fill_new(s.new_cap)?;
+                    Runs::Repeat
+                }
+            };
+            for hook in hooks {
+                let expect = fwd(hook);
+                let backends = vip_backends.clone();
+                let check = move |v: u32, out: &[u8]| {
+                    expect_verdict(v, &expect)?;
+                    let p = parsed(out)?;
+                    ensure!(backends.contains(&p.dst), "not sent to a backend: {p:?}");
+                    Ok(())
+                };
+                let runs = match &runs {
+                    Runs::Repeat => Runs::Repeat,
+                    Runs::Batches { entries } => Runs::Batches { entries: *entries },
+                };
+                let what = format!("new flow (SYN to a ClusterIP), conntrack {}", level.name());
+                let ns =
+                    s.row(hook, &what, Mode::NewSrc, Target::Lb, &new_flow, Some(Counter::FwdNewFlow), &check, runs)?;
+                if level == Level::Full {
+                    new_full.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
+                }
             }
-            Level::Full => {
-                s.fill_assured(s.assured_cap)?;
-                // Twice its entries: the table is full and most ways were replaced once.
-                s.fill_new(s.new_cap)?;
-                Runs::Repeat
-            }
-        };
+        }
+
+        // The stateful references, their flow table full as lb's is in the row above: filled
+        // with twice this CPU's share of new flows, so every insert evicts.
+        for hook in hooks {
+            s.aim(hook, Target::FlowReference)?;
+            s.w.set_frame(&new_flow)?;
+            let start = s.w.reserve(Mode::NewSrc, 2 * s.share)?;
+            s.w.run(hook, Mode::NewSrc, &new_flow, 2 * s.share as u32, start)?;
+            let expect = fwd(hook);
+            let check = to_ref_backend(expect);
+            let ns = s.row(
+                hook,
+                "new flow, minimal DNAT with a flow table (reference: one lookup, one insert)",
+                Mode::NewSrc,
+                Target::FlowReference,
+                &new_flow,
+                None,
+                &check,
+                Runs::Repeat,
+            )?;
+            flow_reference.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
+        }
+
+        // Affinity: 1024 clients pinned first, then every run a new connection of one of them.
+        let aff = tcp((PINNED_CLIENTS, BASE_PORT), AFF_VIP, SYN);
+        s.aim(Hook::Tc, Target::Lb)?;
+        s.w.set_frame(&aff)?;
+        let start = s.w.reserve(Mode::NewConn, 1024)?;
+        s.w.run(Hook::Tc, Mode::NewConn, &aff, 1024, start)?;
+        let pins = s.dp.maps().affinity.keys().filter(|k| k.is_ok()).count();
+        ensure!(pins == 1024, "pinning 1024 clients left {pins} affinity entries");
+        let aff_backends: Vec<(Ipv4Addr, u16)> = state().services
+            [&Frontend::cluster_ip(AFF_VIP.0, AFF_VIP.1, Protocol::Tcp)]
+            .backends
+            .iter()
+            .filter_map(|e| match e.ip {
+                std::net::IpAddr::V4(ip) => Some((ip, e.port)),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
         for hook in hooks {
             let expect = fwd(hook);
-            let backends = vip_backends.clone();
+            let backends = aff_backends.clone();
             let check = move |v: u32, out: &[u8]| {
                 expect_verdict(v, &expect)?;
                 let p = parsed(out)?;
-                ensure!(backends.contains(&p.dst), "not sent to a backend: {p:?}");
+                ensure!(backends.contains(&p.dst), "not sent to a backend of the Service: {p:?}");
                 Ok(())
             };
-            let runs = match &runs {
-                Runs::Repeat => Runs::Repeat,
-                Runs::Batches { entries } => Runs::Batches { entries: *entries },
-            };
-            let what = format!("new flow (SYN to a ClusterIP), conntrack {}", level.name());
-            let ns =
-                s.row(hook, &what, Mode::NewSrc, Target::Lb, &new_flow, Some(Counter::FwdNewFlow), &check, runs)?;
-            if level == Level::Full {
-                new_full.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
-            }
+            s.row(
+                hook,
+                "affinity hit (new connection of a pinned client)",
+                Mode::NewConn,
+                Target::Lb,
+                &aff,
+                Some(Counter::AffinityHit),
+                &check,
+                Runs::Repeat,
+            )?;
         }
-    }
-
-    // The stateful references, their flow table full as lb's is in the row above: filled
-    // with twice this CPU's share of new flows, so every insert evicts.
-    let mut flow_reference = BTreeMap::new();
-    for hook in hooks {
-        s.aim(hook, Target::FlowReference)?;
-        s.w.set_frame(&new_flow)?;
-        let start = s.w.reserve(Mode::NewSrc, 2 * s.share)?;
-        s.w.run(hook, Mode::NewSrc, &new_flow, 2 * s.share as u32, start)?;
-        let expect = fwd(hook);
-        let check = to_ref_backend(expect);
-        let ns = s.row(
-            hook,
-            "new flow, minimal DNAT with a flow table (reference: one lookup, one insert)",
-            Mode::NewSrc,
-            Target::FlowReference,
-            &new_flow,
-            None,
-            &check,
-            Runs::Repeat,
-        )?;
-        flow_reference.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
-    }
-
-    // Affinity: 1024 clients pinned first, then every run a new connection of one of them.
-    let aff = tcp((PINNED_CLIENTS, BASE_PORT), AFF_VIP, SYN);
-    s.aim(Hook::Tc, Target::Lb)?;
-    s.w.set_frame(&aff)?;
-    let start = s.w.reserve(Mode::NewConn, 1024)?;
-    s.w.run(Hook::Tc, Mode::NewConn, &aff, 1024, start)?;
-    let pins = s.dp.maps().affinity.keys().filter(|k| k.is_ok()).count();
-    ensure!(pins == 1024, "pinning 1024 clients left {pins} affinity entries");
-    let aff_backends: Vec<(Ipv4Addr, u16)> = state().services
-        [&Frontend::cluster_ip(AFF_VIP.0, AFF_VIP.1, Protocol::Tcp)]
-        .backends
-        .iter()
-        .filter_map(|e| match e.ip {
-            std::net::IpAddr::V4(ip) => Some((ip, e.port)),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
-    for hook in hooks {
-        let expect = fwd(hook);
-        let backends = aff_backends.clone();
-        let check = move |v: u32, out: &[u8]| {
-            expect_verdict(v, &expect)?;
-            let p = parsed(out)?;
-            ensure!(backends.contains(&p.dst), "not sent to a backend of the Service: {p:?}");
-            Ok(())
-        };
-        s.row(
-            hook,
-            "affinity hit (new connection of a pinned client)",
-            Mode::NewConn,
-            Target::Lb,
-            &aff,
-            Some(Counter::AffinityHit),
-            &check,
-            Runs::Repeat,
-        )?;
     }
 
     // Tracked flows and pass-through, with both tables full.
