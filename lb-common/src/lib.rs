@@ -146,8 +146,8 @@ pub const PROG_XDP_FWD6: &str = "lb_xdp_fwd6";
 pub const PROG_XDP_REPLY6: &str = "lb_xdp_reply6";
 pub const MAP_TAILS_XDP: &str = "LB_TAILS_XDP";
 /// IPv4's new-flow stage at each hook, tail-called by the IPv4 programs through a one-slot
-/// program array of its own: the IPv6 arrays above are emptied when IPv6 is off, this one is
-/// always filled; each agent load pins its own (`<name>-<ns>`).
+/// program array of its own: the IPv6 arrays above stay empty when IPv6 is off, this one is
+/// always filled. Each agent load pins all four arrays under names of its own (`<name>-<ns>`).
 pub const PROG_TC_NEW4: &str = "lb_tc_new4";
 pub const PROG_XDP_NEW4: &str = "lb_xdp_new4";
 pub const MAP_TAILS4_TC: &str = "LB_TAILS4_TC";

@@ -126,9 +126,10 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 
 /// The tc IPv6 programs, tail-called by the IPv4 ones for IPv6 frames (`lb_common::TAIL_TC_*`).
 /// A program array serves one program type, so XDP has its own (`LB_TAILS_XDP`). Filled by
-/// the agent when it loads the programs, emptied when it runs without IPv6. Pinned: the kernel empties a program array once no file
-/// descriptor or pin holds it (breaking program/map cycles), and the programs must keep their
-/// IPv6 half after the agent exits.
+/// the agent when it loads the programs, left empty when it runs without IPv6. Pinned, per
+/// load under a name of its own (the agent's `stage_table_pins` says why): the kernel empties
+/// a program array once no file descriptor or pin holds it (breaking program/map cycles), and
+/// the programs must keep their IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]
 pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
 
@@ -137,8 +138,7 @@ pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
 pub static LB_TAILS_XDP: ProgramArray = ProgramArray::pinned(5, 0);
 
 /// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), in slot 0; filled whether or not
-/// IPv6 is, and pinned per load under a name of its own (the agent's `stage_table_pins` says
-/// why), not adopted from an earlier agent as the arrays above are.
+/// IPv6 is, and pinned per load as the arrays above are.
 #[map(name = "LB_TAILS4_TC")]
 pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(1, 0);
 

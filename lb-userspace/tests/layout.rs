@@ -320,32 +320,34 @@ fn a_maglev_array_of_another_size_is_rebuilt_with_the_services_that_point_into_i
     assert_eq!(dp.maps().maglev_slot(v.table_off).ok(), Some(0), "the one backend, id 0");
 }
 
-/// The pins of IPv4's new-flow stage tables in `dir`, sorted.
+/// The pins of the stage tables (IPv4's new-flow stages, the IPv6 stages) in `dir`, sorted.
 fn stage_table_pins(dir: &PinDir) -> Vec<String> {
+    let tables =
+        [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP, lb_common::MAP_TAILS_TC, lb_common::MAP_TAILS_XDP];
     let mut pins: Vec<String> = std::fs::read_dir(&dir.0)
         .expect("pin dir")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|f| f.starts_with(lb_common::MAP_TAILS4_TC) || f.starts_with(lb_common::MAP_TAILS4_XDP))
+        .filter(|f| tables.iter().any(|t| f.strip_prefix(t).is_some_and(|rest| rest.starts_with('-'))))
         .collect();
     pins.sort();
     pins
 }
 
-/// Each load gets new-flow stage tables of its own: the programs an earlier agent left in the
-/// links keep handing their new flows to that agent's stages, over the maps those programs
-/// read, until this agent's programs are in every link; then the earlier tables go.
+/// Each load gets stage tables of its own: the programs an earlier agent left in the links
+/// keep handing their new flows and IPv6 frames to that agent's stages, over the maps those
+/// programs read, until this agent's programs are in every link; then the earlier tables go.
 #[test]
 fn each_load_has_its_own_stage_tables_and_the_earlier_ones_go_after_the_link_swap() {
     let Some(dir) = PinDir::new("stages") else { return };
     let first = Dataplane::load(&dir.0, &Config::default()).expect("first load");
     let earlier = stage_table_pins(&dir);
-    assert_eq!(earlier.len(), 2, "a table per hook: {earlier:?}");
+    assert_eq!(earlier.len(), 4, "a table per hook for IPv4's new flows and for IPv6: {earlier:?}");
     drop(first);
     let mut second = Dataplane::load(&dir.0, &Config::default()).expect("second load");
     let both = stage_table_pins(&dir);
-    assert_eq!(both.len(), 4, "the earlier agent's tables stay while its programs may run: {both:?}");
+    assert_eq!(both.len(), 8, "the earlier agent's tables stay while its programs may run: {both:?}");
     second.finish_migrations();
     let kept = stage_table_pins(&dir);
-    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert_eq!(kept.len(), 4, "{kept:?}");
     assert!(kept.iter().all(|p| !earlier.contains(p)), "this load's tables stay, the earlier ones go: {kept:?}");
 }

@@ -327,20 +327,20 @@ impl Dataplane {
         }
     }
 
-    /// Unpins the new-flow stage tables of earlier loads (`load::stage_table_pins`): only the
-    /// programs this agent's have replaced in every link used them. The kernel then empties
-    /// them (a program array is cleared when no pin or descriptor holds it) and frees their
-    /// stages. A pin under the bare name is of the revision that shared one table.
+    /// Unpins the stage tables of earlier loads (`load::stage_table_pins`): only the programs
+    /// this agent's have replaced in every link used them. The kernel then empties them (a
+    /// program array is cleared when no pin or descriptor holds it) and frees their stages. A
+    /// pin under the bare name is of a revision that shared one table between agents.
     fn retire_old_stages(&self) {
         let Ok(dir) = fs::read_dir(&self.pin_dir) else { return };
         for path in dir.filter_map(|e| e.ok()).map(|e| e.path()) {
             let Some(file) = path.file_name().and_then(|f| f.to_str()) else { continue };
-            let stage_table = [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP]
+            let stage_table = super::load::STAGE_TABLES
                 .iter()
                 .any(|name| file == *name || file.strip_prefix(name).is_some_and(|rest| rest.starts_with('-')));
             if stage_table && !self.stage_pins.contains(&path) {
                 if let Err(e) = fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot unpin an earlier new-flow stage table");
+                    tracing::warn!(path = %path.display(), error = %e, "cannot unpin an earlier stage table");
                 }
             }
         }

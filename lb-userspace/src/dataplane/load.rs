@@ -88,6 +88,8 @@ impl Dataplane {
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)
             .map_pin_path(lb_common::MAP_TAILS4_TC, stage_pins[0].as_path())
             .map_pin_path(lb_common::MAP_TAILS4_XDP, stage_pins[1].as_path())
+            .map_pin_path(lb_common::MAP_TAILS_TC, stage_pins[2].as_path())
+            .map_pin_path(lb_common::MAP_TAILS_XDP, stage_pins[3].as_path())
             .map_max_entries(MAP_SERVICES, sizes.services)
             .map_max_entries(MAP_SERVICE_NAMES, sizes.services)
             .map_max_entries(lb_common::MAP_SERVICE_STATS, sizes.of(lb_common::MAP_SERVICE_STATS))
@@ -114,12 +116,9 @@ impl Dataplane {
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
         xdp.load()?;
         // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
-        // untranslated; asked for, they must load. The tables are pinned, so a run without
-        // IPv6 empties what an earlier run with it left there. IPv4's new-flow stages are
+        // untranslated; asked for, they must load. Every table is this load's own and starts
+        // empty, so a run without IPv6 needs nothing emptied. IPv4's new-flow stages are
         // always there.
-        if !config.ipv6 {
-            clear_tails(&mut ebpf)?;
-        }
         fill_tails(&mut ebpf, config.ipv6)?;
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
@@ -287,35 +286,26 @@ impl Dataplane {
     }
 }
 
-/// Where this load pins IPv4's new-flow stage tables (`LB_TAILS4_TC`, `LB_TAILS4_XDP`): under
-/// names of its own (`<name>-<nanoseconds since the epoch>`; bpffs refuses dots in names),
-/// never adopting an earlier agent's. Until the link swap the programs that agent left attached keep running, and a
-/// shared table would hand their new flows to this agent's stage, which may use rebuilt or
-/// migrated maps the old programs do not read (an empty services map, a conntrack table the
-/// old programs' reply lookups miss). The earlier tables go once this agent's programs are in
-/// every link (`Dataplane::retire_old_stages`).
-fn stage_table_pins(pin_dir: &Path) -> [std::path::PathBuf; 2] {
-    let load = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP].map(|name| pin_dir.join(format!("{name}-{load}")))
-}
+/// Where this load pins its stage tables (IPv4's new-flow stages, `LB_TAILS4_TC` and
+/// `LB_TAILS4_XDP`; the IPv6 stages, `LB_TAILS_TC` and `LB_TAILS_XDP`): under names of its own
+/// (`<name>-<nanoseconds since the epoch>`; bpffs refuses dots in names), never adopting an
+/// earlier agent's. Until the link swap the programs that agent left attached keep running,
+/// and a shared table would hand their new flows and IPv6 frames to this agent's stages, which
+/// may use rebuilt or migrated maps the old programs do not read (an empty services map, a
+/// conntrack table the old programs' reply lookups miss). The earlier tables go once this
+/// agent's programs are in every link (`Dataplane::retire_old_stages`).
+pub(super) const STAGE_TABLES: [&str; 4] =
+    [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP, lb_common::MAP_TAILS_TC, lb_common::MAP_TAILS_XDP];
 
-/// Empties both IPv6 tail-call tables (`--ipv6 false`).
-fn clear_tails(ebpf: &mut aya::Ebpf) -> Result<()> {
-    use aya::maps::ProgramArray;
-    for (table, len) in [(lb_common::MAP_TAILS_TC, 6), (lb_common::MAP_TAILS_XDP, 5)] {
-        let map = ebpf.map_mut(table).ok_or(DataplaneError::MissingMap { name: table })?;
-        let mut tails = ProgramArray::try_from(map).map_err(super::maps::map_err(table))?;
-        for index in 0..len {
-            // An empty slot answers ENOENT: nothing to clear.
-            let _ = tails.clear_index(&index);
-        }
-    }
-    Ok(())
+fn stage_table_pins(pin_dir: &Path) -> [std::path::PathBuf; 4] {
+    let load = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    STAGE_TABLES.map(|name| pin_dir.join(format!("{name}-{load}")))
 }
 
 /// Loads the stages the main programs tail-call and puts them in their tables: IPv4's
 /// new-flow stages, and with `ipv6` the IPv6 programs (`lb_common::TAIL_*`). The tables are
-/// pinned, so the entries outlive this process.
+/// pinned, so the entries outlive this process; they are this load's own (`stage_table_pins`),
+/// so without `ipv6` the IPv6 tables stay empty.
 fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
     use aya::maps::ProgramArray;
     use lb_common::*;

@@ -244,8 +244,8 @@ pub struct Dataplane {
     xdp_targets: BTreeSet<u32>,
     /// Flow maps given a new capacity at load, whose old copies are still open.
     migrations: Vec<Migration>,
-    /// This load's pins of IPv4's new-flow stage tables (`load::stage_table_pins`).
-    stage_pins: [PathBuf; 2],
+    /// This load's pins of its stage tables (`load::stage_table_pins`).
+    stage_pins: [PathBuf; 4],
     /// UDP flows removed because their backend left (by the sweep threads).
     stale_udp_removed: Arc<AtomicU64>,
     /// The conntrack clock, and the lifetimes in its unit.

@@ -421,9 +421,10 @@ fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
     assert_eq!((r.src, r.dst), ((VIP6, 80), (me, port)));
 }
 
-/// `--ipv6 false` after a run with IPv6 on the same pins: the pinned tail-call tables are
-/// emptied, so IPv6 frames pass untranslated, as the flag says, instead of running the
-/// earlier run's IPv6 stages.
+/// `--ipv6 false` after a run with IPv6 on the same pins: the new load's stage tables are its
+/// own and empty, so IPv6 frames pass its programs untranslated, as the flag says, instead of
+/// running the earlier run's IPv6 stages; and the earlier run's programs, which stay in the
+/// links until the new ones replace them, keep translating IPv6 with their own stages.
 #[test]
 fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
     if !privileged() {
@@ -447,4 +448,8 @@ fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
     assert_eq!(tc, (TC_ACT_UNSPEC, syn.clone()), "tc: untouched");
     let xdp = run(&|o| off.xdp_program().test_run(o).expect("BPF_PROG_TEST_RUN"));
     assert_eq!(xdp, (XDP_PASS, syn.clone()), "XDP: untouched");
+
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_OK, "the earlier load's programs still translate IPv6");
+    assert!(backends6(8080).contains(&parse6_checked(&out).dst));
 }
