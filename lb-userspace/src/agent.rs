@@ -165,7 +165,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             (Some(stats), Some(client))
         }
     };
-    let mut dp = Dataplane::load(&opts.pin_dir, &config)
+    let mut dp = Dataplane::load_exclusive(&opts.pin_dir, &config)
         .map_err(|source| AgentError::Load { pin_dir: opts.pin_dir.clone(), source: Box::new(source) })?;
     info!(node = %opts.node_name, pin_dir = %opts.pin_dir.display(), "datapath loaded");
     if let Some(cg) = &opts.cgroup {

@@ -351,3 +351,34 @@ fn each_load_has_its_own_stage_tables_and_the_earlier_ones_go_after_the_link_swa
     assert_eq!(kept.len(), 4, "{kept:?}");
     assert!(kept.iter().all(|p| !earlier.contains(p)), "this load's tables stay, the earlier ones go: {kept:?}");
 }
+
+/// One agent per pin directory: a second `load_exclusive` waits until the first agent's
+/// datapath (its process, for a real agent) is gone, and `lb cleanup` refuses while an agent
+/// holds the directory; other loads (tests, the bench) take no lock.
+#[test]
+fn a_second_agent_waits_for_the_first_and_cleanup_refuses_while_one_runs() {
+    let Some(dir) = PinDir::new("owner") else { return };
+    let first = Dataplane::load_exclusive(&dir.0, &Config::default()).expect("first agent");
+    match lb_userspace::dataplane::cleanup(&dir.0) {
+        Err(DataplaneError::AgentRunning { .. }) => {}
+        other => panic!("cleanup under a running agent: {other:?}"),
+    }
+    assert!(dir.0.exists(), "cleanup removed the running agent's pins");
+
+    let path = dir.0.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second = std::thread::spawn(move || {
+        let dp = Dataplane::load_exclusive(&path, &Config::default());
+        let _ = tx.send(());
+        dp.map(drop)
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(2)).is_err(),
+        "a second agent loaded while the first held the pin directory"
+    );
+    drop(first);
+    rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the second agent went on once the first was gone");
+    second.join().expect("second agent thread").expect("second agent loaded");
+    lb_userspace::dataplane::cleanup(&dir.0).expect("cleanup with no agent running");
+    assert!(!dir.0.exists());
+}

@@ -54,8 +54,31 @@ impl Dataplane {
     /// maps nothing uses. A load over pins a previous agent left keeps them whatever happens:
     /// the programs still attached go on forwarding the flows in them.
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
+        Self::load_with(pin_dir, config, false)
+    }
+
+    /// `load` for an agent: a pin directory serves one agent at a time. Two would each program
+    /// the shared maps from their own bookkeeping (service ids, Maglev table ranges, backend
+    /// ids) and overwrite each other's entries, translating flows to the wrong backends. So
+    /// the agent first takes an exclusive lock on the directory (`flock`, which bpffs
+    /// directories support and the kernel releases when the process ends, however it ends),
+    /// waiting while another agent holds it: a DaemonSet's rolling update stops the old pod
+    /// before it starts the new one, and a second `lb run` on a node waits, saying why.
+    pub fn load_exclusive(pin_dir: &Path, config: &Config) -> Result<Self> {
+        Self::load_with(pin_dir, config, true)
+    }
+
+    fn load_with(pin_dir: &Path, config: &Config, exclusive: bool) -> Result<Self> {
         let fresh = !pin_dir.exists();
-        let loaded = Self::load_pinned(pin_dir, config);
+        let loaded = if exclusive {
+            ensure_pin_dir(pin_dir).and_then(|()| lock_pin_dir(pin_dir)).and_then(|owner| {
+                let mut dp = Self::load_pinned(pin_dir, config)?;
+                dp._owner = Some(owner);
+                Ok(dp)
+            })
+        } else {
+            Self::load_pinned(pin_dir, config)
+        };
         if let (Err(e), true) = (&loaded, fresh) {
             if let Err(rm) = fs::remove_dir_all(pin_dir) {
                 tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
@@ -168,6 +191,7 @@ impl Dataplane {
             ct_timeouts,
             ct_collected: Arc::default(),
             ct_gc_stop: Arc::default(),
+            _owner: None,
         };
         dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
@@ -283,6 +307,42 @@ impl Dataplane {
             tracing::info!(services = self.programmed.len(), "adopted service state pinned by a previous agent");
         }
         Ok(())
+    }
+}
+
+/// Locks `pin_dir` for this process (`Dataplane::load_exclusive`), waiting while another
+/// holds it. The lock lives as long as the returned file.
+fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File> {
+    let io = |what: &'static str| {
+        move |source: std::io::Error| DataplaneError::Io { what, path: pin_dir.to_owned(), source }
+    };
+    let dir = fs::File::open(pin_dir).map_err(io("opening the pin directory to lock it"))?;
+    match dir.try_lock() {
+        Ok(()) => return Ok(dir),
+        Err(fs::TryLockError::WouldBlock) => tracing::warn!(
+            pin_dir = %pin_dir.display(),
+            "another agent holds this pin directory; waiting for it to exit"
+        ),
+        Err(fs::TryLockError::Error(e)) => return Err(io("locking the pin directory")(e)),
+    }
+    dir.lock().map_err(io("locking the pin directory"))?;
+    tracing::info!(pin_dir = %pin_dir.display(), "the other agent has exited; going on");
+    Ok(dir)
+}
+
+/// Whether an agent holds `pin_dir`'s lock (`lock_pin_dir`): `lb cleanup` then refuses.
+pub(super) fn agent_running(pin_dir: &Path) -> Result<bool> {
+    let dir = fs::File::open(pin_dir).map_err(|source| DataplaneError::Io {
+        what: "opening the pin directory",
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    match dir.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(fs::TryLockError::WouldBlock) => Ok(true),
+        Err(fs::TryLockError::Error(source)) => {
+            Err(DataplaneError::Io { what: "checking the pin directory's lock", path: pin_dir.to_owned(), source })
+        }
     }
 }
 

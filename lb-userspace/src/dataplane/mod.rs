@@ -83,6 +83,8 @@ pub enum DataplaneError {
          this lb with the sizes the running one used, or drain the node and run `lb cleanup --pin-dir {pin_dir}`"
     )]
     FlowLayout { path: PathBuf, found: String, wanted: String, pin_dir: PathBuf },
+    #[error("an agent is running with pin directory {pin_dir} (it holds the directory's lock); stop it first")]
+    AgentRunning { pin_dir: PathBuf },
 }
 
 pub(super) type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -254,6 +256,9 @@ pub struct Dataplane {
     /// Idle assured flows removed by the collector thread, which runs until `ct_gc_stop`.
     ct_collected: Arc<AtomicU64>,
     ct_gc_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The pin directory, locked for this agent (`Dataplane::load_exclusive`); `None` for
+    /// other loads (tests, the bench).
+    _owner: Option<std::fs::File>,
 }
 
 impl Drop for Dataplane {

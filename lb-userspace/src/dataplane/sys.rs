@@ -161,6 +161,11 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
+    // Removing the pins under a running agent would unpin its links (detaching its programs
+    // while it believes them attached) and its maps.
+    if super::load::agent_running(pin_dir)? {
+        return Err(DataplaneError::AgentRunning { pin_dir: pin_dir.to_owned() });
+    }
     fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
         what: "removing",
         path: pin_dir.to_owned(),
