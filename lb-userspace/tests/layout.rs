@@ -333,23 +333,87 @@ fn stage_table_pins(dir: &PinDir) -> Vec<String> {
     pins
 }
 
+/// A network namespace with an interface `d0`, entered by this thread; left and
+/// deleted on drop, also when the test fails.
+struct NetNs {
+    name: String,
+    original: std::fs::File,
+}
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("lbl{}{tag}", std::process::id());
+        let sh = |args: &[&str]| {
+            let st = std::process::Command::new("ip").args(args).status().expect("running ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        sh(&["netns", "add", &name]);
+        let ns = Self { name, original: std::fs::File::open("/proc/thread-self/ns/net").expect("own netns") };
+        // A veth pair: the kernels here may lack the dummy driver.
+        sh(&["-n", &ns.name, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+        sh(&["-n", &ns.name, "link", "set", "d0", "up"]);
+        let target = std::fs::File::open(format!("/run/netns/{}", ns.name)).expect("new netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: back to the namespace this thread came from.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
 /// Each load gets stage tables of its own: the programs an earlier agent left in the links
 /// keep handing their new flows and IPv6 frames to that agent's stages, over the maps those
 /// programs read, until this agent's programs are in every link; then the earlier tables go.
+/// Tables no attached program uses (an agent that ended before its link swap; here also the
+/// first agent's XDP ones, as it attached tc only) go at the next load.
 #[test]
 fn each_load_has_its_own_stage_tables_and_the_earlier_ones_go_after_the_link_swap() {
     let Some(dir) = PinDir::new("stages") else { return };
-    let first = Dataplane::load(&dir.0, &Config::default()).expect("first load");
-    let earlier = stage_table_pins(&dir);
-    assert_eq!(earlier.len(), 4, "a table per hook for IPv4's new flows and for IPv6: {earlier:?}");
+    let _ns = NetNs::new("st");
+    let (tc, no_xdp) = (|i: &str| i == "d0", |_: &str| false);
+    let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<String>>();
+
+    let mut first = Dataplane::load(&dir.0, &Config::default()).expect("first load");
+    let errors = first.sync_interfaces(&tc, &no_xdp).expect("interfaces");
+    assert!(errors.is_empty(), "{errors:?}");
+    let first_pins = set(stage_table_pins(&dir));
+    assert_eq!(first_pins.len(), 4, "a table per hook for IPv4's new flows and for IPv6: {first_pins:?}");
+    let first_tc: std::collections::BTreeSet<String> = first_pins
+        .iter()
+        .filter(|p| p.starts_with(lb_common::MAP_TAILS4_TC) || p.starts_with(lb_common::MAP_TAILS_TC))
+        .cloned()
+        .collect();
+    assert_eq!(first_tc.len(), 2, "{first_pins:?}");
     drop(first);
-    let mut second = Dataplane::load(&dir.0, &Config::default()).expect("second load");
-    let both = stage_table_pins(&dir);
-    assert_eq!(both.len(), 8, "the earlier agent's tables stay while its programs may run: {both:?}");
-    second.finish_migrations();
-    let kept = stage_table_pins(&dir);
-    assert_eq!(kept.len(), 4, "{kept:?}");
-    assert!(kept.iter().all(|p| !earlier.contains(p)), "this load's tables stay, the earlier ones go: {kept:?}");
+
+    // An agent that ends between its load and its link swap.
+    let second = Dataplane::load(&dir.0, &Config::default()).expect("second load");
+    let now = set(stage_table_pins(&dir));
+    let second_pins: std::collections::BTreeSet<String> = now.difference(&first_pins).cloned().collect();
+    assert_eq!(second_pins.len(), 4, "{now:?}");
+    assert!(first_tc.is_subset(&now), "the tables of the programs in the links stay: {now:?}");
+    assert_eq!(now.len(), 6, "the first agent's XDP tables, which no link uses, went: {now:?}");
+    drop(second);
+
+    let mut third = Dataplane::load(&dir.0, &Config::default()).expect("third load");
+    let now = set(stage_table_pins(&dir));
+    assert!(now.is_disjoint(&second_pins), "the tables of an agent that never reached the links went: {now:?}");
+    assert!(first_tc.is_subset(&now), "{now:?}");
+    assert_eq!(now.len(), 6, "{now:?}");
+    let third_pins: std::collections::BTreeSet<String> = now.difference(&first_tc).cloned().collect();
+
+    let errors = third.sync_interfaces(&tc, &no_xdp).expect("interfaces");
+    assert!(errors.is_empty(), "{errors:?}");
+    third.finish_migrations();
+    assert_eq!(set(stage_table_pins(&dir)), third_pins, "after the swap only this load's tables stay");
 }
 
 /// One agent per pin directory: a second `load_exclusive` waits until the first agent's

@@ -332,13 +332,8 @@ impl Dataplane {
     /// program array is cleared when no pin or descriptor holds it) and frees their stages. A
     /// pin under the bare name is of a revision that shared one table between agents.
     fn retire_old_stages(&self) {
-        let Ok(dir) = fs::read_dir(&self.pin_dir) else { return };
-        for path in dir.filter_map(|e| e.ok()).map(|e| e.path()) {
-            let Some(file) = path.file_name().and_then(|f| f.to_str()) else { continue };
-            let stage_table = super::load::STAGE_TABLES
-                .iter()
-                .any(|name| file == *name || file.strip_prefix(name).is_some_and(|rest| rest.starts_with('-')));
-            if stage_table && !self.stage_pins.contains(&path) {
+        for path in stage_table_pins(&self.pin_dir) {
+            if !self.stage_pins.contains(&path) {
                 if let Err(e) = fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot unpin an earlier stage table");
                 }
@@ -370,4 +365,68 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// The pins of stage tables (`load::STAGE_TABLES`) in `pin_dir`, of every load; a pin under
+/// the bare name is of a revision that shared one table between agents.
+fn stage_table_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let Ok(dir) = fs::read_dir(pin_dir) else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|path| {
+            path.file_name().and_then(|f| f.to_str()).is_some_and(|file| {
+                super::load::STAGE_TABLES
+                    .iter()
+                    .any(|name| file == *name || file.strip_prefix(name).is_some_and(|rest| rest.starts_with('-')))
+            })
+        })
+        .collect()
+}
+
+/// Unpins, before a load, the stage tables that no program in this pin directory's links
+/// uses: those of agents that ended between their load and their link swap (killed, crashed,
+/// or stopped before the first sync). `retire_old_stages` goes only after a swap, so on a node
+/// whose agent keeps failing early each start would leave four program arrays, and the
+/// programs in them, pinned for good. Tables of the programs in the links stay: they run.
+/// When in doubt (a link or program whose information cannot be read) every table stays.
+pub(super) fn retire_unlinked_stages(pin_dir: &Path) {
+    let Some(used) = maps_of_linked_programs(pin_dir) else { return };
+    for path in stage_table_pins(pin_dir) {
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        if used.contains(&info.id()) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "unpinned a stage table that no attached program uses"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot unpin an unused stage table"),
+        }
+    }
+}
+
+/// Ids of the maps used by the programs attached through the links pinned under `pin_dir`;
+/// `None` if any of it cannot be read.
+fn maps_of_linked_programs(pin_dir: &Path) -> Option<std::collections::BTreeSet<u32>> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let mut programs = std::collections::BTreeSet::new();
+    match fs::read_dir(pin_dir.join(super::LINKS_DIR)) {
+        Ok(dir) => {
+            for entry in dir {
+                let link = PinnedLink::from_pin(entry.ok()?.path()).ok()?;
+                programs.insert(FdLink::from(link).info().ok()?.program_id());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return None,
+    }
+    let mut maps = std::collections::BTreeSet::new();
+    let mut found = 0;
+    // Every program on the host: other users' may come and go meanwhile (an error for one of
+    // them is no doubt about ours, which the links hold).
+    for info in aya::programs::loaded_programs().filter_map(std::result::Result::ok) {
+        if programs.contains(&info.id()) {
+            maps.extend(info.map_ids().ok()??);
+            found += 1;
+        }
+    }
+    (found == programs.len()).then_some(maps)
 }

@@ -90,6 +90,7 @@ impl Dataplane {
     fn load_pinned(pin_dir: &Path, config: &Config) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
+        super::layout::retire_unlinked_stages(pin_dir);
         let stage_pins = stage_table_pins(pin_dir);
         let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
