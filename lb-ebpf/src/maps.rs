@@ -127,7 +127,7 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 /// The tc IPv6 programs, tail-called by the IPv4 ones for IPv6 frames (`lb_common::TAIL_TC_*`).
 /// A program array serves one program type, so XDP has its own (`LB_TAILS_XDP`). Filled by
 /// the agent when it loads the programs, left empty when it runs without IPv6. Pinned, per
-/// load under a name of its own (the agent's `stage_table_pins` says why): the kernel empties
+/// load under a name of its own (the agent's `STAGE_TABLES`, in its load.rs, says why): the kernel empties
 /// a program array once no file descriptor or pin holds it (breaking program/map cycles), and
 /// the programs must keep their IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]

@@ -140,6 +140,11 @@ pub struct Rejection {
 /// Runs the agent until SIGINT or SIGTERM. The programs and maps stay pinned afterwards, so
 /// traffic keeps flowing.
 pub async fn run(opts: Options) -> Result<(), AgentError> {
+    // Held until this function returns, whatever becomes of the proxier thread.
+    let Some(pin_dir_lock) = take_pin_dir(&opts.pin_dir).await? else {
+        info!("stopped while waiting for the pin directory; nothing was loaded");
+        return Ok(());
+    };
     let config = opts.dataplane;
     if config.node_ip.is_none() {
         warn!("no --node-ip and no default route: external traffic to backends on other nodes is not SNATed");
@@ -165,7 +170,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             (Some(stats), Some(client))
         }
     };
-    let mut dp = Dataplane::load_exclusive(&opts.pin_dir, &config)
+    let mut dp = Dataplane::load_locked(&opts.pin_dir, &config, &pin_dir_lock)
         .map_err(|source| AgentError::Load { pin_dir: opts.pin_dir.clone(), source: Box::new(source) })?;
     info!(node = %opts.node_name, pin_dir = %opts.pin_dir.display(), "datapath loaded");
     if let Some(cg) = &opts.cgroup {
@@ -244,6 +249,34 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     }
     info!("stopping; programs and maps stay pinned so traffic keeps flowing (lb cleanup removes them)");
     Ok(())
+}
+
+/// Takes the pin directory for this agent (`dataplane::PinDirLock`), waiting while another
+/// agent holds it: `None` if SIGINT or SIGTERM came first. A DaemonSet's rolling update stops
+/// the old pod before it starts the new one, so the wait is for a second `lb run` on a node
+/// (or a surge): it says why it waits, and is not ready meanwhile.
+async fn take_pin_dir(pin_dir: &std::path::Path) -> Result<Option<dataplane::PinDirLock>, AgentError> {
+    let load_err = |source| AgentError::Load { pin_dir: pin_dir.to_owned(), source: Box::new(source) };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
+    let mut waiting = false;
+    loop {
+        if let Some(lock) = dataplane::PinDirLock::try_acquire(pin_dir).map_err(load_err)? {
+            if waiting {
+                info!(pin_dir = %pin_dir.display(), "the other agent has let go of the pin directory; going on");
+            }
+            return Ok(Some(lock));
+        }
+        if !waiting {
+            warn!(pin_dir = %pin_dir.display(), "another agent holds this pin directory; waiting for it to exit");
+            waiting = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+            _ = sigterm.recv() => return Ok(None),
+        }
+    }
 }
 
 /// How often the manifests' stamps are looked at without a file event.

@@ -12,7 +12,7 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{
         conntrack::{self, legacy},
-        Config, Dataplane, DataplaneError, MapSizes,
+        Config, Dataplane, DataplaneError, MapSizes, PinDirLock,
     },
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort},
 };
@@ -369,15 +369,66 @@ impl Drop for NetNs {
     }
 }
 
+/// Without CAP_SYS_ADMIN in this thread's effective set until dropped, as the DaemonSet runs
+/// the agent (capabilities are per thread; the permitted set keeps it, so it comes back).
+struct WithoutSysAdmin;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn set_sys_admin(on: bool) {
+    let mut header = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget/capset of this thread with a version-3 header and two data words.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()), 0, "capget");
+        if on {
+            data[0].effective |= 1 << CAP_SYS_ADMIN;
+        } else {
+            data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        }
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0, "capset");
+    }
+}
+
+impl WithoutSysAdmin {
+    fn new() -> Self {
+        set_sys_admin(false);
+        Self
+    }
+}
+
+impl Drop for WithoutSysAdmin {
+    fn drop(&mut self) {
+        set_sys_admin(true);
+    }
+}
+
 /// Each load gets stage tables of its own: the programs an earlier agent left in the links
 /// keep handing their new flows and IPv6 frames to that agent's stages, over the maps those
 /// programs read, until this agent's programs are in every link; then the earlier tables go.
 /// Tables no attached program uses (an agent that ended before its link swap; here also the
-/// first agent's XDP ones, as it attached tc only) go at the next load.
+/// first agent's XDP ones, as it attached tc only) go at the next load. All of it without
+/// CAP_SYS_ADMIN, as the DaemonSet runs the agent.
 #[test]
 fn each_load_has_its_own_stage_tables_and_the_earlier_ones_go_after_the_link_swap() {
     let Some(dir) = PinDir::new("stages") else { return };
     let _ns = NetNs::new("st");
+    let _caps = WithoutSysAdmin::new();
+    assert!(aya::programs::loaded_programs().next().is_none_or(|p| p.is_err()), "CAP_SYS_ADMIN still effective");
     let (tc, no_xdp) = (|i: &str| i == "d0", |_: &str| false);
     let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<String>>();
 
@@ -416,33 +467,43 @@ fn each_load_has_its_own_stage_tables_and_the_earlier_ones_go_after_the_link_swa
     assert_eq!(set(stage_table_pins(&dir)), third_pins, "after the swap only this load's tables stay");
 }
 
-/// One agent per pin directory: a second `load_exclusive` waits until the first agent's
-/// datapath (its process, for a real agent) is gone, and `lb cleanup` refuses while an agent
-/// holds the directory; other loads (tests, the bench) take no lock.
+/// One agent per pin directory (`PinDirLock`): while one holds it, no other can take it and
+/// `lb cleanup` refuses; the lock is the agent's, not its datapath's; once let go, another
+/// agent or `lb cleanup` may take it.
 #[test]
-fn a_second_agent_waits_for_the_first_and_cleanup_refuses_while_one_runs() {
+fn one_agent_holds_a_pin_directory_and_cleanup_refuses_meanwhile() {
     let Some(dir) = PinDir::new("owner") else { return };
-    let first = Dataplane::load_exclusive(&dir.0, &Config::default()).expect("first agent");
+    let first = PinDirLock::try_acquire(&dir.0).expect("locking").expect("a free directory");
+    assert!(PinDirLock::try_acquire(&dir.0).expect("locking").is_none(), "a second agent took a held directory");
     match lb_userspace::dataplane::cleanup(&dir.0) {
         Err(DataplaneError::AgentRunning { .. }) => {}
         other => panic!("cleanup under a running agent: {other:?}"),
     }
-    assert!(dir.0.exists(), "cleanup removed the running agent's pins");
+    assert!(dir.0.exists(), "cleanup removed a running agent's pins");
 
-    let path = dir.0.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let second = std::thread::spawn(move || {
-        let dp = Dataplane::load_exclusive(&path, &Config::default());
-        let _ = tx.send(());
-        dp.map(drop)
-    });
-    assert!(
-        rx.recv_timeout(std::time::Duration::from_secs(2)).is_err(),
-        "a second agent loaded while the first held the pin directory"
-    );
+    let dp = Dataplane::load_locked(&dir.0, &Config::default(), &first).expect("loads under its lock");
+    drop(dp);
+    assert!(PinDirLock::try_acquire(&dir.0).expect("locking").is_none(), "the datapath's end let the lock go");
     drop(first);
-    rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the second agent went on once the first was gone");
-    second.join().expect("second agent thread").expect("second agent loaded");
+
+    let second = PinDirLock::try_acquire(&dir.0).expect("locking").expect("free once the first let go");
+    // A failed load keeps a directory with pins in it (the first agent's).
+    let sizes = MapSizes { conntrack: 0, ..MapSizes::default() };
+    Dataplane::load_locked(&dir.0, &Config { sizes, ..Config::default() }, &second).err().expect("must fail");
+    assert!(dir.0.join(MAP_CT4).exists(), "a failed load removed the pins another agent left");
+    drop(second);
     lb_userspace::dataplane::cleanup(&dir.0).expect("cleanup with no agent running");
     assert!(!dir.0.exists());
+}
+
+/// Freshness is judged under the lock: a directory this agent made (or found empty) goes when
+/// its first load fails.
+#[test]
+fn a_locked_first_load_that_fails_removes_its_directory() {
+    let Some(dir) = PinDir::new("owner-fresh") else { return };
+    std::fs::remove_dir(&dir.0).expect("starting without the directory");
+    let lock = PinDirLock::try_acquire(&dir.0).expect("locking").expect("a free directory");
+    let sizes = MapSizes { conntrack: 0, ..MapSizes::default() };
+    let err = Dataplane::load_locked(&dir.0, &Config { sizes, ..Config::default() }, &lock).err().expect("must fail");
+    assert!(!dir.0.exists(), "{} left behind after: {err}", dir.0.display());
 }

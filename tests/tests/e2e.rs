@@ -304,6 +304,73 @@ fn agent_restart_keeps_flows_and_adopts_pinned_state() -> Result<()> {
     Ok(())
 }
 
+/// A second `lb run` on a node whose agent runs waits for the pin directory, saying so,
+/// without touching the running agent's state, and stops at once on SIGTERM (as a container's
+/// PID 1, it has no default handler); `lb cleanup` refuses while the agent runs.
+#[test]
+fn a_second_agent_on_a_node_waits_and_cleanup_refuses_while_one_runs() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let s = single_node()?;
+    let lb = lb_tests::lb_bin()?;
+    let log_path = s.lab.dir.join("second-agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    /// Killed (and reaped) when the test ends, also when it fails.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut second = Child(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", s.node.ns))
+            .arg(&lb)
+            .args(["run", "--manifests"])
+            .arg(&s.node.manifests)
+            .args(["--node-name", "node1", "--pin-dir"])
+            .arg(&s.node.pin_dir)
+            // Ports of its own: the first agent's are taken, and a clash would fail it.
+            .args(["--metrics-addr", "127.0.0.1:19090", "--healthz-addr", "127.0.0.1:19256"])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    let second_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(5), || second_log().contains("another agent holds this pin directory")),
+        "{}",
+        second_log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!second_log().contains("datapath loaded"), "{}", second_log());
+    assert!(second.0.try_wait()?.is_none(), "the second agent exited: {}", second_log());
+    assert!(POD_NAMES.contains(&http_get(&s.client.ns, vip(80), "/")?.as_str()), "the running agent still serves");
+
+    let out = std::process::Command::new(&lb).args(["cleanup", "--pin-dir"]).arg(&s.node.pin_dir).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("an agent is running"), "{err}");
+    assert!(s.node.pin_dir.join("links").exists(), "cleanup removed a running agent's pins");
+
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(second.0.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status = loop {
+        if let Some(st) = second.0.try_wait()? {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the waiting agent ignored SIGTERM: {}", second_log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", second_log());
+    assert!(second_log().contains("stopped while waiting"), "{}", second_log());
+    assert!(POD_NAMES.contains(&http_get(&s.client.ns, vip(80), "/")?.as_str()));
+    Ok(())
+}
+
 // ---------- session affinity (issue 3): the second half of the seed lab ----------
 
 fn set_affinity(s: &SingleNode, timeout: Option<u32>) -> Result<()> {

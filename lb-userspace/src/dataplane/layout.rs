@@ -327,12 +327,12 @@ impl Dataplane {
         }
     }
 
-    /// Unpins the stage tables of earlier loads (`load::stage_table_pins`): only the programs
+    /// Unpins the stage tables of earlier loads (`load::STAGE_TABLES`): only the programs
     /// this agent's have replaced in every link used them. The kernel then empties them (a
     /// program array is cleared when no pin or descriptor holds it) and frees their stages. A
     /// pin under the bare name is of a revision that shared one table between agents.
     fn retire_old_stages(&self) {
-        for path in stage_table_pins(&self.pin_dir) {
+        for path in pinned_stage_tables(&self.pin_dir) {
             if !self.stage_pins.contains(&path) {
                 if let Err(e) = fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot unpin an earlier stage table");
@@ -369,7 +369,7 @@ impl Dataplane {
 
 /// The pins of stage tables (`load::STAGE_TABLES`) in `pin_dir`, of every load; a pin under
 /// the bare name is of a revision that shared one table between agents.
-fn stage_table_pins(pin_dir: &Path) -> Vec<PathBuf> {
+fn pinned_stage_tables(pin_dir: &Path) -> Vec<PathBuf> {
     let Ok(dir) = fs::read_dir(pin_dir) else { return Vec::new() };
     dir.filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -387,13 +387,16 @@ fn stage_table_pins(pin_dir: &Path) -> Vec<PathBuf> {
 /// uses: those of agents that ended between their load and their link swap (killed, crashed,
 /// or stopped before the first sync). `retire_old_stages` goes only after a swap, so on a node
 /// whose agent keeps failing early each start would leave four program arrays, and the
-/// programs in them, pinned for good. Tables of the programs in the links stay: they run.
-/// When in doubt (a link or program whose information cannot be read) every table stays.
+/// programs in them, pinned for good. A table's users are in its name
+/// (`load::name_stage_tables`); tables of the programs in the links stay, as do tables named
+/// otherwise (a load that ended before naming them, or an earlier revision's): those go after
+/// the next link swap. When in doubt (a link whose information cannot be read) every table
+/// stays.
 pub(super) fn retire_unlinked_stages(pin_dir: &Path) {
-    let Some(used) = maps_of_linked_programs(pin_dir) else { return };
-    for path in stage_table_pins(pin_dir) {
-        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else { continue };
-        if used.contains(&info.id()) {
+    let Some(linked) = linked_programs(pin_dir) else { return };
+    for path in pinned_stage_tables(pin_dir) {
+        let Some(users) = stage_table_users(&path) else { continue };
+        if users.iter().any(|id| linked.contains(id)) {
             continue;
         }
         match fs::remove_file(&path) {
@@ -403,9 +406,15 @@ pub(super) fn retire_unlinked_stages(pin_dir: &Path) {
     }
 }
 
-/// Ids of the maps used by the programs attached through the links pinned under `pin_dir`;
-/// `None` if any of it cannot be read.
-fn maps_of_linked_programs(pin_dir: &Path) -> Option<std::collections::BTreeSet<u32>> {
+/// The ids of the programs a stage table's pin is named after (`-p<id>_<id>`, `-p<id>`).
+fn stage_table_users(path: &Path) -> Option<Vec<u32>> {
+    let (_, ids) = path.file_name()?.to_str()?.rsplit_once("-p")?;
+    ids.split('_').map(|id| id.parse().ok()).collect()
+}
+
+/// Ids of the programs attached through the links pinned under `pin_dir`; `None` if any link
+/// cannot be read. (Link information takes no capability beyond access to the pin.)
+fn linked_programs(pin_dir: &Path) -> Option<std::collections::BTreeSet<u32>> {
     use aya::programs::links::{FdLink, PinnedLink};
     let mut programs = std::collections::BTreeSet::new();
     match fs::read_dir(pin_dir.join(super::LINKS_DIR)) {
@@ -418,15 +427,5 @@ fn maps_of_linked_programs(pin_dir: &Path) -> Option<std::collections::BTreeSet<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(_) => return None,
     }
-    let mut maps = std::collections::BTreeSet::new();
-    let mut found = 0;
-    // Every program on the host: other users' may come and go meanwhile (an error for one of
-    // them is no doubt about ours, which the links hold).
-    for info in aya::programs::loaded_programs().filter_map(std::result::Result::ok) {
-        if programs.contains(&info.id()) {
-            maps.extend(info.map_ids().ok()??);
-            found += 1;
-        }
-    }
-    (found == programs.len()).then_some(maps)
+    Some(programs)
 }

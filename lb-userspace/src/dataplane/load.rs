@@ -24,7 +24,7 @@ use super::{
     maps::{addr_words, decode_name, endpoint_of, frontend_of, insert_err, ip_of, map_err, member_key},
     stale_udp,
     sys::{is_bpffs, mount_bpffs, netns_cookie},
-    Config, Dataplane, DataplaneError, Maps, Result, XdpAttachMode, LINKS_DIR,
+    Config, Dataplane, DataplaneError, Maps, PinDirLock, Result, XdpAttachMode, LINKS_DIR,
 };
 use crate::model::{Cidr, Endpoint, ServicePort};
 
@@ -54,31 +54,24 @@ impl Dataplane {
     /// maps nothing uses. A load over pins a previous agent left keeps them whatever happens:
     /// the programs still attached go on forwarding the flows in them.
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
-        Self::load_with(pin_dir, config, false)
-    }
-
-    /// `load` for an agent: a pin directory serves one agent at a time. Two would each program
-    /// the shared maps from their own bookkeeping (service ids, Maglev table ranges, backend
-    /// ids) and overwrite each other's entries, translating flows to the wrong backends. So
-    /// the agent first takes an exclusive lock on the directory (`flock`, which bpffs
-    /// directories support and the kernel releases when the process ends, however it ends),
-    /// waiting while another agent holds it: a DaemonSet's rolling update stops the old pod
-    /// before it starts the new one, and a second `lb run` on a node waits, saying why.
-    pub fn load_exclusive(pin_dir: &Path, config: &Config) -> Result<Self> {
-        Self::load_with(pin_dir, config, true)
-    }
-
-    fn load_with(pin_dir: &Path, config: &Config, exclusive: bool) -> Result<Self> {
         let fresh = !pin_dir.exists();
-        let loaded = if exclusive {
-            ensure_pin_dir(pin_dir).and_then(|()| lock_pin_dir(pin_dir)).and_then(|owner| {
-                let mut dp = Self::load_pinned(pin_dir, config)?;
-                dp._owner = Some(owner);
-                Ok(dp)
-            })
-        } else {
-            Self::load_pinned(pin_dir, config)
-        };
+        let loaded = Self::load_pinned(pin_dir, config);
+        if let (Err(e), true) = (&loaded, fresh) {
+            if let Err(rm) = fs::remove_dir_all(pin_dir) {
+                tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
+            }
+        }
+        loaded
+    }
+
+    /// `load` for an agent, which holds `lock` on `pin_dir` (`PinDirLock`, see `pin_lock.rs`).
+    /// Whether the directory is fresh is judged under the lock (no pins in it: an agent that
+    /// held it before may have made it while this one waited), and a fresh directory of a
+    /// failed load is removed while the lock is still held.
+    pub fn load_locked(pin_dir: &Path, config: &Config, lock: &PinDirLock) -> Result<Self> {
+        debug_assert_eq!(lock.path(), pin_dir);
+        let fresh = holds_no_pins(pin_dir);
+        let loaded = Self::load_pinned(pin_dir, config);
         if let (Err(e), true) = (&loaded, fresh) {
             if let Err(rm) = fs::remove_dir_all(pin_dir) {
                 tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
@@ -144,6 +137,7 @@ impl Dataplane {
         // empty, so a run without IPv6 needs nothing emptied. IPv4's new-flow stages are
         // always there.
         fill_tails(&mut ebpf, config.ipv6)?;
+        let stage_pins = name_stage_tables(&ebpf, stage_pins)?;
         for name in PROGS_SOCK {
             let p: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
@@ -192,7 +186,6 @@ impl Dataplane {
             ct_timeouts,
             ct_collected: Arc::default(),
             ct_gc_stop: Arc::default(),
-            _owner: None,
         };
         dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
@@ -311,40 +304,40 @@ impl Dataplane {
     }
 }
 
-/// Locks `pin_dir` for this process (`Dataplane::load_exclusive`), waiting while another
-/// holds it. The lock lives as long as the returned file.
-fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File> {
-    let io = |what: &'static str| {
-        move |source: std::io::Error| DataplaneError::Io { what, path: pin_dir.to_owned(), source }
-    };
-    let dir = fs::File::open(pin_dir).map_err(io("opening the pin directory to lock it"))?;
-    match dir.try_lock() {
-        Ok(()) => return Ok(dir),
-        Err(fs::TryLockError::WouldBlock) => tracing::warn!(
-            pin_dir = %pin_dir.display(),
-            "another agent holds this pin directory; waiting for it to exit"
-        ),
-        Err(fs::TryLockError::Error(e)) => return Err(io("locking the pin directory")(e)),
-    }
-    dir.lock().map_err(io("locking the pin directory"))?;
-    tracing::info!(pin_dir = %pin_dir.display(), "the other agent has exited; going on");
-    Ok(dir)
+/// Whether `pin_dir` has nothing pinned in it (at most an empty links directory).
+fn holds_no_pins(pin_dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(pin_dir) else { return true };
+    entries
+        .filter_map(std::result::Result::ok)
+        .all(|e| e.file_name() == LINKS_DIR && fs::read_dir(e.path()).is_ok_and(|mut links| links.next().is_none()))
 }
 
-/// Whether an agent holds `pin_dir`'s lock (`lock_pin_dir`): `lb cleanup` then refuses.
-pub(super) fn agent_running(pin_dir: &Path) -> Result<bool> {
-    let dir = fs::File::open(pin_dir).map_err(|source| DataplaneError::Io {
-        what: "opening the pin directory",
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    match dir.try_lock_shared() {
-        Ok(()) => Ok(false),
-        Err(fs::TryLockError::WouldBlock) => Ok(true),
-        Err(fs::TryLockError::Error(source)) => {
-            Err(DataplaneError::Io { what: "checking the pin directory's lock", path: pin_dir.to_owned(), source })
-        }
+/// Renames this load's stage tables after the programs that tail-call through them
+/// (`<name>-<ns>-p<ids>`: a tc table's tc ingress and egress programs, `_` between them, an
+/// XDP table's XDP program), so
+/// that a later load can tell from the links' program ids alone whether any attached program
+/// still uses them (`layout::retire_unlinked_stages`): listing programs by id, to read their
+/// maps, takes CAP_SYS_ADMIN, which the DaemonSet does not grant. Renaming a pin leaves the
+/// map as it is.
+fn name_stage_tables(ebpf: &aya::Ebpf, pins: [std::path::PathBuf; 4]) -> Result<[std::path::PathBuf; 4]> {
+    let id = |name: &'static str| -> Result<String> {
+        let prog = ebpf.program(name).ok_or(DataplaneError::MissingMap { name })?;
+        Ok(prog.info()?.id().to_string())
+    };
+    let tc = format!("{}_{}", id(PROG_TC_INGRESS)?, id(lb_common::PROG_TC_EGRESS)?);
+    let xdp = id(PROG_XDP)?;
+    let mut named = pins.clone();
+    for (i, (pin, new)) in pins.iter().zip(named.iter_mut()).enumerate() {
+        // `STAGE_TABLES` order: tc, XDP, tc, XDP.
+        let users = if i % 2 == 0 { &tc } else { &xdp };
+        *new = std::path::PathBuf::from(format!("{}-p{users}", pin.display()));
+        fs::rename(pin, &*new).map_err(|source| DataplaneError::Io {
+            what: "naming a stage table after its programs",
+            path: pin.clone(),
+            source,
+        })?;
     }
+    Ok(named)
 }
 
 /// Where this load pins its stage tables (IPv4's new-flow stages, `LB_TAILS4_TC` and
@@ -358,6 +351,7 @@ pub(super) fn agent_running(pin_dir: &Path) -> Result<bool> {
 pub(super) const STAGE_TABLES: [&str; 4] =
     [lb_common::MAP_TAILS4_TC, lb_common::MAP_TAILS4_XDP, lb_common::MAP_TAILS_TC, lb_common::MAP_TAILS_XDP];
 
+/// This load's pins of `STAGE_TABLES`, before `name_stage_tables` adds their programs' ids.
 fn stage_table_pins(pin_dir: &Path) -> [std::path::PathBuf; 4] {
     let load = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     STAGE_TABLES.map(|name| pin_dir.join(format!("{name}-{load}")))

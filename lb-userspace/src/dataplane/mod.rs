@@ -21,6 +21,7 @@ mod filter;
 mod layout;
 mod load;
 mod maps;
+mod pin_lock;
 mod stale_udp;
 mod sys;
 mod tables;
@@ -46,9 +47,10 @@ pub use maps::{
     addr_words, backend_value, decode_name, endpoint_of, frontend_of, ip_of, ipv4, service_key, Maps,
     SCOPE_FROM_CLUSTER,
 };
+pub use pin_lock::{cleanup, PinDirLock};
 pub use sys::{
-    cleanup, error_chain, interfaces, local_addresses, local_ipv4_addresses, local_ipv4_by_interface,
-    local_ipv6_by_interface, node_port_address,
+    error_chain, interfaces, local_addresses, local_ipv4_addresses, local_ipv4_by_interface, local_ipv6_by_interface,
+    node_port_address,
 };
 
 use crate::model::Frontend;
@@ -246,7 +248,7 @@ pub struct Dataplane {
     xdp_targets: BTreeSet<u32>,
     /// Flow maps given a new capacity at load, whose old copies are still open.
     migrations: Vec<Migration>,
-    /// This load's pins of its stage tables (`load::stage_table_pins`).
+    /// This load's pins of its stage tables (`load::STAGE_TABLES`).
     stage_pins: [PathBuf; 4],
     /// UDP flows removed because their backend left (by the sweep threads).
     stale_udp_removed: Arc<AtomicU64>,
@@ -256,9 +258,6 @@ pub struct Dataplane {
     /// Idle assured flows removed by the collector thread, which runs until `ct_gc_stop`.
     ct_collected: Arc<AtomicU64>,
     ct_gc_stop: Arc<std::sync::atomic::AtomicBool>,
-    /// The pin directory, locked for this agent (`Dataplane::load_exclusive`); `None` for
-    /// other loads (tests, the bench).
-    _owner: Option<std::fs::File>,
 }
 
 impl Drop for Dataplane {

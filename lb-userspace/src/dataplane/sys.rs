@@ -2,7 +2,6 @@
 //! cookie, addresses and interfaces, mappings of mmapable arrays (through nix, except
 //! `SO_NETNS_COOKIE`, which it lacks).
 use std::{
-    fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
@@ -154,21 +153,4 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
         source: std::io::Error::from(e),
     })?;
     Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
-}
-
-/// Removes everything an agent pinned: links (detaching the programs) and maps.
-pub fn cleanup(pin_dir: &Path) -> Result<()> {
-    if !pin_dir.exists() {
-        return Ok(());
-    }
-    // Removing the pins under a running agent would unpin its links (detaching its programs
-    // while it believes them attached) and its maps.
-    if super::load::agent_running(pin_dir)? {
-        return Err(DataplaneError::AgentRunning { pin_dir: pin_dir.to_owned() });
-    }
-    fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
-        what: "removing",
-        path: pin_dir.to_owned(),
-        source,
-    })
 }

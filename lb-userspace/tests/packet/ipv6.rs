@@ -423,8 +423,9 @@ fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
 
 /// `--ipv6 false` after a run with IPv6 on the same pins: the new load's stage tables are its
 /// own and empty, so IPv6 frames pass its programs untranslated, as the flag says, instead of
-/// running the earlier run's IPv6 stages; and the earlier run's programs, which stay in the
-/// links until the new ones replace them, keep translating IPv6 with their own stages.
+/// running the earlier run's IPv6 stages; and the earlier run's programs keep translating IPv6
+/// with their own stages. (Here the earlier load's own handles keep its tables; for an agent
+/// that has exited, the links' programs keep theirs: the layout tests.)
 #[test]
 fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
     if !privileged() {
