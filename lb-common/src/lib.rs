@@ -924,6 +924,15 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 28);
 const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+// The datapath writes a key's ports, and its protocol with direction and padding, as one
+// aligned 32-bit word each (`conntrack::key` in lb-ebpf).
+const _: () = assert!(core::mem::offset_of!(CtKey4, sport) == 8 && core::mem::offset_of!(CtKey4, proto) == 12);
+const _: () = assert!(core::mem::offset_of!(CtKey6, sport) == 32 && core::mem::offset_of!(CtKey6, proto) == 36);
+const _: () = assert!(core::mem::align_of::<CtKey4>() == 4 && core::mem::align_of::<CtKey6>() == 4);
+// Likewise a service key's port, protocol and family, and its scope with padding
+// (`service::get` in lb-ebpf).
+const _: () = assert!(core::mem::offset_of!(ServiceKey, port) == 16 && core::mem::offset_of!(ServiceKey, scope) == 20);
+const _: () = assert!(core::mem::align_of::<ServiceKey>() == 4);
 const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
 const _: () = assert!(core::mem::size_of::<CtWay4>() == 44);
 const _: () = assert!(core::mem::size_of::<CtWay6>() == 92);

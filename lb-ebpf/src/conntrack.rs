@@ -74,9 +74,21 @@ pub fn expired<A: Addr>(e: &CtValue<A>, now: u32) -> bool {
     (idle as i32) >= 0 && idle > timeout(e.state)
 }
 
+/// A conntrack key, its last eight bytes written as two 32-bit words (ports; protocol,
+/// direction and padding). The map's hash and key compare read the key a word at a time, and
+/// on x86 a load cannot take its data from the store buffer when it spans several narrower
+/// stores (store-to-load forwarding): it waits until they reach the cache. Field by field,
+/// LLVM stores those eight bytes as five.
 #[inline(always)]
 pub fn key<A: Addr>(src: A, dst: A, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey<A> {
-    CtKey::<A> { src, dst, sport, dport, proto, dir, _pad: 0 }
+    let mut k = CtKey::<A> { src, dst, sport: 0, dport: 0, proto: 0, dir: 0, _pad: 0 };
+    // SAFETY: `sport` and `proto` each start a 4-byte-aligned run of four bytes of the
+    // `repr(C)` key (`sport`, `dport`; `proto`, `dir`, `_pad`), in little-endian order.
+    unsafe {
+        (core::ptr::addr_of_mut!(k.sport) as *mut u32).write(sport as u32 | (dport as u32) << 16);
+        (core::ptr::addr_of_mut!(k.proto) as *mut u32).write(proto as u32 | (dir as u32) << 8);
+    }
+    k
 }
 
 /// Where a flow goes: the backend, and the source it is given if it is SNATed. Plain fields,

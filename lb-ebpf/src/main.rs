@@ -270,7 +270,12 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         }
         let now = conntrack::now();
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
-            Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
+            Forward::Tracked(t) => {
+                if !t.snat && !t.route {
+                    return forward_dnat(ctx, &h, &t);
+                }
+                return forward(ctx, &h, &t, Counter::FwdTracked);
+            }
             Forward::New => {
                 if service::lookup(&h.flow, service::from_cluster).is_some() {
                     // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
@@ -514,6 +519,18 @@ fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, c
         }
         None => P::FORWARD,
     }
+}
+
+/// `forward` of a tracked IPv4 flow that is neither SNATed nor routed (nearly every one): the
+/// destination alone is rewritten (`nat::rewrite_dst`).
+#[inline(always)]
+fn forward_dnat<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>) -> i32 {
+    if nat::rewrite_dst(ctx, h, (t.backend_addr, t.backend_port)).is_err() {
+        return drop(ctx, Counter::DropRewrite);
+    }
+    count_translated(ctx, h, Counter::FwdTracked);
+    stats::count_service(t.service_id, ctx.packet_len());
+    P::FORWARD
 }
 
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow

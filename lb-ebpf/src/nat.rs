@@ -96,6 +96,24 @@ pub fn fold(mut s: u32) -> u16 {
 /// covers the whole datagram and was updated with it).
 #[inline(always)]
 pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: (A, u16)) -> Result<(), i64> {
+    rewrite_ends::<A, P, true>(ctx, h, src, dst)
+}
+
+/// `rewrite` of the destination alone (a DNAT: most tracked flows), so that the source's
+/// unchanged address and port cost no stores and no checksum arithmetic.
+#[inline(always)]
+pub fn rewrite_dst<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, dst: (A, u16)) -> Result<(), i64> {
+    rewrite_ends::<A, P, false>(ctx, h, (h.flow.src, h.flow.sport), dst)
+}
+
+/// `rewrite`, with the source left as it is unless `SRC`.
+#[inline(always)]
+fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
+    ctx: &P,
+    h: &Headers<A>,
+    src: (A, u16),
+    dst: (A, u16),
+) -> Result<(), i64> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (old_src, old_dst) = (h.flow.src, h.flow.dst);
     let (Some(ip_src), Some(ip_dst)) =
@@ -103,11 +121,14 @@ pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: 
     else {
         return Err(-1);
     };
-    let addr_diff = wsum_add(A::csum_diff(old_src, src.0), A::csum_diff(old_dst, dst.0));
+    let dst_diff = A::csum_diff(old_dst, dst.0);
+    let addr_diff = if SRC { wsum_add(A::csum_diff(old_src, src.0), dst_diff) } else { dst_diff };
     // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
     // could move packet data.
     unsafe {
-        src.0.write(ip_src as *mut u8);
+        if SRC {
+            src.0.write(ip_src as *mut u8);
+        }
         dst.0.write(ip_dst as *mut u8);
     }
     if A::FAMILY == lb_common::FAMILY_IPV4 {
@@ -127,13 +148,20 @@ pub fn rewrite<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, src: (A, u16), dst: 
         return Err(-1);
     };
     // SAFETY: bounds-checked above.
-    unsafe { mem::store32::<0>(ports as usize, src.1 as u32 | (dst.1 as u32) << 16) };
+    unsafe {
+        if SRC {
+            mem::store32::<0>(ports as usize, src.1 as u32 | (dst.1 as u32) << 16);
+        } else {
+            mem::store16::<2>(ports as usize, dst.1);
+        }
+    }
     let udp = h.flow.proto != PROTO_TCP;
     if udp && h.udp_csum_zero {
         // RFC 768: zero means "no checksum"; it must stay zero.
         return Ok(());
     }
-    let port_diff = diff16(h.flow.sport, src.1) + diff16(h.flow.dport, dst.1);
+    let dport_diff = diff16(h.flow.dport, dst.1);
+    let port_diff = if SRC { diff16(h.flow.sport, src.1) + dport_diff } else { dport_diff };
     let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
     ctx.l4_csum(csum_off, addr_diff, port_diff, udp)
 }
