@@ -82,11 +82,13 @@ pub fn expired<A: Addr>(e: &CtValue<A>, now: u32) -> bool {
 #[inline(always)]
 pub fn key<A: Addr>(src: A, dst: A, sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey<A> {
     let mut k = CtKey::<A> { src, dst, sport: 0, dport: 0, proto: 0, dir: 0, _pad: 0 };
+    let base = core::ptr::addr_of_mut!(k).cast::<u8>();
     // SAFETY: `sport` and `proto` each start a 4-byte-aligned run of four bytes of the
-    // `repr(C)` key (`sport`, `dport`; `proto`, `dir`, `_pad`), in little-endian order.
+    // `repr(C)` key (`sport`, `dport`; `proto`, `dir`, `_pad`; asserted in lb-common), in
+    // little-endian order.
     unsafe {
-        (core::ptr::addr_of_mut!(k.sport) as *mut u32).write(sport as u32 | (dport as u32) << 16);
-        (core::ptr::addr_of_mut!(k.proto) as *mut u32).write(proto as u32 | (dir as u32) << 8);
+        base.add(core::mem::offset_of!(CtKey<A>, sport)).cast::<u32>().write(sport as u32 | (dport as u32) << 16);
+        base.add(core::mem::offset_of!(CtKey<A>, proto)).cast::<u32>().write(proto as u32 | (dir as u32) << 8);
     }
     k
 }

@@ -42,12 +42,15 @@ fn get<A: Addr>(addr: A, flow: &Flow<A>, scope: u8) -> Option<ServiceValue> {
     let mut key = ServiceKey { addr: addr.words(), port: 0, proto: 0, family: 0, scope: 0, _pad: [0; 3] };
     // The key's last eight bytes as two 32-bit words, as `conntrack::key` writes its keys
     // (the map's hash reads whole words).
+    let base = core::ptr::addr_of_mut!(key).cast::<u8>();
     // SAFETY: `port` and `scope` each start a 4-byte-aligned run of four bytes of the
-    // `repr(C)` key (`port`, `proto`, `family`; `scope`, `_pad`), in little-endian order.
+    // `repr(C)` key (`port`, `proto`, `family`; `scope`, `_pad`; asserted in lb-common), in
+    // little-endian order.
     unsafe {
-        (core::ptr::addr_of_mut!(key.port) as *mut u32)
+        base.add(core::mem::offset_of!(ServiceKey, port))
+            .cast::<u32>()
             .write(flow.dport as u32 | (flow.proto as u32) << 16 | (A::FAMILY as u32) << 24);
-        (core::ptr::addr_of_mut!(key.scope) as *mut u32).write(scope as u32);
+        base.add(core::mem::offset_of!(ServiceKey, scope)).cast::<u32>().write(scope as u32);
     }
     // SAFETY: the value is copied out at once: the agent may replace the entry while we run,
     // and a copy keeps count and generation consistent with each other.

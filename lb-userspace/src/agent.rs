@@ -140,8 +140,14 @@ pub struct Rejection {
 /// Runs the agent until SIGINT or SIGTERM. The programs and maps stay pinned afterwards, so
 /// traffic keeps flowing.
 pub async fn run(opts: Options) -> Result<(), AgentError> {
+    // Both streams first, kept for the whole run: tokio keeps a signal's handler once it is
+    // installed, and a signal that arrives while no stream is listening would be lost.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|source| AgentError::Signal { what: "SIGINT", source })?;
     // Held until this function returns, whatever becomes of the proxier thread.
-    let Some(pin_dir_lock) = take_pin_dir(&opts.pin_dir).await? else {
+    let Some(pin_dir_lock) = take_pin_dir(&opts.pin_dir, &mut sigterm, &mut sigint).await? else {
         info!("stopped while waiting for the pin directory; nothing was loaded");
         return Ok(());
     };
@@ -236,10 +242,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         .spawn(move || proxier.run(rx))
         .map_err(|source| AgentError::Thread { what: "proxier", source })?;
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
     }
     updates.send(Update::Shutdown);
@@ -255,10 +259,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
 /// agent holds it: `None` if SIGINT or SIGTERM came first. A DaemonSet's rolling update stops
 /// the old pod before it starts the new one, so the wait is for a second `lb run` on a node
 /// (or a surge): it says why it waits, and is not ready meanwhile.
-async fn take_pin_dir(pin_dir: &std::path::Path) -> Result<Option<dataplane::PinDirLock>, AgentError> {
+async fn take_pin_dir(
+    pin_dir: &std::path::Path,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<Option<dataplane::PinDirLock>, AgentError> {
     let load_err = |source| AgentError::Load { pin_dir: pin_dir.to_owned(), source: Box::new(source) };
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| AgentError::Signal { what: "SIGTERM", source })?;
     let mut waiting = false;
     loop {
         if let Some(lock) = dataplane::PinDirLock::try_acquire(pin_dir).map_err(load_err)? {
@@ -273,7 +279,7 @@ async fn take_pin_dir(pin_dir: &std::path::Path) -> Result<Option<dataplane::Pin
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(None),
+            _ = sigint.recv() => return Ok(None),
             _ = sigterm.recv() => return Ok(None),
         }
     }

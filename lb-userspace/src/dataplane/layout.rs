@@ -406,6 +406,24 @@ pub(super) fn retire_unlinked_stages(pin_dir: &Path) {
     }
 }
 
+/// Unpins a failed load's stage tables (`load::stage_table_pins`), named after their programs
+/// already (`load::name_stage_tables`) or not.
+pub(super) fn unpin_stage_tables(pins: &[PathBuf; 4]) {
+    let Some(dir) = pins[0].parent() else { return };
+    for path in pinned_stage_tables(dir) {
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else { continue };
+        let ours = pins
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str())
+            .any(|own| file == own || file.strip_prefix(own).is_some_and(|rest| rest.starts_with("-p")));
+        if ours {
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot unpin a failed load's stage table");
+            }
+        }
+    }
+}
+
 /// The ids of the programs a stage table's pin is named after (`-p<id>_<id>`, `-p<id>`).
 fn stage_table_users(path: &Path) -> Option<Vec<u32>> {
     let (_, ids) = path.file_name()?.to_str()?.rsplit_once("-p")?;

@@ -85,6 +85,22 @@ impl Dataplane {
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
         super::layout::retire_unlinked_stages(pin_dir);
         let stage_pins = stage_table_pins(pin_dir);
+        let loaded = Self::load_with_stages(pin_dir, config, migrations, stage_pins.clone());
+        if loaded.is_err() {
+            // Nothing runs through this load's stage tables yet, and no later load could tell
+            // (they are named after their programs only once those load): unpin them here, or
+            // an agent failing at each start on a node with pins would pile them up.
+            super::layout::unpin_stage_tables(&stage_pins);
+        }
+        loaded
+    }
+
+    fn load_with_stages(
+        pin_dir: &Path,
+        config: &Config,
+        migrations: Vec<super::layout::Migration>,
+        stage_pins: [std::path::PathBuf; 4],
+    ) -> Result<Self> {
         let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         // The node's IPv6 address for SNAT, in the maps' word order (all zero: none).
@@ -305,11 +321,15 @@ impl Dataplane {
 }
 
 /// Whether `pin_dir` has nothing pinned in it (at most an empty links directory).
+/// Any doubt (an entry that cannot be read) counts as pins: the caller removes the directory
+/// of a failed load only when this is true.
 fn holds_no_pins(pin_dir: &Path) -> bool {
-    let Ok(entries) = fs::read_dir(pin_dir) else { return true };
-    entries
-        .filter_map(std::result::Result::ok)
-        .all(|e| e.file_name() == LINKS_DIR && fs::read_dir(e.path()).is_ok_and(|mut links| links.next().is_none()))
+    let Ok(entries) = fs::read_dir(pin_dir) else { return false };
+    entries.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            e.file_name() == LINKS_DIR && fs::read_dir(e.path()).is_ok_and(|mut links| links.next().is_none())
+        })
+    })
 }
 
 /// Renames this load's stage tables after the programs that tail-call through them

@@ -27,32 +27,40 @@ impl PinDirLock {
         // A directory removed (`lb cleanup`, a failed first load) and made again between our
         // open and our lock is another inode than the one locked: try again on the new one.
         for _ in 0..8 {
-            ensure_pin_dir(pin_dir)?;
+            // Made only when missing: writing into a directory `lb cleanup` is removing could
+            // make its removal fail half done.
+            if !pin_dir.exists() {
+                ensure_pin_dir(pin_dir)?;
+            }
             let dir = open(pin_dir)?;
-            match dir.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) => return Ok(None),
-                Err(fs::TryLockError::Error(source)) => {
-                    return Err(DataplaneError::Io {
-                        what: "locking the pin directory",
-                        path: pin_dir.to_owned(),
-                        source,
-                    })
-                }
+            if !lock(&dir, pin_dir)? {
+                return Ok(None);
             }
             if same_directory(&dir, pin_dir) {
+                ensure_pin_dir(pin_dir)?;
                 return Ok(Some(Self { _dir: dir, path: pin_dir.to_owned() }));
             }
         }
-        Err(DataplaneError::Io {
-            what: "locking the pin directory (it keeps being removed and made again)",
-            path: pin_dir.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::Interrupted),
-        })
+        Err(replaced("locking the pin directory (it keeps being removed and made again)", pin_dir))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+fn replaced(what: &'static str, pin_dir: &Path) -> DataplaneError {
+    DataplaneError::Io { what, path: pin_dir.to_owned(), source: std::io::Error::from(std::io::ErrorKind::Interrupted) }
+}
+
+/// Takes `dir`'s exclusive lock if it is free: false if another process holds it.
+fn lock(dir: &fs::File, pin_dir: &Path) -> Result<bool> {
+    match dir.try_lock() {
+        Ok(()) => Ok(true),
+        Err(fs::TryLockError::WouldBlock) => Ok(false),
+        Err(fs::TryLockError::Error(source)) => {
+            Err(DataplaneError::Io { what: "locking the pin directory", path: pin_dir.to_owned(), source })
+        }
     }
 }
 
@@ -73,24 +81,26 @@ fn same_directory(dir: &fs::File, path: &Path) -> bool {
 }
 
 /// Removes everything an agent pinned in `pin_dir`: links (detaching the programs) and maps
-/// (`lb cleanup`), refusing while an agent
-/// holds it. The lock is held through the removal, so no agent starts on the directory
-/// meanwhile; one waiting for it finds it gone and makes a new one.
+/// (`lb cleanup`), refusing while an agent holds it. The lock is held through the removal, so
+/// no agent starts on the directory meanwhile; one waiting for it finds it gone and makes a new
+/// one.
 pub fn cleanup(pin_dir: &Path) -> Result<()> {
-    if !pin_dir.exists() {
-        return Ok(());
-    }
-    let dir = open(pin_dir)?;
-    match dir.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => return Err(DataplaneError::AgentRunning { pin_dir: pin_dir.to_owned() }),
-        Err(fs::TryLockError::Error(source)) => {
-            return Err(DataplaneError::Io { what: "locking the pin directory", path: pin_dir.to_owned(), source })
+    // As in `PinDirLock::try_acquire`: the lock must be on the directory the path names.
+    for _ in 0..8 {
+        if !pin_dir.exists() {
+            return Ok(());
+        }
+        let dir = open(pin_dir)?;
+        if !lock(&dir, pin_dir)? {
+            return Err(DataplaneError::AgentRunning { pin_dir: pin_dir.to_owned() });
+        }
+        if same_directory(&dir, pin_dir) {
+            return fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
+                what: "removing",
+                path: pin_dir.to_owned(),
+                source,
+            });
         }
     }
-    fs::remove_dir_all(pin_dir).map_err(|source| DataplaneError::Io {
-        what: "removing",
-        path: pin_dir.to_owned(),
-        source,
-    })
+    Err(replaced("removing the pin directory (it keeps being removed and made again)", pin_dir))
 }
