@@ -930,9 +930,14 @@ const _: () = assert!(core::mem::offset_of!(CtKey4, sport) == 8 && core::mem::of
 const _: () = assert!(core::mem::offset_of!(CtKey6, sport) == 32 && core::mem::offset_of!(CtKey6, proto) == 36);
 const _: () = assert!(core::mem::align_of::<CtKey4>() == 4 && core::mem::align_of::<CtKey6>() == 4);
 // Likewise a service key's port, protocol and family, and its scope with padding
-// (`service::get` in lb-ebpf).
+// (`service::get` in lb-ebpf, which builds the whole key from words).
 const _: () = assert!(core::mem::offset_of!(ServiceKey, port) == 16 && core::mem::offset_of!(ServiceKey, scope) == 20);
 const _: () = assert!(core::mem::align_of::<ServiceKey>() == 4);
+// And the node address and affinity keys, built from words (`service::lookup`,
+// `select::select` in lb-ebpf).
+const _: () = assert!(core::mem::offset_of!(NodeAddrKey, family) == 16);
+const _: () =
+    assert!(core::mem::offset_of!(AffinityKey, service_id) == 16 && core::mem::offset_of!(AffinityKey, family) == 20);
 const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
 const _: () = assert!(core::mem::size_of::<CtWay4>() == 44);
 const _: () = assert!(core::mem::size_of::<CtWay6>() == 92);

@@ -29,7 +29,11 @@ pub fn select<A: Addr>(hook: u32, svc: &ServiceValue, flow: &Flow<A>) -> Option<
     // Only affinity reads the fine clock: its timeouts are in seconds, set by users.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = AffinityKey { client: flow.src.words(), service_id: svc.id, family: A::FAMILY, _pad: [0; 3] };
+    let c = flow.src.words();
+    // SAFETY: `AffinityKey` is `repr(C)`, six words: the client, the service id, then `family`
+    // and its padding (asserted in lb-common). Words, as the service keys are
+    // (`service::get`); field by field the padding took a call to `memset`.
+    let key: AffinityKey = unsafe { core::mem::transmute([c[0], c[1], c[2], c[3], svc.id, A::FAMILY as u32]) };
     if let Some(pin) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: LRU values stay valid while the program runs; a concurrent update from
         // another CPU can only make us use a pin a few nanoseconds old.

@@ -39,19 +39,12 @@ pub fn maybe_backend<A: Addr>(flow: &Flow<A>) -> bool {
 
 #[inline(always)]
 fn get<A: Addr>(addr: A, flow: &Flow<A>, scope: u8) -> Option<ServiceValue> {
-    let mut key = ServiceKey { addr: addr.words(), port: 0, proto: 0, family: 0, scope: 0, _pad: [0; 3] };
-    // The key's last eight bytes as two 32-bit words, as `conntrack::key` writes its keys
-    // (the map's hash reads whole words).
-    let base = core::ptr::addr_of_mut!(key).cast::<u8>();
-    // SAFETY: `port` and `scope` each start a 4-byte-aligned run of four bytes of the
-    // `repr(C)` key (`port`, `proto`, `family`; `scope`, `_pad`; asserted in lb-common), in
-    // little-endian order.
-    unsafe {
-        base.add(core::mem::offset_of!(ServiceKey, port))
-            .cast::<u32>()
-            .write(flow.dport as u32 | (flow.proto as u32) << 16 | (A::FAMILY as u32) << 24);
-        base.add(core::mem::offset_of!(ServiceKey, scope)).cast::<u32>().write(scope as u32);
-    }
+    let a = addr.words();
+    let port_proto_family = flow.dport as u32 | (flow.proto as u32) << 16 | (A::FAMILY as u32) << 24;
+    // As whole 32-bit words, as `conntrack::key` writes its keys (the map's hash reads words).
+    // SAFETY: `ServiceKey` is `repr(C)`, six words of plain integers: the address, then `port`,
+    // `proto` and `family`, then `scope` and its padding (asserted in lb-common), little-endian.
+    let key: ServiceKey = unsafe { core::mem::transmute([a[0], a[1], a[2], a[3], port_proto_family, scope as u32]) };
     // SAFETY: the value is copied out at once: the agent may replace the entry while we run,
     // and a copy keeps count and generation consistent with each other.
     unsafe { LB_SERVICES.get(&key).copied() }
@@ -66,7 +59,11 @@ pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) 
     let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
         Some(svc) => (svc, flow.dst, SCOPE_EXACT),
         None => {
-            let node = NodeAddrKey { addr: flow.dst.words(), family: A::FAMILY, _pad: [0; 3] };
+            let a = flow.dst.words();
+            // SAFETY: `NodeAddrKey` is `repr(C)`, five words: the address, then `family` and its
+            // padding (asserted in lb-common). Words, for the reason `get` gives; field by field
+            // the padding took a call to `memset`.
+            let node: NodeAddrKey = unsafe { core::mem::transmute([a[0], a[1], a[2], a[3], A::FAMILY as u32]) };
             LB_NODE_ADDRS.get_ptr(&node)?;
             (get(A::default(), flow, SCOPE_NODEPORT)?, A::default(), SCOPE_NODEPORT)
         }
