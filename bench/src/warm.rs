@@ -626,6 +626,28 @@ fn to_ref_backend(expect: Vec<u32>) -> impl Fn(u32, &[u8]) -> Result<()> {
     }
 }
 
+/// A check that the run gave one of `expect` and sent the packet to one of `backends`.
+fn to_one_of(expect: Vec<u32>, backends: Vec<(Ipv4Addr, u16)>) -> impl Fn(u32, &[u8]) -> Result<()> {
+    move |v: u32, out: &[u8]| {
+        expect_verdict(v, &expect)?;
+        let p = parsed(out)?;
+        ensure!(backends.contains(&p.dst), "not sent to a backend of the Service: {p:?}");
+        Ok(())
+    }
+}
+
+/// The IPv4 backends of the bench's TCP ClusterIP `vip`.
+fn ipv4_backends(vip: (Ipv4Addr, u16)) -> Vec<(Ipv4Addr, u16)> {
+    state().services[&Frontend::cluster_ip(vip.0, vip.1, Protocol::Tcp)]
+        .backends
+        .iter()
+        .filter_map(|e| match e.ip {
+            std::net::IpAddr::V4(ip) => Some((ip, e.port)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
 fn expect_verdict(v: u32, allowed: &[u32]) -> Result<()> {
     ensure!(allowed.contains(&v), "verdict {v}, expected one of {allowed:?}");
     Ok(())
@@ -976,14 +998,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
 
     // New flows at three fill levels.
     let new_flow = tcp((NEW_CLIENTS, BASE_PORT), VIP, SYN);
-    let vip_backends: Vec<(Ipv4Addr, u16)> = state().services[&Frontend::cluster_ip(VIP.0, VIP.1, Protocol::Tcp)]
-        .backends
-        .iter()
-        .filter_map(|e| match e.ip {
-            std::net::IpAddr::V4(ip) => Some((ip, e.port)),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
+    let vip_backends = ipv4_backends(VIP);
     let mut new_full = BTreeMap::new();
     let mut flow_reference = BTreeMap::new();
     // `LB_BENCH_WARM_TRACKED_ONLY=1`: only floors, references and the tracked-flow and
@@ -1006,14 +1021,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
                 }
             };
             for hook in hooks {
-                let expect = fwd(hook);
-                let backends = vip_backends.clone();
-                let check = move |v: u32, out: &[u8]| {
-                    expect_verdict(v, &expect)?;
-                    let p = parsed(out)?;
-                    ensure!(backends.contains(&p.dst), "not sent to a backend: {p:?}");
-                    Ok(())
-                };
+                let check = to_one_of(fwd(hook), vip_backends.clone());
                 let runs = match &runs {
                     Runs::Repeat => Runs::Repeat,
                     Runs::Batches { entries } => Runs::Batches { entries: *entries },
@@ -1057,24 +1065,9 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         s.w.run(Hook::Tc, Mode::NewConn, &aff, 1024, start)?;
         let pins = s.dp.maps().affinity.keys().filter(|k| k.is_ok()).count();
         ensure!(pins == 1024, "pinning 1024 clients left {pins} affinity entries");
-        let aff_backends: Vec<(Ipv4Addr, u16)> = state().services
-            [&Frontend::cluster_ip(AFF_VIP.0, AFF_VIP.1, Protocol::Tcp)]
-            .backends
-            .iter()
-            .filter_map(|e| match e.ip {
-                std::net::IpAddr::V4(ip) => Some((ip, e.port)),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect();
+        let aff_backends = ipv4_backends(AFF_VIP);
         for hook in hooks {
-            let expect = fwd(hook);
-            let backends = aff_backends.clone();
-            let check = move |v: u32, out: &[u8]| {
-                expect_verdict(v, &expect)?;
-                let p = parsed(out)?;
-                ensure!(backends.contains(&p.dst), "not sent to a backend of the Service: {p:?}");
-                Ok(())
-            };
+            let check = to_one_of(fwd(hook), aff_backends.clone());
             s.row(
                 hook,
                 "affinity hit (new connection of a pinned client)",
