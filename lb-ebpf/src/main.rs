@@ -270,12 +270,7 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         }
         let now = conntrack::now();
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
-            Forward::Tracked(t) => {
-                if !t.snat && !t.route {
-                    return forward_dnat(ctx, &h, &t);
-                }
-                return forward(ctx, &h, &t, Counter::FwdTracked);
-            }
+            Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
                 if service::lookup(&h.flow, service::from_cluster).is_some() {
                     // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
@@ -495,9 +490,9 @@ fn forward_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation
 
 #[inline(always)]
 fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, counter: Counter) -> i32 {
-    let src = if t.snat { (t.snat_addr, t.snat_port) } else { (h.flow.src, h.flow.sport) };
+    let src = if t.snat { t.snat_addr } else { h.flow.src };
     let route = if t.route {
-        let Some(r) = ctx.route(src.0, t.backend_addr, h.flow.proto) else {
+        let Some(r) = ctx.route(src, t.backend_addr, h.flow.proto) else {
             return ctx.unroutable();
         };
         if let Err(verdict) = forwardable::<A, P>(ctx) {
@@ -507,7 +502,11 @@ fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, c
     } else {
         None
     };
-    if nat::rewrite(ctx, h, src, (t.backend_addr, t.backend_port)).is_err() {
+    let dst = (t.backend_addr, t.backend_port);
+    // Most flows are a DNAT alone (`nat::rewrite_dst`: no work for the unchanged source).
+    let rewritten =
+        if t.snat { nat::rewrite(ctx, h, (t.snat_addr, t.snat_port), dst) } else { nat::rewrite_dst(ctx, h, dst) };
+    if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
     count_translated(ctx, h, counter);
@@ -519,18 +518,6 @@ fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, c
         }
         None => P::FORWARD,
     }
-}
-
-/// `forward` of a tracked IPv4 flow that is neither SNATed nor routed (nearly every one): the
-/// destination alone is rewritten (`nat::rewrite_dst`).
-#[inline(always)]
-fn forward_dnat<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>) -> i32 {
-    if nat::rewrite_dst(ctx, h, (t.backend_addr, t.backend_port)).is_err() {
-        return drop(ctx, Counter::DropRewrite);
-    }
-    count_translated(ctx, h, Counter::FwdTracked);
-    stats::count_service(t.service_id, ctx.packet_len());
-    P::FORWARD
 }
 
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow

@@ -408,9 +408,8 @@ pub(super) fn retire_unlinked_stages(pin_dir: &Path) {
 
 /// Unpins a failed load's stage tables (`load::stage_table_pins`), named after their programs
 /// already (`load::name_stage_tables`) or not.
-pub(super) fn unpin_stage_tables(pins: &[PathBuf; 4]) {
-    let Some(dir) = pins[0].parent() else { return };
-    for path in pinned_stage_tables(dir) {
+pub(super) fn unpin_stage_tables(pin_dir: &Path, pins: &[PathBuf; 4]) {
+    for path in pinned_stage_tables(pin_dir) {
         let Some(file) = path.file_name().and_then(|f| f.to_str()) else { continue };
         let ours = pins
             .iter()

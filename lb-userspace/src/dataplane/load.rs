@@ -54,14 +54,7 @@ impl Dataplane {
     /// maps nothing uses. A load over pins a previous agent left keeps them whatever happens:
     /// the programs still attached go on forwarding the flows in them.
     pub fn load(pin_dir: &Path, config: &Config) -> Result<Self> {
-        let fresh = !pin_dir.exists();
-        let loaded = Self::load_pinned(pin_dir, config);
-        if let (Err(e), true) = (&loaded, fresh) {
-            if let Err(rm) = fs::remove_dir_all(pin_dir) {
-                tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
-            }
-        }
-        loaded
+        Self::load_in(pin_dir, config, !pin_dir.exists())
     }
 
     /// `load` for an agent, which holds `lock` on `pin_dir` (`PinDirLock`, see `pin_lock.rs`).
@@ -70,7 +63,11 @@ impl Dataplane {
     /// failed load is removed while the lock is still held.
     pub fn load_locked(pin_dir: &Path, config: &Config, lock: &PinDirLock) -> Result<Self> {
         debug_assert_eq!(lock.path(), pin_dir);
-        let fresh = holds_no_pins(pin_dir);
+        Self::load_in(pin_dir, config, holds_no_pins(pin_dir))
+    }
+
+    /// `load_pinned`, removing the directory if the load fails and it was `fresh`.
+    fn load_in(pin_dir: &Path, config: &Config, fresh: bool) -> Result<Self> {
         let loaded = Self::load_pinned(pin_dir, config);
         if let (Err(e), true) = (&loaded, fresh) {
             if let Err(rm) = fs::remove_dir_all(pin_dir) {
@@ -90,7 +87,7 @@ impl Dataplane {
             // Nothing runs through this load's stage tables yet, and no later load could tell
             // (they are named after their programs only once those load): unpin them here, or
             // an agent failing at each start on a node with pins would pile them up.
-            super::layout::unpin_stage_tables(&stage_pins);
+            super::layout::unpin_stage_tables(pin_dir, &stage_pins);
         }
         loaded
     }
