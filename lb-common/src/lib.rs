@@ -53,6 +53,9 @@ pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 pub const MAP_CT4: &str = "LB_CT4";
 /// New and finished IPv4 flows: a set-associative array of `CtWay4` (`ct_set_hash`).
 pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
+/// Copies of established IPv4 flows' assured entries, read first: a direct-mapped array of
+/// `CtWay4` (`ct_cache_slot`), half as many slots as `LB_CT4` has entries. Not pinned.
+pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";
 pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
@@ -429,6 +432,13 @@ pub type CtWay6 = CtWay<[u32; 4]>;
 #[inline(always)]
 pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     flow_hash(src ^ 0x2545_f491, dst, sport, dport, proto)
+}
+
+/// The slot of `LB_CT4_CACHE`, of `slots`, that caches the entry of a key with these fields.
+/// Seeded apart from `ct_set_hash`: flows that share a new-flow set do not also share a slot.
+#[inline(always)]
+pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slots: u32) -> u32 {
+    select_slot(flow_hash(src ^ 0x9e37_79b9, dst, sport, dport, proto), slots)
 }
 
 /// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks

@@ -6,7 +6,7 @@
 use aya_ebpf::maps::HashMap;
 use lb_common::{fold_v6, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6};
 
-use crate::maps::{Scratch, LB_CT4, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
+use crate::maps::{Scratch, LB_CT4, LB_CT4_CACHE, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
 
 /// The node's address (network order) that external flows to remote backends are SNATed to,
 /// so the backend's node sends replies back through us. Set by the agent at load time; zero
@@ -78,6 +78,9 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     /// The new-flow table: IPv4's array of ways, or IPv6's LRU (one of the two is `Some`).
     fn ct_ways() -> Option<&'static CtWays<Self>>;
     fn ct_lru() -> Option<&'static CtLru<Self>>;
+    /// The cache of established flows in front of the assured table (`ct_cache.rs`); IPv4's
+    /// only.
+    fn ct_cache() -> Option<&'static CtWays<Self>>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
     /// This CPU's scratch slot (`maps::LB_SCRATCH6`); IPv6 only, IPv4's temporaries fit its
@@ -144,6 +147,10 @@ impl Addr for u32 {
     #[inline(always)]
     fn ct_lru() -> Option<&'static CtLru<Self>> {
         None
+    }
+    #[inline(always)]
+    fn ct_cache() -> Option<&'static CtWays<Self>> {
+        Some(&LB_CT4_CACHE)
     }
     #[inline(always)]
     fn node_ip() -> Self {
@@ -231,6 +238,10 @@ impl Addr for [u32; 4] {
     #[inline(always)]
     fn ct_lru() -> Option<&'static CtLru<Self>> {
         Some(&LB_CT6_NEW)
+    }
+    #[inline(always)]
+    fn ct_cache() -> Option<&'static CtWays<Self>> {
+        None
     }
     #[inline(always)]
     fn node_ip() -> Self {

@@ -23,7 +23,7 @@ use lb_common::{
     TCP_RST, TCP_SYN,
 };
 
-use crate::{addr::Addr, ct_table, parse::Flow, stats::count};
+use crate::{addr::Addr, ct_cache, ct_table, parse::Flow, stats::count};
 
 /// Lifetime of each state in jiffies, indexed by state; the agent writes them at load time
 /// from its flags and the kernel's HZ. Placeholders for HZ=1000 until then.
@@ -206,6 +206,7 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
 /// `store_of` given the peer entry.
 #[inline(always)]
 fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtValue<A>, was_assured: bool, hook: u32) {
+    ct_cache::forget(pk);
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
@@ -268,12 +269,18 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
             e.last_seen = now;
             refresh_peer(k, e, assured, now);
         }
+        // The cache missed to get here (`ct_cache::hit`): the copy was stale, or another
+        // flow's.
+        ct_cache::fill(k, e);
         return Some(());
     }
     let (state, mut flags) = if k.proto == PROTO_TCP {
         match tcp_step(e.state, e.flags, k.dir, tcp_flags) {
             CtStep::To(s, f) => (s, f),
-            CtStep::Restart => return None,
+            CtStep::Restart => {
+                ct_cache::forget(k);
+                return None;
+            }
         }
     } else if k.dir == CT_DIR_REPLY {
         (e.state, e.flags | CT_FLAG_REPLIED)
@@ -296,6 +303,8 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
     e.state = state;
     e.flags = flags;
     e.last_seen = now;
+    // Its copy stood for the old state (the peer's goes in `mirror_into` or `store_with`).
+    ct_cache::forget(k);
     if (flags & CT_FLAG_ASSURED != 0) == assured {
         // Same table: both entries change in place.
         mirror(k, e, assured);
@@ -331,6 +340,7 @@ fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
 
 #[inline(always)]
 fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+    ct_cache::forget(pk);
     let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         Some(p) => {
@@ -379,6 +389,8 @@ fn forget_assured_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     if let Some((pk, _)) = peer(k, e, &mut tmp) {
         let _ = A::ct().remove(k);
         let _ = A::ct().remove(pk);
+        ct_cache::forget(k);
+        ct_cache::forget(pk);
     }
 }
 
@@ -387,6 +399,7 @@ fn forget_assured_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
 fn forget<A: Addr>(k: &CtKey<A>) {
     let _ = A::ct().remove(k);
     ct_table::remove(k);
+    ct_cache::forget(k);
 }
 
 /// Keeps the other direction alive too while only one direction sends (a one-way UDP
@@ -458,6 +471,9 @@ fn forward_outlined<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32,
 #[inline(always)]
 fn forward_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Forward<A> {
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
+    if let Some(v) = ct_cache::hit(&k, tcp_flags, now) {
+        return Forward::Tracked(translation_of(&v));
+    }
     let Some((e, assured)) = find(&k) else {
         return Forward::New;
     };
@@ -742,10 +758,13 @@ fn reply_outlined<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32, out: &mut R
 #[inline(always)]
 fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A>> {
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_REPLY);
+    let now = now();
+    if let Some(v) = ct_cache::hit(&k, tcp_flags, now) {
+        return Some(reply_of_entry(&v));
+    }
     let (e, assured) = find(&k)?;
     // SAFETY: as in `forward`.
     let e = unsafe { &mut *e };
-    let now = now();
     if expired(e, now) {
         if assured {
             forget_assured(&k, e);
@@ -769,16 +788,22 @@ fn reply_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, hook: u32) -> Option<Reply<A
         return None;
     }
     // Read before `advance`, which may move the entry to the other table and free this one.
-    let r = Reply {
+    let r = reply_of_entry(e);
+    advance(&k, e, assured, tcp_flags, now, hook)?;
+    Some(r)
+}
+
+/// The translation back of a reply entry.
+#[inline(always)]
+fn reply_of_entry<A: Addr>(e: &CtValue<A>) -> Reply<A> {
+    Reply {
         src_addr: e.nat_addr,
         src_port: e.nat_port,
         dst: e.flags & CT_FLAG_SNAT != 0,
         dst_addr: e.snat_addr,
         dst_port: e.snat_port,
         route: e.flags & CT_FLAG_ROUTE != 0,
-    };
-    advance(&k, e, assured, tcp_flags, now, hook)?;
-    Some(r)
+    }
 }
 
 /// Finds a flow's entry for an ICMP error quoting it (no state change: an error says nothing

@@ -12,6 +12,7 @@
 
 mod addr;
 mod conntrack;
+mod ct_cache;
 mod ct_table;
 mod ctx;
 mod frag;

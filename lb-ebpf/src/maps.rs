@@ -56,6 +56,12 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 #[map(name = "LB_CT4_NEW")]
 pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_MMAPABLE);
 
+/// Copies of established IPv4 flows' entries, read before `LB_CT4` (`ct_cache.rs`), a slot
+/// for every other entry `LB_CT4` has room for (the agent sizes both). Not pinned: it holds nothing the
+/// assured table does not, and a fresh one fills from it as packets come.
+#[map(name = "LB_CT4_CACHE")]
+pub static LB_CT4_CACHE: Array<CtWay4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, 0);
+
 /// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
 #[map(name = "LB_CT6")]
 pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);

@@ -295,6 +295,9 @@ impl MapSizes {
             // verifier, following each apart, ran past its million instructions.
             MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2) * lb_common::CT_WAYS as u32,
             MAP_CT6_NEW => self.conntrack_new,
+            // A slot for every other assured entry: 48 bytes per flow of the assured table's
+            // room (both directions), where a slot per entry would take 96.
+            lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2),
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,

@@ -288,6 +288,31 @@ impl Dataplane {
         (self.clock.clone(), self.ct_timeouts)
     }
 
+    /// Drops the datapath's cached copies of these IPv4 entries (`LB_CT4_CACHE`, see
+    /// `lb-ebpf/src/ct_cache.rs`), where it holds them. The agent never needs to: it removes
+    /// only expired flows and UDP ones, which no copy stands for. A test that rewrites or
+    /// empties `LB_CT4` by hand, to make time pass, does.
+    pub fn forget_cached_flows<'a>(&self, keys: impl IntoIterator<Item = &'a lb_common::CtKey4>) -> Result<()> {
+        use lb_common::MAP_CT4_CACHE;
+        let err = |e| maps::map_err(MAP_CT4_CACHE)(e);
+        let map = self.ebpf.map(MAP_CT4_CACHE).ok_or(DataplaneError::MissingMap { name: MAP_CT4_CACHE })?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DataplaneError::MissingMap { name: MAP_CT4_CACHE });
+        };
+        // The loader's handle is shared; a handle of our own, by id, may be written through.
+        let id = data.info().map_err(err)?.id();
+        let mut cache: aya::maps::Array<_, lb_common::CtWay4> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(aya::maps::MapData::from_id(id).map_err(err)?))
+                .map_err(err)?;
+        for k in keys {
+            let slot = lb_common::ct_cache_slot(k.src, k.dst, k.sport, k.dport, k.proto, self.sizes.of(MAP_CT4_CACHE));
+            if cache.get(&slot, 0).map_err(err)?.key == *k {
+                cache.set(slot, lb_common::CtWay4::default(), 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Frontends programmed and backends summed over them.
     pub fn programmed(&self) -> (usize, usize) {
         (self.programmed.len(), self.programmed.values().map(|p| p.port.backends.len()).sum())

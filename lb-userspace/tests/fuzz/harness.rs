@@ -161,6 +161,9 @@ impl Datapath for Loaded {
     }
 
     fn clear_flows(&mut self) -> Result<(), String> {
+        // The datapath's cached copies of established entries go with them (`ct_cache.rs`).
+        let keys: Vec<_> = self.maps.conntrack.keys().filter_map(Result::ok).collect();
+        self.dp.forget_cached_flows(&keys).map_err(|e| e.to_string())?;
         clear(&mut self.maps.conntrack)?;
         self.maps.conntrack_new.clear().map_err(|e| e.to_string())?;
         clear(&mut self.maps.affinity)?;

@@ -1,0 +1,133 @@
+//! A direct-mapped cache of established IPv4 TCP flows in front of `LB_CT4`: a slot for every
+//! other entry the assured table has room for, each a copy of an entry under its key, read by the established path before the
+//! assured table. A hit costs the key's hash and one inlined array load, where the assured
+//! table's lookup is a call into the kernel's hash map (hash, bucket walk, key compare): at
+//! XDP that lookup was a third of an established packet's cost. Exact-match caches in front
+//! of a flow table are how Open vSwitch's datapath keeps its fast path cheap (its EMC).
+//!
+//! What a cached copy may stand for: an assured ESTABLISHED TCP entry, for a segment without
+//! SYN, FIN or RST (nothing but a refresh happens to the entry then, `conntrack::advance`),
+//! seen at most `CT_CACHE_FRESH` ago (the refresh interval, or the established lifetime if
+//! shorter). A packet outside that window takes the assured table, which refreshes the entry
+//! and the copy: the assured table stays the record (the agent's collection, listing,
+//! restarts and migrations see only it), and an idle flow expires there as before.
+//!
+//! Coherence: whatever changes an assured entry's state or removes it, in the datapath,
+//! forgets both of its flow's copies (`conntrack::advance`, `mirror_into`, `store_with`,
+//! `forget_assured_of`, `forget`). The agent never needs to: it removes only expired flows,
+//! which no copy can stand for (a copy is fresh, and the lifetime is at least the window), and
+//! UDP flows, never cached. A copy written by one CPU just after another forgot it (both
+//! directions of a flow on two CPUs at once, one of them a FIN or RST) stands for the old
+//! state for at most the window: its direction's plain segments go unseen by the state
+//! machine meanwhile, they are still forwarded to the same backend.
+//!
+//! Concurrency: a slot is written without a lock, its key's last word (protocol) first
+//! cleared, then the value, then the key; a reader compares the key, copies the value and
+//! compares the key again, all volatile, and takes the copy only if both compares match: a
+//! writer that overwrote the slot meanwhile changed the key. This relies on stores and loads
+//! each staying in order, as on x86; elsewhere the window between them stays (as for
+//! `ct_table.rs`).
+use lb_common::{ct_cache_slot, CtKey, CtValue, CtWay, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN};
+
+use crate::addr::Addr;
+
+/// Slots of the cache, written by the agent at load time (half the assured table's room).
+#[no_mangle]
+static CT_CACHE_SLOTS: u32 = lb_common::CONNTRACK_MAX_ENTRIES / 2;
+
+/// How long a copy stands for its entry (jiffies): the refresh interval, or the established
+/// lifetime if shorter; written by the agent at load time.
+#[no_mangle]
+static CT_CACHE_FRESH: u32 = 1000;
+
+/// Words of a key: IPv4 only (`Addr::ct_cache` is `None` for IPv6).
+const KEY_WORDS: usize = 4;
+/// Words of a value.
+const VALUE_WORDS: usize = core::mem::size_of::<CtValue<u32>>() / 4;
+
+/// The slot `k` would be cached in.
+#[inline(always)]
+fn slot<A: Addr>(k: &CtKey<A>) -> Option<*mut CtWay<A>> {
+    let cache = A::ct_cache()?;
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let slots = unsafe { core::ptr::read_volatile(&CT_CACHE_SLOTS) };
+    cache.get_ptr_mut(ct_cache_slot(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, slots))
+}
+
+/// Whether the key in slot `w` is `k`, read a word at a time, volatile (so that the reads of
+/// a hit stay in the order the module's note needs).
+#[inline(always)]
+fn holds<A>(w: *const CtWay<A>, k: &CtKey<A>) -> bool {
+    let (a, b) = (w as *const u32, k as *const CtKey<A> as *const u32);
+    let mut diff = 0;
+    let mut i = 0;
+    while i < KEY_WORDS {
+        // SAFETY: both point at a key of at least `KEY_WORDS` words (IPv4's, 16 bytes); the
+        // slot is an array element, the key a stack value.
+        diff |= unsafe { core::ptr::read_volatile(a.add(i)) ^ *b.add(i) };
+        i += 1;
+    }
+    diff == 0
+}
+
+/// The cached entry of `k`, if it may stand for the assured table's for a segment with these
+/// flags at `now`.
+#[inline(always)]
+pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>> {
+    if k.proto != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let w = slot(k)?;
+    if !holds(w, k) {
+        return None;
+    }
+    let mut words = [0u32; VALUE_WORDS];
+    // SAFETY: the value follows the 16-byte key in the `repr(C)` way (asserted in lb-common).
+    let src = unsafe { (w as *const u32).add(KEY_WORDS) };
+    let mut i = 0;
+    while i < VALUE_WORDS {
+        // SAFETY: within the slot's value.
+        words[i] = unsafe { core::ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+    if !holds(w, k) {
+        return None;
+    }
+    // SAFETY: IPv4's value is `VALUE_WORDS` words of plain integers (asserted in lb-common).
+    let v: CtValue<A> = unsafe { core::ptr::read_unaligned(words.as_ptr() as *const CtValue<A>) };
+    // SAFETY: as above.
+    let fresh = unsafe { core::ptr::read_volatile(&CT_CACHE_FRESH) };
+    // Seen after this packet read the clock (another CPU refreshed it): fresh.
+    (now.wrapping_sub(v.last_seen) as i32 <= fresh as i32).then_some(v)
+}
+
+/// Caches `e`, the assured ESTABLISHED entry of `k` that a plain segment just found.
+#[inline(always)]
+pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
+    let Some(w) = slot(k) else { return };
+    let (dst, key, value) = (w as *mut u32, k as *const CtKey<A> as *const u32, e as *const CtValue<A> as *const u32);
+    // SAFETY: the slot is an IPv4 way, `KEY_WORDS + VALUE_WORDS` words; `k` and `e` are IPv4's.
+    unsafe {
+        core::ptr::write_volatile(dst.add(KEY_WORDS - 1), 0);
+        let mut i = 0;
+        while i < VALUE_WORDS {
+            core::ptr::write_volatile(dst.add(KEY_WORDS + i), *value.add(i));
+            i += 1;
+        }
+        let mut i = 0;
+        while i < KEY_WORDS {
+            core::ptr::write_volatile(dst.add(i), *key.add(i));
+            i += 1;
+        }
+    }
+}
+
+/// Drops the cached copy of `k`, if there is one.
+#[inline(always)]
+pub fn forget<A: Addr>(k: &CtKey<A>) {
+    let Some(w) = slot(k) else { return };
+    if holds(w, k) {
+        // SAFETY: the key's last word (protocol, direction, padding): 0 is no key.
+        unsafe { core::ptr::write_volatile((w as *mut u32).add(KEY_WORDS - 1), 0) };
+    }
+}
