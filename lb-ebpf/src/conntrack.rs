@@ -197,6 +197,8 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
         store_with(k, e, &pk, &mut pv, was_assured, hook);
+        // After the moves: until then the peer's old entry could still be found, and cached.
+        ct_cache::forget(&pk);
     } else if let Some((pk, pv)) = scratch_peer::<A>() {
         ct_peer_into(k, e, pk, pv);
         store_with(k, e, pk, pv, was_assured, hook);
@@ -206,7 +208,6 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
 /// `store_of` given the peer entry.
 #[inline(always)]
 fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtValue<A>, was_assured: bool, hook: u32) {
-    ct_cache::forget(pk);
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
@@ -340,7 +341,6 @@ fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
 
 #[inline(always)]
 fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
-    ct_cache::forget(pk);
     let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         Some(p) => {
@@ -352,6 +352,8 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
         }
         None => insert_either(pk, pv, assured),
     }
+    // After the write: a copy made meanwhile from the old state goes too.
+    ct_cache::forget(pk);
 }
 
 /// Re-creates a lost peer entry in the table of its flow. A rare path (the new-flow table
@@ -690,6 +692,7 @@ fn forget_finished<A: Addr>(addr: &A, backend_addr: &A, backend_port: u16, port:
         if let Some((pk, _)) = peer(&k, unsafe { &*e }, &mut tmp) {
             forget(pk);
         }
+        ct_cache::forget(&k);
     }
 }
 

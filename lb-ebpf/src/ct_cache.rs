@@ -21,13 +21,24 @@
 //! state for at most the window: its direction's plain segments go unseen by the state
 //! machine meanwhile, they are still forwarded to the same backend.
 //!
-//! Concurrency: a slot is written without a lock, its key's last word (protocol) first
-//! cleared, then the value, then the key; a reader compares the key, copies the value and
-//! compares the key again, all volatile, and takes the copy only if both compares match: a
-//! writer that overwrote the slot meanwhile changed the key. This relies on stores and loads
-//! each staying in order, as on x86; elsewhere the window between them stays (as for
-//! `ct_table.rs`).
-use lb_common::{ct_cache_slot, CtKey, CtValue, CtWay, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN};
+//! Concurrency: a writer first claims the slot, swapping its key's last word (protocol,
+//! direction, padding) for `BUSY` with an atomic compare-and-exchange (losing, it leaves the
+//! slot alone: two writers interleaved could leave one flow's key on the other's value), then
+//! writes the value, the key's first words, and its last word. A reader compares the key
+//! (last word last), copies the value, and compares the key again, last word first, all
+//! volatile: a writer that began after the first compare has changed the last word by the
+//! second, and one that finished in between has changed the other words (unless it wrote the
+//! same key again, whose translation is the same). Copies carry the state they were made
+//! from, and only an assured ESTABLISHED one is taken: a copy made from an entry another CPU
+//! was changing at that instant is refused. This relies on stores and loads each staying in
+//! order, as on x86; elsewhere the window between them stays (as for `ct_table.rs`). One
+//! window stays everywhere: the assured table is preallocated, so an entry removed and reused
+//! by another flow while a packet held it (between the packet's lookup and its copy, tens of
+//! nanoseconds) is copied as this flow's, and stands for it for the window above, where
+//! without the cache it would mislead that one packet.
+use lb_common::{
+    ct_cache_slot, CtKey, CtValue, CtWay, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 use crate::addr::Addr;
 
@@ -44,6 +55,8 @@ static CT_CACHE_FRESH: u32 = 1000;
 const KEY_WORDS: usize = 4;
 /// Words of a value.
 const VALUE_WORDS: usize = core::mem::size_of::<CtValue<u32>>() / 4;
+/// A key's last word while a writer holds the slot: padding bits set, which no key has.
+const BUSY: u32 = 0xffff_0000;
 
 /// The slot `k` would be cached in.
 #[inline(always)]
@@ -54,18 +67,23 @@ fn slot<A: Addr>(k: &CtKey<A>) -> Option<*mut CtWay<A>> {
     cache.get_ptr_mut(ct_cache_slot(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, slots))
 }
 
-/// Whether the key in slot `w` is `k`, read a word at a time, volatile (so that the reads of
-/// a hit stay in the order the module's note needs).
+/// Whether the key in slot `w` is `k`, read a word at a time, volatile (so that the reads
+/// stay in the order the module's note needs): the last word last, or with `last_first`
+/// first.
 #[inline(always)]
-fn holds<A>(w: *const CtWay<A>, k: &CtKey<A>) -> bool {
+fn holds<A>(w: *const CtWay<A>, k: &CtKey<A>, last_first: bool) -> bool {
     let (a, b) = (w as *const u32, k as *const CtKey<A> as *const u32);
-    let mut diff = 0;
+    // SAFETY: both point at a key of at least `KEY_WORDS` words (IPv4's, 16 bytes); the slot
+    // is an array element, the key a stack value.
+    let word = |i: usize| unsafe { core::ptr::read_volatile(a.add(i)) ^ *b.add(i) };
+    let mut diff = if last_first { word(KEY_WORDS - 1) } else { 0 };
     let mut i = 0;
-    while i < KEY_WORDS {
-        // SAFETY: both point at a key of at least `KEY_WORDS` words (IPv4's, 16 bytes); the
-        // slot is an array element, the key a stack value.
-        diff |= unsafe { core::ptr::read_volatile(a.add(i)) ^ *b.add(i) };
+    while i < KEY_WORDS - 1 {
+        diff |= word(i);
         i += 1;
+    }
+    if !last_first {
+        diff |= word(KEY_WORDS - 1);
     }
     diff == 0
 }
@@ -78,7 +96,7 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
         return None;
     }
     let w = slot(k)?;
-    if !holds(w, k) {
+    if !holds(w, k, false) {
         return None;
     }
     let mut words = [0u32; VALUE_WORDS];
@@ -90,15 +108,20 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
         words[i] = unsafe { core::ptr::read_volatile(src.add(i)) };
         i += 1;
     }
-    if !holds(w, k) {
+    if !holds(w, k, true) {
         return None;
     }
     // SAFETY: IPv4's value is `VALUE_WORDS` words of plain integers (asserted in lb-common).
     let v: CtValue<A> = unsafe { core::ptr::read_unaligned(words.as_ptr() as *const CtValue<A>) };
+    if v.state != CT_ESTABLISHED || v.flags & CT_FLAG_ASSURED == 0 {
+        return None;
+    }
     // SAFETY: as above.
     let fresh = unsafe { core::ptr::read_volatile(&CT_CACHE_FRESH) };
-    // Seen after this packet read the clock (another CPU refreshed it): fresh.
-    (now.wrapping_sub(v.last_seen) as i32 <= fresh as i32).then_some(v)
+    // Seen at most `fresh` before the clock read, or just after it (another CPU refreshed the
+    // entry meanwhile). Unsigned both ways: a copy left alone for 2^31 jiffies (25 days at
+    // HZ=1000) must not pass for one made just after the clock read.
+    (now.wrapping_sub(v.last_seen) <= fresh || v.last_seen.wrapping_sub(now) <= fresh).then_some(v)
 }
 
 /// Caches `e`, the assured ESTABLISHED entry of `k` that a plain segment just found.
@@ -106,9 +129,17 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
 pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     let Some(w) = slot(k) else { return };
     let (dst, key, value) = (w as *mut u32, k as *const CtKey<A> as *const u32, e as *const CtValue<A> as *const u32);
-    // SAFETY: the slot is an IPv4 way, `KEY_WORDS + VALUE_WORDS` words; `k` and `e` are IPv4's.
+    // SAFETY: the slot is an IPv4 way, `KEY_WORDS + VALUE_WORDS` words, 4-byte aligned; `k`
+    // and `e` are IPv4's.
     unsafe {
-        core::ptr::write_volatile(dst.add(KEY_WORDS - 1), 0);
+        // The key's last two words as one, 8-byte aligned (array elements start 8-aligned,
+        // the kernel rounding their size up to 8, and these are bytes 8..16 of one).
+        let tail = dst.add(KEY_WORDS - 2) as *mut u64;
+        let seen = core::ptr::read_volatile(tail);
+        if (seen >> 32) as u32 & BUSY != 0 || !claim(tail, seen, (seen & 0xffff_ffff) | (BUSY as u64) << 32) {
+            // Another CPU is writing the slot.
+            return;
+        }
         let mut i = 0;
         while i < VALUE_WORDS {
             core::ptr::write_volatile(dst.add(KEY_WORDS + i), *value.add(i));
@@ -122,11 +153,25 @@ pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     }
 }
 
+/// Swaps `*p` from `seen` to `new` if it still holds `seen`, atomically: BPF's
+/// `cmpxchg_64`, as inline asm since Rust's BPF target offers no compare-and-exchange (its
+/// atomics are loads and stores). The verifier accepts it on a map value, aligned.
+#[inline(always)]
+unsafe fn claim(p: *mut u64, seen: u64, new: u64) -> bool {
+    let mut r0 = seen;
+    // SAFETY: the caller's `p` is an aligned u64 of a map value.
+    unsafe {
+        core::arch::asm!("r0 = cmpxchg_64({p} + 0, r0, {new})", p = in(reg) p, new = in(reg) new,
+            inout("r0") r0, options(nostack, preserves_flags));
+    }
+    r0 == seen
+}
+
 /// Drops the cached copy of `k`, if there is one.
 #[inline(always)]
 pub fn forget<A: Addr>(k: &CtKey<A>) {
     let Some(w) = slot(k) else { return };
-    if holds(w, k) {
+    if holds(w, k, false) {
         // SAFETY: the key's last word (protocol, direction, padding): 0 is no key.
         unsafe { core::ptr::write_volatile((w as *mut u32).add(KEY_WORDS - 1), 0) };
     }

@@ -362,6 +362,8 @@ fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
 fn forget_all_flows(h: &Harness) {
     let mut m = h.pinned_maps();
     let keys: Vec<CtKey4> = m.conntrack.keys().filter_map(Result::ok).collect();
+    // Their cached copies too (`lb-ebpf/src/ct_cache.rs`): the entries are lost, not idle.
+    h.dp.forget_cached_flows(&keys).unwrap();
     for k in keys {
         m.conntrack.remove(&k).unwrap();
     }
