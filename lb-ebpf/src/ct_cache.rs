@@ -55,6 +55,8 @@ static CT_CACHE_FRESH: u32 = 1000;
 const KEY_WORDS: usize = 4;
 /// Words of a value.
 const VALUE_WORDS: usize = core::mem::size_of::<CtValue<u32>>() / 4;
+/// The value's word holding `state` and `flags` (bytes 12 and 13 of IPv4's).
+const STATE_WORD: usize = 3;
 /// A key's last word while a writer holds the slot: padding bits set, which no key has.
 const BUSY: u32 = 0xffff_0000;
 
@@ -111,11 +113,16 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
     if !holds(w, k, true) {
         return None;
     }
-    // SAFETY: IPv4's value is `VALUE_WORDS` words of plain integers (asserted in lb-common).
-    let v: CtValue<A> = unsafe { core::ptr::read_unaligned(words.as_ptr() as *const CtValue<A>) };
-    if v.state != CT_ESTABLISHED || v.flags & CT_FLAG_ASSURED == 0 {
+    // The state and flags, one word with the padding after them (offsets asserted in
+    // lb-common): ESTABLISHED and assured in one compare. Field by field, from the value
+    // built below, the check measured about 9 ns at XDP (the copy spilled to the stack and
+    // read back a byte at a time).
+    let mask = 0xff | (CT_FLAG_ASSURED as u32) << 8;
+    if words[STATE_WORD] & mask != CT_ESTABLISHED as u32 | (CT_FLAG_ASSURED as u32) << 8 {
         return None;
     }
+    // SAFETY: IPv4's value is `VALUE_WORDS` words of plain integers (asserted in lb-common).
+    let v: CtValue<A> = unsafe { core::ptr::read_unaligned(words.as_ptr() as *const CtValue<A>) };
     // SAFETY: as above.
     let fresh = unsafe { core::ptr::read_volatile(&CT_CACHE_FRESH) };
     // Seen at most `fresh` before the clock read, or just after it (another CPU refreshed the
