@@ -197,7 +197,9 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
         store_with(k, e, &pk, &mut pv, was_assured, hook);
-        // After the moves: until then the peer's old entry could still be found, and cached.
+        // After the moves: until then the old entries could still be found, and cached (a
+        // flow demoted when the assured table is full is written there and removed again).
+        ct_cache::forget(k);
         ct_cache::forget(&pk);
     } else if let Some((pk, pv)) = scratch_peer::<A>() {
         ct_peer_into(k, e, pk, pv);

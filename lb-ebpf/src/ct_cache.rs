@@ -31,8 +31,10 @@
 //! same key again, whose translation is the same). Copies carry the state they were made
 //! from, and only an assured ESTABLISHED one is taken: a copy made from an entry another CPU
 //! was changing at that instant is refused. This relies on stores and loads each staying in
-//! order, as on x86; elsewhere the window between them stays (as for `ct_table.rs`). One
-//! window stays everywhere: the assured table is preallocated, so an entry removed and reused
+//! order, as on x86; elsewhere the window between them stays (as for `ct_table.rs`). A reader
+//! stalled through two whole writes, the slot going to another key and back to its own,
+//! takes a mix of both copies of its own flow for that one packet (same translation; only the
+//! times could mix). One window stays everywhere: the assured table is preallocated, so an entry removed and reused
 //! by another flow while a packet held it (between the packet's lookup and its copy, tens of
 //! nanoseconds) is copied as this flow's, and stands for it for the window above, where
 //! without the cache it would mislead that one packet.
@@ -174,12 +176,20 @@ unsafe fn claim(p: *mut u64, seen: u64, new: u64) -> bool {
     r0 == seen
 }
 
-/// Drops the cached copy of `k`, if there is one.
+/// Drops the cached copy of `k`, if there is one. With a compare-and-exchange too: a plain
+/// store of 0 landing just after a writer's claim would clear its `BUSY` and let a second
+/// writer in. A writer that claimed the slot first wins; its copy is the stale one the
+/// module's note bounds.
 #[inline(always)]
 pub fn forget<A: Addr>(k: &CtKey<A>) {
     let Some(w) = slot(k) else { return };
-    if holds(w, k, false) {
-        // SAFETY: the key's last word (protocol, direction, padding): 0 is no key.
-        unsafe { core::ptr::write_volatile((w as *mut u32).add(KEY_WORDS - 1), 0) };
+    let tail = (w as *mut u32).wrapping_add(KEY_WORDS - 2) as *mut u64;
+    // SAFETY: bytes 8..16 of the slot, 8-byte aligned (see `fill`); `k` is IPv4's 16 bytes.
+    let (seen, mine) = unsafe {
+        (core::ptr::read_volatile(tail), core::ptr::read_unaligned((k as *const CtKey<A> as *const u64).add(1)))
+    };
+    if seen == mine && holds(w, k, false) {
+        // SAFETY: as above. The key's last word becomes 0, which is no key.
+        unsafe { claim(tail, seen, seen & 0xffff_ffff) };
     }
 }
