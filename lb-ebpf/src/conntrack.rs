@@ -306,7 +306,7 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
     e.state = state;
     e.flags = flags;
     e.last_seen = now;
-    // Its copy stood for the old state (the peer's goes in `mirror_into` or `store_with`).
+    // Its copy stood for the old state (the peer's goes in `mirror_into` or `store_of`).
     ct_cache::forget(k);
     if (flags & CT_FLAG_ASSURED != 0) == assured {
         // Same table: both entries change in place.

@@ -1,6 +1,6 @@
 //! A direct-mapped cache of established IPv4 TCP flows in front of `LB_CT4`: a slot for every
-//! other entry the assured table has room for, each a copy of an entry under its key, read by the established path before the
-//! assured table. A hit costs the key's hash and one inlined array load, where the assured
+//! other entry the assured table has room for, each a copy of an entry under its key, read by
+//! the established path before the assured table. A hit costs the key's hash and one inlined array load, where the assured
 //! table's lookup is a call into the kernel's hash map (hash, bucket walk, key compare): at
 //! XDP that lookup was a third of an established packet's cost. Exact-match caches in front
 //! of a flow table are how Open vSwitch's datapath keeps its fast path cheap (its EMC).
@@ -13,8 +13,8 @@
 //! restarts and migrations see only it), and an idle flow expires there as before.
 //!
 //! Coherence: whatever changes an assured entry's state or removes it, in the datapath,
-//! forgets both of its flow's copies (`conntrack::advance`, `mirror_into`, `store_with`,
-//! `forget_assured_of`, `forget`). The agent never needs to: it removes only expired flows,
+//! forgets both of its flow's copies (`conntrack::advance`, `mirror_into`, `store_of`,
+//! `forget_assured_of`, `forget`, `forget_finished`). The agent never needs to: it removes only expired flows,
 //! which no copy can stand for (a copy is fresh, and the lifetime is at least the window), and
 //! UDP flows, never cached. A copy written by one CPU just after another forgot it (both
 //! directions of a flow on two CPUs at once, one of them a FIN or RST) stands for the old
@@ -34,10 +34,10 @@
 //! order, as on x86; elsewhere the window between them stays (as for `ct_table.rs`). A reader
 //! stalled through two whole writes, the slot going to another key and back to its own,
 //! takes a mix of both copies of its own flow for that one packet (same translation; only the
-//! times could mix). One window stays everywhere: the assured table is preallocated, so an entry removed and reused
-//! by another flow while a packet held it (between the packet's lookup and its copy, tens of
-//! nanoseconds) is copied as this flow's, and stands for it for the window above, where
-//! without the cache it would mislead that one packet.
+//! times could mix). One window stays everywhere: the assured table is preallocated, so an
+//! entry removed and reused by another flow while a packet held it (between the packet's
+//! lookup and its copy, tens of nanoseconds) is copied as this flow's, and stands for it for
+//! the window above, where without the cache it would mislead that one packet.
 use lb_common::{
     ct_cache_slot, CtKey, CtValue, CtWay, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN,
 };

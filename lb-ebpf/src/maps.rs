@@ -57,8 +57,8 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_MMAPABLE);
 
 /// Copies of established IPv4 flows' entries, read before `LB_CT4` (`ct_cache.rs`), a slot
-/// for every other entry `LB_CT4` has room for (the agent sizes both). Not pinned: it holds nothing the
-/// assured table does not, and a fresh one fills from it as packets come.
+/// for every other entry `LB_CT4` has room for (the agent sizes both). Not pinned: it holds
+/// nothing the assured table does not, and a fresh one fills from it as packets come.
 #[map(name = "LB_CT4_CACHE")]
 pub static LB_CT4_CACHE: Array<CtWay4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, 0);
 

@@ -161,6 +161,45 @@ fn a_reset_from_either_side_closes_the_flow_and_a_new_syn_reuses_the_tuple() {
     expect(&h, c, b, CT_SYN_SENT, false);
 }
 
+#[test]
+fn an_established_flows_plain_segments_are_served_from_its_cached_copy() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let c = (CLIENT, 44000);
+    let b = up(&h, c, SYN);
+    down(&h, b, c, SYN_ACK);
+    up(&h, c, ACK);
+    expect(&h, c, b, CT_ESTABLISHED, true);
+    // A plain segment each way finds its assured entry and copies it (`LB_CT4_CACHE`).
+    down(&h, b, c, ACK);
+    up(&h, c, ACK);
+    // The assured entries go behind the datapath's back; the copies stay.
+    let keys = [ct_key(c, (VIP, 80), CT_DIR_FORWARD), ct_key(b, c, CT_DIR_REPLY)];
+    let mut m = h.pinned_maps();
+    for k in &keys {
+        m.conntrack.remove(k).expect("removing the entry");
+    }
+    let count =
+        || (h.counter(Counter::FwdTracked), h.counter(Counter::ReplyTranslated), h.counter(Counter::FwdNewFlow));
+    // Plain segments both ways are still translated as tracked, from the copies alone.
+    let before = count();
+    assert_eq!(up(&h, c, ACK), b);
+    down(&h, b, c, ACK);
+    let after = count();
+    assert_eq!((after.0 - before.0, after.1 - before.1, after.2 - before.2), (1, 1, 0));
+    assert!(flow(&h, c, b).iter().all(Option::is_none), "served without an entry");
+    // Without the copies the reply has nothing to be translated by, and the client's next
+    // segment is picked up as a new flow.
+    h.dp.forget_cached_flows(&keys).expect("forgetting the cached copies");
+    let (_, out) = h.run(&frame(b, c, L4::Tcp { flags: ACK }, b""));
+    assert_eq!(parse_checked(&out).src, b, "the reply is left untranslated");
+    let before = count();
+    assert_eq!(up(&h, c, ACK), b);
+    assert_eq!(count().2 - before.2, 1, "a new flow");
+}
+
 /// Ages both entries of a flow by `secs` (their last packet that long ago).
 fn age(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16), secs: u64) {
     let (clock, _) = h.dp.ct_clock();
