@@ -1005,8 +1005,12 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     // pass-through rows, with the tables nearly empty: a quick look at a change to the tracked
     // path while developing, never a figure to quote (the full tables are part of the rows).
     let tracked_only = std::env::var("LB_BENCH_WARM_TRACKED_ONLY").is_ok_and(|v| v == "1");
+    // `LB_BENCH_WARM_NEW_ONLY=1`: the other quick look, only floors, references and the
+    // new-flow rows with full tables (and the reference with a flow table beside them).
+    let new_only = std::env::var("LB_BENCH_WARM_NEW_ONLY").is_ok_and(|v| v == "1");
+    let levels: &[Level] = if new_only { &[Level::Full] } else { &[Level::Empty, Level::Half, Level::Full] };
     if !tracked_only {
-        for level in [Level::Empty, Level::Half, Level::Full] {
+        for &level in levels {
             let runs = match level {
                 Level::Empty => Runs::Batches { entries: 0 },
                 Level::Half => {
@@ -1059,32 +1063,34 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
 
         // Affinity: 1024 clients pinned first, then every run a new connection of one of them.
         let aff = tcp((PINNED_CLIENTS, BASE_PORT), AFF_VIP, SYN);
-        s.aim(Hook::Tc, Target::Lb)?;
-        s.w.set_frame(&aff)?;
-        let start = s.w.reserve(Mode::NewConn, 1024)?;
-        s.w.run(Hook::Tc, Mode::NewConn, &aff, 1024, start)?;
-        let pins = s.dp.maps().affinity.keys().filter(|k| k.is_ok()).count();
-        ensure!(pins == 1024, "pinning 1024 clients left {pins} affinity entries");
-        let aff_backends = ipv4_backends(AFF_VIP);
-        for hook in hooks {
-            let check = to_one_of(fwd(hook), aff_backends.clone());
-            s.row(
-                hook,
-                "affinity hit (new connection of a pinned client)",
-                Mode::NewConn,
-                Target::Lb,
-                &aff,
-                Some(Counter::AffinityHit),
-                &check,
-                Runs::Repeat,
-            )?;
+        if !new_only {
+            s.aim(Hook::Tc, Target::Lb)?;
+            s.w.set_frame(&aff)?;
+            let start = s.w.reserve(Mode::NewConn, 1024)?;
+            s.w.run(Hook::Tc, Mode::NewConn, &aff, 1024, start)?;
+            let pins = s.dp.maps().affinity.keys().filter(|k| k.is_ok()).count();
+            ensure!(pins == 1024, "pinning 1024 clients left {pins} affinity entries");
+            let aff_backends = ipv4_backends(AFF_VIP);
+            for hook in hooks {
+                let check = to_one_of(fwd(hook), aff_backends.clone());
+                s.row(
+                    hook,
+                    "affinity hit (new connection of a pinned client)",
+                    Mode::NewConn,
+                    Target::Lb,
+                    &aff,
+                    Some(Counter::AffinityHit),
+                    &check,
+                    Runs::Repeat,
+                )?;
+            }
         }
     }
 
     // Tracked flows and pass-through, with both tables full.
     let mut established = BTreeMap::new();
     let mut pass_service_port = BTreeMap::new();
-    for hook in hooks {
+    for hook in hooks.into_iter().filter(|_| !new_only) {
         let (client, backend) = est[&hook];
         let expect = fwd(hook);
         let check = move |v: u32, out: &[u8]| {
