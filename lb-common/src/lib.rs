@@ -56,6 +56,15 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// Copies of established IPv4 flows' assured entries, read first: a direct-mapped array of
 /// `CtWay4` (`ct_cache_slot`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
+/// Which IPv4 forward keys may have an entry in `LB_CT4`: a byte per slot (`ct_cache_slot`),
+/// stamped with an epoch, `CT_LIVE_SLOTS_PER_ENTRY` slots per entry `LB_CT4` has room for,
+/// after an 8-byte epoch word (`ct_live_present`). Read by a SYN, which then skips the
+/// assured table's lookup when its key's slot is unstamped. Not pinned: the agent stamps every
+/// live flow into a new one at load and at each collection pass.
+pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
+/// Slots of `LB_CT4_LIVE` per entry of `LB_CT4`: at most half its entries are forward keys,
+/// so at most one slot in 16 is stamped and a new flow's SYN skips the lookup 15 times in 16.
+pub const CT_LIVE_SLOTS_PER_ENTRY: u32 = 8;
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";
 pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
@@ -446,6 +455,25 @@ pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     let h =
         (h ^ (((sport as u64) << 16 | dport as u64) << 32 | (proto as u64) << 24)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     select_slot((h >> 32) as u32, slots)
+}
+
+/// Whether a `LB_CT4_LIVE` slot holding `stamp` may stand for a live flow, with `epochs` the
+/// map's epoch word: its low byte the current epoch, which new stamps take, the next byte the
+/// previous one. A stamp of either counts, so a flow stamped just before the agent moved the
+/// epoch on still counts until the agent's walk stamps it again. Epochs run 1 to 255; 0 is no
+/// stamp, and a current epoch of 0 (a map nobody has set up) makes every slot count.
+#[inline(always)]
+pub fn ct_live_present(stamp: u8, epochs: u32) -> bool {
+    let current = epochs as u8;
+    current == 0 || (stamp != 0 && (stamp == current || stamp == (epochs >> 8) as u8))
+}
+
+/// The epoch word after `epochs`: the next current epoch (1 after 255), and the current one as
+/// the previous.
+pub fn ct_live_next_epochs(epochs: u32) -> u32 {
+    let current = epochs as u8;
+    let next = if current == u8::MAX { 1 } else { current + 1 };
+    next as u32 | (current as u32) << 8
 }
 
 /// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks
@@ -1100,6 +1128,28 @@ mod tests {
         }
         // 100 per set on average; a fair spread keeps every set within a few deviations.
         assert!(hits.iter().all(|h| (50..160).contains(h)), "{:?}", (hits.iter().min(), hits.iter().max()));
+    }
+
+    #[test]
+    fn live_stamps_count_for_two_epochs_and_an_unset_map_counts_everything() {
+        // A map nobody set up: every slot may be live, stamped or not.
+        assert!(ct_live_present(0, 0) && ct_live_present(7, 0));
+        let mut epochs = ct_live_next_epochs(0);
+        assert_eq!(epochs, 1);
+        assert!(ct_live_present(1, epochs) && !ct_live_present(0, epochs) && !ct_live_present(2, epochs));
+        // Around the whole cycle: a stamp counts in its own epoch and the next, never later,
+        // and no epoch is 0 (an unstamped slot).
+        for _ in 0..600 {
+            let stamp = epochs as u8;
+            let next = ct_live_next_epochs(epochs);
+            assert_ne!(next as u8, 0);
+            assert!(ct_live_present(stamp, epochs));
+            assert!(ct_live_present(stamp, next), "a stamp of the previous epoch counts");
+            assert!(!ct_live_present(stamp, ct_live_next_epochs(next)), "two epochs on it does not");
+            assert!(!ct_live_present(0, next));
+            epochs = next;
+        }
+        assert_eq!(ct_live_next_epochs(255 | 254 << 8), 1 | 255 << 8);
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! sits in the packet (network order words). What differs between the families beyond the
 //! address width lives here: the conntrack tables, the node's own addresses, the IP header's
 //! layout, and how an address enters a hash or a map key.
-use aya_ebpf::maps::HashMap;
+use aya_ebpf::maps::{Array, HashMap};
 use lb_common::{fold_v6, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6};
 
-use crate::maps::{Scratch, LB_CT4, LB_CT4_CACHE, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
+use crate::maps::{Scratch, LB_CT4, LB_CT4_CACHE, LB_CT4_LIVE, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
 
 /// The node's address (network order) that external flows to remote backends are SNATed to,
 /// so the backend's node sends replies back through us. Set by the agent at load time; zero
@@ -81,6 +81,9 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     /// The cache of established flows in front of the assured table (`ct_cache.rs`); IPv4's
     /// only.
     fn ct_cache() -> Option<&'static CtWays<Self>>;
+    /// The stamps of forward keys that may be in the assured table (`ct_live.rs`); IPv4's
+    /// only.
+    fn ct_live() -> Option<&'static Array<u64>>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
     /// This CPU's scratch slot (`maps::LB_SCRATCH6`); IPv6 only, IPv4's temporaries fit its
@@ -151,6 +154,10 @@ impl Addr for u32 {
     #[inline(always)]
     fn ct_cache() -> Option<&'static CtWays<Self>> {
         Some(&LB_CT4_CACHE)
+    }
+    #[inline(always)]
+    fn ct_live() -> Option<&'static Array<u64>> {
+        Some(&LB_CT4_LIVE)
     }
     #[inline(always)]
     fn node_ip() -> Self {
@@ -241,6 +248,10 @@ impl Addr for [u32; 4] {
     }
     #[inline(always)]
     fn ct_cache() -> Option<&'static CtWays<Self>> {
+        None
+    }
+    #[inline(always)]
+    fn ct_live() -> Option<&'static Array<u64>> {
         None
     }
     #[inline(always)]

@@ -12,6 +12,9 @@
 //! while). When it finishes (TIME_WAIT, CLOSE) it moves back to the new-flow table, so the assured table
 //! only ever holds live flows; the agent collects the ones that went idle.
 //!
+//! A new connection's SYN looks in the assured table only if its key's stamp says a live flow
+//! may be there (`ct_live.rs`): the lookup that misses is the dearest step of a new flow.
+//!
 //! Time is jiffies (`bpf_jiffies64`, which the verifier inlines into a load of the kernel's
 //! `jiffies`: no helper call), and an entry is rewritten only when its state changes or once
 //! per refresh interval, so an established flow costs one lookup and no write per packet.
@@ -23,7 +26,7 @@ use lb_common::{
     TCP_RST, TCP_SYN,
 };
 
-use crate::{addr::Addr, ct_cache, ct_table, parse::Flow, stats::count};
+use crate::{addr::Addr, ct_cache, ct_live, ct_table, parse::Flow, stats::count};
 
 /// Lifetime of each state in jiffies, indexed by state; the agent writes them at load time
 /// from its flags and the kernel's HZ. Placeholders for HZ=1000 until then.
@@ -213,6 +216,8 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
     let assured = e.flags & CT_FLAG_ASSURED != 0;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
+            ct_live::stamp(k);
+            ct_live::stamp(pk);
             // No copy stays behind in the new-flow table: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
             ct_table::remove(k);
@@ -363,7 +368,9 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
 #[inline(always)]
 fn insert_either<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
     if assured {
-        let _ = A::ct().insert(pk, pv, 0);
+        if A::ct().insert(pk, pv, 0).is_ok() {
+            ct_live::stamp(pk);
+        }
     } else {
         ct_table::insert(pk, pv);
     }
@@ -478,7 +485,17 @@ fn forward_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Fo
     if let Some(v) = ct_cache::hit(&k, tcp_flags, now) {
         return Forward::Tracked(translation_of(&v));
     }
-    let Some((e, assured)) = find(&k) else {
+    // A plain SYN is nearly always a new connection, whose assured-table lookup would miss:
+    // it looks there only if its key may be live (`ct_live.rs`).
+    let found = if k.proto == PROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
+        && !ct_live::maybe(&k)
+    {
+        ct_table::get(&k).map(|e| (e, false))
+    } else {
+        find(&k)
+    };
+    let Some((e, assured)) = found else {
         return Forward::New;
     };
     // SAFETY: map values stay valid while the program runs; concurrent updates from other

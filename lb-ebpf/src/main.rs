@@ -13,6 +13,7 @@
 mod addr;
 mod conntrack;
 mod ct_cache;
+mod ct_live;
 mod ct_table;
 mod ctx;
 mod frag;

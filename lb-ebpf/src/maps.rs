@@ -62,6 +62,14 @@ pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, 
 #[map(name = "LB_CT4_CACHE")]
 pub static LB_CT4_CACHE: Array<CtWay4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, 0);
 
+/// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): an epoch word,
+/// then a byte per slot, `CT_LIVE_SLOTS_PER_ENTRY` slots per `LB_CT4` entry (the agent sizes
+/// both). Mmapable: the agent stamps a walk's keys with plain byte stores, which cannot undo
+/// a stamp the datapath writes into the same word meanwhile. Not pinned: the agent stamps
+/// every live flow into a new one when it loads.
+#[map(name = "LB_CT4_LIVE")]
+pub static LB_CT4_LIVE: Array<u64> = Array::with_max_entries(1 + CONNTRACK_MAX_ENTRIES, BPF_F_MMAPABLE);
+
 /// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
 #[map(name = "LB_CT6")]
 pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);

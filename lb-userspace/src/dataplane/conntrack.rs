@@ -157,14 +157,31 @@ pub fn expired<A>(v: &CtValue<A>, now: u32, timeouts: &[u32; CT_STATES]) -> bool
 
 /// One pass over the assured table of a family: removes the flows whose entries are both
 /// expired. Returns (flows removed, entries left).
-pub fn collect<A: CtAddr>(tables: &mut CtPair<A>, now: u32, timeouts: &[u32; CT_STATES]) -> (usize, usize)
+/// `on_walk` sees every entry the walk read (IPv4's restamp `LB_CT4_LIVE` with them).
+pub fn collect<A: CtAddr>(
+    tables: &mut CtPair<A>,
+    now: u32,
+    timeouts: &[u32; CT_STATES],
+    on_walk: impl FnOnce(&[(CtKey<A>, CtValue<A>)]),
+) -> (usize, usize)
 where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    let (idle, entries) = idle_flows(&tables.assured, now, timeouts);
+    let all = walk(&tables.assured);
+    on_walk(&all);
+    let idle = idle_of(&all, now, timeouts);
     let removed = remove_idle(tables, &idle, now, timeouts);
-    (removed, entries.saturating_sub(2 * removed))
+    (removed, all.len().saturating_sub(2 * removed))
+}
+
+/// Every entry of an assured table.
+pub fn walk<A: CtAddr>(assured: &CtTable<A>) -> Vec<(CtKey<A>, CtValue<A>)>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    assured.iter().filter_map(std::result::Result::ok).collect()
 }
 
 /// An entry of the assured table the walk found idle, with its flow's other entry (`None`
@@ -179,10 +196,18 @@ where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    let all: Vec<(CtKey<A>, CtValue<A>)> = assured.iter().filter_map(std::result::Result::ok).collect();
+    let all = walk(assured);
+    (idle_of(&all, now, timeouts), all.len())
+}
+
+fn idle_of<A: CtAddr>(all: &[(CtKey<A>, CtValue<A>)], now: u32, timeouts: &[u32; CT_STATES]) -> Vec<Idle<A>>
+where
+    CtKey<A>: aya::Pod + Eq + Hash,
+    CtValue<A>: aya::Pod,
+{
     let by_key: std::collections::HashMap<CtKey<A>, CtValue<A>> = all.iter().copied().collect();
     let mut idle = Vec::new();
-    for (k, v) in &all {
+    for (k, v) in all {
         if !expired(v, now, timeouts) {
             continue;
         }
@@ -195,7 +220,7 @@ where
             idle.push((*k, None));
         }
     }
-    (idle, all.len())
+    idle
 }
 
 /// Removes what the walk found idle, each entry only if it still is. The walk of a large
@@ -258,6 +283,7 @@ pub fn spawn_collector(
     capacity: u32,
     collected: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    live: Arc<super::live::LiveStamps>,
 ) -> Result<()> {
     let mut tables = CtTables::open_pinned(pin_dir)?;
     let spawned = std::thread::Builder::new().name("lb-ct-gc".into()).spawn(move || {
@@ -273,8 +299,10 @@ pub fn spawn_collector(
             }
             let Ok(now) = clock.jiffies() else { continue };
             // Each family's assured table has the capacity; the busier one sets the pace.
-            let (r4, left4) = collect(&mut tables.v4, now, &timeouts);
-            let (r6, left6) = collect(&mut tables.v6, now, &timeouts);
+            // The walk begins after the epoch moves on (`lb-ebpf/src/ct_live.rs`).
+            live.next_epoch();
+            let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all| live.restamp(all.iter().map(|(k, _)| k)));
+            let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_| ());
             let removed = r4 + r6;
             collected.fetch_add(removed as u64, Ordering::Relaxed);
             if removed > 0 {

@@ -343,7 +343,7 @@ impl Dataplane {
 
     /// Once this agent's programs have replaced the old ones in every link: copies the flows
     /// the old programs created in the old flow maps since the migration, then lets the old
-    /// maps go.
+    /// maps go, and stamps the assured flows for SYNs (`restamp_live_flows`).
     pub fn finish_migrations(&mut self) {
         self.retire_old_stages();
         self.carry_over_legacy_flows(true);
@@ -364,6 +364,9 @@ impl Dataplane {
                 Err(e) => tracing::warn!(map = m.name, error = %e, "cannot copy flows created during the migration"),
             }
         }
+        // The copied flows, and those the old programs made assured since this agent's load,
+        // are stamped now, so their SYNs find them (`lb-ebpf/src/ct_live.rs`).
+        self.restamp_live_flows();
     }
 }
 

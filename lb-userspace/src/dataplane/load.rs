@@ -112,6 +112,7 @@ impl Dataplane {
             .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("CT_NEW_SETS", &(sizes.of(MAP_CT4_NEW) / lb_common::CT_WAYS as u32), true)
             .override_global("CT_CACHE_SLOTS", &sizes.of(lb_common::MAP_CT4_CACHE), true)
+            .override_global("CT_LIVE_SLOTS", &(sizes.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY), true)
             .override_global("CT_CACHE_FRESH", &refresh.min(ct_timeouts[lb_common::CT_ESTABLISHED as usize]), true)
             .override_global("NODE_IP", &node_ip, true)
             .override_global("NODE_IP6", &node_ip6, true)
@@ -131,6 +132,7 @@ impl Dataplane {
             .map_max_entries(MAP_CT4, sizes.conntrack)
             .map_max_entries(lb_common::MAP_CT4_CACHE, sizes.of(lb_common::MAP_CT4_CACHE))
             .map_max_entries(MAP_CT4_NEW, sizes.of(MAP_CT4_NEW))
+            .map_max_entries(lb_common::MAP_CT4_LIVE, sizes.of(lb_common::MAP_CT4_LIVE))
             .map_max_entries(MAP_CT6, sizes.conntrack)
             .map_max_entries(MAP_CT6_NEW, sizes.of(MAP_CT6_NEW))
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
@@ -177,6 +179,13 @@ impl Dataplane {
             2 * sizes.of(MAP_MAGLEV),
             sizes.backends,
         )?;
+        let live = {
+            let name = lb_common::MAP_CT4_LIVE;
+            let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+                return Err(DataplaneError::MissingMap { name });
+            };
+            Arc::new(super::live::LiveStamps::open(data, sizes.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY)?)
+        };
         let stale_udp_removed: Arc<AtomicU64> = Arc::default();
         let mut dp = Self {
             ebpf,
@@ -202,6 +211,7 @@ impl Dataplane {
             ct_timeouts,
             ct_collected: Arc::default(),
             ct_gc_stop: Arc::default(),
+            live,
         };
         dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
@@ -215,6 +225,7 @@ impl Dataplane {
             dp.filter.add_frontend(f);
         }
         dp.carry_over_legacy_flows(false);
+        dp.restamp_live_flows();
         spawn_collector(
             pin_dir,
             dp.clock.clone(),
@@ -222,6 +233,7 @@ impl Dataplane {
             sizes.conntrack,
             dp.ct_collected.clone(),
             dp.ct_gc_stop.clone(),
+            dp.live.clone(),
         )?;
         Ok(dp)
     }

@@ -9,6 +9,7 @@
 //! - `apply`: desired state written as a difference, slot generations and their grace;
 //! - `clock`: the kernel's jiffies, the conntrack clock;
 //! - `conntrack`: both conntrack tables as one, collection of idle flows, older layouts;
+//! - `live`: the stamps of live IPv4 flows a SYN reads before the assured table;
 //! - `stale_udp`: UDP flows and sockets to departed backends;
 //! - `attach`: interfaces, links, node addresses;
 //! - `sys`: system calls the rest needs (bpffs, addresses, interfaces).
@@ -19,6 +20,7 @@ pub mod conntrack;
 pub mod ct_new;
 mod filter;
 mod layout;
+mod live;
 mod load;
 mod maps;
 mod pin_lock;
@@ -258,6 +260,8 @@ pub struct Dataplane {
     /// Idle assured flows removed by the collector thread, which runs until `ct_gc_stop`.
     ct_collected: Arc<AtomicU64>,
     ct_gc_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// `LB_CT4_LIVE`, restamped at load, after a migration and by the collector.
+    live: Arc<live::LiveStamps>,
 }
 
 impl Drop for Dataplane {
@@ -311,6 +315,16 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Moves `LB_CT4_LIVE` to a new epoch and stamps every IPv4 flow of the assured table in
+    /// it (`lb-ebpf/src/ct_live.rs`): after this agent's load (the map is new, the flows are
+    /// its predecessor's), after flows are copied in by hand, and by the collector at each
+    /// pass. A failed walk leaves the stamps of the last one, which count for an epoch more.
+    pub fn restamp_live_flows(&self) {
+        self.live.next_epoch();
+        let keys: Vec<lb_common::CtKey4> = self.maps.conntrack.keys().filter_map(|k| k.ok()).collect();
+        self.live.restamp(&keys);
     }
 
     /// Frontends programmed and backends summed over them.

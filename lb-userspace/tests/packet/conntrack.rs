@@ -200,6 +200,89 @@ fn an_established_flows_plain_segments_are_served_from_its_cached_copy() {
     assert_eq!(count().2 - before.2, 1, "a new flow");
 }
 
+#[test]
+fn a_syn_inside_a_live_flow_finds_it_through_the_live_stamps_and_a_restart() {
+    if !privileged() {
+        return;
+    }
+    let three = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
+    let mut h = Harness::new(&lab_yaml(&three));
+    let flows: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = (0..200u16)
+        .map(|i| {
+            let c = (CLIENT, 31000 + i);
+            let b = up(&h, c, SYN);
+            down(&h, b, c, SYN_ACK);
+            up(&h, c, ACK);
+            (c, b)
+        })
+        .collect();
+    // Every backend replaced: selection alone would send these tuples elsewhere. A SYN inside
+    // each live flow (a client reusing its port) must still find the flow in the assured
+    // table, through the stamp its promotion there left (`lb-ebpf/src/ct_live.rs`), and start
+    // no second flow.
+    let others = ["10.244.2.11", "10.244.2.12", "10.244.2.13"];
+    h.apply(&lab_yaml(&others));
+    let syn_inside_each = |h: &Harness, when: &str| {
+        for (c, b) in &flows {
+            assert_eq!(up(h, *c, SYN), *b, "{when}: the SYN of {c:?} left its flow");
+            expect(h, *c, *b, CT_ESTABLISHED, true);
+        }
+    };
+    syn_inside_each(&h, "stamped by the datapath");
+    // The collector moves the epoch on at every pass and restamps what its walk finds: the
+    // datapath's stamps stop counting two epochs on, the walk's keep the flows found.
+    for _ in 0..3 {
+        h.dp.restamp_live_flows();
+    }
+    syn_inside_each(&h, "three walks later");
+    // A restarted agent: programs of its own with a new, empty stamp map, stamped at load
+    // from the pinned assured table.
+    let pin_dir = h.pin_dir.clone();
+    let restarted = Harness { dp: Dataplane::load(&pin_dir, &Config::default()).expect("reloading"), pin_dir };
+    restarted.dp.stop_ct_collector();
+    syn_inside_each(&restarted, "after a restart");
+}
+
+#[test]
+fn a_new_connections_syn_skips_the_assured_table_unless_its_key_is_stamped() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    h.dp.stop_ct_collector();
+    // An established flow's forward entry as a model.
+    let c = (CLIENT, 45000);
+    let b = up(&h, c, SYN);
+    down(&h, b, c, SYN_ACK);
+    up(&h, c, ACK);
+    let [Some((model, true)), _] = flow(&h, c, b) else { panic!("the flow is not assured") };
+    // A flow written into the assured table by hand, to a backend no service has, as a
+    // migration copies one in: nothing stamped it yet.
+    let (t, stray) = ((CLIENT, 45001), (Ipv4Addr::new(10, 244, 9, 9), 8080u16));
+    let k = ct_key(t, (VIP, 80), CT_DIR_FORWARD);
+    let mut v = model;
+    v.nat_addr = be(stray.0);
+    v.nat_port = stray.1.to_be();
+    let (pk, pv) = lb_common::ct_peer(&k, &v);
+    let mut m = h.pinned_maps();
+    m.conntrack.insert(k, v, 0).expect("writing the forward entry");
+    m.conntrack.insert(pk, pv, 0).expect("writing the reply entry");
+    // Its data packets find it (they always look)...
+    assert_eq!(up(&h, t, ACK), stray);
+    // ...but a SYN, its slot unstamped, takes the new connection's path without looking:
+    // a backend of the service, and entries of its own in the new-flow table.
+    let chosen = up(&h, t, SYN);
+    assert_ne!(chosen, stray, "the SYN looked into the assured table");
+    assert!(m.conntrack_new.get(&k, 0).is_ok(), "no new flow was started");
+    m.conntrack_new.remove(&k).expect("removing the new flow");
+    m.conntrack_new.remove(&ct_key(chosen, t, CT_DIR_REPLY)).expect("removing its reply entry");
+    // Once the agent has stamped the table (at load, after a migration, at every collection),
+    // the SYN finds the flow.
+    h.dp.restamp_live_flows();
+    assert_eq!(up(&h, t, SYN), stray, "the stamped flow was not found");
+    assert!(m.conntrack_new.get(&k, 0).is_err(), "a new flow was started");
+}
+
 /// Ages both entries of a flow by `secs` (their last packet that long ago).
 fn age(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16), secs: u64) {
     let (clock, _) = h.dp.ct_clock();
