@@ -274,9 +274,10 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
-                if service::lookup(&h.flow, service::from_cluster).is_some() {
+                if let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) {
                     // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
-                    // of its own (`new_flow4_stage`).
+                    // of its own (`new_flow4_stage`), given the frontend found here.
+                    service::hand_over(&h.flow, &svc, node_frontend);
                     ctx.tail_call_new4();
                     return pass(ctx, Counter::PassNotService);
                 }
@@ -334,13 +335,16 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
 /// selection, the SNAT port search and the new-flow table apart from the tracked and reply
 /// paths: with all of them inlined into one program, small changes of code shape took the
 /// XDP program's count past the verifier's 1,000,000 instructions. The first packet of each
-/// flow pays for it with the tail call, a second parse and a second service lookup.
+/// flow pays for it with the tail call and a second parse; the frontend comes along in the
+/// scratch slot (`service::hand_over`).
 #[inline(always)]
 fn new_flow4_stage<P: Packet>(ctx: &P) -> i32 {
     let Some(h) = reparse::<u32>(ctx.data(), ctx.data_end()) else {
         return pass(ctx, Counter::PassMalformed);
     };
-    let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) else {
+    let Some((svc, node_frontend)) =
+        service::taken_over(&h.flow).or_else(|| service::lookup(&h.flow, service::from_cluster))
+    else {
         return pass(ctx, Counter::PassNotService);
     };
     to_service(ctx, &h, &svc, node_frontend, conntrack::now())

@@ -161,8 +161,9 @@ pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(1, 0);
 pub static LB_TAILS4_XDP: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// Room for IPv6's large temporaries: a flow's conntrack key and entry and its peer's (184
-/// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage; and at
-/// XDP, which has no control block, the note the stages of one packet pass along. The
+/// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage; at
+/// XDP, which has no control block, the note the stages of one packet pass along; and the
+/// frontend IPv4's pipeline hands to its new-flow stage. The
 /// verifier's 512-byte stack, shared by a stage and the subprograms it calls, cannot hold
 /// them beside the rest of a stage. One slot per CPU: a program runs to its end on its CPU
 /// (tc and XDP in softirq, or with bottom halves off on the output path), and a tail call
@@ -182,4 +183,8 @@ pub struct Scratch<A> {
     pub icmp: crate::parse::IcmpError<A>,
     /// `ctx::Packet::note` at XDP.
     pub note: u32,
+    /// The frontend IPv4's pipeline found for a new flow, handed to its new-flow stage
+    /// (`service::hand_over`), and what it was found for.
+    pub svc: ServiceValue,
+    pub svc_for: [u32; 2],
 }
