@@ -194,7 +194,9 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape, so an agent can
 /// tell that the pinned maps were made by an incompatible build.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+/// 8: `LB_CT4_NEW`'s sets are chosen by the flow's client side (`ct_set_hash`); an agent
+/// finding a table of an earlier version moves its flows into the sets they now belong to.
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -433,14 +435,28 @@ pub struct CtWay<A> {
 pub type CtWay4 = CtWay<u32>;
 pub type CtWay6 = CtWay<[u32; 4]>;
 
-/// The hash that places a key with these fields in a new-flow table (addresses folded to 32
-/// bits, as `fold_v6`; the direction is left out, the two keys of a flow differ in their
-/// addresses anyway): its set is `select_slot(hash, sets)`, from the high bits, and the low
-/// bits pick the ways a full set may give up (`ct_set_victim`). Seeded apart from the backend
-/// choice's hash, so flows sharing a set do not share a Maglev slot.
+/// The side of a conntrack key that is its flow's client: a forward key's source, a reply
+/// key's destination (the client, or the source a SNATed flow was given).
 #[inline(always)]
-pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
-    flow_hash(src ^ 0x2545_f491, dst, sport, dport, proto)
+pub fn ct_client_side<A: Copy>(k: &CtKey<A>) -> (A, u16) {
+    if k.dir == CT_DIR_REPLY {
+        (k.dst, k.dport)
+    } else {
+        (k.src, k.sport)
+    }
+}
+
+/// The hash that places a key in a new-flow table: of its client side alone
+/// (`ct_client_side`, the address folded to 32 bits as `fold_v6`) and its protocol, so both
+/// entries of a flow that is not SNATed share a set and a new flow reads one set where it read
+/// two (the second set's first read was a sixth of a new flow's cost at XDP with full tables,
+/// a miss in a table no cache holds). The set is `select_slot(hash, sets)`, from the high bits;
+/// the low bits and the key's direction pick the ways a full set may give up
+/// (`ct_set_victim`). Two 64-bit multiplies, as `ct_cache_slot`.
+#[inline(always)]
+pub fn ct_set_hash(client: u32, client_port: u16, proto: u8) -> u32 {
+    let h = ((client as u64) << 32 | (client_port as u64) << 16 | proto as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((h ^ h >> 29).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32
 }
 
 /// The slot of `LB_CT4_CACHE`, of `slots`, that caches the entry of a key with these fields.
@@ -534,7 +550,10 @@ pub fn ct_set_victim<'a, A: 'a>(
         }
         i += 1;
     }
-    let a = hash as usize % CT_WAYS;
+    // The two entries of a flow share a set (`ct_set_hash`) and its hash: each direction has
+    // its own pair of candidates, so a reply entry never pushes out its own forward entry
+    // (written the same jiffy, it would tie with the other candidate).
+    let a = (hash as usize + k.dir as usize) % CT_WAYS;
     let b = (a + CT_WAYS / 2) % CT_WAYS;
     // Seen after `now` (another CPU refreshed it meanwhile) reads as age 0.
     let age = |w: &CtWay<A>| {
@@ -1122,12 +1141,57 @@ mod tests {
         let sets = 1000;
         let mut hits = vec![0u32; sets as usize];
         for port in 0..100_000u32 {
-            let h = ct_set_hash(0x0a00_0001, 0x0a60_000a, (port as u16).to_be(), 80u16.to_be(), PROTO_TCP);
+            // One client's ports, and then many clients' one port.
+            let h = if port < 65_536 {
+                ct_set_hash(0x0a00_0001, (port as u16).to_be(), PROTO_TCP)
+            } else {
+                ct_set_hash((0x0a00_0000 + port).to_be(), 40_000u16.to_be(), PROTO_TCP)
+            };
             let i = select_slot(h, sets);
             hits[i as usize] += 1;
         }
         // 100 per set on average; a fair spread keeps every set within a few deviations.
         assert!(hits.iter().all(|h| (50..160).contains(h)), "{:?}", (hits.iter().min(), hits.iter().max()));
+        // Every field counts.
+        let base = ct_set_hash(1, 2, PROTO_TCP);
+        for other in [ct_set_hash(9, 2, PROTO_TCP), ct_set_hash(1, 9, PROTO_TCP), ct_set_hash(1, 2, PROTO_UDP)] {
+            assert_ne!(other, base);
+        }
+    }
+
+    #[test]
+    fn a_flows_two_entries_share_a_set_and_its_reply_never_evicts_its_forward_entry() {
+        let (client, vip, backend) = (0x0a00_0001u32, 0x0a60_000au32, 0x0af4_010bu32);
+        let fwd =
+            CtKey4 { src: client, dst: vip, sport: 40_000, dport: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
+        let rep = CtKey4 {
+            src: backend,
+            dst: client,
+            sport: 8080,
+            dport: 40_000,
+            proto: PROTO_TCP,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let hash = |k: &CtKey4| {
+            let (a, p) = ct_client_side(k);
+            ct_set_hash(a, p, k.proto)
+        };
+        assert_eq!(hash(&fwd), hash(&rep));
+        // A full set of live entries all seen now (a flood within one jiffy): wherever the
+        // forward entry goes, its reply entry goes elsewhere, whatever the hash.
+        for h in 0..8u32 {
+            let mut ways = [CtWay4::default(); CT_WAYS];
+            for (i, w) in ways.iter_mut().enumerate() {
+                w.key = CtKey4 { src: 100 + i as u32, proto: PROTO_TCP, ..fwd };
+                w.value.last_seen = 7;
+            }
+            let (f, evicted) = ct_set_victim(|i| ways.get(i), &fwd, h, 7, |_| false).unwrap();
+            assert!(evicted);
+            ways[f].key = fwd;
+            let (r, _) = ct_set_victim(|i| ways.get(i), &rep, h, 7, |_| false).unwrap();
+            assert_ne!(r, f, "hash {h}: the reply entry took its forward entry's way");
+        }
     }
 
     #[test]

@@ -181,7 +181,7 @@ fn migrate_flow_map(
         from = info.max_entries(),
         to = capacity,
         entries = copied,
-        "flow map moved to its new capacity with its flows"
+        "flow map moved to its new capacity or layout with its flows"
     );
     Ok(Migration { name, old, path: path.to_owned(), legacy: false })
 }
@@ -231,7 +231,10 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name))?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
-        if found == wanted && (holds_flows || version_changed.is_none()) {
+        // Layout 8 chose `LB_CT4_NEW`'s sets anew (`lb_common::ct_set_hash`): a table of an
+        // earlier layout, of the same shape, has its flows moved to their new sets.
+        let rehash = name == MAP_CT4_NEW && version_changed.is_some_and(|v| v < 8);
+        if found == wanted && (holds_flows || version_changed.is_none()) && !rehash {
             continue;
         }
         if holds_flows {

@@ -70,28 +70,20 @@ impl Options {
 
 /// How many flows, first fragments and pins an epoch may create, so that nothing is evicted:
 /// a quarter of what one CPU's share of each LRU map holds (`BPF_F_NO_COMMON_LRU` splits a
-/// map's entries over the possible CPUs, and every flow takes two entries), and for IPv4's
-/// new-flow table, an array of sets of `CT_WAYS` ways, few enough entries that a set
-/// overflows in fewer than one epoch in 10^7 (`set_overflow_bound`).
+/// map's entries over the possible CPUs, and every flow takes two entries); and for IPv4's
+/// new-flow table, an array of sets of `CT_WAYS` ways, as long as no set holds more than
+/// `CT_WAYS - 2` of the model's entries, so the next flow's two entries find room (the model
+/// counts them into the sets their keys choose).
 pub fn budget(conntrack_new: u32, affinity: u32) -> Budget {
     let cpus = possible_cpus().max(1);
     let lru = conntrack_new as usize / cpus / 2 / 4;
-    let sets = conntrack_new as usize / lb_common::CT_WAYS;
     Budget {
-        flows: lru.min(set_overflow_bound(sets, 1e-7) / 2).max(64),
+        flows: lru.max(64),
         first_fragments: lb_common::FRAGMENTS_MAX_ENTRIES as usize / 4,
         pins: (affinity as usize / cpus / 4).max(64),
+        set_entries: lb_common::CT_WAYS - 1,
+        ct_new_sets: conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2),
     }
-}
-
-/// The most entries that can be put at random into `sets` sets of `CT_WAYS` ways while the
-/// expected number of sets given more than `CT_WAYS` stays below `p`: for `n` entries each set
-/// gets about Poisson(n / sets), so about `sets * (n / sets)^5 / 5!` sets overflow (four
-/// ways), i.e. `n <= (120 p)^(1/5) * sets^(4/5)`.
-pub fn set_overflow_bound(sets: usize, p: f64) -> usize {
-    let ways = lb_common::CT_WAYS as i32 + 1;
-    let factorial: f64 = (1..=ways).map(f64::from).product();
-    ((factorial * p).powf(1.0 / f64::from(ways)) * (sets as f64).powf(f64::from(ways - 1) / f64::from(ways))) as usize
 }
 
 /// The number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. "0-1").
@@ -279,7 +271,7 @@ impl std::fmt::Debug for Failure {
 pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report, Failure> {
     eprintln!("fuzz: seed {} ({} frames; replay with LB_FUZZ_SEED={})", opts.seed, opts.frames, opts.seed);
     let started = Instant::now();
-    let mut model = Model::new(world);
+    let mut model = Model::new(world, opts.budget.ct_new_sets);
     let mut gen = Gen::new(opts.seed);
     let fail = |frame: u64, reason: String| Failure {
         seed: opts.seed,
@@ -367,7 +359,8 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
         let used = model.used;
         let full = used.flows >= opts.budget.flows
             || used.first_fragments >= opts.budget.first_fragments
-            || used.pins >= opts.budget.pins;
+            || used.pins >= opts.budget.pins
+            || used.set_entries >= opts.budget.set_entries;
         if full || frame - checked_at >= opts.check_every || frame >= opts.frames {
             let now = dp.counters().map_err(|e| fail(frame, e))?;
             let mut delta = [[0u64; COUNTER_MAX as usize]; 2];

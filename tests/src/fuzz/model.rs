@@ -188,6 +188,20 @@ pub struct Budget {
     pub flows: usize,
     pub first_fragments: usize,
     pub pins: usize,
+    /// Entries in any one set of IPv4's new-flow table (`LB_CT4_NEW`, whose sets a key's
+    /// client side chooses, `lb_common::ct_set_hash`): in `used`, the most the model's flows
+    /// may have put in one set; as a limit, the most a set may hold before the next frame,
+    /// which may add a flow's two entries.
+    pub set_entries: usize,
+    /// The table's sets (the same in `used`).
+    pub ct_new_sets: u32,
+}
+
+impl Budget {
+    /// Nothing used yet of a table of `ct_new_sets` sets.
+    pub fn unused(ct_new_sets: u32) -> Self {
+        Self { flows: 0, first_fragments: 0, pins: 0, set_entries: 0, ct_new_sets }
+    }
 }
 
 /// What happened, for the report and the coverage check.
@@ -252,6 +266,10 @@ pub struct Model {
     pending: Vec<Tuple>,
     /// Map entries the model's flows, fragments and pins may occupy since the last reset.
     pub used: Budget,
+    /// Entries the model's flows may have put in each set of `LB_CT4_NEW` since the last
+    /// reset (counted when a flow or its reply key appears, never taken back: an over-count
+    /// only ends an epoch early).
+    set_load: HashMap<u32, usize>,
     pub expect: Expect,
     pub stats: Stats,
 }
@@ -301,7 +319,7 @@ struct IcmpRewrite {
 }
 
 impl Model {
-    pub fn new(world: World) -> Self {
+    pub fn new(world: World, ct_new_sets: u32) -> Self {
         Self {
             world,
             flows: HashMap::new(),
@@ -311,7 +329,8 @@ impl Model {
             chosen: HashMap::new(),
             frags: HashMap::new(),
             pending: Vec::new(),
-            used: Budget { flows: 0, first_fragments: 0, pins: 0 },
+            used: Budget::unused(ct_new_sets),
+            set_load: HashMap::new(),
             expect: Expect::default(),
             stats: Stats::default(),
         }
@@ -325,7 +344,8 @@ impl Model {
         self.pins.clear();
         self.frags.clear();
         self.pending.clear();
-        self.used = Budget { flows: 0, first_fragments: 0, pins: 0 };
+        self.used = Budget::unused(self.used.ct_new_sets);
+        self.set_load.clear();
         self.stats.epochs += 1;
     }
 
@@ -757,6 +777,7 @@ impl Model {
                 }
                 if old != Some(nat) {
                     self.used.flows += 1;
+                    self.load_flow(t);
                     self.resolve(t, nat)?;
                 }
             }
@@ -822,6 +843,7 @@ impl Model {
         }
         self.flows.insert(t, flow);
         self.used.flows += 1;
+        self.load_flow(t);
         match nat {
             Some(nat) => self.resolve(t, nat),
             None => {
@@ -832,7 +854,27 @@ impl Model {
     }
 
     /// The flow `t` is now known to translate by `nat`: its reply key maps back to it.
+    /// Counts an entry of the new-flow table under a key with this client side.
+    fn load_set(&mut self, client: Addr, proto: u8) {
+        let ip = u32::from_ne_bytes(client.0.octets());
+        let h = lb_common::ct_set_hash(ip, client.1.to_be(), proto);
+        let set = lb_common::select_slot(h, self.used.ct_new_sets.max(1));
+        let load = self.set_load.entry(set).or_default();
+        *load += 1;
+        self.used.set_entries = self.used.set_entries.max(*load);
+    }
+
+    /// A flow's two entries, counted where its forward key's client side puts them (the reply
+    /// entry goes there too unless the flow is SNATed; `resolve` counts it where it goes then).
+    fn load_flow(&mut self, t: Tuple) {
+        self.load_set((t.src, t.sport), t.proto);
+        self.load_set((t.src, t.sport), t.proto);
+    }
+
     fn resolve(&mut self, t: Tuple, nat: Nat) -> Result<(), String> {
+        if let Some(snat) = nat.snat {
+            self.load_set(snat, t.proto);
+        }
         let old = self.flows.get(&t).and_then(|f| f.nat);
         self.flows.get_mut(&t).expect("known").nat = Some(nat);
         self.pending.retain(|p| *p != t);
