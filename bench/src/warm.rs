@@ -476,8 +476,9 @@ impl Session<'_> {
     }
 
     /// Fills `LB_CT4` with assured flows of the fill Service up to `entries`, by handshakes
-    /// through lb at tc in chunks that no set of `LB_CT4_NEW` overflows (a flow is assured once its
-    /// SYN was answered and its ACK seen).
+    /// through lb at tc in chunks of a 32nd of `LB_CT4_NEW`, in which a few sets overflow (a
+    /// flow's two entries share a set; a flow is assured once its SYN was answered and its ACK
+    /// seen): the flows pushed out are made up by the passes after the first.
     fn fill_assured(&mut self, entries: u64) -> Result<()> {
         let t = std::time::Instant::now();
         let r = self.fill_assured_inner(entries);

@@ -435,28 +435,24 @@ pub struct CtWay<A> {
 pub type CtWay4 = CtWay<u32>;
 pub type CtWay6 = CtWay<[u32; 4]>;
 
-/// The side of a conntrack key that is its flow's client: a forward key's source, a reply
-/// key's destination (the client, or the source a SNATed flow was given).
-#[inline(always)]
-pub fn ct_client_side<A: Copy>(k: &CtKey<A>) -> (A, u16) {
-    if k.dir == CT_DIR_REPLY {
-        (k.dst, k.dport)
-    } else {
-        (k.src, k.sport)
-    }
-}
-
-/// The hash that places a key in a new-flow table: of its client side alone
-/// (`ct_client_side`, the address folded to 32 bits as `fold_v6`) and its protocol, so both
-/// entries of a flow that is not SNATed share a set and a new flow reads one set where it read
-/// two (the second set's first read was a sixth of a new flow's cost at XDP with full tables,
-/// a miss in a table no cache holds). The set is `select_slot(hash, sets)`, from the high bits;
+/// The hash that places a key in a new-flow table (addresses folded to 32 bits, as
+/// `fold_v6`): of its client side alone, a forward key's source or a reply key's destination,
+/// and its protocol, so both entries of a flow that is not SNATed share a set and a new flow
+/// reads one set where it read two (the second set's first read was a sixth of a new flow's
+/// cost at XDP with full tables, a miss in a table no cache holds). A reply key to a port of
+/// the SNAT range mixes in its source too (the backend): its destination is a node address and
+/// one of 4,536 ports whichever backend answers, and alone would crowd every SNATed flow's
+/// reply entry into that many sets. The set is `select_slot(hash, sets)`, from the high bits;
 /// the low bits and the key's direction pick the ways a full set may give up
-/// (`ct_set_victim`). Two 64-bit multiplies, as `ct_cache_slot`.
+/// (`ct_set_victim`). Three 64-bit multiplies, where `flow_hash` chains ten 32-bit ones.
 #[inline(always)]
-pub fn ct_set_hash(client: u32, client_port: u16, proto: u8) -> u32 {
-    let h = ((client as u64) << 32 | (client_port as u64) << 16 | proto as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    ((h ^ h >> 29).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32
+pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u8) -> u32 {
+    let reply = dir == CT_DIR_REPLY;
+    let (client, port) = if reply { (dst, dport) } else { (src, sport) };
+    let other = if reply && u16::from_be(dport) >= SNAT_PORT_MIN { (src as u64) << 16 | sport as u64 } else { 0 };
+    let h = ((client as u64) << 32 | (port as u64) << 16 | proto as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = h ^ h >> 29 ^ other.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (h.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32
 }
 
 /// The slot of `LB_CT4_CACHE`, of `slots`, that caches the entry of a key with these fields.
@@ -473,23 +469,31 @@ pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     select_slot((h >> 32) as u32, slots)
 }
 
+/// `LB_CT4_LIVE`'s epoch word while every slot counts: set until the agent's first walk of the
+/// assured table has stamped what it holds (`ct_live_present`).
+pub const CT_LIVE_ALL: u32 = 1 << 24;
+
 /// Whether a `LB_CT4_LIVE` slot holding `stamp` may stand for a live flow, with `epochs` the
-/// map's epoch word: its low byte the current epoch, which new stamps take, the next byte the
-/// previous one. A stamp of either counts, so a flow stamped just before the agent moved the
-/// epoch on still counts until the agent's walk stamps it again. Epochs run 1 to 255; 0 is no
-/// stamp, and a current epoch of 0 (a map nobody has set up) makes every slot count.
+/// map's epoch word: its low byte the current epoch, which new stamps take, the next two bytes
+/// the two before it, and `CT_LIVE_ALL`. A stamp of any of the three counts: a flow stamped
+/// just before the agent moved the epoch on counts until the agent's walk stamps it again, with
+/// an epoch to spare for a stamp that lands late (a CPU stalled between reading the epoch and
+/// storing it). Epochs run 1 to 255; 0 is no stamp. A current epoch of 0 (a map nobody set up)
+/// or `CT_LIVE_ALL` makes every slot count.
 #[inline(always)]
 pub fn ct_live_present(stamp: u8, epochs: u32) -> bool {
     let current = epochs as u8;
-    current == 0 || (stamp != 0 && (stamp == current || stamp == (epochs >> 8) as u8))
+    current == 0
+        || epochs & CT_LIVE_ALL != 0
+        || (stamp != 0 && (stamp == current || stamp == (epochs >> 8) as u8 || stamp == (epochs >> 16) as u8))
 }
 
-/// The epoch word after `epochs`: the next current epoch (1 after 255), and the current one as
-/// the previous.
+/// The epoch word after `epochs`: the next current epoch (1 after 255), the current one and
+/// the one before it behind it, `CT_LIVE_ALL` cleared.
 pub fn ct_live_next_epochs(epochs: u32) -> u32 {
     let current = epochs as u8;
     let next = if current == u8::MAX { 1 } else { current + 1 };
-    next as u32 | (current as u32) << 8
+    next as u32 | (epochs & 0xffff) << 8
 }
 
 /// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks
@@ -1143,20 +1147,48 @@ mod tests {
         for port in 0..100_000u32 {
             // One client's ports, and then many clients' one port.
             let h = if port < 65_536 {
-                ct_set_hash(0x0a00_0001, (port as u16).to_be(), PROTO_TCP)
+                ct_set_hash(0x0a00_0001, 0x0a60_000a, (port as u16).to_be(), 80u16.to_be(), PROTO_TCP, CT_DIR_FORWARD)
             } else {
-                ct_set_hash((0x0a00_0000 + port).to_be(), 40_000u16.to_be(), PROTO_TCP)
+                let client = (0x0a00_0000 + port).to_be();
+                ct_set_hash(client, 0x0a60_000a, 40_000u16.to_be(), 80u16.to_be(), PROTO_TCP, CT_DIR_FORWARD)
             };
             let i = select_slot(h, sets);
             hits[i as usize] += 1;
         }
         // 100 per set on average; a fair spread keeps every set within a few deviations.
         assert!(hits.iter().all(|h| (50..160).contains(h)), "{:?}", (hits.iter().min(), hits.iter().max()));
-        // Every field counts.
-        let base = ct_set_hash(1, 2, PROTO_TCP);
-        for other in [ct_set_hash(9, 2, PROTO_TCP), ct_set_hash(1, 9, PROTO_TCP), ct_set_hash(1, 2, PROTO_UDP)] {
+        // The client side and the protocol count, the frontend does not (the reply key does
+        // not know it).
+        let h = |src, dst, sport, dport, proto| ct_set_hash(src, dst, sport, dport, proto, CT_DIR_FORWARD);
+        let base = h(1, 2, 3, 4, PROTO_TCP);
+        for other in [h(9, 2, 3, 4, PROTO_TCP), h(1, 2, 9, 4, PROTO_TCP), h(1, 2, 3, 4, PROTO_UDP)] {
             assert_ne!(other, base);
         }
+        assert_eq!(h(1, 9, 3, 9, PROTO_TCP), base);
+    }
+
+    #[test]
+    fn snated_reply_entries_spread_over_the_table() {
+        // Every SNAT port of one node address, answered by each of 16 backends: with the
+        // destination alone they would take 4,536 sets of 32,768; with the backend mixed in,
+        // a fair spread over all of them.
+        let sets = 32_768u32;
+        let node = 0x0a00_0064u32.to_be();
+        let mut hits = vec![0u32; sets as usize];
+        for b in 0..16u32 {
+            for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
+                let backend = (0x0af4_0200 + b).to_be();
+                let h = ct_set_hash(backend, node, 8080u16.to_be(), port.to_be(), PROTO_TCP, CT_DIR_REPLY);
+                hits[select_slot(h, sets) as usize] += 1;
+            }
+        }
+        // 72,576 entries, 2.2 per set on average.
+        let used = hits.iter().filter(|h| **h > 0).count();
+        assert!(used > 28_000, "{used} sets used");
+        assert!(hits.iter().all(|h| *h <= 14), "{:?}", hits.iter().max());
+        // A reply key outside the SNAT range is placed by its destination alone.
+        let a = ct_set_hash(1, 2, 3, 40_000u16.to_be(), PROTO_TCP, CT_DIR_REPLY);
+        assert_eq!(a, ct_set_hash(7, 2, 9, 40_000u16.to_be(), PROTO_TCP, CT_DIR_REPLY));
     }
 
     #[test]
@@ -1173,10 +1205,7 @@ mod tests {
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        let hash = |k: &CtKey4| {
-            let (a, p) = ct_client_side(k);
-            ct_set_hash(a, p, k.proto)
-        };
+        let hash = |k: &CtKey4| ct_set_hash(k.src, k.dst, k.sport, k.dport, k.proto, k.dir);
         assert_eq!(hash(&fwd), hash(&rep));
         // A full set of live entries all seen now (a flood within one jiffy): wherever the
         // forward entry goes, its reply entry goes elsewhere, whatever the hash.
@@ -1195,25 +1224,28 @@ mod tests {
     }
 
     #[test]
-    fn live_stamps_count_for_two_epochs_and_an_unset_map_counts_everything() {
-        // A map nobody set up: every slot may be live, stamped or not.
+    fn live_stamps_count_for_three_epochs_and_an_unset_map_counts_everything() {
+        // A map nobody set up, or one not yet walked: every slot may be live, stamped or not.
         assert!(ct_live_present(0, 0) && ct_live_present(7, 0));
-        let mut epochs = ct_live_next_epochs(0);
+        let mut epochs = ct_live_next_epochs(0) | CT_LIVE_ALL;
+        assert!(ct_live_present(0, epochs) && ct_live_present(9, epochs));
+        epochs &= !CT_LIVE_ALL;
         assert_eq!(epochs, 1);
         assert!(ct_live_present(1, epochs) && !ct_live_present(0, epochs) && !ct_live_present(2, epochs));
-        // Around the whole cycle: a stamp counts in its own epoch and the next, never later,
-        // and no epoch is 0 (an unstamped slot).
+        // Around the whole cycle: a stamp counts in its own epoch and the next two, never
+        // later, and no epoch is 0 (an unstamped slot).
         for _ in 0..600 {
             let stamp = epochs as u8;
             let next = ct_live_next_epochs(epochs);
+            let (second, third) = (ct_live_next_epochs(next), ct_live_next_epochs(ct_live_next_epochs(next)));
             assert_ne!(next as u8, 0);
-            assert!(ct_live_present(stamp, epochs));
-            assert!(ct_live_present(stamp, next), "a stamp of the previous epoch counts");
-            assert!(!ct_live_present(stamp, ct_live_next_epochs(next)), "two epochs on it does not");
+            assert!(ct_live_present(stamp, epochs) && ct_live_present(stamp, next) && ct_live_present(stamp, second));
+            assert!(!ct_live_present(stamp, third), "three epochs on it does not");
             assert!(!ct_live_present(0, next));
             epochs = next;
         }
-        assert_eq!(ct_live_next_epochs(255 | 254 << 8), 1 | 255 << 8);
+        assert_eq!(ct_live_next_epochs(255 | 254 << 8 | 253 << 16), 1 | 255 << 8 | 254 << 16);
+        assert_eq!(ct_live_next_epochs(5 | CT_LIVE_ALL) & CT_LIVE_ALL, 0);
     }
 
     #[test]

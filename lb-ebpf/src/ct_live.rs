@@ -13,20 +13,27 @@
 //!
 //! Stamps are cleared by epochs, since a slot's flows cannot be counted without atomic
 //! read-modify-writes on every insert and removal: stamps carry the current epoch (the map's
-//! first word), and count in their epoch and the next (`lb_common::ct_live_present`). The
-//! agent moves the epoch on before each walk of the assured table (`dataplane/live.rs`, with
-//! the collector's), then stamps every forward key the walk finds; a flow written into the
-//! table after the move is stamped by the datapath with the new epoch, and one written before
-//! it is still in the table when the walk reads it (the kernel's hash iteration skips only
-//! elements added to a bucket it has passed, which are after the move). So a live flow's
-//! slot always holds one of the two epochs that count.
+//! first word), and count in their epoch and the next two (`lb_common::ct_live_present`). The
+//! agent moves the epoch on before each walk of the assured table (`dataplane/live.rs`, one
+//! pass at a time), then stamps every forward key the walk finds; a flow written into the
+//! table after the move is stamped by the datapath with the new epoch, after its insert, and
+//! one written before it is still in the table when the walk reads it (the kernel's hash
+//! iteration misses only elements linked in at the head of a bucket behind it: new ones, or
+//! ones rewritten, an update links a new element; every datapath write into `LB_CT4` stamps
+//! its forward key after it). So a live flow's slot always holds a stamp that counts, with an
+//! epoch to spare for a datapath store that lands after the walk's (a CPU stalled between
+//! reading the epoch and storing it).
 //!
-//! What does not stamp: `LB_CT4` entries written by userspace (a migration's copy, tests),
-//! and flows that a previous agent's programs made assured after this agent's load walked the
-//! table, until the agent's next walk: after its programs replace the old ones in every link
-//! (`Dataplane::finish_migrations`), and at each collection. A SYN inside such a flow
-//! meanwhile is taken for a new connection: it goes to the backend selection picks for its
-//! tuple (the flow's own, unless the set changed) and its data packets still find the flow.
+//! Until the agent's first pass, the epoch word makes every slot count (a new map's word is 0,
+//! and the first pass sets `CT_LIVE_ALL` until its walk is stamped): at a first load the pass
+//! is made at once; over a previous agent's pins, only after this agent's programs replaced
+//! the old ones in every link (`Dataplane::finish_migrations`), since the old programs make
+//! flows assured without stamping them. What still does not stamp: `LB_CT4` entries written by
+//! userspace (a migration's copy, tests) until the next pass, which every such writer makes;
+//! and, should an interface's link fail to be taken over, flows the old programs there make
+//! assured, until the collector's next pass (at most 30 s). A SYN inside such a flow is taken
+//! for a new connection: it goes to the backend selection picks for its tuple (the flow's own,
+//! unless the set changed), and its data packets still find the flow.
 use lb_common::{ct_cache_slot, ct_live_present, CtKey, CT_DIR_FORWARD};
 
 use crate::addr::Addr;

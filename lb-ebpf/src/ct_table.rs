@@ -2,7 +2,7 @@
 //! (`LB_CT4_NEW`) is a set-associative array of `CtWay`s (`lb_common::ct_set_hash`,
 //! `ct_set_victim`); IPv6's (`LB_CT6_NEW`) an LRU hash with per-CPU lists.
 //!
-//! A key's set is chosen by its flow's client side (`lb_common::ct_client_side`), so the two
+//! A key's set is chosen by its flow's client side (`lb_common::ct_set_hash`), so the two
 //! entries of a flow that is not SNATed share one set: a new flow reads and writes one set,
 //! where a set per key cost a second miss in a table no cache holds.
 //!
@@ -26,8 +26,8 @@
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
 //! map, and never meet either.
 use lb_common::{
-    ct_client_side, ct_forward_key, ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay,
-    CT_DIR_REPLY, CT_FLAG_SNAT, CT_WAYS,
+    ct_forward_key, ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_DIR_REPLY,
+    CT_FLAG_SNAT, CT_WAYS,
 };
 
 use crate::{addr::Addr, conntrack::expired};
@@ -42,8 +42,7 @@ static CT_NEW_SETS: u32 = lb_common::CONNTRACK_NEW_MAX_ENTRIES / CT_WAYS as u32;
 fn set_of<A: Addr>(k: &CtKey<A>) -> (u32, u32) {
     // SAFETY: reading a static the loader patches; volatile so the load stays.
     let sets = unsafe { core::ptr::read_volatile(&CT_NEW_SETS) };
-    let (client, port) = ct_client_side(k);
-    let hash = ct_set_hash(client.fold(), port, k.proto);
+    let hash = ct_set_hash(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, k.dir);
     (select_slot(hash, sets) * CT_WAYS as u32, hash)
 }
 

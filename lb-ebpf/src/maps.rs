@@ -184,7 +184,8 @@ pub struct Scratch<A> {
     /// `ctx::Packet::note` at XDP.
     pub note: u32,
     /// The frontend IPv4's pipeline found for a new flow, handed to its new-flow stage
-    /// (`service::hand_over`), and what it was found for.
+    /// (`service::hand_over`), and what it was found for (destination, source, then port,
+    /// protocol and node-port bit).
     pub svc: ServiceValue,
-    pub svc_for: [u32; 2],
+    pub svc_for: [u32; 3],
 }

@@ -124,12 +124,12 @@ pub fn hand_over<A: Addr>(flow: &Flow<A>, svc: &ServiceValue, node_frontend: boo
     // SAFETY: this CPU's slot; its frontend fields only.
     unsafe {
         (*s).svc = *svc;
-        (*s).svc_for = [flow.dst.fold(), handed_for(flow, node_frontend)];
+        (*s).svc_for = [flow.dst.fold(), flow.src.fold(), handed_for(flow, node_frontend)];
     }
 }
 
-/// The frontend handed over for this packet (same destination, port and protocol), once:
-/// the slot is cleared as it is read. `None` sends the stage to `lookup`.
+/// The frontend handed over for this packet (same destination, source, port and protocol),
+/// once: the slot is cleared as it is read. `None` sends the stage to `lookup`.
 #[inline(always)]
 pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
     let s = <[u32; 4] as Addr>::scratch();
@@ -137,11 +137,12 @@ pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
         return None;
     }
     // SAFETY: as in `hand_over`.
-    let (svc, [dst, tag]) = unsafe { ((*s).svc, (*s).svc_for) };
+    let (svc, [dst, src, tag]) = unsafe { ((*s).svc, (*s).svc_for) };
     // SAFETY: as above.
-    unsafe { (*s).svc_for[1] = 0 };
+    unsafe { (*s).svc_for[2] = 0 };
     let node_frontend = tag & 1 << 24 != 0;
-    if dst != flow.dst.fold() || tag != handed_for(flow, node_frontend) {
+    // The source too: the frontend found may depend on it (`from_cluster`).
+    if dst != flow.dst.fold() || src != flow.src.fold() || tag != handed_for(flow, node_frontend) {
         return None;
     }
     Some((svc, node_frontend))

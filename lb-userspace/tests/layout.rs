@@ -145,62 +145,68 @@ fn the_new_flow_table_of_layout_6_moves_into_the_array_of_ways_with_its_flows() 
 /// Layout 8 chose the new-flow table's sets by the flow's client side: a table left by a
 /// layout-7 agent, the same shape, holds its flows in the sets of the old hash (of the whole
 /// key), where neither the datapath nor the agent would find them now. The load moves each
-/// into its new set.
+/// into its new set, whether the service names say the version is 7 or no name is left to say.
 #[test]
 fn a_new_flow_table_of_layout_7_has_its_flows_moved_to_their_new_sets() {
-    let Some(dir) = PinDir::new("rehash") else { return };
-    let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
-    assert!(dp.apply(&one_affinity_service()).errors.is_empty());
-    drop(dp);
-    // What a layout-7 agent left: its version in the service names, and flows (both entries
-    // each) in the sets its hash chose.
-    let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
-    let names: Vec<_> = maps.names.iter().filter_map(Result::ok).collect();
-    assert!(!names.is_empty());
-    for (id, mut n) in names {
-        n.layout_version = 7;
-        maps.names.insert(id, n, 0).unwrap();
-    }
-    drop(maps);
-    let path = dir.0.join(MAP_CT4_NEW);
-    let mut ways: aya::maps::Array<MapData, CtWay4> =
-        aya::maps::Array::try_from(Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap()).unwrap();
-    let sets = ways.len() / lb_common::CT_WAYS as u32;
-    let mut used = std::collections::HashMap::<u32, u32>::new();
-    let mut keys = Vec::new();
-    for i in 0..100u32 {
-        let client = u32::from_ne_bytes([10, 244, 1, 100 + i as u8]);
-        let fwd = CtKey4 {
-            src: client,
-            dst: 0x0a60_000a,
-            sport: 40_000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: PROTO_TCP,
-            dir: CT_DIR_FORWARD,
-            _pad: 0,
-        };
-        let v = CtValue4 { created: 1000 + i, state: lb_common::CT_SYN_SENT, ..Default::default() };
-        let (rk, rv) = lb_common::ct_peer(&fwd, &CtValue4 { nat_addr: 0x0bf4_010a, nat_port: 80u16.to_be(), ..v });
-        for (k, v) in [(fwd, v), (rk, rv)] {
-            let old_hash = lb_common::flow_hash(k.src ^ 0x2545_f491, k.dst, k.sport, k.dport, k.proto);
-            let set = lb_common::select_slot(old_hash, sets);
-            let way = used.entry(set).or_default();
-            assert!(*way < lb_common::CT_WAYS as u32);
-            ways.set(set * lb_common::CT_WAYS as u32 + *way, CtWay4 { key: k, value: v }, 0).unwrap();
-            *way += 1;
-            keys.push((k, v));
+    for names_left in [true, false] {
+        let Some(dir) = PinDir::new(if names_left { "rehash" } else { "rehash-unnamed" }) else { return };
+        let mut dp = Dataplane::load(&dir.0, &Config::default()).expect("fresh load");
+        assert!(dp.apply(&one_affinity_service()).errors.is_empty());
+        drop(dp);
+        // What a layout-7 agent left: its version in the service names (or no names), and
+        // flows (both entries each) in the sets its hash chose.
+        let mut maps = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
+        let names: Vec<_> = maps.names.iter().filter_map(Result::ok).collect();
+        assert!(!names.is_empty());
+        for (id, mut n) in names {
+            if names_left {
+                n.layout_version = 7;
+                maps.names.insert(id, n, 0).unwrap();
+            } else {
+                maps.names.remove(&id).unwrap();
+            }
         }
-    }
-    drop(ways);
-    let before = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
-    let found = keys.iter().filter(|(k, _)| before.conntrack_new.get(k, 0).is_ok()).count();
-    assert!(found < 10, "{found} of 200 entries are where the new hash looks already");
-    drop(before);
-    let dp = Dataplane::load(&dir.0, &Config::default()).expect("moves the flows");
-    let table = &dp.maps().conntrack_new;
-    assert_eq!(table.iter().filter_map(Result::ok).count(), 200);
-    for (k, v) in &keys {
-        assert_eq!(table.get(k, 0).ok(), Some(*v), "{k:?} not in its set");
+        drop(maps);
+        let path = dir.0.join(MAP_CT4_NEW);
+        let mut ways: aya::maps::Array<MapData, CtWay4> =
+            aya::maps::Array::try_from(Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap()).unwrap();
+        let sets = ways.len() / lb_common::CT_WAYS as u32;
+        let mut used = std::collections::HashMap::<u32, u32>::new();
+        let mut keys = Vec::new();
+        for i in 0..100u32 {
+            let client = u32::from_ne_bytes([10, 244, 1, 100 + i as u8]);
+            let fwd = CtKey4 {
+                src: client,
+                dst: 0x0a60_000a,
+                sport: 40_000u16.to_be(),
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let v = CtValue4 { created: 1000 + i, state: lb_common::CT_SYN_SENT, ..Default::default() };
+            let (rk, rv) = lb_common::ct_peer(&fwd, &CtValue4 { nat_addr: 0x0bf4_010a, nat_port: 80u16.to_be(), ..v });
+            for (k, v) in [(fwd, v), (rk, rv)] {
+                let old_hash = lb_common::flow_hash(k.src ^ 0x2545_f491, k.dst, k.sport, k.dport, k.proto);
+                let set = lb_common::select_slot(old_hash, sets);
+                let way = used.entry(set).or_default();
+                assert!(*way < lb_common::CT_WAYS as u32);
+                ways.set(set * lb_common::CT_WAYS as u32 + *way, CtWay4 { key: k, value: v }, 0).unwrap();
+                *way += 1;
+                keys.push((k, v));
+            }
+        }
+        drop(ways);
+        let before = lb_userspace::dataplane::Maps::open_pinned(&dir.0).unwrap();
+        let found = keys.iter().filter(|(k, _)| before.conntrack_new.get(k, 0).is_ok()).count();
+        assert!(found < 10, "{found} of 200 entries are where the new hash looks already");
+        drop(before);
+        let dp = Dataplane::load(&dir.0, &Config::default()).expect("moves the flows");
+        let table = &dp.maps().conntrack_new;
+        assert_eq!(table.iter().filter_map(Result::ok).count(), 200);
+        for (k, v) in &keys {
+            assert_eq!(table.get(k, 0).ok(), Some(*v), "names left: {names_left}: {k:?} not in its set");
+        }
     }
 }
 

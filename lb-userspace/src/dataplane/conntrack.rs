@@ -299,9 +299,17 @@ pub fn spawn_collector(
             }
             let Ok(now) = clock.jiffies() else { continue };
             // Each family's assured table has the capacity; the busier one sets the pace.
-            // The walk begins after the epoch moves on (`lb-ebpf/src/ct_live.rs`).
-            live.next_epoch();
-            let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all| live.restamp(all.iter().map(|(k, _)| k)));
+            // The walk begins after the epoch moves on (`lb-ebpf/src/ct_live.rs`); before the
+            // first pass (`Dataplane::restamp_live_flows`) every slot counts and none is moved.
+            let pass = live.armed().then(|| live.begin());
+            let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all| {
+                if let Some(p) = &pass {
+                    all.iter().for_each(|(k, _)| p.stamp(k));
+                }
+            });
+            if let Some(p) = pass {
+                p.finish();
+            }
             let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_| ());
             let removed = r4 + r6;
             collected.fetch_add(removed as u64, Ordering::Relaxed);

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError};
-use lb_common::{ct_client_side, ct_set_find, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_WAYS};
+use lb_common::{ct_set_find, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_WAYS};
 
 use super::conntrack::CtAddr;
 
@@ -81,8 +81,7 @@ where
     }
 
     fn hash(k: &CtKey<A>) -> u32 {
-        let (client, port) = ct_client_side(k);
-        ct_set_hash(client.fold(), port, k.proto)
+        ct_set_hash(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, k.dir)
     }
 
     /// The index of the first way of `k`'s set, and the set's ways.

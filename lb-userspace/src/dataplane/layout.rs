@@ -197,6 +197,25 @@ fn lru_new_flow_table(name: &str) -> Option<(u32, u32)> {
     (name == MAP_CT4_NEW).then_some((size_of::<CtKey4>() as u32, size_of::<CtValue4>() as u32))
 }
 
+/// Whether a pinned IPv4 new-flow table holds an entry outside the set `ct_set_hash` gives its
+/// key now: a table of layout 7 or before, when no service name tells the version (a node
+/// with no Service left, its last flows still in their handshake or finished). A system call
+/// per way, only then.
+fn new_flows_misplaced(path: &Path) -> bool {
+    let Ok(map) = MapData::from_pin(path).and_then(Map::from_map_data) else { return false };
+    let Ok(ways) = Array::<&MapData, CtWay4>::try_from(&map) else { return false };
+    let per_set = lb_common::CT_WAYS as u32;
+    let sets = ways.len() / per_set;
+    (0..ways.len()).any(|i| {
+        let Ok(w) = ways.get(&i, 0) else { return false };
+        let k = w.key;
+        let first =
+            lb_common::select_slot(lb_common::ct_set_hash(k.src, k.dst, k.sport, k.dport, k.proto, k.dir), sets.max(1))
+                * per_set;
+        k.proto != 0 && !(first..first + per_set).contains(&i)
+    })
+}
+
 /// Checks maps pinned by a previous agent (perhaps another version, or other `--map-*`
 /// sizes) before the loader adopts them: aya reuses a pin by name without comparing its shape,
 /// and a program verified against one value size must never run on a map of another.
@@ -208,12 +227,13 @@ fn lru_new_flow_table(name: &str) -> Option<(u32, u32)> {
 /// adoption, as pins of ids no frontend holds). Flow maps (conntrack, affinity, socket reverse NAT) are never dropped: a
 /// new capacity is migrated with its entries; a new key or value layout is refused.
 pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Vec<Migration>> {
-    let version_changed = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
+    // The version is stamped in every service name entry; none, none known.
+    let pinned_version = MapData::from_pin(pin_dir.join(MAP_SERVICE_NAMES))
         .ok()
         .and_then(|d| Map::from_map_data(d).ok())
         .and_then(|m| HashMap::<MapData, u32, ServiceName>::try_from(m).ok())
-        .and_then(|names| names.iter().filter_map(std::result::Result::ok).map(|(_, n)| n.layout_version).next())
-        .filter(|v| *v != lb_common::MAP_LAYOUT_VERSION);
+        .and_then(|names| names.iter().filter_map(std::result::Result::ok).map(|(_, n)| n.layout_version).next());
+    let version_changed = pinned_version.filter(|v| *v != lb_common::MAP_LAYOUT_VERSION);
     if let Some(v) = version_changed {
         tracing::warn!(
             pinned = v,
@@ -233,7 +253,12 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         let show = |s: Shape| format!("key {} B, value {} B, {} entries", s.0, s.1, s.2);
         // Layout 8 chose `LB_CT4_NEW`'s sets anew (`lb_common::ct_set_hash`): a table of an
         // earlier layout, of the same shape, has its flows moved to their new sets.
-        let rehash = name == MAP_CT4_NEW && version_changed.is_some_and(|v| v < 8);
+        let rehash = name == MAP_CT4_NEW
+            && found == wanted
+            && match pinned_version {
+                Some(v) => v < 8,
+                None => new_flows_misplaced(&path),
+            };
         if found == wanted && (holds_flows || version_changed.is_none()) && !rehash {
             continue;
         }

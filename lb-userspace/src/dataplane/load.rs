@@ -68,7 +68,7 @@ impl Dataplane {
 
     /// `load_pinned`, removing the directory if the load fails and it was `fresh`.
     fn load_in(pin_dir: &Path, config: &Config, fresh: bool) -> Result<Self> {
-        let loaded = Self::load_pinned(pin_dir, config);
+        let loaded = Self::load_pinned(pin_dir, config, fresh);
         if let (Err(e), true) = (&loaded, fresh) {
             if let Err(rm) = fs::remove_dir_all(pin_dir) {
                 tracing::warn!(pin_dir = %pin_dir.display(), error = %rm, load_error = %e, "removing the pin directory of a failed first load");
@@ -77,12 +77,13 @@ impl Dataplane {
         loaded
     }
 
-    fn load_pinned(pin_dir: &Path, config: &Config) -> Result<Self> {
+    /// `fresh`: no pins were there, so no programs of an earlier load can be running.
+    fn load_pinned(pin_dir: &Path, config: &Config, fresh: bool) -> Result<Self> {
         ensure_pin_dir(pin_dir)?;
         let migrations = check_pinned_layout(pin_dir, &config.sizes)?;
         super::layout::retire_unlinked_stages(pin_dir);
         let stage_pins = stage_table_pins(pin_dir);
-        let loaded = Self::load_with_stages(pin_dir, config, migrations, stage_pins.clone());
+        let loaded = Self::load_with_stages(pin_dir, config, migrations, stage_pins.clone(), fresh);
         if loaded.is_err() {
             // Nothing runs through this load's stage tables yet, and no later load could tell
             // (they are named after their programs only once those load): unpin them here, or
@@ -97,6 +98,7 @@ impl Dataplane {
         config: &Config,
         migrations: Vec<super::layout::Migration>,
         stage_pins: [std::path::PathBuf; 4],
+        fresh: bool,
     ) -> Result<Self> {
         let sizes = config.sizes;
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
@@ -225,7 +227,11 @@ impl Dataplane {
             dp.filter.add_frontend(f);
         }
         dp.carry_over_legacy_flows(false);
-        dp.restamp_live_flows();
+        if fresh {
+            // No other programs run on these maps: the stamps can count from now on. Over a
+            // previous agent's pins, every slot counts until the link swap (`finish_migrations`).
+            dp.restamp_live_flows();
+        }
         spawn_collector(
             pin_dir,
             dp.clock.clone(),

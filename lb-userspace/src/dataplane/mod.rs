@@ -317,14 +317,17 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Moves `LB_CT4_LIVE` to a new epoch and stamps every IPv4 flow of the assured table in
-    /// it (`lb-ebpf/src/ct_live.rs`): after this agent's load (the map is new, the flows are
-    /// its predecessor's), after flows are copied in by hand, and by the collector at each
-    /// pass. A failed walk leaves the stamps of the last one, which count for an epoch more.
+    /// A pass over the IPv4 assured table's flows (`lb-ebpf/src/ct_live.rs`): a new epoch of
+    /// `LB_CT4_LIVE` and every flow stamped in it. The first (at a first load, where no other
+    /// programs run; otherwise after the link swap, `finish_migrations`) ends the time when
+    /// every slot counts; the collector makes one at each collection after it; a test that
+    /// writes flows into `LB_CT4` by hand makes one to have their SYNs find them.
     pub fn restamp_live_flows(&self) {
-        self.live.next_epoch();
-        let keys: Vec<lb_common::CtKey4> = self.maps.conntrack.keys().filter_map(|k| k.ok()).collect();
-        self.live.restamp(&keys);
+        let pass = self.live.begin();
+        for k in self.maps.conntrack.keys().filter_map(|k| k.ok()) {
+            pass.stamp(&k);
+        }
+        pass.finish();
     }
 
     /// Frontends programmed and backends summed over them.

@@ -235,12 +235,15 @@ fn a_syn_inside_a_live_flow_finds_it_through_the_live_stamps_and_a_restart() {
         h.dp.restamp_live_flows();
     }
     syn_inside_each(&h, "three walks later");
-    // A restarted agent: programs of its own with a new, empty stamp map, stamped at load
-    // from the pinned assured table.
+    // A restarted agent: programs of its own with a new, empty stamp map. Until its programs
+    // have taken the links over, every slot counts (the old ones make flows assured without
+    // stamping them); then its first pass stamps the pinned assured table.
     let pin_dir = h.pin_dir.clone();
-    let restarted = Harness { dp: Dataplane::load(&pin_dir, &Config::default()).expect("reloading"), pin_dir };
+    let mut restarted = Harness { dp: Dataplane::load(&pin_dir, &Config::default()).expect("reloading"), pin_dir };
     restarted.dp.stop_ct_collector();
-    syn_inside_each(&restarted, "after a restart");
+    syn_inside_each(&restarted, "after a restart, before the link swap");
+    restarted.dp.finish_migrations();
+    syn_inside_each(&restarted, "after a restart and its first pass");
 }
 
 #[test]

@@ -360,7 +360,7 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
         let full = used.flows >= opts.budget.flows
             || used.first_fragments >= opts.budget.first_fragments
             || used.pins >= opts.budget.pins
-            || used.set_entries >= opts.budget.set_entries;
+            || used.set_entries + model.unplaced() >= opts.budget.set_entries;
         if full || frame - checked_at >= opts.check_every || frame >= opts.frames {
             let now = dp.counters().map_err(|e| fail(frame, e))?;
             let mut delta = [[0u64; COUNTER_MAX as usize]; 2];

@@ -853,28 +853,32 @@ impl Model {
         }
     }
 
-    /// The flow `t` is now known to translate by `nat`: its reply key maps back to it.
-    /// Counts an entry of the new-flow table under a key with this client side.
-    fn load_set(&mut self, client: Addr, proto: u8) {
-        let ip = u32::from_ne_bytes(client.0.octets());
-        let h = lb_common::ct_set_hash(ip, client.1.to_be(), proto);
+    /// Counts an entry of the new-flow table under `key` (its set, `lb_common::ct_set_hash`).
+    fn load_set(&mut self, key: Tuple, dir: u8) {
+        let ip = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let h = lb_common::ct_set_hash(ip(key.src), ip(key.dst), key.sport.to_be(), key.dport.to_be(), key.proto, dir);
         let set = lb_common::select_slot(h, self.used.ct_new_sets.max(1));
         let load = self.set_load.entry(set).or_default();
         *load += 1;
         self.used.set_entries = self.used.set_entries.max(*load);
     }
 
-    /// A flow's two entries, counted where its forward key's client side puts them (the reply
-    /// entry goes there too unless the flow is SNATed; `resolve` counts it where it goes then).
+    /// A flow's forward entry, counted in its set; its reply entry is counted where it goes once
+    /// the translation is known (`resolve`), and meanwhile stands for an entry of any set
+    /// (`unplaced`).
     fn load_flow(&mut self, t: Tuple) {
-        self.load_set((t.src, t.sport), t.proto);
-        self.load_set((t.src, t.sport), t.proto);
+        self.load_set(t, lb_common::CT_DIR_FORWARD);
     }
 
+    /// Entries the datapath may hold in a set the model cannot name: a reply entry of each flow
+    /// whose translation is unknown.
+    pub fn unplaced(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The flow `t` is now known to translate by `nat`: its reply key maps back to it.
     fn resolve(&mut self, t: Tuple, nat: Nat) -> Result<(), String> {
-        if let Some(snat) = nat.snat {
-            self.load_set(snat, t.proto);
-        }
+        self.load_set(reply_key(t, nat), lb_common::CT_DIR_REPLY);
         let old = self.flows.get(&t).and_then(|f| f.nat);
         self.flows.get_mut(&t).expect("known").nat = Some(nat);
         self.pending.retain(|p| *p != t);
