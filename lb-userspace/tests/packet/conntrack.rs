@@ -67,6 +67,20 @@ fn down(h: &Harness, backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), flags: u
     assert_eq!(parse_checked(&out).src, (VIP, 80));
 }
 
+/// A handshake through the VIP from `client` (SYN, SYN-ACK, ACK): the flow is established and
+/// assured. Returns its backend.
+fn establish(h: &Harness, client: (Ipv4Addr, u16)) -> (Ipv4Addr, u16) {
+    let b = up(h, client, SYN);
+    down(h, b, client, SYN_ACK);
+    up(h, client, ACK);
+    b
+}
+
+/// `establish` from each of `ports` of the client: each flow's client and backend.
+fn establish_all(h: &Harness, ports: std::ops::Range<u16>) -> Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
+    ports.map(|p| (CLIENT, p)).map(|c| (c, establish(h, c))).collect()
+}
+
 #[test]
 fn tcp_states_follow_the_handshake_and_a_close_from_either_side() {
     if !privileged() {
@@ -129,9 +143,7 @@ fn a_reset_from_either_side_closes_the_flow_and_a_new_syn_reuses_the_tuple() {
     let mut moved = 0;
     for port in 42000..42040u16 {
         let c = (CLIENT, port);
-        let b = up(&h, c, SYN);
-        down(&h, b, c, SYN_ACK);
-        up(&h, c, ACK);
+        let b = establish(&h, c);
         expect(&h, c, b, CT_ESTABLISHED, true);
         if port % 2 == 0 {
             up(&h, c, RST | ACK);
@@ -168,9 +180,7 @@ fn an_established_flows_plain_segments_are_served_from_its_cached_copy() {
     }
     let h = Harness::new(&lab_yaml(&BACKENDS));
     let c = (CLIENT, 44000);
-    let b = up(&h, c, SYN);
-    down(&h, b, c, SYN_ACK);
-    up(&h, c, ACK);
+    let b = establish(&h, c);
     expect(&h, c, b, CT_ESTABLISHED, true);
     // A plain segment each way finds its assured entry and copies it (`LB_CT4_CACHE`).
     down(&h, b, c, ACK);
@@ -207,15 +217,7 @@ fn a_syn_inside_a_live_flow_finds_it_through_the_live_stamps_and_a_restart() {
     }
     let three = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
     let mut h = Harness::new(&lab_yaml(&three));
-    let flows: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = (0..200u16)
-        .map(|i| {
-            let c = (CLIENT, 31000 + i);
-            let b = up(&h, c, SYN);
-            down(&h, b, c, SYN_ACK);
-            up(&h, c, ACK);
-            (c, b)
-        })
-        .collect();
+    let flows = establish_all(&h, 31000..31200);
     // Every backend replaced: selection alone would send these tuples elsewhere. A SYN inside
     // each live flow (a client reusing its port) must still find the flow in the assured
     // table, through the stamp its promotion there left (`lb-ebpf/src/ct_live.rs`), and start
@@ -255,9 +257,7 @@ fn a_new_connections_syn_skips_the_assured_table_unless_its_key_is_stamped() {
     h.dp.stop_ct_collector();
     // An established flow's forward entry as a model.
     let c = (CLIENT, 45000);
-    let b = up(&h, c, SYN);
-    down(&h, b, c, SYN_ACK);
-    up(&h, c, ACK);
+    let b = establish(&h, c);
     let [Some((model, true)), _] = flow(&h, c, b) else { panic!("the flow is not assured") };
     // A flow written into the assured table by hand, to a backend no service has, as a
     // migration copies one in: nothing stamped it yet.
@@ -315,9 +315,7 @@ fn each_state_keeps_its_own_lifetime() {
     let h = Harness::new(&lab_yaml(&BACKENDS[..1]));
     // Half-closed and idle for 100 s: FIN_WAIT's 120 s are not over, the flow is tracked.
     let c = (CLIENT, 43000);
-    let b = up(&h, c, SYN);
-    down(&h, b, c, SYN_ACK);
-    up(&h, c, ACK);
+    let b = establish(&h, c);
     up(&h, c, FIN_ACK);
     age(&h, c, b, 100);
     up(&h, c, ACK);
@@ -365,9 +363,7 @@ fn a_flood_of_new_flows_never_evicts_established_ones() {
     let established: Vec<_> = (0..10_000)
         .map(|i| {
             let c = many(i, 245);
-            let b = up(&h, c, SYN);
-            down(&h, b, c, SYN_ACK);
-            up(&h, c, ACK);
+            let b = establish(&h, c);
             (c, b)
         })
         .collect();
@@ -395,9 +391,7 @@ fn a_flood_of_new_flows_never_evicts_established_ones() {
     assert_eq!(h.counter(Counter::CtAssuredFull), 0);
     for i in 0..200 {
         let c = many(i, 247);
-        let b = up(&h, c, SYN);
-        down(&h, b, c, SYN_ACK);
-        up(&h, c, ACK);
+        let b = establish(&h, c);
         assert_eq!(up(&h, c, ACK), b);
         down(&h, b, c, ACK);
     }
@@ -505,15 +499,7 @@ fn a_flow_that_lost_its_entries_keeps_its_backend_and_a_removal_moves_only_its_f
     }
     let five = ["10.244.1.11", "10.244.1.12", "10.244.1.13", "10.244.1.14", "10.244.1.15"];
     let mut h = Harness::new(&lab_yaml(&five));
-    let flows: Vec<((Ipv4Addr, u16), (Ipv4Addr, u16))> = (0..500u16)
-        .map(|i| {
-            let c = (CLIENT, 30000 + i);
-            let b = up(&h, c, SYN);
-            down(&h, b, c, SYN_ACK);
-            up(&h, c, ACK);
-            (c, b)
-        })
-        .collect();
+    let flows = establish_all(&h, 30000..30500);
     assert_eq!(flows.iter().map(|(_, b)| b.0).collect::<BTreeSet<_>>().len(), 5, "spread over all five");
     // Every entry lost (evicted, a table rebuilt): the next packet of each flow, picked up
     // mid-stream, finds the same backend through the Maglev table.
