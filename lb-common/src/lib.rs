@@ -59,11 +59,12 @@ pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// Which IPv4 forward keys may have an entry in `LB_CT4`: a byte per slot (`ct_cache_slot`),
 /// stamped with an epoch, `CT_LIVE_SLOTS_PER_ENTRY` slots per entry `LB_CT4` has room for,
 /// after an 8-byte epoch word (`ct_live_present`). Read by a SYN, which then skips the
-/// assured table's lookup when its key's slot is unstamped. Not pinned: the agent stamps every
-/// live flow into a new one at load and at each collection pass.
+/// assured table's lookup when its key's slot holds no stamp that counts. Not pinned: the
+/// agent's first pass stamps every live flow into a new one, and each collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
 /// Slots of `LB_CT4_LIVE` per entry of `LB_CT4`: at most half its entries are forward keys,
-/// so at most one slot in 16 is stamped and a new flow's SYN skips the lookup 15 times in 16.
+/// so about one slot in 16 holds a live flow's stamp and a new flow's SYN skips the lookup
+/// about 15 times in 16 (stamps of flows gone within the last epochs count too).
 pub const CT_LIVE_SLOTS_PER_ENTRY: u32 = 8;
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";

@@ -1,9 +1,10 @@
 //! A direct-mapped cache of established IPv4 TCP flows in front of `LB_CT4`: a slot for every
 //! other entry the assured table has room for, each a copy of an entry under its key, read by
-//! the established path before the assured table. A hit costs the key's hash and one inlined array load, where the assured
-//! table's lookup is a call into the kernel's hash map (hash, bucket walk, key compare): at
-//! XDP that lookup was a third of an established packet's cost. Exact-match caches in front
-//! of a flow table are how Open vSwitch's datapath keeps its fast path cheap (its EMC).
+//! the established path before the assured table. A hit costs the key's hash and one inlined
+//! array load, where the assured table's lookup is a call into the kernel's hash map (hash,
+//! bucket walk, key compare): at XDP that lookup was a third of an established packet's cost.
+//! Exact-match caches in front of a flow table are how Open vSwitch's datapath keeps its fast
+//! path cheap (its EMC).
 //!
 //! What a cached copy may stand for: an assured ESTABLISHED TCP entry, for a segment without
 //! SYN, FIN or RST (nothing but a refresh happens to the entry then, `conntrack::advance`),
@@ -14,12 +15,12 @@
 //!
 //! Coherence: whatever changes an assured entry's state or removes it, in the datapath,
 //! forgets both of its flow's copies (`conntrack::advance`, `mirror_into`, `store_of`,
-//! `forget_assured_of`, `forget`, `forget_finished`). The agent never needs to: it removes only expired flows,
-//! which no copy can stand for (a copy is fresh, and the lifetime is at least the window), and
-//! UDP flows, never cached. A copy written by one CPU just after another forgot it (both
-//! directions of a flow on two CPUs at once, one of them a FIN or RST) stands for the old
-//! state for at most the window: its direction's plain segments go unseen by the state
-//! machine meanwhile, they are still forwarded to the same backend.
+//! `forget_assured_of`, `forget`, `forget_finished`). The agent never needs to: it removes
+//! only expired flows, which no copy can stand for (a copy is fresh, and the lifetime is at
+//! least the window), and UDP flows, never cached. A copy written by one CPU just after
+//! another forgot it (both directions of a flow on two CPUs at once, one of them a FIN or
+//! RST) stands for the old state for at most the window: its direction's plain segments go
+//! unseen by the state machine meanwhile, they are still forwarded to the same backend.
 //!
 //! Concurrency: a writer first claims the slot, swapping its key's last word (protocol,
 //! direction, padding) for `BUSY` with an atomic compare-and-exchange (losing, it leaves the
