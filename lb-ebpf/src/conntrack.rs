@@ -26,7 +26,12 @@ use lb_common::{
     TCP_RST, TCP_SYN,
 };
 
-use crate::{addr::Addr, ct_cache, ct_live, ct_table, parse::Flow, stats::count};
+use crate::{
+    addr::Addr,
+    ct_cache, ct_live, ct_table,
+    parse::Flow,
+    stats::{add, count},
+};
 
 /// Lifetime of each state in jiffies, indexed by state; the agent writes them at load time
 /// from its flags and the kernel's HZ. Placeholders for HZ=1000 until then.
@@ -571,8 +576,7 @@ fn create_of<A: Addr>(
     let mut e = CtValue::<A>::default();
     new_entry(flow.proto, tcp_flags, t, service_id, now, reply_route, &mut e);
     let (pk, pv) = ct_peer(&k, &e);
-    new_insert(&k, &e, hook);
-    new_insert(&pk, &pv, hook);
+    add(hook, Counter::CtNewEvicted, ct_table::insert_pair(&k, &e, &pk, &pv));
 }
 
 /// A new flow's forward entry, written whole into `e`.

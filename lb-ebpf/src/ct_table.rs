@@ -26,8 +26,8 @@
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
 //! map, and never meet either.
 use lb_common::{
-    ct_forward_key, ct_key_eq, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_DIR_REPLY,
-    CT_FLAG_SNAT, CT_WAYS,
+    ct_forward_key, ct_key_eq, ct_set_hash, ct_set_pair, ct_set_victim, select_slot, CtKey, CtValue, CtWay,
+    CT_DIR_REPLY, CT_FLAG_SNAT, CT_WAYS,
 };
 
 use crate::{addr::Addr, conntrack::expired};
@@ -90,9 +90,38 @@ pub fn insert<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
     else {
         return false;
     };
+    write(first + i as u32, evicted, k, v)
+}
+
+/// Writes a new flow's two entries (`k` its forward key, `pk` its reply key); how many live
+/// flows lost an entry to them, as `insert` says. Entries that share a set (every flow not
+/// SNATed) are placed with one pass over it (`ct_set_pair`).
+#[inline(always)]
+pub fn insert_pair<A: Addr>(k: &CtKey<A>, v: &CtValue<A>, pk: &CtKey<A>, pv: &CtValue<A>) -> u32 {
+    if A::ct_lru().is_some() {
+        return insert(k, v) as u32 + insert(pk, pv) as u32;
+    }
+    let (first, hash) = set_of(k);
+    let (_, peer_hash) = set_of(pk);
+    if peer_hash != hash {
+        return insert(k, v) as u32 + insert(pk, pv) as u32;
+    }
+    let now = v.last_seen;
+    let Some([(i, evicted), (j, peer_evicted)]) =
+        ct_set_pair(|i| way::<A>(first + i as u32).map(|w| &*w), k, pk, hash, now, |e| expired(e, now))
+    else {
+        return 0;
+    };
+    write(first + i as u32, evicted, k, v) as u32 + write(first + j as u32, peer_evicted, pk, pv) as u32
+}
+
+/// Writes `k`'s entry into way `i` (of the array), chosen for it by `ct_set_victim` or
+/// `ct_set_pair`; `evicted` as they say. Returns `evicted`.
+#[inline(always)]
+fn write<A: Addr>(i: u32, evicted: bool, k: &CtKey<A>, v: &CtValue<A>) -> bool {
     // Looked up again by index rather than kept from the choice: a pointer picked at a
     // variable offset of the stack is one the verifier no longer knows.
-    let Some(w) = way::<A>(first + i as u32) else { return false };
+    let Some(w) = way::<A>(i) else { return false };
     if ct_key_eq(&w.key, k) {
         // Its own way (a state change): the key stays, or another CPU could miss the flow
         // meanwhile and write it into a second way.

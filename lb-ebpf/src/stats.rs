@@ -11,6 +11,18 @@ pub fn count(hook: u32, counter: Counter) {
     }
 }
 
+/// Adds `n` to a counter (nothing for 0: no lookup).
+#[inline(always)]
+pub fn add(hook: u32, counter: Counter, n: u32) {
+    if n == 0 {
+        return;
+    }
+    if let Some(slot) = LB_STATS.get_ptr_mut(hook * COUNTER_MAX + counter as u32) {
+        // SAFETY: as in `count`.
+        unsafe { *slot += n as u64 };
+    }
+}
+
 /// Whether traffic is counted per service frontend (`lb run --metrics-per-frontend`). Set at
 /// load time: the verifier knows it, so with it off the count below costs nothing.
 #[no_mangle]
