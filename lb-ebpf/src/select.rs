@@ -8,7 +8,7 @@
 //! --seconds T` then `--set`), only new connections read and refresh the pin.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    flow_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, Counter, ServiceValue,
+    select_hash, select_slot, AffinityKey, AffinityValue, Backend, BackendMemberKey, Counter, ServiceValue,
     SVC_FLAG_AFFINITY,
 };
 
@@ -56,7 +56,7 @@ pub fn select<A: Addr>(hook: u32, svc: &ServiceValue, flow: &Flow<A>) -> Option<
 /// was lost comes back to the same backend while that backend stays.
 #[inline(always)]
 fn by_hash<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> Option<Backend> {
-    let hash = flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto);
+    let hash = select_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto);
     let slot = svc.table_off.wrapping_add(select_slot(hash, svc.table_size));
     let pair = *LB_MAGLEV.get(slot >> 1)?;
     LB_BACKENDS.get((pair >> ((slot & 1) * 32)) as u32).copied()

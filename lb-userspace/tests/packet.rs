@@ -536,7 +536,7 @@ fn hash_choice(client: Ipv4Addr, port: u16, backends: &[&str]) -> Ipv4Addr {
         .collect();
     set.sort();
     let table = lb_common::maglev::update(&[], &set);
-    let h = lb_common::flow_hash(
+    let h = lb_common::select_hash(
         u32::from_ne_bytes(client.octets()),
         u32::from_ne_bytes(VIP.octets()),
         port.to_be(),

@@ -723,7 +723,8 @@ pub fn hash_choice(client: SocketAddr, vip: SocketAddr, backends: &[Ipv4Addr], p
         .collect();
     set.sort();
     let table = lb_common::maglev::update(&[], &set);
-    let h = lb_common::flow_hash(ip(client), ip(vip), client.port().to_be(), vip.port().to_be(), lb_common::PROTO_TCP);
+    let h =
+        lb_common::select_hash(ip(client), ip(vip), client.port().to_be(), vip.port().to_be(), lb_common::PROTO_TCP);
     Ipv4Addr::from(table[lb_common::select_slot(h, table.len() as u32) as usize].addr[0].to_ne_bytes())
 }
 
