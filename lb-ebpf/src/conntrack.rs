@@ -254,6 +254,9 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
         new_insert(pk, pv, hook);
         return;
     }
+    // One entry at a time, not `ct_table::insert_pair`: a flow moves between the tables rarely,
+    // and the pair's choice, inlined here too, doubled the instructions the verifier walks
+    // through the main programs (298,172 to 570,303 at XDP).
     new_insert(k, e, hook);
     new_insert(pk, pv, hook);
     if was_assured {
