@@ -89,8 +89,9 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     /// This CPU's scratch slot (`maps::LB_SCRATCH6`) for IPv6's temporaries (IPv4's fit its
     /// stack; IPv4's pipeline reaches the slot as IPv6's, `<[u32; 4] as Addr>::scratch`, only
     /// to hand a frontend to its new-flow stage). Null for IPv4, and never for IPv6 (a per-CPU
-    /// array's slot 0 exists), but the verifier wants the check. A raw pointer: its users borrow one field each, never the
-    /// whole slot, so that two of them may hold different fields at once.
+    /// array's slot 0 exists), but the verifier wants the check. A raw pointer: its users
+    /// borrow one field each, never the whole slot, so that two of them may hold different
+    /// fields at once.
     fn scratch() -> *mut Scratch<Self>;
 }
 

@@ -5,10 +5,7 @@ use crate::maps::{LB_SERVICE_STATS, LB_STATS};
 
 #[inline(always)]
 pub fn count(hook: u32, counter: Counter) {
-    if let Some(slot) = LB_STATS.get_ptr_mut(hook * COUNTER_MAX + counter as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
-    }
+    add(hook, counter, 1);
 }
 
 /// Adds `n` to a counter (nothing for 0: no lookup).
@@ -18,7 +15,7 @@ pub fn add(hook: u32, counter: Counter, n: u32) {
         return;
     }
     if let Some(slot) = LB_STATS.get_ptr_mut(hook * COUNTER_MAX + counter as u32) {
-        // SAFETY: as in `count`.
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *slot += n as u64 };
     }
 }
