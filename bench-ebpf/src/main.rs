@@ -5,7 +5,8 @@
 //! here restore a saved frame into the packet on every run, optionally give it a new 5-tuple,
 //! and then tail-call the program under test (slot 0 of the hook's program array), which may
 //! live in another object: `lb`'s programs, the empty programs that give the floor, or the
-//! minimal DNAT references below (stateless, and with a flow table).
+//! minimal DNAT references below (stateless, with a flow table, and with a direct-mapped slot
+//! table as large as lb's new-flow table or sixteen times larger).
 #![no_std]
 #![no_main]
 
@@ -55,6 +56,24 @@ static REF_SERVICES: HashMap<[u32; 2], [u32; 2]> = HashMap::with_max_entries(102
 #[map(name = "BENCH_REF_FLOWS")]
 static REF_FLOWS: LruHashMap<[u32; 4], [u32; 2]> =
     LruHashMap::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
+
+/// The slot references' flow table: direct-mapped slots of lb's IPv4 way size (44 bytes: the
+/// 5-tuple, the backend, room for the rest of an entry), as many as `LB_CT4_NEW` has ways
+/// (`lb-bench` sizes it at load time), so that it spans as many bytes and pages.
+#[map(name = "BENCH_REF_SLOTS")]
+static REF_SLOTS: Array<[u32; 11]> = Array::with_max_entries(1, 0);
+
+/// Entries of `BENCH_REF_SLOTS`, written by `lb-bench` at load time.
+#[no_mangle]
+static BENCH_REF_SLOT_COUNT: u32 = 1;
+
+/// The same as `BENCH_REF_SLOTS`, sixteen times larger: more than this machine's caches hold.
+#[map(name = "BENCH_REF_SLOTS_BIG")]
+static REF_SLOTS_BIG: Array<[u32; 11]> = Array::with_max_entries(1, 0);
+
+/// Entries of `BENCH_REF_SLOTS_BIG`, written by `lb-bench` at load time.
+#[no_mangle]
+static BENCH_REF_SLOT_BIG_COUNT: u32 = 1;
 
 /// Frame offsets (Ethernet + IPv4 without options + TCP).
 const IP_ID: usize = 18;
@@ -265,6 +284,59 @@ fn ref_flow(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
     Some((daddr, dport, backend))
 }
 
+/// Reference: the least any per-flow state costs once its table is larger than the caches, at
+/// tc: the minimal DNAT plus one read and one write of the flow's slot in a direct-mapped
+/// table (`ref_slot`). No choice of a victim, no second direction, no lock, no helper call.
+#[classifier]
+pub fn bench_ref_slot_dnat_tc(ctx: TcContext) -> i32 {
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_COUNT) };
+    let Some((daddr, dport, backend)) = ref_slot(ctx.data(), ctx.data_end(), &REF_SLOTS, slots) else {
+        return TC_ACT_UNSPEC;
+    };
+    dnat_tc(&ctx, daddr, dport, backend)
+}
+
+/// `bench_ref_slot_dnat_tc` with the table no cache holds.
+#[classifier]
+pub fn bench_ref_big_slot_dnat_tc(ctx: TcContext) -> i32 {
+    // SAFETY: as above.
+    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_BIG_COUNT) };
+    let Some((daddr, dport, backend)) = ref_slot(ctx.data(), ctx.data_end(), &REF_SLOTS_BIG, slots) else {
+        return TC_ACT_UNSPEC;
+    };
+    dnat_tc(&ctx, daddr, dport, backend)
+}
+
+/// The service's backend, or the one the flow's slot holds if the slot is the flow's; a new
+/// flow takes the slot over, whatever it held.
+#[inline(always)]
+fn ref_slot(data: usize, data_end: usize, table: &Array<[u32; 11]>, slots: u32) -> Option<(u32, u16, [u32; 2])> {
+    let (daddr, dport, backend) = ref_lookup(data, data_end)?;
+    // SAFETY: `ref_lookup` checked that the TCP header lies inside the packet.
+    let (saddr, ports) = unsafe {
+        (((data + IP_SRC) as *const u32).read_unaligned(), ((data + TCP_SPORT) as *const u32).read_unaligned())
+    };
+    // A multiply, a fold of its high bits into the low ones (the bench varies the top of the
+    // address word, which a product carries only upwards) and a second multiply; the slot is
+    // the high half scaled to the table (as lb's `select_slot`).
+    let x = ((saddr as u64) << 32 | ports as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = (x ^ (x >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 32;
+    let slot = table.get_ptr_mut(((h * slots as u64) >> 32) as u32)?;
+    // SAFETY: a map value, valid while the program runs; one thread runs the bench.
+    let s = unsafe { &mut *slot };
+    if s[0] == saddr && s[1] == daddr && s[2] == ports && s[3] == 6 {
+        return Some((daddr, dport, [s[4], s[5]]));
+    }
+    s[0] = saddr;
+    s[1] = daddr;
+    s[2] = ports;
+    s[3] = 6;
+    s[4] = backend[0];
+    s[5] = backend[1];
+    Some((daddr, dport, backend))
+}
+
 /// The rewrite of a tc reference: the checksums updated the way a tc program must for
 /// packets whose L4 checksum the stack completes later (CHECKSUM_PARTIAL): through the
 /// helpers that know the skb's checksum state, one per kind of change (the address is in the
@@ -311,6 +383,30 @@ pub fn bench_ref_dnat_xdp(ctx: XdpContext) -> u32 {
 pub fn bench_ref_flow_dnat_xdp(ctx: XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some((daddr, dport, backend)) = ref_flow(data, data_end) else {
+        return xdp_action::XDP_PASS;
+    };
+    dnat_xdp(data, data_end, daddr, dport, backend)
+}
+
+/// Reference: `bench_ref_slot_dnat_tc` at XDP.
+#[xdp]
+pub fn bench_ref_slot_dnat_xdp(ctx: XdpContext) -> u32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_COUNT) };
+    let Some((daddr, dport, backend)) = ref_slot(data, data_end, &REF_SLOTS, slots) else {
+        return xdp_action::XDP_PASS;
+    };
+    dnat_xdp(data, data_end, daddr, dport, backend)
+}
+
+/// `bench_ref_slot_dnat_xdp` with the table no cache holds.
+#[xdp]
+pub fn bench_ref_big_slot_dnat_xdp(ctx: XdpContext) -> u32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    // SAFETY: as above.
+    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_BIG_COUNT) };
+    let Some((daddr, dport, backend)) = ref_slot(data, data_end, &REF_SLOTS_BIG, slots) else {
         return xdp_action::XDP_PASS;
     };
     dnat_xdp(data, data_end, daddr, dport, backend)

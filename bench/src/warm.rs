@@ -2,7 +2,11 @@
 //! each hook and minimal DNAT references, all measured the same way in one run, so the figures
 //! read as ratios to the cheapest possible program of each hook. A second pair of references
 //! keeps a flow table (one lookup, and one insert for a new flow: Katran's least work), so a
-//! new flow's cost can be read against what any per-flow state costs on this machine.
+//! new flow's cost can be read against what any per-flow state costs on this machine, and a
+//! third pair keeps the least a flow table can be (one read and one write of a slot in a
+//! direct-mapped array as large as lb's new-flow table), and a fourth the same with sixteen
+//! times the slots (`BIG_SLOTS`), more than this machine's caches hold: what any design that
+//! keeps per-flow state pays for a new flow here, with its table in the caches and without.
 //!
 //! `warm`: one BPF_PROG_TEST_RUN with `repeat` = R of a wrapper (`bench-ebpf`) that restores a
 //! saved 64-byte frame (Ethernet, IPv4, TCP, 10 bytes of payload) into the packet on every run
@@ -158,7 +162,15 @@ enum Target {
     Reference,
     /// The minimal DNAT with a flow table.
     FlowReference,
+    /// The minimal DNAT with a direct-mapped slot table.
+    SlotReference,
+    /// The same with `BIG_SLOTS` times the slots.
+    BigSlotReference,
 }
+
+/// The larger slot table's size against lb's new-flow table: 16 x 131,072 slots of 48 bytes
+/// (96 MiB with the default size), three times this machine's 32 MiB L3.
+const BIG_SLOTS: u32 = 16;
 
 struct Outcome {
     verdict: u32,
@@ -178,28 +190,36 @@ struct Wrappers {
     next: [u64; 2],
 }
 
-const TC_PROGRAMS: [&str; 6] = [
+const TC_PROGRAMS: [&str; 8] = [
     "bench_warm_tc",
     "bench_warm_tc_new_src",
     "bench_warm_tc_new_dst",
     "bench_warm_tc_new_conn",
     "bench_ref_dnat_tc",
     "bench_ref_flow_dnat_tc",
+    "bench_ref_slot_dnat_tc",
+    "bench_ref_big_slot_dnat_tc",
 ];
-const XDP_PROGRAMS: [&str; 6] = [
+const XDP_PROGRAMS: [&str; 8] = [
     "bench_warm_xdp",
     "bench_warm_xdp_new_src",
     "bench_warm_xdp_new_dst",
     "bench_warm_xdp_new_conn",
     "bench_ref_dnat_xdp",
     "bench_ref_flow_dnat_xdp",
+    "bench_ref_slot_dnat_xdp",
+    "bench_ref_big_slot_dnat_xdp",
 ];
 
 impl Wrappers {
-    /// `flows`: capacity of the stateful references' flow table (lb's `LB_CT4_NEW`'s).
+    /// `flows`: capacity of the stateful references' tables (lb's `LB_CT4_NEW`'s).
     fn load(flows: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("BENCH_REF_FLOWS", flows)
+            .map_max_entries("BENCH_REF_SLOTS", flows)
+            .override_global("BENCH_REF_SLOT_COUNT", &flows, true)
+            .map_max_entries("BENCH_REF_SLOTS_BIG", flows * BIG_SLOTS)
+            .override_global("BENCH_REF_SLOT_BIG_COUNT", &(flows * BIG_SLOTS), true)
             .load(OBJECT)
             .context("loading the bench's eBPF object")?;
         for name in TC_PROGRAMS {
@@ -388,6 +408,14 @@ impl Session<'_> {
             (Target::Reference, Hook::Xdp) => (self.w.fd("bench_ref_dnat_xdp")?, "bench_ref_dnat_xdp"),
             (Target::FlowReference, Hook::Tc) => (self.w.fd("bench_ref_flow_dnat_tc")?, "bench_ref_flow_dnat_tc"),
             (Target::FlowReference, Hook::Xdp) => (self.w.fd("bench_ref_flow_dnat_xdp")?, "bench_ref_flow_dnat_xdp"),
+            (Target::SlotReference, Hook::Tc) => (self.w.fd("bench_ref_slot_dnat_tc")?, "bench_ref_slot_dnat_tc"),
+            (Target::SlotReference, Hook::Xdp) => (self.w.fd("bench_ref_slot_dnat_xdp")?, "bench_ref_slot_dnat_xdp"),
+            (Target::BigSlotReference, Hook::Tc) => {
+                (self.w.fd("bench_ref_big_slot_dnat_tc")?, "bench_ref_big_slot_dnat_tc")
+            }
+            (Target::BigSlotReference, Hook::Xdp) => {
+                (self.w.fd("bench_ref_big_slot_dnat_xdp")?, "bench_ref_big_slot_dnat_xdp")
+            }
         })
     }
 
@@ -456,6 +484,17 @@ impl Session<'_> {
             HashMap::try_from(self.w.ebpf.map("BENCH_REF_FLOWS").context("map BENCH_REF_FLOWS missing")?)?;
         let n = flows.keys().filter(|k| k.is_ok()).count() as u64;
         Ok(format!("BENCH_REF_FLOWS {}%", pct(n, self.share)))
+    }
+
+    /// Fill of a slot reference's table `name` (slots holding a flow), against its size.
+    fn ref_slot_fill(&self, name: &str) -> Result<String> {
+        let slots: Array<&MapData, [u32; 11]> =
+            Array::try_from(self.w.ebpf.map(name).with_context(|| format!("map {name} missing"))?)?;
+        let mut used = 0u64;
+        for v in slots.iter() {
+            used += u64::from(v.with_context(|| format!("reading {name}"))?[3] != 0);
+        }
+        Ok(format!("{name} {}%", pct(used, u64::from(slots.len()))))
     }
 
     /// Removes every entry of `LB_CT4_NEW`.
@@ -558,7 +597,12 @@ impl Session<'_> {
         let tables;
         match runs {
             Runs::Repeat => {
-                tables = if target == Target::FlowReference { self.ref_flow_fill()? } else { self.tables() };
+                tables = match target {
+                    Target::FlowReference => self.ref_flow_fill()?,
+                    Target::SlotReference => self.ref_slot_fill("BENCH_REF_SLOTS")?,
+                    Target::BigSlotReference => self.ref_slot_fill("BENCH_REF_SLOTS_BIG")?,
+                    _ => self.tables(),
+                };
                 // Untimed, so the first round does not pay for cold caches alone.
                 let warmup = (self.repeat / 10).max(1);
                 let start = fresh(self, warmup)?;
@@ -834,29 +878,48 @@ fn pass_headers(passes: usize) -> String {
     (1..=passes).map(|i| format!(" pass {i} |")).collect()
 }
 
-/// A new flow with full tables, lb's and the reference with a flow table's (ns over the
-/// floor), of one pass.
+/// A new flow with full tables, lb's and the stateful references' (ns over the floor), and
+/// the new-flow target's limit, of one pass.
 struct FlowRefFigure {
     hook: Hook,
     lb: f64,
+    /// The reference with a flow table (a kernel LRU).
     reference: f64,
+    /// The reference with a direct-mapped slot table.
+    slot: f64,
+    /// The same with `BIG_SLOTS` times the slots.
+    big_slot: f64,
+    /// 2.5x the minimal DNAT.
+    limit: f64,
 }
 
 /// The ratio of lb's new flow to the reference with a flow table, in every pass.
 fn against_flow_reference(passes: &[&[FlowRefFigure]]) -> Result<String> {
     let mut md = String::from(
         "New flow with full tables against the reference with a flow table, over the passes (lb / \
-         reference, ns over the floor, and the ratio):\n\n| hook |",
+         reference, ns over the floor, and the ratio), and the least a flow table costs (the references \
+         with a direct-mapped slot table, as large as lb's new-flow table and 16x larger / the new-flow \
+         target's limit, 2.5x the minimal DNAT):\n\n| hook |",
     );
     md.push_str(&pass_headers(passes.len()));
     md.push_str("\n|---|");
     md.push_str(&"---:|".repeat(passes.len()));
     md.push('\n');
     for (i, first) in passes[0].iter().enumerate() {
-        write!(md, "| {} |", first.hook.name())?;
+        write!(md, "| {}, lb / flow table |", first.hook.name())?;
         for p in passes {
             let f = &p[i];
             write!(md, " {:+.0} / {:+.0} = {:.2}x |", f.lb, f.reference, f.lb / f.reference)?;
+        }
+        write!(md, "\n| {}, slot table / limit |", first.hook.name())?;
+        for p in passes {
+            let f = &p[i];
+            write!(md, " {:+.0} / {:+.0} = {:.2}x |", f.slot, f.limit, f.slot / f.limit)?;
+        }
+        write!(md, "\n| {}, slot table 16x / limit |", first.hook.name())?;
+        for p in passes {
+            let f = &p[i];
+            write!(md, " {:+.0} / {:+.0} = {:.2}x |", f.big_slot, f.limit, f.big_slot / f.limit)?;
         }
         md.push('\n');
     }
@@ -1002,6 +1065,8 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     let vip_backends = ipv4_backends(VIP);
     let mut new_full = BTreeMap::new();
     let mut flow_reference = BTreeMap::new();
+    let mut slot_reference = BTreeMap::new();
+    let mut big_slot_reference = BTreeMap::new();
     // `LB_BENCH_WARM_TRACKED_ONLY=1`: only floors, references and the tracked-flow and
     // pass-through rows, with the tables nearly empty: a quick look at a change to the tracked
     // path while developing, never a figure to quote (the full tables are part of the rows).
@@ -1060,6 +1125,35 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
                 Runs::Repeat,
             )?;
             flow_reference.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
+        }
+
+        // The slot references, their table as large as lb's new-flow table or `BIG_SLOTS` times
+        // larger, each filled with three times its slots' worth of new flows first (about 95%
+        // of the slots then hold one).
+        for (target, factor, what, figures) in [
+            (
+                Target::SlotReference,
+                1,
+                "new flow, minimal DNAT with a direct-mapped slot table (reference: one read, one write)",
+                &mut slot_reference,
+            ),
+            (
+                Target::BigSlotReference,
+                u64::from(BIG_SLOTS),
+                "new flow, minimal DNAT with a slot table 16x larger (reference: one read, one write)",
+                &mut big_slot_reference,
+            ),
+        ] {
+            for hook in hooks {
+                s.aim(hook, target)?;
+                s.w.set_frame(&new_flow)?;
+                let fill = 3 * s.new_cap * factor;
+                let start = s.w.reserve(Mode::NewSrc, fill)?;
+                s.w.run(hook, Mode::NewSrc, &new_flow, fill as u32, start)?;
+                let check = to_ref_backend(fwd(hook));
+                let ns = s.row(hook, what, Mode::NewSrc, target, &new_flow, None, &check, Runs::Repeat)?;
+                figures.insert(hook, ns - s.floors[&(hook, Mode::NewSrc)]);
+            }
         }
 
         // Affinity: 1024 clients pinned first, then every run a new connection of one of them.
@@ -1191,7 +1285,16 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     let (repeat, rounds, batch, batch_rounds, share) = (s.repeat, s.rounds, s.batch, s.batch_rounds, s.share);
     drop(s);
     drop(dp);
-    let sum = Summary { reference, flow_reference, new_full, established, pass_service_port, notes };
+    let sum = Summary {
+        reference,
+        flow_reference,
+        slot_reference,
+        big_slot_reference,
+        new_full,
+        established,
+        pass_service_port,
+        notes,
+    };
     let md = render(
         &rows,
         &sum,
@@ -1213,7 +1316,14 @@ fn flow_ref_figures(sum: &Summary) -> Vec<FlowRefFigure> {
     [Hook::Tc, Hook::Xdp]
         .into_iter()
         .filter_map(|hook| {
-            Some(FlowRefFigure { hook, lb: *sum.new_full.get(&hook)?, reference: *sum.flow_reference.get(&hook)? })
+            Some(FlowRefFigure {
+                hook,
+                lb: *sum.new_full.get(&hook)?,
+                reference: *sum.flow_reference.get(&hook)?,
+                slot: *sum.slot_reference.get(&hook)?,
+                big_slot: *sum.big_slot_reference.get(&hook)?,
+                limit: 2.5 * *sum.reference.get(&hook)?,
+            })
         })
         .collect()
 }
@@ -1223,6 +1333,10 @@ struct Summary {
     reference: BTreeMap<Hook, f64>,
     /// The minimal DNAT with a flow table, new flows, the table full.
     flow_reference: BTreeMap<Hook, f64>,
+    /// The minimal DNAT with a direct-mapped slot table, new flows, the table full.
+    slot_reference: BTreeMap<Hook, f64>,
+    /// The same with `BIG_SLOTS` times the slots.
+    big_slot_reference: BTreeMap<Hook, f64>,
     new_full: BTreeMap<Hook, f64>,
     established: BTreeMap<Hook, f64>,
     pass_service_port: BTreeMap<Hook, f64>,
@@ -1305,10 +1419,19 @@ fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
     md.push_str(
         "\nA new flow against the least any per-flow state costs here: the minimal DNAT with a flow table, \
          one lookup and one insert into an LRU like lb's, full (lb keeps both directions, so it inserts \
-         twice):\n\n| hook | lb, new flow, full | reference with a flow table, full | lb / reference |\n|---|---:|---:|---:|\n",
+         twice); and with a direct-mapped slot table as large as lb's new-flow table, or 16x larger (more \
+         than the caches hold), one read and one write of a slot (no victim to choose, one direction), \
+         against the new-flow target's limit:\n\n\
+         | hook | lb, new flow, full | reference with a flow table, full | lb / reference | reference with a slot \
+         table | the same, 16x | limit (2.5x minimal DNAT) |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for FlowRefFigure { hook, lb, reference } in flow_ref_figures(sum) {
-        writeln!(md, "| {} | {lb:+.1} ns | {reference:+.1} ns | {:.2}x |", hook.name(), lb / reference)?;
+    for FlowRefFigure { hook, lb, reference, slot, big_slot, limit } in flow_ref_figures(sum) {
+        writeln!(
+            md,
+            "| {} | {lb:+.1} ns | {reference:+.1} ns | {:.2}x | {slot:+.1} ns | {big_slot:+.1} ns | {limit:+.1} ns |",
+            hook.name(),
+            lb / reference,
+        )?;
     }
     for n in &sum.notes {
         writeln!(md, "\nNote: {n}")?;
