@@ -57,8 +57,9 @@ static REF_SERVICES: HashMap<[u32; 2], [u32; 2]> = HashMap::with_max_entries(102
 static REF_FLOWS: LruHashMap<[u32; 4], [u32; 2]> =
     LruHashMap::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
 
-/// The slot references' flow table: direct-mapped slots of lb's IPv4 way size (44 bytes: the
-/// 5-tuple, the backend, room for the rest of an entry), as many as `LB_CT4_NEW` has ways
+/// The slot references' flow table: direct-mapped slots of lb's IPv4 way size (44 bytes, 48 in
+/// the array as in lb's: the 5-tuple, the backend, room for the rest of an entry), as many as
+/// `LB_CT4_NEW` has ways
 /// (`lb-bench` sizes it at load time), so that it spans as many bytes and pages.
 #[map(name = "BENCH_REF_SLOTS")]
 static REF_SLOTS: Array<[u32; 11]> = Array::with_max_entries(1, 0);
@@ -284,8 +285,8 @@ fn ref_flow(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
     Some((daddr, dport, backend))
 }
 
-/// Reference: the least any per-flow state costs once its table is larger than the caches, at
-/// tc: the minimal DNAT plus one read and one write of the flow's slot in a direct-mapped
+/// Reference: the least any per-flow state costs with a table as large as lb's new-flow table,
+/// at tc: the minimal DNAT plus one read and one write of the flow's slot in a direct-mapped
 /// table (`ref_slot`). No choice of a victim, no second direction, no lock, no helper call.
 #[classifier]
 pub fn bench_ref_slot_dnat_tc(ctx: TcContext) -> i32 {

@@ -893,7 +893,8 @@ struct FlowRefFigure {
     limit: f64,
 }
 
-/// The ratio of lb's new flow to the reference with a flow table, in every pass.
+/// The ratio of lb's new flow to the reference with a flow table, and the slot references'
+/// figures against the new-flow target's limit, in every pass.
 fn against_flow_reference(passes: &[&[FlowRefFigure]]) -> Result<String> {
     let mut md = String::from(
         "New flow with full tables against the reference with a flow table, over the passes (lb / \
@@ -1072,7 +1073,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     // path while developing, never a figure to quote (the full tables are part of the rows).
     let tracked_only = std::env::var("LB_BENCH_WARM_TRACKED_ONLY").is_ok_and(|v| v == "1");
     // `LB_BENCH_WARM_NEW_ONLY=1`: the other quick look, only floors, references and the
-    // new-flow rows with full tables (and the reference with a flow table beside them).
+    // new-flow rows with full tables (and the stateful references beside them).
     let new_only = std::env::var("LB_BENCH_WARM_NEW_ONLY").is_ok_and(|v| v == "1");
     let levels: &[Level] = if new_only { &[Level::Full] } else { &[Level::Empty, Level::Half, Level::Full] };
     if !tracked_only {
@@ -1129,7 +1130,8 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
 
         // The slot references, their table as large as lb's new-flow table or `BIG_SLOTS` times
         // larger, each filled with three times its slots' worth of new flows first (about 95%
-        // of the slots then hold one).
+        // of the slots then hold one before the first hook's row; the second hook's finds the
+        // table full, after the first's runs).
         for (target, factor, what, figures) in [
             (
                 Target::SlotReference,
@@ -1303,7 +1305,8 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
              run batches of {batch} new flows (the table reset to its level before each), median of \
              {batch_rounds}. One CPU (CPU {cpu}); `LB_CT4_NEW` is one array for all CPUs ({} entries), \
              the references' flow table a per-CPU LRU of that size, whose fill is given against this \
-             CPU's share ({share} entries); `LB_CT4` holds {} entries. Load \
+             CPU's share ({share} entries), the slot references' tables arrays of that many slots and {BIG_SLOTS} \
+             times as many, whose fill is given against the whole table; `LB_CT4` holds {} entries. Load \
              average (1, 5, 15 min) when the section started: {load}.",
             sizes.conntrack_new, sizes.conntrack
         ),
