@@ -290,34 +290,35 @@ fn ref_flow(data: usize, data_end: usize) -> Option<(u32, u16, [u32; 2])> {
 /// table (`ref_slot`). No choice of a victim, no second direction, no lock, no helper call.
 #[classifier]
 pub fn bench_ref_slot_dnat_tc(ctx: TcContext) -> i32 {
-    // SAFETY: reading a static the loader patches; volatile so the load stays.
-    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_COUNT) };
-    let Some((daddr, dport, backend)) = ref_slot(ctx.data(), ctx.data_end(), &REF_SLOTS, slots) else {
-        return TC_ACT_UNSPEC;
-    };
-    dnat_tc(&ctx, daddr, dport, backend)
+    slot_dnat_tc(&ctx, &REF_SLOTS, &BENCH_REF_SLOT_COUNT)
 }
 
 /// `bench_ref_slot_dnat_tc` with the table no cache holds.
 #[classifier]
 pub fn bench_ref_big_slot_dnat_tc(ctx: TcContext) -> i32 {
-    // SAFETY: as above.
-    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_BIG_COUNT) };
-    let Some((daddr, dport, backend)) = ref_slot(ctx.data(), ctx.data_end(), &REF_SLOTS_BIG, slots) else {
+    slot_dnat_tc(&ctx, &REF_SLOTS_BIG, &BENCH_REF_SLOT_BIG_COUNT)
+}
+
+/// A slot reference at tc, on `table` of `*slots` entries.
+#[inline(always)]
+fn slot_dnat_tc(ctx: &TcContext, table: &Array<[u32; 11]>, slots: &u32) -> i32 {
+    let Some((daddr, dport, backend)) = ref_slot(ctx.data(), ctx.data_end(), table, slots) else {
         return TC_ACT_UNSPEC;
     };
-    dnat_tc(&ctx, daddr, dport, backend)
+    dnat_tc(ctx, daddr, dport, backend)
 }
 
 /// The service's backend, or the one the flow's slot holds if the slot is the flow's; a new
 /// flow takes the slot over, whatever it held.
 #[inline(always)]
-fn ref_slot(data: usize, data_end: usize, table: &Array<[u32; 11]>, slots: u32) -> Option<(u32, u16, [u32; 2])> {
+fn ref_slot(data: usize, data_end: usize, table: &Array<[u32; 11]>, slots: &u32) -> Option<(u32, u16, [u32; 2])> {
     let (daddr, dport, backend) = ref_lookup(data, data_end)?;
     // SAFETY: `ref_lookup` checked that the TCP header lies inside the packet.
     let (saddr, ports) = unsafe {
         (((data + IP_SRC) as *const u32).read_unaligned(), ((data + TCP_SPORT) as *const u32).read_unaligned())
     };
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let slots = unsafe { core::ptr::read_volatile(slots) };
     // A multiply, a fold of its high bits into the low ones (the bench varies the top of the
     // address word, which a product carries only upwards) and a second multiply; the slot is
     // the high half scaled to the table (as lb's `select_slot`).
@@ -392,22 +393,20 @@ pub fn bench_ref_flow_dnat_xdp(ctx: XdpContext) -> u32 {
 /// Reference: `bench_ref_slot_dnat_tc` at XDP.
 #[xdp]
 pub fn bench_ref_slot_dnat_xdp(ctx: XdpContext) -> u32 {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    // SAFETY: reading a static the loader patches; volatile so the load stays.
-    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_COUNT) };
-    let Some((daddr, dport, backend)) = ref_slot(data, data_end, &REF_SLOTS, slots) else {
-        return xdp_action::XDP_PASS;
-    };
-    dnat_xdp(data, data_end, daddr, dport, backend)
+    slot_dnat_xdp(&ctx, &REF_SLOTS, &BENCH_REF_SLOT_COUNT)
 }
 
 /// `bench_ref_slot_dnat_xdp` with the table no cache holds.
 #[xdp]
 pub fn bench_ref_big_slot_dnat_xdp(ctx: XdpContext) -> u32 {
+    slot_dnat_xdp(&ctx, &REF_SLOTS_BIG, &BENCH_REF_SLOT_BIG_COUNT)
+}
+
+/// A slot reference at XDP, on `table` of `*slots` entries.
+#[inline(always)]
+fn slot_dnat_xdp(ctx: &XdpContext, table: &Array<[u32; 11]>, slots: &u32) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    // SAFETY: as above.
-    let slots = unsafe { core::ptr::read_volatile(&BENCH_REF_SLOT_BIG_COUNT) };
-    let Some((daddr, dport, backend)) = ref_slot(data, data_end, &REF_SLOTS_BIG, slots) else {
+    let Some((daddr, dport, backend)) = ref_slot(data, data_end, table, slots) else {
         return xdp_action::XDP_PASS;
     };
     dnat_xdp(data, data_end, daddr, dport, backend)
