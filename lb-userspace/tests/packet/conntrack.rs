@@ -431,6 +431,85 @@ fn a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole() {
     assert!(h.counter(Counter::CtNewEvicted) >= 150, "{}", h.counter(Counter::CtNewEvicted));
 }
 
+/// A new flow's forward entry that pushes out a SNATed flow's reply entry takes that flow's
+/// forward entry with it (see the test above). When that forward entry sat in the very way
+/// chosen for the new flow's reply entry, the way is free by the time it is written: one live
+/// flow was pushed out, and it is counted once, not twice (`ct_table::write`'s recheck).
+#[test]
+fn a_way_emptied_by_the_pairs_first_write_is_not_counted_as_pushed_out_again() {
+    if !privileged() {
+        return;
+    }
+    // Two sets of four ways, staged way by way below.
+    let sizes = MapSizes { conntrack_new: 8, ..MapSizes::default() };
+    let h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    let client = (Ipv4Addr::new(10, 245, 9, 1), 40_000);
+    // The new flow's backend: a first SYN's (Maglev gives the SYN below the same one).
+    let backend = up(&h, client, SYN);
+    let fwd = ct_key(client, (VIP, 80), CT_DIR_FORWARD);
+    let hash = |k: &CtKey4| lb_common::ct_set_hash(k.src, k.dst, k.sport, k.dport, k.proto, k.dir);
+    let flow_hash = hash(&fwd);
+    assert_eq!(flow_hash, hash(&ct_key(backend, client, CT_DIR_REPLY)), "both entries share a set");
+    let set = lb_common::select_slot(flow_hash, 2);
+    // The candidate each entry of the new flow evicts when it is the older of its direction's
+    // two (`lb_common::ct_set_pair`): `f` for the forward entry, `r` for the reply entry.
+    let ways = lb_common::CT_WAYS;
+    let f = (flow_hash as usize + CT_DIR_FORWARD as usize) % ways;
+    let r = (flow_hash as usize + CT_DIR_REPLY as usize) % ways;
+    let (clock, _) = h.dp.ct_clock();
+    let now = clock.jiffies().unwrap();
+    let entry = |last_seen, flags| CtValue4 {
+        nat_addr: be(Ipv4Addr::new(10, 244, 2, 21)),
+        nat_port: 8080u16.to_be(),
+        snat_addr: if flags & CT_FLAG_SNAT != 0 { be(Ipv4Addr::new(192, 168, 60, 2)) } else { 0 },
+        snat_port: if flags & CT_FLAG_SNAT != 0 { 61_234u16.to_be() } else { 0 },
+        state: CT_SYN_SENT,
+        flags,
+        last_seen,
+        created: last_seen,
+        ..Default::default()
+    };
+    // A SNATed flow (its forward entry's set is this one) seen a second ago: its reply entry in
+    // way `f`, its forward entry in way `r`, each older than the other candidate of its way.
+    let snated = (1024..u16::MAX)
+        .map(|port| ct_key((Ipv4Addr::new(192, 168, 60, 1), port), (Ipv4Addr::new(10, 96, 0, 99), 80), CT_DIR_FORWARD))
+        .find(|k| lb_common::select_slot(hash(k), 2) == set)
+        .unwrap();
+    let snated_value = entry(now.wrapping_sub(clock.to_jiffies(1)), CT_FLAG_SNAT);
+    let (snated_reply, snated_reply_value) = lb_common::ct_peer(&snated, &snated_value);
+    assert_eq!(lb_common::ct_forward_key(&snated_reply, &snated_reply_value), snated);
+    let mut staged = [lb_common::CtWay4::default(); 4];
+    staged[f] = lb_common::CtWay { key: snated_reply, value: snated_reply_value };
+    staged[r] = lb_common::CtWay { key: snated, value: snated_value };
+    // The other two ways: live flows seen just now, which neither entry picks.
+    for (i, w) in [(f + ways / 2) % ways, (r + ways / 2) % ways].into_iter().enumerate() {
+        let key = ct_key((Ipv4Addr::new(10, 245, 9, 2), 1000 + i as u16), (VIP, 80), CT_DIR_FORWARD);
+        staged[w] = lb_common::CtWay { key, value: entry(now, 0) };
+    }
+    let map = aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(h.pin_dir.join(lb_common::MAP_CT4_NEW)).expect("opening the pinned table"),
+    );
+    let mut table = aya::maps::Array::<_, lb_common::CtWay4>::try_from(map).unwrap();
+    for set_index in 0..2u32 {
+        for (i, w) in staged.iter().enumerate() {
+            // The other set empty: only the staged one holds anything.
+            let w = if set_index == set { *w } else { lb_common::CtWay4::default() };
+            table.set(set_index * ways as u32 + i as u32, w, 0).unwrap();
+        }
+    }
+
+    let pushed_out = h.counter(Counter::CtNewEvicted);
+    assert_eq!(up(&h, client, SYN), backend);
+    let held: Vec<_> = (0..ways as u32).map(|i| table.get(&(set * ways as u32 + i), 0).unwrap()).collect();
+    assert_eq!(held[f].key, fwd, "the forward entry took way {f}");
+    assert_eq!(held[r].key, ct_key(backend, client, CT_DIR_REPLY), "the reply entry took way {r}");
+    for w in [(f + ways / 2) % ways, (r + ways / 2) % ways] {
+        assert_eq!(held[w], staged[w], "way {w} was left alone");
+    }
+    assert!(h.dp.maps().conntrack_new.get(&snated, 0).is_err(), "the SNATed flow went whole");
+    assert_eq!(h.counter(Counter::CtNewEvicted) - pushed_out, 1, "one live flow pushed out, counted once");
+}
+
 #[test]
 fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
     if !privileged() {
