@@ -78,6 +78,10 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
+/// The frontend maps' generation (`LB_SERVICES`, `LB_NODE_ADDRS`): one `u32` the agent moves
+/// on after every change to either, so that the datapath's per-CPU copy of the frontend it
+/// last found (`lb-ebpf/src/service.rs`, `lookup_cached`) is taken only while nothing changed.
+pub const MAP_SERVICES_GEN: &str = "LB_SERVICES_GEN";
 
 /// The pre-filter ahead of every hash lookup: two bitmaps of `FILTER_BITS` bits each, in one
 /// array of u64 words. A frontend (address, port, protocol) sets its bit in the first, a

@@ -274,7 +274,7 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
-                if let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) {
+                if let Some((svc, node_frontend)) = service::lookup_cached(&h.flow) {
                     // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
                     // of its own (`new_flow4_stage`), given the frontend found here.
                     service::hand_over(&h.flow, &svc, node_frontend);

@@ -125,6 +125,11 @@ pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pi
 #[map(name = "LB_FILTER")]
 pub static LB_FILTER: Array<u64> = Array::pinned(2 * lb_common::FILTER_WORDS, 0);
 
+/// `lb_common::MAP_SERVICES_GEN`. Pinned, so that a restarted agent's changes reach the
+/// copies its predecessor's programs hold until the link swap replaces them.
+#[map(name = "LB_SERVICES_GEN")]
+pub static LB_SERVICES_GEN: Array<u32> = Array::pinned(1, 0);
+
 /// Interfaces whose driver transmits native XDP frames (`ndo_xdp_xmit`): ifindex -> 1. A veth
 /// without GRO or an XDP program on its peer drops `XDP_TX` and redirected frames (the peer has
 /// no NAPI to receive them, `veth_xdp_xmit`), so XDP sends only to interfaces listed here and
@@ -163,13 +168,13 @@ pub static LB_TAILS4_XDP: ProgramArray = ProgramArray::pinned(1, 0);
 /// Room for IPv6's large temporaries: a flow's conntrack key and entry and its peer's (184
 /// bytes), and an ICMPv6 error's parse handed from the dispatcher to the ICMP stage; at
 /// XDP, which has no control block, the note the stages of one packet pass along; and the
-/// frontend IPv4's pipeline hands to its new-flow stage. The
+/// frontend IPv4's pipeline hands to its new-flow stage, and the last one it found. The
 /// verifier's 512-byte stack, shared by a stage and the subprograms it calls, cannot hold
 /// them beside the rest of a stage. One slot per CPU: a program runs to its end on its CPU
 /// (tc and XDP in softirq, or with bottom halves off on the output path), and a tail call
 /// stays on it, so no two uses of a slot overlap. Cilium keeps its large temporaries in
-/// per-CPU maps for the same reason. Not pinned: it carries nothing from one packet to the
-/// next.
+/// per-CPU maps for the same reason. Not pinned: all it carries from one packet to the next
+/// is that frontend, taken only while `LB_SERVICES_GEN` is unchanged.
 #[map(name = "LB_SCRATCH6")]
 pub static LB_SCRATCH6: PerCpuArray<Scratch<[u32; 4]>> = PerCpuArray::with_max_entries(1, 0);
 
@@ -188,4 +193,9 @@ pub struct Scratch<A> {
     /// protocol and node-port bit).
     pub svc: ServiceValue,
     pub svc_for: [u32; 3],
+    /// The frontend IPv4's pipeline last found on this CPU (`service::lookup_cached`), and
+    /// what for: destination, then port, protocol, node-port bit and a bit no empty slot has,
+    /// then `LB_SERVICES_GEN` as it was read before the lookup.
+    pub fe: ServiceValue,
+    pub fe_for: [u32; 3],
 }

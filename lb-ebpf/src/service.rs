@@ -12,7 +12,10 @@ use lb_common::{
 
 use crate::{
     addr::Addr,
-    maps::{LocalSourceKey, SourceRangeKey, LB_FILTER, LB_LOCAL_SOURCES, LB_NODE_ADDRS, LB_SERVICES, LB_SOURCE_RANGES},
+    maps::{
+        LocalSourceKey, SourceRangeKey, LB_FILTER, LB_LOCAL_SOURCES, LB_NODE_ADDRS, LB_SERVICES, LB_SERVICES_GEN,
+        LB_SOURCE_RANGES,
+    },
     parse::Flow,
 };
 
@@ -56,6 +59,13 @@ fn get<A: Addr>(addr: A, flow: &Flow<A>, scope: u8) -> Option<ServiceValue> {
 /// then gives such sources its cluster-wide companion entry, kube-proxy's short-circuit).
 #[inline(always)]
 pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool)> {
+    find(flow, from_cluster).map(|(svc, node_frontend, _)| (svc, node_frontend))
+}
+
+/// `lookup`, and whether what it found depends on the packet's source (an
+/// `externalTrafficPolicy: Local` external frontend, which asks `from_cluster`).
+#[inline(always)]
+fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool, bool)> {
     let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
         Some(svc) => (svc, flow.dst, SCOPE_EXACT),
         None => {
@@ -70,9 +80,70 @@ pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) 
     };
     let node_frontend = scope == SCOPE_NODEPORT;
     let local_external = SVC_FLAG_EXTERNAL | SVC_FLAG_LOCAL_ONLY;
-    if svc.flags & local_external == local_external && from_cluster(flow) {
-        if let Some(c) = get(addr, flow, scope | SCOPE_FROM_CLUSTER) {
-            return Some((c, node_frontend));
+    if svc.flags & local_external == local_external {
+        if from_cluster(flow) {
+            if let Some(c) = get(addr, flow, scope | SCOPE_FROM_CLUSTER) {
+                return Some((c, node_frontend, true));
+            }
+        }
+        return Some((svc, node_frontend, true));
+    }
+    Some((svc, node_frontend, false))
+}
+
+/// `LB_SERVICES_GEN`, which the agent moves on after every change to the frontend maps.
+#[inline(always)]
+fn generation() -> u32 {
+    match LB_SERVICES_GEN.get_ptr(0) {
+        // SAFETY: an array element, valid while the program runs; volatile, as the agent
+        // writes it meanwhile.
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => 0,
+    }
+}
+
+/// What a cached frontend was found for, beside its destination: port, protocol, the
+/// node-port bit, and a bit no empty slot has.
+#[inline(always)]
+fn cached_for(dport: u16, proto: u8, node_frontend: bool) -> u32 {
+    dport as u32 | (proto as u32) << 16 | (node_frontend as u32) << 24 | 1 << 31
+}
+
+/// `lookup` for IPv4's tc and XDP pipelines, through a copy of the frontend this CPU found
+/// last: a flood of new connections (a SYN flood, health checkers, HTTP/1.0 clients) is
+/// nearly always to one frontend, and the hash lookup the copy saves was about a fifth of the
+/// first stage's profile of a new flow at XDP. The copy stands only while `LB_SERVICES_GEN`
+/// is what it was before the lookup that made it: the agent moves it on after every change
+/// to `LB_SERVICES` or `LB_NODE_ADDRS`, so a packet that reads the new generation also finds
+/// the entries written before it (stores and loads each stay in order on x86; elsewhere the
+/// window stays, as in `ct_cache.rs`). A packet that took the copy just before the agent's
+/// change is one that would have read the entry just before it: the old table's slots stay
+/// for `SLOT_GRACE` for it. Frontends whose answer depends on the source (`find`) are never
+/// copied. Not for the socket programs: they run in process context, where two tasks may
+/// interleave on one CPU's slot.
+#[inline(always)]
+pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        return lookup(flow, from_cluster);
+    }
+    // Before the lookup: a change that lands after this read moves the generation past what
+    // the copy is stamped with.
+    let gen = generation();
+    let s = <[u32; 4] as Addr>::scratch();
+    if !s.is_null() {
+        // SAFETY: this CPU's slot; its cache fields only.
+        let (svc, [dst, tag, seen]) = unsafe { ((*s).fe, (*s).fe_for) };
+        let node_frontend = tag & 1 << 24 != 0;
+        if dst == flow.dst.fold() && seen == gen && tag == cached_for(flow.dport, flow.proto, node_frontend) {
+            return Some((svc, node_frontend));
+        }
+    }
+    let (svc, node_frontend, by_source) = find(flow, from_cluster)?;
+    if !by_source && !s.is_null() {
+        // SAFETY: as above.
+        unsafe {
+            (*s).fe = svc;
+            (*s).fe_for = [flow.dst.fold(), cached_for(flow.dport, flow.proto, node_frontend), gen];
         }
     }
     Some((svc, node_frontend))

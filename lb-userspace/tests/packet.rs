@@ -462,13 +462,16 @@ fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots()
     assert_ne!(after.generation, before.generation);
     assert!(backend_set(&newer, 8080).contains(&h.syn_dst(CLIENT, 43000)));
 
-    // The copy taken before the flip, as the packet in flight holds it.
+    // The copy taken before the flip, as the packet in flight holds it (the generation moved
+    // on, as the agent does after a write, so no CPU keeps its copy of the live entry).
     maps.services.insert(http_key(), before, 0).unwrap();
+    h.dp.frontends_changed();
     for port in 43001..43030 {
         assert!(backend_set(&BACKENDS, 8080).contains(&h.syn_dst(CLIENT, port)), "an old backend, as before the flip");
     }
     assert_eq!(h.counter(Counter::DropSlotMissing), 0);
     maps.services.insert(http_key(), after, 0).unwrap();
+    h.dp.frontends_changed();
 
     // Kept through the grace period (both ports of web-service changed: two tables)...
     let slots = 2 * lb_common::maglev::table_size(3) as usize;
@@ -485,6 +488,7 @@ fn a_packet_that_read_the_service_entry_before_an_update_still_finds_its_slots()
     assert!(table_intact(&maps, &after), "the live table");
     // What the grace prevents: the stale copy now misses its table.
     maps.services.insert(http_key(), before, 0).unwrap();
+    h.dp.frontends_changed();
     h.run(&frame((CLIENT, 43100), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_eq!(h.counter(Counter::DropSlotMissing), 1);
 }

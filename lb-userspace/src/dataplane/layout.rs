@@ -51,6 +51,7 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_SOURCE_RANGES, 4 + size_of::<SourceRangeData>(), 1, false),
         s(lb_common::MAP_LOCAL_SOURCES, 4 + size_of::<lb_common::LocalSourceData>(), 1, false),
         s(MAP_FILTER, 4, 8, false),
+        s(lb_common::MAP_SERVICES_GEN, 4, 4, false),
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_CT4_NEW, 4, size_of::<CtWay4>(), true),
         s(MAP_CT6, size_of::<CtKey6>(), size_of::<CtValue6>(), true),

@@ -219,6 +219,9 @@ impl Dataplane {
         };
         dp.filter = super::filter::Filter::load(&dp.maps.filter);
         dp.adopt()?;
+        // Over a previous agent's pins: it may have stopped between a change and its move of
+        // the generation.
+        dp.frontends_changed();
         // Counts for what is programmed; bits nothing counts are cleared at the first full
         // apply, which an agent always makes before it reports itself synced.
         let node_addrs: Vec<std::net::IpAddr> =

@@ -309,6 +309,7 @@ impl MapSizes {
             lb_common::MAP_LOCAL_SOURCES => lb_common::LOCAL_SOURCES_MAX_ENTRIES,
             MAP_STATS => lb_common::COUNTER_MAX * lb_common::HOOKS,
             MAP_FILTER => 2 * lb_common::FILTER_WORDS,
+            lb_common::MAP_SERVICES_GEN => 1,
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
             lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,

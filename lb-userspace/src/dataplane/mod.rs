@@ -288,6 +288,27 @@ impl Dataplane {
     }
 
     /// The conntrack clock (jiffies) and the lifetime of each state in jiffies.
+    /// Moves `LB_SERVICES_GEN` on, after a change to `LB_SERVICES` or `LB_NODE_ADDRS`: each
+    /// CPU's copy of the frontend it found last (`lb-ebpf/src/service.rs`, `lookup_cached`)
+    /// stands only while the generation is the one read before the lookup that made it. A
+    /// test that writes `LB_SERVICES` by hand calls it too.
+    pub fn frontends_changed(&mut self) {
+        let name = lb_common::MAP_SERVICES_GEN;
+        let moved = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })
+            .and_then(|m| aya::maps::Array::<_, u32>::try_from(m).map_err(maps::map_err(name)))
+            .and_then(|mut gen| {
+                let next = gen.get(&0, 0).map_err(maps::map_err(name))?.wrapping_add(1);
+                gen.set(0, next, 0).map_err(maps::map_err(name))
+            });
+        if let Err(e) = moved {
+            // Cannot happen short of a broken map; the copies would then outlive a change.
+            tracing::error!(error = %e, "cannot move the frontend maps' generation on");
+        }
+    }
+
     pub fn ct_clock(&self) -> (Arc<clock::Clock>, [u32; lb_common::CT_STATES]) {
         (self.clock.clone(), self.ct_timeouts)
     }
