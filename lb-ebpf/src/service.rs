@@ -115,8 +115,9 @@ fn cached_for(dport: u16, proto: u8, node_frontend: bool) -> u32 {
 /// first stage's profile of a new flow at XDP. The copy stands only while `LB_SERVICES_GEN`
 /// is what it was before the lookup that made it: the agent moves it on after every change
 /// to `LB_SERVICES` or `LB_NODE_ADDRS`, so a packet that reads the new generation also finds
-/// the entries written before it (stores and loads each stay in order on x86; elsewhere the
-/// window stays, as in `ct_cache.rs`). A packet that took the copy just before the agent's
+/// the entries written before it: loads stay in order on x86, as do the agent's stores. (A
+/// weakly ordered CPU could pair the new generation with the old entry, a copy that would then
+/// stand until the next change; lb is built and tested on x86 only.) A packet that took the copy just before the agent's
 /// change is one that would have read the entry just before it: the old table's slots stay
 /// for `SLOT_GRACE` for it. Frontends whose answer depends on the source (`find`) are never
 /// copied. Not for the socket programs: they run in process context, where two tasks may

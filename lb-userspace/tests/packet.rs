@@ -52,6 +52,22 @@ impl Drop for Harness {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Keeps the test's thread on the CPU it runs on, so that its packets all meet the same
+/// per-CPU state of the datapath (its copy of the frontend it found last,
+/// `service::lookup_cached`): a thread that moved between packets could miss a copy left
+/// stale on the CPU it left, and a test of the agent's changes would pass by luck.
+fn stay_on_this_cpu() {
+    // SAFETY: plain system calls on this thread, with a set built on the stack.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(r, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+}
+
 fn desired(yaml: &str) -> DesiredState {
     let (objects, errors) = manifests::parse(&[(PathBuf::from("test.yaml"), yaml.to_string())]);
     assert!(errors.is_empty(), "{errors:?}");
@@ -72,6 +88,7 @@ impl Harness {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&pin_dir);
+        stay_on_this_cpu();
         let dp = Dataplane::load(&pin_dir, &config).expect("loading datapath");
         let mut h = Harness { dp, pin_dir };
         h.apply(yaml);

@@ -250,6 +250,9 @@ impl Dataplane {
                 }
             }
         }
+        // After every service entry written or removed, before the sweep below: the datapath's
+        // copies of the frontends it found stand no more.
+        self.frontends_changed();
         // Their service entries are gone: the datapath may skip them again.
         for f in &gone {
             self.filter.remove_frontend(f);
@@ -454,7 +457,14 @@ impl Dataplane {
         let mut slots = 0;
         let mut released = BTreeSet::new();
         let mut wrapped = BTreeSet::new();
-        while self.retired.front().is_some_and(|r| now.saturating_duration_since(r.since) >= SLOT_GRACE) {
+        let due = |r: &Retired| now.saturating_duration_since(r.since) >= SLOT_GRACE;
+        if self.retired.front().is_some_and(due) {
+            // A table freed before its grace (a full array, ids running out) may have been
+            // replaced earlier in this very apply, whose end moves the generation on: no CPU's
+            // copy of a frontend may name it once its slots go.
+            self.frontends_changed();
+        }
+        while self.retired.front().is_some_and(due) {
             let r = self.retired.pop_front().expect("checked");
             self.free_retired(&r);
             slots += r.size as usize;

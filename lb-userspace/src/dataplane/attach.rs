@@ -138,6 +138,10 @@ impl Dataplane {
                 let _ = self.maps.node_addrs.remove(&k);
             }
         }
+        // Node ports are found through these addresses: the datapath's copies of the node ports
+        // it found on a removed one stand no more (also should an insert below fail; a lookup
+        // that found nothing is never copied, so an added address needs no move).
+        self.frontends_changed();
         for ip in &want {
             self.maps.node_addrs.insert(key(ip), 1, 0).map_err(insert_err(
                 self.sizes,

@@ -287,7 +287,6 @@ impl Dataplane {
         self.ct_gc_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The conntrack clock (jiffies) and the lifetime of each state in jiffies.
     /// Moves `LB_SERVICES_GEN` on, after a change to `LB_SERVICES` or `LB_NODE_ADDRS`: each
     /// CPU's copy of the frontend it found last (`lb-ebpf/src/service.rs`, `lookup_cached`)
     /// stands only while the generation is the one read before the lookup that made it. A
@@ -309,6 +308,7 @@ impl Dataplane {
         }
     }
 
+    /// The conntrack clock (jiffies) and the lifetime of each state in jiffies.
     pub fn ct_clock(&self) -> (Arc<clock::Clock>, [u32; lb_common::CT_STATES]) {
         (self.clock.clone(), self.ct_timeouts)
     }
