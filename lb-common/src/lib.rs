@@ -79,7 +79,7 @@ pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_BACKEND_MEMBERS: &str = "LB_BACKEND_MEMBERS";
 pub const MAP_NODE_ADDRS: &str = "LB_NODE_ADDRS";
 /// The frontend maps' generation (`LB_SERVICES`, `LB_NODE_ADDRS`): one `u32` the agent moves
-/// on after every change to either, so that the datapath's per-CPU copy of the frontend it
+/// on after each change to either, so that the datapath's per-CPU copy of the frontend it
 /// last found (`lb-ebpf/src/service.rs`, `lookup_cached`) is taken only while nothing changed.
 pub const MAP_SERVICES_GEN: &str = "LB_SERVICES_GEN";
 

@@ -91,7 +91,7 @@ fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Opt
     Some((svc, node_frontend, false))
 }
 
-/// `LB_SERVICES_GEN`, which the agent moves on after every change to the frontend maps.
+/// `LB_SERVICES_GEN`, which the agent moves on after each change to the frontend maps.
 #[inline(always)]
 fn generation() -> u32 {
     match LB_SERVICES_GEN.get_ptr(0) {
@@ -113,13 +113,14 @@ fn cached_for(dport: u16, proto: u8, node_frontend: bool) -> u32 {
 /// last: a flood of new connections (a SYN flood, health checkers, HTTP/1.0 clients) is
 /// nearly always to one frontend, and the hash lookup the copy saves was about a fifth of the
 /// first stage's profile of a new flow at XDP. The copy stands only while `LB_SERVICES_GEN`
-/// is what it was before the lookup that made it: the agent moves it on after every change
-/// to `LB_SERVICES` or `LB_NODE_ADDRS`, so a packet that reads the new generation also finds
-/// the entries written before it: loads stay in order on x86, as do the agent's stores. (A
-/// weakly ordered CPU could pair the new generation with the old entry, a copy that would then
-/// stand until the next change; lb is built and tested on x86 only.) A packet that took the copy just before the agent's
-/// change is one that would have read the entry just before it: the old table's slots stay
-/// for `SLOT_GRACE` for it. Frontends whose answer depends on the source (`find`) are never
+/// is what it was before the lookup that made it: the agent moves it on right after each
+/// write or removal of an `LB_SERVICES` entry, before anything only the old entry used goes,
+/// and after `LB_NODE_ADDRS` loses an address. A packet that reads the new generation also
+/// finds the entries written before it: loads stay in order on x86, as do the agent's stores.
+/// (A weakly ordered CPU could pair the new generation with the old entry, a copy that would
+/// then stand until the next change; lb is built and tested on x86 only.) A packet that took
+/// the copy just before the agent's move is one that would have read the entry just before
+/// it: the old table's slots stay for `SLOT_GRACE` for it. Frontends whose answer depends on the source (`find`) are never
 /// copied. Not for the socket programs: they run in process context, where two tasks may
 /// interleave on one CPU's slot.
 #[inline(always)]

@@ -155,6 +155,8 @@ impl Dataplane {
             // slots go after the grace, for packets that read the entry just before; the id is
             // free again (its affinity pins dropped) only then.
             let _ = self.maps.services.remove(&service_key(f));
+            // Before what only the entry used goes: no CPU's copy of it may stand after this.
+            self.frontends_changed();
             self.retire(&p, true, false);
             self.remove_members(p.id, &p.port.backends, &[]);
             self.remove_ranges(p.id, &p.port.source_ranges, &[]);
@@ -250,9 +252,6 @@ impl Dataplane {
                 }
             }
         }
-        // After every service entry written or removed, before the sweep below: the datapath's
-        // copies of the frontends it found stand no more.
-        self.frontends_changed();
         // Their service entries are gone: the datapath may skip them again.
         for f in &gone {
             self.filter.remove_frontend(f);
@@ -383,6 +382,10 @@ impl Dataplane {
             self.remove_ranges(next.id, &next.port.source_ranges[..ranges_written], &prev_port.source_ranges);
             return Err(e);
         }
+        // Right after the flip, before what only the old entry used goes (its table after the
+        // grace, its memberships and source ranges now): no CPU's copy of the old entry may
+        // stand after this, however long the rest of the apply takes.
+        self.frontends_changed();
         if let Some(p) = prev {
             if new_generation {
                 // Packets that copied the old entry a moment ago still read its table.
@@ -459,9 +462,9 @@ impl Dataplane {
         let mut wrapped = BTreeSet::new();
         let due = |r: &Retired| now.saturating_duration_since(r.since) >= SLOT_GRACE;
         if self.retired.front().is_some_and(due) {
-            // A table freed before its grace (a full array, ids running out) may have been
-            // replaced earlier in this very apply, whose end moves the generation on: no CPU's
-            // copy of a frontend may name it once its slots go.
+            // Every entry that named these tables was replaced or removed, and the generation
+            // moved on, before they were retired; once more here, so that freeing a table
+            // never depends on that order being kept.
             self.frontends_changed();
         }
         while self.retired.front().is_some_and(due) {

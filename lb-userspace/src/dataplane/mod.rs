@@ -287,10 +287,11 @@ impl Dataplane {
         self.ct_gc_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Moves `LB_SERVICES_GEN` on, after a change to `LB_SERVICES` or `LB_NODE_ADDRS`: each
-    /// CPU's copy of the frontend it found last (`lb-ebpf/src/service.rs`, `lookup_cached`)
-    /// stands only while the generation is the one read before the lookup that made it. A
-    /// test that writes `LB_SERVICES` by hand calls it too.
+    /// Moves `LB_SERVICES_GEN` on, right after each write or removal of an `LB_SERVICES` entry
+    /// and after `LB_NODE_ADDRS` loses an address: each CPU's copy of the frontend it found
+    /// last (`lb-ebpf/src/service.rs`, `lookup_cached`) stands only while the generation is the
+    /// one read before the lookup that made it. Two system calls (read, write): a few percent
+    /// of what a frontend's write costs. A test that writes `LB_SERVICES` by hand calls it too.
     pub fn frontends_changed(&mut self) {
         let name = lb_common::MAP_SERVICES_GEN;
         let moved = self
