@@ -102,13 +102,6 @@ fn generation() -> u32 {
     }
 }
 
-/// What a cached frontend was found for, beside its destination: port, protocol, the
-/// node-port bit, and a bit no empty slot has.
-#[inline(always)]
-fn cached_for(dport: u16, proto: u8, node_frontend: bool) -> u32 {
-    dport as u32 | (proto as u32) << 16 | (node_frontend as u32) << 24 | 1 << 31
-}
-
 /// `lookup` for IPv4's tc and XDP pipelines, through a copy of the frontend this CPU found
 /// last: a flood of new connections (a SYN flood, health checkers, HTTP/1.0 clients) is
 /// nearly always to one frontend, and the hash lookup the copy saves was about a fifth of the
@@ -120,9 +113,9 @@ fn cached_for(dport: u16, proto: u8, node_frontend: bool) -> u32 {
 /// (A weakly ordered CPU could pair the new generation with the old entry, a copy that would
 /// then stand until the next change; lb is built and tested on x86 only.) A packet that took
 /// the copy just before the agent's move is one that would have read the entry just before
-/// it: the old table's slots stay for `SLOT_GRACE` for it. Frontends whose answer depends on the source (`find`) are never
-/// copied. Not for the socket programs: they run in process context, where two tasks may
-/// interleave on one CPU's slot.
+/// it: the old table's slots stay for `SLOT_GRACE` for it. Frontends whose answer depends on
+/// the source (`find`) are never copied. Not for the socket programs: they run in process
+/// context, where two tasks may interleave on one CPU's slot.
 #[inline(always)]
 pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
     if A::FAMILY != lb_common::FAMILY_IPV4 {
@@ -136,7 +129,7 @@ pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
         // SAFETY: this CPU's slot; its cache fields only.
         let (svc, [dst, tag, seen]) = unsafe { ((*s).fe, (*s).fe_for) };
         let node_frontend = tag & 1 << 24 != 0;
-        if dst == flow.dst.fold() && seen == gen && tag == cached_for(flow.dport, flow.proto, node_frontend) {
+        if dst == flow.dst.fold() && seen == gen && tag == found_for(flow, node_frontend) {
             return Some((svc, node_frontend));
         }
     }
@@ -145,7 +138,7 @@ pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
         // SAFETY: as above.
         unsafe {
             (*s).fe = svc;
-            (*s).fe_for = [flow.dst.fold(), cached_for(flow.dport, flow.proto, node_frontend), gen];
+            (*s).fe_for = [flow.dst.fold(), found_for(flow, node_frontend), gen];
         }
     }
     Some((svc, node_frontend))
@@ -177,10 +170,10 @@ pub fn source_allowed<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> bool {
     LB_SOURCE_RANGES.get(&key).is_some()
 }
 
-/// What a frontend handed over was found for: the destination port and protocol, whether it
-/// is a node port, and a bit no empty slot has.
+/// What a frontend handed over or copied was found for, beside its destination: the
+/// destination port and protocol, whether it is a node port, and a bit no empty slot has.
 #[inline(always)]
-fn handed_for<A: Addr>(flow: &Flow<A>, node_frontend: bool) -> u32 {
+fn found_for<A: Addr>(flow: &Flow<A>, node_frontend: bool) -> u32 {
     flow.dport as u32 | (flow.proto as u32) << 16 | (node_frontend as u32) << 24 | 1 << 31
 }
 
@@ -197,7 +190,7 @@ pub fn hand_over<A: Addr>(flow: &Flow<A>, svc: &ServiceValue, node_frontend: boo
     // SAFETY: this CPU's slot; its frontend fields only.
     unsafe {
         (*s).svc = *svc;
-        (*s).svc_for = [flow.dst.fold(), flow.src.fold(), handed_for(flow, node_frontend)];
+        (*s).svc_for = [flow.dst.fold(), flow.src.fold(), found_for(flow, node_frontend)];
     }
 }
 
@@ -215,7 +208,7 @@ pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
     unsafe { (*s).svc_for[2] = 0 };
     let node_frontend = tag & 1 << 24 != 0;
     // The source too: the frontend found may depend on it (`from_cluster`).
-    if dst != flow.dst.fold() || src != flow.src.fold() || tag != handed_for(flow, node_frontend) {
+    if dst != flow.dst.fold() || src != flow.src.fold() || tag != found_for(flow, node_frontend) {
         return None;
     }
     Some((svc, node_frontend))
