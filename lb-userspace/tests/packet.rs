@@ -1104,6 +1104,37 @@ fn node_port_only_answers_on_node_addresses() {
     assert_eq!(parse_checked(&out).dst, (LOCAL_POD.parse().unwrap(), 80));
 }
 
+/// A node address the node gives up stops answering for its node ports at once, also for a
+/// packet the pre-filter lets through (its bits are hashes, which other frontends may share):
+/// the per-CPU copy of the node port a new flow found last through that address
+/// (`service::lookup_cached`) must not outlive the address, so the agent moves the frontends'
+/// generation on when it removes one.
+#[test]
+fn a_node_address_given_up_stops_answering_past_a_shared_filter_bit() {
+    if !privileged() {
+        return;
+    }
+    let (mut h, _ns) = edge();
+    let gateway = Ipv4Addr::new(10, 244, 1, 1);
+    // A new flow through the address: this CPU keeps a copy of the node port it found.
+    let syn = |port| frame((CLIENT, port), (gateway, 30080), L4::Tcp { flags: SYN }, &[]);
+    let (_, out) = h.run(&syn(40000));
+    assert_eq!(parse_checked(&out).dst, (LOCAL_POD.parse().unwrap(), 80));
+    h.dp.set_node_addresses(&[NODE_IP]).unwrap();
+    // The address's bit for the node port, set again as another frontend sharing it would.
+    let bit = lb_common::filter_bit(u32::from(gateway).to_be(), 30080u16.to_be(), 6);
+    let word = lb_common::FILTER_FRONTENDS + (bit >> 6);
+    let mut maps = h.pinned_maps();
+    let bits = maps.filter.get(&word, 0).expect("reading LB_FILTER");
+    maps.filter.set(word, bits | 1 << (bit & 63), 0).expect("writing LB_FILTER");
+    let next = syn(40001);
+    let (verdict, out) = h.run(&next);
+    assert_eq!((verdict, out), (TC_ACT_UNSPEC, next), "a node port on an address the node gave up");
+    // The node's other address still answers.
+    let (_, out) = h.run(&frame((CLIENT, 40002), (NODE_IP, 30080), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(parse_checked(&out).dst, (LOCAL_POD.parse().unwrap(), 80));
+}
+
 #[test]
 fn load_balancer_ip_admits_only_its_source_ranges() {
     if !privileged() {
