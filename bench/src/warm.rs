@@ -607,6 +607,16 @@ impl Session<'_> {
                 let warmup = (self.repeat / 10).max(1);
                 let start = fresh(self, warmup)?;
                 self.w.run(hook, mode, f, warmup, start)?;
+                // `LB_BENCH_WARM_SOAK=<text>`: a row whose hook and name ("xdp established
+                // flow ...") contain the text first runs a hundred more untimed rounds, so that a
+                // profiler recording the whole run (`perf record -a`) sees mostly that row.
+                if std::env::var("LB_BENCH_WARM_SOAK").is_ok_and(|r| format!("{} {what}", hook.name()).contains(&r)) {
+                    eprintln!("soaking {} {what}", hook.name());
+                    for _ in 0..100 {
+                        let start = fresh(self, self.repeat)?;
+                        self.w.run(hook, mode, f, self.repeat, start)?;
+                    }
+                }
                 for _ in 0..self.rounds {
                     v.push(timed(self, self.repeat)?);
                 }
