@@ -1122,7 +1122,7 @@ fn a_node_address_given_up_stops_answering_past_a_shared_filter_bit() {
     assert_eq!(parse_checked(&out).dst, (LOCAL_POD.parse().unwrap(), 80));
     h.dp.set_node_addresses(&[NODE_IP]).unwrap();
     // The address's bit for the node port, set again as another frontend sharing it would.
-    let bit = lb_common::filter_bit(u32::from(gateway).to_be(), 30080u16.to_be(), 6);
+    let bit = lb_common::filter_bit(u32::from(gateway).to_be(), 30080u16.to_be(), lb_common::PROTO_TCP);
     let word = lb_common::FILTER_FRONTENDS + (bit >> 6);
     let mut maps = h.pinned_maps();
     let bits = maps.filter.get(&word, 0).expect("reading LB_FILTER");
