@@ -238,7 +238,10 @@ impl Wrappers {
         let counter = Array::try_from(take("BENCH_COUNTER")?)?;
         let mut refs: HashMap<MapData, [u32; 2], [u32; 2]> = HashMap::try_from(take("BENCH_REF_SERVICES")?)?;
         // Kept open by the programs that use it.
-        refs.insert(packet_order(VIP), packet_order(REF_BACKEND), 0).context("writing BENCH_REF_SERVICES")?;
+        // The fill Service too, for the reference's row of established flows in turn.
+        for vip in [VIP, FILL_VIP] {
+            refs.insert(packet_order(vip), packet_order(REF_BACKEND), 0).context("writing BENCH_REF_SERVICES")?;
+        }
         Ok(Self { ebpf, jump_tc, jump_xdp, frame, counter, next: [0, 0] })
     }
 
@@ -356,12 +359,16 @@ impl Level {
 }
 
 /// How a row is repeated.
+#[derive(Clone, Copy)]
 enum Runs {
     /// `rounds` runs of `repeat`.
     Repeat,
     /// Small batches of new flows, the new-flow table reset to `entries` before each (empty, half full):
     /// a million new flows would fill it.
     Batches { entries: u64 },
+    /// `rounds` runs over the same `n` 5-tuples, the wrapper's counter starting at `start` in each
+    /// (flows made earlier, replayed in turn).
+    Cycle { start: u32, n: u32 },
 }
 
 struct Session<'a> {
@@ -378,6 +385,9 @@ struct Session<'a> {
     batch: u32,
     batch_rounds: usize,
     floors: BTreeMap<(Hook, Mode), f64>,
+    /// The first counter value and the number of the assured flows the first fill made, one
+    /// after the other (`Mode::NewSrc` tuples of `FILL_CLIENTS`).
+    filled: Option<(u32, u32)>,
     rows: Vec<Row>,
     /// Anything that did not go as planned, for the output.
     notes: Vec<String>,
@@ -533,10 +543,14 @@ impl Session<'_> {
         self.aim(Hook::Tc, Target::Lb)?;
         // Counting costs a system call per entry: count, run the handshakes that are missing,
         // count again; a further pass covers flows that did not become assured.
-        for _ in 0..3 {
+        for pass in 0..3 {
             let mut missing = entries.saturating_sub(self.assured_entries()) / 2;
             if missing == 0 {
                 return Ok(());
+            }
+            if pass == 0 && self.filled.is_none() {
+                // The chunks of this pass take consecutive counter values.
+                self.filled = Some((self.w.next[0] as u32, missing as u32));
             }
             while missing > 0 {
                 let flows = missing.min(chunk);
@@ -574,15 +588,26 @@ impl Session<'_> {
         self.aim(hook, target)?;
         self.w.set_frame(f)?;
         let t = std::time::Instant::now();
-        let start = if target == Target::Empty { 0 } else { self.w.reserve(mode, 1)? };
+        let start = match runs {
+            Runs::Cycle { start, .. } => start,
+            _ if target == Target::Empty => 0,
+            _ => self.w.reserve(mode, 1)?,
+        };
         let first = self.w.run(hook, mode, f, 1, start).with_context(ctx)?;
         check(first.verdict, &first.out).with_context(ctx)?;
         // Runs of the row so far, and how many of them moved the row's counter (fills between
         // batches run through lb too, so only the timed runs are counted).
         let (mut total, mut moved) = (0u64, [0u64; lb_common::COUNTER_MAX as usize]);
         // The empty program ignores the tuple, so its rows reuse counter values.
-        let fresh =
-            |s: &mut Self, n: u32| if target == Target::Empty { Ok(0) } else { s.w.reserve(mode, u64::from(n)) };
+        let cycle = match runs {
+            Runs::Cycle { start, .. } => Some(start),
+            _ => None,
+        };
+        let fresh = |s: &mut Self, n: u32| match cycle {
+            Some(start) => Ok(start),
+            None if target == Target::Empty => Ok(0),
+            None => s.w.reserve(mode, u64::from(n)),
+        };
         let mut timed = |s: &mut Self, n: u32| -> Result<f64> {
             let before = s.stats(hook)?;
             let start = fresh(s, n)?;
@@ -593,6 +618,13 @@ impl Session<'_> {
             total += u64::from(n);
             Ok(ns)
         };
+        // `LB_BENCH_WARM_SOAK=<text>`: a row whose hook and name ("xdp established flow ...")
+        // contain the text first runs about a hundred million more untimed runs, so that a
+        // profiler recording the whole run (`perf record -a`) sees mostly that row.
+        let soak = std::env::var("LB_BENCH_WARM_SOAK").is_ok_and(|r| format!("{} {what}", hook.name()).contains(&r));
+        if soak {
+            eprintln!("soaking {} {what}", hook.name());
+        }
         let mut v = Vec::new();
         let tables;
         match runs {
@@ -607,11 +639,7 @@ impl Session<'_> {
                 let warmup = (self.repeat / 10).max(1);
                 let start = fresh(self, warmup)?;
                 self.w.run(hook, mode, f, warmup, start)?;
-                // `LB_BENCH_WARM_SOAK=<text>`: a row whose hook and name ("xdp established
-                // flow ...") contain the text first runs a hundred more untimed rounds, so that a
-                // profiler recording the whole run (`perf record -a`) sees mostly that row.
-                if std::env::var("LB_BENCH_WARM_SOAK").is_ok_and(|r| format!("{} {what}", hook.name()).contains(&r)) {
-                    eprintln!("soaking {} {what}", hook.name());
+                if soak {
                     for _ in 0..100 {
                         let start = fresh(self, self.repeat)?;
                         self.w.run(hook, mode, f, self.repeat, start)?;
@@ -619,6 +647,21 @@ impl Session<'_> {
                 }
                 for _ in 0..self.rounds {
                     v.push(timed(self, self.repeat)?);
+                }
+            }
+            Runs::Cycle { start, n } => {
+                tables = match target {
+                    Target::FlowReference => self.ref_flow_fill()?,
+                    _ => self.tables(),
+                };
+                // One untimed round, so that the first timed one finds the flows where the
+                // others do (the flow cache filled, as far as it holds them).
+                let soak_rounds = if soak { (100 * u64::from(self.repeat) / u64::from(n.max(1))) as usize } else { 0 };
+                for _ in 0..1 + soak_rounds {
+                    self.w.run(hook, mode, f, n, start)?;
+                }
+                for _ in 0..self.rounds {
+                    v.push(timed(self, n)?);
                 }
             }
             Runs::Batches { entries } => {
@@ -1002,6 +1045,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         batch: 0,
         batch_rounds: if quick { 3 } else { 15 },
         floors: BTreeMap::new(),
+        filled: None,
         rows: Vec::new(),
         notes: Vec::new(),
     };
@@ -1103,10 +1147,6 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             };
             for hook in hooks {
                 let check = to_one_of(fwd(hook), vip_backends.clone());
-                let runs = match &runs {
-                    Runs::Repeat => Runs::Repeat,
-                    Runs::Batches { entries } => Runs::Batches { entries: *entries },
-                };
                 let what = format!("new flow (SYN to a ClusterIP), conntrack {}", level.name());
                 let ns =
                     s.row(hook, &what, Mode::NewSrc, Target::Lb, &new_flow, Some(Counter::FwdNewFlow), &check, runs)?;
@@ -1217,6 +1257,32 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             Runs::Repeat,
         )?;
         established.insert(hook, ns - s.floors[&(hook, Mode::Keep)]);
+
+        // The row above replays one flow, whose entry every cache holds after its first run;
+        // this one replays assured flows of the first fill, each once per round, so their
+        // entries come from wherever the caches left them, as with many clients at once. As many
+        // as half the references' per-CPU share, so that the reference's flow table holds them
+        // all too; lb's assured table holds four times as many flows.
+        if let Some((start, filled)) = s.filled {
+            let n = filled.min((s.share / 2) as u32);
+            let ack = tcp((FILL_CLIENTS, BASE_PORT), FILL_VIP, ACK);
+            let expect = fwd(hook);
+            let check = move |v: u32, out: &[u8]| {
+                expect_verdict(v, &expect)?;
+                let p = parsed(out)?;
+                ensure!(p.dst == FILL_BACKEND, "not its backend: {p:?}");
+                Ok(())
+            };
+            let what = format!("established flows in turn ({n} flows, ACK, conntrack hit)");
+            let runs = Runs::Cycle { start, n };
+            s.row(hook, &what, Mode::NewSrc, Target::Lb, &ack, Some(Counter::FwdTracked), &check, runs)?;
+            // The reference with a flow table, on the same flows: the first round inserts them
+            // (its table was full of other flows), the timed rounds find them.
+            let expect = fwd(hook);
+            let check = to_ref_backend(expect);
+            let what = format!("established flows in turn ({n} flows), minimal DNAT with a flow table (reference)");
+            s.row(hook, &what, Mode::NewSrc, Target::FlowReference, &ack, None, &check, runs)?;
+        }
 
         let expect = fwd(hook);
         let check = move |v: u32, out: &[u8]| {
