@@ -33,8 +33,11 @@ static FRAME: Array<[u64; PREFIX / 8]> = Array::with_max_entries(1, 0);
 
 /// Run counter of the modes that vary the 5-tuple; `lb-bench` sets it before each run so
 /// every row uses tuples no other run used. One shared slot: the bench runs on one thread.
+/// Its words: the counter, and a cycle's first value and length: with a length, the counter
+/// goes back to the first value after that many runs (rows that replay the same flows over
+/// and over, in runs of a million), else 0.
 #[map(name = "BENCH_COUNTER")]
-static COUNTER: Array<u32> = Array::with_max_entries(1, 0);
+static COUNTER: Array<[u32; 4]> = Array::with_max_entries(1, 0);
 
 /// Slot 0: the tc program under test.
 #[map(name = "BENCH_JUMP_TC")]
@@ -143,8 +146,9 @@ fn prepare<const MODE: u8>(data: usize, data_end: usize) -> bool {
     };
     // SAFETY: a valid map value; one thread runs the bench.
     let c = unsafe {
-        let c = *cp;
-        *cp = c.wrapping_add(1);
+        let [c, first, len, _] = *cp;
+        let next = c.wrapping_add(1);
+        (*cp)[0] = if len != 0 && next.wrapping_sub(first) >= len { first } else { next };
         c
     };
     let (bits, addr, port) = match MODE {

@@ -184,7 +184,7 @@ struct Wrappers {
     jump_tc: ProgramArray<MapData>,
     jump_xdp: ProgramArray<MapData>,
     frame: Array<MapData, [u64; PREFIX / 8]>,
-    counter: Array<MapData, u32>,
+    counter: Array<MapData, [u32; 4]>,
     /// Next counter value for the 14-bit modes and for `NewConn`: no two runs of a row, or of
     /// two rows, share a 5-tuple.
     next: [u64; 2],
@@ -289,8 +289,13 @@ impl Wrappers {
     /// One BPF_PROG_TEST_RUN of the wrapper of `hook` and `mode` on `f`, `repeat` times, the
     /// counter starting at `start` (ignored by `Keep`). `ns` is the kernel's time per run.
     fn run(&mut self, hook: Hook, mode: Mode, f: &[u8], repeat: u32, start: u32) -> Result<Outcome> {
+        self.run_cycling(hook, mode, f, repeat, start, 0)
+    }
+
+    /// `run`, the counter going back to `start` after every `cycle` runs (0: never).
+    fn run_cycling(&mut self, hook: Hook, mode: Mode, f: &[u8], repeat: u32, start: u32, cycle: u32) -> Result<Outcome> {
         if mode != Mode::Keep {
-            self.counter.set(0, start, 0).context("writing BENCH_COUNTER")?;
+            self.counter.set(0, [start, start, cycle, 0], 0).context("writing BENCH_COUNTER")?;
         }
         let name = mode.program(hook);
         let mut out = vec![0u8; 256];
@@ -366,8 +371,8 @@ enum Runs {
     /// Small batches of new flows, the new-flow table reset to `entries` before each (empty, half full):
     /// a million new flows would fill it.
     Batches { entries: u64 },
-    /// `rounds` runs over the same `n` 5-tuples, the wrapper's counter starting at `start` in each
-    /// (flows made earlier, replayed in turn).
+    /// `rounds` runs of `repeat` over the same `n` 5-tuples in turn, the wrapper's counter
+    /// going from `start` to `start + n - 1` and back (flows made earlier, replayed).
     Cycle { start: u32, n: u32 },
 }
 
@@ -599,9 +604,9 @@ impl Session<'_> {
         // batches run through lb too, so only the timed runs are counted).
         let (mut total, mut moved) = (0u64, [0u64; lb_common::COUNTER_MAX as usize]);
         // The empty program ignores the tuple, so its rows reuse counter values.
-        let cycle = match runs {
-            Runs::Cycle { start, .. } => Some(start),
-            _ => None,
+        let (cycle, cycle_len) = match runs {
+            Runs::Cycle { start, n } => (Some(start), n),
+            _ => (None, 0),
         };
         let fresh = |s: &mut Self, n: u32| match cycle {
             Some(start) => Ok(start),
@@ -611,7 +616,7 @@ impl Session<'_> {
         let mut timed = |s: &mut Self, n: u32| -> Result<f64> {
             let before = s.stats(hook)?;
             let start = fresh(s, n)?;
-            let ns = s.w.run(hook, mode, f, n, start)?.ns;
+            let ns = s.w.run_cycling(hook, mode, f, n, start, cycle_len)?.ns;
             for (m, (a, b)) in moved.iter_mut().zip(s.stats(hook)?.iter().zip(before)) {
                 *m += a - b;
             }
@@ -654,14 +659,20 @@ impl Session<'_> {
                     Target::FlowReference => self.ref_flow_fill()?,
                     _ => self.tables(),
                 };
-                // One untimed round, so that the first timed one finds the flows where the
-                // others do (the flow cache filled, as far as it holds them).
-                let soak_rounds = if soak { (100 * u64::from(self.repeat) / u64::from(n.max(1))) as usize } else { 0 };
-                for _ in 0..1 + soak_rounds {
-                    self.w.run(hook, mode, f, n, start)?;
+                // Untimed first, as the other rows, so that the first timed round finds the
+                // flows where the others do (the flow cache filled, as far as it holds them).
+                let warmup = (self.repeat / 10).max(n);
+                self.w.run_cycling(hook, mode, f, warmup, start, n)?;
+                if soak {
+                    for _ in 0..100 {
+                        self.w.run_cycling(hook, mode, f, self.repeat, start, n)?;
+                    }
                 }
+                // A million runs each, the flows over and over: in runs of one pass over
+                // them (tens of microseconds), XDP's figures swung by 3x from run to run,
+                // the reference's as much as lb's.
                 for _ in 0..self.rounds {
-                    v.push(timed(self, n)?);
+                    v.push(timed(self, self.repeat)?);
                 }
             }
             Runs::Batches { entries } => {
