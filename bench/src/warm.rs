@@ -293,7 +293,15 @@ impl Wrappers {
     }
 
     /// `run`, the counter going back to `start` after every `cycle` runs (0: never).
-    fn run_cycling(&mut self, hook: Hook, mode: Mode, f: &[u8], repeat: u32, start: u32, cycle: u32) -> Result<Outcome> {
+    fn run_cycling(
+        &mut self,
+        hook: Hook,
+        mode: Mode,
+        f: &[u8],
+        repeat: u32,
+        start: u32,
+        cycle: u32,
+    ) -> Result<Outcome> {
         if mode != Mode::Keep {
             self.counter.set(0, [start, start, cycle, 0], 0).context("writing BENCH_COUNTER")?;
         }
