@@ -445,6 +445,18 @@ pub struct CtWay<A> {
 pub type CtWay4 = CtWay<u32>;
 pub type CtWay6 = CtWay<[u32; 4]>;
 
+/// A slot of `LB_CT4_CACHE`: an IPv4 way padded to 64 bytes. The map is mmapable, which the
+/// kernel allocates with its elements from a page boundary (`array_map_alloc`), so each slot
+/// is one cache line, and the two slots of a pair (`ct_cache_pair`) one aligned 128-byte block,
+/// which x86's adjacent-line prefetch fetches together. With 48-byte elements after the
+/// array's 312-byte header, every slot straddled two lines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtCacheSlot4 {
+    pub way: CtWay4,
+    pub _pad: [u32; 5],
+}
+
 /// The hash that places a key in a new-flow table (addresses folded to 32 bits, as
 /// `fold_v6`): of its client side alone, a forward key's source or a reply key's destination,
 /// and its protocol, so both entries of a flow that is not SNATed share a set and a new flow
@@ -487,6 +499,16 @@ pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     let p = ((sport as u64) << 16 | dport as u64 | (proto as u64) << 32).wrapping_mul(0xff51_afd7_ed55_8ccd);
     let h = (a ^ a >> 29 ^ p).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     select_slot((h >> 32) as u32, slots)
+}
+
+/// The first of the two slots of `LB_CT4_CACHE`, of `slots`, either of which may cache the
+/// entry of a key with these fields: a pair per `ct_cache_slot` of half as many slots. Two
+/// ways where one was: a direct-mapped cache of 32,768 flows in 131,072 slots left about a
+/// quarter of them sharing a slot, each taking turns with the other and missing on every
+/// packet (the assured table's lookup and a copy, 2-3 times a hit's cost).
+#[inline(always)]
+pub fn ct_cache_pair(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slots: u32) -> u32 {
+    2 * ct_cache_slot(src, dst, sport, dport, proto, slots / 2)
 }
 
 /// `LB_CT4_LIVE`'s epoch word while every slot counts: set until the agent's first walk of the
@@ -1113,6 +1135,7 @@ const _: () =
     assert!(core::mem::offset_of!(AffinityKey, service_id) == 16 && core::mem::offset_of!(AffinityKey, family) == 20);
 const _: () = assert!(core::mem::size_of::<CtValue6>() == 52);
 const _: () = assert!(core::mem::size_of::<CtWay4>() == 44);
+const _: () = assert!(core::mem::size_of::<CtCacheSlot4>() == 64 && core::mem::offset_of!(CtCacheSlot4, way) == 0);
 const _: () = assert!(core::mem::size_of::<CtWay6>() == 92);
 const _: () = assert!(core::mem::size_of::<NodeAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
@@ -1143,6 +1166,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for CtWay4 {}
     unsafe impl aya::Pod for CtWay6 {}
+    unsafe impl aya::Pod for CtCacheSlot4 {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for BackendMemberKey {}
     unsafe impl aya::Pod for AffinityKey {}

@@ -38,6 +38,8 @@ pub const OUTLINE_V6_CT: bool = true;
 pub type Ct<A> = HashMap<CtKey<A>, CtValue<A>>;
 /// IPv4's new-flow table: an array of ways (`ct_table.rs`).
 pub type CtWays<A> = aya_ebpf::maps::Array<lb_common::CtWay<A>>;
+/// The cache of established flows (IPv4 only, `ct_cache.rs`).
+pub type CtCache = aya_ebpf::maps::Array<lb_common::CtCacheSlot4>;
 /// IPv6's new-flow table: an LRU hash with per-CPU lists (`ct_table.rs` says why).
 pub type CtLru<A> = aya_ebpf::maps::LruHashMap<CtKey<A>, CtValue<A>>;
 
@@ -80,7 +82,7 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     fn ct_lru() -> Option<&'static CtLru<Self>>;
     /// The cache of established flows in front of the assured table (`ct_cache.rs`); IPv4's
     /// only.
-    fn ct_cache() -> Option<&'static CtWays<Self>>;
+    fn ct_cache() -> Option<&'static CtCache>;
     /// The stamps of forward keys that may be in the assured table (`ct_live.rs`); IPv4's
     /// only.
     fn ct_live() -> Option<&'static Array<u64>>;
@@ -154,7 +156,7 @@ impl Addr for u32 {
         None
     }
     #[inline(always)]
-    fn ct_cache() -> Option<&'static CtWays<Self>> {
+    fn ct_cache() -> Option<&'static CtCache> {
         Some(&LB_CT4_CACHE)
     }
     #[inline(always)]
@@ -249,7 +251,7 @@ impl Addr for [u32; 4] {
         Some(&LB_CT6_NEW)
     }
     #[inline(always)]
-    fn ct_cache() -> Option<&'static CtWays<Self>> {
+    fn ct_cache() -> Option<&'static CtCache> {
         None
     }
     #[inline(always)]

@@ -1,10 +1,12 @@
-//! A direct-mapped cache of established IPv4 TCP flows in front of `LB_CT4`: a slot for every
-//! other entry the assured table has room for, each a copy of an entry under its key, read by
-//! the established path before the assured table. A hit costs the key's hash and one inlined
-//! array load, where the assured table's lookup is a call into the kernel's hash map (hash,
-//! bucket walk, key compare): at XDP that lookup was a third of an established packet's cost.
-//! Exact-match caches in front of a flow table are how Open vSwitch's datapath keeps its fast
-//! path cheap (its EMC).
+//! A two-way cache of established IPv4 TCP flows in front of `LB_CT4`: a slot for every other
+//! entry the assured table has room for, in pairs, each a copy of an entry under its key, read
+//! by the established path before the assured table. A key may be in either slot of its pair
+//! (`lb_common::ct_cache_pair`), one 128-byte block of two cache-line slots. A hit costs the
+//! key's hash and one or two inlined array loads from that block, where the assured table's
+//! lookup is a call into the kernel's hash map (hash, bucket walk, key compare): at XDP that
+//! lookup was a third of an established packet's cost with one flow, and two to three times a
+//! hit's with tens of thousands in turn. Exact-match caches in front of a flow table are how
+//! Open vSwitch's datapath keeps its fast path cheap (its EMC).
 //!
 //! What a cached copy may stand for: an assured ESTABLISHED TCP entry, for a segment without
 //! SYN, FIN or RST (nothing but a refresh happens to the entry then, `conntrack::advance`),
@@ -40,12 +42,13 @@
 //! lookup and its copy, tens of nanoseconds) is copied as this flow's, and stands for it for
 //! the window above, where without the cache it would mislead that one packet.
 use lb_common::{
-    ct_cache_slot, CtKey, CtValue, CtWay, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN,
+    ct_cache_pair, CtKey, CtValue, CtWay, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::addr::Addr;
 
-/// Slots of the cache, written by the agent at load time (half the assured table's room).
+/// Slots of the cache, written by the agent at load time (half the assured table's room, an
+/// even number: pairs).
 #[no_mangle]
 static CT_CACHE_SLOTS: u32 = lb_common::CONNTRACK_MAX_ENTRIES / 2;
 
@@ -60,16 +63,31 @@ const KEY_WORDS: usize = 4;
 const VALUE_WORDS: usize = core::mem::size_of::<CtValue<u32>>() / 4;
 /// The value's word holding `state` and `flags` (bytes 12 and 13 of IPv4's).
 const STATE_WORD: usize = 3;
+/// The value's word holding `last_seen` (bytes 20 to 23 of IPv4's).
+const SEEN_WORD: usize = 5;
 /// A key's last word while a writer holds the slot: padding bits set, which no key has.
 const BUSY: u32 = 0xffff_0000;
 
-/// The slot `k` would be cached in.
+/// The first of the two slots `k` may be cached in (`lb_common::ct_cache_pair`).
 #[inline(always)]
-fn slot<A: Addr>(k: &CtKey<A>) -> Option<*mut CtWay<A>> {
-    let cache = A::ct_cache()?;
+fn pair<A: Addr>(k: &CtKey<A>) -> u32 {
     // SAFETY: reading a static the loader patches; volatile so the load stays.
     let slots = unsafe { core::ptr::read_volatile(&CT_CACHE_SLOTS) };
-    cache.get_ptr_mut(ct_cache_slot(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, slots))
+    ct_cache_pair(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, slots)
+}
+
+/// Slot `i`, as the way at its start (`CtCacheSlot4`).
+#[inline(always)]
+fn slot<A: Addr>(i: u32) -> Option<*mut CtWay<A>> {
+    A::ct_cache()?.get_ptr_mut(i).map(|p| p as *mut CtWay<A>)
+}
+
+/// Word `i` of slot `w`, volatile.
+#[inline(always)]
+fn word<A>(w: *const CtWay<A>, i: usize) -> u32 {
+    // SAFETY: `w` is a slot, `KEY_WORDS + VALUE_WORDS` words of an IPv4 way, and callers stay
+    // within them.
+    unsafe { core::ptr::read_volatile((w as *const u32).add(i)) }
 }
 
 /// Whether the key in slot `w` is `k`, read a word at a time, volatile (so that the reads
@@ -100,17 +118,23 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
     if k.proto != PROTO_TCP || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return None;
     }
-    let w = slot(k)?;
-    if !holds(w, k, false) {
-        return None;
-    }
+    let first = pair(k);
+    // One slot chosen, then one copy: the two slots are the same kind of pointer (offset 0
+    // into an element), so the verifier goes on along one path.
+    let w0 = slot::<A>(first)?;
+    let w = if holds(w0, k, false) {
+        w0
+    } else {
+        let w1 = slot::<A>(first + 1)?;
+        if !holds(w1, k, false) {
+            return None;
+        }
+        w1
+    };
     let mut words = [0u32; VALUE_WORDS];
-    // SAFETY: the value follows the 16-byte key in the `repr(C)` way (asserted in lb-common).
-    let src = unsafe { (w as *const u32).add(KEY_WORDS) };
     let mut i = 0;
     while i < VALUE_WORDS {
-        // SAFETY: within the slot's value.
-        words[i] = unsafe { core::ptr::read_volatile(src.add(i)) };
+        words[i] = word(w, KEY_WORDS + i);
         i += 1;
     }
     if !holds(w, k, true) {
@@ -134,16 +158,32 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
     (now.wrapping_sub(v.last_seen) <= fresh || v.last_seen.wrapping_sub(now) <= fresh).then_some(v)
 }
 
-/// Caches `e`, the assured ESTABLISHED entry of `k` that a plain segment just found.
+/// Caches `e`, the assured ESTABLISHED entry of `k` that a plain segment just found: in the
+/// pair's slot that holds `k` already, else an empty one, else over the copy seen longer ago
+/// (an idle flow's, rather than a busy one's).
 #[inline(always)]
 pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
-    let Some(w) = slot(k) else { return };
+    let first = pair(k);
+    let (Some(w0), Some(w1)) = (slot::<A>(first), slot::<A>(first + 1)) else { return };
+    let w = if holds(w0, k, false) {
+        w0
+    } else if holds(w1, k, false) {
+        w1
+    } else if word(w0, KEY_WORDS - 1) == 0 {
+        w0
+    } else if word(w1, KEY_WORDS - 1) == 0 {
+        w1
+    } else if word(w1, KEY_WORDS + SEEN_WORD).wrapping_sub(word(w0, KEY_WORDS + SEEN_WORD)) as i32 >= 0 {
+        w0
+    } else {
+        w1
+    };
     let (dst, key, value) = (w as *mut u32, k as *const CtKey<A> as *const u32, e as *const CtValue<A> as *const u32);
     // SAFETY: the slot is an IPv4 way, `KEY_WORDS + VALUE_WORDS` words, 4-byte aligned; `k`
     // and `e` are IPv4's.
     unsafe {
-        // The key's last two words as one, 8-byte aligned (array elements start 8-aligned,
-        // the kernel rounding their size up to 8, and these are bytes 8..16 of one).
+        // The key's last two words as one, 8-byte aligned (slots start 64-aligned, and these
+        // are bytes 8..16 of one).
         let tail = dst.add(KEY_WORDS - 2) as *mut u64;
         let seen = core::ptr::read_volatile(tail);
         if (seen >> 32) as u32 & BUSY != 0 || !claim(tail, seen, (seen & 0xffff_ffff) | (BUSY as u64) << 32) {
@@ -177,13 +217,25 @@ unsafe fn claim(p: *mut u64, seen: u64, new: u64) -> bool {
     r0 == seen
 }
 
-/// Drops the cached copy of `k`, if there is one. With a compare-and-exchange too: a plain
-/// store of 0 landing just after a writer's claim would clear its `BUSY` and let a second
-/// writer in. A writer that claimed the slot first wins; its copy is the stale one the
+/// Drops the cached copies of `k`, wherever in its pair they are (a key is written into one
+/// slot, but two CPUs filling it at once may each take one). With a compare-and-exchange too:
+/// a plain store of 0 landing just after a writer's claim would clear its `BUSY` and let a
+/// second writer in. A writer that claimed the slot first wins; its copy is the stale one the
 /// module's note bounds.
 #[inline(always)]
 pub fn forget<A: Addr>(k: &CtKey<A>) {
-    let Some(w) = slot(k) else { return };
+    let first = pair(k);
+    let mut i = 0;
+    while i < 2 {
+        if let Some(w) = slot::<A>(first + i) {
+            forget_in(w, k);
+        }
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn forget_in<A>(w: *mut CtWay<A>, k: &CtKey<A>) {
     let tail = (w as *mut u32).wrapping_add(KEY_WORDS - 2) as *mut u64;
     // SAFETY: bytes 8..16 of the slot, 8-byte aligned (see `fill`); `k` is IPv4's 16 bytes.
     let (seen, mine) = unsafe {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey4, CtKey6, CtValue4, CtValue6, CtWay4, FragKey,
-    FragValue, LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey,
+    AffinityKey, AffinityValue, Backend, BackendMemberKey, CtCacheSlot4, CtKey4, CtKey6, CtValue4, CtValue6, CtWay4,
+    FragKey, FragValue, LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey,
     SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES,
     CONNTRACK_MAX_ENTRIES, CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES,
     MAGLEV_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
@@ -57,10 +57,11 @@ pub static LB_CT4: HashMap<CtKey4, CtValue4> = HashMap::pinned(CONNTRACK_MAX_ENT
 pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_MMAPABLE);
 
 /// Copies of established IPv4 flows' entries, read before `LB_CT4` (`ct_cache.rs`), a slot
-/// for every other entry `LB_CT4` has room for (the agent sizes both). Not pinned: it holds
-/// nothing the assured table does not, and a fresh one fills from it as packets come.
+/// for every other entry `LB_CT4` has room for (the agent sizes both), in pairs. Not pinned: it
+/// holds nothing the assured table does not, and a fresh one fills from it as packets come.
+/// Mmapable only for the page-aligned elements that gives (`CtCacheSlot4`).
 #[map(name = "LB_CT4_CACHE")]
-pub static LB_CT4_CACHE: Array<CtWay4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, 0);
+pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
 /// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): an epoch word,
 /// then a byte per slot, `CT_LIVE_SLOTS_PER_ENTRY` slots per `LB_CT4` entry (the agent sizes

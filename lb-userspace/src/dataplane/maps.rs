@@ -295,9 +295,9 @@ impl MapSizes {
             // verifier, following each apart, ran past its million instructions.
             MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2) * lb_common::CT_WAYS as u32,
             MAP_CT6_NEW => self.conntrack_new,
-            // A slot for every other assured entry: 48 bytes per flow of the assured table's
-            // room (both directions), where a slot per entry would take 96.
-            lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2),
+            // A slot for every other assured entry, in pairs: 64 bytes per flow of the assured
+            // table's room (both directions), where a slot per entry would take 128.
+            lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2).next_multiple_of(2),
             // The epoch word, then `CT_LIVE_SLOTS_PER_ENTRY` one-byte slots per assured entry,
             // eight to an element: 16 bytes per flow of the assured table's room.
             lb_common::MAP_CT4_LIVE => 1 + self.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY / 8,

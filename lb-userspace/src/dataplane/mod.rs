@@ -327,13 +327,15 @@ impl Dataplane {
         };
         // The loader's handle is shared; a handle of our own, by id, may be written through.
         let id = data.info().map_err(err)?.id();
-        let mut cache: aya::maps::Array<_, lb_common::CtWay4> =
+        let mut cache: aya::maps::Array<_, lb_common::CtCacheSlot4> =
             aya::maps::Array::try_from(aya::maps::Map::Array(aya::maps::MapData::from_id(id).map_err(err)?))
                 .map_err(err)?;
         for k in keys {
-            let slot = lb_common::ct_cache_slot(k.src, k.dst, k.sport, k.dport, k.proto, self.sizes.of(MAP_CT4_CACHE));
-            if cache.get(&slot, 0).map_err(err)?.key == *k {
-                cache.set(slot, lb_common::CtWay4::default(), 0).map_err(err)?;
+            let first = lb_common::ct_cache_pair(k.src, k.dst, k.sport, k.dport, k.proto, self.sizes.of(MAP_CT4_CACHE));
+            for slot in [first, first + 1] {
+                if cache.get(&slot, 0).map_err(err)?.way.key == *k {
+                    cache.set(slot, lb_common::CtCacheSlot4::default(), 0).map_err(err)?;
+                }
             }
         }
         Ok(())

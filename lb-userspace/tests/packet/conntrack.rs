@@ -211,6 +211,48 @@ fn an_established_flows_plain_segments_are_served_from_its_cached_copy() {
 }
 
 #[test]
+fn two_flows_whose_keys_share_a_cache_pair_are_both_served_from_their_copies() {
+    if !privileged() {
+        return;
+    }
+    // A small assured table, so its cache (a slot per two entries, in pairs) has 16 pairs and
+    // two client ports whose forward keys pick the same pair are quick to find.
+    let sizes = MapSizes { conntrack: 64, ..MapSizes::default() };
+    let h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    let pair = |port: u16| {
+        let k = ct_key((CLIENT, port), (VIP, 80), CT_DIR_FORWARD);
+        lb_common::ct_cache_pair(k.src, k.dst, k.sport, k.dport, k.proto, 32)
+    };
+    let first = 45000;
+    let second = (first + 1..first + 1000).find(|p| pair(*p) == pair(first)).expect("a port sharing the pair");
+    let flows = [first, second].map(|p| {
+        let c = (CLIENT, p);
+        let b = establish(&h, c);
+        (c, b)
+    });
+    // A plain segment of each finds its assured entry and copies it, the second beside the
+    // first (a direct-mapped cache would have put it over the first).
+    for (c, b) in flows {
+        assert_eq!(up(&h, c, ACK), b);
+    }
+    let mut m = h.pinned_maps();
+    for (c, b) in flows {
+        for k in [ct_key(c, (VIP, 80), CT_DIR_FORWARD), ct_key(b, c, CT_DIR_REPLY)] {
+            m.conntrack.remove(&k).expect("removing the entry");
+        }
+    }
+    for (c, b) in flows {
+        let (tracked, new) = (h.counter(Counter::FwdTracked), h.counter(Counter::FwdNewFlow));
+        assert_eq!(up(&h, c, ACK), b, "{c:?}");
+        assert_eq!(
+            (h.counter(Counter::FwdTracked) - tracked, h.counter(Counter::FwdNewFlow) - new),
+            (1, 0),
+            "{c:?} served from its copy"
+        );
+    }
+}
+
+#[test]
 fn a_syn_inside_a_live_flow_finds_it_through_the_live_stamps_and_a_restart() {
     if !privileged() {
         return;
