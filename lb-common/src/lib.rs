@@ -53,8 +53,8 @@ pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 pub const MAP_CT4: &str = "LB_CT4";
 /// New and finished IPv4 flows: a set-associative array of `CtWay4` (`ct_set_hash`).
 pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
-/// Copies of established IPv4 flows' assured entries, read first: a direct-mapped array of
-/// `CtWay4` (`ct_cache_slot`), half as many slots as `LB_CT4` has entries. Not pinned.
+/// Copies of established IPv4 flows' assured entries, read first: a two-way array of
+/// `CtCacheSlot4` (`ct_cache_pair`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// Which IPv4 forward keys may have an entry in `LB_CT4`: a byte per slot (`ct_cache_slot`),
 /// stamped with an epoch, `CT_LIVE_SLOTS_PER_ENTRY` slots per entry `LB_CT4` has room for,
