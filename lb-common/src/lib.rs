@@ -449,7 +449,7 @@ pub type CtWay6 = CtWay<[u32; 4]>;
 /// kernel allocates with its elements from a page boundary (`array_map_alloc`), so each slot
 /// is one cache line, and the two slots of a pair (`ct_cache_pair`) one aligned 128-byte block,
 /// which x86's adjacent-line prefetch fetches together. With 48-byte elements after the
-/// array's 312-byte header, every slot straddled two lines.
+/// array's 312-byte header, three slots in four straddled two lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtCacheSlot4 {
@@ -1122,6 +1122,8 @@ const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
 const _: () = assert!(core::mem::offset_of!(CtKey4, sport) == 8 && core::mem::offset_of!(CtKey4, proto) == 12);
 // The flow cache reads an IPv4 entry's state and flags as its fourth word (lb-ebpf ct_cache.rs).
 const _: () = assert!(core::mem::offset_of!(CtValue4, state) == 12 && core::mem::offset_of!(CtValue4, flags) == 13);
+// And its `last_seen` as its sixth word, to choose which copy of a pair to replace.
+const _: () = assert!(core::mem::offset_of!(CtValue4, last_seen) == 20);
 const _: () = assert!(core::mem::offset_of!(CtKey6, sport) == 32 && core::mem::offset_of!(CtKey6, proto) == 36);
 const _: () = assert!(core::mem::align_of::<CtKey4>() == 4 && core::mem::align_of::<CtKey6>() == 4);
 // Likewise a service key's port, protocol and family, and its scope with padding
