@@ -56,16 +56,21 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// Copies of established IPv4 flows' assured entries, read first: a two-way array of
 /// `CtCacheSlot4` (`ct_cache_pair`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
-/// Which IPv4 forward keys may have an entry in `LB_CT4`: a byte per slot (`ct_cache_slot`),
-/// stamped with an epoch, `CT_LIVE_SLOTS_PER_ENTRY` slots per entry `LB_CT4` has room for,
-/// after an 8-byte epoch word (`ct_live_present`). Read by a SYN, which then skips the
-/// assured table's lookup when its key's slot holds no stamp that counts. Not pinned: the
-/// agent's first pass stamps every live flow into a new one, and each collection again.
+/// Which IPv4 forward keys may have an entry in `LB_CT4`: two bits per slot (`ct_cache_slot`,
+/// `ct_live_bits`), one for each of two generations of stamps, `CT_LIVE_SLOTS_PER_ENTRY` slots
+/// per entry `LB_CT4` has room for, after an 8-byte epoch word whose parity names the
+/// generation stamps go into. Read by a SYN, which then skips the assured table's lookup when
+/// neither of its key's bits is set. Not pinned: the agent's first pass stamps every live flow
+/// into a new one, and each collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
 /// Slots of `LB_CT4_LIVE` per entry of `LB_CT4`: at most half its entries are forward keys,
 /// so about one slot in 16 holds a live flow's stamp and a new flow's SYN skips the lookup
-/// about 15 times in 16 (stamps of flows gone within the last epochs count too).
+/// about 15 times in 16 (stamps of flows gone since the generation before count too).
 pub const CT_LIVE_SLOTS_PER_ENTRY: u32 = 8;
+/// Slots per 8-byte element of `LB_CT4_LIVE`, two bits each: 512 KiB for the 2,097,152 slots
+/// of the default table, which the caches keep beside the new-flow table a SYN reads too
+/// (a byte per slot made it 2 MiB, and a SYN paid a miss there).
+pub const CT_LIVE_SLOTS_PER_WORD: u32 = 32;
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";
 pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
@@ -511,31 +516,31 @@ pub fn ct_cache_pair(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     2 * ct_cache_slot(src, dst, sport, dport, proto, slots / 2)
 }
 
-/// `LB_CT4_LIVE`'s epoch word while every slot counts: set until the agent's first walk of the
-/// assured table has stamped what it holds (`ct_live_present`).
-pub const CT_LIVE_ALL: u32 = 1 << 24;
-
-/// Whether a `LB_CT4_LIVE` slot holding `stamp` may stand for a live flow, with `epochs` the
-/// map's epoch word: its low byte the current epoch, which new stamps take, the next two bytes
-/// the two before it, and `CT_LIVE_ALL`. A stamp of any of the three counts: a flow stamped
-/// just before the agent moved the epoch on counts until the agent's walk stamps it again, with
-/// an epoch to spare for a stamp that lands late (a CPU stalled between reading the epoch and
-/// storing it). Epochs run 1 to 255; 0 is no stamp. A current epoch of 0 (a map nobody set up)
-/// or `CT_LIVE_ALL` makes every slot count.
+/// The element of `LB_CT4_LIVE` (after the epoch word) and the shift of slot `i`'s two bits.
 #[inline(always)]
-pub fn ct_live_present(stamp: u8, epochs: u32) -> bool {
-    let current = epochs as u8;
-    current == 0
-        || epochs & CT_LIVE_ALL != 0
-        || (stamp != 0 && (stamp == current || stamp == (epochs >> 8) as u8 || stamp == (epochs >> 16) as u8))
+pub fn ct_live_bits(i: u32) -> (u32, u32) {
+    (1 + i / CT_LIVE_SLOTS_PER_WORD, 2 * (i % CT_LIVE_SLOTS_PER_WORD))
 }
 
-/// The epoch word after `epochs`: the next current epoch (1 after 255), the current one and
-/// the one before it behind it, `CT_LIVE_ALL` cleared.
-pub fn ct_live_next_epochs(epochs: u32) -> u32 {
-    let current = epochs as u8;
-    let next = if current == u8::MAX { 1 } else { current + 1 };
-    next as u32 | (epochs & 0xffff) << 8
+/// Whether the slot whose bits sit at `shift` of `word` may stand for a live flow: a stamp of
+/// either generation. Stamps are only ever added, by an atomic OR, and a generation is
+/// cleared only by the agent, before the epoch turns to it, once the other generation holds a
+/// stamp of every flow (`lb-userspace/src/dataplane/live.rs`).
+#[inline(always)]
+pub fn ct_live_present(word: u64, shift: u32) -> bool {
+    (word >> shift) & 3 != 0
+}
+
+/// The bit a stamp of the slot at `shift` sets in epoch `epoch`: its generation's, the
+/// epoch's parity.
+#[inline(always)]
+pub fn ct_live_stamp(shift: u32, epoch: u64) -> u64 {
+    1 << (shift + (epoch & 1) as u32)
+}
+
+/// Every bit of generation `g` (the parity of an epoch) in an element of `LB_CT4_LIVE`.
+pub fn ct_live_generation(g: u64) -> u64 {
+    0x5555_5555_5555_5555 << (g & 1)
 }
 
 /// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks
@@ -1457,28 +1462,26 @@ mod tests {
     }
 
     #[test]
-    fn live_stamps_count_for_three_epochs_and_an_unset_map_counts_everything() {
-        // A map nobody set up, or one not yet walked: every slot may be live, stamped or not.
-        assert!(ct_live_present(0, 0) && ct_live_present(7, 0));
-        let mut epochs = ct_live_next_epochs(0) | CT_LIVE_ALL;
-        assert!(ct_live_present(0, epochs) && ct_live_present(9, epochs));
-        epochs &= !CT_LIVE_ALL;
-        assert_eq!(epochs, 1);
-        assert!(ct_live_present(1, epochs) && !ct_live_present(0, epochs) && !ct_live_present(2, epochs));
-        // Around the whole cycle: a stamp counts in its own epoch and the next two, never
-        // later, and no epoch is 0 (an unstamped slot).
-        for _ in 0..600 {
-            let stamp = epochs as u8;
-            let next = ct_live_next_epochs(epochs);
-            let (second, third) = (ct_live_next_epochs(next), ct_live_next_epochs(ct_live_next_epochs(next)));
-            assert_ne!(next as u8, 0);
-            assert!(ct_live_present(stamp, epochs) && ct_live_present(stamp, next) && ct_live_present(stamp, second));
-            assert!(!ct_live_present(stamp, third), "three epochs on it does not");
-            assert!(!ct_live_present(0, next));
-            epochs = next;
+    fn live_slots_take_two_bits_of_a_generation_each_and_count_with_either() {
+        let (mut seen, mut words) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        for i in 0..3 * CT_LIVE_SLOTS_PER_WORD {
+            let (w, shift) = ct_live_bits(i);
+            assert!(w >= 1, "slot {i} in the epoch word");
+            words.insert(w);
+            for epoch in [6u64, 7] {
+                let bit = ct_live_stamp(shift, epoch);
+                assert!(seen.insert((w, bit)), "slot {i} shares a bit");
+                assert!(ct_live_present(bit, shift), "slot {i}'s own stamp");
+                assert_eq!(bit & ct_live_generation(epoch), bit, "slot {i}: its epoch's generation");
+                assert_eq!(bit & ct_live_generation(epoch + 1), 0, "slot {i}: the other generation");
+                // Another slot's stamps in the same word do not count for this one.
+                let others = !(3u64 << shift);
+                assert!(!ct_live_present(others, shift));
+            }
         }
-        assert_eq!(ct_live_next_epochs(255 | 254 << 8 | 253 << 16), 1 | 255 << 8 | 254 << 16);
-        assert_eq!(ct_live_next_epochs(5 | CT_LIVE_ALL) & CT_LIVE_ALL, 0);
+        assert_eq!(words.len(), 3);
+        assert_eq!(ct_live_generation(0) | ct_live_generation(1), u64::MAX);
+        assert_eq!(ct_live_generation(0) & ct_live_generation(1), 0);
     }
 
     #[test]

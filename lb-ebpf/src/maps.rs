@@ -64,12 +64,16 @@ pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, 
 pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
 /// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): an epoch word,
-/// then a byte per slot, `CT_LIVE_SLOTS_PER_ENTRY` slots per `LB_CT4` entry (the agent sizes
-/// both). Mmapable: the agent stamps a walk's keys with plain byte stores, which cannot undo
-/// a stamp the datapath writes into the same word meanwhile. Not pinned: the agent stamps
-/// every live flow into a new one when it loads.
+/// then two bits per slot, `CT_LIVE_SLOTS_PER_ENTRY` slots per `LB_CT4` entry (the agent sizes
+/// both). Mmapable: the agent clears generations and stamps a walk's keys with atomic
+/// operations on its mapping, which cannot undo a stamp the datapath ORs into the same word
+/// meanwhile, and fills a new map's bits at once. Not pinned: the agent stamps every live
+/// flow into a new one when it loads.
 #[map(name = "LB_CT4_LIVE")]
-pub static LB_CT4_LIVE: Array<u64> = Array::with_max_entries(1 + CONNTRACK_MAX_ENTRIES, BPF_F_MMAPABLE);
+pub static LB_CT4_LIVE: Array<u64> = Array::with_max_entries(
+    1 + CONNTRACK_MAX_ENTRIES * lb_common::CT_LIVE_SLOTS_PER_ENTRY / lb_common::CT_LIVE_SLOTS_PER_WORD,
+    BPF_F_MMAPABLE,
+);
 
 /// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
 #[map(name = "LB_CT6")]

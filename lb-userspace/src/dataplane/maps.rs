@@ -298,9 +298,11 @@ impl MapSizes {
             // A slot for every other assured entry, in pairs: 64 bytes per flow of the assured
             // table's room (both directions), where a slot per entry would take 128.
             lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2).next_multiple_of(2),
-            // The epoch word, then `CT_LIVE_SLOTS_PER_ENTRY` one-byte slots per assured entry,
-            // eight to an element: 16 bytes per flow of the assured table's room.
-            lb_common::MAP_CT4_LIVE => 1 + self.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY / 8,
+            // The epoch word, then `CT_LIVE_SLOTS_PER_ENTRY` two-bit slots per assured entry,
+            // 32 to an element: 4 bytes per flow of the assured table's room.
+            lb_common::MAP_CT4_LIVE => {
+                1 + (self.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY).div_ceil(lb_common::CT_LIVE_SLOTS_PER_WORD)
+            }
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,
