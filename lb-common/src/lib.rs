@@ -56,21 +56,34 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// Copies of established IPv4 flows' assured entries, read first: a two-way array of
 /// `CtCacheSlot4` (`ct_cache_pair`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
-/// Which IPv4 forward keys may have an entry in `LB_CT4`: two bits per slot (`ct_cache_slot`,
-/// `ct_live_bits`), one for each of two generations of stamps, `CT_LIVE_SLOTS_PER_ENTRY` slots
-/// per entry `LB_CT4` has room for, after an 8-byte epoch word whose parity names the
-/// generation stamps go into. Read by a SYN, which then skips the assured table's lookup when
-/// neither of its key's bits is set. Not pinned: the agent's first pass stamps every live flow
-/// into a new one, and each collection again.
+/// Which IPv4 forward keys may have an entry in `LB_CT4`: after an 8-byte generation word,
+/// words of stamps, a key's stamp two bits of one word (`ct_live_place`) in each of three
+/// generations (the generation word names the one stamps go into). Read by a SYN, which then
+/// skips the assured table's lookup unless its key's two bits are set in some generation.
+/// Not pinned: the agent's first pass stamps every live flow into a new one, and each
+/// collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
-/// Slots of `LB_CT4_LIVE` per entry of `LB_CT4`: at most half its entries are forward keys,
-/// so about one slot in 16 holds a live flow's stamp and a new flow's SYN skips the lookup
-/// about 15 times in 16 (stamps of flows gone since the generation before count too).
-pub const CT_LIVE_SLOTS_PER_ENTRY: u32 = 8;
-/// Slots per 8-byte element of `LB_CT4_LIVE`, two bits each: 512 KiB for the 2,097,152 slots
-/// of the default table, which the caches keep beside the new-flow table a SYN reads too
-/// (a byte per slot made it 2 MiB, and a SYN paid a miss there).
-pub const CT_LIVE_SLOTS_PER_WORD: u32 = 32;
+/// Entries of `LB_CT4` per word of `LB_CT4_LIVE`: at most half of them are forward keys, so a
+/// full table puts two stamps in a word on average, and a key that is not there finds its two
+/// bits of a generation set about once in 25 (`ct_live_place`). 512 KiB at the default sizes,
+/// which the caches keep beside the new-flow table a SYN reads too (a byte per key's slot made
+/// it 2 MiB, and a SYN paid a miss there).
+pub const CT_LIVE_ENTRIES_PER_WORD: u32 = 4;
+/// Generations of stamps in `LB_CT4_LIVE`, one bit each at every position of a word: a stamp
+/// counts until the agent's second pass after it, so a flow one walk of the assured table
+/// misses (the kernel's hash iteration can, under concurrent deletes) keeps counting until
+/// the next walk finds it.
+pub const CT_LIVE_GENERATIONS: u64 = 3;
+
+/// Words of stamps in `LB_CT4_LIVE` (after its generation word) for an assured table of `entries`.
+pub const fn ct_live_words(entries: u32) -> u32 {
+    let w = entries.div_ceil(CT_LIVE_ENTRIES_PER_WORD);
+    if w == 0 {
+        1
+    } else {
+        w
+    }
+}
 /// The same for IPv6 flows (same capacities).
 pub const MAP_CT6: &str = "LB_CT6";
 pub const MAP_CT6_NEW: &str = "LB_CT6_NEW";
@@ -486,7 +499,13 @@ pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u
 }
 
 /// The slot of `LB_CT4_CACHE`, of `slots`, that caches the entry of a key with these fields
-/// (and the key's stamp in `LB_CT4_LIVE`). Three 64-bit multiplies, two of them side by side,
+/// (`ct_key_hash`'s high half).
+#[inline(always)]
+pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slots: u32) -> u32 {
+    select_slot((ct_key_hash(src, dst, sport, dport, proto) >> 32) as u32, slots)
+}
+
+/// The hash that places a key's copy in `LB_CT4_CACHE` and its stamp in `LB_CT4_LIVE`. Three 64-bit multiplies, two of them side by side,
 /// not `flow_hash`'s ten dependent 32-bit ones: on the established path this hash is most of
 /// what a hit costs (`flow_hash` here took about 10 ns of a +45 ns packet at XDP).
 ///
@@ -499,11 +518,10 @@ pub fn ct_set_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, dir: u
 /// them, each turn a miss. Keys that share a slot only cost what the cache saves, so crafted
 /// collisions gain nothing more.
 #[inline(always)]
-pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slots: u32) -> u32 {
+fn ct_key_hash(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u64 {
     let a = ((src as u64) << 32 | dst as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let p = ((sport as u64) << 16 | dport as u64 | (proto as u64) << 32).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    let h = (a ^ a >> 29 ^ p).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-    select_slot((h >> 32) as u32, slots)
+    (a ^ a >> 29 ^ p).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
 }
 
 /// The first of the two slots of `LB_CT4_CACHE`, of `slots`, either of which may cache the
@@ -516,31 +534,42 @@ pub fn ct_cache_pair(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     2 * ct_cache_slot(src, dst, sport, dport, proto, slots / 2)
 }
 
-/// The element of `LB_CT4_LIVE` (after the epoch word) and the shift of slot `i`'s two bits.
+/// Where the stamp of a key with these fields lies in `LB_CT4_LIVE`, of `words` words after
+/// the generation word: the element, and the key's bits of generation 0 there (generation
+/// `g`'s are each `g` bits up). Two of a word's 21 positions (three bits each, one per
+/// generation), a Bloom filter blocked to one word, so a SYN reads one word: with one position
+/// per key, a key that is not there found its bit set about once in 16 with the assured table
+/// full (a byte per slot, 2 MiB), and each time paid the table's lookup that misses (some 500
+/// ns there, 15% of the full-table XDP new flow's samples); with two, about once in 25
+/// (`live_stamps_of_absent_keys_rarely_count`). The positions come from the hash's bits below
+/// those that pick the word.
 #[inline(always)]
-pub fn ct_live_bits(i: u32) -> (u32, u32) {
-    (1 + i / CT_LIVE_SLOTS_PER_WORD, 2 * (i % CT_LIVE_SLOTS_PER_WORD))
+pub fn ct_live_place(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, words: u32) -> (u32, u64) {
+    let h = ct_key_hash(src, dst, sport, dport, proto);
+    let (p, q) = ((((h >> 22) & 0x3ff) * 21) >> 10, (((h >> 12) & 0x3ff) * 21) >> 10);
+    (1 + select_slot((h >> 32) as u32, words), 1 << (3 * p) | 1 << (3 * q))
 }
 
-/// Whether the slot whose bits sit at `shift` of `word` may stand for a live flow: a stamp of
-/// either generation. Stamps are only ever added, by an atomic OR, and a generation is
-/// cleared only by the agent, before the epoch turns to it, once the other generation holds a
-/// stamp of every flow (`lb-userspace/src/dataplane/live.rs`).
+/// Whether a key whose generation-0 bits are `mask` may stand for a live flow, its word being
+/// `word`: a stamp of some generation (all of the key's bits of one). Stamps are only ever
+/// added, by an atomic OR, and a generation is cleared only by the agent, before it turns to
+/// it again, once the two others hold a stamp of every flow
+/// (`lb-userspace/src/dataplane/live.rs`).
 #[inline(always)]
-pub fn ct_live_present(word: u64, shift: u32) -> bool {
-    (word >> shift) & 3 != 0
+pub fn ct_live_present(word: u64, mask: u64) -> bool {
+    word & mask == mask || word & mask << 1 == mask << 1 || word & mask << 2 == mask << 2
 }
 
-/// The bit a stamp of the slot at `shift` sets in epoch `epoch`: its generation's, the
-/// epoch's parity.
+/// The bits a stamp of a key whose generation-0 bits are `mask` sets in generation `g` (the
+/// generation word; any value names one of the three).
 #[inline(always)]
-pub fn ct_live_stamp(shift: u32, epoch: u64) -> u64 {
-    1 << (shift + (epoch & 1) as u32)
+pub fn ct_live_stamp(mask: u64, g: u64) -> u64 {
+    mask << (g % CT_LIVE_GENERATIONS)
 }
 
-/// Every bit of generation `g` (the parity of an epoch) in an element of `LB_CT4_LIVE`.
+/// Every bit of generation `g` in a word of `LB_CT4_LIVE` (bit 63 belongs to none).
 pub fn ct_live_generation(g: u64) -> u64 {
-    0x5555_5555_5555_5555 << (g & 1)
+    0x1249_2492_4924_9249 << (g % CT_LIVE_GENERATIONS)
 }
 
 /// The way of a set holding `k`; `way(i)` reads way `i` of the set (the kernel side looks
@@ -1462,26 +1491,67 @@ mod tests {
     }
 
     #[test]
-    fn live_slots_take_two_bits_of_a_generation_each_and_count_with_either() {
-        let (mut seen, mut words) = (std::collections::HashSet::new(), std::collections::HashSet::new());
-        for i in 0..3 * CT_LIVE_SLOTS_PER_WORD {
-            let (w, shift) = ct_live_bits(i);
-            assert!(w >= 1, "slot {i} in the epoch word");
-            words.insert(w);
-            for epoch in [6u64, 7] {
-                let bit = ct_live_stamp(shift, epoch);
-                assert!(seen.insert((w, bit)), "slot {i} shares a bit");
-                assert!(ct_live_present(bit, shift), "slot {i}'s own stamp");
-                assert_eq!(bit & ct_live_generation(epoch), bit, "slot {i}: its epoch's generation");
-                assert_eq!(bit & ct_live_generation(epoch + 1), 0, "slot {i}: the other generation");
-                // Another slot's stamps in the same word do not count for this one.
-                let others = !(3u64 << shift);
-                assert!(!ct_live_present(others, shift));
+    fn live_stamps_count_in_any_generation_and_only_whole() {
+        let ip = |a: u8, b: u8, c: u8, d: u8| u32::from_ne_bytes([a, b, c, d]);
+        let mut pairs = 0;
+        for i in 0..10_000u32 {
+            let (w, mask) = ct_live_place(ip(10, 244, (i >> 8) as u8, i as u8), ip(10, 96, 0, 10), 80, 80, 6, 1000);
+            assert!((1..=1000).contains(&w), "word {w} outside the words of stamps");
+            assert_eq!(mask & ct_live_generation(0), mask, "generation 0's bits");
+            pairs += (mask.count_ones() == 2) as u32;
+            for g in 0..3u64 {
+                let bits = ct_live_stamp(mask, g);
+                assert!(ct_live_present(bits, mask), "a key's own stamp");
+                assert_eq!(bits & ct_live_generation(g), bits, "its generation's bits");
+                assert_eq!(bits & (ct_live_generation(g + 1) | ct_live_generation(g + 2)), 0, "not another's");
+                // A bit short of a stamp, or made up with another generation's bit, is none.
+                for b in 0..64 {
+                    if bits >> b & 1 == 1 && mask.count_ones() == 2 {
+                        let short = bits & !(1 << b);
+                        assert!(!ct_live_present(short, mask));
+                        for other in [b + 1, b + 2].map(|o| if o / 3 == b / 3 { o } else { o - 3 }) {
+                            assert!(!ct_live_present(short | 1 << other, mask));
+                        }
+                    }
+                }
             }
         }
-        assert_eq!(words.len(), 3);
-        assert_eq!(ct_live_generation(0) | ct_live_generation(1), u64::MAX);
-        assert_eq!(ct_live_generation(0) & ct_live_generation(1), 0);
+        // The two positions coincide about once in 21.
+        assert!(pairs > 9_300, "{pairs} of 10,000 keys with two bits");
+        let all = [0, 1, 2].map(ct_live_generation);
+        assert_eq!(all[0] | all[1] | all[2], u64::MAX >> 1);
+        assert_eq!(all[0] & all[1] | all[1] & all[2] | all[0] & all[2], 0);
+    }
+
+    #[test]
+    fn live_stamps_of_absent_keys_rarely_count() {
+        // A full default table's forward keys (131,072) in its words (65,536), clients of one
+        // subnet on a few ports each, as the flow cache's test has them; then other clients'
+        // keys. A stamp of one position would let about 9% through, a random choice of two
+        // about 4%.
+        let ip = |a: u8, b: u8, c: u8, d: u8| u32::from_ne_bytes([a, b, c, d]);
+        let (dst, words) = (ip(10, 96, 0, 20), 65_536u32);
+        let mut table = std::vec![0u64; words as usize + 1];
+        for i in 0..16_384u32 {
+            for j in 0..8u16 {
+                let (w, mask) = ct_live_place(
+                    ip(10, 244, (i >> 8) as u8, i as u8),
+                    dst,
+                    (40_000 + j).to_be(),
+                    80u16.to_be(),
+                    6,
+                    words,
+                );
+                table[w as usize] |= ct_live_stamp(mask, 1);
+            }
+        }
+        let mut counted = 0;
+        for i in 0..100_000u32 {
+            let sport = (50_000 + (i >> 16) as u16).to_be();
+            let (w, mask) = ct_live_place(ip(10, 250, (i >> 8) as u8, i as u8), dst, sport, 80u16.to_be(), 6, words);
+            counted += ct_live_present(table[w as usize], mask) as u32;
+        }
+        assert!(counted < 5_000, "{counted} of 100,000 absent keys counted as stamped");
     }
 
     #[test]

@@ -63,17 +63,15 @@ pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, 
 #[map(name = "LB_CT4_CACHE")]
 pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
-/// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): an epoch word,
-/// then two bits per slot, `CT_LIVE_SLOTS_PER_ENTRY` slots per `LB_CT4` entry (the agent sizes
+/// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): a generation word,
+/// then a word of stamps per `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes
 /// both). Mmapable: the agent clears generations and stamps a walk's keys with atomic
 /// operations on its mapping, which cannot undo a stamp the datapath ORs into the same word
 /// meanwhile, and fills a new map's bits at once. Not pinned: the agent stamps every live
 /// flow into a new one when it loads.
 #[map(name = "LB_CT4_LIVE")]
-pub static LB_CT4_LIVE: Array<u64> = Array::with_max_entries(
-    1 + CONNTRACK_MAX_ENTRIES * lb_common::CT_LIVE_SLOTS_PER_ENTRY / lb_common::CT_LIVE_SLOTS_PER_WORD,
-    BPF_F_MMAPABLE,
-);
+pub static LB_CT4_LIVE: Array<u64> =
+    Array::with_max_entries(1 + lb_common::ct_live_words(CONNTRACK_MAX_ENTRIES), BPF_F_MMAPABLE);
 
 /// Assured IPv6 flows, as `LB_CT4` (40-byte keys, 52-byte values).
 #[map(name = "LB_CT6")]

@@ -253,7 +253,7 @@ fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
     }
     let backend = connect(&mut run, client, vip, 1);
     assert_eq!(tables.v4.assured.keys().count(), 2, "the established flow is assured");
-    let (removed, _) = collect(&mut tables.v4, walk_started, &timeouts, |_| ());
+    let (removed, _) = collect(&mut tables.v4, walk_started, &timeouts, |_, _| ());
     assert_eq!(removed, 0, "a flow active after the collector read its clock is not idle");
     assert!(reply_translated(&mut run, backend, client, vip), "the reply is still translated");
 
@@ -282,7 +282,7 @@ fn the_conntrack_collector_keeps_a_flow_refreshed_during_its_walk() {
 
     // And an idle flow still goes: the collector is not a no-op.
     let later = clock.jiffies().expect("jiffies").wrapping_add(timeouts.iter().max().copied().unwrap_or(0) + 1);
-    let (removed, left) = collect(&mut tables.v4, later, &timeouts, |_| ());
+    let (removed, left) = collect(&mut tables.v4, later, &timeouts, |_, _| ());
     assert_eq!((removed, left), (1, 0), "an idle flow is collected, both entries");
 }
 

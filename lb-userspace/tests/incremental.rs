@@ -279,7 +279,7 @@ fn ipv6_frontends_backends_and_flows_are_encoded_for_the_datapath() {
     ct.v6.assured.insert(pk, pv, 0).unwrap();
     // The idle assured flow goes, both entries (the agent's collector thread may get there
     // first: either way the IPv6 table was collected); the new-flow table is not touched.
-    conntrack::collect(&mut ct.v6, now, &timeouts, |_| ());
+    conntrack::collect(&mut ct.v6, now, &timeouts, |_, _| ());
     assert_eq!(ct.v6.assured.keys().count(), 0);
     assert_eq!(conntrack::entries(&ct.v6.assured, &ct.v6.new).len(), 4);
     // fd00:244:2::5 leaves: its UDP flow goes (both entries), the other stays.

@@ -157,32 +157,40 @@ pub fn expired<A>(v: &CtValue<A>, now: u32, timeouts: &[u32; CT_STATES]) -> bool
 
 /// One pass over the assured table of a family: removes the flows whose entries are both
 /// expired. Returns (flows removed, entries left).
-/// `on_walk` sees every entry the walk read (IPv4's restamp `LB_CT4_LIVE` with them).
+/// `on_walk` sees every entry the walk read, and whether it read the whole table (IPv4's
+/// restamp `LB_CT4_LIVE` with them).
 pub fn collect<A: CtAddr>(
     tables: &mut CtPair<A>,
     now: u32,
     timeouts: &[u32; CT_STATES],
-    on_walk: impl FnOnce(&[(CtKey<A>, CtValue<A>)]),
+    on_walk: impl FnOnce(&[(CtKey<A>, CtValue<A>)], bool),
 ) -> (usize, usize)
 where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    let all = walk(&tables.assured);
-    on_walk(&all);
+    let (all, whole) = walk(&tables.assured);
+    on_walk(&all, whole);
     let idle = idle_of(&all, now, timeouts);
     let removed = remove_idle(tables, &idle, now, timeouts);
     (removed, all.len().saturating_sub(2 * removed))
 }
 
-/// Every entry of an assured table.
-pub fn walk<A: CtAddr>(assured: &CtTable<A>) -> Vec<(CtKey<A>, CtValue<A>)>
+/// Every entry of an assured table, and whether the walk read it whole: an entry deleted
+/// under it is skipped (aya's iterator passes over a key gone by its lookup), any other error
+/// ends or gaps the walk.
+pub fn walk<A: CtAddr>(assured: &CtTable<A>) -> (CtEntries<A>, bool)
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
-    assured.iter().filter_map(std::result::Result::ok).collect()
+    let mut whole = true;
+    let all = assured.iter().filter_map(|e| e.map_err(|_| whole = false).ok()).collect();
+    (all, whole)
 }
+
+/// Entries of a table, read by a walk.
+pub type CtEntries<A> = Vec<(CtKey<A>, CtValue<A>)>;
 
 /// An entry of the assured table the walk found idle, with its flow's other entry (`None`
 /// for a reply entry whose forward entry is gone).
@@ -196,7 +204,7 @@ where
     CtKey<A>: aya::Pod + Eq + Hash,
     CtValue<A>: aya::Pod,
 {
-    let all = walk(assured);
+    let (all, _) = walk(assured);
     (idle_of(&all, now, timeouts), all.len())
 }
 
@@ -299,18 +307,22 @@ pub fn spawn_collector(
             }
             let Ok(now) = clock.jiffies() else { continue };
             // Each family's assured table has the capacity; the busier one sets the pace.
-            // The walk begins after the epoch moves on (`lb-ebpf/src/ct_live.rs`); before the
-            // first pass (`Dataplane::restamp_live_flows`) every slot counts and none is moved.
+            // The walk begins after the generation turns (`lb-ebpf/src/ct_live.rs`); before the
+            // first pass (`Dataplane::restamp_live_flows`) every key counts and none is turned.
             let pass = live.armed().then(|| live.begin());
-            let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all| {
+            let mut whole = true;
+            let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all, read_whole| {
+                whole = read_whole;
                 if let Some(p) = &pass {
                     all.iter().for_each(|(k, _)| p.stamp(k));
                 }
             });
-            if let Some(p) = pass {
-                p.finish();
+            match pass {
+                Some(p) if whole => p.finish(),
+                Some(p) => p.fail(),
+                None => (),
             }
-            let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_| ());
+            let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_, _| ());
             let removed = r4 + r6;
             collected.fetch_add(removed as u64, Ordering::Relaxed);
             if removed > 0 {

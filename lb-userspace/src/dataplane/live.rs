@@ -1,10 +1,10 @@
 //! The agent's side of `LB_CT4_LIVE`, the stamps a SYN reads before the assured table
-//! (`lb-ebpf/src/ct_live.rs` says why and how they stay true): clearing a generation, moving
-//! the epoch on and stamping the forward keys of a walk of `LB_CT4`.
+//! (`lb-ebpf/src/ct_live.rs` says why and how they stay true): clearing a generation, turning
+//! the generation word to it and stamping the forward keys of a walk of `LB_CT4`.
 //!
-//! The map is mmapped and written through atomics only: a slot is two bits of a word whose
-//! other 31 slots the datapath stamps with atomic ORs meanwhile, and a write of a whole
-//! element (the syscall's unit) could undo one of those stamps.
+//! The map is mmapped and written through atomics only: a key's stamp is bits of a word whose
+//! other bits the datapath stamps with atomic ORs meanwhile, and a write of a whole element
+//! (the syscall's unit) could undo one of those stamps.
 use std::{
     ptr::NonNull,
     sync::{
@@ -15,8 +15,7 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    ct_cache_slot, ct_live_bits, ct_live_generation, ct_live_stamp, CtKey4, CT_DIR_FORWARD, CT_LIVE_SLOTS_PER_WORD,
-    MAP_CT4_LIVE,
+    ct_live_generation, ct_live_place, ct_live_stamp, CtKey4, CT_DIR_FORWARD, CT_LIVE_GENERATIONS, MAP_CT4_LIVE,
 };
 
 use super::{DataplaneError, Result};
@@ -28,13 +27,13 @@ enum Words {
     Owned(Box<[AtomicU64]>),
 }
 
-/// `LB_CT4_LIVE`: the epoch word (the first element), then `slots` slots of two bits.
+/// `LB_CT4_LIVE`: the generation word (the first element), then `count` words of stamps.
 pub struct LiveStamps {
     words: Words,
-    slots: u32,
-    /// Held through a pass (clear, epoch move, walk, stamps): two passes interleaved would
-    /// clear a generation while a walk still had flows to stamp into the other (the
-    /// collector's thread and the agent's `finish_migrations` both make passes).
+    count: u32,
+    /// Held through a pass (clear, turn, walk, stamps): two passes interleaved would clear a
+    /// generation while a walk still had flows to stamp into another (the collector's thread
+    /// and the agent's `finish_migrations` both make passes).
     pass: Mutex<()>,
     /// A first pass has stamped the assured table. Until then every bit is set: a previous
     /// agent's programs may still be making flows assured, unstamped.
@@ -51,32 +50,33 @@ impl Drop for LiveStamps {
     fn drop(&mut self) {
         if let Words::Mapped(ptr) = self.words {
             // SAFETY: unmapping what `open` mapped, once.
-            let _ = unsafe { nix::sys::mman::munmap(ptr.cast(), Self::elements(self.slots) * 8) };
+            let _ = unsafe { nix::sys::mman::munmap(ptr.cast(), Self::elements(self.count) * 8) };
         }
     }
 }
 
 impl LiveStamps {
-    /// The map's 8-byte elements: the epoch word and the slots' words.
-    fn elements(slots: u32) -> usize {
-        1 + slots.div_ceil(CT_LIVE_SLOTS_PER_WORD) as usize
+    /// The map's 8-byte elements: the generation word and the words of stamps.
+    fn elements(count: u32) -> usize {
+        1 + count as usize
     }
 
-    /// Maps `map`, `slots` slots after its epoch word, and sets every slot's bits: a new map
-    /// counts every slot until the first pass.
-    pub(super) fn open(map: &MapData, slots: u32) -> Result<Self> {
-        let ptr = super::sys::mmap_array(map, Self::elements(slots) * 8).map_err(|errno| DataplaneError::Io {
+    /// Maps `map`, `count` words of stamps after its generation word, and sets every bit: in
+    /// a new map every key counts until the first pass.
+    pub(super) fn open(map: &MapData, count: u32) -> Result<Self> {
+        let ptr = super::sys::mmap_array(map, Self::elements(count) * 8).map_err(|errno| DataplaneError::Io {
             what: "mapping LB_CT4_LIVE into memory",
             path: MAP_CT4_LIVE.into(),
             source: errno.into(),
         })?;
-        Ok(Self::new(Words::Mapped(ptr), slots))
+        Ok(Self::new(Words::Mapped(ptr), count))
     }
 
-    fn new(words: Words, slots: u32) -> Self {
-        let this = Self { words, slots, pass: Mutex::new(()), armed: AtomicBool::new(false) };
-        for w in this.slot_words() {
-            w.store(u64::MAX, Ordering::Relaxed);
+    fn new(words: Words, count: u32) -> Self {
+        let this = Self { words, count, pass: Mutex::new(()), armed: AtomicBool::new(false) };
+        let every = (0..CT_LIVE_GENERATIONS).fold(0, |all, g| all | ct_live_generation(g));
+        for w in this.stamp_words() {
+            w.store(every, Ordering::Relaxed);
         }
         this
     }
@@ -86,32 +86,32 @@ impl LiveStamps {
             // SAFETY: the page-aligned mapping of `elements` 8-byte elements, alive as long as
             // `self`; only ever accessed through atomics.
             Words::Mapped(ptr) => unsafe {
-                std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), Self::elements(self.slots))
+                std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU64>(), Self::elements(self.count))
             },
             #[cfg(test)]
             Words::Owned(w) => w,
         }
     }
 
-    fn epoch(&self) -> &AtomicU64 {
+    fn generation(&self) -> &AtomicU64 {
         &self.all()[0]
     }
 
-    fn slot_words(&self) -> &[AtomicU64] {
+    fn stamp_words(&self) -> &[AtomicU64] {
         &self.all()[1..]
     }
 
-    /// The word and the shift of `k`'s slot.
-    fn slot(&self, k: &CtKey4) -> (&AtomicU64, u32) {
-        let (w, shift) = ct_live_bits(ct_cache_slot(k.src, k.dst, k.sport, k.dport, k.proto, self.slots));
-        (&self.all()[w as usize], shift)
+    /// The word of `k`'s stamp and its bits of generation 0 there.
+    fn place(&self, k: &CtKey4) -> (&AtomicU64, u64) {
+        let (w, mask) = ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count);
+        (&self.all()[w as usize], mask)
     }
 
     /// Clears generation `g` in every word, leaving the other's stamps (and the datapath's
     /// ORs into it meanwhile) as they are.
     fn clear(&self, g: u64) {
         let keep = !ct_live_generation(g);
-        for w in self.slot_words() {
+        for w in self.stamp_words() {
             w.fetch_and(keep, Ordering::Relaxed);
         }
     }
@@ -121,32 +121,32 @@ impl LiveStamps {
         self.armed.load(Ordering::Acquire)
     }
 
-    /// Begins a pass: clears the generation the next epoch names (the stamps of the epoch
-    /// before the current one: every live flow has a stamp of the current, from the last
-    /// walk or the datapath since), moves the epoch on to it, and returns the pass, through
-    /// which the caller stamps the forward keys of a walk of `LB_CT4` it begins now.
+    /// Begins a pass: clears the next generation (the stamps of two passes ago: every live
+    /// flow has a stamp of one of the two others, from the last two walks or the datapath
+    /// since), turns the generation word to it, and returns the pass, through which the
+    /// caller stamps the forward keys of a walk of `LB_CT4` it begins now.
     pub fn begin(&self) -> LivePass<'_> {
         let guard = self.pass.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = self.epoch().load(Ordering::Relaxed).wrapping_add(1);
+        let next = (self.generation().load(Ordering::Relaxed) + 1) % CT_LIVE_GENERATIONS;
         self.clear(next);
         // SeqCst: the clear is done before the datapath can stamp into that generation, and
-        // the walk's reads come after the datapath sees the new epoch.
-        self.epoch().store(next, Ordering::SeqCst);
-        LivePass { stamps: self, epoch: next, first: !self.armed(), _guard: guard }
+        // the walk's reads come after the datapath sees the new one.
+        self.generation().store(next, Ordering::SeqCst);
+        LivePass { stamps: self, generation: next, first: !self.armed(), _guard: guard }
     }
 
-    /// Whether `k`'s slot counts, as the datapath reads it.
+    /// Whether `k`'s stamp counts, as the datapath reads it.
     #[cfg(test)]
     fn present(&self, k: &CtKey4) -> bool {
-        let (w, shift) = self.slot(k);
-        lb_common::ct_live_present(w.load(Ordering::Relaxed), shift)
+        let (w, mask) = self.place(k);
+        lb_common::ct_live_present(w.load(Ordering::Relaxed), mask)
     }
 }
 
 /// A pass over the assured table (`LiveStamps::begin`).
 pub struct LivePass<'a> {
     stamps: &'a LiveStamps,
-    epoch: u64,
+    generation: u64,
     first: bool,
     _guard: MutexGuard<'a, ()>,
 }
@@ -157,17 +157,28 @@ impl LivePass<'_> {
         if k.dir != CT_DIR_FORWARD {
             return;
         }
-        let (w, shift) = self.stamps.slot(k);
-        w.fetch_or(ct_live_stamp(shift, self.epoch), Ordering::Relaxed);
+        let (w, mask) = self.stamps.place(k);
+        w.fetch_or(ct_live_stamp(mask, self.generation), Ordering::Relaxed);
     }
 
-    /// Ends the pass, its walk stamped. After a first pass the other generation, all set
-    /// since the map was made, is cleared: from now on only stamps count. Every live flow
+    /// Ends a pass whose walk could not read the whole table: every key counts in its
+    /// generation (a SYN pays the assured table's lookup until the third pass after it
+    /// clears it), since flows it did not read may have no other stamp left by then.
+    pub fn fail(self) {
+        tracing::warn!("the walk of LB_CT4 failed; every SYN looks into the assured table until the next passes");
+        for w in self.stamps.stamp_words() {
+            w.fetch_or(ct_live_generation(self.generation), Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the pass, its walk stamped. After a first pass the other generations, all set
+    /// since the map was made, are cleared: from now on only stamps count. Every live flow
     /// holds one of this pass's generation (the walk found it, or the datapath, this agent's
-    /// programs alone by now, stamped it after the epoch moved).
+    /// programs alone by now, stamped it after the turn).
     pub fn finish(self) {
         if self.first {
-            self.stamps.clear(self.epoch + 1);
+            self.stamps.clear(self.generation + 1);
+            self.stamps.clear(self.generation + 2);
             self.stamps.armed.store(true, Ordering::Release);
         }
     }
@@ -189,70 +200,107 @@ mod tests {
         }
     }
 
-    fn stamps(slots: u32) -> LiveStamps {
-        let words = (0..LiveStamps::elements(slots)).map(|_| AtomicU64::new(0)).collect();
-        LiveStamps::new(Words::Owned(words), slots)
+    fn stamps(count: u32) -> LiveStamps {
+        let words = (0..LiveStamps::elements(count)).map(|_| AtomicU64::new(0)).collect();
+        LiveStamps::new(Words::Owned(words), count)
     }
 
-    /// What the datapath does after writing `k` into the assured table: read the epoch, OR
-    /// the bit in (`lb-ebpf/src/ct_live.rs`).
-    fn datapath_stamp(s: &LiveStamps, k: &CtKey4, epoch: u64) {
-        let (w, shift) = s.slot(k);
-        w.fetch_or(ct_live_stamp(shift, epoch), Ordering::Relaxed);
+    /// What the datapath does after writing `k` into the assured table: read the generation
+    /// word, OR the bits in (`lb-ebpf/src/ct_live.rs`).
+    fn datapath_stamp(s: &LiveStamps, k: &CtKey4, g: u64) {
+        let (w, mask) = s.place(k);
+        w.fetch_or(ct_live_stamp(mask, g), Ordering::Relaxed);
+    }
+
+    fn pass(s: &LiveStamps, walk: &[CtKey4]) {
+        let p = s.begin();
+        for k in walk {
+            p.stamp(k);
+        }
+        p.finish();
     }
 
     #[test]
     fn every_live_flow_keeps_a_stamp_across_passes_and_gone_ones_stop_counting() {
-        let s = stamps(1 << 16);
+        let s = stamps(1 << 12);
         let keys: Vec<_> = (0..2000).map(key).collect();
-        // A new map: every slot counts until the first pass.
+        // A new map: every key counts until the first pass.
         assert!(keys.iter().all(|k| s.present(k)) && !s.armed());
         // Flows 0..1000 in the table when the first pass walks it.
-        let table: Vec<_> = keys[..1000].to_vec();
-        let pass = s.begin();
-        for k in &table {
-            pass.stamp(k);
-        }
-        pass.finish();
+        pass(&s, &keys[..1000]);
         assert!(s.armed());
-        assert!(table.iter().all(|k| s.present(k)), "a walked flow unstamped");
+        assert!(keys[..1000].iter().all(|k| s.present(k)), "a walked flow unstamped");
         let strays = keys[1000..].iter().filter(|k| s.present(k)).count();
-        assert!(strays < 100, "{strays} of 1000 unwalked keys count (slots shared by chance only)");
-        // A flow the datapath makes assured during epoch 1, then the table loses flow 0..500.
+        assert!(strays < 100, "{strays} of 1000 unwalked keys count (bits shared by chance only)");
+        // A flow the datapath makes assured meanwhile; then the table loses flows 0..500.
         let late = key(5000);
-        datapath_stamp(&s, &late, s.epoch().load(Ordering::Relaxed));
+        datapath_stamp(&s, &late, s.generation().load(Ordering::Relaxed));
         let table: Vec<_> = keys[500..1000].iter().copied().chain([late]).collect();
-        // Two passes: a flow seen by neither walk (gone) stops counting; the rest always count,
-        // before, during and after each.
-        for _ in 0..2 {
-            let pass = s.begin();
+        // Three passes: a flow seen by none of their walks (gone) stops counting; the rest
+        // always count, before, during and after each.
+        for _ in 0..3 {
+            let p = s.begin();
             assert!(table.iter().all(|k| s.present(k)), "a live flow lost its stamp at the clear");
             for k in &table {
-                pass.stamp(k);
+                p.stamp(k);
             }
-            pass.finish();
+            p.finish();
             assert!(table.iter().all(|k| s.present(k)));
         }
         let gone = keys[..500].iter().filter(|k| s.present(k)).count();
         assert!(gone < 50, "{gone} of 500 gone flows still count");
-        // A CPU that read epoch 1 long ago ORs its stamp in only now: a bit too many, nothing
-        // taken from the others.
-        datapath_stamp(&s, &key(7000), 1);
+        // A CPU that read an old generation long ago ORs its stamp in only now: bits too
+        // many, nothing taken from the others.
+        datapath_stamp(&s, &key(7000), s.generation().load(Ordering::Relaxed) + 1);
         assert!(s.present(&key(7000)) && table.iter().all(|k| s.present(k)));
     }
 
     #[test]
-    fn a_pass_clears_only_its_own_generation() {
+    fn a_flow_one_walk_misses_keeps_counting_until_the_next_finds_it() {
+        let s = stamps(1 << 12);
+        let keys: Vec<_> = (0..1000).map(key).collect();
+        pass(&s, &keys);
+        // The datapath's flow, stamped, then missed by the next walk (the kernel's hash
+        // iteration can skip elements under concurrent deletes), as is a walked one.
+        let late = key(5000);
+        datapath_stamp(&s, &late, s.generation().load(Ordering::Relaxed));
+        pass(&s, &keys[1..]);
+        let p = s.begin();
+        assert!(s.present(&late) && s.present(&keys[0]), "a flow missed once lost its stamp");
+        for k in keys.iter().chain([&late]) {
+            p.stamp(k);
+        }
+        p.finish();
+        assert!(s.present(&late) && s.present(&keys[0]));
+    }
+
+    #[test]
+    fn a_failed_walk_makes_every_key_count_until_its_generation_comes_round() {
         let s = stamps(64);
-        let pass = s.begin();
-        pass.finish();
+        pass(&s, &[]);
+        let k = key(1);
+        assert!(!s.present(&k));
+        s.begin().fail();
+        assert!(s.present(&k), "a failed walk left keys it did not read unstamped");
+        for _ in 0..2 {
+            pass(&s, &[]);
+            assert!(s.present(&k));
+        }
+        pass(&s, &[]);
+        assert!(!s.present(&k));
+    }
+
+    #[test]
+    fn a_pass_clears_only_its_own_generation() {
+        let s = stamps(2);
+        pass(&s, &[]);
         // All clear now, the first pass having walked an empty table.
-        assert!(s.slot_words().iter().all(|w| w.load(Ordering::Relaxed) == 0));
-        for w in s.slot_words() {
+        assert!(s.stamp_words().iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        for w in s.stamp_words() {
             w.store(u64::MAX, Ordering::Relaxed);
         }
-        let e = s.epoch().load(Ordering::Relaxed);
+        let g = s.generation().load(Ordering::Relaxed);
         drop(s.begin());
-        assert!(s.slot_words().iter().all(|w| w.load(Ordering::Relaxed) == ct_live_generation(e)));
+        assert!(s.stamp_words().iter().all(|w| w.load(Ordering::Relaxed) == !ct_live_generation(g + 1)));
     }
 }

@@ -104,8 +104,8 @@ impl Dataplane {
         let node_ip = config.node_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
         // The node's IPv6 address for SNAT, in the maps' word order (all zero: none).
         let node_ip6: [u32; 4] = config.node_ip6.map_or([0; 4], |ip| addr_words(ip.into()));
-        // `LB_CT4_LIVE`'s slots, after its epoch word (`sizes.of` counts its 8-byte elements).
-        let live_slots = sizes.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY;
+        // `LB_CT4_LIVE`'s words of stamps, after its generation word.
+        let live_words = lb_common::ct_live_words(sizes.conntrack);
         let clock = Arc::new(Clock::new()?);
         let ct_timeouts = config.timeouts.in_jiffies(&clock);
         let (refresh, udp_stream) = (clock.to_jiffies(1), clock.to_jiffies(lb_common::CT_UDP_STREAM_S as u64));
@@ -116,7 +116,7 @@ impl Dataplane {
             .override_global("CT_UDP_STREAM", &udp_stream, true)
             .override_global("CT_NEW_SETS", &(sizes.of(MAP_CT4_NEW) / lb_common::CT_WAYS as u32), true)
             .override_global("CT_CACHE_SLOTS", &sizes.of(lb_common::MAP_CT4_CACHE), true)
-            .override_global("CT_LIVE_SLOTS", &live_slots, true)
+            .override_global("CT_LIVE_WORDS", &live_words, true)
             .override_global("CT_CACHE_FRESH", &refresh.min(ct_timeouts[lb_common::CT_ESTABLISHED as usize]), true)
             .override_global("NODE_IP", &node_ip, true)
             .override_global("NODE_IP6", &node_ip6, true)
@@ -188,7 +188,7 @@ impl Dataplane {
             let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
                 return Err(DataplaneError::MissingMap { name });
             };
-            Arc::new(super::live::LiveStamps::open(data, live_slots)?)
+            Arc::new(super::live::LiveStamps::open(data, live_words)?)
         };
         let stale_udp_removed: Arc<AtomicU64> = Arc::default();
         let mut dp = Self {

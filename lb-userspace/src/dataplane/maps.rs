@@ -298,11 +298,9 @@ impl MapSizes {
             // A slot for every other assured entry, in pairs: 64 bytes per flow of the assured
             // table's room (both directions), where a slot per entry would take 128.
             lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2).next_multiple_of(2),
-            // The epoch word, then `CT_LIVE_SLOTS_PER_ENTRY` two-bit slots per assured entry,
-            // 32 to an element: 4 bytes per flow of the assured table's room.
-            lb_common::MAP_CT4_LIVE => {
-                1 + (self.conntrack * lb_common::CT_LIVE_SLOTS_PER_ENTRY).div_ceil(lb_common::CT_LIVE_SLOTS_PER_WORD)
-            }
+            // The generation word, then a word of stamps per `CT_LIVE_ENTRIES_PER_WORD` assured
+            // entries: 4 bytes per flow of the assured table's room.
+            lb_common::MAP_CT4_LIVE => 1 + lb_common::ct_live_words(self.conntrack),
             MAP_AFFINITY => self.affinity,
             // Ids start at 1, indexing the array directly.
             lb_common::MAP_SERVICE_STATS => self.services + 1,

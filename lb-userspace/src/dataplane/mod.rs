@@ -341,17 +341,25 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A pass over the IPv4 assured table's flows (`lb-ebpf/src/ct_live.rs`): a new epoch of
-    /// `LB_CT4_LIVE` and every flow stamped in it. The first (at a first load, where no other
-    /// programs run; otherwise after the link swap, `finish_migrations`) ends the time when
-    /// every slot counts; the collector makes one at each collection after it; a test that
-    /// writes flows into `LB_CT4` by hand makes one to have their SYNs find them.
+    /// A pass over the IPv4 assured table's flows (`lb-ebpf/src/ct_live.rs`): a new
+    /// generation of `LB_CT4_LIVE` and every flow stamped in it. The first (at a first load,
+    /// where no other programs run; otherwise after the link swap, `finish_migrations`) ends
+    /// the time when every key counts; the collector makes one at each collection after it; a
+    /// test that writes flows into `LB_CT4` by hand makes one to have their SYNs find them.
     pub fn restamp_live_flows(&self) {
         let pass = self.live.begin();
-        for k in self.maps.conntrack.keys().filter_map(|k| k.ok()) {
-            pass.stamp(&k);
+        let mut whole = true;
+        for k in self.maps.conntrack.keys() {
+            match k {
+                Ok(k) => pass.stamp(&k),
+                Err(_) => whole = false,
+            }
         }
-        pass.finish();
+        if whole {
+            pass.finish()
+        } else {
+            pass.fail()
+        }
     }
 
     /// Frontends programmed and backends summed over them.

@@ -273,15 +273,15 @@ fn a_syn_inside_a_live_flow_finds_it_through_the_live_stamps_and_a_restart() {
         }
     };
     syn_inside_each(&h, "stamped by the datapath");
-    // The collector moves the epoch on at every pass and restamps what its walk finds: the
-    // datapath's stamps stop counting two epochs on, the walk's keep the flows found.
+    // The collector turns the generation at every pass and restamps what its walk finds: the
+    // datapath's stamps stop counting three passes on, the walk's keep the flows found.
     for _ in 0..3 {
         h.dp.restamp_live_flows();
     }
     syn_inside_each(&h, "three walks later");
-    // A restarted agent: programs of its own with a new, empty stamp map. Until its programs
-    // have taken the links over, every slot counts (the old ones make flows assured without
-    // stamping them); then its first pass stamps the pinned assured table.
+    // A restarted agent: programs of its own with a new stamp map, every bit set: until its
+    // programs have taken the links over, every key counts (the old ones make flows assured
+    // without stamping them); then its first pass stamps the pinned assured table.
     let pin_dir = h.pin_dir.clone();
     let mut restarted = Harness { dp: Dataplane::load(&pin_dir, &Config::default()).expect("reloading"), pin_dir };
     restarted.dp.stop_ct_collector();
