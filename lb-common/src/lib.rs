@@ -70,9 +70,9 @@ pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
 /// it 2 MiB, and a SYN paid a miss there).
 pub const CT_LIVE_ENTRIES_PER_WORD: u32 = 4;
 /// Generations of stamps in `LB_CT4_LIVE`, one bit each at every position of a word: a stamp
-/// counts until the agent's second pass after it, so a flow one walk of the assured table
-/// misses (the kernel's hash iteration can, under concurrent deletes) keeps counting until
-/// the next walk finds it.
+/// counts until its generation comes round again, two of the agent's passes later, so a flow
+/// one walk of the assured table misses (the kernel's hash iteration can, under concurrent
+/// deletes) keeps counting until the next walk finds it.
 pub const CT_LIVE_GENERATIONS: u64 = 3;
 
 /// Words of stamps in `LB_CT4_LIVE` (after its generation word) for an assured table of `entries`.

@@ -25,14 +25,21 @@
 //! and reused while the walk stands on it sends the walk into another bucket). So when a
 //! generation is cleared, every live flow holds a stamp of one of the two others: the last
 //! two walks', or the datapath's since; a flow one walk skipped keeps the one before. A stamp
-//! that lands late (a CPU stalled between reading the word and its OR) can only set bits too
-//! many. A walk that fails part way sets every bit of its generation.
+//! that lands late (a CPU stalled between reading the word and its OR) only sets bits too
+//! many for other keys; its own flow is without a stamp from its write into `LB_CT4` until the
+//! OR lands, as it would be with any stamp written after the entry. The datapath's read of
+//! the word follows the write with no fence, so a CPU may read the generation before a turn
+//! while the walk after the turn does not yet see the entry: that is one more way for a walk
+//! to skip a flow, which the third generation covers as it covers the others, once. A walk
+//! that fails part way sets every bit of its generation.
 //!
-//! A new map's bits are all set, so every key counts until the agent's first pass, which
-//! clears the other generation once its walk is stamped: at a first load the pass is made at
-//! once; over a previous agent's pins, only after this agent's programs replaced the old ones
-//! in every link (`Dataplane::finish_migrations`), since the old programs make flows assured
-//! without stamping them here. What still does not stamp: `LB_CT4` entries written by
+//! A new map's bits are all set, so every key counts until the agent's first two passes: each
+//! clears a generation as it begins, and the second clears the third as it ends, so a flow
+//! that one of their walks skipped keeps the other's stamp. At a first load they are made at
+//! once, back to back; over a previous agent's pins, only after this agent's programs replaced
+//! the old ones in every link (`Dataplane::finish_migrations`), since the old programs make
+//! flows assured without stamping them here (one still running its last packet at the swap is
+//! covered by the second walk). What still does not stamp: `LB_CT4` entries written by
 //! userspace (a migration's copy, tests) until the next pass, which every such writer makes;
 //! and, should an interface's link fail to be taken over, flows the old programs there make
 //! assured, until the collector's next pass (at most 30 s). A SYN inside such a flow is taken

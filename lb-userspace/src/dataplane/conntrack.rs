@@ -307,9 +307,10 @@ pub fn spawn_collector(
             }
             let Ok(now) = clock.jiffies() else { continue };
             // Each family's assured table has the capacity; the busier one sets the pace.
-            // The walk begins after the generation turns (`lb-ebpf/src/ct_live.rs`); before the
-            // first pass (`Dataplane::restamp_live_flows`) every key counts and none is turned.
-            let pass = live.armed().then(|| live.begin());
+            // The walk begins after the generation turns (`lb-ebpf/src/ct_live.rs`); until the
+            // agent allows passes (`Dataplane::restamp_live_flows`) every key counts and none
+            // is turned.
+            let pass = live.allowed().then(|| live.begin());
             let mut whole = true;
             let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all, read_whole| {
                 whole = read_whole;

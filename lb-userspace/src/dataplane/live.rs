@@ -8,7 +8,7 @@
 use std::{
     ptr::NonNull,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Mutex, MutexGuard,
     },
 };
@@ -35,9 +35,11 @@ pub struct LiveStamps {
     /// generation while a walk still had flows to stamp into another (the collector's thread
     /// and the agent's `finish_migrations` both make passes).
     pass: Mutex<()>,
-    /// A first pass has stamped the assured table. Until then every bit is set: a previous
-    /// agent's programs may still be making flows assured, unstamped.
-    armed: AtomicBool,
+    /// The agent has said passes may begin (`allow`): no programs that do not stamp are
+    /// left. Until then, and until two passes have walked the table whole, every key counts.
+    allowed: AtomicBool,
+    /// Passes that walked the table whole since the map was made, up to two.
+    whole_passes: AtomicU8,
 }
 
 // SAFETY: the mapping lives as long as this value, and every access goes through atomics.
@@ -62,7 +64,7 @@ impl LiveStamps {
     }
 
     /// Maps `map`, `count` words of stamps after its generation word, and sets every bit: in
-    /// a new map every key counts until the first pass.
+    /// a new map every key counts until the first two passes (`LivePass::finish`).
     pub(super) fn open(map: &MapData, count: u32) -> Result<Self> {
         let ptr = super::sys::mmap_array(map, Self::elements(count) * 8).map_err(|errno| DataplaneError::Io {
             what: "mapping LB_CT4_LIVE into memory",
@@ -73,7 +75,13 @@ impl LiveStamps {
     }
 
     fn new(words: Words, count: u32) -> Self {
-        let this = Self { words, count, pass: Mutex::new(()), armed: AtomicBool::new(false) };
+        let this = Self {
+            words,
+            count,
+            pass: Mutex::new(()),
+            allowed: AtomicBool::new(false),
+            whole_passes: AtomicU8::new(0),
+        };
         let every = (0..CT_LIVE_GENERATIONS).fold(0, |all, g| all | ct_live_generation(g));
         for w in this.stamp_words() {
             w.store(every, Ordering::Relaxed);
@@ -107,8 +115,8 @@ impl LiveStamps {
         (&self.all()[w as usize], mask)
     }
 
-    /// Clears generation `g` in every word, leaving the other's stamps (and the datapath's
-    /// ORs into it meanwhile) as they are.
+    /// Clears generation `g` in every word, leaving the others' stamps (and the datapath's
+    /// ORs into them meanwhile) as they are.
     fn clear(&self, g: u64) {
         let keep = !ct_live_generation(g);
         for w in self.stamp_words() {
@@ -116,9 +124,21 @@ impl LiveStamps {
         }
     }
 
-    /// Whether a first pass has been made (the collector's passes wait for it).
+    /// Lets passes begin: every program that makes flows assured stamps them from now on
+    /// (at a first load at once; over a previous agent's pins after the link swap).
+    pub fn allow(&self) {
+        self.allowed.store(true, Ordering::Release);
+    }
+
+    /// Whether passes may be made (the collector's wait for it).
+    pub fn allowed(&self) -> bool {
+        self.allowed.load(Ordering::Acquire)
+    }
+
+    /// Whether stamps alone count: two passes have walked the table whole, so a flow one of
+    /// them skipped has the other's stamp.
     pub fn armed(&self) -> bool {
-        self.armed.load(Ordering::Acquire)
+        self.whole_passes.load(Ordering::Acquire) >= 2
     }
 
     /// Begins a pass: clears the next generation (the stamps of two passes ago: every live
@@ -132,7 +152,7 @@ impl LiveStamps {
         // SeqCst: the clear is done before the datapath can stamp into that generation, and
         // the walk's reads come after the datapath sees the new one.
         self.generation().store(next, Ordering::SeqCst);
-        LivePass { stamps: self, generation: next, first: !self.armed(), _guard: guard }
+        LivePass { stamps: self, generation: next, _guard: guard }
     }
 
     /// Whether `k`'s stamp counts, as the datapath reads it.
@@ -147,7 +167,6 @@ impl LiveStamps {
 pub struct LivePass<'a> {
     stamps: &'a LiveStamps,
     generation: u64,
-    first: bool,
     _guard: MutexGuard<'a, ()>,
 }
 
@@ -165,22 +184,27 @@ impl LivePass<'_> {
     /// generation (a SYN pays the assured table's lookup until the third pass after it
     /// clears it), since flows it did not read may have no other stamp left by then.
     pub fn fail(self) {
-        tracing::warn!("the walk of LB_CT4 failed; every SYN looks into the assured table until the next passes");
+        tracing::warn!(
+            "the walk of LB_CT4 failed part way: every SYN looks into the assured table until three passes later"
+        );
         for w in self.stamps.stamp_words() {
             w.fetch_or(ct_live_generation(self.generation), Ordering::Relaxed);
         }
     }
 
-    /// Ends the pass, its walk stamped. After a first pass the other generations, all set
-    /// since the map was made, are cleared: from now on only stamps count. Every live flow
-    /// holds one of this pass's generation (the walk found it, or the datapath, this agent's
-    /// programs alone by now, stamped it after the turn).
+    /// Ends the pass, its walk stamped. A new map's three generations are all set; the first
+    /// two whole passes each clear one as they begin, and the second clears the third as it
+    /// ends: from then on only stamps count. Every live flow holds one of those two passes'
+    /// generations (one of their walks found it, or the datapath, this agent's programs alone
+    /// by then, stamped it after a turn), even a flow one of the walks skipped or one that
+    /// the last old program still running at the link swap made assured during the first.
     pub fn finish(self) {
-        if self.first {
-            self.stamps.clear(self.generation + 1);
-            self.stamps.clear(self.generation + 2);
-            self.stamps.armed.store(true, Ordering::Release);
+        let s = self.stamps;
+        let done = s.whole_passes.load(Ordering::Relaxed);
+        if done == 1 {
+            s.clear(self.generation + 1);
         }
+        s.whole_passes.store(done.saturating_add(1).min(2), Ordering::Release);
     }
 }
 
@@ -212,6 +236,15 @@ mod tests {
         w.fetch_or(ct_live_stamp(mask, g), Ordering::Relaxed);
     }
 
+    /// The agent's first passes (`Dataplane::restamp_live_flows`): two, back to back.
+    fn arm(s: &LiveStamps, walk: &[CtKey4]) {
+        s.allow();
+        pass(s, walk);
+        assert!(!s.armed());
+        pass(s, walk);
+        assert!(s.armed());
+    }
+
     fn pass(s: &LiveStamps, walk: &[CtKey4]) {
         let p = s.begin();
         for k in walk {
@@ -224,11 +257,10 @@ mod tests {
     fn every_live_flow_keeps_a_stamp_across_passes_and_gone_ones_stop_counting() {
         let s = stamps(1 << 12);
         let keys: Vec<_> = (0..2000).map(key).collect();
-        // A new map: every key counts until the first pass.
+        // A new map: every key counts until the first two passes.
         assert!(keys.iter().all(|k| s.present(k)) && !s.armed());
-        // Flows 0..1000 in the table when the first pass walks it.
-        pass(&s, &keys[..1000]);
-        assert!(s.armed());
+        // Flows 0..1000 in the table when the first passes walk it.
+        arm(&s, &keys[..1000]);
         assert!(keys[..1000].iter().all(|k| s.present(k)), "a walked flow unstamped");
         let strays = keys[1000..].iter().filter(|k| s.present(k)).count();
         assert!(strays < 100, "{strays} of 1000 unwalked keys count (bits shared by chance only)");
@@ -259,7 +291,7 @@ mod tests {
     fn a_flow_one_walk_misses_keeps_counting_until_the_next_finds_it() {
         let s = stamps(1 << 12);
         let keys: Vec<_> = (0..1000).map(key).collect();
-        pass(&s, &keys);
+        arm(&s, &keys);
         // The datapath's flow, stamped, then missed by the next walk (the kernel's hash
         // iteration can skip elements under concurrent deletes), as is a walked one.
         let late = key(5000);
@@ -275,9 +307,34 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_one_of_the_first_two_walks_skips_keeps_counting() {
+        let s = stamps(1 << 12);
+        let keys: Vec<_> = (0..1000).map(key).collect();
+        s.allow();
+        for walk in [&keys[1..], &keys[..]] {
+            let p = s.begin();
+            assert!(keys.iter().all(|k| s.present(k)), "a flow lost its stamp");
+            for k in walk {
+                p.stamp(k);
+            }
+            p.finish();
+            assert!(keys.iter().all(|k| s.present(k)), "a flow lost its stamp");
+        }
+        assert!(s.armed());
+        // And the other way round: the second walk skips it.
+        let s = stamps(1 << 12);
+        s.allow();
+        pass(&s, &keys);
+        pass(&s, &keys[1..]);
+        assert!(s.armed() && s.present(&keys[0]));
+        let strays = (5000..6000).map(key).filter(|k| s.present(k)).count();
+        assert!(strays < 100, "{strays} of 1000 unwalked keys count");
+    }
+
+    #[test]
     fn a_failed_walk_makes_every_key_count_until_its_generation_comes_round() {
         let s = stamps(64);
-        pass(&s, &[]);
+        arm(&s, &[]);
         let k = key(1);
         assert!(!s.present(&k));
         s.begin().fail();
@@ -293,8 +350,8 @@ mod tests {
     #[test]
     fn a_pass_clears_only_its_own_generation() {
         let s = stamps(2);
-        pass(&s, &[]);
-        // All clear now, the first pass having walked an empty table.
+        arm(&s, &[]);
+        // All clear now, the first passes having walked an empty table.
         assert!(s.stamp_words().iter().all(|w| w.load(Ordering::Relaxed) == 0));
         for w in s.stamp_words() {
             w.store(u64::MAX, Ordering::Relaxed);

@@ -234,7 +234,7 @@ impl Dataplane {
         dp.carry_over_legacy_flows(false);
         if fresh {
             // No other programs run on these maps: the stamps can count from now on. Over a
-            // previous agent's pins, every slot counts until the link swap (`finish_migrations`).
+            // previous agent's pins, every key counts until the link swap (`finish_migrations`).
             dp.restamp_live_flows();
         }
         spawn_collector(
