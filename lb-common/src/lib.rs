@@ -60,7 +60,7 @@ pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// words of stamps, a key's stamp two bits of one word (`ct_live_place`) in each of three
 /// generations (the generation word names the one stamps go into). Read by a SYN, which then
 /// skips the assured table's lookup unless its key's two bits are set in some generation.
-/// Not pinned: the agent's first pass stamps every live flow into a new one, and each
+/// Not pinned: the agent's first two passes stamp every live flow into a new one, and each
 /// collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
 /// Entries of `LB_CT4` per word of `LB_CT4_LIVE`: at most half of them are forward keys, so a
@@ -505,8 +505,8 @@ pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     select_slot((ct_key_hash(src, dst, sport, dport, proto) >> 32) as u32, slots)
 }
 
-/// The hash that places a key's copy in `LB_CT4_CACHE` and its stamp in `LB_CT4_LIVE`. Three 64-bit multiplies, two of them side by side,
-/// not `flow_hash`'s ten dependent 32-bit ones: on the established path this hash is most of
+/// The hash that places a key's copy in `LB_CT4_CACHE` and its stamp in `LB_CT4_LIVE`. Three
+/// 64-bit multiplies, two of them side by side, not `flow_hash`'s ten dependent 32-bit ones: on the established path this hash is most of
 /// what a hit costs (`flow_hash` here took about 10 ns of a +45 ns packet at XDP).
 ///
 /// A product carries its factor's bits only upwards, and the fields that vary most between

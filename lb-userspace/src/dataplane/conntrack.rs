@@ -318,10 +318,8 @@ pub fn spawn_collector(
                     all.iter().for_each(|(k, _)| p.stamp(k));
                 }
             });
-            match pass {
-                Some(p) if whole => p.finish(),
-                Some(p) => p.fail(),
-                None => (),
+            if let Some(p) = pass {
+                p.end(whole);
             }
             let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_, _| ());
             let removed = r4 + r6;

@@ -180,10 +180,19 @@ impl LivePass<'_> {
         w.fetch_or(ct_live_stamp(mask, self.generation), Ordering::Relaxed);
     }
 
+    /// Ends the pass: `finish` if its walk read the whole table, else `fail`.
+    pub fn end(self, whole: bool) {
+        if whole {
+            self.finish()
+        } else {
+            self.fail()
+        }
+    }
+
     /// Ends a pass whose walk could not read the whole table: every key counts in its
     /// generation (a SYN pays the assured table's lookup until the third pass after it
     /// clears it), since flows it did not read may have no other stamp left by then.
-    pub fn fail(self) {
+    fn fail(self) {
         tracing::warn!(
             "the walk of LB_CT4 failed part way: every SYN looks into the assured table until three passes later"
         );
@@ -198,7 +207,7 @@ impl LivePass<'_> {
     /// generations (one of their walks found it, or the datapath, this agent's programs alone
     /// by then, stamped it after a turn), even a flow one of the walks skipped or one that
     /// the last old program still running at the link swap made assured during the first.
-    pub fn finish(self) {
+    fn finish(self) {
         let s = self.stamps;
         let done = s.whole_passes.load(Ordering::Relaxed);
         if done == 1 {

@@ -359,11 +359,7 @@ impl Dataplane {
                     Err(_) => whole = false,
                 }
             }
-            if whole {
-                pass.finish()
-            } else {
-                pass.fail()
-            }
+            pass.end(whole);
             if self.live.armed() {
                 break;
             }
