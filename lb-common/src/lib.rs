@@ -57,17 +57,18 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// `CtCacheSlot4` (`ct_cache_pair`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// Which IPv4 forward keys may have an entry in `LB_CT4`: after an 8-byte generation word,
-/// words of stamps, a key's stamp two bits of one word (`ct_live_place`) in each of three
-/// generations (the generation word names the one stamps go into). Read by a SYN, which then
-/// skips the assured table's lookup unless its key's two bits are set in some generation.
+/// words of stamps, a key's stamp two bits in each of two words (`ct_live_place`) in each of
+/// three generations (the generation word names the one stamps go into). Read by a SYN, which
+/// then skips the assured table's lookup unless each of its words holds its two bits of some
+/// generation.
 /// Not pinned: the agent's first two passes stamp every live flow into a new one, and each
 /// collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
-/// Entries of `LB_CT4` per word of `LB_CT4_LIVE`: at most half of them are forward keys, so a
-/// full table puts two stamps in a word on average, and a key that is not there finds its two
-/// bits of a generation set about once in 25 (`ct_live_place`). 512 KiB at the default sizes,
-/// which the caches keep beside the new-flow table a SYN reads too (a byte per key's slot made
-/// it 2 MiB, and a SYN paid a miss there).
+/// Entries of `LB_CT4` per word of `LB_CT4_LIVE`: at most half of them are forward keys, each
+/// stamped into two words, so a full table puts four stamps in a word on average, and a key
+/// that is not there finds its bits of a generation set in both its words about once in 80
+/// (`ct_live_place`). 512 KiB at the default sizes, which the caches keep beside the new-flow
+/// table a SYN reads too (a byte per key's slot made it 2 MiB, and a SYN paid a miss there).
 pub const CT_LIVE_ENTRIES_PER_WORD: u32 = 4;
 /// Generations of stamps in `LB_CT4_LIVE`, one bit each at every position of a word: a stamp
 /// counts until its generation comes round again, two of the agent's passes later, so a flow
@@ -535,17 +536,29 @@ pub fn ct_cache_pair(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
 }
 
 /// Where the stamp of a key with these fields lies in `LB_CT4_LIVE`, of `words` words after
-/// the generation word: the element, and the key's bits of generation 0 there (generation
+/// the generation word: two elements, and the key's bits of generation 0 in each (generation
 /// `g`'s are each `g` bits up). Two of a word's 21 positions (three bits each, one per
-/// generation), a Bloom filter blocked to one word, so a SYN reads one word: with one position
-/// per key, a key that is not there found its bit set about once in 16 with the assured table
-/// full (a byte per slot, 2 MiB), and each time paid the table's lookup that misses (some 500
-/// ns there, 15% of the full-table XDP new flow's samples); with two, about once in 25
-/// (`live_stamps_of_absent_keys_rarely_count`). The positions come from the hash's bits below
-/// those that pick the word.
+/// generation) in each of two words, a Bloom filter of four bits blocked to two words: a SYN
+/// reads the first word, and the second only if the first holds the key's stamp. Each stamp
+/// that counts for a key that is not there costs the assured table's lookup that misses (some
+/// 500 ns with the table full, 15% of the full-table XDP new flow's samples with one position
+/// in a word). With the assured table full, a key that is not there counts about once in 16
+/// with one position per key (a byte per slot, 2 MiB), once in 25 with two positions in one
+/// word, and about once in 80 with two in each of two words, where one SYN in 9 reads the
+/// second word, of the same 512 KiB (`live_stamps_of_absent_keys_rarely_count`). The first
+/// word comes from the high half of `ct_key_hash`, its positions from the bits below; the
+/// second word and its positions the same way from a second hash, the first remixed by one
+/// multiply.
 #[inline(always)]
-pub fn ct_live_place(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, words: u32) -> (u32, u64) {
+pub fn ct_live_place(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, words: u32) -> [(u32, u64); 2] {
     let h = ct_key_hash(src, dst, sport, dport, proto);
+    let g = (h ^ h >> 32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    [ct_live_word(h, words), ct_live_word(g, words)]
+}
+
+/// The element and the generation-0 bits a 64-bit hash picks in `LB_CT4_LIVE`.
+#[inline(always)]
+fn ct_live_word(h: u64, words: u32) -> (u32, u64) {
     let (p, q) = ((((h >> 22) & 0x3ff) * 21) >> 10, (((h >> 12) & 0x3ff) * 21) >> 10);
     (1 + select_slot((h >> 32) as u32, words), 1 << (3 * p) | 1 << (3 * q))
 }
@@ -1493,31 +1506,36 @@ mod tests {
     #[test]
     fn live_stamps_count_in_any_generation_and_only_whole() {
         let ip = |a: u8, b: u8, c: u8, d: u8| u32::from_ne_bytes([a, b, c, d]);
-        let mut pairs = 0;
+        let (mut pairs, mut same_word) = (0, 0);
         for i in 0..10_000u32 {
-            let (w, mask) = ct_live_place(ip(10, 244, (i >> 8) as u8, i as u8), ip(10, 96, 0, 10), 80, 80, 6, 1000);
-            assert!((1..=1000).contains(&w), "word {w} outside the words of stamps");
-            assert_eq!(mask & ct_live_generation(0), mask, "generation 0's bits");
-            pairs += (mask.count_ones() == 2) as u32;
-            for g in 0..3u64 {
-                let bits = ct_live_stamp(mask, g);
-                assert!(ct_live_present(bits, mask), "a key's own stamp");
-                assert_eq!(bits & ct_live_generation(g), bits, "its generation's bits");
-                assert_eq!(bits & (ct_live_generation(g + 1) | ct_live_generation(g + 2)), 0, "not another's");
-                // A bit short of a stamp, or made up with another generation's bit, is none.
-                for b in 0..64 {
-                    if bits >> b & 1 == 1 && mask.count_ones() == 2 {
-                        let short = bits & !(1 << b);
-                        assert!(!ct_live_present(short, mask));
-                        for other in [b + 1, b + 2].map(|o| if o / 3 == b / 3 { o } else { o - 3 }) {
-                            assert!(!ct_live_present(short | 1 << other, mask));
+            let places = ct_live_place(ip(10, 244, (i >> 8) as u8, i as u8), ip(10, 96, 0, 10), 80, 80, 6, 1000);
+            same_word += (places[0].0 == places[1].0) as u32;
+            for (w, mask) in places {
+                assert!((1..=1000).contains(&w), "word {w} outside the words of stamps");
+                assert_eq!(mask & ct_live_generation(0), mask, "generation 0's bits");
+                pairs += (mask.count_ones() == 2) as u32;
+                for g in 0..3u64 {
+                    let bits = ct_live_stamp(mask, g);
+                    assert!(ct_live_present(bits, mask), "a key's own stamp");
+                    assert_eq!(bits & ct_live_generation(g), bits, "its generation's bits");
+                    assert_eq!(bits & (ct_live_generation(g + 1) | ct_live_generation(g + 2)), 0, "not another's");
+                    // A bit short of a stamp, or made up with another generation's bit, is none.
+                    for b in 0..64 {
+                        if bits >> b & 1 == 1 && mask.count_ones() == 2 {
+                            let short = bits & !(1 << b);
+                            assert!(!ct_live_present(short, mask));
+                            for other in [b + 1, b + 2].map(|o| if o / 3 == b / 3 { o } else { o - 3 }) {
+                                assert!(!ct_live_present(short | 1 << other, mask));
+                            }
                         }
                     }
                 }
             }
         }
-        // The two positions coincide about once in 21.
-        assert!(pairs > 9_300, "{pairs} of 10,000 keys with two bits");
+        // The two positions of a word coincide about once in 21; a key's two words, once in
+        // 1,000 here.
+        assert!(pairs > 2 * 9_300, "{pairs} of 20,000 words of 10,000 keys with two bits");
+        assert!(same_word < 40, "{same_word} of 10,000 keys with one word twice");
         let all = [0, 1, 2].map(ct_live_generation);
         assert_eq!(all[0] | all[1] | all[2], u64::MAX >> 1);
         assert_eq!(all[0] & all[1] | all[1] & all[2] | all[0] & all[2], 0);
@@ -1527,14 +1545,14 @@ mod tests {
     fn live_stamps_of_absent_keys_rarely_count() {
         // A full default table's forward keys (131,072) in its words (65,536), clients of one
         // subnet on a few ports each, as the flow cache's test has them; then other clients'
-        // keys. A stamp of one position would let about 9% through, a random choice of two
-        // about 4%.
+        // keys. A stamp of one position would let about 9% through, two positions of one word
+        // about 4%, two in each of two words about 1.3%.
         let ip = |a: u8, b: u8, c: u8, d: u8| u32::from_ne_bytes([a, b, c, d]);
         let (dst, words) = (ip(10, 96, 0, 20), 65_536u32);
         let mut table = std::vec![0u64; words as usize + 1];
         for i in 0..16_384u32 {
             for j in 0..8u16 {
-                let (w, mask) = ct_live_place(
+                let places = ct_live_place(
                     ip(10, 244, (i >> 8) as u8, i as u8),
                     dst,
                     (40_000 + j).to_be(),
@@ -1542,16 +1560,23 @@ mod tests {
                     6,
                     words,
                 );
-                table[w as usize] |= ct_live_stamp(mask, 1);
+                for (w, mask) in places {
+                    table[w as usize] |= ct_live_stamp(mask, 1);
+                }
             }
         }
-        let mut counted = 0;
+        let (mut first, mut counted) = (0, 0);
         for i in 0..100_000u32 {
             let sport = (50_000 + (i >> 16) as u16).to_be();
-            let (w, mask) = ct_live_place(ip(10, 250, (i >> 8) as u8, i as u8), dst, sport, 80u16.to_be(), 6, words);
-            counted += ct_live_present(table[w as usize], mask) as u32;
+            let [a, b] = ct_live_place(ip(10, 250, (i >> 8) as u8, i as u8), dst, sport, 80u16.to_be(), 6, words);
+            if ct_live_present(table[a.0 as usize], a.1) {
+                first += 1;
+                counted += ct_live_present(table[b.0 as usize], b.1) as u32;
+            }
         }
-        assert!(counted < 5_000, "{counted} of 100,000 absent keys counted as stamped");
+        // About one in 9 reads the second word, and one in 80 counts (one word: one in 25).
+        assert!(first < 14_000, "{first} of 100,000 absent keys read a second word");
+        assert!(counted < 2_000, "{counted} of 100,000 absent keys counted as stamped");
     }
 
     #[test]

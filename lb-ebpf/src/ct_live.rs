@@ -5,33 +5,34 @@
 //! with the table full, the kernel hash walks a bucket's chain through memory no cache holds,
 //! and measured here that miss was 40% of a new flow's cost (about 300 ns of 700 at tc and at
 //! XDP, the difference between lb and a program that skipped the lookup). So every forward
-//! key written into `LB_CT4` stamps two bits of a word of `LB_CT4_LIVE`
-//! (`lb_common::ct_live_place`), and a plain SYN that finds its two bits not both set goes
-//! straight to the new-flow table. A stamp may stand for other keys too and outlive its flow
-//! (it then costs only the lookup the SYN would have made anyway); a live flow must never be
-//! without its stamp, or a SYN inside it would start a second one.
+//! key written into `LB_CT4` stamps two bits in each of two words of `LB_CT4_LIVE`
+//! (`lb_common::ct_live_place`), and a plain SYN that finds either word without its bits goes
+//! straight to the new-flow table (it reads the second word only when the first has them). A
+//! stamp may stand for other keys too and outlive its flow (it then costs only the lookup the
+//! SYN would have made anyway); a live flow must never be without its stamp, or a SYN inside
+//! it would start a second one.
 //!
 //! Stamps are cleared by generations, since a word's flows cannot be counted without atomic
 //! read-modify-writes on every insert and removal too: a key has its bits in each of three
-//! generations (interleaved, three bits per position), and a stamp sets those of the
-//! generation the map's first word names (`lb_common::ct_live_stamp`), with an atomic OR, so
-//! no stamp ever undoes another. A SYN reads its word, a stamp of any generation counting. The
-//! agent (`dataplane/live.rs`, one pass at a time) clears the next generation, then turns the
-//! word to it, then stamps every forward key a walk of the assured table finds. A flow in the
-//! table when the word turned is found by the walk (the kernel's hash iteration misses
-//! elements linked in at the head of a bucket behind it: new ones, or ones rewritten, an
-//! update links a new element; every datapath write into `LB_CT4` stamps its forward key after
-//! it, with the generation it reads after the write), or, rarely, skipped (an element deleted
-//! and reused while the walk stands on it sends the walk into another bucket). So when a
-//! generation is cleared, every live flow holds a stamp of one of the two others: the last
-//! two walks', or the datapath's since; a flow one walk skipped keeps the one before. A stamp
-//! that lands late (a CPU stalled between reading the word and its OR) only sets bits too
-//! many for other keys; its own flow is without a stamp from its write into `LB_CT4` until the
-//! OR lands, as it would be with any stamp written after the entry. The datapath's read of
-//! the word follows the write with no fence, so a CPU may read the generation before a turn
-//! while the walk after the turn does not yet see the entry: that is one more way for a walk
-//! to skip a flow, which the third generation covers as it covers the others, once. A walk
-//! that fails part way sets every bit of its generation.
+//! generations (interleaved, three bits per position), and a stamp sets those of the generation
+//! the map's first word names (`lb_common::ct_live_stamp`), with an atomic OR, so no stamp ever
+//! undoes another. A SYN reads its words, a stamp of any generation counting in each. The agent
+//! (`dataplane/live.rs`, one pass at a time) clears the next generation, then turns the word to
+//! it, then stamps every forward key a walk of the assured table finds. A flow in the table
+//! when the word turned is found by the walk (the kernel's hash iteration misses elements
+//! linked in at the head of a bucket behind it: new ones, or ones rewritten, an update links a
+//! new element; every datapath write into `LB_CT4` stamps its forward key after it, with the
+//! generation it reads after the write), or, rarely, skipped (an element deleted and reused
+//! while the walk stands on it sends the walk into another bucket). So when a generation is
+//! cleared, every live flow holds a stamp of one of the two others: the last two walks', or the
+//! datapath's since; a flow one walk skipped keeps the one before. A stamp that lands late (a
+//! CPU stalled between reading the word and its OR) only sets bits too many for other keys; its
+//! own flow is without a stamp from its write into `LB_CT4` until the OR lands, as it would be
+//! with any stamp written after the entry. The datapath's read of the word follows the write
+//! with no fence, so a CPU may read the generation before a turn while the walk after the turn
+//! does not yet see the entry: that is one more way for a walk to skip a flow, which the third
+//! generation covers as it covers the others, once. A walk that fails part way sets every bit
+//! of its generation.
 //!
 //! A new map's bits are all set, so every key counts until the agent's first two passes: each
 //! clears a generation as it begins, and the second clears the third as it ends, so a flow
@@ -54,44 +55,53 @@ use crate::addr::Addr;
 #[no_mangle]
 static CT_LIVE_WORDS: u32 = lb_common::ct_live_words(lb_common::CONNTRACK_MAX_ENTRIES);
 
-/// The word holding `k`'s stamp and its bits of generation 0 there.
+/// The two words holding `k`'s stamp (`lb_common::ct_live_place`) and its bits of
+/// generation 0 in each.
 #[inline(always)]
-fn place<A: Addr>(k: &CtKey<A>) -> Option<(*mut u64, u64)> {
-    let map = A::ct_live()?;
+fn places<A: Addr>(k: &CtKey<A>) -> [(u32, u64); 2] {
     // SAFETY: reading a static the loader patches; volatile so the load stays.
     let words = unsafe { core::ptr::read_volatile(&CT_LIVE_WORDS) };
-    let (word, mask) = ct_live_place(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, words);
-    Some((map.get_ptr_mut(word)?, mask))
+    ct_live_place(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, words)
 }
 
 /// Whether `k` (a forward key) may have an entry in the assured table. True for IPv6, which
-/// has no stamps. One load: the generation word does not matter to a reader, a stamp of any
-/// generation counts.
+/// has no stamps. One load, two when the first word holds the key's stamp (about one SYN in 9
+/// with the assured table full): the generation word does not matter to a reader, a stamp of
+/// any generation counts, in each word.
 #[inline(always)]
 pub fn maybe<A: Addr>(k: &CtKey<A>) -> bool {
-    let Some((word, mask)) = place(k) else { return true };
-    // SAFETY: an array element, valid while the program runs; volatile, as the agent and
-    // other CPUs write it.
-    ct_live_present(unsafe { core::ptr::read_volatile(word) }, mask)
+    let Some(map) = A::ct_live() else { return true };
+    let holds = |(i, mask): (u32, u64)| match map.get_ptr_mut(i) {
+        // SAFETY: an array element, valid while the program runs; volatile, as the agent and
+        // other CPUs write it.
+        Some(word) => ct_live_present(unsafe { core::ptr::read_volatile(word) }, mask),
+        None => true,
+    };
+    let [first, second] = places(k);
+    holds(first) && holds(second)
 }
 
-/// Stamps `k`, just written into the assured table, if it is a forward key.
+/// Stamps `k`, just written into the assured table, if it is a forward key: both its words.
 #[inline(always)]
 pub fn stamp<A: Addr>(k: &CtKey<A>) {
     if k.dir != CT_DIR_FORWARD {
         return;
     }
     let Some(map) = A::ct_live() else { return };
-    let (Some((word, mask)), Some(generation)) = (place(k), map.get_ptr_mut(0)) else { return };
+    let Some(generation) = map.get_ptr_mut(0) else { return };
     // SAFETY: reading an array element, valid while the program runs.
-    let bits = ct_live_stamp(mask, unsafe { core::ptr::read_volatile(generation) });
-    // The OR is atomic: the word holds other keys' stamps, which other CPUs and the agent stamp
-    // and clear at the same time, and a plain read-modify-write could undo a live flow's
-    // stamp. BPF's atomic OR as inline asm: Rust's BPF target offers no read-modify-write
-    // atomics (`ct_cache::claim` says the same of compare-and-exchange).
-    // SAFETY: an aligned u64 of a map value, which the verifier accepts atomics on.
-    unsafe {
-        core::arch::asm!("lock *(u64 *)({p} + 0) |= {bits}", p = in(reg) word, bits = in(reg) bits,
-            options(nostack, preserves_flags));
+    let g = unsafe { core::ptr::read_volatile(generation) };
+    for (i, mask) in places(k) {
+        let Some(word) = map.get_ptr_mut(i) else { continue };
+        // The OR is atomic: the word holds other keys' stamps, which other CPUs and the agent
+        // stamp and clear at the same time, and a plain read-modify-write could undo a live
+        // flow's stamp. BPF's atomic OR as inline asm: Rust's BPF target offers no
+        // read-modify-write atomics (`ct_cache::claim` says the same of compare-and-exchange).
+        let bits = ct_live_stamp(mask, g);
+        // SAFETY: an aligned u64 of a map value, which the verifier accepts atomics on.
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({p} + 0) |= {bits}", p = in(reg) word, bits = in(reg) bits,
+                options(nostack, preserves_flags));
+        }
     }
 }

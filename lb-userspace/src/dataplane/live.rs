@@ -109,10 +109,10 @@ impl LiveStamps {
         &self.all()[1..]
     }
 
-    /// The word of `k`'s stamp and its bits of generation 0 there.
-    fn place(&self, k: &CtKey4) -> (&AtomicU64, u64) {
-        let (w, mask) = ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count);
-        (&self.all()[w as usize], mask)
+    /// The two words of `k`'s stamp and its bits of generation 0 in each.
+    fn places(&self, k: &CtKey4) -> [(&AtomicU64, u64); 2] {
+        ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count)
+            .map(|(w, mask)| (&self.all()[w as usize], mask))
     }
 
     /// Clears generation `g` in every word, leaving the others' stamps (and the datapath's
@@ -158,8 +158,7 @@ impl LiveStamps {
     /// Whether `k`'s stamp counts, as the datapath reads it.
     #[cfg(test)]
     fn present(&self, k: &CtKey4) -> bool {
-        let (w, mask) = self.place(k);
-        lb_common::ct_live_present(w.load(Ordering::Relaxed), mask)
+        self.places(k).iter().all(|(w, mask)| lb_common::ct_live_present(w.load(Ordering::Relaxed), *mask))
     }
 }
 
@@ -176,8 +175,9 @@ impl LivePass<'_> {
         if k.dir != CT_DIR_FORWARD {
             return;
         }
-        let (w, mask) = self.stamps.place(k);
-        w.fetch_or(ct_live_stamp(mask, self.generation), Ordering::Relaxed);
+        for (w, mask) in self.stamps.places(k) {
+            w.fetch_or(ct_live_stamp(mask, self.generation), Ordering::Relaxed);
+        }
     }
 
     /// Ends the pass: `finish` if its walk read the whole table, else `fail`.
@@ -241,8 +241,9 @@ mod tests {
     /// What the datapath does after writing `k` into the assured table: read the generation
     /// word, OR the bits in (`lb-ebpf/src/ct_live.rs`).
     fn datapath_stamp(s: &LiveStamps, k: &CtKey4, g: u64) {
-        let (w, mask) = s.place(k);
-        w.fetch_or(ct_live_stamp(mask, g), Ordering::Relaxed);
+        for (w, mask) in s.places(k) {
+            w.fetch_or(ct_live_stamp(mask, g), Ordering::Relaxed);
+        }
     }
 
     /// The agent's first passes (`Dataplane::restamp_live_flows`): two, back to back.
