@@ -506,9 +506,11 @@ pub fn ct_cache_slot(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
     select_slot((ct_key_hash(src, dst, sport, dport, proto) >> 32) as u32, slots)
 }
 
-/// The hash that places a key's copy in `LB_CT4_CACHE` and its stamp in `LB_CT4_LIVE`. Three
-/// 64-bit multiplies, two of them side by side, not `flow_hash`'s ten dependent 32-bit ones: on the established path this hash is most of
-/// what a hit costs (`flow_hash` here took about 10 ns of a +45 ns packet at XDP).
+/// The hash that places a key's copy in `LB_CT4_CACHE` and its stamp in `LB_CT4_LIVE` (whose
+/// second word takes a fourth multiply, `ct_live_place`). Three 64-bit multiplies, two of them
+/// side by side, not `flow_hash`'s ten dependent 32-bit ones: on the established path this
+/// hash is most of what a hit costs (`flow_hash` here took about 10 ns of a +45 ns packet at
+/// XDP).
 ///
 /// A product carries its factor's bits only upwards, and the fields that vary most between
 /// flows sit high in their words (the last bytes of addresses, ports in network order). So the
@@ -538,17 +540,13 @@ pub fn ct_cache_pair(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, slot
 /// Where the stamp of a key with these fields lies in `LB_CT4_LIVE`, of `words` words after
 /// the generation word: two elements, and the key's bits of generation 0 in each (generation
 /// `g`'s are each `g` bits up). Two of a word's 21 positions (three bits each, one per
-/// generation) in each of two words, a Bloom filter of four bits blocked to two words: a SYN
-/// reads the first word, and the second only if the first holds the key's stamp. Each stamp
-/// that counts for a key that is not there costs the assured table's lookup that misses (some
-/// 500 ns with the table full, 15% of the full-table XDP new flow's samples with one position
-/// in a word). With the assured table full, a key that is not there counts about once in 16
-/// with one position per key (a byte per slot, 2 MiB), once in 25 with two positions in one
-/// word, and about once in 80 with two in each of two words, where one SYN in 9 reads the
-/// second word, of the same 512 KiB (`live_stamps_of_absent_keys_rarely_count`). The first
-/// word comes from the high half of `ct_key_hash`, its positions from the bits below; the
-/// second word and its positions the same way from a second hash, the first remixed by one
-/// multiply.
+/// generation) in each of two words, a Bloom filter of four bits blocked to two words. Each
+/// stamp that counts for a key that is not there costs the assured table's lookup that misses
+/// (some 500 ns with the table full), and a second word makes that rarer than more bits in one
+/// would; a SYN still reads one word, and the second only when the first holds its bits
+/// (`ct_live_counts`). The first word comes from the high half of `ct_key_hash`, its positions
+/// from the bits below; the second word and its positions the same way from a second hash, the
+/// first remixed by one multiply.
 #[inline(always)]
 pub fn ct_live_place(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, words: u32) -> [(u32, u64); 2] {
     let h = ct_key_hash(src, dst, sport, dport, proto);
@@ -561,6 +559,18 @@ pub fn ct_live_place(src: u32, dst: u32, sport: u16, dport: u16, proto: u8, word
 fn ct_live_word(h: u64, words: u32) -> (u32, u64) {
     let (p, q) = ((((h >> 22) & 0x3ff) * 21) >> 10, (((h >> 12) & 0x3ff) * 21) >> 10);
     (1 + select_slot((h >> 32) as u32, words), 1 << (3 * p) | 1 << (3 * q))
+}
+
+/// Whether a key whose stamp lies at `places` (`ct_live_place`) may stand for a live flow,
+/// `read` giving a word of `LB_CT4_LIVE` (`None`: unreadable, which counts): a stamp in each of
+/// its two words, the second read only when the first has one. Each word may hold the key's
+/// bits of any generation, not necessarily the same in both: the two reads are no snapshot,
+/// and a generation cleared between them (the key holding another's stamp too) must not lose
+/// the key.
+#[inline(always)]
+pub fn ct_live_counts(places: [(u32, u64); 2], mut read: impl FnMut(u32) -> Option<u64>) -> bool {
+    let [(a, mask_a), (b, mask_b)] = places;
+    read(a).is_none_or(|w| ct_live_present(w, mask_a)) && read(b).is_none_or(|w| ct_live_present(w, mask_b))
 }
 
 /// Whether a key whose generation-0 bits are `mask` may stand for a live flow, its word being
@@ -1546,7 +1556,7 @@ mod tests {
         // A full default table's forward keys (131,072) in its words (65,536), clients of one
         // subnet on a few ports each, as the flow cache's test has them; then other clients'
         // keys. A stamp of one position would let about 9% through, two positions of one word
-        // about 4%, two in each of two words about 1.3%.
+        // about 3.8%, two in each of two words about 1.2%.
         let ip = |a: u8, b: u8, c: u8, d: u8| u32::from_ne_bytes([a, b, c, d]);
         let (dst, words) = (ip(10, 96, 0, 20), 65_536u32);
         let mut table = std::vec![0u64; words as usize + 1];
@@ -1568,11 +1578,13 @@ mod tests {
         let (mut first, mut counted) = (0, 0);
         for i in 0..100_000u32 {
             let sport = (50_000 + (i >> 16) as u16).to_be();
-            let [a, b] = ct_live_place(ip(10, 250, (i >> 8) as u8, i as u8), dst, sport, 80u16.to_be(), 6, words);
-            if ct_live_present(table[a.0 as usize], a.1) {
-                first += 1;
-                counted += ct_live_present(table[b.0 as usize], b.1) as u32;
-            }
+            let places = ct_live_place(ip(10, 250, (i >> 8) as u8, i as u8), dst, sport, 80u16.to_be(), 6, words);
+            let mut reads = 0;
+            counted += ct_live_counts(places, |w| {
+                reads += 1;
+                Some(table[w as usize])
+            }) as u32;
+            first += (reads == 2) as u32;
         }
         // About one in 9 reads the second word, and one in 80 counts (one word: one in 25).
         assert!(first < 14_000, "{first} of 100,000 absent keys read a second word");

@@ -16,7 +16,8 @@
 //! read-modify-writes on every insert and removal too: a key has its bits in each of three
 //! generations (interleaved, three bits per position), and a stamp sets those of the generation
 //! the map's first word names (`lb_common::ct_live_stamp`), with an atomic OR, so no stamp ever
-//! undoes another. A SYN reads its words, a stamp of any generation counting in each. The agent
+//! undoes another. A SYN reads its words, a stamp of any generation counting in each (not
+//! necessarily the same in both, `lb_common::ct_live_counts` says why). The agent
 //! (`dataplane/live.rs`, one pass at a time) clears the next generation, then turns the word to
 //! it, then stamps every forward key a walk of the assured table finds. A flow in the table
 //! when the word turned is found by the walk (the kernel's hash iteration misses elements
@@ -26,13 +27,13 @@
 //! while the walk stands on it sends the walk into another bucket). So when a generation is
 //! cleared, every live flow holds a stamp of one of the two others: the last two walks', or the
 //! datapath's since; a flow one walk skipped keeps the one before. A stamp that lands late (a
-//! CPU stalled between reading the word and its OR) only sets bits too many for other keys; its
-//! own flow is without a stamp from its write into `LB_CT4` until the OR lands, as it would be
-//! with any stamp written after the entry. The datapath's read of the word follows the write
-//! with no fence, so a CPU may read the generation before a turn while the walk after the turn
-//! does not yet see the entry: that is one more way for a walk to skip a flow, which the third
-//! generation covers as it covers the others, once. A walk that fails part way sets every bit
-//! of its generation.
+//! CPU stalled between reading the generation word and its ORs) only sets bits too many for
+//! other keys; its own flow is without a stamp from its write into `LB_CT4` until both ORs
+//! land, as it would be with any stamp written after the entry. The datapath's read of the word
+//! follows the write with no fence, so a CPU may read the generation before a turn while the
+//! walk after the turn does not yet see the entry: that is one more way for a walk to skip a
+//! flow, which the third generation covers as it covers the others, once. A walk that fails
+//! part way sets every bit of its generation.
 //!
 //! A new map's bits are all set, so every key counts until the agent's first two passes: each
 //! clears a generation as it begins, and the second clears the third as it ends, so a flow
@@ -46,7 +47,7 @@
 //! assured, until the collector's next pass (at most 30 s). A SYN inside such a flow is taken
 //! for a new connection: it goes to the backend selection picks for its tuple (the flow's own,
 //! unless the set changed), and its data packets still find the flow.
-use lb_common::{ct_live_place, ct_live_present, ct_live_stamp, CtKey, CT_DIR_FORWARD};
+use lb_common::{ct_live_counts, ct_live_place, ct_live_stamp, CtKey, CT_DIR_FORWARD};
 
 use crate::addr::Addr;
 
@@ -71,14 +72,9 @@ fn places<A: Addr>(k: &CtKey<A>) -> [(u32, u64); 2] {
 #[inline(always)]
 pub fn maybe<A: Addr>(k: &CtKey<A>) -> bool {
     let Some(map) = A::ct_live() else { return true };
-    let holds = |(i, mask): (u32, u64)| match map.get_ptr_mut(i) {
-        // SAFETY: an array element, valid while the program runs; volatile, as the agent and
-        // other CPUs write it.
-        Some(word) => ct_live_present(unsafe { core::ptr::read_volatile(word) }, mask),
-        None => true,
-    };
-    let [first, second] = places(k);
-    holds(first) && holds(second)
+    // SAFETY: an array element, valid while the program runs; volatile, as the agent and
+    // other CPUs write it.
+    ct_live_counts(places(k), |i| map.get_ptr_mut(i).map(|w| unsafe { core::ptr::read_volatile(w) }))
 }
 
 /// Stamps `k`, just written into the assured table, if it is a forward key: both its words.
@@ -93,11 +89,11 @@ pub fn stamp<A: Addr>(k: &CtKey<A>) {
     let g = unsafe { core::ptr::read_volatile(generation) };
     for (i, mask) in places(k) {
         let Some(word) = map.get_ptr_mut(i) else { continue };
+        let bits = ct_live_stamp(mask, g);
         // The OR is atomic: the word holds other keys' stamps, which other CPUs and the agent
         // stamp and clear at the same time, and a plain read-modify-write could undo a live
         // flow's stamp. BPF's atomic OR as inline asm: Rust's BPF target offers no
         // read-modify-write atomics (`ct_cache::claim` says the same of compare-and-exchange).
-        let bits = ct_live_stamp(mask, g);
         // SAFETY: an aligned u64 of a map value, which the verifier accepts atomics on.
         unsafe {
             core::arch::asm!("lock *(u64 *)({p} + 0) |= {bits}", p = in(reg) word, bits = in(reg) bits,

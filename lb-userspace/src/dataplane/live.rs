@@ -158,7 +158,8 @@ impl LiveStamps {
     /// Whether `k`'s stamp counts, as the datapath reads it.
     #[cfg(test)]
     fn present(&self, k: &CtKey4) -> bool {
-        self.places(k).iter().all(|(w, mask)| lb_common::ct_live_present(w.load(Ordering::Relaxed), *mask))
+        let places = ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count);
+        lb_common::ct_live_counts(places, |w| Some(self.all()[w as usize].load(Ordering::Relaxed)))
     }
 }
 
