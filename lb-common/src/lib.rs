@@ -60,9 +60,8 @@ pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// words of stamps, a key's stamp two bits in each of two words (`ct_live_place`) in each of
 /// three generations (the generation word names the one stamps go into). Read by a SYN, which
 /// then skips the assured table's lookup unless each of its words holds its two bits of some
-/// generation.
-/// Not pinned: the agent's first two passes stamp every live flow into a new one, and each
-/// collection again.
+/// generation (`ct_live_counts`). Not pinned: the agent's first two passes stamp every live
+/// flow into a new one, and each collection again.
 pub const MAP_CT4_LIVE: &str = "LB_CT4_LIVE";
 /// Entries of `LB_CT4` per word of `LB_CT4_LIVE`: at most half of them are forward keys, each
 /// stamped into two words, so a full table puts four stamps in a word on average, and a key
