@@ -299,3 +299,106 @@ fn ipv6_frontends_backends_and_flows_are_encoded_for_the_datapath() {
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.iter().all(|(k, _, _)| k.sport == 40001u16.to_be() || k.dport == 40001u16.to_be()), "{left:?}");
 }
+
+/// kube-proxy's UDP conntrack cleanup (`CleanStaleEntries`): a flow goes when its backend
+/// stops serving the Service port, not when it merely stops being picked. Here a backend
+/// that starts terminating but still serves keeps its flow; one that leaves loses its flow;
+/// one that stops serving loses it too; and while the port has no serving endpoint at all
+/// nothing goes, but a flow to an endpoint that served before goes once others serve.
+#[test]
+fn a_udp_flow_goes_when_its_backend_stops_serving_not_when_it_stops_being_picked() {
+    use lb_common::{CtKey4, CtValue4, CT_DIR_FORWARD, CT_UDP};
+    use lb_userspace::dataplane::conntrack;
+    if !privileged() {
+        return;
+    }
+    let mut l = load("serving");
+    let svc = service("dns", "10.96.3.10", "");
+    let eps = |conds: &[(&str, &str)]| {
+        let eps: String = conds
+            .iter()
+            .map(|(ip, c)| format!("- {{addresses: [{ip}], nodeName: node-b, conditions: {{{c}}}}}\n"))
+            .collect();
+        format!("{svc}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: a, port: 8080}}, {{name: u, port: 5353, protocol: UDP}}]\nendpoints:\n{eps}")
+    };
+    let ready = "ready: true";
+    let (terminating, gone) =
+        ("ready: false, serving: true, terminating: true", "ready: false, serving: false, terminating: true");
+    let mut t = Translator::new(NodeInfo::named("node-a"));
+    let o = objects(&eps(&[("10.244.1.5", ready), ("10.244.2.5", ready), ("10.244.3.5", ready)]));
+    t.relist_services(o.services.iter());
+    t.relist_slices(o.slices.iter());
+    t.sync();
+    let report = l.dp.apply(t.state());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let cip =
+        Frontend::cluster_ip("10.96.3.10".parse::<std::net::IpAddr>().unwrap(), 53, lb_userspace::model::Protocol::Udp);
+    let maps = Maps::open_pinned(&l.pin).expect("pinned maps");
+    let id =
+        maps.services.iter().filter_map(Result::ok).find(|(k, v)| frontend_of(k, v.flags) == Some(cip)).unwrap().1.id;
+    // A UDP flow to each backend, both entries, as the datapath writes them.
+    let mut ct = conntrack::CtTables::open_pinned(&l.pin).expect("conntrack tables");
+    let (clock, _) = l.dp.ct_clock();
+    let now = clock.jiffies().unwrap();
+    let be = |s: &str| u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let flows: Vec<CtKey4> = ["10.244.1.5", "10.244.2.5", "10.244.3.5"]
+        .iter()
+        .zip(40_000u16..)
+        .map(|(backend, sport)| {
+            let k = CtKey4 {
+                src: be("10.244.9.9"),
+                dst: be("10.96.3.10"),
+                sport: sport.to_be(),
+                dport: 53u16.to_be(),
+                proto: 17,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let v = CtValue4 {
+                nat_addr: be(backend),
+                nat_port: 5353u16.to_be(),
+                service_id: id,
+                state: CT_UDP,
+                created: now,
+                last_seen: now,
+                ..Default::default()
+            };
+            let (pk, pv) = lb_common::ct_peer(&k, &v);
+            ct.v4.new.insert(k, v, 0).unwrap();
+            ct.v4.new.insert(pk, pv, 0).unwrap();
+            k
+        })
+        .collect();
+    let tracked =
+        |ct: &conntrack::CtTables| -> Vec<bool> { flows.iter().map(|k| ct.v4.new.get(k, 0).is_ok()).collect() };
+    let removed = l.dp.stale_udp_counter();
+    // Each step's sweep, if any, is waited for through the counter of swept entries.
+    let step = |l: &mut Loaded, t: &mut Translator, yaml: String, sweeps: bool| {
+        let o = objects(&yaml);
+        t.relist_slices(o.slices.iter());
+        let changes = t.sync();
+        let before = removed.load(std::sync::atomic::Ordering::Relaxed);
+        let report = l.dp.apply_changes(t.state(), &changes.frontends);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        if sweeps {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while removed.load(std::sync::atomic::Ordering::Relaxed) == before {
+                assert!(std::time::Instant::now() < deadline, "the sweep never ran");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
+    // 10.244.2.5 terminates but serves: no longer picked, its flow stays.
+    step(&mut l, &mut t, eps(&[("10.244.1.5", ready), ("10.244.2.5", terminating), ("10.244.3.5", ready)]), false);
+    // 10.244.1.5 leaves: its flow goes (a sweep of 10.244.2.5 asked for before would have
+    // run first).
+    step(&mut l, &mut t, eps(&[("10.244.2.5", terminating), ("10.244.3.5", ready)]), true);
+    assert_eq!(tracked(&ct), [false, true, true], "after 10.244.1.5 left");
+    // 10.244.2.5 stops serving: its flow goes.
+    step(&mut l, &mut t, eps(&[("10.244.2.5", gone), ("10.244.3.5", ready)]), true);
+    assert_eq!(tracked(&ct), [false, false, true], "after 10.244.2.5 stopped serving");
+    // No serving endpoint left: nothing goes. Then another serves: 10.244.3.5's flow goes.
+    step(&mut l, &mut t, eps(&[("10.244.3.5", gone)]), false);
+    step(&mut l, &mut t, eps(&[("10.244.4.5", ready)]), true);
+    assert_eq!(tracked(&ct), [false, false, false], "after another endpoint came");
+}

@@ -26,6 +26,9 @@ pub(super) struct Programmed {
     /// backends), which the next change of the backend set starts from.
     pub(super) table_off: u32,
     pub(super) table: Vec<Backend>,
+    /// The serving endpoints its UDP flows are swept against (`ServicePort::serving`): the
+    /// port's last that was not empty, as kube-proxy sweeps nothing while a port has none.
+    pub(super) serving: Vec<Endpoint>,
 }
 
 /// How long a replaced table stays in `LB_MAGLEV` after the service entry stopped pointing at
@@ -182,6 +185,7 @@ impl Dataplane {
                     port: want.clone(),
                     table_off: 0,
                     table: p.table.clone(),
+                    serving: p.serving.clone(),
                 },
                 None => Programmed {
                     id: self.next_free_id(),
@@ -189,6 +193,7 @@ impl Dataplane {
                     port: want.clone(),
                     table_off: 0,
                     table: Vec::new(),
+                    serving: Vec::new(),
                 },
             };
             if old.as_ref().is_some_and(|p| p.generation != next.generation) {
@@ -217,14 +222,25 @@ impl Dataplane {
                 written = self.write_service(f, &next, old.as_ref());
             }
             match written {
-                Ok(next) => {
-                    if let Some(old) = old.as_ref().filter(|_| f.protocol == Protocol::Udp) {
-                        let left: BTreeSet<Endpoint> =
-                            old.port.backends.iter().filter(|b| !next.port.backends.contains(b)).copied().collect();
-                        if !left.is_empty() {
-                            stale_socks.push((*f, left.clone()));
-                            stale_udp.insert(next.id, Some(left));
+                Ok(mut next) => {
+                    // A UDP flow goes when its backend stops serving the Service port anywhere
+                    // in the cluster, not when policy, topology or terminating leave it out of
+                    // the backends new flows pick from (kube-proxy's `CleanStaleEntries` takes
+                    // none of them into account, so UDP flows fare as TCP ones do); nothing
+                    // goes while the port has no serving endpoint, and what did serve is
+                    // remembered for when it has again.
+                    let serving: BTreeSet<Endpoint> =
+                        next.port.serving.iter().chain(&next.port.backends).copied().collect();
+                    if !serving.is_empty() {
+                        if f.protocol == Protocol::Udp {
+                            let left: BTreeSet<Endpoint> =
+                                next.serving.iter().filter(|b| !serving.contains(b)).copied().collect();
+                            if !left.is_empty() {
+                                stale_socks.push((*f, left.clone()));
+                                stale_udp.insert(next.id, Some(left));
+                            }
                         }
+                        next.serving = serving.into_iter().collect();
                     }
                     tracing::info!(
                         frontend = %f,

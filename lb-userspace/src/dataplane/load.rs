@@ -314,17 +314,22 @@ impl Dataplane {
             }
             let mut source_ranges = ranges.remove(&v.id).unwrap_or_default();
             source_ranges.sort();
+            // The maps hold no serving set: the backends stand for it, so a UDP flow to an
+            // endpoint that served without being picked (another node's, under a Local
+            // policy) is not swept by the first change after a restart if it then leaves.
             let port = ServicePort {
                 name,
+                serving: backends.clone(),
                 backends,
                 affinity_timeout_s: (v.flags & SVC_FLAG_AFFINITY != 0).then_some(v.affinity_timeout_s),
                 external: v.flags & SVC_FLAG_EXTERNAL != 0,
                 local_only: v.flags & SVC_FLAG_LOCAL_ONLY != 0,
                 source_ranges,
             };
+            let serving = port.serving.clone();
             self.programmed.insert(
                 frontend,
-                Programmed { id: v.id, generation: v.generation, port, table_off: v.table_off, table },
+                Programmed { id: v.id, generation: v.generation, port, table_off: v.table_off, table, serving },
             );
         }
         let used: BTreeSet<u32> = self.programmed.values().map(|p| p.id).collect();

@@ -346,6 +346,13 @@ pub struct ServicePort {
     pub name: String,
     /// Ready backends for this frontend (sorted, unique), already narrowed by traffic policy.
     pub backends: Vec<Endpoint>,
+    /// Every serving endpoint of the Service port in the cluster (ready, or serving while
+    /// terminating; sorted, unique), whatever traffic policy, topology or the per-Service cut
+    /// leave in `backends`: a UDP flow keeps its entries while its backend is one of these or
+    /// of `backends`, as kube-proxy's conntrack cleanup (`CleanStaleEntries`) keeps it, so a
+    /// pod that starts terminating or a policy that flips does not cut the flows it still
+    /// answers. (A state made by hand may leave it empty: `backends` then stand for it.)
+    pub serving: Vec<Endpoint>,
     /// `sessionAffinity: ClientIP` with this timeout in seconds; `None` for `None`.
     pub affinity_timeout_s: Option<u32>,
     /// Reached from outside: flows to remote backends are SNATed to the node.

@@ -510,6 +510,26 @@ fn traffic_policies_narrow_backends_per_kind_of_frontend() {
     assert_eq!(t.state.services[&Frontend::node_port(30088, Protocol::Tcp)].backends.len(), 2);
 }
 
+/// What a UDP flow is swept against (`ServicePort::serving`): every endpoint that serves the
+/// port anywhere, ready or terminating, whatever the policy leaves in `backends`; not one
+/// that neither is ready nor serves.
+#[test]
+fn serving_endpoints_are_every_serving_one_whatever_policy_picks() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32053\n  clusterIP: 10.96.0.10\n  ports: [{port: 53, protocol: UDP, nodePort: 30053}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{port: 5353, protocol: UDP}]\nendpoints:\n- {addresses: [10.244.1.5], nodeName: node-a}\n- {addresses: [10.244.2.5], nodeName: node-b}\n- {addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}\n- {addresses: [10.244.2.7], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}\n- {addresses: [10.244.2.8], nodeName: node-b, conditions: {ready: false, serving: false}}\n";
+    let t = run_on(yaml, "node-a");
+    let remote = |ip: &str| Endpoint { ip: ip.parse().unwrap(), port: 5353, local: false };
+    let local = Endpoint { ip: "10.244.1.5".parse().unwrap(), port: 5353, local: true };
+    let serving = vec![local, remote("10.244.2.5"), remote("10.244.2.6")];
+    let cip = &t.state.services[&fe("10.96.0.10", 53, Protocol::Udp)];
+    assert_eq!(cip.backends, vec![local, remote("10.244.2.5")]);
+    assert_eq!(cip.serving, serving);
+    // The node port keeps only the local endpoint under the Local policy; its flows to the
+    // others still count as served.
+    let np = &t.state.services[&Frontend::node_port(30053, Protocol::Udp)];
+    assert_eq!(np.backends, vec![local]);
+    assert_eq!(np.serving, serving);
+}
+
 #[test]
 fn malformed_external_fields_are_rejected_alone() {
     let cases = [

@@ -178,6 +178,8 @@ fn family_output(
         // serving while terminating). A Local policy drops only when such endpoints exist but
         // none is on this node; with none anywhere the port rejects, as under Cluster.
         let usable_anywhere = candidates.iter().any(|(_, e)| e.ready || (e.serving && e.terminating));
+        let serving: Vec<Endpoint> =
+            candidates.iter().filter(|(_, e)| e.ready || e.serving).map(|(ep, _)| *ep).collect();
         let (all, local) = categorize(&candidates, node);
         let label = if port.name.is_empty() { format!("port {}", port.port) } else { format!("port {:?}", port.name) };
         let label = format!("{label}{suffix}");
@@ -193,7 +195,7 @@ fn family_output(
             out.no_local.1 += 1;
         }
         let name = if port.name.is_empty() { spec.object.clone() } else { format!("{}:{}", spec.object, port.name) };
-        let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, ..Default::default() };
+        let base = ServicePort { name, affinity_timeout_s: spec.affinity_timeout_s, serving, ..Default::default() };
         let internal = ServicePort {
             backends: if spec.internal_local { local.clone() } else { all.clone() },
             local_only: spec.internal_local && usable_anywhere,
