@@ -213,17 +213,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     };
 
     // Health check node ports follow what the proxier publishes.
-    let (health_tx, mut health_rx) = tokio::sync::watch::channel(BTreeMap::<u16, HealthCheck>::new());
-    let health_status = status.clone();
-    servers.push(tokio::spawn(async move {
-        let mut health = crate::healthcheck::HealthChecks::new(health_status);
-        while health_rx.changed().await.is_ok() {
-            let want = health_rx.borrow_and_update().clone();
-            for e in health.update(&want).await {
-                error!(error = %e, "health check server failed");
-            }
-        }
-    }));
+    let (health_tx, health_rx) = tokio::sync::watch::channel(BTreeMap::<u16, HealthCheck>::new());
+    servers.push(tokio::spawn(crate::healthcheck::serve(status.clone(), health_rx, crate::healthcheck::RETRY)));
     // Warning Events for rejected Services, published off the proxier's thread.
     let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<Rejection>();
     if let Some(client) = client {

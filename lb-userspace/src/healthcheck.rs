@@ -93,6 +93,45 @@ async fn answer(
         .into_response()
 }
 
+/// How soon a port that could not be served is tried again (`serve`).
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the ports `want` publishes, as they change, until its sender goes. A port that could
+/// not be bound (another process holding it a moment, an address not yet up) is tried again
+/// every `retry` until it is served, as kube-proxy's proxier tries again at every sync, not
+/// only when the published ports change: the load balancer probing it meanwhile sees the node
+/// refuse and drains it.
+pub async fn serve(
+    status: SharedStatus,
+    mut want: tokio::sync::watch::Receiver<BTreeMap<u16, HealthCheck>>,
+    retry: std::time::Duration,
+) {
+    let mut checks = HealthChecks::new(status);
+    let mut current = BTreeMap::new();
+    let mut failing = false;
+    loop {
+        // `None`: the retry is due, with the ports as they were.
+        let changed = if failing {
+            tokio::select! {
+                changed = want.changed() => Some(changed),
+                () = tokio::time::sleep(retry) => None,
+            }
+        } else {
+            Some(want.changed().await)
+        };
+        match changed {
+            Some(Err(_)) => return,
+            Some(Ok(())) => current = want.borrow_and_update().clone(),
+            None => {}
+        }
+        let errors = checks.update(&current).await;
+        for e in &errors {
+            tracing::error!(error = %e, retry_s = retry.as_secs(), "health check server failed; trying again");
+        }
+        failing = !errors.is_empty();
+    }
+}
+
 impl HealthChecks {
     pub fn new(status: SharedStatus) -> Self {
         Self { state: Shared::default(), status, servers: BTreeMap::new() }
@@ -115,7 +154,8 @@ impl HealthChecks {
         for (port, hc) in want {
             for family in hc.local_endpoints.keys().copied() {
                 let (port, k) = (*port, (*port, family));
-                if self.servers.contains_key(&k) {
+                // A server that stopped (its accept loop failed) is started again.
+                if self.servers.get(&k).is_some_and(|task| !task.is_finished()) {
                     continue;
                 }
                 match listen(family, port) {
@@ -233,6 +273,42 @@ mod tests {
         let r = get(addr).await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert_eq!(header(&r, "x-load-balancing-endpoint-weight"), Some("5"), "{r}");
+    }
+
+    /// A port another process holds is tried again until it is served, with no change of the
+    /// published ports in between.
+    #[tokio::test]
+    async fn a_port_that_cannot_be_bound_is_tried_again_until_it_is_served() {
+        let status: SharedStatus = Default::default();
+        {
+            let mut st = status.lock().unwrap();
+            st.synced = true;
+            st.attached = true;
+        }
+        let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
+        let server = tokio::spawn(serve(status, rx, std::time::Duration::from_millis(50)));
+        tx.send(BTreeMap::from([(port, check("shop/web", 1))])).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Still held by the other socket, which answers nothing: the port was not taken.
+        drop(held);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+                let mut r = String::new();
+                s.read_to_string(&mut r).await.unwrap();
+                assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the port was never served after it was freed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        server.await.unwrap();
     }
 
     /// The IPv4 and the IPv6 listener of one port bind side by side, and each answers with its
