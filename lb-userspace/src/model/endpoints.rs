@@ -77,7 +77,7 @@ pub(super) fn slice_spec(slice: &EndpointSlice, node_name: &str) -> Option<Slice
             skipped.push(err(format!("endpoints[{i}].addresses"), "empty".into()));
             continue;
         };
-        let Some(ip) = a.parse::<IpAddr>().ok().filter(|ip| IpFamily::of(*ip) == family) else {
+        let Some(ip) = super::service::parse_ip(a.trim()).filter(|ip| IpFamily::of(*ip) == family) else {
             skipped.push(err(format!("endpoints[{i}].addresses[0]"), format!("{a:?} is not an {family} address")));
             continue;
         };

@@ -405,6 +405,8 @@ pub enum TranslateError {
     Service { object: String, field: String, reason: String },
     #[error("Service {object}: field {field}: {reason}; this port is skipped, the others are served")]
     ServicePort { object: String, field: String, reason: String },
+    #[error("Service {object}: field {field}: {reason}; this address is skipped, the rest of the Service is served")]
+    ServiceAddress { object: String, field: String, reason: String },
     #[error("EndpointSlice {object}: field {field}: {reason}; skipped")]
     Slice { object: String, field: String, reason: String },
     #[error("Service {object}: frontend {frontend} is already served by Service {owner}; this frontend is skipped, the others are served")]
@@ -426,6 +428,7 @@ impl TranslateError {
         match self {
             TranslateError::Service { object, .. }
             | TranslateError::ServicePort { object, .. }
+            | TranslateError::ServiceAddress { object, .. }
             | TranslateError::Conflict { object, .. }
             | TranslateError::HealthCheckConflict { object, .. }
             | TranslateError::TooManyEndpoints { object, .. } => Some(object),

@@ -45,8 +45,9 @@ pub(super) struct ServiceSpec {
     pub(super) health_check_node_port: Option<u16>,
     /// `publishNotReadyAddresses`: every endpoint counts as ready.
     pub(super) publish_not_ready: bool,
-    /// Ports left out (unsupported protocol, malformed field), each named; the others serve.
-    pub(super) skipped_ports: Vec<TranslateError>,
+    /// Ports and addresses left out (unsupported protocol, malformed field), each named; the
+    /// rest of the Service is served.
+    pub(super) skipped: Vec<TranslateError>,
 }
 
 pub(super) fn port_number(v: i32) -> Option<u16> {
@@ -55,7 +56,26 @@ pub(super) fn port_number(v: i32) -> Option<u16> {
 
 /// An address of a Service field, of either family.
 fn ip_field(ip: &str, field: &str, err: &dyn Fn(&str, String) -> TranslateError) -> Result<IpAddr, TranslateError> {
-    ip.trim().parse::<IpAddr>().map_err(|_| err(field, format!("{ip:?} is not an IP address")))
+    parse_ip(ip.trim()).ok_or_else(|| err(field, format!("{ip:?} is not an IP address")))
+}
+
+/// An address as the API server's validation has let it through, and kube-proxy reads it
+/// (`netutils.ParseIPSloppy`): IPv4 octets may carry leading zeros, read as decimal
+/// (`010.1.2.3` is 10.1.2.3). Stored objects from before the API server refused them still
+/// hold such addresses, and Rust's parser refuses them, which would have left the whole
+/// Service out.
+pub(super) fn parse_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for o in &mut octets {
+        let part = parts.next().filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
+        let digits = part.trim_start_matches('0');
+        *o = if digits.is_empty() { 0 } else { digits.parse().ok()? };
+    }
+    parts.next().is_none().then_some(IpAddr::from(octets))
 }
 
 /// The Service's ClusterIPs, one per family, the primary first: `clusterIPs` (or `clusterIP`
@@ -213,7 +233,7 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         reason,
     };
     let mut out = Vec::with_capacity(ports.len());
-    let mut skipped_ports = Vec::new();
+    let mut skipped = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let checked = (|| {
@@ -245,13 +265,23 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         })();
         match checked {
             Ok(p) => out.push(p),
-            Err(e) => skipped_ports.push(e),
+            Err(e) => skipped.push(e),
         }
     }
     // Every address of every family is checked; each family then gets its own.
+    // A malformed address costs only itself, as kube-proxy skips it: the Service's other
+    // addresses are still served.
+    let addr_err = |field: &str, reason: String| TranslateError::ServiceAddress {
+        object: object.clone(),
+        field: field.to_string(),
+        reason,
+    };
     let mut external_ips = Vec::new();
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        external_ips.push(ip_field(ip, &format!("spec.externalIPs[{i}]"), &err)?);
+        match ip_field(ip, &format!("spec.externalIPs[{i}]"), &addr_err) {
+            Ok(ip) => external_ips.push(ip),
+            Err(e) => skipped.push(e),
+        }
     }
     let mut lb_ips = Vec::new();
     let mut source_ranges: Vec<Cidr> = Vec::new();
@@ -264,7 +294,10 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
                 continue;
             }
             if let Some(ip) = &ing.ip {
-                lb_ips.push(ip_field(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &err)?);
+                match ip_field(ip, &format!("status.loadBalancer.ingress[{i}].ip"), &addr_err) {
+                    Ok(ip) => lb_ips.push(ip),
+                    Err(e) => skipped.push(e),
+                }
             }
         }
         for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
@@ -314,6 +347,6 @@ pub(super) fn service_spec(svc: &Service) -> Result<Option<ServiceSpec>, Transla
         internal_local,
         health_check_node_port,
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
-        skipped_ports,
+        skipped,
     }))
 }

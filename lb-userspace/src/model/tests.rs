@@ -537,7 +537,6 @@ fn malformed_external_fields_are_rejected_alone() {
             ("np-big", "{type: NodePort, clusterIP: 10.96.1.2, ports: [{port: 80, nodePort: 70000}]}", "spec.ports[0].nodePort"),
             ("etp", "{type: NodePort, externalTrafficPolicy: Nearby, clusterIP: 10.96.1.3, ports: [{port: 80, nodePort: 30003}]}", "spec.externalTrafficPolicy"),
             ("itp", "{internalTrafficPolicy: Maybe, clusterIP: 10.96.1.4, ports: [{port: 80}]}", "spec.internalTrafficPolicy"),
-            ("ext-ip", "{clusterIP: 10.96.1.5, externalIPs: [not-an-ip], ports: [{port: 80}]}", "spec.externalIPs[0]"),
             ("range", "{type: LoadBalancer, clusterIP: 10.96.1.6, loadBalancerSourceRanges: [10.0.0.0/33], ports: [{port: 80, nodePort: 30006}]}", "spec.loadBalancerSourceRanges[0]"),
             ("hc", "{type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.1.7, ports: [{port: 80, nodePort: 30007}]}", "spec.healthCheckNodePort"),
         ];
@@ -552,6 +551,37 @@ fn malformed_external_fields_are_rejected_alone() {
         let e = t.errors.iter().find(|e| e.to_string().contains(&format!("default/{name}:"))).unwrap();
         assert!(e.to_string().contains(&format!("field {field}:")), "{name}: {e}");
     }
+}
+
+/// A malformed external or ingress address costs only itself, as kube-proxy skips it: the
+/// Service's ClusterIP and other addresses are served, with a note naming the field. An IPv4
+/// address with leading zeros, which the API server once accepted and stored objects still
+/// hold, is read as kube-proxy reads it (decimal), in Services and in EndpointSlices.
+#[test]
+fn a_malformed_address_is_skipped_alone_and_leading_zeros_are_read_as_kube_proxy_reads_them() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.1.5\n  externalIPs: [not-an-ip, 203.0.113.07]\n  ports: [{port: 80, nodePort: 30005}]\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.300}, {ip: 198.051.100.9}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [010.244.001.005]}\n- {addresses: [10.244.1.256]}\n";
+    let t = run(yaml);
+    let ep = Endpoint { ip: "10.244.1.5".parse().unwrap(), port: 8080, local: false };
+    for f in [
+        fe("10.96.1.5", 80, Protocol::Tcp),
+        Frontend::node_port(30005, Protocol::Tcp),
+        Frontend::external(ip("203.0.113.7"), 80, Protocol::Tcp),
+        Frontend::external(ip("198.51.100.9"), 80, Protocol::Tcp),
+    ] {
+        assert_eq!(t.state.services.get(&f).map(|sp| sp.backends.clone()), Some(vec![ep]), "{f}");
+    }
+    assert_eq!(t.state.services.len(), 4, "{:#?}", t.state.services.keys());
+    let notes: Vec<String> = t.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(notes.len(), 3, "{notes:#?}");
+    for field in ["spec.externalIPs[0]", "status.loadBalancer.ingress[0].ip", "endpoints[1].addresses[0]"] {
+        assert!(notes.iter().any(|n| n.contains(&format!("field {field}:"))), "{field}: {notes:#?}");
+    }
+    assert!(t.errors.iter().all(|e| !e.rejects_object()), "{notes:#?}");
+    for bad in ["1.2.3", "1.2.3.4.5", "1..2.3", "1.2.3.-4", "1.2.3.0x4", "a.b.c.d", ""] {
+        assert_eq!(super::service::parse_ip(bad), None, "{bad:?}");
+    }
+    assert_eq!(super::service::parse_ip("000.0.00.1"), Some("0.0.0.1".parse().unwrap()));
+    assert_eq!(super::service::parse_ip("fd00::1"), Some("fd00::1".parse().unwrap()));
 }
 
 #[test]

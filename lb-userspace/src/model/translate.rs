@@ -102,7 +102,7 @@ fn cut(mut v: Vec<Endpoint>, spec: &ServiceSpec, what: &str, notes: &mut Vec<Tra
 /// One Service's frontends and backends, from its own slices (in slice name order): for each
 /// family it has a ClusterIP of, that family's frontends from that family's slices.
 pub(super) fn service_output(spec: &ServiceSpec, slices: &[&SliceSpec], node: &NodeInfo) -> ServiceOutput {
-    let mut out = ServiceOutput { notes: spec.skipped_ports.clone(), ..Default::default() };
+    let mut out = ServiceOutput { notes: spec.skipped.clone(), ..Default::default() };
     let mut seen = BTreeSet::new();
     let mut health = BTreeMap::new();
     for fam in &spec.families {
