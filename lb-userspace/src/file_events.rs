@@ -190,8 +190,8 @@ mod tests {
             let file = file.clone();
             std::thread::spawn(move || {
                 fs::remove_file(&file).expect("remove");
-                // Shorter than QUIET: the gap a writer leaves.
-                std::thread::sleep(Duration::from_millis(5));
+                // At once, as `git checkout` does: a gap far shorter than QUIET (a sleep here
+                // made it a race with the machine's load).
                 fs::write(&file, "kind: List\n").expect("write");
             })
         };

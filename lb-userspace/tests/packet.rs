@@ -887,7 +887,11 @@ impl NetNsGuard {
             let st = std::process::Command::new(args[0]).args(&args[1..]).status().expect("running ip");
             assert!(st.success(), "{args:?}");
         };
+        let original = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
         sh(&["ip", "netns", "add", &name]);
+        // Made at once, so a failing step below still deletes the namespace (its drop's return
+        // to `original` is a no-op until the thread has entered the new one).
+        let guard = NetNsGuard { name: name.clone(), original };
         let guard_name = name.clone();
         let x = |args: &[&str]| {
             let mut full = vec!["ip", "netns", "exec", guard_name.as_str()];
@@ -935,12 +939,11 @@ impl NetNsGuard {
             "permanent",
         ]);
         x(&["ip", "-6", "route", "add", "fd00:af4:2::/64", "via", "fd00:c0a8:31::3"]);
-        let original = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
         let target = std::fs::File::open(format!("/run/netns/{name}")).expect("new netns");
         use std::os::fd::AsRawFd;
         // SAFETY: setns on this thread with valid namespace fds.
         assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        NetNsGuard { name, original }
+        guard
     }
 }
 
@@ -1682,10 +1685,15 @@ fn tail_called_stages_pass_the_verifier() {
             aya::programs::Program::Xdp(p) => p.load(),
             _ => panic!("{name}: neither tc nor XDP"),
         };
-        if let Err(aya::programs::ProgramError::LoadError { verifier_log, .. }) = loaded {
-            let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            refused.push(format!("{name}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
+        match loaded {
+            Ok(()) => {}
+            Err(aya::programs::ProgramError::LoadError { verifier_log, .. }) => {
+                let log = verifier_log.to_string();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                refused.push(format!("{name}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
+            }
+            // Any other failure to load (a missing map, BTF) fails the test too.
+            Err(e) => refused.push(format!("{name}: {e}")),
         }
     }
     assert!(refused.is_empty(), "refused:\n{}", refused.join("\n"));

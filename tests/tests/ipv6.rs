@@ -5,7 +5,10 @@
 //! The first test is the dual-stack lab itself (IPv6 routed between pods and nodes), the agent
 //! programming IPv6 and dual-stack Services beside IPv4 ones that keep working, and the health
 //! check node port answering per family; the others send real IPv6 traffic through the
-//! datapath with the agent's default flags.
+//! datapath with the agent's defaults, but for what the lab's nodes cannot give it: their
+//! addresses of both families and the external interface (`--node-ip`, `--node-ip6`,
+//! `--xdp-iface`; they have no default route to take them from) and the pod networks
+//! (`--cluster-cidr`, as kube-proxy is given its own).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -538,7 +541,7 @@ fn ipv6_bulk_transfer_with_path_mtu_below_the_link_mtu() -> Result<()> {
 
 /// A Service without endpoints refuses IPv6 clients (TCP: an ICMPv6 error or a RST; the
 /// kernel takes an ICMPv6 error answering a SYN as a soft error and reports it at the SYN
-/// retransmit, about a second later, see TOOLCHAIN.md), and its UDP clients get
+/// retransmit, about a second later), and its UDP clients get
 /// `ECONNREFUSED`.
 #[test]
 fn ipv6_service_without_endpoints_is_refused() -> Result<()> {

@@ -149,31 +149,35 @@ fn seed_lab_node_port_and_load_balancer_steps() -> Result<()> {
     assert!(matches!(&refused, Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused), "{refused:?}");
     assert!(start.elapsed() < Duration::from_secs(1));
 
-    // LoadBalancer pending: its node port works, nothing answers on the node's port 80.
+    // LoadBalancer pending: its node port works, nothing answers on the node's port 80, and
+    // the address it will get, routed to node-a already, is not served either.
     assert_eq!(http_get(&e.outside.ns, at(NODE_A, 30088), "/")?, "load-bal");
     assert_eq!(http_get(&e.outside.ns, at(NODE_B, 30088), "/")?, "load-bal");
     assert!(http_get(&e.outside.ns, at(NODE_A, 80), "/").is_err());
+    e.lab.exec(&e.outside.ns, &["ip", "route", "add", &format!("{LB_IP}/32"), "via", &NODE_A.to_string()])?;
+    let pending = tcp_connect(&e.outside.ns, at(LB_IP, 8080), Duration::from_secs(1))?;
+    assert!(pending.is_err(), "a pending LoadBalancer's IP answered: {pending:?}");
 
     // The load balancer gets its IP (announced to the outside through node-a).
+    let new_flows = |e: &Edge| -> Result<u64> {
+        let stats = e.lab.list(&e.a, "stats")?;
+        Ok(stats
+            .lines()
+            .find(|l| l.starts_with("fwd_new_flow"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("0")
+            .parse::<u64>()
+            .unwrap())
+    };
+    let before = new_flows(&e)?;
     update(&e, true, true)?;
-    e.lab.exec(&e.outside.ns, &["ip", "route", "add", &format!("{LB_IP}/32"), "via", &NODE_A.to_string()])?;
     assert!(
         eventually(Duration::from_secs(2), || http_get(&e.outside.ns, at(LB_IP, 8080), "/").ok().as_deref()
             == Some("load-bal")),
         "LoadBalancer IP served within 2 s"
     );
     // tc on node-a's eth0 did the work (generic XDP in front of it: real_traffic.rs).
-    let stats = e.lab.list(&e.a, "stats")?;
-    let tc = |name: &str| {
-        stats
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("0")
-            .parse::<u64>()
-            .unwrap()
-    };
-    assert!(tc("fwd_new_flow") > 0, "{stats}");
+    assert!(new_flows(&e)? > before, "no new flow translated on node-a for the LoadBalancer IP");
     Ok(())
 }
 

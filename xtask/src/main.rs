@@ -103,8 +103,11 @@ fn main() -> Result<()> {
             k8s::ensure()?;
             build()?;
             // The eBPF crates only build for the bpf target (through lb-userspace's and bench's
-            // build.rs).
-            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "bench-ebpf"]).args(&args))
+            // build.rs). Every test binary runs even after one fails, so a failure early on
+            // hides none after it.
+            run(cargo()
+                .args(["test", "--workspace", "--no-fail-fast", "--exclude", "lb-ebpf", "--exclude", "bench-ebpf"])
+                .args(&args))
         }
         Cmd::Kind => kind::kind(),
         Cmd::K8s => k8s::ensure().map(|dir| println!("{}", dir.display())),
