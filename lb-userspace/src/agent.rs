@@ -71,6 +71,9 @@ pub struct Options {
     /// node's pod CIDRs, get cluster-wide endpoints at `externalTrafficPolicy: Local` external
     /// frontends.
     pub cluster_cidrs: Vec<Cidr>,
+    /// The `/proc/sys` whose strict reverse-path filtering is made loose (`rp_filter.rs`);
+    /// `None`: left alone (`--keep-rp-filter`).
+    pub rp_filter: Option<PathBuf>,
     pub dataplane: Config,
     /// At least one sync per period; `/healthz` fails when a change has waited twice as long.
     pub sync_period: Duration,
@@ -428,6 +431,7 @@ struct Proxier {
     cluster_cidrs: Vec<Cidr>,
     /// This node's `spec.podCIDRs` (both families), from its Node object.
     node_pod_cidrs: Vec<Cidr>,
+    rp_filter: Option<crate::rp_filter::RpFilter>,
     full_sync_period: Duration,
     services_listed: bool,
     slices_listed: bool,
@@ -472,6 +476,7 @@ impl Proxier {
             nodeport_addresses: opts.nodeport_addresses.clone(),
             cluster_cidrs: opts.cluster_cidrs.clone(),
             node_pod_cidrs: Vec::new(),
+            rp_filter: opts.rp_filter.as_deref().map(crate::rp_filter::RpFilter::new),
             full_sync_period: opts.full_sync_period,
             services_listed: false,
             slices_listed: false,
@@ -779,6 +784,9 @@ impl Proxier {
                 for e in failures {
                     warn!(error = %e, "attach failed");
                 }
+                if let Some(rp) = &mut self.rp_filter {
+                    relax_rp_filter(rp, &self.dp.tc_interfaces());
+                }
             }
             Err(e) => {
                 // No link was taken over: a previous agent's programs still run in them, on
@@ -794,6 +802,39 @@ impl Proxier {
             info!(interfaces = ?self.dp.attached_interfaces(), "agent ready: services programmed and interfaces attached");
         }
         debug!("links synced");
+    }
+}
+
+/// Relaxes the reverse-path filter on the interfaces tc is attached to (`rp_filter.rs`), and
+/// logs what changed.
+fn relax_rp_filter(rp: &mut crate::rp_filter::RpFilter, attached: &BTreeSet<String>) {
+    rp.retain(attached);
+    if rp.knows_all(attached) {
+        return;
+    }
+    let addressed: BTreeSet<String> =
+        dataplane::local_ipv4_by_interface().map(|a| a.into_iter().map(|(i, _)| i).collect()).unwrap_or_default();
+    let (done, errors) = rp.relax(attached.iter().map(|i| (i.as_str(), addressed.contains(i))));
+    if !done.loose.is_empty() {
+        info!(interfaces = ?done.loose, "strict reverse-path filtering made loose (rp_filter 2)");
+    }
+    if !done.off.is_empty() {
+        info!(interfaces = ?done.off, "reverse-path filtering turned off on interfaces without an IPv4 address");
+    }
+    if let Some(was) = done.all_was {
+        warn!(
+            was,
+            "net.ipv4.conf.all.rp_filter set to 0 (every other interface's own value raised to {was}, so the mode in \
+             force there is unchanged): it applies on top of each interface's, and would drop translated replies \
+             on interfaces without an address (--keep-rp-filter leaves every setting alone)"
+        );
+    }
+    for e in errors {
+        warn!(
+            error = %e,
+            "cannot relax reverse-path filtering: replies of this node's pods to pods reaching them through a \
+             ClusterIP may be dropped (mount the host's /proc/sys/net writable, see --proc-sys)"
+        );
     }
 }
 

@@ -9,6 +9,7 @@ pub mod links;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod rp_filter;
 pub mod sockdiag;
 pub mod xdp_features;
 

@@ -141,6 +141,17 @@ struct RunArgs {
     /// IPv6 link-local ones.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
+    /// Leave the kernel's reverse-path filter alone. By default a strict one (`rp_filter` 1,
+    /// the RHEL family's default) is made loose (2) in `conf/all` and on the interfaces lb
+    /// attaches to: strict filtering drops the replies of this node's pods to pods that reached
+    /// them through a ClusterIP, which the datapath hands the stack with the ClusterIP as
+    /// their source.
+    #[arg(long)]
+    keep_rp_filter: bool,
+    /// Where the host's `/proc/sys` is (a container's own is read-only; the DaemonSet mounts
+    /// the host's `/proc/sys/net` under /run/lb/proc-sys).
+    #[arg(long, default_value = "/proc/sys")]
+    proc_sys: PathBuf,
     /// The cluster's pod CIDRs, IPv4 or IPv6 (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
     /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
     /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
@@ -302,6 +313,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
         cluster_cidrs: args.cluster_cidr,
+        rp_filter: (!args.keep_rp_filter).then_some(args.proc_sys),
         sync_period: Duration::from_secs(args.sync_period.max(1)),
         full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
         per_frontend_metrics: args.metrics_per_frontend,

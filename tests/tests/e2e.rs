@@ -242,6 +242,66 @@ fn pod_created_after_the_agent_started_is_served_from_its_first_packet() -> Resu
     Ok(())
 }
 
+/// A node that filters by strict reverse path (`rp_filter` 1, the RHEL family's default), with
+/// a backend pod routed as point-to-point CNIs route them (its own /32 over its veth, no
+/// bridge: kindnet, Calico): the pod's reply to a pod that reached it through the ClusterIP
+/// comes up from its veth with the ClusterIP as its source after tc, and the route back to the
+/// ClusterIP (the default route) leaves through eth0, so strict filtering drops it, and so
+/// would loose filtering on a veth without an address. (Between pods of one bridge the reply
+/// is bridged and never filtered.) The agent relaxes the filter by default; with
+/// `--keep-rp-filter` the same connection fails, which is what the default is for.
+#[test]
+fn strict_reverse_path_filtering_is_relaxed_so_replies_through_a_cluster_ip_pass() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    let ul = lab.add_underlay()?;
+    let node = lab.add_node("node1", 1)?;
+    lab.connect_nodes(&ul, &[(&node, Ipv4Addr::new(192, 168, 49, 2))])?;
+    // A default route, as every node has: loose filtering asks for some route back.
+    lab.exec(&node.ns, &["ip", "route", "add", "default", "via", "192.168.49.254"])?;
+    // Strict everywhere: on the node, and by default on the pods' interfaces made next.
+    for conf in ["all", "default", "cbr0", "eth0"] {
+        lab.exec(&node.ns, &["sysctl", "-qw", &format!("net.ipv4.conf.{conf}.rp_filter=1")])?;
+    }
+    let web = lab.add_pod(&node, "web", 11)?;
+    // Routed, not bridged: an address of its own outside the bridge's subnet (so the client
+    // goes through its gateway), alone on its veth; its gateway the node's (answered by the
+    // node's ARP for its own address on any interface).
+    let web = Pod { ip: Ipv4Addr::new(10, 244, 101, 11), ..web };
+    let cidr = format!("{}/32", web.ip);
+    lab.exec(&node.ns, &["ip", "link", "set", &web.host_if, "nomaster"])?;
+    lab.exec(&node.ns, &["ip", "route", "add", &cidr, "dev", &web.host_if])?;
+    lab.exec(&web.ns, &["ip", "addr", "flush", "dev", "eth0"])?;
+    lab.exec(&web.ns, &["ip", "addr", "add", &cidr, "dev", "eth0"])?;
+    lab.exec(&web.ns, &["ip", "route", "add", "default", "via", &node.gateway.to_string(), "dev", "eth0", "onlink"])?;
+    lab.serve(&web, &[80], &[], &[])?;
+    let client = lab.add_pod(&node, "busybox", 100)?;
+    lab.write_manifests(&node, &lab_manifests(CLUSTER_IP, &[(&web, true)], &[]))?;
+    let ifaces = ["cbr0", "eth0", web.host_if.as_str(), client.host_if.as_str()];
+    let rp_filter = |lab: &Lab, conf: &str| -> Result<String> {
+        Ok(lab.exec(&node.ns, &["sysctl", "-n", &format!("net.ipv4.conf.{conf}.rp_filter")])?.trim().to_string())
+    };
+
+    lab.start_agent(&node, &ifaces, 1, &["--keep-rp-filter"])?;
+    let kept = tcp_connect(&client.ns, vip(80), Duration::from_secs(2))?;
+    assert!(kept.is_err(), "strict filtering left alone, yet the reply passed: {kept:?}");
+    assert_eq!(rp_filter(&lab, "all")?, "1");
+    lab.kill_agent(&node);
+
+    lab.start_agent(&node, &ifaces, 1, &[])?;
+    assert_eq!(http_get(&client.ns, vip(80), "/")?, "web", "{}", lab.agent_log(&node));
+    // Loose where the interface has an address; off on the pods' veths, which have none (and
+    // so in `all`, the mode in force being the larger of the two).
+    let modes: Vec<String> = ["all", "cbr0", "eth0", &web.host_if, &client.host_if]
+        .into_iter()
+        .map(|c| rp_filter(&lab, c))
+        .collect::<Result<_>>()?;
+    assert_eq!(modes, ["0", "2", "2", "0", "0"]);
+    Ok(())
+}
+
 #[test]
 fn iface_flag_narrows_attachment() -> Result<()> {
     if !privileged() {

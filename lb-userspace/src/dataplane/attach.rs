@@ -390,6 +390,11 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The interfaces whose tc ingress carries the program.
+    pub fn tc_interfaces(&self) -> std::collections::BTreeSet<String> {
+        self.attached.keys().filter(|(_, hook)| *hook == Hook::Tc).map(|(name, _)| name.clone()).collect()
+    }
+
     pub fn attached_interfaces(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .attached
