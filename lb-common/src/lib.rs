@@ -1040,13 +1040,19 @@ pub enum Counter {
     /// table (`CtWay`): that flow is untracked until its next packet tracks it again (its
     /// backend is chosen again by Maglev, the same while the backend set holds).
     CtNewEvicted = 26,
+    /// A packet the datapath would route itself was larger than the egress interface's MTU
+    /// and may not be fragmented (IPv4 with DF, every IPv6 packet): answered with ICMP
+    /// "fragmentation needed" or ICMPv6 Packet Too Big naming the MTU, as a router answers,
+    /// so path MTU discovery shrinks the sender's packets. (IPv4 without DF, which a router
+    /// would fragment, is dropped: `DropNoRoute`.)
+    TooBig = 27,
 }
 
 /// Hook index of the socket-level programs (cgroup connect4/sendmsg4/recvmsg4/getpeername4).
 pub const HOOK_SOCK: u32 = 2;
 
 /// Number of counters per hook.
-pub const COUNTER_MAX: u32 = 27;
+pub const COUNTER_MAX: u32 = 28;
 /// Hooks with their own counters: tc (0), XDP (1), socket (2). The stats array holds
 /// `HOOKS * COUNTER_MAX` entries, indexed `hook * COUNTER_MAX + counter`.
 pub const HOOKS: u32 = 3;
@@ -1080,6 +1086,7 @@ impl Counter {
         Counter::CtAssuredFull,
         Counter::PassExtHeaders,
         Counter::CtNewEvicted,
+        Counter::TooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -1111,6 +1118,7 @@ impl Counter {
             Counter::CtAssuredFull => "ct_assured_full",
             Counter::PassExtHeaders => "pass_ext_headers",
             Counter::CtNewEvicted => "ct_new_evicted",
+            Counter::TooBig => "too_big",
         }
     }
 }

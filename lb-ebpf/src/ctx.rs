@@ -7,8 +7,8 @@
 //! with skb helpers XDP does not have.
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_tail_call, bpf_xdp_load_bytes,
@@ -35,6 +35,13 @@ pub struct Route {
     pub dmac: [u8; 6],
 }
 
+/// Why a packet could not be routed: `mtu` is the egress interface's MTU when the packet was
+/// too big for it (`BPF_FIB_LKUP_RET_FRAG_NEEDED`), else 0 (no route, or this hook cannot
+/// send there).
+pub struct NoRoute {
+    pub mtu: u16,
+}
+
 /// FIB lookup for `src -> dst` (protocol `proto`), as if it arrived on `ifindex`.
 #[inline(always)]
 fn fib<A: Addr>(
@@ -45,7 +52,7 @@ fn fib<A: Addr>(
     proto: u8,
     tot_len: u16,
     flags: u32,
-) -> Option<Route> {
+) -> Result<Route, NoRoute> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = A::AF;
@@ -61,10 +68,14 @@ fn fib<A: Addr>(
     }
     // SAFETY: helper call with a stack buffer of the size we pass.
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the union's output member on this return code (`bpf_skb_fib_lookup`).
+        return Err(NoRoute { mtu: unsafe { p.__bindgen_anon_1.mtu_result } });
     }
-    Some(Route { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac })
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(NoRoute { mtu: 0 });
+    }
+    Ok(Route { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac })
 }
 
 /// The IP packet's length with its header (IPv4's total length, IPv6's payload length plus
@@ -119,15 +130,22 @@ pub trait Packet {
     fn refuse<A: Addr>(&self, h: &Headers<A>) -> i32;
 
     /// Looks up where a packet about to get source `src` and destination `dst` must go, for
-    /// packets the stack would drop as martians. Called before any rewrite: `None` means this
-    /// hook cannot route it.
-    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route>;
+    /// packets the stack would drop as martians. Called before any rewrite: `Err` means this
+    /// hook cannot route it (`NoRoute::mtu`: it is too big for the way out).
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Result<Route, NoRoute>;
 
     /// Sends the (rewritten) packet along `r`; returns the verdict.
     fn send(&self, r: &Route) -> i32;
 
     /// Verdict when `route` found nothing.
     fn unroutable(&self) -> i32;
+
+    /// Verdict when `route` failed with `e`, for the packet `h` (not rewritten yet): one too
+    /// big for the way out is answered as a router answers it where this hook can (tc), the
+    /// rest as `unroutable`.
+    fn unroutable_for<A: Addr>(&self, _h: &Headers<A>, _e: NoRoute) -> i32 {
+        self.unroutable()
+    }
 
     /// Length of the whole packet as received (for tc, including non-linear parts).
     fn packet_len(&self) -> u32;
@@ -245,7 +263,7 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route> {
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Result<Route, NoRoute> {
         // SAFETY: reading the arrival interface of our own skb.
         let ifindex = unsafe { (*self.skb.skb).ifindex };
         // The neighbour is resolved by bpf_redirect_neigh, which also queues the packet while
@@ -266,6 +284,20 @@ impl Packet for TcContext {
     fn unroutable(&self) -> i32 {
         self.count(Counter::DropNoRoute);
         Self::DROP
+    }
+
+    #[inline(always)]
+    fn unroutable_for<A: Addr>(&self, h: &Headers<A>, e: NoRoute) -> i32 {
+        if e.mtu == 0 {
+            return self.unroutable();
+        }
+        match reject::too_big(self, h, e.mtu) {
+            Some(verdict) => {
+                self.count(Counter::TooBig);
+                verdict
+            }
+            None => self.unroutable(),
+        }
     }
 
     #[inline(always)]
@@ -421,19 +453,21 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Option<Route> {
+    fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Result<Route, NoRoute> {
         let tot_len = ip_tot_len::<A>(self.data(), self.data_end());
-        // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over.
-        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)?;
+        // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over;
+        // and tc answers a packet too big for the way out (`unroutable_for`).
+        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)
+            .map_err(|_| NoRoute { mtu: 0 })?;
         // A native XDP frame sent to a device without `ndo_xdp_xmit` is dropped by the kernel
         // (a veth whose peer has neither GRO nor XDP, `veth_xdp_xmit`); generic XDP transmits
         // through the stack and can send anywhere.
         // SAFETY: reading a static the loader may patch.
         let any = unsafe { core::ptr::read_volatile(&XDP_SEND_ANYWHERE) } != 0;
         if !any && crate::maps::LB_XDP_TARGETS.get_ptr(&r.ifindex).is_none() {
-            return None;
+            return Err(NoRoute { mtu: 0 });
         }
-        Some(r)
+        Ok(r)
     }
 
     #[inline(always)]

@@ -137,7 +137,8 @@ fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
     }
     let route = if w.route {
         let proto = if A::FAMILY == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
-        let Some(r) = ctx.route(w.outer_src, w.outer_dst, proto) else {
+        // An error too big for the way out is dropped (no error about an error, RFC 1122).
+        let Ok(r) = ctx.route(w.outer_src, w.outer_dst, proto) else {
             return ctx.unroutable();
         };
         if !ttl_ok::<A, P>(ctx) {

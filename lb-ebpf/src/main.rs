@@ -498,8 +498,9 @@ fn forward_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation
 fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, counter: Counter) -> i32 {
     let src = if t.snat { t.snat_addr } else { h.flow.src };
     let route = if t.route {
-        let Some(r) = ctx.route(src, t.backend_addr, h.flow.proto) else {
-            return ctx.unroutable();
+        let r = match ctx.route(src, t.backend_addr, h.flow.proto) {
+            Ok(r) => r,
+            Err(e) => return ctx.unroutable_for(h, e),
         };
         if let Err(verdict) = forwardable::<A, P>(ctx) {
             return verdict;
@@ -642,8 +643,9 @@ fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
         return ctx.defer();
     }
     let route = if r.route {
-        let Some(route) = ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) else {
-            return ctx.unroutable();
+        let route = match ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) {
+            Ok(route) => route,
+            Err(e) => return ctx.unroutable_for(h, e),
         };
         if let Err(verdict) = forwardable::<A, P>(ctx) {
             return verdict;

@@ -1,10 +1,17 @@
-//! Refusal of a connection to a service without ready backends.
+//! ICMP errors built from the offending packet: the refusal of a connection to a service
+//! without ready backends, and "fragmentation needed" for a packet too big for the way out.
 //!
 //! kube-proxy installs `REJECT` for such services, which answers with ICMP port unreachable;
 //! for TCP the client's kernel turns that into ECONNREFUSED at once (`tcp_v4_err` treats
 //! ICMP_PORT_UNREACH as a hard error in SYN-SENT), for UDP into ECONNREFUSED on the next
 //! receive. We build the same ICMP message in place from the offending packet and send it back
 //! out of the interface it came in on.
+//!
+//! A packet the datapath routes itself (a node port's flow SNATed to a remote backend, and its
+//! replies) skips `ip_forward`, which answers one larger than the egress MTU with ICMP
+//! "fragmentation needed" (IPv4 with DF) or ICMPv6 Packet Too Big and so drives the sender's
+//! path MTU discovery; the same message is built here, from the packet before translation, so
+//! the sender matches it to what it sent.
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
@@ -27,6 +34,9 @@ const ICMP_DEST_UNREACH: u8 = 3;
 pub const QUOTE_L4_TCP: usize = 20;
 pub const QUOTE_L4_UDP: usize = 8;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// IPv4's Don't Fragment flag, in the header's flags and fragment offset word (network order).
+const IP_DF: u8 = 0x40;
 
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {
@@ -45,11 +55,38 @@ pub fn port_unreachable<A: Addr>(ctx: &TcContext, h: &Headers<A>) -> i32 {
     if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h.l4_off).is_none() {
         return TC_ACT_SHOT as i32;
     }
+    let head = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
     if h.flow.proto == lb_common::PROTO_TCP {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx)
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, head)
     } else {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx)
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx, head)
     }
+}
+
+/// Turns a packet too big for an egress MTU of `mtu` into ICMP "fragmentation needed" (IPv4)
+/// or Packet Too Big (IPv6) to its sender and returns the tc verdict that sends it; `None` for
+/// an IPv4 packet without DF, which a router would fragment instead (the caller drops it).
+#[inline(always)]
+pub fn too_big<A: Addr>(ctx: &TcContext, h: &Headers<A>, mtu: u16) -> Option<i32> {
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
+        let head = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8];
+        return Some(icmp6_error(ctx, h.l4_off, h.flow.proto, head));
+    }
+    let flags = ptr_at::<u8>(ctx.data(), ctx.data_end(), ETH_LEN + 6)?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { *flags } & IP_DF == 0 {
+        return None;
+    }
+    if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h.l4_off).is_none() {
+        return Some(TC_ACT_SHOT as i32);
+    }
+    // RFC 1191: the next hop's MTU in the header's last two bytes.
+    let head = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8];
+    Some(if h.flow.proto == lb_common::PROTO_TCP {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, head)
+    } else {
+        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx, head)
+    })
 }
 
 /// Removes the IP options of the packet to be quoted, so the quote has fixed offsets: the base
@@ -108,9 +145,10 @@ fn put<const OPT_LEN: usize>(data: usize, data_end: usize, ip: &[u8; IPV4_LEN]) 
     Some(())
 }
 
-/// Builds the reply in a frame of exactly `REPLY_LEN` bytes.
+/// Builds the reply in a frame of exactly `REPLY_LEN` bytes, its ICMP header `head` (the
+/// checksum filled in here).
 #[inline(always)]
-fn build<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
+fn build<const REPLY_LEN: usize>(ctx: &TcContext, head: [u8; ICMP_LEN]) -> i32 {
     const { assert!(REPLY_LEN >= ETH_LEN + GROW + IPV4_LEN + 8) };
     let quote_len = REPLY_LEN - ETH_LEN - GROW;
     // Make room for the new IP and ICMP headers between Ethernet and the original IP header,
@@ -156,9 +194,9 @@ fn build<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
     }
     f[ip + 10..ip + 12].copy_from_slice(&fold(sum).to_ne_bytes());
 
-    // ICMP destination unreachable / port unreachable, checksum over header and quote.
+    // The ICMP header, checksum over header and quote.
     let icmp = ETH_LEN + IPV4_LEN;
-    f[icmp..icmp + ICMP_LEN].copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+    f[icmp..icmp + ICMP_LEN].copy_from_slice(&head);
     let mut sum = 0u32;
     let mut i = 0;
     while i < ICMP_LEN + quote_len {
@@ -176,27 +214,34 @@ fn build<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
 const GROW6: usize = IPV6_LEN + ICMP_LEN;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const PROTO_ICMPV6: u8 = 58;
 
 /// IPv6: an ICMPv6 destination unreachable (port unreachable), what ip6tables' REJECT sends
 /// (`icmp6-port-unreachable`); the client's kernel reports ECONNREFUSED for it as for IPv4
 /// (`tcp_v6_err` via `icmpv6_err_convert`). A packet with extension headers is dropped
 /// instead: its quote would have no fixed length.
-#[inline(never)]
+#[inline(always)]
 fn port_unreachable6(ctx: &TcContext, l4_off: usize, proto: u8) -> i32 {
+    icmp6_error(ctx, l4_off, proto, [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0])
+}
+
+/// The ICMPv6 error with header `head` about the packet, in place (`build6`).
+#[inline(never)]
+fn icmp6_error(ctx: &TcContext, l4_off: usize, proto: u8, head: [u8; ICMP_LEN]) -> i32 {
     if l4_off != ETH_LEN + IPV6_LEN {
         return TC_ACT_SHOT as i32;
     }
     if proto == lb_common::PROTO_TCP {
-        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_TCP }>(ctx)
+        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_TCP }>(ctx, head)
     } else {
-        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_UDP }>(ctx)
+        build6::<{ ETH_LEN + GROW6 + IPV6_LEN + QUOTE_L4_UDP }>(ctx, head)
     }
 }
 
 /// Builds the ICMPv6 reply in a frame of exactly `REPLY_LEN` bytes, as `build` does for IPv4.
 #[inline(always)]
-fn build6<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
+fn build6<const REPLY_LEN: usize>(ctx: &TcContext, head: [u8; ICMP_LEN]) -> i32 {
     const { assert!(REPLY_LEN >= ETH_LEN + GROW6 + IPV6_LEN + 8) };
     let icmp_len = REPLY_LEN - ETH_LEN - IPV6_LEN;
     if ctx.adjust_room(GROW6 as i32, BPF_ADJ_ROOM_MAC, 0).is_err() {
@@ -235,10 +280,10 @@ fn build6<const REPLY_LEN: usize>(ctx: &TcContext) -> i32 {
     f[ip + 6] = PROTO_ICMPV6;
     f[ip + 7] = 64;
 
-    // ICMPv6 port unreachable; the checksum covers the pseudo-header (addresses, length,
-    // next header) as well as the message.
+    // The ICMPv6 header; the checksum covers the pseudo-header (addresses, length, next
+    // header) as well as the message.
     let icmp = ETH_LEN + IPV6_LEN;
-    f[icmp..icmp + ICMP_LEN].copy_from_slice(&[ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+    f[icmp..icmp + ICMP_LEN].copy_from_slice(&head);
     // Everything is summed in memory order (ones' complement sums do not care), so the
     // length and next header enter as they would sit in the pseudo-header. The kernel sums
     // the addresses and the message (`bpf_csum_diff`): an unrolled loop here spills most of

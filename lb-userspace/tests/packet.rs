@@ -1552,6 +1552,66 @@ fn packets_the_datapath_forwards_itself_lose_a_ttl_and_expire_at_one() {
     assert_eq!(out[22], 64);
 }
 
+/// Sets or clears DF in a frame's IPv4 header, its checksum to match.
+fn with_df(mut f: Vec<u8>, df: bool) -> Vec<u8> {
+    if df {
+        f[20] |= 0x40;
+    } else {
+        f[20] &= !0x40;
+    }
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// A packet the datapath routes itself that is too big for the way out gets what
+/// `ip_forward` would send: ICMP "fragmentation needed" with the egress MTU, quoting the
+/// packet as the client sent it (so its path MTU discovery finds the flow), where it used to
+/// be dropped without a word. Without DF (a router would fragment it) it is dropped; XDP
+/// leaves it to tc.
+#[test]
+fn a_routed_packet_too_big_for_the_way_out_gets_fragmentation_needed() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    let client = (EXTERNAL_CLIENT, 40000);
+    let syn = frame(client, (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, _) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the flow routed to the remote backend");
+    // This thread is in the node's namespace: the command runs there too.
+    let st = std::process::Command::new("ip").args(["link", "set", "ext0", "mtu", "1400"]).status().unwrap();
+    assert!(st.success());
+    let big = with_df(frame(client, (NODE_IP, 30081), L4::Tcp { flags: ACK }, &[0x5a; 1460]), true);
+    assert_eq!(big.len(), 14 + 1500);
+    let (verdict, out) = h.run(&big);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the arrival interface");
+    assert_eq!(h.counter(Counter::TooBig), 1);
+    assert_eq!(&out[0..6], &big[6..12], "back to the client's MAC");
+    let ip = &out[14..34];
+    assert_eq!(fold(sum16(ip)), 0, "IPv4 checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!((&ip[12..16], &ip[16..20]), (&NODE_IP.octets()[..], &EXTERNAL_CLIENT.octets()[..]));
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable / fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1400, "the next hop's MTU");
+    assert_eq!(fold(sum16(icmp)), 0, "ICMP checksum");
+    assert_eq!(&icmp[8..], &big[14..14 + 40], "quotes the packet as the client sent it");
+    // A packet that fits still goes to the backend.
+    let (verdict, out) = h.run(&with_df(frame(client, (NODE_IP, 30081), L4::Tcp { flags: ACK }, &[0x5a; 1360]), true));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(parse_checked(&out).dst, (REMOTE_POD.parse().unwrap(), 80));
+    // Without DF: dropped, as before (a router would fragment it; the datapath cannot).
+    let no_route = h.counter(Counter::DropNoRoute);
+    let (verdict, _) = h.run(&with_df(big.clone(), false));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Counter::DropNoRoute), no_route + 1);
+    // XDP leaves it to tc.
+    let (verdict, out) = h.run_xdp(&big);
+    assert_eq!((verdict, out.as_slice()), (XDP_PASS, big.as_slice()));
+}
+
 #[test]
 fn a_checksum_partial_packet_at_xdp_is_left_to_tc() {
     if !privileged() {

@@ -374,6 +374,34 @@ fn xdp_ipv6_node_port_to_a_remote_backend_is_snated_and_replies_are_restored() {
     assert_eq!(h.xdp_counter(Counter::ReplyTranslated), 1);
 }
 
+/// IPv6 routers never fragment: a packet the datapath routes itself that is too big for the
+/// way out gets ICMPv6 Packet Too Big with the egress MTU, quoting the packet as the client
+/// sent it, as `ip6_forward` answers.
+#[test]
+fn a_routed_ipv6_packet_too_big_for_the_way_out_gets_packet_too_big() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge6();
+    let client = (OUTSIDE6, 40000);
+    let (verdict, _) = h.run(&frame6(client, (NODE_IP6, 30081), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the flow routed to the remote backend");
+    // This thread is in the node's namespace: the command runs there too.
+    let st = std::process::Command::new("ip").args(["link", "set", "ext0", "mtu", "1400"]).status().unwrap();
+    assert!(st.success());
+    let big = frame6(client, (NODE_IP6, 30081), L4::Tcp { flags: ACK }, &[0x5a; 1440]);
+    assert_eq!(big.len(), 14 + 1500);
+    let (verdict, out) = h.run(&big);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the arrival interface");
+    assert_eq!(h.counter(Counter::TooBig), 1);
+    assert_eq!(&out[0..6], &big[6..12], "to the client's MAC");
+    let (src, dst, kind, code, quote) = parse_icmp6_checked(&out);
+    assert_eq!((src, dst), (NODE_IP6, OUTSIDE6));
+    assert_eq!((kind, code), (2, 0), "Packet Too Big");
+    assert_eq!(u32::from_be_bytes(out[58..62].try_into().unwrap()), 1400, "the next hop's MTU");
+    assert_eq!(&quote[..], &big[14..14 + 40 + 20], "quotes the packet as the client sent it");
+}
+
 /// `loadBalancerSourceRanges` with an IPv6 CIDR: a client inside it reaches the LoadBalancer
 /// IP, one outside is dropped, and the node port stays open to both (every bit of the IPv6
 /// source takes part in the range lookup).
