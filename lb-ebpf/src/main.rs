@@ -87,7 +87,8 @@ pub fn lb_tc_icmp6(ctx: TcContext) -> i32 {
 }
 
 /// tc egress: replies of this node's own processes (host-network endpoints) to pods and
-/// clients. They leave through the output path and never pass a tc ingress hook.
+/// clients, and ICMP errors the node itself sends about a translated packet (`host_reply_of`).
+/// They leave through the output path and never pass a tc ingress hook.
 #[classifier]
 // Inlined into the entry the macro generates: a tail call must sit in the main program,
 // not a subprogram (which would need BTF function info the loader does not pass).
@@ -576,8 +577,9 @@ fn new_flow<A: Addr, P: Packet>(
 }
 
 /// A packet this node sends: if it is a host-network endpoint's reply, restore the frontend
-/// (and, for SNATed flows, the client). It is on its way out already, so it is never routed
-/// here, and a later fragment without its first is left alone (it is the node's own).
+/// (and, for SNATed flows, the client); if it is an ICMP error about a translated packet,
+/// translate it. It is on its way out already, so it is never routed here, and a later
+/// fragment without its first is left alone (it is the node's own).
 #[inline(always)]
 fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
     const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
@@ -593,6 +595,23 @@ fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
                 return UNTOUCHED;
             }
             h
+        }
+        // An error the node sends about a packet it was forwarding after our translation
+        // ("fragmentation needed" from `ip_forward` towards a pod whose veth has a smaller MTU,
+        // port unreachable from a host-network endpoint) quotes the backend's side, which the
+        // client cannot match: translated as errors from elsewhere are at ingress. An error
+        // translated at ingress already quotes the client's view, which matches no entry.
+        Parsed::Icmp(e) => {
+            if A::FAMILY == lb_common::FAMILY_IPV4 {
+                return icmp::translate(ctx, &e);
+            }
+            let s = A::scratch();
+            if !s.is_null() {
+                // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
+                unsafe { (*s).icmp = e };
+                ctx.tail_call(<TcContext as Packet>::TAIL_ICMP6);
+            }
+            return UNTOUCHED;
         }
         _ => return UNTOUCHED,
     };

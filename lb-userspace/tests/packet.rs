@@ -124,6 +124,18 @@ impl Harness {
         (res.return_value, out)
     }
 
+    /// Runs the tc egress program (what this node itself sends).
+    fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 1600];
+        let res = self
+            .dp
+            .tc_egress_program()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
     fn counter(&self, c: Counter) -> u64 {
         self.dp.maps().stats.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
@@ -1442,6 +1454,34 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     let (verdict, out) = h.run(&err);
     assert_eq!((verdict, out), (TC_ACT_UNSPEC, err));
     assert_eq!(h.counter(Counter::IcmpTranslated), 3);
+}
+
+/// An ICMP error this node itself sends about a packet it was forwarding after our
+/// translation ("fragmentation needed" from `ip_forward` towards a pod behind a smaller MTU)
+/// leaves through tc egress, which puts the quote back into the client's view; an error that
+/// tc ingress translated already (its quote in the client's view) leaves untouched.
+#[test]
+fn icmp_errors_the_node_sends_about_a_translated_flow_are_translated_at_egress() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    let syn = frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
+    let (_, sent) = h.run(&syn);
+    let node = Ipv4Addr::new(10, 244, 1, 1);
+    let err = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
+    let (verdict, out) = h.run_egress(&err);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, quote) = parse_icmp_checked(&out);
+    assert_eq!((src, dst), (node, CLIENT), "the node keeps its own address");
+    assert_eq!(quote, quote_of(&syn, 20), "the quote is the client's own packet again, checksums included");
+    assert_eq!(&out[38..42], &[0, 0, 0x05, 0x78], "the next-hop MTU is kept");
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+    // Translated already (the quote is what the client sent): nothing to match, untouched.
+    let translated = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&syn, 20));
+    let (verdict, out) = h.run_egress(&translated);
+    assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &translated));
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
 }
 
 #[test]

@@ -396,4 +396,9 @@ impl Dataplane {
     pub fn tc_program(&self) -> &SchedClassifier {
         self.ebpf.program(PROG_TC_INGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
     }
+
+    /// The loaded tc egress program, for `BPF_PROG_TEST_RUN` in tests.
+    pub fn tc_egress_program(&self) -> &SchedClassifier {
+        self.ebpf.program(lb_common::PROG_TC_EGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
+    }
 }

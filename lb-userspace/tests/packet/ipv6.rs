@@ -174,6 +174,26 @@ fn ipv6_packet_too_big_about_a_translated_flow_is_translated() {
     assert_eq!((verdict, &o), (TC_ACT_UNSPEC, &ns));
 }
 
+/// The same error sent by this node itself (`ip6_forward` towards a pod behind a smaller MTU)
+/// leaves through tc egress, which translates it as ingress translates a router's.
+#[test]
+fn ipv6_packet_too_big_the_node_sends_is_translated_at_egress() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, b"data");
+    let (_, sent) = h.run(&syn);
+    let mtu = 1280u32.to_be_bytes();
+    let ptb = icmp6_error(ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0, mtu, &sent[14..]);
+    let (verdict, out) = h.run_egress(&ptb);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, kind, _, quote) = parse_icmp6_checked(&out);
+    assert_eq!((src, dst, kind), (ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG));
+    assert_eq!(&quote[..], &syn[14..], "the quote is the client's own packet again, byte for byte");
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+}
+
 /// A bounded walk over extension headers: within the bound the L4 header is found and
 /// translated; beyond it the packet passes untouched and is counted, never misparsed.
 #[test]
