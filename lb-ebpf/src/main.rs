@@ -39,7 +39,7 @@ use crate::{
     conntrack::{Forward, Translation},
     ctx::Packet,
     nat::Snat,
-    parse::{Frag, Headers, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
+    parse::{Frag, Headers, IcmpError, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
 };
 
 #[classifier]
@@ -237,20 +237,7 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
             }
             h
         }
-        Parsed::Icmp(e) => {
-            if A::FAMILY == lb_common::FAMILY_IPV4 {
-                return icmp::translate(ctx, &e);
-            }
-            // The ICMP stage takes the parse from the scratch slot: parsing again would put
-            // the quote's addresses on its stack a second time.
-            let s = A::scratch();
-            if !s.is_null() {
-                // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
-                unsafe { (*s).icmp = e };
-                ctx.tail_call(P::TAIL_ICMP6);
-            }
-            return pass(ctx, Counter::PassOtherProto);
-        }
+        Parsed::Icmp(e) => return icmp_error(ctx, e).unwrap_or_else(|| pass(ctx, Counter::PassOtherProto)),
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
         Parsed::ExtHeaders => return pass(ctx, Counter::PassExtHeaders),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
@@ -300,6 +287,24 @@ fn reparse<A: Parse>(data: usize, data_end: usize) -> Option<Headers<A>> {
         Parsed::LaterFragment(mut h) => frag::follow_first(&mut h).then_some(h),
         _ => None,
     }
+}
+
+/// Translates an ICMP error: IPv4's here, IPv6's in the ICMP stage, which takes the parse from
+/// the scratch slot (parsing again would put the quote's addresses on its stack a second
+/// time); `None` only if that stage is missing. Inlined: a tail call must sit in the main
+/// program.
+#[inline(always)]
+fn icmp_error<A: Parse, P: Packet>(ctx: &P, e: IcmpError<A>) -> Option<i32> {
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        return Some(icmp::translate(ctx, &e));
+    }
+    let s = A::scratch();
+    if !s.is_null() {
+        // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
+        unsafe { (*s).icmp = e };
+        ctx.tail_call(P::TAIL_ICMP6);
+    }
+    None
 }
 
 /// `Packet::note` of an IPv6 packet whose flow the new-flow stage just created, so that the
@@ -601,18 +606,7 @@ fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
         // port unreachable from a host-network endpoint) quotes the backend's side, which the
         // client cannot match: translated as errors from elsewhere are at ingress. An error
         // translated at ingress already quotes the client's view, which matches no entry.
-        Parsed::Icmp(e) => {
-            if A::FAMILY == lb_common::FAMILY_IPV4 {
-                return icmp::translate(ctx, &e);
-            }
-            let s = A::scratch();
-            if !s.is_null() {
-                // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
-                unsafe { (*s).icmp = e };
-                ctx.tail_call(<TcContext as Packet>::TAIL_ICMP6);
-            }
-            return UNTOUCHED;
-        }
+        Parsed::Icmp(e) => return icmp_error(ctx, e).unwrap_or(UNTOUCHED),
         _ => return UNTOUCHED,
     };
     if !service::maybe_backend(&h.flow) {

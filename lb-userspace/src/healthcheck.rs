@@ -223,6 +223,17 @@ mod tests {
         assert_eq!(v["localEndpoints"], 3);
     }
 
+    /// The status of a proxy that is synced and attached.
+    fn healthy() -> SharedStatus {
+        let status: SharedStatus = Default::default();
+        {
+            let mut st = status.lock().unwrap();
+            st.synced = true;
+            st.attached = true;
+        }
+        status
+    }
+
     /// One HTTP/1.1 GET, the whole response as text.
     async fn get(addr: SocketAddr) -> String {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -247,12 +258,7 @@ mod tests {
     /// follows the count as it changes.
     #[tokio::test]
     async fn the_endpoint_weight_header_carries_the_local_count() {
-        let status: SharedStatus = Default::default();
-        {
-            let mut st = status.lock().unwrap();
-            st.synced = true;
-            st.attached = true;
-        }
+        let status = healthy();
         let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut checks = HealthChecks::new(status.clone());
@@ -279,12 +285,7 @@ mod tests {
     /// published ports in between.
     #[tokio::test]
     async fn a_port_that_cannot_be_bound_is_tried_again_until_it_is_served() {
-        let status: SharedStatus = Default::default();
-        {
-            let mut st = status.lock().unwrap();
-            st.synced = true;
-            st.attached = true;
-        }
+        let status = healthy();
         let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
@@ -320,12 +321,7 @@ mod tests {
             assert!(std::env::var("CI").as_deref() != Ok("true"), "CI machines have IPv6");
             return;
         }
-        let status: SharedStatus = Default::default();
-        {
-            let mut st = status.lock().unwrap();
-            st.synced = true;
-            st.attached = true;
-        }
+        let status = healthy();
         let port = {
             // A free port on both families.
             let l = std::net::TcpListener::bind("[::]:0").unwrap();

@@ -155,6 +155,15 @@ fn incremental_apply_leaves_the_maps_a_full_apply_leaves() {
 
 /// An address as the datapath reads it from the packet: word `i` is bytes `4i..4i+4` in
 /// memory order (network order inside the word). IPv4 uses word 0, the others zero.
+/// Waits until the stale-UDP sweeper has removed entries since its counter read `before`.
+fn wait_swept(removed: &std::sync::atomic::AtomicU64, before: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while removed.load(std::sync::atomic::Ordering::Relaxed) == before {
+        assert!(std::time::Instant::now() < deadline, "the sweep never ran");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn words(ip: std::net::IpAddr) -> [u32; 4] {
     let o: Vec<u8> = match ip {
         std::net::IpAddr::V4(a) => a.octets().iter().copied().chain([0; 12]).collect(),
@@ -290,11 +299,7 @@ fn ipv6_frontends_backends_and_flows_are_encoded_for_the_datapath() {
     let removed = l.dp.stale_udp_counter();
     let report = l.dp.apply_changes(t.state(), &changes.frontends);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while removed.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the sweep never ran");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_swept(&removed, 0);
     let left = conntrack::entries(&ct.v6.assured, &ct.v6.new);
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.iter().all(|(k, _, _)| k.sport == 40001u16.to_be() || k.dport == 40001u16.to_be()), "{left:?}");
@@ -381,11 +386,7 @@ fn a_udp_flow_goes_when_its_backend_stops_serving_not_when_it_stops_being_picked
         let report = l.dp.apply_changes(t.state(), &changes.frontends);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         if sweeps {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while removed.load(std::sync::atomic::Ordering::Relaxed) == before {
-                assert!(std::time::Instant::now() < deadline, "the sweep never ran");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            wait_swept(&removed, before);
         }
     };
     // 10.244.2.5 terminates but serves: no longer picked, its flow stays.

@@ -114,26 +114,12 @@ impl Harness {
 
     /// Runs the program once on `frame`; returns the verdict and the output frame.
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 1600];
-        let res = self
-            .dp
-            .tc_program()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        run_tc(self.dp.tc_program(), frame)
     }
 
     /// Runs the tc egress program (what this node itself sends).
     fn run_egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 1600];
-        let res = self
-            .dp
-            .tc_egress_program()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        run_tc(self.dp.tc_egress_program(), frame)
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -880,6 +866,16 @@ addressType: IPv4
 ports: [{port: 80}]
 endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
 "#;
+
+/// Runs a tc program once on `frame`; returns the verdict and the output frame.
+fn run_tc(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 1600];
+    let res = prog
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
 
 /// Puts the calling thread into a private network namespace (BPF_PROG_TEST_RUN and the FIB
 /// lookups it makes use the caller's namespace) and back out on drop, deleting it.
