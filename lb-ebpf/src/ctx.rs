@@ -288,12 +288,16 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn unroutable_for<A: Addr>(&self, h: &Headers<A>, e: NoRoute) -> i32 {
-        if e.mtu == 0 {
+        // `is_skb_forwardable` also says "too big" for an egress device that is down, and
+        // lets a few bytes over the MTU through (VLAN room): only a packet whose IP length
+        // exceeds the MTU it names is answered.
+        if e.mtu == 0 || ip_tot_len::<A>(self.data(), self.data_end()) <= e.mtu {
             return self.unroutable();
         }
         match reject::too_big(self, h, e.mtu) {
             Some(verdict) => {
-                self.count(Counter::TooBig);
+                // Counted as answered only when the error was built.
+                self.count(if verdict == Self::DROP { Counter::DropNoRoute } else { Counter::TooBig });
                 verdict
             }
             None => self.unroutable(),

@@ -406,8 +406,8 @@ fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     if s.is_null() {
         return pass(ctx, Counter::PassOtherProto);
     }
-    // SAFETY: this CPU's slot; `icmp` is written by `family` just before the tail call and
-    // by nothing else while this stage runs (the conntrack code uses the other fields).
+    // SAFETY: this CPU's slot; `icmp` is written by `icmp_error` just before the tail call
+    // and by nothing else while this stage runs (the conntrack code uses the other fields).
     icmp::translate(ctx, unsafe { &(*s).icmp })
 }
 

@@ -808,12 +808,14 @@ impl Proxier {
 /// Relaxes the reverse-path filter on the interfaces tc is attached to (`rp_filter.rs`), and
 /// logs what changed.
 fn relax_rp_filter(rp: &mut crate::rp_filter::RpFilter, attached: &BTreeSet<String>) {
-    rp.retain(attached);
-    if rp.knows_all(attached) {
-        return;
-    }
-    let addressed: BTreeSet<String> =
-        dataplane::local_ipv4_by_interface().map(|a| a.into_iter().map(|(i, _)| i).collect()).unwrap_or_default();
+    // Which interfaces have an address decides what each gets: unknown, nothing is changed.
+    let addressed: BTreeSet<String> = match dataplane::local_ipv4_by_interface() {
+        Ok(a) => a.into_iter().map(|(i, _)| i).collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list the interfaces' addresses; reverse-path filtering left as it is");
+            return;
+        }
+    };
     let (done, errors) = rp.relax(attached.iter().map(|i| (i.as_str(), addressed.contains(i))));
     if !done.loose.is_empty() {
         info!(interfaces = ?done.loose, "strict reverse-path filtering made loose (rp_filter 2)");

@@ -96,11 +96,12 @@ async fn answer(
 /// How soon a port that could not be served is tried again (`serve`).
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves the ports `want` publishes, as they change, until its sender goes. A port that could
-/// not be bound (another process holding it a moment, an address not yet up) is tried again
-/// every `retry` until it is served, as kube-proxy's proxier tries again at every sync, not
-/// only when the published ports change: the load balancer probing it meanwhile sees the node
-/// refuse and drains it.
+/// Serves the ports `want` publishes, as they change, until its sender goes. Every `retry`
+/// the servers are checked again: a port that could not be bound (another process holding it
+/// a moment, an address not yet up) is tried again, and a server whose accept loop stopped is
+/// started again, as kube-proxy's proxier tries again at every sync, not only when the
+/// published ports change: the load balancer probing the port meanwhile sees the node refuse
+/// and drains it.
 pub async fn serve(
     status: SharedStatus,
     mut want: tokio::sync::watch::Receiver<BTreeMap<u16, HealthCheck>>,
@@ -108,27 +109,18 @@ pub async fn serve(
 ) {
     let mut checks = HealthChecks::new(status);
     let mut current = BTreeMap::new();
-    let mut failing = false;
     loop {
-        // `None`: the retry is due, with the ports as they were.
-        let changed = if failing {
-            tokio::select! {
-                changed = want.changed() => Some(changed),
-                () = tokio::time::sleep(retry) => None,
-            }
-        } else {
-            Some(want.changed().await)
-        };
-        match changed {
-            Some(Err(_)) => return,
-            Some(Ok(())) => current = want.borrow_and_update().clone(),
-            None => {}
+        tokio::select! {
+            changed = want.changed() => match changed {
+                Ok(()) => current = want.borrow_and_update().clone(),
+                Err(_) => return,
+            },
+            // The ports as they were: only missing or stopped servers are started.
+            () = tokio::time::sleep(retry) => {}
         }
-        let errors = checks.update(&current).await;
-        for e in &errors {
+        for e in checks.update(&current).await {
             tracing::error!(error = %e, retry_s = retry.as_secs(), "health check server failed; trying again");
         }
-        failing = !errors.is_empty();
     }
 }
 

@@ -141,11 +141,12 @@ struct RunArgs {
     /// IPv6 link-local ones.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
-    /// Leave the kernel's reverse-path filter alone. By default a strict one (`rp_filter` 1,
-    /// the RHEL family's default) is made loose (2) in `conf/all` and on the interfaces lb
-    /// attaches to: strict filtering drops the replies of this node's pods to pods that reached
-    /// them through a ClusterIP, which the datapath hands the stack with the ClusterIP as
-    /// their source.
+    /// Leave the kernel's reverse-path filter alone. By default, on the interfaces lb attaches
+    /// to, strict filtering (`rp_filter` 1) is made loose (2) where the interface has an IPv4
+    /// address and filtering is turned off where it has none, with `conf/all` taken to 0 (the
+    /// other interfaces' own values raised to keep their mode): the filter drops the replies of
+    /// this node's routed pods to pods that reached them through a ClusterIP, which the
+    /// datapath hands the stack with the ClusterIP as their source.
     #[arg(long)]
     keep_rp_filter: bool,
     /// Where the host's `/proc/sys` is (a container's own is read-only; the DaemonSet mounts

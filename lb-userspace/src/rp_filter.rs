@@ -17,9 +17,12 @@
 //! So on each interface lb attaches tc to: strict becomes loose where the interface has an
 //! IPv4 address, and an interface without one gets no filter (0). The mode in force is the
 //! larger of `conf/all` and `conf/<interface>`, so turning one interface's filter off also
-//! takes `all` to 0, after every other interface's own value is raised to the old `all`: the
-//! mode in force elsewhere stays what it was. `lb run --keep-rp-filter` leaves every setting
-//! alone. IPv6 has no such filter in the kernel's input path.
+//! takes `all` to 0, after every other interface's own value (and `default`, which interfaces
+//! made later start from) is raised to the old `all`: the mode in force elsewhere stays what
+//! it was. Each attached interface is looked at again at every sync of the links: systemd's
+//! udev rules apply `net.ipv4.conf.*.rp_filter` to a new interface as it appears, which may
+//! come after the agent's write. `lb run --keep-rp-filter` leaves every setting alone. IPv6
+//! has no such filter in the kernel's input path.
 use std::{
     collections::BTreeSet,
     fs,
@@ -54,15 +57,17 @@ pub struct Relaxed {
 }
 
 /// The `net.ipv4.conf.*.rp_filter` settings under a `/proc/sys` (the host's, when the agent
-/// runs in a container whose own is read-only), and the interfaces already looked at.
+/// runs in a container whose own is read-only), and the interfaces whose errors were reported.
 pub struct RpFilter {
     proc_sys: PathBuf,
-    seen: BTreeSet<String>,
+    reported: BTreeSet<String>,
+    /// `conf/all` could not be read, and that was reported.
+    all_reported: bool,
 }
 
 impl RpFilter {
     pub fn new(proc_sys: &Path) -> Self {
-        Self { proc_sys: proc_sys.to_owned(), seen: BTreeSet::new() }
+        Self { proc_sys: proc_sys.to_owned(), reported: BTreeSet::new(), all_reported: false }
     }
 
     fn conf_dir(&self) -> PathBuf {
@@ -80,11 +85,10 @@ impl RpFilter {
         fs::write(&path, format!("{mode}\n")).map_err(|source| RpFilterError::Io { path, source })
     }
 
-    /// Takes `conf/all` to 0, each other interface's own value first raised to the old `all`
-    /// (but those in `off`, the attached ones without an address), so that the mode in force
-    /// on them stays; the old `all`, if it was not 0.
-    /// An interface whose value cannot be read or raised is reported in `errors` and does not
-    /// hold the others back.
+    /// Takes `conf/all` to 0, each other interface's own value and `default` first raised to
+    /// the old `all` (but those in `off`, the attached ones without an address), so that the
+    /// mode in force on them stays; the old `all`, if it was not 0. An interface whose value
+    /// cannot be read or raised is reported in `errors` and does not hold the others back.
     fn lower_all(&self, off: &BTreeSet<&str>, errors: &mut Vec<RpFilterError>) -> Result<Option<u8>, RpFilterError> {
         let all = self.read("all")?;
         if all == OFF {
@@ -95,7 +99,7 @@ impl RpFilter {
         for entry in entries {
             let entry = entry.map_err(|source| RpFilterError::Io { path: dir.clone(), source })?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "all" || name == "default" || off.contains(name.as_str()) {
+            if name == "all" || off.contains(name.as_str()) {
                 continue;
             }
             match self.read(&name).and_then(|own| if own < all { self.write(&name, all) } else { Ok(()) }) {
@@ -110,19 +114,28 @@ impl RpFilter {
     }
 
     /// Relaxes the filter on the interfaces of `attached` (each with whether it has an IPv4
-    /// address) not looked at before. Each is looked at once while attached, so a read-only
-    /// `/proc/sys` is reported once per interface, not at every sync.
+    /// address), all of them each time: a setting put back behind the agent's back is found
+    /// at the next sync. An interface's error is returned once while it stays attached (a
+    /// read-only `/proc/sys` is not reported at every sync); an unreadable interface met while
+    /// lowering `all` is returned each time `all` is lowered.
     pub fn relax<'a>(&mut self, attached: impl IntoIterator<Item = (&'a str, bool)>) -> (Relaxed, Vec<RpFilterError>) {
         let (mut done, mut errors) = (Relaxed::default(), Vec::new());
-        let mut off = BTreeSet::new();
-        for (iface, addressed) in attached {
-            if self.seen.contains(iface) {
-                continue;
+        // Unreadable (no `/proc/sys` where `--proc-sys` says): nothing can be relaxed.
+        let all = match self.read("all") {
+            Ok(all) => all,
+            Err(e) => {
+                let first = !std::mem::replace(&mut self.all_reported, true);
+                return (done, if first { vec![e] } else { Vec::new() });
             }
-            let result = self.read(iface).and_then(|mode| {
-                if addressed && mode == STRICT {
+        };
+        let mut off = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        for (iface, addressed) in attached {
+            seen.insert(iface.to_owned());
+            let result = self.read(iface).and_then(|own| {
+                if addressed && own.max(all) == STRICT {
                     self.write(iface, LOOSE).map(|()| done.loose.push(iface.to_owned()))
-                } else if !addressed && mode != OFF {
+                } else if !addressed && own != OFF {
                     self.write(iface, OFF).map(|()| done.off.push(iface.to_owned()))
                 } else {
                     Ok(())
@@ -130,18 +143,21 @@ impl RpFilter {
             });
             match result {
                 Ok(()) => {}
-                // Gone meanwhile: nothing to relax, and a new interface of that name is
-                // another one.
+                // Gone meanwhile: nothing to relax.
                 Err(RpFilterError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    if self.reported.insert(iface.to_owned()) {
+                        errors.push(e);
+                    }
+                }
             }
             if !addressed {
                 off.insert(iface);
             }
-            self.seen.insert(iface.to_owned());
         }
+        self.reported.retain(|i| seen.contains(i));
         // An interface without an address is filtered by `all` too, its own value 0 or not.
-        if !off.is_empty() {
+        if !off.is_empty() && all != OFF {
             match self.lower_all(&off, &mut errors) {
                 Ok(was) => done.all_was = was,
                 Err(e) => errors.push(e),
@@ -149,46 +165,50 @@ impl RpFilter {
         }
         (done, errors)
     }
-
-    /// Whether every interface of `attached` was looked at already.
-    pub fn knows_all(&self, attached: &BTreeSet<String>) -> bool {
-        attached.is_subset(&self.seen)
-    }
-
-    /// Forgets interfaces no longer attached, so one that comes back (a pod's veth name
-    /// reused) is looked at again.
-    pub fn retain(&mut self, attached: &BTreeSet<String>) {
-        self.seen.retain(|i| attached.contains(i));
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tree(tag: &str, modes: &[(&str, &str)]) -> PathBuf {
-        let root = std::env::temp_dir().join(format!("lb-rp-filter-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        for (conf, mode) in modes {
-            let dir = root.join("net/ipv4/conf").join(conf);
-            fs::create_dir_all(&dir).unwrap();
-            fs::write(dir.join("rp_filter"), format!("{mode}\n")).unwrap();
+    /// A fake `/proc/sys` with these modes, removed on drop (also when a test fails).
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn new(tag: &str, modes: &[(&str, &str)]) -> Self {
+            let root = std::env::temp_dir().join(format!("lb-rp-filter-{}-{tag}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            for (conf, mode) in modes {
+                let dir = root.join("net/ipv4/conf").join(conf);
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(dir.join("rp_filter"), format!("{mode}\n")).unwrap();
+            }
+            Self(root)
         }
-        root
+
+        fn mode(&self, conf: &str) -> String {
+            fs::read_to_string(self.0.join("net/ipv4/conf").join(conf).join("rp_filter")).unwrap().trim().to_string()
+        }
+
+        fn set(&self, conf: &str, mode: &str) {
+            fs::write(self.0.join("net/ipv4/conf").join(conf).join("rp_filter"), format!("{mode}\n")).unwrap();
+        }
     }
 
-    fn mode(root: &Path, conf: &str) -> String {
-        fs::read_to_string(root.join("net/ipv4/conf").join(conf).join("rp_filter")).unwrap().trim().to_string()
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn strict_becomes_loose_where_addressed_and_off_where_not_keeping_every_other_mode() {
-        let root = tree(
+        let t = Tree::new(
             "relax",
             &[
                 ("all", "1"),
-                ("default", "1"),
-                ("eth0", "1"),
+                ("default", "0"),
+                ("eth0", "0"),
                 ("eth1", "0"),
                 ("cbr0", "2"),
                 ("lxc1", "1"),
@@ -196,40 +216,49 @@ mod tests {
                 ("bad", "x"),
             ],
         );
-        let mut f = RpFilter::new(&root);
+        let mut f = RpFilter::new(&t.0);
         let (done, errors) = f.relax([("eth0", true), ("cbr0", true), ("lxc1", false), ("gone", false), ("bad", true)]);
+        // eth0's own 0 was strict in force (`all` 1): made loose.
         assert_eq!(done, Relaxed { loose: vec!["eth0".into()], off: vec!["lxc1".into()], all_was: Some(1) });
         // Unreadable: reported when looked at, and again when `all` was lowered around it.
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors.iter().all(|e| e.to_string().contains("bad/rp_filter")), "{errors:?}");
         let modes: Vec<String> =
-            ["all", "default", "eth0", "eth1", "cbr0", "lxc1", "lxc2"].iter().map(|c| mode(&root, c)).collect();
-        // eth1 and lxc2, not attached here, keep the mode in force: eth1's own raised to the
-        // old `all`, lxc2's above it already; `default` (for interfaces to come) as it was.
+            ["all", "default", "eth0", "eth1", "cbr0", "lxc1", "lxc2"].iter().map(|c| t.mode(c)).collect();
+        // eth1 and lxc2, not attached here, keep the mode in force, and so do interfaces made
+        // later: eth1's own and `default` raised to the old `all`, lxc2's above it already.
         assert_eq!(modes, ["0", "1", "2", "1", "2", "0", "2"]);
-        // Looked at once: reported once, and an interface set strict again behind the agent's
-        // back is not read again until it has left and come back.
-        assert!(f.relax([("bad", true)]).1.is_empty(), "reported once");
-        fs::write(root.join("net/ipv4/conf/eth0/rp_filter"), "1\n").unwrap();
-        assert_eq!(f.relax([("eth0", true)]).0, Relaxed::default());
-        f.retain(&BTreeSet::new());
-        assert_eq!(f.relax([("eth0", true)]).0.loose, ["eth0"]);
+        // Every sync looks again (systemd may set a new interface's value after the agent);
+        // an error is reported once while the interface stays.
+        t.set("lxc1", "2");
+        t.set("eth0", "1");
+        let (done, errors) = f.relax([("eth0", true), ("lxc1", false), ("bad", true)]);
+        assert_eq!(done, Relaxed { loose: vec!["eth0".into()], off: vec!["lxc1".into()], all_was: None });
+        assert!(errors.is_empty(), "reported once: {errors:?}");
+        // Gone and back: reported again.
+        assert!(f.relax([("eth0", true)]).1.is_empty());
+        assert_eq!(f.relax([("bad", true)]).1.len(), 1);
         // `all` at 0 already: an interface turned off touches nothing else.
-        fs::write(root.join("net/ipv4/conf/lxc2/rp_filter"), "2\n").unwrap();
         assert_eq!(f.relax([("lxc2", false)]).0, Relaxed { off: vec!["lxc2".into()], ..Default::default() });
-        assert_eq!(mode(&root, "eth1"), "1");
-        let _ = fs::remove_dir_all(&root);
+        assert_eq!(t.mode("eth1"), "1");
     }
 
     #[test]
     fn off_and_loose_and_a_loose_all_are_left_alone_where_they_let_replies_through() {
-        let root = tree("keep", &[("all", "2"), ("eth0", "2"), ("cbr0", "0")]);
-        let mut f = RpFilter::new(&root);
-        assert_eq!(f.relax([("eth0", true), ("cbr0", true)]).0, Relaxed::default());
-        assert_eq!(
-            (mode(&root, "all"), mode(&root, "eth0"), mode(&root, "cbr0")),
-            ("2".into(), "2".into(), "0".into())
-        );
-        let _ = fs::remove_dir_all(&root);
+        let t = Tree::new("keep", &[("all", "2"), ("eth0", "2"), ("cbr0", "0")]);
+        let mut f = RpFilter::new(&t.0);
+        let (done, errors) = f.relax([("eth0", true), ("cbr0", true)]);
+        assert_eq!(done, Relaxed::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((t.mode("all"), t.mode("eth0"), t.mode("cbr0")), ("2".into(), "2".into(), "0".into()));
+    }
+
+    #[test]
+    fn no_proc_sys_is_reported_once() {
+        let mut f = RpFilter::new(Path::new("/nonexistent-proc-sys"));
+        let (done, errors) = f.relax([("eth0", true)]);
+        assert_eq!((done, errors.len()), (Relaxed::default(), 1));
+        assert!(errors[0].to_string().contains("all/rp_filter"), "{}", errors[0]);
+        assert!(f.relax([("eth0", true)]).1.is_empty());
     }
 }

@@ -1643,7 +1643,7 @@ fn a_routed_packet_too_big_for_the_way_out_gets_fragmentation_needed() {
     let (verdict, _) = h.run(&with_df(big.clone(), false));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.counter(Counter::DropNoRoute), no_route + 1);
-    // XDP leaves it to tc.
+    // XDP leaves it to tc (as it did before tc answered such packets).
     let (verdict, out) = h.run_xdp(&big);
     assert_eq!((verdict, out.as_slice()), (XDP_PASS, big.as_slice()));
 }

@@ -31,6 +31,33 @@ pub(super) struct Programmed {
     pub(super) serving: Vec<Endpoint>,
 }
 
+/// Asks for the sweep of frontend `f`'s UDP flows to what stopped serving in `want`, and moves
+/// `p`'s serving set on. A UDP flow goes when its backend stops serving the Service port
+/// anywhere in the cluster, not when policy, topology or terminating leave it out of the
+/// backends new flows pick from (kube-proxy's `CleanStaleEntries` takes none of them into
+/// account, so UDP flows fare as TCP ones do); nothing goes while the port has no serving
+/// endpoint, and what did serve is remembered for when it has again.
+fn sweep_serving(
+    f: &Frontend,
+    p: &mut Programmed,
+    want: &ServicePort,
+    stale_udp: &mut StaleUdp,
+    stale_socks: &mut Vec<(Frontend, BTreeSet<Endpoint>)>,
+) {
+    let serving: BTreeSet<Endpoint> = want.serving.iter().chain(&want.backends).copied().collect();
+    if serving.is_empty() {
+        return;
+    }
+    if f.protocol == Protocol::Udp {
+        let left: BTreeSet<Endpoint> = p.serving.iter().filter(|b| !serving.contains(b)).copied().collect();
+        if !left.is_empty() {
+            stale_socks.push((*f, left.clone()));
+            stale_udp.insert(p.id, Some(left));
+        }
+    }
+    p.serving = serving.into_iter().collect();
+}
+
 /// How long a replaced table stays in `LB_MAGLEV` after the service entry stopped pointing at
 /// it. A packet copies the service entry and then reads a slot; one that read the entry just
 /// before the flip must still find the old table (else `DropSlotMissing`).
@@ -171,7 +198,14 @@ impl Dataplane {
             let Some(want) = desired.services.get(f) else { continue };
             let old = self.programmed.get(f).cloned();
             let next = match &old {
-                Some(p) if p.port == *want => {
+                // Nothing the maps hold changed (the serving set is the agent's alone): no
+                // write, which would also make every CPU drop its copy of the frontends
+                // (`frontends_changed`); only the UDP flows of what stopped serving go.
+                Some(p) if ServicePort { serving: want.serving.clone(), ..p.port.clone() } == *want => {
+                    let mut p = p.clone();
+                    sweep_serving(f, &mut p, want, &mut stale_udp, &mut stale_socks);
+                    p.port = want.clone();
+                    self.programmed.insert(*f, p);
                     report.unchanged += 1;
                     continue;
                 }
@@ -223,25 +257,7 @@ impl Dataplane {
             }
             match written {
                 Ok(mut next) => {
-                    // A UDP flow goes when its backend stops serving the Service port anywhere
-                    // in the cluster, not when policy, topology or terminating leave it out of
-                    // the backends new flows pick from (kube-proxy's `CleanStaleEntries` takes
-                    // none of them into account, so UDP flows fare as TCP ones do); nothing
-                    // goes while the port has no serving endpoint, and what did serve is
-                    // remembered for when it has again.
-                    let serving: BTreeSet<Endpoint> =
-                        next.port.serving.iter().chain(&next.port.backends).copied().collect();
-                    if !serving.is_empty() {
-                        if f.protocol == Protocol::Udp {
-                            let left: BTreeSet<Endpoint> =
-                                next.serving.iter().filter(|b| !serving.contains(b)).copied().collect();
-                            if !left.is_empty() {
-                                stale_socks.push((*f, left.clone()));
-                                stale_udp.insert(next.id, Some(left));
-                            }
-                        }
-                        next.serving = serving.into_iter().collect();
-                    }
+                    sweep_serving(f, &mut next, want, &mut stale_udp, &mut stale_socks);
                     tracing::info!(
                         frontend = %f,
                         service = %next.port.name,
