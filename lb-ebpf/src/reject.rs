@@ -52,10 +52,16 @@ pub fn port_unreachable<A: Addr>(ctx: &TcContext, h: &Headers<A>) -> i32 {
     if A::FAMILY != lb_common::FAMILY_IPV4 {
         return port_unreachable6(ctx, h.l4_off, h.flow.proto);
     }
+    icmp4_error(ctx, h, [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0])
+}
+
+/// The ICMP error with header `head` about the IPv4 packet, in place (`build`), its IP
+/// options stripped first so the quote has fixed offsets.
+#[inline(always)]
+fn icmp4_error<A: Addr>(ctx: &TcContext, h: &Headers<A>, head: [u8; ICMP_LEN]) -> i32 {
     if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h.l4_off).is_none() {
         return TC_ACT_SHOT as i32;
     }
-    let head = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
     if h.flow.proto == lb_common::PROTO_TCP {
         build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, head)
     } else {
@@ -77,16 +83,8 @@ pub fn too_big<A: Addr>(ctx: &TcContext, h: &Headers<A>, mtu: u16) -> Option<i32
     if unsafe { *flags } & IP_DF == 0 {
         return None;
     }
-    if h.l4_off != ETH_LEN + IPV4_LEN && strip_options(ctx, h.l4_off).is_none() {
-        return Some(TC_ACT_SHOT as i32);
-    }
     // RFC 1191: the next hop's MTU in the header's last two bytes.
-    let head = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8];
-    Some(if h.flow.proto == lb_common::PROTO_TCP {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_TCP }>(ctx, head)
-    } else {
-        build::<{ ETH_LEN + GROW + IPV4_LEN + QUOTE_L4_UDP }>(ctx, head)
-    })
+    Some(icmp4_error(ctx, h, [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8]))
 }
 
 /// Removes the IP options of the packet to be quoted, so the quote has fixed offsets: the base
