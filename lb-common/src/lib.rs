@@ -149,6 +149,34 @@ pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
+/// SNAT ports being handed out at this instant: a port a CPU picked as free is claimed here,
+/// with a compare-and-exchange, before its flow's entries are written, so that two CPUs
+/// creating flows to one backend at once cannot both take it (the probe that found it free
+/// and the insert that makes it taken are not one step). A slot holds the claiming flow's tag
+/// (high half) and the jiffy of the claim (low half); a claim is good for
+/// `SNAT_CLAIM_JIFFIES`, by when the flow's reply entry holds the port. Slots are shared by
+/// hash: a clash costs the later flow one more probe, never a port.
+pub const MAP_SNAT_CLAIMS: &str = "LB_SNAT_CLAIMS";
+pub const SNAT_CLAIM_SLOTS: u32 = 8192;
+pub const SNAT_CLAIM_JIFFIES: u32 = 2;
+
+/// The slot of `MAP_SNAT_CLAIMS` for SNAT port `port` (network order) from the node address
+/// `addr` (folded) to `backend:backend_port` (`backend` folded, port in network order). The
+/// SNAT range is smaller than the slots, so one backend's ports never share a slot.
+#[inline(always)]
+pub fn snat_claim_slot(addr: u32, backend: u32, backend_port: u16, port: u16, proto: u8) -> u32 {
+    let base = (addr ^ backend).wrapping_add((backend_port as u32) << 8 | proto as u32).wrapping_mul(0x9e37_79b1);
+    ((base >> 19).wrapping_add(u16::from_be(port) as u32)) % SNAT_CLAIM_SLOTS
+}
+
+/// Whether a claim made at jiffy `stamp` still holds at `now`: up to `SNAT_CLAIM_JIFFIES`
+/// old, or as far ahead (another CPU read the clock a little later than this one).
+#[inline(always)]
+pub fn snat_claim_fresh(stamp: u32, now: u32) -> bool {
+    let age = now.wrapping_sub(stamp);
+    age <= SNAT_CLAIM_JIFFIES || age >= SNAT_CLAIM_JIFFIES.wrapping_neg()
+}
+
 /// Names of the programs in the object file.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
 /// tc egress, beside every tc ingress: replies of host-network endpoints on this node.
@@ -1358,6 +1386,32 @@ mod tests {
             assert_ne!(other, base);
         }
         assert_eq!(h(1, 9, 3, 9, PROTO_TCP), base);
+    }
+
+    #[test]
+    fn one_backends_snat_ports_never_share_a_claim_slot() {
+        let node = 0x0a00_0064u32.to_be();
+        for b in 0..64u32 {
+            let backend = (0x0af4_0200 + b).to_be();
+            let slots: std::collections::BTreeSet<u32> = (SNAT_PORT_MIN..=SNAT_PORT_MAX)
+                .map(|p| snat_claim_slot(node, backend, 8080u16.to_be(), p.to_be(), PROTO_TCP))
+                .collect();
+            assert_eq!(slots.len(), (SNAT_PORT_MAX - SNAT_PORT_MIN) as usize + 1);
+            assert!(slots.iter().all(|s| *s < SNAT_CLAIM_SLOTS));
+        }
+    }
+
+    #[test]
+    fn a_claim_holds_for_its_jiffies_either_side_of_the_clock_also_across_the_wrap() {
+        for stamp in [0u32, 1_000, u32::MAX - 1, u32::MAX] {
+            for d in 0..=SNAT_CLAIM_JIFFIES {
+                assert!(snat_claim_fresh(stamp, stamp.wrapping_add(d)), "{stamp} + {d}");
+                assert!(snat_claim_fresh(stamp, stamp.wrapping_sub(d)), "{stamp} - {d}");
+            }
+            assert!(!snat_claim_fresh(stamp, stamp.wrapping_add(SNAT_CLAIM_JIFFIES + 1)));
+            assert!(!snat_claim_fresh(stamp, stamp.wrapping_sub(SNAT_CLAIM_JIFFIES + 1)));
+            assert!(!snat_claim_fresh(stamp, stamp.wrapping_add(1 << 31)));
+        }
     }
 
     #[test]

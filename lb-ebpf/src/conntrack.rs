@@ -631,6 +631,7 @@ struct PortSearch<A> {
     /// A port whose flow finished, or 0.
     finished: u16,
     now: u32,
+    /// The flow's hash: where the probes start, and the tag of its claims.
     seed: u32,
 }
 
@@ -643,19 +644,56 @@ extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
     let port = ((SNAT_PORT_MIN as u32 + h % span) as u16).to_be();
     let k = key(s.backend_addr, s.addr, s.backend_port, port, s.proto, CT_DIR_REPLY);
     let Some((e, _)) = find(&k) else {
-        s.free = port;
-        return 1;
+        return take(s, port);
     };
     // SAFETY: read of a map value while the program runs.
     let e = unsafe { &*e };
     if expired(e, s.now) || (e.snat_addr == s.client && e.snat_port == s.client_port) {
-        s.free = port;
-        return 1;
+        return take(s, port);
     }
-    if s.finished == 0 && s.proto == PROTO_TCP && (e.state == CT_TIME_WAIT || e.state == CT_CLOSE) {
+    if s.finished == 0
+        && s.proto == PROTO_TCP
+        && (e.state == CT_TIME_WAIT || e.state == CT_CLOSE)
+        && claim_snat_port(s, port)
+    {
+        // Claimed now, though a free port may turn up yet: a claim left unused holds its port
+        // for a jiffy or two, and the flow is sure of a port.
         s.finished = port;
     }
     0
+}
+
+/// Takes `port`, found free, if no other flow claimed it meanwhile: 1 stops the search.
+#[inline(always)]
+fn take<A: Addr>(s: &mut PortSearch<A>, port: u16) -> i64 {
+    if !claim_snat_port(s, port) {
+        return 0;
+    }
+    s.free = port;
+    1
+}
+
+/// Claims `port` for the searching flow in `LB_SNAT_CLAIMS` (`lb_common::MAP_SNAT_CLAIMS`):
+/// false if another flow holds a fresh claim on its slot. A port is free by its reply key's
+/// absence, which stays true until the flow that takes it writes that key: without a claim,
+/// two CPUs creating flows to one backend at once could both find a port free, and the second
+/// reply entry would take the first's, its replies then going to the second client. The flow's
+/// own claim is its own (its hash is the tag), so a flow that lost its entries moments after
+/// it began takes its port back.
+#[inline(always)]
+fn claim_snat_port<A: Addr>(s: &PortSearch<A>, port: u16) -> bool {
+    let slot = lb_common::snat_claim_slot(s.addr.fold(), s.backend_addr.fold(), s.backend_port, port, s.proto);
+    let Some(p) = crate::maps::LB_SNAT_CLAIMS.get_ptr_mut(slot) else {
+        return false;
+    };
+    let mine = (s.seed as u64) << 32 | s.now as u64;
+    // SAFETY: an element of an array of u64, 8-byte aligned, valid while the program runs.
+    let seen = unsafe { core::ptr::read_volatile(p) };
+    if seen != 0 && (seen >> 32) as u32 != s.seed && lb_common::snat_claim_fresh(seen as u32, s.now) {
+        return false;
+    }
+    // SAFETY: as above. Losing the swap, another CPU claimed the slot since the read.
+    seen == mine || unsafe { crate::mem::compare_exchange64(p, seen, mine) }
 }
 
 /// Picks a source port for SNAT of `flow` to `addr` towards `backend`: a hash of the flow
@@ -663,8 +701,9 @@ extern "C" fn probe<A: Addr>(i: u32, ctx: *mut core::ffi::c_void) -> i64 {
 /// probe hashes anew: consecutive ports (linear probing) form long occupied runs once the
 /// range is half full. A port whose TCP flow finished (TIME_WAIT, CLOSE) is taken if no free
 /// one turns up, as netfilter lets a new SYN take over such a tuple; a port this very flow
-/// held before (its entries were lost) is taken back. The probes run under `bpf_loop`, so the
-/// verifier checks one probe, not every path through 32 of them.
+/// held before (its entries were lost) is taken back. A port is taken only once claimed
+/// (`claim_snat_port`), so two CPUs never hand out one port. The probes run under `bpf_loop`,
+/// so the verifier checks one probe, not every path through 32 of them.
 #[inline(always)]
 pub fn free_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {
     let seed = lb_common::flow_hash(flow.src.fold(), flow.dst.fold(), flow.sport, flow.dport, flow.proto);

@@ -45,7 +45,7 @@ use lb_common::{
     ct_cache_pair, CtKey, CtValue, CtWay, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::addr::Addr;
+use crate::{addr::Addr, mem::compare_exchange64};
 
 /// Slots of the cache, written by the agent at load time (half the assured table's room, an
 /// even number: pairs).
@@ -186,7 +186,9 @@ pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
         // are bytes 8..16 of one).
         let tail = dst.add(KEY_WORDS - 2) as *mut u64;
         let seen = core::ptr::read_volatile(tail);
-        if (seen >> 32) as u32 & BUSY != 0 || !claim(tail, seen, (seen & 0xffff_ffff) | (BUSY as u64) << 32) {
+        if (seen >> 32) as u32 & BUSY != 0
+            || !compare_exchange64(tail, seen, (seen & 0xffff_ffff) | (BUSY as u64) << 32)
+        {
             // Another CPU is writing the slot.
             return;
         }
@@ -201,20 +203,6 @@ pub fn fill<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
             i += 1;
         }
     }
-}
-
-/// Swaps `*p` from `seen` to `new` if it still holds `seen`, atomically: BPF's
-/// `cmpxchg_64`, as inline asm since Rust's BPF target offers no compare-and-exchange (its
-/// atomics are loads and stores). The verifier accepts it on a map value, aligned.
-#[inline(always)]
-unsafe fn claim(p: *mut u64, seen: u64, new: u64) -> bool {
-    let mut r0 = seen;
-    // SAFETY: the caller's `p` is an aligned u64 of a map value.
-    unsafe {
-        core::arch::asm!("r0 = cmpxchg_64({p} + 0, r0, {new})", p = in(reg) p, new = in(reg) new,
-            inout("r0") r0, options(nostack, preserves_flags));
-    }
-    r0 == seen
 }
 
 /// Drops the cached copies of `k`, wherever in its pair they are (a key is written into one
@@ -243,6 +231,6 @@ fn forget_in<A>(w: *mut CtWay<A>, k: &CtKey<A>) {
     };
     if seen == mine && holds(w, k, false) {
         // SAFETY: as above. The key's last word becomes 0, which is no key.
-        unsafe { claim(tail, seen, seen & 0xffff_ffff) };
+        unsafe { compare_exchange64(tail, seen, seen & 0xffff_ffff) };
     }
 }

@@ -93,7 +93,7 @@ pub fn stamp<A: Addr>(k: &CtKey<A>) {
         // The OR is atomic: the word holds other keys' stamps, which other CPUs and the agent
         // stamp and clear at the same time, and a plain read-modify-write could undo a live
         // flow's stamp. BPF's atomic OR as inline asm: Rust's BPF target offers no
-        // read-modify-write atomics (`ct_cache::claim` says the same of compare-and-exchange).
+        // read-modify-write atomics (`mem::compare_exchange64` says the same of compare-and-exchange).
         // SAFETY: an aligned u64 of a map value, which the verifier accepts atomics on.
         unsafe {
             core::arch::asm!("lock *(u64 *)({p} + 0) |= {bits}", p = in(reg) word, bits = in(reg) bits,

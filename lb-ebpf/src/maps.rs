@@ -140,6 +140,12 @@ pub static LB_SERVICES_GEN: Array<u32> = Array::pinned(1, 0);
 #[map(name = "LB_XDP_TARGETS")]
 pub static LB_XDP_TARGETS: HashMap<u32, u32> = HashMap::pinned(XDP_TARGETS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// SNAT ports claimed at this instant (`lb_common::MAP_SNAT_CLAIMS`). Pinned, so a restarted
+/// agent's programs and its predecessor's, both running for the moment of the link swap,
+/// claim from one set.
+#[map(name = "LB_SNAT_CLAIMS")]
+pub static LB_SNAT_CLAIMS: Array<u64> = Array::pinned(lb_common::SNAT_CLAIM_SLOTS, 0);
+
 /// Fragmented datagrams in flight: later fragments carry no ports, so the first fragment
 /// records them here and the rest are translated as their flow. LRU: a lost last fragment
 /// leaves an entry that ages out.

@@ -1,4 +1,4 @@
-//! Word access to packet bytes.
+//! Word access to packet bytes, and the one atomic swap of a map word the datapath uses.
 //!
 //! Header fields sit at offsets LLVM cannot prove aligned (an IPv4 address 26 bytes into a
 //! frame), and LLVM's BPF target assumes no unaligned access: `read_unaligned` of a `u32`
@@ -75,4 +75,22 @@ pub unsafe fn store32<const OFF: i16>(p: usize, v: u32) {
         core::arch::asm!("*(u32 *)({p} + {off}) = {v}", p = in(reg) p, off = const OFF, v = in(reg) v,
             options(nostack, preserves_flags));
     }
+}
+
+/// Swaps `*p` from `seen` to `new` if it still holds `seen`, atomically, and says whether it
+/// did: BPF's `cmpxchg_64`, as inline asm since Rust's BPF target offers no
+/// compare-and-exchange (its atomics are loads and stores). The verifier accepts it on a map
+/// value, aligned.
+///
+/// # Safety
+/// `p` must be an 8-byte aligned u64 of a map value.
+#[inline(always)]
+pub unsafe fn compare_exchange64(p: *mut u64, seen: u64, new: u64) -> bool {
+    let mut r0 = seen;
+    // SAFETY: the caller's contract.
+    unsafe {
+        core::arch::asm!("r0 = cmpxchg_64({p} + 0, r0, {new})", p = in(reg) p, new = in(reg) new,
+            inout("r0") r0, options(nostack, preserves_flags));
+    }
+    r0 == seen
 }

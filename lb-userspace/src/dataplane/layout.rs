@@ -59,6 +59,8 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
         s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
         s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
+        // Claims of SNAT ports hold for a jiffy or two: rebuilt rather than migrated.
+        s(lb_common::MAP_SNAT_CLAIMS, 4, 8, false),
         // Fragments in flight live for milliseconds: rebuilt rather than migrated.
         s(lb_common::MAP_FRAGMENTS, size_of::<lb_common::FragKey>(), size_of::<lb_common::FragValue>(), false),
     ]

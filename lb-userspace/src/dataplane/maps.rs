@@ -213,6 +213,8 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRangeData, u8>,
     pub local_sources: LpmTrie<MapData, lb_common::LocalSourceData, u8>,
     pub xdp_targets: HashMap<MapData, u32, u32>,
+    /// SNAT ports claimed at this instant (`LB_SNAT_CLAIMS`): tests stage claims in it.
+    pub snat_claims: Array<MapData, u64>,
 }
 
 impl Maps {
@@ -248,6 +250,8 @@ impl Maps {
                 .map_err(map_err(lb_common::MAP_LOCAL_SOURCES))?,
             xdp_targets: HashMap::try_from(take(ebpf, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
+            snat_claims: Array::try_from(take(ebpf, lb_common::MAP_SNAT_CLAIMS)?)
+                .map_err(map_err(lb_common::MAP_SNAT_CLAIMS))?,
         })
     }
 
@@ -279,6 +283,8 @@ impl Maps {
                 .map_err(map_err(lb_common::MAP_LOCAL_SOURCES))?,
             xdp_targets: HashMap::try_from(open(pin_dir, lb_common::MAP_XDP_TARGETS)?)
                 .map_err(map_err(lb_common::MAP_XDP_TARGETS))?,
+            snat_claims: Array::try_from(open(pin_dir, lb_common::MAP_SNAT_CLAIMS)?)
+                .map_err(map_err(lb_common::MAP_SNAT_CLAIMS))?,
         })
     }
 }
@@ -313,6 +319,7 @@ impl MapSizes {
             MAP_SOCK_REVNAT => lb_common::SOCK_REVNAT_MAX_ENTRIES,
             lb_common::MAP_XDP_TARGETS => lb_common::XDP_TARGETS_MAX_ENTRIES,
             lb_common::MAP_FRAGMENTS => lb_common::FRAGMENTS_MAX_ENTRIES,
+            lb_common::MAP_SNAT_CLAIMS => lb_common::SNAT_CLAIM_SLOTS,
             _ => 0,
         }
     }

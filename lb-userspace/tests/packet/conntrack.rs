@@ -598,6 +598,58 @@ fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
     assert!(h.counter(Counter::DropSnatPorts) > before, "ports of live flows are never taken");
 }
 
+/// Two CPUs creating SNATed flows to one backend at the same instant: each finds the same
+/// port free (no reply entry holds it yet), and only the claim one of them makes first
+/// (`LB_SNAT_CLAIMS`) keeps the other off it. Staged here: another flow's fresh claim on the
+/// very port this flow's search takes first.
+#[test]
+fn a_snat_port_another_flow_claimed_at_that_instant_is_not_taken_too() {
+    if !privileged() {
+        return;
+    }
+    let (h, _ns) = edge();
+    let backend: (Ipv4Addr, u16) = (REMOTE_POD.parse().unwrap(), 80);
+    let client = (Ipv4Addr::new(192, 168, 60, 7), 40_000);
+    let syn = frame(client, (NODE_IP, 30081), L4::Tcp { flags: SYN }, &[]);
+    let snat_port = |h: &Harness| {
+        let p = parse_checked(&h.run(&syn).1);
+        assert_eq!((p.dst, p.src.0), (backend, NODE_IP), "SNATed to the node, towards the remote backend");
+        p.src.1
+    };
+    let first = snat_port(&h);
+    let slot =
+        lb_common::snat_claim_slot(be(NODE_IP), be(backend.0), backend.1.to_be(), first.to_be(), lb_common::PROTO_TCP);
+    let mut claims = h.pinned_maps().snat_claims;
+    let (clock, _) = h.dp.ct_clock();
+    let jiffies = || clock.jiffies().unwrap();
+    assert_ne!(claims.get(&slot, 0).unwrap(), 0, "the flow claimed its port");
+    // Its entries lost moments after it began: its own claim does not keep it off its port.
+    forget_all_flows(&h);
+    assert_eq!(snat_port(&h), first, "a flow's own claim is no other flow's");
+    // Another flow's claim, fresh while the SYN runs (retried if the clock moved on too far
+    // between the two: then the claim may have gone stale before the search read it).
+    let other = 0x5eed_u64 << 32;
+    let mut checked = false;
+    for _ in 0..20 {
+        forget_all_flows(&h);
+        let before = jiffies();
+        claims.set(slot, other | before as u64, 0).unwrap();
+        let taken = snat_port(&h);
+        if jiffies().wrapping_sub(before) > lb_common::SNAT_CLAIM_JIFFIES {
+            continue;
+        }
+        assert_ne!(taken, first, "a port another flow claimed at that instant was taken too");
+        checked = true;
+        break;
+    }
+    assert!(checked, "the clock moved on by more than a claim's life during every try");
+    // A stale claim holds nothing: the port is free again for this flow.
+    forget_all_flows(&h);
+    let stale = jiffies().wrapping_sub(lb_common::SNAT_CLAIM_JIFFIES + 1);
+    claims.set(slot, other | stale as u64, 0).unwrap();
+    assert_eq!(snat_port(&h), first, "a stale claim kept the port");
+}
+
 /// Deletes both entries of every flow from both tables of the pinned maps.
 fn forget_all_flows(h: &Harness) {
     let mut m = h.pinned_maps();
