@@ -1007,7 +1007,8 @@ impl Default for ServiceName {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Not IP (ARP, LLDP, ...): passed untouched.
+    /// Not IP (ARP, LLDP, ...), or at tc a VLAN's frame on the VLAN's parent interface (the
+    /// VLAN device's own program serves it): passed untouched.
     PassNotIp = 0,
     /// IPv4 but not to a service and not a reply of a tracked flow.
     PassNotService = 1,

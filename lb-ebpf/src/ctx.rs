@@ -171,6 +171,15 @@ pub trait Packet {
         false
     }
 
+    /// The packet is a VLAN's, seen on the VLAN's parent interface: its tag is out of the
+    /// frame, in the skb, and goes with it wherever it is sent. XDP sees the tag in the frame
+    /// (an ethertype it passes), so only tc needs asking. A priority tag (VLAN id 0, 802.1p) is
+    /// no VLAN's: the kernel drops it and goes on with the frame on the parent itself.
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        false
+    }
+
     /// Leaves the packet, untouched, to the tc program behind this hook.
     #[inline(always)]
     fn defer(&self) -> i32 {
@@ -218,6 +227,17 @@ impl Packet for TcContext {
     #[inline(always)]
     fn packet_len(&self) -> u32 {
         TcContext::len(self)
+    }
+
+    /// The kernel moves a frame's VLAN tag into the skb before tc ingress runs
+    /// (`skb_vlan_untag` in `__netif_receive_skb_core`, or the NIC's VLAN offload), and hands
+    /// the frame to the VLAN device only after it (`vlan_do_receive`, which clears the tag).
+    /// The verifier turns this field into a load of the skb's `vlan_tci`, which is 0 without
+    /// a tag (`__vlan_hwaccel_clear_tag` zeroes it with the rest).
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // SAFETY: the context of a tc program, valid while it runs.
+        unsafe { (*self.skb.skb).vlan_tci & 0x0fff != 0 }
     }
 
     #[inline(always)]

@@ -210,6 +210,13 @@ pub fn lb_bench_empty_tc(_ctx: TcContext) -> i32 {
 /// 512-byte stack. A missing tail (an agent that did not fill the table) passes the packet.
 #[inline(always)]
 fn pipeline<P: Packet>(ctx: &P, tail: u32) -> i32 {
+    if ctx.vlan_tagged() {
+        // A VLAN's packet on the VLAN's parent: translated here and sent elsewhere
+        // (`bpf_redirect_neigh`), it would keep the client's tag on the way out. The VLAN
+        // device, which the agent attaches too (every interface but `lo` by default), sees it
+        // next, untagged, and serves it.
+        return pass(ctx, Counter::PassNotIp);
+    }
     match parse::ethertype(ctx.data(), ctx.data_end()) {
         Some(ETH_P_IP_BE) => family::<u32, P>(ctx),
         Some(ETH_P_IPV6_BE) => {

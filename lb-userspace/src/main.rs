@@ -83,7 +83,7 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Attach the tc program only to interfaces matching these globs (`*`, `?`). Default: all
-    /// but `lo`.
+    /// but `lo`. A VLAN's traffic is served at its VLAN device, not the parent: name both.
     #[arg(long = "iface")]
     ifaces: Vec<String>,
     /// The node's external interfaces, where the XDP program handles node ports, LoadBalancer

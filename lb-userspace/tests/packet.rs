@@ -131,6 +131,8 @@ impl Harness {
 mod conntrack;
 #[path = "packet/ipv6.rs"]
 mod ipv6;
+#[path = "packet/vlan.rs"]
+mod vlan;
 
 // ---------- fixtures ----------
 
