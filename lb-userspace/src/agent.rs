@@ -216,8 +216,16 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     };
 
     // Health check node ports follow what the proxier publishes.
+    // On the addresses `--nodeport-addresses` selects, once the proxier has read them.
     let (health_tx, health_rx) = tokio::sync::watch::channel(BTreeMap::<u16, HealthCheck>::new());
-    servers.push(tokio::spawn(crate::healthcheck::serve(status.clone(), health_rx, crate::healthcheck::RETRY)));
+    let (listen_tx, listen_rx) =
+        tokio::sync::watch::channel(crate::healthcheck::Listen::for_node_ports(&opts.nodeport_addresses, &[]));
+    servers.push(tokio::spawn(crate::healthcheck::serve(
+        status.clone(),
+        health_rx,
+        listen_rx,
+        crate::healthcheck::RETRY,
+    )));
     // Warning Events for rejected Services, published off the proxier's thread.
     let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel::<Rejection>();
     if let Some(client) = client {
@@ -230,7 +238,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         }));
     }
 
-    let proxier = Proxier::new(dp, &opts, status.clone(), health_tx, event_tx, link_poll);
+    let proxier = Proxier::new(dp, &opts, status.clone(), (health_tx, listen_tx), event_tx, link_poll);
     let thread = std::thread::Builder::new()
         .name("lb-proxier".into())
         .spawn(move || proxier.run(rx))
@@ -423,6 +431,8 @@ struct Proxier {
     translator: Translator,
     status: metrics::SharedStatus,
     health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
+    /// Where the health check servers listen, following the node port addresses.
+    health_listen: tokio::sync::watch::Sender<crate::healthcheck::Listen>,
     events: tokio::sync::mpsc::UnboundedSender<Rejection>,
     node_name: String,
     tc_globs: Vec<String>,
@@ -459,7 +469,10 @@ impl Proxier {
         dp: Dataplane,
         opts: &Options,
         status: metrics::SharedStatus,
-        health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
+        (health_tx, health_listen): (
+            tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
+            tokio::sync::watch::Sender<crate::healthcheck::Listen>,
+        ),
         events: tokio::sync::mpsc::UnboundedSender<Rejection>,
         link_poll: Duration,
     ) -> Self {
@@ -469,6 +482,7 @@ impl Proxier {
             translator: Translator::new(NodeInfo::named(&opts.node_name)),
             status,
             health_tx,
+            health_listen,
             events,
             node_name: opts.node_name.clone(),
             tc_globs: opts.ifaces.clone(),
@@ -770,6 +784,9 @@ impl Proxier {
         match self.dp.sync_node_addresses(&self.nodeport_addresses) {
             Ok(addrs) if addrs != self.node_addrs => {
                 info!(addresses = ?addrs, "node port addresses");
+                let _ = self
+                    .health_listen
+                    .send(crate::healthcheck::Listen::for_node_ports(&self.nodeport_addresses, &addrs));
                 self.node_addrs = addrs;
             }
             Ok(_) => {}

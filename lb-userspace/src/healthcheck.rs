@@ -4,10 +4,12 @@
 //!
 //! As kube-proxy's per-family proxiers each run their own server, a port listens once per
 //! family the Service has (`0.0.0.0`, and `[::]` as an IPv6-only socket beside it), and a
-//! probe is answered with the local endpoint count of the family it arrived over.
+//! probe is answered with the local endpoint count of the family it arrived over. With
+//! `--nodeport-addresses`, as kube-proxy's, a port listens on each node address those select
+//! instead (`Listen`), following the addresses as they come and go.
 use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -20,17 +22,63 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthCheckError {
-    #[error("health check node port {port} ({family}): binding: {source}")]
-    Bind { port: u16, family: IpFamily, source: std::io::Error },
+    #[error("health check node port {port} on {addr}: binding: {source}")]
+    Bind { port: u16, addr: IpAddr, source: std::io::Error },
+}
+
+/// Where the servers listen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Listen {
+    /// Every address of each family (no `--nodeport-addresses`).
+    #[default]
+    Everywhere,
+    /// These addresses, the node's own that `--nodeport-addresses` selects; the unspecified
+    /// address of a family stands for all of it (a `/0` of that family, kube-proxy's
+    /// `MatchAll`).
+    On(BTreeSet<IpAddr>),
+}
+
+impl Listen {
+    /// Where `--nodeport-addresses` `cidrs` puts the servers, given the node's addresses they
+    /// select (`node_addrs`).
+    pub fn for_node_ports(cidrs: &[crate::model::Cidr], node_addrs: &[IpAddr]) -> Self {
+        if cidrs.is_empty() {
+            return Listen::Everywhere;
+        }
+        let mut on: BTreeSet<IpAddr> = BTreeSet::new();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            if cidrs.iter().any(|c| c.family() == family && c.len == 0) {
+                on.insert(unspecified(family));
+            } else {
+                on.extend(node_addrs.iter().filter(|a| IpFamily::of(**a) == family));
+            }
+        }
+        Listen::On(on)
+    }
+
+    /// The addresses a server of `family` listens on.
+    fn addrs(&self, family: IpFamily) -> Vec<IpAddr> {
+        match self {
+            Listen::Everywhere => vec![unspecified(family)],
+            Listen::On(on) => on.iter().copied().filter(|a| IpFamily::of(*a) == family).collect(),
+        }
+    }
+}
+
+fn unspecified(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => Ipv4Addr::UNSPECIFIED.into(),
+        IpFamily::V6 => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 type Shared = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
 
-/// The running servers, one per port, and what each reports.
+/// The running servers, one per port and address, and what each reports.
 pub struct HealthChecks {
     state: Shared,
     status: SharedStatus,
-    servers: BTreeMap<(u16, IpFamily), JoinHandle<()>>,
+    servers: BTreeMap<(u16, IpAddr), JoinHandle<()>>,
 }
 
 /// kube-proxy's status, JSON body and endpoint count header for one service, probed over
@@ -47,15 +95,11 @@ pub fn response(hc: &HealthCheck, family: IpFamily, proxy_healthy: bool) -> (u16
     (if local > 0 && proxy_healthy { 200 } else { 503 }, body)
 }
 
-/// A listener on every address of `family`: for IPv6 an IPv6-only socket, so the IPv4
-/// listener on the same port can exist beside it.
-fn listen(family: IpFamily, port: u16) -> std::io::Result<TcpListener> {
-    let addr = match family {
-        IpFamily::V4 => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-        IpFamily::V6 => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-    };
+/// A listener on `addr`: for IPv6 an IPv6-only socket, so that on the unspecified address the
+/// IPv4 listener of the same port can exist beside it.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    if family == IpFamily::V6 {
+    if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
@@ -105,20 +149,25 @@ pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 pub async fn serve(
     status: SharedStatus,
     mut want: tokio::sync::watch::Receiver<BTreeMap<u16, HealthCheck>>,
+    mut listen: tokio::sync::watch::Receiver<Listen>,
     retry: std::time::Duration,
 ) {
     let mut checks = HealthChecks::new(status);
     let mut current = BTreeMap::new();
+    let mut on = listen.borrow_and_update().clone();
     loop {
         tokio::select! {
             changed = want.changed() => match changed {
                 Ok(()) => current = want.borrow_and_update().clone(),
                 Err(_) => return,
             },
+            // The node's addresses changed (with `--nodeport-addresses`); a closed channel
+            // leaves them as they are.
+            Ok(()) = listen.changed() => on = listen.borrow_and_update().clone(),
             // The ports as they were: only missing or stopped servers are started.
             () = tokio::time::sleep(retry) => {}
         }
-        for e in checks.update(&current).await {
+        for e in checks.update(&current, &on).await {
             tracing::error!(error = %e, retry_s = retry.as_secs(), "health check server failed; trying again");
         }
     }
@@ -129,48 +178,49 @@ impl HealthChecks {
         Self { state: Shared::default(), status, servers: BTreeMap::new() }
     }
 
-    /// Serves exactly the ports of `want`, each on the families it counts, with its counts.
-    /// Must run inside a tokio runtime.
-    pub async fn update(&mut self, want: &BTreeMap<u16, HealthCheck>) -> Vec<HealthCheckError> {
+    /// Serves exactly the ports of `want`, each on the families it counts, with its counts,
+    /// on the addresses `on` gives. Must run inside a tokio runtime.
+    pub async fn update(&mut self, want: &BTreeMap<u16, HealthCheck>, on: &Listen) -> Vec<HealthCheckError> {
         *self.state.lock().expect("health check state poisoned") = want.clone();
-        let wanted =
-            |(port, family): &(u16, IpFamily)| want.get(port).is_some_and(|hc| hc.local_endpoints.contains_key(family));
-        let gone: Vec<(u16, IpFamily)> = self.servers.keys().filter(|k| !wanted(k)).copied().collect();
+        let wanted: BTreeSet<(u16, IpAddr)> = want
+            .iter()
+            .flat_map(|(port, hc)| hc.local_endpoints.keys().flat_map(|f| on.addrs(*f)).map(|a| (*port, a)))
+            .collect();
+        let gone: Vec<(u16, IpAddr)> = self.servers.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for k in gone {
             if let Some(task) = self.servers.remove(&k) {
                 task.abort();
-                tracing::info!(port = k.0, family = %k.1, "health check server stopped");
+                tracing::info!(port = k.0, addr = %k.1, "health check server stopped");
             }
         }
         let mut errors = Vec::new();
-        for (port, hc) in want {
-            for family in hc.local_endpoints.keys().copied() {
-                let (port, k) = (*port, (*port, family));
-                // A server that stopped (its accept loop failed) is started again.
-                if self.servers.get(&k).is_some_and(|task| !task.is_finished()) {
-                    continue;
+        for k in wanted {
+            let (port, addr) = k;
+            let family = IpFamily::of(addr);
+            // A server that stopped (its accept loop failed) is started again.
+            if self.servers.get(&k).is_some_and(|task| !task.is_finished()) {
+                continue;
+            }
+            match listen(SocketAddr::new(addr, port)) {
+                Ok(listener) => {
+                    tracing::info!(port, %addr, "health check server started");
+                    // Any path gets the answer, as kube-proxy's.
+                    let app = axum::Router::new().fallback(answer).with_state((
+                        self.state.clone(),
+                        self.status.clone(),
+                        port,
+                        family,
+                    ));
+                    self.servers.insert(
+                        k,
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::warn!(port, %addr, error = %e, "health check server stopped");
+                            }
+                        }),
+                    );
                 }
-                match listen(family, port) {
-                    Ok(listener) => {
-                        tracing::info!(port, %family, "health check server started");
-                        // Any path gets the answer, as kube-proxy's.
-                        let app = axum::Router::new().fallback(answer).with_state((
-                            self.state.clone(),
-                            self.status.clone(),
-                            port,
-                            family,
-                        ));
-                        self.servers.insert(
-                            k,
-                            tokio::spawn(async move {
-                                if let Err(e) = axum::serve(listener, app).await {
-                                    tracing::warn!(port, %family, error = %e, "health check server stopped");
-                                }
-                            }),
-                        );
-                    }
-                    Err(source) => errors.push(HealthCheckError::Bind { port, family, source }),
-                }
+                Err(source) => errors.push(HealthCheckError::Bind { port, addr, source }),
             }
         }
         errors
@@ -254,19 +304,19 @@ mod tests {
         let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut checks = HealthChecks::new(status.clone());
-        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 3))])).await.is_empty());
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 3))]), &Listen::Everywhere).await.is_empty());
         let r = get(addr).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert_eq!(header(&r, "X-Load-Balancing-Endpoint-Weight"), Some("3"), "{r}");
         assert_eq!(header(&r, "content-type"), Some("application/json"), "{r}");
         assert!(r.contains("\"localEndpoints\":3"), "{r}");
         // The count changes without the server restarting.
-        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 0))])).await.is_empty());
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 0))]), &Listen::Everywhere).await.is_empty());
         let r = get(addr).await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert_eq!(header(&r, "x-load-balancing-endpoint-weight"), Some("0"), "{r}");
         // An unhealthy proxy answers 503 but still reports its local endpoints.
-        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 5))])).await.is_empty());
+        assert!(checks.update(&BTreeMap::from([(port, check("shop/web", 5))]), &Listen::Everywhere).await.is_empty());
         status.lock().unwrap().attached = false;
         let r = get(addr).await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
@@ -281,7 +331,8 @@ mod tests {
         let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
-        let server = tokio::spawn(serve(status, rx, std::time::Duration::from_millis(50)));
+        let (_listen_tx, listen) = tokio::sync::watch::channel(Listen::Everywhere);
+        let server = tokio::spawn(serve(status, rx, listen, std::time::Duration::from_millis(50)));
         tx.send(BTreeMap::from([(port, check("shop/web", 1))])).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         // Still held by the other socket, which answers nothing: the port was not taken.
@@ -302,6 +353,46 @@ mod tests {
         }
         drop(tx);
         server.await.unwrap();
+    }
+
+    /// With `--nodeport-addresses`, a port listens on the node addresses it selects only, and
+    /// moves with them.
+    #[tokio::test]
+    async fn with_node_port_addresses_a_port_listens_on_those_addresses_only() {
+        let status = healthy();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (one, two): (IpAddr, IpAddr) = (Ipv4Addr::new(127, 0, 0, 1).into(), Ipv4Addr::new(127, 0, 0, 2).into());
+        let answers = |ip: IpAddr| std::net::TcpStream::connect(SocketAddr::new(ip, port)).is_ok();
+        let mut checks = HealthChecks::new(status);
+        let want = BTreeMap::from([(port, check("shop/web", 1))]);
+        let on = |a: IpAddr| Listen::On(BTreeSet::from([a]));
+        assert!(checks.update(&want, &on(one)).await.is_empty());
+        assert!(get(SocketAddr::new(one, port)).await.starts_with("HTTP/1.1 200"));
+        assert!(!answers(two), "listening on 127.0.0.2 too");
+        // The node's selected address changes: the server follows.
+        assert!(checks.update(&want, &on(two)).await.is_empty());
+        assert!(get(SocketAddr::new(two, port)).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!answers(one), "still listening on 127.0.0.1");
+        // No address of the family selected: no server of it.
+        assert!(checks.update(&want, &Listen::On(BTreeSet::new())).await.is_empty());
+        assert!(checks.servers.is_empty());
+    }
+
+    #[test]
+    fn node_port_addresses_select_the_listening_addresses() {
+        let cidr = |s: &str| s.parse::<crate::model::Cidr>().unwrap();
+        let node: Vec<IpAddr> =
+            vec![Ipv4Addr::new(192, 168, 49, 2).into(), Ipv4Addr::new(10, 0, 0, 2).into(), "fd00::2".parse().unwrap()];
+        assert_eq!(Listen::for_node_ports(&[], &node), Listen::Everywhere);
+        // The agent passes the addresses the CIDRs selected: all of them are listened on.
+        let on = Listen::for_node_ports(&[cidr("192.168.49.0/24")], &node[..1]);
+        assert_eq!(on, Listen::On(BTreeSet::from([node[0]])));
+        assert_eq!(on.addrs(IpFamily::V6), Vec::<IpAddr>::new());
+        // A family's /0 is all of it: its unspecified address (kube-proxy's MatchAll).
+        let on = Listen::for_node_ports(&[cidr("0.0.0.0/0"), cidr("fd00::/64")], &node);
+        assert_eq!(on.addrs(IpFamily::V4), vec![IpAddr::from(Ipv4Addr::UNSPECIFIED)]);
+        assert_eq!(on.addrs(IpFamily::V6), vec![node[2]]);
     }
 
     /// The IPv4 and the IPv6 listener of one port bind side by side, and each answers with its
@@ -327,7 +418,7 @@ mod tests {
                 local_endpoints: BTreeMap::from([(IpFamily::V4, 0), (IpFamily::V6, 2)]),
             },
         )]);
-        let errors = checks.update(&want).await;
+        let errors = checks.update(&want, &Listen::Everywhere).await;
         assert!(errors.is_empty(), "{errors:?}");
         let v4 = get(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
         assert!(v4.starts_with("HTTP/1.1 503"), "{v4}");
@@ -341,7 +432,10 @@ mod tests {
             port,
             HealthCheck { service: "default/dual".into(), local_endpoints: BTreeMap::from([(IpFamily::V6, 2)]) },
         )]);
-        assert!(checks.update(&want).await.is_empty());
-        assert_eq!(checks.servers.keys().copied().collect::<Vec<_>>(), vec![(port, IpFamily::V6)]);
+        assert!(checks.update(&want, &Listen::Everywhere).await.is_empty());
+        assert_eq!(
+            checks.servers.keys().copied().collect::<Vec<_>>(),
+            vec![(port, IpAddr::from(Ipv6Addr::UNSPECIFIED))]
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_tests::{eventually, http_get, http_get_from, privileged, tcp_connect, Lab, Node, Pod};
+use lb_tests::{eventually, http_get, http_get_from, http_status, privileged, tcp_connect, Lab, Node, Pod};
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 3);
@@ -84,6 +84,11 @@ spec: {{type: NodePort, clusterIP: 10.96.5.3, ports: [{{port: 80, nodePort: 3009
 }
 
 fn edge() -> Result<Edge> {
+    edge_with(&[])
+}
+
+/// `edge`, both agents given `extra` flags too.
+fn edge_with(extra: &[&str]) -> Result<Edge> {
     let mut lab = Lab::new()?;
     let ul = lab.add_underlay()?;
     let a = lab.add_node("node-a", 1)?;
@@ -103,7 +108,8 @@ fn edge() -> Result<Edge> {
     // route to take them from.
     for (n, ip, pod) in [(&a, NODE_A, &lb_pod), (&b, NODE_B, &np_pod)] {
         let ip = ip.to_string();
-        lab.start_agent(n, &["cbr0", "eth0", &pod.host_if], 8, &["--node-ip", &ip, "--xdp-iface", "eth0"])?;
+        let flags = [&["--node-ip", &ip, "--xdp-iface", "eth0"], extra].concat();
+        lab.start_agent(n, &["cbr0", "eth0", &pod.host_if], 8, &flags)?;
     }
     Ok(Edge { lab, a, b, outside, np_pod, lb_pod })
 }
@@ -227,6 +233,30 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() -> 
     assert!(eventually(Duration::from_secs(3), || tcp_refused_fast(&e.outside.ns, at(NODE_A, 30091)).unwrap_or(false)));
     update(&e, false, true)?;
     assert!(eventually(Duration::from_secs(2), || probe(NODE_B).map(|p| p.0 == 200).unwrap_or(false)));
+    Ok(())
+}
+
+/// With `--nodeport-addresses`, the health check node port listens on the node addresses it
+/// selects, as kube-proxy's does, not on every address: node-b's pod gateway (10.244.2.1),
+/// which node-a routes to, does not answer it.
+#[test]
+fn with_node_port_addresses_the_health_check_listens_on_those_addresses_only() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let e = edge_with(&["--nodeport-addresses", "192.168.49.0/24"])?;
+    let gateway = Ipv4Addr::new(10, 244, 2, 1);
+    assert!(
+        eventually(Duration::from_secs(3), || http_status(&e.a.ns, at(NODE_B, 32000), "/").is_ok_and(|s| s.0 == 200)),
+        "node-b's health check node port answers on its node address"
+    );
+    assert!(
+        tcp_refused_fast(&e.a.ns, at(gateway, 32000))?,
+        "node-b's health check node port answered on an address --nodeport-addresses leaves out"
+    );
+    // The node port itself is not served there either (its address is no node port address).
+    assert!(http_get(&e.a.ns, at(gateway, 30091), "/").is_err());
+    assert_eq!(http_get(&e.a.ns, at(NODE_B, 30091), "/")?, "node-port");
     Ok(())
 }
 
