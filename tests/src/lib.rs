@@ -49,19 +49,53 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
 }
 
-/// The `lb` binary: `$LB_BIN`, else the newest of target/{debug,release}/lb.
+/// The `lb` binary: `$LB_BIN`, else the newest of target/{debug,release}/lb, refused if a
+/// source it is built from is newer: `cargo test -p lb-tests` does not build it (it is
+/// another package's binary), and a stale one would test the code before the change.
 pub fn lb_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("LB_BIN") {
         return Ok(PathBuf::from(p));
     }
     let target =
         std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace_root().join("target"));
-    ["debug", "release"]
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let bin = ["debug", "release"]
         .iter()
         .map(|p| target.join(p).join("lb"))
         .filter(|p| p.exists())
-        .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
-        .ok_or_else(|| anyhow!("the lb binary is not built: run `cargo build -p lb-userspace` (cargo xtask test does)"))
+        .max_by_key(|p| modified(p))
+        .ok_or_else(|| {
+            anyhow!("the lb binary is not built: run `cargo build -p lb-userspace` (cargo xtask test does)")
+        })?;
+    let built = modified(&bin);
+    let sources = ["lb-userspace/src", "lb-ebpf/src", "lb-common/src"].map(|d| workspace_root().join(d));
+    if let Some(newer) = sources.iter().flat_map(|d| newest_file(d)).find(|(_, t)| Some(*t) > built) {
+        bail!(
+            "{} is older than {}: run `cargo build -p lb-userspace --bins` (cargo xtask test does), or set LB_BIN",
+            bin.display(),
+            newer.0.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The most recently modified file under `dir`, and when.
+fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    for entry in fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let found = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            fs::metadata(&path).and_then(|m| m.modified()).ok().map(|t| (path, t))
+        };
+        if let Some(f) = found {
+            if newest.as_ref().is_none_or(|n| f.1 > n.1) {
+                newest = Some(f);
+            }
+        }
+    }
+    newest
 }
 
 /// The `podserver` binary, built next to the test binaries.
