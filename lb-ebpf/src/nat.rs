@@ -25,6 +25,24 @@ pub enum Snat<A> {
     Exhausted,
 }
 
+/// Families whose ClusterIP traffic from outside the cluster is SNATed to the node on its
+/// way to a remote backend (bit 0 IPv4, bit 1 IPv6): those `--cluster-cidr` names, written by
+/// the agent at load time. Without a cluster CIDR the datapath cannot tell a pod from an
+/// outside client, as kube-proxy cannot (its `ClusterCIDR` local detection).
+#[no_mangle]
+static SNAT_OFF_CLUSTER: u32 = 0;
+
+/// Whether a flow to a ClusterIP comes from outside the cluster: a client beyond the nodes, to
+/// which a routed or advertised service CIDR leads. A remote backend would answer it
+/// directly, past this node's reverse NAT, so it is SNATed as a node port's client is.
+#[inline(always)]
+fn off_cluster<A: Addr>(flow: &Flow<A>) -> bool {
+    let bit = if A::FAMILY == lb_common::FAMILY_IPV4 { 1 } else { 2 };
+    // SAFETY: reading a static the loader patches; volatile so the load stays.
+    let families = unsafe { core::ptr::read_volatile(&SNAT_OFF_CLUSTER) };
+    families & bit != 0 && !crate::service::from_cluster(flow)
+}
+
 #[inline(always)]
 pub fn snat_for<A: Addr>(svc: &ServiceValue, backend: &Backend, flow: &Flow<A>, now: u32) -> Snat<A> {
     let backend_addr = A::from_words(backend.addr);
@@ -33,10 +51,15 @@ pub fn snat_for<A: Addr>(svc: &ServiceValue, backend: &Backend, flow: &Flow<A>, 
         // client itself.
         return Snat::To(A::hairpin_ip(), flow.sport, false);
     }
-    let external_to_remote = svc.flags & SVC_FLAG_EXTERNAL != 0
-        && svc.flags & SVC_FLAG_LOCAL_ONLY == 0
-        && backend.flags & BACKEND_FLAG_LOCAL == 0;
-    if !external_to_remote {
+    if backend.flags & BACKEND_FLAG_LOCAL != 0 {
+        return Snat::No;
+    }
+    // A remote backend: an external frontend's clients are SNATed unless its policy is
+    // Local; a ClusterIP's only if they come from outside the cluster (the source check last:
+    // it is an LPM lookup).
+    let snat =
+        if svc.flags & SVC_FLAG_EXTERNAL != 0 { svc.flags & SVC_FLAG_LOCAL_ONLY == 0 } else { off_cluster(flow) };
+    if !snat {
         return Snat::No;
     }
     let node_ip = A::node_ip();

@@ -156,7 +156,9 @@ struct RunArgs {
     /// The cluster's pod CIDRs, IPv4 or IPv6 (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
     /// traffic from them (and from this node's `spec.podCIDRs`, and the node itself) to an
     /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
-    /// endpoints; only traffic from outside stays on this node's.
+    /// endpoints; only traffic from outside stays on this node's. Traffic from outside them to
+    /// a ClusterIP (a service CIDR routed or advertised beyond the cluster) is SNATed to the
+    /// node on its way to a remote backend, as kube-proxy masquerades it.
     #[arg(long, value_delimiter = ',')]
     cluster_cidr: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).
@@ -303,6 +305,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         }
         cg
     };
+    let cluster_cidr_families = dataplane::ClusterCidrFamilies::of(&args.cluster_cidr);
     Ok(agent::Options {
         metrics_addr: socket_addr("metrics-addr", &args.metrics_addr)?,
         healthz_addr: socket_addr("healthz-addr", &args.healthz_addr)?,
@@ -341,6 +344,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
             count_per_frontend: args.metrics_per_frontend,
             ipv6: args.ipv6,
             xdp_mode: args.xdp_mode,
+            cluster_cidr_families,
         },
     })
 }

@@ -1077,6 +1077,53 @@ fn xdp_node_port_to_a_remote_backend_is_snated_to_the_node_and_replies_are_resto
     assert_ne!(parse_checked(&out).src.1, p.src.1);
 }
 
+/// A ClusterIP reached from beyond the cluster (a service CIDR routed or advertised to the
+/// nodes): with a cluster CIDR known, a client outside it is SNATed to the node on its way to
+/// a remote backend, as kube-proxy masquerades it, so the reply comes back through this node;
+/// a pod keeps its address; without a cluster CIDR nobody is SNATed (the datapath cannot tell
+/// a pod from an outside client).
+#[test]
+fn a_clusterip_reached_from_outside_the_cluster_is_snated_to_a_remote_backend() {
+    if !privileged() {
+        return;
+    }
+    let cip = (Ipv4Addr::new(10, 96, 1, 2), 8080);
+    let backend = (REMOTE_POD.parse::<Ipv4Addr>().unwrap(), 80);
+    let (outside, pod) = ((EXTERNAL_CLIENT, 40_100), (Ipv4Addr::new(10, 244, 1, 5), 40_101));
+    let _ns = NetNsGuard::node();
+    let families = lb_userspace::dataplane::ClusterCidrFamilies { ipv4: true, ipv6: false };
+    let mut h = Harness::with_config(
+        EDGE,
+        Config { node_ip: Some(NODE_IP), cluster_cidr_families: families, ..Config::default() },
+    );
+    h.dp.set_local_sources(&["10.244.0.0/16".parse().unwrap()]).unwrap();
+    h.allow_xdp_send("ext0");
+    for (hook, run) in [("tc", Harness::run as fn(&Harness, &[u8]) -> (u32, Vec<u8>)), ("xdp", Harness::run_xdp)] {
+        let client = (outside.0, outside.1 + u16::from(hook == "xdp"));
+        let (verdict, out) = run(&h, &frame(client, cip, L4::Tcp { flags: SYN }, &[]));
+        let p = parse_checked(&out);
+        assert_eq!(p.dst, backend, "{hook}");
+        assert_eq!(p.src.0, NODE_IP, "{hook}: an outside client is SNATed to the node");
+        assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&p.src.1), "{hook}: {}", p.src.1);
+        assert!(verdict == TC_ACT_REDIRECT || XDP_TX_OR_REDIRECT.contains(&verdict), "{hook}: routed: {verdict}");
+        // The backend's reply, to the node, goes back to the client from the ClusterIP, which
+        // is no node address: the stack forwards it, as a LoadBalancer IP's reply.
+        let (verdict, out) = h.run(&frame(backend, p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+        assert_eq!(verdict, TC_ACT_OK, "{hook}");
+        let r = parse_checked(&out);
+        assert_eq!((r.src, r.dst), (cip, client), "{hook}");
+    }
+    // A pod of the cluster keeps its own address.
+    let p = parse_checked(&h.run(&frame(pod, cip, L4::Tcp { flags: SYN }, &[])).1);
+    assert_eq!((p.src, p.dst), (pod, backend));
+    // Without a cluster CIDR, an outside client is not SNATed either.
+    drop(h);
+    let h = Harness::with_config(EDGE, Config { node_ip: Some(NODE_IP), ..Config::default() });
+    let client = (outside.0, outside.1 + 2);
+    let p = parse_checked(&h.run(&frame(client, cip, L4::Tcp { flags: SYN }, &[])).1);
+    assert_eq!((p.src, p.dst), (client, backend));
+}
+
 #[test]
 fn udp_node_port_through_xdp() {
     if !privileged() {

@@ -202,6 +202,28 @@ fn cluster_policy_snats_to_the_node_and_local_policy_keeps_the_client_address() 
     Ok(())
 }
 
+/// A ClusterIP reached from beyond the cluster (its address routed to a node, as a BGP
+/// announcement of the service CIDR would): with `--cluster-cidr`, the outside client is
+/// SNATed to the node on its way to a remote backend, whose reply then comes back through it,
+/// as kube-proxy masquerades such traffic; a local backend sees the client, and so does a
+/// remote one reached by a pod.
+#[test]
+fn with_a_cluster_cidr_a_clusterip_serves_clients_outside_the_cluster() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let e = edge_with(&["--cluster-cidr", "10.244.0.0/16"])?;
+    let cip = Ipv4Addr::new(10, 96, 5, 1);
+    let peer =
+        |ns: &str| -> Result<String> { Ok(http_get(ns, at(cip, 80), "/peer")?.split(':').next().unwrap().to_string()) };
+    e.lab.exec(&e.outside.ns, &["ip", "route", "add", &format!("{cip}/32"), "via", &NODE_A.to_string()])?;
+    assert_eq!(peer(&e.outside.ns)?, NODE_A.to_string(), "via node-a, to the backend on node-b: SNATed to node-a");
+    assert_eq!(peer(&e.lb_pod.ns)?, e.lb_pod.ip.to_string(), "a pod keeps its address");
+    e.lab.exec(&e.outside.ns, &["ip", "route", "replace", &format!("{cip}/32"), "via", &NODE_B.to_string()])?;
+    assert_eq!(peer(&e.outside.ns)?, OUTSIDE.to_string(), "via node-b, its own backend: no SNAT needed");
+    Ok(())
+}
+
 #[test]
 fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() -> Result<()> {
     if !privileged() {

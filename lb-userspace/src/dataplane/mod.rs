@@ -55,7 +55,7 @@ pub use sys::{
     node_port_address,
 };
 
-use crate::model::Frontend;
+use crate::model::{Cidr, Frontend};
 use apply::{Programmed, Retired};
 use layout::Migration;
 
@@ -160,6 +160,29 @@ pub struct Config {
     /// frames pass untouched. `lb run` turns it on unless `--ipv6 false`; off in the derived
     /// default, which the packet tests of IPv4 use (the IPv6 stages take seconds to verify).
     pub ipv6: bool,
+    /// The families `--cluster-cidr` covers: in each, a flow to a ClusterIP from a source
+    /// outside the cluster CIDRs (and this node's pod CIDRs, `LB_LOCAL_SOURCES`) is a client
+    /// beyond the cluster, SNATed to the node on its way to a remote backend (the datapath's
+    /// `SNAT_OFF_CLUSTER`), as kube-proxy masquerades it; in the others, not.
+    pub cluster_cidr_families: ClusterCidrFamilies,
+}
+
+/// Families that have a cluster CIDR (`Config::cluster_cidr_families`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCidrFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl ClusterCidrFamilies {
+    pub fn of(cidrs: &[Cidr]) -> Self {
+        Self { ipv4: cidrs.iter().any(|c| c.addr.is_ipv4()), ipv6: cidrs.iter().any(|c| c.addr.is_ipv6()) }
+    }
+
+    /// The datapath's `SNAT_OFF_CLUSTER`: bit 0 IPv4, bit 1 IPv6.
+    pub(crate) fn bits(self) -> u32 {
+        u32::from(self.ipv4) | u32::from(self.ipv6) << 1
+    }
 }
 
 /// Conntrack lifetimes per state, in seconds; the programs get them in jiffies at load time.

@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{FragKey, FragValue, COUNTER_MAX, MAP_FRAGMENTS};
 use lb_tests::fuzz::{world, Backend, Counters, Datapath, Frontend, Hook, NodeNs, RunError, World};
 use lb_userspace::{
-    dataplane::{Config, Dataplane, MapSizes, Maps, Timeouts},
+    dataplane::{ClusterCidrFamilies, Config, Dataplane, MapSizes, Maps, Timeouts},
     manifests,
     model::{translate, Cidr, DesiredState, NodeInfo, Scope, ServicePort},
 };
@@ -49,6 +49,8 @@ pub fn config() -> Config {
         timeouts,
         sizes: MapSizes { conntrack_new: 262_144, ..MapSizes::default() },
         node_ip: Some(world::NODE_IP),
+        // As the world's `--cluster-cidr` (`world::CLUSTER_CIDR`, `World::snat_off_cluster`).
+        cluster_cidr_families: ClusterCidrFamilies { ipv4: true, ipv6: false },
         ..Config::default()
     }
 }

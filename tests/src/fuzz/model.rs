@@ -623,7 +623,12 @@ impl Model {
             Some(None) => vec![vec![], vec![Counter::AffinityHit]],
             None => vec![vec![]],
         };
-        let needs_node_snat = |b: &super::world::Backend| b.ip != t.src && fe.external && !fe.local_only && !b.local;
+        // A remote backend of an external frontend whose policy is Cluster, or of a ClusterIP
+        // reached from outside the cluster (README, "North-south").
+        let off_cluster = self.world.snat_off_cluster && !self.world.is_local_source(t.src);
+        let needs_node_snat = |b: &super::world::Backend| {
+            b.ip != t.src && !b.local && if fe.external { !fe.local_only } else { off_cluster }
+        };
         let frag: Vec<Counter> = if l4.is_none() { vec![Counter::FragTranslated] } else { vec![] };
         if !translated(a, f, out) {
             // Dropped or left to tc after the choice: only a routed choice can be.

@@ -244,6 +244,9 @@ pub struct World {
     pub hairpin: Ipv4Addr,
     /// `LB_LOCAL_SOURCES`: the cluster's own sources (address, prefix length).
     pub local_sources: Vec<(Ipv4Addr, u8)>,
+    /// A cluster CIDR is known (`--cluster-cidr`): a ClusterIP's client from outside the
+    /// cluster's own sources is SNATed to the node on its way to a remote backend.
+    pub snat_off_cluster: bool,
 }
 
 impl World {
@@ -255,6 +258,7 @@ impl World {
             node_ip: NODE_IP,
             hairpin: HAIRPIN_IP,
             local_sources: vec![CLUSTER_CIDR],
+            snat_off_cluster: true,
         }
     }
 
