@@ -582,7 +582,12 @@ fn new_flow<A: Addr, P: Packet>(
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
     }
-    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, node_frontend, P::HOOK).is_err() {
+    // Replies are routed here when their restored source is a node address (a node port's),
+    // and when the flow went out SNATed to the node: its packets left past the node's own
+    // netfilter, whose conntrack would call the first reply INVALID (a SYN-ACK it never saw the
+    // SYN of) and a FORWARD rule dropping such packets would drop it.
+    let reply_route = node_frontend || t.route;
+    if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, reply_route, P::HOOK).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
     Ok(t)

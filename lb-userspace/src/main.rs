@@ -158,7 +158,7 @@ struct RunArgs {
     /// external frontend of an `externalTrafficPolicy: Local` Service goes to cluster-wide
     /// endpoints; only traffic from outside stays on this node's. Traffic from outside them to
     /// a ClusterIP (a service CIDR routed or advertised beyond the cluster) is SNATed to the
-    /// node on its way to a remote backend, as kube-proxy masquerades it.
+    /// node on its way to a remote backend (kube-proxy masquerades it to local ones too).
     #[arg(long, value_delimiter = ',')]
     cluster_cidr: Vec<model::Cidr>,
     /// Capacity of the services map (frontends).

@@ -1106,10 +1106,10 @@ fn a_clusterip_reached_from_outside_the_cluster_is_snated_to_a_remote_backend() 
         assert_eq!(p.src.0, NODE_IP, "{hook}: an outside client is SNATed to the node");
         assert!((lb_common::SNAT_PORT_MIN..=lb_common::SNAT_PORT_MAX).contains(&p.src.1), "{hook}: {}", p.src.1);
         assert!(verdict == TC_ACT_REDIRECT || XDP_TX_OR_REDIRECT.contains(&verdict), "{hook}: routed: {verdict}");
-        // The backend's reply, to the node, goes back to the client from the ClusterIP, which
-        // is no node address: the stack forwards it, as a LoadBalancer IP's reply.
+        // The backend's reply, to the node, goes back to the client from the ClusterIP, routed
+        // here as the flow's packets were (past the node's netfilter, which never saw the SYN).
         let (verdict, out) = h.run(&frame(backend, p.src, L4::Tcp { flags: SYN_ACK }, &[]));
-        assert_eq!(verdict, TC_ACT_OK, "{hook}");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{hook}");
         let r = parse_checked(&out);
         assert_eq!((r.src, r.dst), (cip, client), "{hook}");
     }

@@ -68,8 +68,14 @@ pub fn lb_bin() -> Result<PathBuf> {
             anyhow!("the lb binary is not built: run `cargo build -p lb-userspace` (cargo xtask test does)")
         })?;
     let built = modified(&bin);
-    let sources = ["lb-userspace/src", "lb-ebpf/src", "lb-common/src"].map(|d| workspace_root().join(d));
-    if let Some(newer) = sources.iter().flat_map(|d| newest_file(d)).find(|(_, t)| Some(*t) > built) {
+    let crates = ["lb-userspace", "lb-ebpf", "lb-common"].map(|d| workspace_root().join(d));
+    let newest = crates.iter().flat_map(|c| {
+        let manifests = ["Cargo.toml", "build.rs"].map(|f| c.join(f));
+        newest_file(&c.join("src"))
+            .into_iter()
+            .chain(manifests.into_iter().filter_map(|f| Some((f.clone(), modified(&f)?))))
+    });
+    if let Some(newer) = newest.into_iter().find(|(_, t)| Some(*t) > built) {
         bail!(
             "{} is older than {}: run `cargo build -p lb-userspace --bins` (cargo xtask test does), or set LB_BIN",
             bin.display(),
@@ -79,15 +85,18 @@ pub fn lb_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The most recently modified file under `dir`, and when.
+/// The most recently modified Rust source under `dir`, and when (an editor's swap file is no
+/// source: cargo would not rebuild for it).
 fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
     for entry in fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
         let path = entry.path();
         let found = if path.is_dir() {
             newest_file(&path)
-        } else {
+        } else if path.extension().is_some_and(|e| e == "rs") {
             fs::metadata(&path).and_then(|m| m.modified()).ok().map(|t| (path, t))
+        } else {
+            None
         };
         if let Some(f) = found {
             if newest.as_ref().is_none_or(|n| f.1 > n.1) {

@@ -65,9 +65,15 @@ impl Hook {
 /// on a physical device (one with a bus address, as `ethtool -i` shows). Virtual devices (veth,
 /// bridges, tunnels) are left to tc: a veth advertises `ndo-xmit` once its peer has GRO,
 /// yet in this project's lab replies sent with native XDP_TX over such a veth were lost, and
-/// a veth's packets are CHECKSUM_PARTIAL, which XDP leaves to tc anyway. `--xdp-mode native`
-/// still forces it.
-fn auto_native(name: &str, ifindex: Option<&u32>, can_transmit: &dyn Fn(u32) -> bool) -> bool {
+/// a veth's packets are CHECKSUM_PARTIAL, which XDP leaves to tc anyway. Nor a device with
+/// VLAN devices on top (`has_vlans`): most NICs strip the tag before XDP runs
+/// (`rx-vlan-offload`), so a VLAN's frame reaches XDP looking like the parent's own, which XDP
+/// would translate and send on without its tag (tc sees the stripped tag in the skb and leaves
+/// the frame to the VLAN device). `--xdp-mode native` still forces it.
+fn auto_native(name: &str, ifindex: Option<&u32>, can_transmit: &dyn Fn(u32) -> bool, has_vlans: bool) -> bool {
+    if has_vlans {
+        return false;
+    }
     let physical = crate::xdp_features::driver_info(name).is_some_and(|(_, bus)| !bus.is_empty());
     physical && ifindex.is_some_and(|i| can_transmit(*i))
 }
@@ -103,7 +109,7 @@ impl Dataplane {
             .into_iter()
             .map(|(_, ip)| ip)
             .filter(|ip| node_port_address(*ip))
-            .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
+            .filter(|ip| crate::model::node_port_address_selected(cidrs, *ip))
             .collect();
         self.set_node_addresses(&want)
     }
@@ -189,15 +195,24 @@ impl Dataplane {
         let can_transmit =
             |ifindex: u32| features.get(&ifindex).copied().is_some_and(crate::xdp_features::can_transmit);
         self.sync_xdp_targets(present.values().copied().filter(|i| can_transmit(*i)).collect(), &mut errors);
+        let vlan_parents = super::sys::vlan_parents();
         if self.xdp_mode == XdpAttachMode::Auto {
             for (name, ifindex) in &present {
                 if !xdp_wanted(name) {
                     continue;
                 }
-                let native = auto_native(name, Some(ifindex), &can_transmit);
+                let has_vlans = vlan_parents.contains(name);
+                let native = auto_native(name, Some(ifindex), &can_transmit, has_vlans);
                 if self.xdp_choice.insert(name.clone(), native) != Some(native) {
                     if native {
                         tracing::info!(iface = %name, mode = "native", "XDP: the driver transmits native XDP frames");
+                    } else if has_vlans {
+                        tracing::info!(
+                            iface = %name,
+                            mode = "none (tc only)",
+                            "XDP: VLAN devices on top, whose tags the NIC may strip before XDP runs; \
+                             tc handles this interface alone (--xdp-mode native forces XDP)"
+                        );
                     } else {
                         tracing::info!(
                             iface = %name,
@@ -213,7 +228,10 @@ impl Dataplane {
         let auto = self.xdp_mode == XdpAttachMode::Auto;
         let wanted = |name: &str, hook: Hook| match hook {
             Hook::Tc | Hook::TcEgress => tc_wanted(name),
-            Hook::Xdp => xdp_wanted(name) && (!auto || auto_native(name, present.get(name), &can_transmit)),
+            Hook::Xdp => {
+                xdp_wanted(name)
+                    && (!auto || auto_native(name, present.get(name), &can_transmit, vlan_parents.contains(name)))
+            }
         };
         // Links of interfaces that disappeared, were recreated under the same name, or are no
         // longer wanted.
@@ -241,6 +259,14 @@ impl Dataplane {
                 }
                 match self.attach(name, hook) {
                     Ok(pinned) => {
+                        if hook == Hook::Xdp && vlan_parents.contains(name) {
+                            tracing::warn!(
+                                iface = %name,
+                                "XDP forced on an interface with VLAN devices on top: where the NIC strips \
+                                 VLAN tags before XDP (rx-vlan-offload), their frames are served as this \
+                                 interface's own and sent on untagged"
+                            );
+                        }
                         self.attach_failures.remove(&k);
                         self.attached.insert(k, (*ifindex, pinned));
                     }

@@ -163,7 +163,7 @@ pub struct Config {
     /// The families `--cluster-cidr` covers: in each, a flow to a ClusterIP from a source
     /// outside the cluster CIDRs (and this node's pod CIDRs, `LB_LOCAL_SOURCES`) is a client
     /// beyond the cluster, SNATed to the node on its way to a remote backend (the datapath's
-    /// `SNAT_OFF_CLUSTER`), as kube-proxy masquerades it; in the others, not.
+    /// `SNAT_OFF_CLUSTER`; kube-proxy masquerades it, to local backends too); in the others, not.
     pub cluster_cidr_families: ClusterCidrFamilies,
 }
 

@@ -314,6 +314,22 @@ impl Cidr {
     }
 }
 
+/// Whether `--nodeport-addresses` `cidrs` select the node address `ip`: as kube-proxy's
+/// `NewNodePortAddresses`, a family none of them is of is selected whole (the family's `/0`),
+/// so a list of IPv4 CIDRs leaves IPv6 node ports on every IPv6 address.
+pub fn node_port_address_selected(cidrs: &[Cidr], ip: IpAddr) -> bool {
+    let family = IpFamily::of(ip);
+    let mut of_family = cidrs.iter().filter(|c| c.family() == family).peekable();
+    of_family.peek().is_none() || of_family.any(|c| c.contains(ip))
+}
+
+/// Whether `--nodeport-addresses` `cidrs` select every address of `family` (none of them is of
+/// it, or one is its `/0`: kube-proxy's `MatchAll`).
+pub fn node_port_family_whole(cidrs: &[Cidr], family: IpFamily) -> bool {
+    let mut of_family = cidrs.iter().filter(|c| c.family() == family).peekable();
+    of_family.peek().is_none() || of_family.any(|c| c.len == 0)
+}
+
 impl FromStr for Cidr {
     type Err = String;
 

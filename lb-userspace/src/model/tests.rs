@@ -1566,3 +1566,20 @@ fn a_health_check_node_port_held_by_another_service_leaves_only_the_check_out() 
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn node_port_addresses_select_per_family_as_kube_proxy() {
+    let cidrs: Vec<Cidr> = vec!["192.168.49.0/24".parse().unwrap()];
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(node_port_address_selected(&cidrs, ip("192.168.49.2")));
+    assert!(!node_port_address_selected(&cidrs, ip("10.0.0.2")));
+    // No IPv6 CIDR: every IPv6 address, as kube-proxy's `NewNodePortAddresses` adds `::/0`.
+    assert!(node_port_address_selected(&cidrs, ip("fd00::2")));
+    assert!(node_port_family_whole(&cidrs, IpFamily::V6));
+    assert!(!node_port_family_whole(&cidrs, IpFamily::V4));
+    let both: Vec<Cidr> = vec!["0.0.0.0/0".parse().unwrap(), "fd00:49::/64".parse().unwrap()];
+    assert!(node_port_family_whole(&both, IpFamily::V4));
+    assert!(!node_port_family_whole(&both, IpFamily::V6));
+    assert!(!node_port_address_selected(&both, ip("fd00::2")));
+    assert!(node_port_address_selected(&[], ip("fd00::2")));
+}

@@ -990,10 +990,12 @@ impl Model {
         for e in &entries {
             let flow = &self.flows[&e.fwd];
             let snat = (t.dst, t.dport) != flow.client;
+            // Routed: back from a node address (a node port's), or the reply of a flow SNATed
+            // to the node.
             let w = Rewrite {
                 src: flow.fe_addr,
                 dst: if snat { flow.client } else { (t.dst, t.dport) },
-                routed: self.world.is_node_addr(flow.fe_addr.0),
+                routed: self.world.is_node_addr(flow.fe_addr.0) || snat && t.dst == self.world.node_ip,
             };
             cands.push((e.fwd, w, !e.stale && !flow.finished() && entries.len() == 1));
         }
@@ -1012,8 +1014,8 @@ impl Model {
             let hairpin = d == self.world.hairpin && dp == flow.client.1 && t.src == flow.client.0;
             let node = d == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dp);
             if direct || hairpin || node {
-                let w =
-                    Rewrite { src: flow.fe_addr, dst: flow.client, routed: self.world.is_node_addr(flow.fe_addr.0) };
+                let routed = self.world.is_node_addr(flow.fe_addr.0) || node;
+                let w = Rewrite { src: flow.fe_addr, dst: flow.client, routed };
                 cands.push((*p, w, false));
             }
         }
@@ -1172,7 +1174,9 @@ impl Model {
                     outer_dst: if snat { flow.client.0 } else { e.ip.dst },
                     inner_src: if snat { flow.client } else { (q.src, q.sport) },
                     inner_dst: flow.fe_addr,
-                    routed: from_backend && self.world.is_node_addr(new_outer_src),
+                    // As the flow's replies (`maybe_reply`).
+                    routed: from_backend
+                        && (self.world.is_node_addr(new_outer_src) || snat && q.src == self.world.node_ip),
                 },
                 !entry.stale && !flow.finished() && !shared,
             ));
@@ -1201,7 +1205,7 @@ impl Model {
                 outer_dst: if direct { e.ip.dst } else { flow.client.0 },
                 inner_src: flow.client,
                 inner_dst: flow.fe_addr,
-                routed: from_backend && self.world.is_node_addr(new_outer_src),
+                routed: from_backend && (self.world.is_node_addr(new_outer_src) || node),
             };
             let nat = Nat { backend: (q.dst, q.dport), snat: (!direct).then_some((q.src, q.sport)) };
             pending_cands.push((*p, w, nat));
