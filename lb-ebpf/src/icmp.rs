@@ -85,8 +85,10 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
         // keeps its own address, which a client accepts (it matches errors by the quote).
         if e.outer.src == q.dst {
             w.outer_src = r.nat_addr;
-            w.route = r.flags & CT_FLAG_ROUTE != 0;
         }
+        // Routed as the flow's replies are, whoever sent it: a flow SNATed to the node passed
+        // the node's netfilter by, which would find the error related to nothing (INVALID).
+        w.route = r.flags & CT_FLAG_ROUTE != 0;
         return Some(w);
     }
     // The quote is a translated reply (frontend -> client): the error travels to the backend,
@@ -100,8 +102,10 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
         w.inner_dport = f.snat_port;
         if e.outer.src == q.dst {
             w.outer_src = f.snat_addr;
-            w.route = f.flags & CT_FLAG_ROUTE != 0;
         }
+        // As above: routed as the flow's packets are (a router's "fragmentation needed" about a
+        // large reply, on its way to the backend, among them).
+        w.route = f.flags & CT_FLAG_ROUTE != 0;
     }
     Some(w)
 }
@@ -138,14 +142,19 @@ fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
     let route = if w.route {
         let proto = if A::FAMILY == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
         // An error too big for the way out is dropped (no error about an error, RFC 1122).
-        let Ok(r) = ctx.route(w.outer_src, w.outer_dst, proto) else {
-            return ctx.unroutable();
-        };
-        if !ttl_ok::<A, P>(ctx) {
-            ctx.count(Counter::DropTtlExpired);
-            return P::DROP;
+        match ctx.route(w.outer_src, w.outer_dst, proto) {
+            Ok(r) => {
+                if !ttl_ok::<A, P>(ctx) {
+                    ctx.count(Counter::DropTtlExpired);
+                    return P::DROP;
+                }
+                Some(r)
+            }
+            // As a reply's (`maybe_reply_of`): routed only to pass the node's netfilter by,
+            // its source no node address, it goes to the stack where tc finds no way.
+            Err(_) if P::HOOK == crate::ctx::HOOK_TC && !crate::service::is_node_source(&w.outer_src) => None,
+            Err(_) => return ctx.unroutable(),
         }
-        Some(r)
     } else {
         None
     };

@@ -668,14 +668,21 @@ fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
         return ctx.defer();
     }
     let route = if r.route {
-        let route = match ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) {
-            Ok(route) => route,
+        match ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) {
+            Ok(route) => {
+                if let Err(verdict) = forwardable::<A, P>(ctx) {
+                    return verdict;
+                }
+                Some(route)
+            }
+            // The reply of a flow SNATed to the node whose frontend is no node address is
+            // routed here only to pass the node's netfilter by (`reply_route` in `new_flow`):
+            // where the FIB lookup finds no way (a client that is an address of this node, a
+            // route with encapsulation, a policy route) the stack may, so tc hands it on
+            // translated. XDP leaves it to tc, as any packet it cannot route.
+            Err(e) if P::HOOK == crate::ctx::HOOK_TC && e.mtu == 0 && !service::is_node_source(&r.src_addr) => None,
             Err(e) => return ctx.unroutable_for(h, e),
-        };
-        if let Err(verdict) = forwardable::<A, P>(ctx) {
-            return verdict;
         }
-        Some(route)
     } else {
         None
     };

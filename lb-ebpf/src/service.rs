@@ -69,12 +69,9 @@ fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Opt
     let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
         Some(svc) => (svc, flow.dst, SCOPE_EXACT),
         None => {
-            let a = flow.dst.words();
-            // SAFETY: `NodeAddrKey` is `repr(C)`, five words: the address, then `family` and its
-            // padding (asserted in lb-common). Words, for the reason `get` gives; field by field
-            // the padding took a call to `memset`.
-            let node: NodeAddrKey = unsafe { core::mem::transmute([a[0], a[1], a[2], a[3], A::FAMILY as u32]) };
-            LB_NODE_ADDRS.get_ptr(&node)?;
+            if !is_node_addr(flow.dst) {
+                return None;
+            }
             (get(A::default(), flow, SCOPE_NODEPORT)?, A::default(), SCOPE_NODEPORT)
         }
     };
@@ -89,6 +86,34 @@ fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Opt
         return Some((svc, node_frontend, true));
     }
     Some((svc, node_frontend, false))
+}
+
+/// Whether `addr` is one of the node's addresses node ports answer on (`LB_NODE_ADDRS`).
+#[inline(always)]
+pub fn is_node_addr<A: Addr>(addr: A) -> bool {
+    let a = addr.words();
+    // SAFETY: `NodeAddrKey` is `repr(C)`, five words: the address, then `family` and its
+    // padding (asserted in lb-common). Words, for the reason `get` gives; field by field the
+    // padding took a call to `memset`.
+    let node: NodeAddrKey = unsafe { core::mem::transmute([a[0], a[1], a[2], a[3], A::FAMILY as u32]) };
+    LB_NODE_ADDRS.get_ptr(&node).is_some()
+}
+
+/// `is_node_addr` for the rare paths that ask it of a reply or an ICMP error's source: a
+/// subprogram for IPv6, whose stages have no registers to spare for the key there (inlined,
+/// LLVM's spills made the verifier refuse the reply stage: "invalid size of register fill").
+#[inline(always)]
+pub fn is_node_source<A: Addr>(addr: &A) -> bool {
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        is_node_addr(*addr)
+    } else {
+        is_node_addr_outlined(addr)
+    }
+}
+
+#[inline(never)]
+fn is_node_addr_outlined<A: Addr>(addr: &A) -> bool {
+    is_node_addr(*addr)
 }
 
 /// `LB_SERVICES_GEN`, which the agent moves on after each change to the frontend maps.

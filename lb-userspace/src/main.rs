@@ -136,8 +136,9 @@ struct RunArgs {
     /// route's interface (else of the IPv4 default route's).
     #[arg(long)]
     node_ip6: Option<std::net::Ipv6Addr>,
-    /// Node ports answer only on node addresses inside these CIDRs, IPv4 or IPv6
-    /// (comma-separated or repeated). Default: every address of the node but loopback and
+    /// Node ports (and health check node ports) answer only on node addresses inside these
+    /// CIDRs, IPv4 or IPv6 (comma-separated or repeated); a family none of them is of keeps
+    /// every address, as kube-proxy's. Default: every address of the node but loopback and
     /// IPv6 link-local ones.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,

@@ -102,8 +102,9 @@ fn iface_of_link_pin(file: &str) -> Option<(String, Hook)> {
 
 impl Dataplane {
     /// Makes `LB_NODE_ADDRS` hold exactly the addresses of this network namespace, of both
-    /// families, that lie in `cidrs` (all of them if `cidrs` is empty), except loopback and
-    /// IPv6 link-local ones. Node ports answer on these, each on the addresses of its family.
+    /// families, that `cidrs` select (`model::node_port_address_selected`: every address of a
+    /// family they name no CIDR of), except loopback and IPv6 link-local ones. Node ports
+    /// answer on these, each on the addresses of its family.
     pub fn sync_node_addresses(&mut self, cidrs: &[Cidr]) -> Result<Vec<IpAddr>> {
         let want: Vec<IpAddr> = local_addresses()?
             .into_iter()

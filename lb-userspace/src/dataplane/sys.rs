@@ -144,27 +144,37 @@ pub fn node_port_address(ip: IpAddr) -> bool {
     }
 }
 
-/// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which
-/// asks netlink, so it is right inside `ip netns exec` or `nsenter --net`).
 /// Interfaces with 802.1Q VLAN devices on top, in the caller's network namespace: the third
 /// column of `/proc/net/vlan/config` (`eth0.100 | 100 | eth0`), which the kernel's 8021q
-/// module keeps per namespace. Without that module there are no VLAN devices, and no file.
+/// module keeps per namespace (`/proc/thread-self`: the calling thread's namespace). Without
+/// that module there are no VLAN devices, and no file; a file that cannot be read is logged
+/// and taken as none. Only a VLAN's own parent is named: a VLAN on a bond names the bond, not
+/// the NICs under it.
 pub fn vlan_parents() -> std::collections::BTreeSet<String> {
-    std::fs::read_to_string("/proc/thread-self/net/vlan/config").map(|t| parse_vlan_config(&t)).unwrap_or_default()
+    match std::fs::read_to_string("/proc/thread-self/net/vlan/config") {
+        Ok(text) => parse_vlan_config(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /proc/net/vlan/config: VLAN devices not known");
+            Default::default()
+        }
+    }
 }
 
 fn parse_vlan_config(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()
         .filter_map(|l| {
-            let cols: Vec<&str> = l.split('|').map(str::trim).collect();
-            match cols.as_slice() {
-                [_, id, parent] if id.parse::<u16>().is_ok() && !parent.is_empty() => Some(parent.to_string()),
-                _ => None,
-            }
+            // From the right: a VLAN device's name may hold a `|` (its parent's too, which no
+            // reading of this table could tell apart).
+            let mut cols = l.rsplitn(3, '|').map(str::trim);
+            let (parent, id, _name) = (cols.next()?, cols.next()?, cols.next()?);
+            (id.parse::<u16>().is_ok() && !parent.is_empty()).then(|| parent.to_string())
         })
         .collect()
 }
 
+/// Interfaces of the current network namespace, by name and index (`if_nameindex(3)`, which
+/// asks netlink, so it is right inside `ip netns exec` or `nsenter --net`).
 pub fn interfaces() -> Result<Vec<(String, u32)>> {
     let list = nix::net::if_::if_nameindex().map_err(|e| DataplaneError::Io {
         what: "listing interfaces of",
@@ -179,9 +189,10 @@ mod vlan_tests {
     #[test]
     fn vlan_parents_are_read_from_the_kernels_table() {
         let text = "VLAN Dev name\t | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\n\
-                    eth0.100       | 100  | eth0\nbond0.7        | 7  | bond0\neth0.200       | 200  | eth0\n";
+                    eth0.100       | 100  | eth0\nbond0.7        | 7  | bond0\neth0.200       | 200  | eth0\n\
+                    odd|vlan       | 9  | eth1\n";
         let parents: Vec<String> = super::parse_vlan_config(text).into_iter().collect();
-        assert_eq!(parents, ["bond0", "eth0"]);
+        assert_eq!(parents, ["bond0", "eth0", "eth1"]);
         assert!(super::parse_vlan_config("").is_empty());
     }
 }

@@ -531,6 +531,10 @@ impl Model {
         let join = |extra: &dyn Fn(&CounterPair) -> Vec<Counter>| -> Vec<Vec<Counter>> {
             pairs.iter().map(|p| [p.0.clone(), extra(p)].concat()).collect()
         };
+        // A routed reply whose source is no node address goes to the stack where tc finds no
+        // route (`maybe_reply_of`): translated, not routed.
+        let to_stack = a == Act::Forward && w.routed && hook == Hook::Tc && !self.world.is_node_addr(w.src.0);
+        let w = if to_stack { Rewrite { routed: false, ..w } } else { w };
         let alts = match (a, w.routed, hook) {
             (Act::Forward, false, Hook::Tc) | (Act::Sent, true, _) => {
                 check_nat(hook, f, out, ip, l4, w)?;
@@ -1174,13 +1178,12 @@ impl Model {
                     outer_dst: if snat { flow.client.0 } else { e.ip.dst },
                     inner_src: if snat { flow.client } else { (q.src, q.sport) },
                     inner_dst: flow.fe_addr,
-                    // As the flow's replies (`maybe_reply`).
-                    routed: from_backend
-                        && (self.world.is_node_addr(new_outer_src) || snat && q.src == self.world.node_ip),
+                    // As the flow's replies (`maybe_reply`), whoever sent it.
+                    routed: self.world.is_node_addr(flow.fe_addr.0) || snat && q.src == self.world.node_ip,
                 },
                 !entry.stale && !flow.finished() && !shared,
             ));
-            if shared && from_backend {
+            if shared {
                 let (w, _) = *cands.last().expect("just pushed");
                 cands.push((IcmpRewrite { routed: !w.routed, ..w }, false));
             }
@@ -1205,7 +1208,7 @@ impl Model {
                 outer_dst: if direct { e.ip.dst } else { flow.client.0 },
                 inner_src: flow.client,
                 inner_dst: flow.fe_addr,
-                routed: from_backend && (self.world.is_node_addr(new_outer_src) || node),
+                routed: self.world.is_node_addr(flow.fe_addr.0) || node,
             };
             let nat = Nat { backend: (q.dst, q.dport), snat: (!direct).then_some((q.src, q.sport)) };
             pending_cands.push((*p, w, nat));
@@ -1230,7 +1233,7 @@ impl Model {
                                 outer_dst: nat.backend.0,
                                 inner_src: nat.backend,
                                 inner_dst: nat.snat.unwrap_or((q.dst, q.dport)),
-                                routed: from_client && node,
+                                routed: node,
                             },
                             !flow.orphaned,
                         ));
@@ -1270,8 +1273,17 @@ impl Model {
             return Ok(());
         }
         let mut errors = Vec::new();
+        // As a reply's (`outcome`): a routed error whose source is no node address goes to the
+        // stack where tc finds no route.
+        let to_stack = |w: &IcmpRewrite| {
+            if a == Act::Forward && w.routed && hook == Hook::Tc && !self.world.is_node_addr(w.outer_src) {
+                IcmpRewrite { routed: false, ..*w }
+            } else {
+                *w
+            }
+        };
         for (w, _) in &cands {
-            match check_icmp(hook, a, f, out, e, w) {
+            match check_icmp(hook, a, f, out, e, &to_stack(w)) {
                 Ok(()) => {
                     let c: &[Counter] = if a == Act::Sent {
                         &[Counter::IcmpTranslated, Counter::Routed]
@@ -1286,7 +1298,7 @@ impl Model {
             }
         }
         for (p, w, nat) in &pending_cands {
-            if check_icmp(hook, a, f, out, e, w).is_ok() {
+            if check_icmp(hook, a, f, out, e, &to_stack(w)).is_ok() {
                 let c: &[Counter] = if a == Act::Sent {
                     &[Counter::IcmpTranslated, Counter::Routed]
                 } else {
