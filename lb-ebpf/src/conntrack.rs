@@ -702,7 +702,7 @@ fn claim_snat_port<A: Addr>(s: &PortSearch<A>, port: u16) -> bool {
 /// range is half full. A port whose TCP flow finished (TIME_WAIT, CLOSE) is taken if no free
 /// one turns up, as netfilter lets a new SYN take over such a tuple; a port this very flow
 /// held before (its entries were lost) is taken back. A port is taken only once claimed
-/// (`claim_snat_port`), so two CPUs never hand out one port. The probes run under `bpf_loop`,
+/// (`claim_snat_port`), so two CPUs do not hand out one port at once. The probes run under `bpf_loop`,
 /// so the verifier checks one probe, not every path through 32 of them.
 #[inline(always)]
 pub fn free_snat_port<A: Addr>(flow: &Flow<A>, addr: A, backend_addr: A, backend_port: u16, now: u32) -> Option<u16> {

@@ -172,9 +172,10 @@ pub trait Packet {
     }
 
     /// The packet is a VLAN's, seen on the VLAN's parent interface: its tag is out of the
-    /// frame, in the skb, and goes with it wherever it is sent. XDP sees the tag in the frame
-    /// (an ethertype it passes), so only tc needs asking. A priority tag (VLAN id 0, 802.1p) is
-    /// no VLAN's: the kernel drops it and goes on with the frame on the parent itself.
+    /// frame, in the skb, and goes with it wherever it is sent. XDP cannot tell (a tag left in
+    /// the frame is an ethertype it passes; one the NIC stripped is gone), so the agent attaches
+    /// no XDP to a VLAN's parent by default (`auto_native`). A priority tag (VLAN id 0, 802.1p)
+    /// is no VLAN's: the kernel drops it and goes on with the frame on the parent itself.
     #[inline(always)]
     fn vlan_tagged(&self) -> bool {
         false

@@ -125,6 +125,13 @@ fn update(e: &Edge, lb_assigned: bool, local_ready: bool) -> Result<()> {
     Ok(())
 }
 
+/// Makes `node` drop forwarded packets its conntrack calls INVALID, as kube-proxy's
+/// KUBE-FORWARD chain and many firewalls do.
+fn drop_invalid_forwarded(lab: &Lab, node: &Node) -> Result<()> {
+    lab.exec(&node.ns, &["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+    Ok(())
+}
+
 fn dropped(ns: &str, addr: SocketAddr) -> Result<bool> {
     Ok(matches!(tcp_connect(ns, addr, Duration::from_secs(1))?, Err(e) if e.kind() == std::io::ErrorKind::TimedOut))
 }
@@ -204,7 +211,7 @@ fn cluster_policy_snats_to_the_node_and_local_policy_keeps_the_client_address() 
     // left node-b past it, so its conntrack would call the first reply (a SYN-ACK whose SYN it
     // never saw) INVALID, and node-b drops such forwarded packets, as kube-proxy's
     // KUBE-FORWARD chain and many firewalls do.
-    e.lab.exec(&e.b.ns, &["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+    drop_invalid_forwarded(&e.lab, &e.b)?;
     update(&e, true, true)?;
     e.lab.exec(&e.outside.ns, &["ip", "route", "add", &format!("{LB_IP}/32"), "via", &NODE_B.to_string()])?;
     assert!(
@@ -234,7 +241,7 @@ fn with_a_cluster_cidr_a_clusterip_serves_clients_outside_the_cluster() -> Resul
     // packets it calls INVALID (as in `cluster_policy_snats_to_the_node...`). (Added after the
     // pod's request: a flow the stack forwards unSNATed is seen by netfilter translated one way
     // and translated back the other, README "Known limits".)
-    e.lab.exec(&e.a.ns, &["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+    drop_invalid_forwarded(&e.lab, &e.a)?;
     assert_eq!(peer(&e.outside.ns)?, NODE_A.to_string(), "via node-a, to the backend on node-b: SNATed to node-a");
     e.lab.exec(&e.outside.ns, &["ip", "route", "replace", &format!("{cip}/32"), "via", &NODE_B.to_string()])?;
     assert_eq!(peer(&e.outside.ns)?, OUTSIDE.to_string(), "via node-b, its own backend: no SNAT needed");
