@@ -158,6 +158,8 @@ impl Mode {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     Lb,
+    /// lb's tc egress program (a reply restored after the stack; tc only).
+    LbEgress,
     Empty,
     Reference,
     /// The minimal DNAT with a flow table.
@@ -421,6 +423,8 @@ impl Session<'_> {
         Ok(match (target, hook) {
             (Target::Lb, Hook::Tc) => (self.lb_fd(hook)?, lb_common::PROG_TC_INGRESS),
             (Target::Lb, Hook::Xdp) => (self.lb_fd(hook)?, lb_common::PROG_XDP),
+            (Target::LbEgress, Hook::Tc) => (self.dp.tc_egress_program().fd()?.try_clone()?, lb_common::PROG_TC_EGRESS),
+            (Target::LbEgress, Hook::Xdp) => bail!("lb has no XDP egress program"),
             (Target::Empty, Hook::Tc) => {
                 (self.dp.floor_programs().1.fd()?.try_clone()?, lb_common::PROG_BENCH_EMPTY_TC)
             }
@@ -483,6 +487,15 @@ impl Session<'_> {
         Ok((r.return_value, out))
     }
 
+    /// Runs lb's tc egress program once on `f`, without a wrapper.
+    fn egress(&self, f: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; 256];
+        let opts = TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..Default::default() };
+        let r = self.dp.tc_egress_program().test_run(opts).context("BPF_PROG_TEST_RUN of lb's tc egress")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
     /// A TCP handshake through lb at `hook`, so the flow is established and assured. Returns
     /// the translated forward tuple: (source as the backend sees it, backend).
     fn handshake(
@@ -494,7 +507,13 @@ impl Session<'_> {
         let (_, out) = self.direct(hook, &tcp(client, frontend, SYN))?;
         let p = parsed(&out).context("SYN of a handshake")?;
         ensure!(p.dst != frontend, "the SYN from {client:?} to {frontend:?} was not translated at {}", hook.name());
-        let (_, out) = self.direct(hook, &tcp(p.dst, p.src, SYN_ACK))?;
+        let syn_ack = tcp(p.dst, p.src, SYN_ACK);
+        let (v, mut out) = self.direct(hook, &syn_ack)?;
+        let passed = if hook == Hook::Tc { TC_ACT_UNSPEC } else { XDP_PASS };
+        if v == passed && out == syn_ack {
+            // An unSNATed flow's reply: through the stack, restored at tc egress.
+            out = self.egress(&syn_ack)?.1;
+        }
         let r = parsed(&out).context("SYN-ACK of a handshake")?;
         ensure!((r.src, r.dst) == (frontend, client), "the SYN-ACK was not restored: {r:?}");
         self.direct(hook, &tcp(client, frontend, ACK))?;
@@ -1313,13 +1332,36 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             ensure!(p.src == VIP && p.dst == client, "not restored: {p:?}");
             Ok(())
         };
+        // An unSNATed flow's reply is restored by tc egress, after the stack (so the node's
+        // netfilter sees the flow as the backend does); at the ingress hooks it is a
+        // pass-through with the destination check in front.
+        let reply = tcp(backend, client, ACK);
+        if hook == Hook::Tc {
+            s.row(
+                hook,
+                "reply (backend -> client, reverse NAT at tc egress)",
+                Mode::Keep,
+                Target::LbEgress,
+                &reply,
+                Some(Counter::ReplyTranslated),
+                &check,
+                Runs::Repeat,
+            )?;
+        }
+        let expect = untouched(hook);
+        let orig = reply.clone();
+        let check = move |v: u32, out: &[u8]| {
+            expect_verdict(v, &expect)?;
+            ensure!(out == orig.as_slice(), "the reply changed at ingress");
+            Ok(())
+        };
         s.row(
             hook,
-            "reply (backend -> client, reverse NAT)",
+            "reply (backend -> client) at ingress: left to the stack",
             Mode::Keep,
             Target::Lb,
-            &tcp(backend, client, ACK),
-            Some(Counter::ReplyTranslated),
+            &reply,
+            Some(Counter::PassNotService),
             &check,
             Runs::Repeat,
         )?;

@@ -524,7 +524,8 @@ fn forward_of<A: Addr>(flow: &Flow<A>, tcp_flags: u8, now: u32, hook: u32) -> Fo
 }
 
 /// Records a new flow, both entries, in the new-flow table (counting the live flows they push
-/// out at `hook`). `reply_route`: replies will come from a node address (a node port). Fails
+/// out at `hook`). `reply_route`: its replies are routed by the datapath as its packets are
+/// (SNATed to the node, hairpin). Fails
 /// only if IPv6's scratch slot is missing.
 #[inline(always)]
 pub fn create<A: Addr>(

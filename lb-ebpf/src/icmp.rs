@@ -35,22 +35,22 @@ fn entry<A: Addr>(k: &CtKey<A>) -> Option<&'static CtValue<A>> {
     conntrack::peek(k)
 }
 
-/// Matches the quote against conntrack and says what to rewrite.
+/// Matches the quote against conntrack and says what to rewrite (`None`: leave it as it is).
 #[inline(always)]
-fn plan<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
+fn plan<A: Addr>(e: &IcmpError<A>, after_stack: bool) -> Option<Rewrite<A>> {
     if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        plan_of(e)
+        plan_of(e, after_stack)
     } else {
         let mut w = Rewrite::<A>::default();
-        plan_outlined(e, &mut w).then_some(w)
+        plan_outlined(e, after_stack, &mut w).then_some(w)
     }
 }
 
 /// IPv6: a subprogram, for the stack's sake (two 40-byte keys and the rewrite beside a stage's
 /// frame). No enum in its signature (see `conntrack::forward_outlined`).
 #[inline(never)]
-fn plan_outlined<A: Addr>(e: &IcmpError<A>, out: &mut Rewrite<A>) -> bool {
-    match plan_of(e) {
+fn plan_outlined<A: Addr>(e: &IcmpError<A>, after_stack: bool, out: &mut Rewrite<A>) -> bool {
+    match plan_of(e, after_stack) {
         Some(w) => {
             *out = w;
             true
@@ -60,7 +60,7 @@ fn plan_outlined<A: Addr>(e: &IcmpError<A>, out: &mut Rewrite<A>) -> bool {
 }
 
 #[inline(always)]
-fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
+fn plan_of<A: Addr>(e: &IcmpError<A>, after_stack: bool) -> Option<Rewrite<A>> {
     let q = &e.inner;
     let mut w = Rewrite {
         outer_src: e.outer.src,
@@ -74,9 +74,16 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
     // The quote is a packet towards a backend (client -> backend after our DNAT, maybe SNAT):
     // the error travels to the client, like the backend's replies do.
     if let Some(r) = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_REPLY)) {
+        let snat = r.flags & CT_FLAG_SNAT != 0;
+        if !snat && !after_stack {
+            // To the client's own address: it goes through the stack as the flow's replies do
+            // (`maybe_reply_of`), so that the node's netfilter finds it RELATED to the flow it
+            // saw, and is translated at the egress it leaves by.
+            return None;
+        }
         w.inner_dst = r.nat_addr;
         w.inner_dport = r.nat_port;
-        if r.flags & CT_FLAG_SNAT != 0 {
+        if snat {
             w.inner_src = r.snat_addr;
             w.inner_sport = r.snat_port;
             w.outer_dst = r.snat_addr;
@@ -88,11 +95,14 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
         }
         // Routed as the flow's replies are, whoever sent it: a flow SNATed to the node passed
         // the node's netfilter by, which would find the error related to nothing (INVALID).
-        w.route = r.flags & CT_FLAG_ROUTE != 0;
+        // (An unSNATed node port's entry written before replies went through the stack may
+        // carry the flag: not routed, as its replies no longer are.)
+        w.route = snat && r.flags & CT_FLAG_ROUTE != 0;
         return Some(w);
     }
     // The quote is a translated reply (frontend -> client): the error travels to the backend,
-    // like the client's packets do.
+    // like the client's packets do. Translated wherever it is found: it is addressed to the
+    // frontend, which the stack cannot take to the backend.
     let f = entry(&key(q.dst, q.src, q.dport, q.sport, q.proto, CT_DIR_FORWARD))?;
     w.inner_src = f.nat_addr;
     w.inner_sport = f.nat_port;
@@ -111,25 +121,27 @@ fn plan_of<A: Addr>(e: &IcmpError<A>) -> Option<Rewrite<A>> {
 }
 
 /// Translates an ICMP error about a tracked flow; other ICMP errors pass.
+/// `after_stack`: at tc egress, where errors about flows whose replies the stack forwards
+/// (not SNATed) are translated; at ingress they are left to it.
 #[inline(always)]
-pub fn translate<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
+pub fn translate<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, after_stack: bool) -> i32 {
     if A::FAMILY == FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        translate_of(ctx, e)
+        translate_of(ctx, e, after_stack)
     } else {
-        translate_outlined(ctx, e)
+        translate_outlined(ctx, e, after_stack)
     }
 }
 
 /// IPv6: a subprogram, so that the route lookup's buffers and the plan's do not share one
 /// frame.
 #[inline(never)]
-fn translate_outlined<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
-    translate_of(ctx, e)
+fn translate_outlined<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, after_stack: bool) -> i32 {
+    translate_of(ctx, e, after_stack)
 }
 
 #[inline(always)]
-fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>) -> i32 {
-    let Some(w) = plan(e) else {
+fn translate_of<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, after_stack: bool) -> i32 {
+    let Some(w) = plan(e, after_stack) else {
         ctx.count(Counter::PassNotService);
         return P::UNTOUCHED;
     };

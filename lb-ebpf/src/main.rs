@@ -244,7 +244,7 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
             }
             h
         }
-        Parsed::Icmp(e) => return icmp_error(ctx, e).unwrap_or_else(|| pass(ctx, Counter::PassOtherProto)),
+        Parsed::Icmp(e) => return icmp_error(ctx, e, false).unwrap_or_else(|| pass(ctx, Counter::PassOtherProto)),
         Parsed::Malformed => return pass(ctx, Counter::PassMalformed),
         Parsed::ExtHeaders => return pass(ctx, Counter::PassExtHeaders),
         Parsed::OtherProto => return pass(ctx, Counter::PassOtherProto),
@@ -269,10 +269,10 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         match conntrack::forward(&h.flow, h.tcp_flags, now, P::HOOK) {
             Forward::Tracked(t) => return forward(ctx, &h, &t, Counter::FwdTracked),
             Forward::New => {
-                if let Some((svc, node_frontend)) = service::lookup_cached(&h.flow) {
+                if let Some(svc) = service::lookup_cached(&h.flow) {
                     // IPv4 (IPv6 went to its own stages above): the new-flow stage is a program
                     // of its own (`new_flow4_stage`), given the frontend found here.
-                    service::hand_over(&h.flow, &svc, node_frontend);
+                    service::hand_over(&h.flow, &svc);
                     ctx.tail_call_new4();
                     return pass(ctx, Counter::PassNotService);
                 }
@@ -298,17 +298,19 @@ fn reparse<A: Parse>(data: usize, data_end: usize) -> Option<Headers<A>> {
 
 /// Translates an ICMP error: IPv4's here, IPv6's in the ICMP stage, which takes the parse from
 /// the scratch slot (parsing again would put the quote's addresses on its stack a second
-/// time); `None` only if that stage is missing. Inlined: a tail call must sit in the main
-/// program.
+/// time) and `after_stack` in the note; `None` only if that stage is missing. Inlined: a tail
+/// call must sit in the main program. `after_stack`: at tc egress (see `icmp::translate`).
 #[inline(always)]
-fn icmp_error<A: Parse, P: Packet>(ctx: &P, e: IcmpError<A>) -> Option<i32> {
+fn icmp_error<A: Parse, P: Packet>(ctx: &P, e: IcmpError<A>, after_stack: bool) -> Option<i32> {
     if A::FAMILY == lb_common::FAMILY_IPV4 {
-        return Some(icmp::translate(ctx, &e));
+        return Some(icmp::translate(ctx, &e, after_stack));
     }
     let s = A::scratch();
     if !s.is_null() {
         // SAFETY: this CPU's slot; only its `icmp` field, which the ICMP stage reads.
         unsafe { (*s).icmp = e };
+        // Set either way: tc leaves `cb[0]` as it finds it.
+        ctx.set_note(if after_stack { NOTE_AFTER_STACK } else { 0 });
         ctx.tail_call(P::TAIL_ICMP6);
     }
     None
@@ -317,6 +319,9 @@ fn icmp_error<A: Parse, P: Packet>(ctx: &P, e: IcmpError<A>) -> Option<i32> {
 /// `Packet::note` of an IPv6 packet whose flow the new-flow stage just created, so that the
 /// forward stage counts it as a new flow.
 const NOTE_NEW_FLOW: u32 = 1;
+
+/// `Packet::note` of an IPv6 ICMP error handed to the ICMP stage by the tc egress program.
+const NOTE_AFTER_STACK: u32 = 2;
 
 /// IPv6's new-flow stage, tail-called by the forward stage for a packet that found no flow
 /// but a frontend: it chooses the backend and records the flow, then hands the packet back
@@ -328,13 +333,13 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
         return pass(ctx, Counter::PassMalformed);
     };
-    let Some((svc, node_frontend)) = service::lookup(&h.flow, service::from_cluster) else {
+    let Some(svc) = service::lookup(&h.flow, service::from_cluster) else {
         return pass(ctx, Counter::PassNotService);
     };
     if !service::source_allowed(&svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
-    if let Err(verdict) = new_flow(ctx, &h, &svc, conntrack::now(), node_frontend) {
+    if let Err(verdict) = new_flow(ctx, &h, &svc, conntrack::now()) {
         return verdict;
     }
     ctx.set_note(NOTE_NEW_FLOW);
@@ -355,12 +360,10 @@ fn new_flow4_stage<P: Packet>(ctx: &P) -> i32 {
     let Some(h) = reparse::<u32>(ctx.data(), ctx.data_end()) else {
         return pass(ctx, Counter::PassMalformed);
     };
-    let Some((svc, node_frontend)) =
-        service::taken_over(&h.flow).or_else(|| service::lookup(&h.flow, service::from_cluster))
-    else {
+    let Some(svc) = service::taken_over(&h.flow).or_else(|| service::lookup(&h.flow, service::from_cluster)) else {
         return pass(ctx, Counter::PassNotService);
     };
-    to_service(ctx, &h, &svc, node_frontend, conntrack::now())
+    to_service(ctx, &h, &svc, conntrack::now())
 }
 
 /// IPv6's stage for a packet to a possible frontend: its flow, or the new-flow stage, or (not
@@ -402,11 +405,17 @@ fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
         return pass(ctx, Counter::PassMalformed);
     };
+    // Here rather than in `maybe_reply_of` as IPv4's: inside that subprogram, LLVM's spills
+    // for the compare made the verifier refuse it ("invalid size of register fill"), and as a
+    // subprogram of its own it took the stack past 512 bytes.
+    if !nat::to_snat_addr::<A, P>(ctx) {
+        return pass_reply(ctx, &h);
+    }
     maybe_reply(ctx, &h)
 }
 
-/// IPv6's ICMP error stage, tail-called by `family` with the error's parse in the scratch
-/// slot (only `family` calls it, right after writing it there).
+/// IPv6's ICMP error stage, tail-called by `icmp_error` (from `family` at ingress,
+/// `host_reply_of` at egress) with the error's parse in the scratch slot, written right before.
 #[inline(always)]
 fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     let s = A::scratch();
@@ -415,7 +424,7 @@ fn icmp_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
     }
     // SAFETY: this CPU's slot; `icmp` is written by `icmp_error` just before the tail call
     // and by nothing else while this stage runs (the conntrack code uses the other fields).
-    icmp::translate(ctx, unsafe { &(*s).icmp })
+    icmp::translate(ctx, unsafe { &(*s).icmp }, ctx.note() == NOTE_AFTER_STACK)
 }
 
 /// Counts a translated packet; a later fragment also as such.
@@ -449,41 +458,28 @@ fn drop<P: Packet>(ctx: &P, counter: Counter) -> i32 {
     P::DROP
 }
 
-/// A new flow to a service frontend (`node_frontend`: a node port, so on one of this node's
-/// addresses).
+/// A new flow to a service frontend.
 #[inline(always)]
-fn to_service<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, node_frontend: bool, now: u32) -> i32 {
+fn to_service<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, now: u32) -> i32 {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6 {
-        to_service_of(ctx, h, svc, node_frontend, now)
+        to_service_of(ctx, h, svc, now)
     } else {
-        to_service_outlined(ctx, h, svc, node_frontend, now)
+        to_service_outlined(ctx, h, svc, now)
     }
 }
 
 /// As `forward_outlined`: the SNAT port search and both new conntrack entries.
 #[inline(never)]
-fn to_service_outlined<A: Addr, P: Packet>(
-    ctx: &P,
-    h: &Headers<A>,
-    svc: &ServiceValue,
-    node_frontend: bool,
-    now: u32,
-) -> i32 {
-    to_service_of(ctx, h, svc, node_frontend, now)
+fn to_service_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, now: u32) -> i32 {
+    to_service_of(ctx, h, svc, now)
 }
 
 #[inline(always)]
-fn to_service_of<A: Addr, P: Packet>(
-    ctx: &P,
-    h: &Headers<A>,
-    svc: &ServiceValue,
-    node_frontend: bool,
-    now: u32,
-) -> i32 {
+fn to_service_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, now: u32) -> i32 {
     if !service::source_allowed(svc, &h.flow) {
         return drop(ctx, Counter::DropSourceRange);
     }
-    match new_flow(ctx, h, svc, now, node_frontend) {
+    match new_flow(ctx, h, svc, now) {
         Ok(t) => forward(ctx, h, &t, Counter::FwdNewFlow),
         Err(verdict) => verdict,
     }
@@ -543,13 +539,7 @@ fn forward_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, t: &Translation<A>, c
 /// Chooses and records the translation of a new flow; `Err` carries the verdict for a flow
 /// that must not be forwarded.
 #[inline(always)]
-fn new_flow<A: Addr, P: Packet>(
-    ctx: &P,
-    h: &Headers<A>,
-    svc: &ServiceValue,
-    now: u32,
-    node_frontend: bool,
-) -> Result<Translation<A>, i32> {
+fn new_flow<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, now: u32) -> Result<Translation<A>, i32> {
     if svc.backend_count == 0 {
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             // kube-proxy drops rather than rejects when a Local policy has no local endpoint,
@@ -576,17 +566,19 @@ fn new_flow<A: Addr, P: Packet>(
     };
     match nat::snat_for(svc, &backend, &h.flow, now) {
         Snat::No => {}
-        Snat::To(addr, port, to_node) => {
+        Snat::To(addr, port, routed) => {
             ctx.count(Counter::FwdSnat);
-            (t.snat, t.snat_addr, t.snat_port, t.route) = (true, addr, port, to_node);
+            (t.snat, t.snat_addr, t.snat_port, t.route) = (true, addr, port, routed);
         }
         Snat::Exhausted => return Err(drop(ctx, Counter::DropSnatPorts)),
     }
-    // Replies are routed here when their restored source is a node address (a node port's),
-    // and when the flow went out SNATed to the node: its packets left past the node's own
-    // netfilter, whose conntrack would call the first reply INVALID (a SYN-ACK it never saw the
-    // SYN of) and a FORWARD rule dropping such packets would drop it.
-    let reply_route = node_frontend || t.route;
+    // Replies are routed here when the flow's packets are (SNATed to the node, hairpin):
+    // they left past the node's own netfilter, whose conntrack would call the first reply
+    // INVALID (a SYN-ACK it never saw the SYN of) and a FORWARD rule dropping such packets
+    // would drop it. The other flows' replies go through the stack and are restored at egress
+    // (`maybe_reply_of`), a node port's among them: its source is then the node's on the way
+    // out only, after the stack's source check.
+    let reply_route = t.route;
     if conntrack::create(&h.flow, h.tcp_flags, &t, svc.id, now, reply_route, P::HOOK).is_err() {
         return Err(drop(ctx, Counter::DropCtInsert));
     }
@@ -618,7 +610,7 @@ fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
         // port unreachable from a host-network endpoint) quotes the backend's side, which the
         // client cannot match: translated as errors from elsewhere are at ingress. An error
         // translated at ingress already quotes the client's view, which matches no entry.
-        Parsed::Icmp(e) => return icmp_error(ctx, e).unwrap_or(UNTOUCHED),
+        Parsed::Icmp(e) => return icmp_error(ctx, e, true).unwrap_or(UNTOUCHED),
         _ => return UNTOUCHED,
     };
     if !service::maybe_backend(&h.flow) {
@@ -642,6 +634,12 @@ fn restore<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, r: &conntrack::Reply<A>)
     nat::rewrite(ctx, h, (r.src_addr, r.src_port), dst)
 }
 
+/// A backend's reply left to the stack and the egress program (`maybe_reply_of`).
+#[inline(always)]
+fn pass_reply<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
+    pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment })
+}
+
 /// A packet not addressed to a service: a backend's reply needs its source (and, if the flow
 /// was SNATed, its destination) restored.
 #[inline(always)]
@@ -661,6 +659,16 @@ fn maybe_reply_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
 
 #[inline(always)]
 fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
+    if A::FAMILY == lb_common::FAMILY_IPV4 && !nat::to_snat_addr::<A, P>(ctx) {
+        // (IPv6's: in `reply_stage`.) A reply to the client's own address (its flow was not SNATed) goes on untranslated:
+        // the stack forwards it as the backend sent it, so the node's netfilter sees the flow
+        // as it saw the client's translated packets (client -> backend both ways, where
+        // translating here made the SYN-ACK one it never saw the SYN of: INVALID, dropped by
+        // Calico's policy chains and many firewalls), and the tc egress program of the
+        // interface it leaves by restores the frontend (`host_reply_of`), as Cilium's
+        // `to-container` and netfilter's own reverse NAT do after routing.
+        return pass_reply(ctx, h);
+    }
     let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, P::HOOK) else {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     };

@@ -19,7 +19,8 @@ use crate::{
 /// Whether a new flow to `backend` needs its source rewritten too.
 pub enum Snat<A> {
     No,
-    /// To this address and port; `true` when that address is the node's own.
+    /// To this address and port; `true`: the flow's packets are routed by the datapath both
+    /// ways (the node's address, which the stack would drop as a martian; the hairpin one).
     To(A, u16, bool),
     /// It needs SNAT but no port is free.
     Exhausted,
@@ -48,8 +49,10 @@ pub fn snat_for<A: Addr>(svc: &ServiceValue, backend: &Backend, flow: &Flow<A>, 
     let backend_addr = A::from_words(backend.addr);
     if backend_addr == flow.src {
         // Hairpin: the client's own port keeps reply keys unique, as the backend is the
-        // client itself.
-        return Snat::To(A::hairpin_ip(), flow.sport, false);
+        // client itself. Routed both ways by the datapath (`true`): through the stack, the
+        // pod's netfilter conntrack would see the flow as hairpin -> pod one way and the
+        // frontend -> pod the other, and call the SYN-ACK INVALID.
+        return Snat::To(A::hairpin_ip(), flow.sport, true);
     }
     if backend.flags & BACKEND_FLAG_LOCAL != 0 {
         return Snat::No;
@@ -70,6 +73,38 @@ pub fn snat_for<A: Addr>(svc: &ServiceValue, backend: &Backend, flow: &Flow<A>, 
         Some(port) => Snat::To(node_ip, port, true),
         None => Snat::Exhausted,
     }
+}
+
+/// Whether a backend's packet `h` is addressed to one of the addresses flows are SNATed to
+/// (the node's, the hairpin address): only such replies are translated where they arrive,
+/// before the stack, which would deliver them here; the others go on to the egress program.
+/// Two compares, no lookup. A node address the agent no longer SNATs to (another `--node-ip`
+/// after a restart) is not one: the replies of flows SNATed to it before are left to the stack.
+#[inline(always)]
+pub fn to_snat_addr<A: Addr, P: Packet>(ctx: &P) -> bool {
+    // The destination is read again from the packet rather than compared in the registers
+    // the rest of the reply path uses: the loader's addresses are constants to the verifier,
+    // so that compare taught it the address on each path that goes on, and it explored the
+    // whole reply path once per constant (IPv4: past 1,000,000 instructions; IPv6: LLVM's
+    // spills around it were refused). A fresh load is dead after the compare.
+    let p = if A::FAMILY == lb_common::FAMILY_IPV4 {
+        ptr_at::<u32>(ctx.data(), ctx.data_end(), ETH_LEN + A::DST_OFF)
+    } else {
+        ptr_at::<[u32; 4]>(ctx.data(), ctx.data_end(), ETH_LEN + A::DST_OFF).map(|p| p as *mut u32)
+    };
+    let Some(p) = p else {
+        return false;
+    };
+    let words = if A::FAMILY == lb_common::FAMILY_IPV4 { 1 } else { 4 };
+    let (node, hairpin) = (A::node_ip().words(), A::hairpin_ip().words());
+    let (mut is_node, mut is_hairpin) = (true, true);
+    for i in 0..words {
+        // SAFETY: within the 16 bytes checked above.
+        let w = unsafe { core::ptr::read_volatile(p.add(i)) };
+        is_node &= w == node[i];
+        is_hairpin &= w == hairpin[i];
+    }
+    is_node || is_hairpin
 }
 
 /// The IPv4 header checksum (IPv6 has none).

@@ -53,19 +53,18 @@ fn get<A: Addr>(addr: A, flow: &Flow<A>, scope: u8) -> Option<ServiceValue> {
     unsafe { LB_SERVICES.get(&key).copied() }
 }
 
-/// Looks up the frontend a packet is addressed to. The flag is true for a node port: the
-/// frontend address is then one of this node's own. `from_cluster` says whether the source is
+/// Looks up the frontend a packet is addressed to. `from_cluster` says whether the source is
 /// the cluster's own (asked only at an `externalTrafficPolicy: Local` external frontend, which
 /// then gives such sources its cluster-wide companion entry, kube-proxy's short-circuit).
 #[inline(always)]
-pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool)> {
-    find(flow, from_cluster).map(|(svc, node_frontend, _)| (svc, node_frontend))
+pub fn lookup<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<ServiceValue> {
+    find(flow, from_cluster).map(|(svc, _)| svc)
 }
 
 /// `lookup`, and whether what it found depends on the packet's source (an
 /// `externalTrafficPolicy: Local` external frontend, which asks `from_cluster`).
 #[inline(always)]
-fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool, bool)> {
+fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Option<(ServiceValue, bool)> {
     let (svc, addr, scope) = match get(flow.dst, flow, SCOPE_EXACT) {
         Some(svc) => (svc, flow.dst, SCOPE_EXACT),
         None => {
@@ -75,17 +74,16 @@ fn find<A: Addr>(flow: &Flow<A>, from_cluster: impl Fn(&Flow<A>) -> bool) -> Opt
             (get(A::default(), flow, SCOPE_NODEPORT)?, A::default(), SCOPE_NODEPORT)
         }
     };
-    let node_frontend = scope == SCOPE_NODEPORT;
     let local_external = SVC_FLAG_EXTERNAL | SVC_FLAG_LOCAL_ONLY;
     if svc.flags & local_external == local_external {
         if from_cluster(flow) {
             if let Some(c) = get(addr, flow, scope | SCOPE_FROM_CLUSTER) {
-                return Some((c, node_frontend, true));
+                return Some((c, true));
             }
         }
-        return Some((svc, node_frontend, true));
+        return Some((svc, true));
     }
-    Some((svc, node_frontend, false))
+    Some((svc, false))
 }
 
 /// Whether `addr` is one of the node's addresses node ports answer on (`LB_NODE_ADDRS`).
@@ -142,7 +140,7 @@ fn generation() -> u32 {
 /// the source (`find`) are never copied. Not for the socket programs: they run in process
 /// context, where two tasks may interleave on one CPU's slot.
 #[inline(always)]
-pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
+pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<ServiceValue> {
     if A::FAMILY != lb_common::FAMILY_IPV4 {
         return lookup(flow, from_cluster);
     }
@@ -153,20 +151,19 @@ pub fn lookup_cached<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
     if !s.is_null() {
         // SAFETY: this CPU's slot; its cache fields only.
         let (svc, [dst, tag, seen]) = unsafe { ((*s).fe, (*s).fe_for) };
-        let node_frontend = tag & 1 << 24 != 0;
-        if dst == flow.dst.fold() && seen == gen && tag == found_for(flow, node_frontend) {
-            return Some((svc, node_frontend));
+        if dst == flow.dst.fold() && seen == gen && tag == found_for(flow) {
+            return Some(svc);
         }
     }
-    let (svc, node_frontend, by_source) = find(flow, from_cluster)?;
+    let (svc, by_source) = find(flow, from_cluster)?;
     if !by_source && !s.is_null() {
         // SAFETY: as above.
         unsafe {
             (*s).fe = svc;
-            (*s).fe_for = [flow.dst.fold(), found_for(flow, node_frontend), gen];
+            (*s).fe_for = [flow.dst.fold(), found_for(flow), gen];
         }
     }
-    Some((svc, node_frontend))
+    Some(svc)
 }
 
 /// Whether a packet's source is the cluster's own (`LB_LOCAL_SOURCES`).
@@ -196,10 +193,10 @@ pub fn source_allowed<A: Addr>(svc: &ServiceValue, flow: &Flow<A>) -> bool {
 }
 
 /// What a frontend handed over or copied was found for, beside its destination: the
-/// destination port and protocol, whether it is a node port, and a bit no empty slot has.
+/// destination port and protocol, and a bit no empty slot has.
 #[inline(always)]
-fn found_for<A: Addr>(flow: &Flow<A>, node_frontend: bool) -> u32 {
-    flow.dport as u32 | (flow.proto as u32) << 16 | (node_frontend as u32) << 24 | 1 << 31
+fn found_for<A: Addr>(flow: &Flow<A>) -> u32 {
+    flow.dport as u32 | (flow.proto as u32) << 16 | 1 << 31
 }
 
 /// Hands the frontend found for a new IPv4 flow to the new-flow stage, which the pipeline
@@ -207,7 +204,7 @@ fn found_for<A: Addr>(flow: &Flow<A>, node_frontend: bool) -> u32 {
 /// else runs there in between): looking it up again there cost a second hash lookup per new
 /// flow, about 30 ns at XDP.
 #[inline(always)]
-pub fn hand_over<A: Addr>(flow: &Flow<A>, svc: &ServiceValue, node_frontend: bool) {
+pub fn hand_over<A: Addr>(flow: &Flow<A>, svc: &ServiceValue) {
     let s = <[u32; 4] as Addr>::scratch();
     if s.is_null() {
         return;
@@ -215,14 +212,14 @@ pub fn hand_over<A: Addr>(flow: &Flow<A>, svc: &ServiceValue, node_frontend: boo
     // SAFETY: this CPU's slot; its frontend fields only.
     unsafe {
         (*s).svc = *svc;
-        (*s).svc_for = [flow.dst.fold(), flow.src.fold(), found_for(flow, node_frontend)];
+        (*s).svc_for = [flow.dst.fold(), flow.src.fold(), found_for(flow)];
     }
 }
 
 /// The frontend handed over for this packet (same destination, source, port and protocol),
 /// once: the slot is cleared as it is read. `None` sends the stage to `lookup`.
 #[inline(always)]
-pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
+pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<ServiceValue> {
     let s = <[u32; 4] as Addr>::scratch();
     if s.is_null() {
         return None;
@@ -231,10 +228,9 @@ pub fn taken_over<A: Addr>(flow: &Flow<A>) -> Option<(ServiceValue, bool)> {
     let (svc, [dst, src, tag]) = unsafe { ((*s).svc, (*s).svc_for) };
     // SAFETY: as above.
     unsafe { (*s).svc_for[2] = 0 };
-    let node_frontend = tag & 1 << 24 != 0;
     // The source too: the frontend found may depend on it (`from_cluster`).
-    if dst != flow.dst.fold() || src != flow.src.fold() || tag != found_for(flow, node_frontend) {
+    if dst != flow.dst.fold() || src != flow.src.fold() || tag != found_for(flow) {
         return None;
     }
-    Some((svc, node_frontend))
+    Some(svc)
 }

@@ -105,7 +105,7 @@ pub fn to_backend<A: Addr>(ctx: &SockAddrContext) -> i32 {
     let flow = Flow { src: A::default(), dst: user_addr::<A>(sa), sport, dport: sa.user_port as u16, proto };
     // The node's own processes are the cluster's: a Local Service's external frontends give
     // them cluster-wide endpoints, as kube-proxy's short-circuit does.
-    let Some((svc, _)) = service::lookup(&flow, |_| true) else {
+    let Some(svc) = service::lookup(&flow, |_| true) else {
         return ALLOW;
     };
     if svc.backend_count == 0 {

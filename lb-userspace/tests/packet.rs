@@ -122,6 +122,16 @@ impl Harness {
         run_tc(self.dp.tc_egress_program(), frame)
     }
 
+    /// A backend's packet to a client whose flow is not SNATed, as a node handles it: the tc
+    /// ingress program leaves it untouched to the stack (asserted), which forwards it as the
+    /// backend sent it, and the tc egress program of the interface it leaves by restores it.
+    /// The egress verdict and frame.
+    #[track_caller]
+    fn reply(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        assert_eq!(self.run(frame), (TC_ACT_UNSPEC, frame.to_vec()), "a reply left to the stack at ingress");
+        self.run_egress(frame)
+    }
+
     fn counter(&self, c: Counter) -> u64 {
         self.dp.maps().stats.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
@@ -214,9 +224,10 @@ fn syn_to_cluster_ip_is_translated_and_reply_is_reversed() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(parse_checked(&out2).dst, p.dst);
 
-    // The backend's SYN-ACK comes back from the ClusterIP and service port.
+    // The backend's SYN-ACK comes back from the ClusterIP and service port (restored at the
+    // egress it leaves by, after the stack).
     let reply = frame(p.dst, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
-    let (verdict, out3) = h.run(&reply);
+    let (verdict, out3) = h.reply(&reply);
     assert_eq!(verdict, TC_ACT_OK);
     let r = parse_checked(&out3);
     assert_eq!(r.src, (VIP, 80));
@@ -258,7 +269,7 @@ fn udp_is_translated_both_ways_and_zero_checksum_stays_zero() {
     assert_eq!(&out[42..], b"query", "payload untouched");
 
     let reply = frame(p.dst, (CLIENT, 5000), L4::Udp { zero_csum: false }, b"answer");
-    let (_, out) = h.run(&reply);
+    let (_, out) = h.reply(&reply);
     let r = parse_checked(&out);
     assert_eq!(r.src, (VIP, 53));
 
@@ -426,7 +437,7 @@ fn backend_change_keeps_tracked_flows_and_steers_new_ones() {
     // Closing the old flow (FIN both ways, the last ACK: TIME_WAIT) and reusing its 5-tuple
     // for a new connection picks a live backend.
     h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: 0x11 }, &[]));
-    h.run(&frame((removed, 8080), (CLIENT, port), L4::Tcp { flags: 0x11 }, &[]));
+    h.reply(&frame((removed, 8080), (CLIENT, port), L4::Tcp { flags: 0x11 }, &[]));
     h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: ACK }, &[]));
     let (_, out) = h.run(&frame((CLIENT, port), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
     assert_ne!(parse_checked(&out).dst.0, removed);
@@ -949,6 +960,13 @@ impl NetNsGuard {
             "permanent",
         ]);
         x(&["ip", "-6", "route", "add", "fd00:af4:2::/64", "via", "fd00:c0a8:31::3"]);
+        // This node's pods (the lab's 10.244.1.0/24 and fd00:af4:1::/64), behind one veth as
+        // behind a pod bridge: what a hairpin flow is routed to.
+        x(&["ip", "link", "add", "pod0", "type", "veth", "peer", "name", "pod1"]);
+        x(&["ip", "addr", "add", "10.244.1.1/24", "dev", "pod0"]);
+        x(&["ip", "-6", "addr", "add", "fd00:af4:1::1/64", "dev", "pod0", "nodad"]);
+        x(&["ip", "link", "set", "pod0", "up"]);
+        x(&["ip", "link", "set", "pod1", "up"]);
         let target = std::fs::File::open(format!("/run/netns/{name}")).expect("new netns");
         use std::os::fd::AsRawFd;
         // SAFETY: setns on this thread with valid namespace fds.
@@ -1026,14 +1044,15 @@ fn xdp_node_port_to_a_local_backend_is_dnat_only() {
     assert_eq!(h.xdp_counter(Counter::FwdNewFlow), 1);
     assert_eq!(h.xdp_counter(Counter::FwdSnat), 0);
 
-    // The pod's reply (at tc on its veth) comes back from the node port.
-    // Its source is now a node address, which the stack would drop as a martian: tc routes it.
+    // The pod's reply goes through the stack as the pod sent it (tc on its veth leaves it, so
+    // the node's netfilter sees both ways of client <-> pod) and comes back from the node
+    // port at the egress it leaves by: the node's address after the stack's source check.
     let (verdict, out) =
-        h.run(&frame((LOCAL_POD.parse().unwrap(), 80), (EXTERNAL_CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
-    assert_eq!(verdict, TC_ACT_REDIRECT);
+        h.reply(&frame((LOCAL_POD.parse().unwrap(), 80), (EXTERNAL_CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
     let r = parse_checked(&out);
     assert_eq!((r.src, r.dst), ((NODE_IP, 30080), (EXTERNAL_CLIENT, 40000)));
-    assert_eq!(h.counter(Counter::Routed), 1);
+    assert_eq!(h.counter(Counter::Routed), 0);
 }
 
 #[test]
@@ -1277,15 +1296,22 @@ fn hairpin_is_snated_so_the_pod_can_reach_itself() {
     if !privileged() {
         return;
     }
+    // Both ways routed by the datapath (so the node's netfilter, which would see the flow as
+    // hairpin -> pod one way and frontend -> pod the other, sees neither): a node's routes.
+    let _ns = NetNsGuard::node();
     let h = Harness::new(&lab_yaml(&["10.244.1.11"]));
     let me: Ipv4Addr = "10.244.1.11".parse().unwrap();
-    let (_, out) = h.run(&frame((me, 40000), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+    let (verdict, out) = h.run(&frame((me, 40000), (VIP, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed back to the pod");
     let p = parse_checked(&out);
     assert_eq!(p.dst, (me, 8080));
     assert_eq!(p.src, (Ipv4Addr::new(169, 254, 42, 1), 40000), "the pod must see another address than its own");
-    let (_, out) = h.run(&frame((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(out[22], 63, "a routed packet loses a TTL");
+    let (verdict, out) = h.run(&frame((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply too");
     let r = parse_checked(&out);
     assert_eq!((r.src, r.dst), ((VIP, 80), (me, 40000)));
+    assert_eq!(h.counter(Counter::Routed), 2);
 }
 
 #[test]
@@ -1298,7 +1324,7 @@ fn replies_of_a_live_flow_translate_after_its_backend_port_left_every_service() 
     assert_eq!(p.1, 8080);
     // Every backend moves to another target port: no Service uses 8080 any more.
     h.apply(&lab_yaml(&BACKENDS).replace("port: 8080", "port: 9090"));
-    let (verdict, out) = h.run(&frame(p, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    let (verdict, out) = h.reply(&frame(p, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(parse_checked(&out).src, (VIP, 80), "the reply is still translated");
     // Ports no Service has ever used skip every lookup.
@@ -1410,11 +1436,11 @@ fn fragments_follow_their_first_fragment_both_ways_in_any_order_after_it() {
     assert_eq!(&whole[42..], &payload[..], "payload byte for byte");
     assert_eq!(h.counter(Counter::FragTranslated), 2);
 
-    // The backend's fragmented answer comes back from the ClusterIP.
+    // The backend's fragmented answer comes back from the ClusterIP (restored at egress).
     let answer = frame(p.dst, (CLIENT, 5000), L4::Udp { zero_csum: false }, &payload);
     let mut out = Vec::new();
     for (i, f) in fragment(&answer, 1480).iter().enumerate() {
-        let (verdict, o) = h.run(f);
+        let (verdict, o) = h.reply(f);
         assert_eq!(verdict, TC_ACT_OK, "answer fragment {i}");
         out.push(o);
     }
@@ -1462,10 +1488,12 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     let backend = parse_checked(&sent).dst;
 
     // "Fragmentation needed" from a router between us and the backend, quoting the packet as
-    // it left us (client -> backend), whole TCP header included.
+    // it left us (client -> backend), whole TCP header included. To the client's own address,
+    // it goes through the stack as the flow's replies do (netfilter finds it RELATED to the
+    // flow it saw) and is translated at egress.
     let router = Ipv4Addr::new(10, 244, 9, 1);
     let err = icmp_error(router, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
-    let (verdict, out) = h.run(&err);
+    let (verdict, out) = h.reply(&err);
     assert_eq!(verdict, TC_ACT_OK);
     let (src, dst, quote) = parse_icmp_checked(&out);
     assert_eq!((src, dst), (router, CLIENT), "a router keeps its own address");
@@ -1478,16 +1506,17 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
     let (_, sent) = h.run(&q);
     let backend_udp = parse_checked(&sent).dst;
     let err = icmp_error(backend_udp.0, CLIENT, 3, 3, [0; 4], &quote_of(&sent, 8));
-    let (verdict, out) = h.run(&err);
+    let (verdict, out) = h.reply(&err);
     assert_eq!(verdict, TC_ACT_OK);
     let (src, dst, quote) = parse_icmp_checked(&out);
     assert_eq!((src, dst), (VIP, CLIENT));
     assert_eq!(quote, quote_of(&q, 8));
 
     // The other way: the client's side reports a problem with a translated reply (VIP ->
-    // client); the backend must see its own packet quoted, and get the error.
+    // client); the backend must see its own packet quoted, and get the error. Translated at
+    // ingress: it is addressed to the frontend, which the stack cannot take to the backend.
     let reply = frame(backend, (CLIENT, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
-    let (_, replied) = h.run(&reply);
+    let (_, replied) = h.reply(&reply);
     let err = icmp_error(CLIENT, VIP, 3, 4, [0, 0, 0x05, 0x00], &quote_of(&replied, 20));
     let (verdict, out) = h.run(&err);
     assert_eq!(verdict, TC_ACT_OK);

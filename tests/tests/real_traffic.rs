@@ -172,6 +172,15 @@ fn net() -> Result<Net> {
     for (n, pod) in [(&a, &local), (&b, &remote)] {
         lab.start_agent(n, &["cbr0", "eth0", &pod.host_if], 12, &[])?;
     }
+    // Each node drops forwarded packets its conntrack calls INVALID, as Calico's policy chains,
+    // kube-proxy's KUBE-FORWARD and many host firewalls do: every flow here must look to the
+    // node's netfilter like a connection it can follow (the stack forwards both ways of an
+    // unSNATed flow as the backend sees it; replies restored at egress), or pass it by
+    // entirely (routed by the datapath). This also loads conntrack, so the nodes reassemble
+    // and refragment forwarded fragments, as most nodes do.
+    for n in [&a, &b] {
+        lab.exec(&n.ns, &["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+    }
     // The outside reaches external and LoadBalancer IPs through node-a, as a router or an
     // announcing load balancer would send them.
     for ip in [EXT_LOCAL, EXT_REMOTE, LB_LOCAL, LB_REMOTE] {

@@ -60,9 +60,10 @@ fn up(h: &Harness, client: (Ipv4Addr, u16), flags: u8) -> (Ipv4Addr, u16) {
     parse_checked(&out).dst
 }
 
-/// Backend -> client packet; asserts it comes back from the VIP.
+/// Backend -> client packet (through the stack to the egress program); asserts it comes back
+/// from the VIP.
 fn down(h: &Harness, backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), flags: u8) {
-    let (verdict, out) = h.run(&frame(backend, client, L4::Tcp { flags }, b""));
+    let (verdict, out) = h.reply(&frame(backend, client, L4::Tcp { flags }, b""));
     assert_eq!(verdict, TC_ACT_OK, "backend packet {flags:#x} translated");
     assert_eq!(parse_checked(&out).src, (VIP, 80));
 }

@@ -93,7 +93,7 @@ fn ipv6_syn_ack_and_reply_are_translated_with_valid_checksums() {
     assert_eq!(parse6_checked(&out2).dst, p.dst, "the flow stays on its backend");
 
     let reply = frame6(p.dst, (CLIENT6, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
-    let (verdict, out3) = h.run(&reply);
+    let (verdict, out3) = h.reply(&reply);
     assert_eq!(verdict, TC_ACT_OK);
     let r = parse6_checked(&out3);
     assert_eq!((r.src, r.dst), ((VIP6, 80), (CLIENT6, 40000)), "the reply comes from the ClusterIP");
@@ -115,7 +115,7 @@ fn ipv6_udp_is_translated_both_ways() {
     let p = parse6_checked(&out);
     assert!(backends6(5353).contains(&p.dst), "{:?}", p.dst);
     let a = frame6(p.dst, (CLIENT6, 5000), L4::Udp { zero_csum: false }, b"answer");
-    let (verdict, out) = h.run(&a);
+    let (verdict, out) = h.reply(&a);
     assert_eq!(verdict, TC_ACT_OK);
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((VIP6, 53), (CLIENT6, 5000)));
@@ -157,7 +157,7 @@ fn ipv6_packet_too_big_about_a_translated_flow_is_translated() {
     let backend = parse6_checked(&sent).dst;
     let mtu = 1280u32.to_be_bytes();
     let ptb = icmp6_error(ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0, mtu, &sent[14..]);
-    let (verdict, out) = h.run(&ptb);
+    let (verdict, out) = h.reply(&ptb);
     assert_eq!(verdict, TC_ACT_OK);
     let (src, dst, kind, code, quote) = parse_icmp6_checked(&out);
     assert_eq!((src, dst, kind, code), (ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0), "outer addresses are the router's");
@@ -244,7 +244,7 @@ fn ipv6_fragments_follow_their_first_fragment_both_ways() {
     let answer = frame6(p.dst, (CLIENT6, 5000), L4::Udp { zero_csum: false }, &payload);
     let mut out = Vec::new();
     for f in fragment6(&answer, 1232, 0x0bad_cafe) {
-        let (verdict, o) = h.run(&f);
+        let (verdict, o) = h.reply(&f);
         assert_eq!(verdict, TC_ACT_OK);
         out.push(o);
     }
@@ -356,10 +356,10 @@ fn xdp_ipv6_node_port_to_a_local_backend_is_dnat_only() {
     assert_eq!(parse6_checked(&out).dst, (LOCAL_POD6, 80));
     assert_eq!(h.xdp_counter(Counter::FwdTracked), 1);
 
-    // The pod's reply, at tc on its veth, leaves from the node port, routed by tc (its source
-    // is a node address now).
-    let (verdict, out) = h.run(&frame6((LOCAL_POD6, 80), (OUTSIDE6, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
-    assert_eq!(verdict, TC_ACT_REDIRECT);
+    // The pod's reply goes through the stack as sent (tc on its veth leaves it) and leaves
+    // from the node port: restored at the egress it leaves by.
+    let (verdict, out) = h.reply(&frame6((LOCAL_POD6, 80), (OUTSIDE6, 40000), L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_OK);
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((NODE_IP6, 30080), (OUTSIDE6, 40000)));
 }
@@ -452,6 +452,8 @@ fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
     if !privileged() {
         return;
     }
+    // Routed both ways by the datapath, as IPv4's (`hairpin_is_snated...`): a node's routes.
+    let _ns = NetNsGuard::node();
     let h = harness6();
     let me: Ipv6Addr = BACKENDS6[0].parse().unwrap();
     let hairpin: Ipv6Addr = "fd00:6c62::1".parse().unwrap();
@@ -464,7 +466,9 @@ fn ipv6_hairpin_is_snated_so_the_pod_can_reach_itself() {
         panic!("no source port of 100 chose the pod itself");
     };
     assert_eq!(p.src, (hairpin, port), "the pod must see another address than its own");
-    let (_, out) = h.run(&frame6((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(p.hop_limit, 63, "routed back to the pod");
+    let (verdict, out) = h.run(&frame6((me, 8080), p.src, L4::Tcp { flags: SYN_ACK }, &[]));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply too");
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((VIP6, 80), (me, port)));
 }

@@ -483,7 +483,8 @@ impl Model {
                 let w = Rewrite {
                     src: nat.snat.unwrap_or((t.src, t.sport)),
                     dst: nat.backend,
-                    routed: nat.snat.is_some_and(|s| self.world.is_node_addr(s.0)),
+                    // SNATed flows (to the node, or hairpin) are routed both ways.
+                    routed: nat.snat.is_some(),
                 };
                 let ok = if l4.is_some() {
                     vec![Counter::FwdTracked]
@@ -635,8 +636,9 @@ impl Model {
         };
         let frag: Vec<Counter> = if l4.is_none() { vec![Counter::FragTranslated] } else { vec![] };
         if !translated(a, f, out) {
-            // Dropped or left to tc after the choice: only a routed choice can be.
-            if !fe.backends.iter().any(needs_node_snat) {
+            // Dropped or left to tc after the choice: only a routed choice can be (SNATed to
+            // the node, or hairpin).
+            if !fe.backends.iter().any(|b| needs_node_snat(b) || b.ip == t.src) {
                 return Err(format!("a packet to {} must be translated, got {a:?}{}", fe.name, changed(f, out)));
             }
             let mut pairs = Vec::new();
@@ -736,7 +738,7 @@ impl Model {
         };
         let snat = (hairpin || node_snat).then_some(src);
         let nat = Nat { backend: (backend.ip, backend.port), snat };
-        let w = Rewrite { src, dst: nat.backend, routed: node_snat };
+        let w = Rewrite { src, dst: nat.backend, routed: node_snat || hairpin };
         let snat_c: Vec<Counter> = if snat.is_some() { vec![Counter::FwdSnat] } else { vec![] };
         let new_pairs: Vec<CounterPair> = hits
             .iter()
@@ -987,6 +989,12 @@ impl Model {
         partial: bool,
     ) -> Result<(), String> {
         let h = hook.index();
+        let pass_c = pass_counter(ip);
+        if t.dst != self.world.node_ip && t.dst != self.world.hairpin {
+            // To no address flows are SNATed to: left untouched to the stack, unlooked-up, and
+            // restored by the egress program after it (not run here).
+            return self.must_pass(hook, f, a, out, pass_c);
+        }
         let entries: Vec<RevEntry> = self.replies.get(&t).cloned().unwrap_or_default();
         // What each flow with this reply key turns the reply into, and whether its entry is
         // sure to be there.
@@ -994,13 +1002,8 @@ impl Model {
         for e in &entries {
             let flow = &self.flows[&e.fwd];
             let snat = (t.dst, t.dport) != flow.client;
-            // Routed: back from a node address (a node port's), or the reply of a flow SNATed
-            // to the node.
-            let w = Rewrite {
-                src: flow.fe_addr,
-                dst: if snat { flow.client } else { (t.dst, t.dport) },
-                routed: self.world.is_node_addr(flow.fe_addr.0) || snat && t.dst == self.world.node_ip,
-            };
+            // Routed: the reply of a flow SNATed (to the node, or hairpin).
+            let w = Rewrite { src: flow.fe_addr, dst: if snat { flow.client } else { (t.dst, t.dport) }, routed: snat };
             cands.push((e.fwd, w, !e.stale && !flow.finished() && entries.len() == 1));
         }
         // A key two flows wrote (the reply-key limit, see `Model::clash`): the older one's
@@ -1018,12 +1021,10 @@ impl Model {
             let hairpin = d == self.world.hairpin && dp == flow.client.1 && t.src == flow.client.0;
             let node = d == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dp);
             if direct || hairpin || node {
-                let routed = self.world.is_node_addr(flow.fe_addr.0) || node;
-                let w = Rewrite { src: flow.fe_addr, dst: flow.client, routed };
+                let w = Rewrite { src: flow.fe_addr, dst: flow.client, routed: !direct };
                 cands.push((*p, w, false));
             }
         }
-        let pass_c = pass_counter(ip);
         if cands.is_empty() {
             // The pre-filter may still send it through the reply lookup; nothing is found.
             if partial && a == Act::Pass && out == f {
@@ -1167,9 +1168,18 @@ impl Model {
         let entries = self.replies.get(&rkey).cloned().unwrap_or_default();
         // A key two flows wrote may have had its routing changed (see `maybe_reply`).
         let shared = entries.len() > 1;
+        // An entry of an unSNATed flow: the datapath leaves the error to the stack at
+        // ingress (its destination is the client's own), unlooked-further.
+        let mut left_sure = false;
+        let mut left = false;
         for entry in entries {
             let flow = &self.flows[&entry.fwd];
             let snat = (q.src, q.sport) != flow.client;
+            if !snat {
+                left = true;
+                left_sure |= !entry.stale && !flow.finished() && !shared;
+                continue;
+            }
             let from_backend = outer_src == q.dst;
             let new_outer_src = if from_backend { flow.fe_addr.0 } else { outer_src };
             cands.push((
@@ -1178,8 +1188,8 @@ impl Model {
                     outer_dst: if snat { flow.client.0 } else { e.ip.dst },
                     inner_src: if snat { flow.client } else { (q.src, q.sport) },
                     inner_dst: flow.fe_addr,
-                    // As the flow's replies (`maybe_reply`), whoever sent it.
-                    routed: self.world.is_node_addr(flow.fe_addr.0) || snat && q.src == self.world.node_ip,
+                    // As the flow's replies (`maybe_reply`), whoever sent it: SNATed, routed.
+                    routed: true,
                 },
                 !entry.stale && !flow.finished() && !shared,
             ));
@@ -1198,31 +1208,40 @@ impl Model {
             let direct = (q.src, q.sport) == flow.client;
             let hairpin = q.src == self.world.hairpin && q.sport == flow.client.1 && q.dst == flow.client.0;
             let node = q.src == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&q.sport);
-            if !(direct || hairpin || node) {
+            if direct {
+                // Left to the stack at ingress, as the datapath finds it unSNATed.
+                left = true;
+                continue;
+            }
+            if !(hairpin || node) {
                 continue;
             }
             let from_backend = outer_src == q.dst;
             let new_outer_src = if from_backend { flow.fe_addr.0 } else { outer_src };
             let w = IcmpRewrite {
                 outer_src: new_outer_src,
-                outer_dst: if direct { e.ip.dst } else { flow.client.0 },
+                outer_dst: flow.client.0,
                 inner_src: flow.client,
                 inner_dst: flow.fe_addr,
-                routed: self.world.is_node_addr(flow.fe_addr.0) || node,
+                routed: true,
             };
-            let nat = Nat { backend: (q.dst, q.dport), snat: (!direct).then_some((q.src, q.sport)) };
+            let nat = Nat { backend: (q.dst, q.dport), snat: Some((q.src, q.sport)) };
             pending_cands.push((*p, w, nat));
         }
         // The reply-side entry may be gone: the quote may then match the forward side.
+        if left_sure {
+            return self.must_pass(hook, f, a, out, Counter::PassNotService);
+        }
         let reply_sure = cands.iter().any(|c| c.1);
         let fkey = rkey;
-        let mut uncertain = !self.pending.is_empty();
+        let mut uncertain = !self.pending.is_empty() || left;
         if !reply_sure {
             if let Some(flow) = self.flows.get(&fkey) {
                 match flow.nat {
                     Some(nat) => {
                         let from_client = outer_src == q.dst;
-                        let node = nat.snat.is_some_and(|s| self.world.is_node_addr(s.0));
+                        // Routed as the flow's packets are: SNATed (to the node, or hairpin).
+                        let node = nat.snat.is_some();
                         let new_outer_src = match nat.snat {
                             Some(s) if from_client => s.0,
                             _ => outer_src,
@@ -1235,7 +1254,8 @@ impl Model {
                                 inner_dst: nat.snat.unwrap_or((q.dst, q.dport)),
                                 routed: node,
                             },
-                            !flow.orphaned,
+                            // Unless an unSNATed entry under the reply key may still be there.
+                            !flow.orphaned && !left,
                         ));
                     }
                     None => uncertain = true,
