@@ -115,6 +115,8 @@ enum Sabotage {
     StaleChecksum,
     /// tc leaves a packet it translated untouched.
     Untranslated,
+    /// tc egress (only) leaves a reply it restored untouched.
+    EgressUntranslated,
     /// A counter moves without a packet.
     Counter,
 }
@@ -127,9 +129,16 @@ struct Sabotaged<'a> {
     reads: u64,
 }
 
-impl Datapath for Sabotaged<'_> {
-    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
-        let (verdict, n) = self.real.run(hook, frame, out)?;
+impl Sabotaged<'_> {
+    /// Spoils what the real datapath did (`verdict`, `out[..n]`) the way `how` says.
+    fn spoil(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        out: &mut [u8],
+        verdict: u32,
+        n: usize,
+    ) -> Result<(u32, usize), RunError> {
         let translated = n == frame.len() && out[..n] != *frame && frame.len() >= 54 && frame[12..14] == [8, 0];
         if !translated {
             return Ok((verdict, n));
@@ -152,6 +161,22 @@ impl Datapath for Sabotaged<'_> {
         }
         Ok((verdict, n))
     }
+}
+
+impl Datapath for Sabotaged<'_> {
+    fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let (verdict, n) = self.real.run(hook, frame, out)?;
+        self.spoil(hook, frame, out, verdict, n)
+    }
+
+    fn run_egress(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let (verdict, n) = self.real.run_egress(frame, out)?;
+        if matches!(self.how, Sabotage::EgressUntranslated) && verdict == 0 && out[..n] != *frame {
+            out[..frame.len()].copy_from_slice(frame);
+            return Ok((u32::MAX, frame.len()));
+        }
+        self.spoil(Hook::Tc, frame, out, verdict, n)
+    }
 
     fn counters(&mut self) -> Result<Counters, String> {
         let mut c = self.real.counters()?;
@@ -169,7 +194,7 @@ impl Datapath for Sabotaged<'_> {
 
 /// A test that cannot fail is a defect: a datapath that rewrites the payload, sends a packet
 /// to an address that is no backend, leaves a checksum stale, leaves a packet it must
-/// translate alone, or counts what did not happen, fails the fuzz run within 5,000 frames (the
+/// translate alone (at tc ingress, or a reply at tc egress), or counts what did not happen, fails the fuzz run within 5,000 frames (the
 /// first wrong counter at the first check, after 1,024), each for the reason it has.
 #[test]
 fn the_model_catches_a_datapath_that_gets_any_of_it_wrong() {
@@ -186,6 +211,7 @@ fn the_model_catches_a_datapath_that_gets_any_of_it_wrong() {
         (Sabotage::Misroute, "misroute"),
         (Sabotage::StaleChecksum, "checksum"),
         (Sabotage::Untranslated, "must be translated"),
+        (Sabotage::EgressUntranslated, "must be translated"),
         (Sabotage::Counter, "counters"),
     ] {
         dp.clear_flows().expect("emptying the flow maps");

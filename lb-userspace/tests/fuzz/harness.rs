@@ -151,6 +151,15 @@ impl Datapath for Loaded {
         }
     }
 
+    fn run_egress(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
+        match self.dp.tc_egress_program().test_run(opts) {
+            Ok(r) => Ok((r.return_value, r.data_size_out as usize)),
+            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
+            Err(e) => Err(RunError::Failed(e.to_string())),
+        }
+    }
+
     fn counters(&mut self) -> Result<Counters, String> {
         let mut c = [[0u64; COUNTER_MAX as usize]; 2];
         for (h, hook) in c.iter_mut().enumerate() {

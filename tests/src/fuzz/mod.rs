@@ -34,6 +34,9 @@ pub enum RunError {
 pub trait Datapath {
     /// Runs one program on `frame`; returns the verdict and the output's length in `out`.
     fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError>;
+    /// Runs the tc egress program on `frame` (what tc ingress left to the stack, on its way
+    /// out); its counters are tc's.
+    fn run_egress(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError>;
     /// The datapath's verdict and drop counters (`LB_STATS`).
     fn counters(&mut self) -> Result<Counters, String>;
     /// Empties the flow maps (conntrack, fragments, affinity pins), so nothing the model relies
@@ -351,6 +354,42 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                     input = out[..n].to_vec();
                     hook = Hook::Tc;
                     continue;
+                }
+                // A reply (or an ICMP error) tc ingress left to the stack leaves through tc
+                // egress, which restores it.
+                if hook == Hook::Tc
+                    && model.take_egress_due()
+                    && verdict == Some(model::verdict::TC_UNSPEC)
+                    && out[..n] == input[..]
+                {
+                    let ran = dp.run_egress(&input, &mut out);
+                    let (verdict, n, judged) = match &ran {
+                        Ok((v, n)) => {
+                            (Some(*v), *n, model.judge_after_stack(&input, Ran::Out { verdict: *v, out: &out[..*n] }))
+                        }
+                        Err(RunError::Refused(errno)) => {
+                            (None, 0, Err(format!("tc egress refused the frame: errno {errno}")))
+                        }
+                        Err(RunError::Failed(e)) => {
+                            (None, 0, Err(format!("BPF_PROG_TEST_RUN of tc egress failed: {e}")))
+                        }
+                    };
+                    let record = RunRecord { frame, hook, input: input.clone(), verdict, output: out[..n].to_vec() };
+                    if trace.iter().any(|p| holds(&record.input, p) || holds(&record.output, p)) {
+                        eprintln!("(tc egress) {record}");
+                    }
+                    last.push(record);
+                    if let Err(reason) = judged {
+                        return Err(Failure {
+                            seed: opts.seed,
+                            frame,
+                            hook: Some(hook),
+                            input,
+                            verdict,
+                            output: out[..n].to_vec(),
+                            reason: format!("at tc egress: {reason}"),
+                        });
+                    }
                 }
                 break;
             }

@@ -272,6 +272,12 @@ pub struct Model {
     set_load: HashMap<u32, usize>,
     pub expect: Expect,
     pub stats: Stats,
+    /// Judging tc egress (`judge_after_stack`): a frame tc ingress left to the stack, on its
+    /// way out.
+    after_stack: bool,
+    /// tc ingress just left a backend's reply or an ICMP error about an unSNATed flow to the
+    /// stack: the driver runs it through tc egress next (`take_egress_due`).
+    egress_due: bool,
 }
 
 /// A fragment record older than this may have expired in the datapath (30 s, Linux's
@@ -333,7 +339,23 @@ impl Model {
             set_load: HashMap::new(),
             expect: Expect::default(),
             stats: Stats::default(),
+            after_stack: false,
+            egress_due: false,
         }
+    }
+
+    /// Whether the frame tc ingress just passed goes on through tc egress (a reply or an ICMP
+    /// error the stack forwards, restored there); cleared as it is read.
+    pub fn take_egress_due(&mut self) -> bool {
+        std::mem::take(&mut self.egress_due)
+    }
+
+    /// `judge` for tc egress, run on a frame tc ingress left to the stack (`take_egress_due`).
+    pub fn judge_after_stack(&mut self, f: &[u8], ran: Ran) -> Result<(), String> {
+        self.after_stack = true;
+        let r = self.judge(Hook::Tc, f, ran);
+        self.after_stack = false;
+        r
     }
 
     /// Forgets every flow, fragment and pin: the driver emptied the datapath's flow maps.
@@ -432,7 +454,10 @@ impl Model {
         if a != Act::Pass || out != f {
             return Err(format!("must pass unchanged ({}), got {a:?}{}", c.name(), changed(f, out)));
         }
-        self.expect(hook, &[&[c]]);
+        // tc egress counts no TCP or UDP packet it leaves alone (`host_reply_of`).
+        if !self.after_stack {
+            self.expect(hook, &[&[c]]);
+        }
         Ok(())
     }
 
@@ -533,8 +558,13 @@ impl Model {
             pairs.iter().map(|p| [p.0.clone(), extra(p)].concat()).collect()
         };
         // A routed reply whose source is no node address goes to the stack where tc finds no
-        // route (`maybe_reply_of`): translated, not routed.
-        let to_stack = a == Act::Forward && w.routed && hook == Hook::Tc && !self.world.is_node_addr(w.src.0);
+        // route (`maybe_reply_of`): translated, not routed. Not a hairpin flow's forward
+        // packet (its source the hairpin address), which has no such way (`forward_of`).
+        let to_stack = a == Act::Forward
+            && w.routed
+            && hook == Hook::Tc
+            && !self.world.is_node_addr(w.src.0)
+            && w.src.0 != self.world.hairpin;
         let w = if to_stack { Rewrite { routed: false, ..w } } else { w };
         let alts = match (a, w.routed, hook) {
             (Act::Forward, false, Hook::Tc) | (Act::Sent, true, _) => {
@@ -990,11 +1020,13 @@ impl Model {
     ) -> Result<(), String> {
         let h = hook.index();
         let pass_c = pass_counter(ip);
-        if t.dst != self.world.node_ip && t.dst != self.world.hairpin {
+        if !self.after_stack && t.dst != self.world.node_ip && t.dst != self.world.hairpin {
             // To no address flows are SNATed to: left untouched to the stack, unlooked-up, and
-            // restored by the egress program after it (not run here).
+            // restored by tc egress after it, which the driver runs next.
+            self.egress_due = hook == Hook::Tc;
             return self.must_pass(hook, f, a, out, pass_c);
         }
+        let after_stack = self.after_stack;
         let entries: Vec<RevEntry> = self.replies.get(&t).cloned().unwrap_or_default();
         // What each flow with this reply key turns the reply into, and whether its entry is
         // sure to be there.
@@ -1002,8 +1034,12 @@ impl Model {
         for e in &entries {
             let flow = &self.flows[&e.fwd];
             let snat = (t.dst, t.dport) != flow.client;
-            // Routed: the reply of a flow SNATed (to the node, or hairpin).
-            let w = Rewrite { src: flow.fe_addr, dst: if snat { flow.client } else { (t.dst, t.dport) }, routed: snat };
+            // Routed: the reply of a flow SNATed (to the node, or hairpin); never at egress.
+            let w = Rewrite {
+                src: flow.fe_addr,
+                dst: if snat { flow.client } else { (t.dst, t.dport) },
+                routed: snat && !after_stack,
+            };
             cands.push((e.fwd, w, !e.stale && !flow.finished() && entries.len() == 1));
         }
         // A key two flows wrote (the reply-key limit, see `Model::clash`): the older one's
@@ -1021,13 +1057,13 @@ impl Model {
             let hairpin = d == self.world.hairpin && dp == flow.client.1 && t.src == flow.client.0;
             let node = d == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dp);
             if direct || hairpin || node {
-                let w = Rewrite { src: flow.fe_addr, dst: flow.client, routed: !direct };
+                let w = Rewrite { src: flow.fe_addr, dst: flow.client, routed: !direct && !after_stack };
                 cands.push((*p, w, false));
             }
         }
         if cands.is_empty() {
             // The pre-filter may still send it through the reply lookup; nothing is found.
-            if partial && a == Act::Pass && out == f {
+            if partial && a == Act::Pass && out == f && !after_stack {
                 self.expect(hook, &[&[pass_c]]);
                 return Ok(());
             }
@@ -1045,6 +1081,8 @@ impl Model {
                 ));
             }
             match hook {
+                // tc egress counts nothing it leaves alone (`host_reply_of`).
+                Hook::Tc if after_stack => {}
                 Hook::Tc => self.expect(hook, &[&[pass_c]]),
                 Hook::Xdp if must => {
                     self.stats.deferred += 1;
@@ -1064,7 +1102,7 @@ impl Model {
             return Ok(());
         }
         if a == Act::Drop {
-            let ok = (routed || shared) && (hook == Hook::Tc || ip.ttl <= 1);
+            let ok = !after_stack && (routed || shared) && (hook == Hook::Tc || ip.ttl <= 1);
             if !ok {
                 return Err(format!("a reply of {} was dropped", cands[0].0));
             }
@@ -1085,7 +1123,7 @@ impl Model {
             .iter()
             .flat_map(|&(fwd, w, _)| {
                 let flipped = Rewrite { routed: !w.routed, ..w };
-                std::iter::once((fwd, w)).chain(shared.then_some((fwd, flipped)))
+                std::iter::once((fwd, w)).chain((shared && !after_stack).then_some((fwd, flipped)))
             })
             .collect();
         for (i, (fwd, w)) in variants.iter().enumerate() {
@@ -1175,7 +1213,7 @@ impl Model {
         for entry in entries {
             let flow = &self.flows[&entry.fwd];
             let snat = (q.src, q.sport) != flow.client;
-            if !snat {
+            if !snat && !self.after_stack {
                 left = true;
                 left_sure |= !entry.stale && !flow.finished() && !shared;
                 continue;
@@ -1189,7 +1227,7 @@ impl Model {
                     inner_src: if snat { flow.client } else { (q.src, q.sport) },
                     inner_dst: flow.fe_addr,
                     // As the flow's replies (`maybe_reply`), whoever sent it: SNATed, routed.
-                    routed: true,
+                    routed: snat,
                 },
                 !entry.stale && !flow.finished() && !shared,
             ));
@@ -1208,27 +1246,31 @@ impl Model {
             let direct = (q.src, q.sport) == flow.client;
             let hairpin = q.src == self.world.hairpin && q.sport == flow.client.1 && q.dst == flow.client.0;
             let node = q.src == self.world.node_ip && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&q.sport);
-            if direct {
+            if direct && !self.after_stack {
                 // Left to the stack at ingress, as the datapath finds it unSNATed.
                 left = true;
                 continue;
             }
-            if !(hairpin || node) {
+            if !(direct || hairpin || node) {
                 continue;
             }
             let from_backend = outer_src == q.dst;
             let new_outer_src = if from_backend { flow.fe_addr.0 } else { outer_src };
             let w = IcmpRewrite {
                 outer_src: new_outer_src,
-                outer_dst: flow.client.0,
+                outer_dst: if direct { e.ip.dst } else { flow.client.0 },
                 inner_src: flow.client,
                 inner_dst: flow.fe_addr,
-                routed: true,
+                routed: !direct,
             };
-            let nat = Nat { backend: (q.dst, q.dport), snat: Some((q.src, q.sport)) };
+            let nat = Nat { backend: (q.dst, q.dport), snat: (!direct).then_some((q.src, q.sport)) };
             pending_cands.push((*p, w, nat));
         }
         // The reply-side entry may be gone: the quote may then match the forward side.
+        if left {
+            // Left to the stack (surely, or maybe): tc egress sees it next.
+            self.egress_due = hook == Hook::Tc;
+        }
         if left_sure {
             return self.must_pass(hook, f, a, out, Counter::PassNotService);
         }
