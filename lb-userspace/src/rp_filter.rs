@@ -1,8 +1,11 @@
-//! The kernel's reverse-path filter, relaxed on the interfaces where it would drop what the
-//! datapath hands the stack.
+//! The kernel's reverse-path filter, relaxed on the interfaces where it dropped what the
+//! datapath handed the stack before replies were restored at egress.
 //!
-//! A reply from a pod to a pod that reached it through a ClusterIP leaves tc ingress on the
-//! backend's interface with the ClusterIP as its source, and the stack then routes it (between
+//! No longer needed by the datapath (kept as the default for now; `--keep-rp-filter` is what
+//! it needs): since 2026-12-06 a backend's reply goes through the stack as the backend sent it
+//! and is restored at tc egress, after the input route. Before, a reply from a pod to a pod
+//! that reached it through a ClusterIP left tc ingress on the backend's interface with the
+//! ClusterIP as its source, and the stack then routed it (between
 //! pods of one bridge it is bridged instead, and never checked). Before routing it,
 //! `fib_validate_source` (net/ipv4/fib_frontend.c) checks the source against the arrival
 //! interface when `rp_filter` is on: strict mode (1, the RHEL family's default; Calico's on its
