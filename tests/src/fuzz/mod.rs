@@ -378,6 +378,9 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                     if trace.iter().any(|p| holds(&record.input, p) || holds(&record.output, p)) {
                         eprintln!("(tc egress) {record}");
                     }
+                    if keep_history {
+                        history.push(record.clone());
+                    }
                     last.push(record);
                     if let Err(reason) = judged {
                         return Err(Failure {
