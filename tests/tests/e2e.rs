@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_tests::{eventually, http_get, lab_manifests, privileged, tcp_connect, udp_request, udp_socket, Lab, Node, Pod};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 104, 123, 59);
@@ -246,7 +246,8 @@ fn pod_created_after_the_agent_started_is_served_from_its_first_packet() -> Resu
 /// a backend pod routed as point-to-point CNIs route them (its own /32 over its veth, no
 /// bridge: kindnet, Calico). The pod's reply to a pod that reached it through the ClusterIP
 /// goes through the stack as the pod sent it (its own address as its source, whose route
-/// leaves through its veth) and is restored at the client's veth's egress, so strict
+/// leaves through its veth) and is restored at the egress of the client's interface (the pod
+/// bridge here), so strict
 /// filtering passes it, with `--keep-rp-filter` too. (Restored at the backend's veth's
 /// ingress, before the stack, as before 2026-12-06, its source was the ClusterIP, whose route
 /// leaves through eth0: strict filtering dropped it, and so would loose filtering on a veth
@@ -286,7 +287,9 @@ fn strict_reverse_path_filtering_passes_replies_through_a_cluster_ip() -> Result
     };
 
     lab.start_agent(&node, &ifaces, 1, &["--keep-rp-filter"])?;
-    assert_eq!(http_get(&client.ns, vip(80), "/")?, "web", "strict filtering left alone: {}", lab.agent_log(&node));
+    let served = http_get(&client.ns, vip(80), "/")
+        .with_context(|| format!("strict filtering left alone: {}", lab.agent_log(&node)))?;
+    assert_eq!(served, "web");
     assert_eq!(rp_filter(&lab, "all")?, "1");
     lab.kill_agent(&node);
 

@@ -357,9 +357,10 @@ fn hairpin_a_pod_reaches_itself_through_its_service() -> Result<()> {
 /// with a local backend (Cluster and Local policies) and with a remote one (SNATed). The
 /// unSNATed flows' replies go through the stack as the backend sent them and are restored at
 /// the egress they leave by, so netfilter sees client <-> backend both ways; the SNATed and
-/// hairpin ones are routed by the datapath both ways, past it. Each check fails if the
-/// replies are translated before the stack (the first reply, a SYN-ACK whose SYN netfilter
-/// never saw, or an ACK to a flow it saw no reply of, is dropped).
+/// hairpin ones are routed by the datapath both ways, past it. Each unSNATed check fails if
+/// the replies are translated before the stack (the first reply, a SYN-ACK whose SYN netfilter
+/// never saw, or an ACK to a flow it saw no reply of, is dropped), hairpin if its packets go
+/// through the stack; the SNATed one guards the routing that keeps it from netfilter.
 #[test]
 fn every_flow_passes_a_netfilter_that_drops_invalid_forwarded_packets() -> Result<()> {
     if !privileged() {
