@@ -660,8 +660,9 @@ fn maybe_reply_outlined<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
 #[inline(always)]
 fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
     if A::FAMILY == lb_common::FAMILY_IPV4 && !nat::to_snat_addr::<A, P>(ctx) {
-        // (IPv6's: in `reply_stage`.) A reply to the client's own address (its flow was not SNATed) goes on untranslated:
-        // the stack forwards it as the backend sent it, so the node's netfilter sees the flow
+        // (IPv6's: in `reply_stage`.) A reply to the client's own address (its flow was not
+        // SNATed) goes on untranslated: the stack forwards it as the backend sent it, so the
+        // node's netfilter sees the flow
         // as it saw the client's translated packets (client -> backend both ways, where
         // translating here made the SYN-ACK one it never saw the SYN of: INVALID, dropped by
         // Calico's policy chains and many firewalls), and the tc egress program of the

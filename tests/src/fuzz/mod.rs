@@ -270,6 +270,29 @@ impl std::fmt::Debug for Failure {
     }
 }
 
+/// Whether `b` holds the (non-empty) pattern `pat`.
+fn holds(b: &[u8], pat: &[u8]) -> bool {
+    !pat.is_empty() && b.windows(pat.len()).any(|w| w == pat)
+}
+
+/// Keeps a run for the failure report (and in `history`, when kept), printed with `label` if
+/// it carries a traced pattern.
+fn keep(
+    record: RunRecord,
+    label: &str,
+    trace: &[Vec<u8>],
+    history: Option<&mut Vec<RunRecord>>,
+    last: &mut Vec<RunRecord>,
+) {
+    if trace.iter().any(|p| holds(&record.input, p) || holds(&record.output, p)) {
+        eprintln!("{label}{record}");
+    }
+    if let Some(h) = history {
+        h.push(record.clone());
+    }
+    last.push(record);
+}
+
 /// Runs `opts.frames` frames through `dp` and judges every output.
 pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report, Failure> {
     eprintln!("fuzz: seed {} ({} frames; replay with LB_FUZZ_SEED={})", opts.seed, opts.frames, opts.seed);
@@ -299,7 +322,6 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
         .filter(|h| !h.is_empty())
         .map(|h| (0..h.len() / 2).filter_map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()).collect())
         .collect();
-    let holds = |b: &[u8], pat: &[u8]| !pat.is_empty() && b.windows(pat.len()).any(|w| w == pat);
     // `LB_FUZZ_HISTORY=1`: keep every run, and on a failure print the earlier runs that carry
     // the failing frame's destination address and port (its flow's history).
     let keep_history = std::env::var_os("LB_FUZZ_HISTORY").is_some();
@@ -318,13 +340,7 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                     Err(RunError::Failed(e)) => (None, 0, Err(format!("BPF_PROG_TEST_RUN failed: {e}"))),
                 };
                 let record = RunRecord { frame, hook, input: input.clone(), verdict, output: out[..n].to_vec() };
-                if trace.iter().any(|p| holds(&record.input, p) || holds(&record.output, p)) {
-                    eprintln!("{record}");
-                }
-                if keep_history {
-                    history.push(record.clone());
-                }
-                last.push(record);
+                keep(record, "", &trace, keep_history.then_some(&mut history), &mut last);
                 if let Err(reason) = judged {
                     if keep_history && input.len() >= 38 {
                         let ihl = (input[14] & 0x0f) as usize * 4;
@@ -375,13 +391,7 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                         }
                     };
                     let record = RunRecord { frame, hook, input: input.clone(), verdict, output: out[..n].to_vec() };
-                    if trace.iter().any(|p| holds(&record.input, p) || holds(&record.output, p)) {
-                        eprintln!("(tc egress) {record}");
-                    }
-                    if keep_history {
-                        history.push(record.clone());
-                    }
-                    last.push(record);
+                    keep(record, "(tc egress) ", &trace, keep_history.then_some(&mut history), &mut last);
                     if let Err(reason) = judged {
                         return Err(Failure {
                             seed: opts.seed,
