@@ -203,6 +203,16 @@ pub const TAIL_TC_NEW6: u32 = 2;
 pub const TAIL_TC_ICMP6: u32 = 3;
 pub const TAIL_TC_FWD6: u32 = 4;
 pub const TAIL_TC_REPLY6: u32 = 5;
+/// tc egress for devices without a link-layer header (tun, WireGuard, IP tunnels), which see
+/// packets start with their IP header, with its IPv6 program and ICMPv6 stage in
+/// `MAP_TAILS_TC` (a program array serves one program type, and these are tc programs).
+pub const PROG_TC_EGRESS_L3: &str = "lb_tc_egress_l3";
+pub const PROG_TC_EGRESS6_L3: &str = "lb_tc_egress6_l3";
+pub const PROG_TC_ICMP6_L3: &str = "lb_tc_icmp6_l3";
+pub const TAIL_TC_EGRESS6_L3: u32 = 6;
+pub const TAIL_TC_ICMP6_L3: u32 = 7;
+/// Slots of `MAP_TAILS_TC`.
+pub const TAILS_TC: u32 = 8;
 /// The XDP program's IPv6 stages, through `MAP_TAILS_XDP` (a program array serves one
 /// program type, so XDP has its own).
 pub const PROG_XDP6: &str = "lb_xdp6";

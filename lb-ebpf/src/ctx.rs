@@ -81,8 +81,8 @@ fn fib<A: Addr>(
 /// The IP packet's length with its header (IPv4's total length, IPv6's payload length plus
 /// the fixed header), for the FIB lookup's MTU check and the pseudo-header.
 #[inline(always)]
-fn ip_tot_len<A: Addr>(data: usize, data_end: usize) -> u16 {
-    let Some(p) = ptr_at::<[u8; 6]>(data, data_end, crate::parse::ETH_LEN) else {
+fn ip_tot_len<A: Addr>(data: usize, data_end: usize, l2: usize) -> u16 {
+    let Some(p) = ptr_at::<[u8; 6]>(data, data_end, l2) else {
         return 0;
     };
     let p = p as usize;
@@ -107,6 +107,9 @@ const _: () = assert!(lb_common::HOOK_SOCK == 2);
 
 pub trait Packet {
     const HOOK: u32;
+    /// Length of the link-layer header in front of the IP header: Ethernet's, or none on a
+    /// device without one (`TcL3`).
+    const L2: usize = crate::parse::ETH_LEN;
     /// This hook's IPv6 stages in its tail-call table.
     const TAIL_NEW6: u32;
     const TAIL_ICMP6: u32;
@@ -120,6 +123,12 @@ pub trait Packet {
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+
+    /// The packet's ethertype (network order); `None` when it is too short to tell.
+    #[inline(always)]
+    fn ethertype(&self) -> Option<u16> {
+        crate::parse::ethertype(self.data(), self.data_end())
+    }
 
     /// Updates the L4 checksum at `off` for address changes (the pseudo-header) adding
     /// `addr_diff` and port changes adding `port_diff` (32-bit ones' complement partial sums).
@@ -312,7 +321,7 @@ impl Packet for TcContext {
         // `is_skb_forwardable` also says "too big" for an egress device that is down, and
         // lets a few bytes over the MTU through (VLAN room): only a packet whose IP length
         // exceeds the MTU it names is answered.
-        if e.mtu == 0 || ip_tot_len::<A>(self.data(), self.data_end()) <= e.mtu {
+        if e.mtu == 0 || ip_tot_len::<A>(self.data(), self.data_end(), Self::L2) <= e.mtu {
             return self.unroutable();
         }
         match reject::too_big(self, h, e.mtu) {
@@ -454,7 +463,7 @@ impl Packet for XdpContext {
         let Some(field) = ptr_at::<u16>(data, data_end, off) else {
             return false;
         };
-        let l4_len = ip_tot_len::<A>(data, data_end).wrapping_sub((h.l4_off - crate::parse::ETH_LEN) as u16);
+        let l4_len = ip_tot_len::<A>(data, data_end, Self::L2).wrapping_sub((h.l4_off - Self::L2) as u16);
         let (src, dst) = (h.flow.src.words(), h.flow.dst.words());
         let mut sum = 0u32;
         let mut i = 0;
@@ -479,7 +488,7 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn route<A: Addr>(&self, src: A, dst: A, proto: u8) -> Result<Route, NoRoute> {
-        let tot_len = ip_tot_len::<A>(self.data(), self.data_end());
+        let tot_len = ip_tot_len::<A>(self.data(), self.data_end(), Self::L2);
         // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over;
         // and tc answers a packet too big for the way out (`unroutable_for`).
         let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)
@@ -554,5 +563,114 @@ impl Packet for XdpContext {
             // SAFETY: as in `note`.
             unsafe { (*s).note = v };
         }
+    }
+}
+
+/// tc egress on a device without a link-layer header (tun, WireGuard, IPIP and GRE tunnels,
+/// `ARPHRD_NONE` and the tunnel types): the packet starts with its IP header
+/// (`dev->hard_header_len` is 0, so `__dev_queue_xmit` hands tc the network header), which
+/// tells the family as `skb->protocol` does. Everything else is tc's (`TcContext`), but for
+/// the tail-call slots of this variant's own IPv6 stages. Only the egress program runs on it
+/// (`host_reply_of`), which neither routes nor refuses: what only ingress does is left out.
+#[repr(transparent)]
+pub struct TcL3(pub TcContext);
+
+impl Packet for TcL3 {
+    const HOOK: u32 = HOOK_TC;
+    const L2: usize = 0;
+    /// Ingress stages, which this variant does not have: one past the table's end, where a
+    /// tail call falls through.
+    const TAIL_NEW6: u32 = lb_common::TAILS_TC;
+    const TAIL_FWD6: u32 = lb_common::TAILS_TC;
+    const TAIL_REPLY6: u32 = lb_common::TAILS_TC;
+    const TAIL_ICMP6: u32 = lb_common::TAIL_TC_ICMP6_L3;
+    const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
+    const FORWARD: i32 = <TcContext as Packet>::FORWARD;
+    const DROP: i32 = <TcContext as Packet>::DROP;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+
+    #[inline(always)]
+    fn ethertype(&self) -> Option<u16> {
+        crate::parse::ethertype_of_ip(self.data(), self.data_end())
+    }
+
+    #[inline(always)]
+    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
+        <TcContext as Packet>::l4_csum(&self.0, off, addr_diff, port_diff, udp)
+    }
+
+    /// Ingress only (a new flow): never reached here.
+    #[inline(always)]
+    fn refuse<A: Addr>(&self, _h: &Headers<A>) -> i32 {
+        Self::UNTOUCHED
+    }
+
+    /// Ingress only (a flow the datapath routes): never reached here.
+    #[inline(always)]
+    fn route<A: Addr>(&self, _src: A, _dst: A, _proto: u8) -> Result<Route, NoRoute> {
+        Err(NoRoute { mtu: 0 })
+    }
+
+    #[inline(always)]
+    fn send(&self, _r: &Route) -> i32 {
+        Self::UNTOUCHED
+    }
+
+    #[inline(always)]
+    fn unroutable(&self) -> i32 {
+        Self::UNTOUCHED
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> u32 {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        <TcContext as Packet>::load(&self.0, off)
+    }
+
+    #[inline(always)]
+    fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> Option<()> {
+        <TcContext as Packet>::store(&self.0, off, bytes)
+    }
+
+    #[inline(always)]
+    fn load_words(&self, off: usize) -> Option<[u32; 4]> {
+        <TcContext as Packet>::load_words(&self.0, off)
+    }
+
+    #[inline(always)]
+    fn store_words(&self, off: usize, w: &[u32; 4]) -> Option<()> {
+        <TcContext as Packet>::store_words(&self.0, off, w)
+    }
+
+    #[inline(always)]
+    fn tail_call(&self, index: u32) {
+        <TcContext as Packet>::tail_call(&self.0, index)
+    }
+
+    /// Ingress only: never reached here.
+    #[inline(always)]
+    fn tail_call_new4(&self) {}
+
+    #[inline(always)]
+    fn note(&self) -> u32 {
+        <TcContext as Packet>::note(&self.0)
+    }
+
+    #[inline(always)]
+    fn set_note(&self, v: u32) {
+        <TcContext as Packet>::set_note(&self.0, v)
     }
 }

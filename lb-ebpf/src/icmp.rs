@@ -12,7 +12,7 @@ use crate::{
     conntrack::{self, key},
     ctx::Packet,
     nat::{csum_replace2, csum_replace4, decrement_ttl, fold, ttl_ok},
-    parse::{IcmpError, ETH_LEN, IPV4_LEN, PROTO_ICMP, PROTO_ICMPV6},
+    parse::{IcmpError, IPV4_LEN, PROTO_ICMP, PROTO_ICMPV6},
 };
 use lb_common::Counter;
 
@@ -221,7 +221,7 @@ fn apply<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Optio
         inner_dport: w.inner_dport,
         route: w.route,
     };
-    let mut outer: [u8; IPV4_LEN] = ctx.load(ETH_LEN)?;
+    let mut outer: [u8; IPV4_LEN] = ctx.load(P::L2)?;
     let mut inner: [u8; IPV4_LEN] = ctx.load(e.inner_ip_off)?;
     let ports: [u8; 4] = ctx.load(e.inner_l4_off)?;
     let icmp_csum_off = e.icmp_off + 2;
@@ -260,7 +260,7 @@ fn apply<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Optio
     new_ports[..2].copy_from_slice(&w.inner_sport.to_ne_bytes());
     new_ports[2..].copy_from_slice(&w.inner_dport.to_ne_bytes());
 
-    ctx.store(ETH_LEN, &outer)?;
+    ctx.store(P::L2, &outer)?;
     ctx.store(e.inner_ip_off, &inner)?;
     ctx.store(e.inner_l4_off, &new_ports)?;
     if update_l4 {
@@ -291,14 +291,14 @@ fn apply6<A: Addr, P: Packet>(ctx: &P, e: &IcmpError<A>, w: &Rewrite<A>) -> Opti
         wsum_add(wsum_add(!old_sport as u32, w.inner_sport as u32), wsum_add(!old_dport as u32, w.inner_dport as u32));
     quote = wsum_add(quote, A::csum_diff(load_addr(ctx, e.inner_ip_off + 8)?, w.inner_src));
     quote = wsum_add(quote, A::csum_diff(load_addr(ctx, e.inner_ip_off + 24)?, w.inner_dst));
-    let mut outer = A::csum_diff(load_addr(ctx, ETH_LEN + 8)?, w.outer_src);
-    outer = wsum_add(outer, A::csum_diff(load_addr(ctx, ETH_LEN + 24)?, w.outer_dst));
+    let mut outer = A::csum_diff(load_addr(ctx, P::L2 + 8)?, w.outer_src);
+    outer = wsum_add(outer, A::csum_diff(load_addr(ctx, P::L2 + 24)?, w.outer_dst));
     let mut icmp_csum = u16::from_ne_bytes(ctx.load(icmp_csum_off)?);
     icmp_csum = !fold(wsum_add(wsum_add(!icmp_csum as u32, quote), outer));
     let l4 = !fold(wsum_add(!old_l4 as u32, quote));
 
-    store_addr(ctx, ETH_LEN + 8, w.outer_src)?;
-    store_addr(ctx, ETH_LEN + 24, w.outer_dst)?;
+    store_addr(ctx, P::L2 + 8, w.outer_src)?;
+    store_addr(ctx, P::L2 + 24, w.outer_dst)?;
     store_addr(ctx, e.inner_ip_off + 8, w.inner_src)?;
     store_addr(ctx, e.inner_ip_off + 24, w.inner_dst)?;
     let mut new_ports = [0u8; 4];

@@ -37,7 +37,7 @@ use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 use crate::{
     addr::Addr,
     conntrack::{Forward, Translation},
-    ctx::Packet,
+    ctx::{Packet, TcL3},
     nat::Snat,
     parse::{Frag, Headers, IcmpError, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
 };
@@ -86,28 +86,45 @@ pub fn lb_tc_icmp6(ctx: TcContext) -> i32 {
     icmp_stage::<[u32; 4], TcContext>(&ctx)
 }
 
-/// tc egress: replies of this node's own processes (host-network endpoints) to pods and
-/// clients, and ICMP errors the node itself sends about a translated packet (`host_reply_of`).
-/// They leave through the output path and never pass a tc ingress hook.
+/// tc egress: backends' replies the stack forwards as they were sent (flows not SNATed, which
+/// tc ingress leaves to it), replies of this node's own processes (host-network endpoints),
+/// which never pass a tc ingress hook, and ICMP errors the node itself sends about a
+/// translated packet (`host_reply_of`).
 #[classifier]
 // Inlined into the entry the macro generates: a tail call must sit in the main program,
 // not a subprogram (which would need BTF function info the loader does not pass).
 #[inline(always)]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    match parse::ethertype(ctx.data(), ctx.data_end()) {
-        Some(ETH_P_IP_BE) => host_reply_of::<u32>(&ctx),
-        Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(lb_common::TAIL_TC_EGRESS6);
-            <TcContext as Packet>::UNTOUCHED
-        }
-        _ => <TcContext as Packet>::UNTOUCHED,
-    }
+    egress(&ctx, lb_common::TAIL_TC_EGRESS6)
 }
 
 #[classifier]
 #[inline(always)]
 pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
-    host_reply_of::<[u32; 4]>(&ctx)
+    host_reply_of::<[u32; 4], TcContext>(&ctx)
+}
+
+/// tc egress on devices without a link-layer header (`ctx::TcL3`): the same restoring of
+/// replies, reading the IP header at the packet's start. Attached by the agent instead of
+/// `lb_tc_egress` on such devices, so that a reply leaving by a tunnel to another node (Calico's
+/// IPIP and WireGuard modes route other nodes' pods through one) is restored. Their ingress
+/// gets no program (see the agent's `attach.rs`).
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_egress_l3(ctx: TcContext) -> i32 {
+    egress(&TcL3(ctx), lb_common::TAIL_TC_EGRESS6_L3)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_egress6_l3(ctx: TcContext) -> i32 {
+    host_reply_of::<[u32; 4], TcL3>(&TcL3(ctx))
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_icmp6_l3(ctx: TcContext) -> i32 {
+    icmp_stage::<[u32; 4], TcL3>(&TcL3(ctx))
 }
 
 /// XDP: IPv4 here, IPv6 in the stages below, reached by tail calls as at tc.
@@ -217,7 +234,7 @@ fn pipeline<P: Packet>(ctx: &P, tail: u32) -> i32 {
         // next, untagged, and serves it.
         return pass(ctx, Counter::PassNotIp);
     }
-    match parse::ethertype(ctx.data(), ctx.data_end()) {
+    match ctx.ethertype() {
         Some(ETH_P_IP_BE) => family::<u32, P>(ctx),
         Some(ETH_P_IPV6_BE) => {
             ctx.tail_call(tail);
@@ -231,7 +248,7 @@ fn pipeline<P: Packet>(ctx: &P, tail: u32) -> i32 {
 /// The pipeline for one address family.
 #[inline(always)]
 fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    let h = match A::parse(ctx.data(), ctx.data_end()) {
+    let h = match A::parse(ctx.data(), ctx.data_end(), P::L2) {
         Parsed::L4(h) => {
             if h.frag == Frag::First {
                 frag::record_first(&h);
@@ -288,8 +305,8 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
 /// The headers of a TCP or UDP packet (a later fragment given its datagram's ports), for the
 /// IPv6 stages after a tail call, which parse the packet again.
 #[inline(always)]
-fn reparse<A: Parse>(data: usize, data_end: usize) -> Option<Headers<A>> {
-    match A::parse(data, data_end) {
+fn reparse<A: Parse>(data: usize, data_end: usize, l2: usize) -> Option<Headers<A>> {
+    match A::parse(data, data_end, l2) {
         Parsed::L4(h) => Some(h),
         Parsed::LaterFragment(mut h) => frag::follow_first(&mut h).then_some(h),
         _ => None,
@@ -330,7 +347,7 @@ const NOTE_AFTER_STACK: u32 = 2;
 /// datapath into tail calls); a new IPv6 flow pays one more conntrack lookup for it.
 #[inline(always)]
 fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end(), P::L2) else {
         return pass(ctx, Counter::PassMalformed);
     };
     let Some(svc) = service::lookup(&h.flow, service::from_cluster) else {
@@ -357,7 +374,7 @@ fn new_flow_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
 /// scratch slot (`service::hand_over`).
 #[inline(always)]
 fn new_flow4_stage<P: Packet>(ctx: &P) -> i32 {
-    let Some(h) = reparse::<u32>(ctx.data(), ctx.data_end()) else {
+    let Some(h) = reparse::<u32>(ctx.data(), ctx.data_end(), P::L2) else {
         return pass(ctx, Counter::PassMalformed);
     };
     let Some(svc) = service::taken_over(&h.flow).or_else(|| service::lookup(&h.flow, service::from_cluster)) else {
@@ -370,7 +387,7 @@ fn new_flow4_stage<P: Packet>(ctx: &P) -> i32 {
 /// a frontend after all) the reply stage.
 #[inline(always)]
 fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end(), P::L2) else {
         return pass(ctx, Counter::PassMalformed);
     };
     if ctx.csum_unsure(&h) {
@@ -402,7 +419,7 @@ fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
 /// IPv6's stage for a packet that may be a backend's reply.
 #[inline(always)]
 fn reply_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
-    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end()) else {
+    let Some(h) = reparse::<A>(ctx.data(), ctx.data_end(), P::L2) else {
         return pass(ctx, Counter::PassMalformed);
     };
     // Here rather than in `maybe_reply_of` as IPv4's: inside that subprogram, LLVM's spills
@@ -585,14 +602,27 @@ fn new_flow<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>, svc: &ServiceValue, now
     Ok(t)
 }
 
+/// tc egress: IPv4 here, IPv6 in a program of its own (`tail`), as at ingress.
+#[inline(always)]
+fn egress<P: Packet>(ctx: &P, tail: u32) -> i32 {
+    match ctx.ethertype() {
+        Some(ETH_P_IP_BE) => host_reply_of::<u32, P>(ctx),
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(tail);
+            P::UNTOUCHED
+        }
+        _ => P::UNTOUCHED,
+    }
+}
+
 /// A packet this node sends: if it is a host-network endpoint's reply, restore the frontend
 /// (and, for SNATed flows, the client); if it is an ICMP error about a translated packet,
 /// translate it. It is on its way out already, so it is never routed here, and a later
 /// fragment without its first is left alone (it is the node's own).
 #[inline(always)]
-fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
-    const UNTOUCHED: i32 = <TcContext as Packet>::UNTOUCHED;
-    let h = match A::parse(ctx.data(), ctx.data_end()) {
+fn host_reply_of<A: Parse, P: Packet>(ctx: &P) -> i32 {
+    const { assert!(P::HOOK == crate::ctx::HOOK_TC) };
+    let h = match A::parse(ctx.data(), ctx.data_end(), P::L2) {
         Parsed::L4(h) => {
             if h.frag == Frag::First && service::maybe_backend(&h.flow) {
                 frag::record_first(&h);
@@ -601,7 +631,7 @@ fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
         }
         Parsed::LaterFragment(mut h) => {
             if !frag::follow_first(&mut h) {
-                return UNTOUCHED;
+                return P::UNTOUCHED;
             }
             h
         }
@@ -610,21 +640,21 @@ fn host_reply_of<A: Parse>(ctx: &TcContext) -> i32 {
         // port unreachable from a host-network endpoint) quotes the backend's side, which the
         // client cannot match: translated as errors from elsewhere are at ingress. An error
         // translated at ingress already quotes the client's view, which matches no entry.
-        Parsed::Icmp(e) => return icmp_error(ctx, e, true).unwrap_or(UNTOUCHED),
-        _ => return UNTOUCHED,
+        Parsed::Icmp(e) => return icmp_error(ctx, e, true).unwrap_or(P::UNTOUCHED),
+        _ => return P::UNTOUCHED,
     };
     if !service::maybe_backend(&h.flow) {
-        return UNTOUCHED;
+        return P::UNTOUCHED;
     }
-    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, <TcContext as Packet>::HOOK) else {
-        return UNTOUCHED;
+    let Some(r) = conntrack::reply(&h.flow, h.tcp_flags, P::HOOK) else {
+        return P::UNTOUCHED;
     };
     let rewritten = restore(ctx, &h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
     count_translated(ctx, &h, Counter::ReplyTranslated);
-    <TcContext as Packet>::FORWARD
+    P::FORWARD
 }
 
 /// Rewrites a reply back to what the client expects.

@@ -159,7 +159,7 @@ pub static LB_FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRA
 /// a program array once no file descriptor or pin holds it (breaking program/map cycles), and
 /// the programs must keep their IPv6 half after the agent exits.
 #[map(name = "LB_TAILS_TC")]
-pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(6, 0);
+pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(lb_common::TAILS_TC, 0);
 
 /// The XDP program's IPv6 stages (`lb_common::TAIL_XDP*`), as `LB_TAILS_TC`.
 #[map(name = "LB_TAILS_XDP")]

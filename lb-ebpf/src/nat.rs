@@ -13,7 +13,7 @@ use crate::{
     conntrack,
     ctx::Packet,
     mem,
-    parse::{ptr_at, Flow, Frag, Headers, ETH_LEN},
+    parse::{ptr_at, Flow, Frag, Headers},
 };
 
 /// Whether a new flow to `backend` needs its source rewritten too.
@@ -88,9 +88,9 @@ pub fn to_snat_addr<A: Addr, P: Packet>(ctx: &P) -> bool {
     // whole reply path once per constant (IPv4: past 1,000,000 instructions; IPv6: LLVM's
     // spills around it were refused). A fresh load is dead after the compare.
     let p = if A::FAMILY == lb_common::FAMILY_IPV4 {
-        ptr_at::<u32>(ctx.data(), ctx.data_end(), ETH_LEN + A::DST_OFF)
+        ptr_at::<u32>(ctx.data(), ctx.data_end(), P::L2 + A::DST_OFF)
     } else {
-        ptr_at::<[u32; 4]>(ctx.data(), ctx.data_end(), ETH_LEN + A::DST_OFF).map(|p| p as *mut u32)
+        ptr_at::<[u32; 4]>(ctx.data(), ctx.data_end(), P::L2 + A::DST_OFF).map(|p| p as *mut u32)
     };
     let Some(p) = p else {
         return false;
@@ -107,8 +107,8 @@ pub fn to_snat_addr<A: Addr, P: Packet>(ctx: &P) -> bool {
     is_node || is_hairpin
 }
 
-/// The IPv4 header checksum (IPv6 has none).
-const IP_CSUM_OFF: usize = ETH_LEN + 10;
+/// The IPv4 header checksum's offset in the IP header (IPv6 has none).
+const IP_CSUM_OFF: usize = 10;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 
@@ -175,7 +175,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (old_src, old_dst) = (h.flow.src, h.flow.dst);
     let (Some(ip_src), Some(ip_dst)) =
-        (ptr_at::<A>(data, data_end, ETH_LEN + A::SRC_OFF), ptr_at::<A>(data, data_end, ETH_LEN + A::DST_OFF))
+        (ptr_at::<A>(data, data_end, P::L2 + A::SRC_OFF), ptr_at::<A>(data, data_end, P::L2 + A::DST_OFF))
     else {
         return Err(-1);
     };
@@ -190,7 +190,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
         dst.0.write(ip_dst as *mut u8);
     }
     if A::FAMILY == lb_common::FAMILY_IPV4 {
-        let Some(ip_csum) = ptr_at::<u16>(data, data_end, IP_CSUM_OFF) else {
+        let Some(ip_csum) = ptr_at::<u16>(data, data_end, P::L2 + IP_CSUM_OFF) else {
             return Err(-1);
         };
         // SAFETY: bounds-checked above.
@@ -228,7 +228,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
 /// hop limit, above 1).
 #[inline(always)]
 pub fn ttl_ok<A: Addr, P: Packet>(ctx: &P) -> bool {
-    match ptr_at::<u8>(ctx.data(), ctx.data_end(), ETH_LEN + A::TTL_OFF) {
+    match ptr_at::<u8>(ctx.data(), ctx.data_end(), P::L2 + A::TTL_OFF) {
         // SAFETY: bounds checked by ptr_at.
         Some(ttl) => (unsafe { *ttl }) > 1,
         None => false,
@@ -242,14 +242,14 @@ pub fn decrement_ttl<A: Addr, P: Packet>(ctx: &P) {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     if A::FAMILY != lb_common::FAMILY_IPV4 {
         // IPv6: the hop limit, and no header checksum.
-        if let Some(hop) = ptr_at::<u8>(data, data_end, ETH_LEN + A::TTL_OFF) {
+        if let Some(hop) = ptr_at::<u8>(data, data_end, P::L2 + A::TTL_OFF) {
             // SAFETY: bounds checked by ptr_at.
             unsafe { *hop = (*hop).wrapping_sub(1) };
         }
         return;
     }
     let (Some(word), Some(ip_csum)) =
-        (ptr_at::<u16>(data, data_end, ETH_LEN + A::TTL_OFF), ptr_at::<u16>(data, data_end, IP_CSUM_OFF))
+        (ptr_at::<u16>(data, data_end, P::L2 + A::TTL_OFF), ptr_at::<u16>(data, data_end, P::L2 + IP_CSUM_OFF))
     else {
         return;
     };

@@ -96,22 +96,40 @@ pub fn ethertype(data: usize, data_end: usize) -> Option<u16> {
     Some(unsafe { (*eth).ether_type })
 }
 
-/// The family-specific parser, so the pipeline can be written once.
+/// The ethertype (network order) of a packet that starts with its IP header (a device
+/// without a link-layer header: tun, WireGuard, IPIP), from the IP version, as the kernel
+/// does for such devices (`tun_get_user` without packet information, `ip_tunnel_rcv`).
+#[inline(always)]
+pub fn ethertype_of_ip(data: usize, data_end: usize) -> Option<u16> {
+    // A whole IPv4 header's worth, not the one byte read: LLVM turns a one-byte bound into
+    // `data >= data_end`, which it then compares in 32 bits, and the verifier learns packet
+    // ranges from 64-bit compares only. Anything shorter is no IP packet either way.
+    let b = ptr_at::<[u8; IPV4_LEN]>(data, data_end, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    match unsafe { (*b)[0] } >> 4 {
+        4 => Some(ETH_P_IP_BE),
+        6 => Some(ETH_P_IPV6_BE),
+        _ => Some(0),
+    }
+}
+
+/// The family-specific parser, so the pipeline can be written once. `l2`: the link-layer
+/// header's length in front of the IP header (`Packet::L2`, a constant once inlined).
 pub trait Parse: Addr {
-    fn parse(data: usize, data_end: usize) -> Parsed<Self>;
+    fn parse(data: usize, data_end: usize, l2: usize) -> Parsed<Self>;
 }
 
 impl Parse for u32 {
     #[inline(always)]
-    fn parse(data: usize, data_end: usize) -> Parsed<u32> {
-        parse4(data, data_end)
+    fn parse(data: usize, data_end: usize, l2: usize) -> Parsed<u32> {
+        parse4(data, data_end, l2)
     }
 }
 
 impl Parse for [u32; 4] {
     #[inline(always)]
-    fn parse(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
-        parse6(data, data_end)
+    fn parse(data: usize, data_end: usize, l2: usize) -> Parsed<[u32; 4]> {
+        parse6(data, data_end, l2)
     }
 }
 
@@ -126,8 +144,8 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
 
 /// An IPv4 packet (the ethertype was checked).
 #[inline(always)]
-pub fn parse4(data: usize, data_end: usize) -> Parsed<u32> {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
+pub fn parse4(data: usize, data_end: usize, l2: usize) -> Parsed<u32> {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, l2) else {
         return Parsed::Malformed;
     };
     let p = ip as usize;
@@ -138,7 +156,7 @@ pub fn parse4(data: usize, data_end: usize) -> Parsed<u32> {
         return Parsed::Malformed;
     }
     let proto = ip.proto;
-    let l4_off = ETH_LEN + ihl * 4;
+    let l4_off = l2 + ihl * 4;
     // The identification and the flags with the fragment offset, each in network order.
     let ip_id = id_frags & 0xffff;
     let frags = (id_frags >> 16) as u16;
@@ -289,8 +307,8 @@ const EXT_MAX_LEN: usize = 256 * 8;
 /// An IPv6 packet (the ethertype was checked): the fixed header, then a bounded walk of the
 /// extension headers to the upper-layer header.
 #[inline(always)]
-pub fn parse6(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
-    let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(data, data_end, ETH_LEN) else {
+pub fn parse6(data: usize, data_end: usize, l2: usize) -> Parsed<[u32; 4]> {
+    let Some(ip) = ptr_at::<[u8; IPV6_LEN]>(data, data_end, l2) else {
         return Parsed::Malformed;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -301,7 +319,7 @@ pub fn parse6(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
     // SAFETY: the address fields lie within the header checked above.
     let (src, dst) = unsafe { (<[u32; 4]>::read(ip.as_ptr().add(8)), <[u32; 4]>::read(ip.as_ptr().add(24))) };
     let mut next = ip[6];
-    let mut off = ETH_LEN + IPV6_LEN;
+    let mut off = l2 + IPV6_LEN;
     let mut frag = Frag::Whole;
     let mut ip_id = 0u32;
     let mut i = 0;
@@ -344,7 +362,7 @@ pub fn parse6(data: usize, data_end: usize) -> Parsed<[u32; 4]> {
         return Parsed::ExtHeaders;
     }
     // Tells the verifier the offset's range (each step adds at most EXT_MAX_LEN).
-    if off > ETH_LEN + IPV6_LEN + MAX_EXT_HEADERS * EXT_MAX_LEN {
+    if off > l2 + IPV6_LEN + MAX_EXT_HEADERS * EXT_MAX_LEN {
         return Parsed::ExtHeaders;
     }
     if frag == Frag::Later {

@@ -122,6 +122,13 @@ impl Harness {
         run_tc(self.dp.tc_egress_program(), frame)
     }
 
+    /// Runs the tc egress program for devices without a link-layer header on `frame` less its
+    /// Ethernet header, as a tunnel device hands it to tc; the verdict and the output with that
+    /// header put back, for the parsers.
+    fn run_egress_l3(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_tc_l3(self.dp.tc_egress_l3_program(), frame)
+    }
+
     /// A backend's packet to a client whose flow is not SNATed, as a node handles it: the tc
     /// ingress program leaves it untouched to the stack (asserted), which forwards it as the
     /// backend sent it, and the tc egress program of the interface it leaves by restores it.
@@ -141,6 +148,8 @@ impl Harness {
 mod conntrack;
 #[path = "packet/ipv6.rs"]
 mod ipv6;
+#[path = "packet/l3.rs"]
+mod l3;
 #[path = "packet/vlan.rs"]
 mod vlan;
 
@@ -881,6 +890,15 @@ endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
 "#;
 
 /// Runs a tc program once on `frame`; returns the verdict and the output frame.
+/// `run_tc` of a program for devices without a link-layer header: it gets `frame` from its IP
+/// header on, and its output gets `frame`'s Ethernet header back.
+fn run_tc_l3(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let (verdict, out) = run_tc(prog, &frame[14..]);
+    let mut with_eth = frame[..14].to_vec();
+    with_eth.extend_from_slice(&out);
+    (verdict, with_eth)
+}
+
 fn run_tc(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; 1600];
     let res = prog
@@ -1858,6 +1876,8 @@ fn tail_called_stages_pass_the_verifier() {
         lb_common::PROG_TC_ICMP6,
         lb_common::PROG_TC_FWD6,
         lb_common::PROG_TC_REPLY6,
+        lb_common::PROG_TC_EGRESS6_L3,
+        lb_common::PROG_TC_ICMP6_L3,
         lb_common::PROG_XDP6,
         lb_common::PROG_XDP_NEW6,
         lb_common::PROG_XDP_ICMP6,

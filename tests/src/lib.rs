@@ -919,3 +919,99 @@ ports:
 {endpoints}"#
     )
 }
+
+/// A point-to-point tunnel between two namespaces over tun devices, whose packets this process
+/// carries from one device to the other, as a userspace WireGuard carries them between its tun
+/// device and its socket. Tun devices have no link-layer header (`ARPHRD_NONE`), as kernel
+/// WireGuard, IPIP and GRE devices do: the tc hooks on them see packets start with their IP
+/// header. The devices are made up; routes through them are the test's. Dropping the tunnel
+/// stops its threads and closes the devices, which removes them.
+pub struct Tunnel {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Tunnel {
+    /// Creates device `a.1` in namespace `a.0` and `b.1` in `b.0`, both up.
+    pub fn open(a: (&str, &str), b: (&str, &str)) -> Result<Self> {
+        let fa = in_ns(a.0, || tun_device(a.1))??;
+        let fb = in_ns(b.0, || tun_device(b.1))??;
+        for (ns, dev) in [a, b] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (fa, fb) = (std::sync::Arc::new(fa), std::sync::Arc::new(fb));
+        let threads = [(fa.clone(), fb.clone()), (fb, fa)]
+            .into_iter()
+            .map(|(from, to)| {
+                let stop = stop.clone();
+                std::thread::spawn(move || carry(&from, &to, &stop))
+            })
+            .collect();
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A tun device named `name` in the caller's network namespace (`TUNSETIFF` with `IFF_TUN |
+/// IFF_NO_PI`: packets are read and written as bare IP packets). Through libc: no crate in
+/// the workspace wraps the ioctl.
+fn tun_device(name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TUN: libc::c_short = 0x0001;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    anyhow::ensure!(name.len() < 16, "tun device name {name} too long");
+    // SAFETY: open(2) with a NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReq { name: [0; 16], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF with a valid ifreq we own.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("creating tun device {name}"));
+    }
+    Ok(fd)
+}
+
+/// Copies packets read from `from` to `to` until `stop` is set.
+fn carry(from: &std::os::fd::OwnedFd, to: &std::os::fd::OwnedFd, stop: &std::sync::atomic::AtomicBool) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if ready <= 0 {
+            continue;
+        }
+        // SAFETY: reading into a buffer we own, of the length given.
+        let n = unsafe { libc::read(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            // The device went away (its namespace was deleted): nothing more to carry.
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        // SAFETY: writing the n bytes just read. A full queue drops the packet, as a link would.
+        unsafe { libc::write(to.as_raw_fd(), buf.as_ptr().cast(), n as usize) };
+    }
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_tests::{in_ns, privileged, Lab, Node, Pod};
+use lb_tests::{in_ns, privileged, Lab, Node, Pod, Tunnel};
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 2);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 49, 3);
@@ -302,6 +302,49 @@ fn bulk_transfers_through_cluster_ip_and_node_ports_with_offloads_on() -> Result
         download(ns, at(ip, source), MB10).with_context(|| what.to_string())?;
         eprintln!("{what}: 2 x 10 MB in {:?}", start.elapsed());
     }
+    Ok(())
+}
+
+/// Replies leaving by a device without a link-layer header: Calico's IPIP and WireGuard modes
+/// route other nodes' pod ranges through one (`tunl0`, `wireguard.cali`), here a tun device
+/// pair whose packets the test carries (`lb_tests::Tunnel`; kernel tunnels are not built on
+/// these machines). A pod on node-a downloads from node-b's node port, whose backend is local
+/// to node-b: the flow is not SNATed, so node-b's stack sends the backend's replies into the
+/// tunnel as the backend sent them, and only the tunnel's egress program can restore the node
+/// port (the Ethernet program there would read the IP header 14 bytes off). A ClusterIP that
+/// node-a translates has its replies cross the tunnel untouched and restored at the client's
+/// veth; bulk both ways, with the INVALID-dropping rule of `net` on both nodes.
+#[test]
+fn replies_leaving_by_a_tunnel_device_are_restored() -> Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let n = net()?;
+    // After `n`, so dropped (its threads stopped, its devices closed) before the lab.
+    let _tunnel = Tunnel::open((&n.a.ns, "tun-a"), (&n.b.ns, "tun-b"))?;
+    n.lab.exec(&n.b.ns, &["ip", "route", "replace", "10.244.1.0/24", "dev", "tun-b"])?;
+    // The agent attaches a new interface when it appears: the tunnel's egress, not its ingress.
+    let links = n.b.pin_dir.join("links");
+    if !lb_tests::eventually(Duration::from_secs(10), || links.join("tc_egress_tun-b").exists()) {
+        bail!("tun-b not attached; agent log:\n{}", n.lab.agent_log(&n.b));
+    }
+    assert!(!links.join("tc_ingress_tun-b").exists(), "an L3 device's ingress gets no Ethernet program");
+    let sent = || -> Result<u64> {
+        Ok(n.lab.exec(&n.b.ns, &["cat", "/sys/class/net/tun-b/statistics/tx_packets"])?.trim().parse()?)
+    };
+    let before = sent()?;
+    for (what, ip, count, source) in
+        [("NodePort, backend local to node-b", NODE_B, 30072, 30073), ("ClusterIP", BULK_CIP, 7000, 7001)]
+    {
+        assert_eq!(upload(&n.client.ns, at(ip, count), MB10).with_context(|| what.to_string())?, MB10, "{what}");
+        download(&n.client.ns, at(ip, source), MB10).with_context(|| what.to_string())?;
+    }
+    // The replies did take the tunnel (10 MB each way is thousands of packets), and node-b's
+    // restored the node port's (fewer runs than packets: GRO hands tc super-packets, which the
+    // device's transmit path segments after it).
+    let through = sent()? - before;
+    assert!(through > 5000, "{through} packets through tun-b");
+    assert!(stat(&n.lab, &n.b, "reply_translated") > 100, "{}", n.lab.list(&n.b, "stats")?);
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use lb_common::{NodeAddrKey, MAP_NODE_ADDRS, PROGS_SOCK, PROG_TC_INGRESS, PROG_X
 
 use super::{
     maps::{addr_words, family_tag, insert_err, ip_of, local_source_key},
-    sys::{error_chain, interfaces, local_addresses, node_port_address},
+    sys::{error_chain, interfaces, link_kind, local_addresses, node_port_address, LinkKind},
     Dataplane, DataplaneError, Result, XdpAttachMode, LINKS_DIR,
 };
 use crate::model::{Cidr, Frontend, Scope};
@@ -52,6 +52,17 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// The program this hook runs on a device of `kind` (`sync_interfaces`' `wanted` says
+    /// which hooks a kind gets: an L3 device's egress, not its ingress, nor XDP).
+    fn program(self, kind: LinkKind) -> &'static str {
+        match (self, kind) {
+            (Hook::TcEgress, LinkKind::L3) => lb_common::PROG_TC_EGRESS_L3,
+            (Hook::Tc, _) => PROG_TC_INGRESS,
+            (Hook::TcEgress, _) => lb_common::PROG_TC_EGRESS,
+            (Hook::Xdp, _) => PROG_XDP,
+        }
+    }
+
     fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Tc => "tc_ingress_",
@@ -181,6 +192,24 @@ impl Dataplane {
     ) -> Result<Vec<DataplaneError>> {
         let mut errors = Vec::new();
         let present: StdHashMap<String, u32> = interfaces()?.into_iter().collect();
+        // A device without a link-layer header (a tunnel) gets the egress program that reads
+        // the IP header at the packet's start, which restores replies leaving by it; its
+        // ingress and XDP get nothing, as the Ethernet programs would misread its packets: a
+        // Service's traffic arriving by a tunnel is left to the stack (README, "Known
+        // limits"). A device of another link layer gets nothing either.
+        let kinds: StdHashMap<String, LinkKind> =
+            present.keys().filter_map(|name| Some((name.clone(), link_kind(name)?))).collect();
+        for (name, kind) in &kinds {
+            if let LinkKind::Other(ty) = kind {
+                let text = format!("link type {ty} is neither Ethernet nor none (IP first): not attached");
+                let k = (name.clone(), Hook::Tc);
+                if tc_wanted(name) && self.attach_failures.get(&k) != Some(&text) {
+                    tracing::warn!(iface = %name, arphrd = ty, "{text}");
+                    self.attach_failures.insert(k, text);
+                }
+            }
+        }
+        let kind_of = |name: &str| kinds.get(name).copied().unwrap_or(LinkKind::Other(0));
         // Which devices take native XDP frames: the XDP program sends only to those, and `Auto`
         // attaches native XDP only on those. Without the netdev family (kernel < 6.3) none is
         // known to, so XDP leaves every packet it would send to tc.
@@ -199,7 +228,7 @@ impl Dataplane {
         let vlan_parents = super::sys::vlan_parents();
         if self.xdp_mode == XdpAttachMode::Auto {
             for (name, ifindex) in &present {
-                if !xdp_wanted(name) {
+                if !xdp_wanted(name) || kind_of(name) != LinkKind::Ethernet {
                     continue;
                 }
                 let has_vlans = vlan_parents.contains(name);
@@ -227,9 +256,10 @@ impl Dataplane {
             }
         }
         let auto = self.xdp_mode == XdpAttachMode::Auto;
-        let wanted = |name: &str, hook: Hook| match hook {
-            Hook::Tc | Hook::TcEgress => tc_wanted(name),
-            Hook::Xdp => {
+        let wanted = |name: &str, hook: Hook| match (hook, kind_of(name)) {
+            (_, LinkKind::Other(_)) | (Hook::Tc | Hook::Xdp, LinkKind::L3) => false,
+            (Hook::Tc | Hook::TcEgress, _) => tc_wanted(name),
+            (Hook::Xdp, LinkKind::Ethernet) => {
                 xdp_wanted(name)
                     && (!auto || auto_native(name, present.get(name), &can_transmit, vlan_parents.contains(name)))
             }
@@ -258,7 +288,7 @@ impl Dataplane {
                 if !wanted(name, hook) || self.attached.contains_key(&k) {
                     continue;
                 }
-                match self.attach(name, hook) {
+                match self.attach(name, hook, kind_of(name)) {
                     Ok(pinned) => {
                         if hook == Hook::Xdp && vlan_parents.contains(name) {
                             tracing::warn!(
@@ -310,7 +340,7 @@ impl Dataplane {
         }
     }
 
-    fn attach(&mut self, iface: &str, hook: Hook) -> Result<PinnedLink> {
+    fn attach(&mut self, iface: &str, hook: Hook, kind: LinkKind) -> Result<PinnedLink> {
         let pin = self.link_pin(iface, hook);
         let link_err = |what: &'static str| {
             let iface = iface.to_string();
@@ -319,7 +349,7 @@ impl Dataplane {
         // A link pinned by an earlier agent: swap our program into it. bpf_link_update is
         // atomic, so no packet on the interface goes unprocessed during an upgrade.
         if pin.exists() {
-            match self.take_over(&pin, hook) {
+            match self.take_over(&pin, hook, kind) {
                 Ok(()) => {
                     // The pin already names this link; keep a handle by opening it again.
                     let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("reopening pinned link")(&e))?;
@@ -334,17 +364,11 @@ impl Dataplane {
             }
         }
         let fd = match hook {
-            Hook::Tc => {
+            Hook::Tc | Hook::TcEgress => {
                 let prog: &mut SchedClassifier =
-                    self.ebpf.program_mut(PROG_TC_INGRESS).expect("loaded in Dataplane::load").try_into()?;
-                let id = prog.attach(iface, TcAttachType::Ingress)?;
-                FdLink::try_from(prog.take_link(id)?)
-                    .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
-            }
-            Hook::TcEgress => {
-                let prog: &mut SchedClassifier =
-                    self.ebpf.program_mut(lb_common::PROG_TC_EGRESS).expect("loaded in Dataplane::load").try_into()?;
-                let id = prog.attach(iface, TcAttachType::Egress)?;
+                    self.ebpf.program_mut(hook.program(kind)).expect("loaded in Dataplane::load").try_into()?;
+                let at = if hook == Hook::Tc { TcAttachType::Ingress } else { TcAttachType::Egress };
+                let id = prog.attach(iface, at)?;
                 FdLink::try_from(prog.take_link(id)?)
                     .map_err(|e| link_err("tc link is not a TCX link (kernel < 6.6?)")(&e))?
             }
@@ -360,7 +384,7 @@ impl Dataplane {
             }
         };
         let pinned = fd.pin(&pin).map_err(|e| link_err("pinning link")(&e))?;
-        tracing::info!(iface, ?hook, "attached");
+        tracing::info!(iface, ?hook, ?kind, "attached");
         Ok(pinned)
     }
 
@@ -398,12 +422,17 @@ impl Dataplane {
     }
 
     /// Replaces the program of a link pinned at `pin` with ours.
-    fn take_over(&mut self, pin: &Path, hook: Hook) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    fn take_over(
+        &mut self,
+        pin: &Path,
+        hook: Hook,
+        kind: LinkKind,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let fd = FdLink::from(PinnedLink::from_pin(pin)?);
         match hook {
             Hook::Tc | Hook::TcEgress => {
-                let name = if hook == Hook::Tc { PROG_TC_INGRESS } else { lb_common::PROG_TC_EGRESS };
-                let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+                let prog: &mut SchedClassifier =
+                    self.ebpf.program_mut(hook.program(kind)).expect("loaded").try_into()?;
                 let id = prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
                 // Our handle closes; the pin keeps the link (and our program in it).
                 drop(prog.take_link(id)?);

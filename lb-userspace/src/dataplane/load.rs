@@ -142,19 +142,15 @@ impl Dataplane {
             .map_max_entries(MAP_CT6_NEW, sizes.of(MAP_CT6_NEW))
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?
-            .try_into()?;
-        prog.load()?;
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut(lb_common::PROG_TC_EGRESS)
-            .ok_or(DataplaneError::MissingMap { name: lb_common::PROG_TC_EGRESS })?
-            .try_into()?;
-        egress.load()?;
+        // The tc entry points: Ethernet's, and egress on devices without a link-layer header.
+        for name in [PROG_TC_INGRESS, lb_common::PROG_TC_EGRESS, lb_common::PROG_TC_EGRESS_L3] {
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
+            p.load().map_err(|source| DataplaneError::ProgramLoad { name, source })?;
+        }
         let xdp: &mut Xdp =
             ebpf.program_mut(PROG_XDP).ok_or(DataplaneError::MissingMap { name: PROG_XDP })?.try_into()?;
-        xdp.load()?;
+        xdp.load().map_err(|source| DataplaneError::ProgramLoad { name: PROG_XDP, source })?;
         // Without the IPv6 programs the IPv4 ones tail-call an empty slot and IPv6 frames pass
         // untranslated; asked for, they must load. Every table is this load's own and starts
         // empty, so a run without IPv6 needs nothing emptied. IPv4's new-flow stages are
@@ -362,8 +358,8 @@ fn holds_no_pins(pin_dir: &Path) -> bool {
 }
 
 /// Renames this load's stage tables after the programs that tail-call through them
-/// (`<name>-<ns>-p<ids>`: a tc table's tc ingress and egress programs, `_` between them, an
-/// XDP table's XDP program), so
+/// (`<name>-<ns>-p<ids>`: a tc table's tc ingress and egress programs, the L3 egress among
+/// them, `_` between them, an XDP table's XDP program), so
 /// that a later load can tell from the links' program ids alone whether any attached program
 /// still uses them (`layout::retire_unlinked_stages`): listing programs by id, to read their
 /// maps, takes CAP_SYS_ADMIN, which the DaemonSet does not grant. Renaming a pin leaves the
@@ -373,7 +369,11 @@ fn name_stage_tables(ebpf: &aya::Ebpf, pins: [std::path::PathBuf; 4]) -> Result<
         let prog = ebpf.program(name).ok_or(DataplaneError::MissingMap { name })?;
         Ok(prog.info()?.id().to_string())
     };
-    let tc = format!("{}_{}", id(PROG_TC_INGRESS)?, id(lb_common::PROG_TC_EGRESS)?);
+    let tc = [PROG_TC_INGRESS, lb_common::PROG_TC_EGRESS, lb_common::PROG_TC_EGRESS_L3]
+        .into_iter()
+        .map(id)
+        .collect::<Result<Vec<_>>>()?
+        .join("_");
     let xdp = id(PROG_XDP)?;
     let mut named = pins.clone();
     for (i, (pin, new)) in pins.iter().zip(named.iter_mut()).enumerate() {
@@ -428,11 +428,13 @@ fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
         (PROG_TC_ICMP6, MAP_TAILS_TC, TAIL_TC_ICMP6),
         (PROG_TC_FWD6, MAP_TAILS_TC, TAIL_TC_FWD6),
         (PROG_TC_REPLY6, MAP_TAILS_TC, TAIL_TC_REPLY6),
+        (PROG_TC_EGRESS6_L3, MAP_TAILS_TC, TAIL_TC_EGRESS6_L3),
+        (PROG_TC_ICMP6_L3, MAP_TAILS_TC, TAIL_TC_ICMP6_L3),
     ];
     let tc_ipv6 = if ipv6 { &tc_ipv6[..] } else { &[] };
     for &(name, table, index) in [(PROG_TC_NEW4, MAP_TAILS4_TC, 0)].iter().chain(tc_ipv6) {
         let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
-        p.load()?;
+        p.load().map_err(|source| DataplaneError::ProgramLoad { name, source })?;
         fds.push((table, index, dup(name, p.fd()?)?));
     }
     let xdp_ipv6 = [
@@ -445,7 +447,7 @@ fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
     let xdp_ipv6 = if ipv6 { &xdp_ipv6[..] } else { &[] };
     for &(name, table, index) in [(PROG_XDP_NEW4, MAP_TAILS4_XDP, 0)].iter().chain(xdp_ipv6) {
         let p: &mut Xdp = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
-        p.load()?;
+        p.load().map_err(|source| DataplaneError::ProgramLoad { name, source })?;
         fds.push((table, index, dup(name, p.fd()?)?));
     }
     for (table, index, fd) in &fds {

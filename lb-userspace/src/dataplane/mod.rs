@@ -71,6 +71,8 @@ pub enum DataplaneError {
     Load(#[from] aya::EbpfError),
     #[error("program: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error("program {name}: {source}")]
+    ProgramLoad { name: &'static str, source: aya::programs::ProgramError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
     #[error("map {name} is missing from the object or the pin directory")]
@@ -423,5 +425,14 @@ impl Dataplane {
     /// The loaded tc egress program, for `BPF_PROG_TEST_RUN` in tests.
     pub fn tc_egress_program(&self) -> &SchedClassifier {
         self.ebpf.program(lb_common::PROG_TC_EGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
+    }
+
+    /// The loaded tc egress program for devices without a link-layer header, for
+    /// `BPF_PROG_TEST_RUN` in tests.
+    pub fn tc_egress_l3_program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(lb_common::PROG_TC_EGRESS_L3)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load")
     }
 }

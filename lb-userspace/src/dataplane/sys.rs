@@ -184,6 +184,63 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
     Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
 }
 
+/// What a device puts in front of the IP header, which decides the programs it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An Ethernet header (`ARPHRD_ETHER`: NICs, veths, bridges, VLANs, bonds, VXLAN).
+    Ethernet,
+    /// None: the packet starts with its IP header (tun, WireGuard, IPIP, GRE, SIT and IPv6
+    /// tunnels, raw-IP modems), so it gets the L3 programs (`lb_common::PROG_TC_INGRESS_L3`).
+    L3,
+    /// Another link layer (InfiniBand, loopback-type devices): the programs cannot parse it.
+    Other(u16),
+}
+
+impl LinkKind {
+    /// From the device's hardware type (`ARPHRD_*` in include/uapi/linux/if_arp.h).
+    pub fn of_arphrd(ty: u16) -> Self {
+        const ETHER: u16 = 1;
+        const RAWIP: u16 = 519;
+        const TUNNEL: u16 = 768;
+        const TUNNEL6: u16 = 769;
+        const SIT: u16 = 776;
+        const IPGRE: u16 = 778;
+        const IP6GRE: u16 = 823;
+        const NONE: u16 = 0xfffe;
+        match ty {
+            ETHER => LinkKind::Ethernet,
+            RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => LinkKind::L3,
+            other => LinkKind::Other(other),
+        }
+    }
+}
+
+/// The hardware type of `iface` in the caller's network namespace (`SIOCGIFHWADDR`, whose
+/// address family is the `ARPHRD_*` type; what `ip link` shows as `link/ether`, `link/none`,
+/// `link/ipip`), `None` if the device is gone. One ioctl through libc: nix has no wrapper for
+/// it, and the rtnetlink link dump would be a request/response exchange for one field.
+pub fn link_kind(iface: &str) -> Option<LinkKind> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd as _;
+    /// `struct ifreq` with `ifr_hwaddr` (a `struct sockaddr`) in its 24-byte union.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        family: u16,
+        rest: [u8; 22],
+    }
+    const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+    if iface.len() >= 16 {
+        return None;
+    }
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
+    let mut req = IfReq { name: [0; 16], family: 0, rest: [0; 22] };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: SIOCGIFHWADDR with a valid ifreq we own, large enough for the kernel's.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR as _, &mut req) };
+    (rc == 0).then(|| LinkKind::of_arphrd(req.family))
+}
+
 #[cfg(test)]
 mod vlan_tests {
     #[test]
@@ -194,5 +251,27 @@ mod vlan_tests {
         let parents: Vec<String> = super::parse_vlan_config(text).into_iter().collect();
         assert_eq!(parents, ["bond0", "eth0", "eth1"]);
         assert!(super::parse_vlan_config("").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod link_kind_tests {
+    use super::LinkKind;
+
+    #[test]
+    fn hardware_types_map_to_the_programs_that_can_parse_them() {
+        assert_eq!(LinkKind::of_arphrd(1), LinkKind::Ethernet);
+        // tun and WireGuard, IPIP (tunl0), GRE, SIT, ip6tnl.
+        for ty in [0xfffe, 768, 778, 776, 769, 823, 519] {
+            assert_eq!(LinkKind::of_arphrd(ty), LinkKind::L3, "{ty}");
+        }
+        assert_eq!(LinkKind::of_arphrd(772), LinkKind::Other(772), "loopback");
+        assert_eq!(LinkKind::of_arphrd(32), LinkKind::Other(32), "InfiniBand");
+    }
+
+    #[test]
+    fn reads_the_loopback_devices_type() {
+        assert_eq!(super::link_kind("lo"), Some(LinkKind::Other(772)));
+        assert_eq!(super::link_kind("no-such-device0"), None);
     }
 }

@@ -506,3 +506,39 @@ fn ipv6_off_after_a_run_with_it_leaves_ipv6_untranslated() {
     assert_eq!(verdict, TC_ACT_OK, "the earlier load's programs still translate IPv6");
     assert!(backends6(8080).contains(&parse6_checked(&out).dst));
 }
+
+/// The tc egress program for devices without a link-layer header (`packet/l3.rs`) on IPv6,
+/// through its own IPv6 program and ICMPv6 stage: a reply leaving by a tunnel is restored, and
+/// a Packet Too Big the node sends into one is translated.
+#[test]
+fn ipv6_replies_leaving_by_a_tunnel_are_restored() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 40000), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let (_, out) = h.run(&syn);
+    let backend = parse6_checked(&out).dst;
+    let reply = frame6(backend, (CLIENT6, 40000), L4::Tcp { flags: SYN_ACK }, &[]);
+    assert_eq!(h.run(&reply), (TC_ACT_UNSPEC, reply.clone()), "left to the stack at the backend's veth");
+    let (verdict, out) = h.run_egress_l3(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out.len(), reply.len());
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((VIP6, 80), (CLIENT6, 40000)));
+    let data = frame6(backend, (CLIENT6, 40000), L4::Tcp { flags: ACK }, &[9u8; 1380]);
+    let r = parse6_checked(&h.run_egress_l3(&data).1);
+    assert_eq!((r.src, r.dst), ((VIP6, 80), (CLIENT6, 40000)));
+    assert_eq!(h.counter(Counter::ReplyTranslated), 2);
+
+    let mtu = 1280u32.to_be_bytes();
+    let probe = frame6((CLIENT6, 40001), (VIP6, 80), L4::Tcp { flags: SYN }, b"data");
+    let (_, sent) = h.run(&probe);
+    let ptb = icmp6_error(ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG, 0, mtu, &sent[14..]);
+    let (verdict, out) = h.run_egress_l3(&ptb);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, kind, _, quote) = parse_icmp6_checked(&out);
+    assert_eq!((src, dst, kind), (ROUTER6, CLIENT6, ICMPV6_PKT_TOOBIG));
+    assert_eq!(&quote[..], &probe[14..], "the quote is the client's own packet again, byte for byte");
+    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+}
