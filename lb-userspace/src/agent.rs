@@ -71,8 +71,8 @@ pub struct Options {
     /// node's pod CIDRs, get cluster-wide endpoints at `externalTrafficPolicy: Local` external
     /// frontends.
     pub cluster_cidrs: Vec<Cidr>,
-    /// The `/proc/sys` whose strict reverse-path filtering is made loose (`rp_filter.rs`);
-    /// `None`: left alone (`--keep-rp-filter`).
+    /// The `/proc/sys` whose strict reverse-path filtering is made loose (`rp_filter.rs`,
+    /// `--relax-rp-filter`); `None`: left alone, the default.
     pub rp_filter: Option<PathBuf>,
     pub dataplane: Config,
     /// At least one sync per period; `/healthz` fails when a change has waited twice as long.
@@ -845,7 +845,7 @@ fn relax_rp_filter(rp: &mut crate::rp_filter::RpFilter, attached: &BTreeSet<Stri
             was,
             "net.ipv4.conf.all.rp_filter set to 0 (every other interface's own value raised to {was}, so the mode in \
              force there is unchanged): it applies on top of each interface's, and would drop translated replies \
-             on interfaces without an address (--keep-rp-filter leaves every setting alone)"
+             on interfaces without an address (--relax-rp-filter asked for it)"
         );
     }
     for e in errors {

@@ -142,16 +142,21 @@ struct RunArgs {
     /// IPv6 link-local ones.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<model::Cidr>,
-    /// Leave the kernel's reverse-path filter alone. By default, on the interfaces lb attaches
-    /// to, strict filtering (`rp_filter` 1) is made loose (2) where the interface has an IPv4
-    /// address and filtering is turned off where it has none, with `conf/all` taken to 0 (the
-    /// other interfaces' own values raised to keep their mode): the filter drops the replies of
-    /// this node's routed pods to pods that reached them through a ClusterIP, which the
-    /// datapath hands the stack with the ClusterIP as their source.
-    #[arg(long)]
+    /// Relax the kernel's reverse-path filter on the interfaces lb attaches to: strict
+    /// filtering (`rp_filter` 1) made loose (2) where the interface has an IPv4 address, turned
+    /// off where it has none, with `conf/all` taken to 0 (the other interfaces' own values
+    /// raised to keep their mode). Off by default: the datapath hands the stack nothing whose
+    /// source the filter refuses (replies are restored at egress, after the input route), but
+    /// for a reply of a flow SNATed to the node that tc finds no route for (a policy route,
+    /// encapsulation) and hands on translated, which this lets through.
+    #[arg(long, conflicts_with = "keep_rp_filter")]
+    relax_rp_filter: bool,
+    /// Leave the kernel's reverse-path filter alone: the default since 2026-12-06 (accepted
+    /// so that configurations naming it keep working).
+    #[arg(long, hide = true)]
     keep_rp_filter: bool,
-    /// Where the host's `/proc/sys` is (a container's own is read-only; the DaemonSet mounts
-    /// the host's `/proc/sys/net` under /run/lb/proc-sys).
+    /// Where the host's `/proc/sys` is, for `--relax-rp-filter` (a container's own is
+    /// read-only: mount the host's `/proc/sys/net` writable and point this at its parent).
     #[arg(long, default_value = "/proc/sys")]
     proc_sys: PathBuf,
     /// The cluster's pod CIDRs, IPv4 or IPv6 (comma-separated or repeated), as kube-proxy's `--cluster-cidr`:
@@ -318,7 +323,7 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
         cgroup,
         nodeport_addresses: args.nodeport_addresses,
         cluster_cidrs: args.cluster_cidr,
-        rp_filter: (!args.keep_rp_filter).then_some(args.proc_sys),
+        rp_filter: args.relax_rp_filter.then_some(args.proc_sys),
         sync_period: Duration::from_secs(args.sync_period.max(1)),
         full_sync_period: Duration::from_secs(args.full_sync_period.max(1)),
         per_frontend_metrics: args.metrics_per_frontend,

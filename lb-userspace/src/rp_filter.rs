@@ -1,9 +1,11 @@
 //! The kernel's reverse-path filter, relaxed on the interfaces where it dropped what the
-//! datapath handed the stack before replies were restored at egress.
+//! datapath handed the stack before replies were restored at egress: with `--relax-rp-filter`
+//! only, since 2026-12-06 night (the default before).
 //!
-//! No longer needed by the datapath (kept as the default for now; `--keep-rp-filter` is what
-//! it needs): since 2026-12-06 a backend's reply goes through the stack as the backend sent it
-//! and is restored at tc egress, after the input route. Before, a reply from a pod to a pod
+//! No longer needed by the datapath: since 2026-12-06 a backend's reply goes through the stack
+//! as the backend sent it and is restored at tc egress, after the input route. What it still
+//! lets through: the reply of a flow SNATed to the node that tc finds no route for (a policy
+//! route, encapsulation) and so hands the stack translated. Before, a reply from a pod to a pod
 //! that reached it through a ClusterIP left tc ingress on the backend's interface with the
 //! ClusterIP as its source, and the stack then routed it (between
 //! pods of one bridge it is bridged instead, and never checked). Before routing it,
@@ -24,7 +26,7 @@
 //! made later start from) is raised to the old `all`: the mode in force elsewhere stays what
 //! it was. Each attached interface is looked at again at every sync of the links: systemd's
 //! udev rules apply `net.ipv4.conf.*.rp_filter` to a new interface as it appears, which may
-//! come after the agent's write. `lb run --keep-rp-filter` leaves every setting alone. IPv6
+//! come after the agent's write. Without `--relax-rp-filter` every setting is left alone. IPv6
 //! has no such filter in the kernel's input path.
 use std::{
     collections::BTreeSet,

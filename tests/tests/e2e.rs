@@ -248,10 +248,12 @@ fn pod_created_after_the_agent_started_is_served_from_its_first_packet() -> Resu
 /// goes through the stack as the pod sent it (its own address as its source, whose route
 /// leaves through its veth) and is restored at the egress of the client's interface (the pod
 /// bridge here), so strict
-/// filtering passes it, with `--keep-rp-filter` too. (Restored at the backend's veth's
-/// ingress, before the stack, as before 2026-12-06, its source was the ClusterIP, whose route
-/// leaves through eth0: strict filtering dropped it, and so would loose filtering on a veth
-/// without an address; that is what the agent's default relaxation was for, still done.)
+/// filtering, which the agent leaves alone by default, passes it. (Restored at the backend's
+/// veth's ingress, before the stack, as before 2026-12-06, its source was the ClusterIP, whose
+/// route leaves through eth0: strict filtering dropped it, and so would loose filtering on a
+/// veth without an address; that is what the agent's relaxation was for, the default then,
+/// `--relax-rp-filter` now, which still works.) `--keep-rp-filter`, the old way to ask for
+/// today's default, is still accepted.
 #[test]
 fn strict_reverse_path_filtering_passes_replies_through_a_cluster_ip() -> Result<()> {
     if !privileged() {
@@ -286,14 +288,20 @@ fn strict_reverse_path_filtering_passes_replies_through_a_cluster_ip() -> Result
         Ok(lab.exec(&node.ns, &["sysctl", "-n", &format!("net.ipv4.conf.{conf}.rp_filter")])?.trim().to_string())
     };
 
-    lab.start_agent(&node, &ifaces, 1, &["--keep-rp-filter"])?;
-    let served = http_get(&client.ns, vip(80), "/")
-        .with_context(|| format!("strict filtering left alone: {}", lab.agent_log(&node)))?;
-    assert_eq!(served, "web");
-    assert_eq!(rp_filter(&lab, "all")?, "1");
-    lab.kill_agent(&node);
+    for flags in [&[][..], &["--keep-rp-filter"][..]] {
+        lab.start_agent(&node, &ifaces, 1, flags)?;
+        let served = http_get(&client.ns, vip(80), "/")
+            .with_context(|| format!("strict filtering left alone ({flags:?}): {}", lab.agent_log(&node)))?;
+        assert_eq!(served, "web");
+        let modes: Vec<String> = ["all", "cbr0", "eth0", &web.host_if, &client.host_if]
+            .into_iter()
+            .map(|c| rp_filter(&lab, c))
+            .collect::<Result<_>>()?;
+        assert_eq!(modes, ["1", "1", "1", "1", "1"], "left alone ({flags:?})");
+        lab.kill_agent(&node);
+    }
 
-    lab.start_agent(&node, &ifaces, 1, &[])?;
+    lab.start_agent(&node, &ifaces, 1, &["--relax-rp-filter"])?;
     assert_eq!(http_get(&client.ns, vip(80), "/")?, "web", "{}", lab.agent_log(&node));
     // Loose where the interface has an address; off on the pods' veths, which have none (and
     // so in `all`, the mode in force being the larger of the two).
