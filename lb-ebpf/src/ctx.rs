@@ -570,8 +570,11 @@ impl Packet for XdpContext {
 /// `ARPHRD_NONE` and the tunnel types): the packet starts with its IP header
 /// (`dev->hard_header_len` is 0, so `__dev_queue_xmit` hands tc the network header), which
 /// tells the family as `skb->protocol` does. Everything else is tc's (`TcContext`), but for
-/// the tail-call slots of this variant's own IPv6 stages. Only the egress program runs on it
-/// (`host_reply_of`), which neither routes nor refuses: what only ingress does is left out.
+/// the tail-call slots of this variant's own IPv6 stages, and routing: only the egress program
+/// runs on it (`host_reply_of`), where a packet is on its way out already, so an ICMP error
+/// that the Ethernet program would route (one about a flow whose packets the datapath routes)
+/// goes on out of this device, translated. What only ingress does (refusals, new flows) is
+/// left out.
 #[repr(transparent)]
 pub struct TcL3(pub TcContext);
 
@@ -614,20 +617,21 @@ impl Packet for TcL3 {
         Self::UNTOUCHED
     }
 
-    /// Ingress only (a flow the datapath routes): never reached here.
+    /// The way out is the one the packet is taking (see the type's comment).
     #[inline(always)]
     fn route<A: Addr>(&self, _src: A, _dst: A, _proto: u8) -> Result<Route, NoRoute> {
-        Err(NoRoute { mtu: 0 })
+        Ok(Route { ifindex: 0, smac: [0; 6], dmac: [0; 6] })
     }
 
     #[inline(always)]
     fn send(&self, _r: &Route) -> i32 {
-        Self::UNTOUCHED
+        self.count(Counter::Routed);
+        Self::FORWARD
     }
 
     #[inline(always)]
     fn unroutable(&self) -> i32 {
-        Self::UNTOUCHED
+        <TcContext as Packet>::unroutable(&self.0)
     }
 
     #[inline(always)]

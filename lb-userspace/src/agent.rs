@@ -844,15 +844,14 @@ fn relax_rp_filter(rp: &mut crate::rp_filter::RpFilter, attached: &BTreeSet<Stri
         warn!(
             was,
             "net.ipv4.conf.all.rp_filter set to 0 (every other interface's own value raised to {was}, so the mode in \
-             force there is unchanged): it applies on top of each interface's, and would drop translated replies \
-             on interfaces without an address (--relax-rp-filter asked for it)"
+             force there is unchanged): it applies on top of each interface's (--relax-rp-filter asked for it)"
         );
     }
     for e in errors {
         warn!(
             error = %e,
-            "cannot relax reverse-path filtering: replies of this node's pods to pods reaching them through a \
-             ClusterIP may be dropped (mount the host's /proc/sys/net writable, see --proc-sys)"
+            "cannot relax reverse-path filtering as --relax-rp-filter asks (mount the host's /proc/sys/net \
+             writable, see --proc-sys)"
         );
     }
 }

@@ -149,10 +149,11 @@ struct RunArgs {
     /// source the filter refuses (replies are restored at egress, after the input route), but
     /// for a reply of a flow SNATed to the node that tc finds no route for (a policy route,
     /// encapsulation) and hands on translated, which this lets through.
-    #[arg(long, conflicts_with = "keep_rp_filter")]
+    #[arg(long)]
     relax_rp_filter: bool,
-    /// Leave the kernel's reverse-path filter alone: the default since 2026-12-06 (accepted
-    /// so that configurations naming it keep working).
+    /// Leave the kernel's reverse-path filter alone: the default since 2026-12-06, so it does
+    /// nothing (accepted so that configurations naming it keep working; `--relax-rp-filter`
+    /// beside it still relaxes).
     #[arg(long, hide = true)]
     keep_rp_filter: bool,
     /// Where the host's `/proc/sys` is, for `--relax-rp-filter` (a container's own is
@@ -302,6 +303,9 @@ fn options(args: RunArgs) -> anyhow::Result<agent::Options> {
     } else {
         agent::default_route_interface().into_iter().collect()
     };
+    if args.keep_rp_filter && !args.relax_rp_filter {
+        tracing::info!("--keep-rp-filter: the reverse-path filter is left alone, the default since 2026-12-06");
+    }
     let cgroup = if args.no_socket_lb {
         None
     } else {

@@ -889,7 +889,6 @@ ports: [{port: 80}]
 endpoints: [{addresses: ["10.244.2.21"], nodeName: node-b}]
 "#;
 
-/// Runs a tc program once on `frame`; returns the verdict and the output frame.
 /// `run_tc` of a program for devices without a link-layer header: it gets `frame` from its IP
 /// header on, and its output gets `frame`'s Ethernet header back.
 fn run_tc_l3(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -899,6 +898,7 @@ fn run_tc_l3(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u
     (verdict, with_eth)
 }
 
+/// Runs a tc program once on `frame`; returns the verdict and the output frame.
 fn run_tc(prog: &aya::programs::SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; 1600];
     let res = prog

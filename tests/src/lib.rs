@@ -1005,13 +1005,23 @@ fn carry(from: &std::os::fd::OwnedFd, to: &std::os::fd::OwnedFd, stop: &std::syn
         // SAFETY: reading into a buffer we own, of the length given.
         let n = unsafe { libc::read(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
-            // The device went away (its namespace was deleted): nothing more to carry.
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            let e = std::io::Error::last_os_error();
+            if n < 0 && e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
+            }
+            // Said, so that a tunnel that died shows in the test's output, not as a timeout.
+            if !stop.load(Ordering::Relaxed) {
+                eprintln!("tunnel: reading from the tun device ended ({n}: {e}); no more packets carried");
             }
             break;
         }
-        // SAFETY: writing the n bytes just read. A full queue drops the packet, as a link would.
-        unsafe { libc::write(to.as_raw_fd(), buf.as_ptr().cast(), n as usize) };
+        // SAFETY: writing the n bytes just read.
+        if unsafe { libc::write(to.as_raw_fd(), buf.as_ptr().cast(), n as usize) } < 0 {
+            // A full queue drops the packet, as a link would; anything else is said.
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) && e.raw_os_error() != Some(libc::EAGAIN) {
+                eprintln!("tunnel: writing to the tun device failed: {e}");
+            }
+        }
     }
 }

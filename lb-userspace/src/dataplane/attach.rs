@@ -18,7 +18,7 @@ use lb_common::{NodeAddrKey, MAP_NODE_ADDRS, PROGS_SOCK, PROG_TC_INGRESS, PROG_X
 
 use super::{
     maps::{addr_words, family_tag, insert_err, ip_of, local_source_key},
-    sys::{error_chain, interfaces, link_kind, local_addresses, node_port_address, LinkKind},
+    sys::{error_chain, interfaces, link_kinds, local_addresses, node_port_address, LinkKind},
     Dataplane, DataplaneError, Result, XdpAttachMode, LINKS_DIR,
 };
 use crate::model::{Cidr, Frontend, Scope};
@@ -184,7 +184,7 @@ impl Dataplane {
     /// accepts, takes over links pinned by a previous agent (replacing their program
     /// atomically), and drops links of interfaces that went away or are no longer wanted.
     /// Returns the per-interface failures; the others stay attached. `Err` when the interfaces
-    /// could not be listed: then no link was attached or taken over.
+    /// could not be listed or their link types read: then no link was attached, taken over or removed.
     pub fn sync_interfaces(
         &mut self,
         tc_wanted: &dyn Fn(&str) -> bool,
@@ -197,8 +197,7 @@ impl Dataplane {
         // ingress and XDP get nothing, as the Ethernet programs would misread its packets: a
         // Service's traffic arriving by a tunnel is left to the stack (README, "Known
         // limits"). A device of another link layer gets nothing either.
-        let kinds: StdHashMap<String, LinkKind> =
-            present.keys().filter_map(|name| Some((name.clone(), link_kind(name)?))).collect();
+        let kinds = link_kinds(present.keys())?;
         for (name, kind) in &kinds {
             if let LinkKind::Other(ty) = kind {
                 let text = format!("link type {ty} is neither Ethernet nor none (IP first): not attached");

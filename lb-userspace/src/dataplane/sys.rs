@@ -2,6 +2,7 @@
 //! cookie, addresses and interfaces, mappings of mmapable arrays (through nix, except
 //! `SO_NETNS_COOKIE`, which it lacks).
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
@@ -187,12 +188,13 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
 /// What a device puts in front of the IP header, which decides the programs it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkKind {
-    /// An Ethernet header (`ARPHRD_ETHER`: NICs, veths, bridges, VLANs, bonds, VXLAN).
+    /// An Ethernet header (`ARPHRD_ETHER`: NICs, veths, bridges, VLANs, bonds, VXLAN; and
+    /// loopback, whose header is an all-zero Ethernet one).
     Ethernet,
     /// None: the packet starts with its IP header (tun, WireGuard, IPIP, GRE, SIT and IPv6
-    /// tunnels, raw-IP modems), so it gets the L3 programs (`lb_common::PROG_TC_INGRESS_L3`).
+    /// tunnels, PPP, raw-IP modems), so its egress gets `lb_common::PROG_TC_EGRESS_L3`.
     L3,
-    /// Another link layer (InfiniBand, loopback-type devices): the programs cannot parse it.
+    /// Another link layer (InfiniBand, say): the programs cannot parse it.
     Other(u16),
 }
 
@@ -200,26 +202,30 @@ impl LinkKind {
     /// From the device's hardware type (`ARPHRD_*` in include/uapi/linux/if_arp.h).
     pub fn of_arphrd(ty: u16) -> Self {
         const ETHER: u16 = 1;
+        const PPP: u16 = 512;
         const RAWIP: u16 = 519;
         const TUNNEL: u16 = 768;
         const TUNNEL6: u16 = 769;
+        const LOOPBACK: u16 = 772;
         const SIT: u16 = 776;
         const IPGRE: u16 = 778;
         const IP6GRE: u16 = 823;
         const NONE: u16 = 0xfffe;
         match ty {
-            ETHER => LinkKind::Ethernet,
-            RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => LinkKind::L3,
+            ETHER | LOOPBACK => LinkKind::Ethernet,
+            PPP | RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => LinkKind::L3,
             other => LinkKind::Other(other),
         }
     }
 }
 
-/// The hardware type of `iface` in the caller's network namespace (`SIOCGIFHWADDR`, whose
+/// The hardware types of `names` in the caller's network namespace (`SIOCGIFHWADDR`, whose
 /// address family is the `ARPHRD_*` type; what `ip link` shows as `link/ether`, `link/none`,
-/// `link/ipip`), `None` if the device is gone. One ioctl through libc: nix has no wrapper for
-/// it, and the rtnetlink link dump would be a request/response exchange for one field.
-pub fn link_kind(iface: &str) -> Option<LinkKind> {
+/// `link/ipip`); a device gone since it was listed is left out. `Err` when a type cannot be
+/// read otherwise: the caller then changes no link, rather than take a device it could not
+/// classify for one it must leave. Ioctls through libc: nix has no wrapper for this one, and
+/// the rtnetlink link dump would be a request/response exchange for one field.
+pub fn link_kinds<'a>(names: impl IntoIterator<Item = &'a String>) -> Result<HashMap<String, LinkKind>> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
     use std::os::fd::AsRawFd as _;
     /// `struct ifreq` with `ifr_hwaddr` (a `struct sockaddr`) in its 24-byte union.
@@ -230,15 +236,31 @@ pub fn link_kind(iface: &str) -> Option<LinkKind> {
         rest: [u8; 22],
     }
     const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
-    if iface.len() >= 16 {
-        return None;
+    let err = |source: std::io::Error| DataplaneError::Io {
+        what: "reading the link types of the interfaces of",
+        path: PathBuf::from("this network namespace"),
+        source,
+    };
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| err(std::io::Error::from(e)))?;
+    let mut kinds = HashMap::new();
+    for name in names {
+        if name.len() >= 16 {
+            continue;
+        }
+        let mut req = IfReq { name: [0; 16], family: 0, rest: [0; 22] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: SIOCGIFHWADDR with a valid ifreq we own, large enough for the kernel's.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR as _, &mut req) } == 0 {
+            kinds.insert(name.clone(), LinkKind::of_arphrd(req.family));
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENODEV) {
+            return Err(err(e));
+        }
     }
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
-    let mut req = IfReq { name: [0; 16], family: 0, rest: [0; 22] };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: SIOCGIFHWADDR with a valid ifreq we own, large enough for the kernel's.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR as _, &mut req) };
-    (rc == 0).then(|| LinkKind::of_arphrd(req.family))
+    Ok(kinds)
 }
 
 #[cfg(test)]
@@ -261,17 +283,18 @@ mod link_kind_tests {
     #[test]
     fn hardware_types_map_to_the_programs_that_can_parse_them() {
         assert_eq!(LinkKind::of_arphrd(1), LinkKind::Ethernet);
-        // tun and WireGuard, IPIP (tunl0), GRE, SIT, ip6tnl.
-        for ty in [0xfffe, 768, 778, 776, 769, 823, 519] {
+        assert_eq!(LinkKind::of_arphrd(772), LinkKind::Ethernet, "loopback: a zero Ethernet header");
+        // tun and WireGuard, IPIP (tunl0), GRE, SIT, ip6tnl, ip6gre, raw IP, PPP.
+        for ty in [0xfffe, 768, 778, 776, 769, 823, 519, 512] {
             assert_eq!(LinkKind::of_arphrd(ty), LinkKind::L3, "{ty}");
         }
-        assert_eq!(LinkKind::of_arphrd(772), LinkKind::Other(772), "loopback");
         assert_eq!(LinkKind::of_arphrd(32), LinkKind::Other(32), "InfiniBand");
     }
 
     #[test]
-    fn reads_the_loopback_devices_type() {
-        assert_eq!(super::link_kind("lo"), Some(LinkKind::Other(772)));
-        assert_eq!(super::link_kind("no-such-device0"), None);
+    fn reads_the_loopback_devices_type_and_leaves_out_a_device_that_is_gone() {
+        let names = ["lo".to_string(), "no-such-device0".to_string()];
+        let kinds = super::link_kinds(&names).expect("an ioctl on a socket of this namespace");
+        assert_eq!(kinds.into_iter().collect::<Vec<_>>(), [("lo".to_string(), LinkKind::Ethernet)]);
     }
 }
