@@ -144,6 +144,9 @@ impl Harness {
     }
 }
 
+/// One of the harness's ways to run a program on a frame (`Harness::run_egress`, ...).
+type RunOn = fn(&Harness, &[u8]) -> (u32, Vec<u8>);
+
 #[path = "packet/conntrack.rs"]
 mod conntrack;
 #[path = "packet/ipv6.rs"]
@@ -1560,30 +1563,35 @@ fn icmp_errors_about_a_translated_flow_are_translated_with_it() {
 
 /// An ICMP error this node itself sends about a packet it was forwarding after our
 /// translation ("fragmentation needed" from `ip_forward` towards a pod behind a smaller MTU)
-/// leaves through tc egress, which puts the quote back into the client's view; an error that
-/// tc ingress translated already (its quote in the client's view) leaves untouched.
+/// leaves through tc egress, which puts the quote back into the client's view (also when it
+/// leaves by a tunnel device, `lb_tc_egress_l3`); an error that tc ingress translated already
+/// (its quote in the client's view) leaves untouched.
 #[test]
 fn icmp_errors_the_node_sends_about_a_translated_flow_are_translated_at_egress() {
     if !privileged() {
         return;
     }
     let h = Harness::new(&lab_yaml(&BACKENDS));
-    let syn = frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
-    let (_, sent) = h.run(&syn);
     let node = Ipv4Addr::new(10, 244, 1, 1);
-    let err = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
-    let (verdict, out) = h.run_egress(&err);
-    assert_eq!(verdict, TC_ACT_OK);
-    let (src, dst, quote) = parse_icmp_checked(&out);
-    assert_eq!((src, dst), (node, CLIENT), "the node keeps its own address");
-    assert_eq!(quote, quote_of(&syn, 20), "the quote is the client's own packet again, checksums included");
-    assert_eq!(&out[38..42], &[0, 0, 0x05, 0x78], "the next-hop MTU is kept");
-    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+    let egress: [(&str, RunOn); 2] = [("Ethernet", Harness::run_egress), ("tunnel", Harness::run_egress_l3)];
+    for (i, (device, run)) in egress.into_iter().enumerate() {
+        let syn = frame((CLIENT, 40000 + i as u16), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
+        let (_, sent) = h.run(&syn);
+        let err = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
+        let (verdict, out) = run(&h, &err);
+        assert_eq!(verdict, TC_ACT_OK, "{device}");
+        let (src, dst, quote) = parse_icmp_checked(&out);
+        assert_eq!((src, dst), (node, CLIENT), "the node keeps its own address ({device})");
+        assert_eq!(quote, quote_of(&syn, 20), "the quote is the client's own packet again, checksums included");
+        assert_eq!(&out[38..42], &[0, 0, 0x05, 0x78], "the next-hop MTU is kept ({device})");
+        assert_eq!(h.counter(Counter::IcmpTranslated), i as u64 + 1, "{device}");
+    }
+    let syn = frame((CLIENT, 40000), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
     // Translated already (the quote is what the client sent): nothing to match, untouched.
     let translated = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&syn, 20));
     let (verdict, out) = h.run_egress(&translated);
     assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &translated));
-    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
+    assert_eq!(h.counter(Counter::IcmpTranslated), 2);
 }
 
 #[test]

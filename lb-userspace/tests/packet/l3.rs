@@ -40,24 +40,6 @@ fn a_reply_leaving_by_a_tunnel_is_restored_at_its_egress() {
 }
 
 #[test]
-fn icmp_errors_the_node_sends_into_a_tunnel_are_translated() {
-    if !privileged() {
-        return;
-    }
-    let h = Harness::new(&lab_yaml(&BACKENDS));
-    let syn = frame((CLIENT, 43000), (VIP, 80), L4::Tcp { flags: SYN }, b"data");
-    let (_, sent) = h.run(&syn);
-    let node = Ipv4Addr::new(10, 244, 1, 1);
-    let err = icmp_error(node, CLIENT, 3, 4, [0, 0, 0x05, 0x78], &quote_of(&sent, 20));
-    let (verdict, out) = h.run_egress_l3(&err);
-    assert_eq!(verdict, TC_ACT_OK);
-    let (src, dst, quote) = parse_icmp_checked(&out);
-    assert_eq!((src, dst), (node, CLIENT));
-    assert_eq!(quote, quote_of(&syn, 20), "the quote is the client's own packet again, checksums included");
-    assert_eq!(h.counter(Counter::IcmpTranslated), 1);
-}
-
-#[test]
 fn what_is_no_ip_packet_passes_the_tunnel_program_unharmed() {
     if !privileged() {
         return;
