@@ -567,8 +567,9 @@ impl Packet for XdpContext {
 }
 
 /// tc egress on a device without a link-layer header (tun, WireGuard, IPIP and GRE tunnels,
-/// `ARPHRD_NONE` and the tunnel types): the packet starts with its IP header
-/// (`dev->hard_header_len` is 0, so `__dev_queue_xmit` hands tc the network header), which
+/// PPP: `ARPHRD_NONE`, the tunnel types, `ARPHRD_PPP`): the packet starts with its IP header
+/// (the device has no `header_ops`, so nothing builds a header before `__dev_queue_xmit` hands
+/// tc the packet at its network header; PPP adds its own in its transmit routine), which
 /// tells the family as `skb->protocol` does. Everything else is tc's (`TcContext`), but for
 /// the tail-call slots of this variant's own IPv6 stages, and routing: only the egress program
 /// runs on it (`host_reply_of`), where a packet is on its way out already, so an ICMP error

@@ -808,7 +808,7 @@ impl Proxier {
             Err(e) => {
                 // No link was taken over: a previous agent's programs still run in them, on
                 // their own stage tables and flow maps, which `finish_migrations` would let go.
-                warn!(error = %e, "cannot list the interfaces; links not synced");
+                warn!(error = %e, "cannot list the interfaces or read their link types; links not synced");
                 return;
             }
         }

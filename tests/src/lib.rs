@@ -1005,13 +1005,14 @@ fn carry(from: &std::os::fd::OwnedFd, to: &std::os::fd::OwnedFd, stop: &std::syn
         // SAFETY: reading into a buffer we own, of the length given.
         let n = unsafe { libc::read(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
-            let e = std::io::Error::last_os_error();
-            if n < 0 && e.kind() == std::io::ErrorKind::Interrupted {
+            let e = (n < 0).then(std::io::Error::last_os_error);
+            if e.as_ref().is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted) {
                 continue;
             }
             // Said, so that a tunnel that died shows in the test's output, not as a timeout.
             if !stop.load(Ordering::Relaxed) {
-                eprintln!("tunnel: reading from the tun device ended ({n}: {e}); no more packets carried");
+                let why = e.map_or("end of file".to_string(), |e| e.to_string());
+                eprintln!("tunnel: reading from the tun device ended ({why}); no more packets carried");
             }
             break;
         }

@@ -24,8 +24,8 @@ pub struct Loaded {
     pub pin: PathBuf,
     pub maps: Maps,
     pub frags: HashMap<MapData, FragKey, FragValue>,
-    /// Egress runs so far: every other one goes through the egress program of devices
-    /// without a link-layer header (`run_egress`).
+    /// Egress runs that either program could take (`run_egress`): every other one goes through
+    /// the egress program of devices without a link-layer header.
     pub egress_runs: u64,
     /// Frames `lb_tc_egress_l3` changed (restored replies, translated errors).
     pub egress_l3_changed: u64,
@@ -162,9 +162,9 @@ impl Datapath for Loaded {
     /// tunnel's egress program on the same traffic. (Where version and ethertype disagree the
     /// two programs rightly differ: a tunnel's packet has no ethertype.)
     fn run_egress(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
-        self.egress_runs += 1;
         let agree = frame.len() > 14
             && matches!((u16::from_be_bytes([frame[12], frame[13]]), frame[14] >> 4), (0x0800, 4) | (0x86dd, 6));
+        self.egress_runs += u64::from(agree);
         let l3 = agree && self.egress_runs.is_multiple_of(2);
         let (prog, data, skip) = if l3 {
             (self.dp.tc_egress_l3_program(), &frame[14..], 14)
