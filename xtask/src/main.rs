@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (idempotent): apt packages, nightly rust-src,
+    /// Install what building and testing need (idempotent): apt packages, the dated nightly with rust-src,
     /// bpf-linker on LLVM 22; mount bpffs.
     Setup,
     /// Set up, build, and run every test: unit, packet (BPF_PROG_TEST_RUN) and end to end.

@@ -55,27 +55,33 @@ fn apt() -> Result<()> {
         .with_context(|| format!("apt-get install {missing:?}"))
 }
 
+/// The dated nightly that builds the kernel programs (shared/TOOLCHAIN.md: the build verified
+/// with LLVM 22 and bpf-linker 0.13). Pinned by name so that a machine image with a newer
+/// undated nightly, whose LLVM may differ from Debian's llvm-22, cannot break the link; the
+/// eBPF build in lb-userspace/build.rs reads the same file.
+const NIGHTLY: &str = include_str!("../../lb-ebpf/nightly-toolchain");
+
 fn nightly() -> Result<()> {
+    let nightly = NIGHTLY.trim();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        eprintln!("setup: installing the nightly toolchain with rust-src");
+    if !toolchains.lines().any(|l| l.starts_with(nightly)) {
+        eprintln!("setup: installing the {nightly} toolchain with rust-src");
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            nightly,
             "--profile",
             "minimal",
             "--component",
             "rust-src",
         ]))
-        .context("installing nightly (was the Rust distribution server refused?)")?;
+        .with_context(|| format!("installing {nightly} (was the Rust distribution server refused?)"))?;
     }
-    let components =
-        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-            .unwrap_or_default();
+    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", nightly, "--installed"]))
+        .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("setup: adding rust-src to nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        eprintln!("setup: adding rust-src to {nightly}");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", nightly]))
             .context("adding rust-src (was the Rust distribution server refused?)")?;
     }
     Ok(())
