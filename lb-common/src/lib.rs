@@ -228,6 +228,13 @@ pub const PROG_TC_NEW4: &str = "lb_tc_new4";
 pub const PROG_XDP_NEW4: &str = "lb_xdp_new4";
 pub const MAP_TAILS4_TC: &str = "LB_TAILS4_TC";
 pub const MAP_TAILS4_XDP: &str = "LB_TAILS4_XDP";
+/// Slots of `MAP_TAILS4_TC`: the new-flow stage (0), and `PROG_TC_INGRESS` itself (1), which
+/// `PROG_TC_INGRESS_L3` hands a tunnel's packets to once it has given them an Ethernet header.
+pub const TAIL4_TC_NEW4: u32 = 0;
+pub const TAIL4_TC_INGRESS: u32 = 1;
+pub const TAILS4_TC: u32 = 2;
+/// tc ingress for devices without a link-layer header (tun, WireGuard, IP tunnels).
+pub const PROG_TC_INGRESS_L3: &str = "lb_tc_ingress_l3";
 pub const TAIL_XDP6: u32 = 0;
 pub const TAIL_XDP_NEW6: u32 = 1;
 pub const TAIL_XDP_ICMP6: u32 = 2;

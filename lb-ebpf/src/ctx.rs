@@ -11,8 +11,8 @@ use aya_ebpf::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_tail_call, bpf_xdp_load_bytes,
-        bpf_xdp_store_bytes,
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_tail_call,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -42,8 +42,10 @@ pub struct NoRoute {
     pub mtu: u16,
 }
 
-/// FIB lookup for `src -> dst` (protocol `proto`), as if it arrived on `ifindex`.
+/// FIB lookup for `src -> dst` (protocol `proto`), as if it arrived on `ifindex`. `fits`:
+/// whether the packet's IP length fits an MTU (asked only without `tot_len`, see below).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn fib<A: Addr>(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
@@ -52,6 +54,7 @@ fn fib<A: Addr>(
     proto: u8,
     tot_len: u16,
     flags: u32,
+    fits: impl FnOnce(u16) -> bool,
 ) -> Result<Route, NoRoute> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -70,7 +73,19 @@ fn fib<A: Addr>(
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the union's output member on this return code (`bpf_skb_fib_lookup`).
-        return Err(NoRoute { mtu: unsafe { p.__bindgen_anon_1.mtu_result } });
+        // SAFETY: as above.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+        // Without `tot_len` the kernel refused after a successful lookup, weighing the skb,
+        // link-layer header included, against the way out's MTU plus that device's own
+        // header (`is_skb_forwardable`; `params->ifindex` is the way out): a packet with an
+        // Ethernet header (from an Ethernet device, or given one by `lb_tc_ingress_l3`) bound
+        // for a device without one (a tunnel) is 14 bytes heavier than what that device will
+        // send, as `bpf_redirect_neigh` strips the header. One whose IP length fits the MTU
+        // goes; a larger one stays refused (the caller answers it).
+        if tot_len == 0 && fits(mtu) {
+            return Ok(Route { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac });
+        }
+        return Err(NoRoute { mtu });
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(NoRoute { mtu: 0 });
@@ -300,7 +315,8 @@ impl Packet for TcContext {
         // the kernel resolves a missing one. tot_len 0: the kernel then checks the skb against
         // the egress MTU itself (`is_skb_forwardable`, GSO-aware); an IP total length would
         // fail GRO/TSO super-packets of up to 64 KB (`bpf_skb_fib_lookup`).
-        fib(self.as_ptr(), ifindex, src, dst, proto, 0, BPF_FIB_LOOKUP_SKIP_NEIGH)
+        let fits = |mtu: u16| ip_tot_len::<A>(self.data(), self.data_end(), Self::L2) <= mtu;
+        fib(self.as_ptr(), ifindex, src, dst, proto, 0, BPF_FIB_LOOKUP_SKIP_NEIGH, fits)
     }
 
     #[inline(always)]
@@ -318,9 +334,10 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn unroutable_for<A: Addr>(&self, h: &Headers<A>, e: NoRoute) -> i32 {
-        // `is_skb_forwardable` also says "too big" for an egress device that is down, and
-        // lets a few bytes over the MTU through (VLAN room): only a packet whose IP length
-        // exceeds the MTU it names is answered.
+        // `is_skb_forwardable` lets a few bytes over the MTU through (VLAN room): only a
+        // packet whose IP length exceeds the MTU it names is answered. (It also says "too big"
+        // for an egress device that is down; `route` sends a packet that fits there, and the
+        // kernel drops it at the device.)
         if e.mtu == 0 || ip_tot_len::<A>(self.data(), self.data_end(), Self::L2) <= e.mtu {
             return self.unroutable();
         }
@@ -348,7 +365,11 @@ impl Packet for TcContext {
     fn tail_call_new4(&self) {
         // SAFETY: as in `tail_call`.
         unsafe {
-            bpf_tail_call(self.as_ptr(), core::ptr::addr_of!(crate::maps::LB_TAILS4_TC) as *mut _, 0);
+            bpf_tail_call(
+                self.as_ptr(),
+                core::ptr::addr_of!(crate::maps::LB_TAILS4_TC) as *mut _,
+                lb_common::TAIL4_TC_NEW4,
+            );
         }
     }
     #[inline(always)]
@@ -491,7 +512,7 @@ impl Packet for XdpContext {
         let tot_len = ip_tot_len::<A>(self.data(), self.data_end(), Self::L2);
         // With the neighbour: XDP has no way to wait for ARP, so without one tc takes over;
         // and tc answers a packet too big for the way out (`unroutable_for`).
-        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0)
+        let r = fib(self.as_ptr(), self.ingress_ifindex() as u32, src, dst, proto, tot_len, 0, |_| false)
             .map_err(|_| NoRoute { mtu: 0 })?;
         // A native XDP frame sent to a device without `ndo_xdp_xmit` is dropped by the kernel
         // (a veth whose peer has neither GRO nor XDP, `veth_xdp_xmit`); generic XDP transmits
@@ -578,6 +599,46 @@ impl Packet for XdpContext {
 /// left out.
 #[repr(transparent)]
 pub struct TcL3(pub TcContext);
+
+impl TcL3 {
+    /// Puts an Ethernet header in front of the packet: addresses of zeros, `ethertype` (in
+    /// network order). `bpf_skb_change_head` is the kernel's helper for exactly this, an L3
+    /// packet given a link-layer header (it pushes the bytes and resets the mac header and
+    /// `mac_len` to them; `skb->protocol` and the network header stay). At tc ingress the
+    /// kernel pulls `mac_len` bytes again after the program (`tcx_run`, `cls_bpf_classify`),
+    /// so a packet passed on reaches the stack at its IP header as before; the redirects put
+    /// it right themselves (`__bpf_redirect_neigh` pulls the header and takes the family from
+    /// `skb->protocol`; `__bpf_redirect_no_mac`, back out of a device without a header, pulls
+    /// up to the network header). Fails if the kernel cannot make room (an skb past the
+    /// helper's size limit, or no memory).
+    #[inline(always)]
+    pub fn push_ethernet(&self, ethertype: u16) -> Result<(), ()> {
+        // SAFETY: plain helper call on our own skb; no flags.
+        if unsafe { bpf_skb_change_head(self.0.skb.skb as *mut _, 14, 0) } != 0 {
+            return Err(());
+        }
+        let Some(p) = ptr_at::<u16>(self.0.data(), self.0.data_end(), 12) else {
+            return Err(());
+        };
+        // SAFETY: bounds checked by ptr_at; the header is ours, just pushed.
+        unsafe { p.write_unaligned(ethertype) };
+        Ok(())
+    }
+
+    /// Tail-calls the Ethernet tc ingress program (`lb_common::TAIL4_TC_INGRESS`); returns
+    /// only if its slot is empty.
+    #[inline(always)]
+    pub fn tail_call_ingress(&self) {
+        // SAFETY: as in `TcContext::tail_call`.
+        unsafe {
+            bpf_tail_call(
+                self.0.as_ptr(),
+                core::ptr::addr_of!(crate::maps::LB_TAILS4_TC) as *mut _,
+                lb_common::TAIL4_TC_INGRESS,
+            );
+        }
+    }
+}
 
 impl Packet for TcL3 {
     const HOOK: u32 = HOOK_TC;

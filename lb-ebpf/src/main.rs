@@ -39,7 +39,7 @@ use crate::{
     conntrack::{Forward, Translation},
     ctx::{Packet, TcL3},
     nat::Snat,
-    parse::{Frag, Headers, IcmpError, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
+    parse::{Flow, Frag, Headers, IcmpError, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
 };
 
 #[classifier]
@@ -104,11 +104,24 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
     host_reply_of::<[u32; 4], TcContext>(&ctx)
 }
 
+/// tc ingress on devices without a link-layer header (`ctx::TcL3`: tun, WireGuard, IPIP):
+/// Service traffic arriving by a tunnel (a client behind a VPN, node addresses reached over
+/// WireGuard) is served by the Ethernet program itself. A packet it may have work for is given
+/// an Ethernet header (`TcL3::push_ethernet`) and tail-called into `lb_tc_ingress`; everything
+/// else passes here, untouched, with no header pushed. The whole ingress pipeline compiled a
+/// second time for packets starting at their IP header went past the verifier's budget of a
+/// million instructions, which the Ethernet program nearly fills.
+#[classifier]
+#[inline(always)]
+pub fn lb_tc_ingress_l3(ctx: TcContext) -> i32 {
+    ingress_l3(&TcL3(ctx))
+}
+
 /// tc egress on devices without a link-layer header (`ctx::TcL3`): the same restoring of
 /// replies, reading the IP header at the packet's start. Attached by the agent instead of
 /// `lb_tc_egress` on such devices, so that a reply leaving by a tunnel to another node (Calico's
 /// IPIP and WireGuard modes route other nodes' pods through one) is restored. Their ingress
-/// gets no program (see the agent's `attach.rs`).
+/// gets `lb_tc_ingress_l3`.
 #[classifier]
 #[inline(always)]
 pub fn lb_tc_egress_l3(ctx: TcContext) -> i32 {
@@ -300,6 +313,93 @@ fn family<A: Parse, P: Packet>(ctx: &P) -> i32 {
         return pass(ctx, if h.frag == Frag::Whole { Counter::PassNotService } else { Counter::PassFragment });
     }
     maybe_reply(ctx, &h)
+}
+
+/// `lb_tc_ingress_l3`: a packet the Ethernet program may have work for goes to it with an
+/// Ethernet header; the rest passes, counted as that program would count it.
+#[inline(always)]
+fn ingress_l3(ctx: &TcL3) -> i32 {
+    let ethertype = match ctx.ethertype() {
+        Some(e) if e == ETH_P_IP_BE || e == ETH_P_IPV6_BE => e,
+        Some(_) => return pass(ctx, Counter::PassNotIp),
+        None => return pass(ctx, Counter::PassMalformed),
+    };
+    let passed = if ethertype == ETH_P_IP_BE { passed_as::<u32, TcL3>(ctx) } else { passed_as6(ctx) };
+    if let Some(counter) = passed {
+        return pass(ctx, counter);
+    }
+    if ctx.push_ethernet(ethertype).is_err() {
+        // Left to the stack untranslated; the kernel refused the room (see `push_ethernet`).
+        return pass(ctx, Counter::PassMalformed);
+    }
+    ctx.tail_call_ingress();
+    // No program in the slot: the header pushed is pulled again by the kernel (`mac_len`).
+    pass(ctx, Counter::PassNotService)
+}
+
+/// IPv6's `passed_as`, from the fixed header: TCP and UDP right after it are checked against
+/// the filters, extension headers, fragments and ICMPv6 go on to the Ethernet program, which
+/// walks them. (Through `parse6` here, LLVM stored a register it had left unset on one path,
+/// which the verifier refuses.)
+#[inline(always)]
+fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
+    use parse::{ptr_at, NEXT_DEST_OPTS, NEXT_FRAGMENT, NEXT_HOP_BY_HOP, NEXT_ROUTING, PROTO_ICMPV6};
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(ip) = ptr_at::<[u8; 40]>(data, data_end, P::L2) else {
+        return Some(Counter::PassMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
+        return Some(Counter::PassMalformed);
+    }
+    let proto = ip[6];
+    match proto {
+        lb_common::PROTO_TCP | lb_common::PROTO_UDP => {
+            let Some(ports) = ptr_at::<[u16; 2]>(data, data_end, P::L2 + 40) else {
+                return Some(Counter::PassMalformed);
+            };
+            // SAFETY: the addresses lie within the header checked above, the ports within
+            // the bound just checked; loaded as `parse` loads them.
+            let flow = unsafe {
+                Flow {
+                    src: <[u32; 4] as Addr>::read(ip.as_ptr().add(8)),
+                    dst: <[u32; 4] as Addr>::read(ip.as_ptr().add(24)),
+                    sport: mem::load16::<0>(ports as usize),
+                    dport: mem::load16::<2>(ports as usize),
+                    proto,
+                }
+            };
+            if service::maybe_frontend(&flow) || service::maybe_backend(&flow) {
+                None
+            } else {
+                Some(Counter::PassNotService)
+            }
+        }
+        NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS | NEXT_FRAGMENT | PROTO_ICMPV6 => None,
+        _ => Some(Counter::PassOtherProto),
+    }
+}
+
+/// `None` if `family` may do anything with the packet but pass it: an address and port that
+/// may be a frontend's or a backend's (the filters it checks first), any fragment (it records
+/// every first fragment, and drops a later one whose first it did not see), or an ICMP error
+/// (which may quote a translated packet). Else the counter of its pass.
+#[inline(always)]
+fn passed_as<A: Parse, P: Packet>(ctx: &P) -> Option<Counter> {
+    match A::parse(ctx.data(), ctx.data_end(), P::L2) {
+        Parsed::L4(h) => {
+            if h.frag != Frag::Whole || service::maybe_frontend(&h.flow) || service::maybe_backend(&h.flow) {
+                None
+            } else {
+                Some(Counter::PassNotService)
+            }
+        }
+        Parsed::LaterFragment(_) | Parsed::Icmp(_) => None,
+        Parsed::Malformed => Some(Counter::PassMalformed),
+        Parsed::ExtHeaders => Some(Counter::PassExtHeaders),
+        Parsed::OtherProto => Some(Counter::PassOtherProto),
+    }
 }
 
 /// The headers of a TCP or UDP packet (a later fragment given its datagram's ports), for the

@@ -165,10 +165,11 @@ pub static LB_TAILS_TC: ProgramArray = ProgramArray::pinned(lb_common::TAILS_TC,
 #[map(name = "LB_TAILS_XDP")]
 pub static LB_TAILS_XDP: ProgramArray = ProgramArray::pinned(5, 0);
 
-/// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), in slot 0; filled whether or not
-/// IPv6 is, and pinned per load as the arrays above are.
+/// IPv4's new-flow stage at tc (`lb_common::PROG_TC_NEW4`), and the tc ingress program for
+/// `lb_tc_ingress_l3` (`lb_common::TAIL4_TC_*`); filled whether or not IPv6 is, and pinned per
+/// load as the arrays above are.
 #[map(name = "LB_TAILS4_TC")]
-pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(1, 0);
+pub static LB_TAILS4_TC: ProgramArray = ProgramArray::pinned(lb_common::TAILS4_TC, 0);
 
 /// IPv4's new-flow stage at XDP, as `LB_TAILS4_TC`.
 #[map(name = "LB_TAILS4_XDP")]

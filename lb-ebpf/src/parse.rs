@@ -297,10 +297,10 @@ pub const IPV6_LEN: usize = 40;
 /// and fragment, each at most once in order (RFC 8200 4.1) but for a second destination
 /// options header. A chain longer than this is passed and counted, never misparsed.
 pub const MAX_EXT_HEADERS: usize = 4;
-const NEXT_HOP_BY_HOP: u8 = 0;
-const NEXT_ROUTING: u8 = 43;
-const NEXT_FRAGMENT: u8 = 44;
-const NEXT_DEST_OPTS: u8 = 60;
+pub const NEXT_HOP_BY_HOP: u8 = 0;
+pub const NEXT_ROUTING: u8 = 43;
+pub const NEXT_FRAGMENT: u8 = 44;
+pub const NEXT_DEST_OPTS: u8 = 60;
 /// Largest extension header (an 8-bit length in 8-octet units, plus the first 8).
 const EXT_MAX_LEN: usize = 256 * 8;
 

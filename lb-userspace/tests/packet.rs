@@ -129,6 +129,14 @@ impl Harness {
         run_tc_l3(self.dp.tc_egress_l3_program(), frame)
     }
 
+    /// Runs the tc ingress program for devices without a link-layer header on `frame` less its
+    /// Ethernet header, as a tunnel device hands it to tc; the verdict and the output as the
+    /// program left it: with the Ethernet header it pushed when it handed the packet to the
+    /// Ethernet program, else from the IP header on.
+    fn run_ingress_l3(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_tc(self.dp.tc_ingress_l3_program(), &frame[14..])
+    }
+
     /// A backend's packet to a client whose flow is not SNATed, as a node handles it: the tc
     /// ingress program leaves it untouched to the stack (asserted), which forwards it as the
     /// backend sent it, and the tc egress program of the interface it leaves by restores it.

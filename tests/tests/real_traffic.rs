@@ -72,6 +72,11 @@ spec: {{type: NodePort, clusterIP: 10.96.7.13, ports: [{{name: count, port: 7000
 ---
 apiVersion: v1
 kind: Service
+metadata: {{name: empty}}
+spec: {{type: NodePort, clusterIP: 10.96.7.14, ports: [{{name: http, port: 80, nodePort: 30074}}]}}
+---
+apiVersion: v1
+kind: Service
 metadata: {{name: dead}}
 spec: {{clusterIP: {DEAD_CIP}, ports: [{{protocol: UDP, port: 9, targetPort: 9999}}]}}
 ---
@@ -305,17 +310,22 @@ fn bulk_transfers_through_cluster_ip_and_node_ports_with_offloads_on() -> Result
     Ok(())
 }
 
-/// Replies leaving by a device without a link-layer header: Calico's IPIP and WireGuard modes
-/// route other nodes' pod ranges through one (`tunl0`, `wireguard.cali`), here a tun device
-/// pair whose packets the test carries (`lb_tests::Tunnel`; kernel tunnels are not built on
-/// these machines). A pod on node-a downloads from node-b's node port, whose backend is local
-/// to node-b: the flow is not SNATed, so node-b's stack sends the backend's replies into the
-/// tunnel as the backend sent them, and only the tunnel's egress program can restore the node
-/// port (the Ethernet program there would read the IP header 14 bytes off). A ClusterIP that
-/// node-a translates has its replies cross the tunnel untouched and restored at the client's
-/// veth; bulk both ways, with the INVALID-dropping rule of `net` on both nodes.
+/// Devices without a link-layer header: Calico's IPIP and WireGuard modes route other nodes'
+/// pod ranges through one (`tunl0`, `wireguard.cali`), a VPN brings clients in by one; here a
+/// tun device pair whose packets the test carries (`lb_tests::Tunnel`; kernel tunnels are not
+/// built on these machines). First the replies leaving by one: a pod on node-a downloads from
+/// node-b's node port, whose backend is local to node-b: the flow is not SNATed, so node-b's
+/// stack sends the backend's replies into the tunnel as the backend sent them, and only the
+/// tunnel's egress program can restore the node port (the Ethernet program there would read
+/// the IP header 14 bytes off). A ClusterIP that node-a translates has its replies cross the
+/// tunnel untouched and restored at the client's veth. Then Service traffic arriving by one:
+/// node-a routes node-b's address through the tunnel, so the node port's packets reach node-b
+/// by tun-b's ingress as the client sent them (node-a translates only its own node ports),
+/// where only the tunnel's ingress program serves them; and a node port without endpoints
+/// refuses the client from there. Bulk both ways, full-sized packets (the tun devices take no
+/// offloads), with the INVALID-dropping rule of `net` on both nodes.
 #[test]
-fn replies_leaving_by_a_tunnel_device_are_restored() -> Result<()> {
+fn service_traffic_by_a_tunnel_device_is_translated_both_ways() -> Result<()> {
     if !privileged() {
         return Ok(());
     }
@@ -323,15 +333,18 @@ fn replies_leaving_by_a_tunnel_device_are_restored() -> Result<()> {
     // After `n`, so dropped (its threads stopped, its devices closed) before the lab.
     let _tunnel = Tunnel::open((&n.a.ns, "tun-a"), (&n.b.ns, "tun-b"))?;
     n.lab.exec(&n.b.ns, &["ip", "route", "replace", "10.244.1.0/24", "dev", "tun-b"])?;
-    // The agent attaches a new interface when it appears: the tunnel's egress, not its ingress.
+    // The agent attaches a new interface when it appears: both tc hooks (no XDP).
     let links = n.b.pin_dir.join("links");
-    if !lb_tests::eventually(Duration::from_secs(10), || links.join("tc_egress_tun-b").exists()) {
+    if !lb_tests::eventually(Duration::from_secs(10), || {
+        links.join("tc_egress_tun-b").exists() && links.join("tc_ingress_tun-b").exists()
+    }) {
         bail!("tun-b not attached; agent log:\n{}", n.lab.agent_log(&n.b));
     }
-    assert!(!links.join("tc_ingress_tun-b").exists(), "an L3 device's ingress gets no Ethernet program");
-    let sent = || -> Result<u64> {
-        Ok(n.lab.exec(&n.b.ns, &["cat", "/sys/class/net/tun-b/statistics/tx_packets"])?.trim().parse()?)
+    assert!(!links.join("xdp_tun-b").exists(), "no XDP on a device without a link-layer header");
+    let counted = |what: &str| -> Result<u64> {
+        Ok(n.lab.exec(&n.b.ns, &["cat", &format!("/sys/class/net/tun-b/statistics/{what}")])?.trim().parse()?)
     };
+    let sent = || counted("tx_packets");
     let before = sent()?;
     for (what, ip, count, source) in
         [("NodePort, backend local to node-b", NODE_B, 30072, 30073), ("ClusterIP", BULK_CIP, 7000, 7001)]
@@ -345,6 +358,34 @@ fn replies_leaving_by_a_tunnel_device_are_restored() -> Result<()> {
     let through = sent()? - before;
     assert!(through > 5000, "{through} packets through tun-b");
     assert!(stat(&n.lab, &n.b, "reply_translated") > 100, "{}", n.lab.list(&n.b, "stats")?);
+
+    n.lab.exec(&n.a.ns, &["ip", "route", "replace", &format!("{NODE_B}/32"), "dev", "tun-a"])?;
+    let (received, new_flows) = (counted("rx_packets")?, stat(&n.lab, &n.b, "fwd_new_flow"));
+    // The second: its backend is on node-a, so node-b SNATs the flow to itself and routes it
+    // into the tunnel (`bpf_redirect_neigh`, which strips the pushed header); the backend's
+    // replies to node-b's address take the tunnel too (node-a's route), reach node-b by tun-b's
+    // ingress, and are routed back into the tunnel restored. The third, from outside: in by
+    // node-b's Ethernet device, out by the tunnel, as a node port to a remote backend goes
+    // with Calico's IPIP (the kernel weighs such a packet with its Ethernet header against the
+    // tunnel's MTU: `ctx.rs`, `fib`); its replies come back by the tunnel and leave by
+    // Ethernet.
+    for (what, ns, count, source) in [
+        ("backend local to node-b", &n.client.ns, 30072, 30073),
+        ("backend on node-a, SNAT", &n.client.ns, 30070, 30071),
+        ("from outside, backend on node-a, SNAT", &n.outside.ns, 30070, 30071),
+    ] {
+        let what = format!("NodePort of node-b, {what}");
+        assert_eq!(upload(ns, at(NODE_B, count), MB10).with_context(|| what.clone())?, MB10, "{what}");
+        download(ns, at(NODE_B, source), MB10).with_context(|| what.clone())?;
+    }
+    let through = counted("rx_packets")? - received;
+    assert!(through > 15000, "{through} packets into tun-b");
+    assert!(stat(&n.lab, &n.b, "fwd_new_flow") >= new_flows + 6, "{}", n.lab.list(&n.b, "stats")?);
+    let refused = lb_tests::tcp_connect(&n.client.ns, at(NODE_B, 30074), Duration::from_secs(2))?;
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a node port without endpoints, reached by the tunnel, refuses: {refused:?}"
+    );
     Ok(())
 }
 

@@ -53,9 +53,10 @@ pub enum Hook {
 
 impl Hook {
     /// The program this hook runs on a device of `kind` (`sync_interfaces`' `wanted` says
-    /// which hooks a kind gets: an L3 device's egress, not its ingress, nor XDP).
+    /// which hooks a kind gets: an L3 device's tc ingress and egress, not XDP).
     fn program(self, kind: LinkKind) -> &'static str {
         match (self, kind) {
+            (Hook::Tc, LinkKind::L3) => lb_common::PROG_TC_INGRESS_L3,
             (Hook::TcEgress, LinkKind::L3) => lb_common::PROG_TC_EGRESS_L3,
             (Hook::Tc, _) => PROG_TC_INGRESS,
             (Hook::TcEgress, _) => lb_common::PROG_TC_EGRESS,
@@ -192,11 +193,11 @@ impl Dataplane {
     ) -> Result<Vec<DataplaneError>> {
         let mut errors = Vec::new();
         let present: StdHashMap<String, u32> = interfaces()?.into_iter().collect();
-        // A device without a link-layer header (a tunnel) gets the egress program that reads
-        // the IP header at the packet's start, which restores replies leaving by it; its
-        // ingress and XDP get nothing, as the Ethernet programs would misread its packets: a
-        // Service's traffic arriving by a tunnel is left to the stack (README, "Known
-        // limits"). A device of another link layer gets nothing either.
+        // A device without a link-layer header (a tunnel) gets programs that read the IP
+        // header at the packet's start: at egress the one that restores replies leaving by
+        // it, at ingress the one that gives Service traffic an Ethernet header and hands it to
+        // the Ethernet program; no XDP (the Ethernet programs would misread its packets). A
+        // device of another link layer gets nothing.
         let kinds = link_kinds(present.keys())?;
         for (name, kind) in &kinds {
             if let LinkKind::Other(ty) = kind {
@@ -256,7 +257,7 @@ impl Dataplane {
         }
         let auto = self.xdp_mode == XdpAttachMode::Auto;
         let wanted = |name: &str, hook: Hook| match (hook, kind_of(name)) {
-            (_, LinkKind::Other(_)) | (Hook::Tc | Hook::Xdp, LinkKind::L3) => false,
+            (_, LinkKind::Other(_)) | (Hook::Xdp, LinkKind::L3) => false,
             (Hook::Tc | Hook::TcEgress, _) => tc_wanted(name),
             (Hook::Xdp, LinkKind::Ethernet) => {
                 xdp_wanted(name)

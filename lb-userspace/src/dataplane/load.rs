@@ -142,8 +142,8 @@ impl Dataplane {
             .map_max_entries(MAP_CT6_NEW, sizes.of(MAP_CT6_NEW))
             .map_max_entries(MAP_AFFINITY, sizes.affinity)
             .load(crate::EBPF_OBJECT)?;
-        // The tc entry points: Ethernet's, and egress on devices without a link-layer header.
-        for name in [PROG_TC_INGRESS, lb_common::PROG_TC_EGRESS, lb_common::PROG_TC_EGRESS_L3] {
+        // The tc entry points: Ethernet's, and those of devices without a link-layer header.
+        for name in TC_ENTRIES {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
             p.load().map_err(|source| DataplaneError::ProgramLoad { name, source })?;
@@ -357,9 +357,14 @@ fn holds_no_pins(pin_dir: &Path) -> bool {
     })
 }
 
+/// The tc programs the agent attaches: Ethernet's ingress and egress, then the ingress and
+/// egress of devices without a link-layer header.
+const TC_ENTRIES: [&str; 4] =
+    [PROG_TC_INGRESS, lb_common::PROG_TC_EGRESS, lb_common::PROG_TC_INGRESS_L3, lb_common::PROG_TC_EGRESS_L3];
+
 /// Renames this load's stage tables after the programs that tail-call through them
-/// (`<name>-<ns>-p<ids>`: a tc table's tc ingress and egress programs, the L3 egress among
-/// them, `_` between them, an XDP table's XDP program), so
+/// (`<name>-<ns>-p<ids>`: a tc table's tc entry programs, `TC_ENTRIES`, `_` between them, an
+/// XDP table's XDP program), so
 /// that a later load can tell from the links' program ids alone whether any attached program
 /// still uses them (`layout::retire_unlinked_stages`): listing programs by id, to read their
 /// maps, takes CAP_SYS_ADMIN, which the DaemonSet does not grant. Renaming a pin leaves the
@@ -369,11 +374,7 @@ fn name_stage_tables(ebpf: &aya::Ebpf, pins: [std::path::PathBuf; 4]) -> Result<
         let prog = ebpf.program(name).ok_or(DataplaneError::MissingMap { name })?;
         Ok(prog.info()?.id().to_string())
     };
-    let tc = [PROG_TC_INGRESS, lb_common::PROG_TC_EGRESS, lb_common::PROG_TC_EGRESS_L3]
-        .into_iter()
-        .map(id)
-        .collect::<Result<Vec<_>>>()?
-        .join("_");
+    let tc = TC_ENTRIES.into_iter().map(id).collect::<Result<Vec<_>>>()?.join("_");
     let xdp = id(PROG_XDP)?;
     let mut named = pins.clone();
     for (i, (pin, new)) in pins.iter().zip(named.iter_mut()).enumerate() {
@@ -432,11 +433,16 @@ fn fill_tails(ebpf: &mut aya::Ebpf, ipv6: bool) -> Result<()> {
         (PROG_TC_ICMP6_L3, MAP_TAILS_TC, TAIL_TC_ICMP6_L3),
     ];
     let tc_ipv6 = if ipv6 { &tc_ipv6[..] } else { &[] };
-    for &(name, table, index) in [(PROG_TC_NEW4, MAP_TAILS4_TC, 0)].iter().chain(tc_ipv6) {
+    for &(name, table, index) in [(PROG_TC_NEW4, MAP_TAILS4_TC, TAIL4_TC_NEW4)].iter().chain(tc_ipv6) {
         let p: &mut SchedClassifier = ebpf.program_mut(name).ok_or(DataplaneError::MissingMap { name })?.try_into()?;
         p.load().map_err(|source| DataplaneError::ProgramLoad { name, source })?;
         fds.push((table, index, dup(name, p.fd()?)?));
     }
+    // The Ethernet ingress program, loaded with the entry points already, behind the tunnel
+    // devices' ingress (`lb_tc_ingress_l3`).
+    let p: &SchedClassifier =
+        ebpf.program(PROG_TC_INGRESS).ok_or(DataplaneError::MissingMap { name: PROG_TC_INGRESS })?.try_into()?;
+    fds.push((MAP_TAILS4_TC, TAIL4_TC_INGRESS, dup(PROG_TC_INGRESS, p.fd()?)?));
     let xdp_ipv6 = [
         (PROG_XDP6, MAP_TAILS_XDP, TAIL_XDP6),
         (PROG_XDP_NEW6, MAP_TAILS_XDP, TAIL_XDP_NEW6),

@@ -427,6 +427,15 @@ impl Dataplane {
         self.ebpf.program(lb_common::PROG_TC_EGRESS).and_then(|p| p.try_into().ok()).expect("loaded in Dataplane::load")
     }
 
+    /// The loaded tc ingress program for devices without a link-layer header, for
+    /// `BPF_PROG_TEST_RUN` in tests.
+    pub fn tc_ingress_l3_program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(lb_common::PROG_TC_INGRESS_L3)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load")
+    }
+
     /// The loaded tc egress program for devices without a link-layer header, for
     /// `BPF_PROG_TEST_RUN` in tests.
     pub fn tc_egress_l3_program(&self) -> &SchedClassifier {

@@ -192,7 +192,8 @@ pub enum LinkKind {
     /// loopback, whose header is an all-zero Ethernet one).
     Ethernet,
     /// None: the packet starts with its IP header (tun, WireGuard, IPIP, GRE, SIT and IPv6
-    /// tunnels, PPP, raw-IP modems), so its egress gets `lb_common::PROG_TC_EGRESS_L3`.
+    /// tunnels, PPP, raw-IP modems), so it gets `lb_common::PROG_TC_INGRESS_L3` and
+    /// `lb_common::PROG_TC_EGRESS_L3`.
     L3,
     /// Another link layer (InfiniBand, say): the programs cannot parse it.
     Other(u16),

@@ -542,3 +542,24 @@ fn ipv6_replies_leaving_by_a_tunnel_are_restored() {
     assert_eq!(&quote[..], &probe[14..], "the quote is the client's own packet again, byte for byte");
     assert_eq!(h.counter(Counter::IcmpTranslated), 1);
 }
+
+#[test]
+fn ipv6_service_traffic_arriving_by_a_tunnel_is_translated() {
+    if !privileged() {
+        return;
+    }
+    let h = harness6();
+    let syn = frame6((CLIENT6, 41000), (VIP6, 80), L4::Tcp { flags: SYN }, &[]);
+    let (verdict, out) = h.run_ingress_l3(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[..14], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x86, 0xdd], "an Ethernet header pushed: zeros, IPv6");
+    let r = parse6_checked(&out);
+    assert_eq!(r.src, (CLIENT6, 41000));
+    assert!(backends6(8080).contains(&r.dst), "to a backend: {:?}", r.dst);
+    let data = frame6((CLIENT6, 41000), (VIP6, 80), L4::Tcp { flags: ACK }, &[3u8; 1380]);
+    let (_, out) = h.run_ingress_l3(&data);
+    assert_eq!(parse6_checked(&out).dst, r.dst, "the same backend");
+    // Not a Service's: as it came, no header.
+    let other = frame6((CLIENT6, 41000), (VIP6, 81), L4::Tcp { flags: SYN }, &[]);
+    assert_eq!(h.run_ingress_l3(&other), (TC_ACT_UNSPEC, other[14..].to_vec()));
+}
