@@ -356,7 +356,13 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
     let proto = ip[6];
     match proto {
         lb_common::PROTO_TCP | lb_common::PROTO_UDP => {
-            let Some(ports) = ptr_at::<[u16; 2]>(data, data_end, P::L2 + 40) else {
+            // The whole L4 header, as `parse6` asks, so a truncated one counts as it would.
+            let whole = if proto == lb_common::PROTO_TCP {
+                ptr_at::<[u8; 20]>(data, data_end, P::L2 + 40).is_some()
+            } else {
+                ptr_at::<[u8; 8]>(data, data_end, P::L2 + 40).is_some()
+            };
+            let (true, Some(ports)) = (whole, ptr_at::<[u16; 2]>(data, data_end, P::L2 + 40)) else {
                 return Some(Counter::PassMalformed);
             };
             // SAFETY: the addresses lie within the header checked above, the ports within
@@ -370,7 +376,9 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
                     proto,
                 }
             };
-            if service::maybe_frontend(&flow) || service::maybe_backend(&flow) {
+            if service::maybe_frontend(&flow)
+                || (service::maybe_backend(&flow) && nat::to_snat_addr::<[u32; 4], P>(ctx))
+            {
                 None
             } else {
                 Some(Counter::PassNotService)
@@ -382,14 +390,20 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
 }
 
 /// `None` if `family` may do anything with the packet but pass it: an address and port that
-/// may be a frontend's or a backend's (the filters it checks first), any fragment (it records
-/// every first fragment, and drops a later one whose first it did not see), or an ICMP error
-/// (which may quote a translated packet). Else the counter of its pass.
+/// may be a frontend's (the filter it checks first), a backend's reply to the address flows
+/// are SNATed to (a reply to its client's own address it leaves to the stack, for the egress
+/// program of the way out: in a cluster that routes pods through tunnels, most of what
+/// arrives by one), any fragment (it records every first fragment, and drops a later one
+/// whose first it did not see), or an ICMP error (which may quote a translated packet). Else
+/// the counter of its pass.
 #[inline(always)]
 fn passed_as<A: Parse, P: Packet>(ctx: &P) -> Option<Counter> {
     match A::parse(ctx.data(), ctx.data_end(), P::L2) {
         Parsed::L4(h) => {
-            if h.frag != Frag::Whole || service::maybe_frontend(&h.flow) || service::maybe_backend(&h.flow) {
+            if h.frag != Frag::Whole
+                || service::maybe_frontend(&h.flow)
+                || (service::maybe_backend(&h.flow) && nat::to_snat_addr::<A, P>(ctx))
+            {
                 None
             } else {
                 Some(Counter::PassNotService)

@@ -381,11 +381,15 @@ fn service_traffic_by_a_tunnel_device_is_translated_both_ways() -> Result<()> {
     let through = counted("rx_packets")? - received;
     assert!(through > 15000, "{through} packets into tun-b");
     assert!(stat(&n.lab, &n.b, "fwd_new_flow") >= new_flows + 6, "{}", n.lab.list(&n.b, "stats")?);
+    // Refused by the datapath (node-b's stack would answer with a reset too: the counter
+    // tells them apart).
+    let rejects = stat(&n.lab, &n.b, "reject_no_backend");
     let refused = lb_tests::tcp_connect(&n.client.ns, at(NODE_B, 30074), Duration::from_secs(2))?;
     assert!(
         matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
         "a node port without endpoints, reached by the tunnel, refuses: {refused:?}"
     );
+    assert!(stat(&n.lab, &n.b, "reject_no_backend") > rejects, "{}", n.lab.list(&n.b, "stats")?);
     Ok(())
 }
 

@@ -559,7 +559,15 @@ fn ipv6_service_traffic_arriving_by_a_tunnel_is_translated() {
     let data = frame6((CLIENT6, 41000), (VIP6, 80), L4::Tcp { flags: ACK }, &[3u8; 1380]);
     let (_, out) = h.run_ingress_l3(&data);
     assert_eq!(parse6_checked(&out).dst, r.dst, "the same backend");
-    // Not a Service's: as it came, no header.
+    // Not a Service's, or a truncated TCP header: as it came, no header, counted as the
+    // Ethernet program would count them.
     let other = frame6((CLIENT6, 41000), (VIP6, 81), L4::Tcp { flags: SYN }, &[]);
-    assert_eq!(h.run_ingress_l3(&other), (TC_ACT_UNSPEC, other[14..].to_vec()));
+    let truncated = syn[..14 + 40 + 10].to_vec();
+    for (what, f, counter) in
+        [("not a Service's", other, Counter::PassNotService), ("truncated TCP", truncated, Counter::PassMalformed)]
+    {
+        let before = h.counter(counter);
+        assert_eq!(h.run_ingress_l3(&f), (TC_ACT_UNSPEC, f[14..].to_vec()), "{what}");
+        assert_eq!(h.counter(counter), before + 1, "{what}: counted as {}", counter.name());
+    }
 }
