@@ -377,7 +377,7 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
                 }
             };
             if service::maybe_frontend(&flow)
-                || (service::maybe_backend(&flow) && nat::to_snat_addr::<[u32; 4], P>(ctx))
+                || (nat::to_snat_addr::<[u32; 4], P>(ctx) && service::maybe_backend(&flow))
             {
                 None
             } else {
@@ -402,7 +402,7 @@ fn passed_as<A: Parse, P: Packet>(ctx: &P) -> Option<Counter> {
         Parsed::L4(h) => {
             if h.frag != Frag::Whole
                 || service::maybe_frontend(&h.flow)
-                || (service::maybe_backend(&h.flow) && nat::to_snat_addr::<A, P>(ctx))
+                || (nat::to_snat_addr::<A, P>(ctx) && service::maybe_backend(&h.flow))
             {
                 None
             } else {

@@ -1118,6 +1118,13 @@ fn xdp_node_port_to_a_remote_backend_is_snated_to_the_node_and_replies_are_resto
     let (verdict, out) = h.run(&reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(parse_checked(&out).dst, (EXTERNAL_CLIENT, 40000));
+    // And for replies that arrive by a tunnel (the backend's node routes the node's address
+    // through one): a reply to the address flows are SNATed to is handed to tc with a header.
+    let (verdict, out) = h.run_ingress_l3(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "restored and routed back to the client");
+    assert_eq!(&out[..14], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x00], "the header pushed");
+    let r = parse_checked(&out);
+    assert_eq!((r.src, r.dst), ((NODE_IP, 30081), (EXTERNAL_CLIENT, 40000)));
 
     // Another client gets another SNAT port.
     let (_, out) =

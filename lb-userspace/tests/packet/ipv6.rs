@@ -392,6 +392,13 @@ fn xdp_ipv6_node_port_to_a_remote_backend_is_snated_and_replies_are_restored() {
     let r = parse6_checked(&out);
     assert_eq!((r.src, r.dst), ((NODE_IP6, 30081), (OUTSIDE6, 40000)));
     assert_eq!(h.xdp_counter(Counter::ReplyTranslated), 1);
+    // The same reply arriving by a tunnel: to the address flows are SNATed to, so handed to
+    // tc with a header, restored and routed back to the client.
+    let (verdict, out) = h.run_ingress_l3(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[..14], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x86, 0xdd], "the header pushed");
+    let r = parse6_checked(&out);
+    assert_eq!((r.src, r.dst), ((NODE_IP6, 30081), (OUTSIDE6, 40000)));
 }
 
 /// IPv6 routers never fragment: a packet the datapath routes itself that is too big for the
@@ -559,13 +566,20 @@ fn ipv6_service_traffic_arriving_by_a_tunnel_is_translated() {
     let data = frame6((CLIENT6, 41000), (VIP6, 80), L4::Tcp { flags: ACK }, &[3u8; 1380]);
     let (_, out) = h.run_ingress_l3(&data);
     assert_eq!(parse6_checked(&out).dst, r.dst, "the same backend");
-    // Not a Service's, or a truncated TCP header: as it came, no header, counted as the
-    // Ethernet program would count them.
+    // Not a Service's, a backend's reply to its client's own address (as a remote backend's
+    // arrives: the Ethernet program would leave it to the stack), truncated TCP and UDP
+    // headers: as they came, no header, counted as the Ethernet program would count them.
     let other = frame6((CLIENT6, 41000), (VIP6, 81), L4::Tcp { flags: SYN }, &[]);
-    let truncated = syn[..14 + 40 + 10].to_vec();
-    for (what, f, counter) in
-        [("not a Service's", other, Counter::PassNotService), ("truncated TCP", truncated, Counter::PassMalformed)]
-    {
+    let reply = frame6(r.dst, (CLIENT6, 41000), L4::Tcp { flags: ACK }, &[]);
+    let truncated = syn[..14 + 40 + 19].to_vec();
+    let query = frame6((CLIENT6, 41001), (VIP6, 53), L4::Udp { zero_csum: false }, b"q");
+    let truncated_udp = query[..14 + 40 + 7].to_vec();
+    for (what, f, counter) in [
+        ("not a Service's", other, Counter::PassNotService),
+        ("a backend's reply to its client", reply, Counter::PassNotService),
+        ("truncated TCP", truncated, Counter::PassMalformed),
+        ("truncated UDP", truncated_udp, Counter::PassMalformed),
+    ] {
         let before = h.counter(counter);
         assert_eq!(h.run_ingress_l3(&f), (TC_ACT_UNSPEC, f[14..].to_vec()), "{what}");
         assert_eq!(h.counter(counter), before + 1, "{what}: counted as {}", counter.name());
