@@ -73,7 +73,6 @@ fn fib<A: Addr>(
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the union's output member on this return code (`bpf_skb_fib_lookup`).
-        // SAFETY: as above.
         let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
         // Without `tot_len` the kernel refused after a successful lookup, weighing the skb,
         // link-layer header included, against the way out's MTU plus that device's own

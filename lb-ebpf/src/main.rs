@@ -392,7 +392,7 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
 /// `None` if `family` may do anything with the packet but pass it: an address and port that
 /// may be a frontend's (the filter it checks first), a backend's reply to the address flows
 /// are SNATed to (a reply to its client's own address it leaves to the stack, for the egress
-/// program of the way out: in a cluster that routes pods through tunnels, most of what
+/// program of the way out: in a cluster that routes pods through tunnels, much of what
 /// arrives by one), any fragment (it records every first fragment, and drops a later one
 /// whose first it did not see), or an ICMP error (which may quote a translated packet). Else
 /// the counter of its pass.
