@@ -1,7 +1,9 @@
 //! What differs between the hooks the pipeline runs at.
 //!
-//! tc sees skbs: the L4 checksum goes through `bpf_l4_csum_replace` (right for
-//! CHECKSUM_PARTIAL packets from local senders), and a refusal is built in place. XDP sees raw
+//! tc sees skbs: the L4 checksum's address part goes through `bpf_l4_csum_replace` (right
+//! for CHECKSUM_PARTIAL packets from local senders and for CHECKSUM_COMPLETE skbs), its port
+//! part too unless the field shows the packet is not partial (`TcContext::l4_csum`), and a
+//! refusal is built in place. XDP sees raw
 //! frames from a wire, whose checksums are complete, so it patches them by hand; it leaves
 //! refusals to the tc program behind it on the same interface, which builds the ICMP error
 //! with skb helpers XDP does not have.
@@ -109,6 +111,44 @@ fn ip_tot_len<A: Addr>(data: usize, data_end: usize, l2: usize) -> u16 {
     }
 }
 
+/// The folded sum of `h`'s pseudo-header, which a CHECKSUM_PARTIAL skb's L4 checksum field
+/// holds (what `__tcp_v4_send_check` and `udp4_hwcsum` store; the device or the GSO code sums
+/// the rest). A complete checksum has that value once in 65,536 packets.
+#[inline(always)]
+fn pseudo_sum<A: Addr>(data: usize, data_end: usize, l2: usize, h: &Headers<A>) -> u16 {
+    let l4_len = ip_tot_len::<A>(data, data_end, l2).wrapping_sub((h.l4_off - l2) as u16);
+    let (src, dst) = (h.flow.src.words(), h.flow.dst.words());
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        sum += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
+        i += 1;
+    }
+    // The pseudo-header's length and protocol: 16 bits each in IPv4's, 32 in IPv6's,
+    // whose upper halves are zero here; the sum is the same.
+    sum += u16::from_ne_bytes([0, h.flow.proto]) as u32 + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// `Packet::ports_by_hand` at tc, for a packet whose IP header starts at `l2`. TCP over IPv4
+/// only: a UDP field computed to zero would need turning into all ones (a branch), and IPv6's
+/// stages have no room.
+#[inline(always)]
+fn ports_by_hand_at<A: Addr>(data: usize, data_end: usize, l2: usize, h: &Headers<A>, off: usize) -> u64 {
+    if A::FAMILY != lb_common::FAMILY_IPV4 || h.flow.proto != lb_common::PROTO_TCP {
+        return 0;
+    }
+    let tot_len = ip_tot_len::<A>(data, data_end, l2);
+    let Some(field) = ptr_at::<u16>(data, data_end, off) else {
+        return 0;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let old = unsafe { mem::load16::<0>(field as usize) };
+    mem::nonzero16(tot_len) & mem::nonzero16(old ^ pseudo_sum(data, data_end, l2, h))
+}
+
 /// Set by the agent when the XDP program is attached in generic (skb) mode, where `XDP_TX`
 /// and redirects go through the stack's transmit path and work to every device.
 #[no_mangle]
@@ -146,8 +186,24 @@ pub trait Packet {
 
     /// Updates the L4 checksum at `off` for address changes (the pseudo-header) adding
     /// `addr_diff` and port changes adding `port_diff` (32-bit ones' complement partial sums).
-    /// `udp`: a zero checksum means "none" and stays zero.
-    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64>;
+    /// `udp`: a zero checksum means "none" and stays zero. `ports_by_hand`: what
+    /// `ports_by_hand` said of the packet before the rewrite.
+    fn l4_csum<A: Addr>(
+        &self,
+        off: usize,
+        addr_diff: u32,
+        port_diff: u32,
+        udp: bool,
+        ports_by_hand: u64,
+    ) -> Result<(), i64>;
+
+    /// 1 if the port part of an L4 checksum update may be made by hand whatever the packet's
+    /// `ip_summed`, else 0: asked before the rewrite, of the checksum field at `off`. (XDP,
+    /// whose packets carry complete checksums, makes its whole update by hand anyway.)
+    #[inline(always)]
+    fn ports_by_hand<A: Addr>(&self, _h: &Headers<A>, _off: usize) -> u64 {
+        0
+    }
 
     /// Refuses a new connection to a frontend without backends; returns the verdict.
     fn refuse<A: Addr>(&self, h: &Headers<A>) -> i32;
@@ -284,20 +340,48 @@ impl Packet for TcContext {
         TcContext::store(self, off, w, 0).ok()
     }
 
-    /// One `bpf_l4_csum_replace` per kind of change, each given its precomputed difference
-    /// (size 0): the address part with BPF_F_PSEUDO_HDR, which is all a CHECKSUM_PARTIAL
-    /// packet's field needs (the device sums the ports itself; `inet_proto_csum_replace_by_diff`),
-    /// and the port part without.
+    /// The address part by `bpf_l4_csum_replace` with BPF_F_PSEUDO_HDR, given its precomputed
+    /// difference (size 0): that is all a CHECKSUM_PARTIAL packet's field needs (the device
+    /// sums the ports itself), and a CHECKSUM_COMPLETE skb's `csum` must follow the field
+    /// (`inet_proto_csum_replace_by_diff`), which only the kernel can write. The port part
+    /// changes the field alone and for every `ip_summed` but CHECKSUM_PARTIAL: an IPv4 field
+    /// that is not the pseudo-header sum belongs to no partial packet, and is updated by hand
+    /// (a helper call is dear: about 17 ns on this project's AMD EPYC, more than a quarter of
+    /// an established flow's cost at tc); a field that may be one, or one whose total length is 0 (BIG TCP's
+    /// GRO packets, whose pseudo-header sum takes the skb's length), gets the helper, which
+    /// reads `ip_summed`. IPv6 takes the helper for both.
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
+    fn l4_csum<A: Addr>(
+        &self,
+        off: usize,
+        addr_diff: u32,
+        port_diff: u32,
+        udp: bool,
+        ports_by_hand: u64,
+    ) -> Result<(), i64> {
         let mangled0 = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        let mut rest = port_diff;
+        if A::FAMILY == lb_common::FAMILY_IPV4 {
+            // Written whether or not the ports are done here (adding 0 leaves the field as it
+            // is): no branch on `ports_by_hand`, for the verifier's sake (`mem::nonzero16`).
+            let by_hand = port_diff.wrapping_mul(ports_by_hand as u32);
+            rest = port_diff - by_hand;
+            let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)? as usize;
+            // SAFETY: bounds checked by ptr_at; no helper has run since.
+            unsafe { mem::store16::<0>(field, !fold(wsum_add(!mem::load16::<0>(field) as u32, by_hand))) };
+        }
         if addr_diff != 0 {
             self.l4_csum_replace(off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)?;
         }
-        if port_diff != 0 {
-            self.l4_csum_replace(off, 0, port_diff as u64, mangled0)?;
+        if rest != 0 {
+            self.l4_csum_replace(off, 0, rest as u64, mangled0)?;
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn ports_by_hand<A: Addr>(&self, h: &Headers<A>, off: usize) -> u64 {
+        ports_by_hand_at(self.data(), self.data_end(), Self::L2, h, off)
     }
 
     #[inline(always)]
@@ -444,7 +528,14 @@ impl Packet for XdpContext {
 
     /// Frames from a wire carry complete checksums: one update by hand.
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
+    fn l4_csum<A: Addr>(
+        &self,
+        off: usize,
+        addr_diff: u32,
+        port_diff: u32,
+        udp: bool,
+        _ports_by_hand: u64,
+    ) -> Result<(), i64> {
         let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)? as usize;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
@@ -486,21 +577,9 @@ impl Packet for XdpContext {
         let Some(field) = ptr_at::<u16>(data, data_end, off) else {
             return false;
         };
-        let l4_len = ip_tot_len::<A>(data, data_end, Self::L2).wrapping_sub((h.l4_off - Self::L2) as u16);
-        let (src, dst) = (h.flow.src.words(), h.flow.dst.words());
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 4 {
-            sum += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
-            i += 1;
-        }
-        // The pseudo-header's length and protocol: 16 bits each in IPv4's, 32 in IPv6's,
-        // whose upper halves are zero here; the sum is the same.
-        sum += u16::from_ne_bytes([0, h.flow.proto]) as u32 + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
+        let sum = pseudo_sum(data, data_end, Self::L2, h);
         // SAFETY: bounds checked by ptr_at.
-        unsafe { mem::load16::<0>(field as usize) == sum as u16 }
+        unsafe { mem::load16::<0>(field as usize) == sum }
     }
 
     #[inline(always)]
@@ -671,8 +750,20 @@ impl Packet for TcL3 {
     }
 
     #[inline(always)]
-    fn l4_csum(&self, off: usize, addr_diff: u32, port_diff: u32, udp: bool) -> Result<(), i64> {
-        <TcContext as Packet>::l4_csum(&self.0, off, addr_diff, port_diff, udp)
+    fn l4_csum<A: Addr>(
+        &self,
+        off: usize,
+        addr_diff: u32,
+        port_diff: u32,
+        udp: bool,
+        ports_by_hand: u64,
+    ) -> Result<(), i64> {
+        <TcContext as Packet>::l4_csum::<A>(&self.0, off, addr_diff, port_diff, udp, ports_by_hand)
+    }
+
+    #[inline(always)]
+    fn ports_by_hand<A: Addr>(&self, h: &Headers<A>, off: usize) -> u64 {
+        ports_by_hand_at(self.data(), self.data_end(), Self::L2, h, off)
     }
 
     /// Ingress only (a new flow): never reached here.

@@ -94,3 +94,17 @@ pub unsafe fn compare_exchange64(p: *mut u64, seen: u64, new: u64) -> bool {
     }
     r0 == seen
 }
+
+/// 1 if `v` (at most 0xffff) is not 0, else 0, computed without a jump: BPF has no
+/// set-on-compare, so a compare becomes a branch, and the verifier walks everything after a
+/// branch once for each way it went (`lb_tc_ingress` is near its 1,000,000 instructions). In
+/// assembly so that LLVM cannot turn the arithmetic back into a compare.
+#[inline(always)]
+pub fn nonzero16(v: u16) -> u64 {
+    let mut r = v as u64;
+    // SAFETY: register arithmetic only.
+    unsafe {
+        core::arch::asm!("{r} += 65535", "{r} >>= 16", r = inout(reg) r, options(pure, nomem, nostack, preserves_flags));
+    }
+    r
+}

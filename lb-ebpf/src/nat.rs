@@ -4,8 +4,10 @@
 //! checksum is the hook's business (`ctx::Packet::l4_csum`): at tc a locally generated packet
 //! is often CHECKSUM_PARTIAL, its checksum field holding only the pseudo-header sum that the
 //! device (or veth peer) finishes, and only `bpf_l4_csum_replace` with BPF_F_PSEUDO_HDR updates
-//! such a field correctly; a hand-written update would corrupt every offloaded packet. XDP
-//! sees frames from a wire, whose checksums are complete, and patches them by hand.
+//! such a field correctly; a hand-written update of the whole would corrupt every offloaded
+//! packet (tc adds only the port part by hand, and only where the field shows the packet is not
+//! partial). XDP sees frames from a wire, whose checksums are complete, and patches them by
+//! hand.
 use lb_common::{Backend, ServiceValue, BACKEND_FLAG_LOCAL, PROTO_TCP, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY};
 
 use crate::{
@@ -179,6 +181,15 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
     else {
         return Err(-1);
     };
+    // Asked of the packet as it arrived, before any store: the stores are opaque to LLVM,
+    // which then loads `data` from the context again, a pointer the verifier knows no bound of.
+    // (IPv4's only: in IPv6's stages, whose registers are few, the value kept across the
+    // rewrite changed LLVM's spills into ones the verifier refuses.)
+    let by_hand = if A::FAMILY == lb_common::FAMILY_IPV4 && h.frag != Frag::Later {
+        ctx.ports_by_hand(h, h.l4_off + TCP_CSUM_OFF)
+    } else {
+        0
+    };
     let dst_diff = A::csum_diff(old_dst, dst.0);
     let addr_diff = if SRC { wsum_add(A::csum_diff(old_src, src.0), dst_diff) } else { dst_diff };
     // SAFETY: each pointer was bounds-checked above; writes happen before any helper that
@@ -221,7 +232,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
     let dport_diff = diff16(h.flow.dport, dst.1);
     let port_diff = if SRC { diff16(h.flow.sport, src.1) + dport_diff } else { dport_diff };
     let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
-    ctx.l4_csum(csum_off, addr_diff, port_diff, udp)
+    ctx.l4_csum::<A>(csum_off, addr_diff, port_diff, udp, by_hand)
 }
 
 /// Whether a packet may be forwarded by the datapath itself (a router's rule: TTL, or IPv6's
