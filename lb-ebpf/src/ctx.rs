@@ -3,10 +3,9 @@
 //! tc sees skbs: the L4 checksum's address part goes through `bpf_l4_csum_replace` (right
 //! for CHECKSUM_PARTIAL packets from local senders and for CHECKSUM_COMPLETE skbs), its port
 //! part too unless the field shows the packet is not partial (`TcContext::l4_csum`), and a
-//! refusal is built in place. XDP sees raw
-//! frames from a wire, whose checksums are complete, so it patches them by hand; it leaves
-//! refusals to the tc program behind it on the same interface, which builds the ICMP error
-//! with skb helpers XDP does not have.
+//! refusal is built in place. XDP sees raw frames from a wire, whose checksums are complete,
+//! so it patches them by hand; it leaves refusals to the tc program behind it on the same
+//! interface, which builds the ICMP error with skb helpers XDP does not have.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
@@ -347,9 +346,9 @@ impl Packet for TcContext {
     /// changes the field alone and for every `ip_summed` but CHECKSUM_PARTIAL: an IPv4 field
     /// that is not the pseudo-header sum belongs to no partial packet, and is updated by hand
     /// (a helper call is dear: about 17 ns on this project's AMD EPYC, more than a quarter of
-    /// an established flow's cost at tc); a field that may be one, or one whose total length is 0 (BIG TCP's
-    /// GRO packets, whose pseudo-header sum takes the skb's length), gets the helper, which
-    /// reads `ip_summed`. IPv6 takes the helper for both.
+    /// an established flow's cost at tc); a field that may be one, or one whose total length
+    /// is 0 (BIG TCP's GRO packets, whose pseudo-header sum takes the skb's length), gets the
+    /// helper, which reads `ip_summed`. IPv6 takes the helper for both.
     #[inline(always)]
     fn l4_csum<A: Addr>(
         &self,
@@ -373,7 +372,9 @@ impl Packet for TcContext {
         if addr_diff != 0 {
             self.l4_csum_replace(off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)?;
         }
-        if rest != 0 {
+        // An unchanged port adds 0xffff (`!p + p`), ones' complement zero as 0 is: no call
+        // for it (port == targetPort is common). One compare: 0 and 0xffff wrap below 2.
+        if fold(rest).wrapping_add(1) > 1 {
             self.l4_csum_replace(off, 0, rest as u64, mangled0)?;
         }
         Ok(())

@@ -1801,6 +1801,87 @@ fn a_checksum_partial_packet_at_xdp_is_left_to_tc() {
     assert!(XDP_TX_OR_REDIRECT.contains(&verdict));
 }
 
+/// At tc, a field holding the pseudo-header sum may be a CHECKSUM_PARTIAL packet's, so the
+/// port change goes to the helper, which reads `ip_summed` (the address change always does).
+/// BPF_PROG_TEST_RUN's skb is CHECKSUM_NONE: the field must then get every change, addresses
+/// and port, as RFC 1624 computes it. Also with the port unchanged (a Service whose port is its
+/// targetPort), where no port call is made.
+#[test]
+fn a_field_holding_the_pseudo_header_sum_gets_every_change_at_tc() {
+    if !privileged() {
+        return;
+    }
+    for same_port in [false, true] {
+        let mut yaml = lab_yaml(&BACKENDS);
+        if same_port {
+            yaml = yaml
+                .replace("port: 80, targetPort: web", "port: 8080, targetPort: web")
+                .replace("port: 53, targetPort: 5353", "port: 5353, targetPort: 5353");
+        }
+        let h = Harness::new(&yaml);
+        let cases = [
+            (L4::Tcp { flags: SYN }, if same_port { 8080 } else { 80 }, 8080, 50),
+            (L4::Udp { zero_csum: false }, if same_port { 5353 } else { 53 }, 5353, 40),
+        ];
+        for (l4, port, target, off) in cases {
+            let mut f = frame((CLIENT, 40000), (VIP, port), l4, b"data");
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&CLIENT.octets());
+            pseudo.extend_from_slice(&VIP.octets());
+            pseudo.extend_from_slice(&[0, f[23]]);
+            pseudo.extend_from_slice(&((f.len() - 34) as u16).to_be_bytes());
+            let field = !fold(sum16(&pseudo));
+            f[off..off + 2].copy_from_slice(&field.to_be_bytes());
+            let (verdict, out) = h.run(&f);
+            assert_eq!(verdict, TC_ACT_OK, "same port {same_port}, proto {}", f[23]);
+            // Read by offset: the L4 checksum is not valid, before or after, for the parser.
+            let dst = (Ipv4Addr::new(out[30], out[31], out[32], out[33]), u16::from_be_bytes([out[36], out[37]]));
+            assert!(backend_set(&BACKENDS, target).contains(&dst), "DNAT to a backend, got {dst:?}");
+            assert_eq!(fold(sum16(&out[14..34])), 0, "IP header checksum");
+            let word = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+            let mut sum = !field as u32;
+            for i in [30, 32, 36] {
+                sum += (!word(&f, i) & 0xffff) + word(&out, i);
+            }
+            let (want, got) = (fold(sum), word(&out, off) as u16);
+            // 0 and 0xffff are one value in ones' complement.
+            assert!(
+                want == got || want | got == 0xffff && want & got == 0,
+                "same port {same_port}, proto {}: field {got:#06x}, RFC 1624 gives {want:#06x}",
+                f[23]
+            );
+            for (i, (a, b)) in f.iter().zip(&out).enumerate() {
+                let rewritten = matches!(i, 24..=25 | 30..=33 | 36..=37) || (off..off + 2).contains(&i);
+                assert!(rewritten || a == b, "byte {i} changed");
+            }
+        }
+    }
+}
+
+/// A Service whose port is its targetPort: the port adds nothing to the checksums (tc makes
+/// no helper call for it), the addresses still do, both ways, TCP and UDP.
+#[test]
+fn service_port_equal_to_its_target_port_keeps_valid_checksums() {
+    if !privileged() {
+        return;
+    }
+    let yaml = lab_yaml(&BACKENDS)
+        .replace("port: 80, targetPort: web", "port: 8080, targetPort: web")
+        .replace("port: 53, targetPort: 5353", "port: 5353, targetPort: 5353");
+    let h = Harness::new(&yaml);
+    for (l4, port) in [(L4::Tcp { flags: SYN }, 8080), (L4::Udp { zero_csum: false }, 5353)] {
+        let (verdict, out) = h.run(&frame((CLIENT, 40000), (VIP, port), l4, b"query"));
+        assert_eq!(verdict, TC_ACT_OK);
+        let p = parse_checked(&out);
+        assert!(backend_set(&BACKENDS, port).contains(&p.dst), "{:?}", p.dst);
+        let back = if port == 8080 { L4::Tcp { flags: SYN_ACK } } else { L4::Udp { zero_csum: false } };
+        let (verdict, out) = h.reply(&frame(p.dst, (CLIENT, 40000), back, b"answer"));
+        assert_eq!(verdict, TC_ACT_OK);
+        let r = parse_checked(&out);
+        assert_eq!((r.src, r.dst), ((VIP, port), (CLIENT, 40000)));
+    }
+}
+
 /// The slot generation is a u16: 65,536 backend changes bring it back to a value an old pin
 /// may hold, and a pin whose generation equals the service's is trusted without a membership
 /// check. The wrap drops the frontend's pins, so a backend that left is never chosen.

@@ -122,6 +122,30 @@ fn ipv6_udp_is_translated_both_ways() {
     assert_eq!(&out[out.len() - 6..], b"answer");
 }
 
+/// A Service whose port is its targetPort: the port adds nothing to the checksums (tc makes
+/// no helper call for it), the addresses still do, both ways, TCP and UDP.
+#[test]
+fn ipv6_service_port_equal_to_its_target_port_keeps_valid_checksums() {
+    if !privileged() {
+        return;
+    }
+    let yaml = yaml6()
+        .replace("port: 80, targetPort: 8080", "port: 8080, targetPort: 8080")
+        .replace("port: 53, targetPort: 5353", "port: 5353, targetPort: 5353");
+    let h = Harness::with_config(&yaml, Config { ipv6: true, ..Config::default() });
+    for (l4, port) in [(L4::Tcp { flags: SYN }, 8080), (L4::Udp { zero_csum: false }, 5353)] {
+        let (verdict, out) = h.run(&frame6((CLIENT6, 40000), (VIP6, port), l4, b"query"));
+        assert_eq!(verdict, TC_ACT_OK);
+        let p = parse6_checked(&out);
+        assert!(backends6(port).contains(&p.dst), "{:?}", p.dst);
+        let back = if port == 8080 { L4::Tcp { flags: SYN_ACK } } else { L4::Udp { zero_csum: false } };
+        let (verdict, out) = h.reply(&frame6(p.dst, (CLIENT6, 40000), back, b"answer"));
+        assert_eq!(verdict, TC_ACT_OK);
+        let r = parse6_checked(&out);
+        assert_eq!((r.src, r.dst), ((VIP6, port), (CLIENT6, 40000)));
+    }
+}
+
 /// As ip6tables' REJECT: ICMPv6 port unreachable from the service address, quoting the packet.
 #[test]
 fn ipv6_service_without_endpoints_is_refused_with_icmp6_port_unreachable() {
