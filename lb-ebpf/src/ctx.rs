@@ -682,6 +682,20 @@ impl Packet for XdpContext {
 #[repr(transparent)]
 pub struct TcL3(pub TcContext);
 
+/// Set by the agent when it loads the IPv6 stages (`lb run --ipv6`). The Ethernet program
+/// learns it from its empty tail-call slot and counts an IPv6 packet `PassNotIp`;
+/// `lb_tc_ingress_l3`, which filters before it hands a packet on, asks here so that it counts
+/// the same.
+#[no_mangle]
+static IPV6_ON: u32 = 0;
+
+/// Whether the IPv6 stages are loaded (`IPV6_ON`).
+#[inline(always)]
+pub fn ipv6_on() -> bool {
+    // SAFETY: reading a static the loader patches.
+    unsafe { core::ptr::read_volatile(&IPV6_ON) != 0 }
+}
+
 impl TcL3 {
     /// Puts an Ethernet header in front of the packet: addresses of zeros, `ethertype` (in
     /// network order). `bpf_skb_change_head` is the kernel's helper for exactly this, an L3

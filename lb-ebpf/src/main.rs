@@ -324,7 +324,13 @@ fn ingress_l3(ctx: &TcL3) -> i32 {
         Some(_) => return pass(ctx, Counter::PassNotIp),
         None => return pass(ctx, Counter::PassMalformed),
     };
-    let passed = if ethertype == ETH_P_IP_BE { passed_as::<u32, TcL3>(ctx) } else { passed_as6(ctx) };
+    let passed = if ethertype == ETH_P_IP_BE {
+        passed_as::<u32, TcL3>(ctx)
+    } else if ctx::ipv6_on() {
+        passed_as6(ctx)
+    } else {
+        Some(Counter::PassNotIp)
+    };
     if let Some(counter) = passed {
         return pass(ctx, counter);
     }

@@ -121,6 +121,7 @@ impl Dataplane {
             .override_global("NODE_IP", &node_ip, true)
             .override_global("NODE_IP6", &node_ip6, true)
             .override_global("COUNT_SERVICES", &u32::from(config.count_per_frontend), true)
+            .override_global("IPV6_ON", &u32::from(config.ipv6), true)
             .override_global("SNAT_OFF_CLUSTER", &config.cluster_cidr_families.bits(), true)
             .override_global("XDP_SEND_ANYWHERE", &u32::from(config.xdp_mode == XdpAttachMode::Generic), true)
             .override_global("NETNS_COOKIE", &netns_cookie()?, true)

@@ -29,6 +29,21 @@ pub struct Loaded {
     pub egress_runs: u64,
     /// Frames `lb_tc_egress_l3` changed (restored replies, translated errors).
     pub egress_l3_changed: u64,
+    /// Tc ingress runs that either program could take (`run`): every other one goes through
+    /// the ingress program of devices without a link-layer header.
+    pub ingress_runs: u64,
+    /// Frames `lb_tc_ingress_l3` handed to the Ethernet program (with a header pushed).
+    pub ingress_l3_handed: u64,
+    /// Port and protocol of the frontends without backends, which tc refuses: frames to
+    /// them skip `lb_tc_ingress_l3` (`Loaded::may_be_refused`).
+    refusing: Vec<(u16, u8)>,
+}
+
+/// Whether `frame`'s ethertype names the IP version its IP header has: the frames a device
+/// without a link-layer header could carry (it has no ethertype; the version stands for it).
+fn version_agrees(frame: &[u8]) -> bool {
+    frame.len() > 14
+        && matches!((u16::from_be_bytes([frame[12], frame[13]]), frame[14] >> 4), (0x0800, 4) | (0x86dd, 6))
 }
 
 impl Drop for Loaded {
@@ -134,7 +149,26 @@ pub fn load(ns: &NodeNs, pin: PathBuf) -> Result<(Loaded, World), String> {
         .and_then(|d| Map::from_map_data(d).map_err(|e| e.to_string()))
         .and_then(|m| HashMap::try_from(m).map_err(|e| e.to_string()))
         .map_err(|e| format!("LB_FRAGMENTS: {e}"))?;
-    Ok((Loaded { dp, pin, maps, frags, egress_runs: 0, egress_l3_changed: 0 }, world_of(&state)))
+    let world = world_of(&state);
+    let refusing = world
+        .frontends
+        .iter()
+        .flat_map(|f| std::iter::once(f).chain(f.from_cluster.as_deref()))
+        .filter(|f| f.backends.is_empty())
+        .map(|f| (f.port, f.proto))
+        .collect();
+    let loaded = Loaded {
+        dp,
+        pin,
+        maps,
+        frags,
+        egress_runs: 0,
+        egress_l3_changed: 0,
+        ingress_runs: 0,
+        ingress_l3_handed: 0,
+        refusing,
+    };
+    Ok((loaded, world))
 }
 
 fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(), String> {
@@ -142,18 +176,81 @@ fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(
     keys.iter().try_for_each(|k| map.remove(k).map_err(|e| e.to_string()))
 }
 
+fn run_error(e: ProgramError) -> RunError {
+    match e {
+        ProgramError::SyscallError(e) => RunError::Refused(e.io_error.raw_os_error().unwrap_or(0)),
+        e => RunError::Failed(e.to_string()),
+    }
+}
+
+impl Loaded {
+    /// Whether tc may answer `frame` with an ICMP error it builds in place: an IPv4 frame to
+    /// the port of a frontend without backends. Such frames skip `lb_tc_ingress_l3`, whose
+    /// refusal `BPF_PROG_TEST_RUN` cannot show: it reads any data as an Ethernet frame
+    /// (`eth_type_trans`), so for a packet from its IP header on the skb's protocol comes from
+    /// its address bytes and its network header sits 14 bytes in, and `bpf_skb_adjust_room`,
+    /// which makes the error's room, goes by both. (A tunnel device sets them right; the
+    /// refusal by a tunnel is shown end to end,
+    /// `real_traffic::service_traffic_by_a_tunnel_device_is_translated_both_ways`.)
+    fn may_be_refused(&self, frame: &[u8]) -> bool {
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        let Some(port) = frame.get(14 + ihl + 2..14 + ihl + 4) else {
+            return false;
+        };
+        frame[14] >> 4 == 4 && ihl >= 20 && self.refusing.contains(&(u16::from_be_bytes([port[0], port[1]]), frame[23]))
+    }
+
+    /// `lb_tc_ingress_l3` on `frame` from its IP header on, as a tunnel device hands it to tc;
+    /// the output as the Ethernet program's would be. A packet it passes comes out from its IP
+    /// header on, untouched: the frame's Ethernet header goes back in front. One it hands to
+    /// the Ethernet program comes out behind the header it pushed, whose addresses are zeros
+    /// (an IP header cannot start with a zero byte, so the first byte tells which): the
+    /// frame's go in their place, swapped where the Ethernet program answered with an ICMP
+    /// error it built in place (`reject.rs` swaps a frame's addresses). Anything else in
+    /// that header is left for the model to find.
+    fn run_ingress_l3(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        let opts = TestRunOptions { data_in: Some(&frame[14..]), data_out: Some(out), ..Default::default() };
+        let r = self.dp.tc_ingress_l3_program().test_run(opts).map_err(run_error)?;
+        let n = r.data_size_out as usize;
+        if n == 0 || out[0] != 0 {
+            if n + 14 > out.len() {
+                return Err(RunError::Failed(format!("output of {n} bytes and its Ethernet header overflow")));
+            }
+            out.copy_within(..n, 14);
+            out[..14].copy_from_slice(&frame[..14]);
+            return Ok((r.return_value, n + 14));
+        }
+        self.ingress_l3_handed += 1;
+        if n >= 34 && out[..12] == [0; 12] {
+            let (proto, icmp) = if frame[14] >> 4 == 4 { (23, 1) } else { (20, 58) };
+            if out[proto] == icmp && frame[proto] != icmp {
+                out[..6].copy_from_slice(&frame[6..12]);
+                out[6..12].copy_from_slice(&frame[..6]);
+            } else {
+                out[..12].copy_from_slice(&frame[..12]);
+            }
+        }
+        Ok((r.return_value, n))
+    }
+}
+
 impl Datapath for Loaded {
+    /// At tc, every other frame whose IP version agrees with its ethertype goes through
+    /// `lb_tc_ingress_l3` instead (`Loaded::run_ingress_l3`), so that the model judges the
+    /// tunnel's ingress program, and the Ethernet program behind it, on the same traffic.
     fn run(&mut self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
+        if hook == Hook::Tc && version_agrees(frame) && !self.may_be_refused(frame) {
+            self.ingress_runs += 1;
+            if self.ingress_runs.is_multiple_of(2) {
+                return self.run_ingress_l3(frame, out);
+            }
+        }
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
         let res = match hook {
             Hook::Tc => self.dp.tc_program().test_run(opts),
             Hook::Xdp => self.dp.xdp_program().test_run(opts),
         };
-        match res {
-            Ok(r) => Ok((r.return_value, r.data_size_out as usize)),
-            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
-            Err(e) => Err(RunError::Failed(e.to_string())),
-        }
+        res.map(|r| (r.return_value, r.data_size_out as usize)).map_err(run_error)
     }
 
     /// Every other frame whose IP version agrees with its ethertype goes through
@@ -162,8 +259,7 @@ impl Datapath for Loaded {
     /// tunnel's egress program on the same traffic. (Where version and ethertype disagree the
     /// two programs rightly differ: a tunnel's packet has no ethertype.)
     fn run_egress(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize), RunError> {
-        let agree = frame.len() > 14
-            && matches!((u16::from_be_bytes([frame[12], frame[13]]), frame[14] >> 4), (0x0800, 4) | (0x86dd, 6));
+        let agree = version_agrees(frame);
         self.egress_runs += u64::from(agree);
         let l3 = agree && self.egress_runs.is_multiple_of(2);
         let (prog, data, skip) = if l3 {
@@ -179,8 +275,7 @@ impl Datapath for Loaded {
                 self.egress_l3_changed += u64::from(l3 && out[..n] != *frame);
                 Ok((r.return_value, n))
             }
-            Err(ProgramError::SyscallError(e)) => Err(RunError::Refused(e.io_error.raw_os_error().unwrap_or(0))),
-            Err(e) => Err(RunError::Failed(e.to_string())),
+            Err(e) => Err(run_error(e)),
         }
     }
 

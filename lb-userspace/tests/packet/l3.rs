@@ -72,8 +72,16 @@ fn what_is_no_service_traffic_passes_the_tunnel_ingress_without_a_header() {
     // (the egress program of the way out restores it), so it gets no header either.
     let backend = h.syn_dst(CLIENT, 42001);
     let reply = frame(backend, (CLIENT, 42001), L4::Tcp { flags: SYN_ACK }, &[]);
+    // This harness loads no IPv6 stages: the Ethernet program counts IPv6 as not IP.
+    let v6 = lb_tests::packet6::frame6(
+        ("fd00::5".parse().unwrap(), 42002),
+        ("fd00:96::10".parse().unwrap(), 80),
+        L4::Tcp { flags: SYN },
+        &[],
+    );
     for (what, f, counter) in [
         ("a backend's reply to its client", reply, Counter::PassNotService),
+        ("IPv6, its stages not loaded", v6, Counter::PassNotIp),
         ("not IP", not_ip, Counter::PassNotIp),
         ("truncated IP", syn[..14 + 16].to_vec(), Counter::PassMalformed),
         ("truncated TCP", syn[..14 + 30].to_vec(), Counter::PassMalformed),
