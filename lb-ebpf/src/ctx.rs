@@ -131,12 +131,11 @@ fn pseudo_sum<A: Addr>(data: usize, data_end: usize, l2: usize, h: &Headers<A>) 
     sum as u16
 }
 
-/// `Packet::ports_by_hand` at tc, for a packet whose IP header starts at `l2`. TCP over IPv4
-/// only: a UDP field computed to zero would need turning into all ones (a branch), and IPv6's
-/// stages have no room.
+/// `Packet::ports_by_hand` at tc, for a packet whose IP header starts at `l2`. IPv4 only:
+/// IPv6's stages have no room.
 #[inline(always)]
 fn ports_by_hand_at<A: Addr>(data: usize, data_end: usize, l2: usize, h: &Headers<A>, off: usize) -> u64 {
-    if A::FAMILY != lb_common::FAMILY_IPV4 || h.flow.proto != lb_common::PROTO_TCP {
+    if A::FAMILY != lb_common::FAMILY_IPV4 {
         return 0;
     }
     let tot_len = ip_tot_len::<A>(data, data_end, l2);
@@ -367,7 +366,14 @@ impl Packet for TcContext {
             rest = port_diff - by_hand;
             let field = ptr_at::<u16>(self.data(), self.data_end(), off).ok_or(-1i64)? as usize;
             // SAFETY: bounds checked by ptr_at; no helper has run since.
-            unsafe { mem::store16::<0>(field, !fold(wsum_add(!mem::load16::<0>(field) as u32, by_hand))) };
+            let c = !fold(wsum_add(!unsafe { mem::load16::<0>(field) } as u32, by_hand));
+            // A UDP field that came to zero is written as all ones, the same value (RFC 768
+            // sends a computed zero so): the helper below, told BPF_F_MARK_MANGLED_0, takes a
+            // zero field for "no checksum" and would leave it. Without a branch: `c - 1`
+            // borrows into the upper half only for zero.
+            let c = c | ((c as u32).wrapping_sub(1) >> 16) as u16 & (udp as u16).wrapping_neg();
+            // SAFETY: as above.
+            unsafe { mem::store16::<0>(field, c) };
         }
         if addr_diff != 0 {
             self.l4_csum_replace(off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled0)?;

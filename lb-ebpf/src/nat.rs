@@ -186,7 +186,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
     // (IPv4's only: in IPv6's stages, whose registers are few, the value kept across the
     // rewrite changed LLVM's spills into ones the verifier refuses.)
     let by_hand = if A::FAMILY == lb_common::FAMILY_IPV4 && h.frag != Frag::Later {
-        ctx.ports_by_hand(h, h.l4_off + TCP_CSUM_OFF)
+        ctx.ports_by_hand(h, h.l4_off + if h.flow.proto != PROTO_TCP { UDP_CSUM_OFF } else { TCP_CSUM_OFF })
     } else {
         0
     };

@@ -1882,6 +1882,34 @@ fn service_port_equal_to_its_target_port_keeps_valid_checksums() {
     }
 }
 
+/// tc adds the port part of an IPv4 UDP checksum by hand, then the address part through the
+/// helper, told that a zero field means "no checksum" (BPF_F_MARK_MANGLED_0). A datagram whose
+/// field comes to zero after the port part must still get its address part: its checksum is
+/// chosen here (two payload bytes) so that it does, for the lab's 53 -> 5353.
+#[test]
+fn a_udp_checksum_that_comes_to_zero_between_the_parts_still_gets_the_addresses() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    // The field F for which F + (5353 - 53) is ones' complement zero: F = 53 - 5353.
+    let sum = |s: u32| !fold(s);
+    let target = sum((!53u16) as u32 + 5353);
+    let build = |w: u16| {
+        let mut payload = w.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"query");
+        frame((CLIENT, 40000), (VIP, 53), L4::Udp { zero_csum: false }, &payload)
+    };
+    let f0 = u16::from_be_bytes([build(0)[40], build(0)[41]]);
+    let q = build(sum((!target) as u32 + f0 as u32));
+    assert_eq!(u16::from_be_bytes([q[40], q[41]]), target, "the datagram's checksum, as chosen");
+    let (verdict, out) = h.run(&q);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse_checked(&out);
+    assert!(backend_set(&BACKENDS, 5353).contains(&p.dst), "{:?}", p.dst);
+    assert_ne!(p.l4_csum, 0, "a checksum, not \"none\"");
+}
+
 /// The slot generation is a u16: 65,536 backend changes bring it back to a value an old pin
 /// may hold, and a pin whose generation equals the service's is trusted without a membership
 /// check. The wrap drops the frontend's pins, so a backend that left is never chosen.
