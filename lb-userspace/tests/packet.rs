@@ -1892,7 +1892,8 @@ fn a_udp_checksum_that_comes_to_zero_between_the_parts_still_gets_the_addresses(
         return;
     }
     let h = Harness::new(&lab_yaml(&BACKENDS));
-    // The field F for which F + (5353 - 53) is ones' complement zero: F = 53 - 5353.
+    // The field F whose update for the port change alone, !(!F + 5353 - 53), is zero:
+    // F = 5353 - 53 (ones' complement). The source stays, so nothing else goes into it.
     let sum = |s: u32| !fold(s);
     let target = sum((!53u16) as u32 + 5353);
     let build = |w: u16| {
@@ -1906,6 +1907,7 @@ fn a_udp_checksum_that_comes_to_zero_between_the_parts_still_gets_the_addresses(
     let (verdict, out) = h.run(&q);
     assert_eq!(verdict, TC_ACT_OK);
     let p = parse_checked(&out);
+    assert_eq!(p.src, (CLIENT, 40000), "a DNAT only");
     assert!(backend_set(&BACKENDS, 5353).contains(&p.dst), "{:?}", p.dst);
     assert_ne!(p.l4_csum, 0, "a checksum, not \"none\"");
 }

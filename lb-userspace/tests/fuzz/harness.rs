@@ -34,15 +34,16 @@ pub struct Loaded {
     pub ingress_runs: u64,
     /// Frames `lb_tc_ingress_l3` handed to the Ethernet program (with a header pushed).
     pub ingress_l3_handed: u64,
-    /// Port and protocol of the frontends without backends, which tc refuses: frames to
-    /// them skip `lb_tc_ingress_l3` (`Loaded::may_be_refused`).
-    refusing: Vec<(u16, u8)>,
+    /// The fuzz world, for `Loaded::may_be_refused`.
+    world: World,
 }
 
 /// Whether `frame`'s ethertype names the IP version its IP header has: the frames a device
 /// without a link-layer header could carry (it has no ethertype; the version stands for it).
+/// And at least 14 bytes from the IP header on, the least BPF_PROG_TEST_RUN takes for a tc
+/// program (it reads any data as an Ethernet frame): a shorter one is refused with EINVAL.
 fn version_agrees(frame: &[u8]) -> bool {
-    frame.len() > 14
+    frame.len() >= 28
         && matches!((u16::from_be_bytes([frame[12], frame[13]]), frame[14] >> 4), (0x0800, 4) | (0x86dd, 6))
 }
 
@@ -150,13 +151,6 @@ pub fn load(ns: &NodeNs, pin: PathBuf) -> Result<(Loaded, World), String> {
         .and_then(|m| HashMap::try_from(m).map_err(|e| e.to_string()))
         .map_err(|e| format!("LB_FRAGMENTS: {e}"))?;
     let world = world_of(&state);
-    let refusing = world
-        .frontends
-        .iter()
-        .flat_map(|f| std::iter::once(f).chain(f.from_cluster.as_deref()))
-        .filter(|f| f.backends.is_empty())
-        .map(|f| (f.port, f.proto))
-        .collect();
     let loaded = Loaded {
         dp,
         pin,
@@ -166,7 +160,7 @@ pub fn load(ns: &NodeNs, pin: PathBuf) -> Result<(Loaded, World), String> {
         egress_l3_changed: 0,
         ingress_runs: 0,
         ingress_l3_handed: 0,
-        refusing,
+        world: world.clone(),
     };
     Ok((loaded, world))
 }
@@ -175,6 +169,13 @@ fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(
     let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
     keys.iter().try_for_each(|k| map.remove(k).map_err(|e| e.to_string()))
 }
+
+/// What BPF_PROG_TEST_RUN answers, before the program runs, for some data from the IP header
+/// on: it reads any data as an Ethernet frame (`eth_type_trans`), and the fuzz met a truncated
+/// IPv4 packet whose source address's first bytes read as IPv4's ethertype, with less than an
+/// IPv4 header behind the first 14 bytes, refused so. A device without a link-layer header
+/// has no such rule; such a frame goes through the Ethernet program instead.
+const REFUSED_AS_ETHERNET: i32 = libc::EINVAL;
 
 fn run_error(e: ProgramError) -> RunError {
     match e {
@@ -185,7 +186,8 @@ fn run_error(e: ProgramError) -> RunError {
 
 impl Loaded {
     /// Whether tc may answer `frame` with an ICMP error it builds in place: an IPv4 frame to
-    /// the port of a frontend without backends. Such frames skip `lb_tc_ingress_l3`, whose
+    /// a frontend that serves its source with no backends (and no local traffic policy, which
+    /// drops instead). Such frames skip `lb_tc_ingress_l3`, whose
     /// refusal `BPF_PROG_TEST_RUN` cannot show: it reads any data as an Ethernet frame
     /// (`eth_type_trans`), so for a packet from its IP header on the skb's protocol comes from
     /// its address bytes and its network header sits 14 bytes in, and `bpf_skb_adjust_room`,
@@ -197,7 +199,31 @@ impl Loaded {
         let Some(port) = frame.get(14 + ihl + 2..14 + ihl + 4) else {
             return false;
         };
-        frame[14] >> 4 == 4 && ihl >= 20 && self.refusing.contains(&(u16::from_be_bytes([port[0], port[1]]), frame[23]))
+        if frame[14] >> 4 != 4 || ihl < 20 {
+            return false;
+        }
+        let addr = |i: usize| Ipv4Addr::new(frame[i], frame[i + 1], frame[i + 2], frame[i + 3]);
+        let dport = u16::from_be_bytes([port[0], port[1]]);
+        self.world.frontend(addr(30), dport, frame[23]).is_some_and(|i| {
+            let fe = self.world.serving(i, addr(26));
+            fe.backends.is_empty() && !fe.local_only
+        })
+    }
+
+    /// `run_egress` on the egress program of devices without a link-layer header (`l3`), or
+    /// on the Ethernet one.
+    fn run_egress_on(&mut self, frame: &[u8], out: &mut [u8], l3: bool) -> Result<(u32, usize), RunError> {
+        let (prog, data, skip) = if l3 {
+            (self.dp.tc_egress_l3_program(), &frame[14..], 14)
+        } else {
+            (self.dp.tc_egress_program(), frame, 0)
+        };
+        let opts = TestRunOptions { data_in: Some(data), data_out: Some(&mut out[skip..]), ..Default::default() };
+        let r = prog.test_run(opts).map_err(run_error)?;
+        out[..skip].copy_from_slice(&frame[..skip]);
+        let n = skip + r.data_size_out as usize;
+        self.egress_l3_changed += u64::from(l3 && out[..n] != *frame);
+        Ok((r.return_value, n))
     }
 
     /// `lb_tc_ingress_l3` on `frame` from its IP header on, as a tunnel device hands it to tc;
@@ -242,7 +268,10 @@ impl Datapath for Loaded {
         if hook == Hook::Tc && version_agrees(frame) && !self.may_be_refused(frame) {
             self.ingress_runs += 1;
             if self.ingress_runs.is_multiple_of(2) {
-                return self.run_ingress_l3(frame, out);
+                match self.run_ingress_l3(frame, out) {
+                    Err(RunError::Refused(e)) if e == REFUSED_AS_ETHERNET => {}
+                    r => return r,
+                }
             }
         }
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() };
@@ -262,20 +291,9 @@ impl Datapath for Loaded {
         let agree = version_agrees(frame);
         self.egress_runs += u64::from(agree);
         let l3 = agree && self.egress_runs.is_multiple_of(2);
-        let (prog, data, skip) = if l3 {
-            (self.dp.tc_egress_l3_program(), &frame[14..], 14)
-        } else {
-            (self.dp.tc_egress_program(), frame, 0)
-        };
-        let opts = TestRunOptions { data_in: Some(data), data_out: Some(&mut out[skip..]), ..Default::default() };
-        match prog.test_run(opts) {
-            Ok(r) => {
-                out[..skip].copy_from_slice(&frame[..skip]);
-                let n = skip + r.data_size_out as usize;
-                self.egress_l3_changed += u64::from(l3 && out[..n] != *frame);
-                Ok((r.return_value, n))
-            }
-            Err(e) => Err(run_error(e)),
+        match self.run_egress_on(frame, out, l3) {
+            Err(RunError::Refused(e)) if l3 && e == REFUSED_AS_ETHERNET => self.run_egress_on(frame, out, false),
+            r => r,
         }
     }
 
