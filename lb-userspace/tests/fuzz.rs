@@ -98,14 +98,20 @@ fn a_million_random_truncated_and_mutated_frames_through_tc_and_xdp() {
     let report = fuzz::run(&mut dp, world, &opts).unwrap_or_else(|f| panic!("{f}\n{}", dp.flows_of(&f.input)));
     eprintln!("{}", report.summary());
     eprintln!(
-        "tunnel programs: ingress handed {} frames to the Ethernet program, egress changed {}",
-        dp.ingress_l3_handed, dp.egress_l3_changed
+        "tunnel programs: ingress handed {} frames to the Ethernet program ({} whole TCP or UDP packets \
+         checked against its pre-filter's bits), egress changed {}",
+        dp.ingress_l3_handed, dp.ingress_l3_judged, dp.egress_l3_changed
     );
     assert!(report.frames >= opts.frames);
     // About 1 in 10,000 frames (a run of LB_FUZZ_FRAMES below that asks for none).
     let want = opts.frames / 10_000;
     assert!(dp.egress_l3_changed >= want, "the tunnels' egress program restored {} frames", dp.egress_l3_changed);
     assert!(dp.ingress_l3_handed >= want, "the tunnels' ingress program handed on {} frames", dp.ingress_l3_handed);
+    assert!(
+        dp.ingress_l3_judged >= want,
+        "{} frames handed on were checked against the pre-filter",
+        dp.ingress_l3_judged
+    );
     let collected = dp.dp.ct_collected_counter().load(Ordering::Relaxed);
     assert_eq!(collected, 0, "the collector removed flows with a day left to live");
     report.coverage().unwrap_or_else(|e| panic!("seed {}: {e}", report.seed));

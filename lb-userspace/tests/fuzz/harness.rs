@@ -34,6 +34,9 @@ pub struct Loaded {
     pub ingress_runs: u64,
     /// Frames `lb_tc_ingress_l3` handed to the Ethernet program (with a header pushed).
     pub ingress_l3_handed: u64,
+    /// Of those, the whole TCP and UDP packets whose hand-on its pre-filter's bits were
+    /// checked against (`prefilter_passes`).
+    pub ingress_l3_judged: u64,
     /// The fuzz world, for `Loaded::may_be_refused`.
     world: World,
 }
@@ -160,6 +163,7 @@ pub fn load(ns: &NodeNs, pin: PathBuf) -> Result<(Loaded, World), String> {
         egress_l3_changed: 0,
         ingress_runs: 0,
         ingress_l3_handed: 0,
+        ingress_l3_judged: 0,
         world: world.clone(),
     };
     Ok((loaded, world))
@@ -176,6 +180,10 @@ fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(
 /// IPv4 header behind the first 14 bytes, refused so. A device without a link-layer header
 /// has no such rule; such a frame goes through the Ethernet program instead.
 const REFUSED_AS_ETHERNET: i32 = libc::EINVAL;
+
+/// The address flows SNATed to the node for hairpin traffic take (`HAIRPIN_IP` in
+/// `lb-ebpf/src/addr.rs`, which the fuzz world's config leaves as it is).
+const HAIRPIN_IP: [u8; 4] = [169, 254, 42, 1];
 
 fn run_error(e: ProgramError) -> RunError {
     match e {
@@ -208,6 +216,42 @@ impl Loaded {
             let fe = self.world.serving(i, addr(26));
             fe.backends.is_empty() && !fe.local_only
         })
+    }
+
+    /// Whether `lb_tc_ingress_l3` must pass `frame` without handing it on, by what its
+    /// pre-filter reads (`passed_as`): a whole IPv4 TCP or UDP packet, its L4 header complete,
+    /// whose destination has no bit in `LB_FILTER`'s frontend half and that is no reply to the
+    /// node (a destination flows are SNATed to, a source with a bit in the backend half).
+    /// `None` for every other frame, which the program may hand on or not: this bounds how
+    /// loose its pre-filter may be, which the model cannot see (a frame handed on and passed
+    /// untouched by the Ethernet program comes out as if passed at once). The bits are read
+    /// from the map the agent wrote, so a frame the filter hits by chance may be handed on.
+    fn prefilter_passes(&self, frame: &[u8]) -> Result<Option<bool>, String> {
+        let Some(ip) = frame.get(14..).filter(|ip| ip.len() >= 20 && ip[0] >> 4 == 4) else {
+            return Ok(None);
+        };
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        // More fragments, or an offset: fragments go on whatever their addresses.
+        let whole = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0;
+        let l4_len = match ip[9] {
+            6 => 20,
+            17 => 8,
+            _ => return Ok(None),
+        };
+        let Some(l4) = ip.get(ihl..ihl + l4_len).filter(|_| ihl >= 20 && whole) else {
+            return Ok(None);
+        };
+        // As the program loads them: each field's bytes in memory order.
+        let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let hit = |half: u32, addr: u32, port: &[u8]| -> Result<bool, String> {
+            let bit = lb_common::filter_bit(addr, u16::from_ne_bytes([port[0], port[1]]), ip[9]);
+            let w = self.maps.filter.get(&(half + (bit >> 6)), 0).map_err(|e| format!("reading LB_FILTER: {e}"))?;
+            Ok(w & 1 << (bit & 63) != 0)
+        };
+        let to_node = ip[16..20] == world::NODE_IP.octets() || ip[16..20] == HAIRPIN_IP;
+        let handed = hit(lb_common::FILTER_FRONTENDS, word(&ip[16..20]), &l4[2..4])?
+            || (to_node && hit(lb_common::FILTER_BACKENDS, word(&ip[12..16]), &l4[0..2])?);
+        Ok(Some(!handed))
     }
 
     /// `run_egress` on the egress program of devices without a link-layer header (`l3`), or
@@ -247,6 +291,15 @@ impl Loaded {
             return Ok((r.return_value, n + 14));
         }
         self.ingress_l3_handed += 1;
+        let judged = self.prefilter_passes(frame).map_err(RunError::Failed)?;
+        self.ingress_l3_judged += u64::from(judged.is_some());
+        if judged == Some(true) {
+            return Err(RunError::Failed(
+                "lb_tc_ingress_l3 handed on a whole TCP or UDP packet whose destination is no frontend's \
+                 and that is no backend's reply to the node (its pre-filter should have passed it)"
+                    .into(),
+            ));
+        }
         if n >= 34 && out[..12] == [0; 12] {
             let (proto, icmp) = if frame[14] >> 4 == 4 { (23, 1) } else { (20, 58) };
             if out[proto] == icmp && frame[proto] != icmp {
