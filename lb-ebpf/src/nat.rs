@@ -231,7 +231,7 @@ fn rewrite_ends<A: Addr, P: Packet, const SRC: bool>(
     }
     let dport_diff = diff16(h.flow.dport, dst.1);
     let port_diff = if SRC { diff16(h.flow.sport, src.1) + dport_diff } else { dport_diff };
-    // The same offset `by_hand` was given above, chosen again here rather than once for both:
+    // The offset IPv4's `by_hand` was given above, chosen again here rather than once for both:
     // computed before the stores, it stayed live across them, and LLVM's spills for it in
     // IPv6's reply stage were ones the verifier refuses ("R4 !read_ok").
     let csum_off = h.l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };

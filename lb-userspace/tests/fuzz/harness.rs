@@ -181,10 +181,6 @@ fn clear<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> Result<(
 /// has no such rule; such a frame goes through the Ethernet program instead.
 const REFUSED_AS_ETHERNET: i32 = libc::EINVAL;
 
-/// The address flows SNATed to the node for hairpin traffic take (`HAIRPIN_IP` in
-/// `lb-ebpf/src/addr.rs`, which the fuzz world's config leaves as it is).
-const HAIRPIN_IP: [u8; 4] = [169, 254, 42, 1];
-
 fn run_error(e: ProgramError) -> RunError {
     match e {
         ProgramError::SyscallError(e) => RunError::Refused(e.io_error.raw_os_error().unwrap_or(0)),
@@ -248,7 +244,7 @@ impl Loaded {
             let w = self.maps.filter.get(&(half + (bit >> 6)), 0).map_err(|e| format!("reading LB_FILTER: {e}"))?;
             Ok(w & 1 << (bit & 63) != 0)
         };
-        let to_node = ip[16..20] == world::NODE_IP.octets() || ip[16..20] == HAIRPIN_IP;
+        let to_node = ip[16..20] == world::NODE_IP.octets() || ip[16..20] == world::HAIRPIN_IP.octets();
         let handed = hit(lb_common::FILTER_FRONTENDS, word(&ip[16..20]), &l4[2..4])?
             || (to_node && hit(lb_common::FILTER_BACKENDS, word(&ip[12..16]), &l4[0..2])?);
         Ok(Some(!handed))
