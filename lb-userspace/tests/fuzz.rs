@@ -98,7 +98,7 @@ fn a_million_random_truncated_and_mutated_frames_through_tc_and_xdp() {
     let report = fuzz::run(&mut dp, world, &opts).unwrap_or_else(|f| panic!("{f}\n{}", dp.flows_of(&f.input)));
     eprintln!("{}", report.summary());
     eprintln!(
-        "tunnel programs: ingress handed {} frames to the Ethernet program ({} whole TCP or UDP packets \
+        "tunnel programs: ingress handed {} frames to the Ethernet program ({} whole IPv4 TCP or UDP packets \
          checked against its pre-filter's bits), egress changed {}",
         dp.ingress_l3_handed, dp.ingress_l3_judged, dp.egress_l3_changed
     );

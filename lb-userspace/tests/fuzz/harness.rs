@@ -290,8 +290,8 @@ impl Loaded {
         let judged = self.prefilter_passes(frame).map_err(RunError::Failed)?;
         self.ingress_l3_judged += u64::from(judged.is_some());
         if judged == Some(true) {
-            return Err(RunError::Failed(
-                "lb_tc_ingress_l3 handed on a whole TCP or UDP packet whose destination is no frontend's \
+            return Err(RunError::Wrong(
+                "lb_tc_ingress_l3 handed on a whole IPv4 TCP or UDP packet whose destination is no frontend's \
                  and that is no backend's reply to the node (its pre-filter should have passed it)"
                     .into(),
             ));

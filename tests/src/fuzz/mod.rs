@@ -28,6 +28,8 @@ pub enum RunError {
     /// The kernel refused the input (errno).
     Refused(i32),
     Failed(String),
+    /// The program ran, and broke a rule the harness checks beside the model (what it says).
+    Wrong(String),
 }
 
 /// The loaded programs and their maps, as the fuzzer drives them.
@@ -338,6 +340,7 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                     Ok((v, n)) => (Some(*v), *n, model.judge(hook, &input, Ran::Out { verdict: *v, out: &out[..*n] })),
                     Err(RunError::Refused(errno)) => (None, 0, model.judge(hook, &input, Ran::Refused(*errno))),
                     Err(RunError::Failed(e)) => (None, 0, Err(format!("BPF_PROG_TEST_RUN failed: {e}"))),
+                    Err(RunError::Wrong(e)) => (None, 0, Err(e.clone())),
                 };
                 let record = RunRecord { frame, hook, input: input.clone(), verdict, output: out[..n].to_vec() };
                 keep(record, "", &trace, keep_history.then_some(&mut history), &mut last);
@@ -389,6 +392,7 @@ pub fn run(dp: &mut dyn Datapath, world: World, opts: &Options) -> Result<Report
                         Err(RunError::Failed(e)) => {
                             (None, 0, Err(format!("BPF_PROG_TEST_RUN of tc egress failed: {e}")))
                         }
+                        Err(RunError::Wrong(e)) => (None, 0, Err(format!("tc egress: {e}"))),
                     };
                     let record = RunRecord { frame, hook, input: input.clone(), verdict, output: out[..n].to_vec() };
                     keep(record, "(tc egress) ", &trace, keep_history.then_some(&mut history), &mut last);
