@@ -18,6 +18,12 @@
 //! wrapper, in the same mode, tail-calling the hook's empty program; "over the floor" is what
 //! the program under test adds to it.
 //!
+//! Rows run one after the other, so a row's ratio to the minimal DNAT compares runs minutes
+//! apart, and what the machine's other tenants do to its shared L3 meanwhile moves lb's
+//! new flow (a few misses) more than the DNAT (none). The two ratio targets are therefore
+//! measured again at the end of each pass, interleaved: rounds of the floors, the minimal DNAT
+//! and lb's rows in turn (`Session::interleaved`), a ratio per cycle, their median reported.
+//!
 //! Everything runs on one pinned CPU inside a node-like network namespace of its own (the
 //! routed SNAT path looks up routes and neighbours there). lb's new-flow table (`LB_CT4_NEW`)
 //! is one array for every CPU; the references' flow table is a per-CPU LRU, so its fill level
@@ -399,6 +405,8 @@ struct Session<'a> {
     rounds: usize,
     batch: u32,
     batch_rounds: usize,
+    /// Cycles of the interleaved measurement (`Session::interleaved`).
+    interleaved_cycles: usize,
     floors: BTreeMap<(Hook, Mode), f64>,
     /// The first counter value and the number of the assured flows the first fill made, one
     /// after the other (`Mode::NewSrc` tuples of `FILL_CLIENTS`).
@@ -410,6 +418,15 @@ struct Session<'a> {
 
 /// Verdict and output check of a row; errors name what differed.
 type Check<'c> = &'c dyn Fn(u32, &[u8]) -> Result<()>;
+
+/// One program and frame of an interleaved measurement (`Session::interleaved`).
+struct Part<'c> {
+    what: &'static str,
+    target: Target,
+    mode: Mode,
+    frame: &'c [u8],
+    check: Check<'c>,
+}
 
 impl Session<'_> {
     fn lb_fd(&self, hook: Hook) -> Result<ProgramFd> {
@@ -614,6 +631,42 @@ impl Session<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// `cycles` rounds of every part in turn, the parts' order reversed every other cycle: each
+    /// part's `repeat` runs (after an untimed tenth) come seconds at most from the others' of
+    /// the same cycle, where a row's come minutes from the reference's and the floors'. Each
+    /// part's first run is checked; its times per cycle are returned, part by part.
+    fn interleaved(&mut self, hook: Hook, parts: &[Part<'_>], cycles: usize) -> Result<Vec<Vec<f64>>> {
+        let mut out = vec![Vec::with_capacity(cycles); parts.len()];
+        for cycle in 0..cycles {
+            let order: Vec<usize> =
+                if cycle % 2 == 0 { (0..parts.len()).collect() } else { (0..parts.len()).rev().collect() };
+            for i in order {
+                let p = &parts[i];
+                let ctx = || format!("{} interleaved \"{}\"", hook.name(), p.what);
+                self.aim(hook, p.target)?;
+                self.w.set_frame(p.frame)?;
+                let fresh = |s: &mut Self, n: u32| {
+                    if p.mode == Mode::Keep || p.target == Target::Empty {
+                        Ok(0)
+                    } else {
+                        s.w.reserve(p.mode, u64::from(n))
+                    }
+                };
+                if cycle == 0 {
+                    let start = fresh(self, 1)?;
+                    let first = self.w.run(hook, p.mode, p.frame, 1, start).with_context(ctx)?;
+                    (p.check)(first.verdict, &first.out).with_context(ctx)?;
+                }
+                let warmup = (self.repeat / 10).max(1);
+                let start = fresh(self, warmup)?;
+                self.w.run(hook, p.mode, p.frame, warmup, start).with_context(ctx)?;
+                let start = fresh(self, self.repeat)?;
+                out[i].push(self.w.run(hook, p.mode, p.frame, self.repeat, start).with_context(ctx)?.ns);
+            }
+        }
+        Ok(out)
     }
 
     /// Measures one row; `check` judges the verdict and output of a first run.
@@ -952,12 +1005,13 @@ pub fn per_packet_warm(quick: bool) -> Result<String> {
     }
     drop(ns);
     if passes == 1 {
-        return Ok(done.pop().map(|(md, _, _)| md).unwrap_or_default());
+        return Ok(done.pop().map(|(md, ..)| md).unwrap_or_default());
     }
     let mut md = done[0].0.clone();
-    md.push_str(&passes_summary(&done.iter().map(|(_, t, _)| t.as_slice()).collect::<Vec<_>>())?);
-    md.push_str(&against_flow_reference(&done.iter().map(|(_, _, f)| f.as_slice()).collect::<Vec<_>>())?);
-    for (i, (table, _, _)) in done.iter().enumerate().skip(1) {
+    md.push_str(&passes_summary(&done.iter().map(|(_, t, ..)| t.as_slice()).collect::<Vec<_>>())?);
+    md.push_str(&interleaved_summary(&done.iter().map(|(.., i)| i).collect::<Vec<_>>())?);
+    md.push_str(&against_flow_reference(&done.iter().map(|(_, _, f, _)| f.as_slice()).collect::<Vec<_>>())?);
+    for (i, (table, ..)) in done.iter().enumerate().skip(1) {
         md.push_str(&table.replacen("## 1b. ", &format!("### 1b, pass {} of {passes}: ", i + 1), 1));
     }
     Ok(md)
@@ -1056,7 +1110,8 @@ fn passes_summary(passes: &[&[TargetFigure]]) -> Result<String> {
     Ok(md)
 }
 
-fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>)> {
+#[allow(clippy::type_complexity)]
+fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>, BTreeMap<Hook, Interleaved>)> {
     // Other work on this machine shares its caches and cores: say how busy it was.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
@@ -1095,6 +1150,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         rounds: if quick { 3 } else { 5 },
         batch: 0,
         batch_rounds: if quick { 3 } else { 15 },
+        interleaved_cycles: if quick { 3 } else { 9 },
         floors: BTreeMap::new(),
         filled: None,
         rows: Vec::new(),
@@ -1435,6 +1491,78 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         )?;
     }
 
+    // The targets of a new flow and of an established flow again, interleaved: lb's rows, the
+    // minimal DNAT and the floors in turn, cycle after cycle (`Session::interleaved`), so that
+    // a ratio compares runs seconds apart rather than minutes (the tables as the rows above
+    // left them: full).
+    let mut interleaved = BTreeMap::new();
+    for hook in hooks.into_iter().filter(|_| !tracked_only) {
+        let (client, backend) = est[&hook];
+        let est_frame = tcp(client, VIP, ACK);
+        let floor_check = {
+            let expect = untouched(hook);
+            move |v: u32, out: &[u8]| {
+                expect_verdict(v, &expect)?;
+                parsed(out).map(|_| ())
+            }
+        };
+        let ref_check = to_ref_backend(fwd(hook));
+        let new_check = to_one_of(fwd(hook), vip_backends.clone());
+        let est_check = {
+            let expect = fwd(hook);
+            move |v: u32, out: &[u8]| {
+                expect_verdict(v, &expect)?;
+                let p = parsed(out)?;
+                ensure!(p.dst == backend && p.src == client, "not its backend: {p:?}");
+                Ok(())
+            }
+        };
+        let parts = [
+            Part { what: "floor", target: Target::Empty, mode: Mode::Keep, frame: &keep_frame, check: &floor_check },
+            Part {
+                what: "minimal DNAT",
+                target: Target::Reference,
+                mode: Mode::Keep,
+                frame: &to_vip,
+                check: &ref_check,
+            },
+            Part {
+                what: "floor, new 5-tuple",
+                target: Target::Empty,
+                mode: Mode::NewSrc,
+                frame: &new_flow,
+                check: &floor_check,
+            },
+            Part {
+                what: "new flow, conntrack full",
+                target: Target::Lb,
+                mode: Mode::NewSrc,
+                frame: &new_flow,
+                check: &new_check,
+            },
+            Part {
+                what: "established flow",
+                target: Target::Lb,
+                mode: Mode::Keep,
+                frame: &est_frame,
+                check: &est_check,
+            },
+        ];
+        let t = std::time::Instant::now();
+        let v = s.interleaved(hook, &parts, s.interleaved_cycles)?;
+        let fig = Interleaved::of(&v);
+        crate::progress(&format!(
+            "  {} interleaved, {} cycles: new flow {:.2}x, established {:.2}x the minimal DNAT (medians; {:.1} s)",
+            hook.name(),
+            v[0].len(),
+            fig.new_ratio(),
+            fig.est_ratio(),
+            t.elapsed().as_secs_f64()
+        ));
+        interleaved.insert(hook, fig);
+    }
+    let tables_after = s.tables();
+
     let rows = std::mem::take(&mut s.rows);
     let notes = std::mem::take(&mut s.notes);
     let (repeat, rounds, batch, batch_rounds, share) = (s.repeat, s.rounds, s.batch, s.batch_rounds, s.share);
@@ -1448,6 +1576,8 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
         new_full,
         established,
         pass_service_port,
+        interleaved,
+        tables_after,
         notes,
     };
     let md = render(
@@ -1464,7 +1594,111 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
             sizes.conntrack_new, sizes.conntrack
         ),
     )?;
-    Ok((md, targets(&sum), flow_ref_figures(&sum)))
+    Ok((md, targets(&sum), flow_ref_figures(&sum), sum.interleaved))
+}
+
+/// The times of one hook's interleaved cycles (ns per run, as `Session::interleaved` returns
+/// them for its five parts: floor, minimal DNAT, floor with a new 5-tuple, lb's new flow, lb's
+/// established flow) and the ratios each cycle gives.
+struct Interleaved {
+    /// lb's new flow over its floor, per cycle.
+    new_flow: Vec<f64>,
+    /// lb's established flow over its floor, per cycle.
+    established: Vec<f64>,
+    /// The minimal DNAT over its floor, per cycle.
+    reference: Vec<f64>,
+}
+
+impl Interleaved {
+    fn of(v: &[Vec<f64>]) -> Self {
+        let over = |part: usize, floor: usize| v[part].iter().zip(&v[floor]).map(|(a, f)| a - f).collect::<Vec<_>>();
+        Self { new_flow: over(3, 2), established: over(4, 0), reference: over(1, 0) }
+    }
+
+    fn ratios(&self, lb: &[f64]) -> Vec<f64> {
+        lb.iter().zip(&self.reference).map(|(l, r)| l / r).collect()
+    }
+
+    fn new_ratio(&self) -> f64 {
+        crate::median(self.ratios(&self.new_flow))
+    }
+
+    fn est_ratio(&self) -> f64 {
+        crate::median(self.ratios(&self.established))
+    }
+
+    /// (target, lb's figures, the limit as a ratio) for each interleaved target.
+    fn targets(&self) -> [(&'static str, &[f64], f64); 2] {
+        [
+            ("new flow, full conntrack <= 2.5x minimal DNAT", &self.new_flow, NEW_FLOW_LIMIT),
+            ("established flow <= 1.2x minimal DNAT", &self.established, 1.2),
+        ]
+    }
+}
+
+/// The interleaved targets of one pass as a table.
+fn render_interleaved(sum: &Summary) -> Result<String> {
+    let mut md = String::new();
+    let Some(cycles) = sum.interleaved.values().next().map(|f| f.reference.len()) else {
+        return Ok(md);
+    };
+    writeln!(
+        md,
+        "\nThe same targets measured interleaved, after the rows above ({}): {cycles} cycles, each a round \
+         of `repeat` runs of the floor, the minimal DNAT, the floor with a new 5-tuple, lb's new flow and \
+         lb's established flow in turn (the order reversed every other cycle), so a cycle's ratio compares \
+         runs a few seconds apart; lb and the minimal DNAT over their floors, medians of the cycles, and \
+         the median and range of the cycles' ratios:\n\n\
+         | target | hook | lb | minimal DNAT | ratio, median (range) | met |\n|---|---|---:|---:|---|---|",
+        sum.tables_after
+    )?;
+    for (hook, f) in &sum.interleaved {
+        for (what, lb, limit) in f.targets() {
+            let r = f.ratios(lb);
+            let (lo, hi) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
+            let m = crate::median(r);
+            writeln!(
+                md,
+                "| {what} | {} | {:+.1} ns | {:+.1} ns | {m:.2}x ({lo:.2}x to {hi:.2}x) | {} |",
+                hook.name(),
+                crate::median(lb.to_vec()),
+                crate::median(f.reference.clone()),
+                if m <= limit { "yes" } else { "**no**" }
+            )?;
+        }
+    }
+    Ok(md)
+}
+
+/// The interleaved targets over the passes: each pass's median ratio, and how many met it.
+fn interleaved_summary(passes: &[&BTreeMap<Hook, Interleaved>]) -> Result<String> {
+    let mut md = String::from(
+        "The same targets measured interleaved in each pass (median of the cycles' ratios to the minimal \
+         DNAT / the limit):\n\n| target | hook |",
+    );
+    md.push_str(&pass_headers(passes.len()));
+    md.push_str(" met in |\n|---|---|");
+    md.push_str(&"---:|".repeat(passes.len()));
+    md.push_str("---|\n");
+    let Some(first) = passes.first() else { return Ok(md) };
+    for hook in first.keys() {
+        for t in 0..2 {
+            let mut met = 0;
+            let mut cells = String::new();
+            let mut what = "";
+            for p in passes {
+                let Some(f) = p.get(hook) else { continue };
+                let (w, lb, limit) = f.targets()[t];
+                what = w;
+                let m = crate::median(f.ratios(lb));
+                write!(cells, " {m:.2}x / {limit:.1}x |")?;
+                met += usize::from(m <= limit);
+            }
+            writeln!(md, "| {what} | {} |{cells} {met} of {} |", hook.name(), passes.len())?;
+        }
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 /// lb's full-table new flow beside the reference with a flow table, for each hook that has both.
@@ -1496,6 +1730,10 @@ struct Summary {
     new_full: BTreeMap<Hook, f64>,
     established: BTreeMap<Hook, f64>,
     pass_service_port: BTreeMap<Hook, f64>,
+    /// The new-flow and established targets measured interleaved with their references.
+    interleaved: BTreeMap<Hook, Interleaved>,
+    /// The conntrack tables' fill after the last row (the interleaved measurement's).
+    tables_after: String,
     /// Anything in the set-up that did not go as planned.
     notes: Vec<String>,
 }
@@ -1576,6 +1814,7 @@ fn render(rows: &[Row], sum: &Summary, runs: &str) -> Result<String> {
             if t.met() { "yes" } else { "**no**" }
         )?;
     }
+    md.push_str(&render_interleaved(sum)?);
     md.push_str(
         "\nA new flow against the least any per-flow state costs here: the minimal DNAT with a flow table, \
          one lookup and one insert into an LRU like lb's, full (lb keeps both directions, so it inserts \
