@@ -1615,16 +1615,19 @@ impl Interleaved {
         Self { new_flow: over(3, 2), established: over(4, 0), reference: over(1, 0) }
     }
 
+    /// The ratio of each cycle whose minimal DNAT came out above its floor (at XDP it is a few
+    /// tens of ns, and a floor round the machine slowed can exceed it: such a cycle has no
+    /// ratio to give).
     fn ratios(&self, lb: &[f64]) -> Vec<f64> {
-        lb.iter().zip(&self.reference).map(|(l, r)| l / r).collect()
+        lb.iter().zip(&self.reference).filter(|(_, r)| **r > 0.0).map(|(l, r)| l / r).collect()
     }
 
     fn new_ratio(&self) -> f64 {
-        crate::median(self.ratios(&self.new_flow))
+        median_or_nan(self.ratios(&self.new_flow))
     }
 
     fn est_ratio(&self) -> f64 {
-        crate::median(self.ratios(&self.established))
+        median_or_nan(self.ratios(&self.established))
     }
 
     /// (target, lb's figures, the limit as a ratio) for each interleaved target.
@@ -1633,6 +1636,15 @@ impl Interleaved {
             ("new flow, full conntrack <= 2.5x minimal DNAT", &self.new_flow, NEW_FLOW_LIMIT),
             ("established flow <= 1.2x minimal DNAT", &self.established, 1.2),
         ]
+    }
+}
+
+/// The median, NaN (never met) for no figures.
+fn median_or_nan(v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        crate::median(v)
     }
 }
 
@@ -1656,7 +1668,7 @@ fn render_interleaved(sum: &Summary) -> Result<String> {
         for (what, lb, limit) in f.targets() {
             let r = f.ratios(lb);
             let (lo, hi) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
-            let m = crate::median(r);
+            let m = median_or_nan(r);
             writeln!(
                 md,
                 "| {what} | {} | {:+.1} ns | {:+.1} ns | {m:.2}x ({lo:.2}x to {hi:.2}x) | {} |",
@@ -1690,7 +1702,7 @@ fn interleaved_summary(passes: &[&BTreeMap<Hook, Interleaved>]) -> Result<String
                 let Some(f) = p.get(hook) else { continue };
                 let (w, lb, limit) = f.targets()[t];
                 what = w;
-                let m = crate::median(f.ratios(lb));
+                let m = median_or_nan(f.ratios(lb));
                 write!(cells, " {m:.2}x / {limit:.1}x |")?;
                 met += usize::from(m <= limit);
             }
