@@ -475,7 +475,13 @@ pub struct CtValue<A> {
     pub state: u8,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    pub _pad: u16,
+    /// `ct_tag` of the entry's own key, as the datapath writes it, or 0 (entries written by
+    /// userspace, or by a datapath from before tags): what a state change written in place
+    /// checks, together with the state it changes from, before it swaps in the new state and
+    /// flags ([`CtStateWord`]). An entry found by its key can be another flow's by the time the
+    /// change is written: the new-flow array's ways are rewritten in place and the kernel's
+    /// hash maps reuse a freed element at once, while a packet on another CPU may still hold it.
+    pub tag: u16,
     pub service_id: u32,
     /// When a packet last refreshed the entry (at most every `CT_REFRESH` jiffies).
     pub last_seen: u32,
@@ -485,6 +491,62 @@ pub struct CtValue<A> {
 
 pub type CtValue4 = CtValue<u32>;
 pub type CtValue6 = CtValue<[u32; 4]>;
+
+/// The aligned 8 bytes of a [`CtValue`] from `nat_port` to `tag`, which the datapath swaps
+/// with one compare-and-exchange to change a flow's state in place (`lb-ebpf/src/conntrack.rs`,
+/// `swap_state`): the state and flags change only if the word still holds the tag of the key
+/// the entry was found by and the state they were computed from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtStateWord {
+    pub nat_port: u16,
+    pub snat_port: u16,
+    pub state: u8,
+    pub flags: u8,
+    pub tag: u16,
+}
+
+impl CtStateWord {
+    /// Byte offset of the word in a `CtValue<A>`: after the two addresses, so 8-aligned for
+    /// both families (the maps' values are).
+    pub const fn offset<A>() -> usize {
+        2 * core::mem::size_of::<A>()
+    }
+
+    pub fn from_u64(w: u64) -> Self {
+        let b = w.to_ne_bytes();
+        Self {
+            nat_port: u16::from_ne_bytes([b[0], b[1]]),
+            snat_port: u16::from_ne_bytes([b[2], b[3]]),
+            state: b[4],
+            flags: b[5],
+            tag: u16::from_ne_bytes([b[6], b[7]]),
+        }
+    }
+
+    pub fn to_u64(self) -> u64 {
+        let (n, s, t) = (self.nat_port.to_ne_bytes(), self.snat_port.to_ne_bytes(), self.tag.to_ne_bytes());
+        u64::from_ne_bytes([n[0], n[1], s[0], s[1], self.state, self.flags, t[0], t[1]])
+    }
+
+    /// Whether an entry whose word this is may take a state change computed from `state` and
+    /// `flags` for a key whose tag is `tag`: the entry is untagged or the key's, and still in
+    /// that state.
+    pub fn admits(self, tag: u16, state: u8, flags: u8) -> bool {
+        (self.tag == 0 || self.tag == tag) && self.state == state && self.flags == flags
+    }
+}
+
+/// The tag of a conntrack key with these fields (addresses folded to 32 bits, as
+/// `ct_set_hash` takes them), never 0: 15 bits of a multiply, a fold and a second multiply, so
+/// two flows that take turns in one entry share it about once in 32,768 (the fold carries the
+/// fields that vary most, high in their words in network order, into the bits taken).
+#[inline(always)]
+pub fn ct_tag(src: u32, dst: u32, sport: u16, dport: u16) -> u16 {
+    let x = (src ^ dst.rotate_left(16)) as u64 ^ ((sport as u64) << 48 | (dport as u64) << 32);
+    let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (((h ^ h >> 29).wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 49) as u16) | 0x8000
+}
 
 /// Entries in a set of the new-flow tables (`LB_CT4_NEW`, `LB_CT6_NEW`).
 pub const CT_WAYS: usize = 4;
@@ -875,7 +937,8 @@ pub fn ct_peer_into<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>, pk: &mut Ct
         | if e.flags & CT_FLAG_PEER_ROUTE != 0 { CT_FLAG_ROUTE } else { 0 };
     pv.state = e.state;
     pv.flags = flags;
-    pv._pad = 0;
+    // The peer's own key's tag is the datapath's to write (it folds the addresses).
+    pv.tag = 0;
     pv.service_id = e.service_id;
     pv.last_seen = e.last_seen;
     pv.created = e.created;
@@ -1234,6 +1297,18 @@ const _: () = assert!(core::mem::offset_of!(CtKey4, sport) == 8 && core::mem::of
 const _: () = assert!(core::mem::offset_of!(CtValue4, state) == 12 && core::mem::offset_of!(CtValue4, flags) == 13);
 // And its `last_seen` as its sixth word, to choose which copy of a pair to replace.
 const _: () = assert!(core::mem::offset_of!(CtValue4, last_seen) == 20);
+// The state word (`CtStateWord`) where its compare-and-exchange expects it: 8-aligned in the
+// values and in the new-flow array's ways.
+const _: () = assert!(
+    core::mem::offset_of!(CtValue4, nat_port) == CtStateWord::offset::<u32>()
+        && core::mem::offset_of!(CtValue4, tag) == CtStateWord::offset::<u32>() + 6
+        && core::mem::offset_of!(CtValue6, nat_port) == CtStateWord::offset::<[u32; 4]>()
+        && core::mem::offset_of!(CtValue6, tag) == CtStateWord::offset::<[u32; 4]>() + 6
+        && CtStateWord::offset::<u32>().is_multiple_of(8)
+        && CtStateWord::offset::<[u32; 4]>().is_multiple_of(8)
+        && core::mem::size_of::<CtStateWord>() == 8
+        && core::mem::offset_of!(CtWay<u32>, value).is_multiple_of(8)
+);
 const _: () = assert!(core::mem::offset_of!(CtKey6, sport) == 32 && core::mem::offset_of!(CtKey6, proto) == 36);
 const _: () = assert!(core::mem::align_of::<CtKey4>() == 4 && core::mem::align_of::<CtKey6>() == 4);
 // Likewise a service key's port, protocol and family, and its scope with padding
@@ -1309,6 +1384,60 @@ mod tests {
     }
 
     /// Linux hands out ephemeral ports close together; they must still spread evenly.
+    #[test]
+    fn the_state_word_is_the_values_bytes_and_admits_only_its_own_or_no_tag_in_its_state() {
+        let v = CtValue4 {
+            nat_addr: 1,
+            snat_addr: 2,
+            nat_port: 0x1234,
+            snat_port: 0x5678,
+            state: CT_SYN_RECV,
+            flags: CT_FLAG_REPLIED,
+            tag: 0x9abc,
+            service_id: 7,
+            last_seen: 8,
+            created: 9,
+        };
+        // SAFETY: reading 8 bytes inside a `repr(C)` value.
+        let raw = unsafe {
+            core::ptr::addr_of!(v).cast::<u8>().add(CtStateWord::offset::<u32>()).cast::<u64>().read_unaligned()
+        };
+        let w = CtStateWord::from_u64(raw);
+        assert_eq!(
+            w,
+            CtStateWord {
+                nat_port: 0x1234,
+                snat_port: 0x5678,
+                state: CT_SYN_RECV,
+                flags: CT_FLAG_REPLIED,
+                tag: 0x9abc
+            }
+        );
+        assert_eq!(w.to_u64(), raw);
+        assert!(w.admits(0x9abc, CT_SYN_RECV, CT_FLAG_REPLIED));
+        assert!(!w.admits(0x9abd, CT_SYN_RECV, CT_FLAG_REPLIED), "another key's tag");
+        assert!(!w.admits(0x9abc, CT_SYN_SENT, CT_FLAG_REPLIED), "moved on meanwhile");
+        assert!(!w.admits(0x9abc, CT_SYN_RECV, 0), "flags moved on meanwhile");
+        assert!(CtStateWord { tag: 0, ..w }.admits(0x1111, CT_SYN_RECV, CT_FLAG_REPLIED), "untagged");
+    }
+
+    #[test]
+    fn tags_are_never_zero_and_tell_a_sets_flows_apart() {
+        // Clients of one subnet on many ports, as take turns in a set: few equal tags.
+        let mut seen = std::collections::HashMap::new();
+        for c in 0..64u32 {
+            for p in 0..64u16 {
+                let client = u32::from_ne_bytes([10, 0, 0, c as u8]);
+                let vip = u32::from_ne_bytes([10, 96, 0, 1]);
+                let t = ct_tag(client, vip, (40_000 + p).to_be(), 80u16.to_be());
+                assert_ne!(t, 0);
+                *seen.entry(t).or_insert(0u32) += 1;
+            }
+        }
+        // 4096 keys into 32,768 tags: a random choice leaves about 3,850 distinct.
+        assert!(seen.len() > 3_700, "{} distinct tags of 4096 keys", seen.len());
+    }
+
     #[test]
     fn sequential_source_ports_spread_evenly() {
         let mut hits = [0u32; 3];

@@ -20,10 +20,10 @@
 //! per refresh interval, so an established flow costs one lookup and no write per packet.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_loop};
 use lb_common::{
-    ct_assured, ct_peer, ct_peer_into, tcp_step, Counter, CtKey, CtStep, CtValue, CT_CLOSE, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT,
-    CT_LAST_ACK, CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    ct_assured, ct_peer, ct_peer_into, ct_tag, tcp_step, Counter, CtKey, CtStateWord, CtStep, CtValue, CT_CLOSE,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE,
+    CT_FLAG_SNAT, CT_LAST_ACK, CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -126,6 +126,44 @@ pub enum Forward<A> {
     New,
 }
 
+/// `k`'s tag (`lb_common::ct_tag`), which the datapath writes into every IPv4 entry it
+/// creates. IPv6's entries stay untagged (0): folding two 16-byte addresses more took the
+/// IPv6 new-flow stage past the 512 bytes of stack a stage and its subprograms share (528), so
+/// an IPv6 state change checks only the state it changes from (an entry reused for another
+/// flow in another state refuses it; one in the same state, with a different translation, does not).
+#[inline(always)]
+fn tag<A: Addr>(k: &CtKey<A>) -> u16 {
+    if A::FAMILY == lb_common::FAMILY_IPV4 {
+        ct_tag(k.src.fold(), k.dst.fold(), k.sport, k.dport)
+    } else {
+        0
+    }
+}
+
+/// Changes the state and flags of `e`, the entry found for `k`, from `from` to `to`, with one
+/// compare-and-exchange of the word they share with its ports and tag
+/// (`lb_common::CtStateWord`), and only if that word still says the entry is `k`'s (its tag,
+/// or none) and in the state the change was computed from. False: the entry changed since it
+/// was read, another CPU having moved the flow on, or reused the entry for another flow (the
+/// new-flow array rewrites its ways in place; the kernel hash and LRU reuse a freed element at
+/// once, while a packet on another CPU may still hold it). Written plainly, such a change
+/// would give that other flow this one's state and flags, `SNAT` and `ROUTE` among them.
+#[inline(always)]
+fn swap_state<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, from: (u8, u8), to: (u8, u8)) -> bool {
+    // SAFETY: the word lies inside the value, 8-aligned (asserted in lb-common; the maps'
+    // values are 8-aligned), as BPF's atomics require.
+    let p = unsafe { (e as *mut CtValue<A>).cast::<u8>().add(CtStateWord::offset::<A>()).cast::<u64>() };
+    // SAFETY: as above; volatile, as other CPUs write it.
+    let seen = unsafe { core::ptr::read_volatile(p) };
+    let w = CtStateWord::from_u64(seen);
+    if !w.admits(tag(k), from.0, from.1) {
+        return false;
+    }
+    let new = CtStateWord { state: to.0, flags: to.1, ..w }.to_u64();
+    // SAFETY: as above.
+    unsafe { crate::mem::compare_exchange64(p, seen, new) }
+}
+
 #[inline(always)]
 fn translation_of<A: Addr>(e: &CtValue<A>) -> Translation<A> {
     Translation {
@@ -161,10 +199,12 @@ fn peer<'a, A: Addr>(
 ) -> Option<(&'a CtKey<A>, &'a mut CtValue<A>)> {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         *on_stack = ct_peer(k, e);
+        on_stack.1.tag = tag(&on_stack.0);
         Some((&on_stack.0, &mut on_stack.1))
     } else {
         let (pk, pv) = scratch_peer::<A>()?;
         ct_peer_into(k, e, pk, pv);
+        pv.tag = tag(pk);
         Some((pk, pv))
     }
 }
@@ -204,6 +244,7 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
     // As `peer`, spelled out, for the scratch slot's borrows.
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
+        pv.tag = tag(&pk);
         store_with(k, e, &pk, &mut pv, was_assured, hook);
         // After the moves: until then the old entries could still be found, and cached (a
         // flow demoted when the assured table is full is written there and removed again).
@@ -211,6 +252,7 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
         ct_cache::forget(&pk);
     } else if let Some((pk, pv)) = scratch_peer::<A>() {
         ct_peer_into(k, e, pk, pv);
+        pv.tag = tag(pk);
         store_with(k, e, pk, pv, was_assured, hook);
     }
 }
@@ -290,8 +332,10 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
         ct_cache::fill(k, e);
         return Some(());
     }
+    // What the change is computed from, and must still be there when it is written.
+    let from = (e.state, e.flags);
     let (state, mut flags) = if k.proto == PROTO_TCP {
-        match tcp_step(e.state, e.flags, k.dir, tcp_flags) {
+        match tcp_step(from.0, from.1, k.dir, tcp_flags) {
             CtStep::To(s, f) => (s, f),
             CtStep::Restart => {
                 ct_cache::forget(k);
@@ -299,9 +343,9 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
             }
         }
     } else if k.dir == CT_DIR_REPLY {
-        (e.state, e.flags | CT_FLAG_REPLIED)
+        (from.0, from.1 | CT_FLAG_REPLIED)
     } else {
-        (e.state, e.flags)
+        from
     };
     let stream = state == CT_UDP && now.wrapping_sub(e.created) as i32 >= global(&CT_UDP_STREAM) as i32;
     if ct_assured(state, flags, stream) {
@@ -309,15 +353,18 @@ fn advance<A: Addr>(k: &CtKey<A>, e: &mut CtValue<A>, assured: bool, tcp_flags: 
     } else {
         flags &= !CT_FLAG_ASSURED;
     }
-    if state == e.state && flags == e.flags {
+    if (state, flags) == from {
         if now.wrapping_sub(e.last_seen) as i32 > global(&CT_REFRESH) as i32 {
             e.last_seen = now;
             refresh_peer(k, e, assured, now);
         }
         return Some(());
     }
-    e.state = state;
-    e.flags = flags;
+    if !swap_state(k, e, from, (state, flags)) {
+        // Not this flow's entry any more, or moved on by another CPU: the packet goes as its
+        // translation says, and the next one makes the change again from what is there.
+        return Some(());
+    }
     e.last_seen = now;
     // Its copy stood for the old state (the peer's goes in `mirror_into` or `store_of`).
     ct_cache::forget(k);
@@ -361,9 +408,10 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
         Some(p) => {
             // SAFETY: map values stay valid while the program runs.
             let p = unsafe { &mut *p };
-            p.state = pv.state;
-            p.flags = pv.flags;
-            p.last_seen = pv.last_seen;
+            // As `advance` writes its own entry: never into another flow's.
+            if swap_state(pk, p, (p.state, p.flags), (pv.state, pv.flags)) {
+                p.last_seen = pv.last_seen;
+            }
         }
         None => insert_either(pk, pv, assured),
     }
@@ -560,7 +608,9 @@ fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32,
     let (k, e, pk, pv) = unsafe { (&mut (*s).key, &mut (*s).value, &mut (*s).peer_key, &mut (*s).peer_value) };
     *k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
     new_entry(flow.proto, packed as u8, t, service_id, now, packed & 0x100 != 0, e);
+    e.tag = tag(k);
     ct_peer_into(k, e, pk, pv);
+    pv.tag = tag(pk);
     new_insert(k, e, packed >> 16);
     new_insert(pk, pv, packed >> 16);
     true
@@ -579,7 +629,9 @@ fn create_of<A: Addr>(
     let k = key(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, CT_DIR_FORWARD);
     let mut e = CtValue::<A>::default();
     new_entry(flow.proto, tcp_flags, t, service_id, now, reply_route, &mut e);
-    let (pk, pv) = ct_peer(&k, &e);
+    e.tag = tag(&k);
+    let (pk, mut pv) = ct_peer(&k, &e);
+    pv.tag = tag(&pk);
     add(hook, Counter::CtNewEvicted, ct_table::insert_pair(&k, &e, &pk, &pv));
 }
 
@@ -610,7 +662,7 @@ fn new_entry<A: Addr>(
     e.state = state;
     e.flags =
         flags | snat_flag | if t.route { CT_FLAG_ROUTE } else { 0 } | if reply_route { CT_FLAG_PEER_ROUTE } else { 0 };
-    e._pad = 0;
+    e.tag = 0;
     e.service_id = service_id;
     e.last_seen = now;
     e.created = now;

@@ -26,7 +26,9 @@
 //! another CPU replaces at that instant may see a mix of both. The kernel LRU has the same
 //! window: it reuses an evicted element at once, without waiting for readers that still hold
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
-//! map, and never meet either.
+//! map, and never meet either. What such a packet writes is guarded: a state change goes in
+//! only while the entry still carries its key's tag (`conntrack::swap_state`), so a flow's
+//! state and flags never land in the entry of the flow that replaced it.
 use lb_common::{
     ct_forward_key, ct_key_eq, ct_set_hash, ct_set_pair, ct_set_victim, select_slot, CtKey, CtValue, CtWay,
     CT_DIR_REPLY, CT_FLAG_SNAT, CT_WAYS,

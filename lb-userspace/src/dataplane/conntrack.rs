@@ -450,7 +450,9 @@ pub fn convert_legacy(
         snat_port: v.snat_port,
         state,
         flags,
-        _pad: 0,
+        // Untagged, as every entry userspace writes: any key's state change is admitted
+        // (`lb_common::CtValue::tag`).
+        tag: 0,
         service_id: v.service_id,
         last_seen: now_j,
         created: now_j.wrapping_sub(clock.to_jiffies(age_s)),

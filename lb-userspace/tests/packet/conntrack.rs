@@ -3,7 +3,7 @@
 //! flood of new flows against established ones.
 use super::*;
 use lb_common::{
-    CtKey4, CtValue4, CT_CLOSE, CT_CLOSE_WAIT, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_WAIT,
+    ct_tag, CtKey4, CtValue4, CT_CLOSE, CT_CLOSE_WAIT, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_WAIT,
     CT_FLAG_ASSURED, CT_FLAG_REPLIED, CT_FLAG_SNAT, CT_LAST_ACK, CT_SYN_RECV, CT_SYN_SENT, CT_TIME_WAIT, PROTO_TCP,
 };
 
@@ -172,6 +172,63 @@ fn a_reset_from_either_side_closes_the_flow_and_a_new_syn_reuses_the_tuple() {
     expect(&h, c, b, CT_TIME_WAIT, false);
     up(&h, c, SYN);
     expect(&h, c, b, CT_SYN_SENT, false);
+}
+
+/// `k`'s tag as the datapath writes it (`lb_common::CtValue::tag`).
+fn own_tag(k: &CtKey4) -> u16 {
+    ct_tag(k.src, k.dst, k.sport, k.dport)
+}
+
+/// Rewrites entry `i` (0 forward, 1 reply) of the assured flow `client -> backend` with `tag`.
+fn retag(h: &Harness, client: (Ipv4Addr, u16), backend: (Ipv4Addr, u16), i: usize, tag: u16) {
+    let k = if i == 0 { ct_key(client, (VIP, 80), CT_DIR_FORWARD) } else { ct_key(backend, client, CT_DIR_REPLY) };
+    let (mut v, assured) = flow(h, client, backend)[i].expect("entry");
+    assert!(assured, "entry {i} in the assured table");
+    v.tag = tag;
+    h.pinned_maps().conntrack.insert(k, v, 0).expect("writing entry");
+    h.dp.forget_cached_flows([&k]).expect("forgetting the cached copy");
+}
+
+#[test]
+fn a_state_change_is_never_written_into_an_entry_another_flow_took_over() {
+    if !privileged() {
+        return;
+    }
+    let h = Harness::new(&lab_yaml(&BACKENDS));
+    // Every entry the datapath writes carries its own key's tag, through the move into the
+    // assured table.
+    let c = (CLIENT, 42200);
+    let b = establish(&h, c);
+    let keys = [ct_key(c, (VIP, 80), CT_DIR_FORWARD), ct_key(b, c, CT_DIR_REPLY)];
+    for (k, e) in keys.iter().zip(flow(&h, c, b)) {
+        let (v, assured) = e.expect("entry");
+        assert!(assured);
+        assert_eq!(v.tag, own_tag(k), "{k:?} carries its own tag");
+    }
+    // The forward entry as another flow's: what a packet holding its element sees when another
+    // CPU reused it meanwhile (the tag is all a program can tell that by, since it does not
+    // read the key again). The client's FIN still goes to the flow's backend, but closes
+    // nothing.
+    retag(&h, c, b, 0, own_tag(&keys[0]) ^ 1);
+    assert_eq!(up(&h, c, FIN_ACK), b, "the FIN still translated");
+    expect(&h, c, b, CT_ESTABLISHED, true);
+    // Untagged, as userspace writes entries (a migration's, a test's): admitted.
+    retag(&h, c, b, 0, 0);
+    assert_eq!(up(&h, c, FIN_ACK), b);
+    expect(&h, c, b, CT_FIN_WAIT, true);
+
+    // The peer entry as another flow's: the FIN moves the flow's own entry on, and its mirror
+    // is not written into the other flow's.
+    let c = (CLIENT, 42201);
+    let b = establish(&h, c);
+    let reply = ct_key(b, c, CT_DIR_REPLY);
+    retag(&h, c, b, 1, own_tag(&reply) ^ 1);
+    assert_eq!(up(&h, c, FIN_ACK), b);
+    let [fwd, rev] = flow(&h, c, b).map(|e| e.expect("entry").0.state);
+    assert_eq!(
+        (lb_common::ct_state_name(fwd), lb_common::ct_state_name(rev)),
+        (lb_common::ct_state_name(CT_FIN_WAIT), lb_common::ct_state_name(CT_ESTABLISHED))
+    );
 }
 
 #[test]
