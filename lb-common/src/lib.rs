@@ -475,7 +475,8 @@ pub struct CtValue<A> {
     pub state: u8,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    /// `ct_tag` of the entry's own key, as the datapath writes it, or 0 (entries written by
+    /// The tag of the entry's own key as the datapath writes it (`ct_tag`; IPv6 of its
+    /// addresses' last words, `lb-ebpf/src/conntrack.rs`, `tag`), or 0 (entries written by
     /// userspace, or by a datapath from before tags): what a state change written in place
     /// checks, together with the state it changes from, before it swaps in the new state and
     /// flags ([`CtStateWord`]). An entry found by its key can be another flow's by the time the
@@ -1383,7 +1384,6 @@ mod tests {
         assert_eq!(select_slot(u32::MAX, 65_537), 65_536);
     }
 
-    /// Linux hands out ephemeral ports close together; they must still spread evenly.
     #[test]
     fn the_state_word_is_the_values_bytes_and_admits_only_its_own_or_no_tag_in_its_state() {
         let v = CtValue4 {
@@ -1438,6 +1438,7 @@ mod tests {
         assert!(seen.len() > 3_700, "{} distinct tags of 4096 keys", seen.len());
     }
 
+    /// Linux hands out ephemeral ports close together; they must still spread evenly.
     #[test]
     fn sequential_source_ports_spread_evenly() {
         let mut hits = [0u32; 3];

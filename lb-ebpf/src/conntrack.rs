@@ -126,17 +126,15 @@ pub enum Forward<A> {
     New,
 }
 
-/// `k`'s tag (`lb_common::ct_tag`), which the datapath writes into every IPv4 entry it
-/// creates. IPv6's entries stay untagged (0): folding two 16-byte addresses more took the
-/// IPv6 new-flow stage past the 512 bytes of stack a stage and its subprograms share (528), so
-/// an IPv6 state change checks only the state it changes from (an entry reused for another
-/// flow in another state refuses it; one in the same state, with a different translation, does not).
+/// `k`'s tag (`lb_common::ct_tag`), which the datapath writes into every entry it creates.
+/// IPv6 takes the last word of each address, not a fold of all four: the folds took the IPv6
+/// new-flow stage past the 512 bytes of stack a stage and its subprograms share (528 bytes).
 #[inline(always)]
 fn tag<A: Addr>(k: &CtKey<A>) -> u16 {
     if A::FAMILY == lb_common::FAMILY_IPV4 {
         ct_tag(k.src.fold(), k.dst.fold(), k.sport, k.dport)
     } else {
-        0
+        ct_tag(k.src.words()[3], k.dst.words()[3], k.sport, k.dport)
     }
 }
 
@@ -408,7 +406,10 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
         Some(p) => {
             // SAFETY: map values stay valid while the program runs.
             let p = unsafe { &mut *p };
-            // As `advance` writes its own entry: never into another flow's.
+            // As `advance` writes its own entry, guarded by the peer's tag (untagged peers,
+            // written by userspace, are not). The state it is checked against is the one just
+            // read: a peer out of step with its entry (a mirror lost to a concurrent change)
+            // still takes the next one, as it did before.
             if swap_state(pk, p, (p.state, p.flags), (pv.state, pv.flags)) {
                 p.last_seen = pv.last_seen;
             }

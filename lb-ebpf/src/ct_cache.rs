@@ -140,7 +140,7 @@ pub fn hit<A: Addr>(k: &CtKey<A>, tcp_flags: u8, now: u32) -> Option<CtValue<A>>
     if !holds(w, k, true) {
         return None;
     }
-    // The state and flags, one word with the padding after them (offsets asserted in
+    // The state and flags, one word with the tag after them (offsets asserted in
     // lb-common): ESTABLISHED and assured in one compare. Field by field, from the value
     // built below, the check measured about 9 ns at XDP (the copy spilled to the stack and
     // read back a byte at a time).

@@ -26,9 +26,12 @@
 //! another CPU replaces at that instant may see a mix of both. The kernel LRU has the same
 //! window: it reuses an evicted element at once, without waiting for readers that still hold
 //! it (`htab_lru_map_delete_node`, `prealloc_lru_pop`). Assured flows live in `LB_CT4`, a hash
-//! map, and never meet either. What such a packet writes is guarded: a state change goes in
-//! only while the entry still carries its key's tag (`conntrack::swap_state`), so a flow's
-//! state and flags never land in the entry of the flow that replaced it.
+//! map that never evicts, though an element deleted there (a flow finished or collected) is
+//! reused at once as well. A state change written through an entry reused meanwhile is
+//! refused unless the entry carries its key's tag (`conntrack::swap_state`): a flow's state
+//! and flags do not land in another flow's entry, unless that flow's key has the same tag (one
+//! in 32,768) or its entry none (written by userspace). A whole entry written again into the
+//! way that holds its key (`write`, below) is not guarded.
 use lb_common::{
     ct_forward_key, ct_key_eq, ct_set_hash, ct_set_pair, ct_set_victim, select_slot, CtKey, CtValue, CtWay,
     CT_DIR_REPLY, CT_FLAG_SNAT, CT_WAYS,
@@ -148,7 +151,11 @@ fn write<A: Addr>(i: u32, evicted: bool, k: &CtKey<A>, v: &CtValue<A>) -> bool {
         remove(&ct_forward_key(&w.key, &w.value));
     }
     // The key last: a reader matching it finds the value already there (stores are seen in
-    // order on x86; elsewhere the window above stays).
+    // order on x86; elsewhere the window above stays). A `conntrack::swap_state` racing this
+    // write reads the state word once and checks its tag: the copy must store state, flags and
+    // tag together, or the swap could see the new flow's state beside the old flow's tag. They
+    // fill one aligned 4-byte half of the word, and a copy of a 4-aligned value is made of
+    // 4-byte stores or wider.
     w.key.proto = 0;
     w.value = *v;
     w.key = *k;

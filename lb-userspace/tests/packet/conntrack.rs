@@ -366,6 +366,8 @@ fn a_new_connections_syn_skips_the_assured_table_unless_its_key_is_stamped() {
     let mut v = model;
     v.nat_addr = be(stray.0);
     v.nat_port = stray.1.to_be();
+    // Untagged, as userspace writes entries (the model's tag is its own key's).
+    v.tag = 0;
     let (pk, pv) = lb_common::ct_peer(&k, &v);
     let mut m = h.pinned_maps();
     m.conntrack.insert(k, v, 0).expect("writing the forward entry");

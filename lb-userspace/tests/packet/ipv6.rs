@@ -101,6 +101,16 @@ fn ipv6_syn_ack_and_reply_are_translated_with_valid_checksums() {
     assert_eq!(h.counter(Counter::FwdNewFlow), 1, "the first packet counts as a new flow once");
     assert_eq!(h.counter(Counter::FwdTracked), 1);
     assert_eq!(h.counter(Counter::ReplyTranslated), 1);
+
+    // Both entries carry their own key's tag (IPv6: of the addresses' last words), which a
+    // state change written in place checks (`lb_common::CtValue::tag`).
+    let m = h.dp.maps();
+    let entries: Vec<_> =
+        m.conntrack6_new.iter().chain(m.conntrack6.iter()).map(|e| e.expect("reading an entry")).collect();
+    assert_eq!(entries.len(), 2, "the flow's two entries");
+    for (k, v) in entries {
+        assert_eq!(v.tag, lb_common::ct_tag(k.src[3], k.dst[3], k.sport, k.dport), "{k:?} carries its own tag");
+    }
 }
 
 #[test]
