@@ -22,7 +22,8 @@
 //! apart, and what the machine's other tenants do to its shared L3 meanwhile moves lb's
 //! new flow (a few misses) more than the DNAT (none). The two ratio targets are therefore
 //! measured again at the end of each pass, interleaved: rounds of the floors, the minimal DNAT
-//! and lb's rows in turn (`Session::interleaved`), a ratio per cycle, their median reported.
+//! and lb's rows in turn (`Session::interleaved`), a ratio per cycle (infinite, against the
+//! target, for a cycle whose DNAT came out at or under its floor), their median reported.
 //!
 //! Everything runs on one pinned CPU inside a node-like network namespace of its own (the
 //! routed SNAT path looks up routes and neighbours there). lb's new-flow table (`LB_CT4_NEW`)
@@ -1615,19 +1616,25 @@ impl Interleaved {
         Self { new_flow: over(3, 2), established: over(4, 0), reference: over(1, 0) }
     }
 
-    /// The ratio of each cycle whose minimal DNAT came out above its floor (at XDP it is a few
-    /// tens of ns, and a floor round the machine slowed can exceed it: such a cycle has no
-    /// ratio to give).
+    /// The ratio of each cycle. A cycle whose minimal DNAT came out at or under its floor (at
+    /// XDP the DNAT is a few tens of ns, and a floor round the machine slowed can exceed it)
+    /// counts as infinite, against the target: dropping it would drop the cycles that would
+    /// have given lb its worst ratios.
     fn ratios(&self, lb: &[f64]) -> Vec<f64> {
-        lb.iter().zip(&self.reference).filter(|(_, r)| **r > 0.0).map(|(l, r)| l / r).collect()
+        lb.iter().zip(&self.reference).map(|(l, r)| if *r > 0.0 { l / r } else { f64::INFINITY }).collect()
+    }
+
+    /// Cycles whose minimal DNAT came out at or under its floor.
+    fn without_reference(&self) -> usize {
+        self.reference.iter().filter(|r| **r <= 0.0).count()
     }
 
     fn new_ratio(&self) -> f64 {
-        median_or_nan(self.ratios(&self.new_flow))
+        crate::median(self.ratios(&self.new_flow))
     }
 
     fn est_ratio(&self) -> f64 {
-        median_or_nan(self.ratios(&self.established))
+        crate::median(self.ratios(&self.established))
     }
 
     /// (target, lb's figures, the limit as a ratio) for each interleaved target.
@@ -1636,15 +1643,6 @@ impl Interleaved {
             ("new flow, full conntrack <= 2.5x minimal DNAT", &self.new_flow, NEW_FLOW_LIMIT),
             ("established flow <= 1.2x minimal DNAT", &self.established, 1.2),
         ]
-    }
-}
-
-/// The median, NaN (never met) for no figures.
-fn median_or_nan(v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        crate::median(v)
     }
 }
 
@@ -1660,21 +1658,24 @@ fn render_interleaved(sum: &Summary) -> Result<String> {
          of `repeat` runs of the floor, the minimal DNAT, the floor with a new 5-tuple, lb's new flow and \
          lb's established flow in turn (the order reversed every other cycle), so a cycle's ratio compares \
          runs a few seconds apart; lb and the minimal DNAT over their floors, medians of the cycles, and \
-         the median and range of the cycles' ratios:\n\n\
-         | target | hook | lb | minimal DNAT | ratio, median (range) | met |\n|---|---|---:|---:|---|---|",
+         the median and range of the cycles' ratios (a cycle whose minimal DNAT came out at or under its \
+         floor counts as infinite, against the target; the last column but one says how many did):\n\n\
+         | target | hook | lb | minimal DNAT | ratio, median (range) | cycles without a ratio | met |\n\
+         |---|---|---:|---:|---|---:|---|",
         sum.tables_after
     )?;
     for (hook, f) in &sum.interleaved {
         for (what, lb, limit) in f.targets() {
             let r = f.ratios(lb);
             let (lo, hi) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
-            let m = median_or_nan(r);
+            let m = crate::median(r);
             writeln!(
                 md,
-                "| {what} | {} | {:+.1} ns | {:+.1} ns | {m:.2}x ({lo:.2}x to {hi:.2}x) | {} |",
+                "| {what} | {} | {:+.1} ns | {:+.1} ns | {m:.2}x ({lo:.2}x to {hi:.2}x) | {} | {} |",
                 hook.name(),
                 crate::median(lb.to_vec()),
                 crate::median(f.reference.clone()),
+                f.without_reference(),
                 if m <= limit { "yes" } else { "**no**" }
             )?;
         }
@@ -1684,9 +1685,13 @@ fn render_interleaved(sum: &Summary) -> Result<String> {
 
 /// The interleaved targets over the passes: each pass's median ratio, and how many met it.
 fn interleaved_summary(passes: &[&BTreeMap<Hook, Interleaved>]) -> Result<String> {
+    if passes.iter().all(|p| p.is_empty()) {
+        return Ok(String::new());
+    }
     let mut md = String::from(
         "The same targets measured interleaved in each pass (median of the cycles' ratios to the minimal \
-         DNAT / the limit):\n\n| target | hook |",
+         DNAT / the limit; a cycle whose DNAT came out at or under its floor counts as infinite):\n\n\
+         | target | hook |",
     );
     md.push_str(&pass_headers(passes.len()));
     md.push_str(" met in |\n|---|---|");
@@ -1702,7 +1707,7 @@ fn interleaved_summary(passes: &[&BTreeMap<Hook, Interleaved>]) -> Result<String
                 let Some(f) = p.get(hook) else { continue };
                 let (w, lb, limit) = f.targets()[t];
                 what = w;
-                let m = median_or_nan(f.ratios(lb));
+                let m = crate::median(f.ratios(lb));
                 write!(cells, " {m:.2}x / {limit:.1}x |")?;
                 met += usize::from(m <= limit);
             }
