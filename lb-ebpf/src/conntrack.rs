@@ -188,7 +188,8 @@ fn find<A: Addr>(k: &CtKey<A>) -> Option<(*mut CtValue<A>, bool)> {
 /// The peer entry of `k`'s entry `e` (`ct_peer`): built in `on_stack` for IPv4, in this
 /// CPU's scratch slot for IPv6, whose 92-byte pair the stack has no room for. Returned, not
 /// handed to a closure: LLVM keeps a large closure out of line, and a subprogram's frame on
-/// top of IPv4's pipeline overflows the 512-byte stack.
+/// top of IPv4's pipeline overflows the 512-byte stack. Untagged: most callers use only the
+/// key, or the state and time; `insert_either` tags the value when it creates the entry.
 #[inline(always)]
 fn peer<'a, A: Addr>(
     k: &CtKey<A>,
@@ -197,12 +198,10 @@ fn peer<'a, A: Addr>(
 ) -> Option<(&'a CtKey<A>, &'a mut CtValue<A>)> {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         *on_stack = ct_peer(k, e);
-        on_stack.1.tag = tag(&on_stack.0);
         Some((&on_stack.0, &mut on_stack.1))
     } else {
         let (pk, pv) = scratch_peer::<A>()?;
         ct_peer_into(k, e, pk, pv);
-        pv.tag = tag(pk);
         Some((pk, pv))
     }
 }
@@ -400,7 +399,7 @@ fn mirror_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
 }
 
 #[inline(always)]
-fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &mut CtValue<A>, assured: bool) {
     let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         Some(p) => {
@@ -420,10 +419,12 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
     ct_cache::forget(pk);
 }
 
-/// Re-creates a lost peer entry in the table of its flow. A rare path (the new-flow table
-/// pushed the entry out): whatever it pushes out in turn goes uncounted.
+/// Re-creates a lost peer entry in the table of its flow, tagged as every entry the datapath
+/// creates. A rare path (the new-flow table pushed the entry out): whatever it pushes out in
+/// turn goes uncounted.
 #[inline(always)]
-fn insert_either<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool) {
+fn insert_either<A: Addr>(pk: &CtKey<A>, pv: &mut CtValue<A>, assured: bool) {
+    pv.tag = tag(pk);
     if assured {
         if A::ct().insert(pk, pv, 0).is_ok() {
             ct_live::stamp(pk);
@@ -496,7 +497,7 @@ fn refresh_peer_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u3
 }
 
 #[inline(always)]
-fn refresh_into<A: Addr>(pk: &CtKey<A>, pv: &CtValue<A>, assured: bool, now: u32) {
+fn refresh_into<A: Addr>(pk: &CtKey<A>, pv: &mut CtValue<A>, assured: bool, now: u32) {
     let found = if assured { A::ct().get_ptr_mut(pk) } else { ct_table::get(pk) };
     match found {
         // SAFETY: map values stay valid while the program runs; a racing CPU only writes

@@ -229,6 +229,19 @@ fn a_state_change_is_never_written_into_an_entry_another_flow_took_over() {
         (lb_common::ct_state_name(fwd), lb_common::ct_state_name(rev)),
         (lb_common::ct_state_name(CT_FIN_WAIT), lb_common::ct_state_name(CT_ESTABLISHED))
     );
+
+    // A peer entry lost is written again by the mirror of its flow's next change, tagged as
+    // every entry the datapath creates (`conntrack::insert_either`).
+    let c = (CLIENT, 42202);
+    let b = establish(&h, c);
+    let reply = ct_key(b, c, CT_DIR_REPLY);
+    h.pinned_maps().conntrack.remove(&reply).expect("removing the reply entry");
+    h.dp.forget_cached_flows([&reply]).expect("forgetting the cached copy");
+    assert_eq!(up(&h, c, FIN_ACK), b);
+    let (v, assured) = flow(&h, c, b)[1].expect("the reply entry written again");
+    assert!(assured);
+    assert_eq!(lb_common::ct_state_name(v.state), lb_common::ct_state_name(CT_FIN_WAIT));
+    assert_eq!(v.tag, own_tag(&reply), "the re-created entry carries its own tag");
 }
 
 #[test]
