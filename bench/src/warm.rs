@@ -1123,7 +1123,7 @@ fn measure(quick: bool) -> Result<(String, Vec<TargetFigure>, Vec<FlowRefFigure>
     };
     // `LB_BENCH_WARM_CT_NEW=<entries>`: another capacity of the new-flow table (and of the
     // references' tables, which follow it), to see what the new-flow rows owe to its size.
-    if let Some(n) = std::env::var("LB_BENCH_WARM_CT_NEW").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("LB_BENCH_WARM_CT_NEW").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0) {
         sizes.conntrack_new = n;
     }
     let pin = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-warm", std::process::id()));

@@ -238,7 +238,7 @@ fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook
 
 #[inline(always)]
 fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
-    // As `peer`, spelled out, for the scratch slot's borrows.
+    // As `peer`, spelled out, for the scratch slot's borrows; tagged, as the peer is written.
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         let (pk, mut pv) = ct_peer(k, e);
         pv.tag = tag(&pk);
