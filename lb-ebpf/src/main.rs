@@ -362,13 +362,14 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
     let proto = ip[6];
     match proto {
         lb_common::PROTO_TCP | lb_common::PROTO_UDP => {
-            // The whole L4 header, as `parse6` asks, so a truncated one counts as it would.
-            let whole = if proto == lb_common::PROTO_TCP {
-                ptr_at::<[u8; 20]>(data, data_end, P::L2 + 40).is_some()
+            // The whole L4 header, as `parse6` asks, so a truncated one counts as it would;
+            // the ports are its first four bytes.
+            let l4 = if proto == lb_common::PROTO_TCP {
+                ptr_at::<[u8; 20]>(data, data_end, P::L2 + 40).map(|p| p as usize)
             } else {
-                ptr_at::<[u8; 8]>(data, data_end, P::L2 + 40).is_some()
+                ptr_at::<[u8; 8]>(data, data_end, P::L2 + 40).map(|p| p as usize)
             };
-            let (true, Some(ports)) = (whole, ptr_at::<[u16; 2]>(data, data_end, P::L2 + 40)) else {
+            let Some(ports) = l4 else {
                 return Some(Counter::PassMalformed);
             };
             // SAFETY: the addresses lie within the header checked above, the ports within
@@ -377,8 +378,8 @@ fn passed_as6<P: Packet>(ctx: &P) -> Option<Counter> {
                 Flow {
                     src: <[u32; 4] as Addr>::read(ip.as_ptr().add(8)),
                     dst: <[u32; 4] as Addr>::read(ip.as_ptr().add(24)),
-                    sport: mem::load16::<0>(ports as usize),
-                    dport: mem::load16::<2>(ports as usize),
+                    sport: mem::load16::<0>(ports),
+                    dport: mem::load16::<2>(ports),
                     proto,
                 }
             };

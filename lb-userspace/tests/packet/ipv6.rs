@@ -619,3 +619,71 @@ fn ipv6_service_traffic_arriving_by_a_tunnel_is_translated() {
         assert_eq!(h.counter(counter), before + 1, "{what}: counted as {}", counter.name());
     }
 }
+
+/// The conntrack key of an IPv6 packet from `src` to `dst`, as the datapath builds it.
+fn ct_key6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -> lb_common::CtKey6 {
+    let words = |a: Ipv6Addr| {
+        let o = a.octets();
+        core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    };
+    lb_common::CtKey6 {
+        src: words(src.0),
+        dst: words(dst.0),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// A flow's reply entry lost (pushed out of the new-flow table, removed by hand here) is
+/// written again by its flow's next change or refresh, in IPv6's scratch slot
+/// (`conntrack::insert_either`), tagged as every entry the datapath creates: untagged, a
+/// state change would be admitted into it whichever flow took it over meanwhile.
+#[test]
+fn ipv6_a_lost_reply_entry_is_written_again_with_its_own_tag() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_ASSURED, PROTO_TCP, PROTO_UDP};
+    let h = harness6();
+    let own_tag = |k: &lb_common::CtKey6| lb_common::ct_tag(k.src[3], k.dst[3], k.sport, k.dport);
+    let mut pinned = h.pinned_maps();
+
+    // TCP, assured: the client's FIN mirrors its state change into the reply entry, and
+    // writes that entry again where it is missing.
+    let c = (CLIENT6, 46000);
+    let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+    let b = parse6_checked(&out).dst;
+    h.reply(&frame6(b, c, L4::Tcp { flags: SYN_ACK }, &[]));
+    h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: ACK }, &[]));
+    let reply = ct_key6(b, c, PROTO_TCP, CT_DIR_REPLY);
+    let v = h.dp.maps().conntrack6.get(&reply, 0).expect("the established flow's reply entry");
+    assert!(v.flags & CT_FLAG_ASSURED != 0);
+    pinned.conntrack6.remove(&reply).expect("removing the reply entry");
+    let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: 0x11 }, &[]));
+    assert_eq!(parse6_checked(&out).dst, b, "the FIN goes to the flow's backend");
+    let v = h.dp.maps().conntrack6.get(&reply, 0).expect("the reply entry written again");
+    assert_eq!(lb_common::ct_state_name(v.state), lb_common::ct_state_name(lb_common::CT_FIN_WAIT));
+    assert_eq!(v.tag, own_tag(&reply), "the re-created entry carries its own tag");
+
+    // UDP, not assured (never answered): the client's next datagram after the refresh
+    // interval refreshes the reply entry, and writes it again where it is missing.
+    let c = (CLIENT6, 46001);
+    let (_, out) = h.run(&frame6(c, (VIP6, 53), L4::Udp { zero_csum: false }, b"query"));
+    let b = parse6_checked(&out).dst;
+    let (forward, reply) = (ct_key6(c, (VIP6, 53), PROTO_UDP, CT_DIR_FORWARD), ct_key6(b, c, PROTO_UDP, CT_DIR_REPLY));
+    let m = h.dp.maps();
+    assert!(m.conntrack6_new.get(&reply, 0).is_ok(), "the new flow's reply entry");
+    pinned.conntrack6_new.remove(&reply).expect("removing the reply entry");
+    let (clock, _) = h.dp.ct_clock();
+    let mut v = m.conntrack6_new.get(&forward, 0).expect("the forward entry");
+    v.last_seen = v.last_seen.wrapping_sub(clock.to_jiffies(5));
+    pinned.conntrack6_new.insert(forward, v, 0).expect("ageing the forward entry");
+    let (_, out) = h.run(&frame6(c, (VIP6, 53), L4::Udp { zero_csum: false }, b"again"));
+    assert_eq!(parse6_checked(&out).dst, b, "the datagram goes to the flow's backend");
+    let v = m.conntrack6_new.get(&reply, 0).expect("the reply entry written again");
+    assert_eq!(v.tag, own_tag(&reply), "the re-created entry carries its own tag");
+    assert_eq!(v.flags & CT_FLAG_ASSURED, 0, "in the new-flow table, unassured as its flow");
+}
