@@ -50,6 +50,15 @@ pub fn baseline(rev: &str, runs: usize, section: &str) -> Result<()> {
     )?
     .trim()
     .to_string();
+    // Revisions from before the pin (lb-ebpf/nightly-toolchain; bench/build.rs took it later
+    // than lb-userspace/build.rs) build their kernel programs with the undated nightly, which a
+    // machine image may carry without rust-src; set-up only equips the dated one.
+    let pinned = |file: &str| std::fs::read_to_string(tree.join(file)).is_ok_and(|s| s.contains("nightly-toolchain"));
+    if !(pinned("lb-userspace/build.rs") && pinned("bench/build.rs")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])).with_context(
+            || format!("adding rust-src to the undated nightly, which {rev} builds its eBPF with (was the Rust distribution server refused?)"),
+        )?;
+    }
     let build = |dir: &Path, target: &Path| {
         run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(dir)

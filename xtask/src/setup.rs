@@ -58,7 +58,7 @@ fn apt() -> Result<()> {
 /// The dated nightly that builds the kernel programs (shared/TOOLCHAIN.md: the build verified
 /// with LLVM 22 and bpf-linker 0.13). Pinned by name so that a machine image with a newer
 /// undated nightly, whose LLVM may differ from Debian's llvm-22, cannot break the link; the
-/// eBPF build in lb-userspace/build.rs reads the same file.
+/// eBPF builds in lb-userspace/build.rs and bench/build.rs read the same file.
 const NIGHTLY: &str = include_str!("../../lb-ebpf/nightly-toolchain");
 
 fn nightly() -> Result<()> {

@@ -637,8 +637,8 @@ fn ct_key6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -> lb
     }
 }
 
-/// A flow's reply entry lost (pushed out of the new-flow table, removed by hand here) is
-/// written again by its flow's next change or refresh, in IPv6's scratch slot
+/// A flow's reply entry lost (pushed out of the new-flow table, or missing from the assured
+/// table; removed by hand here) is written again by its flow's next change or refresh, in IPv6's scratch slot
 /// (`conntrack::insert_either`), tagged as every entry the datapath creates: untagged, a
 /// state change would be admitted into it whichever flow took it over meanwhile.
 #[test]
@@ -681,8 +681,13 @@ fn ipv6_a_lost_reply_entry_is_written_again_with_its_own_tag() {
     let mut v = m.conntrack6_new.get(&forward, 0).expect("the forward entry");
     v.last_seen = v.last_seen.wrapping_sub(clock.to_jiffies(5));
     pinned.conntrack6_new.insert(forward, v, 0).expect("ageing the forward entry");
+    let counts = || (h.counter(Counter::FwdTracked), h.counter(Counter::FwdNewFlow));
+    let before = counts();
     let (_, out) = h.run(&frame6(c, (VIP6, 53), L4::Udp { zero_csum: false }, b"again"));
     assert_eq!(parse6_checked(&out).dst, b, "the datagram goes to the flow's backend");
+    let after = counts();
+    // Through its own forward entry (a refresh), not as a new flow that writes both again.
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "tracked, not new");
     let v = m.conntrack6_new.get(&reply, 0).expect("the reply entry written again");
     assert_eq!(v.tag, own_tag(&reply), "the re-created entry carries its own tag");
     assert_eq!(v.flags & CT_FLAG_ASSURED, 0, "in the new-flow table, unassured as its flow");
