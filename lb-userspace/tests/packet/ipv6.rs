@@ -622,13 +622,10 @@ fn ipv6_service_traffic_arriving_by_a_tunnel_is_translated() {
 
 /// The conntrack key of an IPv6 packet from `src` to `dst`, as the datapath builds it.
 fn ct_key6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -> lb_common::CtKey6 {
-    let words = |a: Ipv6Addr| {
-        let o = a.octets();
-        core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-    };
+    use lb_userspace::dataplane::addr_words;
     lb_common::CtKey6 {
-        src: words(src.0),
-        dst: words(dst.0),
+        src: addr_words(src.0.into()),
+        dst: addr_words(dst.0.into()),
         sport: src.1.to_be(),
         dport: dst.1.to_be(),
         proto,
@@ -638,9 +635,10 @@ fn ct_key6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -> lb
 }
 
 /// A flow's reply entry lost (pushed out of the new-flow table, or missing from the assured
-/// table; removed by hand here) is written again by its flow's next change or refresh, in IPv6's scratch slot
-/// (`conntrack::insert_either`), tagged as every entry the datapath creates: untagged, a
-/// state change would be admitted into it whichever flow took it over meanwhile.
+/// table; removed by hand here) is written again by its flow's next change or refresh, in
+/// IPv6's scratch slot (`conntrack::insert_either`), tagged as every entry the datapath
+/// creates: untagged, a state change would be admitted into it whichever flow took it over
+/// meanwhile.
 #[test]
 fn ipv6_a_lost_reply_entry_is_written_again_with_its_own_tag() {
     if !privileged() {
@@ -662,7 +660,7 @@ fn ipv6_a_lost_reply_entry_is_written_again_with_its_own_tag() {
     let v = h.dp.maps().conntrack6.get(&reply, 0).expect("the established flow's reply entry");
     assert!(v.flags & CT_FLAG_ASSURED != 0);
     pinned.conntrack6.remove(&reply).expect("removing the reply entry");
-    let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: 0x11 }, &[]));
+    let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: 0x11 /* FIN, ACK */ }, &[]));
     assert_eq!(parse6_checked(&out).dst, b, "the FIN goes to the flow's backend");
     let v = h.dp.maps().conntrack6.get(&reply, 0).expect("the reply entry written again");
     assert_eq!(lb_common::ct_state_name(v.state), lb_common::ct_state_name(lb_common::CT_FIN_WAIT));
