@@ -269,7 +269,9 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 16_384;
 /// finding a table of an earlier version moves its flows into the sets they now belong to.
 /// 9: the pre-filter's hash (`filter_bit`) changed: `LB_FILTER` is rebuilt with the other
 /// service maps, as on every version change, before the new programs take the links.
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+/// 10: IPv6's new-flow table (`LB_CT6_NEW`) is an array of ways as IPv4's, no longer an LRU
+/// hash: a pinned LRU moves into it with its flows.
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
@@ -706,9 +708,21 @@ pub fn ct_live_generation(g: u64) -> u64 {
 /// it up anew each time: a pointer in a register, no array of them on the 512-byte stack).
 #[inline(always)]
 pub fn ct_set_find<'a, A: 'a>(way: impl Fn(usize) -> Option<&'a CtWay<A>>, k: &CtKey<A>) -> Option<usize> {
+    ct_set_find_by(way, k, ct_key_eq)
+}
+
+/// `ct_set_find` with keys compared by `eq` (a way's key, then `k`), which must be
+/// `ct_key_eq`'s equality: the datapath compares IPv6 keys its own way (`lb-ebpf`'s
+/// `ct_table.rs`, `key_eq`).
+#[inline(always)]
+pub fn ct_set_find_by<'a, A: 'a>(
+    way: impl Fn(usize) -> Option<&'a CtWay<A>>,
+    k: &CtKey<A>,
+    eq: impl Fn(&CtKey<A>, &CtKey<A>) -> bool,
+) -> Option<usize> {
     let mut i = 0;
     while i < CT_WAYS {
-        if ct_key_eq(&way(i)?.key, k) {
+        if eq(&way(i)?.key, k) {
             return Some(i);
         }
         i += 1;
@@ -749,7 +763,20 @@ pub fn ct_set_victim<'a, A: 'a>(
     now: u32,
     stale: impl Fn(&CtValue<A>) -> bool,
 ) -> Option<(usize, bool)> {
-    if let Some(i) = ct_set_find(&way, k) {
+    ct_set_victim_by(way, k, hash, now, stale, ct_key_eq)
+}
+
+/// `ct_set_victim` with keys compared by `eq`, as `ct_set_find_by` says.
+#[inline(always)]
+pub fn ct_set_victim_by<'a, A: 'a>(
+    way: impl Fn(usize) -> Option<&'a CtWay<A>>,
+    k: &CtKey<A>,
+    hash: u32,
+    now: u32,
+    stale: impl Fn(&CtValue<A>) -> bool,
+    eq: impl Fn(&CtKey<A>, &CtKey<A>) -> bool,
+) -> Option<(usize, bool)> {
+    if let Some(i) = ct_set_find_by(&way, k, eq) {
         return Some((i, false));
     }
     let mut i = 0;
@@ -797,15 +824,29 @@ pub fn ct_set_pair<'a, A: 'a>(
     now: u32,
     stale: impl Fn(&CtValue<A>) -> bool,
 ) -> Option<[(usize, bool); 2]> {
+    ct_set_pair_by(way, k, pk, hash, now, stale, ct_key_eq)
+}
+
+/// `ct_set_pair` with keys compared by `eq`, as `ct_set_find_by` says.
+#[inline(always)]
+pub fn ct_set_pair_by<'a, A: 'a>(
+    way: impl Fn(usize) -> Option<&'a CtWay<A>>,
+    k: &CtKey<A>,
+    pk: &CtKey<A>,
+    hash: u32,
+    now: u32,
+    stale: impl Fn(&CtValue<A>) -> bool,
+    eq: impl Fn(&CtKey<A>, &CtKey<A>) -> bool,
+) -> Option<[(usize, bool); 2]> {
     // `CT_WAYS` stands for none. The first two free ways, not a mask: BPF has no instruction
     // to find a mask's lowest bit, and LLVM's expansion of one reads a table from .rodata.
     let (mut own, mut peer_own, mut free0, mut free1) = (CT_WAYS, CT_WAYS, CT_WAYS, CT_WAYS);
     let mut i = 0;
     while i < CT_WAYS {
         let w = way(i)?;
-        if own == CT_WAYS && ct_key_eq(&w.key, k) {
+        if own == CT_WAYS && eq(&w.key, k) {
             own = i;
-        } else if peer_own == CT_WAYS && ct_key_eq(&w.key, pk) {
+        } else if peer_own == CT_WAYS && eq(&w.key, pk) {
             peer_own = i;
         } else if w.key.proto == 0 || stale(&w.value) {
             if free0 == CT_WAYS {
@@ -956,6 +997,24 @@ pub fn ct_peer_into<A: Copy + Default>(k: &CtKey<A>, e: &CtValue<A>, pk: &mut Ct
         let (snat_addr, snat_port) = if snat { (k.dst, k.dport) } else { (A::default(), 0) };
         (pv.nat_addr, pv.nat_port, pv.snat_addr, pv.snat_port) = (k.src, k.sport, snat_addr, snat_port);
     }
+}
+
+/// `ct_forward_key`, written field by field into `out`: the datapath's IPv6 builds it in its
+/// scratch slot, where a whole key made first would take 40 bytes of a subprogram's stack.
+#[inline(always)]
+pub fn ct_forward_key_into<A: Copy>(k: &CtKey<A>, e: &CtValue<A>, out: &mut CtKey<A>) {
+    // Copies that say they do not overlap: plain assignments of the addresses went through
+    // a copy on the stack.
+    // SAFETY: `out` is a unique borrow, so it overlaps neither `k` nor `e`.
+    unsafe {
+        core::ptr::copy_nonoverlapping(&e.snat_addr, &mut out.src, 1);
+        core::ptr::copy_nonoverlapping(&e.nat_addr, &mut out.dst, 1);
+    }
+    out.sport = e.snat_port;
+    out.dport = e.nat_port;
+    out.proto = k.proto;
+    out.dir = CT_DIR_FORWARD;
+    out._pad = 0;
 }
 
 /// The forward key of the flow whose reply entry is `k`, `e`: the client's packets go to the

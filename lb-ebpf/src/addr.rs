@@ -36,12 +36,10 @@ pub const OUTLINE_V6: bool = false;
 pub const OUTLINE_V6_CT: bool = true;
 
 pub type Ct<A> = HashMap<CtKey<A>, CtValue<A>>;
-/// IPv4's new-flow table: an array of ways (`ct_table.rs`).
+/// A new-flow table: an array of ways (`ct_table.rs`).
 pub type CtWays<A> = aya_ebpf::maps::Array<lb_common::CtWay<A>>;
 /// The cache of established flows (IPv4 only, `ct_cache.rs`).
 pub type CtCache = aya_ebpf::maps::Array<lb_common::CtCacheSlot4>;
-/// IPv6's new-flow table: an LRU hash with per-CPU lists (`ct_table.rs` says why).
-pub type CtLru<A> = aya_ebpf::maps::LruHashMap<CtKey<A>, CtValue<A>>;
 
 pub trait Addr: Copy + Default + PartialEq + 'static {
     const FAMILY: u8;
@@ -77,9 +75,8 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     unsafe fn write(self, p: *mut u8);
 
     fn ct() -> &'static Ct<Self>;
-    /// The new-flow table: IPv4's array of ways, or IPv6's LRU (one of the two is `Some`).
+    /// The new-flow table.
     fn ct_ways() -> Option<&'static CtWays<Self>>;
-    fn ct_lru() -> Option<&'static CtLru<Self>>;
     /// The cache of established flows in front of the assured table (`ct_cache.rs`); IPv4's
     /// only.
     fn ct_cache() -> Option<&'static CtCache>;
@@ -150,10 +147,6 @@ impl Addr for u32 {
     #[inline(always)]
     fn ct_ways() -> Option<&'static CtWays<Self>> {
         Some(&LB_CT4_NEW)
-    }
-    #[inline(always)]
-    fn ct_lru() -> Option<&'static CtLru<Self>> {
-        None
     }
     #[inline(always)]
     fn ct_cache() -> Option<&'static CtCache> {
@@ -244,10 +237,6 @@ impl Addr for [u32; 4] {
     }
     #[inline(always)]
     fn ct_ways() -> Option<&'static CtWays<Self>> {
-        None
-    }
-    #[inline(always)]
-    fn ct_lru() -> Option<&'static CtLru<Self>> {
         Some(&LB_CT6_NEW)
     }
     #[inline(always)]

@@ -20,10 +20,10 @@
 //! per refresh interval, so an established flow costs one lookup and no write per packet.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_loop};
 use lb_common::{
-    ct_assured, ct_peer, ct_peer_into, ct_tag, tcp_step, Counter, CtKey, CtStateWord, CtStep, CtValue, CT_CLOSE,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE, CT_FLAG_REPLIED, CT_FLAG_ROUTE,
-    CT_FLAG_SNAT, CT_LAST_ACK, CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ct_assured, ct_peer, ct_peer_into, ct_tag, tcp_step, Counter, CtKey, CtKey6, CtStateWord, CtStep, CtValue,
+    CtValue6, CT_CLOSE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FLAG_ASSURED, CT_FLAG_PEER_ROUTE,
+    CT_FLAG_REPLIED, CT_FLAG_ROUTE, CT_FLAG_SNAT, CT_LAST_ACK, CT_NONE, CT_STATES, CT_TIME_WAIT, CT_UDP, PROTO_TCP,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -226,14 +226,26 @@ fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         store_of(k, e, was_assured, hook)
     } else {
-        store_outlined(k, e, was_assured, hook)
+        lb_ct6_store(
+            k as *const CtKey<A> as *const CtKey6,
+            e as *const CtValue<A> as *const CtValue6,
+            was_assured as u32,
+            hook,
+        );
     }
 }
 
-/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
+/// IPv6: a global function, to keep the map updates' code out of every stage that may need
+/// them, and checked by the verifier once, on its own (a static subprogram is walked again at
+/// every call, with the caller's state). It must return a number.
+#[no_mangle]
 #[inline(never)]
-fn store_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
-    store_of(k, e, was_assured, hook)
+pub extern "C" fn lb_ct6_store(k: *const CtKey6, e: *const CtValue6, was_assured: u32, hook: u32) -> u32 {
+    if !k.is_null() && !e.is_null() {
+        // SAFETY: checked for null; the verifier checks the caller passes a whole key and value.
+        store_of(unsafe { &*k }, unsafe { &*e }, was_assured != 0, hook)
+    }
+    0
 }
 
 #[inline(always)]
@@ -258,14 +270,17 @@ fn store_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32)
 #[inline(always)]
 fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtValue<A>, was_assured: bool, hook: u32) {
     let assured = e.flags & CT_FLAG_ASSURED != 0;
+    // IPv4's demoted copy, should the assured table be full.
+    let mut demoted = *e;
+    let mut fwd = e;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
             ct_live::stamp(k);
             ct_live::stamp(pk);
             // No copy stays behind in the new-flow table: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
-            ct_table::remove(k);
-            ct_table::remove(pk);
+            ct_table::remove_inline(k);
+            ct_table::remove_inline(pk);
             return;
         }
         // Full: keep the flow working from the new-flow table, where it can be evicted. The agent's
@@ -276,29 +291,28 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
         // Both entries go in already demoted (another CPU must never see a new-flow table entry marked
         // assured): a copy on the stack for IPv4, in the scratch slot's own entry for IPv6.
         if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-            let mut d = *e;
-            d.flags &= !CT_FLAG_ASSURED;
-            new_insert(k, &d, hook);
+            demoted.flags &= !CT_FLAG_ASSURED;
+            fwd = &demoted;
         } else {
             let s = A::scratch();
-            if !s.is_null() {
-                // SAFETY: this CPU's slot; its `value` field is borrowed nowhere else here
-                // (the peer fields are).
-                let d = unsafe { &mut (*s).value };
-                *d = *e;
-                d.flags &= !CT_FLAG_ASSURED;
-                new_insert(k, d, hook);
+            if s.is_null() {
+                return;
             }
+            // SAFETY: this CPU's slot; its `value` field is borrowed nowhere else here (the
+            // peer fields are).
+            let d = unsafe { &mut (*s).value };
+            *d = *e;
+            d.flags &= !CT_FLAG_ASSURED;
+            fwd = d;
         }
-        new_insert(pk, pv, hook);
-        return;
     }
     // One entry at a time, not `ct_table::insert_pair`: a flow moves between the tables rarely,
     // and the pair's choice, inlined here too, doubled the instructions the verifier walks
-    // through the main programs (298,172 to 570,303 at XDP).
-    new_insert(k, e, hook);
+    // through the main programs (298,172 to 570,303 at XDP). The two inserts are written once
+    // for both ways here: each is inlined whole.
+    new_insert(k, fwd, hook);
     new_insert(pk, pv, hook);
-    if was_assured {
+    if was_assured && !assured {
         let _ = A::ct().remove(k);
         let _ = A::ct().remove(pk);
     }
@@ -307,7 +321,9 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
 /// Writes an entry into the new-flow table, counting the live flow it may push out.
 #[inline(always)]
 fn new_insert<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, hook: u32) {
-    if ct_table::insert(k, e) {
+    // Inlined for IPv6 too: `lb_ct6_store`'s frame below a stage's leaves no room for a
+    // call further down.
+    if ct_table::insert_inline(k, e) {
         count(hook, Counter::CtNewEvicted);
     }
 }
@@ -380,14 +396,19 @@ fn mirror<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         mirror_of(k, e, assured)
     } else {
-        mirror_outlined(k, e, assured)
+        lb_ct6_mirror(k as *const CtKey<A> as *const CtKey6, e as *const CtValue<A> as *const CtValue6, assured as u32);
     }
 }
 
-/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
+/// IPv6: a global function, as `lb_ct6_store`.
+#[no_mangle]
 #[inline(never)]
-fn mirror_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool) {
-    mirror_of(k, e, assured)
+pub extern "C" fn lb_ct6_mirror(k: *const CtKey6, e: *const CtValue6, assured: u32) -> u32 {
+    if !k.is_null() && !e.is_null() {
+        // SAFETY: checked for null; the verifier checks the caller passes a whole key and value.
+        mirror_of(unsafe { &*k }, unsafe { &*e }, assured != 0)
+    }
+    0
 }
 
 #[inline(always)]
@@ -478,14 +499,24 @@ fn refresh_peer<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) 
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         refresh_peer_of(k, e, assured, now)
     } else {
-        refresh_peer_outlined(k, e, assured, now)
+        lb_ct6_refresh_peer(
+            k as *const CtKey<A> as *const CtKey6,
+            e as *const CtValue<A> as *const CtValue6,
+            assured as u32,
+            now,
+        );
     }
 }
 
-/// IPv6: a subprogram, to keep the map updates' code out of every stage that may need them.
+/// IPv6: a global function, as `lb_ct6_store`.
+#[no_mangle]
 #[inline(never)]
-fn refresh_peer_outlined<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, assured: bool, now: u32) {
-    refresh_peer_of(k, e, assured, now)
+pub extern "C" fn lb_ct6_refresh_peer(k: *const CtKey6, e: *const CtValue6, assured: u32, now: u32) -> u32 {
+    if !k.is_null() && !e.is_null() {
+        // SAFETY: checked for null; the verifier checks the caller passes a whole key and value.
+        refresh_peer_of(unsafe { &*k }, unsafe { &*e }, assured != 0, now)
+    }
+    0
 }
 
 #[inline(always)]
@@ -613,8 +644,7 @@ fn create_outlined<A: Addr>(flow: &Flow<A>, t: &Translation<A>, service_id: u32,
     e.tag = tag(k);
     ct_peer_into(k, e, pk, pv);
     pv.tag = tag(pk);
-    new_insert(k, e, packed >> 16);
-    new_insert(pk, pv, packed >> 16);
+    add(packed >> 16, Counter::CtNewEvicted, ct_table::insert_pair(k, e, pk, pv));
     true
 }
 

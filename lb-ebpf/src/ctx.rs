@@ -36,6 +36,11 @@ pub struct Route {
     pub dmac: [u8; 6],
 }
 
+impl Route {
+    /// No route: a value with every byte defined, for paths that send nothing.
+    pub const NONE: Route = Route { ifindex: 0, smac: [0; 6], dmac: [0; 6] };
+}
+
 /// Why a packet could not be routed: `mtu` is the egress interface's MTU when the packet was
 /// too big for it (`BPF_FIB_LKUP_RET_FRAG_NEEDED`), else 0 (no route, or this hook cannot
 /// send there).

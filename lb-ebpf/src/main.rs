@@ -37,7 +37,7 @@ use lb_common::{Counter, ServiceValue, SVC_FLAG_LOCAL_ONLY};
 use crate::{
     addr::Addr,
     conntrack::{Forward, Translation},
-    ctx::{Packet, TcL3},
+    ctx::{Packet, Route, TcL3},
     nat::Snat,
     parse::{Flow, Frag, Headers, IcmpError, Parse, Parsed, ETH_P_IPV6_BE, ETH_P_IP_BE},
 };
@@ -827,37 +827,40 @@ fn maybe_reply_of<A: Addr, P: Packet>(ctx: &P, h: &Headers<A>) -> i32 {
     if ctx.csum_unsure(h) {
         return ctx.defer();
     }
-    let route = if r.route {
+    // Not an `Option<Route>`: its `None` leaves the route's bytes undefined, and LLVM may
+    // store them anyway where the two paths join, which the verifier refuses (a read of an
+    // uninitialised register).
+    let (routed, route) = if r.route {
         match ctx.route(r.src_addr, if r.dst { r.dst_addr } else { h.flow.dst }, h.flow.proto) {
             Ok(route) => {
                 if let Err(verdict) = forwardable::<A, P>(ctx) {
                     return verdict;
                 }
-                Some(route)
+                (true, route)
             }
             // The reply of a flow SNATed to the node whose frontend is no node address is
             // routed here only to pass the node's netfilter by (`reply_route` in `new_flow`):
             // where the FIB lookup finds no way (a client that is an address of this node, a
             // route with encapsulation, a policy route) the stack may, so tc hands it on
             // translated. XDP leaves it to tc, as any packet it cannot route.
-            Err(e) if P::HOOK == crate::ctx::HOOK_TC && e.mtu == 0 && !service::is_node_source(&r.src_addr) => None,
+            Err(e) if P::HOOK == crate::ctx::HOOK_TC && e.mtu == 0 && !service::is_node_source(&r.src_addr) => {
+                (false, Route::NONE)
+            }
             Err(e) => return ctx.unroutable_for(h, e),
         }
     } else {
-        None
+        (false, Route::NONE)
     };
     let rewritten = restore(ctx, h, &r);
     if rewritten.is_err() {
         return drop(ctx, Counter::DropRewrite);
     }
     count_translated(ctx, h, Counter::ReplyTranslated);
-    match route {
-        Some(r) => {
-            nat::decrement_ttl::<A, P>(ctx);
-            ctx.send(&r)
-        }
-        None => P::FORWARD,
+    if routed {
+        nat::decrement_ttl::<A, P>(ctx);
+        return ctx.send(&route);
     }
+    P::FORWARD
 }
 
 #[cfg(not(test))]

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, CtCacheSlot4, CtKey4, CtKey6, CtValue4, CtValue6, CtWay4,
-    FragKey, FragValue, LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockRevKey,
-    SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES,
+    CtWay6, FragKey, FragValue, LocalSourceData, NodeAddrKey, ServiceKey, ServiceName, ServiceStats, ServiceValue,
+    SockRevKey, SockRevValue, SourceRangeData, AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKEND_MEMBERS_MAX_ENTRIES,
     CONNTRACK_MAX_ENTRIES, CONNTRACK_NEW_MAX_ENTRIES, COUNTER_MAX, FRAGMENTS_MAX_ENTRIES, LOCAL_SOURCES_MAX_ENTRIES,
     MAGLEV_MAX_ENTRIES, NODE_ADDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
     SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, XDP_TARGETS_MAX_ENTRIES,
@@ -77,11 +77,10 @@ pub static LB_CT4_LIVE: Array<u64> =
 #[map(name = "LB_CT6")]
 pub static LB_CT6: HashMap<CtKey6, CtValue6> = HashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
-/// New and finished IPv6 flows: an LRU with per-CPU lists (an insert evicts from this CPU's
-/// own list, with no global lock), not `LB_CT4_NEW`'s array: see `ct_table.rs`.
+/// New and finished IPv6 flows: an array of ways as `LB_CT4_NEW` (the same number of sets,
+/// `CT_NEW_SETS`).
 #[map(name = "LB_CT6_NEW")]
-pub static LB_CT6_NEW: LruHashMap<CtKey6, CtValue6> =
-    LruHashMap::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static LB_CT6_NEW: Array<CtWay6> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, BPF_F_MMAPABLE);
 
 /// Verdict and drop-reason counters, indexed by hook (`ctx::HOOK_*`) * COUNTER_MAX +
 /// `lb_common::Counter`.
@@ -208,4 +207,7 @@ pub struct Scratch<A> {
     /// then `LB_SERVICES_GEN` as it was read before the lookup.
     pub fe: ServiceValue,
     pub fe_for: [u32; 3],
+    /// The forward key of a SNATed flow whose reply entry a new-flow table insert pushes out
+    /// (`ct_table.rs`, `write`).
+    pub evicted_key: lb_common::CtKey<A>,
 }

@@ -95,6 +95,26 @@ pub unsafe fn compare_exchange64(p: *mut u64, seen: u64, new: u64) -> bool {
     r0 == seen
 }
 
+/// `diff` with the difference (xor) of the `u32`s at `a + OFF` and `b + OFF` or-ed in: one
+/// word of a comparison folded into a single test at its end. In assembly so that LLVM can
+/// neither turn the fold back into a compare and a branch per word nor load every word first
+/// and spill them (`ct_table.rs`, `key_eq`).
+///
+/// # Safety
+/// `a + OFF` and `b + OFF` must point at 4 readable, 4-aligned bytes (of a map value or the
+/// stack).
+#[inline(always)]
+pub unsafe fn diff32<const OFF: i16>(a: usize, b: usize, diff: u32) -> u32 {
+    let mut d = diff;
+    // SAFETY: the caller's contract; two loads and register arithmetic.
+    unsafe {
+        core::arch::asm!("{t} = *(u32 *)({a} + {off})", "{u} = *(u32 *)({b} + {off})", "{t} ^= {u}", "{d} |= {t}",
+            a = in(reg) a, b = in(reg) b, off = const OFF, d = inout(reg) d, t = out(reg) _, u = out(reg) _,
+            options(readonly, nostack, preserves_flags));
+    }
+    d
+}
+
 /// 1 if `v` (at most 0xffff) is not 0, else 0, computed without a jump: BPF has no
 /// set-on-compare, so a compare becomes a branch, and the verifier walks everything after a
 /// branch once for each way it went (`lb_tc_ingress` is near its 1,000,000 instructions). In

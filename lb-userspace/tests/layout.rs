@@ -210,8 +210,10 @@ fn a_new_flow_table_of_layout_7_has_its_flows_moved_to_their_new_sets() {
     }
 }
 
-/// The IPv6 tables are flow maps like the IPv4 ones: another capacity is migrated with its
-/// flows, another layout refused naming the map.
+/// The IPv6 tables are flow maps like the IPv4 ones: the new-flow table of layout 9 and before
+/// (an LRU hash of conntrack keys) moves into the array of ways with its flows, each then
+/// found by a lookup in its set, at the configured capacity; another layout of the assured
+/// table is refused naming the map.
 #[test]
 fn ipv6_conntrack_tables_are_migrated_and_checked_like_ipv4_ones() {
     let Some(dir) = PinDir::new("migrate6") else { return };
@@ -229,11 +231,14 @@ fn ipv6_conntrack_tables_are_migrated_and_checked_like_ipv4_ones() {
     let sizes = MapSizes { conntrack_new: 4096, ..MapSizes::default() };
     let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
     let info = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT6_NEW)).unwrap();
-    assert_eq!(info.max_entries(), 4096);
-    assert_eq!(info.map_type().unwrap(), aya::maps::MapType::LruHash);
-    let entries: Vec<_> = dp.maps().conntrack6_new.iter().filter_map(Result::ok).collect();
+    assert_eq!((info.map_type().unwrap(), info.max_entries()), (aya::maps::MapType::Array, 4096));
+    let table = &dp.maps().conntrack6_new;
+    let entries: Vec<_> = table.iter().filter_map(Result::ok).collect();
     assert_eq!(entries.len(), 50);
     assert!(entries.iter().all(|(k, v)| k.dst == [0xfd, 0, 0, 7] && v.created == 1000 + k.src[3]));
+    for (k, v) in &entries {
+        assert_eq!(table.get(k, 0).ok(), Some(*v), "{k:?} not in its set");
+    }
     // Both IPv6 tables were created with the configured capacities beside the IPv4 ones.
     let assured = aya::maps::MapInfo::from_pin(dir.0.join(MAP_CT6)).unwrap();
     assert_eq!((assured.key_size(), assured.max_entries()), (key_size, sizes.conntrack));

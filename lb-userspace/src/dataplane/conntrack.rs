@@ -21,9 +21,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{
-    ct_peer, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, CT_STATES, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW,
-};
+use lb_common::{ct_peer, CtKey, CtKey4, CtValue, CtValue4, CT_STATES, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW};
 
 use super::{
     clock::Clock,
@@ -57,7 +55,7 @@ impl CtAddr for u32 {
 }
 
 impl CtAddr for [u32; 4] {
-    type New = HashMap<MapData, CtKey6, CtValue6>;
+    type New = CtNewTable<MapData, [u32; 4]>;
     fn ip(self) -> IpAddr {
         super::maps::ip_of(lb_common::FAMILY_IPV6, self)
     }
@@ -65,7 +63,7 @@ impl CtAddr for [u32; 4] {
         lb_common::fold_v6(self)
     }
     fn new_table(map: Map, name: &'static str) -> Result<Self::New> {
-        HashMap::try_from(map).map_err(map_err(name))
+        CtNewTable::from_map(map).map_err(map_err(name))
     }
 }
 

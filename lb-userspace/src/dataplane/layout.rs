@@ -8,9 +8,9 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendMemberKey, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, CtWay,
-    CtWay4, NodeAddrKey, ServiceKey, ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY, MAP_BACKEND_MEMBERS,
-    MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES, MAP_SERVICE_NAMES,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
+    CtWay4, CtWay6, NodeAddrKey, ServiceKey, ServiceName, ServiceValue, SourceRangeData, MAP_AFFINITY,
+    MAP_BACKEND_MEMBERS, MAP_CT4, MAP_CT4_NEW, MAP_CT6, MAP_CT6_NEW, MAP_FILTER, MAP_NODE_ADDRS, MAP_SERVICES,
+    MAP_SERVICE_NAMES, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
 };
 
 use super::{
@@ -55,7 +55,7 @@ fn expected_shapes(sizes: &MapSizes) -> Vec<(&'static str, Shape, bool)> {
         s(MAP_CT4, size_of::<CtKey4>(), size_of::<CtValue4>(), true),
         s(MAP_CT4_NEW, 4, size_of::<CtWay4>(), true),
         s(MAP_CT6, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
-        s(MAP_CT6_NEW, size_of::<CtKey6>(), size_of::<CtValue6>(), true),
+        s(MAP_CT6_NEW, 4, size_of::<CtWay6>(), true),
         s(MAP_AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>(), true),
         s(MAP_SOCK_REVNAT, size_of::<lb_common::SockRevKey>(), size_of::<lb_common::SockRevValue>(), true),
         s(lb_common::MAP_XDP_TARGETS, 4, 4, false),
@@ -131,8 +131,9 @@ where
 fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
     match name {
         MAP_CT4 => copy_entries::<CtKey4, CtValue4>(from, to, only_new),
-        MAP_CT6 | MAP_CT6_NEW => copy_entries::<CtKey6, CtValue6>(from, to, only_new),
+        MAP_CT6 => copy_entries::<CtKey6, CtValue6>(from, to, only_new),
         MAP_CT4_NEW => copy_new_flows::<u32>(from, to, only_new),
+        MAP_CT6_NEW => copy_new_flows::<[u32; 4]>(from, to, only_new),
         MAP_AFFINITY => copy_entries::<AffinityKey, AffinityValue>(from, to, only_new),
         _ => copy_entries::<lb_common::SockRevKey, lb_common::SockRevValue>(from, to, only_new),
     }
@@ -193,11 +194,15 @@ fn migrate_flow_map(
 const ARRAY: u32 = 2;
 const MMAPABLE: u32 = 1 << 10;
 
-/// The key and value size IPv4's new-flow table had while it was an LRU hash (layout 6 and
-/// before).
+/// The key and value size a new-flow table had while it was an LRU hash: IPv4's up to layout
+/// 6, IPv6's up to layout 9.
 fn lru_new_flow_table(name: &str) -> Option<(u32, u32)> {
     use std::mem::size_of;
-    (name == MAP_CT4_NEW).then_some((size_of::<CtKey4>() as u32, size_of::<CtValue4>() as u32))
+    match name {
+        MAP_CT4_NEW => Some((size_of::<CtKey4>() as u32, size_of::<CtValue4>() as u32)),
+        MAP_CT6_NEW => Some((size_of::<CtKey6>() as u32, size_of::<CtValue6>() as u32)),
+        _ => None,
+    }
 }
 
 /// Whether a pinned IPv4 new-flow table holds an entry outside the set `ct_set_hash` gives its
@@ -268,10 +273,7 @@ pub(super) fn check_pinned_layout(pin_dir: &Path, sizes: &MapSizes) -> Result<Ve
         if holds_flows {
             let same_layout = (found.0, found.1) == (wanted.0, wanted.1);
             if !same_layout && lru_new_flow_table(name) == Some((found.0, found.1)) {
-                tracing::info!(
-                    map = name,
-                    "new-flow table of layout 6 (an LRU hash): moving its flows into the array of ways"
-                );
+                tracing::info!(map = name, "new-flow table of an LRU hash: moving its flows into the array of ways");
                 migrations.push(migrate_flow_map(name, &path, wanted.2, Some((ARRAY, wanted, MMAPABLE)))?);
                 continue;
             }

@@ -201,7 +201,7 @@ pub struct Maps {
     pub conntrack_new: CtNewTable<MapData, u32>,
     /// The same for IPv6 flows (`LB_CT6`, `LB_CT6_NEW`).
     pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
-    pub conntrack6_new: HashMap<MapData, CtKey6, CtValue6>,
+    pub conntrack6_new: CtNewTable<MapData, [u32; 4]>,
     pub names: HashMap<MapData, u32, ServiceName>,
     pub stats: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, lb_common::ServiceStats>,
@@ -235,7 +235,7 @@ impl Maps {
             conntrack: HashMap::try_from(take(ebpf, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
             conntrack_new: u32::new_table(take(ebpf, MAP_CT4_NEW)?, MAP_CT4_NEW)?,
             conntrack6: HashMap::try_from(take(ebpf, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
-            conntrack6_new: HashMap::try_from(take(ebpf, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
+            conntrack6_new: <[u32; 4]>::new_table(take(ebpf, MAP_CT6_NEW)?, MAP_CT6_NEW)?,
             names: HashMap::try_from(take(ebpf, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(take(ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(take(ebpf, lb_common::MAP_SERVICE_STATS)?)
@@ -268,7 +268,7 @@ impl Maps {
             conntrack: HashMap::try_from(open(pin_dir, MAP_CT4)?).map_err(map_err(MAP_CT4))?,
             conntrack_new: u32::new_table(open(pin_dir, MAP_CT4_NEW)?, MAP_CT4_NEW)?,
             conntrack6: HashMap::try_from(open(pin_dir, MAP_CT6)?).map_err(map_err(MAP_CT6))?,
-            conntrack6_new: HashMap::try_from(open(pin_dir, MAP_CT6_NEW)?).map_err(map_err(MAP_CT6_NEW))?,
+            conntrack6_new: <[u32; 4]>::new_table(open(pin_dir, MAP_CT6_NEW)?, MAP_CT6_NEW)?,
             names: HashMap::try_from(open(pin_dir, MAP_SERVICE_NAMES)?).map_err(map_err(MAP_SERVICE_NAMES))?,
             stats: PerCpuArray::try_from(open(pin_dir, MAP_STATS)?).map_err(map_err(MAP_STATS))?,
             service_stats: PerCpuArray::try_from(open(pin_dir, lb_common::MAP_SERVICE_STATS)?)
@@ -299,8 +299,11 @@ impl MapSizes {
             MAP_CT4 | MAP_CT6 => self.conntrack,
             // Whole sets, two at least: with one, every way's index is a constant, and the
             // verifier, following each apart, ran past its million instructions.
-            MAP_CT4_NEW => self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2) * lb_common::CT_WAYS as u32,
-            MAP_CT6_NEW => self.conntrack_new,
+            // Both families' tables have the same sets (`CT_NEW_SETS` is the datapath's count
+            // for both).
+            MAP_CT4_NEW | MAP_CT6_NEW => {
+                self.conntrack_new.div_ceil(lb_common::CT_WAYS as u32).max(2) * lb_common::CT_WAYS as u32
+            }
             // A slot for every other assured entry, in pairs: 64 bytes per flow of the assured
             // table's room (both directions), where a slot per entry would take 128.
             lb_common::MAP_CT4_CACHE => (self.conntrack / 2).max(2).next_multiple_of(2),

@@ -690,3 +690,93 @@ fn ipv6_a_lost_reply_entry_is_written_again_with_its_own_tag() {
     assert_eq!(v.tag, own_tag(&reply), "the re-created entry carries its own tag");
     assert_eq!(v.flags & CT_FLAG_ASSURED, 0, "in the new-flow table, unassured as its flow");
 }
+
+/// IPv6 client `i` of a test's many: its own address and port.
+fn many6(i: u32, net: u16) -> (Ipv6Addr, u16) {
+    (Ipv6Addr::new(0xfd00, 0xaf5, net, 0, 0, 0, (i >> 16) as u16, i as u16), 20000 + (i % 1000) as u16)
+}
+
+/// IPv6's new-flow table is an array of ways as IPv4's: a flood of new flows fills it and
+/// pushes out its own entries, counted, and never an established flow, which lives in the
+/// assured table.
+#[test]
+fn ipv6_a_flood_of_new_flows_never_evicts_established_ones() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{CT_DIR_FORWARD, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP};
+    let sizes = MapSizes { conntrack: 1_200, conntrack_new: 1_024, ..MapSizes::default() };
+    let h = Harness::with_config(&yaml6(), Config { ipv6: true, sizes, ..Config::default() });
+    let established: Vec<_> = (0..500)
+        .map(|i| {
+            let c = many6(i, 1);
+            let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+            let b = parse6_checked(&out).dst;
+            h.reply(&frame6(b, c, L4::Tcp { flags: SYN_ACK }, &[]));
+            h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: ACK }, &[]));
+            (c, b)
+        })
+        .collect();
+    // A SYN flood from other clients: enough new flows to fill the new-flow table twice over
+    // (two entries each).
+    let evicted = h.counter(Counter::CtNewEvicted);
+    for i in 0..1_024 {
+        let (verdict, _) = h.run(&frame6(many6(i, 2), (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+        assert_eq!(verdict, TC_ACT_OK);
+    }
+    // Every established flow still goes to its backend, both ways, from the assured table.
+    let m = h.dp.maps();
+    for (c, b) in &established {
+        let (_, out) = h.run(&frame6(*c, (VIP6, 80), L4::Tcp { flags: ACK }, b"x"));
+        assert_eq!(parse6_checked(&out).dst, *b, "{c:?}");
+        let (_, out) = h.reply(&frame6(*b, *c, L4::Tcp { flags: ACK }, b"y"));
+        assert_eq!(parse6_checked(&out).src, (VIP6, 80), "{c:?}");
+        let v = m.conntrack6.get(&ct_key6(*c, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD), 0).expect("assured entry");
+        assert_eq!((v.state, v.flags & CT_FLAG_ASSURED), (CT_ESTABLISHED, CT_FLAG_ASSURED), "{c:?}");
+    }
+    // The flood filled the new-flow table (sets fill unevenly: nearly every way), pushed out
+    // about half of its own entries, and counted them (the LRU it replaced evicted unseen).
+    let held = m.conntrack6_new.keys().count();
+    assert!((900..=1_024).contains(&held), "{held}");
+    let pushed_out = h.counter(Counter::CtNewEvicted) - evicted;
+    assert!(pushed_out >= 2 * 1_024 - held as u64 - 50, "{pushed_out}");
+    assert_eq!(m.conntrack6.keys().count(), 1_000);
+}
+
+/// A SNATed IPv6 flow whose reply entry is pushed out of a full set goes whole, as IPv4's
+/// (`conntrack::a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole`): its forward key is
+/// built in the scratch slot (`ct_table::write`).
+#[test]
+fn ipv6_a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{CT_DIR_FORWARD, CT_FLAG_SNAT};
+    let _ns = NetNsGuard::node();
+    // Two sets of four ways: every entry competes for one of them.
+    let sizes = MapSizes { conntrack_new: 8, ..MapSizes::default() };
+    let config = Config { node_ip: Some(NODE_IP), node_ip6: Some(NODE_IP6), ipv6: true, sizes, ..Config::default() };
+    let mut h = Harness::with_config(EDGE6, config);
+    h.dp.set_node_addresses(&[std::net::IpAddr::from(NODE_IP), NODE_IP6.into()]).unwrap();
+    h.allow_xdp_send("ext0");
+    let mut snated = 0;
+    for i in 0..200u16 {
+        // New connections to a node port whose backend is remote: SNATed to the node.
+        let (verdict, out) = h.run_xdp(&frame6((OUTSIDE6, 1024 + i), (NODE_IP6, 30081), L4::Tcp { flags: SYN }, &[]));
+        assert!(XDP_TX_OR_REDIRECT.contains(&verdict), "SYN {i}: {verdict}");
+        assert_eq!(parse6_checked(&out).src.0, NODE_IP6, "SYN {i} SNATed");
+        let all: Vec<_> = h.dp.maps().conntrack6_new.iter().filter_map(Result::ok).collect();
+        assert!(all.len() <= 8);
+        for (k, v) in all.iter().filter(|(k, v)| k.dir == CT_DIR_FORWARD && v.flags & CT_FLAG_SNAT != 0) {
+            snated += 1;
+            let (pk, _) = lb_common::ct_peer(k, v);
+            assert!(
+                all.iter().any(|(k2, _)| *k2 == pk),
+                "after SYN {i}: a SNATed forward entry without its reply: {k:?}"
+            );
+        }
+    }
+    assert!(snated >= 200, "{snated}");
+    // Nearly every SYN found its sets full.
+    assert!(h.xdp_counter(Counter::CtNewEvicted) >= 150, "{}", h.xdp_counter(Counter::CtNewEvicted));
+}
