@@ -413,7 +413,7 @@ pub const CT_FLAG_FIN_FORWARD: u8 = 1 << 4;
 /// The backend side (reply direction) sent a FIN.
 pub const CT_FLAG_FIN_REPLY: u8 = 1 << 5;
 /// The entry lives in the assured table (`LB_CT4`), whose entries are never evicted; others
-/// live in the LRU table (`LB_CT4_NEW`). netfilter's `IPS_ASSURED`.
+/// live in the new-flow table (`LB_CT4_NEW`). netfilter's `IPS_ASSURED`.
 pub const CT_FLAG_ASSURED: u8 = 1 << 6;
 
 /// TCP states, as netfilter's `nf_conntrack_proto_tcp.c` names them; UDP flows stay `NONE`.
@@ -787,7 +787,7 @@ pub fn ct_set_victim_by<'a, A: 'a>(
         }
         i += 1;
     }
-    // The two entries of a flow share a set (`ct_set_hash`) and its hash: each direction has
+    // The two entries of a flow not SNATed share a set (`ct_set_hash`) and its hash: each direction has
     // its own pair of candidates, so a reply entry written after its forward entry does not
     // push it out by a tie (both written the same jiffy) between the candidates the hash
     // picks for both; should the forward entry have taken a free way that is one of the
@@ -1199,8 +1199,8 @@ pub enum Counter {
     /// A packet the datapath would forward itself had TTL <= 1: dropped, as a router drops it
     /// (without the ICMP time exceeded a router sends).
     DropTtlExpired = 23,
-    /// A flow became assured but the assured conntrack table was full: it stays in the LRU
-    /// table, where a flood of new flows can evict it. The agent's collection makes room.
+    /// A flow became assured but the assured conntrack table was full: it stays in the
+    /// new-flow table, where a flood of new flows can evict it. The agent's collection makes room.
     CtAssuredFull = 24,
     /// An IPv6 packet whose extension header chain is longer than the parser walks
     /// (`MAX_EXT_HEADERS`, four): passed untouched, never misparsed.

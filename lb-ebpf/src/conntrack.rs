@@ -7,7 +7,7 @@
 //! Two tables, so that a flood of new flows cannot push out live connections (netfilter's
 //! `early_drop` evicts only unassured entries): a flow starts in `LB_CT4_NEW`, a
 //! set-associative array where a new entry in a full set takes the less recently seen of two
-//! ways (`ct_table.rs`: no lock, no helper call; IPv6's is an LRU), and moves to `LB_CT4`, a preallocated hash that
+//! ways (`ct_table.rs`: no lock, no helper call; IPv6's `LB_CT6_NEW` alike), and moves to `LB_CT4`, a preallocated hash that
 //! never evicts, once it is assured (handshake done and answered; a UDP flow answered for a
 //! while). When it finishes (TIME_WAIT, CLOSE) it moves back to the new-flow table, so the assured table
 //! only ever holds live flows; the agent collects the ones that went idle.
@@ -143,7 +143,7 @@ fn tag<A: Addr>(k: &CtKey<A>) -> u16 {
 /// (`lb_common::CtStateWord`), and only if that word still says the entry is `k`'s (its tag,
 /// or none) and in the state the change was computed from. False: the entry changed since it
 /// was read, another CPU having moved the flow on, or reused the entry for another flow (the
-/// new-flow array rewrites its ways in place; the kernel hash and LRU reuse a freed element at
+/// new-flow arrays rewrite their ways in place; the kernel hash reuses a freed element at
 /// once, while a packet on another CPU may still hold it). Written plainly, such a change
 /// would give that other flow this one's state and flags, `SNAT` and `ROUTE` among them.
 #[inline(always)]

@@ -522,7 +522,8 @@ fn forward_stage<A: Parse, P: Packet>(ctx: &P) -> i32 {
         }
         Forward::New => {
             if ctx.note() == NOTE_NEW_FLOW {
-                // Created and gone at once (the LRU evicted it): no second round.
+                // Created and gone at once (another CPU's insert took its way): no second
+                // round.
                 return drop(ctx, Counter::DropCtInsert);
             }
             if service::lookup(&h.flow, service::from_cluster).is_some() {

@@ -183,10 +183,9 @@ struct RunArgs {
     /// ct_assured_full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     map_conntrack: u32,
-    /// Capacity of the conntrack table of new and finished flows (two entries each): for IPv4
-    /// an array of sets of four ways (rounded up to whole sets), where a new flow pushes out a
-    /// live unassured one only when its set is full (counted as ct_new_evicted); for IPv6 an
-    /// LRU.
+    /// Capacity of each family's conntrack table of new and finished flows (two entries
+    /// each): an array of sets of four ways (rounded up to whole sets), where a new flow pushes
+    /// out a live unassured one only when its set is full (counted as ct_new_evicted).
     #[arg(long, default_value_t = MapSizes::default().conntrack_new)]
     map_conntrack_new: u32,
     /// Capacity of the session affinity map (client, service) pins (LRU).

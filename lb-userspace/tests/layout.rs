@@ -244,6 +244,47 @@ fn ipv6_conntrack_tables_are_migrated_and_checked_like_ipv4_ones() {
     assert_eq!((assured.key_size(), assured.max_entries()), (key_size, sizes.conntrack));
     drop(dp);
 
+    // SNATed flows moved into a table too small for them all: every flow that loses its reply
+    // entry goes whole (its SNAT port must not look free while its forward entry takes it).
+    let Some(dir) = PinDir::new("migrate6snat") else { return };
+    let mut old = pin_map(&dir, MAP_CT6_NEW, LRU_HASH, key_size, value_size, 1024);
+    let mut flows: HashMap<&mut MapData, CtKey6, CtValue6> = HashMap::try_from(&mut old).unwrap();
+    for i in 0..40u32 {
+        let k = CtKey6 {
+            src: [0xfd, 0, 1, i],
+            dst: [0xfd, 0, 0, 8],
+            sport: (1000 + i as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        let v = CtValue6 {
+            nat_addr: [0xfd, 0, 2, 1],
+            nat_port: 8080u16.to_be(),
+            snat_addr: [0xfd, 0, 3, 1],
+            snat_port: (61000 + i as u16).to_be(),
+            flags: lb_common::CT_FLAG_SNAT,
+            state: lb_common::CT_SYN_SENT,
+            created: 1000 + i,
+            ..Default::default()
+        };
+        let (pk, pv) = lb_common::ct_peer(&k, &v);
+        flows.insert(k, v, 0).unwrap();
+        flows.insert(pk, pv, 0).unwrap();
+    }
+    drop(old);
+    // 80 entries into 64 ways: some sets overflow, most flows stay whole.
+    let sizes = MapSizes { conntrack_new: 64, ..MapSizes::default() };
+    let dp = Dataplane::load(&dir.0, &Config { sizes, ..Config::default() }).expect("migrates");
+    let entries: Vec<_> = dp.maps().conntrack6_new.iter().filter_map(Result::ok).collect();
+    let whole = entries.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD).count();
+    assert!(entries.len() <= 64 && whole >= 10, "{whole} of {}", entries.len());
+    for (k, v) in entries.iter().filter(|(k, _)| k.dir == lb_common::CT_DIR_FORWARD) {
+        let (pk, _) = lb_common::ct_peer(k, v);
+        assert!(entries.iter().any(|(k2, _)| *k2 == pk), "a SNATed forward entry without its reply: {k:?}");
+    }
+    drop(dp);
+
     let Some(dir) = PinDir::new("refuse6") else { return };
     pin_map(&dir, MAP_CT6, HASH, key_size, value_size + 4, 1024);
     let err = Dataplane::load(&dir.0, &Config::default()).err().expect("must refuse");

@@ -3,7 +3,7 @@
 //! layout version 4.
 //!
 //! The datapath keeps live connections in `LB_CT4` (IPv6: `LB_CT6`), which never evicts, and
-//! new and finished ones in `LB_CT4_NEW`, an array of ways (`LB_CT6_NEW`, an LRU: see
+//! new and finished ones in `LB_CT4_NEW`, an array of ways (`LB_CT6_NEW` alike: see
 //! `lb-ebpf/src/ct_table.rs` and `ct_new.rs`); the two families share the code here, generic
 //! over the address type. Only the assured table needs collecting: a new flow takes a free or
 //! expired entry's room in the new-flow tables, or pushes out an unassured one, by itself. An assured flow is removed when both of its

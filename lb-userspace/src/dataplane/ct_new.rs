@@ -1,8 +1,8 @@
-//! The new-flow tables from the agent's side: IPv4's (`LB_CT4_NEW`), a set-associative array
-//! of `lb_common::CtWay` that the datapath writes with plain stores, and IPv6's (`LB_CT6_NEW`),
-//! an LRU hash (`lb-ebpf/src/ct_table.rs` says why they differ), both read and written here
-//! as a map of conntrack keys (`NewFlows`), so the collection, listing, migration and tests
-//! treat every conntrack table alike.
+//! The new-flow tables from the agent's side: IPv4's (`LB_CT4_NEW`) and IPv6's
+//! (`LB_CT6_NEW`), set-associative arrays of `lb_common::CtWay` that the datapath writes with
+//! plain stores (`lb-ebpf/src/ct_table.rs`), read and written here as a map of conntrack keys
+//! (`NewFlows`), so the collection, listing, migration and tests treat every conntrack table
+//! alike.
 //!
 //! A write here reads a set and writes one way back: a datapath write into the same way in
 //! between is lost (that flow's next packet tracks it again). The agent writes these tables
@@ -146,7 +146,24 @@ where
         if evicted && flags & NOEXIST != 0 {
             return Err(refused(nix::errno::Errno::ENOSPC));
         }
-        self.ways.set(first + w as u32, CtWay { key: k, value: v }, 0)
+        self.ways.set(first + w as u32, CtWay { key: k, value: v }, 0)?;
+        let pushed_out = ways[w];
+        if evicted
+            && pushed_out.key.proto != 0
+            && pushed_out.key.dir == lb_common::CT_DIR_REPLY
+            && pushed_out.value.flags & lb_common::CT_FLAG_SNAT != 0
+        {
+            // As the datapath's write: a SNATed flow that loses its reply entry goes whole, or
+            // its SNAT port would look free to the port search while its client's packets
+            // still took it (a migration into a smaller or other-shaped table pushes entries
+            // out).
+            let forward = lb_common::ct_forward_key(&pushed_out.key, &pushed_out.value);
+            match self.remove(&forward) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Frees `k`'s way (`MapError::KeyNotFound` when absent).

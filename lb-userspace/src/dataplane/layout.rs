@@ -102,7 +102,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Copies every entry of a new-flow table into another: from an array of sets, of this or
-/// another size, or from the LRU hash of conntrack keys these tables were before layout 7.
+/// another size, or from the LRU hash of conntrack keys these tables were before (IPv4's up to layout 6, IPv6's up to 9).
 fn copy_new_flows<A: CtAddr>(from: &Map, to: &mut Map, only_new: bool) -> std::result::Result<usize, MapError>
 where
     CtKey<A>: aya::Pod,
@@ -125,7 +125,21 @@ where
     } else {
         0
     };
-    Ok(entries.into_iter().filter(|(k, v)| dst.insert(*k, *v, flags).is_ok()).count())
+    let copied = entries.into_iter().filter(|(k, v)| dst.insert(*k, *v, flags).is_ok()).count();
+    // A SNATed flow whose reply entry found no room (pushed out, or refused) goes whole, as the
+    // datapath's do: its SNAT port would otherwise look free to the port search while its
+    // client's packets still took it. Its next packet starts it again.
+    let orphans: Vec<CtKey<A>> = dst
+        .iter()
+        .filter_map(std::result::Result::ok)
+        .filter(|(k, v)| k.dir == lb_common::CT_DIR_FORWARD && v.flags & lb_common::CT_FLAG_SNAT != 0)
+        .filter(|(k, v)| dst.get(&lb_common::ct_peer(k, v).0, 0).is_err())
+        .map(|(k, _)| k)
+        .collect();
+    for k in &orphans {
+        let _ = dst.remove(k);
+    }
+    Ok(copied - orphans.len().min(copied))
 }
 
 fn copy_flow_map(name: &'static str, from: &Map, to: &mut Map, only_new: bool) -> Result<usize> {
