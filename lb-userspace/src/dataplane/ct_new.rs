@@ -13,7 +13,7 @@ use std::{
     ptr::NonNull,
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, MapData, MapError};
 use lb_common::{ct_set_find, ct_set_hash, ct_set_victim, select_slot, CtKey, CtValue, CtWay, CT_WAYS};
 
 use super::conntrack::CtAddr;
@@ -221,25 +221,6 @@ where
     }
     fn all(&self) -> Vec<(CtKey<A>, CtValue<A>)> {
         self.iter().filter_map(Result::ok).collect()
-    }
-}
-
-impl<A: CtAddr> NewFlows<A> for HashMap<MapData, CtKey<A>, CtValue<A>>
-where
-    CtKey<A>: aya::Pod,
-    CtValue<A>: aya::Pod,
-{
-    fn lookup(&self, k: &CtKey<A>) -> Result<CtValue<A>, MapError> {
-        HashMap::get(self, k, 0)
-    }
-    fn write(&mut self, k: CtKey<A>, v: CtValue<A>, flags: u64) -> Result<(), MapError> {
-        HashMap::insert(self, k, v, flags)
-    }
-    fn delete(&mut self, k: &CtKey<A>) -> Result<(), MapError> {
-        HashMap::remove(self, k)
-    }
-    fn all(&self) -> Vec<(CtKey<A>, CtValue<A>)> {
-        HashMap::iter(self).filter_map(Result::ok).collect()
     }
 }
 
