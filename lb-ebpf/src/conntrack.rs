@@ -310,22 +310,27 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
     // and the pair's choice, inlined here too, doubled the instructions the verifier walks
     // through the main programs (298,172 to 570,303 at XDP). The two inserts are written once
     // for both ways here: each is inlined whole.
-    new_insert(k, fwd, hook);
-    new_insert(pk, pv, hook);
+    // The peer entry never over the entry just written (`ct_table::insert_inline`'s `avoid`):
+    // in one set, on a tie between its candidates, it could be.
+    let first = new_insert(k, fwd, hook, u32::MAX);
+    new_insert(pk, pv, hook, first);
     if was_assured && !assured {
         let _ = A::ct().remove(k);
         let _ = A::ct().remove(pk);
     }
 }
 
-/// Writes an entry into the new-flow table, counting the live flow it may push out.
+/// Writes an entry into the new-flow table, never over way `avoid`, counting the live flow it
+/// may push out; the way written.
 #[inline(always)]
-fn new_insert<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, hook: u32) {
+fn new_insert<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, hook: u32, avoid: u32) -> u32 {
     // Inlined for IPv6 too: `lb_ct6_store`'s frame below a stage's leaves no room for a
     // call further down.
-    if ct_table::insert_inline(k, e) {
+    let (way, evicted) = ct_table::insert_inline(k, e, avoid);
+    if evicted {
         count(hook, Counter::CtNewEvicted);
     }
+    way
 }
 
 /// Moves a tracked entry on for a packet of its flow: state transition (mirrored into the

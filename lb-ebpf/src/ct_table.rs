@@ -155,23 +155,34 @@ pub extern "C" fn lb_ct6_insert(k: *const CtKey6, v: *const CtValue6) -> u32 {
     unsafe { insert_of::<[u32; 4]>(&*k, &*v) as u32 }
 }
 
-/// `insert`, inlined for IPv6 too: for a function whose frame, below a stage's, leaves no
-/// room for `lb_ct6_insert`'s.
+/// `insert`, inlined for IPv6 too (for a function whose frame, below a stage's, leaves no
+/// room for `lb_ct6_insert`'s), and never over way `avoid` of the array (`u32::MAX`: none;
+/// `ct_set_victim_by`): the way a flow's other entry was just written to, which this one
+/// must not push out. The way written (`u32::MAX` if none), and whether a live entry of
+/// another key was pushed out.
 #[inline(always)]
-pub fn insert_inline<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
-    insert_of(k, v)
+pub fn insert_inline<A: Addr>(k: &CtKey<A>, v: &CtValue<A>, avoid: u32) -> (u32, bool) {
+    insert_avoiding(k, v, avoid)
 }
 
 #[inline(always)]
 fn insert_of<A: Addr>(k: &CtKey<A>, v: &CtValue<A>) -> bool {
+    insert_avoiding(k, v, u32::MAX).1
+}
+
+#[inline(always)]
+fn insert_avoiding<A: Addr>(k: &CtKey<A>, v: &CtValue<A>, avoid: u32) -> (u32, bool) {
     let (first, hash) = set_of(k);
     let now = v.last_seen;
+    // Within the set; a way of another set comes out at `CT_WAYS` or past it, which avoids
+    // none.
+    let avoid = avoid.wrapping_sub(first) as usize;
     let Some((i, evicted)) =
-        ct_set_victim_by(|i| way::<A>(first + i as u32).map(|w| &*w), k, hash, now, |e| expired(e, now), key_eq)
+        ct_set_victim_by(|i| way::<A>(first + i as u32).map(|w| &*w), k, hash, now, |e| expired(e, now), key_eq, avoid)
     else {
-        return false;
+        return (u32::MAX, false);
     };
-    write(first + i as u32, evicted, k, v)
+    (first + i as u32, write(first + i as u32, evicted, k, v))
 }
 
 /// Writes a flow's two entries (`k` its forward key, `pk` its reply key); how many live flows

@@ -106,6 +106,9 @@ impl Dataplane {
         let node_ip6: [u32; 4] = config.node_ip6.map_or([0; 4], |ip| addr_words(ip.into()));
         // `LB_CT4_LIVE`'s words of stamps, after its generation word.
         let live_words = lb_common::ct_live_words(sizes.conntrack);
+        // One count of sets serves both families' tables (`CT_NEW_SETS`): a key's set would
+        // otherwise be computed for the other table's size.
+        assert_eq!(sizes.of(MAP_CT4_NEW), sizes.of(MAP_CT6_NEW), "both new-flow tables have the same sets");
         let clock = Arc::new(Clock::new()?);
         let ct_timeouts = config.timeouts.in_jiffies(&clock);
         let (refresh, udp_stream) = (clock.to_jiffies(1), clock.to_jiffies(lb_common::CT_UDP_STREAM_S as u64));

@@ -625,6 +625,69 @@ fn a_way_emptied_by_the_pairs_first_write_is_not_counted_as_pushed_out_again() {
     assert_eq!(h.counter(Counter::CtNewEvicted) - pushed_out, 1, "one live flow pushed out, counted once");
 }
 
+/// A flow that leaves the assured table (reset here) goes back into the new-flow table one
+/// entry at a time. When its forward entry takes the set's one free way and that way is one
+/// of the reply entry's two candidates, the reply entry must push out its other candidate,
+/// not the forward entry it ties with (both seen this jiffy): `ct_table::insert_inline`'s
+/// `avoid`.
+#[test]
+fn a_flow_moved_back_entry_by_entry_keeps_both_entries_when_its_set_is_full() {
+    if !privileged() {
+        return;
+    }
+    // Two sets of four ways, staged way by way below.
+    let sizes = MapSizes { conntrack_new: 8, ..MapSizes::default() };
+    let h = Harness::with_config(&lab_yaml(&BACKENDS), Config { sizes, ..Config::default() });
+    let client = (Ipv4Addr::new(10, 245, 9, 1), 40_000);
+    let backend = establish(&h, client);
+    expect(&h, client, backend, CT_ESTABLISHED, true);
+    let fwd = ct_key(client, (VIP, 80), CT_DIR_FORWARD);
+    let rep = ct_key(backend, client, CT_DIR_REPLY);
+    let flow_hash = lb_common::ct_set_hash(fwd.src, fwd.dst, fwd.sport, fwd.dport, fwd.proto, fwd.dir);
+    let set = lb_common::select_slot(flow_hash, 2);
+    let ways = lb_common::CT_WAYS;
+    // The reply entry's two candidates (`lb_common::ct_set_victim`): the forward entry will
+    // take `r`, the set's one free way.
+    let r = (flow_hash as usize + CT_DIR_REPLY as usize) % ways;
+    let (clock, _) = h.dp.ct_clock();
+    // Seen "after now" reads as seen now: the tie holds even if a jiffy passes meanwhile.
+    let later = clock.jiffies().unwrap().wrapping_add(clock.to_jiffies(5));
+    let mut staged = [lb_common::CtWay4::default(); 4];
+    for (i, w) in staged.iter_mut().enumerate() {
+        if i != r {
+            let key = ct_key((Ipv4Addr::new(10, 245, 9, 2), 1000 + i as u16), (VIP, 80), CT_DIR_FORWARD);
+            let value = CtValue4 {
+                nat_addr: be(Ipv4Addr::new(10, 244, 2, 21)),
+                nat_port: 8080u16.to_be(),
+                state: CT_SYN_SENT,
+                last_seen: later,
+                created: later,
+                ..Default::default()
+            };
+            *w = lb_common::CtWay { key, value };
+        }
+    }
+    let map = aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(h.pin_dir.join(lb_common::MAP_CT4_NEW)).expect("opening the pinned table"),
+    );
+    let mut table = aya::maps::Array::<_, lb_common::CtWay4>::try_from(map).unwrap();
+    for (i, w) in staged.iter().enumerate() {
+        table.set(set * ways as u32 + i as u32, w, 0).unwrap();
+    }
+
+    let pushed_out = h.counter(Counter::CtNewEvicted);
+    assert_eq!(up(&h, client, RST | ACK), backend);
+    expect(&h, client, backend, CT_CLOSE, false);
+    let held: Vec<_> = (0..ways as u32).map(|i| table.get(&(set * ways as u32 + i), 0).unwrap()).collect();
+    assert_eq!(held[r].key, fwd, "the forward entry took the free way {r}");
+    let other = (r + ways / 2) % ways;
+    assert_eq!(held[other].key, rep, "the reply entry took its other candidate, way {other}");
+    for w in (0..ways).filter(|&w| w != r && w != other) {
+        assert_eq!(held[w], staged[w], "way {w} was left alone");
+    }
+    assert_eq!(h.counter(Counter::CtNewEvicted) - pushed_out, 1, "one live flow pushed out");
+}
+
 #[test]
 fn snat_ports_of_finished_flows_are_reused_and_live_ones_never_are() {
     if !privileged() {
