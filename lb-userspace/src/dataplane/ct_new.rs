@@ -1,8 +1,9 @@
 //! The new-flow tables from the agent's side: IPv4's (`LB_CT4_NEW`) and IPv6's
 //! (`LB_CT6_NEW`), set-associative arrays of `lb_common::CtWay` that the datapath writes with
 //! plain stores (`lb-ebpf/src/ct_table.rs`), read and written here as a map of conntrack keys
-//! (`NewFlows`), so the collection, listing, migration and tests treat every conntrack table
-//! alike.
+//! (`CtNewTable`'s `get`, `insert`, `remove`, `iter`), so the collection, listing, migration
+//! and tests treat every conntrack table alike; the collection reaches either family's through
+//! `NewFlows`.
 //!
 //! A write here reads a set and writes one way back: a datapath write into the same way in
 //! between is lost (that flow's next packet tracks it again). The agent writes these tables
@@ -196,10 +197,6 @@ where
 
 /// A new-flow table of either family, as the agent's conntrack code uses it.
 pub trait NewFlows<A>: Send {
-    /// The entry of `k` (`MapError::KeyNotFound` when absent).
-    fn lookup(&self, k: &CtKey<A>) -> Result<CtValue<A>, MapError>;
-    /// Writes `k`'s entry; `flags` as a hash map's update (`BPF_NOEXIST`).
-    fn write(&mut self, k: CtKey<A>, v: CtValue<A>, flags: u64) -> Result<(), MapError>;
     /// Removes `k`'s entry (`MapError::KeyNotFound` when absent).
     fn delete(&mut self, k: &CtKey<A>) -> Result<(), MapError>;
     /// Every entry that could be read.
@@ -210,12 +207,6 @@ impl<A: CtAddr> NewFlows<A> for CtNewTable<MapData, A>
 where
     CtWay<A>: aya::Pod,
 {
-    fn lookup(&self, k: &CtKey<A>) -> Result<CtValue<A>, MapError> {
-        self.get(k, 0)
-    }
-    fn write(&mut self, k: CtKey<A>, v: CtValue<A>, flags: u64) -> Result<(), MapError> {
-        self.insert(k, v, flags)
-    }
     fn delete(&mut self, k: &CtKey<A>) -> Result<(), MapError> {
         self.remove(k)
     }
