@@ -56,7 +56,9 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 /// Copies of established IPv4 flows' assured entries, read first: a two-way array of
 /// `CtCacheSlot4` (`ct_cache_pair`), half as many slots as `LB_CT4` has entries. Not pinned.
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
-/// Which IPv4 forward keys may have an entry in `LB_CT4`: after an 8-byte generation word,
+/// Which forward keys may have an entry in `LB_CT4` or `LB_CT6` (one map for both families,
+/// IPv6's addresses folded as for `ct_set_hash`; sized for `LB_CT4`, so a dual-stack node's
+/// flows of both share its words): after an 8-byte generation word,
 /// words of stamps, a key's stamp two bits in each of two words (`ct_live_place`) in each of
 /// three generations (the generation word names the one stamps go into). Read by a SYN, which
 /// then skips the assured table's lookup unless each of its words holds its two bits of some

@@ -6,7 +6,7 @@
 use aya_ebpf::maps::{Array, HashMap};
 use lb_common::{fold_v6, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6};
 
-use crate::maps::{Scratch, LB_CT4, LB_CT4_CACHE, LB_CT4_LIVE, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
+use crate::maps::{Scratch, LB_CT4, LB_CT4_CACHE, LB_CT4_NEW, LB_CT6, LB_CT6_NEW, LB_SCRATCH6};
 
 /// The node's address (network order) that external flows to remote backends are SNATed to,
 /// so the backend's node sends replies back through us. Set by the agent at load time; zero
@@ -80,9 +80,6 @@ pub trait Addr: Copy + Default + PartialEq + 'static {
     /// The cache of established flows in front of the assured table (`ct_cache.rs`); IPv4's
     /// only.
     fn ct_cache() -> Option<&'static CtCache>;
-    /// The stamps of forward keys that may be in the assured table (`ct_live.rs`); IPv4's
-    /// only.
-    fn ct_live() -> Option<&'static Array<u64>>;
     fn node_ip() -> Self;
     fn hairpin_ip() -> Self;
     /// This CPU's scratch slot (`maps::LB_SCRATCH6`) for IPv6's temporaries (IPv4's fit its
@@ -151,10 +148,6 @@ impl Addr for u32 {
     #[inline(always)]
     fn ct_cache() -> Option<&'static CtCache> {
         Some(&LB_CT4_CACHE)
-    }
-    #[inline(always)]
-    fn ct_live() -> Option<&'static Array<u64>> {
-        Some(&LB_CT4_LIVE)
     }
     #[inline(always)]
     fn node_ip() -> Self {
@@ -241,10 +234,6 @@ impl Addr for [u32; 4] {
     }
     #[inline(always)]
     fn ct_cache() -> Option<&'static CtCache> {
-        None
-    }
-    #[inline(always)]
-    fn ct_live() -> Option<&'static Array<u64>> {
         None
     }
     #[inline(always)]

@@ -226,12 +226,25 @@ fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
         store_of(k, e, was_assured, hook)
     } else {
+        // IPv6's move runs in `lb_ct6_store`, whose frame under the stage's leaves no room to
+        // stamp the flow from inside it (`ct_live::lb_ct6_stamp`): the stage stamps it around
+        // the move. Before, so that no SYN inside the flow finds it neither stamped nor in the
+        // new-flow table, which the move leaves; after too, with the generation read after
+        // the write, as every other stamp is made (`ct_live.rs` says why). A stamp for a write
+        // the full table refuses stands for no flow, which costs only a lookup.
+        let assured = e.flags & CT_FLAG_ASSURED != 0;
+        if assured {
+            ct_live::stamp_flow(k, e);
+        }
         lb_ct6_store(
             k as *const CtKey<A> as *const CtKey6,
             e as *const CtValue<A> as *const CtValue6,
             was_assured as u32,
             hook,
         );
+        if assured {
+            ct_live::stamp_flow(k, e);
+        }
     }
 }
 
@@ -275,8 +288,10 @@ fn store_with<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, pk: &CtKey<A>, pv: &mut CtV
     let mut fwd = e;
     if assured {
         if A::ct().insert(k, e, 0).is_ok() && A::ct().insert(pk, &*pv, 0).is_ok() {
-            ct_live::stamp(k);
-            ct_live::stamp(pk);
+            if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+                ct_live::stamp(k);
+                ct_live::stamp(pk);
+            }
             // No copy stays behind in the new-flow table: once the assured entries go (a SYN-ACK of a
             // new connection on the tuple, expiry) it would resurface with a stale state.
             ct_table::remove_inline(k);

@@ -1,11 +1,13 @@
-//! Stamps of the IPv4 flows the assured table may hold, read by a SYN before `LB_CT4`.
+//! Stamps of the flows the assured tables may hold, read by a SYN before `LB_CT4` or `LB_CT6`.
+//! One map (`LB_CT4_LIVE`) for both families: a dual-stack node's flows of both share its
+//! words, which only makes a stamp stand for more keys (a lookup more for some SYNs).
 //!
 //! A new connection's SYN almost never has an entry in the assured table (only live flows are
 //! there, and a SYN inside one is rare), but without this it pays for a lookup that misses:
 //! with the table full, the kernel hash walks a bucket's chain through memory no cache holds,
 //! and measured here that miss was 40% of a new flow's cost (about 300 ns of 700 at tc and at
 //! XDP, the difference between lb and a program that skipped the lookup). So every forward
-//! key written into `LB_CT4` stamps two bits in each of two words of `LB_CT4_LIVE`
+//! key written into an assured table stamps two bits in each of two words of `LB_CT4_LIVE`
 //! (`lb_common::ct_live_place`), and a plain SYN that finds either word without its bits goes
 //! straight to the new-flow table (it reads the second word only when the first has them). A
 //! stamp may stand for other keys too and outlive its flow (it then costs only the lookup the
@@ -19,16 +21,16 @@
 //! undoes another. A SYN reads its words, a stamp of any generation counting in each (not
 //! necessarily the same in both, `lb_common::ct_live_counts` says why). The agent
 //! (`dataplane/live.rs`, one pass at a time) clears the next generation, then turns the word to
-//! it, then stamps every forward key a walk of the assured table finds. A flow in the table
+//! it, then stamps every forward key a walk of both assured tables finds. A flow in the table
 //! when the word turned is found by the walk (the kernel's hash iteration misses elements
 //! linked in at the head of a bucket behind it: new ones, or ones rewritten, an update links a
-//! new element; every datapath write into `LB_CT4` stamps its forward key after it, with the
+//! new element; every datapath write into an assured table stamps its forward key after it, with the
 //! generation it reads after the write), or, rarely, skipped (an element deleted and reused
 //! while the walk stands on it sends the walk into another bucket). So when a generation is
 //! cleared, every live flow holds a stamp of one of the two others: the last two walks', or the
 //! datapath's since; a flow one walk skipped keeps the one before. A stamp that lands late (a
 //! CPU stalled between reading the generation word and its ORs) only sets bits too many for
-//! other keys; its own flow is without a stamp from its write into `LB_CT4` until both ORs
+//! other keys; its own flow is without a stamp from its write into its table until both ORs
 //! land, as it would be with any stamp written after the entry. The datapath's read of the word
 //! follows the write with no fence, so a CPU may read the generation before a turn while the
 //! walk after the turn does not yet see the entry: that is one more way for a walk to skip a
@@ -41,15 +43,17 @@
 //! once, back to back; over a previous agent's pins, only after this agent's programs replaced
 //! the old ones in every link (`Dataplane::finish_migrations`), since the old programs make
 //! flows assured without stamping them here (one still running its last packet at the swap is
-//! covered by the second walk). What still does not stamp: `LB_CT4` entries written by
+//! covered by the second walk). What still does not stamp: assured entries written by
 //! userspace (a migration's copy, tests) until the next pass, which every such writer makes;
 //! and, should an interface's link fail to be taken over, flows the old programs there make
 //! assured, until the collector's next pass (at most 30 s). A SYN inside such a flow is taken
 //! for a new connection: it goes to the backend selection picks for its tuple (the flow's own,
 //! unless the set changed), and its data packets still find the flow.
-use lb_common::{ct_live_counts, ct_live_place, ct_live_stamp, CtKey, CT_DIR_FORWARD};
+use lb_common::{
+    ct_forward_key, ct_live_counts, ct_live_place, ct_live_stamp, CtKey, CtKey6, CtValue, CtValue6, CT_DIR_FORWARD,
+};
 
-use crate::addr::Addr;
+use crate::{addr::Addr, maps::LB_CT4_LIVE};
 
 /// Words of stamps in `LB_CT4_LIVE`, written by the agent at load time (`ct_live_words` of
 /// `LB_CT4`'s capacity).
@@ -65,25 +69,73 @@ fn places<A: Addr>(k: &CtKey<A>) -> [(u32, u64); 2] {
     ct_live_place(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, words)
 }
 
-/// Whether `k` (a forward key) may have an entry in the assured table. True for IPv6, which
-/// has no stamps. One load, two when the first word holds the key's stamp (about one SYN in 9
-/// with the assured table full): the generation word does not matter to a reader, a stamp of
-/// any generation counts, in each word.
+/// Whether `k` (a forward key) may have an entry in the assured table. One load, two when
+/// the first word holds the key's stamp (about one SYN in 9 with the assured table full): the
+/// generation word does not matter to a reader, a stamp of any generation counts, in each
+/// word.
 #[inline(always)]
 pub fn maybe<A: Addr>(k: &CtKey<A>) -> bool {
-    let Some(map) = A::ct_live() else { return true };
     // SAFETY: an array element, valid while the program runs; volatile, as the agent and
     // other CPUs write it.
-    ct_live_counts(places(k), |i| map.get_ptr_mut(i).map(|w| unsafe { core::ptr::read_volatile(w) }))
+    ct_live_counts(places(k), |i| LB_CT4_LIVE.get_ptr_mut(i).map(|w| unsafe { core::ptr::read_volatile(w) }))
 }
 
 /// Stamps `k`, just written into the assured table, if it is a forward key: both its words.
+/// IPv6's through `lb_ct6_stamp`.
 #[inline(always)]
 pub fn stamp<A: Addr>(k: &CtKey<A>) {
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        stamp_of(k);
+    } else {
+        lb_ct6_stamp(k as *const CtKey<A> as *const CtKey6);
+    }
+}
+
+/// IPv6's stamp, a global function (which must return a number: 0), verified once on its own.
+/// Called from `conntrack::lb_ct6_mirror`, whose frame leaves room for this one's (16 bytes:
+/// the array indexes the lookups take by pointer), but not from `lb_ct6_store`, whose frame
+/// under a stage's does not: its stage stamps instead (`stamp_flow`).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn lb_ct6_stamp(k: *const CtKey6) -> u32 {
+    if !k.is_null() {
+        // SAFETY: checked for null; the verifier checks the caller passes a whole key.
+        stamp_of(unsafe { &*k });
+    }
+    0
+}
+
+/// Stamps the forward key of the flow whose entry `k`, `e` is, whichever direction `k` is:
+/// for IPv6's move into the assured table, stamped by its stage around the move
+/// (`conntrack::store`).
+#[inline(always)]
+pub fn stamp_flow<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
+    lb_ct6_stamp_flow(k as *const CtKey<A> as *const CtKey6, e as *const CtValue<A> as *const CtValue6);
+}
+
+/// `stamp_flow` as a global function, the forward key built on its own frame.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn lb_ct6_stamp_flow(k: *const CtKey6, e: *const CtValue6) -> u32 {
+    if k.is_null() || e.is_null() {
+        return 0;
+    }
+    // SAFETY: checked for null; the verifier checks the caller passes a whole key and value.
+    let (k, e) = unsafe { (&*k, &*e) };
+    if k.dir == CT_DIR_FORWARD {
+        stamp_of(k);
+    } else {
+        stamp_of(&ct_forward_key(k, e));
+    }
+    0
+}
+
+#[inline(always)]
+fn stamp_of<A: Addr>(k: &CtKey<A>) {
     if k.dir != CT_DIR_FORWARD {
         return;
     }
-    let Some(map) = A::ct_live() else { return };
+    let map = &LB_CT4_LIVE;
     let Some(generation) = map.get_ptr_mut(0) else { return };
     // SAFETY: reading an array element, valid while the program runs.
     let g = unsafe { core::ptr::read_volatile(generation) };

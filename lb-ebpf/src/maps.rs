@@ -63,9 +63,9 @@ pub static LB_CT4_NEW: Array<CtWay4> = Array::pinned(CONNTRACK_NEW_MAX_ENTRIES, 
 #[map(name = "LB_CT4_CACHE")]
 pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK_MAX_ENTRIES / 2, BPF_F_MMAPABLE);
 
-/// Stamps of the IPv4 forward keys that may be in `LB_CT4` (`ct_live.rs`): a generation word,
-/// then a word of stamps per `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes
-/// both). Mmapable: the agent clears generations and stamps a walk's keys with atomic
+/// Stamps of the forward keys that may be in `LB_CT4` or `LB_CT6` (`ct_live.rs`; one map for
+/// both families, named for the first): a generation word, then a word of stamps per
+/// `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes both). Mmapable: the agent clears generations and stamps a walk's keys with atomic
 /// operations on its mapping, which cannot undo a stamp the datapath ORs into the same word
 /// meanwhile, and fills a new map's bits at once. Not pinned: the agent stamps every live
 /// flow into a new one when it loads.

@@ -308,18 +308,24 @@ pub fn spawn_collector(
             // The walk begins after the generation turns (`lb-ebpf/src/ct_live.rs`); until the
             // agent allows passes (`Dataplane::restamp_live_flows`) every key counts and none
             // is turned.
+            // One pass walks both families' tables: their stamps share the map.
             let pass = live.allowed().then(|| live.begin());
-            let mut whole = true;
+            let (mut whole4, mut whole6) = (true, true);
             let (r4, left4) = collect(&mut tables.v4, now, &timeouts, |all, read_whole| {
-                whole = read_whole;
+                whole4 = read_whole;
+                if let Some(p) = &pass {
+                    all.iter().for_each(|(k, _)| p.stamp(k));
+                }
+            });
+            let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |all, read_whole| {
+                whole6 = read_whole;
                 if let Some(p) = &pass {
                     all.iter().for_each(|(k, _)| p.stamp(k));
                 }
             });
             if let Some(p) = pass {
-                p.end(whole);
+                p.end(whole4 && whole6);
             }
-            let (r6, left6) = collect(&mut tables.v6, now, &timeouts, |_, _| ());
             let removed = r4 + r6;
             collected.fetch_add(removed as u64, Ordering::Relaxed);
             if removed > 0 {

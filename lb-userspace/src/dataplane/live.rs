@@ -1,6 +1,7 @@
 //! The agent's side of `LB_CT4_LIVE`, the stamps a SYN reads before the assured table
 //! (`lb-ebpf/src/ct_live.rs` says why and how they stay true): clearing a generation, turning
-//! the generation word to it and stamping the forward keys of a walk of `LB_CT4`.
+//! the generation word to it and stamping the forward keys of a walk of `LB_CT4` and `LB_CT6`
+//! (one map serves both families).
 //!
 //! The map is mmapped and written through atomics only: a key's stamp is bits of a word whose
 //! other bits the datapath stamps with atomic ORs meanwhile, and a write of a whole element
@@ -15,10 +16,10 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    ct_live_generation, ct_live_place, ct_live_stamp, CtKey4, CT_DIR_FORWARD, CT_LIVE_GENERATIONS, MAP_CT4_LIVE,
+    ct_live_generation, ct_live_place, ct_live_stamp, CtKey, CT_DIR_FORWARD, CT_LIVE_GENERATIONS, MAP_CT4_LIVE,
 };
 
-use super::{DataplaneError, Result};
+use super::{conntrack::CtAddr, DataplaneError, Result};
 
 /// Where the words are: the map's mapping, or (unit tests) memory of our own.
 enum Words {
@@ -109,9 +110,10 @@ impl LiveStamps {
         &self.all()[1..]
     }
 
-    /// The two words of `k`'s stamp and its bits of generation 0 in each.
-    fn places(&self, k: &CtKey4) -> [(&AtomicU64, u64); 2] {
-        ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count)
+    /// The two words of `k`'s stamp (either family's, addresses folded as the datapath folds
+    /// them) and its bits of generation 0 in each.
+    fn places<A: CtAddr>(&self, k: &CtKey<A>) -> [(&AtomicU64, u64); 2] {
+        ct_live_place(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, self.count)
             .map(|(w, mask)| (&self.all()[w as usize], mask))
     }
 
@@ -157,8 +159,8 @@ impl LiveStamps {
 
     /// Whether `k`'s stamp counts, as the datapath reads it.
     #[cfg(test)]
-    fn present(&self, k: &CtKey4) -> bool {
-        let places = ct_live_place(k.src, k.dst, k.sport, k.dport, k.proto, self.count);
+    fn present<A: CtAddr>(&self, k: &CtKey<A>) -> bool {
+        let places = ct_live_place(k.src.fold(), k.dst.fold(), k.sport, k.dport, k.proto, self.count);
         lb_common::ct_live_counts(places, |w| Some(self.all()[w as usize].load(Ordering::Relaxed)))
     }
 }
@@ -172,7 +174,7 @@ pub struct LivePass<'a> {
 
 impl LivePass<'_> {
     /// Stamps `k` into the pass's generation if it is a forward key.
-    pub fn stamp(&self, k: &CtKey4) {
+    pub fn stamp<A: CtAddr>(&self, k: &CtKey<A>) {
         if k.dir != CT_DIR_FORWARD {
             return;
         }
@@ -220,6 +222,8 @@ impl LivePass<'_> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::CtKey4;
+
     use super::*;
 
     fn key(i: u32) -> CtKey4 {

@@ -366,12 +366,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A pass over the IPv4 assured table's flows (`lb-ebpf/src/ct_live.rs`): a new
+    /// A pass over both assured tables' flows (`lb-ebpf/src/ct_live.rs`): a new
     /// generation of `LB_CT4_LIVE` and every flow stamped in it. The first call (at a first
     /// load, where no other programs run; otherwise after the link swap,
     /// `finish_migrations`) lets the collector make passes, and makes two back to back, which
     /// end the time when every key counts; the collector makes one at each collection after
-    /// it; a test that writes flows into `LB_CT4` by hand makes one to have their SYNs find
+    /// it; a test that writes flows into `LB_CT4` or `LB_CT6` by hand makes one to have their SYNs find
     /// them.
     pub fn restamp_live_flows(&self) {
         self.live.allow();
@@ -379,6 +379,12 @@ impl Dataplane {
             let pass = self.live.begin();
             let mut whole = true;
             for k in self.maps.conntrack.keys() {
+                match k {
+                    Ok(k) => pass.stamp(&k),
+                    Err(_) => whole = false,
+                }
+            }
+            for k in self.maps.conntrack6.keys() {
                 match k {
                     Ok(k) => pass.stamp(&k),
                     Err(_) => whole = false,

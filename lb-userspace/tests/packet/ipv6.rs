@@ -802,3 +802,75 @@ fn ipv6_a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole() {
     // Nearly every SYN found its sets full.
     assert!(h.xdp_counter(Counter::CtNewEvicted) >= 150, "{}", h.xdp_counter(Counter::CtNewEvicted));
 }
+
+/// IPv6's SYNs read the stamps IPv4's do (`lb-ebpf/src/ct_live.rs`, one map for both
+/// families): a plain SYN looks into `LB_CT6` only if its key is stamped. A flow the datapath
+/// makes assured is stamped by its stage (`conntrack::store`), and the agent's walks stamp
+/// every flow of `LB_CT6` as of `LB_CT4`.
+#[test]
+fn ipv6_a_syn_looks_into_the_assured_table_only_for_stamped_keys() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{CT_DIR_FORWARD, CT_ESTABLISHED, CT_FLAG_ASSURED, PROTO_TCP};
+    let h = harness6();
+    h.dp.stop_ct_collector();
+    let m = h.dp.maps();
+    let flows: Vec<_> = (0..20)
+        .map(|i| {
+            let c = (CLIENT6, 47_000 + i);
+            let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+            let b = parse6_checked(&out).dst;
+            h.reply(&frame6(b, c, L4::Tcp { flags: SYN_ACK }, &[]));
+            h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: ACK }, &[]));
+            let v = m.conntrack6.get(&ct_key6(c, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD), 0).expect("assured");
+            assert_eq!((v.state, v.flags & CT_FLAG_ASSURED), (CT_ESTABLISHED, CT_FLAG_ASSURED));
+            (c, b)
+        })
+        .collect();
+    // A SYN inside each live flow (a client reusing its port) finds it, and starts nothing.
+    let syn_inside_each = |when: &str| {
+        let new_flows = h.counter(Counter::FwdNewFlow);
+        for (c, b) in &flows {
+            let (_, out) = h.run(&frame6(*c, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+            assert_eq!(parse6_checked(&out).dst, *b, "{when}: the SYN of {c:?} left its flow");
+            let k = ct_key6(*c, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD);
+            assert!(m.conntrack6_new.get(&k, 0).is_err(), "{when}: the SYN of {c:?} started a new flow");
+        }
+        assert_eq!(h.counter(Counter::FwdNewFlow), new_flows, "{when}");
+    };
+    syn_inside_each("stamped by the datapath");
+
+    // A flow written into `LB_CT6` by hand, to a backend no service has, as a migration
+    // copies one in: nothing stamped it yet, and its SYN takes the new connection's path.
+    let (t, stray) = ((CLIENT6, 48_000), ("fd00:af4:9::9".parse::<Ipv6Addr>().unwrap(), 8080u16));
+    let k = ct_key6(t, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD);
+    let mut v = m.conntrack6.get(&ct_key6(flows[0].0, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD), 0).unwrap();
+    v.nat_addr = lb_userspace::dataplane::addr_words(stray.0.into());
+    v.nat_port = stray.1.to_be();
+    v.tag = 0;
+    let (pk, pv) = lb_common::ct_peer(&k, &v);
+    let mut pinned = h.pinned_maps();
+    pinned.conntrack6.insert(k, v, 0).expect("writing the forward entry");
+    pinned.conntrack6.insert(pk, pv, 0).expect("writing the reply entry");
+    let (_, out) = h.run(&frame6(t, (VIP6, 80), L4::Tcp { flags: ACK }, b"x"));
+    assert_eq!(parse6_checked(&out).dst, stray, "its data packets find it (they always look)");
+    let (_, out) = h.run(&frame6(t, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+    let chosen = parse6_checked(&out).dst;
+    assert_ne!(chosen, stray, "the SYN looked into the assured table");
+    assert!(m.conntrack6_new.get(&k, 0).is_ok(), "no new flow was started");
+    for k in [k, ct_key6(chosen, t, PROTO_TCP, lb_common::CT_DIR_REPLY)] {
+        pinned.conntrack6_new.remove(&k).expect("removing the new flow");
+    }
+    // Once the agent has walked the assured tables, the SYN finds it.
+    h.dp.restamp_live_flows();
+    let (_, out) = h.run(&frame6(t, (VIP6, 80), L4::Tcp { flags: SYN }, &[]));
+    assert_eq!(parse6_checked(&out).dst, stray, "the stamped flow was not found");
+    assert!(m.conntrack6_new.get(&k, 0).is_err(), "a new flow was started");
+
+    // Three walks later the datapath's stamps no longer count; the walks' keep the flows.
+    for _ in 0..3 {
+        h.dp.restamp_live_flows();
+    }
+    syn_inside_each("three walks later");
+}
