@@ -58,7 +58,8 @@ pub const MAP_CT4_NEW: &str = "LB_CT4_NEW";
 pub const MAP_CT4_CACHE: &str = "LB_CT4_CACHE";
 /// Which forward keys may have an entry in `LB_CT4` or `LB_CT6` (one map for both families,
 /// IPv6's addresses folded as for `ct_set_hash`; sized for `LB_CT4`, so a dual-stack node's
-/// flows of both share its words): after an 8-byte generation word,
+/// flows of both share its words, and with both tables full a key that is not there counts
+/// about once in 11, not once in 80): after an 8-byte generation word,
 /// words of stamps, a key's stamp two bits in each of two words (`ct_live_place`) in each of
 /// three generations (the generation word names the one stamps go into). Read by a SYN, which
 /// then skips the assured table's lookup unless each of its words holds its two bits of some
