@@ -776,7 +776,10 @@ pub fn ct_set_victim<'a, A: 'a>(
 /// written to, when a flow's two entries go in one at a time (a flow moved between the
 /// tables). Without it, an entry that took a free way which is one of its peer's candidates
 /// could be pushed out by its peer on a tie (both written the same jiffy, a flood's usual
-/// case), a SNATed flow then losing both entries (`lb-ebpf`'s `ct_table::write`).
+/// case): a lost forward entry is only written again by the flow's next packet, but a SNATed
+/// flow whose reply entry went first and lost it to its forward entry would keep its forward
+/// entry alone, its SNAT port looking free to the port search (`lb-ebpf`'s `ct_table::write`
+/// removes a pushed-out reply's forward key, not yet written then).
 #[inline(always)]
 pub fn ct_set_victim_by<'a, A: 'a>(
     way: impl Fn(usize) -> Option<&'a CtWay<A>>,
@@ -803,7 +806,7 @@ pub fn ct_set_victim_by<'a, A: 'a>(
     // push it out by a tie (both written the same jiffy) between the candidates the hash
     // picks for both; should the forward entry have taken a free way that is one of the
     // reply's candidates, a tie may still take it, which `ct_set_pair` (a new flow's
-    // placement) rules out.
+    // placement) and `avoid` (a flow's entries written one at a time) rule out.
     let a = (hash as usize + k.dir as usize) % CT_WAYS;
     let b = (a + CT_WAYS / 2) % CT_WAYS;
     // Seen after `now` (another CPU refreshed it meanwhile) reads as age 0.

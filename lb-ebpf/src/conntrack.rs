@@ -243,7 +243,14 @@ fn store<A: Addr>(k: &CtKey<A>, e: &CtValue<A>, was_assured: bool, hook: u32) {
             hook,
         );
         if assured {
-            ct_live::stamp_flow(k, e);
+            // Not from `e`: the way it points into was freed by the move, and another CPU may
+            // have written another flow there since. The forward key is `k`, or for a reply
+            // key its peer, which the move built in the scratch slot (`store_of`).
+            if k.dir == CT_DIR_FORWARD {
+                ct_live::stamp(k);
+            } else if let Some((pk, _)) = scratch_peer::<A>() {
+                ct_live::stamp(pk);
+            }
         }
     }
 }
@@ -462,7 +469,9 @@ fn mirror_into<A: Addr>(pk: &CtKey<A>, pv: &mut CtValue<A>, assured: bool) {
 
 /// Re-creates a lost peer entry in the table of its flow, tagged as every entry the datapath
 /// creates. A rare path (the new-flow table pushed the entry out): whatever it pushes out in
-/// turn goes uncounted.
+/// turn goes uncounted, and in the new-flow table, on a tie, that may be the flow's other
+/// entry, sharing its set (the insert is not told its way, as `store_with`'s second is): that
+/// entry is then re-created in turn by its flow's next packet.
 #[inline(always)]
 fn insert_either<A: Addr>(pk: &CtKey<A>, pv: &mut CtValue<A>, assured: bool) {
     pv.tag = tag(pk);

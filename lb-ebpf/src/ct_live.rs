@@ -70,7 +70,8 @@ fn places<A: Addr>(k: &CtKey<A>) -> [(u32, u64); 2] {
 }
 
 /// Whether `k` (a forward key) may have an entry in the assured table. One load, two when
-/// the first word holds the key's stamp (about one SYN in 9 with the assured table full): the
+/// the first word holds the key's stamp (about one SYN in 9 with one assured table full, one
+/// in 3 with both): the
 /// generation word does not matter to a reader, a stamp of any generation counts, in each
 /// word.
 #[inline(always)]
@@ -92,9 +93,10 @@ pub fn stamp<A: Addr>(k: &CtKey<A>) {
 }
 
 /// IPv6's stamp, a global function (which must return a number: 0), verified once on its own.
-/// Called from `conntrack::lb_ct6_mirror`, whose frame leaves room for this one's (16 bytes:
-/// the array indexes the lookups take by pointer), but not from `lb_ct6_store`, whose frame
-/// under a stage's does not: its stage stamps instead (`stamp_flow`).
+/// Called from stages and from `conntrack::lb_ct6_mirror` and `lb_ct6_refresh_peer`
+/// (`insert_either`), whose frames leave room for this one's (16 bytes: the array indexes the
+/// lookups take by pointer), but not from `lb_ct6_store`, whose frame under a stage's does
+/// not: its stage stamps around it instead (`conntrack::store`).
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn lb_ct6_stamp(k: *const CtKey6) -> u32 {
@@ -106,11 +108,19 @@ pub extern "C" fn lb_ct6_stamp(k: *const CtKey6) -> u32 {
 }
 
 /// Stamps the forward key of the flow whose entry `k`, `e` is, whichever direction `k` is:
-/// for IPv6's move into the assured table, stamped by its stage around the move
+/// for IPv6's move into the assured table, stamped by its stage before the move
 /// (`conntrack::store`).
 #[inline(always)]
 pub fn stamp_flow<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
-    lb_ct6_stamp_flow(k as *const CtKey<A> as *const CtKey6, e as *const CtValue<A> as *const CtValue6);
+    if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
+        if k.dir == CT_DIR_FORWARD {
+            stamp_of(k);
+        } else {
+            stamp_of(&ct_forward_key(k, e));
+        }
+    } else {
+        lb_ct6_stamp_flow(k as *const CtKey<A> as *const CtKey6, e as *const CtValue<A> as *const CtValue6);
+    }
 }
 
 /// `stamp_flow` as a global function, the forward key built on its own frame.

@@ -65,9 +65,10 @@ pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK
 
 /// Stamps of the forward keys that may be in `LB_CT4` or `LB_CT6` (`ct_live.rs`; one map for
 /// both families, named for the first): a generation word, then a word of stamps per
-/// `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes both). Mmapable: the agent clears generations and stamps a walk's keys with atomic
-/// operations on its mapping, which cannot undo a stamp the datapath ORs into the same word
-/// meanwhile, and fills a new map's bits at once. Not pinned: the agent stamps every live
+/// `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes both). Mmapable: the agent
+/// clears generations and stamps a walk's keys with atomic operations on its mapping, which
+/// cannot undo a stamp the datapath ORs into the same word meanwhile, and fills a new map's
+/// bits at once. Not pinned: the agent stamps every live
 /// flow into a new one when it loads.
 #[map(name = "LB_CT4_LIVE")]
 pub static LB_CT4_LIVE: Array<u64> =

@@ -156,7 +156,7 @@ pub fn expired<A>(v: &CtValue<A>, now: u32, timeouts: &[u32; CT_STATES]) -> bool
 /// One pass over the assured table of a family: removes the flows whose entries are both
 /// expired. Returns (flows removed, entries left).
 /// `on_walk` sees every entry the walk read, and whether it read the whole table (IPv4's
-/// restamp `LB_CT4_LIVE` with them).
+/// restamp `LB_CT4_LIVE` with them, both families).
 pub fn collect<A: CtAddr>(
     tables: &mut CtPair<A>,
     now: u32,

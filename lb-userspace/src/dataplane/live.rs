@@ -37,9 +37,9 @@ pub struct LiveStamps {
     /// and the agent's `finish_migrations` both make passes).
     pass: Mutex<()>,
     /// The agent has said passes may begin (`allow`): no programs that do not stamp are
-    /// left. Until then, and until two passes have walked the table whole, every key counts.
+    /// left. Until then, and until two passes have walked the tables whole, every key counts.
     allowed: AtomicBool,
-    /// Passes that walked the table whole since the map was made, up to two.
+    /// Passes that walked the tables whole since the map was made, up to two.
     whole_passes: AtomicU8,
 }
 
@@ -137,7 +137,7 @@ impl LiveStamps {
         self.allowed.load(Ordering::Acquire)
     }
 
-    /// Whether stamps alone count: two passes have walked the table whole, so a flow one of
+    /// Whether stamps alone count: two passes have walked the tables whole, so a flow one of
     /// them skipped has the other's stamp.
     pub fn armed(&self) -> bool {
         self.whole_passes.load(Ordering::Acquire) >= 2
@@ -146,7 +146,7 @@ impl LiveStamps {
     /// Begins a pass: clears the next generation (the stamps of two passes ago: every live
     /// flow has a stamp of one of the two others, from the last two walks or the datapath
     /// since), turns the generation word to it, and returns the pass, through which the
-    /// caller stamps the forward keys of a walk of `LB_CT4` it begins now.
+    /// caller stamps the forward keys of a walk of `LB_CT4` and `LB_CT6` it begins now.
     pub fn begin(&self) -> LivePass<'_> {
         let guard = self.pass.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let next = (self.generation().load(Ordering::Relaxed) + 1) % CT_LIVE_GENERATIONS;
@@ -165,7 +165,7 @@ impl LiveStamps {
     }
 }
 
-/// A pass over the assured table (`LiveStamps::begin`).
+/// A pass over the assured tables (`LiveStamps::begin`).
 pub struct LivePass<'a> {
     stamps: &'a LiveStamps,
     generation: u64,
@@ -197,7 +197,7 @@ impl LivePass<'_> {
     /// clears it), since flows it did not read may have no other stamp left by then.
     fn fail(self) {
         tracing::warn!(
-            "the walk of LB_CT4 failed part way: every SYN looks into the assured table until three passes later"
+            "the walk of the assured tables failed part way: every SYN looks into the assured table until three passes later"
         );
         for w in self.stamps.stamp_words() {
             w.fetch_or(ct_live_generation(self.generation), Ordering::Relaxed);

@@ -107,7 +107,8 @@ impl Dataplane {
         // `LB_CT4_LIVE`'s words of stamps, after its generation word.
         let live_words = lb_common::ct_live_words(sizes.conntrack);
         // One count of sets serves both families' tables (`CT_NEW_SETS`): a key's set would
-        // otherwise be computed for the other table's size.
+        // otherwise be computed for the other table's size. `MapSizes::of` sizes both alike
+        // today; this keeps a later change from parting them silently.
         assert_eq!(sizes.of(MAP_CT4_NEW), sizes.of(MAP_CT6_NEW), "both new-flow tables have the same sets");
         let clock = Arc::new(Clock::new()?);
         let ct_timeouts = config.timeouts.in_jiffies(&clock);

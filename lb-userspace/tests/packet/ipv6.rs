@@ -805,8 +805,8 @@ fn ipv6_a_snated_flow_pushed_out_of_the_new_flow_table_goes_whole() {
 
 /// IPv6's SYNs read the stamps IPv4's do (`lb-ebpf/src/ct_live.rs`, one map for both
 /// families): a plain SYN looks into `LB_CT6` only if its key is stamped. A flow the datapath
-/// makes assured is stamped by its stage (`conntrack::store`), and the agent's walks stamp
-/// every flow of `LB_CT6` as of `LB_CT4`.
+/// makes assured, by a packet of either direction, is stamped by its stage
+/// (`conntrack::store`), and the agent's walks stamp every flow of `LB_CT6` as of `LB_CT4`.
 #[test]
 fn ipv6_a_syn_looks_into_the_assured_table_only_for_stamped_keys() {
     if !privileged() {
@@ -828,6 +828,22 @@ fn ipv6_a_syn_looks_into_the_assured_table_only_for_stamped_keys() {
             (c, b)
         })
         .collect();
+    // Flows picked up mid-stream (their first packet an ACK) become assured on their backend's
+    // answer: a reply packet makes the move, and its stage stamps the flow's forward key, which
+    // it builds from the reply entry.
+    let mid_stream: Vec<_> = (0..10)
+        .map(|i| {
+            let c = (CLIENT6, 47_100 + i);
+            let (_, out) = h.run(&frame6(c, (VIP6, 80), L4::Tcp { flags: ACK }, b"x"));
+            let b = parse6_checked(&out).dst;
+            let (_, out) = h.reply(&frame6(b, c, L4::Tcp { flags: ACK }, b"y"));
+            assert_eq!(parse6_checked(&out).src, (VIP6, 80));
+            let v = m.conntrack6.get(&ct_key6(c, (VIP6, 80), PROTO_TCP, CT_DIR_FORWARD), 0).expect("assured");
+            assert_eq!((v.state, v.flags & CT_FLAG_ASSURED), (CT_ESTABLISHED, CT_FLAG_ASSURED));
+            (c, b)
+        })
+        .collect();
+    let flows: Vec<_> = flows.into_iter().chain(mid_stream).collect();
     // A SYN inside each live flow (a client reusing its port) finds it, and starts nothing.
     let syn_inside_each = |when: &str| {
         let new_flows = h.counter(Counter::FwdNewFlow);
