@@ -1667,8 +1667,8 @@ mod tests {
         assert_eq!(a, ct_set_hash(7, 2, 9, 40_000u16.to_be(), PROTO_TCP, CT_DIR_REPLY));
     }
 
-    #[test]
-    fn a_flows_two_entries_share_a_set_and_its_reply_never_evicts_its_forward_entry() {
+    /// The forward and reply keys of one flow, not SNATed (client -> ClusterIP -> backend).
+    fn flow_keys() -> (CtKey4, CtKey4) {
         let (client, vip, backend) = (0x0a00_0001u32, 0x0a60_000au32, 0x0af4_010bu32);
         let fwd =
             CtKey4 { src: client, dst: vip, sport: 40_000, dport: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
@@ -1681,6 +1681,12 @@ mod tests {
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
+        (fwd, rep)
+    }
+
+    #[test]
+    fn a_flows_two_entries_share_a_set_and_its_reply_never_evicts_its_forward_entry() {
+        let (fwd, rep) = flow_keys();
         let hash = |k: &CtKey4| ct_set_hash(k.src, k.dst, k.sport, k.dport, k.proto, k.dir);
         assert_eq!(hash(&fwd), hash(&rep));
         // A full set of live entries all seen now (a flood within one jiffy): wherever the
@@ -1701,18 +1707,7 @@ mod tests {
 
     #[test]
     fn an_entry_written_alone_never_pushes_out_the_way_it_is_told_to_avoid() {
-        let (client, vip, backend) = (0x0a00_0001u32, 0x0a60_000au32, 0x0af4_010bu32);
-        let fwd =
-            CtKey4 { src: client, dst: vip, sport: 40_000, dport: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: 0 };
-        let rep = CtKey4 {
-            src: backend,
-            dst: client,
-            sport: 8080,
-            dport: 40_000,
-            proto: PROTO_TCP,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
+        let (fwd, rep) = flow_keys();
         for h in 0..8u32 {
             // The forward entry took the set's one free way, which the hash makes one of the
             // reply entry's two candidates; every other way is live and seen this jiffy.
