@@ -24,8 +24,8 @@
 //! it, then stamps every forward key a walk of both assured tables finds. A flow in the table
 //! when the word turned is found by the walk (the kernel's hash iteration misses elements
 //! linked in at the head of a bucket behind it: new ones, or ones rewritten, an update links a
-//! new element; every datapath write into an assured table stamps its forward key after it, with the
-//! generation it reads after the write), or, rarely, skipped (an element deleted and reused
+//! new element; every datapath write into an assured table stamps its forward key after it,
+//! with the generation it reads after the write), or, rarely, skipped (an element deleted and reused
 //! while the walk stands on it sends the walk into another bucket). So when a generation is
 //! cleared, every live flow holds a stamp of one of the two others: the last two walks', or the
 //! datapath's since; a flow one walk skipped keeps the one before. A stamp that lands late (a
@@ -71,9 +71,8 @@ fn places<A: Addr>(k: &CtKey<A>) -> [(u32, u64); 2] {
 
 /// Whether `k` (a forward key) may have an entry in the assured table. One load, two when
 /// the first word holds the key's stamp (about one SYN in 9 with one assured table full, one
-/// in 3 with both): the
-/// generation word does not matter to a reader, a stamp of any generation counts, in each
-/// word.
+/// in 3 with both): the generation word does not matter to a reader, a stamp of any
+/// generation counts, in each word.
 #[inline(always)]
 pub fn maybe<A: Addr>(k: &CtKey<A>) -> bool {
     // SAFETY: an array element, valid while the program runs; volatile, as the agent and
@@ -113,11 +112,7 @@ pub extern "C" fn lb_ct6_stamp(k: *const CtKey6) -> u32 {
 #[inline(always)]
 pub fn stamp_flow<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     if A::FAMILY == lb_common::FAMILY_IPV4 || !crate::addr::OUTLINE_V6_CT {
-        if k.dir == CT_DIR_FORWARD {
-            stamp_of(k);
-        } else {
-            stamp_of(&ct_forward_key(k, e));
-        }
+        stamp_flow_of(k, e);
     } else {
         lb_ct6_stamp_flow(k as *const CtKey<A> as *const CtKey6, e as *const CtValue<A> as *const CtValue6);
     }
@@ -131,13 +126,17 @@ pub extern "C" fn lb_ct6_stamp_flow(k: *const CtKey6, e: *const CtValue6) -> u32
         return 0;
     }
     // SAFETY: checked for null; the verifier checks the caller passes a whole key and value.
-    let (k, e) = unsafe { (&*k, &*e) };
+    stamp_flow_of(unsafe { &*k }, unsafe { &*e });
+    0
+}
+
+#[inline(always)]
+fn stamp_flow_of<A: Addr>(k: &CtKey<A>, e: &CtValue<A>) {
     if k.dir == CT_DIR_FORWARD {
         stamp_of(k);
     } else {
         stamp_of(&ct_forward_key(k, e));
     }
-    0
 }
 
 #[inline(always)]

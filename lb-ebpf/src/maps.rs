@@ -68,8 +68,7 @@ pub static LB_CT4_CACHE: Array<CtCacheSlot4> = Array::with_max_entries(CONNTRACK
 /// `CT_LIVE_ENTRIES_PER_WORD` entries of `LB_CT4` (the agent sizes both). Mmapable: the agent
 /// clears generations and stamps a walk's keys with atomic operations on its mapping, which
 /// cannot undo a stamp the datapath ORs into the same word meanwhile, and fills a new map's
-/// bits at once. Not pinned: the agent stamps every live
-/// flow into a new one when it loads.
+/// bits at once. Not pinned: the agent stamps every live flow into a new one when it loads.
 #[map(name = "LB_CT4_LIVE")]
 pub static LB_CT4_LIVE: Array<u64> =
     Array::with_max_entries(1 + lb_common::ct_live_words(CONNTRACK_MAX_ENTRIES), BPF_F_MMAPABLE);

@@ -173,6 +173,19 @@ pub struct LivePass<'a> {
 }
 
 impl LivePass<'_> {
+    /// Stamps the forward keys among `keys` (a walk of an assured table); whether the walk
+    /// read every key.
+    pub fn stamp_keys<A: CtAddr, E>(&self, keys: impl Iterator<Item = std::result::Result<CtKey<A>, E>>) -> bool {
+        let mut whole = true;
+        for k in keys {
+            match k {
+                Ok(k) => self.stamp(&k),
+                Err(_) => whole = false,
+            }
+        }
+        whole
+    }
+
     /// Stamps `k` into the pass's generation if it is a forward key.
     pub fn stamp<A: CtAddr>(&self, k: &CtKey<A>) {
         if k.dir != CT_DIR_FORWARD {

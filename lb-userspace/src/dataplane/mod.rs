@@ -371,25 +371,14 @@ impl Dataplane {
     /// load, where no other programs run; otherwise after the link swap,
     /// `finish_migrations`) lets the collector make passes, and makes two back to back, which
     /// end the time when every key counts; the collector makes one at each collection after
-    /// it; a test that writes flows into `LB_CT4` or `LB_CT6` by hand makes one to have their SYNs find
-    /// them.
+    /// it; a test that writes flows into `LB_CT4` or `LB_CT6` by hand makes one to have their
+    /// SYNs find them.
     pub fn restamp_live_flows(&self) {
         self.live.allow();
         for _ in 0..2 {
             let pass = self.live.begin();
-            let mut whole = true;
-            for k in self.maps.conntrack.keys() {
-                match k {
-                    Ok(k) => pass.stamp(&k),
-                    Err(_) => whole = false,
-                }
-            }
-            for k in self.maps.conntrack6.keys() {
-                match k {
-                    Ok(k) => pass.stamp(&k),
-                    Err(_) => whole = false,
-                }
-            }
+            // `&`, not `&&`: IPv6's table is walked even when IPv4's walk failed part way.
+            let whole = pass.stamp_keys(self.maps.conntrack.keys()) & pass.stamp_keys(self.maps.conntrack6.keys());
             pass.end(whole);
             if self.live.armed() {
                 break;
